@@ -1,0 +1,1 @@
+"""Figure builders: store -> tidy xarray/pandas -> matplotlib figures (DESIGN §1)."""

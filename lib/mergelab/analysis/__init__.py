@@ -1,0 +1,1 @@
+"""Per-layer, per-module statistics of task sets as xarray Datasets (DESIGN §5)."""

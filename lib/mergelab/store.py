@@ -1,0 +1,323 @@
+"""The artifact store: content-addressed, atomic, on any fsspec filesystem (DESIGN §7).
+
+Layout under the root URL::
+
+    objects/<key>/data.zarr | tensors.safetensors | data.json   the payload
+    objects/<key>/_published.json                               the publish marker (+ provenance)
+    staging/<key>.<token>/...                                   writes in progress
+    refs/<name>.json                                            human names -> keys
+
+A key is ``<producer>-<sha256 of (producer, version, inputs)>``. An artifact is written under
+``staging/``, moved to ``objects/<key>/`` and published by writing its marker last, so a crash at
+any point leaves nothing that :meth:`Store.exists` or a getter will return. ``gc`` removes the
+leftovers (and, given the keys still in use, the artifacts nobody references).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import xarray as xr
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from mergelab.errors import InputError
+from mergelab.hashing import content_hash
+
+__all__ = ["DEFAULT_STORE", "STORE_ENV", "ArtifactInfo", "Key", "Store", "default_store_url"]
+
+DEFAULT_STORE = "data/store"
+STORE_ENV = "MERGELAB_STORE"
+MARKER = "_published.json"
+Kind = Literal["dataset", "tensors", "json"]
+PAYLOAD: dict[str, str] = {"dataset": "data.zarr", "tensors": "tensors.safetensors", "json": "data.json"}
+
+
+def default_store_url() -> str:
+    """``$MERGELAB_STORE`` or ``data/store``."""
+    return os.environ.get(STORE_ENV) or DEFAULT_STORE
+
+
+class Key(str):
+    """A store key; also carries the producer, version and a JSON summary of its inputs."""
+
+    producer: str
+    version: str
+    inputs: dict[str, str]
+
+    def __new__(cls, value: str, producer: str = "", version: str = "", inputs: Mapping[str, str] | None = None) -> Key:
+        key = super().__new__(cls, value)
+        key.producer, key.version, key.inputs = producer, version, dict(inputs or {})
+        return key
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    key: str
+    kind: str
+    producer: str
+    created: str
+    attrs: dict[str, Any]
+
+
+def _summary(value: Any) -> str:
+    """A short human-readable stand-in for an input in provenance attrs."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        text = json.dumps(value)
+        return text if len(text) <= 80 else f"{text[:60]}…#{content_hash(value)[:12]}"
+    return f"{type(value).__name__}#{content_hash(value)[:16]}"
+
+
+def _jsonable(value: Any) -> Any:
+    """Attrs must survive JSON: numpy scalars -> Python, unknown objects -> str."""
+    return json.loads(json.dumps(value, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+
+
+class Store:
+    """Content-addressed artifacts on a local directory or any fsspec URL (``memory://``, ``s3://``…)."""
+
+    def __init__(self, url: str | os.PathLike[str] | None = None) -> None:
+        self.url = os.fspath(url) if url is not None else default_store_url()
+        protocol, _ = fsspec.core.split_protocol(self.url)
+        if protocol is not None and protocol not in fsspec.available_protocols():
+            raise InputError(
+                f"unknown store protocol {protocol!r} in {self.url!r}; use a local path, memory:// or an fsspec protocol such as s3://"
+            )
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url)
+        except ImportError as err:
+            raise InputError(f"store URL {self.url!r} needs a package that is not installed ({err}); install it or use a local path") from err
+        self.root = root.rstrip("/")
+        self._local = protocol in (None, "file", "local")
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # keys -----------------------------------------------------------------------------------
+
+    def key(self, producer: str, version: str, /, **inputs: Any) -> Key:
+        """The key of what ``producer`` at ``version`` makes from ``inputs``.
+
+        Inputs may be scalars, strings, nested dicts / lists, tensors, arrays, or objects with a
+        ``content_hash`` (TaskUpdate, TaskSet). The key changes when any of them, the producer
+        or its version changes, and only then.
+        """
+        if not re.fullmatch(r"[A-Za-z0-9_.+]+", producer):
+            raise ValueError(f"producer name {producer!r} must match [A-Za-z0-9_.+]+")
+        digest = content_hash({"producer": producer, "version": version, "inputs": inputs})
+        return Key(f"{producer}-{digest[:32]}", producer, version, {k: _summary(v) for k, v in inputs.items()})
+
+    # paths -----------------------------------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    def _url(self, path: str) -> str:
+        """A URL xarray/zarr can open for a path inside this store's filesystem."""
+        return path if self._local else self.fs.unstrip_protocol(path)
+
+    def _marker(self, key: str) -> str:
+        return self._path("objects", key, MARKER)
+
+    # presence --------------------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        """True when ``key`` is published (its marker is present and readable)."""
+        return self._read_marker(key) is not None
+
+    def _read_marker(self, key: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self._marker(key)))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def info(self, key: str) -> ArtifactInfo:
+        marker = self._read_marker(key)
+        if marker is None:
+            raise KeyError(f"no published artifact {key!r} in store {self.url}")
+        return ArtifactInfo(key, marker["kind"], marker.get("producer", ""), marker.get("created", ""), marker.get("attrs", {}))
+
+    def _payload(self, key: str, kind: Kind) -> str:
+        marker = self._read_marker(key)
+        if marker is None:
+            raise KeyError(f"no published artifact {key!r} in store {self.url}")
+        if marker["kind"] != kind:
+            raise KeyError(f"artifact {key!r} is a {marker['kind']}, not a {kind}")
+        return self._path("objects", key, PAYLOAD[kind])
+
+    # writing ---------------------------------------------------------------------------------
+
+    def _provenance(self, key: str, attrs: Mapping[str, Any] | None) -> dict[str, Any]:
+        from mergelab import __version__
+
+        import torch
+
+        base = {
+            "key": str(key),
+            "producer": getattr(key, "producer", ""),
+            "producer_version": getattr(key, "version", ""),
+            "inputs": getattr(key, "inputs", {}),
+            "mergelab_version": __version__,
+            "torch_version": torch.__version__,
+            "host": platform.node(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        return _jsonable({**base, **(attrs or {})})
+
+    def _write(self, key: str, kind: Kind, attrs: Mapping[str, Any] | None, write_payload) -> Key | str:
+        """Stage, move into place, publish. A concurrent writer of the same key is harmless."""
+        provenance = self._provenance(key, attrs)
+        staging = self._path("staging", f"{key}.{uuid.uuid4().hex[:12]}")
+        final = self._path("objects", key)
+        self.fs.makedirs(staging, exist_ok=True)
+        try:
+            start = time.perf_counter()
+            write_payload(f"{staging}/{PAYLOAD[kind]}", provenance)
+            provenance.setdefault("write_time_s", round(time.perf_counter() - start, 6))
+            self._publish(key, kind, staging, final, provenance)
+        finally:
+            if self.fs.exists(staging):
+                self.fs.rm(staging, recursive=True)
+        return key
+
+    def _publish(self, key: str, kind: Kind, staging: str, final: str, provenance: dict[str, Any]) -> None:
+        if self.exists(key):  # someone published the same content meanwhile
+            return
+        if self.fs.exists(final):  # an unpublished leftover of a crashed writer
+            self.fs.rm(final, recursive=True)
+        self.fs.makedirs(self._path("objects"), exist_ok=True)
+        self.fs.mv(staging, final, recursive=True)
+        marker = {"kind": kind, "producer": provenance.get("producer", ""), "created": provenance["created"], "attrs": provenance}
+        self._write_marker(key, json.dumps(marker).encode())
+
+    def _write_marker(self, key: str, payload: bytes) -> None:
+        tmp = self._marker(key) + f".{uuid.uuid4().hex[:8]}.tmp"
+        self.fs.pipe_file(tmp, payload)
+        self.fs.mv(tmp, self._marker(key))
+
+    def put_dataset(self, key: str, ds: xr.Dataset, attrs: Mapping[str, Any] | None = None) -> str:
+        """Publish an xarray Dataset as Zarr v3 with provenance attrs under ``key``."""
+
+        def write(path: str, provenance: dict[str, Any]) -> None:
+            out = _zarr_ready(ds)
+            out.attrs = _jsonable({**ds.attrs, "provenance": provenance})
+            out.to_zarr(self._url(path), mode="w", consolidated=False, zarr_format=3)
+
+        return self._write(key, "dataset", attrs, write)
+
+    def get_dataset(self, key: str, load: bool = True) -> xr.Dataset:
+        """The Dataset under ``key`` (loaded into memory unless ``load=False``)."""
+        ds = xr.open_zarr(self._url(self._payload(key, "dataset")), consolidated=False, chunks=None)
+        return ds.load() if load else ds
+
+    def dataset_url(self, key: str) -> str:
+        """A URL that ``xr.open_zarr(url, consolidated=False)`` opens directly (for notebooks)."""
+        return self._url(self._payload(key, "dataset"))
+
+    def put_tensors(self, key: str, tensors: Mapping[str, Tensor], attrs: Mapping[str, Any] | None = None) -> str:
+        """Publish named tensors (model weights, bases) as one safetensors file under ``key``."""
+
+        def write(path: str, provenance: dict[str, Any]) -> None:
+            metadata = {"provenance": json.dumps(provenance)}
+            self.fs.pipe_file(path, save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata))
+
+        return self._write(key, "tensors", attrs, write)
+
+    def get_tensors(self, key: str) -> dict[str, Tensor]:
+        return load_safetensors(self.fs.cat_file(self._payload(key, "tensors")))
+
+    def put_json(self, key: str, value: Any, attrs: Mapping[str, Any] | None = None) -> str:
+        """Publish a small JSON document (a selection decision, a config) under ``key``."""
+
+        def write(path: str, provenance: dict[str, Any]) -> None:
+            self.fs.pipe_file(path, json.dumps(_jsonable(value), indent=1).encode())
+
+        return self._write(key, "json", attrs, write)
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.fs.cat_file(self._payload(key, "json")))
+
+    # names -----------------------------------------------------------------------------------
+
+    def set_ref(self, name: str, key: str) -> None:
+        """Point a human name (``studies/micro/results``) at a published key."""
+        if not self.exists(key):
+            raise KeyError(f"cannot name unpublished artifact {key!r}")
+        path = self._path("refs", f"{name}.json")
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(tmp, json.dumps({"key": str(key)}).encode())
+        self.fs.mv(tmp, path)
+
+    def ref(self, name: str) -> str:
+        try:
+            return json.loads(self.fs.cat_file(self._path("refs", f"{name}.json")))["key"]
+        except FileNotFoundError:
+            raise KeyError(f"store {self.url} has no artifact named {name!r}; run the study that writes it first") from None
+
+    def refs(self) -> dict[str, str]:
+        root = self._path("refs")
+        if not self.fs.exists(root):
+            return {}
+        out = {}
+        for path in self.fs.find(root):
+            if path.endswith(".json"):
+                name = path[len(root) + 1 : -len(".json")]
+                out[name] = json.loads(self.fs.cat_file(path))["key"]
+        return out
+
+    # listing and cleaning ----------------------------------------------------------------------
+
+    def _object_keys(self) -> list[str]:
+        root = self._path("objects")
+        if not self.fs.exists(root):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(root, detail=False))
+
+    def ls(self) -> list[ArtifactInfo]:
+        """Every published artifact, sorted by key."""
+        return [self.info(k) for k in self._object_keys() if self.exists(k)]
+
+    def __iter__(self) -> Iterator[ArtifactInfo]:
+        return iter(self.ls())
+
+    def gc(self, keep: set[str] | None = None, dry_run: bool = False) -> list[str]:
+        """Remove staging leftovers and unpublished objects; with ``keep``, also every published
+        artifact whose key is neither in ``keep`` nor named by a ref. Returns what was (or would be)
+        removed."""
+        removed: list[str] = []
+        staging = self._path("staging")
+        if self.fs.exists(staging):
+            removed += [f"staging/{p.rstrip('/').rsplit('/', 1)[-1]}" for p in self.fs.ls(staging, detail=False)]
+            if not dry_run:
+                self.fs.rm(staging, recursive=True)
+        keep_all = None if keep is None else set(keep) | set(self.refs().values())
+        for key in self._object_keys():
+            if not self.exists(key) or (keep_all is not None and key not in keep_all):
+                removed.append(key)
+                if not dry_run:
+                    self.fs.rm(self._path("objects", key), recursive=True)
+        return removed
+
+
+def _zarr_ready(ds: xr.Dataset) -> xr.Dataset:
+    """Fixed-width unicode arrays become object strings (zarr 3 warns on ``<U``); attrs are reset."""
+    out = ds.copy(deep=False)
+    for name, var in {**out.coords, **out.data_vars}.items():
+        if var.dtype.kind == "U":
+            out[name] = var.astype(object)
+    for var in out.variables.values():
+        var.encoding.clear()
+    return out

@@ -1,0 +1,340 @@
+"""The data model: per-module updates, per-task update sets, task sets and merged updates.
+
+PEFT conventions throughout (DESIGN §2): ``lora_A`` has shape ``(r, in)``, ``lora_B`` has
+shape ``(out, r)`` and a module's update is ``delta = scaling * B @ A``. :class:`LowRank` stores
+the scaling already folded into ``B``, in the orientation of the base model's parameter (so a
+``fan_in_fan_out`` adapter is transposed on load). The papers write ``ΔW = B Aᵀ`` with ``A`` of
+shape ``m × r``; that ``A`` is our ``A.T``.
+
+Every constructor validates what it is given (shapes, ranks, dtypes, finiteness, names) and
+raises :class:`~mergelab.errors.InputError` naming the problem and the fix; code that receives
+these objects trusts them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, TypeAlias
+
+import torch
+from torch import Tensor
+
+from mergelab.errors import InputError
+from mergelab.hashing import content_hash
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "BaseRef",
+    "Dense",
+    "LowRank",
+    "MergedUpdate",
+    "TaskSet",
+    "TaskUpdate",
+    "Update",
+    "packed_views",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(t: Any, what: str, ndim: int | None = 2) -> None:
+    if not isinstance(t, Tensor):
+        raise InputError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise InputError(
+            f"{what} has unsupported dtype {t.dtype}; convert it to one of float16, bfloat16, float32, float64"
+        )
+    if ndim is not None and t.ndim != ndim:
+        raise InputError(f"{what} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise InputError(f"{what} contains {bad} NaN/Inf values; re-export the checkpoint from a finite state")
+
+
+@dataclass(frozen=True, eq=False)
+class LowRank:
+    """A factored update ``B @ A`` with the LoRA scaling folded into ``B``.
+
+    ``B``: ``(out, r)``, ``A``: ``(r, in)``. The dense matrix is never formed unless a caller asks
+    for it with :meth:`dense`.
+    """
+
+    B: Tensor
+    A: Tensor
+
+    def __post_init__(self) -> None:
+        _check_tensor(self.B, "lora_B")
+        _check_tensor(self.A, "lora_A")
+        if self.B.shape[1] != self.A.shape[0]:
+            raise InputError(
+                f"lora_B {tuple(self.B.shape)} and lora_A {tuple(self.A.shape)} disagree on the rank; "
+                "B must be (out, r) and A (r, in)"
+            )
+        if self.B.shape[1] == 0:
+            raise InputError("LoRA rank r = 0; an adapter needs r >= 1")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.B.shape[0], self.A.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.B.dtype
+
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The ``(out, in)`` matrix ``B @ A`` (materialised: use only where a method needs it)."""
+        dtype = dtype or self.dtype
+        return self.B.to(dtype) @ self.A.to(dtype)
+
+    def to(self, dtype: torch.dtype) -> LowRank:
+        return LowRank(self.B.to(dtype), self.A.to(dtype))
+
+    def norm(self) -> float:
+        """Frobenius norm of ``B @ A`` without forming it: ``‖BA‖² = tr((BᵀB)(AAᵀ))``."""
+        B, A = self.B.double(), self.A.double()
+        return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
+
+
+@dataclass(frozen=True, eq=False)
+class Dense:
+    """A dense update: a full fine-tune's ``W_t - W_0``, or any non-matrix parameter's delta."""
+
+    delta: Tensor
+
+    def __post_init__(self) -> None:
+        _check_tensor(self.delta, "delta", ndim=None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.delta.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.delta.dtype
+
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return self.delta.to(dtype or self.dtype)
+
+    def to(self, dtype: torch.dtype) -> Dense:
+        return Dense(self.delta.to(dtype))
+
+    def norm(self) -> float:
+        """Frobenius (L2) norm of the delta."""
+        return float(self.delta.double().norm())
+
+
+Update: TypeAlias = LowRank | Dense
+
+
+def _update_hash(update: Update) -> str:
+    if isinstance(update, LowRank):
+        return content_hash({"kind": "lowrank", "B": update.B, "A": update.A})
+    return content_hash({"kind": "dense", "delta": update.delta})
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """Identity of the base model the updates apply to: a name, where it came from, its hash."""
+
+    name: str
+    path: str | None = None
+    content_hash: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class TaskUpdate:
+    """One task's updates, keyed by the base model's parameter names.
+
+    ``meta`` is JSON-able metadata (the adapter config, per-module rank and alpha, the PEFT
+    module path of each parameter); it enters the content hash together with the tensors.
+    """
+
+    name: str
+    modules: Mapping[str, Update]
+    source: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise InputError("a task needs a non-empty name; pass names=[...] (CLI: NAME=PATH)")
+        if not self.modules:
+            raise InputError(f"task {self.name!r} has no updated modules; check the checkpoint's target modules")
+        for module, update in self.modules.items():
+            if not isinstance(update, (LowRank, Dense)):
+                raise InputError(f"task {self.name!r}, module {module!r}: expected LowRank or Dense, got {type(update).__name__}")
+        object.__setattr__(self, "modules", dict(self.modules))
+
+    @cached_property
+    def content_hash(self) -> str:
+        """Hash of the tensors and the metadata (adapter config); the task name is a label, not content."""
+        return content_hash({"modules": {k: _update_hash(u) for k, u in self.modules.items()}, "meta": self.meta})
+
+    @property
+    def is_low_rank(self) -> bool:
+        return all(isinstance(u, LowRank) for u in self.modules.values())
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+@dataclass(frozen=True, eq=False)
+class TaskSet:
+    """The base model reference plus ordered task updates that share module names and shapes."""
+
+    tasks: tuple[TaskUpdate, ...]
+    base: BaseRef = field(default_factory=lambda: BaseRef("unknown"))
+
+    def __post_init__(self) -> None:
+        tasks = tuple(self.tasks)
+        object.__setattr__(self, "tasks", tasks)
+        if not tasks:
+            raise InputError("no tasks given; pass at least one adapter or fine-tuned checkpoint")
+        names = [t.name for t in tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise InputError(f"duplicate task names {dupes}; give each source a distinct name (CLI: NAME=PATH)")
+        first = tasks[0]
+        for task in tasks[1:]:
+            missing = sorted(set(first.modules) - set(task.modules))
+            extra = sorted(set(task.modules) - set(first.modules))
+            if missing or extra:
+                detail = f"missing {_head(missing)}" if missing else f"extra {_head(extra)}"
+                raise InputError(
+                    f"task {task.name!r} targets {len(task.modules)} modules, task {first.name!r} targets "
+                    f"{len(first.modules)} ({detail}); restrict both with modules=[...] (CLI: --modules)"
+                )
+            for module, update in task.modules.items():
+                if update.shape != first.modules[module].shape:
+                    raise InputError(
+                        f"module {module!r} has shape {tuple(update.shape)} in task {task.name!r} but "
+                        f"{tuple(first.modules[module].shape)} in task {first.name!r}; the tasks must share one base model"
+                    )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(self.tasks[0].modules)
+
+    @property
+    def is_low_rank(self) -> bool:
+        return all(t.is_low_rank for t in self.tasks)
+
+    def updates(self, module: str) -> list[Update]:
+        """The per-task updates of one module, in task order."""
+        return [t.modules[module] for t in self.tasks]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __iter__(self) -> Iterator[TaskUpdate]:
+        return iter(self.tasks)
+
+    def __getitem__(self, name: str) -> TaskUpdate:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise InputError(f"no task named {name!r}; known tasks: {list(self.names)}")
+
+    @cached_property
+    def content_hash(self) -> str:
+        return content_hash({"base": self.base.content_hash, "tasks": [(t.name, t.content_hash) for t in self.tasks]})
+
+    def subset(self, names: Sequence[str]) -> TaskSet:
+        """A TaskSet of the named tasks, in the given order (unseen-task protocols)."""
+        return TaskSet(tuple(self[n] for n in names), self.base)
+
+    def restrict(self, modules: Sequence[str]) -> TaskSet:
+        """Keep only the given modules (exact names or regular expressions) in every task."""
+        patterns = [re.compile(m) for m in modules]
+        keep = lambda name: any(p.fullmatch(name) for p in patterns)  # noqa: E731
+        tasks = []
+        for task in self.tasks:
+            kept = {k: u for k, u in task.modules.items() if keep(k)}
+            if not kept:
+                raise InputError(f"modules={list(modules)} matches none of task {task.name!r}'s {len(task)} modules")
+            tasks.append(TaskUpdate(task.name, kept, task.source, task.meta))
+        return TaskSet(tuple(tasks), self.base)
+
+
+@dataclass(frozen=True, eq=False)
+class MergedUpdate:
+    """The result of a merge: ``{parameter name: LowRank | Dense}`` plus what produced it.
+
+    ``meta`` records the method, space, hyper-parameters, task names and the PEFT adapter layout
+    used by :func:`mergelab.checkpoints.save_merged`.
+    """
+
+    modules: Mapping[str, Update]
+    base: BaseRef = field(default_factory=lambda: BaseRef("unknown"))
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise InputError("a merged update needs at least one module")
+        object.__setattr__(self, "modules", dict(self.modules))
+
+    @property
+    def is_low_rank(self) -> bool:
+        return all(isinstance(u, LowRank) for u in self.modules.values())
+
+    @cached_property
+    def content_hash(self) -> str:
+        return content_hash({"modules": {k: _update_hash(u) for k, u in self.modules.items()}, "meta": self.meta})
+
+    def apply(self, state_dict: Mapping[str, Tensor], scale: float = 1.0) -> dict[str, Tensor]:
+        """A new state dict ``W_0 + scale · delta`` (the input is not modified)."""
+        missing = sorted(set(self.modules) - set(state_dict))
+        if missing:
+            raise InputError(f"base state dict lacks {len(missing)} merged parameters ({_head(missing)}); pass the base model the adapters were trained on")
+        out = dict(state_dict)
+        for name, update in self.modules.items():
+            w = state_dict[name]
+            out[name] = (w.to(torch.float32) + scale * update.dense(torch.float32)).to(w.dtype)
+        return out
+
+
+def _head(items: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(items[:n])
+    return f"{shown}, … ({len(items)} in all)" if len(items) > n else shown
+
+
+# Packed projections and their q/k/v views ------------------------------------------------
+
+#: Parameter-name patterns of packed q/k/v projections (rows stacked q, k, v).
+PACKED_QKV = (re.compile(r"(.*)\.in_proj_weight$"), re.compile(r"(.*)\.qkv\.weight$"))
+
+
+def packed_views(name: str, update: Update) -> dict[str, Update]:
+    """Split a packed q/k/v projection into per-projection views for analysis.
+
+    ``attn.in_proj_weight`` (open_clip / ``nn.MultiheadAttention``) and fused ``qkv.weight``
+    stack the q, k and v rows; a LowRank view keeps the shared ``A`` and splits ``B``'s rows.
+    Views are named ``<parent>.{q,k,v}_proj.weight``. Other parameters pass through unchanged.
+    """
+    for pattern in PACKED_QKV:
+        match = pattern.match(name)
+        if match is None:
+            continue
+        out = update.shape[0]
+        if out % 3:
+            raise InputError(f"packed projection {name!r} has {out} rows, not a multiple of 3")
+        d = out // 3
+        parent = match.group(1)
+        views: dict[str, Update] = {}
+        for i, kind in enumerate("qkv"):
+            rows = slice(i * d, (i + 1) * d)
+            views[f"{parent}.{kind}_proj.weight"] = (
+                LowRank(update.B[rows], update.A) if isinstance(update, LowRank) else Dense(update.delta[rows])
+            )
+        return views
+    return {name: update}

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny real PEFT adapters on an open_clip ViT and an HF CLIP vision model."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    from mergelab.synthetic import tiny_vision_transformer
+
+    return tiny_vision_transformer(seed=0)
+
+
+@pytest.fixture(scope="session")
+def vit_adapters(tiny_vit, tmp_path_factory) -> list[Path]:
+    """Three PEFT LoRA adapters (r=4, alpha=8) on the tiny open_clip ViT's attention."""
+    from mergelab.synthetic import write_peft_adapters
+
+    out = tmp_path_factory.mktemp("vit_adapters")
+    return write_peft_adapters(copy.deepcopy(tiny_vit), out, ["digits", "textures", "signs"], target_modules=["attn"], rank=4, alpha=8)
+
+
+@pytest.fixture(scope="session")
+def hf_clip_vision():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=16, patch_size=4)
+    return transformers.CLIPVisionModel(config)
+
+
+@pytest.fixture
+def store(tmp_path):
+    from mergelab.store import Store
+
+    return Store(tmp_path / "store")

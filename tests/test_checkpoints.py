@@ -1,0 +1,141 @@
+"""PEFT adapters and full checkpoints in, merged weights / PEFT adapters out, exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+
+from mergelab.checkpoints import load_taskset, mha_out_proj_factor, peft_template, save_merged
+from mergelab.errors import InputError
+from mergelab.synthetic import write_peft_adapters
+from mergelab.taskset import Dense, LowRank, MergedUpdate
+
+
+def _peft_merged_state(model, adapter_dir) -> dict[str, torch.Tensor]:
+    return PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir)).merge_and_unload().state_dict()
+
+
+def _one_task_merge(taskset) -> MergedUpdate:
+    task = taskset.tasks[0]
+    return MergedUpdate(task.modules, taskset.base, {"peft": peft_template(taskset), "method": "identity"})
+
+
+def _assert_state_close(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
+
+
+def test_open_clip_adapter_round_trip_through_save_merged(tiny_vit, vit_adapters, tmp_path):
+    """PEFT (packed MHA) -> load_taskset -> save_merged -> PeftModel.from_pretrained: same weights."""
+    taskset = load_taskset(tiny_vit, vit_adapters[:1])
+    expected = _peft_merged_state(tiny_vit, vit_adapters[0])
+    merged = _one_task_merge(taskset)
+    _assert_state_close(merged.apply(tiny_vit.state_dict()), expected)  # our reading == PEFT's forward
+    out = save_merged(merged, tmp_path / "merged")
+    _assert_state_close(_peft_merged_state(tiny_vit, out), expected)
+    weights = save_merged(merged, tmp_path / "weights", format="weights", base=tiny_vit)
+    from safetensors.torch import load_file
+
+    _assert_state_close(load_file(str(weights / "model.safetensors")), expected)
+
+
+def test_hf_clip_adapter_round_trip_with_rslora_and_patterns(hf_clip_vision, tmp_path):
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], use_rslora=True)
+    [path] = write_peft_adapters(hf_clip_vision, tmp_path, ["a"], target_modules=config.target_modules, rank=4, alpha=16, use_rslora=True)
+    taskset = load_taskset(hf_clip_vision, [path])
+    assert {m["scaling"] for m in taskset.tasks[0].meta["modules"].values()} == {16 / 2}
+    expected = _peft_merged_state(hf_clip_vision, path)
+    out = save_merged(_one_task_merge(taskset), tmp_path / "merged")
+    _assert_state_close(_peft_merged_state(hf_clip_vision, out), expected)
+
+    [patterned] = write_peft_adapters(hf_clip_vision, tmp_path, ["b"], target_modules=["q_proj", "v_proj"], rank=4, alpha=8,
+                                      rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 6})
+    task = load_taskset(hf_clip_vision, [patterned]).tasks[0]
+    v = task.meta["modules"]["encoder.layers.0.self_attn.v_proj.weight"]
+    q = task.meta["modules"]["encoder.layers.0.self_attn.q_proj.weight"]
+    assert (v["rank"], v["alpha"], v["scaling"]) == (2, 6.0, 3.0) and (q["rank"], q["scaling"]) == (4, 2.0)
+    _assert_state_close(_one_task_merge(load_taskset(hf_clip_vision, [patterned])).apply(hf_clip_vision.state_dict()),
+                        _peft_merged_state(hf_clip_vision, patterned))
+
+
+def test_fan_in_fan_out_and_embedding_loras_are_transposed_into_parameter_orientation(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16,
+                                                          bos_token_id=0, eos_token_id=0))
+    [path] = write_peft_adapters(gpt2, tmp_path, ["g"], target_modules=["c_attn", "wte"], rank=4, alpha=8, fan_in_fan_out=True)
+    taskset = load_taskset(gpt2, [path])
+    assert taskset.tasks[0].modules["wte.weight"].shape == (50, 32)
+    expected = _peft_merged_state(gpt2, path)
+    merged = _one_task_merge(taskset)
+    _assert_state_close(merged.apply(gpt2.state_dict()), expected)
+    _assert_state_close(_peft_merged_state(gpt2, save_merged(merged, tmp_path / "m")), expected)
+
+
+def test_heterogeneous_ranks_and_low_rank_merge_rank_in_adapter(tiny_vit, tmp_path):
+    paths = write_peft_adapters(tiny_vit, tmp_path / "r2", ["a"], target_modules=["attn"], rank=2, alpha=2)
+    paths += write_peft_adapters(tiny_vit, tmp_path / "r6", ["b"], target_modules=["attn"], rank=6, alpha=12, seed=1)
+    taskset = load_taskset(tiny_vit, paths)
+    assert [u.rank for u in taskset.updates("transformer.resblocks.0.attn.in_proj_weight")] == [2, 6]
+    # "cat" merge (exact sum of both): rank 8 adapter that PEFT loads and reproduces.
+    modules = {m: LowRank(torch.cat([u.B for u in us], 1), torch.cat([u.A for u in us], 0))
+               for m in taskset.module_names for us in [taskset.updates(m)]}
+    merged = MergedUpdate(modules, taskset.base, {"peft": peft_template(taskset)})
+    out = save_merged(merged, tmp_path / "cat")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+    _assert_state_close(_peft_merged_state(tiny_vit, out), merged.apply(tiny_vit.state_dict()), atol=1e-5)
+
+
+def test_full_checkpoint_loads_as_dense_deltas(tiny_vit, tmp_path):
+    base = tiny_vit.state_dict()
+    tuned = {k: v + 0.01 if v.is_floating_point() else v for k, v in base.items()}
+    save_file({k: v.contiguous() for k, v in tuned.items()}, str(tmp_path / "ft.safetensors"))
+    save_file({k: v.contiguous() for k, v in base.items()}, str(tmp_path / "base.safetensors"))
+    taskset = load_taskset(tmp_path / "base.safetensors", [f"ft={tmp_path / 'ft.safetensors'}"], modules=[r".*attn.*"])
+    task = taskset["ft"]
+    assert all(isinstance(u, Dense) for u in task.modules.values()) and all("attn" in m for m in task.modules)
+    torch.testing.assert_close(task.modules["transformer.resblocks.0.attn.in_proj_weight"].delta,
+                               torch.full_like(base["transformer.resblocks.0.attn.in_proj_weight"], 0.01), atol=1e-6, rtol=0)
+    assert taskset.base.path.endswith("base.safetensors") and len(taskset.base.content_hash) == 64
+
+
+def test_adapter_for_a_submodule_resolves_its_prefix_in_the_whole_model(tmp_path):
+    import open_clip
+
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(embed_dim=32, vision_cfg={"image_size": 16, "layers": 2, "width": 32, "patch_size": 4, "head_width": 16},
+                          text_cfg={"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1})
+    [path] = write_peft_adapters(clip.visual, tmp_path, ["v"], target_modules=["attn"])
+    names = load_taskset(clip, [path]).module_names
+    assert all(n.startswith("visual.transformer.") for n in names)
+
+
+def test_save_merged_refuses_dense_modules_as_peft_and_existing_outputs(tmp_path, tiny_vit, vit_adapters):
+    merged = MergedUpdate({"transformer.resblocks.0.attn.out_proj.weight": Dense(torch.zeros(32, 32))})
+    with pytest.raises(InputError, match="format='weights'"):
+        save_merged(merged, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    out = save_merged(_one_task_merge(load_taskset(tiny_vit, vit_adapters[:1])), tmp_path / "y")
+    with pytest.raises(InputError, match="already exists"):
+        save_merged(_one_task_merge(load_taskset(tiny_vit, vit_adapters[:1])), out)
+    assert not list(tmp_path.glob(".y.*"))  # no temporary leftovers
+
+
+def test_loaded_update_reproduces_the_peft_forward_pass(tiny_vit, vit_adapters):
+    """What PEFT computes in forward (incl. its MHA out_proj double application, peft PR #3774) is
+    what mergelab loads: base weights + loaded update give the PEFT model's outputs."""
+    assert mha_out_proj_factor() in (1.0, 2.0)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_vit), str(vit_adapters[1])).eval()
+    merged = _one_task_merge(load_taskset(tiny_vit, vit_adapters[1:2]))
+    plain = copy.deepcopy(tiny_vit).eval()
+    plain.load_state_dict(merged.apply(tiny_vit.state_dict()))
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), peft_model(x), atol=1e-5, rtol=1e-4)

@@ -1,0 +1,193 @@
+"""The CLI: inspect / store / version, and one-line errors with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mergelab.cli import app
+from mergelab.synthetic import tiny_vision_transformer, write_peft_adapters
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("mergelab ")
+
+
+def test_inspect_prints_a_table_and_json(vit_adapters, tiny_vit, tmp_path):
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    result = run("inspect", *vit_adapters, "--base", tmp_path / "base.safetensors")
+    assert result.exit_code == 0, result.output
+    for needle in ("digits", "textures", "signs", "in_proj_weight", "rank", "alpha", "scaling", "‖ΔW‖_F"):
+        assert needle in result.stdout
+    result = run("inspect", f"mine={vit_adapters[0]}", "--json")
+    report = json.loads(result.stdout)
+    assert report[0]["task"] == "mine" and len(report[0]["modules"]) == 4
+    assert {m["rank"] for m in report[0]["modules"]} == {4} and {m["alpha"] for m in report[0]["modules"]} == {8.0}
+    assert all(m["norm"] > 0 for m in report[0]["modules"])
+
+
+def test_store_ls_and_gc(tmp_path):
+    from mergelab.store import Store
+
+    store = Store(tmp_path / "s")
+    key = store.put_json(store.key("sel", "1", a=1), {"best": 0.3})
+    (tmp_path / "s" / "staging" / "leftover").mkdir(parents=True)
+    listed = json.loads(run("store", "ls", "--store", tmp_path / "s", "--json").stdout)
+    assert [a["key"] for a in listed] == [key]
+    result = run("store", "gc", "--store", tmp_path / "s")
+    assert result.exit_code == 0 and "removed 1 entries" in result.stdout and "staging/leftover" in result.stdout
+    (tmp_path / "keep.txt").write_text("")
+    assert "would remove 1" in run("store", "gc", "--store", tmp_path / "s", "--keep", tmp_path / "keep.txt", "--dry-run").stdout
+    assert Store(tmp_path / "s").exists(key)
+
+
+# Bad input: one line on stderr, exit code 2, the message names the problem and the fix. ------------
+
+
+def _adapter_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "adapter_config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _edit_weights(path: Path, fn) -> None:
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    save_file({k: fn(k, v).contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
+
+
+def _case_missing_path(tmp, adapter, base):
+    return ["inspect", tmp / "does-not-exist"], "does not exist"
+
+
+def _case_not_an_adapter(tmp, adapter, base):
+    (tmp / "empty").mkdir()
+    return ["inspect", tmp / "empty"], "not a PEFT adapter directory"
+
+
+def _case_not_an_adapter_nor_checkpoint(tmp, adapter, base):
+    (tmp / "empty").mkdir()
+    return ["inspect", tmp / "empty", "--base", base], "neither a PEFT adapter"
+
+
+def _case_corrupt_safetensors(tmp, adapter, base):
+    bad = _adapter_copy(adapter, tmp / "bad")
+    (bad / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    return ["inspect", bad], "corrupt or truncated safetensors"
+
+
+def _case_shapes_do_not_fit(tmp, adapter, base):
+    wide = tiny_vision_transformer(width=64)
+    [path] = write_peft_adapters(wide, tmp, ["wide"], target_modules=["attn"])
+    return ["inspect", path, "--base", base], "does not fit base parameter shape"
+
+
+def _case_modules_the_base_lacks(tmp, adapter, base):
+    bad = _adapter_copy(adapter, tmp / "renamed")
+    _edit_weights(bad, lambda k, v: v)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    save_file({k.replace("resblocks", "blocks"): v for k, v in tensors.items()}, str(bad / "adapter_model.safetensors"))
+    return ["inspect", bad, "--base", base], "the base lacks"
+
+
+def _case_nan_weights(tmp, adapter, base):
+    bad = _adapter_copy(adapter, tmp / "nan")
+    _edit_weights(bad, lambda k, v: v.fill_(float("nan")) if "lora_B" in k else v)
+    return ["inspect", bad], "NaN/Inf"
+
+
+def _case_inf_weights(tmp, adapter, base):
+    bad = _adapter_copy(adapter, tmp / "inf")
+    _edit_weights(bad, lambda k, v: v.fill_(float("inf")) if "lora_A" in k else v)
+    return ["inspect", bad], "NaN/Inf"
+
+
+def _case_empty_source_list(tmp, adapter, base):
+    return ["inspect"], "empty source list"
+
+
+def _case_duplicate_names(tmp, adapter, base):
+    return ["inspect", f"same={adapter}", f"same={adapter}", "--base", base], "duplicate task names"
+
+
+def _case_unsupported_dtype(tmp, adapter, base):
+    bad = _adapter_copy(adapter, tmp / "int")
+    _edit_weights(bad, lambda k, v: v.to(torch.int8))
+    return ["inspect", bad], "unsupported dtype torch.int8"
+
+
+def _case_rank_zero(tmp, adapter, base):
+    bad = _adapter_copy(adapter, tmp / "r0")
+    _edit_config(bad, r=0)
+    return ["inspect", bad], "r = 0"
+
+
+def _case_invalid_json(tmp, adapter, base):
+    bad = _adapter_copy(adapter, tmp / "json")
+    (bad / "adapter_config.json").write_text("{not json")
+    return ["inspect", bad], "not valid JSON"
+
+
+def _case_config_lacks_r(tmp, adapter, base):
+    bad = _adapter_copy(adapter, tmp / "nor")
+    _edit_config(bad, r=None)
+    return ["inspect", bad], "lacks 'r'"
+
+
+def _case_config_lacks_alpha(tmp, adapter, base):
+    bad = _adapter_copy(adapter, tmp / "noalpha")
+    _edit_config(bad, lora_alpha=None)
+    return ["inspect", bad], "lacks 'lora_alpha'"
+
+
+def _case_unknown_store_protocol(tmp, adapter, base):
+    return ["store", "ls", "--store", "nope://bucket/x"], "unknown store protocol 'nope'"
+
+
+def _case_full_checkpoint_without_base(tmp, adapter, base):
+    return ["inspect", base], "pass --base"
+
+
+def _case_missing_keep_file(tmp, adapter, base):
+    return ["store", "gc", "--store", tmp / "s", "--keep", tmp / "nope.txt"], "--keep file"
+
+
+BAD_INPUT = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=lambda f: f.__name__.removeprefix("_case_"))
+def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, vit_adapters, tiny_vit):
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
+    args, message = case(tmp_path, vit_adapters[0], base)
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_at_least_twelve_classes_of_bad_input():
+    assert len(BAD_INPUT) >= 12

@@ -1,0 +1,44 @@
+"""The two install specs agree, and CI runs exactly the README's test command."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+
+from conftest import REPO
+
+
+def _pins(requirements: list[str]) -> dict[str, str]:
+    pins = {}
+    for req in requirements:
+        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*([=<>!~].*)", req.strip())
+        if match:
+            pins[match.group(1).lower().replace("_", "-")] = match.group(2).replace(" ", "")
+    return pins
+
+
+def test_environment_yml_pins_match_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = _pins(project["dependencies"] + project["optional-dependencies"]["dev"])
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    conda_pins = _pins([p for p in pip_section if not p.startswith("-")])
+    assert conda_pins == declared
+    assert any(d == "python=3.11" for d in env["dependencies"] if isinstance(d, str))
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    assert "make test" in readme.split("\n## ", 1)[0], "README's first screen must show `make test`"
+    assert "make demo" in readme.split("\n## ", 1)[0], "README's first screen must show `make demo`"
+    commands = [line.strip() for line in (REPO / ".ci/run").read_text().splitlines()
+                if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
+    assert commands == ["make test"]
+
+
+def test_library_does_not_import_orchestration_or_notebook_stacks():
+    forbidden = re.compile(r"^\s*(?:from|import)\s+(prefect|prefect_dask|jupyter\w*|nbclient|papermill|seaborn|flows|analysis)\b", re.M)
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "lib/mergelab").rglob("*.py") if forbidden.search(p.read_text())]
+    assert offenders == []

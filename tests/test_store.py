@@ -1,0 +1,138 @@
+"""Content keys, Zarr/safetensors round trips, atomic publish under SIGKILL, gc."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergelab.errors import InputError
+from mergelab.store import Store
+from mergelab.taskset import LowRank, TaskUpdate
+
+
+def _dataset() -> xr.Dataset:
+    return xr.Dataset({"erank": (("task", "layer"), np.arange(6.0).reshape(2, 3))},
+                      coords={"task": np.array(["mnist", "svhn"], dtype=object), "layer": [0, 1, 2]})
+
+
+scalars = st.one_of(st.integers(-5, 5), st.floats(-2, 2, allow_nan=False), st.text(max_size=5), st.booleans(), st.none())
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=4), scalars, min_size=1, max_size=4),
+       st.sampled_from(["1", "2"]), st.integers(0, 3))
+@settings(max_examples=60, deadline=None)
+def test_key_changes_exactly_when_an_input_changes(inputs, version, which):
+    store = Store("memory://keys")
+    key = store.key("merge.ties", version, **inputs)
+    assert key == store.key("merge.ties", version, **dict(reversed(list(inputs.items()))))  # order-free
+    assert key != store.key("merge.ties", version + "b", **inputs)
+    assert key != store.key("merge.tsv", version, **inputs)
+    name = sorted(inputs)[which % len(inputs)]
+    changed = {**inputs, name: ("x", inputs[name])}
+    assert key != store.key("merge.ties", version, **changed)
+
+
+@given(st.integers(0, 2**16), st.integers(0, 5), st.integers(0, 3))
+@settings(max_examples=40, deadline=None)
+def test_key_follows_tensor_content_and_config(seed, row, col):
+    g = torch.Generator().manual_seed(seed)
+    B, A = torch.randn(6, 4, generator=g), torch.randn(4, 4, generator=g)
+    task = TaskUpdate("t", {"w": LowRank(B, A)}, meta={"adapter_config": {"r": 4}})
+    store = Store("memory://keys")
+    k = store.key("stats", "1", task=task)
+    assert k == store.key("stats", "1", task=TaskUpdate("other-name", {"w": LowRank(B.clone(), A.clone())}, meta={"adapter_config": {"r": 4}}))
+    B2 = B.clone()
+    B2[row, col] += 1e-3
+    assert k != store.key("stats", "1", task=TaskUpdate("t", {"w": LowRank(B2, A)}, meta={"adapter_config": {"r": 4}}))
+    assert k != store.key("stats", "1", task=TaskUpdate("t", {"w": LowRank(B, A)}, meta={"adapter_config": {"r": 8}}))
+
+
+@pytest.mark.parametrize("url", ["local", "memory://roundtrip"])
+def test_dataset_and_tensors_round_trip_with_provenance(url, tmp_path):
+    store = Store(tmp_path / "s" if url == "local" else url)
+    key = store.key("coverage", "1", tol=1e-6)
+    assert not store.exists(key)
+    store.put_dataset(key, _dataset(), {"wall_time_s": 0.5})
+    ds = store.get_dataset(key)
+    xr.testing.assert_equal(ds.reset_coords(drop=True), _dataset())
+    prov = ds.attrs["provenance"]
+    assert prov["producer"] == "coverage" and prov["wall_time_s"] == 0.5 and prov["inputs"] == {"tol": "1e-06"}
+    assert xr.open_zarr(store.dataset_url(key), consolidated=False)["erank"].shape == (2, 3)
+    tkey = store.key("bases", "1", k=key)
+    store.put_tensors(tkey, {"U": torch.eye(3)})
+    torch.testing.assert_close(store.get_tensors(tkey)["U"], torch.eye(3))
+    store.set_ref("study/bases", tkey)
+    assert store.ref("study/bases") == tkey
+    assert {a.key for a in store.ls()} == {key, tkey}
+
+
+def test_unknown_protocol_is_an_input_error():
+    with pytest.raises(InputError, match="unknown store protocol 'nope'"):
+        Store("nope://bucket/prefix")
+
+
+def test_missing_artifact_raises_keyerror(store):
+    with pytest.raises(KeyError, match="no published artifact"):
+        store.get_dataset("coverage-0000")
+
+
+def test_gc_removes_leftovers_and_unreferenced(store):
+    keep = store.put_json(store.key("a", "1"), {"x": 1})
+    drop = store.put_json(store.key("b", "1"), {"x": 2})
+    named = store.put_json(store.key("c", "1"), {"x": 3})
+    store.set_ref("kept-by-name", named)
+    store.fs.makedirs(f"{store.root}/staging/zzz.123", exist_ok=True)
+    store.fs.makedirs(f"{store.root}/objects/half-written", exist_ok=True)
+    assert set(store.gc()) == {"staging/zzz.123", "half-written"}
+    assert store.exists(drop)
+    assert store.gc({keep}) == [drop]
+    assert store.exists(keep) and store.exists(named) and not store.exists(drop)
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, numpy as np, xarray as xr
+    from mergelab.store import Store
+    def hang(self, *args, **kwargs):  # stands in for the publish step: signal, then wait to be killed
+        open(sys.argv[2], "w").close()
+        time.sleep(600)
+    setattr(Store, sys.argv[3], hang)
+    s = Store(sys.argv[1])
+    ds = xr.Dataset({"v": (("x",), np.arange(1000.0))})
+    s.put_dataset(s.key("killed", "1"), ds)
+    """
+)
+
+
+@pytest.mark.parametrize("stage", ["_publish", "_write_marker"])
+def test_sigkill_between_write_and_publish_leaves_nothing_trusted(tmp_path, stage):
+    """Kill the writer after the payload is written but before it is published; the next run recomputes."""
+    root, flag = tmp_path / "s", tmp_path / "reached"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(root), str(flag), stage])
+    deadline = time.time() + 120
+    while not flag.exists():
+        assert proc.poll() is None, "writer died before reaching the publish step"
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = Store(root)
+    key = store.key("killed", "1")
+    assert store.fs.find(str(root))  # the payload is on disk ...
+    assert not store.exists(key)  # ... but nothing trusts it
+    with pytest.raises(KeyError):
+        store.get_dataset(key)
+    assert store.ls() == []
+    store.put_dataset(key, xr.Dataset({"v": (("x",), np.arange(1000.0))}))
+    assert store.exists(key) and store.get_dataset(key)["v"].sum() == 499500
