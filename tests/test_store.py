@@ -136,3 +136,13 @@ def test_sigkill_between_write_and_publish_leaves_nothing_trusted(tmp_path, stag
     assert store.ls() == []
     store.put_dataset(key, xr.Dataset({"v": (("x",), np.arange(1000.0))}))
     assert store.exists(key) and store.get_dataset(key)["v"].sum() == 499500
+
+
+def test_memo_computes_once_then_hits(store):
+    calls = []
+    key = store.key("stat", "1", x=1)
+    value, hit = store.memo(key, "json", lambda: calls.append(1) or {"v": 3})
+    assert (value, hit, len(calls)) == ({"v": 3}, False, 1)
+    value, hit = store.memo(key, "json", lambda: calls.append(1) or {"v": 4})
+    assert (value, hit, len(calls)) == ({"v": 3}, True, 1)
+    assert store.info(key).attrs["compute_time_s"] >= 0

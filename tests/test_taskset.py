@@ -96,3 +96,10 @@ def test_merged_update_apply_adds_scaled_delta_without_mutating_base():
     assert out["b"] is base["b"] and base["w"].abs().sum() == 0
     with pytest.raises(InputError, match="lacks 1 merged"):
         merged.apply({"b": torch.ones(3)})
+
+
+def test_merged_update_tensor_round_trip():
+    merged = MergedUpdate({"w": LowRank(torch.ones(3, 2), torch.ones(2, 4)), "b": Dense(torch.arange(3.0))}, meta={"method": "x"})
+    back = MergedUpdate.from_tensors(merged.to_tensors(), merged.base, merged.meta)
+    assert back.content_hash == merged.content_hash
+    assert isinstance(back.modules["w"], LowRank) and isinstance(back.modules["b"], Dense)

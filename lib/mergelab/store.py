@@ -22,7 +22,7 @@ import platform
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -248,6 +248,25 @@ class Store:
 
     def get_json(self, key: str) -> Any:
         return json.loads(self.fs.cat_file(self._payload(key, "json")))
+
+    def get(self, key: str) -> Any:
+        """The artifact under ``key``, whatever its kind (Dataset, tensor dict or JSON value)."""
+        getters = {"dataset": self.get_dataset, "tensors": self.get_tensors, "json": self.get_json}
+        return getters[self.info(key).kind](key)
+
+    def memo(self, key: str, kind: Kind, compute: Callable[[], Any], attrs: Mapping[str, Any] | None = None) -> tuple[Any, bool]:
+        """``(value, hit)``: the published artifact if ``key`` exists, else ``compute()`` published.
+
+        This is how every pipeline node caches: on the content key of its inputs, so reruns and
+        other studies reuse what is there and nothing half-written is ever trusted.
+        """
+        if self.exists(key):
+            return self.get(key), True
+        start = time.perf_counter()
+        value = compute()
+        putters = {"dataset": self.put_dataset, "tensors": self.put_tensors, "json": self.put_json}
+        putters[kind](key, value, {"compute_time_s": round(time.perf_counter() - start, 6), **(attrs or {})})
+        return value, False
 
     # names -----------------------------------------------------------------------------------
 

@@ -291,6 +291,29 @@ class MergedUpdate:
     def content_hash(self) -> str:
         return content_hash({"modules": {k: _update_hash(u) for k, u in self.modules.items()}, "meta": self.meta})
 
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Flat tensors for storage: ``<module>::B`` / ``::A`` for LowRank, ``<module>::delta`` for Dense."""
+        out: dict[str, Tensor] = {}
+        for name, update in self.modules.items():
+            if isinstance(update, LowRank):
+                out[f"{name}::B"], out[f"{name}::A"] = update.B, update.A
+            else:
+                out[f"{name}::delta"] = update.delta
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], base: BaseRef | None = None,
+                     meta: Mapping[str, Any] | None = None) -> MergedUpdate:
+        """Inverse of :meth:`to_tensors`."""
+        modules: dict[str, Update] = {}
+        for key in tensors:
+            name, _, part = key.rpartition("::")
+            if part == "delta":
+                modules[name] = Dense(tensors[key])
+            elif part == "B":
+                modules[name] = LowRank(tensors[key], tensors[f"{name}::A"])
+        return cls(modules, base or BaseRef("unknown"), dict(meta or {}))
+
     def apply(self, state_dict: Mapping[str, Tensor], scale: float = 1.0) -> dict[str, Tensor]:
         """A new state dict ``W_0 + scale · delta`` (the input is not modified)."""
         missing = sorted(set(self.modules) - set(state_dict))

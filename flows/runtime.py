@@ -1,0 +1,83 @@
+"""How flows run: Prefect settings, task runners and per-node cache accounting.
+
+By default Prefect runs without a server (an ephemeral API in this process); when
+``PREFECT_API_URL`` is set, flows report to that server instead. Task runners:
+
+* ``thread`` (default): Prefect's thread pool in this process.
+* ``dask``: a local Dask cluster of in-process workers (``prefect_dask.DaskTaskRunner``); workers
+  share this process's Prefect API, so no extra servers start.
+* ``dask=ADDRESS``: an existing Dask scheduler (``tcp://host:8786``). Worker processes need a
+  shared Prefect server: set ``PREFECT_API_URL`` (``prefect server start``) for them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from mergelab.errors import InputError
+
+__all__ = ["RUNNERS", "NodeResult", "configure", "summarize", "task_runner"]
+
+#: Prefect / Dask settings that these machines need (ENVIRONMENT.md); user values win.
+DEFAULT_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "DASK_LOGGING__DISTRIBUTED": "warning",
+}
+
+
+def configure() -> None:
+    """Apply :data:`DEFAULT_ENV` where the user has not set a value. Call before importing prefect."""
+    for name, value in DEFAULT_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def _thread(arg: str | None):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    workers = int(arg) if arg else max(2, os.cpu_count() or 2)
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def _dask(arg: str | None):
+    from prefect_dask import DaskTaskRunner
+
+    if arg:
+        return DaskTaskRunner(address=arg)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False, "dashboard_address": None})
+
+
+#: ``--runner NAME[=ARG]``: thread[=WORKERS], dask[=ADDRESS].
+RUNNERS: dict[str, Callable[[str | None], object]] = {"thread": _thread, "dask": _dask}
+
+
+def task_runner(spec: str | None = None):
+    """The Prefect task runner for ``--runner`` (``thread``, ``thread=4``, ``dask``, ``dask=tcp://…``)."""
+    name, _, arg = (spec or "thread").partition("=")
+    if name not in RUNNERS:
+        raise InputError(f"unknown runner {spec!r}; choose one of {', '.join(f'{k}[=…]' for k in RUNNERS)}")
+    if name == "thread" and arg and not arg.isdigit():
+        raise InputError(f"--runner thread={arg}: the argument is a worker count, e.g. thread=4")
+    return RUNNERS[name](arg or None)
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """What one pipeline node did: its kind, its content key and whether the store already had it."""
+
+    node: str
+    key: str
+    hit: bool
+
+
+def summarize(results: Iterable[NodeResult]) -> dict[str, dict[str, int]]:
+    """Per node kind: how many ran and how many were cache hits."""
+    out: dict[str, dict[str, int]] = {}
+    for r in results:
+        entry = out.setdefault(r.node, {"nodes": 0, "hits": 0})
+        entry["nodes"] += 1
+        entry["hits"] += int(r.hit)
+    return out

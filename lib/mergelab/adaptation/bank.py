@@ -1,0 +1,137 @@
+"""Direction banks: the fixed directions an adaptive merge reweights, one bank per module.
+
+Every adaptive method of DESIGN §4 merges one module as
+
+    ΔW(c) = offset + B_bank · diag(c) · A_bank          (low-rank bank, K directions)
+    ΔW(c) = offset + Σ_k c_k D_k                         (dense bank: full fine-tunes, biases)
+
+and differs only in which directions it uses and how the coefficients ``c`` depend on what is
+learned:
+
+* raw LoRA factors (001 Eq. 7, TARA-A; AdaMerging with ``c = λ_task``): :func:`raw_bank`;
+* the shared singular directions of ``[ΔW_1 … ΔW_T]`` (001 Eqs. 8–9, TARA-B): :func:`shared_svd_bank`;
+* each task's own singular components, optionally around the average (002 Eq. 5, AdaRank with the
+  TA or CART origin): :func:`task_svd_bank`.
+
+``ΔW(c)`` is formed as ``(B_bank * c) @ A_bank``: one dense matrix per module, never a dense
+copy per task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mergelab.linalg import DEFAULT_RTOL, lowrank_svd, svd
+from mergelab.taskset import Dense, LowRank, Update
+
+__all__ = ["Bank", "raw_bank", "shared_svd_bank", "task_svd_bank"]
+
+
+@dataclass(frozen=True, eq=False)
+class Bank:
+    """Fixed directions of one module. ``owner[k]`` is the task index of direction ``k``."""
+
+    owner: Tensor  # (K,) long
+    B: Tensor | None = None  # (out, K)
+    A: Tensor | None = None  # (K, in)
+    dense: Tensor | None = None  # (K, *shape)
+    offset: Update | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.owner.numel())
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Bank:
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        offset = None if self.offset is None else self.offset.to(dtype)
+        return Bank(self.owner.to(device), move(self.B), move(self.A), move(self.dense), offset)
+
+    def delta(self, c: Tensor) -> Tensor:
+        """The dense update ``ΔW(c)`` of this module (differentiable in ``c``)."""
+        if self.B is not None:
+            out = (self.B * c) @ self.A
+        else:
+            out = torch.tensordot(c, self.dense, dims=1)
+        if self.offset is not None:
+            out = out + self.offset.dense(out.dtype).to(out.device)
+        return out
+
+    def update(self, c: Tensor) -> Update:
+        """The final merged update, low rank when the bank is (``rank ≤ K + rank(offset)``)."""
+        c = c.detach().to(torch.float32).cpu()
+        if self.B is None:
+            return Dense(self.delta(c.to(self.dense)).detach().cpu())
+        B, A = (self.B.cpu().float() * c), self.A.cpu().float()
+        if isinstance(self.offset, LowRank):
+            B, A = torch.cat([B, self.offset.B.float()], 1), torch.cat([A, self.offset.A.float()], 0)
+        elif isinstance(self.offset, Dense):
+            return Dense((B @ A + self.offset.delta.float()))
+        return LowRank(B, A)
+
+
+def _all_low_rank(updates: Sequence[Update]) -> bool:
+    return all(isinstance(u, LowRank) for u in updates)
+
+
+def raw_bank(updates: Sequence[Update]) -> Bank:
+    """The tasks' own factors as directions: column ``j`` of ``B_i`` with row ``j`` of ``A_i`` (001 Eq. 7)."""
+    if _all_low_rank(updates):
+        owner = torch.cat([torch.full((u.rank,), i, dtype=torch.long) for i, u in enumerate(updates)])
+        return Bank(owner, B=torch.cat([u.B for u in updates], 1), A=torch.cat([u.A for u in updates], 0))
+    return Bank(torch.arange(len(updates)), dense=torch.stack([u.dense(torch.float32) for u in updates]))
+
+
+def shared_svd_bank(updates: Sequence[Update], rank: int | None = None, rtol: float = DEFAULT_RTOL) -> Bank:
+    """TARA-B (001 Eqs. 8–9): ``X = [ΔW_1 … ΔW_N] = U Σ Vᵀ``; direction ``(i, k)`` is
+    ``σ_k u_k v_kiᵀ`` with ``v_ki`` task ``i``'s block of ``v_k``; top ``R = rank`` components.
+
+    Computed exactly from the factors, ``X = B_cat · blockdiag(A_1 … A_N)``, with
+    :func:`~mergelab.linalg.lowrank_svd` (the ``d × mN`` matrix is never formed). With all
+    ``φ = 1`` and ``R`` = full rank, ``Σ_i U Σ V_iᵀ = Σ_i ΔW_i``.
+    """
+    T = len(updates)
+    if _all_low_rank(updates):
+        B_cat = torch.cat([u.B for u in updates], 1)  # (out, Σr)
+        A_block = torch.block_diag(*[u.A for u in updates])  # (Σr, T·in)
+        U, s, Vh = lowrank_svd(B_cat, A_block, rtol)
+    else:
+        U, s, Vh = svd(torch.cat([u.dense(torch.float64) for u in updates], 1), rtol)
+    R = len(s) if rank is None else min(rank, len(s))
+    U, s, Vh = U[:, :R], s[:R], Vh[:R]
+    n_in = updates[0].shape[1]
+    blocks = Vh.reshape(R, T, n_in).transpose(0, 1)  # (T, R, in): v_ki for each task
+    owner = torch.arange(T).repeat_interleave(R)
+    return Bank(owner, B=(U * s).repeat(1, T).float(), A=blocks.reshape(T * R, n_in).float())
+
+
+def task_svd_bank(updates: Sequence[Update], center: bool = False, rtol: float = DEFAULT_RTOL) -> Bank:
+    """AdaRank (002 Eq. 5): each task's singular components ``σ_ir u_ir v_irᵀ`` as directions.
+
+    With ``center=True`` (CART origin, 002 Sec. 6.1) the components are those of
+    ``ΔW_i − mean_j ΔW_j`` and the mean becomes the bank's fixed offset, so all-ones masks give
+    ``mean + λ Σ_i (ΔW_i − mean)``.
+    """
+    T = len(updates)
+    if _all_low_rank(updates):
+        B_cat = torch.cat([u.B for u in updates], 1).double()
+        A_cat = torch.cat([u.A for u in updates], 0).double()
+        mean = LowRank((B_cat / T).float(), A_cat.float())
+        factors = []
+        for u in updates:
+            if center:  # ΔW_i − mean = [B_i, −B_cat/T] [A_i; A_cat]
+                factors.append(lowrank_svd(torch.cat([u.B.double(), -B_cat / T], 1), torch.cat([u.A.double(), A_cat], 0), rtol))
+            else:
+                factors.append(lowrank_svd(u.B, u.A, rtol))
+    else:
+        dense = [u.dense(torch.float64) for u in updates]
+        avg = sum(dense) / T
+        mean = Dense(avg.float())
+        factors = [svd(d - avg if center else d, rtol) for d in dense]
+    owner = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, (_, s, _) in enumerate(factors)])
+    B = torch.cat([U * s for U, s, _ in factors], 1).float()
+    A = torch.cat([Vh for _, _, Vh in factors], 0).float()
+    return Bank(owner, B=B, A=A, offset=mean if center else None)

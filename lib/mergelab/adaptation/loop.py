@@ -1,0 +1,192 @@
+"""The test-time adaptation loop: label-free, preference-aware, on unlabeled validation batches.
+
+One step draws one batch per task, evaluates each task's objective ``f_t`` on the functional
+merged model (``W_0 + ΔW(c)`` passed as replacement parameters, no module surgery), scalarises
+``f`` under the preference ``ρ`` and takes an optimiser step on the coefficients only. Defaults
+follow the papers: Adam, lr 1e-3, batch 16 per task (AdaMerging; 002 App. A; 004 App. H.2).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor
+
+from mergelab.adaptation.models import CoefficientModel
+from mergelab.adaptation.objectives import SCALARIZATIONS, EmaStandardizer, alignment_loss, cross_entropy, entropy, validate_preference
+from mergelab.errors import InputError
+from mergelab.taskset import MergedUpdate, TaskSet
+
+__all__ = ["OBJECTIVES", "AdaptResult", "Forward", "anchors", "objective_losses", "run", "task_weights"]
+
+Params = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Forward:
+    """How to run the model being merged.
+
+    ``base``: ``W_0`` of every merged parameter. ``logits(t, images, params)``: task ``t``'s
+    logits with ``params`` replacing those parameters (zero-shot head of task t).
+    ``tokens(images, params)``: patch tokens ``(N, L, W)`` for the alignment loss.
+    """
+
+    base: Params
+    logits: Callable[[int, Tensor, Params], Tensor] | None = None
+    tokens: Callable[[Tensor, Params], Tensor] | None = None
+
+
+@dataclass
+class _Alignment:
+    """State of the TAS loss: teacher parameters and EMA standardisers per task (004 App. H)."""
+
+    teachers: list[dict[str, Tensor]]
+    student_norms: list[EmaStandardizer] = field(default_factory=list)
+    teacher_norms: list[EmaStandardizer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.student_norms = [EmaStandardizer() for _ in self.teachers]
+        self.teacher_norms = [EmaStandardizer() for _ in self.teachers]
+
+
+def task_weights(taskset: TaskSet, base: Params, t: int) -> dict[str, Tensor]:
+    """``W_0 + ΔW_t``: the fine-tuned model of task ``t`` (one task at a time, no grad)."""
+    task = taskset.tasks[t]
+    return {m: base[m] + u.dense(base[m].dtype).to(base[m].device) for m, u in task.modules.items()}
+
+
+def _batch(item) -> tuple[Tensor, Tensor | None]:
+    return (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
+
+
+def _entropy_loss(forward: Forward, t: int, images: Tensor, labels: Tensor | None, params: Params, alignment) -> Tensor:
+    return entropy(forward.logits(t, images, params))
+
+
+def _labelled_loss(forward: Forward, t: int, images: Tensor, labels: Tensor | None, params: Params, alignment) -> Tensor:
+    if labels is None:
+        raise InputError("objective 'labels' needs labelled batches; set allow_labels in the study or use 'entropy'")
+    return cross_entropy(forward.logits(t, images, params), labels)
+
+
+def _alignment_loss(forward: Forward, t: int, images: Tensor, labels: Tensor | None, params: Params, alignment: _Alignment) -> Tensor:
+    with torch.no_grad():
+        teacher = alignment.teacher_norms[t](forward.tokens(images, alignment.teachers[t]))
+    return alignment_loss(alignment.student_norms[t](forward.tokens(images, params)), teacher)
+
+
+#: Per-task objective ``f_t`` by name: entropy (label-free), tas (004 App. H), labels (opt-in).
+OBJECTIVES = {"entropy": _entropy_loss, "tas": _alignment_loss, "labels": _labelled_loss}
+
+
+def objective_losses(objective: str, forward: Forward, params: Params, batch: Sequence, alignment: _Alignment | None = None) -> Tensor:
+    """``f = (f_1 … f_T)`` on one batch per task."""
+    loss = OBJECTIVES[objective]
+    return torch.stack([loss(forward, t, *_batch(item), params, alignment) for t, item in enumerate(batch)])
+
+
+def anchors(objective: str, forward: Forward, taskset: TaskSet, batches: Sequence[Iterator], n_batches: int = 2,
+            teachers: list[dict[str, Tensor]] | None = None) -> Tensor:
+    """``z_t``: task t's objective when only task t's own update is applied (001 Sec. 3), measured
+    on ``n_batches`` validation batches of task t."""
+    loss = OBJECTIVES[objective]
+    alignment = _Alignment(teachers) if teachers is not None else None
+    values = []
+    for t in range(len(taskset)):
+        weights = task_weights(taskset, forward.base, t)
+        with torch.no_grad():
+            values.append(np.mean([float(loss(forward, t, *_batch(next(batches[t])), weights, alignment)) for _ in range(n_batches)]))
+    return torch.tensor(values)
+
+
+@dataclass
+class AdaptResult:
+    merged: MergedUpdate
+    history: xr.Dataset
+    seconds_per_iter: float
+
+
+def run(
+    model: CoefficientModel,
+    forward: Forward,
+    batches: Sequence[Iterator],
+    *,
+    objective: str = "entropy",
+    scalarization: str = "sum",
+    preference: Sequence[float] | Tensor | None = None,
+    alpha: float = 1.0,
+    anchor_values: Tensor | None = None,
+    teachers: list[dict[str, Tensor]] | None = None,
+    iters: int = 250,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    record_every: int = 10,
+    device: str | torch.device = "cpu",
+    bf16: bool = False,
+    progress: Callable[[int, float], None] | None = None,
+    meta: Mapping | None = None,
+) -> AdaptResult:
+    """Optimise ``model``'s coefficients; return the merged update and the training history.
+
+    ``history`` holds ``loss(iteration, task)``, ``objective(iteration)`` and every learned
+    tensor at the recorded iterations (``coef_<name>(record, …)``) for 004 Fig. 14 / 002 Fig. 5.
+    """
+    if objective not in OBJECTIVES:
+        raise InputError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if scalarization not in SCALARIZATIONS:
+        raise InputError(f"unknown scalarization {scalarization!r}; choose one of {', '.join(SCALARIZATIONS)}")
+    if objective == "tas" and (teachers is None or forward.tokens is None):
+        raise InputError("objective 'tas' needs patch tokens (a backbone with image_tokens) and the fine-tuned teachers")
+    rho = validate_preference(preference, model.n_tasks)
+    scalarize = SCALARIZATIONS[scalarization]
+    device = torch.device(device)
+    model.to_device(device)
+    base = {m: forward.base[m].to(device) for m in model.module_names}
+    alignment = _Alignment(teachers) if objective == "tas" else None
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if optimizer not in optimizers:
+        raise InputError(f"unknown optimizer {optimizer!r}; choose adam or adamw")
+    opt = optimizers[optimizer](model.parameters(), lr=lr)
+    losses = np.zeros((iters, model.n_tasks))
+    totals = np.zeros(iters)
+    records: list[dict[str, np.ndarray]] = [model.state()]
+    recorded_at = [0]
+    start = time.perf_counter()
+    for it in range(iters):
+        batch = [next(stream) for stream in batches]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            f = objective_losses(objective, forward, model.weights(base), batch, alignment)
+            total = scalarize(f, rho, anchor_values, alpha)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        losses[it], totals[it] = f.detach().float().cpu().numpy(), float(total.detach())
+        if (it + 1) % record_every == 0 or it + 1 == iters:
+            records.append(model.state())
+            recorded_at.append(it + 1)
+        if progress is not None:
+            progress(it + 1, totals[it])
+    seconds = (time.perf_counter() - start) / max(iters, 1)
+    history = _history(model, losses, totals, records, recorded_at)
+    history.attrs.update({"objective": objective, "scalarization": scalarization, "alpha": alpha,
+                          "preference": rho.tolist(), "lr": lr, "optimizer": optimizer, "iters": iters,
+                          "seconds_per_iter": seconds,
+                          "anchors": None if anchor_values is None else anchor_values.tolist()})
+    return AdaptResult(model.merged_update(meta=meta), history, seconds)
+
+
+def _history(model: CoefficientModel, losses: np.ndarray, totals: np.ndarray, records, recorded_at) -> xr.Dataset:
+    ds = xr.Dataset(
+        {"loss": (("iteration", "task"), losses), "objective": (("iteration",), totals)},
+        coords={"iteration": np.arange(1, len(totals) + 1), "task": np.array(model.task_names, dtype=object),
+                "record": np.array(recorded_at)},
+    )
+    for name, first in records[0].items():
+        dims = ("record",) + tuple(f"{name.replace('.', '_')}_dim{i}" for i in range(first.ndim))
+        ds[f"coef_{name.replace('.', '_')}"] = (dims, np.stack([r[name] for r in records]))
+    return ds

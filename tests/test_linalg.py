@@ -1,0 +1,22 @@
+"""Factored SVDs equal dense SVDs."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergelab.linalg import lowrank_svd, svd
+
+
+@given(st.integers(1, 20), st.integers(1, 20), st.integers(1, 8), st.integers(0, 10_000))
+@settings(max_examples=60, deadline=None)
+def test_lowrank_svd_matches_dense(m, n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    B, A = torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(r, n, generator=g, dtype=torch.float64)
+    U, s, Vh = lowrank_svd(B, A)
+    dense_s = svd(B @ A)[1]
+    torch.testing.assert_close(s, dense_s, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(U * s @ Vh, B @ A, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(U.T @ U, torch.eye(len(s), dtype=torch.float64), rtol=0, atol=1e-9)
+    assert len(s) <= min(m, n, r)
