@@ -27,7 +27,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from mergelab.analysis.factored import block_sum, dataset_attrs, direction_gram, gram, matrix_modules
+from mergelab.analysis.factored import annotated, block_sum, dataset_attrs, direction_gram, gram, matrix_modules
 from mergelab.analysis.spectra import ENERGY, energy_rank, singular_values
 from mergelab.naming import module_coords
 from mergelab.taskset import LowRank, TaskSet
@@ -100,23 +100,16 @@ def subspace_coverage(taskset: TaskSet, *, energy: float = ENERGY, rtol: float =
             agnostic[j] = erank_gram(block_sum(H, r), rtol=rtol)
         else:
             agnostic[j] = erank_gram(gram(ups), rtol=rtol)
-    ds = xr.Dataset(
+    return xr.Dataset(
         {
-            "erank_task": (("task", "module"), per_task),
-            "erank_per_task_sum": (("module",), per_task.sum(axis=0)),
-            "erank_agnostic": (("module",), agnostic),
-            "erank_aware": (("module",), aware),
-            "lora_rank": (("task", "module"), ranks),
-            "energy_rank": (("task", "module"), e_rank),
+            "erank_task": annotated(("task", "module"), per_task, "erank(X_i), rank-1 stack of one task"),
+            "erank_per_task_sum": annotated(("module",), per_task.sum(axis=0), "per-task sum Σ_i erank(X_i)"),
+            "erank_agnostic": annotated(("module",), agnostic, "erank(X_agnostic), ΔW stack (LoRA-agnostic)"),
+            "erank_aware": annotated(("module",), aware, "erank(X_aware), rank-1 stack (LoRA-aware)"),
+            "lora_rank": annotated(("task", "module"), ranks, "LoRA rank r_i (0: dense update)"),
+            "energy_rank": annotated(("task", "module"), e_rank, f"rank keeping {energy:.0%} of the energy of ΔW_i"),
         },
         coords={"task": np.array(taskset.names, dtype=object), **module_coords(list(modules))},
         attrs=dataset_attrs(taskset, title="subspace coverage", energy=energy, erank_rtol=rtol,
                             paper="001 Sec. 2.2, App. D (Figs. 1, 5); 002 Sec. 4 (Fig. 3)"),
     )
-    ds["erank_task"].attrs = {"long_name": "erank(X_i), rank-1 stack of one task", "units": "1"}
-    ds["erank_per_task_sum"].attrs = {"long_name": "per-task sum Σ_i erank(X_i)", "units": "1"}
-    ds["erank_agnostic"].attrs = {"long_name": "erank(X_agnostic), ΔW stack (LoRA-agnostic)", "units": "1"}
-    ds["erank_aware"].attrs = {"long_name": "erank(X_aware), rank-1 stack (LoRA-aware)", "units": "1"}
-    ds["lora_rank"].attrs = {"long_name": "LoRA rank r_i (0: dense update)", "units": "1"}
-    ds["energy_rank"].attrs = {"long_name": f"rank keeping {energy:.0%} of the energy of ΔW_i", "units": "1"}
-    return ds

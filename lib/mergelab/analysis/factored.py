@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import xarray as xr
 from torch import Tensor
 
 from mergelab.taskset import Dense, LowRank, TaskSet, Update, packed_views
 
-__all__ = ["block_sum", "dataset_attrs", "direction_gram", "gram", "inner", "matrix_modules", "module_updates", "split_modules"]
+__all__ = ["annotated", "block_sum", "dataset_attrs", "direction_gram", "gram", "inner", "matrix_modules", "module_updates", "split_modules"]
 
 
 def _f64(t: Tensor) -> Tensor:
@@ -117,3 +118,8 @@ def dataset_attrs(taskset: TaskSet, **extra: Any) -> dict[str, Any]:
         "taskset_hash": taskset.content_hash,
         **extra,
     }
+
+
+def annotated(dims: tuple[str, ...], values: Any, long_name: str, units: str = "1", **attrs: Any) -> xr.Variable:
+    """A Dataset variable with its ``long_name`` and ``units`` attrs (the schema in docs/store.md)."""
+    return xr.Variable(dims, values, attrs={"long_name": long_name, "units": units, **attrs})

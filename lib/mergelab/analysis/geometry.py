@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from mergelab.analysis.factored import dataset_attrs, gram, inner, module_updates, split_modules
+from mergelab.analysis.factored import annotated, dataset_attrs, gram, inner, module_updates, split_modules
 from mergelab.errors import InputError
 from mergelab.naming import module_coords
 from mergelab.taskset import MergedUpdate, TaskSet, Update
@@ -44,17 +44,16 @@ def norms(taskset: TaskSet, *, split_packed: bool = True) -> xr.Dataset:
     """
     modules = module_updates(taskset, split_packed=split_packed)
     values = np.array([[u.norm() for u in ups] for ups in modules.values()]).T  # (task, module)
-    ds = xr.Dataset(
+    return xr.Dataset(
         {
-            "norm": (("task", "module"), values),
-            "total_norm": (("task",), np.sqrt((values**2).sum(axis=1))),
+            "norm": annotated(("task", "module"), values, "Frobenius norm of the task update", "weight units",
+                              definition="‖ΔW_t‖_F per module"),
+            "total_norm": annotated(("task",), np.sqrt((values**2).sum(axis=1)), "L2 norm of the whole task vector",
+                                    "weight units", definition="sqrt(Σ_modules ‖ΔW_t‖_F²)"),
         },
         coords={"task": _task_coords(taskset), **module_coords(list(modules))},
         attrs=dataset_attrs(taskset, title="task-vector norms", paper="004 Sec. 4.3 (Fig. 5 left), App. G (Figs. 12, 13)"),
     )
-    ds["norm"].attrs = {"long_name": "Frobenius norm of the task update", "definition": "‖ΔW_t‖_F per module", "units": "weight units"}
-    ds["total_norm"].attrs = {"long_name": "L2 norm of the whole task vector", "definition": "sqrt(Σ_modules ‖ΔW_t‖_F²)", "units": "weight units"}
-    return ds
 
 
 def cosine_similarity(taskset: TaskSet, *, split_packed: bool = True) -> xr.Dataset:
@@ -77,23 +76,19 @@ def cosine_similarity(taskset: TaskSet, *, split_packed: bool = True) -> xr.Data
     to_sum = G.sum(axis=1)  # <τ_t, Σ_s τ_s> per module, (T, M)
     sum_norm = np.sqrt(np.clip(G.sum(axis=(0, 1)), 0, None))  # ‖Σ_s τ_s‖ per module, (M,)
     names = _task_coords(taskset)
-    ds = xr.Dataset(
+    pair = ("task", "other_task", "module")
+    return xr.Dataset(
         {
-            "gram": (("task", "other_task", "module"), G),
-            "cosine": (("task", "other_task", "module"), cos),
-            "cosine_total": (("task", "other_task"), _cosine(G_tot, n_tot[:, None], n_tot[None, :])),
-            "cosine_to_sum": (("task", "module"), _cosine(to_sum, n, sum_norm[None, :])),
-            "cosine_to_sum_total": (("task",), _cosine(to_sum.sum(axis=1), n_tot, np.sqrt(max(G_tot.sum(), 0.0)))),
+            "gram": annotated(pair, G, "Frobenius inner product <ΔW_s, ΔW_t>", "weight units²"),
+            "cosine": annotated(pair, cos, "cos(ΔW_s, ΔW_t) per module"),
+            "cosine_total": annotated(pair[:2], _cosine(G_tot, n_tot[:, None], n_tot[None, :]), "cos(τ_s, τ_t), whole model"),
+            "cosine_to_sum": annotated(("task", "module"), _cosine(to_sum, n, sum_norm[None, :]), "cos(ΔW_t, Σ_s ΔW_s) per module"),
+            "cosine_to_sum_total": annotated(("task",), _cosine(to_sum.sum(axis=1), n_tot, np.sqrt(max(G_tot.sum(), 0.0))),
+                                             "cos(τ_t, Σ_s τ_s), whole model"),
         },
         coords={"task": names, "other_task": names, **module_coords(list(modules))},
         attrs=dataset_attrs(taskset, title="cosine similarity of task vectors", paper="004 Sec. 4.3 (Fig. 5 middle, Fig. 7)"),
     )
-    ds["gram"].attrs = {"long_name": "Frobenius inner product <ΔW_s, ΔW_t>", "units": "weight units²"}
-    ds["cosine"].attrs = {"long_name": "cos(ΔW_s, ΔW_t) per module", "units": "1"}
-    ds["cosine_total"].attrs = {"long_name": "cos(τ_s, τ_t), whole model", "units": "1"}
-    ds["cosine_to_sum"].attrs = {"long_name": "cos(ΔW_t, Σ_s ΔW_s) per module", "units": "1"}
-    ds["cosine_to_sum_total"].attrs = {"long_name": "cos(τ_t, Σ_s τ_s), whole model", "units": "1"}
-    return ds
 
 
 def _similarity_dataset(taskset: TaskSet, module_names: list[str], dims: tuple[str, ...], coords: dict,
@@ -115,25 +110,18 @@ def _similarity_dataset(taskset: TaskSet, module_names: list[str], dims: tuple[s
     cos, sim, dist = similarity(cross, merged_sq[..., None, :], task_sq)
     cos_tot, sim_tot, dist_tot = similarity(cross.sum(-1), merged_sq.sum(-1)[..., None], task_sq.sum(-1))
     tdims = (*dims, "task")
-    ds = xr.Dataset(
+    return xr.Dataset(
         {
-            "cosine": ((*tdims, "module"), cos),
-            "normalized_similarity": ((*tdims, "module"), sim),
-            "distance": ((*tdims, "module"), dist),
-            "cosine_total": (tdims, cos_tot),
-            "normalized_similarity_total": (tdims, sim_tot),
-            "distance_total": (tdims, dist_tot),
+            "cosine": annotated((*tdims, "module"), cos, "cos(ΔW_merged, ΔW_t) per module"),
+            "normalized_similarity": annotated((*tdims, "module"), sim, "1 − ‖ΔW_merged − ΔW_t‖_F / ‖ΔW_t‖_F per module"),
+            "distance": annotated((*tdims, "module"), dist, "‖ΔW_merged − ΔW_t‖_F per module", "weight units"),
+            "cosine_total": annotated(tdims, cos_tot, "cos(τ_merged, τ_t), whole model"),
+            "normalized_similarity_total": annotated(tdims, sim_tot, "1 − ‖θ_merged − θ_t‖ / ‖τ_t‖, whole model"),
+            "distance_total": annotated(tdims, dist_tot, "‖θ_merged − θ_t‖, whole model", "weight units"),
         },
         coords={**coords, "task": _task_coords(taskset), **module_coords(module_names)},
         attrs=dataset_attrs(taskset, **attrs),
     )
-    ds["cosine"].attrs = {"long_name": "cos(ΔW_merged, ΔW_t) per module", "units": "1"}
-    ds["normalized_similarity"].attrs = {"long_name": "1 − ‖ΔW_merged − ΔW_t‖_F / ‖ΔW_t‖_F per module", "units": "1"}
-    ds["distance"].attrs = {"long_name": "‖ΔW_merged − ΔW_t‖_F per module", "units": "weight units"}
-    ds["cosine_total"].attrs = {"long_name": "cos(τ_merged, τ_t), whole model", "units": "1"}
-    ds["normalized_similarity_total"].attrs = {"long_name": "1 − ‖θ_merged − θ_t‖ / ‖τ_t‖, whole model", "units": "1"}
-    ds["distance_total"].attrs = {"long_name": "‖θ_merged − θ_t‖, whole model", "units": "weight units"}
-    return ds
 
 
 _SIMILARITY_NOTE = (

@@ -20,7 +20,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from mergelab.analysis.factored import dataset_attrs, matrix_modules, split_modules
+from mergelab.analysis.factored import annotated, dataset_attrs, matrix_modules, split_modules
 from mergelab.naming import module_coords
 from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, Update
 
@@ -198,19 +198,16 @@ def task_spectra(taskset: TaskSet, *, split_packed: bool = True) -> xr.Dataset:
             sv[t, j, : len(s)] = s
             frac[t, j, : len(s)] = energy_fractions(s)
             cum[t, j, : len(s)] = cumulative_energy(s)
-    ds = xr.Dataset(
+    spectrum = ("task", "module", "component")
+    return xr.Dataset(
         {
-            "singular_value": (("task", "module", "component"), sv),
-            "energy_fraction": (("task", "module", "component"), frac),
-            "cumulative_energy": (("task", "module", "component"), cum),
+            "singular_value": annotated(spectrum, sv, "singular value σ_k of ΔW_t", "weight units"),
+            "energy_fraction": annotated(spectrum, frac, "energy fraction σ_k²/Σσ²"),
+            "cumulative_energy": annotated(spectrum, cum, "cumulative energy Σ_{j≤k}σ_j²/Σσ²"),
         },
         coords={"task": np.array(taskset.names, dtype=object), **module_coords(list(modules)), "component": np.arange(1, n + 1)},
         attrs=dataset_attrs(taskset, title="per-task singular spectra", paper="002 Sec. 4; 003 Sec. 5.2"),
     )
-    ds["singular_value"].attrs = {"long_name": "singular value σ_k of ΔW_t", "units": "weight units"}
-    ds["energy_fraction"].attrs = {"long_name": "energy fraction σ_k²/Σσ²", "units": "1"}
-    ds["cumulative_energy"].attrs = {"long_name": "cumulative energy Σ_{j≤k}σ_j²/Σσ²", "units": "1"}
-    return ds
 
 
 def merged_rank(merged: MergedUpdate | Mapping[str, Update], *, rtol: float | None = None,
@@ -225,10 +222,11 @@ def merged_rank(merged: MergedUpdate | Mapping[str, Update], *, rtol: float | No
     modules = merged.modules if isinstance(merged, MergedUpdate) else merged
     modules = {k: u for k, u in split_modules(modules, split_packed=split_packed).items() if len(u.shape) == 2}
     names = list(modules)
-    ds = xr.Dataset(
+    return xr.Dataset(
         {
-            "merged_rank": (("module",), np.array([numerical_rank(modules[m], rtol=rtol) for m in names], dtype=np.int64)),
-            "max_rank": (("module",), np.array([min(modules[m].shape) for m in names], dtype=np.int64)),
+            "merged_rank": annotated(("module",), np.array([numerical_rank(modules[m], rtol=rtol) for m in names], dtype=np.int64),
+                                     "numerical rank r_ΔW of the merged update"),
+            "max_rank": annotated(("module",), np.array([min(modules[m].shape) for m in names], dtype=np.int64), "min(out, in)"),
         },
         coords=module_coords(names),
         attrs={
@@ -239,9 +237,6 @@ def merged_rank(merged: MergedUpdate | Mapping[str, Update], *, rtol: float | No
             **({"dataset": merged.base.name, "base": merged.base.name} if isinstance(merged, MergedUpdate) else {}),
         },
     )
-    ds["merged_rank"].attrs = {"long_name": "numerical rank r_ΔW of the merged update", "units": "1"}
-    ds["max_rank"].attrs = {"long_name": "min(out, in)", "units": "1"}
-    return ds
 
 
 def pairwise_sar(taskset: TaskSet, *, retained: float = SAR_RETAINED, split_packed: bool = True) -> xr.Dataset:
@@ -270,19 +265,15 @@ def pairwise_sar(taskset: TaskSet, *, retained: float = SAR_RETAINED, split_pack
     mean = values.mean(axis=2)
     offdiag = mean[~np.eye(T, dtype=bool)]
     names = np.array(taskset.names, dtype=object)
-    ds = xr.Dataset(
+    return xr.Dataset(
         {
-            "sar": (("task", "reference", "module"), values),
-            "k_reference": (("reference", "module"), ks),
-            "sar_mean": (("task", "reference"), mean),
-            "sar_offdiag_mean": ((), float(offdiag.mean()) if offdiag.size else np.nan),
+            "sar": annotated(("task", "reference", "module"), values, "SAR(ΔW_task, ΔW_reference)"),
+            "k_reference": annotated(("reference", "module"), ks, "k_M of the reference update"),
+            "sar_mean": annotated(("task", "reference"), mean, "SAR averaged over modules"),
+            "sar_offdiag_mean": annotated((), float(offdiag.mean()) if offdiag.size else np.nan,
+                                          "SAR averaged over modules and pairs task ≠ reference"),
         },
         coords={"task": names, "reference": names, **module_coords(list(modules))},
         attrs=dataset_attrs(taskset, title="subspace alignment ratio between task updates", space="full",
                             retained=retained, paper="003 Sec. 5.2 (Fig. 5); Marczak et al. 2025 Eqs. (5)-(6)"),
     )
-    ds["sar"].attrs = {"long_name": "SAR(ΔW_task, ΔW_reference)", "units": "1"}
-    ds["k_reference"].attrs = {"long_name": "k_M of the reference update", "units": "1"}
-    ds["sar_mean"].attrs = {"long_name": "SAR averaged over modules", "units": "1"}
-    ds["sar_offdiag_mean"].attrs = {"long_name": "SAR averaged over modules and pairs task ≠ reference", "units": "1"}
-    return ds
