@@ -134,6 +134,7 @@ def test_sar_from_factors_equals_sar_of_dense_matrices(u, v, retained):
     expected = sar(u.dense(torch.float64), v.dense(torch.float64), retained=retained)
     assert math.isclose(sar_update(u, v, retained=retained), expected, rel_tol=1e-7, abs_tol=1e-9)
     assert math.isclose(sar_update(Dense(u.dense(torch.float64)), v, retained=retained), expected, rel_tol=1e-7, abs_tol=1e-9)
+    assert math.isclose(sar_update(u, Dense(v.dense(torch.float64)), retained=retained), expected, rel_tol=1e-7, abs_tol=1e-9)
     assert 0.0 <= expected <= 1.0 + 1e-12
 
 
