@@ -1,0 +1,262 @@
+"""Figure builders for the weight-only analyses: one function per paper figure (CONVENTIONS "Figures are functions").
+
+Each function takes a Dataset produced by :mod:`mergelab.analysis` (read back from the store or
+computed in place) and returns a :class:`matplotlib.figure.Figure` built without pyplot state,
+titled with what it shows, the paper figure it redraws and the dataset it was computed on
+(``ds.attrs["dataset"]``: the micro benchmark, real checkpoints, …). Nothing here computes a
+statistic: the numbers come from the Dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import xarray as xr
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+__all__ = [
+    "cosine_heatmap",
+    "coverage_erank",
+    "energy_rank_per_task",
+    "merged_cosines",
+    "merged_rank_summary",
+    "sar_bars",
+    "sar_heatmap",
+    "similarity_across_lambda",
+    "singular_spectra",
+    "task_vector_norms",
+    "task_vector_norms_per_layer",
+]
+
+UNLABELLED = "unlabelled data"
+
+
+def dataset_label(ds: xr.Dataset) -> str:
+    """What the figure was computed on: ``ds.attrs["dataset"]`` (set by the producer or the flow)."""
+    return str(ds.attrs.get("dataset") or UNLABELLED)
+
+
+def _strings(values) -> list[str]:
+    """Labels as Python strings (coords read back from Zarr v3 are numpy StringDType)."""
+    return [str(v) for v in np.asarray(values).ravel()]
+
+
+def _figure(ds: xr.Dataset, title: str, paper: str, *, ncols: int = 1, nrows: int = 1,
+            panel: tuple[float, float] = (4.2, 3.2)) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    fig.suptitle(f"{title} ({paper})\ncomputed on: {dataset_label(ds)}", fontsize=10)
+    return fig, axes
+
+
+def _module_label(ds: xr.Dataset, module: str) -> str:
+    row = ds.sel(module=module)
+    return f"layer {int(row.layer)} {row.kind.item()}"
+
+
+def _per_layer(da: xr.DataArray) -> pd.DataFrame:
+    """A module-indexed DataArray as a tidy frame with ``layer`` and ``kind`` columns (mean over duplicates)."""
+    frame = da.to_dataframe(name="value").reset_index()
+    keys = [c for c in frame.columns if c not in ("value", "module")]
+    return frame.groupby(keys, as_index=False)["value"].mean()
+
+
+# 001: subspace coverage -----------------------------------------------------------------------
+
+
+def coverage_erank(ds: xr.Dataset, kinds: Sequence[str] | None = None) -> Figure:
+    """Effective rank across layers, one panel per module kind (001 Fig. 1 for one kind, Fig. 5 for all).
+
+    Three curves per panel: the per-task sum, the Rank-1 stack (LoRA-aware) and the ΔW stack
+    (LoRA-agnostic), from :func:`mergelab.analysis.coverage.subspace_coverage`.
+    """
+    kinds = list(kinds) if kinds is not None else list(dict.fromkeys(ds.kind.values.tolist()))
+    fig, axes = _figure(ds, "Effective rank across layers", "001 Figs. 1, 5", ncols=len(kinds))
+    curves = {"per-task sum": "erank_per_task_sum", "Rank-1 stack (LoRA-aware)": "erank_aware",
+              "ΔW stack (LoRA-agnostic)": "erank_agnostic"}
+    for ax, kind in zip(axes, kinds):
+        sub = ds.isel(module=np.flatnonzero(np.array(_strings(ds.kind.values)) == kind))
+        for label, var in curves.items():
+            frame = _per_layer(sub[var].reset_coords("kind", drop=True))
+            ax.plot(frame["layer"], frame["value"], marker="o", label=label)
+        ax.set(title=kind, xlabel="layer", ylabel="erank")
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+# 002: energy ranks -------------------------------------------------------------------------------
+
+
+def _default_mlp_modules(ds: xr.Dataset) -> list[str]:
+    """The first and the last MLP module (002 Fig. 3 uses the first and last MLP layer), else first/last module."""
+    modules = pd.DataFrame({"module": _strings(ds.module.values), "layer": ds.layer.values, "kind": _strings(ds.kind.values)})
+    mlp = modules[modules["kind"].str.startswith("mlp")]
+    pool = (mlp if len(mlp) else modules).sort_values("layer", kind="stable")
+    return list(dict.fromkeys([pool["module"].iloc[0], pool["module"].iloc[-1]]))
+
+
+def energy_rank_per_task(ds: xr.Dataset, modules: Sequence[str] | None = None) -> Figure:
+    """Rank keeping 95 % of each task vector's energy, per task, for selected modules (002 Fig. 3)."""
+    modules = list(modules) if modules is not None else _default_mlp_modules(ds)
+    fig, axes = _figure(ds, f"Rank capturing {ds.attrs.get('energy', 0.95):.0%} of the energy", "002 Fig. 3",
+                        ncols=len(modules), panel=(max(3.0, 0.55 * ds.sizes["task"] + 1.5), 3.2))
+    for ax, module in zip(axes, modules):
+        values = ds.energy_rank.sel(module=module)
+        sns.barplot(x=_strings(values.task.values), y=values.values, ax=ax, color="C0")
+        ax.set(title=_module_label(ds, module), xlabel="task", ylabel="energy rank")
+        ax.tick_params(axis="x", rotation=45)
+    return fig
+
+
+# 004: norms and cosines --------------------------------------------------------------------------
+
+
+def task_vector_norms(ds: xr.Dataset) -> Figure:
+    """ℓ2 norm of each whole task vector (004 Fig. 5 left, Fig. 12)."""
+    fig, (ax,) = _figure(ds, "Task vector norms", "004 Fig. 5 left, Fig. 12", panel=(max(3.0, 0.55 * ds.sizes["task"] + 1.5), 3.2))
+    sns.barplot(x=_strings(ds.task.values), y=ds.total_norm.values, ax=ax, color="C0")
+    ax.set(xlabel="task", ylabel="‖τ_t‖₂")
+    ax.tick_params(axis="x", rotation=45)
+    return fig
+
+
+def task_vector_norms_per_layer(ds: xr.Dataset) -> Figure:
+    """Task vector norm per layer (all parameters of a layer concatenated), per task and mean ± std (004 Fig. 13)."""
+    per_layer = np.sqrt((ds.norm**2).groupby("layer").sum())  # (task, layer)
+    fig, (ax,) = _figure(ds, "Task vector norms per layer", "004 Fig. 13", panel=(5.5, 3.4))
+    for task in per_layer.task.values:
+        ax.plot(per_layer.layer, per_layer.sel(task=task), marker=".", alpha=0.7, label=str(task))
+    ax.errorbar(per_layer.layer, per_layer.mean("task"), yerr=per_layer.std("task"), color="k", capsize=3, label="mean ± std")
+    ax.set(xlabel="layer (-1: outside the blocks)", ylabel="‖τ_t^l‖₂")
+    ax.legend(fontsize=7, ncols=2)
+    return fig
+
+
+def _heatmap(ax: Axes, frame: pd.DataFrame, vmin: float, vmax: float, cmap: str, label: str) -> None:
+    sns.heatmap(frame, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, annot=frame.shape[0] * frame.shape[1] <= 144,
+                fmt=".2f", square=True, cbar_kws={"label": label}, annot_kws={"fontsize": 7})
+
+
+def cosine_heatmap(ds: xr.Dataset) -> Figure:
+    """Cosine similarity between whole task vectors and with their sum Σ (004 Fig. 5 middle)."""
+    names = _strings(ds.task.values) + ["Σ"]
+    n = len(names)
+    matrix = np.ones((n, n))
+    matrix[:-1, :-1] = ds.cosine_total.values
+    matrix[:-1, -1] = matrix[-1, :-1] = ds.cosine_to_sum_total.values
+    fig, (ax,) = _figure(ds, "Cosine similarity of task vectors and their sum", "004 Fig. 5 middle",
+                         panel=(max(3.6, 0.6 * n + 2.0), max(3.0, 0.5 * n + 1.2)))
+    _heatmap(ax, pd.DataFrame(matrix, index=names, columns=names), -1.0, 1.0, "vlag", "cosine")
+    return fig
+
+
+def similarity_across_lambda(ds: xr.Dataset) -> Figure:
+    """Normalised weight-space similarity of the Task Arithmetic merge to each task across λ (004 Fig. 5 right)."""
+    fig, (ax,) = _figure(ds, "Merged model vs task vectors across λ", "004 Fig. 5 right", panel=(5.0, 3.4))
+    for task in ds.task.values:
+        ax.plot(ds.lam, ds.normalized_similarity_total.sel(task=task), marker="o", label=str(task))
+    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="λ", ylabel="1 − ‖θ_merged − θ_t‖ / ‖τ_t‖")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def merged_cosines(ds: xr.Dataset, by: str | None = None) -> Figure:
+    """Cosine similarity of merged models with each task vector (004 Fig. 7).
+
+    ``ds`` is a :func:`~mergelab.analysis.geometry.merged_similarity` Dataset, or several
+    stacked along a dimension ``by`` (e.g. ``method``); a single merge is one row labelled by
+    its method.
+    """
+    cos = ds.cosine_total
+    if by is None:
+        extra = [d for d in cos.dims if d != "task"]
+        by = extra[0] if extra else None
+    if by is None:
+        rows = [str(ds.attrs.get("merge_meta", {}).get("method", "merged"))]
+        values = cos.values[None, :]
+    else:
+        rows = _strings(cos[by].values)
+        values = cos.transpose(by, "task").values
+    frame = pd.DataFrame(values, index=rows, columns=_strings(ds.task.values))
+    fig, (ax,) = _figure(ds, "Cosine similarity of merged models and task vectors", "004 Fig. 7",
+                         panel=(max(3.6, 0.6 * frame.shape[1] + 2.2), max(2.2, 0.5 * frame.shape[0] + 1.4)))
+    _heatmap(ax, frame, -1.0, 1.0, "vlag", "cosine")
+    ax.set(xlabel="task", ylabel=by or "")
+    return fig
+
+
+# 002 / 003: spectra, SAR, merged rank -----------------------------------------------------------
+
+
+def singular_spectra(ds: xr.Dataset, module: str | None = None) -> Figure:
+    """Per-task singular values and cumulative energy of one module's updates (002 Sec. 4, energy threshold 95 %)."""
+    module = module or str(ds.module.values[0])
+    sub = ds.sel(module=module)
+    fig, axes = _figure(ds, f"Singular spectra of task updates, {_module_label(ds, module)}", "002 Sec. 4", ncols=2)
+    for task in sub.task.values:
+        s = sub.sel(task=task)
+        axes[0].semilogy(s.component, s.singular_value, marker=".", label=str(task))
+        axes[1].plot(s.component, s.cumulative_energy, marker=".", label=str(task))
+    axes[1].axhline(0.95, color="grey", ls="--", lw=0.8, label="95 %")
+    axes[0].set(xlabel="component k", ylabel="σ_k")
+    axes[1].set(xlabel="component k", ylabel="cumulative energy fraction", ylim=(0, 1.02))
+    axes[1].legend(fontsize=7)
+    return fig
+
+
+def sar_heatmap(ds: xr.Dataset) -> Figure:
+    """Mean SAR between each pair of task updates (003 Sec. 5.2; the pairwise map of Marczak et al. 2025, Fig. 3b)."""
+    frame = ds.sar_mean.to_pandas()
+    frame.index, frame.columns = _strings(frame.index), _strings(frame.columns)
+    n = frame.shape[0]
+    fig, (ax,) = _figure(ds, f"Subspace alignment ratio, {ds.attrs.get('space', 'full')} space "
+                             f"(retained {ds.attrs.get('retained', 0.95)})", "003 Sec. 5.2",
+                         panel=(max(3.6, 0.6 * n + 2.2), max(3.0, 0.5 * n + 1.4)))
+    _heatmap(ax, frame, 0.0, 1.0, "rocket_r", "SAR(task | reference)")
+    ax.set(xlabel="reference task (subspace)", ylabel="task (projected)")
+    return fig
+
+
+def sar_bars(ds: xr.Dataset, by: str = "space") -> Figure:
+    """Average SAR over pairs of distinct tasks, one bar per space (003 Fig. 5).
+
+    ``ds`` is one :func:`~mergelab.analysis.spectra.pairwise_sar` Dataset (one bar, labelled by
+    its ``space`` attr) or several concatenated along ``by``.
+    """
+    da = ds.sar_offdiag_mean
+    labels = _strings(da[by].values) if by in da.dims else [str(ds.attrs.get(by, "full"))]
+    fig, (ax,) = _figure(ds, "Average SAR between task updates", "003 Fig. 5", panel=(max(3.0, 1.0 * len(labels) + 2.0), 3.2))
+    sns.barplot(x=labels, y=np.atleast_1d(da.values), ax=ax, color="C0")
+    ax.set(xlabel=by, ylabel="mean SAR (task ≠ reference)", ylim=(0, 1))
+    return fig
+
+
+def merged_rank_summary(ds: xr.Dataset) -> Figure:
+    """Rank of merged updates (003 App. C.2, Tab. 6 as a figure).
+
+    A single :func:`~mergelab.analysis.spectra.merged_rank` Dataset is drawn per layer and module
+    kind against ``min(out, in)``; Datasets stacked along extra dims (``method``, ``space``) as the
+    mean rank over modules per combination, as in Tab. 6.
+    """
+    extra = [d for d in ds.merged_rank.dims if d != "module"]
+    if not extra:
+        fig, (ax,) = _figure(ds, "Rank of the merged update", "003 App. C.2 (Tab. 6)", panel=(5.0, 3.4))
+        frame = _per_layer(ds.merged_rank)
+        for kind, part in frame.groupby("kind"):
+            ax.plot(part["layer"], part["value"], marker="o", label=str(kind))
+        bound = _per_layer(ds.max_rank.reset_coords("kind", drop=True))
+        ax.plot(bound["layer"], bound["value"], "k--", lw=0.8, label="min(out, in)")
+        ax.set(xlabel="layer", ylabel="r_ΔW")
+        ax.legend(fontsize=7)
+        return fig
+    mean = ds.merged_rank.mean("module").to_dataframe(name="rank").reset_index()
+    fig, (ax,) = _figure(ds, "Average rank of merged updates", "003 App. C.2 (Tab. 6)", panel=(5.0, 3.4))
+    sns.barplot(data=mean, x=extra[0], y="rank", hue=extra[1] if len(extra) > 1 else None, ax=ax)
+    ax.axhline(float(ds.max_rank.mean()), color="k", ls="--", lw=0.8)
+    ax.set(ylabel="mean r_ΔW over modules")
+    return fig
