@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergelab.analysis.spectra import (
-    lowrank_svd,
     merged_rank,
     numerical_rank,
     pairwise_sar,
@@ -44,17 +43,6 @@ def test_spectrum_from_factors_equals_dense_svdvals(u):
     assert len(S) == min(u.rank, *u.shape)
     torch.testing.assert_close(S, dense[: len(S)], rtol=1e-9, atol=1e-9 * float(dense[0]))
     assert float(dense[len(S):].abs().sum()) <= 1e-9 * len(dense) * float(dense[0])  # the rest is zero
-
-
-@given(lowranks())
-@settings(max_examples=40, deadline=None)
-def test_lowrank_svd_reconstructs_with_orthonormal_factors(u):
-    U, S, Vh = lowrank_svd(u.B, u.A)
-    k = len(S)
-    torch.testing.assert_close(U.T @ U, torch.eye(k, dtype=torch.float64), atol=1e-9, rtol=0)
-    torch.testing.assert_close(Vh @ Vh.T, torch.eye(k, dtype=torch.float64), atol=1e-9, rtol=0)
-    dense = u.dense(torch.float64)
-    torch.testing.assert_close(U @ torch.diag(S) @ Vh, dense, atol=1e-9 * float(dense.abs().max()), rtol=0)
 
 
 def test_task_spectra_dataset_matches_dense_and_pads_shorter_spectra():

@@ -95,6 +95,7 @@ def _fmt(value: float | None) -> str:
 @app.command()
 def demo(store: StoreOpt = None, workdir: Annotated[Path, typer.Option(help="Where the demo's adapters are written.")] = Path("data/demo")) -> None:
     """Build a tiny PEFT adapter set, inspect it and store its per-module statistics."""
+    from mergelab.analysis import VERSIONS
     from mergelab.analysis.geometry import norms
     from mergelab.checkpoints import load_taskset
     from mergelab.store import Store
@@ -107,7 +108,7 @@ def demo(store: StoreOpt = None, workdir: Annotated[Path, typer.Option(help="Whe
         paths = write_peft_adapters(model, workdir / "adapters", names, target_modules=["attn"], rank=4, alpha=8)
     taskset = load_taskset(model, paths)
     inspect([str(p) for p in paths], base=None, as_json=False)
-    key = s.key("geometry.norms", "1", taskset=taskset)
+    key = s.key("geometry.norms", VERSIONS["geometry.norms"], taskset=taskset)
     if not s.exists(key):
         s.put_dataset(key, norms(taskset))
     s.set_ref("demo/norms", key)

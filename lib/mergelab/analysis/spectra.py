@@ -21,6 +21,7 @@ import xarray as xr
 from torch import Tensor
 
 from mergelab.analysis.factored import annotated, dataset_attrs, matrix_modules, split_modules
+from mergelab.linalg import lowrank_svd
 from mergelab.naming import module_coords
 from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, Update
 
@@ -31,7 +32,6 @@ __all__ = [
     "energy_rank",
     "energy_fractions",
     "left_singular_basis",
-    "lowrank_svd",
     "merged_rank",
     "numerical_rank",
     "pairwise_sar",
@@ -56,22 +56,10 @@ def _f64(t: Tensor) -> Tensor:
     return t.detach().to(device="cpu", dtype=torch.float64)
 
 
-def lowrank_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD ``U diag(S) Vh`` of ``B @ A`` from the factors, in float64.
-
-    ``B``: ``(out, r)``, ``A``: ``(r, in)`` (PEFT). QR of ``B`` and of ``Aᵀ``, then the SVD of
-    the ``r × r`` core ``R_B R_Aᵀ``; the result has ``min(r, out, in)`` components.
-    """
-    Q_B, R_B = torch.linalg.qr(_f64(B))  # (out, p), (p, r)
-    Q_A, R_A = torch.linalg.qr(_f64(A).T)  # (in, q), (q, r)
-    U_c, S, Vh_c = torch.linalg.svd(R_B @ R_A.T, full_matrices=False)  # core (p, q)
-    return Q_B @ U_c, S, Vh_c @ Q_A.T
-
-
 def singular_values(update: Update | Tensor) -> Tensor:
     """Singular values (descending, float64) of a 2-D update; from the factors when low rank."""
     if isinstance(update, LowRank):
-        return lowrank_svd(update.B, update.A)[1]
+        return lowrank_svd(update.B, update.A, rtol=None)[1]
     delta = update.delta if isinstance(update, Dense) else update
     return torch.linalg.svdvals(_f64(delta))
 
@@ -79,7 +67,7 @@ def singular_values(update: Update | Tensor) -> Tensor:
 def left_singular_basis(update: Update | Tensor) -> tuple[Tensor, Tensor]:
     """``(U, S)``: left singular vectors (columns) and singular values of a 2-D update."""
     if isinstance(update, LowRank):
-        U, S, _ = lowrank_svd(update.B, update.A)
+        U, S, _ = lowrank_svd(update.B, update.A, rtol=None)
         return U, S
     delta = update.delta if isinstance(update, Dense) else update
     U, S, _ = torch.linalg.svd(_f64(delta), full_matrices=False)
@@ -160,7 +148,7 @@ def sar(delta: Tensor, reference: Tensor, *, retained: float = SAR_RETAINED) -> 
 def sar_update(delta: Update, reference: Update, *, retained: float = SAR_RETAINED) -> float:
     """:func:`sar` between two module updates in full space, from the factors when low rank.
 
-    With ``U_k`` from :func:`lowrank_svd` of the reference and a low-rank ``delta = B A``,
+    With ``U_k`` from :func:`~mergelab.linalg.lowrank_svd` of the reference and a low-rank ``delta = B A``,
     ``‖U_kᵀ B A‖_F`` is the norm of the factored ``(U_kᵀ B) A`` — no ``(out, in)`` matrix is formed.
     """
     U, S = left_singular_basis(reference)
