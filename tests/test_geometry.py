@@ -116,8 +116,10 @@ def test_lambda_similarity_equals_explicit_task_arithmetic_merges(ts, lambdas):
     for i, lam in enumerate(lambdas):
         ta = {m: Dense(lam * sum(task.modules[m].dense(torch.float64) for task in ts.tasks)) for m in ts.module_names}
         ref = merged_similarity(ts, ta)
+        # distances near 0 come from a square root of a Gram difference: sqrt(fp error) ~ 1e-8
+        scale = float(np.nanmax(np.abs(ref["distance_total"].values))) + 1.0
         for var in ("distance", "distance_total", "normalized_similarity_total"):
-            np.testing.assert_allclose(curve[var].values[i], ref[var].values, rtol=1e-7, atol=1e-9)
+            np.testing.assert_allclose(curve[var].values[i], ref[var].values, rtol=1e-7, atol=1e-6 * scale)
         np.testing.assert_allclose(curve.cosine_total.values[i], ref.cosine_total.values, rtol=1e-7, atol=1e-9)
 
 
