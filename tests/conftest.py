@@ -12,6 +12,13 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests run the same examples on every machine (CI must not flake on a new random draw);
+# `HYPOTHESIS_PROFILE=explore pytest` searches fresh examples locally.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -109,7 +109,7 @@ def test_merged_similarity_equals_dense_computation(ts, seed):
     assert ds.attrs["merge_meta"] == {"method": "random"}
 
 
-@given(mixed_tasksets(), st.lists(st.floats(-1.0, 2.0), min_size=1, max_size=4))
+@given(mixed_tasksets(), st.lists(st.floats(-1.0, 2.0).filter(lambda x: x == 0 or abs(x) > 1e-6), min_size=1, max_size=4))
 @settings(max_examples=30, deadline=None)
 def test_lambda_similarity_equals_explicit_task_arithmetic_merges(ts, lambdas):
     curve = lambda_similarity(ts, lambdas)
