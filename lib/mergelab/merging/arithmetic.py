@@ -56,7 +56,7 @@ def metagpt(deltas: Sequence[Tensor], *, alpha: float = 1.0, power: float = 2.0)
 
 
 def normavg(deltas: Sequence[Tensor], *, alpha: float = 1.0) -> Tensor:
-    """NormAvg (004 Sec. 4.3): rescale every task vector to the smallest norm, then average:
+    """NormAvg (004: "Model Merging Beyond Image Classification: A Reality Check", 2026, Sec. 4.3): rescale every task vector to the smallest norm, then average:
     ``alpha · (1/T) Σ_t (min_j ‖τ_j‖ / ‖τ_t‖) τ_t``.
 
     Per module this is 004's per-layer NormAvg (the version 004 reports; App. B). A task whose

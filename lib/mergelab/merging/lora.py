@@ -26,7 +26,8 @@ def _pad_rank(B: torch.Tensor, A: torch.Tensor, r: int) -> tuple[torch.Tensor, t
 
 
 def linear(factors: Sequence[LowRank], *, alpha: float = 0.3) -> LowRank:
-    """Linear (001 Sec. 4 (vii); PEFT ``combination_type="linear"``): task arithmetic on the
+    """Linear (the LoRA-aware baseline of 001 = TARA-Merging, 2026, Sec. 4 (vii); PEFT
+    ``combination_type="linear"``): task arithmetic on the
     factors, ``B* = √|alpha| Σ_t B_t``, ``A* = sign(alpha) √|alpha| Σ_t A_t``, so
     ``ΔW = alpha (Σ_t B_t)(Σ_t A_t)``, cross terms ``B_s A_t`` included (by design; PEFT issue
     #3004 discusses them). Heterogeneous ranks are zero-padded to the largest rank, i.e. rank-1

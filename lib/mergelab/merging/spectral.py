@@ -161,7 +161,8 @@ def star(deltas: Sequence[Tensor], *, alpha: float = 1.0, eta: float = 40.0) -> 
 
 
 def svd_of_sum(deltas: Sequence[Tensor], *, alpha: float = 0.3, rank: int | None = None) -> LowRank:
-    """LoRA-aware truncated SVD of the sum (001 Sec. 4 (vi); PEFT ``combination_type="svd"``):
+    """LoRA-aware truncated SVD of the sum (Tang et al., 2025, as cited by 001 Sec. 4 (vi); PEFT
+    ``combination_type="svd"``):
     ``alpha Σ_t τ_t ≈ U_k diag(σ_k) V_kᵀ``, returned as factors ``(U_k diag(σ_k), V_kᵀ)``.
 
     ``rank=None`` recovers the rank of the original LoRAs: the largest numerical rank among the
