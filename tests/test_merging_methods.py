@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mergelab.errors import InputError
-from mergelab.merging import METHODS, collect_input_grams, merge
+from mergelab.merging import METHODS, collect_input_grams, merge, project
 from mergelab.merging.arithmetic import metagpt, normavg
 from mergelab.merging.consensus import consensus, tall_masks
 from mergelab.merging.lora import linear, lora_lego
@@ -283,6 +283,23 @@ def test_merging_never_mutates_the_task_set_and_is_deterministic():
                 assert torch.equal(u.B, snap[k][0]) and torch.equal(u.A, snap[k][1])
             else:
                 assert torch.equal(u.delta, snap[k])
+
+
+def test_a_projection_is_reused_across_merges_without_being_modified():
+    taskset = random_taskset({"a.weight": (9, 7), "b.weight": (6, 6)}, 3, rank=2, seed=4)
+    projection = project(taskset, "knots", naive=True)
+    snapshot = {m: [x.clone() for x in xs] for m, xs in projection.matrices.items()}
+    for method, hp in (("dare_ties", {"p": 0.5}), ("ties", {"density": 0.3}), ("dare_ties", {"p": 0.5}), ("tsv+iso_c", {})):
+        reused = merge(projection, method, **hp)
+        fresh = merge(taskset, method, "knots", space_options={"naive": True}, **hp)
+        for m in taskset.module_names:
+            torch.testing.assert_close(reused.modules[m].dense(), fresh.modules[m].dense(), atol=0, rtol=0)
+        assert reused.meta["space_options"]["naive"] is True
+    for m, xs in projection.matrices.items():
+        assert all(torch.equal(x, y) for x, y in zip(xs, snapshot[m], strict=True))
+    with pytest.raises(InputError, match="project again to merge in another space"):
+        merge(projection, "ties", "core")
+    merge(projection, "ties", "knots", space_options={"naive": True})  # the same space is fine
 
 
 # Non-matrix parameters, compositions, validation ---------------------------------------------------

@@ -3,7 +3,8 @@
 Each method is one small pure function of the per-task tensors (plus hyper-parameters) in
 the family module that defines it; ``METHODS`` below is the only place that enumerates them
 (the CLI, sweeps and notebooks read it). ``merge(taskset, method, space, **hp)`` runs any entry
-(or ``a+b`` composition) in any space (:mod:`mergelab.merging.driver`).
+(or ``a+b`` composition) in any space (:mod:`mergelab.merging.driver`); ``project(taskset, space)``
+projects once for many merges (``merge(projection, method, **hp)``).
 
 Adding a method: write ``def my_method(deltas: Sequence[Tensor], *, alpha: float = 1.0, ...) ->
 Tensor`` with a docstring citing the paper and equation, then add one line here:
@@ -21,7 +22,7 @@ import math
 
 from mergelab.merging.arithmetic import average, metagpt, normavg, task_arithmetic
 from mergelab.merging.consensus import consensus
-from mergelab.merging.driver import derive_seed, merge
+from mergelab.merging.driver import Projection, derive_seed, merge, project
 from mergelab.merging.lora import linear, lora_lego
 from mergelab.merging.registry import Composition, MergeMethod, MethodRegistry
 from mergelab.merging.regmean import collect_input_grams, regmean
@@ -29,7 +30,7 @@ from mergelab.merging.sparsify import breadcrumbs, dare_linear, dare_ties, magni
 from mergelab.merging.spectral import cart, iso_c, iso_cts, star, svd_of_sum, tsv
 from mergelab.params import Interval
 
-__all__ = ["METHODS", "Composition", "MergeMethod", "collect_input_grams", "derive_seed", "merge"]
+__all__ = ["METHODS", "Composition", "MergeMethod", "Projection", "collect_input_grams", "derive_seed", "merge", "project"]
 
 
 def _steps(start: float, stop: float, step: float) -> tuple[float, ...]:

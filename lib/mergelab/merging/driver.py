@@ -10,6 +10,10 @@ read off its registry entry (:mod:`mergelab.merging.registry`):
 * ``inputs="factors"``: the tasks' LoRA factors in the space's coordinates;
 * ``side``: the side inputs, mapped by the space (RegMean: ``Qᵀ G_t Q``).
 
+Without a model-wide stage the driver streams: per module it projects, merges, reconstructs and
+drops the projection, so a full-space merge holds one module's dense updates at a time.
+:func:`project` instead keeps every module's projection for reuse across merges (sweeps).
+
 Non-matrix parameters (Dense updates with ``ndim != 2``) are not projected; each stage applies
 its ``nonmatrix`` rule. A method with a ``seed`` gets, per module, the seed
 ``derive_seed(seed, module)`` (``"<model>"`` for a model-wide call), so that same-shape
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +37,7 @@ from mergelab.merging.regmean import check_grams
 from mergelab.spaces import Context, Space, get_space
 from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, Update
 
-__all__ = ["derive_seed", "merge"]
+__all__ = ["Projection", "derive_seed", "merge", "project"]
 
 MODEL = "<model>"
 
@@ -90,36 +95,82 @@ def _side_inputs(spec: MergeMethod | Composition, taskset: TaskSet, modules: Seq
     return out
 
 
-def _merge_matrices(spec: MergeMethod | Composition, values: Mapping[str, Any], sp: Space, taskset: TaskSet,
-                    modules: Sequence[str], side: Mapping[str, Mapping[str, list[Tensor]]]) -> dict[str, Update]:
-    projected: dict[str, tuple[list[Tensor], Context]] = {}
-    for m in modules:
+@dataclass(frozen=True, eq=False)
+class Projection:
+    """A task set's matrix modules projected into a space, reusable across merges.
+
+    ``merge(projection, method, **hp)`` skips the projection: a hyper-parameter sweep projects
+    once (the expensive step of KnOTS). Merges never modify the projected matrices, so reuse is
+    safe (unlike the Core Space code's cached DARE inputs, REFERENCES §3).
+    """
+
+    taskset: TaskSet
+    space: Space
+    matrices: Mapping[str, list[Tensor]]
+    contexts: Mapping[str, Context]
+
+
+def _project_module(sp: Space, taskset: TaskSet, module: str) -> tuple[list[Tensor], Context]:
+    try:
+        return sp.project(taskset.updates(module))
+    except InputError as err:
+        raise InputError(f"module {module!r}: {err}") from None
+
+
+def _matrix_modules(taskset: TaskSet) -> list[str]:
+    first = taskset.tasks[0].modules
+    return [m for m in taskset.module_names if len(first[m].shape) == 2]
+
+
+def project(taskset: TaskSet, space: str | Space = "full", **options: Any) -> Projection:
+    """Project every matrix module of ``taskset`` into ``space`` (configured with ``options``)."""
+    sp = get_space(space, **options)
+    projected = {m: _project_module(sp, taskset, m) for m in _matrix_modules(taskset)}
+    return Projection(taskset, sp, {m: p[0] for m, p in projected.items()}, {m: p[1] for m, p in projected.items()})
+
+
+def _apply_stage(spec: MergeMethod | Composition, index: int, values: Mapping[str, Any], sp: Space, module: str,
+                 inputs: list[Tensor], updates: Sequence[Update], ctx: Context,
+                 side: Mapping[str, Mapping[str, list[Tensor]]]) -> Tensor | LowRank:
+    """Stage ``index`` of ``spec`` on one module: the projections (or, for stage 0, the factors /
+    side inputs it declares) in, the merged matrix or factors out."""
+    stage_name, stage = spec.stages[index]
+    first: list = inputs
+    if index == 0 and stage.inputs == "factors":
         try:
-            projected[m] = sp.project(taskset.updates(m))
+            first = sp.factors(updates, ctx)
         except InputError as err:
-            raise InputError(f"module {m!r}: {err}") from None
+            raise InputError(f"method {spec.name!r} merges LoRA factors; module {module!r}: {err}") from None
+    side_args = tuple([sp.gram(g, ctx) for g in side[name][module]] for name in stage.side) if index == 0 else ()
+    return _call(stage, (first, *side_args), spec.stage_values(values, stage_name), module)
+
+
+def _merge_matrices(spec: MergeMethod | Composition, values: Mapping[str, Any], sp: Space, taskset: TaskSet,
+                    modules: Sequence[str], side: Mapping[str, Mapping[str, list[Tensor]]],
+                    projection: Projection | None) -> dict[str, Update]:
+    """All stages on all matrix modules. Streams module by module (project, merge, reconstruct,
+    drop) unless a stage is model-wide or a projection is given."""
+    wide = {i for i, (_, stage) in enumerate(spec.stages) if stage.inputs == "tensors" and sp.scope == "model"}
+    if projection is None and not wide:
+        out = {}
+        for m in modules:
+            current, ctx = _project_module(sp, taskset, m)
+            for i in range(len(spec.stages)):
+                result = _apply_stage(spec, i, values, sp, m, current, taskset.updates(m), ctx, side)
+                current = [_as_matrix(result)]
+            out[m] = sp.reconstruct(result, ctx)
+        return out
+    projection = projection or project(taskset, sp)
+    current_all = {m: list(projection.matrices[m]) for m in modules}
     results: dict[str, Tensor | LowRank] = {}
     for i, (stage_name, stage) in enumerate(spec.stages):
-        hp = spec.stage_values(values, stage_name)
-        if i == 0:
-            per_module = {m: projected[m][0] for m in modules}
+        if i in wide:
+            results = _model_wide(stage, current_all, spec.stage_values(values, stage_name))
         else:
-            per_module = {m: [_as_matrix(results[m])] for m in modules}
-        if stage.inputs == "tensors" and sp.scope == "model":
-            results = dict(_model_wide(stage, per_module, hp))
-            continue
-        for m in modules:
-            ctx = projected[m][1]
-            if stage.inputs == "factors":
-                try:
-                    first = sp.factors(taskset.updates(m), ctx)
-                except InputError as err:
-                    raise InputError(f"method {spec.name!r} merges LoRA factors; module {m!r}: {err}") from None
-            else:
-                first = per_module[m]
-            side_args = tuple([sp.gram(g, ctx) for g in side[name][m]] for name in stage.side) if i == 0 else ()
-            results[m] = _call(stage, (first, *side_args), hp, m)
-    return {m: sp.reconstruct(results[m], projected[m][1]) for m in modules}
+            results = {m: _apply_stage(spec, i, values, sp, m, current_all[m], taskset.updates(m), projection.contexts[m], side)
+                       for m in modules}
+        current_all = {m: [_as_matrix(results[m])] for m in modules}
+    return {m: sp.reconstruct(results[m], projection.contexts[m]) for m in modules}
 
 
 def _merge_nonmatrix(spec: MergeMethod | Composition, values: Mapping[str, Any], updates: Sequence[Update],
@@ -139,15 +190,18 @@ def _merge_nonmatrix(spec: MergeMethod | Composition, values: Mapping[str, Any],
     return Dense(current[0].to(dtype))
 
 
-def merge(taskset: TaskSet, method: str, space: str | Space = "full", *, space_options: Mapping[str, Any] | None = None,
-          side_inputs: Mapping[str, Any] | None = None, **hp: Any) -> MergedUpdate:
+def merge(taskset: TaskSet | Projection, method: str, space: str | Space | None = None, *,
+          space_options: Mapping[str, Any] | None = None, side_inputs: Mapping[str, Any] | None = None,
+          **hp: Any) -> MergedUpdate:
     """Merge a task set with a registered method (or ``a+b`` composition) in a space.
 
     Args:
-        taskset: the tasks; matrix modules go through the space, non-matrix ones through the
-            method's ``nonmatrix`` rule.
+        taskset: the tasks, or a :class:`Projection` of them (from :func:`project`, reused across
+            merges). Matrix modules go through the space, non-matrix ones through the method's
+            ``nonmatrix`` rule.
         method: a key of :data:`~mergelab.merging.METHODS` or a ``+`` composition.
-        space: ``"full"``, ``"knots"``, ``"core"`` (or a configured :class:`Space`).
+        space: ``"full"`` (default), ``"knots"``, ``"core"`` or a configured :class:`Space`; with a
+            projection, its space (passing another one is an error).
         space_options: options of the space (``{"naive": True}``, ``{"variant": "per_layer"}``).
         side_inputs: per-task, per-module side inputs a method declares
             (``{"grams": {task: {module: G}}}`` for RegMean).
@@ -160,14 +214,20 @@ def merge(taskset: TaskSet, method: str, space: str | Space = "full", *, space_o
     """
     spec = _lookup(method)
     values = spec.resolve(hp)
-    sp = get_space(space, **(space_options or {}))
-    first = taskset.tasks[0].modules
-    matrix_modules = [m for m in taskset.module_names if len(first[m].shape) == 2]
-    other_modules = [m for m in taskset.module_names if len(first[m].shape) != 2]
+    projection = taskset if isinstance(taskset, Projection) else None
+    if projection is not None:
+        if (space is not None and get_space(space, **(space_options or {})) != projection.space) or (space is None and space_options):
+            raise InputError(f"the projection is in space {projection.space.name!r} {projection.space.options()}; "
+                             "project again to merge in another space")
+        sp, taskset = projection.space, projection.taskset
+    else:
+        sp = get_space("full" if space is None else space, **(space_options or {}))
+    matrix_modules = _matrix_modules(taskset)
+    other_modules = [m for m in taskset.module_names if m not in set(matrix_modules)]
     side = _side_inputs(spec, taskset, matrix_modules, side_inputs)
     merged: dict[str, Update] = {}
     if matrix_modules:
-        merged.update(_merge_matrices(spec, values, sp, taskset, matrix_modules, side))
+        merged.update(_merge_matrices(spec, values, sp, taskset, matrix_modules, side, projection))
     for m in other_modules:
         merged[m] = _merge_nonmatrix(spec, values, taskset.updates(m), m)
     meta = {
