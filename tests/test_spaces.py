@@ -174,3 +174,16 @@ def test_space_options_are_validated():
         get_space("kernel")
     assert get_space("knots", naive="true").naive is True
     assert isinstance(get_space(CoreSpace(rank_rtol=1e-6)), CoreSpace)
+
+
+@pytest.mark.parametrize(("name", "options"), SPACE_CONFIGS)
+def test_an_untrained_module_merges_to_zero_in_every_space(name, options):
+    """PEFT initialises lora_B to zero; a module nobody trained has an all-zero stack."""
+    from mergelab.merging import METHODS
+
+    taskset = TaskSet(tuple(TaskUpdate(t, {"w": LowRank(torch.zeros(6, 2), torch.randn(2, 5))}) for t in "ab"))
+    grams = {"grams": {t: {"w": torch.eye(5)} for t in "ab"}}
+    for method in [*METHODS, "tsv+iso_c"]:
+        hp = {"k": 1} if method == "lora_lego" else {}
+        out = merge(taskset, method, name, space_options=options, side_inputs=grams if method == "regmean" else None, **hp)
+        assert float(out.modules["w"].dense().abs().max()) == 0.0, method

@@ -143,9 +143,9 @@ def cart(deltas: Sequence[Tensor], *, alpha: float = 1.0, lam: float = 2.0, rank
 def _star_one(delta: Tensor, eta: float) -> Tensor:
     U, s, Vh = svd64(delta)
     cumulative = s.cumsum(0)
-    total = cumulative[-1]
-    if total <= 0:
+    if s.numel() == 0 or cumulative[-1] <= 0:
         return torch.zeros_like(delta, dtype=torch.float64)
+    total = cumulative[-1]
     r = min(int(torch.searchsorted(cumulative, eta / 100.0 * total)) + 1, s.numel())
     kept = s[:r] * (total / cumulative[r - 1])  # rescale: the nuclear norm is preserved
     return U[:, :r] @ (kept[:, None] * Vh[:r])

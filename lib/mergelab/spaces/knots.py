@@ -11,7 +11,7 @@ with ``[B_1 … B_T] = Q_B R_B`` and ``A_tᵀ = Q_t R_t`` (reduced QR),
 ``[ΔW_1 … ΔW_T] = Q_B · (R_B blockdiag(R_tᵀ)) · blockdiag(Q_tᵀ)``, so the SVD of the small
 ``Tr × Tr`` matrix ``C = R_B blockdiag(R_tᵀ) = U_c diag(s) V_cᵀ`` gives ``U = Q_B U_c`` and
 ``V_t = V_cᵀ[:, block t] Q_tᵀ``. Components are kept above the numerical rank tolerance
-(``σ_max · max(shape) · eps(float64)``, or ``rank_rtol``); the KnOTS code uses an absolute
+(``σ_max · max(shape) · eps(float64)``, or ``rank_rtol``; at least one); the KnOTS code uses an absolute
 ``s > 1e-5``, which depends on the scale of the updates.
 
 Two variants (REFERENCES §2, §3, §18), the paper's by default:
@@ -51,13 +51,13 @@ def knots_svd(updates: Sequence[LowRank], *, naive: bool = False,
     if naive:
         stacked = torch.cat([u.dense(torch.float64) for u in updates], dim=1)  # (out, T·in): the cost reference
         U, s, Vh = svd64(stacked)
-        k = numerical_rank(s, tuple(stacked.shape), torch.float64, rank_rtol)
+        k = max(1, numerical_rank(s, tuple(stacked.shape), torch.float64, rank_rtol))
         return U[:, :k], s[:k], list(Vh[:k].split(n_in, dim=1))
     Q_B, R_B = torch.linalg.qr(torch.cat([u.B for u in updates], dim=1).to(torch.float64))  # (out, ≤Tr), (≤Tr, Tr)
     QR_A = [torch.linalg.qr(u.A.to(torch.float64).T) for u in updates]  # A_tᵀ = Q_t R_t: (in, ≤r_t), (≤r_t, r_t)
     C = R_B @ torch.block_diag(*[R.T for _, R in QR_A])  # (≤Tr, Σ≤r_t)
     U_c, s, Vh_c = svd64(C)
-    k = numerical_rank(s, (updates[0].shape[0], len(updates) * n_in), torch.float64, rank_rtol)
+    k = max(1, numerical_rank(s, (updates[0].shape[0], len(updates) * n_in), torch.float64, rank_rtol))
     U = Q_B @ U_c[:, :k]
     blocks = Vh_c[:k].split([Q.shape[1] for Q, _ in QR_A], dim=1)
     return U, s[:k], [block @ Q.T for block, (Q, _) in zip(blocks, QR_A, strict=True)]
@@ -99,6 +99,7 @@ class KnotsSpace(Space):
             ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U, left_pinv=U.T, info=info)
         else:
             reps = blocks
-            ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U * s, left_pinv=U.T / s[:, None],
+            inv_s = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))  # s = 0: all-zero module
+            ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U * s, left_pinv=U.T * inv_s[:, None],
                           info=info)
         return reps, ctx
