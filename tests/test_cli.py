@@ -85,6 +85,24 @@ def test_merge_writes_a_loadable_adapter_and_stores_the_configuration(vit_adapte
     assert len(Store(tmp_path / "s").ls()) == 2
 
 
+def test_merge_regmean_reads_gram_matrices_from_a_file(vit_adapters, tiny_vit, tmp_path):
+    from mergelab.checkpoints import load_taskset
+
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
+    taskset = load_taskset(tiny_vit, vit_adapters[:2])
+    grams = {f"{t}::{m}": torch.eye(u.shape[1]) * (i + 1) for i, t in enumerate(taskset.names)
+             for m, u in taskset.tasks[0].modules.items()}
+    save_file(grams, str(tmp_path / "grams.safetensors"))
+    result = run("merge", "--base", base, "--adapters", *vit_adapters[:2], "--method", "regmean", "--space", "core",
+                 "--grams", tmp_path / "grams.safetensors", "--out", tmp_path / "out", "--store", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    save_file({"nobody::x": torch.eye(2)}, str(tmp_path / "bad.safetensors"))
+    bad = run("merge", "--base", base, "--adapters", *vit_adapters[:2], "--method", "regmean", "--grams",
+              tmp_path / "bad.safetensors", "--out", tmp_path / "out2", "--store", tmp_path / "s")
+    assert bad.exit_code == 2 and "key 'nobody::x' is not '<task>::<module>'" in bad.stderr
+
+
 # Bad input: one line on stderr, exit code 2, the message names the problem and the fix. ------------
 
 

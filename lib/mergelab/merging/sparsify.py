@@ -45,7 +45,7 @@ def magnitude_trim(delta: Tensor, density: float) -> Tensor:
     k = int(density * delta.numel())
     flat = delta.reshape(-1)
     mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[flat.abs().topk(k).indices] = True
+    mask[flat.abs().topk(k, sorted=False).indices] = True
     return torch.where(mask, flat, torch.zeros_like(flat)).reshape(delta.shape)
 
 
