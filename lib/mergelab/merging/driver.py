@@ -8,7 +8,8 @@ read off its registry entry (:mod:`mergelab.merging.registry`):
   concatenation of every matrix module's projection (e.g. the KnOTS paper's global trim);
 * ``inputs="tensors"`` / ``"matrices"`` otherwise: the projected matrices of one module;
 * ``inputs="factors"``: the tasks' LoRA factors in the space's coordinates;
-* ``side``: the side inputs, mapped by the space (RegMean: ``Qᵀ G_t Q``).
+* ``side``: the side inputs, checked and mapped by the space as :data:`SIDE_INPUTS` says
+  (RegMean's Gram matrices: ``Qᵀ G_t Q``).
 
 Without a model-wide stage the driver streams: per module it projects, merges, reconstructs and
 drops the projection, so a full-space merge holds one module's dense updates at a time.
@@ -32,8 +33,7 @@ from torch import Tensor
 
 from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
-from mergelab.merging.registry import Composition, MergeMethod
-from mergelab.merging.regmean import check_grams
+from mergelab.merging.registry import SIDE_INPUTS, Composition, MergeMethod
 from mergelab.spaces import Context, Space, get_space
 from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, Update
 
@@ -87,10 +87,9 @@ def _side_inputs(spec: MergeMethod | Composition, taskset: TaskSet, modules: Seq
         if missing:
             raise InputError(f"side input {name!r} lacks {len(missing)} (task, module) entries, e.g. {missing[0]}; "
                              "provide one per task and matrix module, or restrict the task set's modules")
-        if name == "grams":
-            shapes = {m: taskset.tasks[0].modules[m].shape for m in modules}
-            for t in taskset.names:
-                check_grams({m: per_task[t][m] for m in modules}, shapes)
+        shapes = {m: taskset.tasks[0].modules[m].shape for m in modules}
+        for t in taskset.names:
+            SIDE_INPUTS[name].check({m: per_task[t][m] for m in modules}, shapes)
         out[name] = {m: [per_task[t][m] for t in taskset.names] for m in modules}
     return out
 
@@ -141,7 +140,7 @@ def _apply_stage(spec: MergeMethod | Composition, index: int, values: Mapping[st
             first = sp.factors(updates, ctx)
         except InputError as err:
             raise InputError(f"method {spec.name!r} merges LoRA factors; module {module!r}: {err}") from None
-    side_args = tuple([sp.gram(g, ctx) for g in side[name][module]] for name in stage.side) if index == 0 else ()
+    side_args = tuple([SIDE_INPUTS[name].to_space(sp, x, ctx) for x in side[name][module]] for name in stage.side) if index == 0 else ()
     return _call(stage, (first, *side_args), spec.stage_values(values, stage_name), module)
 
 

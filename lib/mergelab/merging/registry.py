@@ -9,7 +9,8 @@ driver reads; the function itself never learns which space it runs in:
   parameters), ``"matrices"`` (2-D matrices; always per module), or ``"factors"``
   (``LowRank(B_t, A_t)`` per task, in the space's coordinates; needs LoRA inputs).
 * ``side``: names of per-task, per-module side inputs the function takes positionally after
-  the task list (``("grams",)`` for RegMean; the space maps them, see :meth:`Space.gram`).
+  the task list (``("grams",)`` for RegMean); :data:`SIDE_INPUTS` says how each kind is checked
+  and mapped into a space (Gram matrices: :meth:`Space.gram`).
 * ``nonmatrix``: the rule for parameters that are not matrices (Dense updates with
   ``ndim != 2``: biases, norms): ``"self"`` (the method itself, element-wise methods),
   ``"mean"`` (``alpha · mean``, as TSV-M / Iso / RegMean / CART originals) or ``"sum"``
@@ -33,13 +34,30 @@ from typing import Any, Literal
 from torch import Tensor
 
 from mergelab.errors import InputError
+from mergelab.merging.regmean import check_grams
 from mergelab.params import Interval, Param, params_of_function, resolve
+from mergelab.spaces import Context, Space
 from mergelab.taskset import LowRank
 
-__all__ = ["Composition", "MergeMethod", "MethodRegistry"]
+__all__ = ["SIDE_INPUTS", "Composition", "MergeMethod", "MethodRegistry", "SideInput"]
 
 InputKind = Literal["tensors", "matrices", "factors"]
 NonMatrixRule = Literal["self", "mean", "sum"]
+
+
+@dataclass(frozen=True)
+class SideInput:
+    """A kind of per-task, per-module side input: how it is checked against the parameters'
+    shapes, and how a space maps it into its coordinates."""
+
+    check: Callable[[Mapping[str, Tensor], Mapping[str, tuple[int, ...]]], None]
+    to_space: Callable[[Space, Tensor, Context], Tensor]
+
+
+#: The side inputs a method may declare in ``MergeMethod.side``.
+SIDE_INPUTS: dict[str, SideInput] = {
+    "grams": SideInput(check=check_grams, to_space=lambda space, gram, ctx: space.gram(gram, ctx)),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +76,9 @@ class MergeMethod:
         params = self.params
         if "alpha" not in params:
             raise TypeError(f"{self.fn.__name__}: every merge method takes the global scaling 'alpha'")
+        unknown = [name for name in self.side if name not in SIDE_INPUTS]
+        if unknown:
+            raise TypeError(f"{self.fn.__name__}: unknown side input {unknown[0]!r}; known: {sorted(SIDE_INPUTS)}")
         if self.nonmatrix == "self" and self.inputs != "tensors":
             raise TypeError(f"{self.fn.__name__}: only element-wise ('tensors') methods can merge non-matrix parameters themselves")
         for key, values in self.grid.items():
