@@ -139,14 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     for spec in specs:
         log(spec["name"])
         rows += run_shape(spec, METHODS, log)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
     print(f"torch {torch.__version__} on {torch.get_num_threads()} CPU threads ({platform.machine()}); "
           f"command: python benchmarks/merge_spaces.py{' --quick' if args.quick else ''}"
           f"{'' if args.llama_layers == 2 else f' --llama-layers {args.llama_layers}'}"
           f"{'' if args.threads == 1 else f' --threads {args.threads}'}\n")
     for spec in specs:
         print(table(rows, spec) + "\n\n" + ratios(rows, spec) + "\n")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
