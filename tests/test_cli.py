@@ -54,6 +54,55 @@ def test_store_ls_and_gc(tmp_path):
     assert Store(tmp_path / "s").exists(key)
 
 
+def test_merge_writes_a_loadable_adapter_and_stores_the_configuration(vit_adapters, tiny_vit, tmp_path):
+    import copy
+
+    from peft import PeftModel
+
+    from mergelab.store import Store
+
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
+    result = run("merge", "--base", base, "--adapters", *vit_adapters, "--method", "tsv+iso_c", "--space", "core",
+                 "--set", "alpha=0.9", "--set", "tsv.support=all", "--out", tmp_path / "out", "--store", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    assert "merged 3 tasks with tsv+iso_c in core space" in result.stdout
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == 12  # T·r = 3 · 4
+    merged = PeftModel.from_pretrained(copy.deepcopy(tiny_vit), str(tmp_path / "out")).merge_and_unload().state_dict()
+    assert any(not torch.equal(merged[k], v) for k, v in tiny_vit.state_dict().items())
+    store = Store(tmp_path / "s")
+    [artifact] = store.ls()
+    record = store.get_json(artifact.key)
+    assert record["method"] == "tsv+iso_c" and record["space"] == "core"
+    assert record["hyper_parameters"]["iso_c.alpha"] == 0.9 and record["hyper_parameters"]["tsv.support"] == "all"
+    assert [t["name"] for t in record["tasks"]] == ["digits", "textures", "signs"]
+    assert record["output"].endswith("out") and set(record["ranks"].values()) == {12}
+    weights = run("merge", "--base", base, "--adapters", *vit_adapters[:2], "--method", "ties", "--format", "weights",
+                  "--out", tmp_path / "w", "--store", tmp_path / "s")
+    assert weights.exit_code == 0, weights.output
+    assert set(load_file(str(tmp_path / "w" / "model.safetensors"))) == set(tiny_vit.state_dict())
+    assert len(Store(tmp_path / "s").ls()) == 2
+
+
+def test_merge_regmean_reads_gram_matrices_from_a_file(vit_adapters, tiny_vit, tmp_path):
+    from mergelab.checkpoints import load_taskset
+
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
+    taskset = load_taskset(tiny_vit, vit_adapters[:2])
+    grams = {f"{t}::{m}": torch.eye(u.shape[1]) * (i + 1) for i, t in enumerate(taskset.names)
+             for m, u in taskset.tasks[0].modules.items()}
+    save_file(grams, str(tmp_path / "grams.safetensors"))
+    result = run("merge", "--base", base, "--adapters", *vit_adapters[:2], "--method", "regmean", "--space", "core",
+                 "--grams", tmp_path / "grams.safetensors", "--out", tmp_path / "out", "--store", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    save_file({"nobody::x": torch.eye(2)}, str(tmp_path / "bad.safetensors"))
+    bad = run("merge", "--base", base, "--adapters", *vit_adapters[:2], "--method", "regmean", "--grams",
+              tmp_path / "bad.safetensors", "--out", tmp_path / "out2", "--store", tmp_path / "s")
+    assert bad.exit_code == 2 and "key 'nobody::x' is not '<task>::<module>'" in bad.stderr
+
+
 # Bad input: one line on stderr, exit code 2, the message names the problem and the fix. ------------
 
 
@@ -171,6 +220,47 @@ def _case_full_checkpoint_without_base(tmp, adapter, base):
 
 def _case_missing_keep_file(tmp, adapter, base):
     return ["store", "gc", "--store", tmp / "s", "--keep", tmp / "nope.txt"], "--keep file"
+
+
+def _merge_args(tmp, adapter, base, *extra):
+    return ["merge", "--base", base, "--adapters", adapter, adapter.parent / "textures", "--out", tmp / "merged",
+            "--store", tmp / "s", *extra]
+
+
+def _case_merge_unknown_method(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "tiez"), "unknown merge method 'tiez'; choose one of average"
+
+
+def _case_merge_bad_hyper_parameter_value(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--set", "density=1.5"), "density='1.5' is invalid; expected float in (0, 1]"
+
+
+def _case_merge_unknown_hyper_parameter(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "iso_c", "--set", "k=3"), "method 'iso_c' has no option 'k'; allowed: alpha"
+
+
+def _case_merge_set_without_value(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--set", "density"), "--set 'density' is not KEY=VALUE"
+
+
+def _case_merge_unknown_space(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--space", "kernel"), "unknown space 'kernel'; choose one of full, knots, core"
+
+
+def _case_merge_bad_space_option(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--space", "knots", "--space-option", "naive=perhaps"), "naive='perhaps' is invalid"
+
+
+def _case_merge_dense_result_as_peft(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--space", "full"), "save with format='weights'"
+
+
+def _case_merge_regmean_without_grams(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "regmean", "--space", "core"), "needs side input 'grams'"
+
+
+def _case_merge_factor_method_after_plus(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties+lora_lego"), "'lora_lego' needs LoRA factors and cannot post-process"
 
 
 BAD_INPUT = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]

@@ -481,6 +481,7 @@ def save_merged(
     A ``merge.json`` with the merge's provenance goes into both.
     """
     info = {"method": merged.meta.get("method"), "space": merged.meta.get("space"),
+            "space_options": merged.meta.get("space_options"),
             "hyper_parameters": merged.meta.get("hyper_parameters"), "tasks": merged.meta.get("tasks"),
             "base": merged.base.__dict__, "content_hash": merged.content_hash}
     if format == "peft":

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from mergelab import __version__
 from mergelab.errors import InputError
@@ -113,6 +113,113 @@ def demo(store: StoreOpt = None, workdir: Annotated[Path, typer.Option(help="Whe
         s.put_dataset(key, norms(taskset))
     s.set_ref("demo/norms", key)
     console.print(f"stored per-module norms of {len(taskset)} tasks × {len(taskset.module_names)} modules in {s.url} as {key}")
+
+
+# merge -------------------------------------------------------------------------------------------
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``KEY=VALUE`` strings into a dict (values stay strings; the registry coerces them)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"{flag} {item!r} is not KEY=VALUE; e.g. {flag} alpha=0.3")
+        if key.strip() in out:
+            raise InputError(f"{flag} sets {key.strip()!r} twice")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _read_grams(path: Path, taskset) -> dict[str, dict[str, object]]:
+    """A safetensors file of ``"<task>::<module>"`` Gram matrices -> ``{task: {module: G}}``."""
+    from mergelab.checkpoints import load_state_dict
+
+    grams: dict[str, dict[str, object]] = {name: {} for name in taskset.names}
+    for key, tensor in load_state_dict(path).items():
+        task, sep, module = key.partition("::")
+        if not sep or task not in grams:
+            raise InputError(f"--grams {path}: key {key!r} is not '<task>::<module>' for a task in {list(taskset.names)}")
+        grams[task][module] = tensor
+    return grams
+
+
+def _hyper_parameters(spec, sets: dict[str, str]) -> dict[str, object]:
+    """The method's hyper-parameters: its defaults overridden by ``--set``. Selection of a grid
+    point on validation data (``--select val|tas``) plugs in here once evaluation exists."""
+    return spec.resolve(sets)
+
+
+class _MergeCommand(TyperCommand):
+    """Appends the registries' method and space names to the help, importing them only then."""
+
+    def format_help(self, ctx, formatter):
+        if "Methods:" not in (self.help or ""):
+            self.help = f"{self.help}\n\n{_method_list()}"
+        return super().format_help(ctx, formatter)
+
+
+@app.command("merge", cls=_MergeCommand)
+def merge_command(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="More adapter directories (so that --adapters A B C works).", show_default=False)] = None,
+    adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="PEFT adapter directories or full checkpoints (NAME=PATH names a task): --adapters A B C.")] = None,
+    base: Annotated[str, typer.Option("--base", help="Base model weights (file or directory).")] = ...,  # type: ignore[assignment]
+    method: Annotated[str, typer.Option("--method", help="A merge method (see `mergelab merge --help`'s list below) or a '+' composition such as tsv+iso_c.")] = ...,  # type: ignore[assignment]
+    space: Annotated[str, typer.Option("--space", help="Merge space: full, knots or core.")] = "full",
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Hyper-parameter KEY=VALUE (repeatable); composed methods take METHOD.KEY=VALUE.")] = None,
+    space_sets: Annotated[Optional[list[str]], typer.Option("--space-option", help="Space option KEY=VALUE, e.g. naive=true, variant=per_layer.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = ...,  # type: ignore[assignment]
+    fmt: Annotated[str, typer.Option("--format", help="peft (a LoRA adapter; needs a low-rank result) or weights (merged full weights).")] = "peft",
+    grams: Annotated[Optional[Path], typer.Option("--grams", help="RegMean input Gram matrices: safetensors with keys '<task>::<module>'.")] = None,
+    modules: Annotated[Optional[list[str]], typer.Option("--modules", help="Regular expressions over parameter names to merge (repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Merge adapters / fine-tunes with one method in one space; write a PEFT adapter or merged weights.
+
+    The configuration (method, space, hyper-parameters with defaults filled in, task hashes)
+    and the result's provenance go to the store as a JSON artifact.
+    """
+    import time
+
+    from mergelab.checkpoints import load_taskset, save_merged
+    from mergelab.merging import METHODS, merge
+    from mergelab.spaces import get_space
+    from mergelab.store import Store
+
+    sources = [*(adapters or []), *(paths or [])]
+    if not sources:
+        raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
+    if fmt not in ("peft", "weights"):
+        raise InputError(f"--format {fmt!r} is not one of peft, weights")
+    spec = METHODS[method]
+    hyper_parameters = _hyper_parameters(spec, _key_values(sets, "--set"))
+    sp = get_space(space, **_key_values(space_sets, "--space-option"))
+    s = Store(store)
+    taskset = load_taskset(base, sources, modules=modules)
+    side_inputs = {"grams": _read_grams(grams, taskset)} if grams is not None else None
+    start = time.perf_counter()
+    merged = merge(taskset, spec.name, sp, side_inputs=side_inputs, **hyper_parameters)
+    merge_time = time.perf_counter() - start
+    written = save_merged(merged, out, format=fmt, base=base, overwrite=force)  # type: ignore[arg-type]
+    config = {"method": spec.name, "space": sp.name, "space_options": sp.options(), "hyper_parameters": merged.meta["hyper_parameters"]}
+    key = s.key("merge.config", "1", taskset=taskset, **config)
+    record = {**config, "tasks": [{"name": t.name, "source": t.source, "content_hash": t.content_hash} for t in taskset],
+              "base": taskset.base.__dict__, "result_content_hash": merged.content_hash, "output": str(written.resolve()),
+              "format": fmt, "ranks": {m: getattr(u, "rank", None) for m, u in merged.modules.items()},
+              "merge_time_s": round(merge_time, 4)}
+    if not s.exists(key):
+        s.put_json(key, record)
+    kind = "PEFT adapter" if fmt == "peft" else "merged weights"
+    console.print(f"merged {len(taskset)} tasks with {spec.name} in {sp.name} space -> {written} ({kind}); "
+                  f"configuration stored as {key} in {s.url}", soft_wrap=True)
+
+
+def _method_list() -> str:
+    from mergelab.merging import METHODS
+    from mergelab.spaces import SPACES
+
+    return f"Methods: {', '.join(METHODS)} (compose with '+', e.g. tsv+iso_c). Spaces: {', '.join(SPACES)}."
 
 
 # store -------------------------------------------------------------------------------------------

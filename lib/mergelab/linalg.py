@@ -1,7 +1,10 @@
-"""Exact linear algebra on factored updates: SVDs of ``B @ A`` without forming it.
+"""Shared numerics for spaces, merge methods, analysis and adaptation.
 
-CONVENTIONS "Numerics": float64 on CPU, ``full_matrices=False``, truncation by an explicit,
-named relative tolerance.
+CONVENTIONS "Numerics": SVDs run in float64 on CPU with ``full_matrices=False``; truncation is
+by an explicit, named tolerance. Callers pass the dtype a matrix *came from* so that the default
+tolerance matches the precision its numbers were computed in (a float32 LoRA product carries
+float32 rounding noise even after an upcast). Factored updates ``B @ A`` are decomposed from
+their factors (:func:`lowrank_svd`), never by forming the dense matrix.
 """
 
 from __future__ import annotations
@@ -9,33 +12,63 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_RTOL", "lowrank_svd", "svd"]
-
-#: Singular values below ``rtol · σ_max`` are treated as zero (numerical rank).
-DEFAULT_RTOL = 1e-10
+__all__ = ["lowrank_svd", "numerical_rank", "polar", "rank_tolerance", "svd64", "truncated_svd"]
 
 
-def _truncate(U: Tensor, s: Tensor, Vh: Tensor, rtol: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    if rtol is None or s.numel() == 0:
-        return U, s, Vh
-    keep = s > rtol * s[0].clamp_min(torch.finfo(s.dtype).tiny)
-    return U[:, keep], s[keep], Vh[keep]
+def svd64(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduced SVD ``U (m, k) · diag(s (k,)) · Vh (k, n)`` in float64, ``k = min(m, n)``."""
+    return torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
 
 
-def svd(matrix: Tensor, rtol: float | None = DEFAULT_RTOL) -> tuple[Tensor, Tensor, Tensor]:
-    """Reduced SVD in float64 (``U (m, k)``, ``s (k,)``, ``Vh (k, n)``), truncated at ``rtol``."""
-    U, s, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return _truncate(U, s, Vh, rtol)
+def rank_tolerance(s: Tensor, shape: tuple[int, ...], source_dtype: torch.dtype, rtol: float | None = None) -> float:
+    """The singular-value threshold below which a value counts as zero.
+
+    Default (``rtol=None``): ``σ_max · max(m, n) · eps(source_dtype)``, the convention of
+    ``numpy.linalg.matrix_rank`` applied to the precision the matrix was computed in.
+    An explicit ``rtol`` gives ``σ_max · rtol``.
+    """
+    if s.numel() == 0:
+        return 0.0
+    top = float(s.max())
+    if rtol is None:
+        rtol = max(shape) * torch.finfo(source_dtype).eps
+    return top * rtol
 
 
-def lowrank_svd(B: Tensor, A: Tensor, rtol: float | None = DEFAULT_RTOL) -> tuple[Tensor, Tensor, Tensor]:
-    """The reduced SVD of ``B @ A`` (``B (m, r)``, ``A (r, n)``) from the factors.
+def numerical_rank(s: Tensor, shape: tuple[int, ...], source_dtype: torch.dtype, rtol: float | None = None) -> int:
+    """How many singular values ``s`` (descending) exceed :func:`rank_tolerance`."""
+    if s.numel() == 0 or float(s.max()) == 0.0:
+        return 0
+    return int((s > rank_tolerance(s, shape, source_dtype, rtol)).sum())
+
+
+def truncated_svd(matrix: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`svd64` restricted to the numerically non-zero singular values."""
+    U, s, Vh = svd64(matrix)
+    k = numerical_rank(s, tuple(matrix.shape), matrix.dtype, rtol)
+    return U[:, :k], s[:k], Vh[:k]
+
+
+def lowrank_svd(B: Tensor, A: Tensor, rtol: float | None = None, *, truncate: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The reduced SVD of ``B @ A`` (``B (m, r)``, ``A (r, n)``) from the factors, in float64.
 
     ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (QR), so ``B A = Q_B (R_B R_Aᵀ) Q_Aᵀ``; the SVD of the
-    small ``r × r`` core ``u s vᵀ`` gives ``U = Q_B u``, ``V = Q_A v``. Cost O((m + n) r²)
-    instead of O(m n min(m, n)).
+    small ``r × r`` core ``u s vᵀ`` gives ``U = Q_B u``, ``Vh = vᵀ Q_Aᵀ``. Cost O((m + n) r²)
+    instead of O(m n min(m, n)). With ``truncate`` (default) only the numerically non-zero
+    components are kept (:func:`numerical_rank` of the factors' dtype); otherwise all
+    ``min(r, m, n)``.
     """
-    Q_B, R_B = torch.linalg.qr(B.double())
-    Q_A, R_A = torch.linalg.qr(A.double().T)
-    u, s, vh = torch.linalg.svd(R_B @ R_A.T, full_matrices=False)
-    return _truncate(Q_B @ u, s, vh @ Q_A.T, rtol)
+    Q_B, R_B = torch.linalg.qr(B.to(torch.float64))  # (m, p), (p, r)
+    Q_A, R_A = torch.linalg.qr(A.to(torch.float64).T)  # (n, q), (q, r)
+    u, s, vh = svd64(R_B @ R_A.T)  # core (p, q)
+    k = numerical_rank(s, (B.shape[0], A.shape[1]), torch.promote_types(B.dtype, A.dtype), rtol) if truncate else s.numel()
+    return Q_B @ u[:, :k], s[:k], vh[:k] @ Q_A.T
+
+
+def polar(matrix: Tensor) -> Tensor:
+    """The orthogonal polar factor ``P Qᵀ`` of ``matrix = P Σ Qᵀ`` (nearest matrix with
+    orthonormal columns or rows in Frobenius norm); used by TSV-M and Iso-CTS to whiten
+    concatenated singular vectors (Gargiulo et al., 2025, Sec. 4; 003 App. B "obtaining
+    orthogonal matrices")."""
+    P, _, Qh = svd64(matrix)
+    return P @ Qh

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mergelab.linalg import DEFAULT_RTOL, lowrank_svd, svd
+from mergelab.linalg import lowrank_svd, truncated_svd
+from mergelab.spaces.knots import knots_svd
 from mergelab.taskset import Dense, LowRank, Update
 
 __all__ = ["Bank", "raw_bank", "shared_svd_bank", "task_svd_bank"]
@@ -85,30 +86,27 @@ def raw_bank(updates: Sequence[Update]) -> Bank:
     return Bank(torch.arange(len(updates)), dense=torch.stack([u.dense(torch.float32) for u in updates]))
 
 
-def shared_svd_bank(updates: Sequence[Update], rank: int | None = None, rtol: float = DEFAULT_RTOL) -> Bank:
+def shared_svd_bank(updates: Sequence[Update], rank: int | None = None, rtol: float | None = None) -> Bank:
     """TARA-B (001 Eqs. 8–9): ``X = [ΔW_1 … ΔW_N] = U Σ Vᵀ``; direction ``(i, k)`` is
     ``σ_k u_k v_kiᵀ`` with ``v_ki`` task ``i``'s block of ``v_k``; top ``R = rank`` components.
 
-    Computed exactly from the factors, ``X = B_cat · blockdiag(A_1 … A_N)``, with
-    :func:`~mergelab.linalg.lowrank_svd` (the ``d × mN`` matrix is never formed). With all
-    ``φ = 1`` and ``R`` = full rank, ``Σ_i U Σ V_iᵀ = Σ_i ΔW_i``.
+    The basis is the KnOTS space's (:func:`~mergelab.spaces.knots.knots_svd`, exact from the
+    factors; the ``d × mN`` matrix is never formed). With all ``φ = 1`` and ``R`` = full rank,
+    ``Σ_i U Σ V_iᵀ = Σ_i ΔW_i``.
     """
     T = len(updates)
     if _all_low_rank(updates):
-        B_cat = torch.cat([u.B for u in updates], 1)  # (out, Σr)
-        A_block = torch.block_diag(*[u.A for u in updates])  # (Σr, T·in)
-        U, s, Vh = lowrank_svd(B_cat, A_block, rtol)
+        U, s, blocks = knots_svd(updates, rank_rtol=rtol)
     else:
-        U, s, Vh = svd(torch.cat([u.dense(torch.float64) for u in updates], 1), rtol)
+        U, s, Vh = truncated_svd(torch.cat([u.dense(torch.float64) for u in updates], 1), rtol)
+        blocks = list(Vh.split(updates[0].shape[1], dim=1))
     R = len(s) if rank is None else min(rank, len(s))
-    U, s, Vh = U[:, :R], s[:R], Vh[:R]
-    n_in = updates[0].shape[1]
-    blocks = Vh.reshape(R, T, n_in).transpose(0, 1)  # (T, R, in): v_ki for each task
     owner = torch.arange(T).repeat_interleave(R)
-    return Bank(owner, B=(U * s).repeat(1, T).float(), A=blocks.reshape(T * R, n_in).float())
+    A = torch.cat([V_t[:R] for V_t in blocks], 0)  # (T·R, in): v_ki for each task i
+    return Bank(owner, B=(U[:, :R] * s[:R]).repeat(1, T).float(), A=A.float())
 
 
-def task_svd_bank(updates: Sequence[Update], center: bool = False, rtol: float = DEFAULT_RTOL) -> Bank:
+def task_svd_bank(updates: Sequence[Update], center: bool = False, rtol: float | None = None) -> Bank:
     """AdaRank (002 Eq. 5): each task's singular components ``σ_ir u_ir v_irᵀ`` as directions.
 
     With ``center=True`` (CART origin, 002 Sec. 6.1) the components are those of
@@ -130,7 +128,7 @@ def task_svd_bank(updates: Sequence[Update], center: bool = False, rtol: float =
         dense = [u.dense(torch.float64) for u in updates]
         avg = sum(dense) / T
         mean = Dense(avg.float())
-        factors = [svd(d - avg if center else d, rtol) for d in dense]
+        factors = [truncated_svd(d - avg if center else d, rtol) for d in dense]
     owner = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, (_, s, _) in enumerate(factors)])
     B = torch.cat([U * s for U, s, _ in factors], 1).float()
     A = torch.cat([Vh for _, _, Vh in factors], 0).float()

@@ -59,7 +59,7 @@ def _f64(t: Tensor) -> Tensor:
 def singular_values(update: Update | Tensor) -> Tensor:
     """Singular values (descending, float64) of a 2-D update; from the factors when low rank."""
     if isinstance(update, LowRank):
-        return lowrank_svd(update.B, update.A, rtol=None)[1]
+        return lowrank_svd(update.B, update.A, truncate=False)[1]
     delta = update.delta if isinstance(update, Dense) else update
     return torch.linalg.svdvals(_f64(delta))
 
@@ -67,7 +67,7 @@ def singular_values(update: Update | Tensor) -> Tensor:
 def left_singular_basis(update: Update | Tensor) -> tuple[Tensor, Tensor]:
     """``(U, S)``: left singular vectors (columns) and singular values of a 2-D update."""
     if isinstance(update, LowRank):
-        U, S, _ = lowrank_svd(update.B, update.A, rtol=None)
+        U, S, _ = lowrank_svd(update.B, update.A, truncate=False)
         return U, S
     delta = update.delta if isinstance(update, Dense) else update
     U, S, _ = torch.linalg.svd(_f64(delta), full_matrices=False)

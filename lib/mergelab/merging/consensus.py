@@ -1,0 +1,33 @@
+"""Consensus merging with TALL masks (Wang et al., 2024, "Localizing Task Information for
+Improved Model Merging and Compression"; REFERENCES §11)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["consensus", "tall_masks"]
+
+
+def tall_masks(deltas: Sequence[Tensor], lam: float) -> Tensor:
+    """TALL masks ``m_t = |τ_t| > lam · |τ_MTL − τ_t|`` with ``τ_MTL = Σ_t τ_t`` (stacked, bool)."""
+    stacked = torch.stack(list(deltas))
+    tau_mtl = stacked.sum(dim=0)
+    return stacked.abs() > lam * (tau_mtl - stacked).abs()
+
+
+def consensus(deltas: Sequence[Tensor], *, lam: float = 0.4, k: int = 2, alpha: float = 0.4) -> Tensor:
+    """Consensus merging (Wang et al., 2024; REFERENCES §11): keep the entries of ``τ_MTL = Σ_t τ_t`` that at least ``k`` TALL masks
+    select, ``alpha · 1[Σ_t m_t ≥ k] ⊙ τ_MTL``.
+
+    ``k = 2`` removes "catastrophic" (no task) and "selfish" (one task) weights. Defaults are
+    the data-free setting of the STAR code (λ = 0.4, α = 0.4, k = 2); the TALL paper picks λ
+    per task on validation data from {0.2, …, 0.6} — here one λ for all tasks, searched in
+    the grid. ``τ_MTL`` is the plain sum (the ``use_ties`` variant is not offered).
+    """
+    masks = tall_masks(deltas, lam)
+    tau_mtl = torch.stack(list(deltas)).sum(dim=0)
+    keep = masks.sum(dim=0) >= k
+    return alpha * torch.where(keep, tau_mtl, torch.zeros_like(tau_mtl))

@@ -1,0 +1,249 @@
+"""``merge(taskset, method, space, **hp)``: run any registered method in any space.
+
+Per module: the space projects the tasks' updates (:meth:`Space.project`), the method's stages
+run on the projections, the space reconstructs the merged update. What a stage receives is
+read off its registry entry (:mod:`mergelab.merging.registry`):
+
+* ``inputs="tensors"`` in a space with ``scope="model"``: one vector per task, the
+  concatenation of every matrix module's projection (e.g. the KnOTS paper's global trim);
+* ``inputs="tensors"`` / ``"matrices"`` otherwise: the projected matrices of one module;
+* ``inputs="factors"``: the tasks' LoRA factors in the space's coordinates;
+* ``side``: the side inputs, checked and mapped by the space as :data:`SIDE_INPUTS` says
+  (RegMean's Gram matrices: ``Qᵀ G_t Q``).
+
+Without a model-wide stage the driver streams: per module it projects, merges, reconstructs and
+drops the projection, so a full-space merge holds one module's dense updates at a time.
+:func:`project` instead keeps every module's projection for reuse across merges (sweeps).
+
+Non-matrix parameters (Dense updates with ``ndim != 2``) are not projected; each stage applies
+its ``nonmatrix`` rule. A method with a ``seed`` gets, per module, the seed
+``derive_seed(seed, module)`` (``"<model>"`` for a model-wide call), so that same-shape
+modules do not share one DARE mask; the inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergelab.checkpoints import peft_template
+from mergelab.errors import InputError
+from mergelab.merging.registry import SIDE_INPUTS, Composition, MergeMethod
+from mergelab.spaces import Context, Space, get_space
+from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, Update
+
+__all__ = ["Projection", "derive_seed", "merge", "project"]
+
+MODEL = "<model>"
+
+
+def derive_seed(seed: int, key: str) -> int:
+    """A 32-bit seed from a user seed and a module name (stable across runs and machines; 32 bits
+    because scikit-learn's random_state takes no more)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _call(method: MergeMethod, args: tuple, hp: Mapping[str, Any], key: str) -> Tensor | LowRank:
+    if "seed" in method.params:
+        hp = {**hp, "seed": derive_seed(hp["seed"], key)}
+    return method.fn(*args, **hp)
+
+
+def _as_matrix(x: Tensor | LowRank) -> Tensor:
+    return x.dense() if isinstance(x, LowRank) else x
+
+
+def _model_wide(method: MergeMethod, per_module: Mapping[str, list[Tensor]], hp: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Run an element-wise method once on every task's concatenated, flattened projections."""
+    modules = list(per_module)
+    n_tasks = len(per_module[modules[0]])
+    vectors = [torch.cat([per_module[m][t].reshape(-1) for m in modules]) for t in range(n_tasks)]
+    merged = _call(method, (vectors,), hp, MODEL)
+    pieces = merged.split([per_module[m][0].numel() for m in modules])
+    return {m: piece.reshape(per_module[m][0].shape) for m, piece in zip(modules, pieces, strict=True)}
+
+
+def _side_inputs(spec: MergeMethod | Composition, taskset: TaskSet, modules: Sequence[str],
+                 side_inputs: Mapping[str, Any] | None) -> dict[str, dict[str, list[Tensor]]]:
+    """``{side name: {module: [per-task tensor]}}``, checked against what the method declares."""
+    given = dict(side_inputs or {})
+    extra = sorted(set(given) - set(spec.side))
+    if extra:
+        wanted = ", ".join(spec.side) or "none"
+        raise InputError(f"method {spec.name!r} takes no side input {', '.join(map(repr, extra))} (it takes: {wanted})")
+    out: dict[str, dict[str, list[Tensor]]] = {}
+    for name in spec.side:
+        if name not in given:
+            raise InputError(f"method {spec.name!r} needs side input {name!r}: a mapping task -> module -> tensor "
+                             "(for 'grams' collect them with mergelab.merging.collect_input_grams; CLI: --grams FILE)")
+        per_task = given[name]
+        missing = [(t, m) for t in taskset.names for m in modules if m not in (per_task.get(t) or {})]
+        if missing:
+            raise InputError(f"side input {name!r} lacks {len(missing)} (task, module) entries, e.g. {missing[0]}; "
+                             "provide one per task and matrix module, or restrict the task set's modules")
+        shapes = {m: taskset.tasks[0].modules[m].shape for m in modules}
+        for t in taskset.names:
+            SIDE_INPUTS[name].check({m: per_task[t][m] for m in modules}, shapes)
+        out[name] = {m: [per_task[t][m] for t in taskset.names] for m in modules}
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Projection:
+    """A task set's matrix modules projected into a space, reusable across merges.
+
+    ``merge(projection, method, **hp)`` skips the projection: a hyper-parameter sweep projects
+    once (the expensive step of KnOTS). Merges never modify the projected matrices, so reuse is
+    safe (unlike the Core Space code's cached DARE inputs, REFERENCES §3).
+    """
+
+    taskset: TaskSet
+    space: Space
+    matrices: Mapping[str, list[Tensor]]
+    contexts: Mapping[str, Context]
+
+
+def _project_module(sp: Space, taskset: TaskSet, module: str) -> tuple[list[Tensor], Context]:
+    try:
+        return sp.project(taskset.updates(module))
+    except InputError as err:
+        raise InputError(f"module {module!r}: {err}") from None
+
+
+def _matrix_modules(taskset: TaskSet) -> list[str]:
+    first = taskset.tasks[0].modules
+    return [m for m in taskset.module_names if len(first[m].shape) == 2]
+
+
+def project(taskset: TaskSet, space: str | Space = "full", **options: Any) -> Projection:
+    """Project every matrix module of ``taskset`` into ``space`` (configured with ``options``)."""
+    sp = get_space(space, **options)
+    projected = {m: _project_module(sp, taskset, m) for m in _matrix_modules(taskset)}
+    return Projection(taskset, sp, {m: p[0] for m, p in projected.items()}, {m: p[1] for m, p in projected.items()})
+
+
+def _apply_stage(spec: MergeMethod | Composition, index: int, values: Mapping[str, Any], sp: Space, module: str,
+                 inputs: list[Tensor], updates: Sequence[Update], ctx: Context,
+                 side: Mapping[str, Mapping[str, list[Tensor]]]) -> Tensor | LowRank:
+    """Stage ``index`` of ``spec`` on one module: the projections (or, for stage 0, the factors /
+    side inputs it declares) in, the merged matrix or factors out."""
+    stage_name, stage = spec.stages[index]
+    first: list = inputs
+    if index == 0 and stage.inputs == "factors":
+        try:
+            first = sp.factors(updates, ctx)
+        except InputError as err:
+            raise InputError(f"method {spec.name!r} merges LoRA factors; module {module!r}: {err}") from None
+    side_args = tuple([SIDE_INPUTS[name].to_space(sp, x, ctx) for x in side[name][module]] for name in stage.side) if index == 0 else ()
+    return _call(stage, (first, *side_args), spec.stage_values(values, stage_name), module)
+
+
+def _merge_matrices(spec: MergeMethod | Composition, values: Mapping[str, Any], sp: Space, taskset: TaskSet,
+                    modules: Sequence[str], side: Mapping[str, Mapping[str, list[Tensor]]],
+                    projection: Projection | None) -> dict[str, Update]:
+    """All stages on all matrix modules. Streams module by module (project, merge, reconstruct,
+    drop) unless a stage is model-wide or a projection is given."""
+    wide = {i for i, (_, stage) in enumerate(spec.stages) if stage.inputs == "tensors" and sp.scope == "model"}
+    if projection is None and not wide:
+        out = {}
+        for m in modules:
+            current, ctx = _project_module(sp, taskset, m)
+            for i in range(len(spec.stages)):
+                result = _apply_stage(spec, i, values, sp, m, current, taskset.updates(m), ctx, side)
+                current = [_as_matrix(result)]
+            out[m] = sp.reconstruct(result, ctx)
+        return out
+    projection = projection or project(taskset, sp)
+    current_all = {m: list(projection.matrices[m]) for m in modules}
+    results: dict[str, Tensor | LowRank] = {}
+    for i, (stage_name, stage) in enumerate(spec.stages):
+        if i in wide:
+            results = _model_wide(stage, current_all, spec.stage_values(values, stage_name))
+        else:
+            results = {m: _apply_stage(spec, i, values, sp, m, current_all[m], taskset.updates(m), projection.contexts[m], side)
+                       for m in modules}
+        current_all = {m: [_as_matrix(results[m])] for m in modules}
+    return {m: sp.reconstruct(results[m], projection.contexts[m]) for m in modules}
+
+
+def _merge_nonmatrix(spec: MergeMethod | Composition, values: Mapping[str, Any], updates: Sequence[Update],
+                     module: str) -> Dense:
+    current = [u.dense(torch.float64) for u in updates]
+    for stage_name, stage in spec.stages:
+        hp = spec.stage_values(values, stage_name)
+        if stage.nonmatrix == "self":
+            merged = _call(stage, (current,), hp, module)
+        else:
+            stacked = torch.stack(current)
+            merged = hp["alpha"] * (stacked.mean(dim=0) if stage.nonmatrix == "mean" else stacked.sum(dim=0))
+        current = [merged]
+    dtype = torch.float32
+    for u in updates:
+        dtype = torch.promote_types(dtype, u.dtype)
+    return Dense(current[0].to(dtype))
+
+
+def merge(taskset: TaskSet | Projection, method: str, space: str | Space | None = None, *,
+          space_options: Mapping[str, Any] | None = None, side_inputs: Mapping[str, Any] | None = None,
+          **hp: Any) -> MergedUpdate:
+    """Merge a task set with a registered method (or ``a+b`` composition) in a space.
+
+    Args:
+        taskset: the tasks, or a :class:`Projection` of them (from :func:`project`, reused across
+            merges). Matrix modules go through the space, non-matrix ones through the method's
+            ``nonmatrix`` rule.
+        method: a key of :data:`~mergelab.merging.METHODS` or a ``+`` composition.
+        space: ``"full"`` (default), ``"knots"``, ``"core"`` or a configured :class:`Space`; with a
+            projection, its space (passing another one is an error).
+        space_options: options of the space (``{"naive": True}``, ``{"variant": "per_layer"}``).
+        side_inputs: per-task, per-module side inputs a method declares
+            (``{"grams": {task: {module: G}}}`` for RegMean).
+        **hp: hyper-parameters; unknown names or bad values raise InputError naming the allowed.
+
+    Returns:
+        A :class:`MergedUpdate` whose ``meta`` records method, space (+ options),
+        hyper-parameters, task names and the PEFT layout, so ``save_merged(..., format="peft")``
+        writes a loadable adapter when the result is low rank (knots, core; factor methods).
+    """
+    spec = _lookup(method)
+    values = spec.resolve(hp)
+    projection = taskset if isinstance(taskset, Projection) else None
+    if projection is not None:
+        if (space is not None and get_space(space, **(space_options or {})) != projection.space) or (space is None and space_options):
+            raise InputError(f"the projection is in space {projection.space.name!r} {projection.space.options()}; "
+                             "project again to merge in another space")
+        sp, taskset = projection.space, projection.taskset
+    else:
+        sp = get_space("full" if space is None else space, **(space_options or {}))
+    matrix_modules = _matrix_modules(taskset)
+    other_modules = [m for m in taskset.module_names if m not in set(matrix_modules)]
+    side = _side_inputs(spec, taskset, matrix_modules, side_inputs)
+    merged: dict[str, Update] = {}
+    if matrix_modules:
+        merged.update(_merge_matrices(spec, values, sp, taskset, matrix_modules, side, projection))
+    for m in other_modules:
+        merged[m] = _merge_nonmatrix(spec, values, taskset.updates(m), m)
+    meta = {
+        "method": spec.name,
+        "space": sp.name,
+        "space_options": sp.options(),
+        "hyper_parameters": values,
+        "nonmatrix": {stage_name: stage.nonmatrix for stage_name, stage in spec.stages},
+        "tasks": list(taskset.names),
+        "peft": peft_template(taskset),
+    }
+    return MergedUpdate({m: merged[m] for m in taskset.module_names}, taskset.base, meta)
+
+
+def _lookup(method: str) -> MergeMethod | Composition:
+    from mergelab.merging import METHODS
+
+    if not isinstance(method, str):
+        raise InputError(f"method must be a name, got {type(method).__name__}")
+    return METHODS[method]

@@ -1,0 +1,98 @@
+"""Merges of LoRA factors rather than of update matrices: Linear (TA on A and B) and LoRA-LEGO.
+
+These take each task's factors ``LowRank(B_t, A_t)`` (PEFT shapes ``B_t: (out, r_t)``,
+``A_t: (r_t, in)``; 001 writes ``ΔW_i = B_i A_iᵀ``, so 001's ``A_i`` is our ``A_tᵀ``) in the
+coordinates of the space they run in, and return factors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from mergelab.errors import InputError
+from mergelab.taskset import LowRank
+
+__all__ = ["linear", "lora_lego", "semantic_units"]
+
+
+def _pad_rank(B: torch.Tensor, A: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.cat([B, B.new_zeros(B.shape[0], r - B.shape[1])], dim=1),
+            torch.cat([A, A.new_zeros(r - A.shape[0], A.shape[1])], dim=0))
+
+
+def linear(factors: Sequence[LowRank], *, alpha: float = 0.3) -> LowRank:
+    """Linear (the LoRA-aware baseline of 001 = TARA-Merging, 2026, Sec. 4 (vii); PEFT
+    ``combination_type="linear"``): task arithmetic on the
+    factors, ``B* = √|alpha| Σ_t B_t``, ``A* = sign(alpha) √|alpha| Σ_t A_t``, so
+    ``ΔW = alpha (Σ_t B_t)(Σ_t A_t)``, cross terms ``B_s A_t`` included (by design; PEFT issue
+    #3004 discusses them). Heterogeneous ranks are zero-padded to the largest rank, i.e. rank-1
+    components are paired by index.
+    """
+    r = max(f.rank for f in factors)
+    padded = [_pad_rank(f.B, f.A, r) for f in factors]
+    scale = math.sqrt(abs(alpha))
+    B = scale * torch.stack([b for b, _ in padded]).sum(dim=0)
+    A = math.copysign(scale, alpha) * torch.stack([a for _, a in padded]).sum(dim=0)
+    return LowRank(B, A)
+
+
+def semantic_units(factors: Sequence[LowRank]) -> tuple[np.ndarray, np.ndarray]:
+    """LoRA-LEGO's minimal semantic units: one row per rank-1 pair, ``[a_k, b_k]`` with ``a_k`` a
+    row of ``A_t`` and ``b_k`` the matching column of ``B_t``; returns ``(a (N, in), b (N, out))``."""
+    a = np.concatenate([f.A.to(torch.float64).numpy() for f in factors], axis=0)
+    b = np.concatenate([f.B.to(torch.float64).T.numpy() for f in factors], axis=0)
+    return a, b
+
+
+def lora_lego(factors: Sequence[LowRank], *, k: int | None = None, alpha: float = 1.0, param_reweight: bool = True,
+              output_reweight: bool = True, features: Literal["raw", "normalized"] = "raw", n_init: int = 10,
+              seed: int = 0) -> LowRank:
+    """LoRA-LEGO (Zhao et al., ICLR 2025; 001 Sec. 4 (ix) and App. C.3).
+
+    1. Minimal semantic units ``u = [a, b]`` of every task (:func:`semantic_units`).
+    2. k-means (scikit-learn ``KMeans``, ``n_init`` restarts, ``random_state=seed``) into ``k``
+       clusters, ``k = max_t r_t`` by default (001 searches k ∈ {8, 16, 32, 64, 128}). Features:
+       the raw units as 001 App. C.3 states (``"raw"``), or ``[a/‖a‖, b/‖b‖]`` as the
+       TARA-Merge re-implementation (``"normalized"``).
+    3. Centroid ``μ`` = mean of the raw member units.
+    4. Parameter reweighting (001 App. C.3): ``μ' = ((1/p) Σ_i ‖u_i‖ / ‖μ‖) μ`` (L2 norm of the
+       whole unit as printed; TARA-Merge matches ∞-norms instead).
+    5. Output reweighting: the merged LoRA is scaled by ``√r / √k`` (r the original rank).
+    6. ``ΔW = alpha · Σ_c b̄_c ā_cᵀ``, returned as factors of rank ``k``.
+    """
+    from sklearn.cluster import KMeans
+
+    a, b = semantic_units(factors)
+    n_units = a.shape[0]
+    r = max(f.rank for f in factors)
+    k = r if k is None else k
+    if k > n_units:
+        raise InputError(f"lora_lego: k={k} clusters but only {n_units} minimal semantic units (Σ_t r_t); choose k <= {n_units}")
+    units = np.concatenate([a, b], axis=1)
+    if features == "normalized":
+        norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)  # noqa: E731
+        feats = np.concatenate([norm(a), norm(b)], axis=1)
+    else:
+        feats = units
+    labels = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(feats).labels_
+    centroids = np.zeros((k, units.shape[1]))
+    for c in range(k):
+        members = units[labels == c]
+        if len(members) == 0:
+            continue
+        mu = members.mean(axis=0)
+        if param_reweight:
+            mu_norm = np.linalg.norm(mu)
+            mu = mu * (np.linalg.norm(members, axis=1).mean() / mu_norm) if mu_norm > 0 else mu
+        centroids[c] = mu
+    scale = alpha * (math.sqrt(r) / math.sqrt(k) if output_reweight else 1.0)
+    n_in = a.shape[1]
+    dtype = factors[0].B.dtype
+    A = torch.from_numpy(centroids[:, :n_in]).to(dtype)  # (k, in)
+    B = torch.from_numpy(centroids[:, n_in:].T.copy()).to(dtype) * scale  # (out, k)
+    return LowRank(B, A)

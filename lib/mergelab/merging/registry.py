@@ -1,0 +1,206 @@
+"""The method registry: what a merge method needs, its hyper-parameters, and compositions.
+
+A registry entry (:class:`MergeMethod`) is the pure function plus declarations the merge
+driver reads; the function itself never learns which space it runs in:
+
+* ``inputs``: what the function receives per module —
+  ``"tensors"`` (same-shape tensors of any rank: element-wise methods, which therefore also
+  run on a whole-model vector when the space's ``scope`` is ``"model"``, and on non-matrix
+  parameters), ``"matrices"`` (2-D matrices; always per module), or ``"factors"``
+  (``LowRank(B_t, A_t)`` per task, in the space's coordinates; needs LoRA inputs).
+* ``side``: names of per-task, per-module side inputs the function takes positionally after
+  the task list (``("grams",)`` for RegMean); :data:`SIDE_INPUTS` says how each kind is checked
+  and mapped into a space (Gram matrices: :meth:`Space.gram`).
+* ``nonmatrix``: the rule for parameters that are not matrices (Dense updates with
+  ``ndim != 2``: biases, norms): ``"self"`` (the method itself, element-wise methods),
+  ``"mean"`` (``alpha · mean``, as TSV-M / Iso / RegMean / CART originals) or ``"sum"``
+  (``alpha · sum``, as task arithmetic). They are never projected into a space.
+* ``grid``: the hyper-parameter grid searched by selection.
+* ``intervals``: allowed ranges; types and defaults come from the function's signature.
+
+A name with ``+`` (``"tsv+iso_c"``) is a :class:`Composition`: the first method merges, every
+later one post-processes the single merged matrix (``iso_c`` then isotropizes it: 003's
+``+Iso-C``). Its hyper-parameters are ``"<method>.<name>"``; an unprefixed name goes to the
+last stage that has it (so ``alpha`` is the outer scaling, as 003 Tab. 7's α).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any, Literal
+
+from torch import Tensor
+
+from mergelab.errors import InputError
+from mergelab.merging.regmean import check_grams
+from mergelab.params import Interval, Param, params_of_function, resolve
+from mergelab.spaces import Context, Space
+from mergelab.taskset import LowRank
+
+__all__ = ["SIDE_INPUTS", "Composition", "MergeMethod", "MethodRegistry", "SideInput"]
+
+InputKind = Literal["tensors", "matrices", "factors"]
+NonMatrixRule = Literal["self", "mean", "sum"]
+
+
+@dataclass(frozen=True)
+class SideInput:
+    """A kind of per-task, per-module side input: how it is checked against the parameters'
+    shapes, and how a space maps it into its coordinates."""
+
+    check: Callable[[Mapping[str, Tensor], Mapping[str, tuple[int, ...]]], None]
+    to_space: Callable[[Space, Tensor, Context], Tensor]
+
+
+#: The side inputs a method may declare in ``MergeMethod.side``.
+SIDE_INPUTS: dict[str, SideInput] = {
+    "grams": SideInput(check=check_grams, to_space=lambda space, gram, ctx: space.gram(gram, ctx)),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class MergeMethod:
+    """One merge method: ``fn(per_task, *side, **hp) -> Tensor | LowRank`` and its declarations."""
+
+    fn: Callable[..., Tensor | LowRank]
+    grid: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    inputs: InputKind = "matrices"
+    side: tuple[str, ...] = ()
+    nonmatrix: NonMatrixRule = "mean"
+    intervals: Mapping[str, Interval] = field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        params = self.params
+        if "alpha" not in params:
+            raise TypeError(f"{self.fn.__name__}: every merge method takes the global scaling 'alpha'")
+        unknown = [name for name in self.side if name not in SIDE_INPUTS]
+        if unknown:
+            raise TypeError(f"{self.fn.__name__}: unknown side input {unknown[0]!r}; known: {sorted(SIDE_INPUTS)}")
+        if self.nonmatrix == "self" and self.inputs != "tensors":
+            raise TypeError(f"{self.fn.__name__}: only element-wise ('tensors') methods can merge non-matrix parameters themselves")
+        for key, values in self.grid.items():
+            if key not in params:
+                raise TypeError(f"{self.fn.__name__}: grid names unknown hyper-parameter {key!r}")
+            for value in values:
+                params[key].coerce(value, self.fn.__name__)
+
+    @cached_property
+    def params(self) -> dict[str, Param]:
+        return params_of_function(self.fn, self.intervals)
+
+    @property
+    def stages(self) -> tuple[tuple[str, MergeMethod], ...]:
+        return ((self.name, self),)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {name: p.default for name, p in self.params.items()}
+
+    def resolve(self, hp: Mapping[str, Any]) -> dict[str, Any]:
+        """All hyper-parameters: defaults overridden by ``hp``, validated (InputError otherwise)."""
+        return resolve(self.params, hp, f"method {self.name!r}")
+
+    def stage_values(self, values: Mapping[str, Any], stage: str) -> dict[str, Any]:
+        return dict(values)
+
+    @property
+    def doc(self) -> str:
+        return (self.fn.__doc__ or "").strip().split("\n\n")[0]
+
+
+@dataclass(frozen=True, eq=False)
+class Composition:
+    """``"a+b+…"``: ``a`` merges, each later method post-processes the merged matrix."""
+
+    name: str
+    parts: tuple[tuple[str, MergeMethod], ...]
+
+    def __post_init__(self) -> None:
+        for part, method in self.parts[1:]:
+            if method.inputs == "factors" or method.side:
+                need = "LoRA factors" if method.inputs == "factors" else f"side inputs ({', '.join(method.side)})"
+                raise InputError(f"method {self.name!r}: {part!r} needs {need} and cannot post-process a merged matrix; "
+                                 "only methods of matrices or tensors may follow '+'")
+
+    @property
+    def stages(self) -> tuple[tuple[str, MergeMethod], ...]:
+        return self.parts
+
+    @property
+    def inputs(self) -> InputKind:
+        return self.parts[0][1].inputs
+
+    @property
+    def side(self) -> tuple[str, ...]:
+        return self.parts[0][1].side
+
+    @cached_property
+    def params(self) -> dict[str, Param]:
+        return {f"{part}.{key}": replace(p, name=f"{part}.{key}") for part, m in self.parts for key, p in m.params.items()}
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {name: p.default for name, p in self.params.items()}
+
+    @property
+    def grid(self) -> dict[str, tuple[Any, ...]]:
+        """Every stage's grid, prefixed; the inner stages' ``alpha`` is left at its default because
+        the post-processors are positively homogeneous (the last ``alpha`` scales the result)."""
+        last = len(self.parts) - 1
+        return {f"{part}.{key}": values for i, (part, m) in enumerate(self.parts)
+                for key, values in m.grid.items() if key != "alpha" or i == last}
+
+    def _qualify(self, key: str) -> str:
+        if key in self.params or "." in key:
+            return key
+        owners = [part for part, m in self.parts if key in m.params]
+        return f"{owners[-1]}.{key}" if owners else key
+
+    def resolve(self, hp: Mapping[str, Any]) -> dict[str, Any]:
+        qualified = {self._qualify(k): v for k, v in hp.items()}
+        if len(qualified) != len(hp):
+            raise InputError(f"method {self.name!r}: a hyper-parameter is given twice (prefixed and unprefixed): {sorted(hp)}")
+        return resolve(self.params, qualified, f"method {self.name!r}")
+
+    def stage_values(self, values: Mapping[str, Any], stage: str) -> dict[str, Any]:
+        prefix = f"{stage}."
+        return {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
+
+    def fn(self, per_task, *side, **hp) -> Tensor | LowRank:
+        """Apply the stages in order on plain per-task inputs (no space)."""
+        values = self.resolve(hp)
+        out: Tensor | LowRank | None = None
+        for i, (part, method) in enumerate(self.parts):
+            args = (per_task, *side) if i == 0 else ([out.dense() if isinstance(out, LowRank) else out],)
+            out = method.fn(*args, **self.stage_values(values, part))
+        return out
+
+    @property
+    def doc(self) -> str:
+        return " then ".join(part for part, _ in self.parts)
+
+
+class MethodRegistry(dict):
+    """``{name: MergeMethod}``; ``registry["a+b"]`` builds the :class:`Composition`, and an
+    unknown name raises InputError listing the known ones."""
+
+    def __init__(self, methods: Mapping[str, MergeMethod]) -> None:
+        super().__init__()
+        for name, method in methods.items():
+            self[name] = method
+
+    def __setitem__(self, name: str, method: MergeMethod) -> None:
+        if "+" in name or not name:
+            raise ValueError(f"method name {name!r} must be non-empty and must not contain '+'")
+        super().__setitem__(name, replace(method, name=name))
+
+    def __missing__(self, name: str) -> Composition:
+        parts = name.split("+")
+        unknown = [p for p in parts if p not in self]
+        if unknown or len(parts) < 2:
+            raise InputError(f"unknown merge method {unknown[0] if unknown else name!r}; choose one of {', '.join(self)} "
+                             "or compose them with '+' (e.g. tsv+iso_c)")
+        return Composition(name, tuple((p, dict.__getitem__(self, p)) for p in parts))

@@ -1,0 +1,152 @@
+"""Typed, validated options: hyper-parameters of merge methods and options of merge spaces.
+
+A :class:`Param` is read off a function signature (or a dataclass) and its annotations:
+``float``, ``int``, ``bool``, ``Literal[...]`` and ``X | None``, plus an optional
+:class:`Interval`. :func:`resolve` turns user input (Python values or the strings of
+``--set key=value``) into a complete, checked mapping, and raises
+:class:`~mergelab.errors.InputError` naming the allowed names or values otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import numbers
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mergelab.errors import InputError
+
+__all__ = ["Interval", "Param", "params_of_dataclass", "params_of_function", "resolve"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A numeric range; ``low_open`` / ``high_open`` exclude the end points."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = x > self.low if self.low_open else x >= self.low
+        below = x < self.high if self.high_open else x <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One named option: its type (``float``, ``int``, ``bool`` or a tuple of allowed strings),
+    its default, whether ``None`` is allowed and its numeric range."""
+
+    name: str
+    kind: type | tuple[str, ...]
+    default: Any
+    optional: bool = False
+    interval: Interval | None = None
+
+    def describe(self) -> str:
+        if isinstance(self.kind, tuple):
+            text = "one of " + ", ".join(repr(c) for c in self.kind)
+        else:
+            text = self.kind.__name__ + (f" in {self.interval}" if self.interval else "")
+        return text + (" or None" if self.optional else "")
+
+    def coerce(self, value: Any, owner: str) -> Any:
+        """The checked value; strings (from the CLI) are parsed according to the type."""
+        bad = lambda: InputError(f"{owner}: {self.name}={value!r} is invalid; expected {self.describe()}")  # noqa: E731
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if self.optional:
+                return None
+            raise bad()
+        if isinstance(self.kind, tuple):
+            if value not in self.kind:
+                raise bad()
+            return value
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                return value.lower() in _TRUE
+            raise bad()
+        if isinstance(value, bool):
+            raise bad()
+        if self.kind is int:
+            if isinstance(value, numbers.Integral):
+                number: float = int(value)
+            elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                number = int(value)
+            else:
+                raise bad()
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise bad() from None
+        if self.kind is float and not math.isfinite(number):
+            raise bad()
+        if self.interval is not None and number not in self.interval:
+            raise bad()
+        return number
+
+
+def _param(name: str, annotation: Any, default: Any, interval: Interval | None) -> Param:
+    optional = False
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"option {name!r}: unsupported annotation {annotation}")
+        optional, annotation = True, rest[0]
+    if typing.get_origin(annotation) is Literal:
+        kind: type | tuple[str, ...] = tuple(typing.get_args(annotation))
+    elif annotation in (float, int, bool):
+        kind = annotation
+    else:
+        raise TypeError(f"option {name!r}: unsupported annotation {annotation}")
+    return Param(name, kind, default, optional, interval)
+
+
+def params_of_function(fn: Callable[..., Any], intervals: Mapping[str, Interval] | None = None) -> dict[str, Param]:
+    """The keyword-only parameters of ``fn`` (everything after ``*``) as Params."""
+    hints = typing.get_type_hints(fn)
+    intervals = dict(intervals or {})
+    out = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(f"{fn.__name__}: hyper-parameter {p.name!r} needs a default")
+        out[p.name] = _param(p.name, hints[p.name], p.default, intervals.pop(p.name, None))
+    if intervals:
+        raise TypeError(f"{fn.__name__}: intervals for unknown parameters {sorted(intervals)}")
+    return out
+
+
+def params_of_dataclass(cls: type, intervals: Mapping[str, Interval] | None = None) -> dict[str, Param]:
+    """The init fields of a dataclass as Params."""
+    hints = typing.get_type_hints(cls)
+    intervals = intervals or {}
+    return {f.name: _param(f.name, hints[f.name], f.default, intervals.get(f.name))
+            for f in dataclasses.fields(cls) if f.init}
+
+
+def resolve(params: Mapping[str, Param], given: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """Defaults overridden by ``given``; unknown names and bad values raise InputError."""
+    unknown = sorted(set(given) - set(params))
+    if unknown:
+        allowed = ", ".join(f"{p.name} ({p.describe()})" for p in params.values()) or "none"
+        raise InputError(f"{owner} has no option {', '.join(map(repr, unknown))}; allowed: {allowed}")
+    return {name: (p.coerce(given[name], owner) if name in given else p.default) for name, p in params.items()}

@@ -1,0 +1,137 @@
+"""What every merge space shares: a bilinear representation ``ΔW_t = P X_t Qᵀ``.
+
+All three spaces of DESIGN §3 are of one form. A space picks, per module, a left map ``P``
+(``out × p``) with a left inverse ``P⁺`` on the span of the tasks' ``B_t``, and a right map
+``Q`` (``in × q``, orthonormal columns) spanning the tasks' rows of ``A_t``; task ``t`` is
+represented by ``X_t = P⁺ ΔW_t Q`` and a merged ``X*`` is mapped back to ``ΔW* = P X* Qᵀ``:
+
+============  ==================  =============  ============  =============================
+space         P                   P⁺             Q             X_t
+============  ==================  =============  ============  =============================
+full          I                   I              I             ``B_t A_t``  (out × in)
+knots paper   U                   Uᵀ             I             ``diag(s) V_t`` (k × in)
+knots layer   U diag(s)           diag(1/s) Uᵀ   I             ``V_t``  (k × in)
+core          U_B^ref             U_B^refᵀ       V_A^ref       ``M_t`` (≤ Tr × ≤ Tr)
+============  ==================  =============  ============  =============================
+
+Because the maps are linear and lossless on the tasks' spans, any linear merge (task
+arithmetic) gives the same ΔW in every space (003 Eq. 11); non-linear merges differ, which is
+the point of having spaces. The same maps carry LoRA factors into a space (``B_t -> P⁺ B_t``,
+``A_t -> A_t Q``; for methods that merge factors) and input Gram matrices
+(``G -> Qᵀ G Q``; RegMean). A space never knows which method runs in it.
+
+``scope`` says what an element-wise method sees: ``"module"`` (one matrix per module, the
+default) or ``"model"`` (the concatenation of every module's representation, so that e.g. a
+TIES top-k trim is global across layers as in the KnOTS paper). Methods that need a matrix
+always run per module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mergelab.errors import InputError
+from mergelab.params import Param, params_of_dataclass, resolve
+from mergelab.taskset import Dense, LowRank, Update
+
+__all__ = ["Context", "Space", "output_dtype", "require_low_rank"]
+
+
+@dataclass(frozen=True, eq=False)
+class Context:
+    """What :meth:`Space.reconstruct` needs for one module: ``ΔW = P X Qᵀ`` (``None`` = identity).
+
+    ``info`` holds space-specific numbers for analysis (singular values, basis ranks).
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    left: Tensor | None = None
+    left_pinv: Tensor | None = None
+    right: Tensor | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+def output_dtype(updates: Sequence[Update]) -> torch.dtype:
+    """The dtype merged updates are returned in: the inputs' promoted dtype, at least float32."""
+    dtype = torch.float32
+    for u in updates:
+        dtype = torch.promote_types(dtype, u.dtype)
+    return dtype
+
+
+def require_low_rank(updates: Sequence[Update], space: str) -> list[LowRank]:
+    """The updates as LowRank, or an InputError saying why this space needs factors."""
+    dense = [i for i, u in enumerate(updates) if not isinstance(u, LowRank)]
+    if dense:
+        raise InputError(
+            f"the {space} space is built from LoRA factors, but task #{dense[0]} gives a dense update of shape "
+            f"{tuple(updates[dense[0]].shape)} (a full fine-tune); merge dense updates in the full space (--space full)"
+        )
+    return list(updates)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Space:
+    """Base class of the merge spaces; subclasses are frozen dataclasses whose fields are options."""
+
+    name: ClassVar[str] = "space"
+    #: which space options exist, their types and ranges (filled per subclass)
+    option_intervals: ClassVar[Mapping[str, Any]] = {}
+
+    # Every subclass has a ``scope`` field: ``"module"`` or ``"model"`` (module docstring).
+
+    # --- what a subclass provides ------------------------------------------------------------
+
+    def project(self, updates: Sequence[Update]) -> tuple[list[Tensor], Context]:
+        """The per-task representations ``X_t`` of one module's updates, and the context."""
+        raise NotImplementedError
+
+    # --- shared ----------------------------------------------------------------------------
+
+    @classmethod
+    def option_params(cls) -> dict[str, Param]:
+        return params_of_dataclass(cls, cls.option_intervals)
+
+    def configure(self, **options: Any) -> Space:
+        """A copy with the given options, validated (InputError names the allowed ones)."""
+        values = resolve(self.option_params(), {**self.options(), **options}, f"space {self.name!r}")
+        return dataclasses.replace(self, **values)
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def reconstruct(self, merged: Tensor | LowRank, ctx: Context) -> Update:
+        """``ΔW = P X Qᵀ`` as a LowRank (never materialised) unless the space is the full space."""
+        if isinstance(merged, LowRank):
+            B = merged.B if ctx.left is None else ctx.left @ merged.B.to(ctx.left.dtype)
+            A = merged.A if ctx.right is None else merged.A.to(ctx.right.dtype) @ ctx.right.T
+            return LowRank(B.to(ctx.dtype), A.to(ctx.dtype))
+        if ctx.left is None and ctx.right is None:
+            return Dense(merged.to(ctx.dtype))
+        if ctx.right is None:  # ΔW = P X: P is the B factor, X the A factor
+            return LowRank(ctx.left.to(ctx.dtype), merged.to(ctx.dtype))
+        B = merged if ctx.left is None else ctx.left @ merged.to(ctx.left.dtype)
+        return LowRank(B.to(ctx.dtype), ctx.right.T.to(ctx.dtype))
+
+    def factors(self, updates: Sequence[Update], ctx: Context) -> list[LowRank]:
+        """Each task's LoRA factors in this space's coordinates: ``(P⁺ B_t, A_t Q)``."""
+        work = ctx.left_pinv.dtype if ctx.left_pinv is not None else (ctx.right.dtype if ctx.right is not None else None)
+        out = []
+        for u in require_low_rank(updates, self.name):
+            B, A = (u.B, u.A) if work is None else (u.B.to(work), u.A.to(work))
+            out.append(LowRank(B if ctx.left_pinv is None else ctx.left_pinv @ B, A if ctx.right is None else A @ ctx.right))
+        return out
+
+    def gram(self, gram: Tensor, ctx: Context) -> Tensor:
+        """An input Gram matrix ``G`` (in × in) in this space's input coordinates: ``Qᵀ G Q``."""
+        if ctx.right is None:
+            return gram
+        Q = ctx.right
+        return Q.T @ gram.to(Q.dtype) @ Q

@@ -1,0 +1,105 @@
+"""KnOTS space (Stoica et al., 2025; 001 Sec. 4 (viii), 003 Fig. 2 middle).
+
+The SVD of the horizontal concatenation ``[ΔW_1 … ΔW_T] = U diag(s) Vᵀ`` (``out × T·in``);
+``Vᵀ`` splits column-wise into per-task blocks ``V_t`` (``k × in``) with
+``ΔW_t = U diag(s) V_t``. A merged block ``V*`` goes back as ``U diag(s) V*``.
+
+Computing the SVD. ``naive=True`` forms the ``out × T·in`` matrix and decomposes it in float64,
+as the KnOTS code does (``O(n³T²)``, 003 App. B): the cost reference. The default computes the
+same SVD exactly from the factors: ``[ΔW_1 … ΔW_T] = [B_1 … B_T] · blockdiag(A_1 … A_T)``;
+with ``[B_1 … B_T] = Q_B R_B`` and ``A_tᵀ = Q_t R_t`` (reduced QR),
+``[ΔW_1 … ΔW_T] = Q_B · (R_B blockdiag(R_tᵀ)) · blockdiag(Q_tᵀ)``, so the SVD of the small
+``Tr × Tr`` matrix ``C = R_B blockdiag(R_tᵀ) = U_c diag(s) V_cᵀ`` gives ``U = Q_B U_c`` and
+``V_t = V_cᵀ[:, block t] Q_tᵀ``. Components are kept above the numerical rank tolerance
+(``σ_max · max(shape) · eps(float64)``, or ``rank_rtol``; at least one); the KnOTS code uses an absolute
+``s > 1e-5``, which depends on the scale of the updates.
+
+Two variants (REFERENCES §2, §3, §18), the paper's by default:
+
+* ``variant="paper"`` (KnOTS paper and code, ``SVDMerger``): a task is represented by
+  ``diag(s) V_t`` and element-wise methods see every layer's ``diag(s) V_t`` flattened into one
+  vector per task (``scope="model"``), so a TIES / DARE top-k trim is global across layers.
+  Reconstruction is ``U · X*``.
+* ``variant="per_layer"`` (the Core Space repository's ``knots`` mode): a task is ``V_t``
+  without ``s`` and every method runs per layer; reconstruction is ``U diag(s) X*``.
+
+Task arithmetic gives ``Σ_t ΔW_t`` in both. The KnOTS code also multiplies every task by one
+task-agnostic coefficient; here that is the method's ``alpha``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from mergelab.linalg import numerical_rank, svd64
+from mergelab.params import Interval
+from mergelab.spaces.base import Context, Space, output_dtype, require_low_rank
+from mergelab.taskset import LowRank, Update
+
+__all__ = ["KnotsSpace", "knots_svd"]
+
+
+def knots_svd(updates: Sequence[LowRank], *, naive: bool = False,
+              rank_rtol: float | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """``(U (out, k), s (k,), [V_t (k, in)])`` with ``[ΔW_1 … ΔW_T] = U diag(s) [V_1 … V_T]``."""
+    n_in = updates[0].shape[1]
+    if naive:
+        stacked = torch.cat([u.dense(torch.float64) for u in updates], dim=1)  # (out, T·in): the cost reference
+        U, s, Vh = svd64(stacked)
+        k = max(1, numerical_rank(s, tuple(stacked.shape), torch.float64, rank_rtol))
+        return U[:, :k], s[:k], list(Vh[:k].split(n_in, dim=1))
+    Q_B, R_B = torch.linalg.qr(torch.cat([u.B for u in updates], dim=1).to(torch.float64))  # (out, ≤Tr), (≤Tr, Tr)
+    QR_A = [torch.linalg.qr(u.A.to(torch.float64).T) for u in updates]  # A_tᵀ = Q_t R_t: (in, ≤r_t), (≤r_t, r_t)
+    C = R_B @ torch.block_diag(*[R.T for _, R in QR_A])  # (≤Tr, Σ≤r_t)
+    U_c, s, Vh_c = svd64(C)
+    k = max(1, numerical_rank(s, (updates[0].shape[0], len(updates) * n_in), torch.float64, rank_rtol))
+    U = Q_B @ U_c[:, :k]
+    blocks = Vh_c[:k].split([Q.shape[1] for Q, _ in QR_A], dim=1)
+    return U, s[:k], [block @ Q.T for block, (Q, _) in zip(blocks, QR_A, strict=True)]
+
+
+@dataclass(frozen=True)
+class KnotsSpace(Space):
+    """KnOTS space (see the module docstring).
+
+    Options:
+        variant: ``"paper"`` (``diag(s) V_t``, global trim) or ``"per_layer"`` (``V_t``).
+        naive: form the ``out × T·in`` matrix and take its SVD (the paper code's cost).
+        scope: overrides the variant's scope (``"model"`` for paper, ``"module"`` per layer).
+        rank_rtol: relative tolerance of the kept singular values (``None``: numerical rank).
+    """
+
+    name: ClassVar[str] = "knots"
+    option_intervals: ClassVar = {"rank_rtol": Interval(0.0, 1.0, low_open=True, high_open=True)}
+    variant: Literal["paper", "per_layer"] = "paper"
+    naive: bool = False
+    scope: Literal["module", "model"] | None = None  # type: ignore[misc]
+    rank_rtol: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scope is None:
+            object.__setattr__(self, "scope", "model" if self.variant == "paper" else "module")
+
+    def configure(self, **options) -> KnotsSpace:
+        if "variant" in options and "scope" not in options:  # the scope follows a new variant
+            options = {**options, "scope": None}
+        return super().configure(**options)  # type: ignore[return-value]
+
+    def project(self, updates: Sequence[Update]) -> tuple[list[Tensor], Context]:
+        lowrank = require_low_rank(updates, self.name)
+        U, s, blocks = knots_svd(lowrank, naive=self.naive, rank_rtol=self.rank_rtol)
+        info = {"singular_values": s, "k": int(s.numel())}
+        if self.variant == "paper":
+            reps = [s[:, None] * V_t for V_t in blocks]
+            ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U, left_pinv=U.T, info=info)
+        else:
+            reps = blocks
+            inv_s = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))  # s = 0: all-zero module
+            ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U * s, left_pinv=U.T * inv_s[:, None],
+                          info=info)
+        return reps, ctx
