@@ -95,8 +95,7 @@ def _fmt(value: float | None) -> str:
 @app.command()
 def demo(store: StoreOpt = None, workdir: Annotated[Path, typer.Option(help="Where the demo's adapters are written.")] = Path("data/demo")) -> None:
     """Build a tiny PEFT adapter set, inspect it and store its per-module statistics."""
-    from mergelab.analysis import VERSIONS
-    from mergelab.analysis.geometry import norms
+    from mergelab.analysis.registry import ANALYSES
     from mergelab.checkpoints import load_taskset
     from mergelab.store import Store
     from mergelab.synthetic import tiny_vision_transformer, write_peft_adapters
@@ -108,9 +107,10 @@ def demo(store: StoreOpt = None, workdir: Annotated[Path, typer.Option(help="Whe
         paths = write_peft_adapters(model, workdir / "adapters", names, target_modules=["attn"], rank=4, alpha=8)
     taskset = load_taskset(model, paths)
     inspect([str(p) for p in paths], base=None, as_json=False)
-    key = s.key("geometry.norms", VERSIONS["geometry.norms"], taskset=taskset)
+    norms = ANALYSES["norms"]
+    key = s.key(norms.producer, norms.version, taskset=taskset)
     if not s.exists(key):
-        s.put_dataset(key, norms(taskset))
+        s.put_dataset(key, norms.fn(taskset))
     s.set_ref("demo/norms", key)
     console.print(f"stored per-module norms of {len(taskset)} tasks × {len(taskset.module_names)} modules in {s.url} as {key}")
 

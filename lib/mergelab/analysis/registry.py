@@ -1,0 +1,48 @@
+"""The registry of analyses: what each one computes, from what, at which code version.
+
+``ANALYSES[name]`` is the only list of analyses: the study spec validates ``analyses:`` against
+it, the ``analyze`` flow runs its entries and keys their Datasets in the store as
+``store.key(entry.producer, entry.version, **inputs)``. Bump an entry's ``version`` whenever its
+output changes for the same inputs, so stale artifacts are never reused.
+
+``needs`` says what the function takes first: ``"taskset"`` (weight-only statistics),
+``"merged"`` (a TaskSet and one merged update of the sweep) or ``"bench"`` (the model and task
+data, for gradients and features).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import xarray as xr
+
+from mergelab.analysis import coverage, geometry, spectra
+
+__all__ = ["ANALYSES", "Analysis"]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    fn: Callable[..., xr.Dataset]
+    version: str
+    needs: Literal["taskset", "merged", "bench"] = "taskset"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def producer(self) -> str:
+        """The producer name in store keys: ``<module>.<function>`` (e.g. ``geometry.norms``)."""
+        return f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"
+
+
+ANALYSES: dict[str, Analysis] = {
+    "norms": Analysis(geometry.norms, "2"),  # 2: packed q/k/v projections split into views
+    "cosine": Analysis(geometry.cosine_similarity, "1"),
+    "lambda_similarity": Analysis(geometry.lambda_similarity, "1"),
+    "coverage": Analysis(coverage.subspace_coverage, "1"),
+    "spectra": Analysis(spectra.task_spectra, "1"),
+    "sar": Analysis(spectra.pairwise_sar, "1"),
+    "merged_similarity": Analysis(geometry.merged_similarity, "1", needs="merged"),
+    "merged_rank": Analysis(spectra.merged_rank, "1", needs="merged"),
+}

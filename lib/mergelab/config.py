@@ -1,0 +1,260 @@
+"""The study specification (pydantic), loaded from YAML (DESIGN §8).
+
+A study names the benchmark (a backend with its base checkpoint and tasks), the static merge
+methods × spaces × hyper-parameter grids, the selection rule, the adaptive methods, the
+analyses, the seeds and the store. ``studies/micro.yaml`` is the embedded default. Every
+validation error becomes one :class:`~mergelab.errors.InputError` line naming the field and the
+allowed values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergelab.errors import InputError
+
+__all__ = ["AdaptiveSpec", "BenchSpec", "MethodSpec", "StudySpec", "TaskSource", "config_label", "load_study"]
+
+#: Largest hyper-parameter product one method × space may sweep (the study lists smaller grids).
+MAX_CONFIGS = 64
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSource(_Strict):
+    """One task of a real-model study: its adapter (or full checkpoint) and its image folder."""
+
+    name: str
+    adapter: Path | None = None
+    checkpoint: Path | None = None
+    data: Path | None = None
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSource:
+        if (self.adapter is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of adapter or checkpoint")
+        return self
+
+
+class BenchSpec(_Strict):
+    """Where the model and tasks come from: ``micro`` (the shipped benchmark), ``open_clip`` or
+    ``hf_clip`` (local weights + ImageFolder task data)."""
+
+    kind: str = "micro"
+    root: Path = Path("data/micro")
+    rank: int = 16
+    arch: str | None = None
+    weights: Path | None = None
+    image_size: int | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from mergelab.bench import BENCHES
+
+        if kind not in BENCHES:
+            raise ValueError(f"unknown backend kind {kind!r}; allowed: {', '.join(BENCHES)}")
+        return kind
+
+
+class MethodSpec(_Strict):
+    """A static merge method (or ``a+b`` composition) in some spaces, over a hyper-parameter grid.
+
+    ``grid`` lists values per hyper-parameter (their product is swept); ``None`` takes the
+    method's registry grid. ``fixed`` sets hyper-parameters that are not swept.
+    """
+
+    method: str
+    spaces: list[str] = Field(default_factory=lambda: ["full"])
+    grid: dict[str, list[Any]] | None = None
+    fixed: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        from mergelab.merging import METHODS
+
+        try:
+            METHODS[method]
+        except (InputError, KeyError) as err:
+            raise ValueError(str(err).strip("'\"")) from None
+        return method
+
+    @field_validator("spaces")
+    @classmethod
+    def _known_spaces(cls, spaces: list[str]) -> list[str]:
+        from mergelab.spaces import SPACES
+
+        unknown = [s for s in spaces if s not in SPACES]
+        if unknown or not spaces:
+            raise ValueError(f"unknown space {unknown[0] if unknown else '(none)'!r}; allowed: {', '.join(SPACES)}")
+        return spaces
+
+    @model_validator(mode="after")
+    def _valid_grid(self) -> MethodSpec:
+        from mergelab.merging import METHODS
+
+        spec = METHODS[self.method]
+        n = 1
+        for values in self.effective_grid().values():
+            n *= max(1, len(values))
+        if n > MAX_CONFIGS:
+            raise ValueError(f"{self.method}: the grid has {n} configurations (> {MAX_CONFIGS}); list fewer values in grid")
+        for config in self.configs():
+            spec.resolve(config)  # InputError names the allowed hyper-parameters / values
+        return self
+
+    def effective_grid(self) -> dict[str, list[Any]]:
+        from mergelab.merging import METHODS
+
+        grid = self.grid if self.grid is not None else {k: list(v) for k, v in METHODS[self.method].grid.items()}
+        return {k: list(v) for k, v in grid.items()}
+
+    def configs(self) -> list[dict[str, Any]]:
+        """Every configuration: the grid's product, each with ``fixed`` added (sorted keys)."""
+        grid = self.effective_grid()
+        keys = sorted(grid)
+        return [{**self.fixed, **dict(zip(keys, values, strict=True))} for values in itertools.product(*(grid[k] for k in keys))]
+
+
+class AdaptiveSpec(_Strict):
+    """A test-time adaptation method of :data:`mergelab.adaptation.ADAPTERS` and its settings."""
+
+    method: str
+    iters: int = 250
+    lr: float = 1e-3
+    batch_size: int = 16
+    scalarization: Literal["sum", "stch"] | None = None
+    alpha: float = 1.0
+    preference: list[float] | None = None
+    hp: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, method: str) -> str:
+        from mergelab.adaptation import ADAPTERS
+
+        if method not in ADAPTERS:
+            raise ValueError(f"unknown adaptive method {method!r}; allowed: {', '.join(ADAPTERS)}")
+        return method
+
+    @property
+    def name(self) -> str:
+        """The label of this run in the results (``method`` unless ``label`` is given)."""
+        return self.label or self.method
+
+
+class StudySpec(_Strict):
+    """A whole study: benchmark, methods, adaptation, selection, analyses, seeds, store."""
+
+    name: str
+    description: str = ""
+    bench: BenchSpec = Field(default_factory=BenchSpec)
+    tasks: list[str] | list[TaskSource] | None = None
+    methods: list[MethodSpec] = Field(default_factory=list)
+    adaptive: list[AdaptiveSpec] = Field(default_factory=list)
+    selection: Literal["val", "tas"] = "val"
+    joint: bool = True
+    analyses: list[str] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    store: str | None = None
+    allow_labels: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        if not name or any(c in name for c in "/\\ "):
+            raise ValueError(f"study name {name!r} must be non-empty without '/', '\\' or spaces")
+        return name
+
+    @field_validator("analyses")
+    @classmethod
+    def _known_analyses(cls, analyses: list[str]) -> list[str]:
+        from mergelab.analysis.registry import ANALYSES
+
+        unknown = [a for a in analyses if a not in ANALYSES]
+        if unknown:
+            raise ValueError(f"unknown analysis {unknown[0]!r}; allowed: {', '.join(ANALYSES)}")
+        return analyses
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> StudySpec:
+        if not self.methods and not self.adaptive and not self.analyses:
+            raise ValueError("the study has no methods, adaptive methods or analyses; add at least one")
+        labels = [a.name for a in self.adaptive]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"adaptive runs need distinct labels, got {labels}; set label: for repeated methods")
+        return self
+
+    def store_url(self, override: str | None = None) -> str:
+        """``--store`` beats the study's ``store:``, which beats ``$MERGELAB_STORE`` / ``data/store``."""
+        from mergelab.store import default_store_url
+
+        return override or self.store or default_store_url()
+
+
+def _location(loc: tuple) -> str:
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+
+
+def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
+    """Read and validate a study YAML file (or an already parsed mapping)."""
+    where = "study"
+    if isinstance(path, dict):
+        data = path
+    else:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise InputError(f"study file {path} does not exist; pass a YAML file such as studies/micro.yaml")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise InputError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path} must hold a mapping with at least 'name' and 'methods'")
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            allowed = ", ".join(_fields_at(first["loc"][:-1]))
+            message = f"unknown field; allowed: {allowed}"
+        raise InputError(f"{where}: {_location(first['loc'])}: {message}") from None
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names allowed at a location of the spec (for 'unknown field' errors)."""
+    model: type[BaseModel] = StudySpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        nested += [a for arg in getattr(annotation, "__args__", ()) for a in getattr(arg, "__args__", ())
+                   if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def config_label(config: dict[str, Any]) -> str:
+    """A stable, readable label of one configuration (``alpha=0.3,density=0.2``; ``default``)."""
+    if not config:
+        return "default"
+    return ",".join(f"{k}={config[k]}" for k in sorted(config))
