@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lowrank_svd", "numerical_rank", "polar", "rank_tolerance", "svd64", "truncated_svd"]
+__all__ = ["lowrank_svd", "numerical_rank", "polar", "random_orthonormal", "rank_tolerance", "svd64", "truncated_svd"]
 
 
 def svd64(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,3 +72,16 @@ def polar(matrix: Tensor) -> Tensor:
     orthogonal matrices")."""
     P, _, Qh = svd64(matrix)
     return P @ Qh
+
+
+def random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> Tensor:
+    """A random ``(rows, cols)`` float64 matrix with orthonormal columns (``cols ≤ rows``).
+
+    The Q factor of a Gaussian matrix, signs fixed by ``diag(R) > 0`` so that the basis is
+    Haar-distributed (uniform on the Stiefel manifold) and a function of the generator's state
+    only; the "random orthonormal basis" of 003 Tab. 5 (row 2).
+    """
+    assert 0 <= cols <= rows, (rows, cols)
+    Q, R = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    signs = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(torch.float64)
+    return Q * signs
