@@ -25,9 +25,10 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from mergelab.taskset import Dense, LowRank, TaskSet, Update, packed_views
+from mergelab.errors import InputError
+from mergelab.taskset import Dense, LowRank, TaskSet, TaskUpdate, Update, packed_views
 
-__all__ = ["annotated", "block_sum", "dataset_attrs", "direction_gram", "gram", "inner", "matrix_modules", "module_updates", "split_modules"]
+__all__ = ["annotated", "block_sum", "dataset_attrs", "direction_gram", "gram", "inner", "matrix_modules", "matrix_taskset", "module_updates", "split_modules"]
 
 
 def _f64(t: Tensor) -> Tensor:
@@ -53,6 +54,24 @@ def module_updates(taskset: TaskSet, *, split_packed: bool = True) -> dict[str, 
 def matrix_modules(taskset: TaskSet, *, split_packed: bool = True) -> dict[str, list[Update]]:
     """:func:`module_updates` restricted to 2-D parameters (weight matrices, embeddings)."""
     return {name: ups for name, ups in module_updates(taskset, split_packed=split_packed).items() if len(ups[0].shape) == 2}
+
+
+def matrix_taskset(taskset: TaskSet, *, split_packed: bool = True, lora_only: bool = False) -> TaskSet:
+    """The task set restricted to its 2-D modules (:func:`matrix_modules`), packed q/k/v split into views.
+
+    Analyses that merge (and so must see the same matrices as their per-module statistics) run on
+    this TaskSet. ``lora_only`` keeps only the modules where every task's update is LowRank (the
+    LoRA targets, which the Core and KnOTS spaces need); InputError if none is left.
+    """
+    modules = matrix_modules(taskset, split_packed=split_packed)
+    if lora_only:
+        modules = {m: ups for m, ups in modules.items() if all(isinstance(u, LowRank) for u in ups)}
+    if not modules:
+        what = "LoRA (low-rank in every task)" if lora_only else "2-D"
+        raise InputError(f"the task set has no {what} modules to analyse; its modules are {list(taskset.module_names)[:5]}")
+    tasks = tuple(TaskUpdate(task.name, {m: ups[t] for m, ups in modules.items()}, task.source, task.meta)
+                  for t, task in enumerate(taskset.tasks))
+    return TaskSet(tasks, taskset.base)
 
 
 def inner(u: Update, v: Update) -> float:

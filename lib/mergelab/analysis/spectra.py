@@ -6,7 +6,8 @@
   of each task vector; 003 Sec. 5.2 that of merged updates).
 - The rank of a merged ``ΔW`` (003 App. C.2, Tab. 6) as a numerical rank with a named tolerance.
 - The Subspace Alignment Ratio (SAR) of Marczak et al. (2025, "No task left behind", their
-  Eqs. (5)-(6)), which 003 Sec. 5.2 / Fig. 5 evaluates between each pair of LoRA task updates.
+  Eqs. (5)-(6)), which 003 Sec. 5.2 / Fig. 5 evaluates between each pair of LoRA task updates,
+  in full space and on the Core-space core matrices (``pairwise_sar(..., space="core")``).
 
 SVDs run in float64 on CPU with ``full_matrices=False``.
 """
@@ -23,6 +24,7 @@ from torch import Tensor
 from mergelab.analysis.factored import annotated, dataset_attrs, matrix_modules, split_modules
 from mergelab.linalg import lowrank_svd
 from mergelab.naming import module_coords
+from mergelab.spaces import get_space
 from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, Update
 
 __all__ = [
@@ -227,27 +229,40 @@ def merged_rank(merged: MergedUpdate | Mapping[str, Update], *, rtol: float | No
     )
 
 
-def pairwise_sar(taskset: TaskSet, *, retained: float = SAR_RETAINED, split_packed: bool = True) -> xr.Dataset:
-    """SAR between every ordered pair of task updates in full space (003 Sec. 5.2, Fig. 5).
+def _representations(updates: list[Update], space: str) -> list[Update]:
+    """One module's per-task updates as a space represents them: the updates themselves in the
+    full space (kept factored), the projected matrices ``X_t`` elsewhere (``M_t`` in Core space)."""
+    if space == "full":
+        return updates
+    matrices, _ = get_space(space).project(updates)
+    return [Dense(X) for X in matrices]
+
+
+def pairwise_sar(taskset: TaskSet, *, retained: float = SAR_RETAINED, split_packed: bool = True,
+                 space: str = "full") -> xr.Dataset:
+    """SAR between every ordered pair of task updates, in full space or another space (003 Sec. 5.2, Fig. 5).
 
     ``sar(task, reference, module)`` is ``SAR(ΔW_task, ΔW_reference; k_reference)``: the
     fraction of ``‖ΔW_task‖_F`` inside the top-``k`` left singular subspace of
     ``ΔW_reference``; it is not symmetric. ``k_reference(reference, module)`` is ``k_M`` of Iso-C
     Eq. (6), ``sar_mean(task, reference)`` the mean over modules (the per-pair number behind a
     heatmap), and ``sar_offdiag_mean`` the mean over modules and pairs with task ≠ reference
-    (the bar of 003 Fig. 5).
+    (the bar of 003 Fig. 5). With ``space="core"`` the same is computed on the core matrices
+    ``M_t`` of 003 Eq. (8) instead of ``ΔW_t`` (any space of :data:`mergelab.spaces.SPACES`
+    works: its per-task matrices ``X_t``); the attr ``space`` says which.
     """
     modules = matrix_modules(taskset, split_packed=split_packed)
     T = len(taskset)
     values = np.empty((T, T, len(modules)))
     ks = np.empty((T, len(modules)), dtype=np.int64)
     for j, ups in enumerate(modules.values()):
+        reps = _representations(ups, space)
         bases = []
-        for r, u in enumerate(ups):
+        for r, u in enumerate(reps):
             U, S = left_singular_basis(u)
             ks[r, j] = retained_rank(S, retained)
             bases.append(U[:, : ks[r, j]])
-        for t, u in enumerate(ups):
+        for t, u in enumerate(reps):
             for r, U_k in enumerate(bases):
                 values[t, r, j] = _projected_fraction(u, U_k)
     mean = values.mean(axis=2)
@@ -262,6 +277,6 @@ def pairwise_sar(taskset: TaskSet, *, retained: float = SAR_RETAINED, split_pack
                                           "SAR averaged over modules and pairs task ≠ reference"),
         },
         coords={"task": names, "reference": names, **module_coords(list(modules))},
-        attrs=dataset_attrs(taskset, title="subspace alignment ratio between task updates", space="full",
+        attrs=dataset_attrs(taskset, title="subspace alignment ratio between task updates", space=space,
                             retained=retained, paper="003 Sec. 5.2 (Fig. 5); Marczak et al. 2025 Eqs. (5)-(6)"),
     )
