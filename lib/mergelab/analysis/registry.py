@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import xarray as xr
 
-from mergelab.analysis import coverage, geometry, spectra
+from mergelab.analysis import core_space, coverage, geometry, spectra
 
 __all__ = ["ANALYSES", "Analysis"]
 
@@ -43,6 +43,10 @@ ANALYSES: dict[str, Analysis] = {
     "coverage": Analysis(coverage.subspace_coverage, "1"),
     "spectra": Analysis(spectra.task_spectra, "1"),
     "sar": Analysis(spectra.pairwise_sar, "1"),
+    "truncation": Analysis(core_space.truncation_curves, "1"),
+    "sar_spaces": Analysis(core_space.sar_by_space, "1"),
+    "reference_bases": Analysis(core_space.reference_basis_ablation, "1"),
+    "merged_rank_spaces": Analysis(core_space.merged_rank_grid, "1"),
     "merged_similarity": Analysis(geometry.merged_similarity, "1", needs="merged"),
     "merged_rank": Analysis(spectra.merged_rank, "1", needs="merged"),
 }

@@ -1,0 +1,406 @@
+"""Core Space analyses of 003 (Sec. 5.2, App. C.2): truncation, SAR per space, reference bases, merged rank.
+
+Weight-only counterparts of 003's analysis section, each a pure function of a TaskSet returning an
+xarray Dataset (schemas in ``docs/store.md`` §6). Notation and shapes follow
+:mod:`mergelab.spaces.core`: ``A_t: (r_t, in)``, ``B_t: (out, r_t)`` (PEFT; 003 writes
+``A^{(t)} ∈ R^{r×n}``, ``B^{(t)} ∈ R^{m×r}``, the same orientation), reference bases
+``U_B^ref (out, d_U)``, ``V_A^ref (in, d_V)`` (003 Eq. 3) and core matrices
+``M_t = (U_B^refᵀ B_t)(A_t V_A^ref)`` (003 Eq. 8).
+
+- :func:`truncation_curves` (003 Sec. 5.2 "Truncation", Fig. 4): merge (Task Arithmetic in the
+  paper), take the SVD of the merged matrix *in the space* (``ΔW_merged`` in full space,
+  ``M_merged`` in Core space), set ``σ_i = 0`` for ``i > (1 − p)·dim(Σ)``, and measure what the
+  truncation removes. 003 plots the accuracy of the truncated merge; from weights alone we report
+  the relative Frobenius error and the retained energy (:func:`truncated_merge` gives the
+  truncated merged update itself, for an evaluation flow to score).
+- :func:`sar_by_space` (003 Sec. 5.2, Fig. 5): :func:`~mergelab.analysis.spectra.pairwise_sar`
+  on the updates ``ΔW_t`` and on the core matrices ``M_t``, stacked along ``space``.
+- :func:`reference_basis_ablation` (003 Sec. 5.2 "Choice of the reference basis", Tab. 5): the
+  alignment errors ``ε_U``, ``ε_V`` (003 Eq. 13) of three bases — the first task's, a random
+  orthonormal one of the concatenation's dimension, and the concatenation (Eq. 3) — plus what each
+  basis loses when a task update, or their Task Arithmetic sum, goes through the core and back.
+- :func:`merged_rank_grid` (003 App. C.2, Tab. 6): the numerical rank of the merged ``ΔW`` per
+  method and space, by :func:`mergelab.merging.merge` and
+  :func:`~mergelab.analysis.spectra.merged_rank`.
+
+Every function runs on the task set's LoRA modules (2-D parameters that are LowRank in every task;
+packed q/k/v projections split into views, as the other analyses), because the Core space is
+defined from LoRA factors. SVDs are float64 (:mod:`mergelab.linalg`); no ``out × in`` matrix is
+formed except where the full space itself is dense (a full-space merge).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor
+
+from mergelab.analysis.factored import annotated, dataset_attrs, matrix_taskset
+from mergelab.analysis.spectra import SAR_RETAINED, merged_rank, pairwise_sar, singular_values
+from mergelab.linalg import lowrank_svd, random_orthonormal, svd64, truncated_svd
+from mergelab.merging import derive_seed, merge
+from mergelab.naming import module_coords
+from mergelab.spaces import Context, Space, get_space
+from mergelab.spaces.core import alignment_errors, reference_bases
+from mergelab.taskset import LowRank, MergedUpdate, TaskSet, Update
+
+__all__ = [
+    "BASES",
+    "SAR_SPACES",
+    "TABLE6_METHODS",
+    "TABLE6_SPACES",
+    "TRUNCATION_FRACTIONS",
+    "TRUNCATION_SPACES",
+    "candidate_bases",
+    "core_roundtrip_error",
+    "kept_rank",
+    "merged_in_space",
+    "merged_rank_grid",
+    "reference_basis_ablation",
+    "sar_by_space",
+    "truncated_merge",
+    "truncation_curves",
+    "truncation_error_curve",
+]
+
+#: Fractions ``p`` of ``dim(Σ)`` set to zero (003 Fig. 4's x-axis; the paper does not list its grid).
+TRUNCATION_FRACTIONS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
+#: The spaces 003 Fig. 4 compares.
+TRUNCATION_SPACES: tuple[str, ...] = ("full", "core")
+#: The spaces 003 Fig. 5 compares.
+SAR_SPACES: tuple[str, ...] = ("full", "core")
+#: The methods and spaces of 003 Tab. 6 (TA, TSV, TIES in Full, KnOTS, Core).
+TABLE6_METHODS: tuple[str, ...] = ("task_arithmetic", "tsv", "ties")
+TABLE6_SPACES: tuple[str, ...] = ("full", "knots", "core")
+#: The reference bases of 003 Tab. 5, rows (1)-(3).
+BASES: tuple[str, ...] = ("first_task", "random_orthonormal", "concatenation")
+
+#: Slack so that ``(1 − p)·dim`` that is an integer up to rounding is not floored one too low.
+_FLOOR_SLACK = 1e-9
+
+
+def _nanmean(values: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
+    """Mean over ``axis`` ignoring NaN; NaN where every value is NaN (without a RuntimeWarning)."""
+    finite = ~np.isnan(values)
+    count = finite.sum(axis=axis)
+    total = np.where(finite, values, 0.0).sum(axis=axis)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+# --- truncation (003 Sec. 5.2, Fig. 4) ----------------------------------------------------------
+
+
+def kept_rank(dim: int, fraction: float) -> int:
+    """Components kept when the fraction ``p`` of least significant singular values is truncated.
+
+    003 Sec. 5.2: "we truncate a fraction of p least significant values, i.e. ``σ_i = 0`` for
+    ``i > (1 − p)·dim(Σ)``", so ``⌊(1 − p)·dim(Σ)⌋`` components stay.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the truncated fraction must lie in [0, 1], got {fraction}")
+    return int(math.floor((1.0 - fraction) * dim + _FLOOR_SLACK))
+
+
+def truncation_error_curve(sigma: Tensor | np.ndarray, dim: int) -> np.ndarray:
+    """Relative error ``‖X − X_k‖_F / ‖X‖_F = sqrt(Σ_{i>k} σ_i² / Σ_i σ_i²)`` for ``k = 0 … dim``.
+
+    ``X_k`` keeps the top ``k`` singular components of ``X`` (Eckart–Young); ``sigma`` are the
+    singular values of ``X`` (descending), padded with zeros up to ``dim = dim(Σ)``. NaN for a
+    zero matrix.
+    """
+    s = np.asarray(sigma, dtype=np.float64)
+    assert s.size <= dim, (s.size, dim)
+    energy = np.zeros(dim)
+    energy[: s.size] = s**2
+    tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])  # tail[k] = Σ_{i>k} σ_i² (1-based i)
+    total = tail[0]
+    if total <= 0.0:
+        return np.full(dim + 1, np.nan)
+    return np.sqrt(tail / total)
+
+
+def merged_in_space(merged: Update, space: Space, ctx: Context) -> Update:
+    """A merged update in the space's coordinates, ``X* = P⁺ ΔW* Q`` (see :mod:`mergelab.spaces.base`).
+
+    The inverse of :meth:`Space.reconstruct`: the merged core ``M*`` in Core space (003 Eq. 10
+    read backwards), the merged ``ΔW*`` itself in full space. Returned as factors
+    ``(P⁺ B*, A* Q)`` when the space has maps (never the ``out × in`` matrix).
+    """
+    if ctx.left_pinv is None and ctx.right is None:
+        return merged
+    return space.factors([merged], ctx)[0]
+
+
+def _svd(update: Update) -> tuple[Tensor, Tensor, Tensor]:
+    """All singular triplets of a 2-D update, from the factors when low rank (float64)."""
+    if isinstance(update, LowRank):
+        return lowrank_svd(update.B, update.A, truncate=False)
+    return svd64(update.delta)
+
+
+def _space_dim(space: Space, updates: Sequence[Update]) -> tuple[int, Context]:
+    """``dim(Σ)`` of the merged matrix in the space (``min`` of a task representation's shape) and the context."""
+    matrices, ctx = space.project(updates)
+    return min(matrices[0].shape), ctx
+
+
+def truncated_merge(taskset: TaskSet, fraction: float, *, method: str = "task_arithmetic", space: str = "core",
+                    hyper_parameters: Mapping[str, Any] | None = None) -> MergedUpdate:
+    """The merge with the fraction ``p`` of least significant singular values truncated in ``space`` (003 Sec. 5.2, Fig. 4).
+
+    Merges with :func:`mergelab.merging.merge`, takes the SVD of every merged matrix in the
+    space's coordinates (:func:`merged_in_space`: ``ΔW_merged`` in full space, ``M_merged`` in
+    Core space), keeps the top :func:`kept_rank` ``(dim(Σ), p)`` components and maps back. Each
+    truncated matrix module is a LowRank; non-matrix parameters are kept as merged. This is what an
+    evaluation flow scores to redraw 003 Fig. 4 with accuracies.
+    """
+    sp = get_space(space)
+    merged = merge(taskset, method, sp, **dict(hyper_parameters or {}))
+    out: dict[str, Update] = {}
+    for name, update in merged.modules.items():
+        if len(update.shape) != 2:
+            out[name] = update
+            continue
+        dim, ctx = _space_dim(sp, taskset.updates(name))
+        U, s, Vh = _svd(merged_in_space(update, sp, ctx))
+        k = min(kept_rank(dim, fraction), s.numel())
+        cols = max(k, 1)  # a LowRank has at least one column; zero it when nothing is kept
+        kept = s[:cols] * (torch.arange(cols) < k).to(s.dtype)
+        out[name] = sp.reconstruct(LowRank(U[:, :cols] * kept, Vh[:cols]), ctx)
+    meta = {**merged.meta, "truncation": {"fraction": float(fraction), "space": sp.name}}
+    return MergedUpdate(out, merged.base, meta)
+
+
+def truncation_curves(taskset: TaskSet, *, method: str = "task_arithmetic", spaces: Sequence[str] = TRUNCATION_SPACES,
+                      fractions: Sequence[float] = TRUNCATION_FRACTIONS, hyper_parameters: Mapping[str, Any] | None = None,
+                      split_packed: bool = True) -> xr.Dataset:
+    """Core- vs full-space truncation of the merged update (003 Sec. 5.2 "Truncation", Fig. 4).
+
+    For every space and LoRA module: merge with ``method`` (003: Task Arithmetic), take the
+    singular values ``σ`` of the merged matrix in the space (``ΔW_merged``, ``out × in``, in full
+    space; ``M_merged``, ``d_U × d_V`` (``Tr × Tr``), in Core space), ``dim(Σ)`` = the smaller side
+    of that matrix, and truncate the fraction ``p`` of least significant values (``σ_i = 0`` for
+    ``i > (1 − p)·dim(Σ)``). What the truncation removes, relative to the untruncated merge:
+    ``sqrt(Σ_{i>k} σ_i² / Σ_i σ_i²)`` with ``k`` the kept rank (the relative Frobenius error of
+    the reconstructed ``ΔW`` too, since the Core maps are isometries).
+
+    Dims ``space``, ``module`` (``layer``/``kind`` coords), ``fraction`` (``p``), ``rank`` (kept
+    rank ``k = 0 … max dim(Σ)``) and ``component`` (1-based). Variables: ``dim_sigma``,
+    ``singular_value``, ``relative_error`` (by kept rank), ``kept_rank``, ``truncation_error``
+    and ``retained_energy`` (by ``p``) and ``truncation_error_mean`` (over modules; the curve of
+    Fig. 4). NaN beyond a module's ``dim(Σ)`` and where the merge is zero.
+    """
+    lora = matrix_taskset(taskset, split_packed=split_packed, lora_only=True)
+    modules = list(lora.module_names)
+    spaces = list(spaces)
+    fractions = np.asarray([float(p) for p in fractions])
+    dims = np.zeros((len(spaces), len(modules)), dtype=np.int64)
+    sigmas: dict[tuple[int, int], np.ndarray] = {}
+    resolved: dict[str, Any] = {}
+    for i, space in enumerate(spaces):
+        sp = get_space(space)
+        merged = merge(lora, method, sp, **dict(hyper_parameters or {}))
+        resolved = merged.meta["hyper_parameters"]
+        for j, name in enumerate(modules):
+            dims[i, j], ctx = _space_dim(sp, lora.updates(name))
+            sigmas[i, j] = singular_values(merged_in_space(merged.modules[name], sp, ctx)).numpy()
+    n = int(dims.max())
+    sv = np.full((len(spaces), len(modules), n), np.nan)
+    err_by_rank = np.full((len(spaces), len(modules), n + 1), np.nan)
+    kept = np.zeros((len(spaces), len(modules), len(fractions)), dtype=np.int64)
+    err = np.full((len(spaces), len(modules), len(fractions)), np.nan)
+    for (i, j), s in sigmas.items():
+        d = int(dims[i, j])
+        sv[i, j, :d] = 0.0
+        sv[i, j, : s.size] = s
+        curve = truncation_error_curve(s, d)
+        err_by_rank[i, j, : d + 1] = curve
+        kept[i, j] = [kept_rank(d, p) for p in fractions]
+        err[i, j] = curve[kept[i, j]]
+    by_p = ("space", "module", "fraction")
+    return xr.Dataset(
+        {
+            "dim_sigma": annotated(("space", "module"), dims, "dim(Σ): singular values of the merged matrix in the space"),
+            "singular_value": annotated(("space", "module", "component"), sv, "singular value σ_k of the merged matrix in the space",
+                                        "weight units"),
+            "relative_error": annotated(("space", "module", "rank"), err_by_rank,
+                                        "relative Frobenius error of the merge truncated to its top-k components"),
+            "kept_rank": annotated(by_p, kept, "kept rank ⌊(1 − p)·dim(Σ)⌋"),
+            "truncation_error": annotated(by_p, err, "relative Frobenius error after truncating the fraction p"),
+            "retained_energy": annotated(by_p, 1.0 - err**2, "energy retained after truncating the fraction p"),
+            "truncation_error_mean": annotated(("space", "fraction"), _nanmean(err, axis=1),
+                                               "relative truncation error averaged over modules"),
+        },
+        coords={"space": np.array(spaces, dtype=object), **module_coords(modules), "fraction": fractions,
+                "rank": np.arange(n + 1), "component": np.arange(1, n + 1)},
+        attrs=dataset_attrs(taskset, title="core- vs full-space truncation of the merged update", method=method,
+                            hyper_parameters=resolved, paper="003 Sec. 5.2 (Fig. 4)"),
+    )
+
+
+# --- SAR per space (003 Sec. 5.2, Fig. 5) -------------------------------------------------------
+
+
+def sar_by_space(taskset: TaskSet, *, spaces: Sequence[str] = SAR_SPACES, retained: float = SAR_RETAINED,
+                 split_packed: bool = True) -> xr.Dataset:
+    """Subspace alignment ratio between every pair of task updates in full and Core space (003 Sec. 5.2, Fig. 5).
+
+    :func:`~mergelab.analysis.spectra.pairwise_sar` on ``ΔW_t`` (full) and on the core matrices
+    ``M_t`` (core), stacked along a ``space`` dim: variables ``sar(space, task, reference,
+    module)``, ``k_reference``, ``sar_mean`` and ``sar_offdiag_mean(space)`` (the bars of Fig. 5).
+    Only LoRA modules enter, in both spaces, so that the two are averaged over the same modules.
+    """
+    lora = matrix_taskset(taskset, split_packed=split_packed, lora_only=True)
+    per_space = [pairwise_sar(lora, retained=retained, split_packed=False, space=space) for space in spaces]
+    ds = xr.concat(per_space, dim=xr.DataArray(np.array(list(spaces), dtype=object), dims="space"),
+                   combine_attrs="drop")
+    ds.attrs = dataset_attrs(taskset, title="subspace alignment ratio between task updates, per space",
+                             spaces=list(spaces), retained=retained,
+                             paper="003 Sec. 5.2 (Fig. 5); Marczak et al. 2025 Eqs. (5)-(6)")
+    return ds
+
+
+# --- reference-basis ablation (003 Sec. 5.2, Tab. 5) --------------------------------------------
+
+
+def candidate_bases(updates: Sequence[LowRank], *, seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """The reference bases ``(U (out, ·), V (in, ·))`` compared in 003 Tab. 5, rows (1)-(3).
+
+    - ``first_task``: ``U_B^(1)``, ``V_A^(1)``, the left / right singular vectors of the first
+      task's ``B_1`` / ``A_1`` for their non-zero singular values (``m × r``);
+    - ``random_orthonormal``: Haar-random orthonormal bases with as many columns as the
+      concatenation's (``m × Tr``; ``seed`` drives a ``torch.Generator``);
+    - ``concatenation``: :func:`mergelab.spaces.reference_bases`, 003 Eq. (3).
+
+    003 Tab. 5 varies ``U_B^ref`` and says "we proceed with ``V_A^ref`` analogously".
+    """
+    U_ref, V_ref = reference_bases(updates)
+    first = updates[0]
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "first_task": (truncated_svd(first.B)[0], truncated_svd(first.A)[2].T),
+        "random_orthonormal": (random_orthonormal(first.shape[0], U_ref.shape[1], g),
+                               random_orthonormal(first.shape[1], V_ref.shape[1], g)),
+        "concatenation": (U_ref, V_ref),
+    }
+
+
+def core_roundtrip_error(update: LowRank, U: Tensor, V: Tensor) -> float:
+    """``‖ΔW − U (Uᵀ ΔW V) Vᵀ‖_F / ‖ΔW‖_F``: what a task update loses through the core of basis ``(U, V)``.
+
+    003 Eq. (7) is this round trip for the reference bases, and it is exact there (Sec. 4.2). With
+    ``P_U = UUᵀ``, ``P_V = VVᵀ`` the error splits into two orthogonal parts,
+    ``(I − P_U) B A`` and ``P_U B · A (I − P_V)``, each a low-rank product whose norm comes from its
+    factors. NaN for a zero update.
+    """
+    B, A = update.B.to(torch.float64), update.A.to(torch.float64)
+    norm = update.norm()
+    if norm == 0.0:
+        return math.nan
+    UB = U @ (U.T @ B)  # (out, r)
+    outside_U = LowRank(B - UB, A).norm()
+    outside_V = LowRank(UB, A - (A @ V) @ V.T).norm()
+    return math.hypot(outside_U, outside_V) / norm
+
+
+def _task_arithmetic_sum(updates: Sequence[LowRank]) -> LowRank:
+    """``Σ_t B_t A_t`` as one factored update ``[B_1 … B_T] [A_1; …; A_T]``."""
+    return LowRank(torch.cat([u.B.to(torch.float64) for u in updates], dim=1),
+                   torch.cat([u.A.to(torch.float64) for u in updates], dim=0))
+
+
+def reference_basis_ablation(taskset: TaskSet, *, seed: int = 0, split_packed: bool = True) -> xr.Dataset:
+    """Alignment error of three choices of reference basis (003 Sec. 5.2 "Choice of the reference basis", Tab. 5).
+
+    For every LoRA module and basis of :func:`candidate_bases`, and every task ``t``:
+
+    - ``eps_U``: ``ε_U = r_t − ‖U_B^(t)ᵀ U‖_F²`` (003 Eq. 13, the least-squares alignment error of
+      Eq. 4 with its minimiser Eq. 5); ``eps_V`` the same for ``V_A^(t)`` and ``V``
+      (:func:`mergelab.spaces.core.alignment_errors`);
+    - ``roundtrip_error``: :func:`core_roundtrip_error` of ``ΔW_t``;
+    - ``ta_roundtrip_error(basis, module)``: the same for the Task Arithmetic sum ``Σ_t ΔW_t``, i.e.
+      how far TA merged in that core is from TA in full space (003 Eq. 11 holds only when it is 0).
+
+    ``eps_U_mean`` / ``eps_V_mean`` average over modules and tasks (Tab. 5's "Avg. ε_U");
+    ``basis_dim_U`` / ``basis_dim_V`` are the bases' column counts (Tab. 5's "Shape"). The random
+    basis of module ``m`` is drawn with ``derive_seed(seed, m)``. Tab. 5's accuracy column needs
+    an evaluation and is not computed here.
+    """
+    lora = matrix_taskset(taskset, split_packed=split_packed, lora_only=True)
+    modules = list(lora.module_names)
+    T, M, K = len(lora), len(modules), len(BASES)
+    eps = np.empty((2, K, T, M))
+    roundtrip = np.empty((K, T, M))
+    ta = np.empty((K, M))
+    dim = np.empty((2, K, M), dtype=np.int64)
+    for j, name in enumerate(modules):
+        updates = lora.updates(name)
+        bases = candidate_bases(updates, seed=derive_seed(seed, name))
+        for b, basis in enumerate(BASES):
+            U, V = bases[basis]
+            dim[:, b, j] = U.shape[1], V.shape[1]
+            eps[:, b, :, j] = np.asarray(alignment_errors(updates, U, V)).T
+            roundtrip[b, :, j] = [core_roundtrip_error(u, U, V) for u in updates]
+            ta[b, j] = core_roundtrip_error(_task_arithmetic_sum(updates), U, V)
+    per_task = ("basis", "task", "module")
+    return xr.Dataset(
+        {
+            "eps_U": annotated(per_task, eps[0], "alignment error ε_U = r_t − ‖U_B^(t)ᵀ U‖_F²"),
+            "eps_V": annotated(per_task, eps[1], "alignment error ε_V = r_t − ‖V_A^(t)ᵀ V‖_F²"),
+            "eps_U_mean": annotated(("basis",), eps[0].mean(axis=(1, 2)), "ε_U averaged over modules and tasks"),
+            "eps_V_mean": annotated(("basis",), eps[1].mean(axis=(1, 2)), "ε_V averaged over modules and tasks"),
+            "roundtrip_error": annotated(per_task, roundtrip, "relative error of ΔW_t through the core and back"),
+            "ta_roundtrip_error": annotated(("basis", "module"), ta, "relative error of Σ_t ΔW_t through the core and back"),
+            "basis_dim_U": annotated(("basis", "module"), dim[0], "columns of the left basis U"),
+            "basis_dim_V": annotated(("basis", "module"), dim[1], "columns of the right basis V"),
+        },
+        coords={"basis": np.array(BASES, dtype=object), "task": np.array(lora.names, dtype=object), **module_coords(modules)},
+        attrs=dataset_attrs(taskset, title="reference-basis ablation", seed=seed, paper="003 Sec. 5.2 (Tab. 5), Eq. (13)"),
+    )
+
+
+# --- rank of the merged update per method and space (003 App. C.2, Tab. 6) ----------------------
+
+
+def merged_rank_grid(taskset: TaskSet, *, methods: Sequence[str] = TABLE6_METHODS, spaces: Sequence[str] = TABLE6_SPACES,
+                     hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None, rtol: float | None = None,
+                     split_packed: bool = True) -> xr.Dataset:
+    """Numerical rank ``r_ΔW`` of the merged update for every method × space (003 App. C.2, Tab. 6).
+
+    Each cell is :func:`mergelab.merging.merge` then :func:`~mergelab.analysis.spectra.merged_rank`
+    (``rtol=None``: ``max(out, in)·eps`` of the merged dtype). ``hyper_parameters`` maps a method to
+    its hyper-parameters (default: the registry defaults). Dims ``method``, ``space``, ``module``;
+    variables ``merged_rank``, ``merged_rank_mean(method, space)`` (the cells of Tab. 6),
+    ``max_rank = min(out, in)`` and ``total_lora_rank = Σ_t r_t`` (``Tr``, the bound in Core and
+    KnOTS space).
+    """
+    lora = matrix_taskset(taskset, split_packed=split_packed, lora_only=True)
+    modules = list(lora.module_names)
+    ranks = np.empty((len(methods), len(spaces), len(modules)), dtype=np.int64)
+    resolved: dict[str, dict[str, Any]] = {}
+    chosen = dict(hyper_parameters or {})
+    for i, method in enumerate(methods):
+        for k, space in enumerate(spaces):
+            merged = merge(lora, method, space, **dict(chosen.get(method, {})))
+            resolved[method] = dict(merged.meta["hyper_parameters"])
+            ranks[i, k] = merged_rank(merged, rtol=rtol, split_packed=False).merged_rank.sel(module=modules).values
+    first = [lora.tasks[0].modules[m] for m in modules]
+    return xr.Dataset(
+        {
+            "merged_rank": annotated(("method", "space", "module"), ranks, "numerical rank r_ΔW of the merged update"),
+            "merged_rank_mean": annotated(("method", "space"), ranks.mean(axis=2), "r_ΔW averaged over modules"),
+            "max_rank": annotated(("module",), np.array([min(u.shape) for u in first], dtype=np.int64), "min(out, in)"),
+            "total_lora_rank": annotated(("module",), np.array([sum(u.rank for u in lora.updates(m)) for m in modules],
+                                                               dtype=np.int64), "Σ_t r_t"),
+        },
+        coords={"method": np.array(list(methods), dtype=object), "space": np.array(list(spaces), dtype=object),
+                **module_coords(modules)},
+        attrs=dataset_attrs(taskset, title="rank of the merged update per method and space",
+                            hyper_parameters=resolved, rtol="max(out, in) * eps(dtype)" if rtol is None else rtol,
+                            paper="003 App. C.2 (Tab. 6)"),
+    )
