@@ -3,8 +3,9 @@
 Each function takes a Dataset produced by :mod:`mergelab.analysis` (read back from the store or
 computed in place) and returns a :class:`matplotlib.figure.Figure` built without pyplot state,
 titled with what it shows, the paper figure it redraws and the dataset it was computed on
-(``ds.attrs["dataset"]``: the micro benchmark, real checkpoints, …). Nothing here computes a
-statistic: the numbers come from the Dataset.
+(``ds.attrs["dataset"]``: the micro benchmark, real checkpoints, …). Paper tables are
+``*_table`` functions returning a :class:`pandas.DataFrame` whose ``attrs["dataset"]`` carries
+that label. Nothing here computes a statistic: the numbers come from the Dataset.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 __all__ = [
+    "core_truncation_curves",
     "cosine_heatmap",
     "coverage_erank",
     "energy_rank_per_task",
     "merged_cosines",
     "merged_rank_summary",
+    "merged_rank_table",
+    "reference_basis_errors",
+    "reference_basis_table",
     "sar_bars",
     "sar_heatmap",
     "similarity_across_lambda",
@@ -210,15 +215,21 @@ def singular_spectra(ds: xr.Dataset, module: str | None = None) -> Figure:
 
 
 def sar_heatmap(ds: xr.Dataset) -> Figure:
-    """Mean SAR between each pair of task updates (003 Sec. 5.2; the pairwise map of Marczak et al. 2025, Fig. 3b)."""
-    frame = ds.sar_mean.to_pandas()
-    frame.index, frame.columns = _strings(frame.index), _strings(frame.columns)
-    n = frame.shape[0]
-    fig, (ax,) = _figure(ds, f"Subspace alignment ratio, {ds.attrs.get('space', 'full')} space "
-                             f"(retained {ds.attrs.get('retained', 0.95)})", "003 Sec. 5.2",
-                         panel=(max(3.6, 0.6 * n + 2.2), max(3.0, 0.5 * n + 1.4)))
-    _heatmap(ax, frame, 0.0, 1.0, "rocket_r", "SAR(task | reference)")
-    ax.set(xlabel="reference task (subspace)", ylabel="task (projected)")
+    """Mean SAR between each pair of task updates (003 Sec. 5.2; the pairwise map of Marczak et al. 2025, Fig. 3b).
+
+    One panel per space when ``ds`` has a ``space`` dim (:func:`~mergelab.analysis.core_space.sar_by_space`),
+    else one panel labelled by the ``space`` attr.
+    """
+    stacked = "space" in ds.sar_mean.dims
+    spaces = _strings(ds.space.values) if stacked else [str(ds.attrs.get("space", "full"))]
+    n = ds.sizes["task"]
+    fig, axes = _figure(ds, f"Subspace alignment ratio (retained {ds.attrs.get('retained', 0.95)})", "003 Sec. 5.2",
+                        ncols=len(spaces), panel=(max(3.6, 0.6 * n + 2.2), max(3.0, 0.5 * n + 1.4)))
+    for ax, space in zip(axes, spaces):
+        frame = (ds.sar_mean.sel(space=space) if stacked else ds.sar_mean).to_pandas()
+        frame.index, frame.columns = _strings(frame.index), _strings(frame.columns)
+        _heatmap(ax, frame, 0.0, 1.0, "rocket_r", "SAR(task | reference)")
+        ax.set(title=f"{space} space", xlabel="reference task (subspace)", ylabel="task (projected)")
     return fig
 
 
@@ -257,6 +268,92 @@ def merged_rank_summary(ds: xr.Dataset) -> Figure:
     mean = ds.merged_rank.mean("module").to_dataframe(name="rank").reset_index()
     fig, (ax,) = _figure(ds, "Average rank of merged updates", "003 App. C.2 (Tab. 6)", panel=(5.0, 3.4))
     sns.barplot(data=mean, x=extra[0], y="rank", hue=extra[1] if len(extra) > 1 else None, ax=ax)
-    ax.axhline(float(ds.max_rank.mean()), color="k", ls="--", lw=0.8)
+    ax.axhline(float(ds.max_rank.mean()), color="k", ls="--", lw=0.8, label="min(out, in)")
+    if "total_lora_rank" in ds:
+        ax.axhline(float(ds.total_lora_rank.mean()), color="grey", ls=":", lw=1.0, label="Σ_t r_t")
     ax.set(ylabel="mean r_ΔW over modules")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def merged_rank_table(ds: xr.Dataset) -> pd.DataFrame:
+    """003 Tab. 6 as a DataFrame: mean rank of the merged update over modules, rows = space, columns = method.
+
+    From :func:`~mergelab.analysis.core_space.merged_rank_grid`; ``frame.attrs`` carries the
+    dataset label, the paper reference and ``Σ_t r_t`` / ``min(out, in)`` (averaged over modules).
+    """
+    frame = ds.merged_rank.mean("module").transpose("space", "method").to_pandas()
+    frame.index, frame.columns = _strings(frame.index), _strings(frame.columns)
+    frame.index.name, frame.columns.name = "space", "method"
+    frame.attrs = {"dataset": dataset_label(ds), "paper": "003 App. C.2 (Tab. 6)",
+                   "total_lora_rank": float(ds.total_lora_rank.mean()), "max_rank": float(ds.max_rank.mean())}
+    return frame
+
+
+# 003: Core Space analyses -----------------------------------------------------------------------
+
+
+def core_truncation_curves(ds: xr.Dataset) -> Figure:
+    """Truncating the merged update in full vs Core space (003 Fig. 4, weight-space version).
+
+    Left: relative error of the merge after truncating the fraction ``p`` of its least significant
+    singular values, averaged over modules (Fig. 4 plots the accuracy of that merge); right: the
+    same against the kept rank. From :func:`~mergelab.analysis.core_space.truncation_curves`.
+    """
+    fig, axes = _figure(ds, f"Truncation of the {ds.attrs.get('method', 'merged')} update, full vs Core space",
+                        "003 Sec. 5.2, Fig. 4", ncols=2)
+    error_by_rank = ds.relative_error.mean("module", skipna=True)
+    for space in _strings(ds.space.values):
+        axes[0].plot(ds["fraction"], ds.truncation_error_mean.sel(space=space), marker="o", label=f"{space} space")
+        axes[1].plot(ds["rank"], error_by_rank.sel(space=space), marker=".", label=f"{space} space")
+    axes[0].set(xlabel="truncated fraction p of dim(Σ)", ylabel="‖ΔW − ΔW_trunc‖_F / ‖ΔW‖_F", ylim=(-0.02, 1.02))
+    axes[1].set(xlabel="kept rank k", ylabel="mean relative error", ylim=(-0.02, 1.02))
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+_BASIS_LABELS = {"first_task": "(1) first task", "random_orthonormal": "(2) random orthonormal",
+                 "concatenation": "(3) concatenation (Eq. 3)"}
+
+
+def _basis_shape(side: str, dims: xr.DataArray) -> str:
+    low, high = int(dims.min()), int(dims.max())
+    return f"{side} × {low}" if low == high else f"{side} × {low}–{high}"
+
+
+def reference_basis_table(ds: xr.Dataset) -> pd.DataFrame:
+    """003 Tab. 5 as a DataFrame, one row per reference basis, without the accuracy column (it needs an evaluation).
+
+    Columns: the basis shapes (``m`` = out, ``n`` = in; the column count, or its range over
+    modules), Avg. ε_U and ε_V (over modules and tasks) and the mean relative round-trip errors
+    of the task updates and of their Task Arithmetic sum. From
+    :func:`~mergelab.analysis.core_space.reference_basis_ablation`; ``frame.attrs`` carries the
+    dataset label.
+    """
+    bases = _strings(ds.basis.values)
+    frame = pd.DataFrame({
+        "Shape U": [_basis_shape("m", ds.basis_dim_U.sel(basis=b)) for b in bases],
+        "Shape V": [_basis_shape("n", ds.basis_dim_V.sel(basis=b)) for b in bases],
+        "Avg. ε_U": ds.eps_U_mean.values,
+        "Avg. ε_V": ds.eps_V_mean.values,
+        "Avg. round-trip error": ds.roundtrip_error.mean(("task", "module")).values,
+        "TA round-trip error": ds.ta_roundtrip_error.mean("module").values,
+    }, index=pd.Index([_BASIS_LABELS.get(b, b) for b in bases], name="reference basis"))
+    frame.attrs = {"dataset": dataset_label(ds), "paper": "003 Sec. 5.2 (Tab. 5)"}
+    return frame
+
+
+def reference_basis_errors(ds: xr.Dataset) -> Figure:
+    """Alignment errors ε_U, ε_V (003 Eq. 13) and round-trip errors per reference basis (003 Tab. 5 as a figure)."""
+    frame = reference_basis_table(ds)
+    fig, axes = _figure(ds, "Choice of the reference basis", "003 Sec. 5.2, Tab. 5", ncols=2, panel=(4.6, 3.4))
+    frame[["Avg. ε_U", "Avg. ε_V"]].plot.bar(ax=axes[0], rot=20)
+    axes[0].set(xlabel="", ylabel="mean alignment error (r_t − ‖U_tᵀ U‖²)")
+    frame[["Avg. round-trip error", "TA round-trip error"]].plot.bar(ax=axes[1], rot=20)
+    axes[1].set(xlabel="", ylabel="relative error through the core", ylim=(0, 1.02))
+    for ax in axes:
+        for bars in ax.containers:
+            ax.bar_label(bars, fmt="%.2g", fontsize=6)  # so that the zeros of the concatenation show
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(fontsize=7)
     return fig

@@ -13,7 +13,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from analysis import figures
-from mergelab.analysis import coverage, geometry, spectra
+from mergelab.analysis import core_space, coverage, geometry, spectra
 from mergelab.store import Store
 from mergelab.synthetic import random_taskset
 from mergelab.taskset import BaseRef, Dense, LowRank, MergedUpdate
@@ -100,6 +100,39 @@ def test_spectra_and_sar_figures(taskset):
     fig = figures.sar_bars(both)
     _check(fig)
     assert len(fig.axes[0].patches) == 2
+
+
+def test_core_space_figures_and_tables(taskset):
+    sub = taskset.restrict([r"visual\.transformer\.resblocks\.[01]\.attn\.(q|v)_proj\.weight"])
+    truncation = _labelled(core_space.truncation_curves(sub))
+    fig = figures.core_truncation_curves(truncation)
+    _check(fig)
+    assert len(fig.axes[0].lines) == 2 and [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["full space", "core space"]
+
+    sar = _labelled(core_space.sar_by_space(sub))
+    fig = figures.sar_heatmap(sar)
+    _check(fig)
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["full space", "core space"]
+    fig = figures.sar_bars(sar)
+    _check(fig)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["full", "core"]
+
+    bases = _labelled(core_space.reference_basis_ablation(sub))
+    table = figures.reference_basis_table(bases)
+    assert list(table.index) == ["(1) first task", "(2) random orthonormal", "(3) concatenation (Eq. 3)"]
+    assert table.attrs["dataset"] == LABEL
+    assert table.loc["(3) concatenation (Eq. 3)", "Avg. ε_U"] < 1e-9 < table.loc["(1) first task", "Avg. ε_U"]
+    assert table.loc["(1) first task", "Shape U"] == "m × 2"  # the first task has rank 2
+    _check(figures.reference_basis_errors(bases))
+
+    ranks = _labelled(core_space.merged_rank_grid(sub))
+    fig = figures.merged_rank_summary(ranks)
+    _check(fig)
+    assert len(fig.axes[0].patches) >= 9  # three methods × three spaces
+    table = figures.merged_rank_table(ranks)
+    assert list(table.index) == ["full", "knots", "core"] and list(table.columns) == ["task_arithmetic", "tsv", "ties"]
+    assert table.attrs["dataset"] == LABEL and table.attrs["total_lora_rank"] == 11.0
+    assert table.loc["core", "task_arithmetic"] == float(ranks.merged_rank_mean.sel(space="core")[0])
 
 
 def test_figures_draw_from_the_store_and_fall_back_to_the_base_name(taskset, tmp_path):
