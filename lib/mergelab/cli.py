@@ -123,6 +123,7 @@ def build_micro_command(
     out: Annotated[Path, typer.Option(help="Where the benchmark's artifacts are exported.")] = Path("data/micro"),
     store: StoreOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the task generators and every training run.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads (1 avoids oversubscribing a shared 2-core machine).")] = 1,
 ) -> None:
     """Build the embedded micro benchmark: pre-trained tiny CLIP, LoRA adapters, dense suite, README."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -131,7 +132,8 @@ def build_micro_command(
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        result = build_micro(out, store, profile="quick" if quick else "full", seed=seed, progress=progress)
+        result = build_micro(out, store, profile="quick" if quick else "full", seed=seed, threads=threads,
+                             progress=progress)
     metrics = result.manifest["metrics"]
     mean = lambda d: 100 * sum(d.values()) / len(d)  # noqa: E731
     state = "wrote" if result.wrote else "up to date, nothing written:"

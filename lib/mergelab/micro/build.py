@@ -311,7 +311,7 @@ def render_readme(manifest: Mapping[str, Any], size_bytes: int) -> str:
     lines += ["", "## Build", "",
               f"Wall time of the build that produced these artifacts: **{manifest['build_time_s'] / 60:.1f} min** "
               f"(pre-training {t['pretrain']:.0f} s, LoRA {t['lora']:.0f} s, dense {t['dense']:.0f} s, evaluation {t['evaluation']:.0f} s; "
-              "torch CPU threads as configured on the building machine). Timings vary 2–5× between runs on shared machines.", "",
+              "one torch thread, on a 2-core machine shared with other jobs). Timings vary 2–5× between runs on shared machines.", "",
               f"Artifacts: {size_bytes / 2**20:.1f} MiB. Load them with `mergelab.data.micro.load_micro(\"data/micro\")`; "
               "the adapters are standard PEFT directories that `mergelab.checkpoints.load_taskset(backbone.base_state(), dirs)` reads.", ""]
     return "\n".join(lines)
@@ -338,23 +338,35 @@ class BuildResult:
 
 
 def build_micro(out: str | Path = "data/micro", store: Store | str | None = None, *, profile: str = "full", seed: int = 0,
-                progress: Progress = None) -> BuildResult:
+                threads: int = 1, progress: Progress = None) -> BuildResult:
     """Build (or reuse from the store) every micro-benchmark artifact and export it to ``out``.
 
-    Returns the manifest and whether files were written (False when ``out`` was already up to date).
+    ``threads`` is torch's intra-op thread count while building: 1 by default, because on a
+    shared 2-core machine two threads per process oversubscribe the cores and run several times
+    slower than one. Returns the manifest and whether files were written (False when ``out`` was
+    already up to date).
     """
     if profile not in CONFIGS:
         raise InputError(f"unknown build profile {profile!r}; choose one of {sorted(CONFIGS)} (CLI: --quick for 'quick')")
+    if threads < 1:
+        raise InputError(f"threads = {threads}; pass a positive thread count (CLI: --threads)")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _build(Path(out), store if isinstance(store, Store) else Store(store), CONFIGS[profile], seed, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _build(out: Path, store: Store, config: BuildConfig, seed: int, progress: Progress) -> BuildResult:
     start = time.perf_counter()
-    store = store if isinstance(store, Store) else Store(store)
-    config = CONFIGS[profile]
+    profile = config.profile
     tasks = micro_tasks(seed, profile)
     base_key, vocab_key, backbone = _pretrained(store, tasks, config, seed, progress)
     adapters = _adapters(store, backbone, base_key, tasks, config, seed, progress)
     dense_keys = _dense(store, backbone, base_key, config, seed, progress)
     eval_key = _evaluate(store, backbone, base_key, tasks, adapters, dense_keys, config, seed, progress)
     manifest = _manifest(store, config, seed, base_key, adapters, dense_keys, eval_key, tasks)
-    out = Path(out)
     current = out / "manifest.json"
     if current.is_file() and json.loads(current.read_text()) == json.loads(json.dumps(manifest)) and (out / "README.md").is_file():
         return BuildResult(manifest, False, time.perf_counter() - start)
