@@ -5,7 +5,8 @@
   since class-level captions repeat.
 * LoRA: PEFT adapters on q, k, v, out of every vision block with the frozen zero-shot head as the
   classifier; AdamW, cosine schedule (001 App. C.2: r 16, alpha 16, dropout 0.1, lr 3e-4,
-  weight decay 1e-4).
+  weight decay 1e-4; the micro build scales the learning rate to its width, see
+  :meth:`mergelab.micro.build.BuildConfig.lora`).
 * Dense: the whole encoder and a linear decoder fine-tuned end to end per task (004 Sec. 4.1), with
   per-task lengths and learning rates (the source of 004 Fig. 5's norm imbalance).
 
