@@ -55,8 +55,9 @@ def test_quick_build_exports_loadable_artifacts_and_a_rerun_is_a_no_op(tmp_path)
         assert taskset.names == tuple(TASKS) and len(taskset.module_names) == 16  # q, k, v, out × 4 blocks
         assert {u.rank for t in taskset for u in t.modules.values() if isinstance(u, LowRank)} == {rank}
         accuracies = finetuned_accuracies(micro.backbone, micro.tasks, micro.adapters[rank])
-        assert accuracies == pytest.approx(manifest["metrics"]["finetuned"][str(rank)], abs=1e-6)
-        assert [round(100 * accuracies[t], 1) for t in TASKS] == [table[t][1 if rank == 16 else 2] for t in TASKS]
+        # the build ran with one torch thread, this check with the default count: allow one flipped image of 200
+        assert accuracies == pytest.approx(manifest["metrics"]["finetuned"][str(rank)], abs=0.0051)
+        assert [100 * accuracies[t] for t in TASKS] == pytest.approx([table[t][1 if rank == 16 else 2] for t in TASKS], abs=0.56)
     dense = load_taskset(micro.backbone.base_state(), [(t, p / "model.safetensors") for t, p in micro.dense_checkpoints.items()])
     assert all(isinstance(u, Dense) for t in dense for u in t.modules.values())
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from mergelab.data import procedural as proc
 from mergelab.data.render import resize
 from mergelab.data.tasks import ClassificationTask, DenseTask, Split, to_uint8
 from mergelab.errors import InputError
+
+if TYPE_CHECKING:
+    from mergelab.taskset import TaskSet
 
 __all__ = ["DENSE_TASKS", "IMAGE_SIZE", "PROFILES", "TASKS", "Micro", "TaskSpec", "dense_suite", "load_micro",
            "aliases", "micro_tasks", "pretrain_captions"]
@@ -306,7 +309,7 @@ class Micro:
             raise InputError(f"no rank-{rank} adapters in {self.root}; built ranks: {sorted(self.adapters)}")
         return [self.adapters[rank][t] for t in self.tasks]
 
-    def taskset(self, rank: int = 16):
+    def taskset(self, rank: int = 16) -> TaskSet:
         """The tasks' adapters of one rank as a TaskSet against the backbone's encoder weights."""
         from mergelab.checkpoints import load_taskset
 

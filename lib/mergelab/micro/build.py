@@ -79,8 +79,8 @@ class BuildConfig:
 
 CONFIGS: dict[str, BuildConfig] = {
     "full": BuildConfig("full", PretrainConfig(steps=1200, batch_size=256), lora_steps=500, lora_batch=64,
-                        dense={"segmentation": DenseConfig(40, 5e-5), "depth": DenseConfig(40, 1e-4),
-                               "keypoint": DenseConfig(240, 8e-4), "shape": DenseConfig(100, 3e-4)}),
+                        dense={"segmentation": DenseConfig(120, 1e-4), "depth": DenseConfig(120, 2e-4),
+                               "keypoint": DenseConfig(600, 1e-3), "shape": DenseConfig(400, 1e-3)}),
     "quick": BuildConfig("quick", PretrainConfig(steps=120, batch_size=128), lora_steps=25, lora_batch=32,
                          dense={"segmentation": DenseConfig(6, 5e-5), "depth": DenseConfig(6, 1e-4),
                                 "keypoint": DenseConfig(30, 8e-4), "shape": DenseConfig(12, 3e-4)},
