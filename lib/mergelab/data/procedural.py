@@ -310,7 +310,7 @@ def draw_aerial(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
 def _sky(rng: np.random.Generator, size: int, time: str) -> np.ndarray:
     t = (np.arange(size)[:, None, None] + 0.5) / size
     palette = {"midday": ("sky", "white"), "sunset": ("orange", "navy"), "night": ("navy", "black")}[time]
-    top, bottom = _color(rng, palette[1] if time == "midday" else palette[1]), _color(rng, palette[0])
+    top, bottom = _color(rng, palette[1]), _color(rng, palette[0])
     sky = np.broadcast_to(top * (1 - t) + bottom * t, (size, size, 3)).copy()
     if time == "night":
         stars = rng.random((size, size)) < 0.03
@@ -447,7 +447,7 @@ def draw_vehicle(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
     outline, cabin = _BODIES[body]
     paint(canvas, polygon(size, place(cabin)), color)
     paint(canvas, polygon(size, place(outline)), color)
-    window = [(y + (0.45 - y) * 0.0 + 0.06, x) for y, x in cabin]
+    window = [(y + 0.06, x) for y, x in cabin]
     paint(canvas, polygon(size, place(window)) * 0.6, _color(rng, "sky"))
     for wheel_x in (0.2, 0.8):
         (wy, wx), = place([(0.85, wheel_x)])
