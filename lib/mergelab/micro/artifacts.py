@@ -60,6 +60,13 @@ def read_backbone(directory: Path) -> OpenClipBackbone:
 
 
 def write_adapter(directory: Path, tensors: Mapping[str, Tensor], config: Mapping[str, Any]) -> None:
-    """A standard PEFT adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``)."""
+    """A standard PEFT adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+    PEFT keeps ``target_modules`` as a set, so its saved order varies between processes; it is
+    written sorted, which makes the directory byte-identical across builds.
+    """
+    config = dict(config)
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
     write_tensors(directory / "adapter_model.safetensors", tensors, {"format": "pt"})
-    (directory / "adapter_config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
