@@ -1,0 +1,92 @@
+"""Classification metrics: per-task top-1, normalised accuracy, joint-task Hits@k (REFERENCES §2).
+
+* per-task top-1 accuracy with each task's own zero-shot head (001 Tab. 1, KnOTS protocol);
+* normalised accuracy ``acc / acc_finetuned`` against the task's own fine-tuned model, measured
+  (never a hard-coded table as in the reference code);
+* joint-task Hits@k over the de-duplicated union of labels, a micro average
+  ``Σ hits / Σ images`` over all tasks' test images (001 Sec. 4 "Joint Task Evaluation", App. C.4);
+* normalised performance for heterogeneous tasks (004 Sec. 4.1): ``ρ(merged) / ρ(fine-tuned)`` with
+  ``ρ = 1 / metric`` where lower is better.
+
+Every function that runs the model takes ``params`` (replaced encoder weights), so merged models
+and adaptation code use them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from mergelab.data.tasks import ClassificationTask, joint_label_space
+from mergelab.errors import InputError
+from mergelab.evaluation.heads import image_logits, joint_head, task_head
+from mergelab.model.base import Backbone
+
+__all__ = ["evaluate_task", "evaluate_tasks", "hits_at_k", "joint_hits", "normalized_accuracy",
+           "normalized_performance", "predict", "top1_accuracy"]
+
+
+def top1_accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of rows whose arg-max equals the label."""
+    return float((logits.argmax(dim=-1) == labels).float().mean())
+
+
+def hits_at_k(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 3, 5)) -> dict[int, int]:
+    """Per k, how many rows have their label among the k highest logits (counts, for micro averages)."""
+    top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
+    found = top == labels[:, None]
+    return {k: int(found[:, :k].any(dim=-1).sum()) for k in ks}
+
+
+def normalized_accuracy(accuracy: float, finetuned_accuracy: float) -> float:
+    """``accuracy / finetuned_accuracy`` (001 Tab. 1 reports it × 100)."""
+    if finetuned_accuracy <= 0:
+        raise InputError(f"fine-tuned accuracy {finetuned_accuracy} must be positive to normalise by it")
+    return accuracy / finetuned_accuracy
+
+
+def normalized_performance(metric: float, finetuned_metric: float, higher_is_better: bool) -> float:
+    """``ρ(merged) / ρ(fine-tuned)`` with ``ρ = metric`` (higher is better) or ``1 / metric`` (004 Sec. 4.1)."""
+    if metric <= 0 or finetuned_metric <= 0:
+        raise InputError(f"normalised performance needs positive metrics, got {metric} and {finetuned_metric}")
+    return metric / finetuned_metric if higher_is_better else finetuned_metric / metric
+
+
+@torch.no_grad()
+def predict(backbone: Backbone, images: Tensor, head: Tensor, params: Mapping[str, Tensor] | None = None,
+            batch_size: int = 500) -> Tensor:
+    """Logits for many images in batches, without gradients."""
+    return torch.cat([image_logits(backbone, images[i:i + batch_size], head, params) for i in range(0, len(images), batch_size)])
+
+
+def evaluate_task(backbone: Backbone, task: ClassificationTask, params: Mapping[str, Tensor] | None = None,
+                  split: str = "test", head: Tensor | None = None) -> float:
+    """Top-1 accuracy on one task's split with its zero-shot head (or the given one)."""
+    images, labels = task.tensors(split)
+    head = task_head(backbone, task) if head is None else head
+    return top1_accuracy(predict(backbone, images, head, params), labels)
+
+
+def evaluate_tasks(backbone: Backbone, tasks: Sequence[ClassificationTask], params: Mapping[str, Tensor] | None = None,
+                   split: str = "test") -> dict[str, float]:
+    """Per-task top-1 accuracy of one model (base, merged or fine-tuned) on every task."""
+    return {task.name: evaluate_task(backbone, task, params, split) for task in tasks}
+
+
+def joint_hits(backbone: Backbone, tasks: Sequence[ClassificationTask], params: Mapping[str, Tensor] | None = None,
+               split: str = "test", ks: Sequence[int] = (1, 3, 5)) -> dict[str, float]:
+    """Joint-task Hits@k: every image of every task against one head over the de-duplicated union.
+
+    Returns ``{"hits@1": …, "hits@3": …, "hits@5": …}`` as micro averages over all images.
+    """
+    joint = joint_label_space(tasks)
+    head = joint_head(backbone, tasks, joint)
+    hits, total = {k: 0 for k in ks}, 0
+    for task in tasks:
+        images, labels = task.tensors(split)
+        found = hits_at_k(predict(backbone, images, head, params), joint.map_labels(task.name, labels), ks)
+        hits = {k: hits[k] + found[k] for k in ks}
+        total += len(labels)
+    return {f"hits@{k}": hits[k] / total for k in ks}

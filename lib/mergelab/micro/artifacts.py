@@ -1,0 +1,72 @@
+"""Reading and writing the micro benchmark's model files (base CLIP, tokenizer, adapters, dense checkpoints)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mergelab.errors import InputError
+from mergelab.model.openclip_backend import MICRO_ARCH, OpenClipBackbone, open_clip_backbone
+from mergelab.model.tokenizer import ClosedVocabTokenizer
+
+__all__ = ["micro_backbone", "read_backbone", "write_adapter", "write_backbone", "write_tensors"]
+
+MODEL_FILE, TOKENIZER_FILE, ARCH_FILE = "model.safetensors", "tokenizer.json", "arch.json"
+
+
+def text_cfg(tokenizer: ClosedVocabTokenizer) -> dict[str, int]:
+    """The micro text tower sized for a closed vocabulary."""
+    return {"context_length": tokenizer.context_length, "vocab_size": tokenizer.vocab_size, "width": 64, "heads": 2, "layers": 3}
+
+
+def micro_backbone(tokenizer: ClosedVocabTokenizer, seed: int = 0, state: Mapping[str, Tensor] | None = None) -> OpenClipBackbone:
+    """The ``mergelab-micro`` open_clip CLIP for ``tokenizer`` (random with ``seed``, or with ``state``)."""
+    import logging
+
+    logging.getLogger().disabled, was = True, logging.getLogger().disabled  # open_clip warns about "no pretrained weights"
+    try:
+        backbone = open_clip_backbone(MICRO_ARCH, tokenizer=tokenizer, seed=seed, text_cfg=text_cfg(tokenizer))
+    finally:
+        logging.getLogger().disabled = was
+    if state is not None:
+        backbone.model.load_state_dict(dict(state))
+    return backbone
+
+
+def write_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
+
+
+def write_backbone(directory: Path, state: Mapping[str, Tensor], tokenizer: ClosedVocabTokenizer) -> None:
+    """``model.safetensors`` (whole CLIP), ``tokenizer.json`` and ``arch.json`` into ``directory``."""
+    write_tensors(directory / MODEL_FILE, state)
+    (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_json(), indent=1))
+    (directory / ARCH_FILE).write_text(json.dumps({"arch": MICRO_ARCH, "text_cfg": text_cfg(tokenizer)}, indent=1))
+
+
+def read_backbone(directory: Path) -> OpenClipBackbone:
+    """The pre-trained micro CLIP written by :func:`write_backbone`."""
+    missing = [f for f in (MODEL_FILE, TOKENIZER_FILE) if not (directory / f).is_file()]
+    if missing:
+        raise InputError(f"{directory} lacks {missing}; rebuild the micro benchmark with `mergelab build-micro`")
+    tokenizer = ClosedVocabTokenizer.from_json(json.loads((directory / TOKENIZER_FILE).read_text()))
+    return micro_backbone(tokenizer, state=load_file(str(directory / MODEL_FILE)))
+
+
+def write_adapter(directory: Path, tensors: Mapping[str, Tensor], config: Mapping[str, Any]) -> None:
+    """A standard PEFT adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+    PEFT keeps ``target_modules`` as a set, so its saved order varies between processes; it is
+    written sorted, which makes the directory byte-identical across builds.
+    """
+    config = dict(config)
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    write_tensors(directory / "adapter_model.safetensors", tensors, {"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -1,0 +1,381 @@
+"""``build_micro``: the micro benchmark built through the store, exported to ``data/micro`` (issue 3).
+
+Steps, each published under a content key (producer, version, inputs) so a rerun is a no-op:
+
+1. ``micro.pretrain``: the tiny open_clip CLIP contrastively pre-trained on the mixture of the
+   tasks' ``pretrain`` splits (never their val / test images), and its closed vocabulary;
+2. ``micro.lora``: one PEFT LoRA adapter per task and rank (16 and 4), frozen zero-shot heads;
+3. ``micro.dense``: fully fine-tuned encoders + decoders of the dense suite, with per-task
+   lengths and learning rates (imbalanced task-vector norms, 004 Fig. 5);
+4. ``micro.eval``: zero-shot and fine-tuned accuracies (adapters read back through
+   ``load_taskset``, exactly as users load them), joint Hits@k, dense metrics and task-vector norms.
+
+The export writes ``base/``, ``adapters/r{rank}/<task>/``, ``dense/<task>/``, ``manifest.json`` and a
+``README.md`` whose numbers are the micro benchmark's own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mergelab.checkpoints import load_taskset
+from mergelab.data.micro import aliases, dense_suite, micro_tasks, pretrain_captions
+from mergelab.data.tasks import ClassificationTask
+from mergelab.errors import InputError
+from mergelab.evaluation.dense import KINDS, dense_features, dense_metric, make_decoder, refit_score
+from mergelab.evaluation.heads import task_head
+from mergelab.evaluation.metrics import evaluate_task, joint_hits
+from mergelab.micro.artifacts import micro_backbone, write_adapter, write_backbone, write_tensors
+from mergelab.micro.training import (DenseConfig, LoraConfig, PretrainConfig, config_dict, contrastive_pretrain,
+                                     finetune_dense, finetune_lora)
+from mergelab.model.openclip_backend import OpenClipBackbone
+from mergelab.model.tokenizer import ClosedVocabTokenizer
+from mergelab.store import Store
+
+__all__ = ["CONFIGS", "BuildConfig", "build_micro", "render_readme"]
+
+#: Bumped whenever a producer's code changes what it makes (enters every content key).
+VERSION = "2"
+Progress = Any  # rich.progress.Progress or None
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that determines the built benchmark, besides the seed."""
+
+    profile: str
+    pretrain: PretrainConfig
+    lora_steps: int
+    lora_batch: int
+    dense: Mapping[str, DenseConfig]
+    ranks: tuple[int, ...] = (16, 4)
+    lora_alpha: float = 16.0
+    lora_lr: float = 3e-4 * 768 / 96
+    refit_steps: int = 300
+
+    def lora(self, rank: int, seed: int) -> LoraConfig:
+        """001 App. C.2 settings: alpha 16 at every rank (the supplement's rank-4 set keeps the defaults),
+        dropout 0.1, AdamW, cosine, weight decay 1e-4. The learning rate is App. C.2's 3e-4 transferred
+        from ViT-B/32's width 768 to the micro width 96 (× 768 / 96, the muP rule for hidden-layer Adam
+        learning rates): with Adam a LoRA factor moves by ~lr per step whatever the width, so the same
+        lr changes a width-96 layer's output 8× less than a width-768 one's."""
+        return LoraConfig(rank=rank, alpha=self.lora_alpha, lr=self.lora_lr, steps=self.lora_steps, batch_size=self.lora_batch, seed=seed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile, "pretrain": config_dict(self.pretrain), "lora_steps": self.lora_steps,
+                "lora_batch": self.lora_batch, "ranks": list(self.ranks), "lora_alpha": self.lora_alpha, "lora_lr": self.lora_lr,
+                "dense": {k: config_dict(v) for k, v in self.dense.items()}, "refit_steps": self.refit_steps}
+
+
+CONFIGS: dict[str, BuildConfig] = {
+    "full": BuildConfig("full", PretrainConfig(steps=1200, batch_size=256), lora_steps=500, lora_batch=64,
+                        dense={"segmentation": DenseConfig(120, 1e-4), "depth": DenseConfig(120, 2e-4),
+                               "keypoint": DenseConfig(600, 1e-3), "shape": DenseConfig(400, 1e-3)}),
+    "quick": BuildConfig("quick", PretrainConfig(steps=120, batch_size=128), lora_steps=25, lora_batch=32,
+                         dense={"segmentation": DenseConfig(6, 5e-5), "depth": DenseConfig(6, 1e-4),
+                                "keypoint": DenseConfig(30, 8e-4), "shape": DenseConfig(12, 3e-4)},
+                         refit_steps=100),
+}
+
+
+def _ticker(progress: Progress, description: str, total: int) -> Callable[[], None]:
+    if progress is None:
+        return lambda: None
+    task_id = progress.add_task(description, total=total)
+    return lambda: progress.advance(task_id)
+
+
+# Pre-training -------------------------------------------------------------------------------------
+
+
+def build_tokenizer(tasks: Mapping[str, ClassificationTask], captions: Sequence[str]) -> ClosedVocabTokenizer:
+    """The closed vocabulary of every evaluation prompt of the tasks and every pre-training caption."""
+    texts = [p for t in tasks.values() for c in t.classnames for p in t.prompts(c)] + list(captions)
+    return ClosedVocabTokenizer.from_texts(texts, context_length=16)
+
+
+def pretrain_mixture(tasks: Mapping[str, ClassificationTask], config: PretrainConfig, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Images of every task's ``pretrain`` split and their captions (a seeded subset of classes is named
+    by its class name, the others by made-up aliases)."""
+    images, captions = [], []
+    for index, task in enumerate(tasks.values()):
+        rng = np.random.default_rng([seed, index, 99])
+        seen = np.zeros(task.num_classes, dtype=bool)
+        seen[rng.permutation(task.num_classes)[: max(1, round(config.seen_fraction * task.num_classes))]] = True
+        split = task.split("pretrain")
+        images.append(split.images)
+        captions += pretrain_captions(task, np.asarray(split.labels), seen, aliases(task.num_classes, rng), rng, config.name_prob)
+    return np.concatenate(images), captions
+
+
+def _pretrained(store: Store, tasks: Mapping[str, ClassificationTask], config: BuildConfig, seed: int,
+                progress: Progress) -> tuple[str, str, OpenClipBackbone]:
+    """(weights key, vocabulary key, backbone), pre-training when the store lacks them."""
+    inputs = {"config": config_dict(config.pretrain), "seed": seed, "profile": config.profile, "tasks": list(tasks)}
+    key, vocab_key = store.key("micro.pretrain", VERSION, **inputs), store.key("micro.vocab", VERSION, **inputs)
+    if not store.exists(key):
+        start = time.perf_counter()
+        images, captions = pretrain_mixture(tasks, config.pretrain, seed)
+        tokenizer = build_tokenizer(tasks, captions)
+        backbone = micro_backbone(tokenizer, seed=seed)
+        state = contrastive_pretrain(backbone, images, captions, config.pretrain,
+                                     _ticker(progress, f"pre-training on {len(captions)} image-caption pairs", config.pretrain.steps))
+        store.put_json(vocab_key, tokenizer.to_json())
+        store.put_tensors(key, state, attrs={"wall_time_s": time.perf_counter() - start, "pairs": len(captions)})
+    tokenizer = ClosedVocabTokenizer.from_json(store.get_json(vocab_key))
+    return key, vocab_key, micro_backbone(tokenizer, state=store.get_tensors(key))
+
+
+# Fine-tuning ----------------------------------------------------------------------------------------
+
+
+def _adapters(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Mapping[str, ClassificationTask],
+              config: BuildConfig, seed: int, progress: Progress) -> dict[int, dict[str, tuple[str, str]]]:
+    """``{rank: {task: (tensors key, config key)}}``, training what the store lacks."""
+    out: dict[int, dict[str, tuple[str, str]]] = {}
+    for rank in config.ranks:
+        out[rank] = {}
+        for index, (name, task) in enumerate(tasks.items()):
+            lora = config.lora(rank, seed * 1000 + index)
+            inputs = {"base": base_key, "task": name, "config": config_dict(lora)}
+            key, cfg_key = store.key("micro.lora", VERSION, **inputs), store.key("micro.lora.config", VERSION, **inputs)
+            if not store.exists(key):
+                start = time.perf_counter()
+                tensors, adapter_config = finetune_lora(backbone, task, task_head(backbone, task), lora,
+                                                        _ticker(progress, f"LoRA r{rank} on {name}", lora.steps))
+                store.put_json(cfg_key, adapter_config)
+                store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
+            out[rank][name] = (key, cfg_key)
+    return out
+
+
+def _dense(store: Store, backbone: OpenClipBackbone, base_key: str, config: BuildConfig, seed: int,
+           progress: Progress) -> dict[str, str]:
+    """``{dense task: key}`` of fully fine-tuned encoders (``encoder.*``) and decoders (``decoder.*``)."""
+    out = {}
+    for index, (name, task) in enumerate(dense_suite(seed, config.profile).items()):
+        dense = DenseConfig(**{**config_dict(config.dense[name]), "seed": seed * 1000 + index})
+        key = store.key("micro.dense", VERSION, base=base_key, task=name, config=config_dict(dense), profile=config.profile)
+        if not store.exists(key):
+            start = time.perf_counter()
+            encoder, decoder = finetune_dense(backbone, task, dense, _ticker(progress, f"fine-tuning the encoder for {name}", dense.steps))
+            tensors = {**{f"encoder.{k}": v for k, v in encoder.items()}, **{f"decoder.{k}": v for k, v in decoder.items()}}
+            store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
+        out[name] = key
+    return out
+
+
+def _split_dense(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    encoder = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
+    decoder = {k.removeprefix("decoder."): v for k, v in tensors.items() if k.startswith("decoder.")}
+    return encoder, decoder
+
+
+# Evaluation -----------------------------------------------------------------------------------------
+
+
+def _write_adapters(store: Store, adapters: Mapping[int, Mapping[str, tuple[str, str]]], root: Path) -> dict[int, dict[str, Path]]:
+    paths: dict[int, dict[str, Path]] = {}
+    for rank, per_task in adapters.items():
+        paths[rank] = {}
+        for name, (key, cfg_key) in per_task.items():
+            paths[rank][name] = root / f"r{rank}" / name
+            write_adapter(paths[rank][name], store.get_tensors(key), store.get_json(cfg_key))
+    return paths
+
+
+def finetuned_accuracies(backbone: OpenClipBackbone, tasks: Mapping[str, ClassificationTask], adapter_dirs: Mapping[str, Path],
+                         split: str = "test") -> dict[str, float]:
+    """Each task's accuracy with its own adapter, loaded through ``load_taskset`` and applied to the base."""
+    base = backbone.base_state()
+    taskset = load_taskset(base, [(name, adapter_dirs[name]) for name in tasks])
+    out = {}
+    for task in taskset:
+        params = {k: base[k] + u.dense() for k, u in task.modules.items()}
+        out[task.name] = evaluate_task(backbone, tasks[task.name], params, split)
+    return out
+
+
+def _dense_metrics(store: Store, backbone: OpenClipBackbone, dense_keys: Mapping[str, str], config: BuildConfig,
+                   seed: int) -> dict[str, dict[str, Any]]:
+    base = backbone.base_state()
+    out = {}
+    for name, task in dense_suite(seed, config.profile).items():
+        encoder, decoder_state = _split_dense(store.get_tensors(dense_keys[name]))
+        decoder = make_decoder(backbone, task)
+        decoder.load_state_dict(decoder_state)
+        images, targets = task.tensors("test")
+        with torch.no_grad():
+            own = dense_metric(decoder.eval(), dense_features(backbone, images, task, encoder), targets, task)
+        norm = math.sqrt(sum(float((encoder[k].double() - base[k].double()).pow(2).sum()) for k in base if base[k].is_floating_point()))
+        kind = KINDS[task.kind]
+        out[name] = {"kind": task.kind, "metric": kind.metric_name, "higher_is_better": kind.higher_is_better,
+                     "base_refit": refit_score(backbone, task, None, steps=config.refit_steps, seed=seed),
+                     "finetuned_refit": refit_score(backbone, task, encoder, steps=config.refit_steps, seed=seed),
+                     "finetuned_own_decoder": own, "task_vector_norm": norm}
+    return out
+
+
+def _evaluate(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Mapping[str, ClassificationTask],
+              adapters: Mapping[int, Mapping[str, tuple[str, str]]], dense_keys: Mapping[str, str], config: BuildConfig,
+              seed: int, progress: Progress) -> str:
+    adapter_keys = {str(r): {t: k for t, (k, _) in per.items()} for r, per in adapters.items()}
+    key = store.key("micro.eval", VERSION, base=base_key, adapters=adapter_keys, dense=dict(dense_keys), refit=config.refit_steps)
+    if store.exists(key):
+        return key
+    start = time.perf_counter()
+    tick = _ticker(progress, "evaluating", 3 + len(adapters))
+    result: dict[str, Any] = {"zero_shot": {name: evaluate_task(backbone, task) for name, task in tasks.items()}}
+    tick()
+    result["joint_zero_shot"] = joint_hits(backbone, list(tasks.values()))
+    tick()
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = _write_adapters(store, adapters, Path(tmp))
+        result["finetuned"] = {}
+        for rank in adapters:
+            result["finetuned"][str(rank)] = finetuned_accuracies(backbone, tasks, dirs[rank])
+            tick()
+    result["dense"] = _dense_metrics(store, backbone, dense_keys, config, seed)
+    tick()
+    store.put_json(key, result, attrs={"wall_time_s": time.perf_counter() - start})
+    return key
+
+
+# Export -------------------------------------------------------------------------------------------
+
+
+def _wall_time(store: Store, key: str) -> float:
+    return float(store.info(key).attrs.get("wall_time_s", 0.0))
+
+
+def _manifest(store: Store, config: BuildConfig, seed: int, base_key: str, adapters: Mapping[int, Mapping[str, tuple[str, str]]],
+              dense_keys: Mapping[str, str], eval_key: str, tasks: Mapping[str, ClassificationTask]) -> dict[str, Any]:
+    timings = {"pretrain": _wall_time(store, base_key),
+               "lora": sum(_wall_time(store, k) for per in adapters.values() for k, _ in per.values()),
+               "dense": sum(_wall_time(store, k) for k in dense_keys.values()),
+               "evaluation": _wall_time(store, eval_key)}
+    return {
+        "format": 1, "profile": config.profile, "seed": seed, "config": config.as_dict(),
+        "base": {"dir": "base", "key": base_key},
+        "adapters": {str(r): {t: f"adapters/r{r}/{t}" for t in per} for r, per in adapters.items()},
+        "adapter_keys": {str(r): {t: k for t, (k, _) in per.items()} for r, per in adapters.items()},
+        "dense": {t: {"dir": f"dense/{t}", "key": k} for t, k in dense_keys.items()},
+        "tasks": {name: {"analogue": task.analogue, "source": task.source, "num_classes": task.num_classes}
+                  for name, task in tasks.items()},
+        "metrics": store.get_json(eval_key), "eval_key": eval_key,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()}, "build_time_s": round(sum(timings.values()), 1),
+    }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def render_readme(manifest: Mapping[str, Any], size_bytes: int) -> str:
+    """The benchmark's README: per-task table, dense suite, timings. Micro-benchmark numbers only."""
+    m = manifest["metrics"]
+    ranks = sorted(m["finetuned"], key=int, reverse=True)
+    lines = [
+        "# mergelab micro benchmark (built by `mergelab build-micro`)", "",
+        "**These are micro-benchmark numbers, measured on this project's own tiny CLIP and generated tasks.",
+        "They are not the papers' numbers and must not be compared with them.**", "",
+        f"Profile `{manifest['profile']}`, seed {manifest['seed']}. A tiny open_clip CLIP (`mergelab-micro`: ViT with 4 blocks, "
+        "width 96, 24 px images, 6 px patches; 3-block text tower over a closed vocabulary) was contrastively pre-trained here on the "
+        "tasks' pre-training splits (never their val/test images), then fine-tuned per task with PEFT LoRA on q, k, v, out of every "
+        "vision block against the frozen zero-shot text head (001 App. C.2: AdamW, cosine schedule, weight decay 1e-4, dropout 0.1, "
+        "alpha 16; learning rate 3e-4 × 768/96 = 2.4e-3, App. C.2's rate transferred from ViT-B/32's width to the micro width).",
+        "", "Test-split top-1 accuracy (%):", "",
+        "| task | analogue | source | classes | zero-shot | " + " | ".join(f"LoRA r{r} fine-tuned" for r in ranks) + " |",
+        "|---|---|---|---:|---:|" + "---:|" * len(ranks),
+    ]
+    for name, info in manifest["tasks"].items():
+        row = [name, info["analogue"], info["source"], str(info["num_classes"]), _pct(m["zero_shot"][name])]
+        lines.append("| " + " | ".join(row + [_pct(m["finetuned"][r][name]) for r in ranks]) + " |")
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    lines.append("| **mean** | | | | " + " | ".join([_pct(mean(m["zero_shot"]))] + [_pct(mean(m["finetuned"][r])) for r in ranks]) + " |")
+    joint = m["joint_zero_shot"]
+    lines += ["", f"Joint task, zero-shot, over the de-duplicated union of labels (micro average): "
+              f"Hits@1 {_pct(joint['hits@1'])}, Hits@3 {_pct(joint['hits@3'])}, Hits@5 {_pct(joint['hits@5'])}.", "",
+              "## Heterogeneous dense suite", "",
+              "Fully fine-tuned encoders with linear decoders on one shared image stream; metrics on the test split. "
+              "`refit` = a fresh linear decoder fitted on the frozen encoder (the protocol used to evaluate merged encoders).", "",
+              "| task | metric | base encoder (refit) | fine-tuned (refit) | fine-tuned (own decoder) | ‖θ_t − θ_0‖ |", "|---|---|---:|---:|---:|---:|"]
+    for name, d in m["dense"].items():
+        arrow = "↑" if d["higher_is_better"] else "↓"
+        lines.append(f"| {name} | {d['metric']} {arrow} | {d['base_refit']:.4f} | {d['finetuned_refit']:.4f} | "
+                     f"{d['finetuned_own_decoder']:.4f} | {d['task_vector_norm']:.3f} |")
+    t = manifest["timings_s"]
+    lines += ["", "## Build", "",
+              f"Wall time of the build that produced these artifacts: **{manifest['build_time_s'] / 60:.1f} min** "
+              f"(pre-training {t['pretrain']:.0f} s, LoRA {t['lora']:.0f} s, dense {t['dense']:.0f} s, evaluation {t['evaluation']:.0f} s; "
+              "one torch thread, on a 2-core machine shared with other jobs). Timings vary 2–5× between runs on shared machines.", "",
+              f"Artifacts: {size_bytes / 2**20:.1f} MiB. Load them with `mergelab.data.micro.load_micro(\"data/micro\")`; "
+              "the adapters are standard PEFT directories that `mergelab.checkpoints.load_taskset(backbone.base_state(), dirs)` reads.", ""]
+    return "\n".join(lines)
+
+
+def _export(out: Path, store: Store, manifest: Mapping[str, Any], backbone_key: str, vocab: Mapping[str, Any],
+            adapters: Mapping[int, Mapping[str, tuple[str, str]]], dense_keys: Mapping[str, str]) -> None:
+    write_backbone(out / "base", store.get_tensors(backbone_key), ClosedVocabTokenizer.from_json(vocab))
+    _write_adapters(store, adapters, out / "adapters")
+    for name, key in dense_keys.items():
+        encoder, decoder = _split_dense(store.get_tensors(key))
+        write_tensors(out / "dense" / name / "model.safetensors", encoder)
+        write_tensors(out / "dense" / name / "decoder.safetensors", decoder)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "README.md")
+    (out / "README.md").write_text(render_readme(manifest, size))
+
+
+@dataclass
+class BuildResult:
+    manifest: dict[str, Any]
+    wrote: bool
+    elapsed_s: float = field(default=0.0)
+
+
+def build_micro(out: str | Path = "data/micro", store: Store | str | None = None, *, profile: str = "full", seed: int = 0,
+                threads: int = 1, progress: Progress = None) -> BuildResult:
+    """Build (or reuse from the store) every micro-benchmark artifact and export it to ``out``.
+
+    ``threads`` is torch's intra-op thread count while building: 1 by default, because on a
+    shared 2-core machine two threads per process oversubscribe the cores and run several times
+    slower than one. Returns the manifest and whether files were written (False when ``out`` was
+    already up to date).
+    """
+    if profile not in CONFIGS:
+        raise InputError(f"unknown build profile {profile!r}; choose one of {sorted(CONFIGS)} (CLI: --quick for 'quick')")
+    if threads < 1:
+        raise InputError(f"threads = {threads}; pass a positive thread count (CLI: --threads)")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _build(Path(out), store if isinstance(store, Store) else Store(store), CONFIGS[profile], seed, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _build(out: Path, store: Store, config: BuildConfig, seed: int, progress: Progress) -> BuildResult:
+    start = time.perf_counter()
+    profile = config.profile
+    tasks = micro_tasks(seed, profile)
+    base_key, vocab_key, backbone = _pretrained(store, tasks, config, seed, progress)
+    adapters = _adapters(store, backbone, base_key, tasks, config, seed, progress)
+    dense_keys = _dense(store, backbone, base_key, config, seed, progress)
+    eval_key = _evaluate(store, backbone, base_key, tasks, adapters, dense_keys, config, seed, progress)
+    manifest = _manifest(store, config, seed, base_key, adapters, dense_keys, eval_key, tasks)
+    current = out / "manifest.json"
+    if current.is_file() and json.loads(current.read_text()) == json.loads(json.dumps(manifest)) and (out / "README.md").is_file():
+        return BuildResult(manifest, False, time.perf_counter() - start)
+    _export(out, store, manifest, base_key, store.get_json(vocab_key), adapters, dense_keys)
+    return BuildResult(manifest, True, time.perf_counter() - start)

@@ -1,0 +1,217 @@
+"""Training loops of the micro build: contrastive pre-training, PEFT LoRA fine-tuning, dense fine-tuning.
+
+* Pre-training: CLIP's symmetric contrastive loss (Radford et al., 2021) on image–caption pairs;
+  identical captions in a batch are treated as positives of each other (multi-positive targets),
+  since class-level captions repeat.
+* LoRA: PEFT adapters on q, k, v, out of every vision block with the frozen zero-shot head as the
+  classifier; AdamW, cosine schedule (001 App. C.2: r 16, alpha 16, dropout 0.1, lr 3e-4,
+  weight decay 1e-4; the micro build scales the learning rate to its width, see
+  :meth:`mergelab.micro.build.BuildConfig.lora`).
+* Dense: the whole encoder and a linear decoder fine-tuned end to end per task (004 Sec. 4.1), with
+  per-task lengths and learning rates (the source of 004 Fig. 5's norm imbalance).
+
+Every loop is deterministic given its ``seed`` (batches from a ``torch.Generator``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mergelab.data.tasks import ClassificationTask, DenseTask, to_tensor
+from mergelab.evaluation.dense import KINDS, decode, dense_features, make_decoder
+from mergelab.model.openclip_backend import OpenClipBackbone
+
+__all__ = ["DenseConfig", "LoraConfig", "PretrainConfig", "contrastive_pretrain", "finetune_dense", "finetune_lora"]
+
+Tick = Callable[[], None]
+
+
+def _noop() -> None:
+    return None
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay to zero (Loshchilov & Hutter, 2017)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _shift(images: Tensor, generator: torch.Generator, pad: int = 2) -> Tensor:
+    """Random translation by up to ``pad`` pixels (one offset per batch; edge padding)."""
+    if pad == 0:
+        return images
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+    return padded[..., dy:dy + images.shape[-2], dx:dx + images.shape[-1]]
+
+
+# Contrastive pre-training ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Contrastive pre-training of the micro CLIP (sizes tuned to the 2-core budget, ENVIRONMENT.md)."""
+
+    steps: int = 1200
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 50
+    seen_fraction: float = 0.6
+    name_prob: float = 0.8
+    seed: int = 0
+
+
+def multi_positive_clip_loss(image_emb: Tensor, text_emb: Tensor, caption_ids: Tensor, logit_scale: Tensor) -> Tensor:
+    """Symmetric CLIP loss over unique captions: image -> its caption, caption -> all its images.
+
+    ``text_emb`` holds one row per unique caption, ``caption_ids`` (N,) indexes it per image.
+    """
+    logits = logit_scale * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T  # (N, U)
+    image_loss = F.cross_entropy(logits, caption_ids)
+    positives = F.one_hot(caption_ids, text_emb.shape[0]).T.float()  # (U, N)
+    text_loss = -(positives / positives.sum(1, keepdim=True) * logits.T.log_softmax(dim=-1)).sum(1).mean()
+    return (image_loss + text_loss) / 2
+
+
+def contrastive_pretrain(backbone: OpenClipBackbone, images: np.ndarray, captions: Sequence[str], config: PretrainConfig,
+                         tick: Tick = _noop) -> dict[str, Tensor]:
+    """Train the whole CLIP (both towers, logit scale) on image–caption pairs; returns its state dict."""
+    model = backbone.model.train()
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    unique = sorted(set(captions))
+    tokens = backbone.tokenizer(unique)
+    index = {c: i for i, c in enumerate(unique)}
+    caption_index = torch.tensor([index[c] for c in captions])
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=config.lr)
+    sched = cosine_schedule(opt, config.steps, config.warmup)
+    for _ in range(config.steps):
+        batch = torch.randint(0, len(captions), (config.batch_size,), generator=generator)
+        ids, inverse = torch.unique(caption_index[batch], return_inverse=True)
+        x = _shift(to_tensor(images[batch.numpy()]), generator)
+        loss = multi_positive_clip_loss(model.encode_image(x), model.encode_text(tokens[ids]), inverse, model.logit_scale.exp())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        tick()
+    model.eval()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# LoRA fine-tuning ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """PEFT LoRA on q, k, v, out of every vision block (001 App. C.2 defaults)."""
+
+    rank: int = 16
+    alpha: float = 16
+    dropout: float = 0.1
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    steps: int = 300
+    batch_size: int = 64
+    seed: int = 0
+
+
+def finetune_lora(backbone: OpenClipBackbone, task: ClassificationTask, head: Tensor, config: LoraConfig,
+                  tick: Tick = _noop) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Fine-tune a PEFT LoRA adapter with the frozen zero-shot ``head``; returns (adapter tensors, adapter config).
+
+    The tensors and config are exactly what ``PeftModel.save_pretrained`` writes.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    peft_config = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                                 target_modules=backbone.lora_targets(), bias="none")
+    model = get_peft_model(copy.deepcopy(backbone.vision), peft_config)  # get_peft_model mutates: wrap a copy
+    model.train()
+    images, labels = task.tensors("train")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = cosine_schedule(opt, config.steps)
+    for _ in range(config.steps):
+        batch = torch.randint(0, len(labels), (config.batch_size,), generator=generator)
+        logits = F.normalize(model(_shift(images[batch], generator)), dim=-1) @ head.T
+        loss = F.cross_entropy(logits, labels[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        tick()
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tensors = load_file(str(Path(tmp) / "adapter_model.safetensors"))
+        adapter_config = json.loads((Path(tmp) / "adapter_config.json").read_text())
+    return tensors, adapter_config
+
+
+# Dense fine-tuning --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """Full fine-tuning of the encoder with a linear decoder for one dense task."""
+
+    steps: int
+    lr: float
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def finetune_dense(backbone: OpenClipBackbone, task: DenseTask, config: DenseConfig,
+                   tick: Tick = _noop) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Fine-tune the whole encoder and a fresh decoder end to end; returns (encoder state, decoder state)."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    params = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in backbone.base_state().items()}
+    decoder = make_decoder(backbone, task, config.seed)
+    trainable = [p for p in params.values() if p.requires_grad] + list(decoder.parameters())
+    opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    sched = cosine_schedule(opt, config.steps)
+    images, targets = task.tensors("train")
+    loss_fn = KINDS[task.kind].loss
+    for _ in range(config.steps):
+        batch = torch.randint(0, len(images), (config.batch_size,), generator=generator)
+        loss = loss_fn(decode(decoder, dense_features(backbone, images[batch], task, params), task), targets[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        tick()
+    return {k: v.detach().clone() for k, v in params.items()}, {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as a plain dict (for store keys and the manifest)."""
+    return asdict(config)
