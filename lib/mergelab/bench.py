@@ -1,0 +1,100 @@
+"""Benchmarks a study runs on: a backbone, its tasks and their adapters (DESIGN §8, §9).
+
+``BENCHES[kind](spec, tasks)`` builds a :class:`Bench` from the study's ``bench:`` section and
+its ``tasks:`` list:
+
+* ``micro``: the shipped micro benchmark (``data/micro``, built by ``mergelab build-micro``);
+  ``tasks`` optionally names a subset of its eight tasks.
+* ``open_clip``: an open_clip architecture (``arch``, e.g. ``ViT-B-32``) with local pretrained
+  ``weights``; every task gives its PEFT ``adapter`` (or full ``checkpoint``) and an
+  ``ImageFolder`` ``data`` root.
+
+Nothing here downloads anything: every path is local.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergelab.data.tasks import ClassificationTask
+from mergelab.errors import InputError
+from mergelab.model import Backbone
+from mergelab.taskset import TaskSet
+
+if TYPE_CHECKING:
+    from mergelab.config import BenchSpec, TaskSource
+
+__all__ = ["BENCHES", "Bench", "load_bench"]
+
+
+@dataclass(eq=False)
+class Bench:
+    """A backbone, its classification tasks (in task order) and each task's checkpoint source."""
+
+    name: str
+    backbone: Backbone
+    tasks: dict[str, ClassificationTask]
+    sources: list[tuple[str, Path]]
+
+    @cached_property
+    def taskset(self) -> TaskSet:
+        """The tasks' adapters (or full checkpoints) against the backbone's encoder weights."""
+        from mergelab.checkpoints import load_taskset
+
+        return load_taskset(self.backbone.base_state(), self.sources)
+
+    @property
+    def task_list(self) -> list[ClassificationTask]:
+        return list(self.tasks.values())
+
+
+def _micro(spec: BenchSpec, tasks: Sequence[str] | None) -> Bench:
+    from mergelab.data.micro import load_micro
+
+    micro = load_micro(spec.root)
+    names = list(tasks) if tasks else list(micro.tasks)
+    unknown = [t for t in names if t not in micro.tasks]
+    if unknown:
+        raise InputError(f"tasks: {unknown[0]!r} is not a micro task; allowed: {', '.join(micro.tasks)}")
+    if spec.rank not in micro.adapters:
+        raise InputError(f"bench.rank: no rank-{spec.rank} adapters in {spec.root}; built ranks: {sorted(micro.adapters)}")
+    return Bench(f"micro-r{spec.rank}", micro.backbone, {t: micro.tasks[t] for t in names},
+                 [(t, micro.adapters[spec.rank][t]) for t in names])
+
+
+def _open_clip(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
+    import open_clip
+
+    from mergelab.data.folder import DEFAULT_TEMPLATES, folder_task
+    from mergelab.model import open_clip_backbone
+
+    if not spec.arch or spec.weights is None:
+        raise InputError("bench: open_clip needs arch (e.g. ViT-B-32) and weights (a local .pt/.bin/.safetensors file)")
+    if not Path(spec.weights).is_file():
+        raise InputError(f"bench.weights: {spec.weights} does not exist; give the local pretrained weights file")
+    if not tasks or not all(hasattr(t, "name") for t in tasks):
+        raise InputError("tasks: an open_clip study lists tasks as {name, adapter|checkpoint, data} entries")
+    model = open_clip.create_model(spec.arch, pretrained=str(spec.weights))
+    model.eval()
+    backbone = open_clip_backbone(model)
+    size = spec.image_size or backbone.image_size
+    built: dict[str, ClassificationTask] = {}
+    for t in tasks:
+        if t.data is None:
+            raise InputError(f"tasks: {t.name} has no data folder; give data: ROOT with ROOT/<split>/<class>/<image>")
+        built[t.name] = folder_task(t.data, name=t.name, image_size=size, classnames=t.classnames,
+                                    templates=tuple(t.templates) if t.templates else DEFAULT_TEMPLATES)
+    return Bench(spec.arch, backbone, built, [(t.name, Path(t.adapter or t.checkpoint)) for t in tasks])
+
+
+#: ``bench.kind`` -> builder ``(BenchSpec, tasks) -> Bench``.
+BENCHES: dict[str, Callable[[Any, Any], Bench]] = {"micro": _micro, "open_clip": _open_clip}
+
+
+def load_bench(spec: BenchSpec, tasks: Sequence[str] | Sequence[TaskSource] | None = None) -> Bench:
+    """The :class:`Bench` of a study's ``bench:`` and ``tasks:`` sections."""
+    return BENCHES[spec.kind](spec, tasks)
