@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from mergelab.errors import InputError
+from mergelab.study import NodeResult
 
-__all__ = ["RUNNERS", "NodeResult", "configure", "summarize", "task_runner"]
+__all__ = ["RUNNERS", "configure", "summarize", "task_runner"]
 
 #: Prefect / Dask settings that these machines need (ENVIRONMENT.md); user values win.
 DEFAULT_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    # the ephemeral server logs cancelled event flushes at interpreter exit as errors
+    "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
     "DASK_LOGGING__DISTRIBUTED": "warning",
 }
 
@@ -62,15 +64,6 @@ def task_runner(spec: str | None = None):
     if name == "thread" and arg and not arg.isdigit():
         raise InputError(f"--runner thread={arg}: the argument is a worker count, e.g. thread=4")
     return RUNNERS[name](arg or None)
-
-
-@dataclass(frozen=True)
-class NodeResult:
-    """What one pipeline node did: its kind, its content key and whether the store already had it."""
-
-    node: str
-    key: str
-    hit: bool
 
 
 def summarize(results: Iterable[NodeResult]) -> dict[str, dict[str, int]]:

@@ -14,6 +14,7 @@ Nothing here downloads anything: every path is local.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergelab.data.tasks import ClassificationTask
 from mergelab.errors import InputError
+from mergelab.hashing import content_hash
 from mergelab.model import Backbone
 from mergelab.taskset import TaskSet
 
@@ -33,12 +35,18 @@ __all__ = ["BENCHES", "Bench", "load_bench"]
 
 @dataclass(eq=False)
 class Bench:
-    """A backbone, its classification tasks (in task order) and each task's checkpoint source."""
+    """A backbone, its classification tasks (in task order) and each task's checkpoint source.
+
+    ``data_id`` identifies everything evaluation depends on besides the merged encoder weights:
+    the whole pre-trained model (its text tower builds the heads) and the tasks' data, class
+    names and templates. Store keys of evaluations include it.
+    """
 
     name: str
     backbone: Backbone
     tasks: dict[str, ClassificationTask]
     sources: list[tuple[str, Path]]
+    data_id: str
 
     @cached_property
     def taskset(self) -> TaskSet:
@@ -52,6 +60,23 @@ class Bench:
         return list(self.tasks.values())
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"{path.name}:{h.hexdigest()}"
+
+
+def _task_id(task: ClassificationTask) -> dict[str, Any]:
+    return {"name": task.name, "classnames": list(task.classnames), "templates": list(task.templates)}
+
+
+def _folder_id(root: Path) -> list[tuple[str, int, int]]:
+    """Every image file under an ImageFolder root by relative path, size and mtime."""
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+
+
 def _micro(spec: BenchSpec, tasks: Sequence[str] | None) -> Bench:
     from mergelab.data.micro import load_micro
 
@@ -62,8 +87,12 @@ def _micro(spec: BenchSpec, tasks: Sequence[str] | None) -> Bench:
         raise InputError(f"tasks: {unknown[0]!r} is not a micro task; allowed: {', '.join(micro.tasks)}")
     if spec.rank not in micro.adapters:
         raise InputError(f"bench.rank: no rank-{spec.rank} adapters in {spec.root}; built ranks: {sorted(micro.adapters)}")
+    base = micro.root / micro.manifest["base"]["dir"]
+    data_id = content_hash({"weights": [_file_digest(p) for p in sorted(base.iterdir()) if p.is_file()],
+                            "seed": micro.manifest["seed"], "profile": micro.manifest["profile"],
+                            "tasks": [_task_id(micro.tasks[t]) for t in names]})
     return Bench(f"micro-r{spec.rank}", micro.backbone, {t: micro.tasks[t] for t in names},
-                 [(t, micro.adapters[spec.rank][t]) for t in names])
+                 [(t, micro.adapters[spec.rank][t]) for t in names], data_id)
 
 
 def _open_clip(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
@@ -88,7 +117,9 @@ def _open_clip(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
             raise InputError(f"tasks: {t.name} has no data folder; give data: ROOT with ROOT/<split>/<class>/<image>")
         built[t.name] = folder_task(t.data, name=t.name, image_size=size, classnames=t.classnames,
                                     templates=tuple(t.templates) if t.templates else DEFAULT_TEMPLATES)
-    return Bench(spec.arch, backbone, built, [(t.name, Path(t.adapter or t.checkpoint)) for t in tasks])
+    data_id = content_hash({"arch": spec.arch, "weights": _file_digest(Path(spec.weights)), "size": size,
+                            "tasks": [(_task_id(built[t.name]), _folder_id(Path(t.data))) for t in tasks]})
+    return Bench(spec.arch, backbone, built, [(t.name, Path(t.adapter or t.checkpoint)) for t in tasks], data_id)
 
 
 #: ``bench.kind`` -> builder ``(BenchSpec, tasks) -> Bench``.

@@ -89,30 +89,95 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
-# demo --------------------------------------------------------------------------------------------
+# run / demo -------------------------------------------------------------------------------------
+
+RunnerOpt = Annotated[str, typer.Option("--runner", help="Task runner: thread[=WORKERS] (default), dask (a local cluster) or dask=ADDRESS.")]
+#: The embedded default study, found from the working directory or the source checkout.
+DEFAULT_STUDY = Path("studies/micro.yaml")
+
+
+def _default_study() -> Path:
+    for candidate in (DEFAULT_STUDY, Path(__file__).resolve().parents[2] / DEFAULT_STUDY):
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"{DEFAULT_STUDY} not found; run from the mergelab checkout or pass a study file to `mergelab run`")
+
+
+def _run_study(study: Path, store: str | None, runner: str):
+    """Run the ``study`` flow with rich progress bars; print what ran and what was cached."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mergelab.config import load_study
+
+    spec = load_study(study)  # validate before Prefect starts: bad input fails in a second
+    from flows.runtime import summarize, task_runner
+
+    chosen = task_runner(runner)
+    from flows.study import set_progress, study_flow
+
+    bars: dict[str, int] = {}
+    with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[hits]} cached"),
+                  TimeElapsedColumn(), console=err_console, transient=False) as progress:
+
+        def listen(phase: str, total: int, result) -> None:
+            if phase not in bars:
+                bars[phase] = progress.add_task(phase, total=total, hits=0)
+            if result is not None:
+                task = progress.tasks[bars[phase]]
+                progress.update(bars[phase], advance=1, hits=task.fields["hits"] + int(result.hit))
+
+        set_progress(listen)
+        try:
+            run = study_flow.with_options(task_runner=chosen)(study=str(study), store=spec.store_url(store))
+        finally:
+            set_progress(None)
+    counts = summarize(run.nodes)
+    ran = sum(c["nodes"] - c["hits"] for c in counts.values())
+    hits = sum(c["hits"] for c in counts.values())
+    detail = ", ".join(f"{name} {c['nodes'] - c['hits']}/{c['nodes']}" for name, c in counts.items())
+    verdict = "every node was a cache hit" if ran == 0 else f"{ran} nodes computed, {hits} cache hits"
+    console.print(f"study {spec.name}: {verdict} (computed/total: {detail}); results {run['results']} in {run['store']}",
+                  soft_wrap=True, highlight=False)
+    return spec, run
+
+
+def _print_results(spec, run) -> None:
+    from mergelab.store import Store
+    from mergelab.study import results_table
+
+    ds = Store(run["store"]).get_dataset(run["results"])
+    frame = results_table(ds)
+    table = Table(title=f"{spec.name}: selected configuration per method × space ({ds.attrs['note']}; test split, selection on {ds.attrs['selection']})",
+                  title_justify="left")
+    for column in frame.columns:
+        text = column in ("method", "space", "config")
+        table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=column in ("method", "space"))
+    for row in frame.itertuples(index=False):
+        table.add_row(*(v if isinstance(v, str) else ("—" if v != v else f"{v:.1f}" if abs(v) >= 1 else f"{v:.3f}") for v in row))
+    console.print(table)
+    console.print("norm_acc, acc, hits@1: % (mean over tasks); merge_s: wall seconds of the merge; peak_mb: its peak extra memory (MiB)",
+                  highlight=False)
 
 
 @app.command()
-def demo(store: StoreOpt = None, workdir: Annotated[Path, typer.Option(help="Where the demo's adapters are written.")] = Path("data/demo")) -> None:
-    """Build a tiny PEFT adapter set, inspect it and store its per-module statistics."""
-    from mergelab.analysis.registry import ANALYSES
-    from mergelab.checkpoints import load_taskset
-    from mergelab.store import Store
-    from mergelab.synthetic import tiny_vision_transformer, write_peft_adapters
+def run(
+    study: Annotated[Path, typer.Argument(help="A study YAML file (see studies/micro.yaml).")],
+    store: StoreOpt = None,
+    runner: RunnerOpt = "thread",
+) -> None:
+    """Run a whole study: stage, merge sweep, adaptation, evaluation, selection, analyses, results.
 
-    s = Store(store)
-    model = tiny_vision_transformer(seed=0)
-    names = ["digits", "textures", "signs"]
-    with console.status("writing 3 PEFT LoRA adapters on a tiny open_clip ViT"):
-        paths = write_peft_adapters(model, workdir / "adapters", names, target_modules=["attn"], rank=4, alpha=8)
-    taskset = load_taskset(model, paths)
-    inspect([str(p) for p in paths], base=None, as_json=False)
-    norms = ANALYSES["norms"]
-    key = s.key(norms.producer, norms.version, taskset=taskset)
-    if not s.exists(key):
-        s.put_dataset(key, norms.fn(taskset))
-    s.set_ref("demo/norms", key)
-    console.print(f"stored per-module norms of {len(taskset)} tasks × {len(taskset.module_names)} modules in {s.url} as {key}")
+    Every node is cached in the store under its content key: a rerun computes only what changed.
+    """
+    spec, result = _run_study(study, store, runner)
+    _print_results(spec, result)
+
+
+@app.command()
+def demo(store: StoreOpt = None, runner: RunnerOpt = "thread") -> None:
+    """Run the embedded default study (studies/micro.yaml, the shipped micro benchmark) and print its table."""
+    spec, result = _run_study(_default_study(), store, runner)
+    _print_results(spec, result)
 
 
 # merge -------------------------------------------------------------------------------------------

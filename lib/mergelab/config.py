@@ -134,6 +134,7 @@ class AdaptiveSpec(_Strict):
     iters: int = 250
     lr: float = 1e-3
     batch_size: int = 16
+    objective: Literal["entropy", "tas", "labels"] | None = None
     scalarization: Literal["sum", "stch"] | None = None
     alpha: float = 1.0
     preference: list[float] | None = None
@@ -192,6 +193,8 @@ class StudySpec(_Strict):
     def _something_to_do(self) -> StudySpec:
         if not self.methods and not self.adaptive and not self.analyses:
             raise ValueError("the study has no methods, adaptive methods or analyses; add at least one")
+        if not self.allow_labels and any(a.objective == "labels" for a in self.adaptive):
+            raise ValueError("objective 'labels' uses validation labels; set allow_labels: true to allow it")
         labels = [a.name for a in self.adaptive]
         if len(set(labels)) != len(labels):
             raise ValueError(f"adaptive runs need distinct labels, got {labels}; set label: for repeated methods")
@@ -202,6 +205,23 @@ class StudySpec(_Strict):
         from mergelab.store import default_store_url
 
         return override or self.store or default_store_url()
+
+
+def _relative_to(data: dict, folder: Path) -> dict:
+    """Relative file paths in a study file (bench root and weights, task sources) are relative to
+    the file's folder, so a study runs from any working directory."""
+
+    def fix(section: Any, keys: tuple[str, ...]) -> Any:
+        if not isinstance(section, dict):
+            return section
+        return {k: str(folder / v) if k in keys and isinstance(v, str) and not Path(v).is_absolute() else v
+                for k, v in section.items()}
+
+    data = dict(data)
+    data["bench"] = fix(data.get("bench", {}), ("root", "weights"))
+    if isinstance(data.get("tasks"), list):
+        data["tasks"] = [fix(t, ("adapter", "checkpoint", "data")) for t in data["tasks"]]
+    return data
 
 
 def _location(loc: tuple) -> str:
@@ -224,6 +244,7 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
             raise InputError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise InputError(f"{path} must hold a mapping with at least 'name' and 'methods'")
+        data = _relative_to(data, path.parent)
     try:
         return StudySpec.model_validate(data)
     except ValidationError as err:

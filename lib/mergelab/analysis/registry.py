@@ -6,7 +6,9 @@ it, the ``analyze`` flow runs its entries and keys their Datasets in the store a
 output changes for the same inputs, so stale artifacts are never reused.
 
 ``needs`` says what the function takes first: ``"taskset"`` (weight-only statistics),
-``"merged"`` (a TaskSet and one merged update of the sweep) or ``"bench"`` (the model and task
+``"merged"`` (called as ``fn(merged=…, **params)`` on each selected merge of the sweep, plus
+``taskset=…`` when the function has that parameter; the study stacks the results along
+``method`` and ``space``) or ``"bench"`` (the model and task
 data, for gradients and features).
 """
 

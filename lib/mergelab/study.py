@@ -1,0 +1,538 @@
+"""The nodes of a study (DESIGN §8): pure functions, each cached in the store under a content key.
+
+``flows/`` wraps every node in a Prefect task; nothing here imports Prefect. A node takes the
+:class:`StudySpec`, the store URL and its own inputs (plain values or other nodes' keys), so it
+runs the same in a thread, an in-process Dask worker or a remote one, and returns a
+:class:`NodeResult` that says whether the store already held its artifact.
+
+| node        | key inputs                                                 | artifact |
+|-------------|------------------------------------------------------------|----------|
+| stage       | TaskSet content hash, bench data id                         | JSON: tasks, hashes, sources |
+| reference   | the task's update hash, base hash, data id                  | Dataset: fine-tuned / zero-shot scores |
+| merge       | TaskSet hash, method, space, resolved hyper-parameters      | tensors: the MergedUpdate (+ wall time, peak memory) |
+| adapt       | TaskSet hash, data id, the adaptive spec, seed              | tensors: the MergedUpdate; Dataset: its history |
+| evaluate    | the merged artifact's key, data id, metrics asked for       | Dataset ``score(task, metric)`` |
+| analysis    | the registry entry's producer/version, its inputs           | Dataset (``studies/<name>/analysis/<a>``) |
+| results     | every evaluation's key, the selection rule                  | Dataset ``studies/<name>/results`` |
+
+Changing one hyper-parameter changes one merge key, hence its evaluation and the results, and
+nothing else. Changed adapters change the TaskSet hash and every key below it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor
+
+from mergelab.bench import Bench, load_bench
+from mergelab.config import AdaptiveSpec, StudySpec, config_label
+from mergelab.errors import InputError
+from mergelab.merging import METHODS, merge
+from mergelab.profiling import measure
+from mergelab.store import Key, Store
+from mergelab.taskset import MergedUpdate, TaskSet
+
+__all__ = ["JOINT", "VERSIONS", "AdaptJob", "Context", "MergeJob", "NodeResult", "Row", "adapt_jobs", "adapt_node", "adapt_row",
+           "analysis_node", "context", "evaluate_node", "merge_jobs", "merge_node", "merge_row", "reference_node", "results_node",
+           "results_table", "selected_merges", "stage_node"]
+
+#: Code version of every node's producer; bump one when its output changes for the same inputs.
+VERSIONS = {"stage": "1", "reference": "1", "merge": "1", "adapt": "1", "evaluate": "1", "results": "1"}
+#: The pseudo-task holding the joint-task metrics (Hits@k over the union of labels).
+JOINT = "joint"
+#: Metrics per task: test accuracy and its normalised value, the same on val, TAS on val.
+TASK_METRICS = ("acc", "norm_acc", "val_acc", "val_norm_acc", "tas")
+JOINT_KS = (1, 3, 5)
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """What one node did: its kind, its content key, whether the store already had it, and a label."""
+
+    node: str
+    key: str
+    hit: bool
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """One static merge of the sweep: method × space × configuration (× seed for stochastic methods)."""
+
+    method: str
+    space: str
+    config: dict[str, Any]
+    seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}/{self.space}/{config_label(self.config)}" + ("" if self.seed is None else f"/seed={self.seed}")
+
+
+@dataclass(frozen=True)
+class AdaptJob:
+    """One adaptive run: its spec and seed."""
+
+    spec: AdaptiveSpec
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.name}/seed={self.seed}"
+
+
+# The context a node runs in ------------------------------------------------------------------------
+
+
+class Context:
+    """A study's spec, store and lazily loaded benchmark, shared by the nodes of one process."""
+
+    def __init__(self, spec: StudySpec, store_url: str) -> None:
+        self.spec = spec
+        self.store = Store(store_url)
+        self._lock = threading.RLock()
+        self._local = threading.local()
+
+    @cached_property
+    def bench(self) -> Bench:
+        with self._lock:
+            return load_bench(self.spec.bench, self.spec.tasks)
+
+    @property
+    def local_bench(self) -> Bench:
+        """The (warmed) bench with this thread's own copy of the backbone.
+
+        A functional forward swaps the module's parameters while it runs, so two threads must
+        never run one module at once; each worker thread gets a private copy instead.
+        """
+        if getattr(self._local, "bench", None) is None:
+            self.warm()
+            with self._lock:
+                local = replace(self.bench, backbone=copy.deepcopy(self.bench.backbone))
+                local.__dict__["taskset"] = self.taskset  # share the loaded TaskSet (cached_property slot)
+                self._local.bench = local
+        return self._local.bench
+
+    @cached_property
+    def taskset(self) -> TaskSet:
+        with self._lock:
+            return self.bench.taskset
+
+    @cached_property
+    def base(self) -> dict[str, Tensor]:
+        with self._lock:
+            return self.bench.backbone.base_state()
+
+    @cached_property
+    def heads(self) -> dict[str, Tensor]:
+        from mergelab.evaluation.heads import task_head
+
+        with self._lock, torch.no_grad():
+            return {name: task_head(self.bench.backbone, task) for name, task in self.bench.tasks.items()}
+
+    def warm(self) -> None:
+        """Build the shared data once (task splits, heads) before this thread runs a model.
+
+        The first caller generates everything while concurrent callers wait; nodes whose
+        artifact is already stored never call it, so a cached rerun skips the data entirely.
+        """
+        with self._lock:
+            if not getattr(self, "_warm", False):
+                _ = self.taskset, self.base, self.heads
+                for task in self.bench.tasks.values():
+                    task.tensors("val"), task.tensors("test")
+                self._warm = True
+
+    def params(self, merged: MergedUpdate) -> dict[str, Tensor]:
+        """Full encoder weights ``W_0 + ΔW`` for every merged parameter."""
+        return {m: self.base[m] + u.dense(self.base[m].dtype) for m, u in merged.modules.items()}
+
+
+_CONTEXTS: dict[tuple[str, str, str], Context] = {}
+_CONTEXTS_LOCK = threading.Lock()
+#: Contexts kept per process (older runs' are dropped: a run re-reads its checkpoints).
+_KEEP = 2
+
+
+def context(spec: StudySpec, store_url: str, run: str = "") -> Context:
+    """The :class:`Context` of one run (``run`` identifies it) of ``spec`` against ``store_url``.
+
+    Nodes of the same run in the same process share it; a new run loads the checkpoints again,
+    so adapters changed on disk between scheduled runs are seen.
+    """
+    ident = (spec.model_dump_json(), store_url, run)
+    with _CONTEXTS_LOCK:
+        if ident not in _CONTEXTS:
+            _CONTEXTS[ident] = Context(spec, store_url)
+            while len(_CONTEXTS) > _KEEP:
+                _CONTEXTS.pop(next(iter(_CONTEXTS)))
+        return _CONTEXTS[ident]
+
+
+# Planning ------------------------------------------------------------------------------------------
+
+
+def _stochastic(method: str) -> bool:
+    return any(name.rsplit(".", 1)[-1] == "seed" for name in METHODS[method].params)
+
+
+def merge_jobs(spec: StudySpec) -> list[MergeJob]:
+    """Every static merge of the study: methods × spaces × grid configurations (× seeds if stochastic)."""
+    jobs = []
+    for m in spec.methods:
+        seeds: Sequence[int | None] = spec.seeds if _stochastic(m.method) else [None]
+        jobs += [MergeJob(m.method, space, config, seed) for space in m.spaces for config in m.configs() for seed in seeds]
+    return jobs
+
+
+def adapt_jobs(spec: StudySpec) -> list[AdaptJob]:
+    """Every adaptive run: adaptive specs × seeds."""
+    return [AdaptJob(a, seed) for a in spec.adaptive for seed in spec.seeds]
+
+
+# Nodes ---------------------------------------------------------------------------------------------
+
+
+def stage_node(ctx: Context) -> NodeResult:
+    """Load and hash the checkpoints; record what was staged. Warms the shared context."""
+    from mergelab.checkpoints import describe
+
+    ts = ctx.taskset
+    key = ctx.store.key("stage", VERSIONS["stage"], taskset=ts.content_hash, data=ctx.bench.data_id)
+    record = {"bench": ctx.bench.name, "taskset": ts.content_hash, "data": ctx.bench.data_id,
+              "base": ts.base.content_hash, "tasks": [describe(t) for t in ts]}
+    _, hit = ctx.store.memo(key, "json", lambda: record)
+    return NodeResult("stage", key, hit, ctx.bench.name)
+
+
+def _hyper_parameters(job: MergeJob) -> dict[str, Any]:
+    config = dict(job.config)
+    if job.seed is not None:
+        config = {**config, "seed": job.seed}
+    return METHODS[job.method].resolve(config)
+
+
+def merge_key(ctx: Context, job: MergeJob) -> Key:
+    return ctx.store.key("merge", VERSIONS["merge"], taskset=ctx.taskset.content_hash, method=job.method,
+                         space=job.space, hyper_parameters=_hyper_parameters(job))
+
+
+def merge_node(ctx: Context, job: MergeJob) -> NodeResult:
+    """Merge one configuration (timed, peak memory measured) and store the MergedUpdate."""
+    key = merge_key(ctx, job)
+    if ctx.store.exists(key):
+        return NodeResult("merge", key, True, job.label)
+    hp = _hyper_parameters(job)
+    run = measure(lambda: merge(ctx.taskset, job.method, job.space, **hp))
+    attrs = {"method": job.method, "space": job.space, "config": config_label(job.config), "seed": job.seed,
+             "merge_seconds": run.wall_s, "peak_memory_mb": run.peak_bytes / 2**20}
+    ctx.store.put_tensors(key, run.value.to_tensors(), attrs=attrs)
+    return NodeResult("merge", key, False, job.label)
+
+
+def _batches(images: Tensor, labels: Tensor | None, batch_size: int, seed: int) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+    """Endless shuffled val batches (a new permutation per epoch); labelled only when ``labels`` is given."""
+    g = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, len(images))
+    while True:
+        order = torch.randperm(len(images), generator=g)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            take = order[i:i + batch_size]
+            yield images[take] if labels is None else (images[take], labels[take])
+
+
+def adapt_key(ctx: Context, job: AdaptJob) -> Key:
+    return ctx.store.key("adapt", VERSIONS["adapt"], taskset=ctx.taskset.content_hash, data=ctx.bench.data_id,
+                         spec=job.spec.model_dump(mode="json", exclude={"label"}), seed=job.seed,
+                         allow_labels=ctx.spec.allow_labels)
+
+
+def adapt_node(ctx: Context, job: AdaptJob) -> NodeResult:
+    """Adapt coefficients on unlabeled val batches (never test); store the merge and its history.
+
+    The history Dataset (loss curves, coefficient trajectories, final coefficients or masks) is
+    published first and named ``studies/<name>/adapt/<label>``; the merged tensors last, so
+    their presence means the node completed.
+    """
+    from mergelab.adaptation import Forward, adapt
+    from mergelab.evaluation.heads import image_logits
+
+    key = adapt_key(ctx, job)
+    history_key = ctx.store.key("adapt.history", VERSIONS["adapt"], run=str(key))
+    if ctx.store.exists(key):
+        return NodeResult("adapt", key, True, job.label)
+    a, bench = job.spec, ctx.local_bench
+    names = list(bench.tasks)
+    forward = Forward(base={m: ctx.base[m] for m in ctx.taskset.module_names},
+                      logits=lambda t, x, p: image_logits(bench.backbone, x, ctx.heads[names[t]], p),
+                      tokens=bench.backbone.image_tokens)
+    labelled = a.objective == "labels"  # only when the study sets allow_labels (validated in config)
+    batches = [_batches(*_val(bench, n, labelled), a.batch_size, job.seed + i) for i, n in enumerate(names)]
+    torch.manual_seed(job.seed)
+    run = measure(lambda: adapt(a.method, ctx.taskset, forward, batches, objective=a.objective, scalarization=a.scalarization,
+                                preference=a.preference, alpha=a.alpha, iters=a.iters, lr=a.lr, **a.hp))
+    result = run.value
+    attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")), "config": _adapt_config(a),
+             "seed": job.seed, "merge_seconds": run.wall_s, "peak_memory_mb": run.peak_bytes / 2**20,
+             "seconds_per_iter": result.seconds_per_iter}
+    if not ctx.store.exists(history_key):
+        ctx.store.put_dataset(history_key, result.history, attrs=attrs)
+    ctx.store.set_ref(f"studies/{ctx.spec.name}/adapt/{a.name}", history_key)
+    ctx.store.put_tensors(key, result.merged.to_tensors(), attrs=attrs)
+    return NodeResult("adapt", key, False, job.label)
+
+
+def _val(bench: Bench, name: str, labelled: bool) -> tuple[Tensor, Tensor | None]:
+    images, labels = bench.tasks[name].tensors("val")
+    return images, labels if labelled else None
+
+
+def _adapt_config(a: AdaptiveSpec) -> str:
+    return config_label({"iters": a.iters, "lr": a.lr, **({"alpha": a.alpha} if a.scalarization == "stch" else {}), **a.hp})
+
+
+def _merged(ctx: Context, key: str) -> MergedUpdate:
+    return MergedUpdate.from_tensors(ctx.store.get_tensors(key), base=ctx.taskset.base)
+
+
+def _tas_enabled(ctx: Context) -> bool:
+    return ctx.spec.selection == "tas"
+
+
+def reference_node(ctx: Context, task: str | None) -> NodeResult:
+    """Scores of task ``task``'s fine-tuned model on its own task (``None``: the zero-shot base on all)."""
+    from mergelab.adaptation.loop import task_weights
+
+    ts = ctx.taskset
+    index = None if task is None else ts.names.index(task)
+    identity = ts.base.content_hash if index is None else ts.tasks[index].content_hash
+    key = ctx.store.key("reference", VERSIONS["reference"], update=identity, base=ts.base.content_hash,
+                        data=ctx.bench.data_id, task=task)
+
+    def compute() -> xr.Dataset:
+        params = None if index is None else task_weights(ts, ctx.base, index)
+        names = list(ctx.bench.tasks) if task is None else [task]
+        return _scores(ctx, params, names, joint=False, tas=False)
+
+    _, hit = ctx.store.memo(key, "dataset", compute, attrs={"reference": "zeroshot" if task is None else "finetuned", "task": task})
+    return NodeResult("reference", key, hit, task or "zeroshot")
+
+
+def evaluate_key(ctx: Context, source: str) -> Key:
+    return ctx.store.key("evaluate", VERSIONS["evaluate"], merged=source, data=ctx.bench.data_id,
+                         joint=ctx.spec.joint, tas=_tas_enabled(ctx))
+
+
+def evaluate_node(ctx: Context, source: NodeResult) -> NodeResult:
+    """Per-task val/test accuracy, joint Hits@k (test) and, for TAS selection, TAS (val) of one merge."""
+    key = evaluate_key(ctx, source.key)
+    _, hit = ctx.store.memo(key, "dataset", lambda: _scores(ctx, ctx.params(_merged(ctx, source.key)), list(ctx.bench.tasks),
+                                                            joint=ctx.spec.joint, tas=_tas_enabled(ctx)))
+    return NodeResult("evaluate", key, hit, source.label)
+
+
+@torch.no_grad()
+def _scores(ctx: Context, params: Mapping[str, Tensor] | None, names: Sequence[str], *, joint: bool, tas: bool) -> xr.Dataset:
+    """``score(task, metric)``: raw accuracies (normalisation happens when results are assembled)."""
+    from mergelab.evaluation.metrics import evaluate_task, joint_hits
+
+    bench = ctx.local_bench
+    tasks = names + ([JOINT] if joint else [])
+    score = np.full((len(tasks), len(TASK_METRICS) + len(JOINT_KS)), np.nan)
+    metrics = [*TASK_METRICS, *(f"hits@{k}" for k in JOINT_KS)]
+    for i, name in enumerate(names):
+        task, head = bench.tasks[name], ctx.heads[name]
+        score[i, metrics.index("acc")] = evaluate_task(bench.backbone, task, params, "test", head=head)
+        score[i, metrics.index("val_acc")] = evaluate_task(bench.backbone, task, params, "val", head=head)
+        if tas:
+            score[i, metrics.index("tas")] = _tas(ctx, name, params)
+    if joint:
+        hits = joint_hits(bench.backbone, [bench.tasks[n] for n in names], params, "test", JOINT_KS)
+        for k in JOINT_KS:
+            score[-1, metrics.index(f"hits@{k}")] = hits[f"hits@{k}"]
+    return xr.Dataset({"score": (("task", "metric"), score)},
+                      coords={"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)})
+
+
+def _tas(ctx: Context, name: str, params: Mapping[str, Tensor] | None) -> float:
+    """TAS_t (004 Eq. 2) of the merged model on task ``name``'s unlabeled val images."""
+    from mergelab.adaptation.loop import task_weights
+    from mergelab.analysis.proxies import tas
+
+    t = ctx.taskset.names.index(name)
+    return tas(ctx.local_bench.backbone, ctx.bench.tasks[name], params, task_weights(ctx.taskset, ctx.base, t))
+
+
+def analysis_node(ctx: Context, name: str, merged: Sequence[tuple[MergeJob, NodeResult]] = ()) -> NodeResult:
+    """Run one registered analysis on the study's TaskSet (or bench, or its selected merges)."""
+    from mergelab.analysis.registry import ANALYSES
+
+    entry = ANALYSES[name]
+    inputs: dict[str, Any] = {"taskset": ctx.taskset.content_hash, **entry.params}
+    if entry.needs == "bench":
+        inputs["data"] = ctx.bench.data_id
+    if entry.needs == "merged":
+        inputs["merged"] = [str(r.key) for _, r in merged]
+    key = ctx.store.key(entry.producer, entry.version, **inputs)
+
+    def compute() -> xr.Dataset:
+        if entry.needs == "taskset":
+            return entry.fn(ctx.taskset, **entry.params)
+        if entry.needs == "bench":
+            return entry.fn(ctx.local_bench, **entry.params)
+        if not merged:
+            raise InputError(f"analysis {name!r} needs merged models; add methods to the study")
+        with_taskset = "taskset" in inspect.signature(entry.fn).parameters
+        parts = [entry.fn(merged=_merged(ctx, r.key), **({"taskset": ctx.taskset} if with_taskset else {}), **entry.params)
+                 .expand_dims(method=[j.method], space=[j.space]) for j, r in merged]
+        return xr.merge(parts, combine_attrs="drop_conflicts", join="outer", compat="no_conflicts")
+
+    _, hit = ctx.store.memo(key, "dataset", compute, attrs={"analysis": name})
+    ctx.store.set_ref(f"studies/{ctx.spec.name}/analysis/{name}", key)
+    return NodeResult("analysis", key, hit, name)
+
+
+# Results -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One merged model of the study: where it sits in the results and its nodes' keys."""
+
+    method: str
+    space: str
+    config: str
+    seed: int
+    produced: str
+    evaluated: str
+
+
+def merge_row(job: MergeJob, produced: NodeResult, evaluated: NodeResult, seed: int) -> Row:
+    return Row(job.method, job.space, config_label(job.config), job.seed if job.seed is not None else seed,
+               produced.key, evaluated.key)
+
+
+def adapt_row(ctx: Context, job: AdaptJob, produced: NodeResult, evaluated: NodeResult) -> Row:
+    attrs = ctx.store.info(produced.key).attrs
+    return Row(job.spec.name, attrs["space"], attrs["config"], job.seed, produced.key, evaluated.key)
+
+
+def selected_merges(ctx: Context, results: NodeResult, jobs: Sequence[MergeJob],
+                    produced: Sequence[NodeResult]) -> list[tuple[MergeJob, NodeResult]]:
+    """The static merges the selection chose (first seed), for analyses of merged models."""
+    selected = ctx.store.get_dataset(results.key)["selected"]
+    seed = ctx.spec.seeds[0]
+    return [(j, p) for j, p in zip(jobs, produced, strict=True)
+            if (j.seed is None or j.seed == seed) and bool(selected.sel({"method": j.method, "space": j.space, "config": config_label(j.config), "seed": seed}))]
+
+
+def results_key(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult]) -> Key:
+    return ctx.store.key("results", VERSIONS["results"], study=ctx.spec.name, rows=[r.__dict__ for r in rows],
+                         references=[r.key for r in references], selection=ctx.spec.selection)
+
+
+def results_node(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult]) -> NodeResult:
+    """Assemble the study's results Dataset, select configurations, publish ``studies/<name>/results``."""
+    key = results_key(ctx, rows, references)
+    _, hit = ctx.store.memo(key, "dataset", lambda: _assemble(ctx, rows, references))
+    ctx.store.set_ref(f"studies/{ctx.spec.name}/results", key)
+    return NodeResult("results", key, hit, ctx.spec.name)
+
+
+def _unique(values: Sequence[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def _assemble(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult]) -> xr.Dataset:
+    store = ctx.store
+    names = list(ctx.bench.tasks)
+    zeroshot = store.get_dataset(references[0].key)["score"]
+    finetuned = xr.concat([store.get_dataset(r.key)["score"] for r in references[1:]], dim="task")
+    dims = {"method": _unique([r.method for r in rows]), "space": _unique([r.space for r in rows]),
+            "config": _unique([r.config for r in rows]), "seed": _unique([r.seed for r in rows])}
+    first = store.get_dataset(rows[0].evaluated)["score"]
+    tasks, metrics = list(first.task.values), list(first.metric.values)
+    score = np.full([len(dims["method"]), len(dims["space"]), len(dims["config"]), len(tasks), len(metrics), len(dims["seed"])], np.nan)
+    per_merge = {v: np.full([len(dims[d]) for d in ("method", "space", "config", "seed")], np.nan)
+                 for v in ("merge_seconds", "peak_memory_mb")}
+    ft = finetuned.sel(task=names)
+    for r in rows:
+        at = tuple(dims[d].index(getattr(r, d)) for d in ("method", "space", "config", "seed"))
+        s = store.get_dataset(r.evaluated)["score"].copy()
+        s.loc[names, "norm_acc"] = s.sel(task=names, metric="acc") / ft.sel(metric="acc")
+        s.loc[names, "val_norm_acc"] = s.sel(task=names, metric="val_acc") / ft.sel(metric="val_acc")
+        score[at[:3] + (slice(None), slice(None), at[3])] = s.sel(task=tasks, metric=metrics).values
+        attrs = store.info(r.produced).attrs
+        for v in per_merge:
+            per_merge[v][at] = attrs.get(v, np.nan)
+    coords = {d: np.array(v, dtype=object) if d != "seed" else np.array(v) for d, v in dims.items()}
+    coords |= {"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)}
+    ds = xr.Dataset({"score": (("method", "space", "config", "task", "metric", "seed"), score),
+                     **{v: (("method", "space", "config", "seed"), a) for v, a in per_merge.items()}}, coords=coords)
+    reference = xr.concat([zeroshot.sel(task=names), ft], dim=xr.DataArray(["zeroshot", "finetuned"], dims="reference"))
+    ds["reference_score"] = reference.assign_coords(reference=np.array(["zeroshot", "finetuned"], dtype=object),
+                                              task=np.array(names, dtype=object), metric=np.array(metrics, dtype=object))
+    ds["selected"] = _select(ds, ctx.spec.selection, names)
+    ds.attrs.update({"study": ctx.spec.name, "bench": ctx.bench.name, "taskset": ctx.taskset.content_hash,
+                     "selection": ctx.spec.selection, "tasks": names,
+                     "note": f"{ctx.bench.name} benchmark numbers" + (" (the embedded micro benchmark, not the papers')"
+                                                                      if ctx.spec.bench.kind == "micro" else "")})
+    return ds
+
+
+def _select(ds: xr.Dataset, rule: str, names: Sequence[str]) -> xr.DataArray:
+    """Per method × space × seed, the configuration with the best mean val normalised accuracy
+    (``val``) or the lowest mean TAS on val (``tas``, 004 Eq. 2). The test split never enters."""
+    metric, best = ("val_norm_acc", "max") if rule == "val" else ("tas", "min")
+    criterion = ds["score"].sel(task=list(names), metric=metric).mean("task")
+    filled = criterion.fillna(-np.inf if best == "max" else np.inf)
+    chosen = filled.argmax("config") if best == "max" else filled.argmin("config")
+    selected = xr.zeros_like(ds["merge_seconds"], dtype=bool)
+    for i in range(len(ds.config)):
+        selected[{"config": i}] = (chosen == i) & criterion.isel(config=i).notnull()
+    return selected.assign_attrs(rule=rule, criterion=f"{best} mean {metric} over tasks")
+
+
+def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
+    """The selected configuration of every method × space as a pandas DataFrame.
+
+    Columns: method, space, config, mean normalised accuracy and mean accuracy (test, %),
+    joint Hits@1 (%), merge time (s) and peak memory (MiB), averaged over seeds unless ``seed``.
+    """
+    import pandas as pd
+
+    sel = ds if seed is None else ds.sel(seed=[seed])
+    tasks = list(ds.attrs["tasks"])
+    rows = []
+    for method in sel.method.values:
+        for space in sel.space.values:
+            mask = sel["selected"].sel({"method": method, "space": space})
+            if not bool(mask.any()):
+                continue
+            picked = sel.sel({"method": method, "space": space}).where(mask)
+            configs = [c for c in sel.config.values if bool(mask.sel(config=c).any())]
+            score = picked["score"]
+            row = {"method": method, "space": space, "config": "; ".join(configs),
+                   "norm_acc": 100 * float(score.sel(task=tasks, metric="norm_acc").mean("task").max("config").mean("seed")),
+                   "acc": 100 * float(score.sel(task=tasks, metric="acc").mean("task").max("config").mean("seed")),
+                   "merge_s": float(picked["merge_seconds"].max("config").mean("seed")),
+                   "peak_mb": float(picked["peak_memory_mb"].max("config").mean("seed"))}
+            if JOINT in score.task.values:
+                row["hits@1"] = 100 * float(score.sel(task=JOINT, metric="hits@1").max("config").mean("seed"))
+            rows.append(row)
+    finetuned = ds["reference_score"].sel(reference="finetuned", task=tasks, metric="acc")
+    references = [{"method": name, "space": "-", "config": "-",
+                   "norm_acc": 100 * float((acc / finetuned).mean()), "acc": 100 * float(acc.mean())}
+                  for name in ("zeroshot", "finetuned")
+                  for acc in [ds["reference_score"].sel(reference=name, task=tasks, metric="acc")]]
+    return pd.DataFrame(references + rows)

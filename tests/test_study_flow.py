@@ -1,0 +1,188 @@
+"""The study flow end to end on a small micro study: results Dataset, cache hits on rerun, only
+downstream nodes recompute after a hyper-parameter change, changed adapters recompute, Dask gives
+the same results, a SIGKILLed run restarts cleanly, and CLI errors are one line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from mergelab.store import Store
+
+pytestmark = pytest.mark.flow
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = {
+    "name": "small",
+    "bench": {"kind": "micro", "root": str(REPO / "data/micro"), "rank": 4},
+    "tasks": ["digits", "textures", "signs"],
+    "methods": [
+        {"method": "task_arithmetic", "spaces": ["full", "core"], "grid": {"alpha": [0.3, 0.6]}},
+        {"method": "ties", "spaces": ["knots"], "grid": {"density": [0.3], "alpha": [1.0]}},
+    ],
+    "adaptive": [{"method": "adamerging", "iters": 2, "batch_size": 4}],
+    "analyses": ["norms", "merged_rank"],
+}
+
+
+def write_study(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def computed(run) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in run.nodes:
+        if not r.hit:
+            out[r.node] = out.get(r.node, 0) + 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def first_run(harness, tmp_path_factory):
+    from flows.study import study_flow
+
+    root = tmp_path_factory.mktemp("study")
+    study = write_study(root / "small.yaml", SMALL)
+    store = str(root / "store")
+    return study, store, study_flow(str(study), store=store)
+
+
+def test_results_dataset_has_every_method_space_config_task_metric_seed(first_run):
+    _, store, run = first_run
+    assert computed(run) == {"stage": 1, "reference": 4, "merge": 5, "adapt": 1, "evaluate": 6, "results": 1, "analysis": 2}
+    ds = xr.open_zarr(Store(store).dataset_url(run["results"]), consolidated=False).load()  # one open_zarr reads it
+    assert dict(ds["score"].sizes) == {"method": 3, "space": 3, "config": 4, "task": 4, "metric": 8, "seed": 1}
+    assert set(ds.method.values) == {"task_arithmetic", "ties", "adamerging"}
+    acc = ds["score"].sel(task=["digits", "textures", "signs"], metric="acc").load()
+    ta = acc.sel({"method": "task_arithmetic", "space": "full", "config": "alpha=0.3"})
+    assert np.all((ta > 0.05) & (ta <= 1.0))
+    hits = ds["score"].sel(task="joint", metric=["hits@1", "hits@3", "hits@5"]).sel({"method": "task_arithmetic", "space": "core", "config": "alpha=0.6"})
+    assert np.all(np.diff(hits.values.ravel()) >= 0)  # Hits@1 <= Hits@3 <= Hits@5
+    # exactly one selected configuration per method x space that was run, chosen on val
+    selected = ds["selected"].load()
+    assert int(selected.sel({"method": "task_arithmetic"}).sum()) == 2 and ds.attrs["selection"] == "val"
+    chosen = ds["score"].sel(task=["digits", "textures", "signs"], metric="val_norm_acc").mean("task").sel({"method": "task_arithmetic", "space": "full"})
+    picked = int(selected.sel({"method": "task_arithmetic", "space": "full"}).squeeze().argmax("config"))
+    assert picked == int(chosen.squeeze().fillna(-1).argmax("config"))
+    assert float(ds["merge_seconds"].sel({"method": "ties", "space": "knots", "config": "alpha=1.0,density=0.3"}).squeeze()) > 0
+    assert "micro" in ds.attrs["note"]
+    analyses = Store(store).refs()
+    assert {"studies/small/results", "studies/small/analysis/norms", "studies/small/analysis/merged_rank", "studies/small/adapt/adamerging"} <= set(analyses)
+
+
+def test_rerun_is_all_cache_hits(first_run):
+    from flows.study import study_flow
+
+    study, store, run = first_run
+    again = study_flow(str(study), store=store)
+    assert computed(again) == {}
+    assert again["results"] == run["results"]
+
+
+def test_one_changed_hyper_parameter_recomputes_only_its_downstream(first_run, tmp_path):
+    from flows.study import study_flow
+
+    _, store, _ = first_run
+    spec = {**SMALL, "methods": [{**SMALL["methods"][0], "grid": {"alpha": [0.3, 0.6]}},
+                                 {**SMALL["methods"][1], "grid": {"density": [0.5], "alpha": [1.0]}}]}
+    run = study_flow(str(write_study(tmp_path / "changed.yaml", spec)), store=store)
+    # the one new TIES configuration is merged and evaluated; selection and the merged-model analysis follow it
+    assert computed(run) == {"merge": 1, "evaluate": 1, "results": 1, "analysis": 1}
+
+
+def test_changed_adapters_recompute_what_depends_on_them(harness, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from flows.study import study_flow
+
+    root = tmp_path / "micro"
+    shutil.copytree(REPO / "data/micro", root, ignore=shutil.ignore_patterns("r16", "dense"))
+    spec = {**SMALL, "bench": {**SMALL["bench"], "root": str(root)}, "adaptive": [], "analyses": ["norms"],
+            "methods": [SMALL["methods"][0]]}
+    study = write_study(tmp_path / "s.yaml", spec)
+    store = str(tmp_path / "store")
+    study_flow(str(study), store=store)
+    weights = root / "adapters/r4/digits/adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if "lora_B" in k)
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, weights)
+    run = study_flow(str(study), store=store)
+    # everything below the adapters: stage, the digits fine-tuned reference, every merge and evaluation
+    assert computed(run) == {"stage": 1, "reference": 1, "merge": 4, "evaluate": 4, "results": 1, "analysis": 1}
+
+
+def test_dask_runner_gives_the_same_results(first_run, tmp_path):
+    from flows.runtime import task_runner
+    from flows.study import study_flow
+
+    study, store, run = first_run
+    dask_store = str(tmp_path / "dask")
+    other = study_flow.with_options(task_runner=task_runner("dask"))(str(study), store=dask_store)
+    assert computed(other)["merge"] == 5
+    a = Store(store).get_dataset(run["results"])
+    b = Store(dask_store).get_dataset(other["results"])
+    xr.testing.assert_allclose(a[["score", "selected"]], b[["score", "selected"]])
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": "", "COLUMNS": "200"}
+
+
+def test_killed_run_restarts_and_reuses_published_artifacts(tmp_path):
+    spec = {**SMALL, "adaptive": [], "analyses": [], "methods": [
+        {"method": "task_arithmetic", "spaces": ["full", "knots", "core"], "grid": {"alpha": [0.2, 0.4, 0.6, 0.8]}}]}
+    study = write_study(tmp_path / "kill.yaml", spec)
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "mergelab.cli", "run", str(study), "--store", str(store), "--runner", "thread=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    s = Store(store)
+    while time.time() < deadline and proc.poll() is None:
+        if sum(a.producer == "evaluate" for a in s.ls()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed; give it more work"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    published = {a.key for a in s.ls()}
+    done = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cache hits" in done.stdout and "every node" not in done.stdout
+    assert published <= {a.key for a in s.ls()}
+    s.gc(dry_run=False, keep=None)  # leftovers of the killed run are removable, nothing published is lost
+    assert published <= {a.key for a in s.ls()}
+    again = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "every node was a cache hit" in again.stdout
+
+
+def test_cli_run_rejects_bad_study_in_one_line(tmp_path):
+    bad = write_study(tmp_path / "bad.yaml", {**SMALL, "methods": [{"method": "tiez"}]})
+    done = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(bad)], cwd=REPO, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "methods[0]" in done.stderr and "tiez" in done.stderr
+    runner = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(REPO / "studies/micro.yaml"), "--runner", "spark"],
+                            cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert runner.returncode == 2 and "unknown runner" in runner.stderr
