@@ -11,7 +11,9 @@ import xarray as xr
 
 from mergelab.store import Store
 
-__all__ = ["available", "load", "study_ref"]
+__all__ = ["NOT_COMPUTED", "available", "load", "optional", "study_ref"]
+
+NOT_COMPUTED = "not computed in this study"
 
 
 def study_ref(study: str, name: str) -> str:
@@ -30,3 +32,16 @@ def available(store: str | Store, study: str) -> list[str]:
     store = store if isinstance(store, Store) else Store(store)
     prefix = study_ref(study, "")
     return sorted(name.removeprefix(prefix) for name in store.refs() if name.startswith(prefix))
+
+
+def optional(store: str | Store, study: str, name: str) -> xr.Dataset | None:
+    """The Dataset ``name`` of ``study``, or None after printing that the study did not compute it.
+
+    Notebooks draw a section only when its Dataset is there, so they run on studies that
+    computed fewer analyses.
+    """
+    store = store if isinstance(store, Store) else Store(store)
+    if name not in available(store, study):
+        print(f"{name}: {NOT_COMPUTED} (study {study!r} in store {store.url!r})")
+        return None
+    return load(store, study, name)

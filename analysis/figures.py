@@ -24,6 +24,7 @@ __all__ = [
     "cosine_heatmap",
     "coverage_erank",
     "energy_rank_per_task",
+    "energy_rank_table",
     "merged_cosines",
     "merged_rank_summary",
     "merged_rank_table",
@@ -35,6 +36,7 @@ __all__ = [
     "singular_spectra",
     "task_vector_norms",
     "task_vector_norms_per_layer",
+    "task_vector_norms_per_layer_table",
 ]
 
 UNLABELLED = "unlabelled data"
@@ -117,6 +119,19 @@ def energy_rank_per_task(ds: xr.Dataset, modules: Sequence[str] | None = None) -
     return fig
 
 
+def energy_rank_table(ds: xr.Dataset) -> pd.DataFrame:
+    """002 Fig. 3 for every module as a DataFrame: the 95 %-energy rank, rows = module (layer, kind), columns = task.
+
+    From :func:`~mergelab.analysis.coverage.subspace_coverage`; ``frame.attrs`` carries the dataset
+    label, the paper reference and the energy threshold.
+    """
+    frame = ds.energy_rank.transpose("module", "task").to_pandas()
+    frame.index = pd.Index([_module_label(ds, m) for m in _strings(frame.index)], name="module")
+    frame.columns = pd.Index(_strings(frame.columns), name="task")
+    frame.attrs = {"dataset": dataset_label(ds), "paper": "002 Sec. 4, Fig. 3", "energy": float(ds.attrs.get("energy", 0.95))}
+    return frame
+
+
 # 004: norms and cosines --------------------------------------------------------------------------
 
 
@@ -129,9 +144,14 @@ def task_vector_norms(ds: xr.Dataset) -> Figure:
     return fig
 
 
+def _norms_per_layer(ds: xr.Dataset) -> xr.DataArray:
+    """‖τ_t^l‖₂: the norm of all of a layer's parameters concatenated (004 App. G), dims (task, layer)."""
+    return np.sqrt((ds.norm**2).groupby("layer").sum())
+
+
 def task_vector_norms_per_layer(ds: xr.Dataset) -> Figure:
     """Task vector norm per layer (all parameters of a layer concatenated), per task and mean ± std (004 Fig. 13)."""
-    per_layer = np.sqrt((ds.norm**2).groupby("layer").sum())  # (task, layer)
+    per_layer = _norms_per_layer(ds)  # (task, layer)
     fig, (ax,) = _figure(ds, "Task vector norms per layer", "004 Fig. 13", panel=(5.5, 3.4))
     for task in per_layer.task.values:
         ax.plot(per_layer.layer, per_layer.sel(task=task), marker=".", alpha=0.7, label=str(task))
@@ -139,6 +159,21 @@ def task_vector_norms_per_layer(ds: xr.Dataset) -> Figure:
     ax.set(xlabel="layer (-1: outside the blocks)", ylabel="‖τ_t^l‖₂")
     ax.legend(fontsize=7, ncols=2)
     return fig
+
+
+def task_vector_norms_per_layer_table(ds: xr.Dataset) -> pd.DataFrame:
+    """004 Tab. 3 as a DataFrame: task vector norm per layer, rows = task, columns = ``Layer-i`` and ``Avg.``.
+
+    Block ``i`` (0-based ``layer`` coordinate) is column ``Layer-{i+1}`` as in the paper; parameters
+    outside the numbered blocks (``layer = -1``) are one column ``outside blocks``. ``Avg.`` is
+    the mean over the columns. From :func:`~mergelab.analysis.geometry.norms`.
+    """
+    per_layer = _norms_per_layer(ds).transpose("task", "layer")
+    columns = ["outside blocks" if int(layer) < 0 else f"Layer-{int(layer) + 1}" for layer in per_layer.layer.values]
+    frame = pd.DataFrame(per_layer.values, index=pd.Index(_strings(per_layer.task.values), name="task"), columns=columns)
+    frame["Avg."] = frame.mean(axis=1)
+    frame.attrs = {"dataset": dataset_label(ds), "paper": "004 App. G, Tab. 3"}
+    return frame
 
 
 def _heatmap(ax: Axes, frame: pd.DataFrame, vmin: float, vmax: float, cmap: str, label: str) -> None:

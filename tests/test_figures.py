@@ -144,3 +144,20 @@ def test_figures_draw_from_the_store_and_fall_back_to_the_base_name(taskset, tmp
     del ds.attrs["dataset"]
     assert figures.UNLABELLED in figures.energy_rank_per_task(ds).get_suptitle()
     assert np.isfinite(ds.erank_aware.values).all()
+
+
+def test_energy_rank_and_per_layer_norm_tables(taskset):
+    coverage_ds = _labelled(coverage.subspace_coverage(taskset))
+    table = figures.energy_rank_table(coverage_ds)
+    assert table.shape == (15, 4) and list(table.columns) == ["digits", "textures", "signs", "landcover"]
+    assert table.loc["layer 1 v", "landcover"] == int(coverage_ds.energy_rank.sel(task="landcover", module="visual.transformer.resblocks.1.attn.v_proj.weight"))
+    assert (table.max() <= [2, 3, 2, 4]).all() and table.attrs["dataset"] == LABEL  # at most the LoRA rank
+
+    norms = _labelled(geometry.norms(taskset))
+    table = figures.task_vector_norms_per_layer_table(norms)
+    assert list(table.columns) == ["Layer-1", "Layer-2", "Layer-3", "Avg."] and list(table.index) == ["digits", "textures", "signs", "landcover"]
+    layer0 = [m for m in SHAPES if ".resblocks.0." in m]
+    expected = float(np.sqrt((norms.norm.sel(task="signs", module=layer0) ** 2).sum()))
+    assert table.loc["signs", "Layer-1"] == pytest.approx(expected)
+    assert np.allclose((table.iloc[:, :3] ** 2).sum(axis=1), norms.total_norm.values ** 2)  # the layers partition the task vector
+    assert table.loc["signs", "Avg."] == pytest.approx(table.loc["signs"].iloc[:3].mean())

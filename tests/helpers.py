@@ -1,0 +1,48 @@
+"""Test helpers shared across test modules (import as ``from helpers import ...``; pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import inspect
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mergelab.analysis.registry import ANALYSES
+from mergelab.store import Store
+from mergelab.taskset import MergedUpdate, TaskSet
+
+MICRO_LABEL = "micro benchmark (test store)"
+
+
+def publish_analyses(store: Store, study: str, taskset: TaskSet, *, merged: MergedUpdate | None = None,
+                     names: Iterable[str] | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
+                     label: str = MICRO_LABEL) -> dict[str, str]:
+    """Compute registry analyses and publish each under ``studies/<study>/analysis/<name>``, as a study flow does.
+
+    ``names`` defaults to every ``needs="taskset"`` analysis, plus the ``needs="merged"`` ones when
+    ``merged`` is given; ``params[name]`` overrides an analysis's parameters. Each Dataset is
+    labelled ``attrs["dataset"] = label`` and keyed ``store.key(producer, version, taskset=…,
+    [merged=…,] **params)``. Returns ``{name: key}``.
+    """
+    names = list(names) if names is not None else [n for n, a in ANALYSES.items()
+                                                   if a.needs == "taskset" or (a.needs == "merged" and merged is not None)]
+    keys: dict[str, str] = {}
+    for name in names:
+        entry = ANALYSES[name]
+        kwargs = {**entry.params, **(params or {}).get(name, {})}
+        if entry.needs == "taskset":
+            ds = entry.fn(taskset, **kwargs)
+            inputs = {"taskset": taskset.content_hash}
+        elif entry.needs == "merged":
+            assert merged is not None, f"analysis {name!r} needs a merged update"
+            takes_taskset = next(iter(inspect.signature(entry.fn).parameters)) == "taskset"  # merged_similarity vs merged_rank
+            ds = entry.fn(taskset, merged, **kwargs) if takes_taskset else entry.fn(merged, **kwargs)
+            inputs = {"taskset": taskset.content_hash, "merged": merged.content_hash}
+        else:
+            raise ValueError(f"analysis {name!r} needs {entry.needs!r}; publish_analyses covers taskset and merged analyses")
+        ds.attrs["dataset"] = label
+        key = store.key(entry.producer, entry.version, **inputs, **kwargs)
+        store.put_dataset(key, ds)
+        store.set_ref(f"studies/{study}/analysis/{name}", key)
+        keys[name] = key
+    return keys

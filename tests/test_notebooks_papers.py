@@ -1,0 +1,70 @@
+"""The paper notebooks (10-40) run against a store of micro-benchmark analyses and draw their figures.
+
+The module fixture publishes every weight-only analysis of the registry on the rank-4 micro
+TaskSet, and the merged-model ones on its Task Arithmetic merge, under ``studies/micro`` (as the
+study flow does, via :func:`helpers.publish_analyses`); a second study ``sparse`` names only the
+``norms`` Dataset, so the notebooks' skip paths run too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import MICRO_LABEL, publish_analyses
+
+from analysis import data
+from analysis.report import REPO, execute_notebook, report
+from mergelab.data.micro import load_micro
+from mergelab.merging import merge
+from mergelab.store import Store
+
+pytestmark = pytest.mark.notebook
+
+STUDY = "micro"
+MIN_FIGURES = {"10_tara_geometry": 5, "20_adarank_spectra": 4, "30_core_space": 6, "40_tas_geometry": 5}
+PAPER_NOTEBOOKS = [REPO / "notebooks" / f"{name}.ipynb" for name in MIN_FIGURES]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A working directory whose ``data/store`` (the notebooks' default STORE) holds the studies ``micro`` and ``sparse``."""
+    root = tmp_path_factory.mktemp("papers")
+    store = Store(root / "data" / "store")
+    taskset = load_micro(REPO / "data" / "micro").taskset(rank=4)
+    keys = publish_analyses(store, STUDY, taskset, merged=merge(taskset, "task_arithmetic", "full", alpha=0.3))
+    store.set_ref("studies/sparse/analysis/norms", keys["norms"])
+    return root
+
+
+def _outputs(nb, kind: str) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == kind]
+
+
+@pytest.mark.parametrize("path", PAPER_NOTEBOOKS, ids=lambda p: p.stem)
+def test_paper_notebook_draws_its_figures_from_the_study(workdir, path):
+    nb = execute_notebook(path, {"STUDY": STUDY}, cwd=workdir)  # STORE keeps its default, relative to cwd
+    pngs = [o for o in _outputs(nb, "display_data") if "image/png" in o.data]
+    assert len(pngs) >= MIN_FIGURES[path.stem]
+    printed = "".join(o.text for o in _outputs(nb, "stream"))
+    missing = [line.split(":")[0] for line in printed.splitlines() if data.NOT_COMPUTED in line]
+    assert missing == (["analysis/anisotropy"] if path.stem == "10_tara_geometry" else [])  # everything else was published
+
+
+def test_report_on_a_study_with_fewer_analyses_writes_every_notebook(workdir, tmp_path):
+    files = report(PAPER_NOTEBOOKS, {"STORE": str(workdir / "data" / "store"), "STUDY": "sparse"}, tmp_path / "reports", cwd=tmp_path)
+    htmls = [f for f in files if f.suffix == ".html"]
+    assert [f.name for f in htmls] == [f"{name}.html" for name in MIN_FIGURES]
+    assert all(f.is_file() and f.is_relative_to(tmp_path / "reports") for f in files)
+    pngs = sorted(f.relative_to(tmp_path / "reports").as_posix() for f in files if f.suffix == ".png")
+    assert pngs == ["40_tas_geometry/fig-01.png", "40_tas_geometry/fig-02.png"]  # only the norms figures can be drawn
+    for html in htmls:
+        assert data.NOT_COMPUTED in html.read_text()
+
+
+def test_optional_returns_the_dataset_or_says_it_was_not_computed(workdir, capsys):
+    store = workdir / "data" / "store"
+    assert data.available(store, "sparse") == ["analysis/norms"]
+    assert data.optional(store, "sparse", "analysis/norms").attrs["dataset"] == MICRO_LABEL
+    assert data.optional(store, "sparse", "analysis/cosine") is None
+    assert capsys.readouterr().out.startswith(f"analysis/cosine: {data.NOT_COMPUTED} (study 'sparse'")
