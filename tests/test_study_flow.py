@@ -186,3 +186,37 @@ def test_cli_run_rejects_bad_study_in_one_line(tmp_path):
     runner = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(REPO / "studies/micro.yaml"), "--runner", "spark"],
                             cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert runner.returncode == 2 and "unknown runner" in runner.stderr
+
+
+def test_serve_registers_the_cron_schedule(first_run):
+    from prefect.client.orchestration import get_client
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    study, store, _ = first_run
+    done = CliRunner().invoke(app, ["serve", str(study), "--cron", "0 3 * * *", "--store", store, "--register-only"])
+    assert done.exit_code == 0, done.output
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("study/small")
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.parameters == {"study": str(study.resolve()), "store": store}
+    bad = CliRunner().invoke(app, ["serve", str(study), "--cron", "every day", "--register-only"])
+    assert bad.exit_code == 2 and "not a cron expression" in bad.output
+
+
+@pytest.mark.notebook
+def test_report_executes_the_overview_notebook_against_the_study_store(first_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    _, store, _ = first_run
+    out = tmp_path / "reports"
+    done = CliRunner().invoke(app, ["report", "--store", store, "--study", "small", "--out", str(out),
+                                    "--notebook", str(REPO / "notebooks/00_overview.ipynb")])
+    assert done.exit_code == 0, done.output
+    assert (out / "00_overview.html").stat().st_size > 10_000
+    assert len(list((out / "00_overview").glob("fig-*.png"))) == 2  # per-task heatmap, accuracy vs merge time
+    missing = CliRunner().invoke(app, ["report", "--store", store, "--study", "nosuch", "--out", str(out)])
+    assert missing.exit_code == 2 and "no study 'nosuch'" in missing.output

@@ -180,6 +180,70 @@ def demo(store: StoreOpt = None, runner: RunnerOpt = "thread") -> None:
     _print_results(spec, result)
 
 
+@app.command()
+def serve(
+    study: Annotated[Path, typer.Argument(help="A study YAML file; re-read on every scheduled run.")],
+    cron: Annotated[str, typer.Option("--cron", help="Cron schedule, e.g. \"0 3 * * *\" (03:00 every day).")] = "0 3 * * *",
+    name: Annotated[Optional[str], typer.Option(help="Deployment name (default: the study's name).")] = None,
+    store: StoreOpt = None,
+    register_only: Annotated[bool, typer.Option("--register-only", help="Register the deployment and return instead of serving it.")] = False,
+) -> None:
+    """Register the study as a scheduled Prefect deployment and serve it (runs until interrupted).
+
+    Needs a Prefect server that outlives this command (``prefect server start``; set
+    ``PREFECT_API_URL``). With ``--register-only`` a worker of your work pool runs it instead.
+    """
+    from mergelab.config import load_study
+
+    spec = load_study(study)
+    from flows.study import study_flow
+
+    _check_cron(cron)
+
+    deployment = study_flow.to_deployment(name=name or spec.name, cron=cron,
+                                          parameters={"study": str(study.resolve()), "store": spec.store_url(store)},
+                                          tags=["mergelab", f"study:{spec.name}"])
+    if register_only:
+        deployment_id = deployment.apply()
+        console.print(f"registered deployment study/{deployment.name} ({deployment_id}) on cron {cron!r}", highlight=False)
+        return
+    from prefect import serve as prefect_serve
+
+    console.print(f"serving study/{deployment.name} on cron {cron!r}; Ctrl-C stops", highlight=False)
+    prefect_serve(deployment)
+
+
+def _check_cron(cron: str) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise InputError(f"--cron {cron!r} is not a cron expression; use five fields such as \"0 3 * * *\"") from None
+
+
+@app.command()
+def report(
+    store: StoreOpt = None,
+    study: Annotated[str, typer.Option(help="The study whose Datasets the notebooks draw.")] = "micro",
+    out: Annotated[Path, typer.Option(help="Where HTML and PNG files are written.")] = Path("data/reports"),
+    notebooks: Annotated[Optional[list[Path]], typer.Option("--notebook", help="Run only these notebooks (default: notebooks/*.ipynb).")] = None,
+) -> None:
+    """Execute the notebooks against the store; write each as HTML plus its figures as PNG under --out."""
+    from analysis.report import list_notebooks
+    from analysis.report import report as run_report
+    from mergelab.store import Store, default_store_url
+
+    url = store or default_store_url()
+    if f"studies/{study}/results" not in Store(url).refs() and not any(r.startswith(f"studies/{study}/") for r in Store(url).refs()):
+        raise InputError(f"store {url} has no study {study!r}; run `mergelab run` (or `make demo`) first, or pass --store/--study")
+    paths = notebooks or list_notebooks()
+    with console.status(f"executing {len(paths)} notebooks against {url} (study {study})"):
+        written = run_report(paths, {"STORE": str(Path(url).resolve()) if "://" not in url else url, "STUDY": study}, out_dir=out)
+    pngs = sum(p.suffix == ".png" for p in written)
+    console.print(f"wrote {len(written) - pngs} HTML reports and {pngs} figures under {out}", highlight=False)
+
+
 # merge -------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,73 @@
+"""Figures of a study's results Dataset (``studies/<name>/results``): the overview notebook's.
+
+The results hold ``score(method, space, config, task, metric, seed)`` with the configuration the
+study selected marked in ``selected`` (schema: docs/store.md, "Study results"). These functions
+draw the selected configurations; nothing here computes a metric.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import xarray as xr
+from matplotlib.figure import Figure
+
+from mergelab.study import results_table as _results_table
+
+__all__ = ["accuracy_vs_merge_time", "normalized_accuracy_by_task", "results_table"]
+
+
+def results_table(ds: xr.Dataset) -> pd.DataFrame:
+    """The selected configuration of every method × space, with the zero-shot and fine-tuned rows."""
+    return _results_table(ds)
+
+
+def _selected(ds: xr.Dataset, metric: str) -> pd.DataFrame:
+    """Tidy rows (method, space, task, value) of ``metric`` at the selected configurations (seed mean)."""
+    tasks = list(ds.attrs["tasks"])
+    picked = ds["score"].sel(task=tasks, metric=metric).where(ds["selected"]).max("config").mean("seed")
+    frame = picked.to_dataframe(name="value").reset_index()[["method", "space", "task", "value"]].dropna()
+    for column in ("method", "space", "task"):
+        frame[column] = frame[column].astype(str)
+    return frame
+
+
+def _title(ds: xr.Dataset, what: str, paper: str) -> str:
+    return f"{what} ({paper})\n{ds.attrs.get('note', '')}; study {ds.attrs.get('study', '?')}"
+
+
+def normalized_accuracy_by_task(ds: xr.Dataset) -> Figure:
+    """Per-task normalised test accuracy of each method's selected configuration, one panel per space."""
+    frame = _selected(ds, "norm_acc")
+    frame["value"] *= 100
+    spaces = list(dict.fromkeys(frame["space"]))
+    fig = Figure(figsize=(4.8 * len(spaces), 0.35 * frame["method"].nunique() + 2.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(spaces), sharey=True, squeeze=False)).ravel()
+    for ax, space in zip(axes, spaces, strict=True):
+        table = frame[frame["space"] == space].pivot(index="method", columns="task", values="value")
+        sns.heatmap(table, ax=ax, annot=True, fmt=".0f", vmin=0, vmax=110, cmap="viridis", cbar=ax is axes[-1],
+                    cbar_kws={"label": "normalised accuracy (%)"})
+        ax.set_title(f"{space} space")
+        ax.set_xlabel("")
+    fig.suptitle(_title(ds, "normalised accuracy per task", "003 Tab. 2 layout"), fontsize=10)
+    return fig
+
+
+def accuracy_vs_merge_time(ds: xr.Dataset) -> Figure:
+    """Mean normalised accuracy against merge wall time on a log scale, per method and space (003 Fig. 1)."""
+    accuracy = _selected(ds, "norm_acc").groupby(["method", "space"], as_index=False)["value"].mean()
+    seconds = ds["merge_seconds"].where(ds["selected"]).max("config").mean("seed")
+    times = seconds.to_dataframe(name="seconds").reset_index()[["method", "space", "seconds"]].dropna()
+    times[["method", "space"]] = times[["method", "space"]].astype(str)
+    frame = accuracy.merge(times, on=["method", "space"])
+    frame["value"] *= 100
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    sns.scatterplot(frame, x="seconds", y="value", hue="method", style="space", s=70, ax=ax)
+    ax.set_xscale("log")
+    ax.set_xlabel("merge wall time (s, log scale)")
+    ax.set_ylabel("mean normalised accuracy (%)")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.suptitle(_title(ds, "accuracy against merge time", "003 Fig. 1"), fontsize=10)
+    return fig
