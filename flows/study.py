@@ -11,6 +11,7 @@ or a worker started on a GPU machine (README, "Scaling out").
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from flows.runtime import configure
 
@@ -26,12 +27,13 @@ from prefect.futures import PrefectFuture, as_completed  # noqa: E402
 
 from mergelab import study as nodes  # noqa: E402
 from mergelab.config import StudySpec, load_study  # noqa: E402
+from mergelab.errors import InputError  # noqa: E402
 from mergelab.store import Store  # noqa: E402
 
 # Prefect's own "prefect" logger (temporary-server start/stop notices) ignores the level setting.
 logging.getLogger("prefect").setLevel(os.environ["PREFECT_LOGGING_LEVEL"])
 
-__all__ = ["GPU_TAG", "StudyRun", "adapt_flow", "analyze_flow", "evaluate_flow", "merge_sweep", "set_progress", "stage_flow", "study_flow"]
+__all__ = ["GPU_TAG", "StudyRun", "adapt_flow", "deployment", "serve_deployments", "analyze_flow", "evaluate_flow", "merge_sweep", "set_progress", "stage_flow", "study_flow"]
 
 #: Tag of tasks that benefit from an accelerator (evaluation, adaptation, Jacobian analyses).
 GPU_TAG = "gpu"
@@ -214,3 +216,25 @@ def study_flow(study: str, store: str | None = None) -> StudyRun:
     analyses = _analyses(spec, url, run, selected)
     return StudyRun(nodes=staged + references + merged + adapted + evaluated + done + analyses, results=done[0].key,
                     store=Store(url).url)
+
+
+# Scheduling ----------------------------------------------------------------------------------------
+
+
+def deployment(study: Path, spec: StudySpec, *, cron: str, name: str | None = None, store: str | None = None):
+    """A cron-scheduled deployment of :func:`study_flow` for ``study`` (re-read on every run)."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise InputError(f"--cron {cron!r} is not a cron expression; use five fields such as \"0 3 * * *\"") from None
+    return study_flow.to_deployment(name=name or spec.name, cron=cron, tags=["mergelab", f"study:{spec.name}"],
+                                    parameters={"study": str(Path(study).resolve()), "store": store or spec.store_url()})
+
+
+def serve_deployments(*deployments) -> None:
+    """Serve deployments in this process until interrupted (``prefect.serve``)."""
+    from prefect import serve
+
+    serve(*deployments)

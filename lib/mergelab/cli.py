@@ -196,30 +196,15 @@ def serve(
     from mergelab.config import load_study
 
     spec = load_study(study)
-    from flows.study import study_flow
+    from flows.study import deployment, serve_deployments
 
-    _check_cron(cron)
-
-    deployment = study_flow.to_deployment(name=name or spec.name, cron=cron,
-                                          parameters={"study": str(study.resolve()), "store": spec.store_url(store)},
-                                          tags=["mergelab", f"study:{spec.name}"])
+    scheduled = deployment(study, spec, cron=cron, name=name, store=spec.store_url(store))
     if register_only:
-        deployment_id = deployment.apply()
-        console.print(f"registered deployment study/{deployment.name} ({deployment_id}) on cron {cron!r}", highlight=False)
+        deployment_id = scheduled.apply()
+        console.print(f"registered deployment study/{scheduled.name} ({deployment_id}) on cron {cron!r}", highlight=False)
         return
-    from prefect import serve as prefect_serve
-
-    console.print(f"serving study/{deployment.name} on cron {cron!r}; Ctrl-C stops", highlight=False)
-    prefect_serve(deployment)
-
-
-def _check_cron(cron: str) -> None:
-    from prefect.client.schemas.schedules import CronSchedule
-
-    try:
-        CronSchedule(cron=cron)
-    except ValueError:
-        raise InputError(f"--cron {cron!r} is not a cron expression; use five fields such as \"0 3 * * *\"") from None
+    console.print(f"serving study/{scheduled.name} on cron {cron!r}; Ctrl-C stops", highlight=False)
+    serve_deployments(scheduled)
 
 
 @app.command()
