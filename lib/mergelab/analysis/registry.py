@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import xarray as xr
 
-from mergelab.analysis import anisotropy, core_space, coverage, geometry, spectra
+from mergelab.analysis import anisotropy, components, core_space, coverage, geometry, spectra
 
 __all__ = ["ANALYSES", "Analysis"]
 
@@ -50,4 +50,5 @@ ANALYSES: dict[str, Analysis] = {
     "merged_similarity": Analysis(geometry.merged_similarity, "1", needs="merged"),
     "merged_rank": Analysis(spectra.merged_rank, "1", needs="merged"),
     "anisotropy": Analysis(anisotropy.jacobian_anisotropy, "1", needs="bench"),
+    "components": Analysis(components.component_loss_changes, "1", needs="bench"),
 }
