@@ -54,3 +54,12 @@ def store(tmp_path):
     from mergelab.store import Store
 
     return Store(tmp_path / "store")
+
+
+@pytest.fixture(scope="session")
+def micro_pair():
+    """The shipped micro benchmark, rank-4 adapters of two tasks (model-dependent analyses)."""
+    from mergelab.bench import load_bench
+    from mergelab.config import BenchSpec
+
+    return load_bench(BenchSpec(root=REPO / "data" / "micro", rank=4), ["digits", "textures"])

@@ -65,3 +65,19 @@ def test_dataset_round_trips_through_the_store(producer, tmp_path):
     assert back.attrs["provenance"]["producer"] == producer
     assert back.module.values.tolist() == ds.module.values.tolist()  # strings survive (zarr 3 reads them as StringDType)
     assert np.isfinite(back[next(iter(back.data_vars))].values).any()
+
+
+def test_model_analyses_are_registered_with_json_plain_parameters():
+    """needs="bench" analyses: registered under their producer names, every parameter a plain JSON value."""
+    import inspect
+    import json
+
+    bench = {a.producer: a for a in ANALYSES.values() if a.needs == "bench"}
+    assert set(bench) == {"anisotropy.jacobian_anisotropy", "components.component_loss_changes",
+                          "proxies.tas_sweep", "interference.merged_embedding_interference"}
+    for analysis in bench.values():
+        first, *rest = inspect.signature(analysis.fn).parameters.values()
+        assert first.name == "bench"
+        for p in rest:
+            assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+            json.dumps(p.default)  # tuples serialise as lists; no tensors, no objects

@@ -10,6 +10,15 @@ their schemas are in ``docs/store.md``:
 - :mod:`~mergelab.analysis.core_space`: 003's truncation curves, SAR per space, reference-basis
   ablation and merged rank per method × space;
 - :mod:`~mergelab.analysis.factored`: the Frobenius inner products they share;
+
+Model-dependent analyses (``needs="bench"``: they run the backbone on validation images):
+
+- :mod:`~mergelab.analysis.anisotropy`: 001's restricted Jacobian ``J`` (RAW / SVD bases) from one
+  backward pass per task, κ, scree, ξ;
+- :mod:`~mergelab.analysis.components`: 002's per-component loss changes ΔL(r);
+- :mod:`~mergelab.analysis.proxies`: 004's TAS (``tas``, ``task_alignment``), AdaMMS*, the λ sweep;
+- :mod:`~mergelab.analysis.interference`: 003's final-embedding L1 interference;
+- :mod:`~mergelab.analysis.batches`: the validation batches, losses and merged weights they share;
 - :mod:`~mergelab.analysis.registry`: ``ANALYSES``, every analysis with its store producer name and version.
 """
 
