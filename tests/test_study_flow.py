@@ -220,3 +220,16 @@ def test_report_executes_the_overview_notebook_against_the_study_store(first_run
     assert len(list((out / "00_overview").glob("fig-*.png"))) == 2  # per-task heatmap, accuracy vs merge time
     missing = CliRunner().invoke(app, ["report", "--store", store, "--study", "nosuch", "--out", str(out)])
     assert missing.exit_code == 2 and "no study 'nosuch'" in missing.output
+
+
+def test_tas_selection_picks_the_lowest_mean_tas_without_labels(harness, tmp_path):
+    from flows.study import study_flow
+
+    spec = {**SMALL, "selection": "tas", "adaptive": [], "analyses": [], "joint": False,
+            "methods": [{"method": "task_arithmetic", "spaces": ["full"], "grid": {"alpha": [0.2, 1.0]}}]}
+    store = str(tmp_path / "store")
+    run = study_flow(str(write_study(tmp_path / "tas.yaml", spec)), store=store)
+    ds = Store(store).get_dataset(run["results"])
+    tas = ds["score"].sel(task=["digits", "textures", "signs"], metric="tas").mean("task").squeeze()
+    assert bool(tas.notnull().all()) and ds.attrs["selection"] == "tas"
+    assert int(ds["selected"].squeeze().argmax("config")) == int(tas.argmin("config"))
