@@ -54,3 +54,11 @@ def store(tmp_path):
     from mergelab.store import Store
 
     return Store(tmp_path / "store")
+
+
+@pytest.fixture(scope="session")
+def micro():
+    """The shipped micro benchmark (data/micro): backbone, eight tasks, rank-4 and rank-16 adapters."""
+    from mergelab.data.micro import load_micro
+
+    return load_micro(REPO / "data" / "micro")
