@@ -67,6 +67,16 @@ def micro():
 ADAPT_TASKS = ("signs", "housenumbers", "digits")
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the duration of a test (restored after): on the shared 2-core machines
+    other jobs keep both cores busy and OpenMP's second thread then spins instead of working."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def adaptation_studies(micro):
     """Every adaptation study Dataset on three rank-4 micro tasks, tiny schedules (1-4 iterations, batch 4).

@@ -12,6 +12,8 @@ from mergelab.adaptation.inputs import classification_forward, unlabeled_batches
 from mergelab.errors import InputError
 from mergelab.taskset import Dense, TaskSet, TaskUpdate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAIR = ("signs", "housenumbers")
 VARIANTS = [("tara_b", {}), ("adarank", {"origin": "ta"}), ("adarank", {"origin": "cart"})]
 
