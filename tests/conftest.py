@@ -63,3 +63,55 @@ def micro_pair():
     from mergelab.config import BenchSpec
 
     return load_bench(BenchSpec(root=REPO / "data" / "micro", rank=4), ["digits", "textures"])
+
+
+@pytest.fixture(scope="session")
+def micro():
+    """The shipped micro benchmark (data/micro): backbone, eight tasks, rank-4 and rank-16 adapters."""
+    from mergelab.data.micro import load_micro
+
+    return load_micro(REPO / "data" / "micro")
+
+
+ADAPT_TASKS = ("signs", "housenumbers", "digits")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the duration of a test (restored after): on the shared 2-core machines
+    other jobs keep both cores busy and OpenMP's second thread then spins instead of working."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def adaptation_studies(micro):
+    """Every adaptation study Dataset on three rank-4 micro tasks, tiny schedules (1-4 iterations, batch 4).
+
+    Built with one torch thread (restored after): the shared 2-core machines run other jobs, and
+    OpenMP's second thread then spins instead of working.
+    """
+    from mergelab.adaptation.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
+    from mergelab.adaptation.studies import AdaptationSetting, adarank_ablation
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tasks = [micro.tasks[t] for t in ADAPT_TASKS]
+        setting = AdaptationSetting(micro.backbone, tasks, micro.taskset(rank=4).subset(ADAPT_TASKS), iters=2, batch_size=4)
+        label = "micro benchmark (rank-4 adapters, test schedule)"
+        studies = {
+            "preferences/pareto": pareto_sweep(setting, pair=ADAPT_TASKS[:2], n_preferences=3, dataset=label),
+            "preferences/cloud": sensitivity_cloud(setting, ADAPT_TASKS[:2], n_preferences=3, splits=("test",), dataset=label),
+            "preferences/stch_alpha": stch_alpha_ablation(setting, alphas=(0.5, 2.0), splits=("test",), dataset=label),
+            "ablations/adarank": adarank_ablation(setting, splits=("test",), dataset=label),
+        }
+        fast = AdaptationSetting(micro.backbone, tasks, setting.taskset, iters=4, batch_size=4, lr=0.05)
+        history = fast.adapt("adarank", origin="cart", rank_ratio=0.05).history  # k = 4 of the 12 centred components
+        history.attrs["dataset"] = label
+        studies["adapt/adarank"] = history
+    finally:
+        torch.set_num_threads(threads)
+    return studies

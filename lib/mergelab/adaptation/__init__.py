@@ -8,6 +8,11 @@
 | ``adarank``        | each task's singular components        | binary masks (STE) + λ per module  | entropy   |
 | ``adamerging_tas`` | raw factors                           | λ per module × task               | TAS alignment (004 App. H) |
 
+``tara_b`` and ``adarank`` take ``space="full"`` (default) or ``"core"``: their singular directions
+are then computed from the core matrices of 003 and lifted back through the reference bases
+(:func:`~mergelab.adaptation.bank.core_bank`); the space is recorded in the result's meta and
+history attrs.
+
 A new adaptive method is one builder ``(taskset, **hp) -> CoefficientModel`` and one registry
 entry. Non-matrix parameters (biases, norms) always use the raw bank with the method's
 per-task coefficients (a singular decomposition of a vector is meaningless).
@@ -21,22 +26,34 @@ from typing import Any
 
 import torch
 
-from mergelab.adaptation.bank import Bank, raw_bank, shared_svd_bank, task_svd_bank
+from mergelab.adaptation.bank import Bank, core_bank, raw_bank, shared_svd_bank, task_svd_bank
 from mergelab.adaptation.loop import AdaptResult, Forward, anchors, run, task_weights
 from mergelab.adaptation.models import CoefficientModel, DirectionCoefficients, MaskedCoefficients, TaskCoefficients
 from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
-from mergelab.taskset import TaskSet, Update
+from mergelab.taskset import TaskSet
 
-__all__ = ["ADAPTERS", "AdaptResult", "Adapter", "Forward", "adapt", "build"]
+__all__ = ["ADAPTERS", "SVD_SPACES", "AdaptResult", "Adapter", "Forward", "adapt", "build"]
 
 
-def _banks(taskset: TaskSet, matrix_bank: Callable[[Sequence[Update]], Bank]) -> tuple[list[str], list[Bank]]:
+#: Spaces an SVD-based bank can be taken in (see :mod:`mergelab.adaptation.bank`).
+SVD_SPACES = ("full", "core")
+
+
+def _banks(taskset: TaskSet, matrix_bank: Callable[..., Bank], space: str = "full") -> tuple[list[str], list[Bank]]:
+    """One bank per module: ``matrix_bank`` for 2-D modules (in ``space``), the raw bank otherwise."""
+    if space not in SVD_SPACES:
+        raise InputError(f"space must be one of {', '.join(SVD_SPACES)}, got {space!r}")
     modules = list(taskset.module_names)
     banks = []
     for m in modules:
         updates = taskset.updates(m)
-        banks.append(matrix_bank(updates) if len(updates[0].shape) == 2 else raw_bank(updates))
+        if len(updates[0].shape) != 2:
+            banks.append(raw_bank(updates))
+        elif space == "core":
+            banks.append(core_bank(updates, matrix_bank))
+        else:
+            banks.append(matrix_bank(updates))
     return modules, banks
 
 
@@ -62,21 +79,34 @@ def build_tara_a(taskset: TaskSet, *, init: float = 0.4) -> CoefficientModel:
     return DirectionCoefficients(modules, banks, taskset.names, init=init)
 
 
-def build_tara_b(taskset: TaskSet, *, init: float = 0.4, rank: int | None = None) -> CoefficientModel:
-    """TARA Variant B (001 Eqs. 8–9): φ_ik on the top-R shared singular directions (R = all by default)."""
-    modules, banks = _banks(taskset, lambda us: shared_svd_bank(us, rank))
-    return DirectionCoefficients(modules, banks, taskset.names, init=init)
+def build_tara_b(taskset: TaskSet, *, init: float = 0.4, rank: int | None = None, space: str = "full") -> CoefficientModel:
+    """TARA Variant B (001 Eqs. 8–9): φ_ik on the top-R shared singular directions (R = all by default).
+
+    ``space="core"``: the shared SVD is that of the core matrices ``[M_1 … M_N]`` (003 Eq. 8), its
+    directions lifted through ``U_B^ref`` / ``V_A^ref`` (:func:`~mergelab.adaptation.bank.core_bank`):
+    the same directions as ``"full"``, cheaper steps and a merged adapter of rank ``≤ Σ r_t``.
+    """
+    modules, banks = _banks(taskset, lambda us, rtol=None: shared_svd_bank(us, rank, rtol), space)
+    model = DirectionCoefficients(modules, banks, taskset.names, init=init)
+    model.space = space
+    return model
 
 
 def build_adarank(taskset: TaskSet, *, origin: str = "ta", lam: float | None = None, rank_ratio: float = 0.16,
-                  temperature: float = 10.0) -> CoefficientModel:
+                  temperature: float = 10.0, space: str = "full", learn_lambda: bool = True,
+                  learn_mask: bool = True) -> CoefficientModel:
     """AdaRank (002 Eq. 5, App. A). ``origin="ta"``: all components on, λ = 0.3.
     ``origin="cart"``: components of ``ΔW_i − mean`` around the average, the top
-    ``rank_ratio · min(out, in)`` of each task on (CART init), λ = 1.0 unless given."""
+    ``rank_ratio · min(out, in)`` of each task on (CART init), λ = 1.0 unless given.
+
+    ``space="core"``: per-task SVDs of the core matrices ``M_t`` (of ``M_t − mean_j M_j`` for CART),
+    lifted through the reference bases; the same components as ``"full"`` (see
+    :mod:`mergelab.adaptation.bank`). ``learn_lambda`` / ``learn_mask``: 002 Tab. 4's ablation.
+    """
     if origin not in ("ta", "cart"):
         raise InputError(f"adarank origin must be 'ta' or 'cart', got {origin!r}")
     center = origin == "cart"
-    modules, banks = _banks(taskset, lambda us: task_svd_bank(us, center=center))
+    modules, banks = _banks(taskset, lambda us, rtol=None: task_svd_bank(us, center=center, rtol=rtol), space)
     keep = []
     for m, bank in zip(modules, banks, strict=True):
         shape = taskset.updates(m)[0].shape
@@ -88,24 +118,29 @@ def build_adarank(taskset: TaskSet, *, origin: str = "ta", lam: float | None = N
         position = torch.cat([torch.arange(int((bank.owner == t).sum())) for t in range(len(taskset))])
         keep.append(position < k)
     lam = (1.0 if center else 0.3) if lam is None else lam
-    return MaskedCoefficients(modules, banks, taskset.names, keep=keep, lam=lam, temperature=temperature)
+    model = MaskedCoefficients(modules, banks, taskset.names, keep=keep, lam=lam, temperature=temperature,
+                               learn_lambda=learn_lambda, learn_mask=learn_mask)
+    model.space = space
+    return model
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """An adaptive merge method: its builder, default objective and scalarisation, hyper-parameters."""
+    """An adaptive merge method: its builder, default objective and scalarisation, hyper-parameters,
+    and the spaces its directions can be taken in (the builder's ``space`` hyper-parameter)."""
 
     build: Callable[..., CoefficientModel]
     objective: str = "entropy"
     scalarization: str = "sum"
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    spaces: tuple[str, ...] = ("full",)
 
 
 ADAPTERS: dict[str, Adapter] = {
     "adamerging": Adapter(build_adamerging),
     "tara_a": Adapter(build_tara_a, scalarization="stch"),
-    "tara_b": Adapter(build_tara_b, scalarization="stch"),
-    "adarank": Adapter(build_adarank),
+    "tara_b": Adapter(build_tara_b, scalarization="stch", spaces=SVD_SPACES),
+    "adarank": Adapter(build_adarank, spaces=SVD_SPACES),
     "adamerging_tas": Adapter(build_adamerging_tas, objective="tas"),
 }
 
@@ -114,6 +149,12 @@ def build(method: str, taskset: TaskSet, **hp: Any) -> CoefficientModel:
     """The coefficient model of ``method`` for ``taskset`` (hyper-parameters validated)."""
     if method not in ADAPTERS:
         raise InputError(f"unknown adaptive method {method!r}; choose one of {', '.join(ADAPTERS)}")
+    space = hp.get("space", "full")
+    if space not in ADAPTERS[method].spaces:
+        raise InputError(f"{method} runs in the {' or '.join(ADAPTERS[method].spaces)} space, not {space!r}"
+                         + ("; core-space variants exist for tara_b and adarank" if space == "core" else ""))
+    if ADAPTERS[method].spaces == ("full",):
+        hp = {k: v for k, v in hp.items() if k != "space"}
     try:
         return ADAPTERS[method].build(taskset, **hp)
     except TypeError as err:
@@ -156,7 +197,7 @@ def adapt(
     result = run(model, forward, batches, objective=objective, scalarization=scalarization, preference=preference,
                  alpha=alpha, anchor_values=z, teachers=teachers, iters=iters, lr=lr, optimizer=optimizer,
                  record_every=record_every, device=device, bf16=bf16, progress=progress,
-                 meta={"method": method, "space": "full", "hyper_parameters": dict(hp), "tasks": list(taskset.names),
+                 meta={"method": method, "space": model.space, "hyper_parameters": dict(hp), "tasks": list(taskset.names),
                        "adaptive": True, "peft": peft_template(taskset)})
-    result.history.attrs["method"] = method
+    result.history.attrs.update({"method": method, "space": model.space, "hyper_parameters": dict(hp)})
     return result

@@ -15,32 +15,54 @@ learned:
 
 ``ΔW(c)`` is formed as ``(B_bank * c) @ A_bank``: one dense matrix per module, never a dense
 copy per task.
+
+Core-space banks (:func:`core_bank`, 003 Sec. 4): any builder above runs on the core matrices
+``M_t = (U_B^refᵀ B_t)(A_t V_A^ref)`` (003 Def. 2, Eq. 8) instead of the updates, and its directions are
+lifted back through the reference bases as factors, ``ΔW(c) = U_B^ref (B_core diag(c) A_core + offset) V_A^refᵀ``
+(003 Eq. 10). Because ``U_B^ref`` has orthonormal columns spanning every ``B_t`` and ``V_A^ref`` orthonormal
+columns spanning every ``A_tᵀ`` (lossless projection, 003 Eq. 13 with ε = 0), an SVD taken in core space is
+an SVD of the full-space matrix: ``[M_1 … M_N] = U_c Σ [V_c1ᵀ … V_cNᵀ]`` gives
+``[ΔW_1 … ΔW_N] = (U_B U_c) Σ [V_c1ᵀ V_Aᵀ … V_cNᵀ V_Aᵀ]`` (TARA-B, 001 Eq. 9) and ``M_t = u s vᵀ`` gives
+``ΔW_t = (U_B u) s (V_A v)ᵀ`` (AdaRank, 002 Eq. 5). The core and full banks hold the same directions (up
+to the sign of each singular pair, and a rotation inside a repeated singular value); what changes is
+the cost: the SVDs are of ``Tr × T·Tr`` / ``Tr × Tr`` matrices, and each step contracts the ``K``
+directions in the ``d_U × d_V`` core (``d_U·K·d_V``) before two thin products with the bases
+(``out·d_U·d_V + out·d_V·in``) instead of ``out·K·in``, a saving of ``K / d_V`` (= T for TARA-B at full R).
+The merged update comes out as ``LowRank(U_B M*, V_Aᵀ)`` of rank ``d_V ≤ Σ r_t``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from mergelab.linalg import lowrank_svd, truncated_svd
+from mergelab.spaces.base import require_low_rank
+from mergelab.spaces.core import reference_bases
 from mergelab.spaces.knots import knots_svd
 from mergelab.taskset import Dense, LowRank, Update
 
-__all__ = ["Bank", "raw_bank", "shared_svd_bank", "task_svd_bank"]
+__all__ = ["Bank", "core_bank", "raw_bank", "shared_svd_bank", "task_svd_bank"]
 
 
 @dataclass(frozen=True, eq=False)
 class Bank:
-    """Fixed directions of one module. ``owner[k]`` is the task index of direction ``k``."""
+    """Fixed directions of one module. ``owner[k]`` is the task index of direction ``k``.
+
+    With ``left`` / ``right`` set (a core-space bank), ``B``, ``A`` and ``offset`` are in core
+    coordinates and every update is lifted as ``left @ (·) @ right``.
+    """
 
     owner: Tensor  # (K,) long
-    B: Tensor | None = None  # (out, K)
-    A: Tensor | None = None  # (K, in)
+    B: Tensor | None = None  # (out, K), core bank: (d_U, K)
+    A: Tensor | None = None  # (K, in), core bank: (K, d_V)
     dense: Tensor | None = None  # (K, *shape)
     offset: Update | None = None
+    left: Tensor | None = None  # (out, d_U): U_B^ref
+    right: Tensor | None = None  # (d_V, in): V_A^refᵀ
 
     @property
     def size(self) -> int:
@@ -49,10 +71,9 @@ class Bank:
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Bank:
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
         offset = None if self.offset is None else self.offset.to(dtype)
-        return Bank(self.owner.to(device), move(self.B), move(self.A), move(self.dense), offset)
+        return Bank(self.owner.to(device), move(self.B), move(self.A), move(self.dense), offset, move(self.left), move(self.right))
 
-    def delta(self, c: Tensor) -> Tensor:
-        """The dense update ``ΔW(c)`` of this module (differentiable in ``c``)."""
+    def _inner(self, c: Tensor) -> Tensor:
         if self.B is not None:
             out = (self.B * c) @ self.A
         else:
@@ -61,9 +82,19 @@ class Bank:
             out = out + self.offset.dense(out.dtype).to(out.device)
         return out
 
+    def delta(self, c: Tensor) -> Tensor:
+        """The dense update ``ΔW(c)`` of this module (differentiable in ``c``)."""
+        if self.left is not None:
+            return (self.left @ self._inner(c)) @ self.right  # (out, d_V) @ (d_V, in)
+        return self._inner(c)
+
     def update(self, c: Tensor) -> Update:
-        """The final merged update, low rank when the bank is (``rank ≤ K + rank(offset)``)."""
+        """The final merged update, low rank when the bank is (``rank ≤ K + rank(offset)``;
+        a core bank's ``LowRank(U_B M*, V_Aᵀ)`` has rank ``d_V``)."""
         c = c.detach().to(torch.float32).cpu()
+        if self.left is not None:
+            core = self.to("cpu")._inner(c)  # (d_U, d_V)
+            return LowRank(self.left.cpu().float() @ core, self.right.cpu().float())
         if self.B is None:
             return Dense(self.delta(c.to(self.dense)).detach().cpu())
         B, A = (self.B.cpu().float() * c), self.A.cpu().float()
@@ -133,3 +164,25 @@ def task_svd_bank(updates: Sequence[Update], center: bool = False, rtol: float |
     B = torch.cat([U * s for U, s, _ in factors], 1).float()
     A = torch.cat([Vh for _, _, Vh in factors], 0).float()
     return Bank(owner, B=B, A=A, offset=mean if center else None)
+
+
+def core_bank(updates: Sequence[Update], matrix_bank: Callable[..., Bank], rtol: float | None = None) -> Bank:
+    """``matrix_bank`` run in Core space (003 Sec. 4) and lifted back through the reference bases.
+
+    ``U_B^ref, V_A^ref`` from the stacked factors (003 Eq. 3, :func:`~mergelab.spaces.core.reference_bases`);
+    the builder sees the core matrices ``M_t = (U_B^refᵀ B_t)(A_t V_A^ref)`` (003 Eq. 8, ``d_U × d_V``,
+    float64) as dense updates; the returned bank keeps its core directions and lifts them with
+    ``left = U_B^ref``, ``right = V_A^refᵀ`` (003 Eq. 10). No ``out × in`` matrix is formed.
+
+    Truncation: the builder's singular values are kept above ``σ_max · rtol``; the default is the
+    full-space banks' own (:func:`~mergelab.linalg.lowrank_svd`) ``max(out, in) · eps`` of the factors'
+    dtype, so float64 round-off of the core products never becomes a direction.
+    """
+    lowrank = require_low_rank(updates, "core")
+    U_B, V_A = reference_bases(lowrank)  # (out, d_U), (in, d_V)
+    cores = [Dense((U_B.T @ u.B.to(torch.float64)) @ (u.A.to(torch.float64) @ V_A)) for u in lowrank]  # (d_U, d_V)
+    if rtol is None:
+        source = torch.promote_types(lowrank[0].B.dtype, lowrank[0].A.dtype)
+        rtol = max(lowrank[0].shape) * torch.finfo(source).eps
+    bank = matrix_bank(cores, rtol=rtol)
+    return replace(bank, left=U_B.float(), right=V_A.T.float())

@@ -20,6 +20,7 @@ from torch import Tensor
 from mergelab.adaptation.models import CoefficientModel
 from mergelab.adaptation.objectives import SCALARIZATIONS, EmaStandardizer, alignment_loss, cross_entropy, entropy, validate_preference
 from mergelab.errors import InputError
+from mergelab.naming import module_coords
 from mergelab.taskset import MergedUpdate, TaskSet
 
 __all__ = ["OBJECTIVES", "AdaptResult", "Forward", "anchors", "objective_losses", "run", "task_weights"]
@@ -133,8 +134,10 @@ def run(
 ) -> AdaptResult:
     """Optimise ``model``'s coefficients; return the merged update and the training history.
 
-    ``history`` holds ``loss(iteration, task)``, ``objective(iteration)`` and every learned
-    tensor at the recorded iterations (``coef_<name>(record, …)``) for 004 Fig. 14 / 002 Fig. 5.
+    ``history`` holds ``loss(iteration, task)``, ``objective(iteration)``, every learned tensor at
+    the recorded iterations (``coef_<name>(record, …)``) and the model's per ``(record, module, task)``
+    summaries (:meth:`~mergelab.adaptation.models.CoefficientModel.summary`: ``coefficient_mean``, and
+    ``mask_kept_fraction`` / ``lambda`` for AdaRank) for 004 Fig. 14 / 002 Fig. 5.
     """
     if objective not in OBJECTIVES:
         raise InputError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -155,6 +158,7 @@ def run(
     losses = np.zeros((iters, model.n_tasks))
     totals = np.zeros(iters)
     records: list[dict[str, np.ndarray]] = [model.state()]
+    summaries: list[dict[str, np.ndarray]] = [model.summary()]
     recorded_at = [0]
     start = time.perf_counter()
     for it in range(iters):
@@ -168,24 +172,27 @@ def run(
         losses[it], totals[it] = f.detach().float().cpu().numpy(), float(total.detach())
         if (it + 1) % record_every == 0 or it + 1 == iters:
             records.append(model.state())
+            summaries.append(model.summary())
             recorded_at.append(it + 1)
         if progress is not None:
             progress(it + 1, totals[it])
     seconds = (time.perf_counter() - start) / max(iters, 1)
-    history = _history(model, losses, totals, records, recorded_at)
-    history.attrs.update({"objective": objective, "scalarization": scalarization, "alpha": alpha,
+    history = _history(model, losses, totals, records, summaries, recorded_at)
+    history.attrs.update({"objective": objective, "scalarization": scalarization, "alpha": alpha, "space": model.space,
                           "preference": rho.tolist(), "lr": lr, "optimizer": optimizer, "iters": iters,
                           "seconds_per_iter": seconds,
                           "anchors": None if anchor_values is None else anchor_values.tolist()})
     return AdaptResult(model.merged_update(meta=meta), history, seconds)
 
 
-def _history(model: CoefficientModel, losses: np.ndarray, totals: np.ndarray, records, recorded_at) -> xr.Dataset:
+def _history(model: CoefficientModel, losses: np.ndarray, totals: np.ndarray, records, summaries, recorded_at) -> xr.Dataset:
     ds = xr.Dataset(
         {"loss": (("iteration", "task"), losses), "objective": (("iteration",), totals)},
         coords={"iteration": np.arange(1, len(totals) + 1), "task": np.array(model.task_names, dtype=object),
-                "record": np.array(recorded_at)},
+                "record": np.array(recorded_at), **module_coords(model.module_names)},
     )
+    for name in summaries[0]:  # (record, module, task): coefficient_mean, mask_kept_fraction, lambda, …
+        ds[name] = (("record", "module", "task"), np.stack([s[name] for s in summaries]))
     for name, first in records[0].items():
         dims = ("record",) + tuple(f"{name.replace('.', '_')}_dim{i}" for i in range(first.ndim))
         ds[f"coef_{name.replace('.', '_')}"] = (dims, np.stack([r[name] for r in records]))

@@ -36,6 +36,9 @@ def straight_through_mask(logits: Tensor, temperature: float) -> Tensor:
 class CoefficientModel(nn.Module):
     """Banks (fixed) + learnable coefficients; subclasses define :meth:`coefficients`."""
 
+    #: The space the banks' directions were taken in (``"full"`` or ``"core"``); set by the builder.
+    space: str = "full"
+
     def __init__(self, modules: Sequence[str], banks: Sequence[Bank], tasks: Sequence[str]) -> None:
         super().__init__()
         self.module_names = list(modules)
@@ -71,6 +74,22 @@ class CoefficientModel(nn.Module):
     def state(self) -> dict[str, np.ndarray]:
         """The learned values to record per iteration (for trajectories)."""
         return {name: p.detach().float().cpu().numpy().copy() for name, p in self.named_parameters()}
+
+    def _per_task(self, values: Sequence[Tensor]) -> np.ndarray:
+        """``(module, task)`` means of per-direction ``values`` over each task's directions."""
+        out = np.full((len(self.banks), self.n_tasks), np.nan)
+        for i, (v, bank) in enumerate(zip(values, self.banks, strict=True)):
+            owner = bank.owner.to(v.device)
+            for t in range(self.n_tasks):
+                if bool((owner == t).any()):
+                    out[i, t] = float(v.detach()[owner == t].float().mean())
+        return out
+
+    def summary(self) -> dict[str, np.ndarray]:
+        """Per ``(module, task)`` statistics recorded with :meth:`state` (002 Fig. 5, 004 Fig. 14):
+        ``coefficient_mean``, the mean coefficient ``c_k`` over task t's directions (λ for AdaMerging)."""
+        with torch.no_grad():
+            return {"coefficient_mean": self._per_task(self.coefficients())}
 
 
 class TaskCoefficients(CoefficientModel):
@@ -109,17 +128,26 @@ class MaskedCoefficients(CoefficientModel):
 
     ``keep[m]`` (bool per direction) sets the initial mask: logits ``±init_logit`` so that
     ``σ(±init_logit / T)`` sits just either side of 0.5, as the reference initialisation does.
+    ``learn_lambda`` / ``learn_mask`` freeze either part (the ablation of 002 Tab. 4).
     """
 
     def __init__(self, modules, banks, tasks, *, keep: Sequence[Tensor], lam: float = 0.3,
-                 temperature: float = 10.0, init_logit: float = 0.1) -> None:
+                 temperature: float = 10.0, init_logit: float = 0.1, learn_lambda: bool = True,
+                 learn_mask: bool = True) -> None:
         super().__init__(modules, banks, tasks)
         self.temperature = temperature
-        self.logits = nn.ParameterList([nn.Parameter(torch.where(k, init_logit, -init_logit).float()) for k in keep])
-        self.lam = nn.Parameter(torch.full((len(self.module_names), self.n_tasks), float(lam)))
+        self.logits = nn.ParameterList([nn.Parameter(torch.where(k, init_logit, -init_logit).float(), requires_grad=learn_mask)
+                                        for k in keep])
+        self.lam = nn.Parameter(torch.full((len(self.module_names), self.n_tasks), float(lam)), requires_grad=learn_lambda)
 
     def masks(self) -> list[Tensor]:
         return [straight_through_mask(x, self.temperature) for x in self.logits]
+
+    def summary(self) -> dict[str, np.ndarray]:
+        """Adds ``mask_kept_fraction`` (share of task t's singular components kept, 002 Fig. 5) and ``lambda``."""
+        with torch.no_grad():
+            return {**super().summary(), "mask_kept_fraction": self._per_task(self.masks()),
+                    "lambda": self.lam.detach().float().cpu().numpy().copy()}
 
     def coefficients(self) -> list[Tensor]:
         return [lam[bank.owner] * mask for lam, bank, mask in zip(self.lam, self.banks, self.masks(), strict=True)]

@@ -1,0 +1,166 @@
+"""Figure builders for the adaptation studies: TARA's preference studies (001 Figs. 3, 4, 10, 11;
+000 Fig. 10), AdaRank's masks and ablation (002 Fig. 5, Tab. 4), adaptation curves (004 Fig. 14).
+
+Inputs are the Datasets of :mod:`mergelab.adaptation.preferences`, :mod:`mergelab.adaptation.studies`
+and an :class:`~mergelab.adaptation.loop.AdaptResult`'s ``history``; outputs are matplotlib Figures
+(or a DataFrame for the table) labelled with what they were computed on (``ds.attrs["dataset"]``).
+Nothing here computes a statistic: the numbers come from the Dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import xarray as xr
+from matplotlib.figure import Figure
+from matplotlib.patches import Ellipse
+
+from analysis.figures import _figure, _strings, dataset_label
+
+__all__ = [
+    "adaptation_losses",
+    "adarank_ablation_table",
+    "adarank_masks",
+    "coefficient_trajectories",
+    "pareto_front",
+    "preference_sensitivity",
+    "stch_alpha_curve",
+]
+
+_BASELINE_MARKERS = {"zeroshot": ("s", "zero-shot"), "task_arithmetic": ("D", "task arithmetic")}
+
+
+def _pick(da: xr.DataArray, **labels) -> xr.DataArray:
+    """``da.sel`` by labels, through a dict so that a dim named ``method`` works."""
+    return da.sel({k: v for k, v in labels.items() if k in da.dims})
+
+
+def _split(ds: xr.Dataset, split: str | None) -> str:
+    splits = _strings(ds.split.values)
+    return split if split is not None else ("test" if "test" in splits else splits[0])
+
+
+def pareto_front(ds: xr.Dataset, split: str | None = None) -> Figure:
+    """Two-task trade-off (001 Fig. 3, Fig. 10): per method the accuracy pairs over the preference
+    sweep (a line ordered by ρ), and the baselines (zero-shot, task arithmetic, each fine-tuned model)
+    as isolated operating points."""
+    split = _split(ds, split)
+    tasks = _strings(ds.task.values)
+    fig, (ax,) = _figure(ds, f"Two-task trade-off, {split} accuracy", "001 Fig. 3, Fig. 10", panel=(4.8, 4.2))
+    for method in _strings(ds.method.values):
+        acc = _pick(ds.accuracy, method=method, split=split)  # (preference, task)
+        ax.plot(acc.sel(task=tasks[0]), acc.sel(task=tasks[1]), marker="o", markersize=3, label=method)
+    base = _pick(ds.baseline_accuracy, split=split)
+    for name in _strings(ds.baseline.values):
+        marker, label = _BASELINE_MARKERS.get(name, ("*", name.replace("finetuned_", "fine-tuned ")))
+        point = base.sel(baseline=name)
+        ax.scatter(point.sel(task=tasks[0]), point.sel(task=tasks[1]), marker=marker, s=60, color="k",
+                   facecolors="none" if marker != "*" else "k", label=label, zorder=3)
+    ax.set(xlabel=f"{tasks[0]} accuracy", ylabel=f"{tasks[1]} accuracy")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def preference_sensitivity(ds: xr.Dataset, split: str | None = None) -> Figure:
+    """Accuracy of the two focal tasks under random preferences (001 Fig. 4, Fig. 11): one point per
+    sampled preference, the covariance ellipse of each method's cloud and its mean (×)."""
+    split = _split(ds, split)
+    focal = _strings(ds.focal.values)
+    fig, (ax,) = _figure(ds, f"Preference sensitivity, {split} accuracy", "001 Fig. 4, Fig. 11", panel=(4.8, 4.2))
+    for i, method in enumerate(_strings(ds.method.values)):
+        color = f"C{i}"
+        acc = _pick(ds.accuracy, method=method, split=split)  # (preference, focal)
+        ax.scatter(acc.sel(focal=focal[0]), acc.sel(focal=focal[1]), s=14, alpha=0.6, color=color, label=method)
+        mean = _pick(ds["mean"], method=method, split=split).values
+        ax.scatter(*mean, marker="x", s=80, color=color)
+        ax.add_patch(Ellipse(tuple(mean), float(_pick(ds.ellipse_width, method=method, split=split)),
+                             float(_pick(ds.ellipse_height, method=method, split=split)),
+                             angle=float(_pick(ds.ellipse_angle, method=method, split=split)),
+                             fill=False, color=color, lw=1.5))
+    ax.set(xlabel=f"{focal[0]} accuracy", ylabel=f"{focal[1]} accuracy")
+    ax.set_title(f"focal weights {ds.attrs.get('focal_weight', '?')}; ellipses: {ds.attrs.get('n_std', 2.0):g} std", fontsize=9)
+    ax.autoscale_view()
+    ax.legend(fontsize=7)
+    return fig
+
+
+def stch_alpha_curve(ds: xr.Dataset, split: str | None = None) -> Figure:
+    """Average normalised accuracy against the STCH smoothing α, one line per TARA variant (000 Fig. 10)."""
+    split = _split(ds, split)
+    fig, (ax,) = _figure(ds, f"STCH α ablation, {split} split", "000 Fig. 10")
+    for method in _strings(ds.method.values):
+        values = _pick(ds.average_normalized_accuracy, method=method, split=split)
+        ax.plot(ds.alpha.values, 100 * values.values, marker="o", label=method)
+    ax.set(xscale="log", xlabel="α (001 Eq. 10)", ylabel="normalised accuracy (%)")
+    ax.set_xticks(ds.alpha.values, [f"{a:g}" for a in ds.alpha.values])
+    ax.legend(fontsize=8)
+    return fig
+
+
+def adarank_masks(history: xr.Dataset, record: int = -1) -> Figure:
+    """Fraction of each task's singular components AdaRank keeps, per layer, one panel per module
+    kind (002 Fig. 5 summarised per layer; the masks of ``history`` at ``record``, default the last)."""
+    kept = history.mask_kept_fraction.isel(record=record)  # (module, task)
+    kinds = list(dict.fromkeys(_strings(history.kind.values)))
+    at = int(history.record.values[record])
+    fig, axes = _figure(history, f"AdaRank: share of singular components kept (iteration {at})", "002 Fig. 5",
+                        ncols=len(kinds), panel=(max(3.0, 0.5 * history.sizes["task"] + 1.8), 3.2))
+    for ax, kind in zip(axes, kinds):
+        sub = kept.isel(module=np.flatnonzero(np.array(_strings(history.kind.values)) == kind))
+        frame = pd.DataFrame(sub.values, index=sub.layer.values, columns=_strings(sub.task.values)).sort_index()
+        sns.heatmap(frame, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=ax is axes[-1], annot=frame.size <= 64, fmt=".2f")
+        ax.set(title=kind, xlabel="task", ylabel="layer")
+        ax.tick_params(axis="x", rotation=45)
+    return fig
+
+
+def adaptation_losses(history: xr.Dataset) -> Figure:
+    """Per-task objective and the scalarised objective across adaptation iterations (004 Fig. 14 left)."""
+    fig, axes = _figure(history, f"Adaptation losses ({history.attrs.get('method', '?')}, {history.attrs.get('space', 'full')} space)",
+                        "004 Fig. 14 left", ncols=2)
+    for task in _strings(history.task.values):
+        axes[0].plot(history.iteration, history.loss.sel(task=task), label=task)
+    axes[0].set(xlabel="iteration", ylabel=f"{history.attrs.get('objective', 'loss')} per task")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(history.iteration, history.objective, color="k")
+    axes[1].set(xlabel="iteration", ylabel=f"{history.attrs.get('scalarization', '')} objective")
+    return fig
+
+
+def coefficient_trajectories(history: xr.Dataset, variable: str | None = None) -> Figure:
+    """Learned coefficients per task across iterations, mean ± std over modules (004 Fig. 14 right).
+
+    ``variable`` defaults to ``lambda`` when recorded (AdaRank) and ``coefficient_mean`` otherwise
+    (AdaMerging's λ, TARA's mean φ per task).
+    """
+    variable = variable or ("lambda" if "lambda" in history else "coefficient_mean")
+    values = history[variable]  # (record, module, task)
+    fig, (ax,) = _figure(history, f"{variable} per task during adaptation ({history.attrs.get('method', '?')})",
+                         "004 Fig. 14 right", panel=(5.0, 3.4))
+    for task in _strings(history.task.values):
+        per_task = values.sel(task=task)
+        mean, std = per_task.mean("module"), per_task.std("module")
+        ax.plot(history.record, mean, marker=".", label=task)
+        ax.fill_between(history.record, mean - std, mean + std, alpha=0.15)
+    ax.set(xlabel="iteration", ylabel=f"{variable} (mean ± std over modules)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def adarank_ablation_table(ds: xr.Dataset, split: str | None = None, origins: Sequence[str] | None = None) -> pd.DataFrame:
+    """002 Tab. 4: average accuracy (%) when learning λ, the mask B, both or neither, per origin (TA, CART)."""
+    split = _split(ds, split)
+    origins = list(origins) if origins is not None else _strings(ds.origin.values)
+    mark = {True: "✓", False: "×"}
+    rows = []
+    for config in _strings(ds.config.values):
+        row = ds.sel(config=config)
+        rows.append({"coefficient λ": mark[bool(row.learn_lambda)], "binary mask B": mark[bool(row.learn_mask)],
+                     **{o.upper(): round(100 * float(_pick(row.average_accuracy, origin=o, split=split)), 1) for o in origins}})
+    table = pd.DataFrame(rows)
+    table.attrs["dataset"] = dataset_label(ds)
+    table.attrs["split"] = split
+    return table

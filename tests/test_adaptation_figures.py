@@ -1,0 +1,46 @@
+"""Adaptation figure functions draw from the study Datasets and label what they were computed on."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from analysis import adaptation_figures as af
+
+
+@pytest.mark.parametrize(("function", "name"), [
+    (af.pareto_front, "preferences/pareto"),
+    (af.preference_sensitivity, "preferences/cloud"),
+    (af.stch_alpha_curve, "preferences/stch_alpha"),
+    (af.adarank_masks, "adapt/adarank"),
+    (af.adaptation_losses, "adapt/adarank"),
+    (af.coefficient_trajectories, "adapt/adarank"),
+])
+def test_figures_draw_and_name_their_data(adaptation_studies, function, name):
+    fig = function(adaptation_studies[name])
+    assert isinstance(fig, Figure)
+    assert "micro benchmark" in fig._suptitle.get_text()
+    assert any(ax.has_data() for ax in fig.axes)
+
+
+def test_pareto_front_draws_one_point_per_preference_and_every_baseline(adaptation_studies):
+    ds = adaptation_studies["preferences/pareto"]
+    ax = af.pareto_front(ds, split="val").axes[0]
+    lines = [line for line in ax.get_lines()]
+    assert len(lines) == ds.sizes["method"] and all(len(line.get_xdata()) == ds.sizes["preference"] for line in lines)
+    np.testing.assert_allclose(lines[0].get_xdata(), ds.accuracy.isel(method=0).sel(split="val").isel(task=0).values)
+    assert len(ax.collections) == ds.sizes["baseline"]
+
+
+def test_adarank_ablation_table_matches_the_dataset(adaptation_studies):
+    ds = adaptation_studies["ablations/adarank"]
+    table = af.adarank_ablation_table(ds)
+    assert list(table.columns) == ["coefficient λ", "binary mask B", "TA", "CART"]
+    assert list(table["coefficient λ"]) == ["×", "✓", "×", "✓"] and list(table["binary mask B"]) == ["×", "×", "✓", "✓"]
+    assert table.loc[3, "CART"] == round(100 * float(ds.average_accuracy.sel({"origin": "cart", "config": "both", "split": "test"})), 1)
+    assert "micro benchmark" in table.attrs["dataset"]

@@ -1,0 +1,113 @@
+"""Core-space variants of TARA-B and AdaRank (003 Sec. 4 directions lifted back), and the test-split guard."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mergelab.adaptation import ADAPTERS, adapt, build
+from mergelab.adaptation.inputs import classification_forward, unlabeled_batches
+from mergelab.errors import InputError
+from mergelab.taskset import Dense, TaskSet, TaskUpdate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PAIR = ("signs", "housenumbers")
+VARIANTS = [("tara_b", {}), ("adarank", {"origin": "ta"}), ("adarank", {"origin": "cart"})]
+
+
+@pytest.fixture(scope="module")
+def pair(micro):
+    taskset = micro.taskset(rank=4).subset(PAIR)
+    tasks = [micro.tasks[t] for t in PAIR]
+    return taskset, tasks, classification_forward(micro.backbone, tasks, taskset.module_names)
+
+
+def _close(a, b, rtol=1e-5):
+    return float((a - b).abs().max()) <= rtol * float(b.abs().max())
+
+
+@pytest.mark.parametrize(("method", "hp"), VARIANTS)
+def test_core_and_full_variants_start_from_the_same_merged_update(pair, method, hp):
+    taskset, _, _ = pair
+    full, core = build(method, taskset, space="full", **hp), build(method, taskset, space="core", **hp)
+    assert (full.space, core.space) == ("full", "core")
+    assert [b.size for b in core.banks] == [b.size for b in full.banks]
+    full_deltas, core_deltas = full.deltas(), core.deltas()
+    for m in taskset.module_names:
+        assert _close(core_deltas[m].detach(), full_deltas[m].detach())
+    r_total = sum(u.rank for u in taskset.updates(taskset.module_names[0]))
+    merged = core.merged_update()
+    for m, update in merged.modules.items():
+        assert update.rank <= r_total  # LowRank(U_B M*, V_Aᵀ): rank d_V ≤ Σ r_t
+        assert _close(update.dense(), full_deltas[m].detach())
+
+
+def test_core_tara_b_directions_are_the_full_shared_singular_directions(pair):
+    """σ_k u_k v_kiᵀ of 001 Eq. 9 from [M_1 … M_N] equal those of [ΔW_1 … ΔW_N] up to sign."""
+    taskset, _, _ = pair
+    full, core = build("tara_b", taskset, space="full"), build("tara_b", taskset, space="core")
+    fb, cb = full.banks[0], core.banks[0]
+    lifted_B, lifted_A = cb.left @ cb.B, cb.A @ cb.right  # (out, K), (K, in)
+    for k in range(fb.size):
+        direction = torch.outer(fb.B[:, k], fb.A[k])
+        assert _close(torch.outer(lifted_B[:, k], lifted_A[k]), direction, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("method", "hp"), VARIANTS[:2])
+def test_core_and_full_adaptation_follow_the_same_trajectory(pair, method, hp):
+    taskset, tasks, forward = pair
+    results = {space: adapt(method, taskset, forward, unlabeled_batches(tasks, batch_size=8, seed=1), iters=3,
+                            lr=0.01, record_every=1, space=space, **hp) for space in ("full", "core")}
+    for space, result in results.items():
+        assert result.merged.meta["space"] == space
+        assert result.history.attrs["space"] == space
+    full, core = (results[s].merged.modules for s in ("full", "core"))
+    moved = False
+    init = build(method, taskset, **hp).deltas()
+    for m in taskset.module_names:
+        assert _close(core[m].dense(), full[m].dense(), rtol=1e-4)
+        moved |= not _close(full[m].dense(), init[m].detach(), rtol=1e-4)
+    assert moved  # the runs took real steps, so agreement is not that of two initial models
+    hf, hc = results["full"].history, results["core"].history
+    torch.testing.assert_close(torch.tensor(hc["loss"].values), torch.tensor(hf["loss"].values), rtol=1e-4, atol=1e-5)
+    assert hf["coefficient_mean"].dims == ("record", "module", "task")
+
+
+def test_space_is_validated_per_method(pair):
+    taskset, _, _ = pair
+    with pytest.raises(InputError, match="core-space variants exist for tara_b and adarank"):
+        build("adamerging", taskset, space="core")
+    with pytest.raises(InputError, match="not 'knots'"):
+        build("tara_b", taskset, space="knots")
+    dense = TaskSet(tuple(TaskUpdate(t.name, {m: Dense(u.dense()) for m, u in t.modules.items()}) for t in taskset))
+    with pytest.raises(InputError, match="core space is built from LoRA factors"):
+        build("adarank", dense, space="core")
+
+
+class _TestSplitRead(AssertionError):
+    pass
+
+
+def _guarded(task):
+    def make_split(split):
+        if split == "test":
+            raise _TestSplitRead(f"{task.name}: the test split was read during adaptation")
+        return task.make_split(split)
+
+    return dataclasses.replace(task, make_split=make_split, _cache={})
+
+
+@pytest.mark.parametrize("method", sorted(ADAPTERS))
+def test_no_adaptation_path_reads_the_test_split(micro, method):
+    taskset = micro.taskset(rank=4).subset(PAIR)
+    tasks = [_guarded(micro.tasks[t]) for t in PAIR]
+    with pytest.raises(_TestSplitRead):
+        tasks[0].tensors("test")  # the guard is live
+    forward = classification_forward(micro.backbone, tasks, taskset.module_names)
+    for space in ADAPTERS[method].spaces:
+        result = adapt(method, taskset, forward, unlabeled_batches(tasks, batch_size=4), iters=2, anchor_batches=1,
+                       scalarization="stch", space=space)
+        assert result.history.sizes["iteration"] == 2
