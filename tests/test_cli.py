@@ -263,6 +263,31 @@ def _case_merge_factor_method_after_plus(tmp, adapter, base):
     return _merge_args(tmp, adapter, base, "--method", "ties+lora_lego"), "'lora_lego' needs LoRA factors and cannot post-process"
 
 
+def _case_merge_grid_without_select(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--grid", "density=0.2,0.5"), "add --select val or --select tas"
+
+
+def _case_merge_select_unknown_rule(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--select", "test"), "--select 'test' is not one of val, tas"
+
+
+def _case_merge_select_grid_too_large(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--select", "val"), "narrow it with --grid KEY=V1,V2"
+
+
+def _case_merge_select_with_space_option(tmp, adapter, base):
+    return (_merge_args(tmp, adapter, base, "--method", "tsv", "--space", "knots", "--space-option", "naive=true", "--select", "val"),
+            "drop --grams, --modules and --space-option")
+
+
+def _case_merge_select_bench_not_a_study(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "tsv", "--select", "val", "--bench", tmp / "nope.yaml"), "neither 'micro' nor a study YAML"
+
+
+def _case_merge_select_foreign_base(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "tsv", "--select", "val"), "micro-r16"
+
+
 BAD_INPUT = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]
 
 

@@ -258,10 +258,57 @@ def _read_grams(path: Path, taskset) -> dict[str, dict[str, object]]:
     return grams
 
 
-def _hyper_parameters(spec, sets: dict[str, str]) -> dict[str, object]:
-    """The method's hyper-parameters: its defaults overridden by ``--set``. Selection of a grid
-    point on validation data (``--select val|tas``) plugs in here once evaluation exists."""
-    return spec.resolve(sets)
+def _grid(items: list[str] | None) -> dict[str, list]:
+    """``--grid KEY=V1,V2`` into ``{KEY: [V1, V2]}`` (values parsed as YAML scalars: numbers stay numbers)."""
+    import yaml
+
+    return {k: [yaml.safe_load(v) for v in values.split(",")] for k, values in _key_values(items, "--grid").items()}
+
+
+def _selection_bench(bench: str):
+    """``--bench``: ``micro`` (the shipped benchmark) or a study YAML whose bench and tasks evaluate."""
+    from mergelab.bench import load_bench
+    from mergelab.config import BenchSpec, load_study
+
+    if bench == "micro":
+        root = next((c for c in (Path("data/micro"), Path(__file__).resolve().parents[2] / "data/micro") if c.is_dir()), Path("data/micro"))
+        spec, tasks = BenchSpec(root=root), None
+    else:
+        if not Path(bench).is_file():
+            raise InputError(f"--bench {bench!r} is neither 'micro' nor a study YAML file; pass micro or a study whose bench: and tasks: evaluate")
+        study = load_study(Path(bench))
+        spec, tasks = study.bench, study.tasks
+    return spec, load_bench(spec, tasks)
+
+
+def _select(taskset, base: str, method: str, space: str, rule: str, bench: str, fixed: dict[str, str], grid: dict[str, list], store: str):
+    """Pick ``method``'s hyper-parameters by ``rule`` on the benchmark's val split (progress on stderr)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mergelab.checkpoints import load_state_dict
+    from mergelab.selection import RULES, bench_for, select_hyper_parameters, swept_grid
+
+    swept_grid(method, fixed, grid)  # a too-large grid fails before the benchmark loads
+    spec, loaded = _selection_bench(bench)
+    evaluating = bench_for(loaded, taskset, load_state_dict(base))
+    with Progress(TextColumn("select {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[hits]} cached"),
+                  TimeElapsedColumn(), console=err_console) as progress:
+        bar = progress.add_task(f"{method}/{space} by {rule}", total=None, hits=0)
+
+        def listen(result, total: int) -> None:
+            progress.update(bar, total=total, advance=1, hits=progress.tasks[bar].fields["hits"] + int(result.hit))
+
+        chosen = select_hyper_parameters(evaluating, spec, method, space, rule, fixed, store, grid=grid, progress=listen)
+    metric, higher = RULES[rule]
+    table = Table(title=f"{method}/{space} on {evaluating.name} val: {'max' if higher else 'min'} mean {metric} selects",
+                  title_justify="left")
+    table.add_column("config")
+    table.add_column(metric, justify="right")
+    table.add_column("")
+    for label, value in zip(chosen.criterion.config.values, chosen.criterion.values, strict=True):
+        table.add_row(str(label), f"{value:.4f}", "selected" if label == chosen.label else "")
+    console.print(table)
+    return chosen
 
 
 class _MergeCommand(TyperCommand):
@@ -287,12 +334,17 @@ def merge_command(
     grams: Annotated[Optional[Path], typer.Option("--grams", help="RegMean input Gram matrices: safetensors with keys '<task>::<module>'.")] = None,
     modules: Annotated[Optional[list[str]], typer.Option("--modules", help="Regular expressions over parameter names to merge (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    select: Annotated[Optional[str], typer.Option("--select", help="Pick the hyper-parameters from the method's grid on the val split: val (normalised accuracy) or tas (task alignment score, unlabeled).")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="With --select: KEY=V1,V2,... replaces the values swept for KEY (repeatable).")] = None,
+    bench: Annotated[str, typer.Option("--bench", help="With --select: the benchmark that evaluates, micro or a study YAML (its bench: and tasks:).")] = "micro",
     store: StoreOpt = None,
 ) -> None:
     """Merge adapters / fine-tunes with one method in one space; write a PEFT adapter or merged weights.
 
     The configuration (method, space, hyper-parameters with defaults filled in, task hashes)
-    and the result's provenance go to the store as a JSON artifact.
+    and the result's provenance go to the store as a JSON artifact. With ``--select`` every
+    configuration of the method's grid (less the ``--set`` ones) is merged and evaluated on the
+    benchmark's val split first (cached in the store; the test split never selects).
     """
     import time
 
@@ -307,25 +359,41 @@ def merge_command(
     if fmt not in ("peft", "weights"):
         raise InputError(f"--format {fmt!r} is not one of peft, weights")
     spec = METHODS[method]
-    hyper_parameters = _hyper_parameters(spec, _key_values(sets, "--set"))
+    fixed = _key_values(sets, "--set")
+    hyper_parameters = spec.resolve(fixed)
     sp = get_space(space, **_key_values(space_sets, "--space-option"))
+    if grid and select is None:
+        raise InputError("--grid lists values to select from; add --select val or --select tas")
+    if select is not None and select not in ("val", "tas"):
+        raise InputError(f"--select {select!r} is not one of val, tas")
+    if select is not None and (grams or modules or space_sets):
+        raise InputError("--select evaluates whole models merged with default space options; drop --grams, --modules and --space-option")
     s = Store(store)
     taskset = load_taskset(base, sources, modules=modules)
+    selection = None
+    if select is not None:
+        selection = _select(taskset, base, spec.name, sp.name, select, bench, fixed, _grid(grid), s.url)
+        hyper_parameters = spec.resolve({**fixed, **selection.config})
     side_inputs = {"grams": _read_grams(grams, taskset)} if grams is not None else None
     start = time.perf_counter()
     merged = merge(taskset, spec.name, sp, side_inputs=side_inputs, **hyper_parameters)
     merge_time = time.perf_counter() - start
     written = save_merged(merged, out, format=fmt, base=base, overwrite=force)  # type: ignore[arg-type]
     config = {"method": spec.name, "space": sp.name, "space_options": sp.options(), "hyper_parameters": merged.meta["hyper_parameters"]}
-    key = s.key("merge.config", "1", taskset=taskset, **config)
+    key = s.key("merge.config", "1", taskset=taskset, **config, **({"selection": select} if select else {}))
     record = {**config, "tasks": [{"name": t.name, "source": t.source, "content_hash": t.content_hash} for t in taskset],
               "base": taskset.base.__dict__, "result_content_hash": merged.content_hash, "output": str(written.resolve()),
               "format": fmt, "ranks": {m: getattr(u, "rank", None) for m, u in merged.modules.items()},
               "merge_time_s": round(merge_time, 4)}
+    if selection is not None:
+        record["selection"] = {"rule": selection.rule, "chosen": selection.label, "results": str(selection.results),
+                               "ref": f"studies/{selection.name}/results",
+                               "criterion": dict(zip(map(str, selection.criterion.config.values), map(float, selection.criterion.values)))}
     if not s.exists(key):
         s.put_json(key, record)
     kind = "PEFT adapter" if fmt == "peft" else "merged weights"
-    console.print(f"merged {len(taskset)} tasks with {spec.name} in {sp.name} space -> {written} ({kind}); "
+    chosen = "" if selection is None else f" ({selection.label}, selected by {selection.rule})"
+    console.print(f"merged {len(taskset)} tasks with {spec.name}{chosen} in {sp.name} space -> {written} ({kind}); "
                   f"configuration stored as {key} in {s.url}", soft_wrap=True)
 
 

@@ -95,18 +95,23 @@ class AdaptJob:
 
 
 class Context:
-    """A study's spec, store and lazily loaded benchmark, shared by the nodes of one process."""
+    """A study's spec, store and lazily loaded benchmark, shared by the nodes of one process.
 
-    def __init__(self, spec: StudySpec, store_url: str) -> None:
+    ``bench`` overrides the benchmark the spec describes (``mergelab merge --select`` evaluates
+    the user's adapters on a benchmark's tasks).
+    """
+
+    def __init__(self, spec: StudySpec, store_url: str, bench: Bench | None = None) -> None:
         self.spec = spec
         self.store = Store(store_url)
+        self._given_bench = bench
         self._lock = threading.RLock()
         self._local = threading.local()
 
     @cached_property
     def bench(self) -> Bench:
         with self._lock:
-            return load_bench(self.spec.bench, self.spec.tasks)
+            return self._given_bench or load_bench(self.spec.bench, self.spec.tasks)
 
     @property
     def local_bench(self) -> Bench:

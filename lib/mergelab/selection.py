@@ -1,0 +1,143 @@
+"""Hyper-parameter selection of one merge method in one space on a benchmark's validation split.
+
+``mergelab merge --select val|tas`` runs this: a one-method study over the method's grid (its
+registry grid, less the hyper-parameters the user fixed) on the given adapters, through the same
+cached nodes as a whole study (:mod:`mergelab.study`): every candidate's merge and evaluation land
+in the store under their content keys, the reference scores are reused across calls, and the
+candidates with the choice are published as the study ``select-<method>-<space>-<taskset>``'s
+results Dataset (``studies/<name>/results``, schema in docs/store.md §9).
+
+Rules (as in studies): ``val`` takes the best mean validation normalised accuracy (001 App. C.3,
+003 App. D.2 select on validation data), ``tas`` the lowest mean task alignment score on unlabeled
+validation images (004 Eq. 2). The test split is evaluated for the record but never selects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor
+
+from mergelab.bench import Bench
+from mergelab.config import MAX_CONFIGS, BenchSpec, config_label, load_study
+from mergelab.errors import InputError
+from mergelab.merging import METHODS
+from mergelab.study import (Context, NodeResult, evaluate_node, merge_jobs, merge_node, merge_row, reference_node,
+                            results_node, stage_node)
+from mergelab.taskset import TaskSet
+
+__all__ = ["RULES", "Selection", "bench_for", "select_hyper_parameters", "swept_grid"]
+
+#: Selection rule -> (the val metric it reads, whether larger is better).
+RULES = {"val": ("val_norm_acc", True), "tas": ("tas", False)}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen configuration, the criterion of every candidate and the results artifact."""
+
+    config: dict[str, Any]
+    rule: str
+    criterion: xr.DataArray
+    results: str
+    name: str
+
+    @property
+    def label(self) -> str:
+        return config_label(self.config)
+
+
+def bench_for(bench: Bench, taskset: TaskSet, base: Mapping[str, Tensor]) -> Bench:
+    """``bench`` evaluating ``taskset``'s adapters: its tasks by name, in ``taskset``'s order.
+
+    The adapters are re-read against the bench's backbone (whose parameter names may lack the
+    prefix of the full checkpoint ``base``); every merged parameter of ``base`` must equal the
+    backbone's, so the selection evaluates the model the user merges.
+    """
+    unknown = [n for n in taskset.names if n not in bench.tasks]
+    if unknown:
+        raise InputError(f"task {unknown[0]!r} is not a task of the {bench.name} benchmark (tasks: {', '.join(bench.tasks)}); "
+                         "name each adapter NAME=PATH after a benchmark task")
+    chosen = replace(bench, tasks={n: bench.tasks[n] for n in taskset.names},
+                     sources=[(t.name, Path(t.source)) for t in taskset])
+    own = bench.backbone.base_state()
+    try:
+        modules = chosen.taskset.module_names
+    except InputError as err:
+        raise InputError(f"the adapters do not fit the {bench.name} benchmark's model ({err}); "
+                         "--bench a study of the model they were trained on") from None
+    for module in modules:
+        match = [k for k in taskset.module_names if k == module or k.endswith(f".{module}")]
+        if len(match) != 1 or not torch.equal(base[match[0]].to(own[module].dtype), own[module]):
+            raise InputError(f"--base differs from the {bench.name} benchmark's pre-trained model at {module}; "
+                             "pass the benchmark's base weights (or --bench a study of your model)")
+    return chosen
+
+
+def swept_grid(method: str, fixed: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None = None) -> dict[str, list[Any]]:
+    """The values swept per hyper-parameter: the registry grid, ``grid`` replacing some, ``fixed`` left out."""
+    swept = {k: list(v) for k, v in {**METHODS[method].grid, **(grid or {})}.items() if k not in fixed and k != "seed"}
+    count = math.prod(len(v) for v in swept.values())
+    if count > MAX_CONFIGS:
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in swept.items())
+        raise InputError(f"{method}: its grid has {count} configurations ({sizes}; at most {MAX_CONFIGS}); "
+                         "narrow it with --grid KEY=V1,V2 or fix values with --set KEY=VALUE")
+    return swept
+
+
+def select_hyper_parameters(bench: Bench, bench_spec: BenchSpec, method: str, space: str, rule: str,
+                            fixed: Mapping[str, Any], store_url: str, grid: Mapping[str, Sequence[Any]] | None = None,
+                            progress: Callable[[NodeResult, int], None] | None = None) -> Selection:
+    """Evaluate every configuration of ``method``'s grid in ``space`` on ``bench``; pick by ``rule``.
+
+    The grid is the registry's (``METHODS[method].grid``) with ``grid`` replacing some of its
+    values and the ``fixed`` hyper-parameters left out (``seed`` fixes a stochastic method's
+    seed, default 0). ``bench_spec`` is the section ``bench`` was built from (it labels the
+    results). ``progress(node, total)`` hears of every node as it finishes.
+    """
+    if rule not in RULES:
+        raise InputError(f"--select {rule!r} is not one of {', '.join(RULES)}")
+    fixed = dict(fixed)
+    seeds = [int(fixed.pop("seed", 0))]
+    swept = swept_grid(method, fixed, grid)
+    name = f"select-{method}-{space}-{bench.taskset.content_hash[:8]}"
+    spec = load_study({"name": name, "bench": bench_spec.model_dump(), "selection": rule, "joint": False, "seeds": seeds,
+                       "methods": [{"method": method, "spaces": [space], "grid": swept, "fixed": fixed}]})
+    ctx = Context(spec, store_url, bench=bench)
+    jobs = merge_jobs(spec)
+    total = 1 + (1 + len(bench.tasks)) + 2 * len(jobs) + 1
+
+    def node(result: NodeResult) -> NodeResult:
+        if progress is not None:
+            progress(result, total)
+        return result
+
+    node(stage_node(ctx))
+    references = [node(reference_node(ctx, t)) for t in [None, *bench.tasks]]
+    rows = []
+    for job in jobs:
+        produced = node(merge_node(ctx, job))
+        rows.append(merge_row(job, produced, node(evaluate_node(ctx, produced)), seeds[0]))
+    done = node(results_node(ctx, rows, references))
+    return _chosen(ctx, done.key, jobs, rule, seeds[0], name)
+
+
+def _chosen(ctx: Context, key: str, jobs: Sequence[Any], rule: str, seed: int, name: str) -> Selection:
+    ds = ctx.store.get_dataset(key)
+    metric, _ = RULES[rule]
+    at = {"method": jobs[0].method, "space": jobs[0].space, "seed": seed}
+    selected = ds["selected"].sel(at)
+    if not bool(selected.any()):
+        raise InputError(f"no configuration of {jobs[0].method} had a finite {metric}; check the benchmark's val split")
+    label = str(selected.config.values[int(np.argmax(selected.values))])
+    config = next(j.config for j in jobs if config_label(j.config) == label)
+    criterion = ds["score"].sel(at).sel(task=list(ds.attrs["tasks"]), metric=metric).mean("task")
+    return Selection(config={**config, **({"seed": seed} if jobs[0].seed is not None else {})}, rule=rule,
+                     criterion=criterion, results=key, name=name)

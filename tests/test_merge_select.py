@@ -1,0 +1,71 @@
+"""``mergelab merge --select val|tas``: hyper-parameters chosen on the micro benchmark's val split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mergelab.cli import app
+from mergelab.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = REPO / "data" / "micro"
+TASKS = ("digits", "textures")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def select(tmp_path: Path, rule: str, *extra: str):
+    args = ["merge", "--base", MICRO / "base", "--adapters", *(f"{t}={MICRO / 'adapters' / 'r4' / t}" for t in TASKS),
+            "--method", "task_arithmetic", "--space", "core", "--select", rule, "--grid", "alpha=0.1,1.0",
+            "--out", tmp_path / f"out-{rule}", "--force", "--store", tmp_path / "store", *extra]
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def record(tmp_path: Path, rule: str) -> dict:
+    store = Store(str(tmp_path / "store"))
+    configs = [store.get_json(a.key) for a in store.ls() if a.key.startswith("merge.config-")]
+    return next(c for c in configs if c.get("selection", {}).get("rule") == rule)
+
+
+def test_select_val_stores_every_candidate_and_picks_the_best_val_score(tmp_path):
+    result = select(tmp_path, "val")
+    rec = record(tmp_path, "val")
+    store = Store(str(tmp_path / "store"))
+    ds = store.get_dataset(store.ref(rec["selection"]["ref"]))
+    assert set(ds.config.values) == {"alpha=0.1", "alpha=1.0"} and list(ds.attrs["tasks"]) == list(TASKS)
+    val = ds["score"].sel({"method": "task_arithmetic", "space": "core", "seed": 0}).sel(task=list(TASKS), metric="val_norm_acc").mean("task")
+    best = str(val.config.values[int(np.argmax(val.values))])
+    assert rec["selection"]["chosen"] == best and f"({best}, selected by val)" in result.stdout
+    assert rec["selection"]["criterion"] == pytest.approx({str(c): float(v) for c, v in zip(val.config.values, val.values)})
+    assert rec["hyper_parameters"]["alpha"] == float(best.split("=")[1])
+    assert np.isfinite(ds["score"].sel(task=list(TASKS), metric="acc")).all()  # test scores are recorded, never compared
+    # The written adapter is the chosen configuration's merge.
+    assert (tmp_path / "out-val" / "adapter_config.json").is_file()
+    # A second call evaluates nothing: every node of the selection is a cache hit.
+    published = [a.key for a in store.ls()]
+    select(tmp_path, "val")
+    assert [a.key for a in store.ls()] == published
+
+
+def test_select_tas_picks_the_lowest_task_alignment_score(tmp_path):
+    select(tmp_path, "tas")
+    rec = record(tmp_path, "tas")
+    criterion = rec["selection"]["criterion"]
+    assert rec["selection"]["chosen"] == min(criterion, key=criterion.get)
+    assert all(np.isfinite(v) and v > 0 for v in criterion.values())
+    meta = json.loads((tmp_path / "out-tas" / "adapter_config.json").read_text())
+    assert meta["peft_type"] == "LORA"
