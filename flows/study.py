@@ -94,6 +94,11 @@ def analysis_task(spec: StudySpec, store: str, run: str, name: str, merged: list
     return nodes.analysis_node(_ctx(spec, store, run), name, merged)
 
 
+@task(name="adaptation_study", cache_policy=NO_CACHE, tags=[GPU_TAG])
+def adaptation_study_task(spec: StudySpec, store: str, run: str, name: str) -> nodes.NodeResult:
+    return nodes.adaptation_study_node(_ctx(spec, store, run), name)
+
+
 @task(name="results", cache_policy=NO_CACHE)
 def results_task(spec: StudySpec, store: str, run: str, rows: list, references: list) -> nodes.NodeResult:
     return nodes.results_node(_ctx(spec, store, run), rows, references)
@@ -143,6 +148,10 @@ def _analyses(spec: StudySpec, store: str, run: str, merged: list) -> list[nodes
     return _gather("analysis", [analysis_task.submit(spec, store, run, name, merged) for name in spec.analyses])
 
 
+def _adaptation_studies(spec: StudySpec, store: str, run: str) -> list[nodes.NodeResult]:
+    return _gather("adaptation_study", [adaptation_study_task.submit(spec, store, run, name) for name in spec.adaptation_studies])
+
+
 def _rows(spec: StudySpec, store: str, run: str, merge_jobs, merged, adapt_jobs, adapted, evaluated) -> list[nodes.Row]:
     ctx, seed = nodes.context(spec, store, run), spec.seeds[0]
     rows = [nodes.merge_row(j, p, e, seed) for j, p, e in zip(merge_jobs, merged, evaluated[:len(merged)], strict=True)]
@@ -170,11 +179,11 @@ def merge_sweep(study: str, store: str | None = None) -> StudyRun:
 
 @flow(name="adapt")
 def adapt_flow(study: str, store: str | None = None) -> StudyRun:
-    """Every adaptive run of the study (on unlabeled validation batches)."""
+    """Every adaptive run and adaptation study of the study (on unlabeled validation batches)."""
     spec, url, run = _load(study, store)
     staged = _stage(spec, url, run)
     _, adapted = _adapts(spec, url, run)
-    return StudyRun(nodes=staged + adapted)
+    return StudyRun(nodes=staged + adapted + _adaptation_studies(spec, url, run))
 
 
 @flow(name="evaluate")
@@ -203,7 +212,8 @@ def _standalone(spec: StudySpec) -> list[str]:
 
 @flow(name="study")
 def study_flow(study: str, store: str | None = None) -> StudyRun:
-    """End to end: stage, references, merges, adaptation, evaluation, selection, analyses, results."""
+    """End to end: stage, references, merges, adaptation, evaluation, selection, analyses, adaptation
+    studies, results."""
     spec, url, run = _load(study, store)
     staged = _stage(spec, url, run)
     references = _references(spec, url, run)
@@ -214,7 +224,8 @@ def study_flow(study: str, store: str | None = None) -> StudyRun:
     done = _gather("results", [results_task.submit(spec, url, run, rows, references)])
     selected = nodes.selected_merges(nodes.context(spec, url, run), done[0], merge_jobs, merged)
     analyses = _analyses(spec, url, run, selected)
-    return StudyRun(nodes=staged + references + merged + adapted + evaluated + done + analyses, results=done[0].key,
+    studies = _adaptation_studies(spec, url, run)
+    return StudyRun(nodes=staged + references + merged + adapted + evaluated + done + analyses + studies, results=done[0].key,
                     store=Store(url).url)
 
 

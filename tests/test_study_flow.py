@@ -33,6 +33,10 @@ SMALL = {
     ],
     "adaptive": [{"method": "adamerging", "iters": 2, "batch_size": 4}],
     "analyses": ["norms", "merged_rank"],
+    "adaptation_studies": {
+        "pareto": {"pair": ["digits", "textures"], "n_preferences": 2, "iters": 1, "batch_size": 4, "splits": ["val"]},
+        "adarank_ablation": {"origins": ["ta"], "iters": 1, "batch_size": 4, "splits": ["val"], "tasks": ["digits", "signs"]},
+    },
 }
 
 
@@ -69,7 +73,8 @@ def first_run(harness, tmp_path_factory):
 
 def test_results_dataset_has_every_method_space_config_task_metric_seed(first_run):
     _, store, run = first_run
-    assert computed(run) == {"stage": 1, "reference": 4, "merge": 5, "adapt": 1, "evaluate": 6, "results": 1, "analysis": 2}
+    assert computed(run) == {"stage": 1, "reference": 4, "merge": 5, "adapt": 1, "evaluate": 6, "results": 1, "analysis": 2,
+                             "adaptation_study": 2}
     ds = xr.open_zarr(Store(store).dataset_url(run["results"]), consolidated=False).load()  # one open_zarr reads it
     assert dict(ds["score"].sizes) == {"method": 3, "space": 3, "config": 4, "task": 4, "metric": 8, "seed": 1}
     assert set(ds.method.values) == {"task_arithmetic", "ties", "adamerging"}
@@ -88,6 +93,31 @@ def test_results_dataset_has_every_method_space_config_task_metric_seed(first_ru
     assert "micro" in ds.attrs["note"]
     analyses = Store(store).refs()
     assert {"studies/small/results", "studies/small/analysis/norms", "studies/small/analysis/merged_rank", "studies/small/adapt/adamerging"} <= set(analyses)
+
+
+def test_adaptation_studies_are_published_where_the_notebooks_read_them(first_run):
+    from analysis.data import available, load
+
+    _, store, _ = first_run
+    assert {"preferences/pareto", "ablations/adarank", "adapt/adamerging"} <= set(available(store, "small"))
+    pareto = load(store, "small", "preferences/pareto")
+    assert list(pareto.task.values) == ["digits", "textures"] and pareto.sizes["preference"] == 2
+    assert pareto.attrs["adaptation_split"] == "val" and "not the papers'" in pareto.attrs["dataset"]
+    ablation = load(store, "small", "ablations/adarank")
+    assert list(ablation.origin.values) == ["ta"] and list(ablation.task.values) == ["digits", "signs"]
+
+
+@pytest.mark.parametrize(("studies", "message"), [
+    ({"pareto_front": {}}, "unknown adaptation study 'pareto_front'; allowed: pareto, cloud"),
+    ({"cloud": {"focal": ["digits"], "n_prefs": 3}}, "cloud: unknown setting 'n_prefs'; allowed: iters"),
+])
+def test_bad_adaptation_study_settings_are_one_line_errors(studies, message):
+    from mergelab.config import load_study
+    from mergelab.errors import InputError
+
+    with pytest.raises(InputError, match="adaptation_studies") as err:
+        load_study({**SMALL, "adaptation_studies": studies})
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_rerun_is_all_cache_hits(first_run):
@@ -118,7 +148,7 @@ def test_changed_adapters_recompute_what_depends_on_them(harness, tmp_path):
     root = tmp_path / "micro"
     shutil.copytree(REPO / "data/micro", root, ignore=shutil.ignore_patterns("r16", "dense"))
     spec = {**SMALL, "bench": {**SMALL["bench"], "root": str(root)}, "adaptive": [], "analyses": ["norms"],
-            "methods": [SMALL["methods"][0]]}
+            "methods": [SMALL["methods"][0]], "adaptation_studies": {}}
     study = write_study(tmp_path / "s.yaml", spec)
     store = str(tmp_path / "store")
     study_flow(str(study), store=store)
@@ -150,7 +180,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_killed_run_restarts_and_reuses_published_artifacts(tmp_path):
-    spec = {**SMALL, "adaptive": [], "analyses": [], "methods": [
+    spec = {**SMALL, "adaptive": [], "analyses": [], "adaptation_studies": {}, "methods": [
         {"method": "task_arithmetic", "spaces": ["full", "knots", "core"], "grid": {"alpha": [0.2, 0.4, 0.6, 0.8]}}]}
     study = write_study(tmp_path / "kill.yaml", spec)
     store = tmp_path / "store"

@@ -157,7 +157,11 @@ class AdaptiveSpec(_Strict):
 
 
 class StudySpec(_Strict):
-    """A whole study: benchmark, methods, adaptation, selection, analyses, seeds, store."""
+    """A whole study: benchmark, methods, adaptation, selection, analyses, seeds, store.
+
+    ``adaptation_studies`` maps a name of :data:`mergelab.adaptation.registry.ADAPTATION_STUDIES`
+    (``pareto``, ``cloud``, ``stch_alpha``, ``adarank_ablation``) to its settings.
+    """
 
     name: str
     description: str = ""
@@ -168,6 +172,7 @@ class StudySpec(_Strict):
     selection: Literal["val", "tas"] = "val"
     joint: bool = True
     analyses: list[str] = Field(default_factory=list)
+    adaptation_studies: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0])
     store: str | None = None
     allow_labels: bool = False
@@ -189,10 +194,22 @@ class StudySpec(_Strict):
             raise ValueError(f"unknown analysis {unknown[0]!r}; allowed: {', '.join(ANALYSES)}")
         return analyses
 
+    @field_validator("adaptation_studies")
+    @classmethod
+    def _known_adaptation_studies(cls, studies: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from mergelab.adaptation.registry import check_settings
+
+        for name, settings in studies.items():
+            try:
+                check_settings(name, settings)
+            except InputError as err:
+                raise ValueError(str(err)) from None
+        return studies
+
     @model_validator(mode="after")
     def _something_to_do(self) -> StudySpec:
-        if not self.methods and not self.adaptive and not self.analyses:
-            raise ValueError("the study has no methods, adaptive methods or analyses; add at least one")
+        if not self.methods and not self.adaptive and not self.analyses and not self.adaptation_studies:
+            raise ValueError("the study has no methods, adaptive methods, analyses or adaptation studies; add at least one")
         if not self.allow_labels and any(a.objective == "labels" for a in self.adaptive):
             raise ValueError("objective 'labels' uses validation labels; set allow_labels: true to allow it")
         labels = [a.name for a in self.adaptive]

@@ -13,6 +13,7 @@ runs the same in a thread, an in-process Dask worker or a remote one, and return
 | adapt       | TaskSet hash, data id, the adaptive spec, seed              | tensors: the MergedUpdate; Dataset: its history |
 | evaluate    | the merged artifact's key, data id, metrics asked for       | Dataset ``score(task, metric)`` |
 | analysis    | the registry entry's producer/version, its inputs           | Dataset (``studies/<name>/analysis/<a>``) |
+| adaptation_study | the entry's producer/version, TaskSet hash, data id, settings, seed | Dataset (``studies/<name>/<ref>``) |
 | results     | every evaluation's key, the selection rule                  | Dataset ``studies/<name>/results`` |
 
 Changing one hyper-parameter changes one merge key, hence its evaluation and the results, and
@@ -43,6 +44,7 @@ from mergelab.store import Key, Store
 from mergelab.taskset import MergedUpdate, TaskSet
 
 __all__ = ["JOINT", "VERSIONS", "AdaptJob", "Context", "MergeJob", "NodeResult", "Row", "adapt_jobs", "adapt_node", "adapt_row",
+           "adaptation_study_node",
            "analysis_node", "context", "evaluate_node", "merge_jobs", "merge_node", "merge_row", "reference_node", "results_node",
            "results_table", "selected_merges", "stage_node"]
 
@@ -405,6 +407,21 @@ def analysis_node(ctx: Context, name: str, merged: Sequence[tuple[MergeJob, Node
     _, hit = ctx.store.memo(key, "dataset", compute, attrs={"analysis": name})
     ctx.store.set_ref(f"studies/{ctx.spec.name}/analysis/{name}", key)
     return NodeResult("analysis", key, hit, name)
+
+
+def adaptation_study_node(ctx: Context, name: str) -> NodeResult:
+    """Run one adaptation study of the spec's ``adaptation_studies`` (preference sweeps, AdaRank
+    ablation; :data:`mergelab.adaptation.registry.ADAPTATION_STUDIES`) and publish its Dataset."""
+    from mergelab.adaptation.registry import ADAPTATION_STUDIES, run_study
+
+    entry, settings, seed = ADAPTATION_STUDIES[name], ctx.spec.adaptation_studies[name], ctx.spec.seeds[0]
+    key = ctx.store.key(entry.producer, entry.version, taskset=ctx.taskset.content_hash, data=ctx.bench.data_id,
+                        settings=settings, seed=seed)
+    label = f"{ctx.bench.name} benchmark" + (" (micro-benchmark numbers, not the papers')" if ctx.spec.bench.kind == "micro" else "")
+    _, hit = ctx.store.memo(key, "dataset", lambda: run_study(name, ctx.local_bench, settings, seed=seed, dataset=label),
+                            attrs={"adaptation_study": name})
+    ctx.store.set_ref(f"studies/{ctx.spec.name}/{entry.ref}", key)
+    return NodeResult("adaptation_study", key, hit, name)
 
 
 # Results -------------------------------------------------------------------------------------------
