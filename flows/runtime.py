@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from mergelab.errors import InputError
 from mergelab.study import NodeResult
 
-__all__ = ["RUNNERS", "configure", "summarize", "task_runner"]
+__all__ = ["RUNNERS", "configure", "parse_runner", "summarize", "task_runner"]
 
 #: Prefect / Dask settings that these machines need (ENVIRONMENT.md); user values win.
 DEFAULT_ENV = {
@@ -56,14 +56,20 @@ def _dask(arg: str | None):
 RUNNERS: dict[str, Callable[[str | None], object]] = {"thread": _thread, "dask": _dask}
 
 
-def task_runner(spec: str | None = None):
-    """The Prefect task runner for ``--runner`` (``thread``, ``thread=4``, ``dask``, ``dask=tcp://…``)."""
+def parse_runner(spec: str | None = None) -> tuple[str, str | None]:
+    """``--runner NAME[=ARG]`` checked (without importing Prefect): ``(name, arg or None)``."""
     name, _, arg = (spec or "thread").partition("=")
     if name not in RUNNERS:
         raise InputError(f"unknown runner {spec!r}; choose one of {', '.join(f'{k}[=…]' for k in RUNNERS)}")
     if name == "thread" and arg and not arg.isdigit():
         raise InputError(f"--runner thread={arg}: the argument is a worker count, e.g. thread=4")
-    return RUNNERS[name](arg or None)
+    return name, arg or None
+
+
+def task_runner(spec: str | None = None):
+    """The Prefect task runner for ``--runner`` (``thread``, ``thread=4``, ``dask``, ``dask=tcp://…``)."""
+    name, arg = parse_runner(spec)
+    return RUNNERS[name](arg)
 
 
 def summarize(results: Iterable[NodeResult]) -> dict[str, dict[str, int]]:

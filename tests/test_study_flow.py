@@ -129,6 +129,21 @@ def test_rerun_is_all_cache_hits(first_run):
     assert again["results"] == run["results"]
 
 
+def test_up_to_date_confirms_an_unchanged_study_without_computing(first_run, tmp_path):
+    from mergelab.config import load_study
+    from mergelab.study import up_to_date
+
+    study, store, run = first_run
+    published = [a.key for a in Store(store).ls()]
+    nodes, done = up_to_date(load_study(study), store)
+    assert done.key == run["results"] and all(n.hit for n in nodes)
+    assert sorted((n.node, n.key) for n in nodes) == sorted((n.node, n.key) for n in run.nodes)
+    changed = {**SMALL, "methods": [{**SMALL["methods"][0], "grid": {"alpha": [0.3, 0.9]}}, SMALL["methods"][1]]}
+    assert up_to_date(load_study(changed), store) is None  # one merge is missing: the flow must run
+    assert up_to_date(load_study(SMALL), str(tmp_path / "empty")) is None
+    assert [a.key for a in Store(store).ls()] == published and not Store(str(tmp_path / "empty")).ls()
+
+
 def test_one_changed_hyper_parameter_recomputes_only_its_downstream(first_run, tmp_path):
     from flows.study import study_flow
 

@@ -104,13 +104,41 @@ def _default_study() -> Path:
 
 
 def _run_study(study: Path, store: str | None, runner: str):
-    """Run the ``study`` flow with rich progress bars; print what ran and what was cached."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Run the ``study`` flow with rich progress bars; print what ran and what was cached.
 
+    An unchanged study (every node's artifact already in the store) is confirmed in this
+    process without starting Prefect, so a rerun costs seconds.
+    """
     from mergelab.config import load_study
+    from mergelab.store import Store
+    from mergelab.study import up_to_date
 
     spec = load_study(study)  # validate before Prefect starts: bad input fails in a second
-    from flows.runtime import summarize, task_runner
+    from flows.runtime import parse_runner, summarize
+
+    parse_runner(runner)
+    url = spec.store_url(store)
+    cached = up_to_date(spec, url)
+    if cached is not None:
+        run_nodes, done = cached
+        run = {"nodes": run_nodes, "results": done.key, "store": Store(url).url}
+    else:
+        run = _run_flow(study, url, runner)
+    counts = summarize(run["nodes"])
+    ran = sum(c["nodes"] - c["hits"] for c in counts.values())
+    hits = sum(c["hits"] for c in counts.values())
+    detail = ", ".join(f"{name} {c['nodes'] - c['hits']}/{c['nodes']}" for name, c in counts.items())
+    verdict = "every node was a cache hit" if ran == 0 else f"{ran} nodes computed, {hits} cache hits"
+    console.print(f"study {spec.name}: {verdict} (computed/total: {detail}); results {run['results']} in {run['store']}",
+                  soft_wrap=True, highlight=False)
+    return spec, run
+
+
+def _run_flow(study: Path, url: str, runner: str):
+    """The ``study`` Prefect flow with one progress bar per node kind (on stderr)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.runtime import task_runner
 
     chosen = task_runner(runner)
     from flows.study import set_progress, study_flow
@@ -128,17 +156,9 @@ def _run_study(study: Path, store: str | None, runner: str):
 
         set_progress(listen)
         try:
-            run = study_flow.with_options(task_runner=chosen)(study=str(study), store=spec.store_url(store))
+            return study_flow.with_options(task_runner=chosen)(study=str(study), store=url)
         finally:
             set_progress(None)
-    counts = summarize(run.nodes)
-    ran = sum(c["nodes"] - c["hits"] for c in counts.values())
-    hits = sum(c["hits"] for c in counts.values())
-    detail = ", ".join(f"{name} {c['nodes'] - c['hits']}/{c['nodes']}" for name, c in counts.items())
-    verdict = "every node was a cache hit" if ran == 0 else f"{ran} nodes computed, {hits} cache hits"
-    console.print(f"study {spec.name}: {verdict} (computed/total: {detail}); results {run['results']} in {run['store']}",
-                  soft_wrap=True, highlight=False)
-    return spec, run
 
 
 def _print_results(spec, run) -> None:

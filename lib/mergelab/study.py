@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import inspect
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -40,11 +40,11 @@ from mergelab.config import AdaptiveSpec, StudySpec, config_label
 from mergelab.errors import InputError
 from mergelab.merging import METHODS, merge
 from mergelab.profiling import measure
-from mergelab.store import Key, Store
+from mergelab.store import Key, Kind, Store
 from mergelab.taskset import MergedUpdate, TaskSet
 
-__all__ = ["JOINT", "VERSIONS", "AdaptJob", "Context", "MergeJob", "NodeResult", "Row", "adapt_jobs", "adapt_node", "adapt_row",
-           "adaptation_study_node",
+__all__ = ["JOINT", "NODES", "VERSIONS", "AdaptJob", "Context", "MergeJob", "NodeResult", "NotCached", "Row", "Submit",
+           "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "run_graph", "up_to_date",
            "analysis_node", "context", "evaluate_node", "merge_jobs", "merge_node", "merge_row", "reference_node", "results_node",
            "results_table", "selected_merges", "stage_node"]
 
@@ -55,6 +55,10 @@ JOINT = "joint"
 #: Metrics per task: test accuracy and its normalised value, the same on val, TAS on val.
 TASK_METRICS = ("acc", "norm_acc", "val_acc", "val_norm_acc", "tas")
 JOINT_KS = (1, 3, 5)
+
+
+class NotCached(Exception):
+    """A probing :class:`Context` met a node whose artifact is not in the store."""
 
 
 @dataclass(frozen=True)
@@ -100,12 +104,14 @@ class Context:
     """A study's spec, store and lazily loaded benchmark, shared by the nodes of one process.
 
     ``bench`` overrides the benchmark the spec describes (``mergelab merge --select`` evaluates
-    the user's adapters on a benchmark's tasks).
+    the user's adapters on a benchmark's tasks). A ``probe`` context computes nothing: a node
+    whose artifact is missing raises :class:`NotCached` (see :func:`up_to_date`).
     """
 
-    def __init__(self, spec: StudySpec, store_url: str, bench: Bench | None = None) -> None:
+    def __init__(self, spec: StudySpec, store_url: str, bench: Bench | None = None, probe: bool = False) -> None:
         self.spec = spec
         self.store = Store(store_url)
+        self.probe = probe
         self._given_bench = bench
         self._lock = threading.RLock()
         self._local = threading.local()
@@ -159,6 +165,21 @@ class Context:
                 for task in self.bench.tasks.values():
                     task.tensors("val"), task.tensors("test")
                 self._warm = True
+
+    def cached(self, key: str) -> bool:
+        """Whether ``key`` is published (a probe raises :class:`NotCached` instead of answering no)."""
+        if self.store.exists(key):
+            return True
+        if self.probe:
+            raise NotCached(key)
+        return False
+
+    def publish(self, key: str, kind: Kind, compute: Callable[[], Any], attrs: Mapping[str, Any] | None = None) -> bool:
+        """Publish ``compute()`` under ``key`` unless it is there (nothing is read then); return the hit."""
+        if self.cached(key):
+            return True
+        self.store.memo(key, kind, compute, attrs)
+        return False
 
     def params(self, merged: MergedUpdate) -> dict[str, Tensor]:
         """Full encoder weights ``W_0 + ΔW`` for every merged parameter."""
@@ -218,7 +239,7 @@ def stage_node(ctx: Context) -> NodeResult:
     key = ctx.store.key("stage", VERSIONS["stage"], taskset=ts.content_hash, data=ctx.bench.data_id)
     record = {"bench": ctx.bench.name, "taskset": ts.content_hash, "data": ctx.bench.data_id,
               "base": ts.base.content_hash, "tasks": [describe(t) for t in ts]}
-    _, hit = ctx.store.memo(key, "json", lambda: record)
+    hit = ctx.publish(key, "json", lambda: record)
     return NodeResult("stage", key, hit, ctx.bench.name)
 
 
@@ -237,7 +258,7 @@ def merge_key(ctx: Context, job: MergeJob) -> Key:
 def merge_node(ctx: Context, job: MergeJob) -> NodeResult:
     """Merge one configuration (timed, peak memory measured) and store the MergedUpdate."""
     key = merge_key(ctx, job)
-    if ctx.store.exists(key):
+    if ctx.cached(key):
         return NodeResult("merge", key, True, job.label)
     hp = _hyper_parameters(job)
     run = measure(lambda: merge(ctx.taskset, job.method, job.space, **hp))
@@ -276,7 +297,7 @@ def adapt_node(ctx: Context, job: AdaptJob) -> NodeResult:
 
     key = adapt_key(ctx, job)
     history_key = ctx.store.key("adapt.history", VERSIONS["adapt"], run=str(key))
-    if ctx.store.exists(key):
+    if ctx.cached(key):
         return NodeResult("adapt", key, True, job.label)
     a, bench = job.spec, ctx.local_bench
     names = list(bench.tasks)
@@ -331,7 +352,7 @@ def reference_node(ctx: Context, task: str | None) -> NodeResult:
         names = list(ctx.bench.tasks) if task is None else [task]
         return _scores(ctx, params, names, joint=False, tas=False)
 
-    _, hit = ctx.store.memo(key, "dataset", compute, attrs={"reference": "zeroshot" if task is None else "finetuned", "task": task})
+    hit = ctx.publish(key, "dataset", compute, attrs={"reference": "zeroshot" if task is None else "finetuned", "task": task})
     return NodeResult("reference", key, hit, task or "zeroshot")
 
 
@@ -343,8 +364,8 @@ def evaluate_key(ctx: Context, source: str) -> Key:
 def evaluate_node(ctx: Context, source: NodeResult) -> NodeResult:
     """Per-task val/test accuracy, joint Hits@k (test) and, for TAS selection, TAS (val) of one merge."""
     key = evaluate_key(ctx, source.key)
-    _, hit = ctx.store.memo(key, "dataset", lambda: _scores(ctx, ctx.params(_merged(ctx, source.key)), list(ctx.bench.tasks),
-                                                            joint=ctx.spec.joint, tas=_tas_enabled(ctx)))
+    hit = ctx.publish(key, "dataset", lambda: _scores(ctx, ctx.params(_merged(ctx, source.key)), list(ctx.bench.tasks),
+                                                      joint=ctx.spec.joint, tas=_tas_enabled(ctx)))
     return NodeResult("evaluate", key, hit, source.label)
 
 
@@ -404,7 +425,7 @@ def analysis_node(ctx: Context, name: str, merged: Sequence[tuple[MergeJob, Node
                  .expand_dims(method=[j.method], space=[j.space]) for j, r in merged]
         return xr.merge(parts, combine_attrs="drop_conflicts", join="outer", compat="no_conflicts")
 
-    _, hit = ctx.store.memo(key, "dataset", compute, attrs={"analysis": name})
+    hit = ctx.publish(key, "dataset", compute, attrs={"analysis": name})
     ctx.store.set_ref(f"studies/{ctx.spec.name}/analysis/{name}", key)
     return NodeResult("analysis", key, hit, name)
 
@@ -418,8 +439,8 @@ def adaptation_study_node(ctx: Context, name: str) -> NodeResult:
     key = ctx.store.key(entry.producer, entry.version, taskset=ctx.taskset.content_hash, data=ctx.bench.data_id,
                         settings=settings, seed=seed)
     label = f"{ctx.bench.name} benchmark" + (" (micro-benchmark numbers, not the papers')" if ctx.spec.bench.kind == "micro" else "")
-    _, hit = ctx.store.memo(key, "dataset", lambda: run_study(name, ctx.local_bench, settings, seed=seed, dataset=label),
-                            attrs={"adaptation_study": name})
+    hit = ctx.publish(key, "dataset", lambda: run_study(name, ctx.local_bench, settings, seed=seed, dataset=label),
+                      attrs={"adaptation_study": name})
     ctx.store.set_ref(f"studies/{ctx.spec.name}/{entry.ref}", key)
     return NodeResult("adaptation_study", key, hit, name)
 
@@ -466,7 +487,7 @@ def results_key(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResu
 def results_node(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult]) -> NodeResult:
     """Assemble the study's results Dataset, select configurations, publish ``studies/<name>/results``."""
     key = results_key(ctx, rows, references)
-    _, hit = ctx.store.memo(key, "dataset", lambda: _assemble(ctx, rows, references))
+    hit = ctx.publish(key, "dataset", lambda: _assemble(ctx, rows, references))
     ctx.store.set_ref(f"studies/{ctx.spec.name}/results", key)
     return NodeResult("results", key, hit, ctx.spec.name)
 
@@ -558,3 +579,50 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
                   for name in ("zeroshot", "finetuned")
                   for acc in [ds["reference_score"].sel(reference=name, task=tasks, metric="acc")]]
     return pd.DataFrame(references + rows)
+
+
+# The graph -----------------------------------------------------------------------------------------
+
+#: Node kind -> node function ``(ctx, *args) -> NodeResult``; ``flows/`` wraps each in a Prefect task.
+NODES: dict[str, Callable[..., NodeResult]] = {
+    "stage": stage_node, "reference": reference_node, "merge": merge_node, "adapt": adapt_node, "evaluate": evaluate_node,
+    "results": results_node, "analysis": analysis_node, "adaptation_study": adaptation_study_node,
+}
+
+#: Runs a batch of nodes of one kind, ``submit(kind, [args, ...])``, and returns their results in order.
+Submit = Callable[[str, Sequence[tuple[Any, ...]]], list[NodeResult]]
+
+
+def run_graph(ctx: Context, submit: Submit) -> tuple[list[NodeResult], NodeResult]:
+    """Every node of the study in dependency order; returns them all and the results node.
+
+    Stage, references, merges, adaptive runs, their evaluations, the results (selection), the
+    analyses (those of merged models take the selected merges) and the adaptation studies.
+    """
+    spec = ctx.spec
+    staged = submit("stage", [()])
+    references = submit("reference", [(name,) for name in [None, *ctx.bench.tasks]])
+    merges, adapts = merge_jobs(spec), adapt_jobs(spec)
+    merged = submit("merge", [(job,) for job in merges])
+    adapted = submit("adapt", [(job,) for job in adapts])
+    evaluated = submit("evaluate", [(produced,) for produced in merged + adapted])
+    rows = [merge_row(j, p, e, spec.seeds[0]) for j, p, e in zip(merges, merged, evaluated[:len(merged)], strict=True)]
+    rows += [adapt_row(ctx, j, p, e) for j, p, e in zip(adapts, adapted, evaluated[len(merged):], strict=True)]
+    (done,) = submit("results", [(rows, references)])
+    selected = selected_merges(ctx, done, merges, merged) if spec.analyses else []
+    analyses = submit("analysis", [(name, selected) for name in spec.analyses])
+    studies = submit("adaptation_study", [(name,) for name in spec.adaptation_studies])
+    return staged + references + merged + adapted + evaluated + [done] + analyses + studies, done
+
+
+def up_to_date(spec: StudySpec, store_url: str) -> tuple[list[NodeResult], NodeResult] | None:
+    """The study's nodes and results node when every artifact is already in the store, else ``None``.
+
+    Walks :func:`run_graph` in this process with a probing context: nothing is computed or
+    loaded, so an unchanged study is confirmed without starting an orchestrator.
+    """
+    ctx = Context(spec, store_url, probe=True)
+    try:
+        return run_graph(ctx, lambda kind, batch: [NODES[kind](ctx, *args) for args in batch])
+    except NotCached:
+        return None
