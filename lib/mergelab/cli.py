@@ -285,10 +285,13 @@ def _grid(items: list[str] | None) -> dict[str, list]:
     return {k: [yaml.safe_load(v) for v in values.split(",")] for k, values in _key_values(items, "--grid").items()}
 
 
-def _selection_bench(bench: str):
-    """``--bench``: ``micro`` (the shipped benchmark) or a study YAML whose bench and tasks evaluate."""
+def _bench(bench: str, taskset, base: str):
+    """``--bench``: ``micro`` (the shipped benchmark) or a study YAML whose bench and tasks evaluate;
+    returns its section and the bench set up to run ``taskset``'s adapters."""
     from mergelab.bench import load_bench
+    from mergelab.checkpoints import load_state_dict
     from mergelab.config import BenchSpec, load_study
+    from mergelab.onbench import bench_for
 
     if bench == "micro":
         root = next((c for c in (Path("data/micro"), Path(__file__).resolve().parents[2] / "data/micro") if c.is_dir()), Path("data/micro"))
@@ -298,19 +301,17 @@ def _selection_bench(bench: str):
             raise InputError(f"--bench {bench!r} is neither 'micro' nor a study YAML file; pass micro or a study whose bench: and tasks: evaluate")
         study = load_study(Path(bench))
         spec, tasks = study.bench, study.tasks
-    return spec, load_bench(spec, tasks)
+    return spec, bench_for(load_bench(spec, tasks), taskset, load_state_dict(base))
 
 
 def _select(taskset, base: str, method: str, space: str, rule: str, bench: str, fixed: dict[str, str], grid: dict[str, list], store: str):
     """Pick ``method``'s hyper-parameters by ``rule`` on the benchmark's val split (progress on stderr)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mergelab.checkpoints import load_state_dict
-    from mergelab.selection import RULES, bench_for, select_hyper_parameters, swept_grid
+    from mergelab.onbench import RULES, select_hyper_parameters, swept_grid
 
     swept_grid(method, fixed, grid)  # a too-large grid fails before the benchmark loads
-    spec, loaded = _selection_bench(bench)
-    evaluating = bench_for(loaded, taskset, load_state_dict(base))
+    spec, evaluating = _bench(bench, taskset, base)
     with Progress(TextColumn("select {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[hits]} cached"),
                   TimeElapsedColumn(), console=err_console) as progress:
         bar = progress.add_task(f"{method}/{space} by {rule}", total=None, hits=0)
@@ -422,6 +423,87 @@ def _method_list() -> str:
     from mergelab.spaces import SPACES
 
     return f"Methods: {', '.join(METHODS)} (compose with '+', e.g. tsv+iso_c). Spaces: {', '.join(SPACES)}."
+
+
+@app.command("adapt")
+def adapt_command(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="More adapter directories (so that --adapters A B C works).", show_default=False)] = None,
+    adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="PEFT adapter directories (NAME=PATH names a task after a benchmark task).")] = None,
+    base: Annotated[str, typer.Option("--base", help="Base model weights (file or directory): the benchmark's pre-trained model.")] = ...,  # type: ignore[assignment]
+    method: Annotated[str, typer.Option("--method", help="adamerging, adamerging_tas, tara_a, tara_b or adarank.")] = ...,  # type: ignore[assignment]
+    preference: Annotated[Optional[str], typer.Option("--preference", help="Task preference ρ, one weight per task on the simplex: 0.5,0.25,0.25 (default: uniform).")] = None,
+    iters: Annotated[int, typer.Option("--iters", help="Optimisation steps (the papers: 250 or 500).")] = 250,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Unlabeled val images per task and step.")] = 16,
+    objective: Annotated[Optional[str], typer.Option("--objective", help="entropy, tas or labels (labels needs --allow-labels); default: the method's.")] = None,
+    scalarization: Annotated[Optional[str], typer.Option("--scalarization", help="sum or stch (smooth Tchebycheff, 001 Eq. 10); default: the method's.")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="STCH smoothing α.")] = 1.0,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Method option KEY=VALUE (repeatable), e.g. space=core, origin=cart, init=0.3.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the batch order and the initialisation.")] = 0,
+    allow_labels: Annotated[bool, typer.Option("--allow-labels", help="Allow --objective labels (uses val labels).")] = False,
+    bench: Annotated[str, typer.Option("--bench", help="The benchmark whose unlabeled val images adapt and whose splits evaluate: micro or a study YAML.")] = "micro",
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = ...,  # type: ignore[assignment]
+    fmt: Annotated[str, typer.Option("--format", help="peft (a LoRA adapter; low-rank results) or weights (merged full weights).")] = "peft",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Adapt merge coefficients at test time on a benchmark's unlabeled val images; write the merge.
+
+    The run and its history (loss curve, coefficients or masks) are cached in the store and
+    published as the study ``adapt-<method>-<taskset>``; the test split only evaluates.
+    """
+    import yaml
+
+    from mergelab.adaptation.objectives import validate_preference
+    from mergelab.checkpoints import load_taskset, save_merged
+    from mergelab.config import load_study
+    from mergelab.onbench import adapt_on_bench
+    from mergelab.store import Store
+
+    sources = [*(adapters or []), *(paths or [])]
+    if not sources:
+        raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
+    if fmt not in ("peft", "weights"):
+        raise InputError(f"--format {fmt!r} is not one of peft, weights")
+    if out.exists() and not force:
+        raise InputError(f"output {out} already exists; choose another path or pass --force")
+    weights = None
+    if preference is not None:
+        try:
+            weights = [float(w) for w in preference.split(",")]
+        except ValueError:
+            raise InputError(f"--preference {preference!r} is not comma-separated numbers, e.g. 0.5,0.5") from None
+    adaptive = {"method": method, "iters": iters, "lr": lr, "batch_size": batch_size, "alpha": alpha, "preference": weights,
+                "objective": objective, "scalarization": scalarization,
+                "hp": {k: yaml.safe_load(v) for k, v in _key_values(sets, "--set").items()}}
+    adaptive = {k: v for k, v in adaptive.items() if v is not None}
+    load_study({"name": "adapt", "adaptive": [adaptive], "allow_labels": allow_labels})  # bad options fail before anything loads
+    validate_preference(weights, len(sources))
+    taskset = load_taskset(base, sources)
+    spec, evaluating = _bench(bench, taskset, base)
+    s = Store(store)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(f"adapt {method}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                  TimeElapsedColumn(), console=err_console) as progress:
+        bar = progress.add_task(method, total=iters, loss="…")
+        result = adapt_on_bench(evaluating, spec, taskset, adaptive, s.url, seed=seed, allow_labels=allow_labels,
+                                progress=lambda it, loss: progress.update(bar, completed=it, loss=f"{loss:.4f}"))
+        progress.update(bar, completed=iters)
+    written = save_merged(result.merged, out, format=fmt, base=base, overwrite=force)
+    table = Table(title=f"{method} on {evaluating.name} ({'adapted now' if result.computed else 'cached run'}; "
+                        "normalised by each fine-tuned model)", title_justify="left")
+    for column in ("task", "val acc %", "test acc %", "test norm acc %"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    columns = ("val_acc", "acc", "norm_acc")
+    for task in [*map(str, result.scores.task.values), "mean"]:
+        values = result.scores.mean("task") if task == "mean" else result.scores.sel(task=task)
+        table.add_row(task, *(f"{100 * float(values.sel(metric=c)):.1f}" for c in columns))
+    console.print(table)
+    kind = "PEFT adapter" if fmt == "peft" else "merged weights"
+    console.print(f"adapted {len(taskset)} tasks with {method} ({iters} iterations, {1000 * result.seconds_per_iter:.0f} ms each) "
+                  f"-> {written} ({kind}); history studies/{result.name}/adapt/{method} in {s.url}", soft_wrap=True, highlight=False)
+
 
 # build-micro ---------------------------------------------------------------------------------------
 

@@ -285,12 +285,12 @@ def adapt_key(ctx: Context, job: AdaptJob) -> Key:
                          allow_labels=ctx.spec.allow_labels)
 
 
-def adapt_node(ctx: Context, job: AdaptJob) -> NodeResult:
+def adapt_node(ctx: Context, job: AdaptJob, progress: Callable[[int, float], None] | None = None) -> NodeResult:
     """Adapt coefficients on unlabeled val batches (never test); store the merge and its history.
 
     The history Dataset (loss curves, coefficient trajectories, final coefficients or masks) is
     published first and named ``studies/<name>/adapt/<label>``; the merged tensors last, so
-    their presence means the node completed.
+    their presence means the node completed. ``progress(iteration, loss)`` hears of every step.
     """
     from mergelab.adaptation import Forward, adapt
     from mergelab.evaluation.heads import image_logits
@@ -308,7 +308,7 @@ def adapt_node(ctx: Context, job: AdaptJob) -> NodeResult:
     batches = [_batches(*_val(bench, n, labelled), a.batch_size, job.seed + i) for i, n in enumerate(names)]
     torch.manual_seed(job.seed)
     run = measure(lambda: adapt(a.method, ctx.taskset, forward, batches, objective=a.objective, scalarization=a.scalarization,
-                                preference=a.preference, alpha=a.alpha, iters=a.iters, lr=a.lr, **a.hp))
+                                preference=a.preference, alpha=a.alpha, iters=a.iters, lr=a.lr, progress=progress, **a.hp))
     result = run.value
     attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")), "config": _adapt_config(a),
              "seed": job.seed, "merge_seconds": run.wall_s, "peak_memory_mb": run.peak_bytes / 2**20,

@@ -1,6 +1,9 @@
-"""Hyper-parameter selection of one merge method in one space on a benchmark's validation split.
+"""One-off CLI jobs on a benchmark with the user's adapters: hyper-parameter selection and adaptation.
 
-``mergelab merge --select val|tas`` runs this: a one-method study over the method's grid (its
+Both run through the same cached nodes as a whole study (:mod:`mergelab.study`), on a benchmark
+whose tasks the adapters are named after (:func:`bench_for`).
+
+**Selection** (``mergelab merge --select val|tas``, :func:`select_hyper_parameters`): a one-method study over the method's grid (its
 registry grid, less the hyper-parameters the user fixed) on the given adapters, through the same
 cached nodes as a whole study (:mod:`mergelab.study`): every candidate's merge and evaluation land
 in the store under their content keys, the reference scores are reused across calls, and the
@@ -10,6 +13,10 @@ results Dataset (``studies/<name>/results``, schema in docs/store.md §9).
 Rules (as in studies): ``val`` takes the best mean validation normalised accuracy (001 App. C.3,
 003 App. D.2 select on validation data), ``tas`` the lowest mean task alignment score on unlabeled
 validation images (004 Eq. 2). The test split is evaluated for the record but never selects.
+
+**Adaptation** (``mergelab adapt``, :func:`adapt_on_bench`): one adaptive run of
+:data:`mergelab.adaptation.ADAPTERS` on the benchmark's unlabeled val batches, then its evaluation;
+published as the study ``adapt-<method>-<taskset>`` (history under ``adapt/<method>``).
 """
 
 from __future__ import annotations
@@ -26,14 +33,15 @@ import xarray as xr
 from torch import Tensor
 
 from mergelab.bench import Bench
+from mergelab.checkpoints import peft_template
 from mergelab.config import MAX_CONFIGS, BenchSpec, config_label, load_study
 from mergelab.errors import InputError
 from mergelab.merging import METHODS
-from mergelab.study import (Context, NodeResult, evaluate_node, merge_jobs, merge_node, merge_row, reference_node,
-                            results_node, stage_node)
-from mergelab.taskset import TaskSet
+from mergelab.study import (Context, NodeResult, adapt_jobs, adapt_node, adapt_row, evaluate_node, merge_jobs, merge_node,
+                            merge_row, reference_node, results_node, stage_node)
+from mergelab.taskset import MergedUpdate, TaskSet
 
-__all__ = ["RULES", "Selection", "bench_for", "select_hyper_parameters", "swept_grid"]
+__all__ = ["RULES", "Adapted", "Selection", "adapt_on_bench", "bench_for", "module_map", "select_hyper_parameters", "swept_grid"]
 
 #: Selection rule -> (the val metric it reads, whether larger is better).
 RULES = {"val": ("val_norm_acc", True), "tas": ("tas", False)}
@@ -54,12 +62,23 @@ class Selection:
         return config_label(self.config)
 
 
+def module_map(ours: Sequence[str], theirs: Sequence[str]) -> dict[str, str]:
+    """Each of ``ours`` (the bench backbone's parameter names) -> its name among ``theirs`` (the
+    user's checkpoint, whose names may carry a prefix such as ``visual.``); missing ones left out."""
+    out = {}
+    for name in ours:
+        match = [k for k in theirs if k == name or k.endswith(f".{name}")]
+        if len(match) == 1:
+            out[name] = match[0]
+    return out
+
+
 def bench_for(bench: Bench, taskset: TaskSet, base: Mapping[str, Tensor]) -> Bench:
     """``bench`` evaluating ``taskset``'s adapters: its tasks by name, in ``taskset``'s order.
 
     The adapters are re-read against the bench's backbone (whose parameter names may lack the
     prefix of the full checkpoint ``base``); every merged parameter of ``base`` must equal the
-    backbone's, so the selection evaluates the model the user merges.
+    backbone's, so the bench evaluates the model the user merges.
     """
     unknown = [n for n in taskset.names if n not in bench.tasks]
     if unknown:
@@ -73,9 +92,9 @@ def bench_for(bench: Bench, taskset: TaskSet, base: Mapping[str, Tensor]) -> Ben
     except InputError as err:
         raise InputError(f"the adapters do not fit the {bench.name} benchmark's model ({err}); "
                          "--bench a study of the model they were trained on") from None
+    names = module_map(modules, taskset.module_names)
     for module in modules:
-        match = [k for k in taskset.module_names if k == module or k.endswith(f".{module}")]
-        if len(match) != 1 or not torch.equal(base[match[0]].to(own[module].dtype), own[module]):
+        if module not in names or not torch.equal(base[names[module]].to(own[module].dtype), own[module]):
             raise InputError(f"--base differs from the {bench.name} benchmark's pre-trained model at {module}; "
                              "pass the benchmark's base weights (or --bench a study of your model)")
     return chosen
@@ -141,3 +160,46 @@ def _chosen(ctx: Context, key: str, jobs: Sequence[Any], rule: str, seed: int, n
     criterion = ds["score"].sel(at).sel(task=list(ds.attrs["tasks"]), metric=metric).mean("task")
     return Selection(config={**config, **({"seed": seed} if jobs[0].seed is not None else {})}, rule=rule,
                      criterion=criterion, results=key, name=name)
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """An adaptive run on a benchmark: the merged update (in the user's parameter names), its
+    scores ``score(task, metric)`` with normalised accuracies, and the study it was published as."""
+
+    merged: MergedUpdate
+    scores: xr.DataArray
+    seconds_per_iter: float
+    name: str
+    computed: bool
+
+
+def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adaptive: Mapping[str, Any], store_url: str, *,
+                   seed: int = 0, allow_labels: bool = False,
+                   progress: Callable[[int, float], None] | None = None) -> Adapted:
+    """Adapt ``adaptive`` (an ``adaptive:`` entry of a study: method, iters, lr, preference, …) on
+    ``bench``'s unlabeled val batches, evaluate it and normalise by the fine-tuned references.
+
+    ``taskset`` is the user's (its names and PEFT layout label the result); ``bench`` must come
+    from :func:`bench_for` on it. ``progress(iteration, loss)`` hears of every step.
+    """
+    name = f"adapt-{adaptive['method']}-{bench.taskset.content_hash[:8]}"
+    spec = load_study({"name": name, "bench": bench_spec.model_dump(), "adaptive": [dict(adaptive)], "joint": False,
+                       "seeds": [seed], "allow_labels": allow_labels})
+    ctx = Context(spec, store_url, bench=bench)
+    stage_node(ctx)
+    references = [reference_node(ctx, t) for t in [None, *bench.tasks]]
+    (job,) = adapt_jobs(spec)
+    produced = adapt_node(ctx, job, progress=progress)
+    evaluated = evaluate_node(ctx, produced)
+    rows = [adapt_row(ctx, job, produced, evaluated)]
+    done = results_node(ctx, rows, references)
+    ds = ctx.store.get_dataset(done.key)
+    scores = ds["score"].isel(method=0, space=0, config=0, seed=0).sel(task=list(bench.tasks))
+    info = ctx.store.info(produced.key).attrs
+    names = module_map(ctx.taskset.module_names, taskset.module_names)
+    own = MergedUpdate.from_tensors(ctx.store.get_tensors(produced.key))
+    meta = {"method": job.spec.method, "space": info["space"], "hyper_parameters": {**job.spec.hp, "config": info["config"]},
+            "tasks": list(taskset.names), "adaptive": True, "peft": peft_template(taskset)}
+    merged = MergedUpdate({names[m]: u for m, u in own.modules.items()}, base=taskset.base, meta=meta)
+    return Adapted(merged, scores, float(info.get("seconds_per_iter", float("nan"))), name, not produced.hit)
