@@ -132,13 +132,16 @@ def evaluate_flow(study: str, store: str | None = None) -> StudyRun:
 
 
 @flow(name="analyze")
-def analyze_flow(study: str, store: str | None = None) -> StudyRun:
-    """The study's analyses that need no merged model (weight statistics, Jacobians, proxies)."""
+def analyze_flow(study: str, store: str | None = None, analyses: list[str] | None = None) -> StudyRun:
+    """The study's analyses (or the named ones of :data:`~mergelab.analysis.registry.ANALYSES`), one
+    task each; analyses of merged models take the selected merges of the study's last run."""
     from mergelab.analysis.registry import ANALYSES
 
-    spec, _, submit = _load(study, store)
-    standalone = [a for a in spec.analyses if ANALYSES[a].needs != "merged"]
-    return StudyRun(nodes=submit("stage", [()]) + submit("analysis", [(name, []) for name in standalone]))
+    spec, ctx, submit = _load(study, store)
+    names = list(analyses or spec.analyses)
+    selected = nodes.selected_for_analyses(spec, ctx.store.url) if any(ANALYSES[n].needs == "merged" for n in names) else []
+    batch = [(name, selected if ANALYSES[name].needs == "merged" else []) for name in names]
+    return StudyRun(nodes=submit("stage", [()]) + submit("analysis", batch), store=ctx.store.url)
 
 
 @flow(name="study")
@@ -147,7 +150,7 @@ def study_flow(study: str, store: str | None = None) -> StudyRun:
     evaluation, selection, analyses, adaptation studies, results."""
     _, ctx, submit = _load(study, store)
     run_nodes, done = nodes.run_graph(ctx, submit)
-    return StudyRun(nodes=run_nodes, results=done.key, store=ctx.store.url)
+    return StudyRun(nodes=run_nodes, results=done.key if done else None, store=ctx.store.url)
 
 
 # Scheduling ----------------------------------------------------------------------------------------

@@ -120,6 +120,35 @@ def test_bad_adaptation_study_settings_are_one_line_errors(studies, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_analyze_runs_named_analyses_reusing_the_study_selection(first_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    study, store, run = first_run
+    cli = CliRunner()
+    done = cli.invoke(app, ["analyze", str(study), "--store", store, "--analysis", "cosine", "--analysis", "merged_rank"],
+                      env={"COLUMNS": "200"})
+    assert done.exit_code == 0, done.output
+    # merged_rank was computed by the run on the same selected merges: a cache hit; cosine is new
+    assert "analysis 1/2" in done.stdout and "studies/small/analysis/cosine" in done.stdout
+    assert Store(store).ref("studies/small/analysis/merged_rank") == next(r.key for r in run.nodes if r.label == "merged_rank")
+    fresh = cli.invoke(app, ["analyze", str(study), "--store", str(tmp_path / "empty"), "--analysis", "merged_rank"])
+    assert fresh.exit_code == 2 and "run `mergelab run` on the study first" in fresh.stderr
+    assert fresh.stderr.strip().count("\n") == 0
+    unknown = cli.invoke(app, ["analyze", str(study), "--analysis", "kappa"])
+    assert unknown.exit_code == 2 and "unknown analysis 'kappa'; allowed: norms" in unknown.stderr
+
+
+def test_a_study_of_analyses_only_has_no_results(harness, tmp_path):
+    from flows.study import study_flow
+
+    spec = {"name": "only", "bench": SMALL["bench"], "tasks": SMALL["tasks"], "analyses": ["norms"]}
+    run = study_flow(str(write_study(tmp_path / "only.yaml", spec)), store=str(tmp_path / "store"))
+    assert run["results"] is None and computed(run) == {"stage": 1, "analysis": 1}
+    assert "studies/only/analysis/norms" in Store(str(tmp_path / "store")).refs()
+
+
 def test_rerun_is_all_cache_hits(first_run):
     from flows.study import study_flow
 

@@ -114,34 +114,43 @@ def _run_study(study: Path, store: str | None, runner: str):
     from mergelab.study import up_to_date
 
     spec = load_study(study)  # validate before Prefect starts: bad input fails in a second
-    from flows.runtime import parse_runner, summarize
+    from flows.runtime import parse_runner
 
     parse_runner(runner)
     url = spec.store_url(store)
     cached = up_to_date(spec, url)
     if cached is not None:
         run_nodes, done = cached
-        run = {"nodes": run_nodes, "results": done.key, "store": Store(url).url}
+        run = {"nodes": run_nodes, "results": done.key if done else None, "store": Store(url).url}
     else:
-        run = _run_flow(study, url, runner)
-    counts = summarize(run["nodes"])
-    ran = sum(c["nodes"] - c["hits"] for c in counts.values())
-    hits = sum(c["hits"] for c in counts.values())
-    detail = ", ".join(f"{name} {c['nodes'] - c['hits']}/{c['nodes']}" for name, c in counts.items())
-    verdict = "every node was a cache hit" if ran == 0 else f"{ran} nodes computed, {hits} cache hits"
-    console.print(f"study {spec.name}: {verdict} (computed/total: {detail}); results {run['results']} in {run['store']}",
-                  soft_wrap=True, highlight=False)
+        from flows.study import study_flow
+
+        run = _run_flow(study_flow, runner, study=str(study), store=url)
+    _summary(spec.name, run)
     return spec, run
 
 
-def _run_flow(study: Path, url: str, runner: str):
-    """The ``study`` Prefect flow with one progress bar per node kind (on stderr)."""
+def _summary(name: str, run) -> None:
+    """One line: what ran, what was cached, per node kind, and where the results are."""
+    from flows.runtime import summarize
+
+    counts = summarize(run["nodes"])
+    ran = sum(c["nodes"] - c["hits"] for c in counts.values())
+    hits = sum(c["hits"] for c in counts.values())
+    detail = ", ".join(f"{kind} {c['nodes'] - c['hits']}/{c['nodes']}" for kind, c in counts.items())
+    verdict = "every node was a cache hit" if ran == 0 else f"{ran} nodes computed, {hits} cache hits"
+    where = f"results {run['results']} in {run['store']}" if run.get("results") else f"store {run['store']}"
+    console.print(f"study {name}: {verdict} (computed/total: {detail}); {where}", soft_wrap=True, highlight=False)
+
+
+def _run_flow(flow, runner: str, **params):
+    """A study flow on ``--runner`` with one progress bar per node kind (on stderr)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows.runtime import task_runner
 
     chosen = task_runner(runner)
-    from flows.study import set_progress, study_flow
+    from flows.study import set_progress
 
     bars: dict[str, int] = {}
     with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[hits]} cached"),
@@ -156,7 +165,7 @@ def _run_flow(study: Path, url: str, runner: str):
 
         set_progress(listen)
         try:
-            return study_flow.with_options(task_runner=chosen)(study=str(study), store=url)
+            return flow.with_options(task_runner=chosen)(**params)
         finally:
             set_progress(None)
 
@@ -165,6 +174,9 @@ def _print_results(spec, run) -> None:
     from mergelab.store import Store
     from mergelab.study import results_table
 
+    if not run.get("results"):
+        console.print(f"study {spec.name} merges nothing: no results table (its analyses are under studies/{spec.name}/)", highlight=False)
+        return
     ds = Store(run["store"]).get_dataset(run["results"])
     frame = results_table(ds)
     table = Table(title=f"{spec.name}: selected configuration per method × space ({ds.attrs['note']}; test split, selection on {ds.attrs['selection']})",
@@ -198,6 +210,51 @@ def demo(store: StoreOpt = None, runner: RunnerOpt = "thread") -> None:
     """Run the embedded default study (studies/micro.yaml, the shipped micro benchmark) and print its table."""
     spec, result = _run_study(_default_study(), store, runner)
     _print_results(spec, result)
+
+
+@app.command()
+def analyze(
+    study: Annotated[Path, typer.Argument(help="A study YAML file (see studies/micro.yaml).")],
+    analyses: Annotated[Optional[list[str]], typer.Option("--analysis", help="Run this analysis (repeatable; default: the study's analyses:).")] = None,
+    store: StoreOpt = None,
+    runner: RunnerOpt = "thread",
+) -> None:
+    """Run a study's analyses (weight statistics, spectra, coverage, Jacobians, proxies) into the store.
+
+    Each Dataset is published as ``studies/<name>/analysis/<analysis>`` (schemas in docs/store.md);
+    analyses of merged models use the selected merges of the study's last ``mergelab run``.
+    """
+    from mergelab.analysis.registry import ANALYSES
+    from mergelab.config import load_study
+    from mergelab.study import selected_for_analyses
+
+    spec = load_study(study)
+    names = list(analyses or spec.analyses)
+    unknown = [n for n in names if n not in ANALYSES]
+    if unknown:
+        raise InputError(f"unknown analysis {unknown[0]!r}; allowed: {', '.join(ANALYSES)}")
+    if not names:
+        raise InputError(f"study {spec.name} lists no analyses:; pass --analysis NAME (one of {', '.join(ANALYSES)})")
+    from flows.runtime import parse_runner
+
+    parse_runner(runner)
+    url = spec.store_url(store)
+    if any(ANALYSES[n].needs == "merged" for n in names):
+        selected_for_analyses(spec, url)  # fails in seconds, before Prefect starts, when the study has not run
+    from flows.study import analyze_flow
+
+    run = _run_flow(analyze_flow, runner, study=str(study), store=url, analyses=names)
+    _summary(spec.name, run)
+    table = Table(title=f"{spec.name}: analyses (xr.open_zarr of the store's dataset_url; schemas in docs/store.md)", title_justify="left")
+    for column in ("analysis", "ref", "dims"):
+        table.add_column(column)
+    from mergelab.store import Store
+
+    published = Store(url)
+    for result in (r for r in run["nodes"] if r.node == "analysis"):
+        ds = published.get_dataset(result.key, load=False)
+        table.add_row(result.label, f"studies/{spec.name}/analysis/{result.label}", ", ".join(f"{d} {n}" for d, n in ds.sizes.items()))
+    console.print(table)
 
 
 @app.command()

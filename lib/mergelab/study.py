@@ -44,7 +44,7 @@ from mergelab.store import Key, Kind, Store
 from mergelab.taskset import MergedUpdate, TaskSet
 
 __all__ = ["JOINT", "NODES", "VERSIONS", "AdaptJob", "Context", "MergeJob", "NodeResult", "NotCached", "Row", "Submit",
-           "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "run_graph", "up_to_date",
+           "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "run_graph", "selected_for_analyses", "up_to_date",
            "analysis_node", "context", "evaluate_node", "merge_jobs", "merge_node", "merge_row", "reference_node", "results_node",
            "results_table", "selected_merges", "stage_node"]
 
@@ -593,29 +593,45 @@ NODES: dict[str, Callable[..., NodeResult]] = {
 Submit = Callable[[str, Sequence[tuple[Any, ...]]], list[NodeResult]]
 
 
-def run_graph(ctx: Context, submit: Submit) -> tuple[list[NodeResult], NodeResult]:
+def run_graph(ctx: Context, submit: Submit) -> tuple[list[NodeResult], NodeResult | None]:
     """Every node of the study in dependency order; returns them all and the results node.
 
     Stage, references, merges, adaptive runs, their evaluations, the results (selection), the
-    analyses (those of merged models take the selected merges) and the adaptation studies.
+    analyses (those of merged models take the selected merges) and the adaptation studies. A
+    study without merges (only analyses or adaptation studies) has no results node (``None``).
     """
     spec = ctx.spec
     staged = submit("stage", [()])
-    references = submit("reference", [(name,) for name in [None, *ctx.bench.tasks]])
     merges, adapts = merge_jobs(spec), adapt_jobs(spec)
+    references = submit("reference", [(name,) for name in [None, *ctx.bench.tasks]]) if merges or adapts else []
     merged = submit("merge", [(job,) for job in merges])
     adapted = submit("adapt", [(job,) for job in adapts])
     evaluated = submit("evaluate", [(produced,) for produced in merged + adapted])
     rows = [merge_row(j, p, e, spec.seeds[0]) for j, p, e in zip(merges, merged, evaluated[:len(merged)], strict=True)]
     rows += [adapt_row(ctx, j, p, e) for j, p, e in zip(adapts, adapted, evaluated[len(merged):], strict=True)]
-    (done,) = submit("results", [(rows, references)])
-    selected = selected_merges(ctx, done, merges, merged) if spec.analyses else []
+    done = submit("results", [(rows, references)])[0] if rows else None
+    selected = selected_merges(ctx, done, merges, merged) if done is not None and merges else []
     analyses = submit("analysis", [(name, selected) for name in spec.analyses])
     studies = submit("adaptation_study", [(name,) for name in spec.adaptation_studies])
-    return staged + references + merged + adapted + evaluated + [done] + analyses + studies, done
+    return staged + references + merged + adapted + evaluated + ([done] if done else []) + analyses + studies, done
 
 
-def up_to_date(spec: StudySpec, store_url: str) -> tuple[list[NodeResult], NodeResult] | None:
+def selected_for_analyses(spec: StudySpec, store_url: str) -> list[tuple[MergeJob, NodeResult]]:
+    """The study's selected static merges, for analyses of merged models run on their own.
+
+    Needs every merge, evaluation and the results of the study in the store (``mergelab run``);
+    otherwise an :class:`InputError` says so.
+    """
+    core = spec.model_copy(update={"analyses": [], "adaptation_studies": {}})
+    found = up_to_date(core, store_url) if spec.methods else None
+    if found is None or found[1] is None:
+        raise InputError(f"study {spec.name}: analyses of merged models need the study's selected merges; "
+                         "run `mergelab run` on the study first")
+    produced, done = found
+    return selected_merges(Context(core, store_url), done, merge_jobs(spec), [n for n in produced if n.node == "merge"])
+
+
+def up_to_date(spec: StudySpec, store_url: str) -> tuple[list[NodeResult], NodeResult | None] | None:
     """The study's nodes and results node when every artifact is already in the store, else ``None``.
 
     Walks :func:`run_graph` in this process with a probing context: nothing is computed or
