@@ -209,24 +209,24 @@ def merged_cosines(ds: xr.Dataset, by: str | None = None) -> Figure:
     """Cosine similarity of merged models with each task vector (004 Fig. 7).
 
     ``ds`` is a :func:`~mergelab.analysis.geometry.merged_similarity` Dataset, or several
-    stacked along a dimension ``by`` (e.g. ``method``); a single merge is one row labelled by
-    its method.
+    stacked along further dimensions (a study stacks ``method`` and ``space``): one row per
+    merge that exists, labelled ``method/space``, ``by`` first; a single merge is one row
+    labelled by its method.
     """
     cos = ds.cosine_total
-    if by is None:
-        extra = [d for d in cos.dims if d != "task"]
-        by = extra[0] if extra else None
-    if by is None:
+    extra = sorted((d for d in cos.dims if d != "task"), key=lambda d: (d != by, d != "method"))
+    if not extra:
         rows = [str(ds.attrs.get("merge_meta", {}).get("method", "merged"))]
         values = cos.values[None, :]
     else:
-        rows = _strings(cos[by].values)
-        values = cos.transpose(by, "task").values
+        stacked = cos.stack(row=extra).transpose("row", "task").dropna("row", how="all")
+        rows = ["/".join(map(str, r)) if isinstance(r, tuple) else str(r) for r in stacked.row.values]
+        values = stacked.values
     frame = pd.DataFrame(values, index=rows, columns=_strings(ds.task.values))
     fig, (ax,) = _figure(ds, "Cosine similarity of merged models and task vectors", "004 Fig. 7",
                          panel=(max(3.6, 0.6 * frame.shape[1] + 2.2), max(2.2, 0.5 * frame.shape[0] + 1.4)))
     _heatmap(ax, frame, -1.0, 1.0, "vlag", "cosine")
-    ax.set(xlabel="task", ylabel=by or "")
+    ax.set(xlabel="task", ylabel="/".join(extra))
     return fig
 
 

@@ -113,7 +113,8 @@ def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | 
         current["index"] = cell_index
 
     client = NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(Path(cwd))}},
-                            on_cell_execute=on_cell_execute)
+                            on_cell_execute=on_cell_execute,
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # a local kernel: no transport warnings
     try:
         client.execute(env=_kernel_env())
     except NoSuchKernel:

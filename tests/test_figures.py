@@ -81,6 +81,11 @@ def test_merged_model_figures(taskset):
     fig = figures.merged_cosines(_labelled(stacked))
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["average", "metagpt", "normavg"]
+    # a study stacks method and space; a method missing from a space is no row
+    by_space = xr.concat([stacked, stacked.isel(method=[0])], dim=xr.DataArray(["full", "core"], dims="space"), join="outer")
+    fig = figures.merged_cosines(_labelled(by_space))
+    _check(fig)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["average/full", "average/core", "metagpt/full", "normavg/full"]
 
     _check(figures.merged_rank_summary(spectra.merged_rank(_merged(taskset, "ties", 1))), label="synthetic-seed11")
     ranks = xr.concat([xr.concat([spectra.merged_rank(_merged(taskset, m, i + j)) for j, _ in enumerate(("full", "core"))],

@@ -401,19 +401,25 @@ def _tas(ctx: Context, name: str, params: Mapping[str, Tensor] | None) -> float:
     return tas(ctx.local_bench.backbone, ctx.bench.tasks[name], params, task_weights(ctx.taskset, ctx.base, t))
 
 
+def _dataset_label(ctx: Context) -> str:
+    """What a study's Datasets were computed on, for figure captions (``attrs["dataset"]``)."""
+    return f"{ctx.bench.name} benchmark" + (" (micro-benchmark numbers, not the papers')" if ctx.spec.bench.kind == "micro" else "")
+
+
 def analysis_node(ctx: Context, name: str, merged: Sequence[tuple[MergeJob, NodeResult]] = ()) -> NodeResult:
     """Run one registered analysis on the study's TaskSet (or bench, or its selected merges)."""
     from mergelab.analysis.registry import ANALYSES
 
     entry = ANALYSES[name]
-    inputs: dict[str, Any] = {"taskset": ctx.taskset.content_hash, **entry.params}
+    label = _dataset_label(ctx)
+    inputs: dict[str, Any] = {"taskset": ctx.taskset.content_hash, "dataset": label, **entry.params}
     if entry.needs == "bench":
         inputs["data"] = ctx.bench.data_id
     if entry.needs == "merged":
         inputs["merged"] = [str(r.key) for _, r in merged]
     key = ctx.store.key(entry.producer, entry.version, **inputs)
 
-    def compute() -> xr.Dataset:
+    def analyse() -> xr.Dataset:
         if entry.needs == "taskset":
             return entry.fn(ctx.taskset, **entry.params)
         if entry.needs == "bench":
@@ -425,7 +431,7 @@ def analysis_node(ctx: Context, name: str, merged: Sequence[tuple[MergeJob, Node
                  .expand_dims(method=[j.method], space=[j.space]) for j, r in merged]
         return xr.merge(parts, combine_attrs="drop_conflicts", join="outer", compat="no_conflicts")
 
-    hit = ctx.publish(key, "dataset", compute, attrs={"analysis": name})
+    hit = ctx.publish(key, "dataset", lambda: analyse().assign_attrs(dataset=label), attrs={"analysis": name})
     ctx.store.set_ref(f"studies/{ctx.spec.name}/analysis/{name}", key)
     return NodeResult("analysis", key, hit, name)
 
@@ -438,7 +444,7 @@ def adaptation_study_node(ctx: Context, name: str) -> NodeResult:
     entry, settings, seed = ADAPTATION_STUDIES[name], ctx.spec.adaptation_studies[name], ctx.spec.seeds[0]
     key = ctx.store.key(entry.producer, entry.version, taskset=ctx.taskset.content_hash, data=ctx.bench.data_id,
                         settings=settings, seed=seed)
-    label = f"{ctx.bench.name} benchmark" + (" (micro-benchmark numbers, not the papers')" if ctx.spec.bench.kind == "micro" else "")
+    label = _dataset_label(ctx)
     hit = ctx.publish(key, "dataset", lambda: run_study(name, ctx.local_bench, settings, seed=seed, dataset=label),
                       attrs={"adaptation_study": name})
     ctx.store.set_ref(f"studies/{ctx.spec.name}/{entry.ref}", key)
