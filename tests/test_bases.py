@@ -1,8 +1,10 @@
 """Bases as reusable artifacts (mergelab.bases): loaded bases give the same merges and banks as
 in-process ones, bit for bit; knots and TARA-B share one SVD, core space and core banks one pair of
-reference bases."""
+reference bases; a second study over the same adapters reads the bases instead of computing them."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from mergelab.merging import merge, project
 from mergelab.store import Store
 from mergelab.synthetic import random_taskset
 from mergelab.taskset import MergedUpdate, TaskSet, TaskUpdate
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -111,3 +115,78 @@ def test_tara_b_shares_the_knots_svd_and_core_banks_the_core_reference_bases(tas
     _, (per_task,) = adaptation_bases(store, taskset, "adarank", {"origin": "cart", "lam": 0.5})
     assert not per_task.hit and per_task.key != adaptation_bases(store, taskset, "adarank", {"lam": 0.5})[1][0].key
 
+
+# Two studies over the same adapters ----------------------------------------------------------------
+
+MICRO = {"bench": {"kind": "micro", "root": str(REPO / "data/micro"), "rank": 4}, "tasks": ["digits", "textures"], "joint": False}
+STUDY_A = {"name": "a", **MICRO, "methods": [{"method": "ties", "spaces": ["knots", "core"], "grid": {"density": [0.3], "alpha": [1.0]}}]}
+STUDY_B = {"name": "b", **MICRO, "methods": [{"method": "tsv", "spaces": ["knots", "core"], "grid": {"alpha": [1.0]}}],
+           "adaptive": [{"method": "tara_b", "iters": 1, "batch_size": 4}]}
+
+
+def run_study(spec: dict, store: str):
+    from mergelab.config import load_study
+    from mergelab.study import NODES, Context, run_graph
+
+    ctx = Context(load_study(spec), store)
+    nodes, done = run_graph(ctx, lambda kind, batch: [NODES[kind](ctx, *args) for args in batch])
+    return ctx, nodes, done
+
+
+def test_a_second_study_over_the_same_adapters_reads_the_bases_instead_of_computing_them(tmp_path, monkeypatch):
+    import mergelab.adaptation.bank as bank
+    import mergelab.spaces.core as core
+    import mergelab.spaces.knots as knots
+    from mergelab.study import NODES, AdaptJob, Context
+
+    store_url = str(tmp_path / "store")
+    ctx_a, _, _ = run_study(STUDY_A, store_url)
+    store = Store(store_url)
+    published = {a.key: a for a in store.ls() if a.producer.startswith("bases.")}
+    assert sorted(a.producer for a in published.values()) == ["bases.core", "bases.knots"]
+
+    calls = {"knots_svd": 0, "reference_bases": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for module in (knots, bank):
+        monkeypatch.setattr(module, "knots_svd", counting("knots_svd", knots.knots_svd))
+    for module in (core, bank):
+        monkeypatch.setattr(module, "reference_bases", counting("reference_bases", core.reference_bases))
+
+    ctx_b, nodes, done = run_study(STUDY_B, store_url)
+    assert ctx_b.taskset.content_hash == ctx_a.taskset.content_hash
+    assert {n.node for n in nodes if not n.hit} >= {"merge", "adapt"}  # study B did merge and adapt
+    assert calls == {"knots_svd": 0, "reference_bases": 0}  # ... but decomposed nothing
+    assert {a.key for a in store.ls() if a.producer.startswith("bases.")} == set(published)
+
+    # B's merges equal a fresh in-process computation, and their time includes the bases' recorded cost
+    results = store.get_dataset(done.key)
+    for n in nodes:
+        if n.node != "merge":
+            continue
+        method, space, _ = n.label.split("/")
+        stored = MergedUpdate.from_tensors(store.get_tensors(n.key), base=ctx_b.taskset.base)
+        assert_identical(stored, merge(ctx_b.taskset, method, space, alpha=1.0))
+        attrs = store.info(n.key).attrs
+        (used,) = attrs["bases"]
+        assert used in published and published[used].producer == f"bases.{space}"
+        assert attrs["bases_seconds"] == published[used].attrs["compute_time_s"] > 0
+        assert attrs["merge_seconds"] > attrs["bases_seconds"]
+        recorded = results["merge_seconds"].sel({"method": method, "space": space}).max()
+        assert float(recorded) == pytest.approx(attrs["merge_seconds"])
+
+    # TARA-B took the KnOTS space's SVD from the store; a fresh run on an empty store adapts to the same merge
+    (adapted,) = [n for n in nodes if n.node == "adapt"]
+    attrs = store.info(adapted.key).attrs
+    assert [published[k].producer for k in attrs["bases"]] == ["bases.knots"]
+    monkeypatch.undo()
+    fresh_ctx = Context(ctx_b.spec, str(tmp_path / "fresh"))
+    fresh = NODES["adapt"](fresh_ctx, AdaptJob(ctx_b.spec.adaptive[0], ctx_b.spec.seeds[0]))
+    assert not fresh.hit and fresh.key == adapted.key
+    assert_identical(MergedUpdate.from_tensors(Store(tmp_path / "fresh").get_tensors(fresh.key), base=ctx_b.taskset.base),
+                     MergedUpdate.from_tensors(store.get_tensors(adapted.key), base=ctx_b.taskset.base))
