@@ -16,8 +16,8 @@ producer           per matrix module (``<module>::<name>``)        definition
                                                                    ``[A_1; …; A_T] = U_A Σ_A V_Aᵀ``
 ``bases.knots``    ``U`` (out × k), ``s`` (k), ``V.<t>`` (k × in)  the shared SVD ``[X_1 … X_T] = U diag(s)
                                                                    [V_1 … V_T]``: KnOTS (Stoica et al.,
-                                                                   2025, Sec. 3) with ``X_t = ΔW_t``; TARA-B's
-                                                                   basis (001 Eq. 8)
+                                                                   2025; 003 Fig. 2 middle) with ``X_t = ΔW_t``;
+                                                                   TARA-B's basis (001 Eq. 8)
 ``bases.task_svd`` ``U.<t>``, ``s.<t>``, ``Vh.<t>`` per task       ``X_t = U_t diag(s_t) Vh_t`` (of
                                                                    ``X_t − mean_j X_j`` with ``center``),
                                                                    AdaRank's components (002 Eq. 5)
@@ -27,7 +27,7 @@ producer           per matrix module (``<module>::<name>``)        definition
 (``space="core"``, 003 Eq. 8, in the ``bases.core`` of the same task set, whose key then enters as
 ``reference``): the SVDs of the core-space banks of TARA-B and AdaRank.
 
-Keys: ``store.key("bases.<kind>", VERSIONS[kind], taskset=<TaskSet content hash>, **options)`` with
+Keys: ``store.key("bases.<kind>", KINDS[kind].version, taskset=<TaskSet content hash>, **options)`` with
 *only the options that change the basis* (:data:`KINDS`): a space's ``basis_options``
 (``rank_rtol``; knots also ``naive``), not its ``scope`` or ``variant``, and not any merge
 hyper-parameter. ``naive=True`` (form ``[ΔW_1 … ΔW_T]`` and decompose it) is the same SVD in exact
@@ -193,7 +193,7 @@ def space_bases(store: Store, taskset: TaskSet, space: str | Space, **options: A
 
     ``project(taskset, space, bases=result.modules, **options)`` then builds the projection without
     decomposing anything. Knots: :meth:`~mergelab.spaces.KnotsSpace.basis` (the SVD of
-    ``[ΔW_1 … ΔW_T]``, KnOTS Sec. 3), shared with TARA-B in the full space; core:
+    ``[ΔW_1 … ΔW_T]``, KnOTS, Stoica et al. 2025), shared with TARA-B in the full space; core:
     :meth:`~mergelab.spaces.CoreSpace.basis` (003 Eq. 3), shared with the core-space banks.
     """
     sp = get_space(space, **options)

@@ -94,7 +94,7 @@ class KnotsSpace(Space):
         return super().configure(**options)  # type: ignore[return-value]
 
     def basis(self, updates: Sequence[Update]) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """``(U, s, [V_t])`` with ``[ΔW_1 … ΔW_T] = U diag(s) [V_1 … V_T]`` (:func:`knots_svd`)."""
+        """``(U, s, [V_t])`` with ``[ΔW_1 … ΔW_T] = U diag(s) [V_1 … V_T]`` (KnOTS, Stoica et al. 2025; :func:`knots_svd`)."""
         return knots_svd(require_low_rank(updates, self.name), naive=self.naive, rank_rtol=self.rank_rtol)
 
     def project(self, updates: Sequence[Update], basis: tuple[Tensor, Tensor, Sequence[Tensor]] | None = None,
