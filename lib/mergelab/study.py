@@ -35,11 +35,12 @@ import torch
 import xarray as xr
 from torch import Tensor
 
+from mergelab.bases import Bases, adaptation_bases, space_bases
 from mergelab.bench import Bench, load_bench
 from mergelab.config import AdaptiveSpec, StudySpec, config_label
 from mergelab.errors import InputError
-from mergelab.merging import METHODS, merge
-from mergelab.profiling import measure
+from mergelab.merging import METHODS, merge, project
+from mergelab.profiling import Measured, measure
 from mergelab.store import Key, Kind, Store
 from mergelab.taskset import MergedUpdate, TaskSet
 
@@ -255,15 +256,32 @@ def merge_key(ctx: Context, job: MergeJob) -> Key:
                          space=job.space, hyper_parameters=_hyper_parameters(job))
 
 
+def _cost(run: Measured, bases: Sequence[Bases]) -> dict[str, Any]:
+    """``merge_seconds`` / ``peak_memory_mb`` of a merge (or adaptation) that took its bases from the
+    store: its own time plus the recorded time of computing them, the larger of the two peaks
+    (docs/store.md §9), so the numbers mean the same whether the bases were computed now or read."""
+    return {"merge_seconds": run.wall_s + sum(b.seconds for b in bases),
+            "peak_memory_mb": max([run.peak_bytes / 2**20, *(b.peak_memory_mb for b in bases)]),
+            "bases": [str(b.key) for b in bases], "bases_seconds": sum(b.seconds for b in bases)}
+
+
 def merge_node(ctx: Context, job: MergeJob) -> NodeResult:
-    """Merge one configuration (timed, peak memory measured) and store the MergedUpdate."""
+    """Merge one configuration (timed, peak memory measured) and store the MergedUpdate.
+
+    In the knots and core spaces the projection is built from the task set's bases in the store
+    (:func:`mergelab.bases.space_bases`: computed and published by the first merge that needs them).
+    """
     key = merge_key(ctx, job)
     if ctx.cached(key):
         return NodeResult("merge", key, True, job.label)
     hp = _hyper_parameters(job)
-    run = measure(lambda: merge(ctx.taskset, job.method, job.space, **hp))
+    bases = space_bases(ctx.store, ctx.taskset, job.space)
+    if bases is None:
+        run = measure(lambda: merge(ctx.taskset, job.method, job.space, **hp))
+    else:
+        run = measure(lambda: merge(project(ctx.taskset, job.space, bases=bases.modules), job.method, **hp))
     attrs = {"method": job.method, "space": job.space, "config": config_label(job.config), "seed": job.seed,
-             "merge_seconds": run.wall_s, "peak_memory_mb": run.peak_bytes / 2**20}
+             **_cost(run, [] if bases is None else [bases])}
     ctx.store.put_tensors(key, run.value.to_tensors(), attrs=attrs)
     return NodeResult("merge", key, False, job.label)
 
@@ -290,7 +308,9 @@ def adapt_node(ctx: Context, job: AdaptJob, progress: Callable[[int, float], Non
 
     The history Dataset (loss curves, coefficient trajectories, final coefficients or masks) is
     published first and named ``studies/<name>/adapt/<label>``; the merged tensors last, so
-    their presence means the node completed. ``progress(iteration, loss)`` hears of every step.
+    their presence means the node completed. SVD banks (``tara_b``, ``adarank``) are built from the
+    task set's bases in the store (:func:`mergelab.bases.adaptation_bases`). ``progress(iteration,
+    loss)`` hears of every step.
     """
     from mergelab.adaptation import Forward, adapt
     from mergelab.evaluation.heads import image_logits
@@ -306,13 +326,14 @@ def adapt_node(ctx: Context, job: AdaptJob, progress: Callable[[int, float], Non
                       tokens=bench.backbone.image_tokens)
     labelled = a.objective == "labels"  # only when the study sets allow_labels (validated in config)
     batches = [_batches(*_val(bench, n, labelled), a.batch_size, job.seed + i) for i, n in enumerate(names)]
+    bank_bases, used = adaptation_bases(ctx.store, ctx.taskset, a.method, a.hp) or (None, [])
     torch.manual_seed(job.seed)
     run = measure(lambda: adapt(a.method, ctx.taskset, forward, batches, objective=a.objective, scalarization=a.scalarization,
-                                preference=a.preference, alpha=a.alpha, iters=a.iters, lr=a.lr, progress=progress, **a.hp))
+                                preference=a.preference, alpha=a.alpha, iters=a.iters, lr=a.lr, bases=bank_bases,
+                                progress=progress, **a.hp))
     result = run.value
     attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")), "config": _adapt_config(a),
-             "seed": job.seed, "merge_seconds": run.wall_s, "peak_memory_mb": run.peak_bytes / 2**20,
-             "seconds_per_iter": result.seconds_per_iter}
+             "seed": job.seed, **_cost(run, used), "seconds_per_iter": result.seconds_per_iter}
     if not ctx.store.exists(history_key):
         ctx.store.put_dataset(history_key, result.history, attrs=attrs)
     ctx.store.set_ref(f"studies/{ctx.spec.name}/adapt/{a.name}", history_key)

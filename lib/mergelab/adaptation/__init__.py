@@ -13,6 +13,11 @@ are then computed from the core matrices of 003 and lifted back through the refe
 (:func:`~mergelab.adaptation.bank.core_bank`); the space is recorded in the result's meta and
 history attrs.
 
+The SVDs of ``tara_b`` (the shared SVD, the KnOTS space's basis) and ``adarank`` (per-task SVDs) can
+be computed once and passed in: ``adapt(..., bases={module: BankBasis})`` (``build(..., bases=)``); the
+registry entry's ``basis`` says which decomposition that is and which hyper-parameters change it, so
+a study takes them from the store (:func:`mergelab.bases.adaptation_bases`).
+
 A new adaptive method is one builder ``(taskset, **hp) -> CoefficientModel`` and one registry
 entry. Non-matrix parameters (biases, norms) always use the raw bank with the method's
 per-task coefficients (a singular decomposition of a vector is meaningless).
@@ -26,22 +31,24 @@ from typing import Any
 
 import torch
 
-from mergelab.adaptation.bank import Bank, core_bank, raw_bank, shared_svd_bank, task_svd_bank
+from mergelab.adaptation.bank import Bank, BankBasis, core_bank, raw_bank, shared_svd_bank, task_svd_bank
 from mergelab.adaptation.loop import AdaptResult, Forward, anchors, run, task_weights
 from mergelab.adaptation.models import CoefficientModel, DirectionCoefficients, MaskedCoefficients, TaskCoefficients
 from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
 from mergelab.taskset import TaskSet
 
-__all__ = ["ADAPTERS", "SVD_SPACES", "AdaptResult", "Adapter", "Forward", "adapt", "build"]
+__all__ = ["ADAPTERS", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward", "adapt", "build"]
 
 
 #: Spaces an SVD-based bank can be taken in (see :mod:`mergelab.adaptation.bank`).
 SVD_SPACES = ("full", "core")
 
 
-def _banks(taskset: TaskSet, matrix_bank: Callable[..., Bank], space: str = "full") -> tuple[list[str], list[Bank]]:
-    """One bank per module: ``matrix_bank`` for 2-D modules (in ``space``), the raw bank otherwise."""
+def _banks(taskset: TaskSet, matrix_bank: Callable[..., Bank], space: str = "full",
+           bases: Mapping[str, BankBasis] | None = None) -> tuple[list[str], list[Bank]]:
+    """One bank per module: ``matrix_bank`` for 2-D modules (in ``space``, from ``bases[module]``
+    when given), the raw bank otherwise."""
     if space not in SVD_SPACES:
         raise InputError(f"space must be one of {', '.join(SVD_SPACES)}, got {space!r}")
     modules = list(taskset.module_names)
@@ -50,10 +57,12 @@ def _banks(taskset: TaskSet, matrix_bank: Callable[..., Bank], space: str = "ful
         updates = taskset.updates(m)
         if len(updates[0].shape) != 2:
             banks.append(raw_bank(updates))
-        elif space == "core":
-            banks.append(core_bank(updates, matrix_bank))
+            continue
+        given = BankBasis(None) if bases is None else bases[m]
+        if space == "core":
+            banks.append(core_bank(updates, matrix_bank, reference=given.reference, svd=given.svd))
         else:
-            banks.append(matrix_bank(updates))
+            banks.append(matrix_bank(updates) if given.svd is None else matrix_bank(updates, svd=given.svd))
     return modules, banks
 
 
@@ -79,14 +88,16 @@ def build_tara_a(taskset: TaskSet, *, init: float = 0.4) -> CoefficientModel:
     return DirectionCoefficients(modules, banks, taskset.names, init=init)
 
 
-def build_tara_b(taskset: TaskSet, *, init: float = 0.4, rank: int | None = None, space: str = "full") -> CoefficientModel:
+def build_tara_b(taskset: TaskSet, *, init: float = 0.4, rank: int | None = None, space: str = "full",
+                 bases: Mapping[str, BankBasis] | None = None) -> CoefficientModel:
     """TARA Variant B (001 Eqs. 8–9): φ_ik on the top-R shared singular directions (R = all by default).
 
     ``space="core"``: the shared SVD is that of the core matrices ``[M_1 … M_N]`` (003 Eq. 8), its
     directions lifted through ``U_B^ref`` / ``V_A^ref`` (:func:`~mergelab.adaptation.bank.core_bank`):
     the same directions as ``"full"``, cheaper steps and a merged adapter of rank ``≤ Σ r_t``.
+    ``bases``: per module the shared SVD (and, in core space, the reference bases), computed earlier.
     """
-    modules, banks = _banks(taskset, lambda us, rtol=None: shared_svd_bank(us, rank, rtol), space)
+    modules, banks = _banks(taskset, lambda us, rtol=None, svd=None: shared_svd_bank(us, rank, rtol, svd), space, bases)
     model = DirectionCoefficients(modules, banks, taskset.names, init=init)
     model.space = space
     return model
@@ -94,7 +105,7 @@ def build_tara_b(taskset: TaskSet, *, init: float = 0.4, rank: int | None = None
 
 def build_adarank(taskset: TaskSet, *, origin: str = "ta", lam: float | None = None, rank_ratio: float = 0.16,
                   temperature: float = 10.0, space: str = "full", learn_lambda: bool = True,
-                  learn_mask: bool = True) -> CoefficientModel:
+                  learn_mask: bool = True, bases: Mapping[str, BankBasis] | None = None) -> CoefficientModel:
     """AdaRank (002 Eq. 5, App. A). ``origin="ta"``: all components on, λ = 0.3.
     ``origin="cart"``: components of ``ΔW_i − mean`` around the average, the top
     ``rank_ratio · min(out, in)`` of each task on (CART init), λ = 1.0 unless given.
@@ -102,11 +113,13 @@ def build_adarank(taskset: TaskSet, *, origin: str = "ta", lam: float | None = N
     ``space="core"``: per-task SVDs of the core matrices ``M_t`` (of ``M_t − mean_j M_j`` for CART),
     lifted through the reference bases; the same components as ``"full"`` (see
     :mod:`mergelab.adaptation.bank`). ``learn_lambda`` / ``learn_mask``: 002 Tab. 4's ablation.
+    ``bases``: per module the per-task SVDs (and, in core space, the reference bases), computed earlier.
     """
     if origin not in ("ta", "cart"):
         raise InputError(f"adarank origin must be 'ta' or 'cart', got {origin!r}")
     center = origin == "cart"
-    modules, banks = _banks(taskset, lambda us, rtol=None: task_svd_bank(us, center=center, rtol=rtol), space)
+    modules, banks = _banks(taskset, lambda us, rtol=None, svd=None: task_svd_bank(us, center=center, rtol=rtol, svds=svd),
+                            space, bases)
     keep = []
     for m, bank in zip(modules, banks, strict=True):
         shape = taskset.updates(m)[0].shape
@@ -124,29 +137,44 @@ def build_adarank(taskset: TaskSet, *, origin: str = "ta", lam: float | None = N
     return model
 
 
+def _adarank_basis(hp: Mapping[str, Any]) -> dict[str, Any]:
+    return {"center": hp.get("origin", "ta") == "cart"}
+
+
 @dataclass(frozen=True)
 class Adapter:
     """An adaptive merge method: its builder, default objective and scalarisation, hyper-parameters,
-    and the spaces its directions can be taken in (the builder's ``space`` hyper-parameter)."""
+    and the spaces its directions can be taken in (the builder's ``space`` hyper-parameter).
+
+    ``basis``: the decomposition its bank is built on, for methods that take one (``bases=``): its kind
+    in :data:`mergelab.bases.KINDS` (``"knots"``: the shared SVD, :func:`~mergelab.adaptation.bank.shared_svd`;
+    ``"task_svd"``: :func:`~mergelab.adaptation.bank.task_svds`) and a map from hyper-parameters to that
+    function's options (only those that change it).
+    """
 
     build: Callable[..., CoefficientModel]
     objective: str = "entropy"
     scalarization: str = "sum"
     defaults: Mapping[str, Any] = field(default_factory=dict)
     spaces: tuple[str, ...] = ("full",)
+    basis: tuple[str, Callable[[Mapping[str, Any]], dict[str, Any]]] | None = None
 
 
 ADAPTERS: dict[str, Adapter] = {
     "adamerging": Adapter(build_adamerging),
     "tara_a": Adapter(build_tara_a, scalarization="stch"),
-    "tara_b": Adapter(build_tara_b, scalarization="stch", spaces=SVD_SPACES),
-    "adarank": Adapter(build_adarank, spaces=SVD_SPACES),
+    "tara_b": Adapter(build_tara_b, scalarization="stch", spaces=SVD_SPACES, basis=("knots", lambda hp: {})),
+    "adarank": Adapter(build_adarank, spaces=SVD_SPACES, basis=("task_svd", _adarank_basis)),
     "adamerging_tas": Adapter(build_adamerging_tas, objective="tas"),
 }
 
 
-def build(method: str, taskset: TaskSet, **hp: Any) -> CoefficientModel:
-    """The coefficient model of ``method`` for ``taskset`` (hyper-parameters validated)."""
+def build(method: str, taskset: TaskSet, *, bases: Mapping[str, BankBasis] | None = None, **hp: Any) -> CoefficientModel:
+    """The coefficient model of ``method`` for ``taskset`` (hyper-parameters validated).
+
+    ``bases``: precomputed decompositions of the method's bank (``{module: BankBasis}``, methods with a
+    registry ``basis`` only), e.g. from :func:`mergelab.bases.adaptation_bases`.
+    """
     if method not in ADAPTERS:
         raise InputError(f"unknown adaptive method {method!r}; choose one of {', '.join(ADAPTERS)}")
     space = hp.get("space", "full")
@@ -155,6 +183,10 @@ def build(method: str, taskset: TaskSet, **hp: Any) -> CoefficientModel:
                          + ("; core-space variants exist for tara_b and adarank" if space == "core" else ""))
     if ADAPTERS[method].spaces == ("full",):
         hp = {k: v for k, v in hp.items() if k != "space"}
+    if bases is not None:
+        if ADAPTERS[method].basis is None:
+            raise InputError(f"{method} builds its bank from the raw factors; it takes no bases")
+        hp = {**hp, "bases": bases}
     try:
         return ADAPTERS[method].build(taskset, **hp)
     except TypeError as err:
@@ -179,15 +211,17 @@ def adapt(
     device: str = "cpu",
     bf16: bool = False,
     progress: Callable[[int, float], None] | None = None,
+    bases: Mapping[str, BankBasis] | None = None,
     **hp: Any,
 ) -> AdaptResult:
     """Adapt ``method``'s coefficients on unlabeled batches (one iterator per task, in task order).
 
     STCH anchors ``z_t`` are measured with only task t's update applied (001 Sec. 3); the TAS
-    teachers are the fine-tuned models ``W_0 + ΔW_t``.
+    teachers are the fine-tuned models ``W_0 + ΔW_t``. ``bases``: the bank's decompositions,
+    computed earlier (see :func:`build`); the result is the same, bit for bit.
     """
     spec = ADAPTERS.get(method)
-    model = build(method, taskset, **hp)
+    model = build(method, taskset, bases=bases, **hp)
     objective = objective or spec.objective
     scalarization = scalarization or spec.scalarization
     if len(batches) != len(taskset):

@@ -29,12 +29,20 @@ the cost: the SVDs are of ``Tr × T·Tr`` / ``Tr × Tr`` matrices, and each step
 directions in the ``d_U × d_V`` core (``d_U·K·d_V``) before two thin products with the bases
 (``out·d_U·d_V + out·d_V·in``) instead of ``out·K·in``, a saving of ``K / d_V`` (= T for TARA-B at full R).
 The merged update comes out as ``LowRank(U_B M*, V_Aᵀ)`` of rank ``d_V ≤ Σ r_t``.
+
+Precomputed decompositions. The SVDs are the expensive part of a bank and depend only on the
+updates, so :func:`shared_svd` and :func:`task_svds` are exposed, and every builder takes their
+result back (``svd=`` / ``svds=``; :func:`core_bank` also ``reference=`` for the reference bases):
+a study computes them once and shares them through the store (:mod:`mergelab.bases`; the shared SVD
+is the KnOTS space's basis). A bank built from given decompositions equals the one computed here,
+bit for bit, when they are the same tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,7 +53,8 @@ from mergelab.spaces.core import reference_bases
 from mergelab.spaces.knots import knots_svd
 from mergelab.taskset import Dense, LowRank, Update
 
-__all__ = ["Bank", "core_bank", "raw_bank", "shared_svd_bank", "task_svd_bank"]
+__all__ = ["Bank", "BankBasis", "core_bank", "core_matrices", "core_rtol", "raw_bank", "shared_svd", "shared_svd_bank",
+           "task_svd_bank", "task_svds"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,72 +126,118 @@ def raw_bank(updates: Sequence[Update]) -> Bank:
     return Bank(torch.arange(len(updates)), dense=torch.stack([u.dense(torch.float32) for u in updates]))
 
 
-def shared_svd_bank(updates: Sequence[Update], rank: int | None = None, rtol: float | None = None) -> Bank:
+class BankBasis(NamedTuple):
+    """Precomputed decompositions of one module's SVD bank.
+
+    ``svd``: the builder's SVD — :func:`shared_svd` ``(U, s, [V_t])`` or :func:`task_svds`
+    ``[(U_t, s_t, Vh_t)]`` — of the updates (full space) or of the core matrices (core space);
+    ``reference``: ``(U_B^ref, V_A^ref)`` for a core bank (003 Eq. 3), else ``None``.
+    """
+
+    svd: Any
+    reference: tuple[Tensor, Tensor] | None = None
+
+
+def shared_svd(updates: Sequence[Update], rtol: float | None = None, naive: bool = False) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """``[ΔW_1 … ΔW_N] = U Σ [V_1 … V_N]`` (001 Eq. 8; ``V_t``: ``k × in`` blocks of ``Vᵀ``), the SVD TARA-B reweights.
+
+    For LoRA updates this is the KnOTS space's basis (:func:`~mergelab.spaces.knots.knots_svd`, exact from the
+    factors; the ``d × mN`` matrix is never formed unless ``naive``); for dense updates (full fine-tunes,
+    core matrices) the float64 truncated SVD of the concatenation.
+    """
+    if _all_low_rank(updates):
+        return knots_svd(updates, naive=naive, rank_rtol=rtol)
+    U, s, Vh = truncated_svd(torch.cat([u.dense(torch.float64) for u in updates], 1), rtol)
+    return U, s, list(Vh.split(updates[0].shape[1], dim=1))
+
+
+def shared_svd_bank(updates: Sequence[Update], rank: int | None = None, rtol: float | None = None,
+                    svd: tuple[Tensor, Tensor, Sequence[Tensor]] | None = None) -> Bank:
     """TARA-B (001 Eqs. 8–9): ``X = [ΔW_1 … ΔW_N] = U Σ Vᵀ``; direction ``(i, k)`` is
     ``σ_k u_k v_kiᵀ`` with ``v_ki`` task ``i``'s block of ``v_k``; top ``R = rank`` components.
 
-    The basis is the KnOTS space's (:func:`~mergelab.spaces.knots.knots_svd`, exact from the
-    factors; the ``d × mN`` matrix is never formed). With all ``φ = 1`` and ``R`` = full rank,
+    The basis is the KnOTS space's (:func:`shared_svd`, exact from the factors; the ``d × mN`` matrix
+    is never formed), or ``svd`` when given. With all ``φ = 1`` and ``R`` = full rank,
     ``Σ_i U Σ V_iᵀ = Σ_i ΔW_i``.
     """
     T = len(updates)
-    if _all_low_rank(updates):
-        U, s, blocks = knots_svd(updates, rank_rtol=rtol)
-    else:
-        U, s, Vh = truncated_svd(torch.cat([u.dense(torch.float64) for u in updates], 1), rtol)
-        blocks = list(Vh.split(updates[0].shape[1], dim=1))
+    U, s, blocks = shared_svd(updates, rtol) if svd is None else svd
     R = len(s) if rank is None else min(rank, len(s))
     owner = torch.arange(T).repeat_interleave(R)
     A = torch.cat([V_t[:R] for V_t in blocks], 0)  # (T·R, in): v_ki for each task i
     return Bank(owner, B=(U[:, :R] * s[:R]).repeat(1, T).float(), A=A.float())
 
 
-def task_svd_bank(updates: Sequence[Update], center: bool = False, rtol: float | None = None) -> Bank:
-    """AdaRank (002 Eq. 5): each task's singular components ``σ_ir u_ir v_irᵀ`` as directions.
+def task_svds(updates: Sequence[Update], center: bool = False, rtol: float | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Each task's SVD ``ΔW_i = U_i diag(σ_i) Vh_i`` (002 Eq. 5), truncated to its numerical rank; with
+    ``center`` (CART origin, 002 Sec. 6.1) that of ``ΔW_i − mean_j ΔW_j``. LoRA updates are decomposed
+    from their factors (:func:`~mergelab.linalg.lowrank_svd`; ``ΔW_i − mean = [B_i, −B_cat/T] [A_i; A_cat]``)."""
+    T = len(updates)
+    if _all_low_rank(updates):
+        if not center:
+            return [lowrank_svd(u.B, u.A, rtol) for u in updates]
+        B_cat = torch.cat([u.B for u in updates], 1).double()
+        A_cat = torch.cat([u.A for u in updates], 0).double()
+        return [lowrank_svd(torch.cat([u.B.double(), -B_cat / T], 1), torch.cat([u.A.double(), A_cat], 0), rtol) for u in updates]
+    dense = [u.dense(torch.float64) for u in updates]
+    avg = sum(dense) / T
+    return [truncated_svd(d - avg if center else d, rtol) for d in dense]
 
-    With ``center=True`` (CART origin, 002 Sec. 6.1) the components are those of
-    ``ΔW_i − mean_j ΔW_j`` and the mean becomes the bank's fixed offset, so all-ones masks give
-    ``mean + λ Σ_i (ΔW_i − mean)``.
-    """
+
+def _mean(updates: Sequence[Update]) -> Update:
+    """``mean_j ΔW_j``, low rank (``[B_1 … B_T]/T · [A_1; …; A_T]``) when the updates are."""
     T = len(updates)
     if _all_low_rank(updates):
         B_cat = torch.cat([u.B for u in updates], 1).double()
         A_cat = torch.cat([u.A for u in updates], 0).double()
-        mean = LowRank((B_cat / T).float(), A_cat.float())
-        factors = []
-        for u in updates:
-            if center:  # ΔW_i − mean = [B_i, −B_cat/T] [A_i; A_cat]
-                factors.append(lowrank_svd(torch.cat([u.B.double(), -B_cat / T], 1), torch.cat([u.A.double(), A_cat], 0), rtol))
-            else:
-                factors.append(lowrank_svd(u.B, u.A, rtol))
-    else:
-        dense = [u.dense(torch.float64) for u in updates]
-        avg = sum(dense) / T
-        mean = Dense(avg.float())
-        factors = [truncated_svd(d - avg if center else d, rtol) for d in dense]
+        return LowRank((B_cat / T).float(), A_cat.float())
+    return Dense((sum([u.dense(torch.float64) for u in updates]) / T).float())
+
+
+def task_svd_bank(updates: Sequence[Update], center: bool = False, rtol: float | None = None,
+                  svds: Sequence[tuple[Tensor, Tensor, Tensor]] | None = None) -> Bank:
+    """AdaRank (002 Eq. 5): each task's singular components ``σ_ir u_ir v_irᵀ`` as directions.
+
+    With ``center=True`` (CART origin, 002 Sec. 6.1) the components are those of
+    ``ΔW_i − mean_j ΔW_j`` and the mean becomes the bank's fixed offset, so all-ones masks give
+    ``mean + λ Σ_i (ΔW_i − mean)``. ``svds``: :func:`task_svds` of the same updates, computed earlier.
+    """
+    factors = task_svds(updates, center, rtol) if svds is None else svds
     owner = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, (_, s, _) in enumerate(factors)])
     B = torch.cat([U * s for U, s, _ in factors], 1).float()
     A = torch.cat([Vh for _, _, Vh in factors], 0).float()
-    return Bank(owner, B=B, A=A, offset=mean if center else None)
+    return Bank(owner, B=B, A=A, offset=_mean(updates) if center else None)
 
 
-def core_bank(updates: Sequence[Update], matrix_bank: Callable[..., Bank], rtol: float | None = None) -> Bank:
+def core_matrices(updates: Sequence[LowRank], U_B: Tensor, V_A: Tensor) -> list[Dense]:
+    """``M_t = (U_B^refᵀ B_t)(A_t V_A^ref)`` (003 Def. 2, Eq. 8), float64, as dense updates."""
+    return [Dense((U_B.T @ u.B.to(torch.float64)) @ (u.A.to(torch.float64) @ V_A)) for u in updates]  # (d_U, d_V)
+
+
+def core_rtol(updates: Sequence[LowRank]) -> float:
+    """The core banks' default truncation: ``max(out, in) · eps`` of the factors' dtype (see :func:`core_bank`)."""
+    source = torch.promote_types(updates[0].B.dtype, updates[0].A.dtype)
+    return max(updates[0].shape) * torch.finfo(source).eps
+
+
+def core_bank(updates: Sequence[Update], matrix_bank: Callable[..., Bank], rtol: float | None = None,
+              reference: tuple[Tensor, Tensor] | None = None, svd: Any = None) -> Bank:
     """``matrix_bank`` run in Core space (003 Sec. 4) and lifted back through the reference bases.
 
-    ``U_B^ref, V_A^ref`` from the stacked factors (003 Eq. 3, :func:`~mergelab.spaces.core.reference_bases`);
+    ``U_B^ref, V_A^ref`` from the stacked factors (003 Eq. 3, :func:`~mergelab.spaces.core.reference_bases`),
+    or ``reference`` when given;
     the builder sees the core matrices ``M_t = (U_B^refᵀ B_t)(A_t V_A^ref)`` (003 Eq. 8, ``d_U × d_V``,
-    float64) as dense updates; the returned bank keeps its core directions and lifts them with
-    ``left = U_B^ref``, ``right = V_A^refᵀ`` (003 Eq. 10). No ``out × in`` matrix is formed.
+    float64) as dense updates, and its SVD of them as ``svd=`` (``None``: it computes it); the returned bank
+    keeps its core directions and lifts them with ``left = U_B^ref``, ``right = V_A^refᵀ`` (003 Eq. 10). No
+    ``out × in`` matrix is formed.
 
     Truncation: the builder's singular values are kept above ``σ_max · rtol``; the default is the
     full-space banks' own (:func:`~mergelab.linalg.lowrank_svd`) ``max(out, in) · eps`` of the factors'
-    dtype, so float64 round-off of the core products never becomes a direction.
+    dtype (:func:`core_rtol`), so float64 round-off of the core products never becomes a direction.
     """
     lowrank = require_low_rank(updates, "core")
-    U_B, V_A = reference_bases(lowrank)  # (out, d_U), (in, d_V)
-    cores = [Dense((U_B.T @ u.B.to(torch.float64)) @ (u.A.to(torch.float64) @ V_A)) for u in lowrank]  # (d_U, d_V)
-    if rtol is None:
-        source = torch.promote_types(lowrank[0].B.dtype, lowrank[0].A.dtype)
-        rtol = max(lowrank[0].shape) * torch.finfo(source).eps
-    bank = matrix_bank(cores, rtol=rtol)
+    U_B, V_A = reference_bases(lowrank) if reference is None else reference  # (out, d_U), (in, d_V)
+    cores = core_matrices(lowrank, U_B, V_A)
+    rtol = core_rtol(lowrank) if rtol is None else rtol
+    bank = matrix_bank(cores, rtol=rtol) if svd is None else matrix_bank(cores, rtol=rtol, svd=svd)
     return replace(bank, left=U_B.float(), right=V_A.T.float())

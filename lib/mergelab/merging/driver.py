@@ -109,9 +109,9 @@ class Projection:
     contexts: Mapping[str, Context]
 
 
-def _project_module(sp: Space, taskset: TaskSet, module: str) -> tuple[list[Tensor], Context]:
+def _project_module(sp: Space, taskset: TaskSet, module: str, basis: Any = None) -> tuple[list[Tensor], Context]:
     try:
-        return sp.project(taskset.updates(module))
+        return sp.project(taskset.updates(module), basis)
     except InputError as err:
         raise InputError(f"module {module!r}: {err}") from None
 
@@ -121,10 +121,22 @@ def _matrix_modules(taskset: TaskSet) -> list[str]:
     return [m for m in taskset.module_names if len(first[m].shape) == 2]
 
 
-def project(taskset: TaskSet, space: str | Space = "full", **options: Any) -> Projection:
-    """Project every matrix module of ``taskset`` into ``space`` (configured with ``options``)."""
+def project(taskset: TaskSet, space: str | Space = "full", *, bases: Mapping[str, Any] | None = None,
+            **options: Any) -> Projection:
+    """Project every matrix module of ``taskset`` into ``space`` (configured with ``options``).
+
+    ``bases``: ``{module: space.basis(updates)}`` computed earlier for these updates (e.g. read
+    from the store, :func:`mergelab.bases.space_bases`); the projection is then built from them
+    without decomposing anything, and equals the one computed here bit for bit.
+    """
     sp = get_space(space, **options)
-    projected = {m: _project_module(sp, taskset, m) for m in _matrix_modules(taskset)}
+    modules = _matrix_modules(taskset)
+    if bases is not None:
+        missing = [m for m in modules if m not in bases]
+        if missing:
+            raise InputError(f"bases given for {len(bases)} modules lack {len(missing)} matrix modules of the task set, "
+                             f"e.g. {missing[0]!r}; compute them for this task set")
+    projected = {m: _project_module(sp, taskset, m, None if bases is None else bases[m]) for m in modules}
     return Projection(taskset, sp, {m: p[0] for m, p in projected.items()}, {m: p[1] for m, p in projected.items()})
 
 

@@ -24,6 +24,12 @@ the point of having spaces. The same maps carry LoRA factors into a space (``B_t
 default) or ``"model"`` (the concatenation of every module's representation, so that e.g. a
 TIES top-k trim is global across layers as in the KnOTS paper). Methods that need a matrix
 always run per module.
+
+A space whose maps come from decompositions (knots: the SVD of ``[ΔW_1 … ΔW_T]``; core: the
+reference bases) computes them in :meth:`Space.basis` and builds the projection from them in
+``project(updates, basis)``; the basis is the expensive part and depends only on the tasks'
+updates and the options named in ``basis_options``, so it can be computed once, stored
+(:mod:`mergelab.bases`) and passed back in. The full space has none.
 """
 
 from __future__ import annotations
@@ -84,14 +90,28 @@ class Space:
     name: ClassVar[str] = "space"
     #: which space options exist, their types and ranges (filled per subclass)
     option_intervals: ClassVar[Mapping[str, Any]] = {}
+    #: the options that change :meth:`basis` (they key a stored basis); empty for a space without one
+    basis_options: ClassVar[tuple[str, ...]] = ()
 
     # Every subclass has a ``scope`` field: ``"module"`` or ``"model"`` (module docstring).
 
     # --- what a subclass provides ------------------------------------------------------------
 
-    def project(self, updates: Sequence[Update]) -> tuple[list[Tensor], Context]:
-        """The per-task representations ``X_t`` of one module's updates, and the context."""
+    def project(self, updates: Sequence[Update], basis: Any = None) -> tuple[list[Tensor], Context]:
+        """The per-task representations ``X_t`` of one module's updates, and the context.
+
+        ``basis``: this module's :meth:`basis` of the same updates, computed earlier (or read from
+        the store); ``None`` computes it. Either way the result is the same, bit for bit.
+        """
         raise NotImplementedError
+
+    def basis(self, updates: Sequence[Update]) -> Any:
+        """The decomposition the projection of one module is built on, or ``None`` (no basis)."""
+        return None
+
+    def basis_key_options(self) -> dict[str, Any]:
+        """The options in ``basis_options`` with their values (what a stored basis is keyed on)."""
+        return {name: getattr(self, name) for name in self.basis_options}
 
     # --- shared ----------------------------------------------------------------------------
 

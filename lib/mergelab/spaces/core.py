@@ -81,12 +81,18 @@ class CoreSpace(Space):
 
     name: ClassVar[str] = "core"
     option_intervals: ClassVar = {"rank_rtol": Interval(0.0, 1.0, low_open=True, high_open=True)}
+    basis_options: ClassVar = ("rank_rtol",)
     scope: Literal["module", "model"] = "module"  # type: ignore[misc]
     rank_rtol: float | None = None
 
-    def project(self, updates: Sequence[Update]) -> tuple[list[Tensor], Context]:
+    def basis(self, updates: Sequence[Update]) -> tuple[Tensor, Tensor]:
+        """``(U_B^ref, V_A^ref)``, the reference bases of 003 Def. 1, Eq. (3) (:func:`reference_bases`)."""
+        return reference_bases(require_low_rank(updates, self.name), self.rank_rtol)
+
+    def project(self, updates: Sequence[Update], basis: tuple[Tensor, Tensor] | None = None) -> tuple[list[Tensor], Context]:
+        """Core matrices ``M_t = (U_B^refᵀ B_t)(A_t V_A^ref)`` (003 Def. 2, Eq. 8) in the given or computed bases."""
         lowrank = require_low_rank(updates, self.name)
-        U_B, V_A = reference_bases(lowrank, self.rank_rtol)
+        U_B, V_A = reference_bases(lowrank, self.rank_rtol) if basis is None else basis
         cores = [(U_B.T @ u.B.to(torch.float64)) @ (u.A.to(torch.float64) @ V_A) for u in lowrank]  # (d_U, d_V)
         ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U_B, left_pinv=U_B.T, right=V_A,
                       info={"d_U": U_B.shape[1], "d_V": V_A.shape[1]})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -33,7 +33,8 @@ class FullSpace(Space):
     scope: Literal["module", "model"] = "module"  # type: ignore[misc]
     dtype: Literal["float64", "float32"] = "float64"
 
-    def project(self, updates: Sequence[Update]) -> tuple[list[Tensor], Context]:
+    def project(self, updates: Sequence[Update], basis: Any = None) -> tuple[list[Tensor], Context]:
+        assert basis is None, "the full space has no basis"
         work = getattr(torch, self.dtype)
         matrices = [u.dense(work) for u in updates]
         return matrices, Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates))

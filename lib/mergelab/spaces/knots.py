@@ -76,6 +76,9 @@ class KnotsSpace(Space):
 
     name: ClassVar[str] = "knots"
     option_intervals: ClassVar = {"rank_rtol": Interval(0.0, 1.0, low_open=True, high_open=True)}
+    #: ``naive`` keys the basis too: it is the same SVD in exact arithmetic, not in floating point
+    #: (round-off, signs of singular pairs), and it exists to measure the paper code's cost
+    basis_options: ClassVar = ("naive", "rank_rtol")
     variant: Literal["paper", "per_layer"] = "paper"
     naive: bool = False
     scope: Literal["module", "model"] | None = None  # type: ignore[misc]
@@ -90,15 +93,21 @@ class KnotsSpace(Space):
             options = {**options, "scope": None}
         return super().configure(**options)  # type: ignore[return-value]
 
-    def project(self, updates: Sequence[Update]) -> tuple[list[Tensor], Context]:
+    def basis(self, updates: Sequence[Update]) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``(U, s, [V_t])`` with ``[ΔW_1 … ΔW_T] = U diag(s) [V_1 … V_T]`` (KnOTS, Stoica et al. 2025; :func:`knots_svd`)."""
+        return knots_svd(require_low_rank(updates, self.name), naive=self.naive, rank_rtol=self.rank_rtol)
+
+    def project(self, updates: Sequence[Update], basis: tuple[Tensor, Tensor, Sequence[Tensor]] | None = None,
+                ) -> tuple[list[Tensor], Context]:
+        """Each task's block ``diag(s) V_t`` (paper) or ``V_t`` (per layer) of the given or computed SVD."""
         lowrank = require_low_rank(updates, self.name)
-        U, s, blocks = knots_svd(lowrank, naive=self.naive, rank_rtol=self.rank_rtol)
+        U, s, blocks = self.basis(lowrank) if basis is None else basis
         info = {"singular_values": s, "k": int(s.numel())}
         if self.variant == "paper":
             reps = [s[:, None] * V_t for V_t in blocks]
             ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U, left_pinv=U.T, info=info)
         else:
-            reps = blocks
+            reps = list(blocks)
             inv_s = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))  # s = 0: all-zero module
             ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U * s, left_pinv=U.T * inv_s[:, None],
                           info=info)
