@@ -7,11 +7,32 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import xarray as xr
+
 from mergelab.analysis.registry import ANALYSES
+from mergelab.bench import Bench
 from mergelab.store import Store
 from mergelab.taskset import MergedUpdate, TaskSet
 
 MICRO_LABEL = "micro benchmark (test store)"
+
+#: Tiny budgets for the model-dependent (``needs="bench"``) analyses in tests: 8 validation images
+#: per task (16 for the second TAS batch count), ΔL(r) on two layers, five values of λ.
+BENCH_PARAMS: dict[str, dict[str, Any]] = {
+    "anisotropy": {"batch_size": 8, "batches": 1},
+    "components": {"components": 0.5, "layers": [0, 3], "batch_size": 8, "batches": 1},
+    "tas_sweep": {"lams": [0.1, 0.3, 0.5, 0.7, 1.0], "batch_counts": [1, 2], "batch_size": 8},
+    "embedding_interference": {"batch_size": 8, "batches": 1},
+}
+
+
+def _bench_kwargs(name: str, params: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    return {**ANALYSES[name].params, **BENCH_PARAMS.get(name, {}), **(params or {}).get(name, {})}
+
+
+def bench_analyses(bench: Bench, *, params: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, xr.Dataset]:
+    """Every ``needs="bench"`` analysis of the registry on ``bench`` with :data:`BENCH_PARAMS` (``params[name]`` overrides)."""
+    return {name: entry.fn(bench, **_bench_kwargs(name, params)) for name, entry in ANALYSES.items() if entry.needs == "bench"}
 
 
 def publish_analyses(store: Store, study: str, taskset: TaskSet, *, merged: MergedUpdate | None = None,
