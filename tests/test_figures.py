@@ -244,6 +244,9 @@ def test_component_loss_figures(bench_datasets):
         k = int(ds.energy_rank.sel(task=task, module=module))
         assert any(text.get_text().startswith(f"95%-energy rank = {k}") for text in ax.get_legend().get_texts())
     _check(model_figures.loss_change_per_component(ds))  # default module: the last analysed one
+    inside = ds.assign(energy_rank=ds.energy_rank.clip(max=1))  # an energy rank among the components drawn: a vertical line
+    ax = _panels(model_figures.loss_change_per_component(inside, module=module))[0]
+    assert [list(line.get_xdata()) for line in ax.lines if line.get_linestyle() == "--"] == [[1, 1]]
 
     fig = model_figures.loss_change_per_task(ds, task="textures", module=module)
     _check(fig)
