@@ -481,6 +481,8 @@ def adamms_vs_tas(ds: xr.Dataset, distance: str | None = None, n_batches: int | 
         ax.axvline(by_adamms, color="C2", ls="-.", lw=1.0, label="λ (AdaMMS*)")
         ax.set_ylabel(perf_label, fontsize=8)
         ax.set(title=panel, xlabel="λ")
+        ax.set_zorder(twin.get_zorder() + 1)  # the performance axes (and the legend) above the twin's curves
+        ax.patch.set_visible(False)
     ax.legend(handles=ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0], fontsize=6)  # on the mean panel
     _hide_unused(axes, len(panels))
     return fig
