@@ -73,6 +73,21 @@ def micro():
     return load_micro(REPO / "data" / "micro")
 
 
+@pytest.fixture(scope="session")
+def bench_datasets(micro_pair):
+    """Every model-dependent analysis (``anisotropy``, ``components``, ``tas_sweep``,
+    ``embedding_interference``) on ``micro_pair`` with the tiny budgets of ``helpers.BENCH_PARAMS``,
+    computed once per session with one torch thread (restored after). Unlabelled: label a copy."""
+    from helpers import bench_analyses
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return bench_analyses(micro_pair)
+    finally:
+        torch.set_num_threads(threads)
+
+
 ADAPT_TASKS = ("signs", "housenumbers", "digits")
 
 

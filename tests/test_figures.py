@@ -1,4 +1,9 @@
-"""Figure functions draw from tiny synthetic Datasets and say what they were computed on (Agg backend)."""
+"""Figure functions draw and say what they were computed on (Agg backend).
+
+Weight-only figures (analysis/figures.py) draw from tiny synthetic TaskSets; the model-dependent
+ones (analysis/model_figures.py) from the real analyses on the rank-4 micro pair, computed once per
+session (the ``bench_datasets`` fixture).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ import torch
 import xarray as xr
 from matplotlib.figure import Figure
 
-from analysis import figures
-from mergelab.analysis import core_space, coverage, geometry, spectra
+from analysis import figures, model_figures
+from mergelab.analysis import core_space, coverage, geometry, interference, spectra
 from mergelab.store import Store
 from mergelab.synthetic import random_taskset
 from mergelab.taskset import BaseRef, Dense, LowRank, MergedUpdate
@@ -166,3 +171,192 @@ def test_energy_rank_and_per_layer_norm_tables(taskset):
     assert table.loc["signs", "Layer-1"] == pytest.approx(expected)
     assert np.allclose((table.iloc[:, :3] ** 2).sum(axis=1), norms.total_norm.values ** 2)  # the layers partition the task vector
     assert table.loc["signs", "Avg."] == pytest.approx(table.loc["signs"].iloc[:3].mean())
+
+
+# Model-dependent analyses (analysis/model_figures.py) on Datasets of the real analysis functions ------------
+
+
+def _bench(bench_datasets, name: str) -> xr.Dataset:
+    """A labelled copy of a session-computed bench Dataset (the fixture's Datasets stay as computed)."""
+    return bench_datasets[name].assign_attrs(dataset=LABEL)
+
+
+def _panels(fig: Figure) -> list:
+    """The visible panels that have a title (twin axes and hidden grid cells have none)."""
+    return [ax for ax in fig.axes if ax.get_visible() and ax.axison and ax.get_title()]
+
+
+def test_anisotropy_figures(bench_datasets):
+    ds = _bench(bench_datasets, "anisotropy")
+    T, modules = ds.sizes["task"], [str(m) for m in ds.module.values]
+    q0 = next(m for m in modules if ds.sel(module=m).kind.item() == "q" and int(ds.sel(module=m).layer) == 0)
+
+    fig = model_figures.jacobian_scree(ds)
+    _check(fig)
+    panels = _panels(fig)
+    assert len(panels) == len(modules) and [ax.get_title() for ax in panels[:4]] == ["layer 0 q", "layer 0 k", "layer 0 v", "layer 0 out"]
+    assert "001 App. E, Fig. 8" in fig.get_suptitle()
+    raw, svd = panels[0].lines
+    assert np.allclose(raw.get_ydata(), ds.energy_fraction.sel(basis="raw", module=q0).values)
+    assert np.allclose(svd.get_ydata(), ds.energy_fraction.sel(basis="svd", module=q0).values)
+    assert len(_panels(model_figures.jacobian_scree(ds, modules=[q0]))) == 1
+
+    fig = model_figures.jacobian_condition(ds)
+    _check(fig)
+    assert [ax.get_title() for ax in fig.axes] == ["q", "k", "v", "out"] and fig.axes[0].get_yscale() == "log"
+    q_modules = [m for m in modules if ds.sel(module=m).kind.item() == "q"]
+    by_layer = ds.kappa_J.sel(basis="svd", module=q_modules).sortby("layer")
+    assert np.allclose(fig.axes[0].lines[1].get_ydata(), by_layer.values)  # one module per layer: no averaging
+
+    fig = model_figures.kappa_preferences(ds)
+    _check(fig)
+    assert len(fig.axes) == 8 and fig.axes[4].get_title() == "q, SVD basis"
+    assert len(fig.axes[0].lines) == 1 + T  # ρ₁ uniform and one ρ₂ one-hot per task
+    assert np.allclose(fig.axes[0].lines[0].get_ydata(), ds.kappa_uniform.sel(basis="raw", module=q_modules).sortby("layer").values)
+    fig = model_figures.kappa_preferences(ds, bases=["raw"])
+    assert len(fig.axes) == 4 and "Fig. 6 (RAW)" in fig.get_suptitle() and "Fig. 7" not in fig.get_suptitle()
+
+    for basis, paper in (("raw", "Fig. 2"), ("svd", "Fig. 9")):
+        fig = model_figures.xi_heatmap(ds, basis)
+        _check(fig)
+        assert paper in fig.get_suptitle()
+        heat = [ax for ax in fig.axes if ax.get_title()]
+        assert [ax.get_title() for ax in heat] == [f"ρ₂ one-hot: {t}" for t in ds.task.values]
+        mesh = heat[1].collections[0].get_array().reshape(-1, 4)  # layers × (q, k, v, out)
+        assert np.allclose(mesh[0, 0], float(ds.xi.sel(basis=basis, task=str(ds.task.values[1]), module=q0)))
+
+    table = model_figures.anisotropy_table(ds)
+    assert table.shape == (len(modules), 8) and table.attrs["dataset"] == LABEL
+    assert table.loc["layer 0 q", ("SVD", "κ(J)")] == float(ds.kappa_J.sel(basis="svd", module=q0))
+    assert table.loc["layer 0 q", ("RAW", "mean ξ")] == pytest.approx(float(ds.xi.sel(basis="raw", module=q0).mean()))
+
+
+def test_component_loss_figures(bench_datasets):
+    ds = _bench(bench_datasets, "components")
+    tasks = [str(t) for t in ds.task.values]
+    module = [str(m) for m in ds.module.values if int(ds.sel(module=m).layer) == 3][0]
+
+    fig = model_figures.loss_change_per_component(ds, module=module)
+    _check(fig)
+    assert "002 Sec. 4, Fig. 1" in fig.get_suptitle() and _module_label_in(fig, ds, module)
+    panels = _panels(fig)
+    assert [ax.get_title() for ax in panels] == [f"source task: {t}" for t in tasks]
+    for ax, task in zip(panels, tasks):
+        n = int(ds.n_components.sel(task=task, module=module))
+        own, multi = ax.lines[:2]
+        assert np.allclose(own.get_ydata(), ds.own_delta_loss.sel(task=task, module=module).values[:n])
+        assert np.allclose(multi.get_ydata(), ds.multi_delta_loss.sel(task=task, module=module).values[:n])
+        k = int(ds.energy_rank.sel(task=task, module=module))
+        assert any(text.get_text().startswith(f"95%-energy rank = {k}") for text in ax.get_legend().get_texts())
+    _check(model_figures.loss_change_per_component(ds))  # default module: the last analysed one
+    inside = ds.assign(energy_rank=ds.energy_rank.clip(max=1))  # an energy rank among the components drawn: a vertical line
+    ax = _panels(model_figures.loss_change_per_component(inside, module=module))[0]
+    assert [list(line.get_xdata()) for line in ax.lines if line.get_linestyle() == "--"] == [[1, 1]]
+
+    fig = model_figures.loss_change_per_task(ds, task="textures", module=module)
+    _check(fig)
+    lines = [line for line in fig.axes[0].lines if line.get_label().startswith("ΔL_")]
+    assert [line.get_label() for line in lines] == [f"ΔL_{t}(r)" for t in ds.eval_task.values]
+    dotted = [line for line in lines if line.get_linestyle() == ":"]
+    assert len(dotted) == 1 and np.allclose(dotted[0].get_ydata(), ds.own_delta_loss.sel(task="textures", module=module).values)
+
+    table = model_figures.component_loss_table(ds)
+    assert len(table) == int(ds.n_components.sum()) and table.attrs["dataset"] == LABEL
+    row = table.loc[("digits", "layer 3 q", 2)]
+    point = ds.sel(task="digits", module=[m for m in ds.module.values if str(m).endswith("3.attn.q_proj.weight")][0], component=2)
+    assert row["ΔL(r)"] == float(point.multi_delta_loss) and row["energy rank"] == int(point.energy_rank)
+
+
+def _module_label_in(fig: Figure, ds: xr.Dataset, module: str) -> bool:
+    row = ds.sel(module=module)
+    return f"layer {int(row.layer)} {row.kind.item()}" in fig.get_suptitle()
+
+
+def test_tas_sweep_figures_and_tables(bench_datasets):
+    ds = _bench(bench_datasets, "tas_sweep")
+    tasks, lams = [str(t) for t in ds.task.values], ds.lam.values
+    at = {"distance": "l2", "n_batches": 2}
+    perf = ds.normalized_accuracy
+
+    corr = model_figures.tas_correlation_table(ds)
+    assert list(corr.index) == [*tasks, "mean"] and corr.attrs["distance"] == "l2" and corr.attrs["n_batches"] == 2
+    assert corr.loc["mean", "Pearson r(TAS, perf)"] == pytest.approx(np.corrcoef(ds.tas_mean.sel(at), perf.mean("task"))[0, 1])
+    interior = slice(1, -1)  # AdaMMS* has no score at the ends of the grid
+    expected = np.corrcoef(ds.adamms.sel(**at, task="digits")[interior], perf.sel(task="digits")[interior])[0, 1]
+    assert corr.loc["digits", "Pearson r(AdaMMS*, perf)"] == pytest.approx(expected)
+
+    fig = model_figures.tas_vs_lambda(ds)
+    _check(fig)
+    panels = _panels(fig)
+    assert [ax.get_title().split(" (")[0] for ax in panels] == [*tasks, "mean"]
+    assert panels[-1].get_title() == f"mean (r = {corr.loc['mean', 'Pearson r(TAS, perf)']:+.2f})"
+    assert np.allclose(panels[0].lines[0].get_ydata(), perf.sel(task=tasks[0]).values)
+    selected = float(ds.selected_lam_tas.sel(at))
+    assert [line.get_xdata()[0] for line in panels[0].lines[1:]] == [selected]  # the dashed line at argmin TAS
+    twins = [ax for ax in fig.axes if ax not in panels and ax.lines]
+    assert np.allclose(twins[-1].lines[0].get_ydata(), ds.tas_mean.sel(at).values)
+
+    fig = model_figures.adamms_vs_tas(ds, distance="cos", n_batches=1)
+    _check(fig)
+    assert "004 App. D, Fig. 9" in fig.get_suptitle()
+    twins = [ax for ax in fig.axes if ax not in _panels(fig) and ax.lines]
+    scaled_adamms = twins[0].lines[1].get_ydata()
+    assert np.isnan(scaled_adamms[[0, -1]]).all() and np.nanmin(scaled_adamms) == 0.0 and np.nanmax(scaled_adamms) == 1.0
+    legend = [t.get_text() for t in _panels(fig)[-1].get_legend().get_texts()]
+    assert {"λ (TAS)", "λ (AdaMMS*)", "best on eval", "TAS", "AdaMMS*"} <= set(legend)
+
+    fig = model_figures.tas_robustness(ds)
+    _check(fig)
+    assert len(fig.axes[0].lines) == ds.sizes["n_batches"] and len(fig.axes[1].lines) == ds.sizes["distance"]
+    assert np.allclose(fig.axes[1].lines[0].get_ydata(), perf.mean("task").values)
+
+    table = model_figures.tas_selection_table(ds)
+    assert table.shape[0] == ds.sizes["distance"] * ds.sizes["n_batches"] and table.attrs["dataset"] == LABEL
+    assert table.loc[("cos", 1), "λ (AdaMMS*)"] == float(ds.selected_lam_adamms.sel(distance="cos", n_batches=1))
+    best = float(lams[int(np.argmax(perf.mean("task").values))])
+    assert table.loc[("l2", 2), "λ (best on eval)"] == best and table.loc[("l2", 2), "best perf"] == pytest.approx(float(perf.mean("task").max()))
+
+    # without an evaluation axis (tas_sweep(accuracy=False)) the proxies are drawn alone
+    blind = ds.assign(accuracy=ds.accuracy * np.nan, finetuned_accuracy=ds.finetuned_accuracy * np.nan,
+                      normalized_accuracy=ds.normalized_accuracy * np.nan)
+    for builder in (model_figures.tas_vs_lambda, model_figures.adamms_vs_tas, model_figures.tas_robustness):
+        _check(builder(blind))
+    assert model_figures.tas_correlation_table(blind).isna().all().all()
+    assert np.isnan(model_figures.tas_selection_table(blind)["λ (best on eval)"]).all()
+
+
+def test_embedding_interference_bars(bench_datasets, micro_pair, one_thread):
+    ds = _bench(bench_datasets, "embedding_interference")
+    T = ds.sizes["task"]
+    fig = model_figures.embedding_interference_bars(ds)
+    _check(fig)
+    assert "003 App. C.1, Fig. 6" in fig.get_suptitle()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [*map(str, ds.task.values), "mean"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["task_arithmetic (full space)"]
+    heights = [p.get_height() for p in ax.patches if p.get_height() > 0]
+    assert np.allclose(heights, [*ds.l1_distance.values, float(ds.l1_distance_mean)])
+
+    spaces = ["full", "core"]
+    stacked = xr.concat([interference.merged_embedding_interference(micro_pair, method="ties", space=s, hp={"density": 0.5, "alpha": 1.0},
+                                                                   batch_size=8, batches=1) for s in spaces],
+                        dim=xr.DataArray(spaces, dims="space")).assign_attrs(dataset=LABEL)
+    fig = model_figures.embedding_interference_bars(stacked)
+    _check(fig)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == spaces
+    assert len([p for p in fig.axes[0].patches if p.get_height() > 0]) == 2 * (T + 1)
+
+
+def test_model_figures_draw_from_the_store(bench_datasets, tmp_path):
+    """Zarr round trip: string coords come back as StringDType, attrs as JSON."""
+    store = Store(tmp_path / "store")
+    back = {}
+    for name, ds in bench_datasets.items():
+        key = store.key(name, "test", n=1)
+        store.put_dataset(key, ds)
+        back[name] = store.get_dataset(key)
+    for fig in (model_figures.jacobian_scree(back["anisotropy"]), model_figures.xi_heatmap(back["anisotropy"]),
+                model_figures.kappa_preferences(back["anisotropy"]), model_figures.loss_change_per_task(back["components"]),
+                model_figures.tas_vs_lambda(back["tas_sweep"]), model_figures.embedding_interference_bars(back["embedding_interference"])):
+        _check(fig, label=bench_datasets["anisotropy"].attrs["dataset"])  # the producer's default label: the base name
+    assert model_figures.component_loss_table(back["components"]).equals(model_figures.component_loss_table(bench_datasets["components"]))
