@@ -50,10 +50,27 @@ def test_core_tara_b_directions_are_the_full_shared_singular_directions(pair):
     taskset, _, _ = pair
     full, core = build("tara_b", taskset, space="full"), build("tara_b", taskset, space="core")
     fb, cb = full.banks[0], core.banks[0]
-    lifted_B, lifted_A = cb.left @ cb.B, cb.A @ cb.right  # (out, K), (K, in)
+    (core_B, core_A), (full_B, full_A) = cb.factors(), fb.factors()
+    lifted_B, lifted_A = cb.left @ core_B, core_A @ cb.right  # (out, K), (K, in)
     for k in range(fb.size):
-        direction = torch.outer(fb.B[:, k], fb.A[k])
+        direction = torch.outer(full_B[:, k], full_A[k])
         assert _close(torch.outer(lifted_B[:, k], lifted_A[k]), direction, rtol=1e-4)
+
+
+@pytest.mark.parametrize("space", ["full", "core"])
+def test_tied_tara_b_bank_forms_the_same_update_and_gradient_as_its_directions(pair, space):
+    """B (Σ_i diag(φ_i) A_i) = Σ_{i,k} φ_ik B[:, k] A[iR + k]: the tied product is only a cheaper order."""
+    taskset, _, _ = pair
+    bank = build("tara_b", taskset, space=space).banks[0]
+    assert bank.tied and bank.B.shape[1] * len(taskset) == bank.size
+    B, A = bank.factors()
+    c = torch.rand(bank.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).float().requires_grad_()
+    tied = bank._inner(c)
+    (grad,) = torch.autograd.grad(tied.square().sum(), c)
+    c_ref = c.detach().clone().requires_grad_()
+    untied = (B * c_ref) @ A
+    (grad_ref,) = torch.autograd.grad(untied.square().sum(), c_ref)
+    assert _close(tied.detach(), untied.detach(), rtol=1e-5) and _close(grad, grad_ref, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("method", "hp"), VARIANTS[:2])

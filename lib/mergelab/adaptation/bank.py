@@ -62,7 +62,10 @@ class Bank:
     """Fixed directions of one module. ``owner[k]`` is the task index of direction ``k``.
 
     With ``left`` / ``right`` set (a core-space bank), ``B``, ``A`` and ``offset`` are in core
-    coordinates and every update is lifted as ``left @ (·) @ right``.
+    coordinates and every update is lifted as ``left @ (·) @ right``. A ``tied`` bank (TARA-B)
+    stores one left factor ``B`` (``out × R``) shared by every task, ``A`` holding the tasks'
+    ``R``-row blocks in task order: direction ``(i, k)`` is ``B[:, k] A[iR + k]``, and
+    ``ΔW(c) = B (Σ_i diag(c_i) A_i)`` costs ``T·R·in + out·R·in`` instead of ``out·T·R·in``.
     """
 
     owner: Tensor  # (K,) long
@@ -72,6 +75,7 @@ class Bank:
     offset: Update | None = None
     left: Tensor | None = None  # (out, d_U): U_B^ref
     right: Tensor | None = None  # (d_V, in): V_A^refᵀ
+    tied: bool = False  # B (out, R) shared by the T tasks' blocks of A (T·R, in)
 
     @property
     def size(self) -> int:
@@ -80,10 +84,19 @@ class Bank:
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Bank:
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
         offset = None if self.offset is None else self.offset.to(dtype)
-        return Bank(self.owner.to(device), move(self.B), move(self.A), move(self.dense), offset, move(self.left), move(self.right))
+        return Bank(self.owner.to(device), move(self.B), move(self.A), move(self.dense), offset, move(self.left), move(self.right),
+                    self.tied)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """Direction ``k``'s left and right vectors as ``B[:, k]``, ``A[k]`` (a tied bank's shared
+        left factor repeated for every task)."""
+        return (self.B.repeat(1, self.size // self.B.shape[1]) if self.tied else self.B), self.A
 
     def _inner(self, c: Tensor) -> Tensor:
-        if self.B is not None:
+        if self.tied:
+            R = self.B.shape[1]
+            out = self.B @ (c.view(-1, R, 1) * self.A.view(-1, R, self.A.shape[1])).sum(0)
+        elif self.B is not None:
             out = (self.B * c) @ self.A
         else:
             out = torch.tensordot(c, self.dense, dims=1)
@@ -106,7 +119,8 @@ class Bank:
             return LowRank(self.left.cpu().float() @ core, self.right.cpu().float())
         if self.B is None:
             return Dense(self.delta(c.to(self.dense)).detach().cpu())
-        B, A = (self.B.cpu().float() * c), self.A.cpu().float()
+        B, A = self.factors()
+        B, A = B.cpu().float() * c, A.cpu().float()
         if isinstance(self.offset, LowRank):
             B, A = torch.cat([B, self.offset.B.float()], 1), torch.cat([A, self.offset.A.float()], 0)
         elif isinstance(self.offset, Dense):
@@ -165,7 +179,7 @@ def shared_svd_bank(updates: Sequence[Update], rank: int | None = None, rtol: fl
     R = len(s) if rank is None else min(rank, len(s))
     owner = torch.arange(T).repeat_interleave(R)
     A = torch.cat([V_t[:R] for V_t in blocks], 0)  # (T·R, in): v_ki for each task i
-    return Bank(owner, B=(U[:, :R] * s[:R]).repeat(1, T).float(), A=A.float())
+    return Bank(owner, B=(U[:, :R] * s[:R]).float(), A=A.float(), tied=True)
 
 
 def task_svds(updates: Sequence[Update], center: bool = False, rtol: float | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
