@@ -263,6 +263,11 @@ def _case_merge_factor_method_after_plus(tmp, adapter, base):
     return _merge_args(tmp, adapter, base, "--method", "ties+lora_lego"), "'lora_lego' needs LoRA factors and cannot post-process"
 
 
+def _case_merge_output_exists(tmp, adapter, base):
+    (tmp / "merged").mkdir()
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--space", "core"), "already exists; choose another path or pass --force"
+
+
 def _case_merge_grid_without_select(tmp, adapter, base):
     return _merge_args(tmp, adapter, base, "--method", "ties", "--grid", "density=0.2,0.5"), "add --select val or --select tas"
 

@@ -7,23 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
+from conftest import REPO
 from mergelab.cli import app
 from mergelab.store import Store
 
-REPO = Path(__file__).resolve().parents[1]
 MICRO = REPO / "data" / "micro"
 TASKS = ("digits", "textures")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def select(tmp_path: Path, rule: str, *extra: str):

@@ -335,6 +335,14 @@ def _read_grams(path: Path, taskset) -> dict[str, dict[str, object]]:
     return grams
 
 
+def _check_output(fmt: str, out: Path, force: bool) -> None:
+    """``--format`` and ``--out`` checked before any work (``save_merged`` checks again when writing)."""
+    if fmt not in ("peft", "weights"):
+        raise InputError(f"--format {fmt!r} is not one of peft, weights")
+    if out.exists() and not force:
+        raise InputError(f"output {out} already exists; choose another path or pass --force")
+
+
 def _grid(items: list[str] | None) -> dict[str, list]:
     """``--grid KEY=V1,V2`` into ``{KEY: [V1, V2]}`` (values parsed as YAML scalars: numbers stay numbers)."""
     import yaml
@@ -428,22 +436,22 @@ def merge_command(
 
     from mergelab.checkpoints import load_taskset, save_merged
     from mergelab.merging import METHODS, merge
+    from mergelab.onbench import RULES
     from mergelab.spaces import get_space
     from mergelab.store import Store
 
     sources = [*(adapters or []), *(paths or [])]
     if not sources:
         raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
-    if fmt not in ("peft", "weights"):
-        raise InputError(f"--format {fmt!r} is not one of peft, weights")
+    _check_output(fmt, out, force)
     spec = METHODS[method]
     fixed = _key_values(sets, "--set")
     hyper_parameters = spec.resolve(fixed)
     sp = get_space(space, **_key_values(space_sets, "--space-option"))
     if grid and select is None:
         raise InputError("--grid lists values to select from; add --select val or --select tas")
-    if select is not None and select not in ("val", "tas"):
-        raise InputError(f"--select {select!r} is not one of val, tas")
+    if select is not None and select not in RULES:
+        raise InputError(f"--select {select!r} is not one of {', '.join(RULES)}")
     if select is not None and (grams or modules or space_sets):
         raise InputError("--select evaluates whole models merged with default space options; drop --grams, --modules and --space-option")
     s = Store(store)
@@ -520,10 +528,7 @@ def adapt_command(
     sources = [*(adapters or []), *(paths or [])]
     if not sources:
         raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
-    if fmt not in ("peft", "weights"):
-        raise InputError(f"--format {fmt!r} is not one of peft, weights")
-    if out.exists() and not force:
-        raise InputError(f"output {out} already exists; choose another path or pass --force")
+    _check_output(fmt, out, force)
     weights = None
     if preference is not None:
         try:
