@@ -1,14 +1,15 @@
 """One-off CLI jobs on a benchmark with the user's adapters: hyper-parameter selection and adaptation.
 
-Both run through the same cached nodes as a whole study (:mod:`mergelab.study`), on a benchmark
-whose tasks the adapters are named after (:func:`bench_for`).
+Both run a one-method study through the graph of every study (:func:`mergelab.study.run_graph`,
+its cached nodes, in this process) on a benchmark whose tasks the adapters are named after
+(:func:`bench_for`).
 
-**Selection** (``mergelab merge --select val|tas``, :func:`select_hyper_parameters`): a one-method study over the method's grid (its
-registry grid, less the hyper-parameters the user fixed) on the given adapters, through the same
-cached nodes as a whole study (:mod:`mergelab.study`): every candidate's merge and evaluation land
-in the store under their content keys, the reference scores are reused across calls, and the
-candidates with the choice are published as the study ``select-<method>-<space>-<taskset>``'s
-results Dataset (``studies/<name>/results``, schema in docs/store.md §9).
+**Selection** (``mergelab merge --select val|tas``, :func:`select_hyper_parameters`): the study
+sweeps the method's grid (its registry grid, less the hyper-parameters the user fixed) on the
+given adapters: every candidate's merge and evaluation land in the store under their content
+keys, the reference scores are reused across calls, and the candidates with the choice are
+published as the study ``select-<method>-<space>-<taskset>``'s results Dataset
+(``studies/<name>/results``, schema in docs/store.md §9).
 
 Rules (as in studies): ``val`` takes the best mean validation normalised accuracy (001 App. C.3,
 003 App. D.2 select on validation data), ``tas`` the lowest mean task alignment score on unlabeled
@@ -37,8 +38,7 @@ from mergelab.checkpoints import peft_template
 from mergelab.config import MAX_CONFIGS, BenchSpec, config_label, load_study
 from mergelab.errors import InputError
 from mergelab.merging import METHODS
-from mergelab.study import (Context, NodeResult, adapt_jobs, adapt_node, adapt_row, evaluate_node, merge_jobs, merge_node,
-                            merge_row, reference_node, results_node, stage_node)
+from mergelab.study import Context, NodeResult, adapt_jobs, local_submit, merge_jobs, run_graph
 from mergelab.taskset import MergedUpdate, TaskSet
 
 __all__ = ["RULES", "Adapted", "Selection", "adapt_on_bench", "bench_for", "module_map", "select_hyper_parameters", "swept_grid"]
@@ -132,19 +132,7 @@ def select_hyper_parameters(bench: Bench, bench_spec: BenchSpec, method: str, sp
     ctx = Context(spec, store_url, bench=bench)
     jobs = merge_jobs(spec)
     total = 1 + (1 + len(bench.tasks)) + 2 * len(jobs) + 1
-
-    def node(result: NodeResult) -> NodeResult:
-        if progress is not None:
-            progress(result, total)
-        return result
-
-    node(stage_node(ctx))
-    references = [node(reference_node(ctx, t)) for t in [None, *bench.tasks]]
-    rows = []
-    for job in jobs:
-        produced = node(merge_node(ctx, job))
-        rows.append(merge_row(job, produced, node(evaluate_node(ctx, produced)), seeds[0]))
-    done = node(results_node(ctx, rows, references))
+    _, done = run_graph(ctx, local_submit(ctx, on_node=None if progress is None else lambda r: progress(r, total)))
     return _chosen(ctx, done.key, jobs, rule, seeds[0], name)
 
 
@@ -187,13 +175,8 @@ def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adapti
     spec = load_study({"name": name, "bench": bench_spec.model_dump(), "adaptive": [dict(adaptive)], "joint": False,
                        "seeds": [seed], "allow_labels": allow_labels})
     ctx = Context(spec, store_url, bench=bench)
-    stage_node(ctx)
-    references = [reference_node(ctx, t) for t in [None, *bench.tasks]]
-    (job,) = adapt_jobs(spec)
-    produced = adapt_node(ctx, job, progress=progress)
-    evaluated = evaluate_node(ctx, produced)
-    rows = [adapt_row(ctx, job, produced, evaluated)]
-    done = results_node(ctx, rows, references)
+    nodes, done = run_graph(ctx, local_submit(ctx, adapt_progress=progress))
+    (job,), (produced,) = adapt_jobs(spec), [n for n in nodes if n.node == "adapt"]
     ds = ctx.store.get_dataset(done.key)
     scores = ds["score"].isel(method=0, space=0, config=0, seed=0).sel(task=list(bench.tasks))
     info = ctx.store.info(produced.key).attrs

@@ -45,7 +45,7 @@ from mergelab.store import Key, Kind, Store
 from mergelab.taskset import MergedUpdate, TaskSet
 
 __all__ = ["JOINT", "NODES", "VERSIONS", "AdaptJob", "Context", "MergeJob", "NodeResult", "NotCached", "Row", "Submit",
-           "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "run_graph", "selected_for_analyses", "up_to_date",
+           "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "local_submit", "run_graph", "selected_for_analyses", "up_to_date",
            "analysis_node", "context", "evaluate_node", "merge_jobs", "merge_node", "merge_row", "reference_node", "results_node",
            "results_table", "selected_merges", "stage_node"]
 
@@ -658,6 +658,24 @@ def selected_for_analyses(spec: StudySpec, store_url: str) -> list[tuple[MergeJo
     return selected_merges(Context(core, store_url), done, merge_jobs(spec), [n for n in produced if n.node == "merge"])
 
 
+def local_submit(ctx: Context, on_node: Callable[[NodeResult], None] | None = None,
+                 adapt_progress: Callable[[int, float], None] | None = None) -> Submit:
+    """A :data:`Submit` that runs every node here, one after another (no orchestrator).
+
+    ``on_node`` hears of each result; ``adapt_progress(iteration, loss)`` of every adaptation step.
+    """
+    def submit(kind: str, batch: Sequence[tuple[Any, ...]]) -> list[NodeResult]:
+        options = {"progress": adapt_progress} if kind == "adapt" and adapt_progress is not None else {}
+        results = []
+        for args in batch:
+            results.append(NODES[kind](ctx, *args, **options))
+            if on_node is not None:
+                on_node(results[-1])
+        return results
+
+    return submit
+
+
 def up_to_date(spec: StudySpec, store_url: str) -> tuple[list[NodeResult], NodeResult | None] | None:
     """The study's nodes and results node when every artifact is already in the store, else ``None``.
 
@@ -666,6 +684,6 @@ def up_to_date(spec: StudySpec, store_url: str) -> tuple[list[NodeResult], NodeR
     """
     ctx = Context(spec, store_url, probe=True)
     try:
-        return run_graph(ctx, lambda kind, batch: [NODES[kind](ctx, *args) for args in batch])
+        return run_graph(ctx, local_submit(ctx))
     except NotCached:
         return None
