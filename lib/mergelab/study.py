@@ -44,10 +44,10 @@ from mergelab.profiling import Measured, measure
 from mergelab.store import Key, Kind, Store
 from mergelab.taskset import MergedUpdate, TaskSet
 
-__all__ = ["JOINT", "NODES", "VERSIONS", "AdaptJob", "Context", "MergeJob", "NodeResult", "NotCached", "Row", "Submit",
-           "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "local_submit", "run_graph", "selected_for_analyses", "up_to_date",
-           "analysis_node", "context", "evaluate_node", "merge_jobs", "merge_node", "merge_row", "reference_node", "results_node",
-           "results_table", "selected_merges", "stage_node"]
+__all__ = ["AdaptJob", "Context", "JOINT", "MergeJob", "NODES", "NodeResult", "NotCached", "Row", "Submit", "VERSIONS",
+           "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "analysis_node", "context",
+           "evaluate_node", "local_submit", "merge_jobs", "merge_node", "merge_row", "reference_node", "results_node",
+           "results_table", "run_graph", "selected_for_analyses", "selected_merges", "stage_node", "up_to_date"]
 
 #: Code version of every node's producer; bump one when its output changes for the same inputs.
 VERSIONS = {"stage": "1", "reference": "1", "merge": "1", "adapt": "2", "evaluate": "1", "results": "1"}  # adapt 2: tied TARA-B bank
@@ -116,6 +116,8 @@ class Context:
         self._given_bench = bench
         self._lock = threading.RLock()
         self._local = threading.local()
+        self._bases: dict[str, Bases | None] = {}
+        self._bases_lock = threading.Lock()
 
     @cached_property
     def bench(self) -> Bench:
@@ -166,6 +168,14 @@ class Context:
                 for task in self.bench.tasks.values():
                     task.tensors("val"), task.tensors("test")
                 self._warm = True
+
+    def space_bases(self, space: str) -> Bases | None:
+        """The task set's bases for ``space`` (:func:`mergelab.bases.space_bases`), read from the
+        store, or computed and published, once per run rather than once per merge."""
+        with self._bases_lock:
+            if space not in self._bases:
+                self._bases[space] = space_bases(self.store, self.taskset, space)
+            return self._bases[space]
 
     def cached(self, key: str) -> bool:
         """Whether ``key`` is published (a probe raises :class:`NotCached` instead of answering no)."""
@@ -275,7 +285,7 @@ def merge_node(ctx: Context, job: MergeJob) -> NodeResult:
     if ctx.cached(key):
         return NodeResult("merge", key, True, job.label)
     hp = _hyper_parameters(job)
-    bases = space_bases(ctx.store, ctx.taskset, job.space)
+    bases = ctx.space_bases(job.space)
     if bases is None:
         run = measure(lambda: merge(ctx.taskset, job.method, job.space, **hp))
     else:
