@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,3 +163,62 @@ def _task_only(taskset, forward, t):
     from mergelab.adaptation.loop import task_weights
 
     return task_weights(taskset, forward.base, t)
+
+
+def _recording_forward(forward, seen):
+    """``forward`` whose logits record the first pixel of every batch the loop evaluates with grad."""
+
+    def logits(t, x, params):
+        if torch.is_grad_enabled():
+            seen.append((t, float(x[0, 0, 0, 0])))
+        return forward.logits(t, x, params)
+
+    return Forward(base=forward.base, logits=logits)
+
+
+def test_every_adaptive_method_steps_on_the_same_batches_in_the_same_order(setting):
+    """Common random numbers: the STCH anchors of TARA read the first batches without taking them
+    from the loop, so TARA and AdaMerging see one sequence (issue 12)."""
+    _, taskset, forward, _, _ = setting
+    g = torch.Generator().manual_seed(1)
+    pools = [torch.randn(6, 8, 3, 16, 16, generator=g) for _ in taskset.names]
+    sequences = {}
+    for method in ("adamerging", "tara_a"):
+        seen: list = []
+        adapt(method, taskset, _recording_forward(forward, seen), [iter(p) for p in pools], iters=3)
+        sequences[method] = seen
+    assert sequences["adamerging"] == sequences["tara_a"]
+    assert [v for t, v in sequences["adamerging"] if t == 0] == [float(pools[0][i, 0, 0, 0, 0]) for i in range(3)]
+
+
+def test_peek_puts_the_items_back():
+    from mergelab.adaptation.loop import peek
+
+    heads, streams = peek([iter(range(5)), iter("abc")], 2)
+    assert heads == [[0, 1], ["a", "b"]]
+    assert list(streams[0]) == [0, 1, 2, 3, 4] and list(streams[1]) == ["a", "b", "c"]
+
+
+def test_history_reports_how_far_the_coefficients_moved(setting):
+    _, taskset, forward, images, _ = setting
+    still = adapt("adamerging", taskset, forward, _streams(images), iters=2, lr=0.0)
+    moved = adapt("adamerging", taskset, forward, _streams(images), iters=2, lr=0.1, granularity="task")
+    assert still.history.attrs["mean_abs_delta_coef"] == 0.0
+    first = {k: moved.history[k].isel(record=0).values for k in moved.history.data_vars if k.startswith("coef_")}
+    last = {k: moved.history[k].isel(record=-1).values for k in first}
+    expected = float(np.concatenate([np.abs(last[k] - first[k]).ravel() for k in first]).mean())
+    assert moved.history.attrs["mean_abs_delta_coef"] == pytest.approx(expected) and expected > 0.05
+
+
+def test_a_study_starts_every_adaptive_method_from_its_adaptive_init():
+    from mergelab.config import load_study
+    from mergelab.study import adapt_jobs
+
+    adaptive = [{"method": "adamerging"}, {"method": "adamerging_tas"}, {"method": "tara_a"}, {"method": "tara_b"},
+                {"method": "adarank"}, {"method": "adarank", "label": "cart", "hp": {"origin": "cart"}},
+                {"method": "tara_a", "label": "own", "hp": {"init": 0.5}}]
+    hps = {j.spec.name: j.spec.hp for j in adapt_jobs(load_study({"name": "s", "adaptive": adaptive, "adaptive_init": 0.2}))}
+    assert hps == {"adamerging": {"init": 0.2}, "adamerging_tas": {"init": 0.2}, "tara_a": {"init": 0.2}, "tara_b": {"init": 0.2},
+                   "adarank": {"lam": 0.2}, "cart": {"origin": "cart"}, "own": {"init": 0.5}}
+    unset = {j.spec.name: j.spec.hp for j in adapt_jobs(load_study({"name": "s", "adaptive": adaptive}))}
+    assert unset["adamerging"] == {} and unset["own"] == {"init": 0.5}

@@ -172,7 +172,7 @@ def _run_flow(flow, runner: str, **params):
 
 def _print_results(spec, run) -> None:
     from mergelab.store import Store
-    from mergelab.study import results_table
+    from mergelab.study import grid_edges, results_table
 
     if not run.get("results"):
         console.print(f"study {spec.name} merges nothing: no results table (its analyses are under studies/{spec.name}/)", highlight=False)
@@ -187,8 +187,11 @@ def _print_results(spec, run) -> None:
     for row in frame.itertuples(index=False):
         table.add_row(*(v if isinstance(v, str) else ("—" if v != v else f"{v:.1f}" if abs(v) >= 1 else f"{v:.3f}") for v in row))
     console.print(table)
-    console.print("norm_acc, acc, hits@1: % (mean over tasks); merge_s: wall seconds of the merge; peak_mb: its peak extra memory (MiB)",
-                  highlight=False)
+    console.print("norm_acc, acc, hits@1: % (mean over tasks); merge_s: wall seconds of the merge; peak_mb: its peak extra memory (MiB); "
+                  "|Δcoef|: mean change of an adaptive run's coefficients from its start", highlight=False)
+    for (method, space, config), names in grid_edges(ds).items():
+        console.print(f"warning: {method}/{space} selected {config}, on the edge of its grid in {', '.join(names)}; "
+                      "widen that grid in the study", style="yellow", highlight=False)
 
 
 @app.command()

@@ -161,6 +161,9 @@ class StudySpec(_Strict):
 
     ``adaptation_studies`` maps a name of :data:`mergelab.adaptation.registry.ADAPTATION_STUDIES`
     (``pareto``, ``cloud``, ``stch_alpha``, ``adarank_ablation``) to its settings.
+    ``adaptive_init``: the task-arithmetic λ every adaptive method starts from (AdaMerging's and
+    TARA's ``init``, AdaRank's TA-origin ``lam``) unless its ``hp`` sets its own; ``None`` keeps each
+    paper's default (0.3, 0.4, 1/T for AdaMerging+TAS).
     """
 
     name: str
@@ -176,6 +179,7 @@ class StudySpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0])
     store: str | None = None
     allow_labels: bool = False
+    adaptive_init: float | None = None
 
     @field_validator("name")
     @classmethod

@@ -46,11 +46,12 @@ from mergelab.taskset import MergedUpdate, TaskSet
 
 __all__ = ["AdaptJob", "Context", "JOINT", "MergeJob", "NODES", "NodeResult", "NotCached", "Row", "Submit", "VERSIONS",
            "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "analysis_node", "context",
-           "evaluate_node", "local_submit", "merge_jobs", "merge_node", "merge_row", "reference_node", "results_node",
+           "evaluate_node", "grid_edges", "local_submit", "merge_jobs", "merge_node", "merge_row", "reference_node", "results_node",
            "results_table", "run_graph", "selected_for_analyses", "selected_merges", "stage_node", "up_to_date"]
 
 #: Code version of every node's producer; bump one when its output changes for the same inputs.
-VERSIONS = {"stage": "1", "reference": "1", "merge": "1", "adapt": "2", "evaluate": "1", "results": "1"}  # adapt 2: tied TARA-B bank
+VERSIONS = {"stage": "1", "reference": "1", "merge": "1", "adapt": "3", "evaluate": "1", "results": "2"}
+# adapt 2: tied TARA-B bank; 3: STCH anchors no longer shift the loop's batches, |Δcoef| recorded. results 2: mean_abs_delta_coef
 #: The pseudo-task holding the joint-task metrics (Hits@k over the union of labels).
 JOINT = "joint"
 #: Metrics per task: test accuracy and its normalised value, the same on val, TAS on val.
@@ -235,8 +236,16 @@ def merge_jobs(spec: StudySpec) -> list[MergeJob]:
 
 
 def adapt_jobs(spec: StudySpec) -> list[AdaptJob]:
-    """Every adaptive run: adaptive specs × seeds."""
-    return [AdaptJob(a, seed) for a in spec.adaptive for seed in spec.seeds]
+    """Every adaptive run: adaptive specs × seeds, each started from the study's ``adaptive_init``
+    (written into its ``hp``, hence its key and label) when the study sets one."""
+    from mergelab.adaptation import ADAPTERS
+
+    def started(a: AdaptiveSpec) -> AdaptiveSpec:
+        if spec.adaptive_init is None:
+            return a
+        return a.model_copy(update={"hp": ADAPTERS[a.method].with_start(a.hp, spec.adaptive_init)})
+
+    return [AdaptJob(started(a), seed) for a in spec.adaptive for seed in spec.seeds]
 
 
 # Nodes ---------------------------------------------------------------------------------------------
@@ -343,7 +352,8 @@ def adapt_node(ctx: Context, job: AdaptJob, progress: Callable[[int, float], Non
                                 progress=progress, **a.hp))
     result = run.value
     attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")), "config": _adapt_config(a),
-             "seed": job.seed, **_cost(run, used), "seconds_per_iter": result.seconds_per_iter}
+             "seed": job.seed, **_cost(run, used), "seconds_per_iter": result.seconds_per_iter,
+             "mean_abs_delta_coef": result.history.attrs["mean_abs_delta_coef"]}
     if not ctx.store.exists(history_key):
         ctx.store.put_dataset(history_key, result.history, attrs=attrs)
     ctx.store.set_ref(f"studies/{ctx.spec.name}/adapt/{a.name}", history_key)
@@ -403,20 +413,25 @@ def evaluate_node(ctx: Context, source: NodeResult) -> NodeResult:
 @torch.no_grad()
 def _scores(ctx: Context, params: Mapping[str, Tensor] | None, names: Sequence[str], *, joint: bool, tas: bool) -> xr.Dataset:
     """``score(task, metric)``: raw accuracies (normalisation happens when results are assembled)."""
-    from mergelab.evaluation.metrics import evaluate_task, joint_hits
+    from mergelab.evaluation.metrics import embed, joint_hits, top1_accuracy
 
     bench = ctx.local_bench
     tasks = names + ([JOINT] if joint else [])
     score = np.full((len(tasks), len(TASK_METRICS) + len(JOINT_KS)), np.nan)
     metrics = [*TASK_METRICS, *(f"hits@{k}" for k in JOINT_KS)]
+    test_features = {}
     for i, name in enumerate(names):
         task, head = bench.tasks[name], ctx.heads[name]
-        score[i, metrics.index("acc")] = evaluate_task(bench.backbone, task, params, "test", head=head)
-        score[i, metrics.index("val_acc")] = evaluate_task(bench.backbone, task, params, "val", head=head)
+        for split, metric in (("test", "acc"), ("val", "val_acc")):
+            images, labels = task.tensors(split)
+            features = embed(bench.backbone, images, params)
+            score[i, metrics.index(metric)] = top1_accuracy(features @ head.T, labels)
+            if split == "test":
+                test_features[name] = features
         if tas:
             score[i, metrics.index("tas")] = _tas(ctx, name, params)
     if joint:
-        hits = joint_hits(bench.backbone, [bench.tasks[n] for n in names], params, "test", JOINT_KS)
+        hits = joint_hits(bench.backbone, [bench.tasks[n] for n in names], params, "test", JOINT_KS, features=test_features)
         for k in JOINT_KS:
             score[-1, metrics.index(f"hits@{k}")] = hits[f"hits@{k}"]
     return xr.Dataset({"score": (("task", "metric"), score)},
@@ -544,7 +559,7 @@ def _assemble(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult
     tasks, metrics = list(first.task.values), list(first.metric.values)
     score = np.full([len(dims["method"]), len(dims["space"]), len(dims["config"]), len(tasks), len(metrics), len(dims["seed"])], np.nan)
     per_merge = {v: np.full([len(dims[d]) for d in ("method", "space", "config", "seed")], np.nan)
-                 for v in ("merge_seconds", "peak_memory_mb")}
+                 for v in ("merge_seconds", "peak_memory_mb", "mean_abs_delta_coef")}
     ft = finetuned.sel(task=names)
     for r in rows:
         at = tuple(dims[d].index(getattr(r, d)) for d in ("method", "space", "config", "seed"))
@@ -587,12 +602,15 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
     """The selected configuration of every method × space as a pandas DataFrame.
 
     Columns: method, space, config, mean normalised accuracy and mean accuracy (test, %),
-    joint Hits@1 (%), merge time (s) and peak memory (MiB), averaged over seeds unless ``seed``.
+    joint Hits@1 (%), merge time (s) and peak memory (MiB), and for adaptive runs the mean
+    ``|Δcoefficient|`` from their start, averaged over seeds unless ``seed``. A configuration that
+    sits on the edge of its grid (:func:`grid_edges`) is marked ``(edge)``.
     """
     import pandas as pd
 
     sel = ds if seed is None else ds.sel(seed=[seed])
     tasks = list(ds.attrs["tasks"])
+    edges = grid_edges(ds)
     rows = []
     for method in sel.method.values:
         for space in sel.space.values:
@@ -601,6 +619,7 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
                 continue
             picked = sel.sel({"method": method, "space": space}).where(mask)
             configs = [c for c in sel.config.values if bool(mask.sel(config=c).any())]
+            configs = [c + (" (edge)" if edges.get((method, space, c)) else "") for c in configs]
             score = picked["score"]
             row = {"method": method, "space": space, "config": "; ".join(configs),
                    "norm_acc": 100 * float(score.sel(task=tasks, metric="norm_acc").mean("task").max("config").mean("seed")),
@@ -609,6 +628,8 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
                    "peak_mb": float(picked["peak_memory_mb"].max("config").mean("seed"))}
             if JOINT in score.task.values:
                 row["hits@1"] = 100 * float(score.sel(task=JOINT, metric="hits@1").max("config").mean("seed"))
+            if "mean_abs_delta_coef" in picked:
+                row["|Δcoef|"] = float(picked["mean_abs_delta_coef"].max("config").mean("seed"))
             rows.append(row)
     finetuned = ds["reference_score"].sel(reference="finetuned", task=tasks, metric="acc")
     references = [{"method": name, "space": "-", "config": "-",
@@ -616,6 +637,39 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
                   for name in ("zeroshot", "finetuned")
                   for acc in [ds["reference_score"].sel(reference=name, task=tasks, metric="acc")]]
     return pd.DataFrame(references + rows)
+
+
+def _parse_label(label: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in label.split(",")) if "=" in label else {}
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def grid_edges(ds: xr.Dataset) -> dict[tuple[str, str, str], list[str]]:
+    """``{(method, space, config): [hyper-parameters]}`` of selected configurations whose value of a
+    swept numeric hyper-parameter is the smallest or largest of the grid that was swept (the
+    optimum may lie outside it: widen that grid). Adaptive runs (one configuration) never are."""
+    out: dict[tuple[str, str, str], list[str]] = {}
+    for method in ds.method.values:
+        for space in ds.space.values:
+            present = ds["merge_seconds"].sel({"method": method, "space": space}).notnull().any("seed")
+            configs = [str(c) for c in ds.config.values if bool(present.sel(config=c))]
+            chosen = ds["selected"].sel({"method": method, "space": space}).any("seed")
+            parsed = {c: _parse_label(c) for c in configs}
+            for config in (c for c in configs if bool(chosen.sel(config=c))):
+                flagged = []
+                for name, value in parsed[config].items():
+                    values = {_number(p[name]) for p in parsed.values() if name in p} - {None}
+                    if len(values) > 1 and _number(value) in (min(values), max(values)):
+                        flagged.append(name)
+                if flagged:
+                    out[(str(method), str(space), config)] = flagged
+    return out
 
 
 # The graph -----------------------------------------------------------------------------------------

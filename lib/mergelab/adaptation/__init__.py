@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from mergelab.adaptation.bank import Bank, BankBasis, core_bank, raw_bank, shared_svd_bank, task_svd_bank
-from mergelab.adaptation.loop import AdaptResult, Forward, anchors, run, task_weights
+from mergelab.adaptation.loop import AdaptResult, Forward, anchors, peek, run, task_weights
 from mergelab.adaptation.models import CoefficientModel, DirectionCoefficients, MaskedCoefficients, TaskCoefficients
 from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
@@ -149,7 +149,9 @@ class Adapter:
     ``basis``: the decomposition its bank is built on, for methods that take one (``bases=``): its kind
     in :data:`mergelab.bases.KINDS` (``"knots"``: the shared SVD, :func:`~mergelab.adaptation.bank.shared_svd`;
     ``"task_svd"``: :func:`~mergelab.adaptation.bank.task_svds`) and a map from hyper-parameters to that
-    function's options (only those that change it).
+    function's options (only those that change it). ``start``: the builder's hyper-parameter that
+    sets the task-arithmetic coefficient the run starts from (``None``: it starts elsewhere), so a
+    study can start every adaptive method from one λ (``adaptive_init``).
     """
 
     build: Callable[..., CoefficientModel]
@@ -158,13 +160,22 @@ class Adapter:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     spaces: tuple[str, ...] = ("full",)
     basis: tuple[str, Callable[[Mapping[str, Any]], dict[str, Any]]] | None = None
+    start: Callable[[Mapping[str, Any]], str | None] = lambda hp: "init"
+
+    def with_start(self, hp: Mapping[str, Any], value: float) -> dict[str, Any]:
+        """``hp`` with the builder's starting coefficient set to ``value`` (``start(hp)`` names it:
+        the λ of the task-arithmetic point every coefficient model starts from), unless ``hp`` sets
+        it already or this configuration starts elsewhere (AdaRank's CART origin)."""
+        name = self.start(hp)
+        return dict(hp) if name is None or name in hp else {**hp, name: value}
 
 
 ADAPTERS: dict[str, Adapter] = {
     "adamerging": Adapter(build_adamerging),
     "tara_a": Adapter(build_tara_a, scalarization="stch"),
     "tara_b": Adapter(build_tara_b, scalarization="stch", spaces=SVD_SPACES, basis=("knots", lambda hp: {})),
-    "adarank": Adapter(build_adarank, spaces=SVD_SPACES, basis=("task_svd", _adarank_basis)),
+    "adarank": Adapter(build_adarank, spaces=SVD_SPACES, basis=("task_svd", _adarank_basis),
+                       start=lambda hp: "lam" if hp.get("origin", "ta") == "ta" else None),
     "adamerging_tas": Adapter(build_adamerging_tas, objective="tas"),
 }
 
@@ -216,7 +227,9 @@ def adapt(
 ) -> AdaptResult:
     """Adapt ``method``'s coefficients on unlabeled batches (one iterator per task, in task order).
 
-    STCH anchors ``z_t`` are measured with only task t's update applied (001 Sec. 3); the TAS
+    STCH anchors ``z_t`` are measured with only task t's update applied (001 Sec. 3) on the first
+    ``anchor_batches`` batches of each stream, which the loop then still sees (:func:`~mergelab.adaptation.loop.peek`:
+    every method of a study steps on the same batches whatever it measures first); the TAS
     teachers are the fine-tuned models ``W_0 + ΔW_t``. ``bases``: the bank's decompositions,
     computed earlier (see :func:`build`); the result is the same, bit for bit.
     """
@@ -227,7 +240,10 @@ def adapt(
     if len(batches) != len(taskset):
         raise InputError(f"{len(batches)} batch streams for {len(taskset)} tasks; give one per task in task order")
     teachers = [task_weights(taskset, forward.base, t) for t in range(len(taskset))] if objective == "tas" else None
-    z = anchors(objective, forward, taskset, batches, anchor_batches, teachers) if scalarization == "stch" else None
+    z = None
+    if scalarization == "stch":
+        first, batches = peek(batches, anchor_batches)
+        z = anchors(objective, forward, taskset, first, teachers)
     result = run(model, forward, batches, objective=objective, scalarization=scalarization, preference=preference,
                  alpha=alpha, anchor_values=z, teachers=teachers, iters=iters, lr=lr, optimizer=optimizer,
                  record_every=record_every, device=device, bf16=bf16, progress=progress,

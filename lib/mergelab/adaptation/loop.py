@@ -8,6 +8,7 @@ follow the papers: Adam, lr 1e-3, batch 16 per task (AdaMerging; 002 App. A; 004
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from mergelab.errors import InputError
 from mergelab.naming import module_coords
 from mergelab.taskset import MergedUpdate, TaskSet
 
-__all__ = ["OBJECTIVES", "AdaptResult", "Forward", "anchors", "objective_losses", "run", "task_weights"]
+__all__ = ["OBJECTIVES", "AdaptResult", "Forward", "anchors", "mean_abs_change", "objective_losses", "peek", "run", "task_weights"]
 
 Params = Mapping[str, Tensor]
 
@@ -91,18 +92,36 @@ def objective_losses(objective: str, forward: Forward, params: Params, batch: Se
     return torch.stack([loss(forward, t, *_batch(item), params, alignment) for t, item in enumerate(batch)])
 
 
-def anchors(objective: str, forward: Forward, taskset: TaskSet, batches: Sequence[Iterator], n_batches: int = 2,
+def peek(streams: Sequence[Iterator], n: int) -> tuple[list[list], list[Iterator]]:
+    """The first ``n`` items of every stream, and the streams with those items put back in front.
+
+    What a method reads before its loop (the STCH anchors) must not shift the batches the loop
+    sees: every adaptive method of a study then steps on the same batches in the same order
+    (common random numbers), whether it measures anchors or not.
+    """
+    heads = [list(itertools.islice(stream, n)) for stream in streams]
+    return heads, [itertools.chain(head, stream) for head, stream in zip(heads, streams, strict=True)]
+
+
+def anchors(objective: str, forward: Forward, taskset: TaskSet, batches: Sequence[Sequence],
             teachers: list[dict[str, Tensor]] | None = None) -> Tensor:
-    """``z_t``: task t's objective when only task t's own update is applied (001 Sec. 3), measured
-    on ``n_batches`` validation batches of task t."""
+    """``z_t``: task t's objective when only task t's own update is applied (001 Sec. 3), the mean
+    over the validation batches ``batches[t]`` of task t (see :func:`peek`)."""
     loss = OBJECTIVES[objective]
     alignment = _Alignment(teachers) if teachers is not None else None
     values = []
     for t in range(len(taskset)):
         weights = task_weights(taskset, forward.base, t)
         with torch.no_grad():
-            values.append(np.mean([float(loss(forward, t, *_batch(next(batches[t])), weights, alignment)) for _ in range(n_batches)]))
+            values.append(np.mean([float(loss(forward, t, *_batch(item), weights, alignment)) for item in batches[t]]))
     return torch.tensor(values)
+
+
+def mean_abs_change(first: Mapping[str, np.ndarray], last: Mapping[str, np.ndarray]) -> float:
+    """Mean ``|c_final − c_initial|`` over every learned coefficient (all tensors pooled): how far a
+    run moved from its starting point (0 means the merge is its initialisation)."""
+    deltas = [np.abs(np.asarray(last[k], dtype=np.float64) - np.asarray(first[k], dtype=np.float64)).ravel() for k in first]
+    return float(np.concatenate(deltas).mean()) if deltas else 0.0
 
 
 @dataclass
@@ -137,7 +156,8 @@ def run(
     ``history`` holds ``loss(iteration, task)``, ``objective(iteration)``, every learned tensor at
     the recorded iterations (``coef_<name>(record, …)``) and the model's per ``(record, module, task)``
     summaries (:meth:`~mergelab.adaptation.models.CoefficientModel.summary`: ``coefficient_mean``, and
-    ``mask_kept_fraction`` / ``lambda`` for AdaRank) for 004 Fig. 14 / 002 Fig. 5.
+    ``mask_kept_fraction`` / ``lambda`` for AdaRank) for 004 Fig. 14 / 002 Fig. 5, and in its attrs
+    ``mean_abs_delta_coef`` (:func:`mean_abs_change` from the first to the last record).
     """
     if objective not in OBJECTIVES:
         raise InputError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -180,7 +200,7 @@ def run(
     history = _history(model, losses, totals, records, summaries, recorded_at)
     history.attrs.update({"objective": objective, "scalarization": scalarization, "alpha": alpha, "space": model.space,
                           "preference": rho.tolist(), "lr": lr, "optimizer": optimizer, "iters": iters,
-                          "seconds_per_iter": seconds,
+                          "seconds_per_iter": seconds, "mean_abs_delta_coef": mean_abs_change(records[0], records[-1]),
                           "anchors": None if anchor_values is None else anchor_values.tolist()})
     return AdaptResult(model.merged_update(meta=meta), history, seconds)
 

@@ -50,10 +50,11 @@ class AdaptationStudy:
         return [p.name for p in params if p.name != "dataset"]
 
 
+#: Versions 2 of the preference studies: the STCH anchors no longer shift TARA's batches.
 ADAPTATION_STUDIES: dict[str, AdaptationStudy] = {
-    "pareto": AdaptationStudy(pareto_sweep, "preferences/pareto", "1"),
-    "cloud": AdaptationStudy(sensitivity_cloud, "preferences/cloud", "1"),
-    "stch_alpha": AdaptationStudy(stch_alpha_ablation, "preferences/stch_alpha", "1"),
+    "pareto": AdaptationStudy(pareto_sweep, "preferences/pareto", "2"),
+    "cloud": AdaptationStudy(sensitivity_cloud, "preferences/cloud", "2"),
+    "stch_alpha": AdaptationStudy(stch_alpha_ablation, "preferences/stch_alpha", "2"),
     "adarank_ablation": AdaptationStudy(adarank_ablation, "ablations/adarank", "1"),
 }
 

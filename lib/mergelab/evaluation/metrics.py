@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mergelab.data.tasks import ClassificationTask, joint_label_space
@@ -24,7 +25,7 @@ from mergelab.errors import InputError
 from mergelab.evaluation.heads import image_logits, joint_head, task_head
 from mergelab.model.base import Backbone
 
-__all__ = ["evaluate_task", "evaluate_tasks", "hits_at_k", "joint_hits", "normalized_accuracy",
+__all__ = ["embed", "evaluate_task", "evaluate_tasks", "hits_at_k", "joint_hits", "normalized_accuracy",
            "normalized_performance", "predict", "top1_accuracy"]
 
 
@@ -55,6 +56,14 @@ def normalized_performance(metric: float, finetuned_metric: float, higher_is_bet
 
 
 @torch.no_grad()
+def embed(backbone: Backbone, images: Tensor, params: Mapping[str, Tensor] | None = None, batch_size: int = 500) -> Tensor:
+    """Normalised image embeddings for many images in batches, without gradients: logits against
+    any head are ``embed(...) @ head.T`` (one encoder pass serves a task head and the joint head)."""
+    return torch.cat([F.normalize(backbone.encode_image(images[i:i + batch_size], params), dim=-1)
+                      for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
 def predict(backbone: Backbone, images: Tensor, head: Tensor, params: Mapping[str, Tensor] | None = None,
             batch_size: int = 500) -> Tensor:
     """Logits for many images in batches, without gradients."""
@@ -76,17 +85,19 @@ def evaluate_tasks(backbone: Backbone, tasks: Sequence[ClassificationTask], para
 
 
 def joint_hits(backbone: Backbone, tasks: Sequence[ClassificationTask], params: Mapping[str, Tensor] | None = None,
-               split: str = "test", ks: Sequence[int] = (1, 3, 5)) -> dict[str, float]:
+               split: str = "test", ks: Sequence[int] = (1, 3, 5), features: Mapping[str, Tensor] | None = None) -> dict[str, float]:
     """Joint-task Hits@k: every image of every task against one head over the de-duplicated union.
 
     Returns ``{"hits@1": …, "hits@3": …, "hits@5": …}`` as micro averages over all images.
+    ``features``: the tasks' :func:`embed` of that split under ``params``, when already computed.
     """
     joint = joint_label_space(tasks)
     head = joint_head(backbone, tasks, joint)
     hits, total = {k: 0 for k in ks}, 0
     for task in tasks:
         images, labels = task.tensors(split)
-        found = hits_at_k(predict(backbone, images, head, params), joint.map_labels(task.name, labels), ks)
+        emb = features[task.name] if features is not None else embed(backbone, images, params)
+        found = hits_at_k(emb @ head.T, joint.map_labels(task.name, labels), ks)
         hits = {k: hits[k] + found[k] for k in ks}
         total += len(labels)
     return {f"hits@{k}": hits[k] / total for k in ks}

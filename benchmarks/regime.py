@@ -1,0 +1,102 @@
+"""The regime of a study: does merging beat zero-shot, do the spaces differ, does adaptation move?
+
+Reads a study's results Dataset from a store (``studies/<name>/results``, written by ``mergelab
+run`` / ``mergelab demo``) and prints one table: zero-shot and fine-tuned references, task
+arithmetic, the best static method, TIES / TSV / Iso-C / CART per space, every adaptive run with
+its mean ``|Δcoefficient|``, then each target of issue 12 with the measured value and whether it
+holds. Every number is the test split of the configuration selected on val (the study's rule):
+nothing here looks at test to choose.
+
+    PYTHONPATH=lib:. python benchmarks/regime.py                      # the demo: data/store, study micro
+    PYTHONPATH=lib:. python benchmarks/regime.py --store S --study NAME
+
+A benchmark, not a test: it asserts nothing and exits 0 whether or not the targets hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "lib"))
+
+from mergelab.store import Store, default_store_url  # noqa: E402
+from mergelab.study import results_table  # noqa: E402
+
+#: Static methods whose per-space rows the regime shows (003's Full vs KnOTS vs Core comparison).
+PER_SPACE = ("ties", "tsv", "iso_c", "cart")
+ADAPTIVE = ("adamerging", "adamerging_tas", "tara_a", "tara_b", "adarank")
+
+
+def _score(table, method: str, space: str | None = None) -> float:
+    rows = table[(table.method == method) & ((table.space == space) if space else True)]
+    return float(rows.norm_acc.max()) if len(rows) else math.nan
+
+
+def _split(table):
+    """(static merges, adaptive runs): adaptive rows are those with a ``|Δcoef|``."""
+    merged = table[~table.method.isin(["zeroshot", "finetuned"])]
+    adaptive = merged["|Δcoef|"].notna() if "|Δcoef|" in merged else merged.method.isin(ADAPTIVE)
+    return merged[~adaptive], merged[adaptive]
+
+
+def regime_rows(table) -> list[tuple[str, str, float, float]]:
+    """``(row, config, normalised accuracy %, |Δcoef|)`` in the order of issue 12's table."""
+    out = [("zero-shot", "-", _score(table, "zeroshot"), math.nan), ("fine-tuned", "-", _score(table, "finetuned"), math.nan)]
+    static, adaptive = _split(table)
+    for _, r in static[static.method == "task_arithmetic"].iterrows():
+        out.append((f"task arithmetic ({r.space})", r.config, r.norm_acc, math.nan))
+    if len(static):
+        best = static.loc[static.norm_acc.idxmax()]
+        out.append((f"best static: {best.method} ({best.space})", best.config, best.norm_acc, math.nan))
+    for method in PER_SPACE:
+        for _, r in static[static.method == method].iterrows():
+            out.append((f"{method} ({r.space})", r.config, r.norm_acc, math.nan))
+    for _, r in adaptive.iterrows():
+        out.append((f"{r.method} ({r.space})", r.config, r.norm_acc, r.get("|Δcoef|", math.nan)))
+    return out
+
+
+def targets(table) -> list[tuple[str, float, bool]]:
+    """Issue 12's targets: ``(what, measured margin or value, holds)``."""
+    zs, ft_abs = _score(table, "zeroshot"), float(table[table.method == "finetuned"].acc.max())
+    ta = _score(table, "task_arithmetic", "full")
+    static, _ = _split(table)
+    best = float(static.norm_acc.max()) if len(static) else math.nan
+    ties_full = _score(table, "ties", "full")
+    ties_best_space = max(_score(table, "ties", "knots"), _score(table, "ties", "core"))
+    differs = [m for m in ("tsv", "iso_c", "cart") if abs(_score(table, m, "full") - _score(table, m, "core")) >= 0.05]
+    ada = _score(table, "adamerging")
+    tara = max(_score(table, "tara_a"), _score(table, "tara_b"))
+    rows = [("zero-shot normalised accuracy <= 70", zs, zs <= 70), ("fine-tuned mean accuracy >= 85 %", ft_abs, ft_abs >= 85),
+            ("TA - zero-shot >= 10 points", ta - zs, ta - zs >= 10), ("best static - TA >= 3 points", best - ta, best - ta >= 3),
+            ("TIES knots/core - TIES full >= 0", ties_best_space - ties_full, ties_best_space >= ties_full),
+            (f"TSV / Iso-C / CART differ full vs core ({', '.join(differs) or 'none'})", float(len(differs)), bool(differs)),
+            ("AdaMerging - TA >= 2 points", ada - ta, ada - ta >= 2), ("TARA - AdaMerging >= -1 point", tara - ada, tara - ada >= -1)]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", default=None, help="the store (default: $MERGELAB_STORE or data/store)")
+    parser.add_argument("--study", default="micro", help="the study's name (default: micro, the demo)")
+    args = parser.parse_args(argv)
+    store = Store(args.store or default_store_url())
+    ds = store.get_dataset(store.ref(f"studies/{args.study}/results"))
+    table = results_table(ds)
+    print(f"study {args.study} ({ds.attrs.get('note', '')}); test split, configurations selected on {ds.attrs['selection']}")
+    print(f"{'row':<36} {'config':<34} {'norm_acc %':>10} {'|Δcoef|':>9}")
+    for name, config, norm, delta in regime_rows(table):
+        print(f"{name:<36} {config[:34]:<34} {norm:>10.1f} {'' if math.isnan(delta) else f'{delta:.4f}':>9}")
+    print()
+    for what, value, holds in targets(table):
+        print(f"{'holds ' if holds else 'MISSED'}  {what}: {value:+.1f}" if "differ" not in what else
+              f"{'holds ' if holds else 'MISSED'}  {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""The results table's grid-edge marks and adaptive |Δcoef| column, on a hand-made results Dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from mergelab.study import grid_edges, results_table
+
+TASKS = ["a", "b"]
+METRICS = ["acc", "norm_acc", "val_acc", "val_norm_acc"]
+
+
+def _results(val: dict[tuple[str, str], float], delta: dict[str, float]) -> xr.Dataset:
+    """Results of method ``ta`` over an alpha grid and one adaptive run, val scores as given."""
+    methods, configs = ["ta", "tta", "adamerging"], ["alpha=0.1", "alpha=0.3", "alpha=0.5", "iters=5,lr=0.1"]
+    shape = (len(methods), 1, len(configs), len(TASKS), len(METRICS), 1)
+    score = np.full(shape, np.nan)
+    seconds = np.full((len(methods), 1, len(configs), 1), np.nan)
+    change = np.full_like(seconds, np.nan)
+    for (method, config), value in val.items():
+        i, j = methods.index(method), configs.index(config)
+        score[i, 0, j, :, :, 0] = value
+        seconds[i, 0, j, 0] = 0.1
+        change[i, 0, j, 0] = delta.get(method, np.nan)
+    ds = xr.Dataset({"score": (("method", "space", "config", "task", "metric", "seed"), score),
+                     "merge_seconds": (("method", "space", "config", "seed"), seconds),
+                     "peak_memory_mb": (("method", "space", "config", "seed"), seconds),
+                     "mean_abs_delta_coef": (("method", "space", "config", "seed"), change)},
+                    coords={"method": methods, "space": ["full"], "config": configs, "task": TASKS, "metric": METRICS, "seed": [0]})
+    criterion = ds["score"].sel(metric="val_norm_acc").mean("task")
+    ds["selected"] = criterion == criterion.max("config")
+    reference = np.full((2, len(TASKS), len(METRICS)), 0.5)
+    ds["reference_score"] = (("reference", "task", "metric"), reference)
+    ds = ds.assign_coords(reference=["zeroshot", "finetuned"])
+    ds.attrs["tasks"] = TASKS
+    return ds
+
+
+def test_a_selection_on_the_edge_of_its_grid_is_flagged_and_an_interior_one_is_not():
+    ds = _results({("ta", "alpha=0.1"): 0.9, ("ta", "alpha=0.3"): 0.8, ("ta", "alpha=0.5"): 0.7,
+                   ("tta", "alpha=0.1"): 0.7, ("tta", "alpha=0.3"): 0.9, ("tta", "alpha=0.5"): 0.8,
+                   ("adamerging", "iters=5,lr=0.1"): 0.85}, {"adamerging": 0.02})
+    assert grid_edges(ds) == {("ta", "full", "alpha=0.1"): ["alpha"]}
+    table = results_table(ds).set_index("method")
+    assert table.loc["ta", "config"] == "alpha=0.1 (edge)"
+    assert table.loc["tta", "config"] == "alpha=0.3"
+    assert table.loc["adamerging", "|Δcoef|"] == 0.02
+    assert np.isnan(table.loc["ta", "|Δcoef|"])
