@@ -60,6 +60,23 @@ def regime_rows(table) -> list[tuple[str, str, float, float]]:
     return out
 
 
+def plateaus(store: Store, study: str) -> list[tuple[str, float, float, float]]:
+    """Per adaptive run of the study: ``(label, objective at the first step, at the last step,
+    change over the last quarter of the run relative to the whole change)``; a run has converged
+    when the last number is small (its objective no longer moves)."""
+    out = []
+    for name, key in sorted(store.refs().items()):
+        prefix = f"studies/{study}/adapt/"
+        if not name.startswith(prefix):
+            continue
+        objective = store.get_dataset(key)["objective"].values
+        quarter = max(1, len(objective) // 4)
+        first, last = float(objective[:5].mean()), float(objective[-5:].mean())
+        late = float(objective[-quarter - 5:-quarter].mean()) - last if len(objective) > quarter + 5 else math.nan
+        out.append((name.removeprefix(prefix), first, last, late / (first - last) if first != last else math.nan))
+    return out
+
+
 def targets(table) -> list[tuple[str, float, bool]]:
     """Issue 12's targets: ``(what, measured margin or value, holds)``."""
     zs, ft_abs = _score(table, "zeroshot"), float(table[table.method == "finetuned"].acc.max())
@@ -91,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'row':<36} {'config':<34} {'norm_acc %':>10} {'|Δcoef|':>9}")
     for name, config, norm, delta in regime_rows(table):
         print(f"{name:<36} {config[:34]:<34} {norm:>10.1f} {'' if math.isnan(delta) else f'{delta:.4f}':>9}")
+    print()
+    print(f"{'adaptive run':<20} {'objective first 5':>18} {'last 5':>10} {'last-quarter share of the change':>34}")
+    for label, first, last, late in plateaus(store, args.study):
+        print(f"{label:<20} {first:>18.4f} {last:>10.4f} {late:>34.2f}")
     print()
     for what, value, holds in targets(table):
         print(f"{'holds ' if holds else 'MISSED'}  {what}: {value:+.1f}" if "differ" not in what else

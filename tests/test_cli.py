@@ -290,7 +290,7 @@ def _case_merge_select_bench_not_a_study(tmp, adapter, base):
 
 
 def _case_merge_select_foreign_base(tmp, adapter, base):
-    return _merge_args(tmp, adapter, base, "--method", "tsv", "--select", "val"), "micro-r16"
+    return _merge_args(tmp, adapter, base, "--method", "tsv", "--select", "val"), "do not fit the micro-r4 benchmark"
 
 
 BAD_INPUT = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]

@@ -109,3 +109,22 @@ def test_unknown_names_raise_input_errors():
         micro_tasks(0, "quick", ("imagenet",))
     with pytest.raises(InputError, match="unknown micro profile"):
         micro_tasks(0, "huge")
+
+
+def test_consistency_loss_measures_how_far_embeddings_moved_and_ignores_their_scale():
+    import torch
+
+    from mergelab.micro.training import consistency_loss
+
+    x = torch.randn(6, 8)
+    assert float(consistency_loss(3 * x, x)) == pytest.approx(0.0, abs=1e-6)
+    y = torch.randn(6, 8)
+    expected = (torch.nn.functional.normalize(y, dim=-1) - torch.nn.functional.normalize(x, dim=-1)).pow(2).sum(-1).mean()
+    assert float(consistency_loss(y, x)) == pytest.approx(float(expected))
+
+
+def test_lora_with_consistency_needs_images_outside_the_task():
+    from mergelab.micro.training import LoraConfig, finetune_lora
+
+    with pytest.raises(ValueError, match="outside"):
+        finetune_lora(None, None, None, LoraConfig(consistency=1.0))

@@ -85,14 +85,15 @@ def _micro(spec: BenchSpec, tasks: Sequence[str] | None) -> Bench:
     unknown = [t for t in names if t not in micro.tasks]
     if unknown:
         raise InputError(f"tasks: {unknown[0]!r} is not a micro task; allowed: {', '.join(micro.tasks)}")
-    if spec.rank not in micro.adapters:
-        raise InputError(f"bench.rank: no rank-{spec.rank} adapters in {spec.root}; built ranks: {sorted(micro.adapters)}")
+    rank = micro.default_rank if spec.rank is None else spec.rank
+    if rank not in micro.adapters:
+        raise InputError(f"bench.rank: no {rank!r} adapter set in {spec.root}; built sets: {', '.join(map(str, micro.adapters))}")
     base = micro.root / micro.manifest["base"]["dir"]
     data_id = content_hash({"weights": [_file_digest(p) for p in sorted(base.iterdir()) if p.is_file()],
                             "seed": micro.manifest["seed"], "profile": micro.manifest["profile"],
                             "tasks": [_task_id(micro.tasks[t]) for t in names]})
-    return Bench(f"micro-r{spec.rank}", micro.backbone, {t: micro.tasks[t] for t in names},
-                 [(t, micro.adapters[spec.rank][t]) for t in names], data_id)
+    return Bench(f"micro-r{rank}" if isinstance(rank, int) else f"micro-{rank}", micro.backbone, {t: micro.tasks[t] for t in names},
+                 [(t, micro.adapters[rank][t]) for t in names], data_id)
 
 
 def _open_clip(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:

@@ -48,11 +48,12 @@ class TaskSource(_Strict):
 
 class BenchSpec(_Strict):
     """Where the model and tasks come from: ``micro`` (the shipped benchmark), ``open_clip`` or
-    ``hf_clip`` (local weights + ImageFolder task data)."""
+    ``hf_clip`` (local weights + ImageFolder task data). ``rank``: the micro adapter set (a rank,
+    ``mixed``, or ``None`` for the benchmark's default set)."""
 
     kind: str = "micro"
     root: Path = Path("data/micro")
-    rank: int = 16
+    rank: int | Literal["mixed"] | None = None
     arch: str | None = None
     weights: Path | None = None
     image_size: int | None = None

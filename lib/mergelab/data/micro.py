@@ -299,18 +299,26 @@ class Micro:
     root: Path
     backbone: Any
     tasks: dict[str, ClassificationTask]
-    adapters: dict[int, dict[str, Path]]
+    adapters: dict[int | str, dict[str, Path]]
     dense: dict[str, DenseTask]
     dense_checkpoints: dict[str, Path]
     manifest: Mapping[str, Any]
 
-    def adapter_paths(self, rank: int = 16) -> list[Path]:
+    @property
+    def default_rank(self) -> int:
+        """The rank of the default adapter set (4 since the v2 build; 16 in older builds)."""
+        return int(self.manifest.get("default_rank", 16))
+
+    def adapter_paths(self, rank: int | str | None = None) -> list[Path]:
+        """The adapter directories of one set: a rank, ``"mixed"`` or (``None``) the default rank."""
+        rank = self.default_rank if rank is None else rank
         if rank not in self.adapters:
-            raise InputError(f"no rank-{rank} adapters in {self.root}; built ranks: {sorted(self.adapters)}")
+            raise InputError(f"no {rank!r} adapter set in {self.root}; built sets: {', '.join(map(str, self.adapters))}")
         return [self.adapters[rank][t] for t in self.tasks]
 
-    def taskset(self, rank: int = 16) -> TaskSet:
-        """The tasks' adapters of one rank as a TaskSet against the backbone's encoder weights."""
+    def taskset(self, rank: int | str | None = None) -> TaskSet:
+        """The tasks' adapters of one set (a rank, ``"mixed"``, or the default) as a TaskSet against the
+        backbone's encoder weights."""
         from mergelab.checkpoints import load_taskset
 
         return load_taskset(self.backbone.base_state(), list(zip(self.tasks, self.adapter_paths(rank))))
@@ -321,7 +329,8 @@ def load_micro(root: str | Path = "data/micro") -> Micro:
 
     The backbone is the pre-trained tiny open_clip CLIP with its closed-vocabulary tokenizer; the
     tasks are regenerated from the manifest's seed and profile. Adapters load with
-    ``mergelab.checkpoints.load_taskset(micro.backbone.base_state(), micro.adapter_paths(16))``.
+    ``mergelab.checkpoints.load_taskset(micro.backbone.base_state(), micro.adapter_paths())`` (the
+    default set; ``adapter_paths(16)`` or ``adapter_paths("mixed")`` for the others).
     """
     from mergelab.micro.artifacts import read_backbone
 
@@ -332,7 +341,7 @@ def load_micro(root: str | Path = "data/micro") -> Micro:
     manifest = json.loads(manifest_path.read_text())
     backbone = read_backbone(root / manifest["base"]["dir"])
     tasks = micro_tasks(manifest["seed"], manifest["profile"])
-    adapters = {int(r): {t: root / p for t, p in paths.items()} for r, paths in manifest["adapters"].items()}
+    adapters = {(int(r) if r.isdigit() else r): {t: root / p for t, p in paths.items()} for r, paths in manifest["adapters"].items()}
     dense = dense_suite(manifest["seed"], manifest["profile"])
     checkpoints = {t: root / info["dir"] for t, info in manifest["dense"].items()}
     return Micro(root, backbone, tasks, adapters, dense, checkpoints, manifest)

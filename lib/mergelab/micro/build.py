@@ -46,6 +46,10 @@ __all__ = ["CONFIGS", "BuildConfig", "build_micro", "render_readme"]
 
 #: Bumped whenever a producer's code changes what it makes (enters every content key).
 VERSION = "2"
+#: Weight of the LoRA fine-tuning's feature-consistency term (the micro benchmark v2, issue 12).
+CONSISTENCY = 3.0
+#: The rank of the default adapter set: r/d = 4/96 = 1/24 and T·r/d = 32/96 = 1/3 (DESIGN §9).
+DEFAULT_RANK = 4
 Progress = Any  # rich.progress.Progress or None
 
 
@@ -58,9 +62,10 @@ class BuildConfig:
     lora_steps: int
     lora_batch: int
     dense: Mapping[str, DenseConfig]
-    ranks: tuple[int, ...] = (16, 4)
+    ranks: tuple[int, ...] = (4, 16)
     lora_alpha: float = 16.0
     lora_lr: float = 3e-4 * 768 / 96
+    consistency: float = CONSISTENCY
     refit_steps: int = 300
 
     def lora(self, rank: int, seed: int) -> LoraConfig:
@@ -68,17 +73,26 @@ class BuildConfig:
         dropout 0.1, AdamW, cosine, weight decay 1e-4. The learning rate is App. C.2's 3e-4 transferred
         from ViT-B/32's width 768 to the micro width 96 (× 768 / 96, the muP rule for hidden-layer Adam
         learning rates): with Adam a LoRA factor moves by ~lr per step whatever the width, so the same
-        lr changes a width-96 layer's output 8× less than a width-768 one's."""
-        return LoraConfig(rank=rank, alpha=self.lora_alpha, lr=self.lora_lr, steps=self.lora_steps, batch_size=self.lora_batch, seed=seed)
+        lr changes a width-96 layer's output 8× less than a width-768 one's. ``consistency``: the
+        weight of the feature-consistency term on the other tasks' pre-training images
+        (:func:`~mergelab.micro.training.consistency_loss`, data/micro/README.md)."""
+        return LoraConfig(rank=rank, alpha=self.lora_alpha, lr=self.lora_lr, steps=self.lora_steps, batch_size=self.lora_batch,
+                          seed=seed, consistency=self.consistency)
+
+    def mixed(self, tasks: Sequence[str]) -> dict[str, int]:
+        """The mixed-rank set (003 Tab. 9): tasks alternate between the smallest and the largest rank."""
+        low, high = min(self.ranks), max(self.ranks)
+        return {name: low if i % 2 == 0 else high for i, name in enumerate(tasks)}
 
     def as_dict(self) -> dict[str, Any]:
         return {"profile": self.profile, "pretrain": config_dict(self.pretrain), "lora_steps": self.lora_steps,
                 "lora_batch": self.lora_batch, "ranks": list(self.ranks), "lora_alpha": self.lora_alpha, "lora_lr": self.lora_lr,
-                "dense": {k: config_dict(v) for k, v in self.dense.items()}, "refit_steps": self.refit_steps}
+                "consistency": self.consistency, "dense": {k: config_dict(v) for k, v in self.dense.items()},
+                "refit_steps": self.refit_steps}
 
 
 CONFIGS: dict[str, BuildConfig] = {
-    "full": BuildConfig("full", PretrainConfig(steps=1200, batch_size=256), lora_steps=500, lora_batch=64,
+    "full": BuildConfig("full", PretrainConfig(steps=1200, batch_size=256), lora_steps=750, lora_batch=64,
                         dense={"segmentation": DenseConfig(120, 1e-4), "depth": DenseConfig(120, 2e-4),
                                "keypoint": DenseConfig(600, 1e-3), "shape": DenseConfig(400, 1e-3)}),
     "quick": BuildConfig("quick", PretrainConfig(steps=120, batch_size=128), lora_steps=25, lora_batch=32,
@@ -143,6 +157,8 @@ def _adapters(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Ma
               config: BuildConfig, seed: int, progress: Progress) -> dict[int, dict[str, tuple[str, str]]]:
     """``{rank: {task: (tensors key, config key)}}``, training what the store lacks."""
     out: dict[int, dict[str, tuple[str, str]]] = {}
+    outside = {name: np.concatenate([t.split("pretrain").images for n, t in tasks.items() if n != name])
+               for name in tasks} if config.consistency > 0 else {}
     for rank in config.ranks:
         out[rank] = {}
         for index, (name, task) in enumerate(tasks.items()):
@@ -152,7 +168,8 @@ def _adapters(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Ma
             if not store.exists(key):
                 start = time.perf_counter()
                 tensors, adapter_config = finetune_lora(backbone, task, task_head(backbone, task), lora,
-                                                        _ticker(progress, f"LoRA r{rank} on {name}", lora.steps))
+                                                        _ticker(progress, f"LoRA r{rank} on {name}", lora.steps),
+                                                        outside=outside.get(name))
                 store.put_json(cfg_key, adapter_config)
                 store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
             out[rank][name] = (key, cfg_key)
@@ -267,7 +284,9 @@ def _manifest(store: Store, config: BuildConfig, seed: int, base_key: str, adapt
     return {
         "format": 1, "profile": config.profile, "seed": seed, "config": config.as_dict(),
         "base": {"dir": "base", "key": base_key},
-        "adapters": {str(r): {t: f"adapters/r{r}/{t}" for t in per} for r, per in adapters.items()},
+        "adapters": {**{str(r): {t: f"adapters/r{r}/{t}" for t in per} for r, per in adapters.items()},
+                     "mixed": {t: f"adapters/r{r}/{t}" for t, r in config.mixed(list(tasks)).items()}},
+        "default_rank": DEFAULT_RANK,
         "adapter_keys": {str(r): {t: k for t, (k, _) in per.items()} for r, per in adapters.items()},
         "dense": {t: {"dir": f"dense/{t}", "key": k} for t, k in dense_keys.items()},
         "tasks": {name: {"analogue": task.analogue, "source": task.source, "num_classes": task.num_classes}
@@ -277,6 +296,39 @@ def _manifest(store: Store, config: BuildConfig, seed: int, base_key: str, adapt
     }
 
 
+#: The README's design section: why the v2 build is what it is, with the val-split measurements
+#: (never test) that chose it (issue 12). Rows: width, default rank, LoRA lr, consistency weight.
+DESIGN = [
+    "", "## Design (v2) and the measurements behind it", "",
+    "The papers' phenomena need their regime: merged models well above zero-shot, spaces that differ, "
+    "task vectors that act on their own task. Structure: the default adapters are rank 4 on a 96-wide ViT, "
+    "so r/d = 1/24 and T·r/d = 1/3 (DESIGN §9); the Core/KnOTS bases (T·r = 32 directions) no longer span the "
+    "whole space, as they did with the 8 rank-16 adapters (T·r = 128 > 96). Rank 16 stays shipped as the contrast "
+    "set and, with rank 4, forms the mixed set.", "",
+    "Width was not the lever. On the val split (task arithmetic over λ ∈ {0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0}; "
+    "normalised accuracy %, plain cross-entropy fine-tuning unless a consistency weight is given):", "",
+    "| ViT width | LoRA rank | LoRA lr | steps | consistency | fine-tuned acc | zero-shot | best TA (λ) | TA − zero-shot |",
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| 96 | 4 | 6e-4 | 500 | 0 | 79.9 | 69.6 | 73.6 (0.1) | +4.0 |",
+    "| 96 | 4 | 2e-4 | 500 | 0 | 74.3 | 75.7 | 79.0 (0.1) | +3.3 |",
+    "| 192 | 8 | 1.2e-3 | 500 | 0 | 89.9 | 69.2 | 71.7 (0.1) | +2.5 |",
+    "| 96 | 4 | 6e-4 | 500 | 10 | 77.0 | 72.6 | 89.3 (0.7) | +16.7 |",
+    "| 96 | 4 | 2.4e-3 | 500 | 2 | 82.3 | 67.4 | 79.8 (0.5) | +12.4 |",
+    "| 96 | 4 | 2.4e-3 | 500 | 5 | 81.2 | 68.4 | 84.7 (0.7) | +16.3 |", "",
+    "Plain fine-tuning gives task vectors that are orthogonal in weight space (mean |cos| 0.004) but damage every "
+    "other task: at λ = 0.3 a task's own vector alone reaches 82.9 % normalised, the sum of the *other* seven "
+    "alone 58.8 % (zero-shot 69.6 %), at λ = 1 23.4 %. A 192-wide model (r8: the same ratios) fine-tunes better "
+    "and interferes as much. The build therefore adds a feature-consistency term to each task's LoRA loss: the "
+    "squared distance between the adapted and the pre-trained encoder's normalised embeddings of the *other* "
+    "tasks' pre-training images (`mergelab.micro.training.consistency_loss`; never val/test images). It emulates "
+    "what a large pre-trained model does by itself (fine-tuning on one task barely moves its features of other "
+    "domains): with it the others-only model keeps 73.0 % at λ = 0.3 (zero-shot 72.6 %). Weight 3 sits between "
+    "the measured 2 and 5 (both clear TA ≥ zero-shot + 10 and leave interference for TIES/TSV/Iso-C to resolve); "
+    "750 steps instead of 500 raise the fine-tuned accuracy of the hard tasks. This is a deliberate departure "
+    "from the papers' plain cross-entropy fine-tuning, made to reproduce their regime on a model 8× narrower.",
+]
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -284,7 +336,8 @@ def _pct(x: float) -> str:
 def render_readme(manifest: Mapping[str, Any], size_bytes: int) -> str:
     """The benchmark's README: per-task table, dense suite, timings. Micro-benchmark numbers only."""
     m = manifest["metrics"]
-    ranks = sorted(m["finetuned"], key=int, reverse=True)
+    default = str(manifest.get("default_rank", 16))
+    ranks = sorted(m["finetuned"], key=lambda r: (r != default, int(r)))  # the default set first
     lines = [
         "# mergelab micro benchmark (built by `mergelab build-micro`)", "",
         "**These are micro-benchmark numbers, measured on this project's own tiny CLIP and generated tasks.",
@@ -293,7 +346,13 @@ def render_readme(manifest: Mapping[str, Any], size_bytes: int) -> str:
         "width 96, 24 px images, 6 px patches; 3-block text tower over a closed vocabulary) was contrastively pre-trained here on the "
         "tasks' pre-training splits (never their val/test images), then fine-tuned per task with PEFT LoRA on q, k, v, out of every "
         "vision block against the frozen zero-shot text head (001 App. C.2: AdamW, cosine schedule, weight decay 1e-4, dropout 0.1, "
-        "alpha 16; learning rate 3e-4 × 768/96 = 2.4e-3, App. C.2's rate transferred from ViT-B/32's width to the micro width).",
+        f"alpha 16; learning rate {manifest['config']['lora_lr']:.2g}, App. C.2's 3e-4 transferred from ViT-B/32's width to the micro "
+        "width by × 768/96), with a feature-consistency term of weight "
+        f"{manifest['config'].get('consistency', 0.0):g} on the other tasks' pre-training images (see *Design* below).",
+        "", f"Adapter sets: `r{manifest.get('default_rank', 16)}` is the default (r/d = 1/24, T·r/d = 1/3 at width 96 and 8 tasks; "
+        "ViT-B/32 with r16: 1/48 and 1/6); `r16` (T·r = 128 > d: the spaces coincide) and `mixed` ("
+        + ", ".join(f"{t} r{p.split('/')[1][1:]}" for t, p in manifest["adapters"].get("mixed", {}).items())
+        + ", 003 Tab. 9) reuse the same training runs.",
         "", "Test-split top-1 accuracy (%):", "",
         "| task | analogue | source | classes | zero-shot | " + " | ".join(f"LoRA r{r} fine-tuned" for r in ranks) + " |",
         "|---|---|---|---:|---:|" + "---:|" * len(ranks),
@@ -314,11 +373,12 @@ def render_readme(manifest: Mapping[str, Any], size_bytes: int) -> str:
         arrow = "↑" if d["higher_is_better"] else "↓"
         lines.append(f"| {name} | {d['metric']} {arrow} | {d['base_refit']:.4f} | {d['finetuned_refit']:.4f} | "
                      f"{d['finetuned_own_decoder']:.4f} | {d['task_vector_norm']:.3f} |")
+    lines += DESIGN
     t = manifest["timings_s"]
     lines += ["", "## Build", "",
               f"Wall time of the build that produced these artifacts: **{manifest['build_time_s'] / 60:.1f} min** "
               f"(pre-training {t['pretrain']:.0f} s, LoRA {t['lora']:.0f} s, dense {t['dense']:.0f} s, evaluation {t['evaluation']:.0f} s; "
-              "one torch thread, on a 2-core machine shared with other jobs). Timings vary 2–5× between runs on shared machines.", "",
+              "torch threads as set by `--threads`, on a 2-core machine shared with other jobs). Timings vary 2–5× between runs on shared machines.", "",
               f"Artifacts: {size_bytes / 2**20:.1f} MiB. Load them with `mergelab.data.micro.load_micro(\"data/micro\")`; "
               "the adapters are standard PEFT directories that `mergelab.checkpoints.load_taskset(backbone.base_state(), dirs)` reads.", ""]
     return "\n".join(lines)

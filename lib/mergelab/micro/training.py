@@ -6,7 +6,9 @@
 * LoRA: PEFT adapters on q, k, v, out of every vision block with the frozen zero-shot head as the
   classifier; AdamW, cosine schedule (001 App. C.2: r 16, alpha 16, dropout 0.1, lr 3e-4,
   weight decay 1e-4; the micro build scales the learning rate to its width, see
-  :meth:`mergelab.micro.build.BuildConfig.lora`).
+  :meth:`mergelab.micro.build.BuildConfig.lora`). With ``consistency > 0`` the task's
+  cross-entropy is joined by a feature-consistency term on images *outside* the task
+  (:func:`consistency_loss`), which keeps the update local to the task's inputs.
 * Dense: the whole encoder and a linear decoder fine-tuned end to end per task (004 Sec. 4.1), with
   per-task lengths and learning rates (the source of 004 Fig. 5's norm imbalance).
 
@@ -33,7 +35,7 @@ from mergelab.data.tasks import ClassificationTask, DenseTask, to_tensor
 from mergelab.evaluation.dense import KINDS, decode, dense_features, make_decoder
 from mergelab.model.openclip_backend import OpenClipBackbone
 
-__all__ = ["DenseConfig", "LoraConfig", "PretrainConfig", "contrastive_pretrain", "finetune_dense", "finetune_lora"]
+__all__ = ["DenseConfig", "LoraConfig", "PretrainConfig", "consistency_loss", "contrastive_pretrain", "finetune_dense", "finetune_lora"]
 
 Tick = Callable[[], None]
 
@@ -126,7 +128,11 @@ def contrastive_pretrain(backbone: OpenClipBackbone, images: np.ndarray, caption
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """PEFT LoRA on q, k, v, out of every vision block (001 App. C.2 defaults)."""
+    """PEFT LoRA on q, k, v, out of every vision block (001 App. C.2 defaults).
+
+    ``consistency``: weight of :func:`consistency_loss` on images outside the task (0: plain
+    cross-entropy, as the papers fine-tune).
+    """
 
     rank: int = 16
     alpha: float = 16
@@ -136,18 +142,35 @@ class LoraConfig:
     steps: int = 300
     batch_size: int = 64
     seed: int = 0
+    consistency: float = 0.0
+
+
+def consistency_loss(tuned: Tensor, reference: Tensor) -> Tensor:
+    """``mean_n ‖normalize(f_θ(x_n)) − normalize(f_0(x_n))‖²``: how far the adapted encoder moves the
+    normalised embeddings of images ``x_n`` from the pre-trained encoder's.
+
+    On images outside the task it penalises what the update does off its own inputs: a large
+    pre-trained model fine-tuned on one task barely changes its features of other domains, a
+    96-wide one does not (its task vectors damage every other task, so task arithmetic falls below
+    zero-shot). The micro build adds it to emulate that locality (data/micro/README.md).
+    """
+    return (F.normalize(tuned, dim=-1) - F.normalize(reference, dim=-1)).pow(2).sum(-1).mean()
 
 
 def finetune_lora(backbone: OpenClipBackbone, task: ClassificationTask, head: Tensor, config: LoraConfig,
-                  tick: Tick = _noop) -> tuple[dict[str, Tensor], dict[str, Any]]:
+                  tick: Tick = _noop, outside: np.ndarray | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Fine-tune a PEFT LoRA adapter with the frozen zero-shot ``head``; returns (adapter tensors, adapter config).
 
-    The tensors and config are exactly what ``PeftModel.save_pretrained`` writes.
+    The tensors and config are exactly what ``PeftModel.save_pretrained`` writes. ``outside``:
+    uint8 images not of this task (the other tasks' pre-training images), one batch of which
+    enters :func:`consistency_loss` per step when ``config.consistency > 0``.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from safetensors.torch import load_file
 
+    if config.consistency > 0 and outside is None:
+        raise ValueError("consistency > 0 needs the images outside the task (outside=)")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     peft_config = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
@@ -162,6 +185,11 @@ def finetune_lora(backbone: OpenClipBackbone, task: ClassificationTask, head: Te
         batch = torch.randint(0, len(labels), (config.batch_size,), generator=generator)
         logits = F.normalize(model(_shift(images[batch], generator)), dim=-1) @ head.T
         loss = F.cross_entropy(logits, labels[batch])
+        if config.consistency > 0:
+            others = to_tensor(outside[torch.randint(0, len(outside), (config.batch_size,), generator=generator).numpy()])
+            with torch.no_grad(), model.disable_adapter():
+                reference = model(others)
+            loss = loss + config.consistency * consistency_loss(model(others), reference)
         opt.zero_grad()
         loss.backward()
         opt.step()
