@@ -47,3 +47,10 @@ def test_a_selection_on_the_edge_of_its_grid_is_flagged_and_an_interior_one_is_n
     assert table.loc["tta", "config"] == "alpha=0.3"
     assert table.loc["adamerging", "|Δcoef|"] == 0.02
     assert np.isnan(table.loc["ta", "|Δcoef|"])
+
+
+def test_a_list_valued_setting_in_a_config_label_does_not_break_the_edge_check():
+    from mergelab.study import _parse_label
+
+    assert _parse_label("clamp=[0, 1],iters=5,lr=0.1") == {"clamp": "[0", "iters": "5", "lr": "0.1"}
+    assert _parse_label("default") == {}

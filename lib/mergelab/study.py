@@ -640,7 +640,9 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
 
 
 def _parse_label(label: str) -> dict[str, str]:
-    return dict(part.split("=", 1) for part in label.split(",")) if "=" in label else {}
+    """``config_label``'s ``k=v,k=v`` back into its pairs (a part without ``=`` belongs to a list
+    value such as ``clamp=[0, 1]`` and is dropped: lists are never numeric grid values)."""
+    return dict(part.split("=", 1) for part in label.split(",") if "=" in part)
 
 
 def _number(value: str) -> float | None:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mergelab.data.tasks import ClassificationTask, joint_label_space
 from mergelab.errors import InputError
-from mergelab.evaluation.heads import image_logits, joint_head, task_head
+from mergelab.evaluation.heads import joint_head, task_head
 from mergelab.model.base import Backbone
 
 __all__ = ["embed", "evaluate_task", "evaluate_tasks", "hits_at_k", "joint_hits", "normalized_accuracy",
@@ -67,7 +67,7 @@ def embed(backbone: Backbone, images: Tensor, params: Mapping[str, Tensor] | Non
 def predict(backbone: Backbone, images: Tensor, head: Tensor, params: Mapping[str, Tensor] | None = None,
             batch_size: int = 500) -> Tensor:
     """Logits for many images in batches, without gradients."""
-    return torch.cat([image_logits(backbone, images[i:i + batch_size], head, params) for i in range(0, len(images), batch_size)])
+    return embed(backbone, images, params, batch_size) @ head.T
 
 
 def evaluate_task(backbone: Backbone, task: ClassificationTask, params: Mapping[str, Tensor] | None = None,

@@ -157,8 +157,12 @@ def _adapters(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Ma
               config: BuildConfig, seed: int, progress: Progress) -> dict[int, dict[str, tuple[str, str]]]:
     """``{rank: {task: (tensors key, config key)}}``, training what the store lacks."""
     out: dict[int, dict[str, tuple[str, str]]] = {}
-    outside = {name: np.concatenate([t.split("pretrain").images for n, t in tasks.items() if n != name])
-               for name in tasks} if config.consistency > 0 else {}
+    pretrain = {n: t.split("pretrain").images for n, t in tasks.items()} if config.consistency > 0 else {}
+
+    def outside(name: str) -> np.ndarray | None:
+        """The other tasks' pre-training images (the consistency term's inputs), built per run."""
+        return np.concatenate([images for n, images in pretrain.items() if n != name]) if pretrain else None
+
     for rank in config.ranks:
         out[rank] = {}
         for index, (name, task) in enumerate(tasks.items()):
@@ -169,7 +173,7 @@ def _adapters(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Ma
                 start = time.perf_counter()
                 tensors, adapter_config = finetune_lora(backbone, task, task_head(backbone, task), lora,
                                                         _ticker(progress, f"LoRA r{rank} on {name}", lora.steps),
-                                                        outside=outside.get(name))
+                                                        outside=outside(name))
                 store.put_json(cfg_key, adapter_config)
                 store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
             out[rank][name] = (key, cfg_key)
