@@ -18,7 +18,7 @@ from mergelab.merging.consensus import consensus, tall_masks
 from mergelab.merging.lora import linear, lora_lego
 from mergelab.merging.regmean import regmean
 from mergelab.merging.sparsify import breadcrumbs, dare_linear, ties
-from mergelab.merging.spectral import cart, iso_c, iso_cts, star, svd_of_sum, tsv, tsv_components
+from mergelab.merging.spectral import cart, cart_rank, iso_c, iso_cts, star, svd_of_sum, tsv, tsv_components
 from mergelab.linalg import polar
 from mergelab.synthetic import random_lowrank, random_taskset
 from mergelab.taskset import Dense, LowRank, TaskSet, TaskUpdate
@@ -71,6 +71,14 @@ def test_dare_rescales_survivors_and_preserves_the_expectation():
     assert bool(((samples.mean(dim=0) - delta).abs() <= bound).all())
 
 
+def test_dare_keeps_the_requested_share_in_half_precision():
+    from mergelab.merging.sparsify import random_drop
+
+    delta = torch.ones(1_000_000, dtype=torch.bfloat16)
+    kept = float((random_drop(delta, 0.1, torch.Generator().manual_seed(0)) != 0).float().mean())
+    assert kept == pytest.approx(0.9, abs=5e-4)  # a bf16 probability (0.8984) keeps 0.8985 here
+
+
 def test_dare_is_seeded_and_never_mutates_its_input():
     deltas = [torch.randn(5, 4, dtype=T64) for _ in range(3)]
     before = [d.clone() for d in deltas]
@@ -85,19 +93,65 @@ def test_dare_is_seeded_and_never_mutates_its_input():
 # Spectral methods -----------------------------------------------------------------------------------
 
 
-def test_iso_c_flattens_the_spectrum_on_the_non_zero_singular_values_only():
+def test_iso_c_is_the_original_by_default_and_the_guard_keeps_the_null_space_empty():
     deltas = lowrank_sum(3, rank=2)  # the sum has rank 6 of min(12, 10) = 10
-    total_s = torch.linalg.svdvals(sum(deltas))[:6]
-    merged_s = torch.linalg.svdvals(iso_c(deltas, alpha=1.0))
-    torch.testing.assert_close(merged_s[:6], total_s.mean().expand(6))
-    assert float(merged_s[6:].max()) < 1e-10  # the null space stays empty
-    original = torch.linalg.svdvals(iso_c(deltas, support="all"))  # the originals' behaviour: full rank
-    torch.testing.assert_close(original, torch.linalg.svdvals(sum(deltas)).mean().expand(10))
+    total_s = torch.linalg.svdvals(sum(deltas))
+    original = torch.linalg.svdvals(iso_c(deltas))  # Marczak et al.: every singular value -> the mean of all 10
+    torch.testing.assert_close(original, total_s.mean().expand(10))
+    guarded = torch.linalg.svdvals(iso_c(deltas, support="nonzero"))
+    torch.testing.assert_close(guarded[:6], total_s[:6].mean().expand(6))
+    assert float(guarded[6:].max()) < 1e-10  # the null space stays empty
+
+
+def test_the_guard_finds_the_rank_of_a_dense_update_with_float32_rounding_noise():
+    g = torch.Generator().manual_seed(3)
+    W0 = 0.02 * torch.randn(128, 128, generator=g)
+    delta = random_lowrank(128, 128, 32, g).dense()
+    delta = delta * (0.002 * W0.norm() / delta.norm())  # ‖ΔW‖ = 0.2 % of ‖W_0‖
+    noisy = ((W0 + delta) - W0).to(T64)  # a full fine-tune's update: float32 rounding at eps32 · |W0|
+    assert int(torch.linalg.matrix_rank(noisy)) == 128  # the noise is not zero at float64 precision
+    s = torch.linalg.svdvals(iso_c([noisy], support="nonzero"))
+    assert int((s > 1e-3 * s[0]).sum()) == 32
+    U, _, _ = tsv_components([noisy], support="nonzero")
+    assert U.shape[1] == 32
+
+
+def _tsv_reference(deltas: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """TSV-M from Gargiulo et al. (2025) Sec. 4, in numpy: per task the top ⌊min(m, n)/T⌋ triplets,
+    concatenated, U and V replaced by their nearest orthogonal matrices (U_u V_uᵀ of their SVDs)."""
+    import numpy as np
+
+    k = min(deltas[0].shape) // len(deltas)
+    parts = [np.linalg.svd(d.numpy(), full_matrices=False) for d in deltas]
+    U = np.concatenate([u[:, :k] for u, _, _ in parts], axis=1)
+    s = np.concatenate([x[:k] for _, x, _ in parts])
+    V = np.concatenate([vh[:k].T for _, _, vh in parts], axis=1)
+    orth = lambda M: (lambda u, _, vh: u @ vh)(*np.linalg.svd(M, full_matrices=False))  # noqa: E731
+    return torch.from_numpy(alpha * orth(U) @ np.diag(s) @ orth(V).T)
+
+
+def test_tsv_matches_a_reference_written_from_the_paper_on_lora_inputs():
+    deltas = lowrank_sum(3, shape=(14, 9), rank=3, seed=4)  # k = ⌊9/3⌋ = 3 = each task's rank
+    for support in ("all", "nonzero"):
+        torch.testing.assert_close(tsv(deltas, alpha=0.7, support=support), _tsv_reference(deltas, 0.7))
+
+
+def test_tsv_with_more_tasks_than_dimensions_falls_back_to_the_mean_with_a_warning():
+    deltas = lowrank_sum(5, shape=(4, 6), rank=1, seed=8)  # ⌊4/5⌋ = 0 components per task
+    with pytest.warns(UserWarning, match="0 singular components per task"):
+        out = tsv(deltas, alpha=2.0)
+    torch.testing.assert_close(out, 2.0 * sum(deltas) / 5)
+
+
+def test_iso_cts_original_is_isotropic_on_every_singular_value():
+    deltas = lowrank_sum(3, shape=(20, 16), rank=3, seed=1)
+    s = torch.linalg.svdvals(iso_cts(deltas, common_fraction=0.5))
+    torch.testing.assert_close(s, s[0].expand(16))
 
 
 def test_iso_cts_is_isotropic_on_common_plus_task_subspaces():
     deltas = lowrank_sum(3, shape=(20, 16), rank=3, seed=1)
-    s = torch.linalg.svdvals(iso_cts(deltas, common_fraction=0.5))
+    s = torch.linalg.svdvals(iso_cts(deltas, common_fraction=0.5, support="nonzero"))
     d = 9  # numerical rank of the sum
     torch.testing.assert_close(s[:d], s[0].expand(d))
     assert float(s[d:].max()) < 1e-10
@@ -105,12 +159,12 @@ def test_iso_cts_is_isotropic_on_common_plus_task_subspaces():
 
 def test_tsv_whitens_the_concatenated_singular_vectors():
     deltas = lowrank_sum(3, shape=(16, 14), rank=3, seed=2)
-    U, s, Vh = tsv_components(deltas)
+    U, s, Vh = tsv_components(deltas, support="nonzero")
     assert U.shape[1] == 9  # ⌊14/3⌋ = 4 per task, but each task has only 3 non-zero singular values
     U_perp, V_perp = polar(U), polar(Vh)
     torch.testing.assert_close(U_perp.T @ U_perp, torch.eye(9, dtype=T64))
     torch.testing.assert_close(V_perp @ V_perp.T, torch.eye(9, dtype=T64))
-    merged_s = torch.linalg.svdvals(tsv(deltas))  # orthonormal factors: the spectrum is the concatenated s
+    merged_s = torch.linalg.svdvals(tsv(deltas, support="nonzero"))  # orthonormal factors: the spectrum is the concatenated s
     torch.testing.assert_close(merged_s[:9], s.sort(descending=True).values)
 
 
@@ -129,6 +183,12 @@ def test_cart_keeps_the_mean_plus_low_rank_centred_task_vectors():
     torch.testing.assert_close(cart(deltas, rank_ratio=1.0, lam=5.0), mean)  # Σ_t (τ_t − τ̄) = 0
     residual = (cart(deltas, rank_ratio=0.1, lam=1.0, alpha=1.0) - mean)  # k = 1 per task
     assert int(torch.linalg.matrix_rank(residual)) <= 3
+
+
+def test_cart_rank_rounds_up_as_the_core_space_code():
+    assert cart_rank(0.16, (96, 96)) == 16  # ⌈15.36⌉; the CART code's int() gives 15
+    assert cart_rank(0.1, (30, 40)) == 3  # 0.1 · 30 is 3.0000000000000004 in floating point
+    assert cart_rank(0.001, (8, 8)) == 1
 
 
 def test_svd_of_sum_is_the_best_low_rank_approximation_of_the_scaled_sum():
@@ -189,6 +249,59 @@ def test_metagpt_and_normavg_weigh_by_norms():
     torch.testing.assert_close(metagpt([t1, t2]), vec(27 / 25, 64 / 25))
     torch.testing.assert_close(metagpt([t1, t2], power=1.0), vec(9 / 7, 16 / 7))
     torch.testing.assert_close(normavg([t1, t2]), vec(1.5, 1.5))
+
+
+SPACES = [("full", {}), ("knots", {"variant": "paper"}), ("knots", {"variant": "per_layer"}), ("core", {})]
+
+
+@pytest.mark.parametrize("method", ["metagpt", "normavg"])
+@pytest.mark.parametrize("group", ["layer", "tensor", "model"])
+def test_norm_weighted_merges_are_the_same_in_every_space(method, group):
+    taskset = random_taskset({"resblocks.0.attn.w": (9, 8), "resblocks.0.mlp.w": (9, 8), "resblocks.1.mlp.w": (9, 8)}, 3,
+                             rank=2, seed=3)
+    merged = [merge(taskset, method, space, space_options=options, group=group) for space, options in SPACES]
+    for other in merged[1:]:
+        for m in taskset.module_names:
+            torch.testing.assert_close(other.modules[m].dense(T64), merged[0].modules[m].dense(T64))
+
+
+@pytest.mark.parametrize("method", ["iso_c", "tsv+iso_c", "ties+iso_c"])
+def test_isotropic_merges_are_isotropic_in_every_space(method):
+    taskset = random_taskset({"w": (12, 10)}, 3, rank=2, seed=5)
+    for space, options in SPACES:
+        delta = merge(taskset, method, space, space_options=options).modules["w"].dense(T64)
+        s = torch.linalg.svdvals(delta)
+        k = int((s > 1e-9 * s[0]).sum())
+        assert k >= 6
+        torch.testing.assert_close(s[:k], s[0].expand(k), msg=f"{method} in {space} {options}")
+
+
+def test_svd_of_the_sum_is_the_best_low_rank_approximation_in_every_space():
+    taskset = random_taskset({"w": (12, 10)}, 3, rank=2, seed=6)
+    total = sum(u.dense(T64) for u in taskset.updates("w"))
+    U, s, Vh = torch.linalg.svd(0.5 * total)
+    best = U[:, :2] @ torch.diag(s[:2]) @ Vh[:2]
+    for space, options in SPACES:
+        torch.testing.assert_close(merge(taskset, "svd", space, space_options=options, alpha=0.5, rank=2).modules["w"].dense(T64), best)
+
+
+def test_metagpt_per_layer_weighs_a_whole_block_by_its_norm():
+    taskset = random_taskset({"resblocks.0.attn.w": (6, 5), "resblocks.0.mlp.w": (6, 5), "ln_post.w": (6, 5)}, 2, rank=1, seed=4)
+    sq = {m: torch.tensor([u.norm() ** 2 for u in taskset.updates(m)], dtype=T64) for m in taskset.module_names}
+    block = sq["resblocks.0.attn.w"] + sq["resblocks.0.mlp.w"]  # 004 Eq. 4: every parameter of layer 0 together
+    for group, norms in (("layer", block), ("tensor", sq["resblocks.0.attn.w"])):
+        weights = norms / norms.sum()  # power 2: squared norms
+        out = merge(taskset, "metagpt", group=group).modules["resblocks.0.attn.w"].dense(T64)
+        expected = sum(w * u.dense(T64) for w, u in zip(weights, taskset.updates("resblocks.0.attn.w"), strict=True))
+        torch.testing.assert_close(out, expected)
+    ln = merge(taskset, "metagpt", power=1.0).modules["ln_post.w"].dense(T64)  # outside the blocks: its own layer
+    norms = sq["ln_post.w"].sqrt()
+    torch.testing.assert_close(ln, sum(w * u.dense(T64) for w, u in zip(norms / norms.sum(), taskset.updates("ln_post.w"), strict=True)))
+
+
+def test_normavg_ignores_a_task_that_left_the_layer_unchanged():
+    t1, t2, zero = vec(3.0, 4.0), vec(0.0, 10.0), vec(0.0, 0.0)
+    torch.testing.assert_close(normavg([t1, t2, zero]), (t1 + vec(0.0, 5.0)) / 3)
 
 
 def test_breadcrumbs_drops_outliers_and_small_entries():
@@ -334,6 +447,29 @@ def test_compositions_post_process_the_merged_matrix():
         METHODS["tsv+linear"]
     with pytest.raises(InputError, match="'regmean' needs side inputs"):
         METHODS["ties+regmean"]
+
+
+@pytest.mark.parametrize("inner", ["task_arithmetic", "dare_linear", "magnitude_prune", "breadcrumbs", "consensus", "svd"])
+def test_a_composition_has_one_scaling_the_outer_alpha(inner):
+    deltas = lowrank_sum(3, rank=2, seed=9)
+    composed = METHODS[f"{inner}+iso_c"]
+    assert composed.defaults[f"{inner}.alpha"] == 1.0
+    inner_alone = METHODS[inner]
+    hp = {"p": 0.0} if inner == "dare_linear" else {"density": 1.0} if inner in ("magnitude_prune",) else {}
+    once = inner_alone.fn(deltas, **{**hp, "alpha": 1.0})
+    once = once.dense() if isinstance(once, LowRank) else once
+    torch.testing.assert_close(composed.fn(deltas, alpha=0.7, **{f"{inner}.{k}": v for k, v in hp.items()}),
+                               iso_c([once], alpha=0.7))
+    if inner == "task_arithmetic":  # isotropizing the sum is Iso-C itself, at the same norm
+        torch.testing.assert_close(composed.fn(deltas, alpha=0.7), iso_c(deltas, alpha=0.7))
+
+
+@pytest.mark.parametrize("post", ["consensus", "cart", "normavg", "metagpt", "average", "task_arithmetic", "tsv"])
+def test_post_processors_that_do_nothing_to_one_matrix_are_refused(post):
+    reason = "needs side inputs \\(norms\\)" if post in ("normavg", "metagpt") else \
+        "leaves a single merged matrix unchanged, rescaled or zero.*post-processors: ties"
+    with pytest.raises(InputError, match=f"'{post}' {reason}"):
+        METHODS[f"ties+{post}"]
 
 
 @pytest.mark.parametrize(("method", "hp", "message"), [

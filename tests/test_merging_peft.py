@@ -74,3 +74,26 @@ def test_intended_differences_are_real(task_tensors):
     trimmed = METHODS["dare_ties"].fn(task_tensors, p=0.5, density=0.3, alpha=1.0, seed=5)
     assert not torch.allclose(trimmed, untrimmed)
     assert (trimmed != 0).sum() < (untrimmed != 0).sum()
+
+
+def test_linear_matches_peft_add_weighted_adapter_with_different_lora_alphas(hf_clip_vision, tmp_path):
+    """PEFT's ``combination_type="linear"`` puts √(w·α_t/r_t) on each raw factor; with α/r differing
+    across tasks this differs from summing the scaled B's (the cross terms are weighted differently)."""
+    import copy
+
+    from peft import PeftModel
+
+    from mergelab.checkpoints import load_taskset
+    from mergelab.merging import merge
+    from mergelab.synthetic import write_peft_adapters
+
+    targets = ["q_proj", "v_proj"]
+    paths = [*write_peft_adapters(hf_clip_vision, tmp_path, ["a"], target_modules=targets, rank=2, alpha=4, seed=0),
+             *write_peft_adapters(hf_clip_vision, tmp_path, ["b"], target_modules=targets, rank=2, alpha=16, seed=1)]
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_clip_vision), str(paths[0]), adapter_name="a")
+    peft_model.load_adapter(str(paths[1]), adapter_name="b")
+    peft_model.add_weighted_adapter(["a", "b"], [0.6, 0.6], "merged", combination_type="linear")
+    ours = merge(load_taskset(hf_clip_vision, paths), "linear", alpha=0.6)
+    layer = peft_model.base_model.model.encoder.layers[0].self_attn.q_proj
+    module = next(m for m in ours.modules if m.endswith("layers.0.self_attn.q_proj.weight"))
+    torch.testing.assert_close(ours.modules[module].dense(), layer.get_delta_weight("merged"), atol=1e-6, rtol=1e-5)

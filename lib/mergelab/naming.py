@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["module_coords", "module_kind", "module_layer"]
+__all__ = ["module_block", "module_coords", "module_kind", "module_layer"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:resblocks|layers|layer|h|blocks)\.(\d+)\.")
 _KINDS = (
@@ -30,6 +30,14 @@ def module_layer(name: str) -> int:
     """The block index of a parameter, or -1 for parameters outside the numbered blocks."""
     match = _LAYER.search(name)
     return int(match.group(1)) if match else -1
+
+
+def module_block(name: str) -> str:
+    """The layer a parameter belongs to, as 004 Tab. 3 counts layers: the prefix of its numbered
+    block (``"visual.transformer.resblocks.3."``), or the parameter itself outside the blocks
+    (positional embedding, CLS token, patch convolution, final LayerNorm)."""
+    match = _LAYER.search(name)
+    return name[: match.end()] if match else name
 
 
 def module_kind(name: str) -> str:

@@ -1,19 +1,33 @@
 """Linear combinations of task updates: averaging, task arithmetic, MetaGPT, NormAvg.
 
 Every method here is an element-wise weighted sum, so it is defined on tensors of any shape
-and, in every space, gives exactly the full-space result for its weights (003 Eq. 11; the
-norms used by MetaGPT / NormAvg are preserved by the orthonormal core bases).
+and, in every space, gives exactly the full-space result for its weights (003 Eq. 11).
 ``alpha`` is the global scaling coefficient (001's λ, 003's α): ``ΔW = alpha · merged``.
+
+MetaGPT and NormAvg weigh tasks by the norms of their updates. Those norms are the true
+Frobenius norms of ``ΔW_t`` over a group of parameters (:data:`Group`), never the norms of a
+space's representation (KnOTS ``per_layer`` represents a task by ``V_t`` without its singular
+values): the merge driver derives them from the task set (the ``"norms"`` side input,
+:func:`group_norms`) and passes them in, so these methods give the same merge in every space.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["average", "metagpt", "normavg", "task_arithmetic"]
+from mergelab.naming import module_block
+from mergelab.taskset import TaskSet
+
+__all__ = ["Group", "average", "group_norms", "metagpt", "normavg", "task_arithmetic"]
+
+#: Which parameters one norm is taken over: ``"layer"`` (004 Eq. 4 and Tab. 3: every parameter of
+#: one Transformer block together; a parameter outside the blocks is its own layer), ``"tensor"``
+#: (each parameter tensor alone) or ``"model"`` (the whole model: 004 Eq. 3, MetaGPT's original).
+Group = Literal["layer", "tensor", "model"]
 
 
 def average(deltas: Sequence[Tensor], *, alpha: float = 1.0) -> Tensor:
@@ -30,8 +44,21 @@ def task_arithmetic(deltas: Sequence[Tensor], *, alpha: float = 0.3) -> Tensor:
     return alpha * torch.stack(list(deltas)).sum(dim=0)
 
 
-def _norms(deltas: Sequence[Tensor]) -> Tensor:
-    return torch.stack([d.to(torch.float64).norm() for d in deltas])
+def group_norms(taskset: TaskSet, group: Group) -> dict[str, list[Tensor]]:
+    """``{module: [‖ΔW_t‖ over the module's group, per task]}`` (float64 scalars) from the true
+    updates (a LoRA update's norm from its factors, never a dense product)."""
+    key = {"layer": module_block, "tensor": lambda m: m, "model": lambda m: ""}[group]
+    squared: dict[str, Tensor] = {}
+    for m in taskset.module_names:
+        per_task = torch.tensor([u.norm() ** 2 for u in taskset.updates(m)], dtype=torch.float64)
+        squared[key(m)] = squared.get(key(m), torch.zeros_like(per_task)) + per_task
+    return {m: list(squared[key(m)].sqrt()) for m in taskset.module_names}
+
+
+def _norms(deltas: Sequence[Tensor], norms: Sequence[Tensor] | None) -> Tensor:
+    if norms is None:
+        return torch.stack([d.to(torch.float64).norm() for d in deltas])
+    return torch.stack([torch.as_tensor(n, dtype=torch.float64) for n in norms])
 
 
 def _weighted_sum(deltas: Sequence[Tensor], weights: Tensor) -> Tensor:
@@ -39,29 +66,37 @@ def _weighted_sum(deltas: Sequence[Tensor], weights: Tensor) -> Tensor:
     return (weights.to(stacked.dtype).view(-1, *([1] * (stacked.ndim - 1))) * stacked).sum(dim=0)
 
 
-def metagpt(deltas: Sequence[Tensor], *, alpha: float = 1.0, power: float = 2.0) -> Tensor:
-    """MetaGPT (Zhou et al., 2024; 004 App. B Eq. 3-4): ``alpha · Σ_t λ_t τ_t``,
-    ``λ_t = ‖τ_t‖^p / Σ_j ‖τ_j‖^p``.
+def metagpt(deltas: Sequence[Tensor], norms: Sequence[Tensor] | None = None, *, alpha: float = 1.0, power: float = 2.0,
+            group: Group = "layer") -> Tensor:
+    """MetaGPT (Zhou et al., 2024; 004 App. B Eqs. 3-4): ``alpha · Σ_t λ_t τ_t``,
+    ``λ_t = ‖τ_t‖^p / Σ_j ‖τ_j‖^p``, the norms taken over ``group`` (:data:`Group`).
 
-    Decision: ``power=2`` (squared norms) as in the MetaGPT paper and the IBM/STAR code
-    (REFERENCES §12); 004 Eq. (3)-(4) print the norm without the square, which ``power=1``
-    reproduces. Applied per module, this is 004's "MetaGPT per layer" (Eq. 4: a module is a
-    layer's parameter tensor); in a ``scope="model"`` space it is the whole-model original.
-    All-zero updates give zero.
+    Defaults: ``group="layer"``, 004's "MetaGPT per layer" (Eq. 4; the version 004 reports);
+    ``"model"`` is the original (Eq. 3). ``power=2`` (squared norms) as the MetaGPT paper and the
+    IBM/STAR code (REFERENCES §12); 004's Eqs. 3-4 print the norm without the square: ``power=1``.
+    ``norms``: the tasks' norms over the group (the driver derives them, :func:`group_norms`);
+    ``None`` uses the norms of ``deltas`` themselves. All-zero updates give zero.
     """
-    norms = _norms(deltas) ** power
-    total = norms.sum()
-    weights = norms / total if total > 0 else torch.zeros_like(norms)
-    return alpha * _weighted_sum(deltas, weights)
+    weights = _norms(deltas, norms) ** power
+    total = weights.sum()
+    return alpha * _weighted_sum(deltas, weights / total if total > 0 else torch.zeros_like(weights))
 
 
-def normavg(deltas: Sequence[Tensor], *, alpha: float = 1.0) -> Tensor:
-    """NormAvg (004: "Model Merging Beyond Image Classification: A Reality Check", 2026, Sec. 4.3): rescale every task vector to the smallest norm, then average:
-    ``alpha · (1/T) Σ_t (min_j ‖τ_j‖ / ‖τ_t‖) τ_t``.
+def normavg(deltas: Sequence[Tensor], norms: Sequence[Tensor] | None = None, *, alpha: float = 1.0,
+            group: Group = "layer") -> Tensor:
+    """NormAvg (004: "Model Merging Beyond Image Classification: A Reality Check", 2026, Sec. 4.3):
+    rescale every task vector to the smallest norm, then average:
+    ``alpha · (1/T) Σ_t (min_j ‖τ_j‖ / ‖τ_t‖) τ_t``, the norms over ``group`` (:data:`Group`; default
+    ``"layer"``, the per-layer version 004 reports, App. B; ``"model"`` normalises the whole model).
 
-    Per module this is 004's per-layer NormAvg (the version 004 reports; App. B). A task whose
-    update is zero contributes zero (and makes the smallest norm zero).
+    Decision: the minimum is over the tasks whose update is non-zero in the group. A task that did not
+    change a layer (e.g. a LoRA that does not target it) contributes nothing there instead of
+    zeroing every other task's update (the literal formula's ``min = 0``). ``norms``: as :func:`metagpt`.
     """
-    norms = _norms(deltas)
-    scale = torch.where(norms > 0, norms.min() / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(norms))
+    values = _norms(deltas, norms)
+    nonzero = values > 0
+    if not bool(nonzero.any()):
+        return alpha * torch.zeros_like(deltas[0])
+    smallest = values[nonzero].min()
+    scale = torch.where(nonzero, smallest / values.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(values))
     return alpha * _weighted_sum(deltas, scale) / len(deltas)

@@ -9,7 +9,10 @@ read off its registry entry (:mod:`mergelab.merging.registry`):
 * ``inputs="tensors"`` / ``"matrices"`` otherwise: the projected matrices of one module;
 * ``inputs="factors"``: the tasks' LoRA factors in the space's coordinates;
 * ``side``: the side inputs, checked and mapped by the space as :data:`SIDE_INPUTS` says
-  (RegMean's Gram matrices: ``Qᵀ G_t Q``).
+  (RegMean's Gram matrices: ``Qᵀ G_t Q``), or derived here from the task set (MetaGPT / NormAvg's
+  true update norms, Linear's LoRA scalings), so that no space changes what the method sees;
+* ``isometric``: in a space whose left map is not an isometry (KnOTS ``per_layer``) the stage runs
+  on ``diag(s) X_t``, which has the update's own singular values, and its result is mapped back.
 
 Without a model-wide stage the driver streams: per module it projects, merges, reconstructs and
 drops the projection, so a full-space merge holds one module's dense updates at a time.
@@ -69,16 +72,22 @@ def _model_wide(method: MergeMethod, per_module: Mapping[str, list[Tensor]], hp:
     return {m: piece.reshape(per_module[m][0].shape) for m, piece in zip(modules, pieces, strict=True)}
 
 
-def _side_inputs(spec: MergeMethod | Composition, taskset: TaskSet, modules: Sequence[str],
-                 side_inputs: Mapping[str, Any] | None) -> dict[str, dict[str, list[Tensor]]]:
-    """``{side name: {module: [per-task tensor]}}``, checked against what the method declares."""
+def _side_inputs(spec: MergeMethod | Composition, values: Mapping[str, Any], taskset: TaskSet, modules: Sequence[str],
+                 side_inputs: Mapping[str, Any] | None) -> dict[str, Mapping[str, list[Tensor]]]:
+    """``{side name: {module: [per-task tensor]}}``, checked against what the method declares; a
+    derived side input (:class:`~mergelab.merging.registry.SideInput`) is computed from the task set."""
     given = dict(side_inputs or {})
-    extra = sorted(set(given) - set(spec.side))
+    user_side = [name for name in spec.side if SIDE_INPUTS[name].derive is None]
+    extra = sorted(set(given) - set(user_side))
     if extra:
-        wanted = ", ".join(spec.side) or "none"
+        wanted = ", ".join(user_side) or "none"
         raise InputError(f"method {spec.name!r} takes no side input {', '.join(map(repr, extra))} (it takes: {wanted})")
-    out: dict[str, dict[str, list[Tensor]]] = {}
+    out: dict[str, Mapping[str, list[Tensor]]] = {}
+    stage_values = spec.stage_values(values, spec.stages[0][0])
     for name in spec.side:
+        if SIDE_INPUTS[name].derive is not None:
+            out[name] = SIDE_INPUTS[name].derive(taskset, stage_values)
+            continue
         if name not in given:
             raise InputError(f"method {spec.name!r} needs side input {name!r}: a mapping task -> module -> tensor "
                              "(for 'grams' collect them with mergelab.merging.collect_input_grams; CLI: --grams FILE)")
@@ -153,6 +162,9 @@ def _apply_stage(spec: MergeMethod | Composition, index: int, values: Mapping[st
         except InputError as err:
             raise InputError(f"method {spec.name!r} merges LoRA factors; module {module!r}: {err}") from None
     side_args = tuple([SIDE_INPUTS[name].to_space(sp, x, ctx) for x in side[name][module]] for name in stage.side) if index == 0 else ()
+    if stage.isometric and stage.inputs != "factors":
+        first = [ctx.isometric(x) for x in first]
+        return ctx.from_isometric(_call(stage, (first, *side_args), spec.stage_values(values, stage_name), module))
     return _call(stage, (first, *side_args), spec.stage_values(values, stage_name), module)
 
 
@@ -161,7 +173,7 @@ def _merge_matrices(spec: MergeMethod | Composition, values: Mapping[str, Any], 
                     projection: Projection | None) -> dict[str, Update]:
     """All stages on all matrix modules. Streams module by module (project, merge, reconstruct,
     drop) unless a stage is model-wide or a projection is given."""
-    wide = {i for i, (_, stage) in enumerate(spec.stages) if stage.inputs == "tensors" and sp.scope == "model"}
+    wide = {i for i, (_, stage) in enumerate(spec.stages) if stage.inputs == "tensors" and sp.scope == "model" and not stage.side}
     if projection is None and not wide:
         out = {}
         for m in modules:
@@ -185,12 +197,13 @@ def _merge_matrices(spec: MergeMethod | Composition, values: Mapping[str, Any], 
 
 
 def _merge_nonmatrix(spec: MergeMethod | Composition, values: Mapping[str, Any], updates: Sequence[Update],
-                     module: str) -> Dense:
+                     module: str, side: Mapping[str, Mapping[str, list[Tensor]]]) -> Dense:
     current = [u.dense(torch.float64) for u in updates]
-    for stage_name, stage in spec.stages:
+    for i, (stage_name, stage) in enumerate(spec.stages):
         hp = spec.stage_values(values, stage_name)
         if stage.nonmatrix == "self":
-            merged = _call(stage, (current,), hp, module)
+            side_args = tuple(side[name][module] for name in stage.side) if i == 0 else ()
+            merged = _call(stage, (current, *side_args), hp, module)
         else:
             stacked = torch.stack(current)
             merged = hp["alpha"] * (stacked.mean(dim=0) if stage.nonmatrix == "mean" else stacked.sum(dim=0))
@@ -235,12 +248,12 @@ def merge(taskset: TaskSet | Projection, method: str, space: str | Space | None 
         sp = get_space("full" if space is None else space, **(space_options or {}))
     matrix_modules = _matrix_modules(taskset)
     other_modules = [m for m in taskset.module_names if m not in set(matrix_modules)]
-    side = _side_inputs(spec, taskset, matrix_modules, side_inputs)
+    side = _side_inputs(spec, values, taskset, matrix_modules, side_inputs)
     merged: dict[str, Update] = {}
     if matrix_modules:
         merged.update(_merge_matrices(spec, values, sp, taskset, matrix_modules, side, projection))
     for m in other_modules:
-        merged[m] = _merge_nonmatrix(spec, values, taskset.updates(m), m)
+        merged[m] = _merge_nonmatrix(spec, values, taskset.updates(m), m, side)
     meta = {
         "method": spec.name,
         "space": sp.name,

@@ -13,11 +13,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from mergelab.errors import InputError
-from mergelab.taskset import LowRank
+from mergelab.taskset import LowRank, TaskSet
 
-__all__ = ["linear", "lora_lego", "semantic_units"]
+__all__ = ["linear", "lora_lego", "lora_scalings", "semantic_units"]
 
 
 def _pad_rank(B: torch.Tensor, A: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,19 +26,30 @@ def _pad_rank(B: torch.Tensor, A: torch.Tensor, r: int) -> tuple[torch.Tensor, t
             torch.cat([A, A.new_zeros(r - A.shape[0], A.shape[1])], dim=0))
 
 
-def linear(factors: Sequence[LowRank], *, alpha: float = 0.3) -> LowRank:
+def lora_scalings(taskset: TaskSet) -> dict[str, list[Tensor]]:
+    """``{module: [s_t]}``: each task's LoRA scaling ``α_t / r_t`` (times any layout factor) at a
+    module, from the adapter metadata (1 where there is none, e.g. a synthetic task set)."""
+    return {m: [torch.tensor(float((t.meta.get("modules") or {}).get(m, {}).get("scaling", 1.0)), dtype=torch.float64)
+                for t in taskset] for m in taskset.module_names}
+
+
+def linear(factors: Sequence[LowRank], scalings: Sequence[Tensor] | None = None, *, alpha: float = 0.3) -> LowRank:
     """Linear (the LoRA-aware baseline of 001 = TARA-Merging, 2026, Sec. 4 (vii); PEFT
-    ``combination_type="linear"``): task arithmetic on the
-    factors, ``B* = √|alpha| Σ_t B_t``, ``A* = sign(alpha) √|alpha| Σ_t A_t``, so
-    ``ΔW = alpha (Σ_t B_t)(Σ_t A_t)``, cross terms ``B_s A_t`` included (by design; PEFT issue
-    #3004 discusses them). Heterogeneous ranks are zero-padded to the largest rank, i.e. rank-1
-    components are paired by index.
+    ``combination_type="linear"``): task arithmetic on the factors, as PEFT's
+    ``add_weighted_adapter``: with ``s_t = α_t / r_t`` and the raw factors ``B_t / s_t`` (a
+    :class:`LowRank` carries the scaling in ``B``), ``B* = Σ_t √|alpha s_t| (B_t / s_t)`` and
+    ``A* = sign(alpha) Σ_t √|alpha s_t| A_t``, so ``ΔW = alpha (Σ_t B_t)(Σ_t A_t)`` when every
+    ``s_t`` is equal, cross terms ``B_s A_t`` included (by design; PEFT issue #3004 discusses them).
+    ``scalings``: the ``s_t`` (the driver derives them from the adapters, :func:`lora_scalings`);
+    ``None`` means equal scalings. Departure: PEFT refuses heterogeneous ranks; here they are
+    zero-padded to the largest rank, i.e. rank-1 components are paired by index.
     """
     r = max(f.rank for f in factors)
+    s = [1.0] * len(factors) if scalings is None else [float(x) for x in scalings]
     padded = [_pad_rank(f.B, f.A, r) for f in factors]
-    scale = math.sqrt(abs(alpha))
-    B = scale * torch.stack([b for b, _ in padded]).sum(dim=0)
-    A = math.copysign(scale, alpha) * torch.stack([a for _, a in padded]).sum(dim=0)
+    root = [math.sqrt(abs(alpha) * s_t) for s_t in s]
+    B = torch.stack([b * (w / s_t) for (b, _), w, s_t in zip(padded, root, s, strict=True)]).sum(dim=0)
+    A = math.copysign(1.0, alpha) * torch.stack([a * w for (_, a), w in zip(padded, root, strict=True)]).sum(dim=0)
     return LowRank(B, A)
 
 

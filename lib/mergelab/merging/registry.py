@@ -9,19 +9,33 @@ driver reads; the function itself never learns which space it runs in:
   parameters), ``"matrices"`` (2-D matrices; always per module), or ``"factors"``
   (``LowRank(B_t, A_t)`` per task, in the space's coordinates; needs LoRA inputs).
 * ``side``: names of per-task, per-module side inputs the function takes positionally after
-  the task list (``("grams",)`` for RegMean); :data:`SIDE_INPUTS` says how each kind is checked
-  and mapped into a space (Gram matrices: :meth:`Space.gram`).
+  the task list (``("grams",)`` for RegMean, ``("norms",)`` for MetaGPT / NormAvg, ``("scalings",)``
+  for Linear);
+  :data:`SIDE_INPUTS` says how each kind is checked and mapped into a space (Gram matrices:
+  :meth:`Space.gram`) or, for a derived one, how the driver computes it from the task set (the
+  true update norms), so that no space changes what the method sees. A method with a side input
+  always runs per module (never model-wide).
 * ``nonmatrix``: the rule for parameters that are not matrices (Dense updates with
   ``ndim != 2``: biases, norms): ``"self"`` (the method itself, element-wise methods),
   ``"mean"`` (``alpha · mean``, as TSV-M / Iso / RegMean / CART originals) or ``"sum"``
   (``alpha · sum``, as task arithmetic). They are never projected into a space.
+* ``post``: whether the method means something on a single, already merged matrix, so that it may
+  follow ``+`` (isotropize, truncate, trim, drop). Methods that need several tasks to act
+  (``consensus`` zeroes a single input, ``cart`` / ``normavg`` / ``metagpt`` / ``average`` / ``tsv``
+  return it unchanged, ``task_arithmetic`` only rescales it) are refused there.
+* ``isometric``: the method is defined by the singular values of the update itself (Iso-C
+  flattens them, the SVD of the sum truncates them); in a space whose left map is not an
+  isometry (KnOTS ``per_layer``) the driver hands it the isometric coordinates
+  (:meth:`Context.isometric`) and maps its result back.
 * ``grid``: the hyper-parameter grid searched by selection.
 * ``intervals``: allowed ranges; types and defaults come from the function's signature.
 
 A name with ``+`` (``"tsv+iso_c"``) is a :class:`Composition`: the first method merges, every
 later one post-processes the single merged matrix (``iso_c`` then isotropizes it: 003's
 ``+Iso-C``). Its hyper-parameters are ``"<method>.<name>"``; an unprefixed name goes to the
-last stage that has it (so ``alpha`` is the outer scaling, as 003 Tab. 7's α).
+last stage that has it. The inner stages' ``alpha`` defaults to 1, so the last stage's ``alpha``
+is the composition's only scaling, as 003 Tab. 7's α (task arithmetic's own default of 0.3 would
+otherwise hide a factor 0.3 inside ``task_arithmetic+iso_c``).
 """
 
 from __future__ import annotations
@@ -34,10 +48,12 @@ from typing import Any, Literal
 from torch import Tensor
 
 from mergelab.errors import InputError
+from mergelab.merging.arithmetic import group_norms
+from mergelab.merging.lora import lora_scalings
 from mergelab.merging.regmean import check_grams
 from mergelab.params import Interval, Param, params_of_function, resolve
 from mergelab.spaces import Context, Space
-from mergelab.taskset import LowRank
+from mergelab.taskset import LowRank, TaskSet
 
 __all__ = ["SIDE_INPUTS", "Composition", "MergeMethod", "MethodRegistry", "SideInput"]
 
@@ -48,15 +64,22 @@ NonMatrixRule = Literal["self", "mean", "sum"]
 @dataclass(frozen=True)
 class SideInput:
     """A kind of per-task, per-module side input: how it is checked against the parameters'
-    shapes, and how a space maps it into its coordinates."""
+    shapes, and how a space maps it into its coordinates. ``derive``: for side inputs the driver
+    computes itself, ``(taskset, stage hyper-parameters) -> {module: [per-task tensor]}`` (every
+    module, matrix or not); the user then never passes it."""
 
     check: Callable[[Mapping[str, Tensor], Mapping[str, tuple[int, ...]]], None]
     to_space: Callable[[Space, Tensor, Context], Tensor]
+    derive: Callable[[TaskSet, Mapping[str, Any]], Mapping[str, list[Tensor]]] | None = None
 
 
 #: The side inputs a method may declare in ``MergeMethod.side``.
 SIDE_INPUTS: dict[str, SideInput] = {
     "grams": SideInput(check=check_grams, to_space=lambda space, gram, ctx: space.gram(gram, ctx)),
+    "norms": SideInput(check=lambda given, shapes: None, to_space=lambda space, norm, ctx: norm,
+                       derive=lambda taskset, hp: group_norms(taskset, hp["group"])),
+    "scalings": SideInput(check=lambda given, shapes: None, to_space=lambda space, scaling, ctx: scaling,
+                          derive=lambda taskset, hp: lora_scalings(taskset)),
 }
 
 
@@ -70,6 +93,8 @@ class MergeMethod:
     side: tuple[str, ...] = ()
     nonmatrix: NonMatrixRule = "mean"
     intervals: Mapping[str, Interval] = field(default_factory=dict)
+    post: bool = False
+    isometric: bool = False
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -124,6 +149,15 @@ class Composition:
                 need = "LoRA factors" if method.inputs == "factors" else f"side inputs ({', '.join(method.side)})"
                 raise InputError(f"method {self.name!r}: {part!r} needs {need} and cannot post-process a merged matrix; "
                                  "only methods of matrices or tensors may follow '+'")
+            if not method.post:
+                raise InputError(f"method {self.name!r}: {part!r} leaves a single merged matrix unchanged, rescaled or zero, "
+                                 f"so it cannot follow '+'; post-processors: {', '.join(self.post_processors)}")
+
+    @property
+    def post_processors(self) -> list[str]:
+        from mergelab.merging import METHODS
+
+        return [name for name, m in METHODS.items() if m.post]
 
     @property
     def stages(self) -> tuple[tuple[str, MergeMethod], ...]:
@@ -139,7 +173,10 @@ class Composition:
 
     @cached_property
     def params(self) -> dict[str, Param]:
-        return {f"{part}.{key}": replace(p, name=f"{part}.{key}") for part, m in self.parts for key, p in m.params.items()}
+        """Every stage's hyper-parameters, prefixed; an inner stage's ``alpha`` defaults to 1 (module docstring)."""
+        last = len(self.parts) - 1
+        return {f"{part}.{key}": replace(p, name=f"{part}.{key}", **({"default": 1.0} if key == "alpha" and i < last else {}))
+                for i, (part, m) in enumerate(self.parts) for key, p in m.params.items()}
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -147,8 +184,8 @@ class Composition:
 
     @property
     def grid(self) -> dict[str, tuple[Any, ...]]:
-        """Every stage's grid, prefixed; the inner stages' ``alpha`` is left at its default because
-        the post-processors are positively homogeneous (the last ``alpha`` scales the result)."""
+        """Every stage's grid, prefixed; the inner stages' ``alpha`` is left at 1 because the
+        post-processors are positively homogeneous (the last ``alpha`` scales the result)."""
         last = len(self.parts) - 1
         return {f"{part}.{key}": values for i, (part, m) in enumerate(self.parts)
                 for key, values in m.grid.items() if key != "alpha" or i == last}

@@ -51,11 +51,14 @@ def magnitude_trim(delta: Tensor, density: float) -> Tensor:
 
 def random_drop(delta: Tensor, p: float, generator: torch.Generator) -> Tensor:
     """DARE (Yu et al., 2024; 001 Sec. 4 (iv)): drop each entry with probability ``p`` and
-    rescale the survivors by ``1/(1 − p)``, so ``E[result] = delta``."""
+    rescale the survivors by ``1/(1 − p)``, so ``E[result] = delta``. The keep probability is
+    held in float32 for half-precision inputs (bf16 would round 0.9 to 0.898); float32 and float64
+    inputs draw in their own dtype, PEFT's random stream."""
     if p <= 0:
         return delta
-    keep = torch.bernoulli(torch.full_like(delta, 1.0 - p), generator=generator)
-    return delta * keep / (1.0 - p)
+    dtype = delta.dtype if delta.dtype in (torch.float32, torch.float64) else torch.float32
+    keep = torch.bernoulli(torch.full(delta.shape, 1.0 - p, dtype=dtype, device=delta.device), generator=generator)
+    return delta * keep.to(delta.dtype) / (1.0 - p)
 
 
 def elect_sign(stacked: Tensor, sign: Sign = "sum") -> Tensor:

@@ -9,17 +9,23 @@ LoRA update has rank ≤ T·r ≪ min(out, in); its remaining singular values ar
 singular vectors are arbitrary (whatever LAPACK completes the basis with). The originals
 (Iso-C/-CTS, TSV-M) use all ``min(out, in)`` of them, so Iso-C replaces those zeros by the
 mean singular value and adds a full-rank orthogonal component, and TSV-M's whitening mixes
-the arbitrary vectors into the meaningful ones. Decision: ``support="nonzero"`` (default)
-uses only the numerically non-zero singular values (above ``σ_max · max(shape) · eps`` of
-the input dtype, or ``σ_max · rank_rtol``); ``support="all"`` is the original behaviour. For
-dense full fine-tunes both coincide (the spectrum has no zeros). With the default, TSV-M and
-Iso-C on a LoRA sum in the full space equal their core-space results when the core matrices
-have full rank: the gap 003 reports between full and core space for these methods comes
-from the null-space vectors.
+the arbitrary vectors into the meaningful ones; this is what 003 measures as the gap between
+full and core space (Tabs. 2-4). Decision: ``support="all"`` (default) is the papers' and the
+original code's behaviour, so that a study reproduces 003's Full-vs-Core comparison.
+``support="nonzero"`` is the guard: only the numerically non-zero singular values are used;
+with it, TSV-M and Iso-C on a LoRA sum in the full space equal their core-space results when the
+core matrices have full rank. "Non-zero" means above ``σ_max · rtol`` with
+``rtol = max(SUPPORT_RTOL, max(m, n) · eps(dtype))`` (or ``rank_rtol``): a relative floor,
+because a dense update computed as ``(W_0 + ΔW) − W_0`` in float32 carries rounding noise at
+``eps32 · ‖W_0‖`` whatever dtype it is handed over in (the floor holds for ``‖ΔW‖`` down to about
+0.1 % of ``‖W_0‖``; pass a larger ``rank_rtol`` below that). For dense full fine-tunes both supports
+coincide (the spectrum has no zeros).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -29,27 +35,35 @@ from torch import Tensor
 from mergelab.linalg import numerical_rank, polar, svd64
 from mergelab.taskset import LowRank
 
-__all__ = ["cart", "iso_c", "iso_cts", "star", "svd_of_sum", "tsv", "tsv_components"]
+__all__ = ["SUPPORT_RTOL", "cart", "cart_rank", "iso_c", "iso_cts", "star", "svd_of_sum", "tsv", "tsv_components"]
 
-Support = Literal["nonzero", "all"]
+Support = Literal["all", "nonzero"]
+
+#: the relative floor of ``support="nonzero"`` (module docstring): singular values below
+#: ``SUPPORT_RTOL · σ_max`` count as zero
+SUPPORT_RTOL = 1e-4
 
 
 def _kept(s: Tensor, like: Tensor, support: Support, rank_rtol: float | None) -> int:
     """How many leading singular values of ``like`` a method keeps under ``support``."""
-    return numerical_rank(s, tuple(like.shape), like.dtype, rank_rtol) if support == "nonzero" else int(s.numel())
+    if support == "all":
+        return int(s.numel())
+    rtol = rank_rtol if rank_rtol is not None else max(SUPPORT_RTOL, max(like.shape) * torch.finfo(like.dtype).eps)
+    return numerical_rank(s, tuple(like.shape), like.dtype, rtol)
 
 
 def _sum(deltas: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(deltas)).sum(dim=0)
 
 
-def tsv_components(deltas: Sequence[Tensor], support: Support = "nonzero",
+def tsv_components(deltas: Sequence[Tensor], support: Support = "all",
                    rank_rtol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """TSV-M's concatenated per-task components ``(U (m, K), s (K,), Vh (K, n))``: the top
-    ``k = ⌊min(m, n) / T⌋`` (at least 1) singular triplets of every task, fewer where a task has
-    fewer non-zero singular values and ``support="nonzero"``."""
+    ``k = ⌊min(m, n) / T⌋`` singular triplets of every task, fewer where a task has fewer non-zero
+    singular values and ``support="nonzero"``. ``k = 0`` (more tasks than ``min(m, n)``) gives
+    no components (``K = 0``)."""
     m, n = deltas[0].shape
-    k = max(1, min(m, n) // len(deltas))
+    k = min(m, n) // len(deltas)
     Us, ss, Vhs = [], [], []
     for delta in deltas:
         U, s, Vh = svd64(delta)
@@ -58,7 +72,7 @@ def tsv_components(deltas: Sequence[Tensor], support: Support = "nonzero",
     return torch.cat(Us, dim=1), torch.cat(ss), torch.cat(Vhs, dim=0)
 
 
-def tsv(deltas: Sequence[Tensor], *, alpha: float = 1.0, support: Support = "nonzero",
+def tsv(deltas: Sequence[Tensor], *, alpha: float = 1.0, support: Support = "all",
         rank_rtol: float | None = None) -> Tensor:
     """TSV-M (Gargiulo et al., 2025, "Task Singular Vectors"; steps as in 003 App. B):
     keep each task's top ``⌊min(m, n)/T⌋`` singular triplets, concatenate them, whiten the
@@ -66,18 +80,29 @@ def tsv(deltas: Sequence[Tensor], *, alpha: float = 1.0, support: Support = "non
     ``U⊥ = polar([U_1 … U_T])``, ``V⊥ = polar([V_1 … V_T])``, and return
     ``alpha · U⊥ diag([s_1 … s_T]) V⊥ᵀ``. ``support``: module docstring.
     In core space (``Tr × Tr``) the per-task ``k`` is ``r``, as in 003.
+
+    More tasks than ``min(m, n)`` leave no component per task (``k = 0``), and no whitening can
+    make ``T > min(m, n)`` components orthonormal: such a matrix is merged by TSV-M's rule for
+    non-matrix parameters, ``alpha · mean``, with a warning (the original code would crash on the
+    empty concatenation).
     """
+    m, n = deltas[0].shape
+    if min(m, n) < len(deltas):
+        if any(bool(d.any()) for d in deltas):  # an untrained module (all zero) merges to zero quietly
+                warnings.warn(f"tsv: a {m}×{n} matrix leaves ⌊{min(m, n)}/{len(deltas)}⌋ = 0 singular components per task; "
+                          "it is merged by the mean (TSV-M's rule for non-matrix parameters)", stacklevel=2)
+        return (alpha * torch.stack(list(deltas)).mean(dim=0)).to(deltas[0].dtype)
     U, s, Vh = tsv_components(deltas, support, rank_rtol)
     merged = polar(U) @ (s[:, None] * polar(Vh))
     return (alpha * merged).to(deltas[0].dtype)
 
 
-def iso_c(deltas: Sequence[Tensor], *, alpha: float = 1.0, support: Support = "nonzero",
+def iso_c(deltas: Sequence[Tensor], *, alpha: float = 1.0, support: Support = "all",
           rank_rtol: float | None = None) -> Tensor:
     """Iso-C (Marczak et al., 2025, "No Task Left Behind", Sec. 4.1): with
     ``Σ_t τ_t = U diag(σ) Vᵀ``, return ``alpha · σ̄ U Vᵀ``, ``σ̄`` the mean singular value (a flat
-    spectrum). ``support="nonzero"`` averages over and keeps only the non-zero singular values of
-    a rank-deficient (LoRA) sum, ``"all"`` uses all ``min(m, n)`` as the original
+    spectrum). ``support="all"`` uses all ``min(m, n)`` singular values as the original;
+    ``"nonzero"`` averages over and keeps only the non-zero ones of a rank-deficient (LoRA) sum
     (module docstring). Also the post-processor of compositions such as ``tsv+iso_c``: applied to
     a single merged matrix it isotropizes that matrix (003's ``--isotropize``).
     """
@@ -89,7 +114,7 @@ def iso_c(deltas: Sequence[Tensor], *, alpha: float = 1.0, support: Support = "n
     return (alpha * s[:k].mean() * (U[:, :k] @ Vh[:k])).to(total.dtype)
 
 
-def iso_cts(deltas: Sequence[Tensor], *, alpha: float = 1.0, common_fraction: float = 0.8, support: Support = "nonzero",
+def iso_cts(deltas: Sequence[Tensor], *, alpha: float = 1.0, common_fraction: float = 0.8, support: Support = "all",
             rank_rtol: float | None = None) -> Tensor:
     """Iso-CTS (Marczak et al., 2025, Sec. 4.2; REFERENCES §7): a common subspace plus
     task-specific ones, then an isotropic spectrum.
@@ -125,17 +150,24 @@ def _low_rank_approx(delta: Tensor, k: int) -> Tensor:
     return U[:, :k] @ (s[:k, None] * Vh[:k])
 
 
+def cart_rank(rank_ratio: float, shape: tuple[int, ...]) -> int:
+    """CART's kept rank ``k = ⌈rank_ratio · min(m, n)⌉`` (at least 1), as 003's Core Space code
+    computes it (``ceil``; the CART code's ``int`` floors). The product is rounded to 9 decimals
+    first so that e.g. ``0.1 · 30`` gives 3, not 4."""
+    return max(1, math.ceil(round(rank_ratio * min(shape), 9)))
+
+
 def cart(deltas: Sequence[Tensor], *, alpha: float = 1.0, lam: float = 2.0, rank_ratio: float = 0.12) -> Tensor:
     """CART (Choi et al., 2024, "Revisiting Weight Averaging for Model Merging"; 002 Sec. 3
     Eq. 2 with θ_0 the average; 003 App. D.2): centre the task vectors on their mean
     ``τ̄ = (1/T) Σ_t τ_t`` and return ``alpha · (τ̄ + lam · Σ_t SVD_k(τ_t − τ̄))`` with
-    ``k = max(1, ⌊rank_ratio · min(m, n)⌋)`` (the official code's ``int``; Core Space uses
-    ``ceil``). Defaults: ``lam=2.0``, ``rank_ratio=0.12`` (official 8-task setting), ``alpha=1``.
+    ``k`` = :func:`cart_rank` (``⌈rank_ratio · min(m, n)⌉``, 003's code). Defaults: ``lam=2.0``,
+    ``rank_ratio=0.12`` (official 8-task setting), ``alpha=1``.
     Truncation drops components, so a LoRA null space plays no role here.
     """
     stacked = torch.stack(list(deltas)).to(torch.float64)
     mean = stacked.mean(dim=0)
-    k = max(1, int(rank_ratio * min(mean.shape)))
+    k = cart_rank(rank_ratio, tuple(mean.shape))
     low_rank = sum(_low_rank_approx(c, k) for c in stacked - mean)
     return (alpha * (mean + lam * low_rank)).to(deltas[0].dtype)
 

@@ -53,7 +53,10 @@ __all__ = ["Context", "Space", "output_dtype", "require_low_rank"]
 class Context:
     """What :meth:`Space.reconstruct` needs for one module: ``ΔW = P X Qᵀ`` (``None`` = identity).
 
-    ``info`` holds space-specific numbers for analysis (singular values, basis ranks).
+    ``left_scale``: set when ``P`` is not an isometry but ``P = U diag(left_scale)`` with ``U``
+    orthonormal (KnOTS ``per_layer``); ``diag(left_scale) X`` then has the singular values of
+    ``ΔW`` (:meth:`isometric`). ``info`` holds space-specific numbers for analysis (singular
+    values, basis ranks).
     """
 
     shape: tuple[int, int]
@@ -61,7 +64,22 @@ class Context:
     left: Tensor | None = None
     left_pinv: Tensor | None = None
     right: Tensor | None = None
+    left_scale: Tensor | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
+
+    def isometric(self, x: Tensor) -> Tensor:
+        """``x`` in coordinates whose maps are isometries: ``diag(left_scale) x`` (or ``x``)."""
+        return x if self.left_scale is None else self.left_scale.to(x.dtype)[:, None] * x
+
+    def from_isometric(self, y: Tensor | LowRank) -> Tensor | LowRank:
+        """The inverse of :meth:`isometric` (a zero scale, an all-zero module, maps to zero)."""
+        if self.left_scale is None:
+            return y
+        s = self.left_scale
+        inv = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+        if isinstance(y, LowRank):
+            return LowRank(inv.to(y.B.dtype)[:, None] * y.B, y.A)
+        return inv.to(y.dtype)[:, None] * y
 
 
 def output_dtype(updates: Sequence[Update]) -> torch.dtype:

@@ -21,7 +21,11 @@ Two variants (REFERENCES §2, §3, §18), the paper's by default:
   vector per task (``scope="model"``), so a TIES / DARE top-k trim is global across layers.
   Reconstruction is ``U · X*``.
 * ``variant="per_layer"`` (the Core Space repository's ``knots`` mode): a task is ``V_t``
-  without ``s`` and every method runs per layer; reconstruction is ``U diag(s) X*``.
+  without ``s`` and every method runs per layer; reconstruction is ``U diag(s) X*``. The map
+  ``U diag(s)`` is not an isometry, so a method defined by the singular values of the update
+  itself (registry ``isometric``: Iso-C / Iso-CTS, also as ``+iso_c``, which that code applies to
+  the reconstructed ΔW; the truncated SVD of the sum; STAR) sees ``diag(s) X`` instead and its
+  result is mapped back (:meth:`Context.isometric`). TSV-M and CART run on ``V_t`` as in that code.
 
 Task arithmetic gives ``Σ_t ΔW_t`` in both. The KnOTS code also multiplies every task by one
 task-agnostic coefficient; here that is the method's ``alpha``.
@@ -110,5 +114,5 @@ class KnotsSpace(Space):
             reps = list(blocks)
             inv_s = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))  # s = 0: all-zero module
             ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U * s, left_pinv=U.T * inv_s[:, None],
-                          info=info)
+                          left_scale=s, info=info)
         return reps, ctx
