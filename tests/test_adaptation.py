@@ -82,10 +82,10 @@ def test_adarank_ta_init_is_task_arithmetic_and_cart_init_keeps_top_k(setting):
     ta = build("adarank", taskset, origin="ta")
     for m, delta in ta.deltas().items():
         torch.testing.assert_close(delta, _sum(taskset, m, 0.3).delta, atol=1e-5, rtol=1e-4)
-    cart = build("adarank", taskset, origin="cart", lam=1.0, rank_ratio=0.1)  # k = int(0.1 * 32) = 3 per task
+    cart = build("adarank", taskset, origin="cart", lam=1.0, rank_ratio=0.1)  # k = ⌈0.1 · 32⌉ = 4 per task
     for mask, bank in zip(cart.masks(), cart.banks):
         assert set(mask.detach().tolist()) <= {0.0, 1.0}
-        assert [int(mask[bank.owner == t].sum()) for t in range(3)] == [3, 3, 3]
+        assert [int(mask[bank.owner == t].sum()) for t in range(3)] == [4, 4, 4]
     # all components on: mean + 1.0 · Σ (ΔW_i − mean) = Σ ΔW_i − (T−1)·mean ... check one module numerically
     m = taskset.module_names[0]
     full = build("adarank", taskset, origin="cart", lam=1.0, rank_ratio=1.0)
@@ -222,3 +222,77 @@ def test_a_study_starts_every_adaptive_method_from_its_adaptive_init():
                    "adarank": {"lam": 0.2}, "cart": {"origin": "cart"}, "own": {"init": 0.5}}
     unset = {j.spec.name: j.spec.hp for j in adapt_jobs(load_study({"name": "s", "adaptive": adaptive}))}
     assert unset["adamerging"] == {} and unset["own"] == {"init": 0.5}
+
+
+def _mixed_taskset():
+    """LoRA attention / MLP matrices plus the dense parameters AdaRank never masks."""
+    from mergelab.synthetic import random_lowrank
+    from mergelab.taskset import Dense, TaskSet, TaskUpdate
+
+    g = torch.Generator().manual_seed(1)
+    tasks = []
+    for t in range(3):
+        tasks.append(TaskUpdate(f"task{t}", {
+            "transformer.resblocks.0.attn.out_proj.weight": random_lowrank(6, 6, 2, g),
+            "transformer.resblocks.0.mlp.c_fc.weight": random_lowrank(8, 6, 2, g),
+            "positional_embedding": Dense(torch.randn(4, 6, generator=g)),
+            "conv1.weight": Dense(torch.randn(6, 3, 2, 2, generator=g)),
+            "ln_post.bias": Dense(torch.randn(6, generator=g)),
+        }))
+    return TaskSet(tuple(tasks))
+
+
+def test_adarank_masks_attention_and_mlp_matrices_only():
+    taskset = _mixed_taskset()
+    unmasked = ["positional_embedding", "conv1.weight", "ln_post.bias"]
+    cart = build("adarank", taskset, origin="cart", lam=0.7, rank_ratio=0.5)
+    deltas = cart.deltas()
+    for m in unmasked:  # CART's rule outside the masked matrices: the weight average, whatever λ
+        torch.testing.assert_close(deltas[m], sum(u.dense() for u in taskset.updates(m)) / 3)
+    ta = build("adarank", taskset, lam=0.4)
+    deltas = ta.deltas()
+    for m, logits in zip(ta.module_names, ta.logits, strict=True):
+        assert logits.requires_grad == (m not in unmasked)
+        if m in unmasked:  # task arithmetic with the learned λ
+            torch.testing.assert_close(deltas[m], 0.4 * sum(u.dense() for u in taskset.updates(m)))
+
+
+def test_each_adaptive_method_uses_its_papers_optimiser(setting):
+    _, taskset, forward, images, _ = setting
+    assert {name: a.optimizer for name, a in ADAPTERS.items()} == {
+        "adamerging": "adam", "tara_a": "adamw", "tara_b": "adamw", "adarank": "adam", "adamerging_tas": "adam"}
+    result = adapt("tara_a", taskset, forward, _streams(images), iters=1, anchor_batches=1)
+    assert result.history.attrs["optimizer"] == "adamw"
+    result = adapt("tara_a", taskset, forward, _streams(images), iters=1, anchor_batches=1, optimizer="adam")
+    assert result.history.attrs["optimizer"] == "adam"
+
+
+def test_adamerging_clamps_lambda_to_the_unit_interval_unless_told_otherwise(setting):
+    _, taskset, _, _, _ = setting
+    assert set(build("adamerging", taskset, init=1.5).lambdas().flatten().tolist()) == {1.0}
+    assert set(build("adamerging", taskset, init=1.5, clamp=None).lambdas().flatten().tolist()) == {1.5}
+
+
+def test_adarank_cart_starts_from_the_lambda_chosen_on_val(monkeypatch):
+    from types import SimpleNamespace
+
+    from mergelab import study
+    from mergelab.adaptation import LAMBDA_CART
+    from mergelab.config import AdaptiveSpec
+
+    taskset = _mixed_taskset()
+    module = "transformer.resblocks.0.attn.out_proj.weight"
+    target = float(build("adarank", taskset, origin="cart", lam=0.7).merged_update().modules[module].norm())
+    ctx = SimpleNamespace(taskset=taskset, params=lambda merged: merged)
+    seen = []
+
+    def criterion(_, merged):  # best where the start's norm is that of λ = 0.7
+        seen.append(merged)
+        return -abs(float(merged.modules[module].norm()) - target)
+
+    monkeypatch.setattr(study, "_val_criterion", criterion)
+    hp, chosen = study._start(ctx, AdaptiveSpec(method="adarank", hp={"origin": "cart"}), None)
+    assert chosen == {"lam": 0.7} and hp == {"origin": "cart", "lam": 0.7} and len(seen) == len(LAMBDA_CART) == 30
+    hp, chosen = study._start(ctx, AdaptiveSpec(method="adarank", hp={"origin": "cart"}, start_grid={"lam": [0.5, 2.0]}), None)
+    assert chosen == {"lam": 0.5}
+    assert study._start(ctx, AdaptiveSpec(method="adarank"), None) == ({}, {})  # the TA origin starts at adaptive_init

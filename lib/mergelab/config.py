@@ -129,7 +129,13 @@ class MethodSpec(_Strict):
 
 
 class AdaptiveSpec(_Strict):
-    """A test-time adaptation method of :data:`mergelab.adaptation.ADAPTERS` and its settings."""
+    """A test-time adaptation method of :data:`mergelab.adaptation.ADAPTERS` and its settings.
+
+    ``objective``, ``scalarization``, ``optimizer``: ``None`` takes the method's paper setting
+    (Adam for AdaMerging and AdaRank, AdamW for TARA). ``start_grid``: values of starting
+    hyper-parameters chosen on val by the study's selection rule before the first step (default: the
+    method's own, e.g. AdaRank-CART's λ over 0.1 … 3.0 as 002 App. A; ``{}`` in the registry means none).
+    """
 
     method: str
     iters: int = 250
@@ -137,9 +143,11 @@ class AdaptiveSpec(_Strict):
     batch_size: int = 16
     objective: Literal["entropy", "tas", "labels"] | None = None
     scalarization: Literal["sum", "stch"] | None = None
+    optimizer: Literal["adam", "adamw"] | None = None
     alpha: float = 1.0
     preference: list[float] | None = None
     hp: dict[str, Any] = Field(default_factory=dict)
+    start_grid: dict[str, list[float]] | None = None
     label: str | None = None
 
     @field_validator("method")

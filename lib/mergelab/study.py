@@ -50,8 +50,10 @@ __all__ = ["AdaptJob", "Context", "JOINT", "MergeJob", "NODES", "NodeResult", "N
            "results_table", "run_graph", "selected_for_analyses", "selected_merges", "stage_node", "up_to_date"]
 
 #: Code version of every node's producer; bump one when its output changes for the same inputs.
-VERSIONS = {"stage": "1", "reference": "1", "merge": "1", "adapt": "3", "evaluate": "1", "results": "2"}
-# adapt 2: tied TARA-B bank; 3: STCH anchors no longer shift the loop's batches, |Δcoef| recorded. results 2: mean_abs_delta_coef
+VERSIONS = {"stage": "1", "reference": "1", "merge": "2", "adapt": "4", "evaluate": "1", "results": "2"}
+# adapt 2: tied TARA-B bank; 3: STCH anchors no longer shift the loop's batches, |Δcoef| recorded; 4: TARA AdamW, AdaMerging
+# clamp [0, 1], AdaRank masks attention/MLP only, start grids. merge 2: fidelity pass (TSV / Iso support "all", inner alpha 1,
+# norm weights from the true updates, isometric spectral methods, CART ceil). results 2: mean_abs_delta_coef
 #: The pseudo-task holding the joint-task metrics (Hits@k over the union of labels).
 JOINT = "joint"
 #: Metrics per task: test accuracy and its normalised value, the same on val, TAS on val.
@@ -346,12 +348,13 @@ def adapt_node(ctx: Context, job: AdaptJob, progress: Callable[[int, float], Non
     labelled = a.objective == "labels"  # only when the study sets allow_labels (validated in config)
     batches = [_batches(*_val(bench, n, labelled), a.batch_size, job.seed + i) for i, n in enumerate(names)]
     bank_bases, used = adaptation_bases(ctx.store, ctx.taskset, a.method, a.hp) or (None, [])
+    hp, started = _start(ctx, a, bank_bases)
     torch.manual_seed(job.seed)
     run = measure(lambda: adapt(a.method, ctx.taskset, forward, batches, objective=a.objective, scalarization=a.scalarization,
-                                preference=a.preference, alpha=a.alpha, iters=a.iters, lr=a.lr, bases=bank_bases,
-                                progress=progress, **a.hp))
+                                optimizer=a.optimizer, preference=a.preference, alpha=a.alpha, iters=a.iters, lr=a.lr,
+                                bases=bank_bases, progress=progress, **hp))
     result = run.value
-    attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")), "config": _adapt_config(a),
+    attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")), "config": _adapt_config(a, started),
              "seed": job.seed, **_cost(run, used), "seconds_per_iter": result.seconds_per_iter,
              "mean_abs_delta_coef": result.history.attrs["mean_abs_delta_coef"]}
     if not ctx.store.exists(history_key):
@@ -366,8 +369,50 @@ def _val(bench: Bench, name: str, labelled: bool) -> tuple[Tensor, Tensor | None
     return images, labels if labelled else None
 
 
-def _adapt_config(a: AdaptiveSpec) -> str:
-    return config_label({"iters": a.iters, "lr": a.lr, **({"alpha": a.alpha} if a.scalarization == "stch" else {}), **a.hp})
+def _adapt_config(a: AdaptiveSpec, started: Mapping[str, Any]) -> str:
+    return config_label({"iters": a.iters, "lr": a.lr, **({"alpha": a.alpha} if a.scalarization == "stch" else {}), **a.hp,
+                         **started})
+
+
+def _start(ctx: Context, a: AdaptiveSpec, bases: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``a.hp`` with its starting hyper-parameters chosen before adapting, and those chosen values.
+
+    The grid is ``a.start_grid`` or the method's (:attr:`~mergelab.adaptation.Adapter.start_grid`); every
+    combination's starting merge (the coefficient model before any step) is scored on val by the
+    study's selection rule (mean val accuracy, or mean TAS for ``selection: tas``), never on test.
+    """
+    from itertools import product
+
+    from mergelab.adaptation import ADAPTERS, build
+
+    grid = ADAPTERS[a.method].start_grid(a.hp) if a.start_grid is None else a.start_grid
+    if not grid:
+        return dict(a.hp), {}
+    best: tuple[float, dict[str, Any]] | None = None
+    for values in product(*grid.values()):
+        chosen = dict(zip(grid, values, strict=True))
+        params = ctx.params(build(a.method, ctx.taskset, bases=bases, **{**a.hp, **chosen}).merged_update(ctx.taskset.base))
+        score = _val_criterion(ctx, params)
+        if best is None or score > best[0]:
+            best = (score, chosen)
+    return {**a.hp, **best[1]}, best[1]
+
+
+@torch.no_grad()
+def _val_criterion(ctx: Context, params: Mapping[str, Tensor]) -> float:
+    """The study's selection criterion of one merged model on val, larger is better: the mean val
+    accuracy over tasks (``selection: val``) or minus the mean TAS (``tas``, 004 Eq. 2)."""
+    from mergelab.evaluation.metrics import embed, top1_accuracy
+
+    names = list(ctx.bench.tasks)
+    if ctx.spec.selection == "tas":
+        return -float(np.mean([_tas(ctx, n, params) for n in names]))
+    bench = ctx.local_bench
+    accuracies = []
+    for n in names:
+        images, labels = bench.tasks[n].tensors("val")
+        accuracies.append(top1_accuracy(embed(bench.backbone, images, params) @ ctx.heads[n].T, labels))
+    return float(np.mean(accuracies))
 
 
 def _merged(ctx: Context, key: str) -> MergedUpdate:

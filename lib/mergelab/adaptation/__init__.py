@@ -31,14 +31,17 @@ from typing import Any
 
 import torch
 
-from mergelab.adaptation.bank import Bank, BankBasis, core_bank, raw_bank, shared_svd_bank, task_svd_bank
+from mergelab.adaptation.bank import Bank, BankBasis, core_bank, mean_bank, raw_bank, shared_svd_bank, task_svd_bank
 from mergelab.adaptation.loop import AdaptResult, Forward, anchors, peek, run, task_weights
 from mergelab.adaptation.models import CoefficientModel, DirectionCoefficients, MaskedCoefficients, TaskCoefficients
 from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
-from mergelab.taskset import TaskSet
+from mergelab.merging.spectral import cart_rank
+from mergelab.naming import module_kind
+from mergelab.taskset import TaskSet, Update
 
-__all__ = ["ADAPTERS", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward", "adapt", "build"]
+__all__ = ["ADAPTERS", "LAMBDA_CART", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward", "adapt", "adarank_masks",
+           "build"]
 
 
 #: Spaces an SVD-based bank can be taken in (see :mod:`mergelab.adaptation.bank`).
@@ -46,17 +49,19 @@ SVD_SPACES = ("full", "core")
 
 
 def _banks(taskset: TaskSet, matrix_bank: Callable[..., Bank], space: str = "full",
-           bases: Mapping[str, BankBasis] | None = None) -> tuple[list[str], list[Bank]]:
-    """One bank per module: ``matrix_bank`` for 2-D modules (in ``space``, from ``bases[module]``
-    when given), the raw bank otherwise."""
+           bases: Mapping[str, BankBasis] | None = None, *,
+           takes_matrix_bank: Callable[[str, tuple[int, ...]], bool] = lambda name, shape: len(shape) == 2,
+           other_bank: Callable[[Sequence[Update]], Bank] = raw_bank) -> tuple[list[str], list[Bank]]:
+    """One bank per module: ``matrix_bank`` for the modules ``takes_matrix_bank`` accepts (2-D ones by
+    default; in ``space``, from ``bases[module]`` when given), ``other_bank`` (the raw bank) otherwise."""
     if space not in SVD_SPACES:
         raise InputError(f"space must be one of {', '.join(SVD_SPACES)}, got {space!r}")
     modules = list(taskset.module_names)
     banks = []
     for m in modules:
         updates = taskset.updates(m)
-        if len(updates[0].shape) != 2:
-            banks.append(raw_bank(updates))
+        if not takes_matrix_bank(m, tuple(updates[0].shape)):
+            banks.append(other_bank(updates))
             continue
         given = BankBasis(None) if bases is None else bases[m]
         if space == "core":
@@ -67,8 +72,11 @@ def _banks(taskset: TaskSet, matrix_bank: Callable[..., Bank], space: str = "ful
 
 
 def build_adamerging(taskset: TaskSet, *, granularity: str = "layer", init: float | None = None,
-                     clamp: tuple[float, float] | None = None) -> CoefficientModel:
-    """AdaMerging (Yang et al., 2024): λ init 0.3; 004 App. H.2 initialises at 1/T for +TAS."""
+                     clamp: tuple[float, float] | None = (0.0, 1.0)) -> CoefficientModel:
+    """AdaMerging (Yang et al., 2024): λ init 0.3; 004 App. H.2 initialises at 1/T for +TAS.
+
+    ``clamp``: the range the λ are clamped to in every forward, ``[0, 1]`` as the original code
+    (``clamp: null`` in a study's ``hp`` learns them unconstrained)."""
     if granularity not in ("task", "layer"):
         raise InputError(f"granularity must be 'task' or 'layer', got {granularity!r}")
     modules, banks = _banks(taskset, raw_bank)
@@ -77,7 +85,7 @@ def build_adamerging(taskset: TaskSet, *, granularity: str = "layer", init: floa
 
 
 def build_adamerging_tas(taskset: TaskSet, *, granularity: str = "layer", init: float | None = None,
-                         clamp: tuple[float, float] | None = None) -> CoefficientModel:
+                         clamp: tuple[float, float] | None = (0.0, 1.0)) -> CoefficientModel:
     """AdaMerging+TAS (004 App. H.2): λ initialised uniformly at 1/T."""
     return build_adamerging(taskset, granularity=granularity, init=1.0 / len(taskset) if init is None else init, clamp=clamp)
 
@@ -103,12 +111,25 @@ def build_tara_b(taskset: TaskSet, *, init: float = 0.4, rank: int | None = None
     return model
 
 
+def adarank_masks(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether AdaRank masks a module's singular components: the attention and MLP weight matrices
+    only, as the official code (never positional or class embeddings, the patch convolution, the
+    output projection, biases or norms)."""
+    return len(shape) == 2 and module_kind(name) != "other"
+
+
 def build_adarank(taskset: TaskSet, *, origin: str = "ta", lam: float | None = None, rank_ratio: float = 0.16,
                   temperature: float = 10.0, space: str = "full", learn_lambda: bool = True,
                   learn_mask: bool = True, bases: Mapping[str, BankBasis] | None = None) -> CoefficientModel:
     """AdaRank (002 Eq. 5, App. A). ``origin="ta"``: all components on, λ = 0.3.
     ``origin="cart"``: components of ``ΔW_i − mean`` around the average, the top
-    ``rank_ratio · min(out, in)`` of each task on (CART init), λ = 1.0 unless given.
+    :func:`~mergelab.merging.spectral.cart_rank` ``(rank_ratio)`` of each task on (CART init),
+    λ = 1.0 unless given; 002 App. A grid-searches this λ, which a study does on val before adapting
+    (``Adapter.start_grid``).
+
+    Only the attention and MLP weight matrices are masked (:func:`adarank_masks`). The other modules
+    keep the origin's merge: task arithmetic with the learned λ per task (TA origin; their mask is
+    fixed on) or the weight average (CART origin: CART's rule for non-matrix parameters).
 
     ``space="core"``: per-task SVDs of the core matrices ``M_t`` (of ``M_t − mean_j M_j`` for CART),
     lifted through the reference bases; the same components as ``"full"`` (see
@@ -119,19 +140,20 @@ def build_adarank(taskset: TaskSet, *, origin: str = "ta", lam: float | None = N
         raise InputError(f"adarank origin must be 'ta' or 'cart', got {origin!r}")
     center = origin == "cart"
     modules, banks = _banks(taskset, lambda us, rtol=None, svd=None: task_svd_bank(us, center=center, rtol=rtol, svds=svd),
-                            space, bases)
-    keep = []
+                            space, bases, takes_matrix_bank=adarank_masks, other_bank=mean_bank if center else raw_bank)
+    keep, fixed = [], []
     for m, bank in zip(modules, banks, strict=True):
-        shape = taskset.updates(m)[0].shape
-        if not center or len(shape) != 2:
+        shape = tuple(taskset.updates(m)[0].shape)
+        fixed.append(not adarank_masks(m, shape))
+        if not center or fixed[-1]:
             keep.append(torch.ones(bank.size, dtype=torch.bool))
             continue
-        k = max(1, int(rank_ratio * min(shape)))
+        k = cart_rank(rank_ratio, shape)
         # components of each task are stored in descending singular value order
         position = torch.cat([torch.arange(int((bank.owner == t).sum())) for t in range(len(taskset))])
         keep.append(position < k)
     lam = (1.0 if center else 0.3) if lam is None else lam
-    model = MaskedCoefficients(modules, banks, taskset.names, keep=keep, lam=lam, temperature=temperature,
+    model = MaskedCoefficients(modules, banks, taskset.names, keep=keep, fixed=fixed, lam=lam, temperature=temperature,
                                learn_lambda=learn_lambda, learn_mask=learn_mask)
     model.space = space
     return model
@@ -151,7 +173,10 @@ class Adapter:
     ``"task_svd"``: :func:`~mergelab.adaptation.bank.task_svds`) and a map from hyper-parameters to that
     function's options (only those that change it). ``start``: the builder's hyper-parameter that
     sets the task-arithmetic coefficient the run starts from (``None``: it starts elsewhere), so a
-    study can start every adaptive method from one λ (``adaptive_init``).
+    study can start every adaptive method from one λ (``adaptive_init``). ``start_grid``: for a
+    configuration that starts elsewhere, the values of its starting hyper-parameters the paper
+    chooses on validation data before adapting (``{}``: none), e.g. AdaRank-CART's λ (002 App. A).
+    ``optimizer``: the paper's optimiser (``"adam"`` or ``"adamw"``).
     """
 
     build: Callable[..., CoefficientModel]
@@ -161,6 +186,8 @@ class Adapter:
     spaces: tuple[str, ...] = ("full",)
     basis: tuple[str, Callable[[Mapping[str, Any]], dict[str, Any]]] | None = None
     start: Callable[[Mapping[str, Any]], str | None] = lambda hp: "init"
+    start_grid: Callable[[Mapping[str, Any]], dict[str, tuple[float, ...]]] = lambda hp: {}
+    optimizer: str = "adam"
 
     def with_start(self, hp: Mapping[str, Any], value: float) -> dict[str, Any]:
         """``hp`` with the builder's starting coefficient set to ``value`` (``start(hp)`` names it:
@@ -170,12 +197,20 @@ class Adapter:
         return dict(hp) if name is None or name in hp else {**hp, name: value}
 
 
+#: 002 App. A: the CART origin's λ is grid-searched over 0.1, 0.2, …, 3.0
+LAMBDA_CART = tuple(round(0.1 * i, 1) for i in range(1, 31))
+
+
+def _adarank_start_grid(hp: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
+    return {"lam": LAMBDA_CART} if hp.get("origin", "ta") == "cart" and "lam" not in hp else {}
+
+
 ADAPTERS: dict[str, Adapter] = {
     "adamerging": Adapter(build_adamerging),
-    "tara_a": Adapter(build_tara_a, scalarization="stch"),
-    "tara_b": Adapter(build_tara_b, scalarization="stch", spaces=SVD_SPACES, basis=("knots", lambda hp: {})),
+    "tara_a": Adapter(build_tara_a, scalarization="stch", optimizer="adamw"),  # 001 Sec. 4: AdamW, lr 1e-3
+    "tara_b": Adapter(build_tara_b, scalarization="stch", spaces=SVD_SPACES, basis=("knots", lambda hp: {}), optimizer="adamw"),
     "adarank": Adapter(build_adarank, spaces=SVD_SPACES, basis=("task_svd", _adarank_basis),
-                       start=lambda hp: "lam" if hp.get("origin", "ta") == "ta" else None),
+                       start=lambda hp: "lam" if hp.get("origin", "ta") == "ta" else None, start_grid=_adarank_start_grid),
     "adamerging_tas": Adapter(build_adamerging_tas, objective="tas"),
 }
 
@@ -216,7 +251,7 @@ def adapt(
     alpha: float = 1.0,
     iters: int = 250,
     lr: float = 1e-3,
-    optimizer: str = "adam",
+    optimizer: str | None = None,
     anchor_batches: int = 2,
     record_every: int = 10,
     device: str = "cpu",
@@ -231,12 +266,14 @@ def adapt(
     ``anchor_batches`` batches of each stream, which the loop then still sees (:func:`~mergelab.adaptation.loop.peek`:
     every method of a study steps on the same batches whatever it measures first); the TAS
     teachers are the fine-tuned models ``W_0 + ΔW_t``. ``bases``: the bank's decompositions,
-    computed earlier (see :func:`build`); the result is the same, bit for bit.
+    computed earlier (see :func:`build`); the result is the same, bit for bit. ``objective``,
+    ``scalarization``, ``optimizer``: ``None`` takes the method's paper setting (its :class:`Adapter`).
     """
-    spec = ADAPTERS.get(method)
     model = build(method, taskset, bases=bases, **hp)
+    spec = ADAPTERS[method]
     objective = objective or spec.objective
     scalarization = scalarization or spec.scalarization
+    optimizer = optimizer or spec.optimizer
     if len(batches) != len(taskset):
         raise InputError(f"{len(batches)} batch streams for {len(taskset)} tasks; give one per task in task order")
     teachers = [task_weights(taskset, forward.base, t) for t in range(len(taskset))] if objective == "tas" else None

@@ -53,7 +53,7 @@ from mergelab.spaces.core import reference_bases
 from mergelab.spaces.knots import knots_svd
 from mergelab.taskset import Dense, LowRank, Update
 
-__all__ = ["Bank", "BankBasis", "core_bank", "core_matrices", "core_rtol", "raw_bank", "shared_svd", "shared_svd_bank",
+__all__ = ["Bank", "BankBasis", "core_bank", "core_matrices", "core_rtol", "mean_bank", "raw_bank", "shared_svd", "shared_svd_bank",
            "task_svd_bank", "task_svds"]
 
 
@@ -196,6 +196,13 @@ def task_svds(updates: Sequence[Update], center: bool = False, rtol: float | Non
     dense = [u.dense(torch.float64) for u in updates]
     avg = sum(dense) / T
     return [truncated_svd(d - avg if center else d, rtol) for d in dense]
+
+
+def mean_bank(updates: Sequence[Update]) -> Bank:
+    """No directions, the weight average as the fixed offset: a module merged by ``mean_j ΔW_j``
+    whatever the coefficients (CART's rule for the modules AdaRank does not mask)."""
+    shape = tuple(updates[0].shape)
+    return Bank(torch.zeros(0, dtype=torch.long), dense=torch.zeros((0, *shape)), offset=_mean(updates))
 
 
 def _mean(updates: Sequence[Update]) -> Update:

@@ -128,16 +128,19 @@ class MaskedCoefficients(CoefficientModel):
 
     ``keep[m]`` (bool per direction) sets the initial mask: logits ``±init_logit`` so that
     ``σ(±init_logit / T)`` sits just either side of 0.5, as the reference initialisation does.
-    ``learn_lambda`` / ``learn_mask`` freeze either part (the ablation of 002 Tab. 4).
+    ``learn_lambda`` / ``learn_mask`` freeze either part (the ablation of 002 Tab. 4); ``fixed[m]``
+    freezes module ``m``'s mask at ``keep[m]`` (modules AdaRank does not mask).
     """
 
-    def __init__(self, modules, banks, tasks, *, keep: Sequence[Tensor], lam: float = 0.3,
+    def __init__(self, modules, banks, tasks, *, keep: Sequence[Tensor], fixed: Sequence[bool] | None = None, lam: float = 0.3,
                  temperature: float = 10.0, init_logit: float = 0.1, learn_lambda: bool = True,
                  learn_mask: bool = True) -> None:
         super().__init__(modules, banks, tasks)
         self.temperature = temperature
-        self.logits = nn.ParameterList([nn.Parameter(torch.where(k, init_logit, -init_logit).float(), requires_grad=learn_mask)
-                                        for k in keep])
+        self.fixed = list(fixed) if fixed is not None else [False] * len(self.module_names)
+        self.logits = nn.ParameterList([nn.Parameter(torch.where(k, init_logit, -init_logit).float(),
+                                                     requires_grad=learn_mask and not f)
+                                        for k, f in zip(keep, self.fixed, strict=True)])
         self.lam = nn.Parameter(torch.full((len(self.module_names), self.n_tasks), float(lam)), requires_grad=learn_lambda)
 
     def masks(self) -> list[Tensor]:
