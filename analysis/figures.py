@@ -42,9 +42,16 @@ __all__ = [
 UNLABELLED = "unlabelled data"
 
 
+#: How a model-dependent analysis' loss ``attrs["objective"]`` reads in a caption.
+OBJECTIVES = {"labels": "loss: cross-entropy on val labels", "entropy": "loss: prediction entropy (label-free)"}
+
+
 def dataset_label(ds: xr.Dataset) -> str:
-    """What the figure was computed on: ``ds.attrs["dataset"]`` (set by the producer or the flow)."""
-    return str(ds.attrs.get("dataset") or UNLABELLED)
+    """What the figure was computed on: ``ds.attrs["dataset"]`` (set by the producer or the flow),
+    and the loss it was measured with where the analysis has one (``attrs["objective"]``)."""
+    label = str(ds.attrs.get("dataset") or UNLABELLED)
+    objective = OBJECTIVES.get(str(ds.attrs.get("objective", "")))
+    return f"{label}; {objective}" if objective else label
 
 
 def _strings(values) -> list[str]:

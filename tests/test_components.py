@@ -26,10 +26,11 @@ def test_singular_components_reassemble_the_update():
         torch.testing.assert_close((U * s) @ Vh, u.dense(torch.float64), rtol=1e-6, atol=1e-7)
 
 
-def _entropy(backbone, task, params, n):
-    logits = predict(backbone, task.tensors("val")[0][:n], task_head(backbone, task), params)
-    log_p = F.log_softmax(logits.double(), -1)
-    return float(-(log_p.exp() * log_p).sum(-1).mean())
+def _task_loss(backbone, task, params, n):
+    """002 Eqs. 3-4's L_j: the cross-entropy of the zero-shot logits on the first n val labels."""
+    images, labels = task.tensors("val")
+    logits = predict(backbone, images[:n], task_head(backbone, task), params)
+    return float(F.cross_entropy(logits.double(), labels[:n]))
 
 
 def test_micro_loss_changes_match_an_independent_dense_route(micro_pair):
@@ -43,7 +44,7 @@ def test_micro_loss_changes_match_an_independent_dense_route(micro_pair):
     own = ds.delta_loss.sel(eval_task="digits", task="digits")
     xr.testing.assert_allclose(ds.own_delta_loss.sel(task="digits"), own.drop_vars("eval_task"))
 
-    # Independent route: dense SVD of ΔW_i, MergedUpdate.apply, batched predict, float64 entropy.
+    # Independent route: dense SVD of ΔW_i, MergedUpdate.apply, batched predict, float64 cross-entropy.
     ts, backbone = micro_pair.taskset, micro_pair.backbone
     name, i, j, r = "transformer.resblocks.3.attn.q_proj.weight", 1, 0, 1  # textures' 2nd component, digits' loss
     U, s, Vh = torch.linalg.svd(ts.updates(name)[i].dense(torch.float64), full_matrices=False)
@@ -51,7 +52,7 @@ def test_micro_loss_changes_match_an_independent_dense_route(micro_pair):
     perturbed = dict(theta_m)
     perturbed[name] = theta_m[name] + (0.3 * s[r] * torch.outer(U[:, r], Vh[r])).float()
     task = micro_pair.tasks["digits"]
-    expected = _entropy(backbone, task, perturbed, 8) - _entropy(backbone, task, theta_m, 8)
+    expected = _task_loss(backbone, task, perturbed, 8) - _task_loss(backbone, task, theta_m, 8)
     got = float(ds.delta_loss.sel(task="textures", module=name, component=r + 1, eval_task="digits"))
     assert got == pytest.approx(expected, rel=1e-3, abs=1e-6)
     assert float(ds.singular_value.sel(task="textures", module=name, component=r + 1)) == pytest.approx(float(s[r]), rel=1e-5)

@@ -186,6 +186,15 @@ def _panels(fig: Figure) -> list:
     return [ax for ax in fig.axes if ax.get_visible() and ax.axison and ax.get_title()]
 
 
+@pytest.mark.parametrize(("name", "figure"), [("anisotropy", "jacobian_condition"), ("components", "loss_change_per_component")])
+def test_loss_based_analyses_use_the_papers_labelled_task_loss_and_say_so(bench_datasets, name, figure):
+    ds = _bench(bench_datasets, name)
+    assert ds.attrs["objective"] == "labels"  # 001 Eqs. 3-6 / 002 Eqs. 3-4: the task loss on val labels
+    assert "loss: cross-entropy on val labels" in getattr(model_figures, figure)(ds).get_suptitle()
+    entropy = ds.assign_attrs(objective="entropy")
+    assert "prediction entropy (label-free)" in getattr(model_figures, figure)(entropy).get_suptitle()
+
+
 def test_anisotropy_figures(bench_datasets):
     ds = _bench(bench_datasets, "anisotropy")
     T, modules = ds.sizes["task"], [str(m) for m in ds.module.values]
@@ -226,7 +235,7 @@ def test_anisotropy_figures(bench_datasets):
         assert np.allclose(mesh[0, 0], float(ds.xi.sel(basis=basis, task=str(ds.task.values[1]), module=q0)))
 
     table = model_figures.anisotropy_table(ds)
-    assert table.shape == (len(modules), 8) and table.attrs["dataset"] == LABEL
+    assert table.shape == (len(modules), 8) and table.attrs["dataset"] == f"{LABEL}; loss: cross-entropy on val labels"
     assert table.loc["layer 0 q", ("SVD", "κ(J)")] == float(ds.kappa_J.sel(basis="svd", module=q0))
     assert table.loc["layer 0 q", ("RAW", "mean ξ")] == pytest.approx(float(ds.xi.sel(basis="raw", module=q0).mean()))
 
@@ -261,7 +270,7 @@ def test_component_loss_figures(bench_datasets):
     assert len(dotted) == 1 and np.allclose(dotted[0].get_ydata(), ds.own_delta_loss.sel(task="textures", module=module).values)
 
     table = model_figures.component_loss_table(ds)
-    assert len(table) == int(ds.n_components.sum()) and table.attrs["dataset"] == LABEL
+    assert len(table) == int(ds.n_components.sum()) and table.attrs["dataset"] == f"{LABEL}; loss: cross-entropy on val labels"
     row = table.loc[("digits", "layer 3 q", 2)]
     point = ds.sel(task="digits", module=[m for m in ds.module.values if str(m).endswith("3.attn.q_proj.weight")][0], component=2)
     assert row["ΔL(r)"] == float(point.multi_delta_loss) and row["energy rank"] == int(point.energy_rank)

@@ -190,13 +190,15 @@ def _lora_modules(taskset) -> list[str]:
 
 
 def jacobian_anisotropy(bench: Bench, *, lam: float = 0.3, batch_size: int = 64, batches: int | None = 2,
-                        labels: bool = False, split_packed: bool = True, rtol: float | None = None) -> xr.Dataset:
+                        labels: bool = True, split_packed: bool = True, rtol: float | None = None) -> xr.Dataset:
     """Restricted Jacobian ``J`` and its anisotropy statistics per basis × module (001 Sec. 2.3, App. E).
 
-    ``W`` is the Task Arithmetic merge of the bench's tasks with coefficient ``lam``; ``f_i`` the
-    mean prediction entropy of task i's zero-shot logits over its first ``batches × batch_size``
-    validation images (``labels=True``: the cross-entropy task loss; ``batches=None``: every
-    validation image). Modules: every 2-D parameter that all tasks update with LoRA factors,
+    ``W`` is the Task Arithmetic merge of the bench's tasks with coefficient ``lam``; ``f_i`` task
+    i's loss over its first ``batches × batch_size`` validation images (``batches=None``: every
+    validation image): the cross-entropy task loss of its zero-shot head, as 001 Eqs. 3-6 define
+    it (default; labels of the val split, used for analysis only, never by adaptation), or with
+    ``labels=False`` the label-free mean prediction entropy. The Dataset's ``objective`` attribute
+    says which, and the figures print it. Modules: every 2-D parameter that all tasks update with LoRA factors,
     packed q/k/v projections split into views (``split_packed``). ``rtol`` is the relative
     tolerance of the SVD basis (``None``: numerical rank). Schema in ``docs/store.md``.
     """

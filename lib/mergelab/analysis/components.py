@@ -10,9 +10,10 @@ one component at a time, and records every task's loss change
     ΔL_j(r) = L_j(θ_m + λ s_ir) − L_j(θ_m),     ΔL(r) = Σ_j ΔL_j(r).
 
 ``ΔL_i(r)`` is the own-task change (Fig. 1, blue), ``ΔL(r)`` the multi-task change (Fig. 1,
-green), ``ΔL_j(r)`` per task the breakdown of Fig. 2. ``L_j`` is the mean prediction entropy of
-task j's zero-shot logits on its validation images (label-free, as AdaRank's own objective,
-002 Eq. 6), or the cross-entropy task loss with ``labels=True``.
+green), ``ΔL_j(r)`` per task the breakdown of Fig. 2. ``L_j`` is task j's cross-entropy loss
+on its validation images with its zero-shot head, as 002 Eqs. 3-4 define it (default; val labels,
+for analysis only), or with ``labels=False`` the label-free mean prediction entropy (AdaRank's own
+adaptation objective, 002 Eq. 6). The Dataset's ``objective`` attribute says which.
 
 Budget. 002 shows "the top 10 % of indices"; ``components`` is that fraction of each task
 update's singular components (its numerical rank: at most ``r`` for a LoRA update), at least one;
@@ -70,7 +71,7 @@ def mean_losses(backbone: Backbone, heads: Sequence[Tensor], batches: Sequence[S
 
 
 def component_loss_changes(bench: Bench, *, lam: float = 0.3, components: float = 0.1, layers: Sequence[int] | None = None,
-                           batch_size: int = 64, batches: int | None = 2, labels: bool = False,
+                           batch_size: int = 64, batches: int | None = 2, labels: bool = True,
                            energy: float = ENERGY) -> xr.Dataset:
     """ΔL_j(r) of 002 Eq. (4) for every source task, analysed module and top component (schema in docs/store.md).
 

@@ -51,8 +51,8 @@ ANALYSES: dict[str, Analysis] = {
     "merged_rank_spaces": Analysis(core_space.merged_rank_grid, "1"),
     "merged_similarity": Analysis(geometry.merged_similarity, "1", needs="merged"),
     "merged_rank": Analysis(spectra.merged_rank, "1", needs="merged"),
-    "anisotropy": Analysis(anisotropy.jacobian_anisotropy, "1", needs="bench"),
-    "components": Analysis(components.component_loss_changes, "1", needs="bench"),
+    "anisotropy": Analysis(anisotropy.jacobian_anisotropy, "2", needs="bench"),  # 2: labelled task loss by default
+    "components": Analysis(components.component_loss_changes, "2", needs="bench"),
     "tas_sweep": Analysis(proxies.tas_sweep, "1", needs="bench"),
     "embedding_interference": Analysis(interference.merged_embedding_interference, "1", needs="bench"),
 }
