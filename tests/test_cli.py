@@ -47,7 +47,8 @@ def test_store_ls_and_gc(tmp_path):
     (tmp_path / "s" / "staging" / "leftover").mkdir(parents=True)
     listed = json.loads(run("store", "ls", "--store", tmp_path / "s", "--json").stdout)
     assert [a["key"] for a in listed] == [key]
-    result = run("store", "gc", "--store", tmp_path / "s")
+    assert "removed 0 entries" in run("store", "gc", "--store", tmp_path / "s").stdout  # younger than the lease
+    result = run("store", "gc", "--store", tmp_path / "s", "--lease", "0")
     assert result.exit_code == 0 and "removed 1 entries" in result.stdout and "staging/leftover" in result.stdout
     (tmp_path / "keep.txt").write_text("")
     assert "would remove 1" in run("store", "gc", "--store", tmp_path / "s", "--keep", tmp_path / "keep.txt", "--dry-run").stdout

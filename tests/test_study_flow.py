@@ -244,8 +244,9 @@ def test_killed_run_restarts_and_reuses_published_artifacts(tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cache hits" in done.stdout and "every node" not in done.stdout
+    assert "nodes done (" in done.stderr  # stderr is no terminal here: progress comes as plain lines
     assert published <= {a.key for a in s.ls()}
-    s.gc(dry_run=False, keep=None)  # leftovers of the killed run are removable, nothing published is lost
+    s.gc(dry_run=False, keep=None, lease_s=0)  # leftovers of the killed run are removable, nothing published is lost
     assert published <= {a.key for a in s.ls()}
     again = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "every node was a cache hit" in again.stdout

@@ -144,7 +144,10 @@ def _summary(name: str, run) -> None:
 
 
 def _run_flow(flow, runner: str, **params):
-    """A study flow on ``--runner`` with one progress bar per node kind (on stderr)."""
+    """A study flow on ``--runner`` with one progress bar per node kind (on stderr); when stderr is
+    not a terminal (CI logs, ``nohup``), plain lines: every tenth of a phase and its end."""
+    import contextlib
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows.runtime import task_runner
@@ -152,17 +155,27 @@ def _run_flow(flow, runner: str, **params):
     chosen = task_runner(runner)
     from flows.study import set_progress
 
+    terminal = err_console.is_terminal
     bars: dict[str, int] = {}
-    with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[hits]} cached"),
-                  TimeElapsedColumn(), console=err_console, transient=False) as progress:
+    counts: dict[str, list[int]] = {}
+    progress = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[hits]} cached"),
+                        TimeElapsedColumn(), console=err_console, transient=False) if terminal else None
 
-        def listen(phase: str, total: int, result) -> None:
-            if phase not in bars:
-                bars[phase] = progress.add_task(phase, total=total, hits=0)
+    def listen(phase: str, total: int, result) -> None:
+        if progress is None:
+            done = counts.setdefault(phase, [0, 0])
             if result is not None:
-                task = progress.tasks[bars[phase]]
-                progress.update(bars[phase], advance=1, hits=task.fields["hits"] + int(result.hit))
+                done[0], done[1] = done[0] + 1, done[1] + int(result.hit)
+                if done[0] % max(1, total // 10) == 0 or done[0] == total:
+                    err_console.print(f"{phase}: {done[0]}/{total} nodes done ({done[1]} cached)", highlight=False)
+            return
+        if phase not in bars:
+            bars[phase] = progress.add_task(phase, total=total, hits=0)
+        if result is not None:
+            task = progress.tasks[bars[phase]]
+            progress.update(bars[phase], advance=1, hits=task.fields["hits"] + int(result.hit))
 
+    with progress if progress is not None else contextlib.nullcontext():
         set_progress(listen)
         try:
             return flow.with_options(task_runner=chosen)(**params)
@@ -626,16 +639,20 @@ def store_gc(
     store: StoreOpt = None,
     keep: Annotated[Optional[Path], typer.Option(help="File with the keys still in use, one per line; others are removed too.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+    lease: Annotated[float, typer.Option(help="Seconds a write may be in flight: younger leftovers are kept (a live run's).")] = 3600.0,
 ) -> None:
-    """Remove unpublished leftovers (and, with --keep, every unreferenced artifact)."""
+    """Remove unpublished leftovers older than --lease (and, with --keep, every unreferenced artifact)."""
     from mergelab.store import Store
+
+    if lease < 0:
+        raise InputError(f"--lease {lease} is negative; give the seconds a write may take (default 3600)")
 
     keys = None
     if keep is not None:
         if not keep.is_file():
             raise InputError(f"--keep file {keep} does not exist; write the keys to keep one per line")
         keys = {line.strip() for line in keep.read_text().splitlines() if line.strip()}
-    removed = Store(store).gc(keys, dry_run=dry_run)
+    removed = Store(store).gc(keys, dry_run=dry_run, lease_s=lease)
     verb = "would remove" if dry_run else "removed"
     console.print(f"{verb} {len(removed)} entries" + "".join(f"\n  {r}" for r in removed))
 

@@ -2,15 +2,19 @@
 
 Layout under the root URL::
 
-    objects/<key>/data.zarr | tensors.safetensors | data.json   the payload
-    objects/<key>/_published.json                               the publish marker (+ provenance)
-    staging/<key>.<token>/...                                   writes in progress
-    refs/<name>.json                                            human names -> keys
+    objects/<key>/<token>/data.zarr | tensors.safetensors | data.json   a writer's payload
+    objects/<key>/_published.json                     the publish marker (+ provenance, its payload's token)
+    staging/<key>.<token>/...                                           writes in progress
+    refs/<name>.json                                                    human names -> keys
 
 A key is ``<producer>-<sha256 of (producer, version, inputs)>``. An artifact is written under
-``staging/``, moved to ``objects/<key>/`` and published by writing its marker last, so a crash at
-any point leaves nothing that :meth:`Store.exists` or a getter will return. ``gc`` removes the
-leftovers (and, given the keys still in use, the artifacts nobody references).
+``staging/``, moved as a whole to ``objects/<key>/<token>/`` (a name no other writer uses) and
+published by writing its marker last, atomically (write then rename), so a crash at any point
+leaves nothing that :meth:`Store.exists` or a getter will return. Any number of processes may
+write the same key at once: each moves its own complete payload and the last marker wins, so a
+published key always names a complete payload and no writer ever removes another's files. ``gc``
+removes the leftovers older than a lease (and, given the keys still in use, the artifacts nobody
+references); markers of stores written before tokens existed name ``objects/<key>/`` itself.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ __all__ = ["DEFAULT_STORE", "STORE_ENV", "ArtifactInfo", "Key", "Store", "defaul
 DEFAULT_STORE = "data/store"
 STORE_ENV = "MERGELAB_STORE"
 MARKER = "_published.json"
+#: How long a write may be in flight before ``gc`` treats its files as leftovers (seconds).
+LEASE_S = 3600.0
 Kind = Literal["dataset", "tensors", "json"]
 PAYLOAD: dict[str, str] = {"dataset": "data.zarr", "tensors": "tensors.safetensors", "json": "data.json"}
 
@@ -155,7 +161,7 @@ class Store:
             raise KeyError(f"no published artifact {key!r} in store {self.url}")
         if marker["kind"] != kind:
             raise KeyError(f"artifact {key!r} is a {marker['kind']}, not a {kind}")
-        return self._path("objects", key, PAYLOAD[kind])
+        return self._path("objects", key, *([marker["token"]] if marker.get("token") else []), PAYLOAD[kind])
 
     # writing ---------------------------------------------------------------------------------
 
@@ -177,30 +183,25 @@ class Store:
         return _jsonable({**base, **(attrs or {})})
 
     def _write(self, key: str, kind: Kind, attrs: Mapping[str, Any] | None, write_payload) -> Key | str:
-        """Stage, move into place, publish. A concurrent writer of the same key is harmless."""
+        """Stage, move into place under a writer-unique token, publish (module docstring)."""
         provenance = self._provenance(key, attrs)
-        staging = self._path("staging", f"{key}.{uuid.uuid4().hex[:12]}")
-        final = self._path("objects", key)
+        token = uuid.uuid4().hex[:12]
+        staging = self._path("staging", f"{key}.{token}")
         self.fs.makedirs(staging, exist_ok=True)
         try:
             start = time.perf_counter()
             write_payload(f"{staging}/{PAYLOAD[kind]}", provenance)
             provenance.setdefault("write_time_s", round(time.perf_counter() - start, 6))
-            self._publish(key, kind, staging, final, provenance)
+            if not self.exists(key):  # someone may have published the same content meanwhile: then keep theirs
+                self.fs.makedirs(self._path("objects", key), exist_ok=True)
+                self.fs.mv(staging, self._path("objects", key, token), recursive=True)
+                marker = {"kind": kind, "producer": provenance.get("producer", ""), "created": provenance["created"],
+                          "token": token, "attrs": provenance}
+                self._write_marker(key, json.dumps(marker).encode())
         finally:
             if self.fs.exists(staging):
                 self.fs.rm(staging, recursive=True)
         return key
-
-    def _publish(self, key: str, kind: Kind, staging: str, final: str, provenance: dict[str, Any]) -> None:
-        if self.exists(key):  # someone published the same content meanwhile
-            return
-        if self.fs.exists(final):  # an unpublished leftover of a crashed writer
-            self.fs.rm(final, recursive=True)
-        self.fs.makedirs(self._path("objects"), exist_ok=True)
-        self.fs.mv(staging, final, recursive=True)
-        marker = {"kind": kind, "producer": provenance.get("producer", ""), "created": provenance["created"], "attrs": provenance}
-        self._write_marker(key, json.dumps(marker).encode())
 
     def _write_marker(self, key: str, payload: bytes) -> None:
         tmp = self._marker(key) + f".{uuid.uuid4().hex[:8]}.tmp"
@@ -272,6 +273,9 @@ class Store:
 
     def set_ref(self, name: str, key: str) -> None:
         """Point a human name (``studies/micro/results``) at a published key."""
+        parts = name.split("/")
+        if not name or "\\" in name or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"ref name {name!r} must be '/'-separated parts without '', '.', '..' or backslashes")
         if not self.exists(key):
             raise KeyError(f"cannot name unpublished artifact {key!r}")
         path = self._path("refs", f"{name}.json")
@@ -312,22 +316,47 @@ class Store:
     def __iter__(self) -> Iterator[ArtifactInfo]:
         return iter(self.ls())
 
-    def gc(self, keep: set[str] | None = None, dry_run: bool = False) -> list[str]:
-        """Remove staging leftovers and unpublished objects; with ``keep``, also every published
-        artifact whose key is neither in ``keep`` nor named by a ref. Returns what was (or would be)
-        removed."""
+    def _age_s(self, path: str) -> float:
+        """Seconds since ``path`` was last modified (``inf`` where the filesystem does not say)."""
+        info = self.fs.info(path)
+        stamp = info.get("mtime", info.get("created", info.get("LastModified")))
+        if stamp is None:
+            return float("inf")
+        if isinstance(stamp, _dt.datetime):
+            stamp = stamp.timestamp()
+        return time.time() - float(stamp)
+
+    def gc(self, keep: set[str] | None = None, dry_run: bool = False, lease_s: float = LEASE_S) -> list[str]:
+        """Remove leftovers older than ``lease_s`` (staging writes, unpublished objects, payloads a
+        marker does not name) and, with ``keep``, every published artifact whose key is neither in
+        ``keep`` nor named by a ref. A write younger than the lease is never touched, so gc may run
+        beside live runs. Returns what was (or would be) removed."""
         removed: list[str] = []
+
+        def remove(path: str, label: str) -> None:
+            removed.append(label)
+            if not dry_run:
+                self.fs.rm(path, recursive=True)
+
         staging = self._path("staging")
         if self.fs.exists(staging):
-            removed += [f"staging/{p.rstrip('/').rsplit('/', 1)[-1]}" for p in self.fs.ls(staging, detail=False)]
-            if not dry_run:
-                self.fs.rm(staging, recursive=True)
+            for path in self.fs.ls(staging, detail=False):
+                if self._age_s(path) > lease_s:
+                    remove(path, f"staging/{path.rstrip('/').rsplit('/', 1)[-1]}")
         keep_all = None if keep is None else set(keep) | set(self.refs().values())
         for key in self._object_keys():
-            if not self.exists(key) or (keep_all is not None and key not in keep_all):
-                removed.append(key)
-                if not dry_run:
-                    self.fs.rm(self._path("objects", key), recursive=True)
+            marker = self._read_marker(key)
+            if marker is not None and keep_all is not None and key not in keep_all:
+                remove(self._path("objects", key), key)
+                continue
+            entries = [p.rstrip("/") for p in self.fs.ls(self._path("objects", key), detail=False)]
+            stale = [p for p in entries if p.rsplit("/", 1)[-1] != MARKER and self._age_s(p) > lease_s
+                     and (marker is None or not marker.get("token") or p.rsplit("/", 1)[-1] != marker["token"])]
+            if marker is None and stale and len(stale) == len([p for p in entries if p.rsplit("/", 1)[-1] != MARKER]):
+                remove(self._path("objects", key), key)  # nothing published and nothing in flight
+            elif marker is not None and marker.get("token"):
+                for p in stale:
+                    remove(p, f"{key}/{p.rsplit('/', 1)[-1]}")
         return removed
 
 
