@@ -10,7 +10,11 @@ allowed values.
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +33,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: Names that become parts of store paths (study names, adaptive labels, task names): a letter or
+#: digit, then letters, digits, ``_ . + -``; never ``..`` (nothing may point outside the store).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def safe_name(value: str, what: str) -> str:
+    """``value`` when it is a :data:`SAFE_NAME`, else ValueError naming ``what`` and the rule."""
+    if not SAFE_NAME.fullmatch(value or "") or ".." in value:
+        raise ValueError(f"{what} {value!r} must start with a letter or digit and use only letters, digits and _ . + - "
+                         "(it names files in the store)")
+    return value
+
+
 class TaskSource(_Strict):
     """One task of a real-model study: its adapter (or full checkpoint) and its image folder."""
 
@@ -38,6 +55,11 @@ class TaskSource(_Strict):
     data: Path | None = None
     classnames: list[str] | None = None
     templates: list[str] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, name: str) -> str:
+        return safe_name(name, "task name")
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSource:
@@ -106,6 +128,12 @@ class MethodSpec(_Strict):
         from mergelab.merging import METHODS
 
         spec = METHODS[self.method]
+        empty = [k for k, values in self.effective_grid().items() if not values]
+        if empty:
+            raise ValueError(f"{self.method}: grid {empty[0]!r} lists no value; give at least one or drop it")
+        both = sorted(set(self.fixed) & set(self.effective_grid()))
+        if both:
+            raise ValueError(f"{self.method}: {both[0]!r} is both fixed and swept by the grid; keep it in one of them")
         n = 1
         for values in self.effective_grid().values():
             n *= max(1, len(values))
@@ -126,6 +154,27 @@ class MethodSpec(_Strict):
         grid = self.effective_grid()
         keys = sorted(grid)
         return [{**self.fixed, **dict(zip(keys, values, strict=True))} for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _setting_problem(hint: Any, value: Any) -> str | None:
+    """What a builder setting of type ``hint`` expects when ``value`` does not fit, else ``None``
+    (only the simple types are checked here; the builder checks the rest)."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        return None if optional else "a value"
+    core = [a for a in args if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    if len(core) != 1:
+        return None
+    kind = core[0]
+    if typing.get_origin(kind) is Literal:
+        return None if value in typing.get_args(kind) else "one of " + ", ".join(map(repr, typing.get_args(kind)))
+    if kind is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if kind in (int, float):
+        ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+        return None if ok else ("an integer" if kind is int else "a number")
+    return None
 
 
 class AdaptiveSpec(_Strict):
@@ -158,6 +207,40 @@ class AdaptiveSpec(_Strict):
         if method not in ADAPTERS:
             raise ValueError(f"unknown adaptive method {method!r}; allowed: {', '.join(ADAPTERS)}")
         return method
+
+    @field_validator("label")
+    @classmethod
+    def _safe_label(cls, label: str | None) -> str | None:
+        return None if label is None else safe_name(label, "adaptive label")
+
+    @model_validator(mode="after")
+    def _valid_settings(self) -> AdaptiveSpec:
+        import inspect
+
+        from mergelab.adaptation import ADAPTERS
+
+        if self.iters < 1:
+            raise ValueError(f"{self.name}: iters={self.iters} must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"{self.name}: batch_size={self.batch_size} must be at least 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{self.name}: lr={self.lr} must be a positive number")
+        build = ADAPTERS[self.method].build
+        allowed = [p.name for p in inspect.signature(build).parameters.values()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "bases"]
+        unknown = sorted(set(self.hp) - set(allowed)) + sorted(set(self.start_grid or {}) - set(allowed))
+        if unknown:
+            who = self.method if self.name == self.method else f"{self.name} ({self.method})"
+            raise ValueError(f"{who} has no setting {unknown[0]!r}; allowed in hp: {', '.join(allowed)}")
+        hints = typing.get_type_hints(build)
+        for key, value in [*self.hp.items(), *((k, v) for k, values in (self.start_grid or {}).items() for v in values)]:
+            problem = _setting_problem(hints[key], value)
+            if problem:
+                raise ValueError(f"{self.name}: {key}={value!r} is invalid; expected {problem}")
+        empty = [k for k, values in (self.start_grid or {}).items() if not values]
+        if empty:
+            raise ValueError(f"{self.name}: start_grid {empty[0]!r} lists no value")
+        return self
 
     @property
     def name(self) -> str:
@@ -193,9 +276,14 @@ class StudySpec(_Strict):
     @field_validator("name")
     @classmethod
     def _slug(cls, name: str) -> str:
-        if not name or any(c in name for c in "/\\ "):
-            raise ValueError(f"study name {name!r} must be non-empty without '/', '\\' or spaces")
-        return name
+        return safe_name(name, "study name")
+
+    @field_validator("seeds")
+    @classmethod
+    def _some_seed(cls, seeds: list[int]) -> list[int]:
+        if not seeds:
+            raise ValueError("seeds is empty; list at least one seed (e.g. seeds: [0])")
+        return seeds
 
     @field_validator("analyses")
     @classmethod
@@ -258,6 +346,20 @@ def _location(loc: tuple) -> str:
     return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a repeated key (the last would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
     """Read and validate a study YAML file (or an already parsed mapping)."""
     where = "study"
@@ -269,7 +371,9 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
         if not path.is_file():
             raise InputError(f"study file {path} does not exist; pass a YAML file such as studies/micro.yaml")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        except yaml.constructor.ConstructorError as err:
+            raise InputError(f"{path}: {err.problem}; keep one of them") from None
         except yaml.YAMLError as err:
             raise InputError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):

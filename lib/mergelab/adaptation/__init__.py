@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -71,7 +71,7 @@ def _banks(taskset: TaskSet, matrix_bank: Callable[..., Bank], space: str = "ful
     return modules, banks
 
 
-def build_adamerging(taskset: TaskSet, *, granularity: str = "layer", init: float | None = None,
+def build_adamerging(taskset: TaskSet, *, granularity: Literal["task", "layer"] = "layer", init: float | None = None,
                      clamp: tuple[float, float] | None = (0.0, 1.0)) -> CoefficientModel:
     """AdaMerging (Yang et al., 2024): λ init 0.3; 004 App. H.2 initialises at 1/T for +TAS.
 
@@ -84,7 +84,7 @@ def build_adamerging(taskset: TaskSet, *, granularity: str = "layer", init: floa
     return TaskCoefficients(modules, banks, taskset.names, granularity=granularity, init=init, clamp=clamp)
 
 
-def build_adamerging_tas(taskset: TaskSet, *, granularity: str = "layer", init: float | None = None,
+def build_adamerging_tas(taskset: TaskSet, *, granularity: Literal["task", "layer"] = "layer", init: float | None = None,
                          clamp: tuple[float, float] | None = (0.0, 1.0)) -> CoefficientModel:
     """AdaMerging+TAS (004 App. H.2): λ initialised uniformly at 1/T."""
     return build_adamerging(taskset, granularity=granularity, init=1.0 / len(taskset) if init is None else init, clamp=clamp)
@@ -96,7 +96,7 @@ def build_tara_a(taskset: TaskSet, *, init: float = 0.4) -> CoefficientModel:
     return DirectionCoefficients(modules, banks, taskset.names, init=init)
 
 
-def build_tara_b(taskset: TaskSet, *, init: float = 0.4, rank: int | None = None, space: str = "full",
+def build_tara_b(taskset: TaskSet, *, init: float = 0.4, rank: int | None = None, space: Literal["full", "core"] = "full",
                  bases: Mapping[str, BankBasis] | None = None) -> CoefficientModel:
     """TARA Variant B (001 Eqs. 8–9): φ_ik on the top-R shared singular directions (R = all by default).
 
@@ -118,8 +118,8 @@ def adarank_masks(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and module_kind(name) != "other"
 
 
-def build_adarank(taskset: TaskSet, *, origin: str = "ta", lam: float | None = None, rank_ratio: float = 0.16,
-                  temperature: float = 10.0, space: str = "full", learn_lambda: bool = True,
+def build_adarank(taskset: TaskSet, *, origin: Literal["ta", "cart"] = "ta", lam: float | None = None, rank_ratio: float = 0.16,
+                  temperature: float = 10.0, space: Literal["full", "core"] = "full", learn_lambda: bool = True,
                   learn_mask: bool = True, bases: Mapping[str, BankBasis] | None = None) -> CoefficientModel:
     """AdaRank (002 Eq. 5, App. A). ``origin="ta"``: all components on, λ = 0.3.
     ``origin="cart"``: components of ``ΔW_i − mean`` around the average, the top

@@ -1,0 +1,82 @@
+"""A study is validated whole when it is loaded: every bad section is one line naming the field, the
+value and the fix, before any node runs (and ``mergelab run`` exits 2 with that line)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mergelab.config import load_study
+from mergelab.errors import InputError
+
+REPO_STUDY = {"name": "s", "methods": [{"method": "ties", "grid": {"alpha": [1.0]}}]}
+
+
+def _with(**changes):
+    return {**REPO_STUDY, **changes}
+
+
+def _adaptive(**entry):
+    return _with(adaptive=[{"method": "adamerging", **entry}])
+
+
+CASES = [
+    (_with(name=".."), "study name '..' must start with a letter or digit"),
+    (_with(name="a/b"), "study name 'a/b'"),
+    (_with(name=""), "study name ''"),
+    (_with(seeds=[]), "seeds is empty"),
+    (_with(methods=[{"method": "tiez"}]), "unknown merge method 'tiez'"),
+    (_with(methods=[{"method": "ties", "spaces": ["fool"]}]), "unknown space 'fool'"),
+    (_with(methods=[{"method": "ties", "grid": {"alpha": []}}]), "grid 'alpha' lists no value"),
+    (_with(methods=[{"method": "ties", "grid": {"alpha": [1.0]}, "fixed": {"alpha": 2.0}}]), "'alpha' is both fixed and swept"),
+    (_with(methods=[{"method": "ties", "grid": {"densty": [0.2]}}]), "has no option 'densty'"),
+    (_with(methods=[{"method": "ties", "grid": {"density": [0.0]}}]), "density=0.0 is invalid"),
+    (_with(methods=[{"method": "ties+consensus"}]), "'consensus' leaves a single merged matrix unchanged"),
+    (_adaptive(iters=0), "iters=0 must be at least 1"),
+    (_adaptive(iters=-5), "iters=-5 must be at least 1"),
+    (_adaptive(lr=-1.0), "lr=-1.0 must be a positive number"),
+    (_adaptive(lr=float("nan")), "lr=nan must be a positive number"),
+    (_adaptive(batch_size=0), "batch_size=0 must be at least 1"),
+    (_adaptive(label="../escape"), "adaptive label '../escape'"),
+    (_adaptive(hp={"init": "x"}), "init='x' is invalid; expected a number"),
+    (_adaptive(hp={"granularity": "block"}), "granularity='block' is invalid; expected one of 'task', 'layer'"),
+    (_adaptive(optimizer="sgd"), "optimizer"),
+    (_with(adaptive=[{"method": "adarank", "hp": {"orign": "cart"}}]), "adarank has no setting 'orign'"),
+    (_with(adaptive=[{"method": "adarank", "hp": {"origin": "bogus"}}]), "origin='bogus' is invalid"),
+    (_with(adaptive=[{"method": "adarank", "hp": {"origin": "cart"}, "start_grid": {"lam": []}}]), "start_grid 'lam' lists no value"),
+    (_with(adaptive=[{"method": "adarank", "start_grid": {"lamda": [0.5]}}]), "adarank has no setting 'lamda'"),
+    (_with(adaptive=[{"method": "tara_b", "hp": {"space": "knots"}}]), "space='knots' is invalid; expected one of 'full', 'core'"),
+    (_with(adaptive=[{"method": "adamerging"}, {"method": "adamerging"}]), "distinct labels"),
+    (_with(adaptive=[{"method": "adamerging", "objective": "labels"}]), "set allow_labels: true"),
+    (_with(adaptive=[{"method": "nope"}]), "unknown adaptive method 'nope'"),
+    (_with(analyses=["nope"]), "unknown analysis 'nope'"),
+    (_with(selection="best"), "selection"),
+    (_with(colour="blue"), "unknown field"),
+]
+
+
+@pytest.mark.parametrize(("study", "message"), CASES, ids=[m[:40] for _, m in CASES])
+def test_a_bad_study_is_one_line_naming_the_problem(study, message):
+    with pytest.raises(InputError) as err:
+        load_study(study)
+    text = str(err.value)
+    assert message in text and "\n" not in text
+
+
+def test_a_repeated_yaml_key_is_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: s\nmethods:\n  - method: ties\n    grid: {alpha: [1.0]}\nname: t\n")
+    with pytest.raises(InputError, match=r"duplicate key 'name' \(line 5\); keep one of them"):
+        load_study(path)
+
+
+def test_mergelab_run_exits_2_on_a_bad_adaptive_setting_before_running_anything(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_with(adaptive=[{"method": "adarank", "hp": {"origin": "bogus"}}])))
+    done = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(path), "--store", str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "origin='bogus'" in done.stderr
+    assert not (tmp_path / "store").exists()  # nothing was written
