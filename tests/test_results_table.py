@@ -11,9 +11,10 @@ TASKS = ["a", "b"]
 METRICS = ["acc", "norm_acc", "val_acc", "val_norm_acc"]
 
 
-def _results(val: dict[tuple[str, str], float], delta: dict[str, float]) -> xr.Dataset:
-    """Results of method ``ta`` over an alpha grid and one adaptive run, val scores as given."""
-    methods, configs = ["ta", "tta", "adamerging"], ["alpha=0.1", "alpha=0.3", "alpha=0.5", "iters=5,lr=0.1"]
+def _results(val: dict[tuple[str, str], float], delta: dict[str, float] | None = None) -> xr.Dataset:
+    """Results of the methods and configurations named in ``val`` (full space), val scores as given."""
+    delta = delta or {}
+    methods, configs = list(dict.fromkeys(m for m, _ in val)), list(dict.fromkeys(c for _, c in val))
     shape = (len(methods), 1, len(configs), len(TASKS), len(METRICS), 1)
     score = np.full(shape, np.nan)
     seconds = np.full((len(methods), 1, len(configs), 1), np.nan)
@@ -54,3 +55,9 @@ def test_a_list_valued_setting_in_a_config_label_does_not_break_the_edge_check()
 
     assert _parse_label("clamp=[0, 1],iters=5,lr=0.1") == {"clamp": "[0", "iters": "5", "lr": "0.1"}
     assert _parse_label("default") == {}
+
+
+def test_a_selection_at_the_end_of_the_allowed_range_is_not_an_edge():
+    ds = _results({("ties", "alpha=1.0,density=0.5"): 0.7, ("ties", "alpha=1.0,density=1.0"): 0.9,
+                   ("ties", "alpha=1.5,density=1.0"): 0.8, ("ties", "alpha=0.5,density=1.0"): 0.6})
+    assert grid_edges(ds) == {}  # density 1 is TIES' upper bound (no trim), α 1.0 is interior

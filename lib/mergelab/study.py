@@ -697,10 +697,21 @@ def _number(value: str) -> float | None:
         return None
 
 
+def _at_bound(method: str, name: str, value: float) -> bool:
+    """Whether ``value`` is an end of the hyper-parameter's allowed range (TIES' density 1: no trim),
+    beyond which no grid can go."""
+    try:
+        interval = METHODS[method].params[name].interval
+    except (InputError, KeyError):
+        return False
+    return interval is not None and value in (interval.low, interval.high)
+
+
 def grid_edges(ds: xr.Dataset) -> dict[tuple[str, str, str], list[str]]:
     """``{(method, space, config): [hyper-parameters]}`` of selected configurations whose value of a
     swept numeric hyper-parameter is the smallest or largest of the grid that was swept (the
-    optimum may lie outside it: widen that grid). Adaptive runs (one configuration) never are."""
+    optimum may lie outside it: widen that grid), unless it is an end of the allowed range (TIES'
+    density 1). Adaptive runs (one configuration) never are."""
     out: dict[tuple[str, str, str], list[str]] = {}
     for method in ds.method.values:
         for space in ds.space.values:
@@ -712,7 +723,8 @@ def grid_edges(ds: xr.Dataset) -> dict[tuple[str, str, str], list[str]]:
                 flagged = []
                 for name, value in parsed[config].items():
                     values = {_number(p[name]) for p in parsed.values() if name in p} - {None}
-                    if len(values) > 1 and _number(value) in (min(values), max(values)):
+                    x = _number(value)
+                    if len(values) > 1 and x in (min(values), max(values)) and not _at_bound(str(method), name, x):
                         flagged.append(name)
                 if flagged:
                     out[(str(method), str(space), config)] = flagged
