@@ -73,7 +73,7 @@ METHODS: MethodRegistry = MethodRegistry({
     "iso_cts": MergeMethod(iso_cts, grid={"alpha": ALPHA_SVD, "common_fraction": (0.7, 0.8, 0.9)},
                            intervals={"common_fraction": Interval(0.0, 1.0), "rank_rtol": RTOL}, post=True, isometric=True),
     "cart": MergeMethod(cart, grid={"rank_ratio": (0.04, 0.08, 0.16, 0.32), "lam": ALPHA_SVD},
-                        intervals={"rank_ratio": UNIT_OPEN_LOW}),
+                        intervals={"rank_ratio": UNIT_OPEN_LOW, "lam": Interval(0.0)}),
     "star": MergeMethod(star, grid={"eta": (20.0, 40.0, 60.0, 80.0)}, intervals={"eta": Interval(0.0, 100.0, low_open=True)}, post=True,
                          isometric=True),
     "svd": MergeMethod(svd_of_sum, grid={"alpha": LAMBDA_TA}, nonmatrix="sum", intervals={"rank": POSITIVE_INT}, post=True,
