@@ -42,15 +42,16 @@ def normalized_accuracy_by_task(ds: xr.Dataset) -> Figure:
     frame = _selected(ds, "norm_acc")
     frame["value"] *= 100
     spaces = list(dict.fromkeys(frame["space"]))
-    fig = Figure(figsize=(4.8 * len(spaces), 0.35 * frame["method"].nunique() + 2.6), layout="constrained")
+    methods = sorted(frame["method"].unique())  # every panel has every row (blank where a method skips a space)
+    fig = Figure(figsize=(4.8 * len(spaces), 0.35 * len(methods) + 2.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(spaces), sharey=True, squeeze=False)).ravel()
     for ax, space in zip(axes, spaces, strict=True):
-        table = frame[frame["space"] == space].pivot(index="method", columns="task", values="value")
+        table = frame[frame["space"] == space].pivot(index="method", columns="task", values="value").reindex(methods)
         sns.heatmap(table, ax=ax, annot=True, fmt=".0f", vmin=0, vmax=110, cmap="viridis", cbar=ax is axes[-1],
                     cbar_kws={"label": "normalised accuracy (%)"})
         ax.set_title(f"{space} space")
         ax.set_xlabel("")
-    fig.suptitle(_title(ds, "normalised accuracy per task", "003 Tab. 2 layout"), fontsize=10)
+    fig.suptitle(_title(ds, "normalised accuracy per task", "003 Tab. 3 layout"), fontsize=10)
     return fig
 
 

@@ -105,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     ds = store.get_dataset(store.ref(f"studies/{args.study}/results"))
     table = results_table(ds)
     print(f"study {args.study} ({ds.attrs.get('note', '')}); test split, configurations selected on {ds.attrs['selection']}")
-    print(f"{'row':<36} {'config':<34} {'norm_acc %':>10} {'|Δcoef|':>9}")
-    for name, config, norm, delta in regime_rows(table):
-        print(f"{name:<36} {config[:34]:<34} {norm:>10.1f} {'' if math.isnan(delta) else f'{delta:.4f}':>9}")
+    rows = regime_rows(table)
+    width = max([len("config"), *(len(config) for _, config, _, _ in rows)])
+    print(f"{'row':<36} {'config':<{width}} {'norm_acc %':>10} {'|Δcoef|':>9}")
+    for name, config, norm, delta in rows:
+        print(f"{name:<36} {config:<{width}} {norm:>10.1f} {'' if math.isnan(delta) else f'{delta:.4f}':>9}")
     print()
     print(f"{'adaptive run':<20} {'objective first 5':>18} {'last 5':>10} {'last-quarter share of the change':>34}")
     for label, first, last, late in plateaus(store, args.study):

@@ -369,3 +369,24 @@ def test_model_figures_draw_from_the_store(bench_datasets, tmp_path):
                 model_figures.tas_vs_lambda(back["tas_sweep"]), model_figures.embedding_interference_bars(back["embedding_interference"])):
         _check(fig, label=bench_datasets["anisotropy"].attrs["dataset"])  # the producer's default label: the base name
     assert model_figures.component_loss_table(back["components"]).equals(model_figures.component_loss_table(bench_datasets["components"]))
+
+
+def test_overview_heatmap_rows_line_up_when_methods_skip_spaces():
+    from analysis import overview
+
+    methods, spaces, tasks = ["task_arithmetic", "ties", "tsv"], ["full", "knots", "core"], ["a", "b"]
+    score = np.full((3, 3, 1, 2, 1, 1), np.nan)
+    score[0, 0], score[1, :], score[2, [0, 2]] = 0.5, 0.6, 0.7  # TA full only, TIES everywhere, TSV without KnOTS
+    selected = ~np.isnan(score[:, :, :, 0, 0, :])
+    ds = xr.Dataset({"score": (("method", "space", "config", "task", "metric", "seed"), score),
+                     "selected": (("method", "space", "config", "seed"), selected)},
+                    coords={"method": methods, "space": spaces, "config": ["c"], "task": tasks, "metric": ["norm_acc"], "seed": [0]},
+                    attrs={"tasks": tasks, "note": LABEL, "study": "s"})
+    fig = overview.normalized_accuracy_by_task(ds)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["full space", "knots space", "core space"]
+    for ax in panels:  # one shared row order; a method missing in a space is a blank row, not a shifted one
+        assert [t.get_text() for t in ax.get_yticklabels()] in ([], methods)
+    knots = panels[1]
+    assert [round(float(t.get_text())) for t in knots.texts] == [60, 60]  # only TIES has values there
+    assert "003 Tab. 3" in fig.get_suptitle()
