@@ -77,7 +77,20 @@ def plateaus(store: Store, study: str) -> list[tuple[str, float, float, float]]:
     return out
 
 
-def targets(table) -> list[tuple[str, float, bool]]:
+def mask_kept(store: Store, study: str) -> dict[str, float]:
+    """Per AdaRank run of the study: the share of singular components its final masks keep
+    (``mask_kept_fraction`` averaged over modules and tasks; 002 Fig. 5)."""
+    out = {}
+    for name, key in sorted(store.refs().items()):
+        prefix = f"studies/{study}/adapt/"
+        if name.startswith(prefix):
+            history = store.get_dataset(key)
+            if "mask_kept_fraction" in history:
+                out[name.removeprefix(prefix)] = float(history["mask_kept_fraction"].isel(record=-1).mean())
+    return out
+
+
+def targets(table, kept: dict[str, float] | None = None) -> list[tuple[str, float, bool]]:
     """Issue 12's targets: ``(what, measured margin or value, holds)``."""
     zs, ft_abs = _score(table, "zeroshot"), float(table[table.method == "finetuned"].acc.max())
     ta = _score(table, "task_arithmetic", "full")
@@ -93,6 +106,10 @@ def targets(table) -> list[tuple[str, float, bool]]:
             ("TIES knots/core - TIES full >= 0", ties_best_space - ties_full, ties_best_space >= ties_full),
             (f"TSV / Iso-C / CART differ full vs core ({', '.join(differs) or 'none'})", float(len(differs)), bool(differs)),
             ("AdaMerging - TA >= 2 points", ada - ta, ada - ta >= 2), ("TARA - AdaMerging >= -1 point", tara - ada, tara - ada >= -1)]
+    if kept:
+        least = min(kept.values())
+        rows.append((f"AdaRank's masks drop components (kept: {', '.join(f'{k} {v:.0%}' for k, v in kept.items())})",
+                     least, least < 1.0))
     return rows
 
 
@@ -115,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, first, last, late in plateaus(store, args.study):
         print(f"{label:<20} {first:>18.4f} {last:>10.4f} {late:>34.2f}")
     print()
-    for what, value, holds in targets(table):
-        print(f"{'holds ' if holds else 'MISSED'}  {what}: {value:+.1f}" if "differ" not in what else
-              f"{'holds ' if holds else 'MISSED'}  {what}")
+    for what, value, holds in targets(table, mask_kept(store, args.study)):
+        shown = "" if "differ" in what or "masks" in what else f": {value:+.1f}"  # those two say it in words
+        print(f"{'holds ' if holds else 'MISSED'}  {what}{shown}")
     return 0
 
 
