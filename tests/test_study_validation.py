@@ -41,7 +41,7 @@ CASES = [
     (_adaptive(lr=float("nan")), "lr=nan must be a positive number"),
     (_adaptive(batch_size=0), "batch_size=0 must be at least 1"),
     (_adaptive(label="../escape"), "adaptive label '../escape'"),
-    (_adaptive(hp={"init": "x"}), "init='x' is invalid; expected a number"),
+    (_adaptive(hp={"init": "x"}), "init='x' is invalid; expected float or None"),
     (_adaptive(hp={"granularity": "block"}), "granularity='block' is invalid; expected one of 'task', 'layer'"),
     (_adaptive(optimizer="sgd"), "optimizer"),
     (_with(adaptive=[{"method": "adarank", "hp": {"orign": "cart"}}]), "adarank has no setting 'orign'"),

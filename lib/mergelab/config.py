@@ -13,8 +13,6 @@ import itertools
 import math
 import os
 import re
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import InputError
+from mergelab.params import params_of_function
 
 __all__ = ["AdaptiveSpec", "BenchSpec", "MethodSpec", "StudySpec", "TaskSource", "config_label", "load_study"]
 
@@ -156,27 +155,6 @@ class MethodSpec(_Strict):
         return [{**self.fixed, **dict(zip(keys, values, strict=True))} for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _setting_problem(hint: Any, value: Any) -> str | None:
-    """What a builder setting of type ``hint`` expects when ``value`` does not fit, else ``None``
-    (only the simple types are checked here; the builder checks the rest)."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if value is None:
-        return None if optional else "a value"
-    core = [a for a in args if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
-    if len(core) != 1:
-        return None
-    kind = core[0]
-    if typing.get_origin(kind) is Literal:
-        return None if value in typing.get_args(kind) else "one of " + ", ".join(map(repr, typing.get_args(kind)))
-    if kind is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if kind in (int, float):
-        ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
-        return None if ok else ("an integer" if kind is int else "a number")
-    return None
-
-
 class AdaptiveSpec(_Strict):
     """A test-time adaptation method of :data:`mergelab.adaptation.ADAPTERS` and its settings.
 
@@ -232,11 +210,13 @@ class AdaptiveSpec(_Strict):
         if unknown:
             who = self.method if self.name == self.method else f"{self.name} ({self.method})"
             raise ValueError(f"{who} has no setting {unknown[0]!r}; allowed in hp: {', '.join(allowed)}")
-        hints = typing.get_type_hints(build)
+        typed = params_of_function(build, typed_only=True)
         for key, value in [*self.hp.items(), *((k, v) for k, values in (self.start_grid or {}).items() for v in values)]:
-            problem = _setting_problem(hints[key], value)
-            if problem:
-                raise ValueError(f"{self.name}: {key}={value!r} is invalid; expected {problem}")
+            if key in typed:
+                try:
+                    typed[key].coerce(value, self.name)
+                except InputError as err:
+                    raise ValueError(str(err)) from None
         empty = [k for k, values in (self.start_grid or {}).items() if not values]
         if empty:
             raise ValueError(f"{self.name}: start_grid {empty[0]!r} lists no value")

@@ -119,8 +119,11 @@ def _param(name: str, annotation: Any, default: Any, interval: Interval | None) 
     return Param(name, kind, default, optional, interval)
 
 
-def params_of_function(fn: Callable[..., Any], intervals: Mapping[str, Interval] | None = None) -> dict[str, Param]:
-    """The keyword-only parameters of ``fn`` (everything after ``*``) as Params."""
+def params_of_function(fn: Callable[..., Any], intervals: Mapping[str, Interval] | None = None, *,
+                       typed_only: bool = False) -> dict[str, Param]:
+    """The keyword-only parameters of ``fn`` (everything after ``*``) as Params. ``typed_only``
+    skips parameters whose annotation is not one a Param describes (a tuple, a mapping of tensors)
+    instead of raising: what can be checked of a builder's settings."""
     hints = typing.get_type_hints(fn)
     intervals = dict(intervals or {})
     out = {}
@@ -129,7 +132,11 @@ def params_of_function(fn: Callable[..., Any], intervals: Mapping[str, Interval]
             continue
         if p.default is inspect.Parameter.empty:
             raise TypeError(f"{fn.__name__}: hyper-parameter {p.name!r} needs a default")
-        out[p.name] = _param(p.name, hints[p.name], p.default, intervals.pop(p.name, None))
+        try:
+            out[p.name] = _param(p.name, hints[p.name], p.default, intervals.pop(p.name, None))
+        except TypeError:
+            if not typed_only:
+                raise
     if intervals:
         raise TypeError(f"{fn.__name__}: intervals for unknown parameters {sorted(intervals)}")
     return out

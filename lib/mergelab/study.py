@@ -402,17 +402,10 @@ def _start(ctx: Context, a: AdaptiveSpec, bases: Any) -> tuple[dict[str, Any], d
 def _val_criterion(ctx: Context, params: Mapping[str, Tensor]) -> float:
     """The study's selection criterion of one merged model on val, larger is better: the mean val
     accuracy over tasks (``selection: val``) or minus the mean TAS (``tas``, 004 Eq. 2)."""
-    from mergelab.evaluation.metrics import embed, top1_accuracy
-
     names = list(ctx.bench.tasks)
     if ctx.spec.selection == "tas":
         return -float(np.mean([_tas(ctx, n, params) for n in names]))
-    bench = ctx.local_bench
-    accuracies = []
-    for n in names:
-        images, labels = bench.tasks[n].tensors("val")
-        accuracies.append(top1_accuracy(embed(bench.backbone, images, params) @ ctx.heads[n].T, labels))
-    return float(np.mean(accuracies))
+    return float(np.mean([_accuracy(ctx, n, "val", params)[0] for n in names]))
 
 
 def _merged(ctx: Context, key: str) -> MergedUpdate:
@@ -458,7 +451,7 @@ def evaluate_node(ctx: Context, source: NodeResult) -> NodeResult:
 @torch.no_grad()
 def _scores(ctx: Context, params: Mapping[str, Tensor] | None, names: Sequence[str], *, joint: bool, tas: bool) -> xr.Dataset:
     """``score(task, metric)``: raw accuracies (normalisation happens when results are assembled)."""
-    from mergelab.evaluation.metrics import embed, joint_hits, top1_accuracy
+    from mergelab.evaluation.metrics import joint_hits
 
     bench = ctx.local_bench
     tasks = names + ([JOINT] if joint else [])
@@ -466,13 +459,8 @@ def _scores(ctx: Context, params: Mapping[str, Tensor] | None, names: Sequence[s
     metrics = [*TASK_METRICS, *(f"hits@{k}" for k in JOINT_KS)]
     test_features = {}
     for i, name in enumerate(names):
-        task, head = bench.tasks[name], ctx.heads[name]
-        for split, metric in (("test", "acc"), ("val", "val_acc")):
-            images, labels = task.tensors(split)
-            features = embed(bench.backbone, images, params)
-            score[i, metrics.index(metric)] = top1_accuracy(features @ head.T, labels)
-            if split == "test":
-                test_features[name] = features
+        score[i, metrics.index("acc")], test_features[name] = _accuracy(ctx, name, "test", params)
+        score[i, metrics.index("val_acc")], _ = _accuracy(ctx, name, "val", params)
         if tas:
             score[i, metrics.index("tas")] = _tas(ctx, name, params)
     if joint:
@@ -481,6 +469,15 @@ def _scores(ctx: Context, params: Mapping[str, Tensor] | None, names: Sequence[s
             score[-1, metrics.index(f"hits@{k}")] = hits[f"hits@{k}"]
     return xr.Dataset({"score": (("task", "metric"), score)},
                       coords={"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)})
+
+
+def _accuracy(ctx: Context, name: str, split: str, params: Mapping[str, Tensor] | None) -> tuple[float, Tensor]:
+    """Top-1 accuracy of task ``name`` on ``split`` with its zero-shot head, and the image features."""
+    from mergelab.evaluation.metrics import embed, top1_accuracy
+
+    images, labels = ctx.local_bench.tasks[name].tensors(split)
+    features = embed(ctx.local_bench.backbone, images, params)
+    return top1_accuracy(features @ ctx.heads[name].T, labels), features
 
 
 def _tas(ctx: Context, name: str, params: Mapping[str, Tensor] | None) -> float:

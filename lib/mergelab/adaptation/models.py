@@ -137,10 +137,10 @@ class MaskedCoefficients(CoefficientModel):
                  learn_mask: bool = True) -> None:
         super().__init__(modules, banks, tasks)
         self.temperature = temperature
-        self.fixed = list(fixed) if fixed is not None else [False] * len(self.module_names)
+        fixed = list(fixed) if fixed is not None else [False] * len(self.module_names)
         self.logits = nn.ParameterList([nn.Parameter(torch.where(k, init_logit, -init_logit).float(),
                                                      requires_grad=learn_mask and not f)
-                                        for k, f in zip(keep, self.fixed, strict=True)])
+                                        for k, f in zip(keep, fixed, strict=True)])
         self.lam = nn.Parameter(torch.full((len(self.module_names), self.n_tasks), float(lam)), requires_grad=learn_lambda)
 
     def masks(self) -> list[Tensor]:

@@ -162,7 +162,7 @@ def _apply_stage(spec: MergeMethod | Composition, index: int, values: Mapping[st
         except InputError as err:
             raise InputError(f"method {spec.name!r} merges LoRA factors; module {module!r}: {err}") from None
     side_args = tuple([SIDE_INPUTS[name].to_space(sp, x, ctx) for x in side[name][module]] for name in stage.side) if index == 0 else ()
-    if stage.isometric and stage.inputs != "factors":
+    if stage.isometric:
         first = [ctx.isometric(x) for x in first]
         return ctx.from_isometric(_call(stage, (first, *side_args), spec.stage_values(values, stage_name), module))
     return _call(stage, (first, *side_args), spec.stage_values(values, stage_name), module)

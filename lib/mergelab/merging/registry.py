@@ -64,22 +64,20 @@ NonMatrixRule = Literal["self", "mean", "sum"]
 @dataclass(frozen=True)
 class SideInput:
     """A kind of per-task, per-module side input: how it is checked against the parameters'
-    shapes, and how a space maps it into its coordinates. ``derive``: for side inputs the driver
-    computes itself, ``(taskset, stage hyper-parameters) -> {module: [per-task tensor]}`` (every
-    module, matrix or not); the user then never passes it."""
+    shapes (a user-given one), and how a space maps it into its coordinates. ``derive``: for side
+    inputs the driver computes itself, ``(taskset, stage hyper-parameters) -> {module: [per-task
+    tensor]}`` (every module, matrix or not); the user then never passes it."""
 
-    check: Callable[[Mapping[str, Tensor], Mapping[str, tuple[int, ...]]], None]
     to_space: Callable[[Space, Tensor, Context], Tensor]
+    check: Callable[[Mapping[str, Tensor], Mapping[str, tuple[int, ...]]], None] | None = None
     derive: Callable[[TaskSet, Mapping[str, Any]], Mapping[str, list[Tensor]]] | None = None
 
 
 #: The side inputs a method may declare in ``MergeMethod.side``.
 SIDE_INPUTS: dict[str, SideInput] = {
     "grams": SideInput(check=check_grams, to_space=lambda space, gram, ctx: space.gram(gram, ctx)),
-    "norms": SideInput(check=lambda given, shapes: None, to_space=lambda space, norm, ctx: norm,
-                       derive=lambda taskset, hp: group_norms(taskset, hp["group"])),
-    "scalings": SideInput(check=lambda given, shapes: None, to_space=lambda space, scaling, ctx: scaling,
-                          derive=lambda taskset, hp: lora_scalings(taskset)),
+    "norms": SideInput(to_space=lambda space, norm, ctx: norm, derive=lambda taskset, hp: group_norms(taskset, hp["group"])),
+    "scalings": SideInput(to_space=lambda space, scaling, ctx: scaling, derive=lambda taskset, hp: lora_scalings(taskset)),
 }
 
 
@@ -104,6 +102,8 @@ class MergeMethod:
         unknown = [name for name in self.side if name not in SIDE_INPUTS]
         if unknown:
             raise TypeError(f"{self.fn.__name__}: unknown side input {unknown[0]!r}; known: {sorted(SIDE_INPUTS)}")
+        if self.isometric and self.inputs == "factors":
+            raise TypeError(f"{self.fn.__name__}: a method of LoRA factors has no spectrum to keep isometric")
         if self.nonmatrix == "self" and self.inputs != "tensors":
             raise TypeError(f"{self.fn.__name__}: only element-wise ('tensors') methods can merge non-matrix parameters themselves")
         for key, values in self.grid.items():
