@@ -61,8 +61,8 @@ def parse_runner(spec: str | None = None) -> tuple[str, str | None]:
     name, _, arg = (spec or "thread").partition("=")
     if name not in RUNNERS:
         raise InputError(f"unknown runner {spec!r}; choose one of {', '.join(f'{k}[=…]' for k in RUNNERS)}")
-    if name == "thread" and arg and not arg.isdigit():
-        raise InputError(f"--runner thread={arg}: the argument is a worker count, e.g. thread=4")
+    if name == "thread" and arg and (not arg.isdigit() or int(arg) < 1):
+        raise InputError(f"--runner thread={arg}: the argument is a worker count of at least 1, e.g. thread=4")
     return name, arg or None
 
 

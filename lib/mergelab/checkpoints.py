@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -54,12 +55,23 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_
 # Reading tensors ---------------------------------------------------------------------------
 
 
+#: First bytes of a torch.save file: a zip archive (torch >= 1.6) or a legacy pickle stream.
+_TORCH_MAGIC = (b"PK", b"\x80\x02")
+
+
 def _read_tensors(path: Path) -> StateDict:
     """Read a safetensors or torch-pickle file into a CPU state dict, turning failures into InputError."""
+    if path.suffix != ".safetensors":
+        with path.open("rb") as f:
+            if f.read(2) not in _TORCH_MAGIC:
+                raise InputError(f"cannot read {path}: neither a safetensors nor a torch weights file; pass model weights")
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path), device="cpu")
         state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise InputError(f"refused to unpickle {path}: it holds objects other than tensors, which mergelab never loads "
+                         "(torch.load weights_only=True); convert it to safetensors with safetensors.torch.save_file") from err
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as err:
         kind = "safetensors" if path.suffix == ".safetensors" else "torch"
         raise InputError(f"cannot read {path}: corrupt or truncated {kind} file ({type(err).__name__}); re-save it") from err
@@ -131,6 +143,8 @@ def _named_sources(sources: Sequence[Source], names: Sequence[str] | None) -> li
             name = names[i]
         if not path.exists():
             raise InputError(f"source {path} does not exist; check the path (NAME=PATH names a task)")
+        if name in (n for n, _ in pairs):
+            raise InputError(f"duplicate task names: two sources are named {name!r}; name each task once (NAME=PATH)")
         pairs.append((name, path))
     if names is not None and len(names) != len(sources):
         raise InputError(f"{len(names)} names for {len(sources)} sources; give one name per source")
@@ -156,10 +170,32 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
             raise InputError(f"{path / ADAPTER_CONFIG} lacks {field_name!r}; a PEFT LoRA config needs r and lora_alpha")
     if not isinstance(config["r"], int) or config["r"] <= 0:
         raise InputError(f"{path / ADAPTER_CONFIG} has r = {config['r']!r}; LoRA rank must be a positive integer")
+    if not _is_number(config["lora_alpha"]):
+        raise InputError(f"{path / ADAPTER_CONFIG} has lora_alpha = {config['lora_alpha']!r}; it must be a number")
+    for field_name, valid in (("rank_pattern", lambda v: isinstance(v, int) and v > 0), ("alpha_pattern", _is_number)):
+        patterns = config.get(field_name) or {}
+        if not isinstance(patterns, Mapping):
+            raise InputError(f"{path / ADAPTER_CONFIG}: {field_name} must map module patterns to values, not {patterns!r}")
+        for pattern, value in patterns.items():
+            _compile(pattern, f"{path / ADAPTER_CONFIG}: {field_name} key")
+            if not valid(value):
+                raise InputError(f"{path / ADAPTER_CONFIG}: {field_name}[{pattern!r}] = {value!r} is not a valid {field_name.split('_')[0]}")
     for unsupported in ("use_dora", "lora_bias"):
         if config.get(unsupported):
             raise InputError(f"{path} uses {unsupported}=True, which mergelab cannot merge exactly; merge_and_unload it into a full checkpoint")
     return config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _compile(pattern: str, where: str) -> re.Pattern[str]:
+    """``re.compile`` with a one-line error naming where the bad expression came from."""
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise InputError(f"{where} {pattern!r} is not a regular expression ({err}); fix or quote it") from None
 
 
 def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -358,7 +394,7 @@ def load_taskset(
     """
     pairs = _named_sources(sources, names)
     base_state = load_state_dict(base)
-    patterns = [re.compile(m) for m in modules or ()]
+    patterns = [_compile(m, "modules pattern (--modules)") for m in modules or ()]
     keep = (lambda k: any(p.fullmatch(k) for p in patterns)) if patterns else (lambda k: True)
     tasks = []
     for name, path in pairs:

@@ -17,7 +17,7 @@ from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
 from mergelab import __version__
-from mergelab.errors import InputError
+from mergelab.errors import InputError, check_writable
 
 __all__ = ["app", "main"]
 
@@ -342,6 +342,8 @@ def _read_grams(path: Path, taskset) -> dict[str, dict[str, object]]:
     """A safetensors file of ``"<task>::<module>"`` Gram matrices -> ``{task: {module: G}}``."""
     from mergelab.checkpoints import load_state_dict
 
+    if not path.is_file():
+        raise InputError(f"--grams {path} is not a file; pass a safetensors file of '<task>::<module>' Gram matrices")
     grams: dict[str, dict[str, object]] = {name: {} for name in taskset.names}
     for key, tensor in load_state_dict(path).items():
         task, sep, module = key.partition("::")
@@ -357,6 +359,7 @@ def _check_output(fmt: str, out: Path, force: bool) -> None:
         raise InputError(f"--format {fmt!r} is not one of peft, weights")
     if out.exists() and not force:
         raise InputError(f"output {out} already exists; choose another path or pass --force")
+    check_writable(out, "--out")
 
 
 def _grid(items: list[str] | None) -> dict[str, list]:
@@ -628,7 +631,7 @@ def store_ls(store: StoreOpt = None, as_json: Annotated[bool, typer.Option("--js
         return
     table = Table(title=f"{s.url}: {len(items)} artifacts", title_justify="left")
     for column in ("key", "kind", "producer", "created", "name"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for a in items:
         table.add_row(a.key, a.kind, a.producer, a.created, refs.get(a.key, ""))
     console.print(table)

@@ -37,7 +37,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from mergelab.errors import InputError
+from mergelab.errors import InputError, check_writable
 from mergelab.hashing import content_hash
 
 __all__ = ["DEFAULT_STORE", "STORE_ENV", "ArtifactInfo", "Key", "Store", "default_store_url"]
@@ -107,6 +107,8 @@ class Store:
             raise InputError(f"store URL {self.url!r} needs a package that is not installed ({err}); install it or use a local path") from err
         self.root = root.rstrip("/")
         self._local = protocol in (None, "file", "local")
+        if self._local and not os.path.isdir(self.root):  # an existing read-only store can still be read
+            check_writable(self.root, "store", directory=True)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
