@@ -8,17 +8,23 @@ By default Prefect runs without a server (an ephemeral API in this process); whe
   share this process's Prefect API, so no extra servers start.
 * ``dask=ADDRESS``: an existing Dask scheduler (``tcp://host:8786``). Worker processes need a
   shared Prefect server: set ``PREFECT_API_URL`` (``prefect server start``) for them.
+
+Prefect's temporary API server is a child process. :func:`start_ephemeral_server` starts it up
+front and hands its pid to a watchdog process that ends it when this process dies, even by
+SIGKILL, so no run leaves a server behind.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 
 from mergelab.errors import InputError
 from mergelab.study import NodeResult
 
-__all__ = ["RUNNERS", "configure", "parse_runner", "summarize", "task_runner"]
+__all__ = ["RUNNERS", "configure", "parse_runner", "start_ephemeral_server", "stop_ephemeral_server", "summarize", "task_runner"]
 
 #: Prefect / Dask settings that these machines need (ENVIRONMENT.md); user values win.
 DEFAULT_ENV = {
@@ -80,3 +86,51 @@ def summarize(results: Iterable[NodeResult]) -> dict[str, dict[str, int]]:
         entry["nodes"] += 1
         entry["hits"] += int(r.hit)
     return out
+
+
+#: The watchdog (stdlib only, so it starts in milliseconds): waits until its parent is gone,
+#: then ends the server (SIGTERM, SIGKILL after 5 s). argv: parent pid, server pid.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, child = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(0.5)
+try:
+    os.kill(child, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        os.kill(child, 0)
+    os.kill(child, signal.SIGKILL)
+except (ProcessLookupError, PermissionError):
+    pass
+"""
+
+
+def start_ephemeral_server() -> int | None:
+    """Start Prefect's temporary API server now, unless ``PREFECT_API_URL`` names a server, and
+    tie its life to this process (see the module docstring). Returns the server's pid, or None.
+
+    It is the instance Prefect's own clients use (``SubprocessASGIServer()``, a per-port
+    singleton), so starting it early changes nothing else.
+    """
+    configure()
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    pid = server.server_process.pid
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid)], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return pid
+
+
+def stop_ephemeral_server() -> None:
+    """Stop the temporary API server now (a stopped run exits without Python's atexit hooks)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()

@@ -5,6 +5,7 @@ the same results, a SIGKILLed run restarts cleanly, and CLI errors are one line.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -223,13 +224,16 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": "", "COLUMNS": "200"}
 
 
-def test_killed_run_restarts_and_reuses_published_artifacts(tmp_path):
-    spec = {**SMALL, "adaptive": [], "analyses": [], "adaptation_studies": {}, "methods": [
-        {"method": "task_arithmetic", "spaces": ["full", "knots", "core"], "grid": {"alpha": [0.2, 0.4, 0.6, 0.8]}}]}
-    study = write_study(tmp_path / "kill.yaml", spec)
+KILL_STUDY = {**SMALL, "adaptive": [], "analyses": [], "adaptation_studies": {}, "methods": [
+    {"method": "task_arithmetic", "spaces": ["full", "knots", "core"], "grid": {"alpha": [0.2, 0.4, 0.6, 0.8]}}]}
+
+
+def _start_and_wait_for_evaluations(tmp_path: Path) -> tuple[list[str], subprocess.Popen, Store]:
+    """``mergelab run`` of a 12-configuration study, returned once two evaluations are published."""
+    study = write_study(tmp_path / "kill.yaml", KILL_STUDY)
     store = tmp_path / "store"
     cmd = [sys.executable, "-m", "mergelab.cli", "run", str(study), "--store", str(store), "--runner", "thread=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 240
     s = Store(store)
@@ -237,7 +241,32 @@ def test_killed_run_restarts_and_reuses_published_artifacts(tmp_path):
         if sum(a.producer == "evaluate" for a in s.ls()) >= 2:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be killed; give it more work"
+    assert proc.poll() is None, "the run finished before it could be stopped; give it more work"
+    return cmd, proc, s
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(stat[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killed_run_restarts_and_reuses_published_artifacts(tmp_path):
+    cmd, proc, s = _start_and_wait_for_evaluations(tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     published = {a.key for a in s.ls()}
@@ -250,6 +279,27 @@ def test_killed_run_restarts_and_reuses_published_artifacts(tmp_path):
     assert published <= {a.key for a in s.ls()}
     again = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "every node was a cache hit" in again.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)],
+                         ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_a_stopped_run_exits_at_once_and_leaves_no_process_behind(tmp_path, signum, code):
+    cmd, proc, s = _start_and_wait_for_evaluations(tmp_path)
+    children = _children(proc.pid)
+    assert children, "the run started no Prefect server"
+    proc.send_signal(signum)  # the process alone, not its group: its children must not outlive it
+    _, err = proc.communicate(timeout=30)  # running nodes are abandoned, not awaited
+    assert proc.returncode == code
+    if signum != signal.SIGKILL:
+        assert re.search(r"stopped; rerun the same command to resume from \d+ published nodes", err), err[-500:]
+    deadline = time.time() + 20
+    while time.time() < deadline and any(map(_alive, children)):
+        time.sleep(0.2)
+    assert not any(map(_alive, children)), "a Prefect server or watchdog outlived the run"
+    if signum == signal.SIGTERM:
+        done = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "cache hits" in done.stdout, done.stderr[-2000:]
 
 
 def test_cli_run_rejects_bad_study_in_one_line(tmp_path):

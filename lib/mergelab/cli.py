@@ -143,14 +143,27 @@ def _summary(name: str, run) -> None:
     console.print(f"study {name}: {verdict} (computed/total: {detail}); {where}", soft_wrap=True, highlight=False)
 
 
+class _Stopped(Exception):
+    """SIGTERM, raised in the main thread by :func:`_run_flow`'s handler."""
+
+
 def _run_flow(flow, runner: str, **params):
     """A study flow on ``--runner`` with one progress bar per node kind (on stderr); when stderr is
-    not a terminal (CI logs, ``nohup``), plain lines: every tenth of a phase and its end."""
+    not a terminal (CI logs, ``nohup``), plain lines: every tenth of a phase and its end.
+
+    The flow runs in a worker thread while the main thread waits for it and for signals: SIGINT
+    or SIGTERM stops the run at once (exit 130 / 143), abandoning the nodes that are running;
+    what they were writing stays in the store's staging area, never published, and a rerun
+    resumes from the published nodes.
+    """
     import contextlib
+    import os
+    import signal
+    import threading
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flows.runtime import task_runner
+    from flows.runtime import start_ephemeral_server, stop_ephemeral_server, task_runner
 
     chosen = task_runner(runner)
     from flows.study import set_progress
@@ -162,25 +175,51 @@ def _run_flow(flow, runner: str, **params):
                         TimeElapsedColumn(), console=err_console, transient=False) if terminal else None
 
     def listen(phase: str, total: int, result) -> None:
+        done = counts.setdefault(phase, [0, 0])
+        if result is not None:
+            done[0], done[1] = done[0] + 1, done[1] + int(result.hit)
         if progress is None:
-            done = counts.setdefault(phase, [0, 0])
-            if result is not None:
-                done[0], done[1] = done[0] + 1, done[1] + int(result.hit)
-                if done[0] % max(1, total // 10) == 0 or done[0] == total:
-                    err_console.print(f"{phase}: {done[0]}/{total} nodes done ({done[1]} cached)", highlight=False)
+            if result is not None and (done[0] % max(1, total // 10) == 0 or done[0] == total):
+                err_console.print(f"{phase}: {done[0]}/{total} nodes done ({done[1]} cached)", highlight=False)
             return
         if phase not in bars:
             bars[phase] = progress.add_task(phase, total=total, hits=0)
         if result is not None:
-            task = progress.tasks[bars[phase]]
-            progress.update(bars[phase], advance=1, hits=task.fields["hits"] + int(result.hit))
+            progress.update(bars[phase], advance=1, hits=done[1])
 
-    with progress if progress is not None else contextlib.nullcontext():
-        set_progress(listen)
+    def stop(signum, frame) -> None:
+        raise _Stopped(signum)
+
+    outcome: dict[str, object] = {}
+
+    def work() -> None:
         try:
-            return flow.with_options(task_runner=chosen)(**params)
-        finally:
-            set_progress(None)
+            outcome["result"] = flow.with_options(task_runner=chosen)(**params)
+        except BaseException as err:  # handed to the main thread below
+            outcome["error"] = err
+
+    start_ephemeral_server()
+    previous = signal.signal(signal.SIGTERM, stop)
+    worker = threading.Thread(target=work, name="mergelab-flow", daemon=True)
+    try:
+        with progress if progress is not None else contextlib.nullcontext():
+            set_progress(listen)
+            worker.start()
+            while worker.is_alive():
+                worker.join(0.2)
+    except (KeyboardInterrupt, _Stopped) as interrupt:
+        published = sum(done for done, _ in counts.values())
+        err_console.print(f"stopped; rerun the same command to resume from {published} published node{'' if published == 1 else 's'}", highlight=False)
+        stop_ephemeral_server()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143 if isinstance(interrupt, _Stopped) else 130)  # running nodes are abandoned, not awaited
+    finally:
+        set_progress(None)
+        signal.signal(signal.SIGTERM, previous)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"]
 
 
 def _print_results(spec, run) -> None:
