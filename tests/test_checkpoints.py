@@ -139,3 +139,35 @@ def test_loaded_update_reproduces_the_peft_forward_pass(tiny_vit, vit_adapters):
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(plain(x), peft_model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_overwrite_swaps_the_output_in_one_step_and_a_failed_write_keeps_the_old_one(tiny_vit, vit_adapters, tmp_path, monkeypatch):
+    import mergelab.checkpoints as checkpoints
+
+    merged = _one_task_merge(load_taskset(tiny_vit, vit_adapters[:1]))
+    out = save_merged(merged, tmp_path / "out")
+    (out / "old-marker").write_text("")
+    save_merged(merged, out, overwrite=True)
+    assert not (out / "old-marker").exists() and (out / "adapter_config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or backup left beside it
+
+    (out / "old-marker").write_text("")
+    monkeypatch.setattr(checkpoints, "_adapter_tensors", lambda *a: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_merged(merged, out, overwrite=True)
+    assert (out / "old-marker").exists() and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_exchange_without_renameat2_falls_back_to_renames(tmp_path, monkeypatch):
+    import ctypes
+
+    import mergelab.checkpoints as checkpoints
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "new").write_text("")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "old").write_text("")
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
+    checkpoints._exchange(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b" / "new").exists() and (tmp_path / "a" / "old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]

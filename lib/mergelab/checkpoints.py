@@ -453,13 +453,42 @@ def _publish_dir(out: Path, write: Callable[[Path], None], overwrite: bool) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists() or out.is_symlink():
+            _exchange(tmp, out)  # tmp now holds the old output
+            _remove(tmp)
+        else:
+            os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``): a kill at any point
+    leaves the old output or the new one at ``b``, never neither. Elsewhere, two renames: a kill
+    between them leaves the old output beside ``b`` as ``.<name>.old-*``."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+            return
+    except (AttributeError, OSError):
+        pass
+    old = Path(tempfile.mkdtemp(prefix=f".{b.name}.old-", dir=b.parent))
+    os.replace(b, old / b.name)
+    os.replace(a, b)
+    os.replace(old / b.name, a)
+    old.rmdir()
 
 
 def _peft_layout(merged: MergedUpdate) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
