@@ -171,3 +171,17 @@ def test_exchange_without_renameat2_falls_back_to_renames(tmp_path, monkeypatch)
     checkpoints._exchange(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "b" / "new").exists() and (tmp_path / "a" / "old").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_training_only_config_fields_do_not_change_the_task_hash(tiny_vit, vit_adapters, tmp_path):
+    import json
+    import shutil
+
+    changed = tmp_path / "changed"
+    shutil.copytree(vit_adapters[0], changed)
+    config = json.loads((changed / "adapter_config.json").read_text())
+    (changed / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": 0.3, "init_lora_weights": "gaussian"}))
+    same, other = load_taskset(tiny_vit, [vit_adapters[0], changed]).tasks
+    assert same.content_hash == other.content_hash
+    (changed / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 2}))
+    assert load_taskset(tiny_vit, [changed]).tasks[0].content_hash != same.content_hash

@@ -155,6 +155,12 @@ def _is_adapter_dir(path: Path) -> bool:
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
 
 
+#: Adapter-config fields that shape training only, never the update ``ΔW = scaling · B A``:
+#: dropped at load so that they stay out of every cache key (a changed ``lora_dropout`` is the
+#: same task vector) and out of merged adapters, which are for inference.
+TRAINING_ONLY = ("lora_dropout", "inference_mode", "init_lora_weights", "loftq_config", "runtime_config")
+
+
 def _read_adapter_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
@@ -183,7 +189,7 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     for unsupported in ("use_dora", "lora_bias"):
         if config.get(unsupported):
             raise InputError(f"{path} uses {unsupported}=True, which mergelab cannot merge exactly; merge_and_unload it into a full checkpoint")
-    return config
+    return {k: v for k, v in config.items() if k not in TRAINING_ONLY}
 
 
 def _is_number(value: Any) -> bool:
