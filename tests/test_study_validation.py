@@ -80,3 +80,13 @@ def test_mergelab_run_exits_2_on_a_bad_adaptive_setting_before_running_anything(
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "origin='bogus'" in done.stderr
     assert not (tmp_path / "store").exists()  # nothing was written
+
+
+def test_a_relative_store_is_relative_to_the_study_file(tmp_path, monkeypatch):
+    (tmp_path / "studies").mkdir()
+    path = tmp_path / "studies" / "s.yaml"
+    path.write_text(yaml.safe_dump({**REPO_STUDY, "store": "../runs/store"}))
+    monkeypatch.chdir("/")
+    assert load_study(path).store_url() == str(tmp_path / "studies" / "../runs/store")
+    path.write_text(yaml.safe_dump({**REPO_STUDY, "store": "memory://shared"}))
+    assert load_study(path).store_url() == "memory://shared"

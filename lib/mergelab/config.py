@@ -306,8 +306,8 @@ class StudySpec(_Strict):
 
 
 def _relative_to(data: dict, folder: Path) -> dict:
-    """Relative file paths in a study file (bench root and weights, task sources) are relative to
-    the file's folder, so a study runs from any working directory."""
+    """Relative file paths in a study file (bench root and weights, task sources, a local
+    ``store:``) are relative to the file's folder, so a study runs from any working directory."""
 
     def fix(section: Any, keys: tuple[str, ...]) -> Any:
         if not isinstance(section, dict):
@@ -317,6 +317,9 @@ def _relative_to(data: dict, folder: Path) -> dict:
 
     data = dict(data)
     data["bench"] = fix(data.get("bench", {}), ("root", "weights"))
+    store = data.get("store")
+    if isinstance(store, str) and "://" not in store and not Path(store).is_absolute():
+        data["store"] = str(folder / store)
     if isinstance(data.get("tasks"), list):
         data["tasks"] = [fix(t, ("adapter", "checkpoint", "data")) for t in data["tasks"]]
     return data
