@@ -396,6 +396,10 @@ def _case_run_zero_workers(tmp, adapter, base):
     return ["run", REPO / "studies" / "micro.yaml", "--runner", "thread=0", "--store", tmp / "s"], "worker count of at least 1"
 
 
+def _case_serve_register_only_without_a_server(tmp, adapter, base):
+    return ["serve", REPO / "studies" / "micro.yaml", "--register-only", "--store", tmp / "s"], "set PREFECT_API_URL"
+
+
 BAD_INPUT = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]
 
 

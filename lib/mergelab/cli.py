@@ -330,6 +330,11 @@ def serve(
     spec = load_study(study)
     from flows.study import deployment, serve_deployments
 
+    from prefect.settings import PREFECT_API_URL
+
+    if register_only and not PREFECT_API_URL.value():
+        raise InputError("--register-only needs a Prefect server that outlives this command; "
+                         "start one (prefect server start) and set PREFECT_API_URL")
     scheduled = deployment(study, spec, cron=cron, name=name, store=spec.store_url(store))
     if register_only:
         deployment_id = scheduled.apply()
