@@ -54,6 +54,11 @@ def test_store_ls_and_gc(tmp_path):
     (tmp_path / "keep.txt").write_text("")
     assert "would remove 1" in run("store", "gc", "--store", tmp_path / "s", "--keep", tmp_path / "keep.txt", "--dry-run").stdout
     assert Store(tmp_path / "s").exists(key)
+    assert run("store", "verify", "--store", tmp_path / "s").stdout.strip().endswith("0 corrupt artifacts")
+    (tmp_path / "s" / "objects" / key / "_published.json").write_text("{")
+    result = run("store", "verify", "--store", tmp_path / "s", "--quarantine")
+    assert result.exit_code == 1 and f"{key}: marker is not readable JSON" in result.stdout and "quarantine" in result.stdout
+    assert run("store", "verify", "--store", tmp_path / "s").exit_code == 0
 
 
 def test_merge_writes_a_loadable_adapter_and_stores_the_configuration(vit_adapters, tiny_vit, tmp_path):

@@ -190,3 +190,28 @@ def test_a_ref_name_cannot_point_outside_the_store(store, name):
     key = store.put_json(store.key("a", "1"), {"x": 1})
     with pytest.raises(ValueError, match="ref name"):
         store.set_ref(name, key)
+
+
+@pytest.mark.parametrize("url", ["local", "memory://verify"])
+def test_verify_finds_and_quarantines_corrupt_objects(tmp_path, url):
+    import numpy as np
+    import torch
+    import xarray as xr
+
+    store = Store(tmp_path / "s" if url == "local" else url)
+    ok = store.put_json(store.key("ok", "1"), {"a": 1})
+    flipped = store.put_tensors(store.key("flipped", "1"), {"w": torch.ones(4)})
+    gone = store.put_dataset(store.key("gone", "1"), xr.Dataset({"v": ("x", np.arange(3.0))}))
+    marker = store.put_json(store.key("marker", "1"), {"b": 2})
+    assert store.verify() == []
+
+    payload = store._payload(flipped, "tensors")
+    store.fs.pipe_file(payload, store.fs.cat_file(payload)[:-4] + b"\0\0\0\0")
+    store.fs.rm(store._payload(gone, "dataset"), recursive=True)
+    store.fs.pipe_file(store._marker(marker), b"{not json")
+    found = dict(store.verify())
+    assert found == {flipped: "payload differs from its published digest", gone: "payload data.zarr is missing",
+                     marker: "marker is not readable JSON"}
+    assert dict(store.verify(quarantine=True)) == found
+    assert store.verify() == [] and [a.key for a in store.ls()] == [ok]
+    assert not store.exists(flipped)  # a rerun recomputes it

@@ -704,6 +704,24 @@ def store_gc(
     console.print(f"{verb} {len(removed)} entries" + "".join(f"\n  {r}" for r in removed))
 
 
+@store_app.command("verify")
+def store_verify(
+    store: StoreOpt = None,
+    quarantine: Annotated[bool, typer.Option("--quarantine", help="Move corrupt objects to quarantine/ so that a rerun recomputes them.")] = False,
+) -> None:
+    """Check every published artifact's payload against its digest; exit 1 when one is corrupt."""
+    from mergelab.store import Store
+
+    s = Store(store)
+    problems = s.verify(quarantine=quarantine)
+    for key, problem in problems:
+        console.print(f"{key}: {problem}", highlight=False, soft_wrap=True)
+    moved = "; moved to quarantine/, a rerun recomputes them" if quarantine and problems else ""
+    console.print(f"{s.url}: {len(problems)} corrupt artifacts{moved}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(code=1)
+
+
 def main() -> None:
     app()
 

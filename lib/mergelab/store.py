@@ -3,9 +3,10 @@
 Layout under the root URL::
 
     objects/<key>/<token>/data.zarr | tensors.safetensors | data.json   a writer's payload
-    objects/<key>/_published.json                     the publish marker (+ provenance, its payload's token)
+    objects/<key>/_published.json     the publish marker (provenance, the payload's token and digest)
     staging/<key>.<token>/...                                           writes in progress
     refs/<name>.json                                                    human names -> keys
+    quarantine/<key>.<id>/                   objects that ``verify(quarantine=True)`` found corrupt
 
 A key is ``<producer>-<sha256 of (producer, version, inputs)>``. An artifact is written under
 ``staging/``, moved as a whole to ``objects/<key>/<token>/`` (a name no other writer uses) and
@@ -20,6 +21,7 @@ references); markers of stores written before tokens existed name ``objects/<key
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -195,10 +197,11 @@ class Store:
             write_payload(f"{staging}/{PAYLOAD[kind]}", provenance)
             provenance.setdefault("write_time_s", round(time.perf_counter() - start, 6))
             if not self.exists(key):  # someone may have published the same content meanwhile: then keep theirs
+                digest = self._digest(f"{staging}/{PAYLOAD[kind]}")
                 self.fs.makedirs(self._path("objects", key), exist_ok=True)
                 self.fs.mv(staging, self._path("objects", key, token), recursive=True)
                 marker = {"kind": kind, "producer": provenance.get("producer", ""), "created": provenance["created"],
-                          "token": token, "attrs": provenance}
+                          "token": token, "digest": digest, "attrs": provenance}
                 self._write_marker(key, json.dumps(marker).encode())
         finally:
             if self.fs.exists(staging):
@@ -327,6 +330,44 @@ class Store:
         if isinstance(stamp, _dt.datetime):
             stamp = stamp.timestamp()
         return time.time() - float(stamp)
+
+    def _digest(self, path: str) -> str:
+        """sha256 over a payload's files (relative names and bytes, in name order)."""
+        files = sorted(self.fs.find(path)) if self.fs.isdir(path) else [path]
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f[len(path):].encode() + b"\0")
+            h.update(self.fs.cat_file(f))
+        return h.hexdigest()
+
+    def verify(self, quarantine: bool = False) -> list[tuple[str, str]]:
+        """``(key, problem)`` for every object whose marker is unreadable, whose payload is missing,
+        or whose payload no longer has the digest recorded when it was published (markers from
+        before digests: the payload must still load). With ``quarantine`` each such object moves
+        to ``quarantine/<key>.<token>``, so the key is unpublished and a rerun recomputes it."""
+        problems: list[tuple[str, str]] = []
+        for key in self._object_keys():
+            marker_path = self._marker(key)
+            if not self.fs.exists(marker_path):
+                continue  # not published (in flight, or a leftover for gc)
+            marker = self._read_marker(key)
+            if marker is None or "kind" not in marker:
+                problems.append((key, "marker is not readable JSON"))
+            else:
+                payload = self._payload(key, marker["kind"])
+                if not self.fs.exists(payload):
+                    problems.append((key, f"payload {PAYLOAD[marker['kind']]} is missing"))
+                elif marker.get("digest") and self._digest(payload) != marker["digest"]:
+                    problems.append((key, "payload differs from its published digest"))
+                elif not marker.get("digest"):
+                    try:
+                        self.get(key)
+                    except Exception as err:  # any failure to load is the finding
+                        problems.append((key, f"payload does not load ({type(err).__name__})"))
+            if quarantine and problems and problems[-1][0] == key:
+                self.fs.makedirs(self._path("quarantine"), exist_ok=True)
+                self.fs.mv(self._path("objects", key), self._path("quarantine", f"{key}.{uuid.uuid4().hex[:8]}"), recursive=True)
+        return problems
 
     def gc(self, keep: set[str] | None = None, dry_run: bool = False, lease_s: float = LEASE_S) -> list[str]:
         """Remove leftovers older than ``lease_s`` (staging writes, unpublished objects, payloads a
