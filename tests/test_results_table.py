@@ -61,3 +61,27 @@ def test_a_selection_at_the_end_of_the_allowed_range_is_not_an_edge():
     ds = _results({("ties", "alpha=1.0,density=0.5"): 0.7, ("ties", "alpha=1.0,density=1.0"): 0.9,
                    ("ties", "alpha=1.5,density=1.0"): 0.8, ("ties", "alpha=0.5,density=1.0"): 0.6})
     assert grid_edges(ds) == {}  # density 1 is TIES' upper bound (no trim), α 1.0 is interior
+
+
+def test_the_printed_table_fits_80_columns_numbers_configs_and_marks_merges_below_zero_shot(tmp_path, monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from mergelab import cli
+    from mergelab.store import Store
+
+    ds = _results({("task_arithmetic", "alpha=0.1,lam=0.25,rank_ratio=0.16,iters=300"): 0.9, ("ties", "alpha=1.0,density=0.5"): 0.3})
+    ds["reference_score"].loc[{"reference": "finetuned"}] = 1.0  # zero-shot: 50 % normalised; ties (30 %) is below it
+    ds.attrs.update(note="hand-made numbers", selection="val")
+    store = Store(tmp_path / "s")
+    key = store.put_dataset(store.key("results", "test"), ds)
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=80))
+    cli._print_results(SimpleNamespace(name="t"), {"results": key, "store": store.url})
+    text = out.getvalue()
+    assert max(map(len, text.splitlines())) <= 80
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith((" task_arithmetic", " ties"))}
+    assert "↓" in rows["ties"] and "↓" not in rows["task_arithmetic"]
+    assert "cfg 1: alpha=0.1,lam=0.25,rank_ratio=0.16,iters=300" in text and "cfg 2: alpha=1.0,density=0.5" in text

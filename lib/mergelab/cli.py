@@ -222,7 +222,14 @@ def _run_flow(flow, runner: str, **params):
     return outcome["result"]
 
 
-def _print_results(spec, run) -> None:
+WideOpt = Annotated[bool, typer.Option("--wide", help="Configurations inline in the results table (wider than 80 columns).")]
+
+
+def _print_results(spec, run, wide: bool = False) -> None:
+    """The results table, 80 columns wide: configurations are numbered and listed under it (``wide``:
+    inline), a merge below zero-shot is marked ``↓``, grid edges are warned about."""
+    from rich import box
+
     from mergelab.store import Store
     from mergelab.study import grid_edges, results_table
 
@@ -231,16 +238,30 @@ def _print_results(spec, run) -> None:
         return
     ds = Store(run["store"]).get_dataset(run["results"])
     frame = results_table(ds)
-    table = Table(title=f"{spec.name}: selected configuration per method × space ({ds.attrs['note']}; test split, selection on {ds.attrs['selection']})",
-                  title_justify="left")
+    zeroshot = float(frame.loc[frame["method"] == "zeroshot", "norm_acc"].iloc[0])
+    configs = [c for c in dict.fromkeys(frame["config"]) if c != "-"]
+    below = [m not in ("zeroshot", "finetuned") and a < zeroshot for m, a in zip(frame["method"], frame["norm_acc"])]
+    if not wide:
+        frame["config"] = [c if c == "-" else str(configs.index(c) + 1) for c in frame["config"]]
+        frame = frame.rename(columns={"config": "cfg", "norm_acc": "norm", "peak_mb": "MiB"})
+    console.print(f"{spec.name}: selected configuration per method × space ({ds.attrs['note']}; test split, "
+                  f"selection on {ds.attrs['selection']})", highlight=False, soft_wrap=wide)
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
     for column in frame.columns:
-        text = column in ("method", "space", "config")
-        table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=column in ("method", "space"))
-    for row in frame.itertuples(index=False):
-        table.add_row(*(v if isinstance(v, str) else ("—" if v != v else f"{v:.1f}" if abs(v) >= 1 else f"{v:.3f}") for v in row))
+        text = column in ("method", "space", "config", "cfg")
+        table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=column != "config")
+    norm = list(frame.columns).index("norm" if not wide else "norm_acc")
+    for low, row in zip(below, frame.itertuples(index=False)):
+        cells = [v if isinstance(v, str) else ("—" if v != v else f"{v:.1f}" if abs(v) >= 1 else f"{v:.3f}") for v in row]
+        cells[norm] += "↓" if low else " "
+        table.add_row(*cells)
     console.print(table)
-    console.print("norm_acc, acc, hits@1: % (mean over tasks); merge_s: wall seconds of the merge; peak_mb: its peak extra memory (MiB); "
-                  "|Δcoef|: mean change of an adaptive run's coefficients from its start", highlight=False)
+    if not wide:
+        for i, config in enumerate(configs, 1):
+            console.print(f"  cfg {i}: {config}", highlight=False, soft_wrap=True)
+    console.print("norm(_acc), acc, hits@1: % (mean over tasks; ↓: below zero-shot); merge_s: wall seconds of the merge; "
+                  "MiB: its peak extra memory; |Δcoef|: mean change of an adaptive run's coefficients from its start",
+                  highlight=False)
     for (method, space, config), names in grid_edges(ds).items():
         console.print(f"warning: {method}/{space} selected {config}, on the edge of its grid in {', '.join(names)}; "
                       "widen that grid in the study", style="yellow", highlight=False)
@@ -251,20 +272,21 @@ def run(
     study: Annotated[Path, typer.Argument(help="A study YAML file (see studies/micro.yaml).")],
     store: StoreOpt = None,
     runner: RunnerOpt = "thread",
+    wide: WideOpt = False,
 ) -> None:
     """Run a whole study: stage, merge sweep, adaptation, evaluation, selection, analyses, results.
 
     Every node is cached in the store under its content key: a rerun computes only what changed.
     """
     spec, result = _run_study(study, store, runner)
-    _print_results(spec, result)
+    _print_results(spec, result, wide)
 
 
 @app.command()
-def demo(store: StoreOpt = None, runner: RunnerOpt = "thread") -> None:
+def demo(store: StoreOpt = None, runner: RunnerOpt = "thread", wide: WideOpt = False) -> None:
     """Run the embedded default study (studies/micro.yaml, the shipped micro benchmark) and print its table."""
     spec, result = _run_study(_default_study(), store, runner)
-    _print_results(spec, result)
+    _print_results(spec, result, wide)
 
 
 @app.command()

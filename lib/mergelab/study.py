@@ -50,10 +50,11 @@ __all__ = ["AdaptJob", "Context", "JOINT", "MergeJob", "NODES", "NodeResult", "N
            "results_table", "run_graph", "selected_for_analyses", "selected_merges", "stage_node", "up_to_date"]
 
 #: Code version of every node's producer; bump one when its output changes for the same inputs.
-VERSIONS = {"stage": "1", "reference": "1", "merge": "2", "adapt": "4", "evaluate": "1", "results": "2"}
+VERSIONS = {"stage": "1", "reference": "2", "merge": "2", "adapt": "4", "evaluate": "1", "results": "3"}
 # adapt 2: tied TARA-B bank; 3: STCH anchors no longer shift the loop's batches, |Δcoef| recorded; 4: TARA AdamW, AdaMerging
 # clamp [0, 1], AdaRank masks attention/MLP only, start grids. merge 2: fidelity pass (TSV / Iso support "all", inner alpha 1,
-# norm weights from the true updates, isometric spectral methods, CART ceil). results 2: mean_abs_delta_coef
+# norm weights from the true updates, isometric spectral methods, CART ceil). results 2: mean_abs_delta_coef; 3: zero-shot
+# joint Hits@k. reference 2: the zero-shot base is scored on the joint task too
 #: The pseudo-task holding the joint-task metrics (Hits@k over the union of labels).
 JOINT = "joint"
 #: Metrics per task: test accuracy and its normalised value, the same on val, TAS on val.
@@ -423,13 +424,14 @@ def reference_node(ctx: Context, task: str | None) -> NodeResult:
     ts = ctx.taskset
     index = None if task is None else ts.names.index(task)
     identity = ts.base.content_hash if index is None else ts.tasks[index].content_hash
+    joint = ctx.spec.joint and task is None
     key = ctx.store.key("reference", VERSIONS["reference"], update=identity, base=ts.base.content_hash,
-                        data=ctx.bench.data_id, task=task)
+                        data=ctx.bench.data_id, task=task, joint=joint)
 
     def compute() -> xr.Dataset:
         params = None if index is None else task_weights(ts, ctx.base, index)
         names = list(ctx.bench.tasks) if task is None else [task]
-        return _scores(ctx, params, names, joint=False, tas=False)
+        return _scores(ctx, params, names, joint=joint, tas=False)
 
     hit = ctx.publish(key, "dataset", compute, attrs={"reference": "zeroshot" if task is None else "finetuned", "task": task})
     return NodeResult("reference", key, hit, task or "zeroshot")
@@ -616,9 +618,10 @@ def _assemble(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult
     coords |= {"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)}
     ds = xr.Dataset({"score": (("method", "space", "config", "task", "metric", "seed"), score),
                      **{v: (("method", "space", "config", "seed"), a) for v, a in per_merge.items()}}, coords=coords)
-    reference = xr.concat([zeroshot.sel(task=names), ft], dim=xr.DataArray(["zeroshot", "finetuned"], dims="reference"))
+    reference = xr.concat([zeroshot.reindex(task=tasks), ft.reindex(task=tasks)],  # the fine-tuned models have no joint score
+                          dim=xr.DataArray(["zeroshot", "finetuned"], dims="reference"))
     ds["reference_score"] = reference.assign_coords(reference=np.array(["zeroshot", "finetuned"], dtype=object),
-                                              task=np.array(names, dtype=object), metric=np.array(metrics, dtype=object))
+                                              task=np.array(tasks, dtype=object), metric=np.array(metrics, dtype=object))
     ds["selected"] = _select(ds, ctx.spec.selection, names)
     ds.attrs.update({"study": ctx.spec.name, "bench": ctx.bench.name, "taskset": ctx.taskset.content_hash,
                      "selection": ctx.spec.selection, "tasks": names,
@@ -678,6 +681,8 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
                    "norm_acc": 100 * float((acc / finetuned).mean()), "acc": 100 * float(acc.mean())}
                   for name in ("zeroshot", "finetuned")
                   for acc in [ds["reference_score"].sel(reference=name, task=tasks, metric="acc")]]
+    if JOINT in ds["reference_score"].task.values and rows and "hits@1" in rows[0]:
+        references[0]["hits@1"] = 100 * float(ds["reference_score"].sel(reference="zeroshot", task=JOINT, metric="hits@1"))
     return pd.DataFrame(references + rows)
 
 
