@@ -58,9 +58,18 @@ def test_key_follows_tensor_content_and_config(seed, row, col):
     assert k != store.key("stats", "1", task=TaskUpdate("t", {"w": LowRank(B, A)}, meta={"adapter_config": {"r": 8}}))
 
 
-@pytest.mark.parametrize("url", ["local", "memory://roundtrip"])
+#: One store per kind of URL: a plain path, an fsspec local URL and an in-memory filesystem.
+URLS = ["local", "file", "memory"]
+
+
+def _store(kind: str, tmp_path) -> Store:
+    return {"local": lambda: Store(tmp_path / "s"), "file": lambda: Store(f"file://{tmp_path}/s"),
+            "memory": lambda: Store(f"memory://{tmp_path.name}")}[kind]()
+
+
+@pytest.mark.parametrize("url", URLS)
 def test_dataset_and_tensors_round_trip_with_provenance(url, tmp_path):
-    store = Store(tmp_path / "s" if url == "local" else url)
+    store = _store(url, tmp_path)
     key = store.key("coverage", "1", tol=1e-6)
     assert not store.exists(key)
     store.put_dataset(key, _dataset(), {"wall_time_s": 0.5})
@@ -87,7 +96,9 @@ def test_missing_artifact_raises_keyerror(store):
         store.get_dataset("coverage-0000")
 
 
-def test_gc_removes_leftovers_and_unreferenced(store):
+@pytest.mark.parametrize("url", URLS)
+def test_gc_removes_leftovers_and_unreferenced(url, tmp_path):
+    store = _store(url, tmp_path)
     keep = store.put_json(store.key("a", "1"), {"x": 1})
     drop = store.put_json(store.key("b", "1"), {"x": 2})
     named = store.put_json(store.key("c", "1"), {"x": 3})
@@ -192,13 +203,13 @@ def test_a_ref_name_cannot_point_outside_the_store(store, name):
         store.set_ref(name, key)
 
 
-@pytest.mark.parametrize("url", ["local", "memory://verify"])
+@pytest.mark.parametrize("url", URLS)
 def test_verify_finds_and_quarantines_corrupt_objects(tmp_path, url):
     import numpy as np
     import torch
     import xarray as xr
 
-    store = Store(tmp_path / "s" if url == "local" else url)
+    store = _store(url, tmp_path)
     ok = store.put_json(store.key("ok", "1"), {"a": 1})
     flipped = store.put_tensors(store.key("flipped", "1"), {"w": torch.ones(4)})
     gone = store.put_dataset(store.key("gone", "1"), xr.Dataset({"v": ("x", np.arange(3.0))}))

@@ -321,15 +321,19 @@ class Store:
     def __iter__(self) -> Iterator[ArtifactInfo]:
         return iter(self.ls())
 
-    def _age_s(self, path: str) -> float:
-        """Seconds since ``path`` was last modified (``inf`` where the filesystem does not say)."""
-        info = self.fs.info(path)
-        stamp = info.get("mtime", info.get("created", info.get("LastModified")))
-        if stamp is None:
-            return float("inf")
-        if isinstance(stamp, _dt.datetime):
-            stamp = stamp.timestamp()
-        return time.time() - float(stamp)
+    def _stale(self, path: str, lease_s: float) -> bool:
+        """Whether ``path`` was last modified more than ``lease_s`` ago. A directory's age is its
+        youngest file's; where the filesystem keeps no times (``memory://`` directories) the
+        path counts as young, so gc never removes what may be a live write (``lease_s <= 0``
+        removes regardless)."""
+        if lease_s <= 0:
+            return True
+        infos = [self.fs.info(path)]
+        if infos[0].get("type") == "directory":
+            infos += list(self.fs.find(path, detail=True).values())
+        stamps = [i.get("mtime", i.get("created", i.get("LastModified"))) for i in infos]
+        stamps = [t.timestamp() if isinstance(t, _dt.datetime) else float(t) for t in stamps if t is not None]
+        return bool(stamps) and time.time() - max(stamps) > lease_s
 
     def _digest(self, path: str) -> str:
         """sha256 over a payload's files (relative names and bytes, in name order)."""
@@ -384,7 +388,7 @@ class Store:
         staging = self._path("staging")
         if self.fs.exists(staging):
             for path in self.fs.ls(staging, detail=False):
-                if self._age_s(path) > lease_s:
+                if self._stale(path, lease_s):
                     remove(path, f"staging/{path.rstrip('/').rsplit('/', 1)[-1]}")
         keep_all = None if keep is None else set(keep) | set(self.refs().values())
         for key in self._object_keys():
@@ -393,7 +397,7 @@ class Store:
                 remove(self._path("objects", key), key)
                 continue
             entries = [p.rstrip("/") for p in self.fs.ls(self._path("objects", key), detail=False)]
-            stale = [p for p in entries if p.rsplit("/", 1)[-1] != MARKER and self._age_s(p) > lease_s
+            stale = [p for p in entries if p.rsplit("/", 1)[-1] != MARKER and self._stale(p, lease_s)
                      and (marker is None or not marker.get("token") or p.rsplit("/", 1)[-1] != marker["token"])]
             if marker is None and stale and len(stale) == len([p for p in entries if p.rsplit("/", 1)[-1] != MARKER]):
                 remove(self._path("objects", key), key)  # nothing published and nothing in flight
