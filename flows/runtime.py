@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from mergelab.errors import InputError
 from mergelab.study import NodeResult
@@ -114,10 +115,15 @@ def start_ephemeral_server() -> int | None:
     singleton), so starting it early changes nothing else.
     """
     configure()
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
     if PREFECT_API_URL.value():
         return None
+    home = Path(PREFECT_HOME.value())
+    try:  # Prefect makes one level only, and its server then fails after a 90-second wait
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"PREFECT_HOME {home} cannot be created ({err.strerror}); set PREFECT_HOME to a writable directory") from None
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()

@@ -302,6 +302,27 @@ def test_a_stopped_run_exits_at_once_and_leaves_no_process_behind(tmp_path, sign
         assert done.returncode == 0 and "cache hits" in done.stdout, done.stderr[-2000:]
 
 
+def test_concurrent_runs_of_overlapping_studies_share_one_store(tmp_path):
+    """Two ``mergelab run`` at once on one store, their studies sharing the stage, references and
+    two merges: both succeed, agree on what they share, and leave nothing for gc."""
+    first = {**KILL_STUDY, "name": "first", "methods": [{"method": "task_arithmetic", "spaces": ["full", "core"], "grid": {"alpha": [0.2, 0.4]}}]}
+    second = {**KILL_STUDY, "name": "second", "methods": [{"method": "task_arithmetic", "spaces": ["full"], "grid": {"alpha": [0.2, 0.4, 0.6]}}]}
+    store = tmp_path / "store"
+    cmds = [[sys.executable, "-m", "mergelab.cli", "run", str(write_study(tmp_path / f"{spec['name']}.yaml", spec)), "--store", str(store),
+             "--runner", "thread=1"] for spec in (first, second)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path / f"p{i}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, cmd in enumerate(cmds)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outputs]
+    s = Store(store)
+    a, b = (s.get_dataset(s.ref(f"studies/{name}/results")) for name in ("first", "second"))
+    shared = {"method": "task_arithmetic", "space": "full", "config": ["alpha=0.2", "alpha=0.4"]}
+    xr.testing.assert_equal(a["score"].sel(shared), b["score"].sel(shared))
+    assert s.gc(dry_run=True) == [] and s.verify() == []
+    again = subprocess.run(cmds[0], cwd=REPO, env=_env(tmp_path / "p0"), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "every node was a cache hit" in again.stdout
+
+
 def test_cli_run_rejects_bad_study_in_one_line(tmp_path):
     bad = write_study(tmp_path / "bad.yaml", {**SMALL, "methods": [{"method": "tiez"}]})
     done = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(bad)], cwd=REPO, env=_env(tmp_path),
