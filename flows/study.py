@@ -168,6 +168,20 @@ def deployment(study: Path, spec: StudySpec, *, cron: str, name: str | None = No
                                     parameters={"study": str(Path(study).resolve()), "store": store or spec.store_url()})
 
 
+def register_deployment(scheduled) -> str:
+    """Register ``scheduled`` with the Prefect server named by ``PREFECT_API_URL`` and return its id.
+
+    A temporary server would forget the deployment when this process ends, so an unset
+    ``PREFECT_API_URL`` is bad input, not a silent no-op.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise InputError("--register-only needs a Prefect server that outlives this command; "
+                         "start one (prefect server start) and set PREFECT_API_URL")
+    return str(scheduled.apply())
+
+
 def serve_deployments(*deployments) -> None:
     """Serve deployments in this process until interrupted (``prefect.serve``)."""
     from prefect import serve

@@ -265,18 +265,42 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_killed_run_restarts_and_reuses_published_artifacts(tmp_path):
+def test_runs_killed_at_ten_points_end_with_the_uninterrupted_results(tmp_path):
+    """SIGKILL (the whole process group) at 10 points spread over a study, each rerun resuming
+    from what the last one published; the last rerun's results equal an uninterrupted run's."""
     cmd, proc, s = _start_and_wait_for_evaluations(tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    published = {a.key for a in s.ls()}
+    kills, published = 1, {a.key for a in s.ls()}
+    while kills < 10:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(s.ls()) < len(published) + 1 + kills % 3:
+            time.sleep(0.1)
+        if proc.poll() is not None:
+            break  # the study finished before this kill point
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        now = {a.key for a in s.ls()}
+        assert published <= now, "a kill lost a published artifact"
+        published = now
+    assert kills >= 5, "the study finished too early to be killed at enough points; give it more work"
     done = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "cache hits" in done.stdout and "every node" not in done.stdout
-    assert "nodes done (" in done.stderr  # stderr is no terminal here: progress comes as plain lines
-    assert published <= {a.key for a in s.ls()}
-    s.gc(dry_run=False, keep=None, lease_s=0)  # leftovers of the killed run are removable, nothing published is lost
-    assert published <= {a.key for a in s.ls()}
+    s.gc(dry_run=False, keep=None, lease_s=0)  # leftovers of the killed runs are removable, nothing published is lost
+    assert published <= {a.key for a in s.ls()} and s.verify() == []
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    uninterrupted = subprocess.run([*cmd[:-4], "--store", str(clean / "store"), "--runner", "thread=1"], cwd=REPO, env=_env(clean),
+                                   capture_output=True, text=True, timeout=600)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    assert "nodes done (" in uninterrupted.stderr  # stderr is no terminal here: progress comes as plain lines
+    reference = Store(clean / "store")
+    assert s.ref("studies/small/results") == reference.ref("studies/small/results")
+    xr.testing.assert_equal(s.get_dataset(s.ref("studies/small/results"))["score"],
+                            reference.get_dataset(reference.ref("studies/small/results"))["score"])
     again = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "every node was a cache hit" in again.stdout
 

@@ -350,16 +350,11 @@ def serve(
     from mergelab.config import load_study
 
     spec = load_study(study)
-    from flows.study import deployment, serve_deployments
+    from flows.study import deployment, register_deployment, serve_deployments
 
-    from prefect.settings import PREFECT_API_URL
-
-    if register_only and not PREFECT_API_URL.value():
-        raise InputError("--register-only needs a Prefect server that outlives this command; "
-                         "start one (prefect server start) and set PREFECT_API_URL")
     scheduled = deployment(study, spec, cron=cron, name=name, store=spec.store_url(store))
     if register_only:
-        deployment_id = scheduled.apply()
+        deployment_id = register_deployment(scheduled)
         console.print(f"registered deployment study/{scheduled.name} ({deployment_id}) on cron {cron!r}", highlight=False)
         return
     console.print(f"serving study/{scheduled.name} on cron {cron!r}; Ctrl-C stops", highlight=False)
