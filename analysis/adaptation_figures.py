@@ -34,7 +34,7 @@ _BASELINE_MARKERS = {"zeroshot": ("s", "zero-shot"), "task_arithmetic": ("D", "t
 
 
 def _pick(da: xr.DataArray, **labels) -> xr.DataArray:
-    """``da.sel`` by labels, through a dict so that a dim named ``method`` works."""
+    """``da.sel`` by those labels whose dimension ``da`` has."""
     return da.sel({k: v for k, v in labels.items() if k in da.dims})
 
 
@@ -50,8 +50,8 @@ def pareto_front(ds: xr.Dataset, split: str | None = None) -> Figure:
     split = _split(ds, split)
     tasks = _strings(ds.task.values)
     fig, (ax,) = _figure(ds, f"Two-task trade-off, {split} accuracy", "001 Fig. 3, Fig. 10", panel=(4.8, 4.2))
-    for method in _strings(ds.method.values):
-        acc = _pick(ds.accuracy, method=method, split=split)  # (preference, task)
+    for method in _strings(ds.merge_method.values):
+        acc = _pick(ds.accuracy, merge_method=method, split=split)  # (preference, task)
         ax.plot(acc.sel(task=tasks[0]), acc.sel(task=tasks[1]), marker="o", markersize=3, label=method)
     base = _pick(ds.baseline_accuracy, split=split)
     for name in _strings(ds.baseline.values):
@@ -70,15 +70,15 @@ def preference_sensitivity(ds: xr.Dataset, split: str | None = None) -> Figure:
     split = _split(ds, split)
     focal = _strings(ds.focal.values)
     fig, (ax,) = _figure(ds, f"Preference sensitivity, {split} accuracy", "001 Fig. 4, Fig. 11", panel=(4.8, 4.2))
-    for i, method in enumerate(_strings(ds.method.values)):
+    for i, method in enumerate(_strings(ds.merge_method.values)):
         color = f"C{i}"
-        acc = _pick(ds.accuracy, method=method, split=split)  # (preference, focal)
+        acc = _pick(ds.accuracy, merge_method=method, split=split)  # (preference, focal)
         ax.scatter(acc.sel(focal=focal[0]), acc.sel(focal=focal[1]), s=14, alpha=0.6, color=color, label=method)
-        mean = _pick(ds["mean"], method=method, split=split).values
+        mean = _pick(ds["mean"], merge_method=method, split=split).values
         ax.scatter(*mean, marker="x", s=80, color=color)
-        ax.add_patch(Ellipse(tuple(mean), float(_pick(ds.ellipse_width, method=method, split=split)),
-                             float(_pick(ds.ellipse_height, method=method, split=split)),
-                             angle=float(_pick(ds.ellipse_angle, method=method, split=split)),
+        ax.add_patch(Ellipse(tuple(mean), float(_pick(ds.ellipse_width, merge_method=method, split=split)),
+                             float(_pick(ds.ellipse_height, merge_method=method, split=split)),
+                             angle=float(_pick(ds.ellipse_angle, merge_method=method, split=split)),
                              fill=False, color=color, lw=1.5))
     ax.set(xlabel=f"{focal[0]} accuracy", ylabel=f"{focal[1]} accuracy")
     ax.set_title(f"focal weights {ds.attrs.get('focal_weight', '?')}; ellipses: {ds.attrs.get('n_std', 2.0):g} std", fontsize=9)
@@ -91,8 +91,8 @@ def stch_alpha_curve(ds: xr.Dataset, split: str | None = None) -> Figure:
     """Average normalised accuracy against the STCH smoothing α, one line per TARA variant (000 Fig. 10)."""
     split = _split(ds, split)
     fig, (ax,) = _figure(ds, f"STCH α ablation, {split} split", "000 Fig. 10")
-    for method in _strings(ds.method.values):
-        values = _pick(ds.average_normalized_accuracy, method=method, split=split)
+    for method in _strings(ds.merge_method.values):
+        values = _pick(ds.average_normalized_accuracy, merge_method=method, split=split)
         ax.plot(ds.alpha.values, 100 * values.values, marker="o", label=method)
     ax.set(xscale="log", xlabel="α (001 Eq. 10)", ylabel="normalised accuracy (%)")
     ax.set_xticks(ds.alpha.values, [f"{a:g}" for a in ds.alpha.values])

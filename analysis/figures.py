@@ -216,12 +216,12 @@ def merged_cosines(ds: xr.Dataset, by: str | None = None) -> Figure:
     """Cosine similarity of merged models with each task vector (004 Fig. 7).
 
     ``ds`` is a :func:`~mergelab.analysis.geometry.merged_similarity` Dataset, or several
-    stacked along further dimensions (a study stacks ``method`` and ``space``): one row per
+    stacked along further dimensions (a study stacks ``merge_method`` and ``space``): one row per
     merge that exists, labelled ``method/space``, ``by`` first; a single merge is one row
     labelled by its method.
     """
     cos = ds.cosine_total
-    extra = sorted((d for d in cos.dims if d != "task"), key=lambda d: (d != by, d != "method"))
+    extra = sorted((d for d in cos.dims if d != "task"), key=lambda d: (d != by, d != "merge_method"))
     if not extra:
         rows = [str(ds.attrs.get("merge_meta", {}).get("method", "merged"))]
         values = cos.values[None, :]
@@ -324,7 +324,7 @@ def merged_rank_table(ds: xr.Dataset) -> pd.DataFrame:
     From :func:`~mergelab.analysis.core_space.merged_rank_grid`; ``frame.attrs`` carries the
     dataset label, the paper reference and ``Σ_t r_t`` / ``min(out, in)`` (averaged over modules).
     """
-    frame = ds.merged_rank.mean("module").transpose("space", "method").to_pandas()
+    frame = ds.merged_rank.mean("module").transpose("space", "merge_method").to_pandas()
     frame.index, frame.columns = _strings(frame.index), _strings(frame.columns)
     frame.index.name, frame.columns.name = "space", "method"
     frame.attrs = {"dataset": dataset_label(ds), "paper": "003 App. C.2 (Tab. 6)",

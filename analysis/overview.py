@@ -27,7 +27,8 @@ def _selected(ds: xr.Dataset, metric: str) -> pd.DataFrame:
     """Tidy rows (method, space, task, value) of ``metric`` at the selected configurations (seed mean)."""
     tasks = list(ds.attrs["tasks"])
     picked = ds["score"].sel(task=tasks, metric=metric).where(ds["selected"]).max("config").mean("seed")
-    frame = picked.to_dataframe(name="value").reset_index()[["method", "space", "task", "value"]].dropna()
+    frame = picked.to_dataframe(name="value").reset_index().rename(columns={"merge_method": "method"})
+    frame = frame[["method", "space", "task", "value"]].dropna()
     for column in ("method", "space", "task"):
         frame[column] = frame[column].astype(str)
     return frame
@@ -59,7 +60,8 @@ def accuracy_vs_merge_time(ds: xr.Dataset) -> Figure:
     """Mean normalised accuracy against merge wall time on a log scale, per method and space (003 Fig. 1)."""
     accuracy = _selected(ds, "norm_acc").groupby(["method", "space"], as_index=False)["value"].mean()
     seconds = ds["merge_seconds"].where(ds["selected"]).max("config").mean("seed")
-    times = seconds.to_dataframe(name="seconds").reset_index()[["method", "space", "seconds"]].dropna()
+    times = seconds.to_dataframe(name="seconds").reset_index().rename(columns={"merge_method": "method"})
+    times = times[["method", "space", "seconds"]].dropna()
     times[["method", "space"]] = times[["method", "space"]].astype(str)
     frame = accuracy.merge(times, on=["method", "space"])
     frame["value"] *= 100

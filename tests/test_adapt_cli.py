@@ -33,7 +33,7 @@ def test_adapt_writes_the_adapted_merge_and_caches_the_run(tmp_path):
     history = store.get_dataset(store.ref(ref))
     assert history.sizes["iteration"] == 3 and history.attrs["method"] == "tara_a"
     results = store.get_dataset(store.ref(ref.replace("adapt/tara_a", "results")))
-    assert list(results.method.values) == ["tara_a"] and list(results.attrs["tasks"]) == list(TASKS)
+    assert list(results.merge_method.values) == ["tara_a"] and list(results.attrs["tasks"]) == list(TASKS)
     # The written adapter is the adapted update, in the user's parameter names (loadable like the inputs).
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"

@@ -32,8 +32,8 @@ def test_pareto_front_draws_one_point_per_preference_and_every_baseline(adaptati
     ds = adaptation_studies["preferences/pareto"]
     ax = af.pareto_front(ds, split="val").axes[0]
     lines = [line for line in ax.get_lines()]
-    assert len(lines) == ds.sizes["method"] and all(len(line.get_xdata()) == ds.sizes["preference"] for line in lines)
-    np.testing.assert_allclose(lines[0].get_xdata(), ds.accuracy.isel(method=0).sel(split="val").isel(task=0).values)
+    assert len(lines) == ds.sizes["merge_method"] and all(len(line.get_xdata()) == ds.sizes["preference"] for line in lines)
+    np.testing.assert_allclose(lines[0].get_xdata(), ds.accuracy.isel(merge_method=0).sel(split="val").isel(task=0).values)
     assert len(ax.collections) == ds.sizes["baseline"]
 
 

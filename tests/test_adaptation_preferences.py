@@ -48,8 +48,8 @@ def test_covariance_ellipse_recovers_a_known_covariance():
 
 def test_pareto_sweep_dataset(adaptation_studies):
     ds = adaptation_studies["preferences/pareto"]
-    assert ds.accuracy.dims == ("method", "preference", "task", "split")
-    assert ds.sizes == {"method": 2, "preference": 3, "task": 2, "split": 2, "baseline": 4}
+    assert ds.accuracy.dims == ("merge_method", "preference", "task", "split")
+    assert ds.sizes == {"merge_method": 2, "preference": 3, "task": 2, "split": 2, "baseline": 4}
     assert list(ds.task.values) == list(ADAPT_TASKS[:2])
     assert set(ds.baseline.values) == {"zeroshot", "task_arithmetic", f"finetuned_{ADAPT_TASKS[0]}", f"finetuned_{ADAPT_TASKS[1]}"}
     assert ds.attrs["scalarization"] == {"tara_b": "stch", "adamerging": "sum"} and ds.attrs["adaptation_split"] == "val"
@@ -64,16 +64,16 @@ def test_sensitivity_cloud_dataset(adaptation_studies):
     ds = adaptation_studies["preferences/cloud"]
     np.testing.assert_allclose(ds.weight.sel(task=list(ADAPT_TASKS[:2])).values, 0.125)
     np.testing.assert_allclose(ds.weight.sum("task").values, 1.0)
-    for method in ds.method.values:
+    for method in ds.merge_method.values:
         for split in ds.split.values:
-            points = ds.accuracy.sel({"method": method, "split": split}).values  # (preference, focal)
-            np.testing.assert_allclose(ds["mean"].sel({"method": method, "split": split}).values, points.mean(0))
-            np.testing.assert_allclose(ds.covariance.sel({"method": method, "split": split}).values, np.cov(points.T), atol=1e-12)
+            points = ds.accuracy.sel(merge_method=method, split=split).values  # (preference, focal)
+            np.testing.assert_allclose(ds["mean"].sel(merge_method=method, split=split).values, points.mean(0))
+            np.testing.assert_allclose(ds.covariance.sel(merge_method=method, split=split).values, np.cov(points.T), atol=1e-12)
 
 
 def test_stch_alpha_and_adarank_ablation_datasets(adaptation_studies):
     ds = adaptation_studies["preferences/stch_alpha"]
-    assert ds.normalized_accuracy.dims == ("method", "alpha", "task", "split")
+    assert ds.normalized_accuracy.dims == ("merge_method", "alpha", "task", "split")
     np.testing.assert_allclose(ds.normalized_accuracy, ds.accuracy / ds.finetuned_accuracy)
     ab = adaptation_studies["ablations/adarank"]
     assert list(ab.config.values) == ["none", "lambda", "mask", "both"]

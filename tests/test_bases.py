@@ -177,7 +177,7 @@ def test_a_second_study_over_the_same_adapters_reads_the_bases_instead_of_comput
         assert used in published and published[used].producer == f"bases.{space}"
         assert attrs["bases_seconds"] == published[used].attrs["compute_time_s"] > 0
         assert attrs["merge_seconds"] > attrs["bases_seconds"]
-        recorded = results["merge_seconds"].sel({"method": method, "space": space}).max()
+        recorded = results["merge_seconds"].sel(merge_method=method, space=space).max()
         assert float(recorded) == pytest.approx(attrs["merge_seconds"])
 
     # TARA-B took the KnOTS space's SVD from the store; a fresh run on an empty store adapts to the same merge

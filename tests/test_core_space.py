@@ -211,13 +211,13 @@ def test_random_basis_is_seeded(taskset):
 
 def test_merged_rank_grid_known_bounds(taskset):
     ds = cs.merged_rank_grid(taskset)
-    assert ds.merged_rank.dims == ("method", "space", "module")
-    assert list(ds.method.values) == list(cs.TABLE6_METHODS) and list(ds.space.values) == list(cs.TABLE6_SPACES)
+    assert ds.merged_rank.dims == ("merge_method", "space", "module")
+    assert list(ds.merge_method.values) == list(cs.TABLE6_METHODS) and list(ds.space.values) == list(cs.TABLE6_SPACES)
     assert ds.total_lora_rank.values.tolist() == [7, 7] and ds.max_rank.values.tolist() == [16, 14]
     T_r = ds.total_lora_rank
-    assert (ds.merged_rank.sel({"method": "task_arithmetic"}) == T_r).all()  # generic tasks: TA has rank T·r in every space
+    assert (ds.merged_rank.sel(merge_method="task_arithmetic") == T_r).all()  # generic tasks: TA has rank T·r in every space
     assert (ds.merged_rank.sel(space=["core", "knots"]) <= T_r).all()  # Core and KnOTS stay in a T·r-dimensional space
-    assert (ds.merged_rank.sel({"method": "ties", "space": "full"}) > T_r).all()  # trimming the dense ΔW destroys the low rank
+    assert (ds.merged_rank.sel(merge_method="ties", space="full") > T_r).all()  # trimming the dense ΔW destroys the low rank
     np.testing.assert_allclose(ds.merged_rank_mean, ds.merged_rank.mean("module"))
     assert ds.attrs["hyper_parameters"]["task_arithmetic"] == {"alpha": 0.3}
 
@@ -225,7 +225,7 @@ def test_merged_rank_grid_known_bounds(taskset):
 def test_merged_rank_grid_takes_hyper_parameters_and_compositions(taskset):
     ds = cs.merged_rank_grid(taskset, methods=["ties", "tsv+iso_c"], spaces=["core"], hyper_parameters={"ties": {"density": 0.5}})
     assert ds.attrs["hyper_parameters"]["ties"]["density"] == 0.5
-    assert (ds.merged_rank.sel({"method": "tsv+iso_c"}) <= ds.total_lora_rank).all()
+    assert (ds.merged_rank.sel(merge_method="tsv+iso_c") <= ds.total_lora_rank).all()
 
 
 def test_analyses_skip_dense_modules_and_reject_tasksets_without_lora():

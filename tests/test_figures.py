@@ -82,12 +82,12 @@ def test_merged_model_figures(taskset):
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["tsv"]
     stacked = xr.concat([geometry.merged_similarity(taskset, _merged(taskset, m, i)) for i, m in enumerate(["average", "metagpt", "normavg"])],
-                        dim=xr.DataArray(["average", "metagpt", "normavg"], dims="method"))
+                        dim=xr.DataArray(["average", "metagpt", "normavg"], dims="merge_method"))
     fig = figures.merged_cosines(_labelled(stacked))
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["average", "metagpt", "normavg"]
-    # a study stacks method and space; a method missing from a space is no row
-    by_space = xr.concat([stacked, stacked.isel(method=[0])], dim=xr.DataArray(["full", "core"], dims="space"), join="outer")
+    # a study stacks merge_method and space; a method missing from a space is no row
+    by_space = xr.concat([stacked, stacked.isel(merge_method=[0])], dim=xr.DataArray(["full", "core"], dims="space"), join="outer")
     fig = figures.merged_cosines(_labelled(by_space))
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["average/full", "average/core", "metagpt/full", "normavg/full"]
@@ -95,7 +95,7 @@ def test_merged_model_figures(taskset):
     _check(figures.merged_rank_summary(spectra.merged_rank(_merged(taskset, "ties", 1))), label="synthetic-seed11")
     ranks = xr.concat([xr.concat([spectra.merged_rank(_merged(taskset, m, i + j)) for j, _ in enumerate(("full", "core"))],
                                  dim=xr.DataArray(["full", "core"], dims="space")) for i, m in enumerate(("task_arithmetic", "ties"))],
-                      dim=xr.DataArray(["task_arithmetic", "ties"], dims="method"))
+                      dim=xr.DataArray(["task_arithmetic", "ties"], dims="merge_method"))
     _check(figures.merged_rank_summary(_labelled(ranks)))
 
 
@@ -378,9 +378,9 @@ def test_overview_heatmap_rows_line_up_when_methods_skip_spaces():
     score = np.full((3, 3, 1, 2, 1, 1), np.nan)
     score[0, 0], score[1, :], score[2, [0, 2]] = 0.5, 0.6, 0.7  # TA full only, TIES everywhere, TSV without KnOTS
     selected = ~np.isnan(score[:, :, :, 0, 0, :])
-    ds = xr.Dataset({"score": (("method", "space", "config", "task", "metric", "seed"), score),
-                     "selected": (("method", "space", "config", "seed"), selected)},
-                    coords={"method": methods, "space": spaces, "config": ["c"], "task": tasks, "metric": ["norm_acc"], "seed": [0]},
+    ds = xr.Dataset({"score": (("merge_method", "space", "config", "task", "metric", "seed"), score),
+                     "selected": (("merge_method", "space", "config", "seed"), selected)},
+                    coords={"merge_method": methods, "space": spaces, "config": ["c"], "task": tasks, "metric": ["norm_acc"], "seed": [0]},
                     attrs={"tasks": tasks, "note": LABEL, "study": "s"})
     fig = overview.normalized_accuracy_by_task(ds)
     panels = [ax for ax in fig.axes if ax.get_title()]

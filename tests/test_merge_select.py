@@ -39,7 +39,7 @@ def test_select_val_stores_every_candidate_and_picks_the_best_val_score(tmp_path
     store = Store(str(tmp_path / "store"))
     ds = store.get_dataset(store.ref(rec["selection"]["ref"]))
     assert set(ds.config.values) == {"alpha=0.1", "alpha=1.0"} and list(ds.attrs["tasks"]) == list(TASKS)
-    val = ds["score"].sel({"method": "task_arithmetic", "space": "core", "seed": 0}).sel(task=list(TASKS), metric="val_norm_acc").mean("task")
+    val = ds["score"].sel(merge_method="task_arithmetic", space="core", seed=0).sel(task=list(TASKS), metric="val_norm_acc").mean("task")
     best = str(val.config.values[int(np.argmax(val.values))])
     assert rec["selection"]["chosen"] == best and f"({best}, selected by val)" in result.stdout
     assert rec["selection"]["criterion"] == pytest.approx({str(c): float(v) for c, v in zip(val.config.values, val.values)})

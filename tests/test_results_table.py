@@ -24,11 +24,11 @@ def _results(val: dict[tuple[str, str], float], delta: dict[str, float] | None =
         score[i, 0, j, :, :, 0] = value
         seconds[i, 0, j, 0] = 0.1
         change[i, 0, j, 0] = delta.get(method, np.nan)
-    ds = xr.Dataset({"score": (("method", "space", "config", "task", "metric", "seed"), score),
-                     "merge_seconds": (("method", "space", "config", "seed"), seconds),
-                     "peak_memory_mb": (("method", "space", "config", "seed"), seconds),
-                     "mean_abs_delta_coef": (("method", "space", "config", "seed"), change)},
-                    coords={"method": methods, "space": ["full"], "config": configs, "task": TASKS, "metric": METRICS, "seed": [0]})
+    ds = xr.Dataset({"score": (("merge_method", "space", "config", "task", "metric", "seed"), score),
+                     "merge_seconds": (("merge_method", "space", "config", "seed"), seconds),
+                     "peak_memory_mb": (("merge_method", "space", "config", "seed"), seconds),
+                     "mean_abs_delta_coef": (("merge_method", "space", "config", "seed"), change)},
+                    coords={"merge_method": methods, "space": ["full"], "config": configs, "task": TASKS, "metric": METRICS, "seed": [0]})
     criterion = ds["score"].sel(metric="val_norm_acc").mean("task")
     ds["selected"] = criterion == criterion.max("config")
     reference = np.full((2, len(TASKS), len(METRICS)), 0.5)

@@ -77,20 +77,20 @@ def test_results_dataset_has_every_method_space_config_task_metric_seed(first_ru
     assert computed(run) == {"stage": 1, "reference": 4, "merge": 5, "adapt": 1, "evaluate": 6, "results": 1, "analysis": 2,
                              "adaptation_study": 2}
     ds = xr.open_zarr(Store(store).dataset_url(run["results"]), consolidated=False).load()  # one open_zarr reads it
-    assert dict(ds["score"].sizes) == {"method": 3, "space": 3, "config": 4, "task": 4, "metric": 8, "seed": 1}
-    assert set(ds.method.values) == {"task_arithmetic", "ties", "adamerging"}
+    assert dict(ds["score"].sizes) == {"merge_method": 3, "space": 3, "config": 4, "task": 4, "metric": 8, "seed": 1}
+    assert set(ds.merge_method.values) == {"task_arithmetic", "ties", "adamerging"}
     acc = ds["score"].sel(task=["digits", "textures", "signs"], metric="acc").load()
-    ta = acc.sel({"method": "task_arithmetic", "space": "full", "config": "alpha=0.3"})
+    ta = acc.sel(merge_method="task_arithmetic", space="full", config="alpha=0.3")
     assert np.all((ta > 0.05) & (ta <= 1.0))
-    hits = ds["score"].sel(task="joint", metric=["hits@1", "hits@3", "hits@5"]).sel({"method": "task_arithmetic", "space": "core", "config": "alpha=0.6"})
+    hits = ds["score"].sel(task="joint", metric=["hits@1", "hits@3", "hits@5"]).sel(merge_method="task_arithmetic", space="core", config="alpha=0.6")
     assert np.all(np.diff(hits.values.ravel()) >= 0)  # Hits@1 <= Hits@3 <= Hits@5
     # exactly one selected configuration per method x space that was run, chosen on val
     selected = ds["selected"].load()
-    assert int(selected.sel({"method": "task_arithmetic"}).sum()) == 2 and ds.attrs["selection"] == "val"
-    chosen = ds["score"].sel(task=["digits", "textures", "signs"], metric="val_norm_acc").mean("task").sel({"method": "task_arithmetic", "space": "full"})
-    picked = int(selected.sel({"method": "task_arithmetic", "space": "full"}).squeeze().argmax("config"))
+    assert int(selected.sel(merge_method="task_arithmetic").sum()) == 2 and ds.attrs["selection"] == "val"
+    chosen = ds["score"].sel(task=["digits", "textures", "signs"], metric="val_norm_acc").mean("task").sel(merge_method="task_arithmetic", space="full")
+    picked = int(selected.sel(merge_method="task_arithmetic", space="full").squeeze().argmax("config"))
     assert picked == int(chosen.squeeze().fillna(-1).argmax("config"))
-    assert float(ds["merge_seconds"].sel({"method": "ties", "space": "knots", "config": "alpha=1.0,density=0.3"}).squeeze()) > 0
+    assert float(ds["merge_seconds"].sel(merge_method="ties", space="knots", config="alpha=1.0,density=0.3").squeeze()) > 0
     assert "micro" in ds.attrs["note"]
     analyses = Store(store).refs()
     assert {"studies/small/results", "studies/small/analysis/norms", "studies/small/analysis/merged_rank", "studies/small/adapt/adamerging"} <= set(analyses)
@@ -340,7 +340,7 @@ def test_concurrent_runs_of_overlapping_studies_share_one_store(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outputs]
     s = Store(store)
     a, b = (s.get_dataset(s.ref(f"studies/{name}/results")) for name in ("first", "second"))
-    shared = {"method": "task_arithmetic", "space": "full", "config": ["alpha=0.2", "alpha=0.4"]}
+    shared = {"merge_method": "task_arithmetic", "space": "full", "config": ["alpha=0.2", "alpha=0.4"]}
     xr.testing.assert_equal(a["score"].sel(shared), b["score"].sel(shared))
     assert s.gc(dry_run=True) == [] and s.verify() == []
     again = subprocess.run(cmds[0], cwd=REPO, env=_env(tmp_path / "p0"), capture_output=True, text=True, timeout=600)

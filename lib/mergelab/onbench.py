@@ -139,7 +139,7 @@ def select_hyper_parameters(bench: Bench, bench_spec: BenchSpec, method: str, sp
 def _chosen(ctx: Context, key: str, jobs: Sequence[Any], rule: str, seed: int, name: str) -> Selection:
     ds = ctx.store.get_dataset(key)
     metric, _ = RULES[rule]
-    at = {"method": jobs[0].method, "space": jobs[0].space, "seed": seed}
+    at = {"merge_method": jobs[0].method, "space": jobs[0].space, "seed": seed}
     selected = ds["selected"].sel(at)
     if not bool(selected.any()):
         raise InputError(f"no configuration of {jobs[0].method} had a finite {metric}; check the benchmark's val split")
@@ -178,7 +178,7 @@ def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adapti
     nodes, done = run_graph(ctx, local_submit(ctx, adapt_progress=progress))
     (job,), (produced,) = adapt_jobs(spec), [n for n in nodes if n.node == "adapt"]
     ds = ctx.store.get_dataset(done.key)
-    scores = ds["score"].isel(method=0, space=0, config=0, seed=0).sel(task=list(bench.tasks))
+    scores = ds["score"].isel(merge_method=0, space=0, config=0, seed=0).sel(task=list(bench.tasks))
     info = ctx.store.info(produced.key).attrs
     names = module_map(ctx.taskset.module_names, taskset.module_names)
     own = MergedUpdate.from_tensors(ctx.store.get_tensors(produced.key))

@@ -50,11 +50,11 @@ __all__ = ["AdaptJob", "Context", "JOINT", "MergeJob", "NODES", "NodeResult", "N
            "results_table", "run_graph", "selected_for_analyses", "selected_merges", "stage_node", "up_to_date"]
 
 #: Code version of every node's producer; bump one when its output changes for the same inputs.
-VERSIONS = {"stage": "1", "reference": "2", "merge": "2", "adapt": "4", "evaluate": "1", "results": "3"}
+VERSIONS = {"stage": "1", "reference": "2", "merge": "2", "adapt": "4", "evaluate": "1", "results": "4"}
 # adapt 2: tied TARA-B bank; 3: STCH anchors no longer shift the loop's batches, |Δcoef| recorded; 4: TARA AdamW, AdaMerging
 # clamp [0, 1], AdaRank masks attention/MLP only, start grids. merge 2: fidelity pass (TSV / Iso support "all", inner alpha 1,
 # norm weights from the true updates, isometric spectral methods, CART ceil). results 2: mean_abs_delta_coef; 3: zero-shot
-# joint Hits@k. reference 2: the zero-shot base is scored on the joint task too
+# joint Hits@k; 4: dimension merge_method (``method`` is a keyword of DataArray.sel). reference 2: the zero-shot base is scored on the joint task too
 #: The pseudo-task holding the joint-task metrics (Hits@k over the union of labels).
 JOINT = "joint"
 #: Metrics per task: test accuracy and its normalised value, the same on val, TAS on val.
@@ -518,7 +518,7 @@ def analysis_node(ctx: Context, name: str, merged: Sequence[tuple[MergeJob, Node
             raise InputError(f"analysis {name!r} needs merged models; add methods to the study")
         with_taskset = "taskset" in inspect.signature(entry.fn).parameters
         parts = [entry.fn(merged=_merged(ctx, r.key), **({"taskset": ctx.taskset} if with_taskset else {}), **entry.params)
-                 .expand_dims(method=[j.method], space=[j.space]) for j, r in merged]
+                 .expand_dims(merge_method=[j.method], space=[j.space]) for j, r in merged]
         return xr.merge(parts, combine_attrs="drop_conflicts", join="outer", compat="no_conflicts")
 
     hit = ctx.publish(key, "dataset", lambda: analyse().assign_attrs(dataset=label), attrs={"analysis": name})
@@ -572,7 +572,7 @@ def selected_merges(ctx: Context, results: NodeResult, jobs: Sequence[MergeJob],
     selected = ctx.store.get_dataset(results.key)["selected"]
     seed = ctx.spec.seeds[0]
     return [(j, p) for j, p in zip(jobs, produced, strict=True)
-            if (j.seed is None or j.seed == seed) and bool(selected.sel({"method": j.method, "space": j.space, "config": config_label(j.config), "seed": seed}))]
+            if (j.seed is None or j.seed == seed) and bool(selected.sel(merge_method=j.method, space=j.space, config=config_label(j.config), seed=seed))]
 
 
 def results_key(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult]) -> Key:
@@ -597,16 +597,16 @@ def _assemble(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult
     names = list(ctx.bench.tasks)
     zeroshot = store.get_dataset(references[0].key)["score"]
     finetuned = xr.concat([store.get_dataset(r.key)["score"] for r in references[1:]], dim="task")
-    dims = {"method": _unique([r.method for r in rows]), "space": _unique([r.space for r in rows]),
+    dims = {"merge_method": _unique([r.method for r in rows]), "space": _unique([r.space for r in rows]),
             "config": _unique([r.config for r in rows]), "seed": _unique([r.seed for r in rows])}
     first = store.get_dataset(rows[0].evaluated)["score"]
     tasks, metrics = list(first.task.values), list(first.metric.values)
-    score = np.full([len(dims["method"]), len(dims["space"]), len(dims["config"]), len(tasks), len(metrics), len(dims["seed"])], np.nan)
-    per_merge = {v: np.full([len(dims[d]) for d in ("method", "space", "config", "seed")], np.nan)
+    score = np.full([len(dims["merge_method"]), len(dims["space"]), len(dims["config"]), len(tasks), len(metrics), len(dims["seed"])], np.nan)
+    per_merge = {v: np.full([len(values) for values in dims.values()], np.nan)
                  for v in ("merge_seconds", "peak_memory_mb", "mean_abs_delta_coef")}
     ft = finetuned.sel(task=names)
     for r in rows:
-        at = tuple(dims[d].index(getattr(r, d)) for d in ("method", "space", "config", "seed"))
+        at = tuple(values.index(v) for values, v in zip(dims.values(), (r.method, r.space, r.config, r.seed), strict=True))
         s = store.get_dataset(r.evaluated)["score"].copy()
         s.loc[names, "norm_acc"] = s.sel(task=names, metric="acc") / ft.sel(metric="acc")
         s.loc[names, "val_norm_acc"] = s.sel(task=names, metric="val_acc") / ft.sel(metric="val_acc")
@@ -616,8 +616,8 @@ def _assemble(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult
             per_merge[v][at] = attrs.get(v, np.nan)
     coords = {d: np.array(v, dtype=object) if d != "seed" else np.array(v) for d, v in dims.items()}
     coords |= {"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)}
-    ds = xr.Dataset({"score": (("method", "space", "config", "task", "metric", "seed"), score),
-                     **{v: (("method", "space", "config", "seed"), a) for v, a in per_merge.items()}}, coords=coords)
+    ds = xr.Dataset({"score": (("merge_method", "space", "config", "task", "metric", "seed"), score),
+                     **{v: (tuple(dims), a) for v, a in per_merge.items()}}, coords=coords)
     reference = xr.concat([zeroshot.reindex(task=tasks), ft.reindex(task=tasks)],  # the fine-tuned models have no joint score
                           dim=xr.DataArray(["zeroshot", "finetuned"], dims="reference"))
     ds["reference_score"] = reference.assign_coords(reference=np.array(["zeroshot", "finetuned"], dtype=object),
@@ -657,12 +657,12 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
     tasks = list(ds.attrs["tasks"])
     edges = grid_edges(ds)
     rows = []
-    for method in sel.method.values:
+    for method in sel.merge_method.values:
         for space in sel.space.values:
-            mask = sel["selected"].sel({"method": method, "space": space})
+            mask = sel["selected"].sel(merge_method=method, space=space)
             if not bool(mask.any()):
                 continue
-            picked = sel.sel({"method": method, "space": space}).where(mask)
+            picked = sel.sel(merge_method=method, space=space).where(mask)
             configs = [c for c in sel.config.values if bool(mask.sel(config=c).any())]
             configs = [c + (" (edge)" if edges.get((method, space, c)) else "") for c in configs]
             score = picked["score"]
@@ -715,11 +715,11 @@ def grid_edges(ds: xr.Dataset) -> dict[tuple[str, str, str], list[str]]:
     optimum may lie outside it: widen that grid), unless it is an end of the allowed range (TIES'
     density 1). Adaptive runs (one configuration) never are."""
     out: dict[tuple[str, str, str], list[str]] = {}
-    for method in ds.method.values:
+    for method in ds.merge_method.values:
         for space in ds.space.values:
-            present = ds["merge_seconds"].sel({"method": method, "space": space}).notnull().any("seed")
+            present = ds["merge_seconds"].sel(merge_method=method, space=space).notnull().any("seed")
             configs = [str(c) for c in ds.config.values if bool(present.sel(config=c))]
-            chosen = ds["selected"].sel({"method": method, "space": space}).any("seed")
+            chosen = ds["selected"].sel(merge_method=method, space=space).any("seed")
             parsed = {c: _parse_label(c) for c in configs}
             for config in (c for c in configs if bool(chosen.sel(config=c))):
                 flagged = []

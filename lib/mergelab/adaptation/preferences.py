@@ -98,10 +98,10 @@ def pareto_sweep(setting: AdaptationSetting, *, pair: Sequence[str] | None = Non
     base_acc = np.stack([setting.accuracy(params, splits) for params in baselines.values()])
     ds = xr.Dataset(
         {"weight": (("preference", "task"), rho),
-         "accuracy": (("method", "preference", "task", "split"), acc),
-         "final_loss": (("method", "preference", "task"), loss),
+         "accuracy": (("merge_method", "preference", "task", "split"), acc),
+         "final_loss": (("merge_method", "preference", "task"), loss),
          "baseline_accuracy": (("baseline", "task", "split"), base_acc)},
-        coords={"method": list(methods_hp), "preference": np.arange(n_preferences), "task": setting.names,
+        coords={"merge_method": list(methods_hp), "preference": np.arange(n_preferences), "task": setting.names,
                 "split": splits, "baseline": list(baselines)},
         attrs=setting.attrs(study="pareto", paper="001 Fig. 3, Fig. 10", ta_lambda=ta_lambda,
                             scalarization=_scalarizations(methods_hp), hyper_parameters=methods_hp),
@@ -182,13 +182,13 @@ def sensitivity_cloud(setting: AdaptationSetting, focal: Sequence[str], *, n_pre
             shape[:, i, j] = e["width"], e["height"], e["angle"]
     ds = xr.Dataset(
         {"weight": (("preference", "task"), rho),
-         "accuracy": (("method", "preference", "focal", "split"), acc),
-         "mean": (("method", "split", "focal"), mean),
-         "covariance": (("method", "split", "focal", "focal_other"), cov),
-         "ellipse_width": (("method", "split"), shape[0]),
-         "ellipse_height": (("method", "split"), shape[1]),
-         "ellipse_angle": (("method", "split"), shape[2])},
-        coords={"method": list(methods_hp), "preference": np.arange(n_preferences), "task": names,
+         "accuracy": (("merge_method", "preference", "focal", "split"), acc),
+         "mean": (("merge_method", "split", "focal"), mean),
+         "covariance": (("merge_method", "split", "focal", "focal_other"), cov),
+         "ellipse_width": (("merge_method", "split"), shape[0]),
+         "ellipse_height": (("merge_method", "split"), shape[1]),
+         "ellipse_angle": (("merge_method", "split"), shape[2])},
+        coords={"merge_method": list(methods_hp), "preference": np.arange(n_preferences), "task": names,
                 "focal": list(focal), "focal_other": list(focal), "split": splits},
         attrs=setting.attrs(study="sensitivity_cloud", paper="001 Fig. 4, Fig. 11", focal_weight=focal_weight,
                             concentration=concentration, preference_seed=preference_seed, n_std=n_std,
@@ -219,11 +219,11 @@ def stch_alpha_ablation(setting: AdaptationSetting, *, alphas: Sequence[float] =
     finetuned = np.stack([setting.accuracy(setting.task_params(t), splits, tasks=[t])[0] for t in range(len(setting.tasks))])
     normalized = acc / finetuned
     ds = xr.Dataset(
-        {"accuracy": (("method", "alpha", "task", "split"), acc),
+        {"accuracy": (("merge_method", "alpha", "task", "split"), acc),
          "finetuned_accuracy": (("task", "split"), finetuned),
-         "normalized_accuracy": (("method", "alpha", "task", "split"), normalized),
-         "average_normalized_accuracy": (("method", "alpha", "split"), normalized.mean(axis=2))},
-        coords={"method": list(methods_hp), "alpha": np.asarray(alphas, dtype=np.float64), "task": setting.names,
+         "normalized_accuracy": (("merge_method", "alpha", "task", "split"), normalized),
+         "average_normalized_accuracy": (("merge_method", "alpha", "split"), normalized.mean(axis=2))},
+        coords={"merge_method": list(methods_hp), "alpha": np.asarray(alphas, dtype=np.float64), "task": setting.names,
                 "split": splits},
         attrs=setting.attrs(study="stch_alpha", paper="000 Fig. 10", hyper_parameters=methods_hp,
                             preference=None if preference is None else list(map(float, preference))),

@@ -52,9 +52,9 @@ class AdaptationStudy:
 
 #: Versions 2 of the preference studies: the STCH anchors no longer shift TARA's batches.
 ADAPTATION_STUDIES: dict[str, AdaptationStudy] = {
-    "pareto": AdaptationStudy(pareto_sweep, "preferences/pareto", "2"),
-    "cloud": AdaptationStudy(sensitivity_cloud, "preferences/cloud", "2"),
-    "stch_alpha": AdaptationStudy(stch_alpha_ablation, "preferences/stch_alpha", "2"),
+    "pareto": AdaptationStudy(pareto_sweep, "preferences/pareto", "3"),  # 3: dimension merge_method
+    "cloud": AdaptationStudy(sensitivity_cloud, "preferences/cloud", "3"),
+    "stch_alpha": AdaptationStudy(stch_alpha_ablation, "preferences/stch_alpha", "3"),
     "adarank_ablation": AdaptationStudy(adarank_ablation, "ablations/adarank", "1"),
 }
 

@@ -392,13 +392,13 @@ def merged_rank_grid(taskset: TaskSet, *, methods: Sequence[str] = TABLE6_METHOD
     first = [lora.tasks[0].modules[m] for m in modules]
     return xr.Dataset(
         {
-            "merged_rank": annotated(("method", "space", "module"), ranks, "numerical rank r_ΔW of the merged update"),
-            "merged_rank_mean": annotated(("method", "space"), ranks.mean(axis=2), "r_ΔW averaged over modules"),
+            "merged_rank": annotated(("merge_method", "space", "module"), ranks, "numerical rank r_ΔW of the merged update"),
+            "merged_rank_mean": annotated(("merge_method", "space"), ranks.mean(axis=2), "r_ΔW averaged over modules"),
             "max_rank": annotated(("module",), np.array([min(u.shape) for u in first], dtype=np.int64), "min(out, in)"),
             "total_lora_rank": annotated(("module",), np.array([sum(u.rank for u in lora.updates(m)) for m in modules],
                                                                dtype=np.int64), "Σ_t r_t"),
         },
-        coords={"method": np.array(list(methods), dtype=object), "space": np.array(list(spaces), dtype=object),
+        coords={"merge_method": np.array(list(methods), dtype=object), "space": np.array(list(spaces), dtype=object),
                 **module_coords(modules)},
         attrs=dataset_attrs(taskset, title="rank of the merged update per method and space",
                             hyper_parameters=resolved, rtol="max(out, in) * eps(dtype)" if rtol is None else rtol,

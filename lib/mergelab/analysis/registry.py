@@ -48,9 +48,9 @@ ANALYSES: dict[str, Analysis] = {
     "truncation": Analysis(core_space.truncation_curves, "1"),
     "sar_spaces": Analysis(core_space.sar_by_space, "1"),
     "reference_bases": Analysis(core_space.reference_basis_ablation, "1"),
-    "merged_rank_spaces": Analysis(core_space.merged_rank_grid, "1"),
-    "merged_similarity": Analysis(geometry.merged_similarity, "1", needs="merged"),
-    "merged_rank": Analysis(spectra.merged_rank, "1", needs="merged"),
+    "merged_rank_spaces": Analysis(core_space.merged_rank_grid, "2"),  # 2: dimension merge_method
+    "merged_similarity": Analysis(geometry.merged_similarity, "2", needs="merged"),  # 2: stacked along merge_method
+    "merged_rank": Analysis(spectra.merged_rank, "2", needs="merged"),
     "anisotropy": Analysis(anisotropy.jacobian_anisotropy, "2", needs="bench"),  # 2: labelled task loss by default
     "components": Analysis(components.component_loss_changes, "2", needs="bench"),
     "tas_sweep": Analysis(proxies.tas_sweep, "1", needs="bench"),
