@@ -27,6 +27,24 @@ def test_version():
     assert result.exit_code == 0 and result.stdout.startswith("mergelab ")
 
 
+@pytest.mark.parametrize("command", [[], ["inspect"], ["run"], ["demo"], ["analyze"], ["serve"], ["report"], ["merge"], ["adapt"],
+                                     ["build-micro"], ["store"], ["store", "ls"], ["store", "gc"], ["store", "verify"]])
+def test_help_names_value_types_plainly(command):
+    """A flag shows no placeholder and a repeatable option ``<str>...`` (not ``<bool>`` / ``<list[str]>``)."""
+    result = run(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.stdout and "<list[" not in result.stdout and "--help" in result.stdout
+
+
+def test_merge_help_lists_every_method_with_its_hyper_parameters():
+    from mergelab.merging import METHODS
+
+    text = " ".join(run("merge", "--help").stdout.split())
+    for name, method in METHODS.items():
+        described = ", ".join(f"{p.name}={p.default}" for p in method.params.values()) or "none"
+        assert f"{name} ({described})" in text
+
+
 def test_inspect_prints_a_table_and_json(vit_adapters, tiny_vit, tmp_path):
     save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(tmp_path / "base.safetensors"))
     result = run("inspect", *vit_adapters, "--base", tmp_path / "base.safetensors")

@@ -7,6 +7,7 @@ Bad input (:class:`~mergelab.errors.InputError`) prints one line on stderr and e
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from mergelab import __version__
 from mergelab.errors import InputError, check_writable
@@ -25,7 +26,35 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class _Group(TyperGroup):
+def _tidy_metavar(param: TyperOption | TyperArgument, ctx: typer.Context) -> None:
+    """A flag shows no value placeholder; a repeatable value shows ``<str>...``, not ``<list[str]>``."""
+    if param.metavar is not None or not isinstance(param, (TyperOption, TyperArgument)):
+        return
+    if isinstance(param, TyperOption) and param.is_flag:
+        param.metavar = ""
+        return
+    repeated = re.fullmatch(r"<list\[(\w+)\]>", param.display_type(ctx))
+    if repeated and isinstance(param, TyperOption):
+        param.metavar = f"<{repeated[1]}>..."
+    elif repeated:  # an argument's metavar would replace its name; its type column is display_type's
+        param.display_type = lambda ctx, shown=f"<{repeated[1]}>": shown
+
+
+class _TidyHelp:
+    """Mixed into the CLI's command classes: ``--help`` metavars through :func:`_tidy_metavar`."""
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            _tidy_metavar(param, ctx)
+        return params
+
+
+class _Command(_TidyHelp, TyperCommand):
+    """Every command of the CLI (``@app.command(cls=_Command)``)."""
+
+
+class _Group(_TidyHelp, TyperGroup):
     """Turns InputError raised anywhere below into a one-line message and exit code 2."""
 
     def invoke(self, ctx):
@@ -60,7 +89,7 @@ def _root(
 # inspect ----------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     paths: Annotated[Optional[list[str]], typer.Argument(help="PEFT adapter directories or full checkpoints (NAME=PATH to name a task).")] = None,
     base: Annotated[Optional[str], typer.Option(help="Base model weights (file or directory); required for full checkpoints.")] = None,
@@ -267,7 +296,7 @@ def _print_results(spec, run, wide: bool = False) -> None:
                       "widen that grid in the study", style="yellow", highlight=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
     study: Annotated[Path, typer.Argument(help="A study YAML file (see studies/micro.yaml).")],
     store: StoreOpt = None,
@@ -282,14 +311,14 @@ def run(
     _print_results(spec, result, wide)
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(store: StoreOpt = None, runner: RunnerOpt = "thread", wide: WideOpt = False) -> None:
     """Run the embedded default study (studies/micro.yaml, the shipped micro benchmark) and print its table."""
     spec, result = _run_study(_default_study(), store, runner)
     _print_results(spec, result, wide)
 
 
-@app.command()
+@app.command(cls=_Command)
 def analyze(
     study: Annotated[Path, typer.Argument(help="A study YAML file (see studies/micro.yaml).")],
     analyses: Annotated[Optional[list[str]], typer.Option("--analysis", help="Run this analysis (repeatable; default: the study's analyses:).")] = None,
@@ -334,7 +363,7 @@ def analyze(
     console.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
     study: Annotated[Path, typer.Argument(help="A study YAML file; re-read on every scheduled run.")],
     cron: Annotated[str, typer.Option("--cron", help="Cron schedule, e.g. \"0 3 * * *\" (03:00 every day).")] = "0 3 * * *",
@@ -361,7 +390,7 @@ def serve(
     serve_deployments(scheduled)
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     store: StoreOpt = None,
     study: Annotated[str, typer.Option(help="The study whose Datasets the notebooks draw.")] = "micro",
@@ -477,7 +506,7 @@ def _select(taskset, base: str, method: str, space: str, rule: str, bench: str, 
     return chosen
 
 
-class _MergeCommand(TyperCommand):
+class _MergeCommand(_Command):
     """Appends the registries' method and space names to the help, importing them only then."""
 
     def format_help(self, ctx, formatter):
@@ -491,7 +520,7 @@ def merge_command(
     paths: Annotated[Optional[list[str]], typer.Argument(help="More adapter directories (so that --adapters A B C works).", show_default=False)] = None,
     adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="PEFT adapter directories or full checkpoints (NAME=PATH names a task): --adapters A B C.")] = None,
     base: Annotated[str, typer.Option("--base", help="Base model weights (file or directory).")] = ...,  # type: ignore[assignment]
-    method: Annotated[str, typer.Option("--method", help="A merge method (see `mergelab merge --help`'s list below) or a '+' composition such as tsv+iso_c.")] = ...,  # type: ignore[assignment]
+    method: Annotated[str, typer.Option("--method", help="A merge method (the list above) or a '+' composition such as tsv+iso_c.")] = ...,  # type: ignore[assignment]
     space: Annotated[str, typer.Option("--space", help="Merge space: full, knots or core.")] = "full",
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Hyper-parameter KEY=VALUE (repeatable); composed methods take METHOD.KEY=VALUE.")] = None,
     space_sets: Annotated[Optional[list[str]], typer.Option("--space-option", help="Space option KEY=VALUE, e.g. naive=true, variant=per_layer.")] = None,
@@ -567,10 +596,13 @@ def _method_list() -> str:
     from mergelab.merging import METHODS
     from mergelab.spaces import SPACES
 
-    return f"Methods: {', '.join(METHODS)} (compose with '+', e.g. tsv+iso_c). Spaces: {', '.join(SPACES)}."
+    described = "; ".join(f"{name} ({', '.join(f'{p.name}={p.default}' for p in method.params.values()) or 'none'})"
+                          for name, method in METHODS.items())
+    return (f"Methods and their hyper-parameters (defaults; set with --set KEY=VALUE): {described}. "
+            f"Compose with '+', e.g. tsv+iso_c. Spaces: {', '.join(SPACES)}.")
 
 
-@app.command("adapt")
+@app.command("adapt", cls=_Command)
 def adapt_command(
     paths: Annotated[Optional[list[str]], typer.Argument(help="More adapter directories (so that --adapters A B C works).", show_default=False)] = None,
     adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="PEFT adapter directories (NAME=PATH names a task after a benchmark task).")] = None,
@@ -650,7 +682,7 @@ def adapt_command(
 # build-micro ---------------------------------------------------------------------------------------
 
 
-@app.command("build-micro")
+@app.command("build-micro", cls=_Command)
 def build_micro_command(
     quick: Annotated[bool, typer.Option("--quick", help="Fewer images and steps (proves the build path in minutes).")] = False,
     out: Annotated[Path, typer.Option(help="Where the benchmark's artifacts are exported.")] = Path("data/micro"),
@@ -678,8 +710,8 @@ def build_micro_command(
 # store -------------------------------------------------------------------------------------------
 
 
-@store_app.command("ls")
-def store_ls(store: StoreOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+@store_app.command("ls", cls=_Command)
+def store_ls(store: StoreOpt = None, as_json: Annotated[bool, typer.Option("--json", help="A JSON list of the artifacts (key, kind, producer, created, name) instead of the table.")] = False) -> None:
     """List published artifacts: key, kind, producer, creation time."""
     from mergelab.store import Store
 
@@ -698,7 +730,7 @@ def store_ls(store: StoreOpt = None, as_json: Annotated[bool, typer.Option("--js
     console.print(table)
 
 
-@store_app.command("gc")
+@store_app.command("gc", cls=_Command)
 def store_gc(
     store: StoreOpt = None,
     keep: Annotated[Optional[Path], typer.Option(help="File with the keys still in use, one per line; others are removed too.")] = None,
@@ -721,7 +753,7 @@ def store_gc(
     console.print(f"{verb} {len(removed)} entries" + "".join(f"\n  {r}" for r in removed))
 
 
-@store_app.command("verify")
+@store_app.command("verify", cls=_Command)
 def store_verify(
     store: StoreOpt = None,
     quarantine: Annotated[bool, typer.Option("--quarantine", help="Move corrupt objects to quarantine/ so that a rerun recomputes them.")] = False,
