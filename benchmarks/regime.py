@@ -8,7 +8,7 @@ holds. Every number is the test split of the configuration selected on val (the 
 nothing here looks at test to choose.
 
     PYTHONPATH=lib:. python benchmarks/regime.py                      # the demo: data/store, study micro
-    PYTHONPATH=lib:. python benchmarks/regime.py --store S --study NAME
+    PYTHONPATH=lib:. python benchmarks/regime.py --study FILE [--store S]
 
 A benchmark, not a test: it asserts nothing and exits 0 whether or not the targets hold.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from mergelab.store import Store, default_store_url  # noqa: E402
+from mergelab.config import load_study  # noqa: E402
+from mergelab.store import Store  # noqa: E402
 from mergelab.study import results_table  # noqa: E402
 
 #: Static methods whose per-space rows the regime shows (003's Full vs KnOTS vs Core comparison).
@@ -115,13 +116,14 @@ def targets(table, kept: dict[str, float] | None = None) -> list[tuple[str, floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", default=None, help="the store (default: $MERGELAB_STORE or data/store)")
-    parser.add_argument("--study", default="micro", help="the study's name (default: micro, the demo)")
+    parser.add_argument("--store", default=None, help="the store (default: the study's, as `mergelab run` resolves it)")
+    parser.add_argument("--study", default=str(ROOT / "studies/micro.yaml"), help="the study file (default: the demo's, studies/micro.yaml)")
     args = parser.parse_args(argv)
-    store = Store(args.store or default_store_url())
-    ds = store.get_dataset(store.ref(f"studies/{args.study}/results"))
+    spec = load_study(args.study)
+    store = Store(spec.store_url(args.store))
+    ds = store.get_dataset(store.ref(f"studies/{spec.name}/results"))
     table = results_table(ds)
-    print(f"study {args.study} ({ds.attrs.get('note', '')}); test split, configurations selected on {ds.attrs['selection']}")
+    print(f"study {spec.name} ({ds.attrs.get('note', '')}); test split, configurations selected on {ds.attrs['selection']}")
     rows = regime_rows(table)
     width = max([len("config"), *(len(config) for _, config, _, _ in rows)])
     print(f"{'row':<36} {'config':<{width}} {'norm_acc %':>10} {'|Δcoef|':>9}")
@@ -129,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<36} {config:<{width}} {norm:>10.1f} {'' if math.isnan(delta) else f'{delta:.4f}':>9}")
     print()
     print(f"{'adaptive run':<20} {'objective first 5':>18} {'last 5':>10} {'last-quarter share of the change':>34}")
-    for label, first, last, late in plateaus(store, args.study):
+    for label, first, last, late in plateaus(store, spec.name):
         print(f"{label:<20} {first:>18.4f} {last:>10.4f} {late:>34.2f}")
     print()
-    for what, value, holds in targets(table, mask_kept(store, args.study)):
+    for what, value, holds in targets(table, mask_kept(store, spec.name)):
         shown = "" if "differ" in what or "masks" in what else f": {value:+.1f}"  # those two say it in words
         print(f"{'holds ' if holds else 'MISSED'}  {what}{shown}")
     return 0

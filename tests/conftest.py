@@ -23,6 +23,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_store(tmp_path_factory):
+    """Tests never touch the user's store: the cache default points into the test's temp dir and a
+    developer's $MERGELAB_STORE (which beats a study's store:) is ignored."""
+    saved = {k: os.environ.pop(k, None) for k in ("MERGELAB_STORE", "XDG_CACHE_HOME")}
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    for k, v in saved.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def tiny_vit():
     from mergelab.synthetic import tiny_vision_transformer

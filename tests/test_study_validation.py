@@ -87,6 +87,28 @@ def test_a_relative_store_is_relative_to_the_study_file(tmp_path, monkeypatch):
     path = tmp_path / "studies" / "s.yaml"
     path.write_text(yaml.safe_dump({**REPO_STUDY, "store": "../runs/store"}))
     monkeypatch.chdir("/")
+    monkeypatch.delenv("MERGELAB_STORE", raising=False)
     assert load_study(path).store_url() == str(tmp_path / "studies" / "../runs/store")
     path.write_text(yaml.safe_dump({**REPO_STUDY, "store": "memory://shared"}))
     assert load_study(path).store_url() == "memory://shared"
+
+
+def test_the_default_store_is_never_under_the_working_directory(tmp_path, monkeypatch):
+    """--store, then $MERGELAB_STORE, then the study's store:, then store/ next to the study file;
+    commands without a study use the user's cache."""
+    from mergelab.store import default_store_url
+
+    path = tmp_path / "studies" / "s.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(REPO_STUDY))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MERGELAB_STORE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert load_study(path).store_url() == str(tmp_path / "studies" / "store")
+    assert load_study("studies/s.yaml").store_url() == str(tmp_path / "studies" / "store")
+    assert default_store_url() == str(tmp_path / "cache" / "mergelab" / "store")
+    path.write_text(yaml.safe_dump({**REPO_STUDY, "store": "memory://declared"}))
+    assert load_study(path).store_url() == "memory://declared"
+    monkeypatch.setenv("MERGELAB_STORE", "memory://env")
+    assert load_study(path).store_url() == "memory://env" and default_store_url() == "memory://env"
+    assert load_study(path).store_url("memory://flag") == "memory://flag"

@@ -70,7 +70,7 @@ app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty
 store_app = typer.Typer(cls=_Group, no_args_is_help=True, help="List and clean the artifact store.")
 app.add_typer(store_app, name="store")
 
-StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store URL or path (default: $MERGELAB_STORE or data/store).")]
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store URL or path (default: $MERGELAB_STORE, else the study's store: or store/ next to the study file; without a study ~/.cache/mergelab/store).")]
 
 
 def _version(value: bool) -> None:
@@ -125,11 +125,21 @@ RunnerOpt = Annotated[str, typer.Option("--runner", help="Task runner: thread[=W
 DEFAULT_STUDY = Path("studies/micro.yaml")
 
 
-def _default_study() -> Path:
-    for candidate in (DEFAULT_STUDY, Path(__file__).resolve().parents[2] / DEFAULT_STUDY):
+def _study_file(study: str | Path) -> Path | None:
+    """``study`` itself if it is a file, else ``studies/<study>.yaml`` in the working directory or the
+    source checkout; None when neither exists."""
+    named = Path(study) if Path(study).is_file() else DEFAULT_STUDY.with_name(f"{study}.yaml")
+    for candidate in (named, Path(__file__).resolve().parents[2] / named):
         if candidate.is_file():
             return candidate
-    raise InputError(f"{DEFAULT_STUDY} not found; run from the mergelab checkout or pass a study file to `mergelab run`")
+    return None
+
+
+def _default_study() -> Path:
+    found = _study_file(DEFAULT_STUDY)
+    if found is None:
+        raise InputError(f"{DEFAULT_STUDY} not found; run from the mergelab checkout or pass a study file to `mergelab run`")
+    return found
 
 
 def _run_study(study: Path, store: str | None, runner: str):
@@ -393,16 +403,22 @@ def serve(
 @app.command(cls=_Command)
 def report(
     store: StoreOpt = None,
-    study: Annotated[str, typer.Option(help="The study whose Datasets the notebooks draw.")] = "micro",
+    study: Annotated[str, typer.Option(help="The study whose Datasets the notebooks draw: a study file or a name (studies/NAME.yaml gives its store).")] = "micro",
     out: Annotated[Path, typer.Option(help="Where HTML and PNG files are written.")] = Path("data/reports"),
     notebooks: Annotated[Optional[list[Path]], typer.Option("--notebook", help="Run only these notebooks (default: notebooks/*.ipynb).")] = None,
 ) -> None:
     """Execute the notebooks against the store; write each as HTML plus its figures as PNG under --out."""
     from analysis.report import list_notebooks
     from analysis.report import report as run_report
+    from mergelab.config import load_study
     from mergelab.store import Store, default_store_url
 
-    url = store or default_store_url()
+    found = _study_file(study)
+    if found is not None:
+        spec = load_study(found)
+        study, url = spec.name, spec.store_url(store)
+    else:
+        url = store or default_store_url()
     if f"studies/{study}/results" not in Store(url).refs() and not any(r.startswith(f"studies/{study}/") for r in Store(url).refs()):
         raise InputError(f"store {url} has no study {study!r}; run `mergelab run` (or `make demo`) first, or pass --store/--study")
     paths = notebooks or list_notebooks()

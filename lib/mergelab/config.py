@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mergelab.errors import InputError
 from mergelab.params import params_of_function
@@ -250,6 +250,7 @@ class StudySpec(_Strict):
     adaptation_studies: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0])
     store: str | None = None
+    _folder: Path | None = PrivateAttr(default=None)  # the study file's folder (its default store sits there)
     allow_labels: bool = False
     adaptive_init: float | None = None
 
@@ -299,10 +300,16 @@ class StudySpec(_Strict):
         return self
 
     def store_url(self, override: str | None = None) -> str:
-        """``--store`` beats the study's ``store:``, which beats ``$MERGELAB_STORE`` / ``data/store``."""
-        from mergelab.store import default_store_url
+        """Where the study's artifacts go: ``--store``, else ``$MERGELAB_STORE``, else the study's
+        ``store:`` (relative to its file), else ``store/`` next to the study file (a study given as a
+        mapping: :func:`~mergelab.store.default_store_url`). Never a folder under the working directory."""
+        from mergelab.store import STORE_ENV, default_store_url
 
-        return override or self.store or default_store_url()
+        if override or os.environ.get(STORE_ENV):
+            return override or os.environ[STORE_ENV]
+        if self.store:
+            return self.store
+        return str(self._folder / "store") if self._folder is not None else default_store_url()
 
 
 def _relative_to(data: dict, folder: Path) -> dict:
@@ -363,7 +370,7 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
             raise InputError(f"{path} must hold a mapping with at least 'name' and 'methods'")
         data = _relative_to(data, path.parent)
     try:
-        return StudySpec.model_validate(data)
+        spec = StudySpec.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         message = first["msg"].removeprefix("Value error, ")
@@ -373,6 +380,9 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
         raise InputError(f"{where}: {_location(first['loc'])}: {message}") from None
     except InputError as err:
         raise InputError(f"{where}: {err}") from None
+    if not isinstance(path, dict):
+        spec._folder = path.resolve().parent
+    return spec
 
 
 def _fields_at(loc: tuple) -> list[str]:

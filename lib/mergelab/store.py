@@ -42,9 +42,8 @@ from torch import Tensor
 from mergelab.errors import InputError, check_writable
 from mergelab.hashing import content_hash
 
-__all__ = ["DEFAULT_STORE", "STORE_ENV", "ArtifactInfo", "Key", "Store", "default_store_url"]
+__all__ = ["STORE_ENV", "ArtifactInfo", "Key", "Store", "default_store_url"]
 
-DEFAULT_STORE = "data/store"
 STORE_ENV = "MERGELAB_STORE"
 MARKER = "_published.json"
 #: How long a write may be in flight before ``gc`` treats its files as leftovers (seconds).
@@ -54,8 +53,11 @@ PAYLOAD: dict[str, str] = {"dataset": "data.zarr", "tensors": "tensors.safetenso
 
 
 def default_store_url() -> str:
-    """``$MERGELAB_STORE`` or ``data/store``."""
-    return os.environ.get(STORE_ENV) or DEFAULT_STORE
+    """The store of commands without a study: ``$MERGELAB_STORE``, else the user's cache
+    (``$XDG_CACHE_HOME/mergelab/store``, by default ``~/.cache/mergelab/store``), never a folder
+    under the working directory. A study's store: :meth:`mergelab.config.StudySpec.store_url`."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get(STORE_ENV) or os.path.join(cache, "mergelab", "store")
 
 
 class Key(str):
