@@ -140,8 +140,7 @@ def analyze_flow(study: str, store: str | None = None, analyses: list[str] | Non
     spec, ctx, submit = _load(study, store)
     names = list(analyses or spec.analyses)
     selected = nodes.selected_for_analyses(spec, ctx.store.url) if any(ANALYSES[n].needs == "merged" for n in names) else []
-    batch = [(name, selected if ANALYSES[name].needs == "merged" else []) for name in names]
-    return StudyRun(nodes=submit("stage", [()]) + submit("analysis", batch), store=ctx.store.url)
+    return StudyRun(nodes=nodes.analysis_graph(ctx, submit, names, selected), store=ctx.store.url)
 
 
 @flow(name="study")

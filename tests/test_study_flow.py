@@ -121,9 +121,10 @@ def test_bad_adaptation_study_settings_are_one_line_errors(studies, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_analyze_runs_named_analyses_reusing_the_study_selection(first_run, tmp_path):
+def test_analyze_runs_named_analyses_reusing_the_study_selection(first_run, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    import flows.study
     from mergelab.cli import app
 
     study, store, run = first_run
@@ -134,6 +135,11 @@ def test_analyze_runs_named_analyses_reusing_the_study_selection(first_run, tmp_
     # merged_rank was computed by the run on the same selected merges: a cache hit; cosine is new
     assert "analysis 1/2" in done.stdout and "studies/small/analysis/cosine" in done.stdout
     assert Store(store).ref("studies/small/analysis/merged_rank") == next(r.key for r in run.nodes if r.label == "merged_rank")
+    monkeypatch.setattr(flows.study, "analyze_flow", None)  # a cached analyze is confirmed without the orchestrator
+    again = cli.invoke(app, ["analyze", str(study), "--store", store, "--analysis", "cosine", "--analysis", "merged_rank"],
+                       env={"COLUMNS": "200"})
+    assert again.exit_code == 0 and "every node was a cache hit" in again.stdout, again.output
+    monkeypatch.undo()
     fresh = cli.invoke(app, ["analyze", str(study), "--store", str(tmp_path / "empty"), "--analysis", "merged_rank"])
     assert fresh.exit_code == 2 and "run `mergelab run` on the study first" in fresh.stderr
     assert fresh.stderr.strip().count("\n") == 0

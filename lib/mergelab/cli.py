@@ -342,7 +342,7 @@ def analyze(
     """
     from mergelab.analysis.registry import ANALYSES
     from mergelab.config import load_study
-    from mergelab.study import selected_for_analyses
+    from mergelab.study import analyses_up_to_date
 
     spec = load_study(study)
     names = list(analyses or spec.analyses)
@@ -355,11 +355,13 @@ def analyze(
 
     parse_runner(runner)
     url = spec.store_url(store)
-    if any(ANALYSES[n].needs == "merged" for n in names):
-        selected_for_analyses(spec, url)  # fails in seconds, before Prefect starts, when the study has not run
-    from flows.study import analyze_flow
+    cached = analyses_up_to_date(spec, url, names)  # fails in seconds, before Prefect starts, when the study has not run
+    if cached is not None:
+        run = {"nodes": cached, "store": url}
+    else:
+        from flows.study import analyze_flow
 
-    run = _run_flow(analyze_flow, runner, study=str(study), store=url, analyses=names)
+        run = _run_flow(analyze_flow, runner, study=str(study), store=url, analyses=names)
     _summary(spec.name, run)
     table = Table(title=f"{spec.name}: analyses (xr.open_zarr of the store's dataset_url; schemas in docs/store.md)", title_justify="left")
     for column in ("analysis", "ref", "dims"):

@@ -45,7 +45,8 @@ from mergelab.store import Key, Kind, Store
 from mergelab.taskset import MergedUpdate, TaskSet
 
 __all__ = ["AdaptJob", "Context", "JOINT", "MergeJob", "NODES", "NodeResult", "NotCached", "Row", "Submit", "VERSIONS",
-           "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "analysis_node", "context",
+           "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "analyses_up_to_date", "analysis_graph",
+           "analysis_node", "context",
            "evaluate_node", "grid_edges", "local_submit", "merge_jobs", "merge_node", "merge_row", "reference_node", "results_node",
            "results_table", "run_graph", "selected_for_analyses", "selected_merges", "stage_node", "up_to_date"]
 
@@ -766,6 +767,29 @@ def run_graph(ctx: Context, submit: Submit) -> tuple[list[NodeResult], NodeResul
     analyses = submit("analysis", [(name, selected) for name in spec.analyses])
     studies = submit("adaptation_study", [(name,) for name in spec.adaptation_studies])
     return staged + references + merged + adapted + evaluated + ([done] if done else []) + analyses + studies, done
+
+
+def analysis_graph(ctx: Context, submit: Submit, names: Sequence[str],
+                   selected: Sequence[tuple[MergeJob, NodeResult]]) -> list[NodeResult]:
+    """The stage node and the named analyses, on their own (``mergelab analyze``); analyses of
+    merged models take ``selected`` (:func:`selected_for_analyses`)."""
+    from mergelab.analysis.registry import ANALYSES
+
+    batch = [(name, list(selected) if ANALYSES[name].needs == "merged" else []) for name in names]
+    return submit("stage", [()]) + submit("analysis", batch)
+
+
+def analyses_up_to_date(spec: StudySpec, store_url: str, names: Sequence[str]) -> list[NodeResult] | None:
+    """:func:`analysis_graph`'s nodes when every one is already in the store, else ``None``
+    (probed here, nothing computed: a cached ``mergelab analyze`` needs no orchestrator)."""
+    from mergelab.analysis.registry import ANALYSES
+
+    selected = selected_for_analyses(spec, store_url) if any(ANALYSES[n].needs == "merged" for n in names) else []
+    ctx = Context(spec, store_url, probe=True)
+    try:
+        return analysis_graph(ctx, local_submit(ctx), names, selected)
+    except NotCached:
+        return None
 
 
 def selected_for_analyses(spec: StudySpec, store_url: str) -> list[tuple[MergeJob, NodeResult]]:
