@@ -133,11 +133,13 @@ class MethodSpec(_Strict):
         both = sorted(set(self.fixed) & set(self.effective_grid()))
         if both:
             raise ValueError(f"{self.method}: {both[0]!r} is both fixed and swept by the grid; keep it in one of them")
-        n = 1
-        for values in self.effective_grid().values():
-            n *= max(1, len(values))
+        grid = self.effective_grid()
+        n = math.prod(len(values) for values in grid.values())
         if n > MAX_CONFIGS:
-            raise ValueError(f"{self.method}: the grid has {n} configurations (> {MAX_CONFIGS}); list fewer values in grid")
+            whose = "the grid" if self.grid is not None else "its registry grid (used when grid: is left out)"
+            sizes = " x ".join(f"{len(v)} {k}" for k, v in grid.items())
+            raise ValueError(f"{self.method}: {whose} has {n} configurations ({sizes}; at most {MAX_CONFIGS}); "
+                             "list fewer values in grid:")
         for config in self.configs():
             spec.resolve(config)  # InputError names the allowed hyper-parameters / values
         return self
