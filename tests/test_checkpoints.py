@@ -117,6 +117,31 @@ def test_adapter_for_a_submodule_resolves_its_prefix_in_the_whole_model(tmp_path
     assert all(n.startswith("visual.transformer.") for n in names)
 
 
+def test_a_tower_adapter_on_a_whole_clip_whose_towers_share_block_names(tmp_path):
+    """ViT-B/32's text tower has as many blocks as its image tower, under the same names at the
+    root: the adapter's recorded base class (PEFT's auto_mapping) or --base-module decides."""
+    import open_clip
+
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(embed_dim=32, vision_cfg={"image_size": 16, "layers": 2, "width": 32, "patch_size": 4, "head_width": 16},
+                          text_cfg={"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 2})
+    [path] = write_peft_adapters(clip.visual, tmp_path, ["v"], target_modules=["attn"])
+    tower = load_taskset(clip.visual, [path])
+    whole = load_taskset(clip, [path])
+    assert list(whole.module_names) == [f"visual.{n}" for n in tower.module_names]
+    for name in tower.module_names:
+        torch.testing.assert_close(whole.tasks[0].modules[f"visual.{name}"].dense(), tower.tasks[0].modules[name].dense())
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["auto_mapping"]["base_model_class"] == "VisionTransformer"
+    (path / "adapter_config.json").write_text(json.dumps({**config, "auto_mapping": None}))
+    with pytest.raises(InputError, match=r"several sub-modules \('\.', 'visual'\); name the one it was trained on with --base-module"):
+        load_taskset(clip, [path])
+    assert load_taskset(clip, [path], base_module="visual").module_names == whole.module_names
+    assert load_taskset(clip, [path], base_module=".").module_names == tower.module_names  # the text tower: what was asked
+    with pytest.raises(InputError, match="--base-module 'text': the base holds no module of adapter .* there; it does under '.', 'visual'"):
+        load_taskset(clip, [path], base_module="text")
+
+
 def test_save_merged_refuses_dense_modules_as_peft_and_existing_outputs(tmp_path, tiny_vit, vit_adapters):
     merged = MergedUpdate({"transformer.resblocks.0.attn.out_proj.weight": Dense(torch.zeros(32, 32))})
     with pytest.raises(InputError, match="format='weights'"):

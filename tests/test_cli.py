@@ -252,6 +252,10 @@ def _merge_args(tmp, adapter, base, *extra):
             "--store", tmp / "s", *extra]
 
 
+def _case_merge_base_module_without_the_adapter(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--base-module", "text"), "--base-module 'text': the base holds no module"
+
+
 def _case_merge_unknown_method(tmp, adapter, base):
     return _merge_args(tmp, adapter, base, "--method", "tiez"), "unknown merge method 'tiez'; choose one of average"
 

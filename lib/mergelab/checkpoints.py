@@ -251,15 +251,35 @@ def _target_param(peft_module: str, base: Mapping[str, Tensor]) -> str | None:
     return None
 
 
-def _resolve_prefix(names: Sequence[str], base: Mapping[str, Tensor], where: Path) -> str:
+#: The sub-module of a whole checkpoint that an adapter trained on one tower sits under, by the
+#: class PEFT records in ``auto_mapping.base_model_class``: open_clip's towers are ``model.visual``
+#: (its text tower sits at the root under the same block names, so the names alone are ambiguous)
+#: and, in a CustomTextCLIP, ``model.text``.
+TOWER_PREFIXES: dict[str, str] = {"VisionTransformer": "visual.", "ModifiedResNet": "visual.", "TextTransformer": "text."}
+
+
+def _module_prefix(base_module: str) -> str:
+    """``--base-module visual`` as a parameter-name prefix (``visual.``; ``.`` or ``""``: the root)."""
+    return "" if base_module.strip(".") == "" else base_module.strip(".") + "."
+
+
+def _resolve_prefix(names: Sequence[str], base: Mapping[str, Tensor], where: Path, *,
+                    base_module: str | None = None, tower: str | None = None) -> str:
     """The prefix under which the base holds the adapter's modules ('' or e.g. 'visual.').
 
     Adapters trained on a sub-module (open_clip's ``model.visual``) name parameters relative to
-    it; the base may be the whole model. The prefix must be unique and cover every module.
+    it; the base may be the whole model. The prefix must cover every module; ``base_module``
+    names it, otherwise it must be unique, or be the one the adapter's recorded ``tower`` class
+    sits under (:data:`TOWER_PREFIXES`).
     """
     probe = names[0].replace(".base_layer", "") + "."
     prefixes = {k[: k.index(probe)] for k in base if probe in k and (k.startswith(probe) or f".{probe}" in k)}
     covering = sorted(p for p in prefixes if (p == "" or p.endswith(".")) and all(_target_param(p + n, base) for n in names))
+    if base_module is not None:
+        if _module_prefix(base_module) in covering:
+            return _module_prefix(base_module)
+        found = f"; it does under {', '.join(repr(p.rstrip('.') or '.') for p in covering)}" if covering else ""
+        raise InputError(f"--base-module {base_module!r}: the base holds no module of adapter {where} there{found}")
     if len(covering) == 1:
         return covering[0]
     missing = [n for n in names if _target_param(n, base) is None]
@@ -268,7 +288,11 @@ def _resolve_prefix(names: Sequence[str], base: Mapping[str, Tensor], where: Pat
             f"adapter {where} targets {len(names)} modules, the base lacks {len(missing)} of them "
             f"(e.g. {missing[0]!r}); pass the base model the adapter was trained on, or restrict with modules=[...]"
         )
-    raise InputError(f"adapter {where} matches the base under several prefixes {covering}; pass the sub-module's state dict as base")
+    if TOWER_PREFIXES.get(tower or "") in covering:
+        return TOWER_PREFIXES[tower or ""]
+    candidates = ", ".join(repr(p.rstrip(".") or ".") for p in covering)
+    raise InputError(f"adapter {where} matches the base in several sub-modules ({candidates}); "
+                     f"name the one it was trained on with --base-module (e.g. --base-module {covering[-1].rstrip('.') or '.'})")
 
 
 def _guess_param(peft_module: str, peft_modules: Sequence[str]) -> str:
@@ -279,7 +303,8 @@ def _guess_param(peft_module: str, peft_modules: Sequence[str]) -> str:
 
 
 def _load_adapter(
-    name: str, path: Path, base: Mapping[str, Tensor] | None, keep: Callable[[str], bool], dtype: torch.dtype
+    name: str, path: Path, base: Mapping[str, Tensor] | None, keep: Callable[[str], bool], dtype: torch.dtype,
+    base_module: str | None = None,
 ) -> TaskUpdate:
     config = _read_adapter_config(path)
     weights = _weights_file(path, ADAPTER_WEIGHTS)
@@ -296,7 +321,8 @@ def _load_adapter(
     if not factors:
         raise InputError(f"{weights} holds no LoRA factors; is it a PEFT LoRA adapter?")
     peft_modules = sorted(factors)
-    prefix = _resolve_prefix(peft_modules, base, path) if base is not None else ""
+    tower = (config.get("auto_mapping") or {}).get("base_model_class")
+    prefix = _resolve_prefix(peft_modules, base, path, base_module=base_module, tower=tower) if base is not None else ""
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     modules: dict[str, Update] = {}
     meta_modules: dict[str, dict[str, Any]] = {}
@@ -386,6 +412,7 @@ def load_taskset(
     names: Sequence[str] | None = None,
     modules: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    base_module: str | None = None,
 ) -> TaskSet:
     """Load PEFT LoRA adapters and/or full fine-tuned checkpoints into a validated TaskSet.
 
@@ -397,6 +424,10 @@ def load_taskset(
         modules: regular expressions over base parameter names (full match); only those
             parameters are kept.
         dtype: dtype of the loaded updates (float32 by default; SVD-based code upcasts further).
+        base_module: the sub-module of a whole-model ``base`` that PEFT adapters were trained on
+            (``"visual"``: open_clip's image tower); by default found from the names, or from the
+            adapter's recorded base class when the names fit several (:data:`TOWER_PREFIXES`).
+            Full checkpoints name their parameters in the base's own terms and ignore it.
     """
     pairs = _named_sources(sources, names)
     base_state = load_state_dict(base)
@@ -404,8 +435,8 @@ def load_taskset(
     keep = (lambda k: any(p.fullmatch(k) for p in patterns)) if patterns else (lambda k: True)
     tasks = []
     for name, path in pairs:
-        loader = _load_adapter if _is_adapter_dir(path) else _load_full
-        tasks.append(loader(name, path, base_state, keep, dtype))
+        tasks.append(_load_adapter(name, path, base_state, keep, dtype, base_module) if _is_adapter_dir(path)
+                     else _load_full(name, path, base_state, keep, dtype))
     return TaskSet(tuple(tasks), _base_ref(base, base_state))
 
 
@@ -434,11 +465,12 @@ def describe(task: TaskUpdate) -> dict[str, Any]:
             "total_norm": math.sqrt(sum(m["norm"] ** 2 for m in modules)), "modules": modules}
 
 
-def describe_sources(sources: Sequence[Source], base: BaseLike | None = None) -> list[dict[str, Any]]:
+def describe_sources(sources: Sequence[Source], base: BaseLike | None = None,
+                     base_module: str | None = None) -> list[dict[str, Any]]:
     """:func:`describe` for every source. Adapters can be read without a base (names are then the
     adapter's own module paths); full checkpoints need the base to form their deltas."""
     if base is not None:
-        return [describe(task) for task in load_taskset(base, sources)]
+        return [describe(task) for task in load_taskset(base, sources, base_module=base_module)]
     tasks = []
     for name, path in _named_sources(sources, None):
         if not _is_adapter_dir(path):

@@ -70,6 +70,7 @@ app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty
 store_app = typer.Typer(cls=_Group, no_args_is_help=True, help="List and clean the artifact store.")
 app.add_typer(store_app, name="store")
 
+BaseModuleOpt = Annotated[Optional[str], typer.Option("--base-module", help="The sub-module of a whole-model --base the adapters were trained on (e.g. visual: open_clip's image tower; default: found from the names and the adapter config).")]
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store URL or path (default: $MERGELAB_STORE, else the study's store: or store/ next to the study file; without a study ~/.cache/mergelab/store).")]
 
 
@@ -94,11 +95,12 @@ def inspect(
     paths: Annotated[Optional[list[str]], typer.Argument(help="PEFT adapter directories or full checkpoints (NAME=PATH to name a task).")] = None,
     base: Annotated[Optional[str], typer.Option(help="Base model weights (file or directory); required for full checkpoints.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    base_module: BaseModuleOpt = None,
 ) -> None:
     """Show each source's targeted modules, ranks, alphas, scaling and per-module update norms."""
     from mergelab.checkpoints import describe_sources
 
-    report = describe_sources(paths or [], base=base)
+    report = describe_sources(paths or [], base=base, base_module=base_module)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
@@ -538,6 +540,7 @@ def merge_command(
     paths: Annotated[Optional[list[str]], typer.Argument(help="More adapter directories (so that --adapters A B C works).", show_default=False)] = None,
     adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="PEFT adapter directories or full checkpoints (NAME=PATH names a task): --adapters A B C.")] = None,
     base: Annotated[str, typer.Option("--base", help="Base model weights (file or directory).")] = ...,  # type: ignore[assignment]
+    base_module: BaseModuleOpt = None,
     method: Annotated[str, typer.Option("--method", help="A merge method (the list above) or a '+' composition such as tsv+iso_c.")] = ...,  # type: ignore[assignment]
     space: Annotated[str, typer.Option("--space", help="Merge space: full, knots or core.")] = "full",
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Hyper-parameter KEY=VALUE (repeatable); composed methods take METHOD.KEY=VALUE.")] = None,
@@ -582,7 +585,7 @@ def merge_command(
     if select is not None and (grams or modules or space_sets):
         raise InputError("--select evaluates whole models merged with default space options; drop --grams, --modules and --space-option")
     s = Store(store)
-    taskset = load_taskset(base, sources, modules=modules)
+    taskset = load_taskset(base, sources, modules=modules, base_module=base_module)
     selection = None
     if select is not None:
         selection = _select(taskset, base, spec.name, sp.name, select, bench, fixed, _grid(grid), s.url)
@@ -625,6 +628,7 @@ def adapt_command(
     paths: Annotated[Optional[list[str]], typer.Argument(help="More adapter directories (so that --adapters A B C works).", show_default=False)] = None,
     adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="PEFT adapter directories (NAME=PATH names a task after a benchmark task).")] = None,
     base: Annotated[str, typer.Option("--base", help="Base model weights (file or directory): the benchmark's pre-trained model.")] = ...,  # type: ignore[assignment]
+    base_module: BaseModuleOpt = None,
     method: Annotated[str, typer.Option("--method", help="adamerging, adamerging_tas, tara_a, tara_b or adarank.")] = ...,  # type: ignore[assignment]
     preference: Annotated[Optional[str], typer.Option("--preference", help="Task preference ρ, one weight per task on the simplex: 0.5,0.25,0.25 (default: uniform).")] = None,
     iters: Annotated[int, typer.Option("--iters", help="Optimisation steps (the papers: 250 or 500).")] = 250,
@@ -671,7 +675,7 @@ def adapt_command(
     adaptive = {k: v for k, v in adaptive.items() if v is not None}
     load_study({"name": "adapt", "adaptive": [adaptive], "allow_labels": allow_labels})  # bad options fail before anything loads
     validate_preference(weights, len(sources))
-    taskset = load_taskset(base, sources)
+    taskset = load_taskset(base, sources, base_module=base_module)
     spec, evaluating = _bench(bench, taskset, base)
     s = Store(store)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
