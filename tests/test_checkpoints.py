@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 
-from mergelab.checkpoints import load_taskset, mha_out_proj_factor, peft_template, save_merged
+from mergelab.checkpoints import cap_rank, load_taskset, mha_out_proj_factor, peft_template, save_merged
 from mergelab.errors import InputError
 from mergelab.synthetic import write_peft_adapters
 from mergelab.taskset import Dense, LowRank, MergedUpdate
@@ -91,6 +91,40 @@ def test_heterogeneous_ranks_and_low_rank_merge_rank_in_adapter(tiny_vit, tmp_pa
     out = save_merged(merged, tmp_path / "cat")
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
     _assert_state_close(_peft_merged_state(tiny_vit, out), merged.apply(tiny_vit.state_dict()), atol=1e-5)
+
+
+def test_a_rank_cap_keeps_the_best_approximation_and_reloads_exactly_with_a_rank_pattern(tiny_vit, tmp_path):
+    """--max-rank: Eckart–Young per module (the top singular triplets of ΔW), modules within the cap
+    untouched; the heterogeneous result is written with rank_pattern and PEFT reproduces it."""
+    paths = write_peft_adapters(tiny_vit, tmp_path / "r2", ["a"], target_modules=["c_fc", "c_proj"], rank=2, alpha=2)
+    paths += write_peft_adapters(tiny_vit, tmp_path / "r6", ["b"], target_modules=["c_fc", "c_proj"], rank=6, alpha=12, seed=1)
+    taskset = load_taskset(tiny_vit, paths)
+    modules = {m: (us[0] if m.endswith("c_proj.weight") else LowRank(torch.cat([u.B for u in us], 1), torch.cat([u.A for u in us], 0)))
+               for m in taskset.module_names for us in [taskset.updates(m)]}
+    merged = MergedUpdate(modules, taskset.base, {"peft": peft_template(taskset)})
+    capped, errors = cap_rank(merged, 3)
+    assert sorted(errors) == sorted(m for m in modules if not m.endswith("c_proj.weight"))
+    for name, update in modules.items():
+        if name not in errors:
+            assert capped.modules[name] is update
+            continue
+        U, s, Vh = torch.linalg.svd(update.dense(torch.float64))
+        best = (U[:, :3] * s[:3]) @ Vh[:3]
+        assert capped.modules[name].rank == 3
+        torch.testing.assert_close(capped.modules[name].dense(torch.float64), best, atol=1e-5, rtol=1e-5)
+        assert errors[name] == pytest.approx(float(s[3:].square().sum().sqrt() / s.square().sum().sqrt()), rel=1e-6)
+    out = save_merged(capped, tmp_path / "capped")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 3 and set(config["rank_pattern"].values()) == {2}
+    assert json.loads((out / "merge.json").read_text())["rank_cap_error"] == pytest.approx(errors)
+    _assert_state_close(_peft_merged_state(tiny_vit, out), capped.apply(tiny_vit.state_dict()), atol=1e-5)
+    dense = torch.randn(6, 5, dtype=torch.float64)
+    [(name, low)] = cap_rank(MergedUpdate({"w": Dense(dense)}), 2)[0].modules.items()
+    U, s, Vh = torch.linalg.svd(dense)
+    assert isinstance(low, LowRank) and low.rank == 2  # a dense merge (TIES in full space) becomes a rank-2 LoRA
+    torch.testing.assert_close(low.dense(), (U[:, :2] * s[:2]) @ Vh[:2])
+    with pytest.raises(InputError, match="give an integer >= 1"):
+        cap_rank(merged, 0)
 
 
 def test_full_checkpoint_loads_as_dense_deltas(tiny_vit, tmp_path):

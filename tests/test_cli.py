@@ -108,6 +108,13 @@ def test_merge_writes_a_loadable_adapter_and_stores_the_configuration(vit_adapte
     assert weights.exit_code == 0, weights.output
     assert set(load_file(str(tmp_path / "w" / "model.safetensors"))) == set(tiny_vit.state_dict())
     assert len(Store(tmp_path / "s").ls()) == 2
+    capped = run("merge", "--base", base, "--adapters", *vit_adapters, "--method", "task_arithmetic", "--max-rank", "5",
+                 "--out", tmp_path / "capped", "--store", tmp_path / "s")
+    assert capped.exit_code == 0, capped.output
+    assert "rank capped at 5:" in capped.stdout and "largest relative error" in capped.stdout
+    assert json.loads((tmp_path / "capped" / "adapter_config.json").read_text())["r"] == 5
+    assert max(json.loads((tmp_path / "capped" / "merge.json").read_text())["rank_cap_error"].values()) > 0
+    assert any(r.get("max_rank") == 5 for r in map(Store(tmp_path / "s").get_json, (a.key for a in Store(tmp_path / "s").ls())))
 
 
 def test_merge_regmean_reads_gram_matrices_from_a_file(vit_adapters, tiny_vit, tmp_path):
@@ -254,6 +261,10 @@ def _merge_args(tmp, adapter, base, *extra):
 
 def _case_merge_base_module_without_the_adapter(tmp, adapter, base):
     return _merge_args(tmp, adapter, base, "--method", "ties", "--base-module", "text"), "--base-module 'text': the base holds no module"
+
+
+def _case_merge_max_rank_with_weights(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--format", "weights", "--max-rank", "4"), "--max-rank 4 caps a PEFT adapter's rank"
 
 
 def _case_merge_unknown_method(tmp, adapter, base):

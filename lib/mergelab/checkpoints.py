@@ -37,9 +37,10 @@ from torch import Tensor, nn
 
 from mergelab.errors import InputError
 from mergelab.hashing import content_hash
+from mergelab.linalg import lowrank_svd, svd64
 from mergelab.taskset import SUPPORTED_DTYPES, BaseRef, Dense, LowRank, MergedUpdate, TaskSet, TaskUpdate, Update
 
-__all__ = ["Source", "describe", "describe_sources", "load_state_dict", "load_taskset", "peft_template", "save_merged"]
+__all__ = ["Source", "cap_rank", "describe", "describe_sources", "load_state_dict", "load_taskset", "peft_template", "save_merged"]
 
 StateDict = dict[str, Tensor]
 Source = str | os.PathLike[str] | tuple[str, "str | os.PathLike[str]"]
@@ -566,6 +567,31 @@ def _adapter_tensors(merged: MergedUpdate, layout: Mapping[str, Mapping[str, Any
     return tensors, ranks
 
 
+def cap_rank(merged: MergedUpdate, max_rank: int) -> tuple[MergedUpdate, dict[str, float]]:
+    """Every matrix module of rank above ``max_rank`` replaced by its best rank-``max_rank``
+    approximation (Eckart–Young: the top singular triplets of ``ΔW``; from the factors by
+    :func:`~mergelab.linalg.lowrank_svd` for a low-rank ``ΔW = B A``, by :func:`~mergelab.linalg.svd64`
+    for a dense one), so the merge saves as a PEFT adapter that fits a server's ``max_lora_rank``
+    (vLLM, LoRAX) even when the method returned dense updates (TIES in full space). Returns the
+    capped merge (``meta["max_rank"]``, ``meta["rank_cap_error"]``) and per truncated module the
+    relative error ``‖ΔW − ΔW_R‖_F / ‖ΔW‖_F = sqrt(Σ_{i>R} σ_i² / Σ σ_i²)``. Low-rank modules within
+    the cap and non-matrix modules are kept as they are.
+    """
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise InputError(f"--max-rank {max_rank!r} is not a rank; give an integer >= 1")
+    modules: dict[str, Update] = dict(merged.modules)
+    errors: dict[str, float] = {}
+    for name, update in merged.modules.items():
+        if (isinstance(update, LowRank) and update.rank <= max_rank) or len(update.shape) != 2:
+            continue
+        U, s, Vh = lowrank_svd(update.B, update.A, truncate=False) if isinstance(update, LowRank) else svd64(update.delta)
+        total = float(s.square().sum())
+        errors[name] = math.sqrt(float(s[max_rank:].square().sum()) / total) if total > 0 else 0.0
+        modules[name] = LowRank((U[:, :max_rank] * s[:max_rank]).to(update.dtype), Vh[:max_rank].to(update.dtype))
+    meta = {**merged.meta, "max_rank": max_rank, "rank_cap_error": errors}
+    return MergedUpdate(modules, merged.base, meta), errors
+
+
 def save_merged(
     merged: MergedUpdate,
     out: str | os.PathLike[str],
@@ -586,7 +612,8 @@ def save_merged(
     info = {"method": merged.meta.get("method"), "space": merged.meta.get("space"),
             "space_options": merged.meta.get("space_options"),
             "hyper_parameters": merged.meta.get("hyper_parameters"), "tasks": merged.meta.get("tasks"),
-            "base": merged.base.__dict__, "content_hash": merged.content_hash}
+            "base": merged.base.__dict__, "content_hash": merged.content_hash,
+            **{k: merged.meta[k] for k in ("max_rank", "rank_cap_error") if k in merged.meta}}
     if format == "peft":
         dense = sorted(k for k, u in merged.modules.items() if not isinstance(u, LowRank))
         if dense:

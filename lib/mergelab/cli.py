@@ -547,6 +547,7 @@ def merge_command(
     space_sets: Annotated[Optional[list[str]], typer.Option("--space-option", help="Space option KEY=VALUE, e.g. naive=true, variant=per_layer.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = ...,  # type: ignore[assignment]
     fmt: Annotated[str, typer.Option("--format", help="peft (a LoRA adapter; needs a low-rank result) or weights (merged full weights).")] = "peft",
+    max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="Cap the PEFT adapter's rank (a server's max_lora_rank): modules above it keep their best rank-R approximation; the relative error per module goes to merge.json.")] = None,
     grams: Annotated[Optional[Path], typer.Option("--grams", help="RegMean input Gram matrices: safetensors with keys '<task>::<module>'.")] = None,
     modules: Annotated[Optional[list[str]], typer.Option("--modules", help="Regular expressions over parameter names to merge (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
@@ -564,7 +565,7 @@ def merge_command(
     """
     import time
 
-    from mergelab.checkpoints import load_taskset, save_merged
+    from mergelab.checkpoints import cap_rank, load_taskset, save_merged
     from mergelab.merging import METHODS, merge
     from mergelab.onbench import RULES
     from mergelab.spaces import get_space
@@ -573,6 +574,8 @@ def merge_command(
     sources = [*(adapters or []), *(paths or [])]
     if not sources:
         raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
+    if max_rank is not None and (fmt != "peft" or max_rank < 1):
+        raise InputError(f"--max-rank {max_rank} caps a PEFT adapter's rank; give an integer >= 1 with --format peft")
     _check_output(fmt, out, force)
     spec = METHODS[method]
     fixed = _key_values(sets, "--set")
@@ -594,8 +597,12 @@ def merge_command(
     start = time.perf_counter()
     merged = merge(taskset, spec.name, sp, side_inputs=side_inputs, **hyper_parameters)
     merge_time = time.perf_counter() - start
+    capped: dict[str, float] = {}
+    if max_rank is not None:
+        merged, capped = cap_rank(merged, max_rank)
     written = save_merged(merged, out, format=fmt, base=base, overwrite=force)  # type: ignore[arg-type]
-    config = {"method": spec.name, "space": sp.name, "space_options": sp.options(), "hyper_parameters": merged.meta["hyper_parameters"]}
+    config = {"method": spec.name, "space": sp.name, "space_options": sp.options(), "hyper_parameters": merged.meta["hyper_parameters"],
+              **({"max_rank": max_rank} if max_rank is not None else {})}
     key = s.key("merge.config", "1", taskset=taskset, **config, **({"selection": select} if select else {}))
     record = {**config, "tasks": [{"name": t.name, "source": t.source, "content_hash": t.content_hash} for t in taskset],
               "base": taskset.base.__dict__, "result_content_hash": merged.content_hash, "output": str(written.resolve()),
@@ -611,6 +618,10 @@ def merge_command(
     chosen = "" if selection is None else f" ({selection.label}, selected by {selection.rule})"
     console.print(f"merged {len(taskset)} tasks with {spec.name}{chosen} in {sp.name} space -> {written} ({kind}); "
                   f"configuration stored as {key} in {s.url}", soft_wrap=True)
+    if max_rank is not None:
+        worst = f", largest relative error {max(capped.values()):.3g}" if capped else ""
+        console.print(f"rank capped at {max_rank}: {len(capped)} of {len(merged.modules)} modules truncated{worst} (per module in merge.json)",
+                      highlight=False)
 
 
 def _method_list() -> str:
