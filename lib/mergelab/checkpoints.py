@@ -243,7 +243,7 @@ def mha_out_proj_factor() -> float:
     return round(float(((merged - base) * delta).sum() / (delta * delta).sum()), 6)
 
 
-def _target_param(peft_module: str, base: Mapping[str, Tensor]) -> str | None:
+def _target_param(peft_module: str, base: Mapping[str, Any]) -> str | None:
     """The base parameter a PEFT LoRA module updates (``attn`` on an MHA -> ``attn.in_proj_weight``)."""
     module = peft_module.replace(".base_layer", "")
     for candidate in (f"{module}.weight", f"{module}.in_proj_weight"):
@@ -264,7 +264,7 @@ def _module_prefix(base_module: str) -> str:
     return "" if base_module.strip(".") == "" else base_module.strip(".") + "."
 
 
-def _resolve_prefix(names: Sequence[str], base: Mapping[str, Tensor], where: Path, *,
+def _resolve_prefix(names: Sequence[str], base: Mapping[str, Any], where: Path, *,
                     base_module: str | None = None, tower: str | None = None) -> str:
     """The prefix under which the base holds the adapter's modules ('' or e.g. 'visual.').
 

@@ -116,6 +116,39 @@ def inspect(
         console.print(f"source: {source['source']}   total ‖τ‖: {source['total_norm']:.4g}\n")
 
 
+@app.command(cls=_Command)
+def check(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="PEFT adapter directories or full checkpoints (NAME=PATH to name a task).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model weights: the adapters' shapes are checked against its header.")] = None,
+    base_module: BaseModuleOpt = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="NAME=ROOT of a task's ImageFolder data (ROOT/val, ROOT/test; repeatable): images in two splits are reported.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+) -> None:
+    """Preflight from metadata only, in seconds: ranks, α, rsLoRA, targets, dtypes, module overlap,
+    shapes against the base and val/test overlap of the data. Exit 1 when something would stop or
+    skew a merge."""
+    from mergelab.preflight import check as preflight
+
+    found = preflight(paths or [], base=base, base_module=base_module, data=_key_values(data, "--data"))
+    if as_json:
+        sys.stdout.write(json.dumps(found.to_json(), indent=2) + "\n")
+    else:
+        table = Table(title=f"{len(found.tasks)} adapters", title_justify="left")
+        for column in ("task", "r", "alpha", "rsLoRA", "scaling", "modules", "dtypes"):
+            table.add_column(column, justify="left" if column in ("task", "dtypes") else "right", overflow="fold")
+        for t in found.tasks:
+            rank = f"{t.rank}" + (f" ({len(t.rank_pattern)} patterns)" if t.rank_pattern else "")
+            table.add_row(t.task, rank, _fmt(t.alpha), "yes" if t.rslora else "no", _fmt(t.scaling), str(len(t.modules)), ", ".join(t.dtypes))
+        console.print(table)
+        for note in found.notes:
+            console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        for problem in found.problems:
+            console.print(f"problem: {problem}", style="yellow", highlight=False, soft_wrap=True)
+        console.print("ready to merge" if not found.problems else f"{len(found.problems)} problem(s)", highlight=False)
+    if found.problems:
+        raise typer.Exit(code=1)
+
+
 def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4g}"
 

@@ -1,0 +1,177 @@
+"""``mergelab check``: a preflight of adapters, a base and task data from metadata only.
+
+Nothing heavy loads: adapter configs are JSON, safetensors files are read by their header (the
+first ``8 + n`` bytes: names, dtypes and shapes), a base's shapes likewise, and data folders by
+file hashes. In seconds it reports per task the rank (and ``rank_pattern``), ``lora_alpha``,
+rsLoRA, the scaling, target modules and dtypes, and then what would stop or skew a merge:
+modules not every task targets, factors that do not fit the base, mixed dtypes, and images that
+sit in more than one evaluation split (a val image that is also a test image makes selection on
+val see the test split; 004 §3's selection protocol assumes disjoint splits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergelab.checkpoints import (ADAPTER_WEIGHTS, FULL_WEIGHTS, PEFT_PREFIX, _LORA_KEY, Source, _is_adapter_dir,
+                                  _named_sources, _read_adapter_config, _read_tensors, _resolve_prefix, _target_param,
+                                  _weights_file)
+from mergelab.errors import InputError
+
+__all__ = ["Preflight", "TaskReport", "check", "split_overlaps", "tensor_shapes"]
+
+#: Splits whose images must be disjoint (the selection split and the reported one).
+SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """One adapter as its metadata describes it."""
+
+    task: str
+    source: str
+    rank: int
+    rank_pattern: Mapping[str, int]
+    alpha: float
+    rslora: bool
+    scaling: float  # lora_alpha / r (rsLoRA: / sqrt(r)); rank_pattern / alpha_pattern modules differ
+    dtypes: list[str]
+    modules: dict[str, dict[str, Any]]  # base parameter (or PEFT module) -> {"rank", "shape"}
+
+
+@dataclass
+class Preflight:
+    """What ``check`` found: per-task reports and the problems (empty: ready to merge)."""
+
+    tasks: list[TaskReport]
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tasks": [t.__dict__ for t in self.tasks], "problems": self.problems, "notes": self.notes}
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` of a safetensors file from its header alone; other formats are
+    read (torch ``weights_only``), which loads them."""
+    if path.suffix != ".safetensors":
+        return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in _read_tensors(path).items()}
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise InputError(f"cannot read {path}: corrupt or truncated safetensors header ({type(err).__name__}); re-save it") from None
+    return {k: (str(v["dtype"]).lower(), tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+
+
+def _base_shapes(base: str | Path) -> dict[str, tuple[int, ...]]:
+    path = Path(base)
+    if path.is_dir():
+        found = _weights_file(path, FULL_WEIGHTS)
+        if found is None:
+            raise InputError(f"--base {path} holds none of {', '.join(FULL_WEIGHTS)}; pass the base model's weights file")
+        path = found
+    if not path.is_file():
+        raise InputError(f"--base {path} does not exist; pass the base model's weights file or directory")
+    return {k: shape for k, (_, shape) in tensor_shapes(path).items()}
+
+
+def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] | None, base_module: str | None,
+                    problems: list[str]) -> TaskReport:
+    config = _read_adapter_config(path)
+    weights = _weights_file(path, ADAPTER_WEIGHTS)
+    if weights is None:
+        raise InputError(f"{path} has no {' or '.join(ADAPTER_WEIGHTS)}; copy the adapter weights next to its config")
+    factors: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    for key, entry in tensor_shapes(weights).items():
+        match = _LORA_KEY.match(key.removeprefix(PEFT_PREFIX))
+        if match is None:
+            problems.append(f"{name}: {key!r} is not a LoRA factor (mergelab reads plain LoRA adapters)")
+            continue
+        factors.setdefault(match["module"], {})[match["kind"].replace("_embedding", "")] = entry
+    peft_modules = sorted(factors)
+    tower = (config.get("auto_mapping") or {}).get("base_model_class")
+    prefix = ""
+    if base is not None and peft_modules:
+        try:
+            prefix = _resolve_prefix(peft_modules, base, path, base_module=base_module, tower=tower)
+        except InputError as err:
+            problems.append(f"{name}: {err}")
+            base = None
+    modules: dict[str, dict[str, Any]] = {}
+    for peft_module in peft_modules:
+        pair = factors[peft_module]
+        if set(pair) != {"lora_A", "lora_B"}:
+            problems.append(f"{name}: module {peft_module!r} has {sorted(pair)}, needs lora_A and lora_B")
+            continue
+        (_, a_shape), (_, b_shape) = pair["lora_A"], pair["lora_B"]
+        target = _target_param(prefix + peft_module, base) if base is not None else peft_module.replace(".base_layer", "")
+        shape = (b_shape[0], a_shape[-1])
+        if base is not None and target is not None:
+            if tuple(base[target]) not in (shape, shape[::-1]):  # (out, in); embeddings / Conv1D: (in, out)
+                problems.append(f"{name}: {target} has shape {tuple(base[target])} in the base, the LoRA gives {shape}")
+        modules[target or peft_module] = {"rank": a_shape[0], "shape": list(shape)}
+    rslora = bool(config.get("use_rslora"))
+    scaling = float(config["lora_alpha"]) / (math.sqrt(config["r"]) if rslora else config["r"])
+    dtypes = sorted({dtype for pair in factors.values() for dtype, _ in pair.values()})
+    return TaskReport(name, str(path), config["r"], dict(config.get("rank_pattern") or {}), float(config["lora_alpha"]),
+                      rslora, scaling, dtypes, modules)
+
+
+def split_overlaps(data: Mapping[str, str | Path]) -> list[str]:
+    """Images (by content hash) that appear in more than one of the tasks' ``val`` / ``test``
+    splits (``ROOT/<split>/<class>/<image>``), within a task or across tasks."""
+    seen: dict[str, list[str]] = {}
+    for task, root in data.items():
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(f"--data {task}={root}: no such folder; give ROOT with ROOT/<split>/<class>/<image>")
+        for split in SPLITS:
+            for image in sorted(p for p in (root / split).rglob("*") if p.is_file()):
+                seen.setdefault(hashlib.sha256(image.read_bytes()).hexdigest(), []).append(f"{task}/{split}")
+    found = []
+    for places in seen.values():
+        if len(set(places)) > 1:
+            found.append(" and ".join(sorted(set(places))))
+    counts: dict[str, int] = {}
+    for where in found:
+        counts[where] = counts.get(where, 0) + 1
+    return [f"{n} image(s) are in both {where}" for where, n in sorted(counts.items())]
+
+
+def check(sources: Sequence[Source], *, base: str | Path | None = None, base_module: str | None = None,
+          data: Mapping[str, str | Path] | None = None) -> Preflight:
+    """The preflight report of ``sources`` (PEFT adapter directories; full checkpoints are listed
+    by their tensor count), against ``base``'s shapes when given and with ``data``'s split overlap."""
+    problems: list[str] = []
+    notes: list[str] = []
+    base_shapes = _base_shapes(base) if base is not None else None
+    reports = []
+    for name, path in _named_sources(sources, None):
+        if _is_adapter_dir(path):
+            reports.append(_adapter_report(name, path, base_shapes, base_module, problems))
+        else:
+            weights = path if path.is_file() else _weights_file(path, FULL_WEIGHTS)
+            if weights is None:
+                raise InputError(f"{path} is neither a PEFT adapter nor a full checkpoint; pass an adapter directory or a state dict")
+            notes.append(f"{name}: a full checkpoint ({len(tensor_shapes(weights))} tensors), merged as dense deltas")
+    if reports:
+        targets = [set(r.modules) for r in reports]
+        common = set.intersection(*targets)
+        partial = sorted(set.union(*targets) - common)
+        if partial:
+            problems.append(f"{len(partial)} module(s) are targeted by some tasks only (e.g. {partial[0]!r}); "
+                            "merging them averages over fewer tasks: restrict with --modules or retrain")
+        dtypes = sorted({d for r in reports for d in r.dtypes})
+        if len(dtypes) > 1:
+            notes.append(f"the adapters mix dtypes {dtypes}; they are merged in float32")
+    problems += split_overlaps(data or {})
+    return Preflight(reports, problems, notes)

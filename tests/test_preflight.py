@@ -1,0 +1,79 @@
+"""mergelab check: a preflight from metadata only (adapter configs, safetensors headers, file hashes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from mergelab.cli import app
+from mergelab.preflight import check, tensor_shapes
+from mergelab.synthetic import tiny_vision_transformer, write_peft_adapters
+
+
+def _base(model, path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_a_clean_set_is_described_without_loading_a_tensor(vit_adapters, tiny_vit, tmp_path, monkeypatch):
+    base = _base(tiny_vit, tmp_path / "base.safetensors")
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("check loaded tensors")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    found = check(vit_adapters, base=base)
+    assert found.problems == [] and [t.task for t in found.tasks] == ["digits", "textures", "signs"]
+    first = found.tasks[0]
+    assert (first.rank, first.alpha, first.scaling, first.rslora, first.dtypes) == (4, 8.0, 2.0, False, ["f32"])
+    assert set(first.modules) == {n for n in tiny_vit.state_dict() if n.endswith(("in_proj_weight", "out_proj.weight"))}
+    assert all(m["rank"] == 4 for m in first.modules.values())
+    assert tensor_shapes(base)["conv1.weight"][1] == tuple(tiny_vit.state_dict()["conv1.weight"].shape)
+
+
+def test_what_would_stop_or_skew_a_merge_is_a_problem(vit_adapters, tiny_vit, tmp_path):
+    [mlp] = write_peft_adapters(tiny_vit, tmp_path / "mlp", ["mlp"], target_modules=["c_fc"])
+    wider = _base(tiny_vision_transformer(seed=0, width=48), tmp_path / "wider.safetensors")
+    data = {}
+    for task, image in (("digits", b"same"), ("signs", b"same")):
+        for split, payload in (("val", image), ("test", b"own-" + task.encode())):
+            folder = tmp_path / task / split / "a"
+            folder.mkdir(parents=True)
+            (folder / "0.png").write_bytes(payload)
+        data[task] = tmp_path / task
+    (tmp_path / "digits" / "test" / "a" / "1.png").write_bytes(b"same")
+    found = check([*vit_adapters, mlp], base=wider, data=data)
+    text = "\n".join(found.problems)
+    assert "module(s) are targeted by some tasks only" in text
+    assert "has shape" in text and "in the base, the LoRA gives" in text
+    assert "1 image(s) are in both digits/test and digits/val and signs/val" in text
+
+
+def test_the_cli_exits_1_on_a_problem_and_prints_json(vit_adapters, tiny_vit, tmp_path):
+    runner = CliRunner()
+    base = _base(tiny_vit, tmp_path / "base.safetensors")
+    ok = runner.invoke(app, ["check", *map(str, vit_adapters), "--base", str(base)], env={"COLUMNS": "120"})
+    assert ok.exit_code == 0 and "ready to merge" in ok.stdout, ok.output
+    [mlp] = write_peft_adapters(tiny_vit, tmp_path / "mlp", ["mlp"], target_modules=["c_fc"])
+    bad = runner.invoke(app, ["check", str(vit_adapters[0]), str(mlp), "--json"])
+    assert bad.exit_code == 1
+    report = json.loads(bad.stdout)
+    assert len(report["tasks"]) == 2 and any("some tasks only" in p for p in report["problems"])
+    missing = runner.invoke(app, ["check", str(vit_adapters[0]), "--data", f"x={tmp_path / 'nowhere'}"])
+    assert missing.exit_code == 2 and "no such folder" in missing.stderr
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"])
+def test_a_broken_header_is_one_line(tmp_path, payload):
+    from mergelab.errors import InputError
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(payload)
+    with pytest.raises(InputError, match="corrupt or truncated safetensors header"):
+        tensor_shapes(path)
