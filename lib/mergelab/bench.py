@@ -8,6 +8,8 @@ its ``tasks:`` list:
 * ``open_clip``: an open_clip architecture (``arch``, e.g. ``ViT-B-32``) with local pretrained
   ``weights``; every task gives its PEFT ``adapter`` (or full ``checkpoint``) and an
   ``ImageFolder`` ``data`` root.
+* ``hf_clip``: a local ``transformers`` ``CLIPModel`` directory as ``weights`` (adapters on its
+  ``CLIPVisionModel`` attention projections, the KnOTS layout), tasks as for ``open_clip``.
 
 Nothing here downloads anything: every path is local.
 """
@@ -96,21 +98,12 @@ def _micro(spec: BenchSpec, tasks: Sequence[str] | None) -> Bench:
                  [(t, micro.adapters[rank][t]) for t in names], data_id)
 
 
-def _open_clip(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
-    import open_clip
-
+def _folder_bench(name: str, backbone: Backbone, spec: BenchSpec, tasks: Sequence[TaskSource] | None, weights_id: Any) -> Bench:
+    """A bench of ``ImageFolder`` tasks on a backbone built from local weights (``open_clip``, ``hf_clip``)."""
     from mergelab.data.folder import DEFAULT_TEMPLATES, folder_task
-    from mergelab.model import open_clip_backbone
 
-    if not spec.arch or spec.weights is None:
-        raise InputError("bench: open_clip needs arch (e.g. ViT-B-32) and weights (a local .pt/.bin/.safetensors file)")
-    if not Path(spec.weights).is_file():
-        raise InputError(f"bench.weights: {spec.weights} does not exist; give the local pretrained weights file")
     if not tasks or not all(hasattr(t, "name") for t in tasks):
-        raise InputError("tasks: an open_clip study lists tasks as {name, adapter|checkpoint, data} entries")
-    model = open_clip.create_model(spec.arch, pretrained=str(spec.weights))
-    model.eval()
-    backbone = open_clip_backbone(model)
+        raise InputError(f"tasks: a {spec.kind} study lists tasks as {{name, adapter|checkpoint, data}} entries")
     size = spec.image_size or backbone.image_size
     built: dict[str, ClassificationTask] = {}
     for t in tasks:
@@ -118,13 +111,54 @@ def _open_clip(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
             raise InputError(f"tasks: {t.name} has no data folder; give data: ROOT with ROOT/<split>/<class>/<image>")
         built[t.name] = folder_task(t.data, name=t.name, image_size=size, classnames=t.classnames,
                                     templates=tuple(t.templates) if t.templates else DEFAULT_TEMPLATES)
-    data_id = content_hash({"arch": spec.arch, "weights": _file_digest(Path(spec.weights)), "size": size,
+    data_id = content_hash({"arch": spec.arch, "weights": weights_id, "size": size,  # as before hf_clip: open_clip keys hold
                             "tasks": [(_task_id(built[t.name]), _folder_id(Path(t.data))) for t in tasks]})
-    return Bench(spec.arch, backbone, built, [(t.name, Path(t.adapter or t.checkpoint)) for t in tasks], data_id)
+    return Bench(name, backbone, built, [(t.name, Path(t.adapter or t.checkpoint)) for t in tasks], data_id)
+
+
+def _open_clip(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
+    import open_clip
+
+    from mergelab.model import open_clip_backbone
+
+    if not spec.arch or spec.weights is None:
+        raise InputError("bench: open_clip needs arch (e.g. ViT-B-32) and weights (a local .pt/.bin/.safetensors file)")
+    if not Path(spec.weights).is_file():
+        raise InputError(f"bench.weights: {spec.weights} does not exist; give the local pretrained weights file")
+    model = open_clip.create_model(spec.arch, pretrained=str(spec.weights))
+    model.eval()
+    return _folder_bench(spec.arch, open_clip_backbone(model), spec, tasks, _file_digest(Path(spec.weights)))
+
+
+def _hf_clip(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
+    """A local ``transformers`` ``CLIPModel`` directory (``save_pretrained``: config, weights and
+    tokenizer files); adapters target its image tower as a ``CLIPVisionModel`` does
+    (``[vision_model.]encoder.layers.N.self_attn.{q,k,v,out}_proj``, the KnOTS checkpoints' layout;
+    transformers 5 drops the ``vision_model.`` level, the prefix is found either way), and the
+    zero-shot heads come from its text tower."""
+    import transformers
+
+    from mergelab.model import hf_clip_backbone
+
+    root = Path(spec.weights) if spec.weights is not None else None
+    if root is None or not (root / "config.json").is_file():
+        raise InputError("bench: hf_clip needs weights: a local CLIPModel directory (config.json, model.safetensors and "
+                         "tokenizer files, as save_pretrained writes them)")
+    try:
+        model = transformers.CLIPModel.from_pretrained(str(root), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise InputError(f"bench.weights: {root} is not a loadable CLIPModel with its tokenizer ({str(err).splitlines()[0]})") from None
+
+    def tokenize(texts: Sequence[str]):
+        return tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")["input_ids"]
+
+    digest = [_file_digest(p) for p in sorted(root.iterdir()) if p.is_file()]
+    return _folder_bench(root.name, hf_clip_backbone(model.eval(), tokenizer=tokenize), spec, tasks, digest)
 
 
 #: ``bench.kind`` -> builder ``(BenchSpec, tasks) -> Bench``.
-BENCHES: dict[str, Callable[[Any, Any], Bench]] = {"micro": _micro, "open_clip": _open_clip}
+BENCHES: dict[str, Callable[[Any, Any], Bench]] = {"micro": _micro, "open_clip": _open_clip, "hf_clip": _hf_clip}
 
 
 def load_bench(spec: BenchSpec, tasks: Sequence[str] | Sequence[TaskSource] | None = None) -> Bench:

@@ -284,6 +284,13 @@ def _resolve_prefix(names: Sequence[str], base: Mapping[str, Any], where: Path, 
     if len(covering) == 1:
         return covering[0]
     missing = [n for n in names if _target_param(n, base) is None]
+    packed = next((n for n in missing if f"{n}.q_proj.weight" in base or any(k.endswith(f".{n}.q_proj.weight") for k in base)), None)
+    if not covering and packed is not None:
+        raise InputError(
+            f"adapter {where} targets the packed attention {packed!r} (an nn.MultiheadAttention's in_proj_weight), the base "
+            "has it split into q_proj / k_proj / v_proj (mergelab.model.split_attention); train the adapter on the split "
+            "projections or on the MLP (c_fc, c_proj)"
+        )
     if not covering:
         raise InputError(
             f"adapter {where} targets {len(names)} modules, the base lacks {len(missing)} of them "
