@@ -19,6 +19,8 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from analysis.style import PaperFigure
+
 __all__ = [
     "core_truncation_curves",
     "cosine_heatmap",
@@ -61,7 +63,7 @@ def _strings(values) -> list[str]:
 
 def _figure(ds: xr.Dataset, title: str, paper: str, *, ncols: int = 1, nrows: int = 1,
             panel: tuple[float, float] = (4.2, 3.2)) -> tuple[Figure, np.ndarray]:
-    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows + 0.6), layout="constrained")
+    fig = PaperFigure(figsize=(panel[0] * ncols, panel[1] * nrows + 0.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     fig.suptitle(f"{title} ({paper})\ncomputed on: {dataset_label(ds)}", fontsize=10)
     return fig, axes

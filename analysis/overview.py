@@ -13,6 +13,8 @@ import seaborn as sns
 import xarray as xr
 from matplotlib.figure import Figure
 
+from analysis.style import PALETTE, PaperFigure, palette
+
 from mergelab.study import results_table as _results_table
 
 __all__ = ["accuracy_vs_merge_time", "normalized_accuracy_by_task", "results_table"]
@@ -44,7 +46,7 @@ def normalized_accuracy_by_task(ds: xr.Dataset) -> Figure:
     frame["value"] *= 100
     spaces = list(dict.fromkeys(frame["space"]))
     methods = sorted(frame["method"].unique())  # every panel has every row (blank where a method skips a space)
-    fig = Figure(figsize=(4.8 * len(spaces), 0.35 * len(methods) + 2.6), layout="constrained")
+    fig = PaperFigure(figsize=(4.8 * len(spaces), 0.35 * len(methods) + 2.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(spaces), sharey=True, squeeze=False)).ravel()
     for ax, space in zip(axes, spaces, strict=True):
         table = frame[frame["space"] == space].pivot(index="method", columns="task", values="value").reindex(methods)
@@ -57,7 +59,8 @@ def normalized_accuracy_by_task(ds: xr.Dataset) -> Figure:
 
 
 def accuracy_vs_merge_time(ds: xr.Dataset) -> Figure:
-    """Mean normalised accuracy against merge wall time on a log scale, per method and space (003 Fig. 1)."""
+    """Mean normalised accuracy against merge wall time on a log scale, one panel per space, each
+    method a colour × marker pair (003 Fig. 1)."""
     accuracy = _selected(ds, "norm_acc").groupby(["method", "space"], as_index=False)["value"].mean()
     seconds = ds["merge_seconds"].where(ds["selected"]).max("config").mean("seed")
     times = seconds.to_dataframe(name="seconds").reset_index().rename(columns={"merge_method": "method"})
@@ -65,12 +68,16 @@ def accuracy_vs_merge_time(ds: xr.Dataset) -> Figure:
     times[["method", "space"]] = times[["method", "space"]].astype(str)
     frame = accuracy.merge(times, on=["method", "space"])
     frame["value"] *= 100
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
-    ax = fig.subplots()
-    sns.scatterplot(frame, x="seconds", y="value", hue="method", style="space", s=70, ax=ax)
-    ax.set_xscale("log")
-    ax.set_xlabel("merge wall time (s, log scale)")
-    ax.set_ylabel("mean normalised accuracy (%)")
-    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    spaces = list(dict.fromkeys(frame["space"]))
+    methods = sorted(frame["method"].unique())
+    markers = {m: "os^D"[i // len(PALETTE) % 4] for i, m in enumerate(methods)}  # colour x marker: 40 distinct methods
+    fig = PaperFigure(figsize=(3.6 * len(spaces) + 2.2, 4.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(spaces), sharey=True, squeeze=False)).ravel()
+    for ax, space in zip(axes, spaces, strict=True):
+        sns.scatterplot(frame[frame["space"] == space], x="seconds", y="value", hue="method", style="method", s=60, ax=ax,
+                        palette=palette(methods), markers=markers, hue_order=methods, style_order=methods,
+                        legend="full" if ax is axes[-1] else False)
+        ax.set_xscale("log")
+        ax.set(title=f"{space} space", xlabel="merge wall time (s, log scale)", ylabel="mean normalised accuracy (%)")
     fig.suptitle(_title(ds, "accuracy against merge time", "003 Fig. 1"), fontsize=10)
     return fig

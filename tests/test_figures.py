@@ -7,6 +7,8 @@ session (the ``bench_datasets`` fixture).
 
 from __future__ import annotations
 
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -18,6 +20,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from analysis import figures, model_figures
+from analysis.style import PaperFigure
 from mergelab.analysis import core_space, coverage, geometry, interference, spectra
 from mergelab.store import Store
 from mergelab.synthetic import random_taskset
@@ -46,11 +49,31 @@ def _labelled(ds: xr.Dataset) -> xr.Dataset:
 
 
 def _check(fig: Figure, label: str = LABEL) -> None:
-    assert isinstance(fig, Figure)
+    assert isinstance(fig, PaperFigure)  # every builder's figure is tidied when drawn (analysis.style)
     assert label in fig.get_suptitle()
     drawn = [ax for ax in fig.axes if ax.lines or ax.collections or ax.patches or ax.images]
     assert drawn, "no axes has anything drawn on it"
-    fig.canvas.draw()  # renders on Agg without error
+    fig.savefig(io.BytesIO(), format="png")  # renders (a bare Figure's canvas.draw() draws nothing)
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is not None:  # beside or below the data, never over it
+            box, frame = legend.get_window_extent(), ax.get_window_extent()
+            assert box.x0 >= frame.x1 - 1 or box.y1 <= frame.y0 + 1
+
+
+def test_paper_style_integer_layer_ticks_distinct_series_and_outside_legends():
+    fig = PaperFigure(figsize=(5, 3), layout="constrained")
+    ax = fig.subplots()
+    lines = [ax.plot([0, 1, 2, 3], [i, i + 1, i, i + 2], label=f"method {i}")[0] for i in range(20)]
+    ax.set(xlabel="layer", ylabel="value")
+    ax.legend(fontsize=6)
+    fig.savefig(io.BytesIO(), format="png")
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert len({(line.get_color(), line.get_linestyle()) for line in lines}) == 20
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1 - 1
+    assert len(ax.get_legend().get_texts()) == 20
+    fig.savefig(io.BytesIO(), format="pdf")  # tidy is idempotent: the legend stays one legend
+    assert len(ax.get_legend().get_texts()) == 20
 
 
 def test_coverage_figures(taskset):

@@ -1,0 +1,85 @@
+"""One figure style for every paper figure: colour-blind-safe lines, integer layer ticks, legends
+beside the data.
+
+:class:`PaperFigure` is the ``matplotlib.figure.Figure`` every figure builder of this package
+creates; just before it is drawn (shown in a notebook, saved as PNG or PDF) it passes through
+:func:`tidy`, so the rules hold for every builder without each one repeating them:
+
+* line colours come from seaborn's ``colorblind`` palette (10 hues, distinct under the common
+  colour-vision deficiencies), crossed with two line styles: 20 series stay distinct;
+* an axis labelled ``layer …`` of a numeric plot gets integer ticks (blocks are integers);
+* every legend sits outside its axes (to the right, or below a panel that shares its row), so it
+  never covers data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import seaborn as sns
+from cycler import cycler
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import AutoLocator, MaxNLocator
+
+__all__ = ["PALETTE", "PaperFigure", "palette", "tidy"]
+
+#: seaborn's colour-blind-safe qualitative palette (10 hues).
+PALETTE: list[tuple[float, float, float]] = sns.color_palette("colorblind", 10)
+#: Line cycle: each hue solid, then each dashed (20 distinct series).
+CYCLE = cycler(linestyle=["-", "--"]) * cycler(color=PALETTE)
+
+
+def palette(names: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """A colour per name for seaborn's ``palette=`` (hues repeat after 10: pair them with a
+    second visual channel such as ``style=``)."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+
+
+def _integer_layer_ticks(ax: Axes) -> None:
+    for axis, label in ((ax.xaxis, ax.get_xlabel()), (ax.yaxis, ax.get_ylabel())):
+        if label.startswith("layer") and isinstance(axis.get_major_locator(), AutoLocator):
+            axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_outside(ax: Axes) -> None:
+    """Re-place the legend outside ``ax``: to the right of a panel alone in its row, below a panel
+    that shares its row (several legends to the right would squeeze the panels to nothing)."""
+    legend = ax.get_legend()
+    if legend is None or getattr(legend, "_mergelab_outside", False):
+        return
+    handles, labels = legend.legend_handles, [t.get_text() for t in legend.get_texts()]
+    title = legend.get_title().get_text() or None
+    size = legend.get_texts()[0].get_fontsize() if labels else 7
+    spec = ax.get_subplotspec()
+    alone = spec is None or spec.get_gridspec().ncols == 1
+    where = ({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if alone
+             else {"loc": "upper center", "bbox_to_anchor": (0.5, -0.18), "ncols": min(2, max(1, len(labels)))})
+    moved = ax.legend(handles, labels, title=title, fontsize=size, borderaxespad=0.0, frameon=False, **where)
+    moved._mergelab_outside = True
+
+
+def tidy(fig: Figure) -> Figure:
+    """Apply the rules of this module to every axes of ``fig`` (idempotent)."""
+    for ax in fig.axes:
+        _integer_layer_ticks(ax)
+        _legend_outside(ax)
+    return fig
+
+
+class PaperFigure(Figure):
+    """A Figure whose axes cycle :data:`CYCLE` and which is :func:`tidy` whenever it is drawn."""
+
+    def add_axes(self, *args, **kwargs):  # noqa: D102 (Figure's)
+        ax = super().add_axes(*args, **kwargs)
+        ax.set_prop_cycle(CYCLE)
+        return ax
+
+    def add_subplot(self, *args, **kwargs):  # noqa: D102 (Figure's)
+        ax = super().add_subplot(*args, **kwargs)
+        ax.set_prop_cycle(CYCLE)
+        return ax
+
+    def draw(self, renderer):  # noqa: D102 (Figure's)
+        tidy(self)
+        return super().draw(renderer)
