@@ -84,6 +84,9 @@ def test_results_dataset_has_every_method_space_config_task_metric_seed(first_ru
     assert np.all((ta > 0.05) & (ta <= 1.0))
     hits = ds["score"].sel(task="joint", metric=["hits@1", "hits@3", "hits@5"]).sel(merge_method="task_arithmetic", space="core", config="alpha=0.6")
     assert np.all(np.diff(hits.values.ravel()) >= 0)  # Hits@1 <= Hits@3 <= Hits@5
+    experts = ds["reference_score"].sel(reference="finetuned", task="joint", metric=["hits@1", "hits@3", "hits@5"]).values
+    assert np.all((0 < experts) & (experts <= 1)) and np.all(np.diff(experts) >= 0)  # each expert on its own images, every label
+    assert np.isnan(float(ds["reference_score"].sel(reference="finetuned", task="joint", metric="acc")))
     # exactly one selected configuration per method x space that was run, chosen on val
     selected = ds["selected"].load()
     assert int(selected.sel(merge_method="task_arithmetic").sum()) == 2 and ds.attrs["selection"] == "val"

@@ -51,11 +51,13 @@ __all__ = ["AdaptJob", "Context", "JOINT", "MergeJob", "NODES", "NodeResult", "N
            "results_table", "run_graph", "selected_for_analyses", "selected_merges", "stage_node", "up_to_date"]
 
 #: Code version of every node's producer; bump one when its output changes for the same inputs.
-VERSIONS = {"stage": "1", "reference": "2", "merge": "2", "adapt": "4", "evaluate": "1", "results": "4"}
+VERSIONS = {"stage": "1", "reference": "3", "merge": "2", "adapt": "4", "evaluate": "1", "results": "5"}
 # adapt 2: tied TARA-B bank; 3: STCH anchors no longer shift the loop's batches, |Δcoef| recorded; 4: TARA AdamW, AdaMerging
 # clamp [0, 1], AdaRank masks attention/MLP only, start grids. merge 2: fidelity pass (TSV / Iso support "all", inner alpha 1,
 # norm weights from the true updates, isometric spectral methods, CART ceil). results 2: mean_abs_delta_coef; 3: zero-shot
-# joint Hits@k; 4: dimension merge_method (``method`` is a keyword of DataArray.sel). reference 2: the zero-shot base is scored on the joint task too
+# joint Hits@k; 4: dimension merge_method (``method`` is a keyword of DataArray.sel); 5: the fine-tuned experts' joint
+# Hits@k. reference 2: the zero-shot base is scored on the joint task too; 3: each fine-tuned model on the joint task
+# (its own task's images against every task's labels)
 #: The pseudo-task holding the joint-task metrics (Hits@k over the union of labels).
 JOINT = "joint"
 #: Metrics per task: test accuracy and its normalised value, the same on val, TAS on val.
@@ -425,14 +427,13 @@ def reference_node(ctx: Context, task: str | None) -> NodeResult:
     ts = ctx.taskset
     index = None if task is None else ts.names.index(task)
     identity = ts.base.content_hash if index is None else ts.tasks[index].content_hash
-    joint = ctx.spec.joint and task is None
     key = ctx.store.key("reference", VERSIONS["reference"], update=identity, base=ts.base.content_hash,
-                        data=ctx.bench.data_id, task=task, joint=joint)
+                        data=ctx.bench.data_id, task=task, joint=ctx.spec.joint)
 
     def compute() -> xr.Dataset:
         params = None if index is None else task_weights(ts, ctx.base, index)
         names = list(ctx.bench.tasks) if task is None else [task]
-        return _scores(ctx, params, names, joint=joint, tas=False)
+        return _scores(ctx, params, names, joint=ctx.spec.joint, tas=False)
 
     hit = ctx.publish(key, "dataset", compute, attrs={"reference": "zeroshot" if task is None else "finetuned", "task": task})
     return NodeResult("reference", key, hit, task or "zeroshot")
@@ -466,8 +467,9 @@ def _scores(ctx: Context, params: Mapping[str, Tensor] | None, names: Sequence[s
         score[i, metrics.index("val_acc")], _ = _accuracy(ctx, name, "val", params)
         if tas:
             score[i, metrics.index("tas")] = _tas(ctx, name, params)
-    if joint:
-        hits = joint_hits(bench.backbone, [bench.tasks[n] for n in names], params, "test", JOINT_KS, features=test_features)
+    if joint:  # every task's labels in the head; the images of ``names`` (a fine-tuned model: its own task's)
+        hits = joint_hits(bench.backbone, list(bench.tasks.values()), params, "test", JOINT_KS, features=test_features,
+                          images_of=names)
         for k in JOINT_KS:
             score[-1, metrics.index(f"hits@{k}")] = hits[f"hits@{k}"]
     return xr.Dataset({"score": (("task", "metric"), score)},
@@ -597,7 +599,12 @@ def _assemble(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult
     store = ctx.store
     names = list(ctx.bench.tasks)
     zeroshot = store.get_dataset(references[0].key)["score"]
-    finetuned = xr.concat([store.get_dataset(r.key)["score"] for r in references[1:]], dim="task")
+    experts = [store.get_dataset(r.key)["score"] for r in references[1:]]
+    finetuned = xr.concat([e.sel(task=[t]) for e, t in zip(experts, names, strict=True)], dim="task")
+    if JOINT in experts[0].task.values:  # the experts on the joint task: micro average over every test image
+        sizes = xr.DataArray([len(ctx.local_bench.tasks[t].tensors("test")[1]) for t in names], dims="expert")
+        joint = (xr.concat([e.sel(task=JOINT) for e in experts], dim="expert") * sizes).sum("expert", skipna=False) / sizes.sum()
+        finetuned = xr.concat([finetuned, joint.expand_dims(task=[JOINT])], dim="task")
     dims = {"merge_method": _unique([r.method for r in rows]), "space": _unique([r.space for r in rows]),
             "config": _unique([r.config for r in rows]), "seed": _unique([r.seed for r in rows])}
     first = store.get_dataset(rows[0].evaluated)["score"]
@@ -619,7 +626,7 @@ def _assemble(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult
     coords |= {"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)}
     ds = xr.Dataset({"score": (("merge_method", "space", "config", "task", "metric", "seed"), score),
                      **{v: (tuple(dims), a) for v, a in per_merge.items()}}, coords=coords)
-    reference = xr.concat([zeroshot.reindex(task=tasks), ft.reindex(task=tasks)],  # the fine-tuned models have no joint score
+    reference = xr.concat([zeroshot.reindex(task=tasks), finetuned.reindex(task=tasks)],
                           dim=xr.DataArray(["zeroshot", "finetuned"], dims="reference"))
     ds["reference_score"] = reference.assign_coords(reference=np.array(["zeroshot", "finetuned"], dtype=object),
                                               task=np.array(tasks, dtype=object), metric=np.array(metrics, dtype=object))
@@ -683,7 +690,8 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
                   for name in ("zeroshot", "finetuned")
                   for acc in [ds["reference_score"].sel(reference=name, task=tasks, metric="acc")]]
     if JOINT in ds["reference_score"].task.values and rows and "hits@1" in rows[0]:
-        references[0]["hits@1"] = 100 * float(ds["reference_score"].sel(reference="zeroshot", task=JOINT, metric="hits@1"))
+        for row in references:
+            row["hits@1"] = 100 * float(ds["reference_score"].sel(reference=row["method"], task=JOINT, metric="hits@1"))
     return pd.DataFrame(references + rows)
 
 

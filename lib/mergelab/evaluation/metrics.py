@@ -85,16 +85,19 @@ def evaluate_tasks(backbone: Backbone, tasks: Sequence[ClassificationTask], para
 
 
 def joint_hits(backbone: Backbone, tasks: Sequence[ClassificationTask], params: Mapping[str, Tensor] | None = None,
-               split: str = "test", ks: Sequence[int] = (1, 3, 5), features: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+               split: str = "test", ks: Sequence[int] = (1, 3, 5), features: Mapping[str, Tensor] | None = None,
+               images_of: Sequence[str] | None = None) -> dict[str, float]:
     """Joint-task Hits@k: every image of every task against one head over the de-duplicated union.
 
     Returns ``{"hits@1": …, "hits@3": …, "hits@5": …}`` as micro averages over all images.
     ``features``: the tasks' :func:`embed` of that split under ``params``, when already computed.
+    ``images_of``: score only these tasks' images (still against the whole union): a task's own
+    fine-tuned model on its own images, the experts' reference for the joint task.
     """
     joint = joint_label_space(tasks)
     head = joint_head(backbone, tasks, joint)
     hits, total = {k: 0 for k in ks}, 0
-    for task in tasks:
+    for task in (t for t in tasks if images_of is None or t.name in images_of):
         images, labels = task.tensors(split)
         emb = features[task.name] if features is not None else embed(backbone, images, params)
         found = hits_at_k(emb @ head.T, joint.map_labels(task.name, labels), ks)
