@@ -4,7 +4,7 @@ Nothing heavy loads: adapter configs are JSON, safetensors files are read by the
 first ``8 + n`` bytes: names, dtypes and shapes), a base's shapes likewise, and data folders by
 file hashes. In seconds it reports per task the rank (and ``rank_pattern``), ``lora_alpha``,
 rsLoRA, the scaling, target modules and dtypes, and then what would stop or skew a merge:
-modules not every task targets, factors that do not fit the base, mixed dtypes, and images that
+modules not every task targets (a merge refuses them), factors that do not fit the base, mixed dtypes, and images that
 sit in more than one evaluation split (a val image that is also a test image makes selection on
 val see the test split; 004 §3's selection protocol assumes disjoint splits).
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from mergelab.checkpoints import (ADAPTER_WEIGHTS, FULL_WEIGHTS, PEFT_PREFIX, _LORA_KEY, Source, _is_adapter_dir,
-                                  _named_sources, _read_adapter_config, _read_tensors, _resolve_prefix, _target_param,
-                                  _weights_file)
+                                  _guess_param, _named_sources, _read_adapter_config, _read_tensors, _resolve_prefix,
+                                  _target_param, _weights_file)
 from mergelab.errors import InputError
 
 __all__ = ["Preflight", "TaskReport", "check", "split_overlaps", "tensor_shapes"]
@@ -113,7 +113,7 @@ def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] |
             problems.append(f"{name}: module {peft_module!r} has {sorted(pair)}, needs lora_A and lora_B")
             continue
         (_, a_shape), (_, b_shape) = pair["lora_A"], pair["lora_B"]
-        target = _target_param(prefix + peft_module, base) if base is not None else peft_module.replace(".base_layer", "")
+        target = _target_param(prefix + peft_module, base) if base is not None else _guess_param(peft_module, peft_modules)
         shape = (b_shape[0], a_shape[-1])
         if base is not None and target is not None:
             if tuple(base[target]) not in (shape, shape[::-1]):  # (out, in); embeddings / Conv1D: (in, out)
@@ -168,8 +168,8 @@ def check(sources: Sequence[Source], *, base: str | Path | None = None, base_mod
         common = set.intersection(*targets)
         partial = sorted(set.union(*targets) - common)
         if partial:
-            problems.append(f"{len(partial)} module(s) are targeted by some tasks only (e.g. {partial[0]!r}); "
-                            "merging them averages over fewer tasks: restrict with --modules or retrain")
+            problems.append(f"{len(partial)} module(s) are targeted by some tasks only (e.g. {partial[0]!r}); a merge needs "
+                            f"the same modules in every task: restrict all to the {len(common)} common ones with --modules")
         dtypes = sorted({d for r in reports for d in r.dtypes})
         if len(dtypes) > 1:
             notes.append(f"the adapters mix dtypes {dtypes}; they are merged in float32")
