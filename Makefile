@@ -1,16 +1,25 @@
-# mergelab: `make demo` runs the embedded study, `make test` runs every test.
-# Both create (or refresh, when pyproject.toml changed) the virtual env in .venv with pip.
+# mergelab: `make demo` runs the embedded study, `make test` runs every test, `make lab` opens the
+# notebooks in JupyterLab. Each creates (or refreshes, when pyproject.toml changed) the virtual env
+# in .venv with pip.
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+
+# The store and study the notebooks draw (`make lab MERGELAB_STUDY=other`); a store path is made
+# absolute, since JupyterLab starts kernels in notebooks/, while a URL (s3://, memory://) is kept.
+MERGELAB_STORE ?= data/store
+MERGELAB_STUDY ?= micro
+LAB_STORE := $(if $(findstring ://,$(MERGELAB_STORE)),$(MERGELAB_STORE),$(abspath $(MERGELAB_STORE)))
+# More `jupyter lab` options: `make lab LAB_ARGS="--no-browser --port 8890"`.
+LAB_ARGS ?=
 
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DASK_LOGGING__DISTRIBUTED ?= warning
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test env clean
+.PHONY: demo test lab env clean
 
 env: $(STAMP)
 
@@ -25,6 +34,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The kernels import this checkout's lib/ and analysis/; the inline backend draws the figures.
+lab: $(STAMP)
+	env -u MPLBACKEND MERGELAB_STORE='$(LAB_STORE)' MERGELAB_STUDY='$(MERGELAB_STUDY)' \
+	    PYTHONPATH='$(CURDIR)/lib:$(CURDIR)' $(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
 
 clean:
 	rm -rf data/store data/demo data/reports .pytest_cache .hypothesis

@@ -4,26 +4,49 @@ A notebook takes its parameters from its code cell tagged ``parameters`` (paperm
 convention): :func:`execute_notebook` rewrites the assignments of that cell with the values
 given, runs every cell with nbclient on the ``python3`` kernel, in ``cwd``, with this checkout's
 ``lib/`` and repository root first on the kernel's ``PYTHONPATH`` (so the kernel imports the same
-``analysis`` and ``mergelab`` as the caller), and returns the executed notebook. :func:`export`
-writes ``<name>.html`` (nbconvert's HTML exporter, images embedded) and every ``image/png``
-output as ``<name>/fig-NN.png``; :func:`report` does both for many notebooks.
+``analysis`` and ``mergelab`` as the caller), and returns the executed notebook.
+
+Figures are named after the paper item they redraw. A code cell tagged ``paper:<item>``, where
+``<item>`` is ``<paper>-fig<N>`` or ``<paper>-tab<N>`` with an optional ``-<part>``
+(``paper:001-fig3``, ``paper:003-tab3``, ``paper:004-fig5-left``; papers numbered as in
+``notebooks/README.md``: 000 the TARA-Merging supplement, 001 TARA-Merging, 002 AdaRank, 003 Core
+Space, 004 Model Merging Beyond Image Classification), writes its ``image/png`` outputs as
+``<name>/<item>.png``, ``<item>-2.png``, … (numbered on over the cells whose first tag is the same
+item). A cell may carry several such tags when one figure stands for several items (a main-text
+figure and its appendix or supplement copy): its files are named after the first and the index
+lists it under each. Untagged PNG outputs are ``<name>/fig-NN.png``, numbered over the untagged
+ones. :func:`export` writes ``<name>.html`` (nbconvert's HTML exporter, images embedded) and those
+PNGs.
+
+:func:`report` executes many notebooks, at most :func:`default_jobs` kernels at once unless told,
+calls ``progress`` with one line as each notebook ends, exports the ones that succeeded and writes
+``index.html`` (:func:`write_index`): one row per paper item a cell drew, linking its PNGs and the
+cell in the notebook's page. ``notebooks/README.md`` lists every figure and table of the papers
+and whether a notebook draws it.
 
 A notebook that fails raises :class:`~mergelab.errors.InputError` with one line naming the
 notebook, the failing cell and its error; nothing is written for it (files are written under
-temporary names and renamed into place only once complete).
+temporary names and renamed into place only once complete). With several notebooks every one is
+attempted and the failures are reported together, in the order the notebooks were given.
 """
 
 from __future__ import annotations
 
 import ast
 import base64
+import html
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import nbformat
 from jupyter_client.kernelspec import NoSuchKernel
@@ -33,12 +56,17 @@ from nbclient.exceptions import CellControlSignal, CellExecutionError, CellTimeo
 import mergelab
 from mergelab.errors import InputError
 
-__all__ = ["REPO", "execute_notebook", "export", "list_notebooks", "report"]
+__all__ = ["REPO", "CellOutputs", "cell_outputs", "default_jobs", "execute_notebook", "export", "item_label", "list_notebooks",
+           "paper_items", "report", "write_index"]
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "python3"
 PARAMETERS_TAG = "parameters"
+PAPER_TAG = "paper:"
+INDEX = "index.html"
 DEFAULT_OUT = "data/reports"
+_ITEM = re.compile(r"(?P<paper>\d{3})-(?P<kind>fig|tab)(?P<number>\d+)(?:-(?P<part>[a-z]+))?")
+_KINDS = {"fig": "Fig.", "tab": "Tab."}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -92,6 +120,70 @@ def _first_line(source: str) -> str:
     return next((line.strip() for line in source.splitlines() if line.strip()), "")[:80]
 
 
+def paper_items(cell: nbformat.NotebookNode, notebook: str) -> tuple[str, ...]:
+    """The paper items a cell's ``paper:<item>`` tags name, in tag order (empty for an untagged cell).
+
+    Raises :class:`InputError` for an item that is not ``<NNN>-fig<N>`` or ``<NNN>-tab<N>`` with an
+    optional ``-<part>`` of lowercase letters.
+    """
+    items = tuple(tag[len(PAPER_TAG):] for tag in cell.metadata.get("tags", []) if tag.startswith(PAPER_TAG))
+    bad = [item for item in items if not _ITEM.fullmatch(item)]
+    if bad:
+        raise InputError(f"{notebook}: cell {cell.get('id', '?')} has the tag {PAPER_TAG}{bad[0]}; name a paper item as "
+                         f"{PAPER_TAG}<NNN>-fig<N> or {PAPER_TAG}<NNN>-tab<N>, optionally -<part> (e.g. {PAPER_TAG}004-fig5-left)")
+    return items
+
+
+def item_label(item: str) -> str:
+    """An item as the papers print it: ``001-fig3`` -> ``001 Fig. 3``, ``004-fig5-left`` -> ``004 Fig. 5 (left)``."""
+    match = _ITEM.fullmatch(item)
+    part = f" ({match['part']})" if match["part"] else ""
+    return f"{match['paper']} {_KINDS[match['kind']]} {int(match['number'])}{part}"
+
+
+def _item_order(item: str) -> tuple[str, str, int, str]:
+    """Sort key: paper, figures before tables, number, part."""
+    match = _ITEM.fullmatch(item)
+    return match["paper"], match["kind"], int(match["number"]), match["part"] or ""
+
+
+@dataclass(frozen=True)
+class CellOutputs:
+    """What one code cell of an executed notebook gives its export."""
+
+    cell_id: str
+    items: tuple[str, ...]  #: its paper items (``paper:<item>`` tags), in tag order
+    pngs: tuple[tuple[str, bytes], ...]  #: its ``image/png`` outputs, each with its file name
+    shown: bool  #: whether it displayed anything (a figure, a table): only then did it draw its items
+
+
+def cell_outputs(nb: nbformat.NotebookNode, notebook: str) -> list[CellOutputs]:
+    """Every code cell of ``nb`` that has a paper tag or a PNG output, in order, its PNGs named as the module says."""
+    per_item: Counter[str] = Counter()
+    untagged = 0
+    found = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        items = paper_items(cell, notebook)
+        outputs = cell.get("outputs", [])
+        pngs = []
+        for output in outputs:
+            if "image/png" not in output.get("data", {}):
+                continue
+            if items:
+                per_item[items[0]] += 1
+                stem = items[0] if per_item[items[0]] == 1 else f"{items[0]}-{per_item[items[0]]}"
+            else:
+                untagged += 1
+                stem = f"fig-{untagged:02d}"
+            pngs.append((f"{stem}.png", base64.b64decode(output["data"]["image/png"])))
+        if items or pngs:
+            shown = any(o.get("output_type") in ("display_data", "execute_result") for o in outputs)
+            found.append(CellOutputs(cell.get("id", ""), items, tuple(pngs), shown))
+    return found
+
+
 def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | Path,
                      timeout: int = 600) -> nbformat.NotebookNode:
     """Run the notebook at ``path`` with ``params`` injected into its ``parameters`` cell.
@@ -99,13 +191,15 @@ def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | 
     Every cell runs on the ``python3`` kernel started in ``cwd`` (relative paths in the notebook,
     such as ``STORE = "data/store"``, resolve there), with at most ``timeout`` seconds per cell.
     Returns the executed notebook; ``nb.metadata["mergelab"]`` records its name and the
-    parameters. Raises :class:`InputError` (one line: notebook, cell, error) when a cell fails.
+    parameters. Raises :class:`InputError` (one line: notebook, cell, error) when a cell fails, and
+    before anything runs when a cell's ``paper:`` tag is malformed.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"notebook {path} does not exist")
     nb = nbformat.read(path, as_version=4)
     _inject(nb, params, path.name)
+    cell_outputs(nb, path.name)  # a malformed paper tag fails here, before the kernel starts
     nb.metadata["mergelab"] = {"notebook": path.stem, "parameters": {k: _literal(k, v, path.name) for k, v in params.items()}}
     current: dict[str, int] = {}
 
@@ -132,34 +226,43 @@ def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | 
     return nb
 
 
-def _pngs(nb: nbformat.NotebookNode) -> list[bytes]:
-    return [base64.b64decode(output["data"]["image/png"]) for cell in nb.cells if cell.cell_type == "code"
-            for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` under a temporary name beside it and rename it into place (never half-written)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def export(nb: nbformat.NotebookNode, out_dir: str | Path, *, name: str | None = None) -> list[Path]:
-    """Write ``<out_dir>/<name>.html`` and each ``image/png`` output as ``<out_dir>/<name>/fig-NN.png``.
+    """Write ``<out_dir>/<name>.html`` and each ``image/png`` output under ``<out_dir>/<name>/``.
 
-    ``name`` defaults to the notebook's name recorded by :func:`execute_notebook`. A previous
-    export of the same name is replaced as a whole (no stale figures remain). Returns the written
-    files, the HTML first.
+    PNGs are named after the cell's ``paper:`` tag (``<item>.png``, ``<item>-2.png``, …) or, untagged,
+    ``fig-NN.png`` (:func:`cell_outputs`). ``name`` defaults to the notebook's name recorded by
+    :func:`execute_notebook`. A previous export of the same name is replaced as a whole (no stale
+    figures remain). Returns the written files, the HTML first, then the PNGs in cell order.
     """
     name = name or nb.metadata.get("mergelab", {}).get("notebook")
     if not name:
         raise ValueError("export needs name= for a notebook that execute_notebook did not run")
     from nbconvert import HTMLExporter  # slow to import; only needed here
 
-    html, _ = HTMLExporter().from_notebook_node(nb)
-    pngs = _pngs(nb)
+    cells = cell_outputs(nb, f"{name}.ipynb")
+    html_page, _ = HTMLExporter().from_notebook_node(nb)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))  # same filesystem: renames are atomic
     try:
         figures = staging / "figures"
         figures.mkdir()
-        for i, png in enumerate(pngs, start=1):
-            (figures / f"fig-{i:02d}.png").write_bytes(png)
-        (staging / "page.html").write_text(html, encoding="utf-8")
+        for cell in cells:
+            for filename, png in cell.pngs:
+                (figures / filename).write_bytes(png)
+        (staging / "page.html").write_text(html_page, encoding="utf-8")
         fig_dir, html_path = out_dir / name, out_dir / f"{name}.html"
         if fig_dir.exists():
             shutil.rmtree(fig_dir)
@@ -167,30 +270,103 @@ def export(nb: nbformat.NotebookNode, out_dir: str | Path, *, name: str | None =
         os.replace(staging / "page.html", html_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return [html_path, *(fig_dir / f"fig-{i:02d}.png" for i in range(1, len(pngs) + 1))]
+    return [html_path, *(fig_dir / filename for cell in cells for filename, _ in cell.pngs)]
+
+
+def _index_row(item: str, notebook: str, cell: CellOutputs) -> str:
+    page = quote(f"{notebook}.html") + (f"#cell-id={quote(cell.cell_id)}" if cell.cell_id else "")
+    files = ", ".join(f'<a href="{quote(f"{notebook}/{filename}")}">{html.escape(filename)}</a>' for filename, _ in cell.pngs)
+    return (f"<tr><td>{html.escape(item_label(item))}</td><td><a href=\"{page}\">{html.escape(notebook)}</a></td>"
+            f"<td>{files or 'a table, in the notebook page'}</td></tr>")
+
+
+def write_index(out_dir: str | Path, pages: Mapping[str, Sequence[CellOutputs]], params: Mapping[str, Any]) -> Path:
+    """Write ``<out_dir>/index.html``: the paper items drawn by the exported notebooks ``pages``.
+
+    ``pages`` maps each notebook name (its ``<name>.html`` and ``<name>/`` under ``out_dir``) to its
+    :func:`cell_outputs`. One row per item and cell that displayed something, sorted by paper and
+    item: the item, a link to the cell in the notebook's page, links to the cell's PNGs; then
+    every notebook page. ``params`` (the notebooks' parameters) are printed in the header. Plain
+    HTML, written atomically. Returns its path.
+    """
+    rows = sorted(((item, position, notebook, cell) for position, (notebook, cells) in enumerate(pages.items())
+                   for cell in cells if cell.shown for item in cell.items),
+                  key=lambda row: (_item_order(row[0]), row[1]))
+    setting = ", ".join(f"{html.escape(k)} = {html.escape(repr(v))}" for k, v in params.items()) or "their defaults"
+    notebooks = "\n".join(f'<li><a href="{quote(f"{name}.html")}">{html.escape(name)}</a></li>' for name in pages)
+    page = "\n".join([
+        '<!DOCTYPE html>', '<html lang="en">', '<head><meta charset="utf-8"><title>mergelab report: paper figures and tables</title></head>',
+        "<body>", "<h1>Paper figures and tables drawn by this report</h1>",
+        f"<p>Notebooks run with {setting}. The numbers are this study's; on the micro benchmark they are "
+        "micro-benchmark numbers, <strong>not the papers' numbers</strong>. <code>notebooks/README.md</code> lists "
+        "every figure and table of the five papers and whether a notebook draws it.</p>",
+        "<table>", "<thead><tr><th>item</th><th>drawn in</th><th>files</th></tr></thead>", "<tbody>",
+        *(_index_row(item, notebook, cell) for item, _, notebook, cell in rows),
+        "</tbody>", "</table>", "<h2>Notebook pages</h2>", f"<ul>\n{notebooks}\n</ul>", "</body>", "</html>", ""])
+    path = Path(out_dir) / INDEX
+    _write_text(path, page)
+    return path
+
+
+def default_jobs(n_notebooks: int) -> int:
+    """Kernels :func:`report` runs at once unless told: ``min(n_notebooks, os.cpu_count() // 2 or 1)``
+    (a kernel drawing figures keeps a core busy; the other half is left to the caller)."""
+    return min(n_notebooks, (os.cpu_count() or 1) // 2 or 1)
 
 
 def report(notebooks: Sequence[str | Path], params: Mapping[str, Any], out_dir: str | Path = DEFAULT_OUT, *,
-           cwd: str | Path | None = None, timeout: int = 600) -> list[Path]:
-    """Execute each notebook with ``params`` (kernel in ``cwd``, default the current directory) and export it to ``out_dir``.
+           cwd: str | Path | None = None, timeout: int = 600, jobs: int | None = None,
+           progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Execute each notebook with ``params`` and export it to ``out_dir``, ``jobs`` kernels at a time; write the index.
 
-    Every notebook is attempted; the ones that succeed are written. If any failed, raises one
-    :class:`InputError` naming each failed notebook and its failing cell. Returns the written
-    files (per notebook: the HTML, then its PNGs).
+    Kernels start in ``cwd`` (default the current directory); ``jobs`` defaults to
+    :func:`default_jobs`. As each notebook ends, ``progress`` (if given) gets one line:
+    ``notebook k/n <name>: done in S s`` or ``…: failed after S s``, ``k`` counting the notebooks ended
+    so far. Every notebook is attempted; the ones that succeed are written (:func:`export`) and
+    listed in ``<out_dir>/index.html`` (:func:`write_index`). If any failed, raises one
+    :class:`InputError` naming each failed notebook and its failing cell, in the order of
+    ``notebooks``. Returns the written files: per notebook, in the order given, the HTML then its
+    PNGs; the index last.
     """
     if not notebooks:
         raise InputError("no notebooks to run: pass notebook paths (the repository's are in notebooks/)")
+    if jobs is not None and jobs < 1:
+        raise InputError(f"jobs={jobs}: run at least one notebook at a time")
+    paths = [Path(p) for p in notebooks]
     cwd = Path(cwd) if cwd is not None else Path.cwd()
-    written: list[Path] = []
-    failures: list[str] = []
-    for path in notebooks:
+    seconds: dict[int, float] = {}
+
+    def run(index: int) -> nbformat.NotebookNode:
+        start = time.perf_counter()
         try:
-            nb = execute_notebook(path, params, cwd=cwd, timeout=timeout)
-        except InputError as exc:
-            failures.append(str(exc))
-            continue
-        written += export(nb, out_dir)
+            return execute_notebook(paths[index], params, cwd=cwd, timeout=timeout)
+        finally:
+            seconds[index] = time.perf_counter() - start
+
+    exported: dict[int, tuple[list[Path], list[CellOutputs]]] = {}
+    failures: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=jobs or default_jobs(len(paths)), thread_name_prefix="notebook") as pool:
+        futures = {pool.submit(run, index): index for index in range(len(paths))}
+        try:
+            for ended, future in enumerate(as_completed(futures), start=1):
+                index = futures[future]
+                try:
+                    nb = future.result()
+                except InputError as exc:
+                    failures[index] = str(exc)
+                    outcome = f"failed after {seconds[index]:.1f} s"
+                else:
+                    exported[index] = (export(nb, out_dir), cell_outputs(nb, paths[index].name))
+                    outcome = f"done in {seconds[index]:.1f} s"
+                if progress is not None:
+                    progress(f"notebook {ended}/{len(paths)} {paths[index].stem}: {outcome}")
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # an unexpected error: start no further notebook
+            raise
+    written = [f for index in sorted(exported) for f in exported[index][0]]
+    if exported:
+        written.append(write_index(out_dir, {paths[i].stem: exported[i][1] for i in sorted(exported)}, params))
     if failures:
-        done = f" (the {len(notebooks) - len(failures)} other notebooks were written to {out_dir})" if written else ""
-        raise InputError("; ".join(failures) + done)
+        done = f" (the {len(exported)} other notebooks were written to {out_dir})" if exported else ""
+        raise InputError("; ".join(failures[index] for index in sorted(failures)) + done)
     return written

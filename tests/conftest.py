@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session", autouse=True)
 def _no_user_store(tmp_path_factory):
     """Tests never touch the user's store: the cache default points into the test's temp dir and a
-    developer's $MERGELAB_STORE (which beats a study's store:) is ignored."""
-    saved = {k: os.environ.pop(k, None) for k in ("MERGELAB_STORE", "XDG_CACHE_HOME")}
+    developer's $MERGELAB_STORE (which beats a study's store:) and $MERGELAB_STUDY (the notebooks'
+    default study, which `make lab` sets) are ignored."""
+    saved = {k: os.environ.pop(k, None) for k in ("MERGELAB_STORE", "MERGELAB_STUDY", "XDG_CACHE_HOME")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
     yield
     for k, v in saved.items():

@@ -51,10 +51,16 @@ def _outputs(nb: nbformat.NotebookNode, kind: str) -> list:
 def test_notebook_draws_its_figures_from_the_study(study_store, name):
     path = REPO / "notebooks" / f"{name}.ipynb"
     first_code = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
-    assert first_code.metadata["tags"] == ["parameters"] and 'STORE = "data/store"' in first_code.source
+    assert first_code.metadata["tags"] == ["parameters"] and 'os.environ.get("MERGELAB_STORE", "data/store")' in first_code.source
     nb = _execute(path, {"STORE": str(study_store), "STUDY": STUDY})
     pngs = [o for o in _outputs(nb, "display_data") if "image/png" in o.data]
     assert len(pngs) >= FIGURES[name]
     assert not _outputs(nb, "error")
     assert "not computed" not in "".join(o.get("text", "") for o in _outputs(nb, "stream"))
     assert "not the papers' numbers" in nb.cells[0].source
+    paper_cells = [c for c in nb.cells if any(t.startswith("paper:") for t in c.metadata.get("tags", []))]
+    assert paper_cells and all(_shown(c) for c in paper_cells)  # every cell tagged with a paper item draws it
+
+
+def _shown(cell: nbformat.NotebookNode) -> bool:
+    return any(o.output_type in ("display_data", "execute_result") for o in cell.outputs)

@@ -10,13 +10,14 @@ Dataset, so the notebooks' skip paths run too.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from helpers import MICRO_LABEL, publish_analyses
 
 from analysis import data
-from analysis.report import REPO, execute_notebook, report
+from analysis.report import INDEX, REPO, cell_outputs, execute_notebook, report
 from mergelab.data.micro import load_micro
 from mergelab.merging import merge
 from mergelab.store import Store
@@ -24,9 +25,9 @@ from mergelab.store import Store
 pytestmark = pytest.mark.notebook
 
 STUDY = "micro"
-MIN_FIGURES = {"10_tara_geometry": 10, "20_adarank_spectra": 7, "30_core_space": 6, "40_tas_geometry": 9}
+MIN_FIGURES = {"10_tara_geometry": 11, "20_adarank_spectra": 7, "30_core_space": 6, "40_tas_geometry": 9}
 #: Figures of the model-dependent analyses (cells calling ``analysis.model_figures``) each notebook must draw.
-MODEL_FIGURES = {"10_tara_geometry": 5, "20_adarank_spectra": 3, "30_core_space": 0, "40_tas_geometry": 4}
+MODEL_FIGURES = {"10_tara_geometry": 6, "20_adarank_spectra": 3, "30_core_space": 0, "40_tas_geometry": 4}
 PAPER_NOTEBOOKS = [REPO / "notebooks" / f"{name}.ipynb" for name in MIN_FIGURES]
 
 
@@ -57,17 +58,21 @@ def test_paper_notebook_draws_its_figures_from_the_study(workdir, path):
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     printed = "".join(o.text for o in _outputs(nb, "stream"))
     assert data.NOT_COMPUTED not in printed  # every Dataset the notebooks read was published
+    drawn = [cell for cell in cell_outputs(nb, path.name) if cell.items]
+    assert drawn and all(cell.shown for cell in drawn)  # every cell tagged with a paper item draws it
 
 
 def test_report_on_a_study_with_fewer_analyses_writes_every_notebook(workdir, tmp_path):
     files = report(PAPER_NOTEBOOKS, {"STORE": str(workdir / "data" / "store"), "STUDY": "sparse"}, tmp_path / "reports", cwd=tmp_path)
     htmls = [f for f in files if f.suffix == ".html"]
-    assert [f.name for f in htmls] == [f"{name}.html" for name in MIN_FIGURES]
+    assert [f.name for f in htmls] == [f"{name}.html" for name in MIN_FIGURES] + [INDEX]
     assert all(f.is_file() and f.is_relative_to(tmp_path / "reports") for f in files)
     pngs = sorted(f.relative_to(tmp_path / "reports").as_posix() for f in files if f.suffix == ".png")
-    assert pngs == ["40_tas_geometry/fig-01.png", "40_tas_geometry/fig-02.png"]  # only the norms figures can be drawn
-    for html in htmls:
+    assert pngs == ["40_tas_geometry/004-fig13.png", "40_tas_geometry/004-fig5-left.png"]  # only the norms figures can be drawn
+    for html in htmls[:-1]:
         assert data.NOT_COMPUTED in html.read_text()
+    index = htmls[-1].read_text()  # the norms items, drawn; nothing the study did not compute
+    assert ["004 Fig. 5 (left)", "004 Fig. 12", "004 Fig. 13", "004 Tab. 3"] == re.findall(r"<tr><td>([^<]+)</td>", index)
 
 
 def test_optional_returns_the_dataset_or_says_it_was_not_computed(workdir, capsys):

@@ -1,16 +1,23 @@
-"""analysis.report: parameters injected into the tagged cell, HTML + PNG export, failures as one-line InputErrors."""
+"""analysis.report: parameters injected into the tagged cell, HTML + PNG export named after paper items, the
+index, parallel runs with progress lines, failures as one-line InputErrors; the `mergelab report` command."""
 
 from __future__ import annotations
 
 import base64
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import nbformat
 import pytest
+import xarray as xr
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+from typer.testing import CliRunner
 
 from analysis import report
+from mergelab.cli import app
 from mergelab.errors import InputError
+from mergelab.store import Store
 
 pytestmark = pytest.mark.notebook
 
@@ -18,9 +25,10 @@ PNG = base64.b64decode(  # a 1x1 PNG
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 
 
-def _write(path: Path, *code: str, params: str = 'GREETING = "hello"  # a default\nN = 1') -> Path:
+def _write(path: Path, *code: str | tuple[str, list[str]], params: str = 'GREETING = "hello"  # a default\nN = 1') -> Path:
+    """A notebook: a markdown cell, the parameters cell, then one code cell per ``code`` (a source, or a source and its tags)."""
     cells = [new_markdown_cell("# tiny"), new_code_cell(params, metadata={"tags": ["parameters"]}),
-             *(new_code_cell(c) for c in code)]
+             *(new_code_cell(c) if isinstance(c, str) else new_code_cell(c[0], metadata={"tags": c[1]}) for c in code)]
     nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), path)
     return path
 
@@ -55,17 +63,24 @@ def test_parameters_are_injected_and_the_export_has_html_and_pngs(tmp_path):
     assert "hihihi" in files[0].read_text() and "data:image/png;base64" in files[0].read_text()
 
 
-def test_a_failing_notebook_raises_one_line_and_leaves_no_output(tmp_path):
-    bad = _write(tmp_path / "bad.ipynb", "x = 1", "raise ValueError('boom\\nsecond line')", "print('never')")
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_a_failing_notebook_raises_one_line_and_leaves_no_output(tmp_path, jobs):
+    # with three kernels at once bad.ipynb fails after worse.ipynb has; the message still follows the notebooks' order
+    late = _write(tmp_path / "bad.ipynb", "import time; time.sleep(2)", "raise ValueError('boom\\nsecond line')", "print('never')")
     good = _write(tmp_path / "good.ipynb", "print(GREETING)")
+    early = _write(tmp_path / "worse.ipynb", "1 / 0")
     out = tmp_path / "reports"
+    lines: list[str] = []
     with pytest.raises(InputError) as info:
-        report.report([bad, good], {"GREETING": "hi"}, out, cwd=tmp_path, timeout=120)
+        report.report([late, good, early], {"GREETING": "hi"}, out, cwd=tmp_path, timeout=120, jobs=jobs, progress=lines.append)
     message = str(info.value)
     assert "\n" not in message and "Traceback" not in message
-    assert message.startswith("notebook bad.ipynb failed at cell 4 (\"raise ValueError('boom\\\\nsecond line')\"): ValueError: boom second line")
-    assert "other notebooks were written" in message
-    assert sorted(p.name for p in out.iterdir()) == ["good", "good.html"]  # nothing for bad, no staging left behind
+    assert message.startswith("notebook bad.ipynb failed at cell 4 (\"raise ValueError('boom\\\\nsecond line')\"): ValueError: boom second line; "
+                              "notebook worse.ipynb failed at cell 3 ('1 / 0'): ZeroDivisionError")
+    assert message.endswith(f"(the 1 other notebooks were written to {out})")
+    assert sorted(p.name for p in out.iterdir()) == ["good", "good.html", "index.html"]  # nothing for bad, no staging left behind
+    assert sorted(re.sub(r"\d+\.\d s", "S s", line.split(" ", 2)[2]) for line in lines) == [
+        "bad: failed after S s", "good: done in S s", "worse: failed after S s"]
 
 
 def test_bad_parameters_are_input_errors_before_any_kernel_starts(tmp_path):
@@ -99,9 +114,191 @@ def test_export_replaces_a_previous_export_as_a_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paper", "paper.html"]
 
 
-def test_the_repository_notebooks_are_listed_in_order():
+def _parameters(nb: nbformat.NotebookNode) -> dict:
+    """The values the notebook's parameters cell assigns, run on its own."""
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    namespace: dict = {}
+    exec(cell.source, namespace)
+    return {name: namespace[name] for name in ("STORE", "STUDY")}
+
+
+def test_the_repository_notebooks_are_listed_in_order_and_take_the_study_from_the_environment(monkeypatch):
     names = [p.name for p in report.list_notebooks()]
     assert names == sorted(names) and {"10_tara_geometry.ipynb", "30_core_space.ipynb"} <= set(names)
     for path in report.list_notebooks():  # every notebook takes the study parameters from a tagged cell
-        cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
-        assert 'STORE = "data/store"' in cell.source and 'STUDY = "micro"' in cell.source
+        nb = nbformat.read(path, as_version=4)
+        monkeypatch.delenv("MERGELAB_STORE", raising=False)
+        monkeypatch.delenv("MERGELAB_STUDY", raising=False)
+        assert _parameters(nb) == {"STORE": "data/store", "STUDY": "micro"}, path.name
+        monkeypatch.setenv("MERGELAB_STORE", "memory://lab")  # what `make lab` sets
+        monkeypatch.setenv("MERGELAB_STUDY", "other")
+        assert _parameters(nb) == {"STORE": "memory://lab", "STUDY": "other"}, path.name
+        report._inject(nb, {"STORE": "s3://given", "STUDY": "given"}, path.name)  # the report's values beat the environment
+        assert _parameters(nb) == {"STORE": "s3://given", "STUDY": "given"}, path.name
+
+
+def _cell(*pngs: int, tags: tuple[str, ...] = (), table: bool = False, printed: bool = False) -> nbformat.NotebookNode:
+    """A code cell with ``len(pngs)`` PNG outputs (``pngs`` are their widths, to tell them apart), a table or a print."""
+    outputs = [new_output("display_data", data={"image/png": base64.b64encode(PNG + bytes([w])).decode(), "text/plain": "<Figure>"})
+               for w in pngs]
+    outputs += [new_output("display_data", data={"text/html": "<table></table>", "text/plain": "table"})] if table else []
+    outputs += [new_output("stream", name="stdout", text="analysis/x: not computed in this study\n")] if printed else []
+    return new_code_cell("...", outputs=outputs, metadata={"tags": list(tags)})
+
+
+def _tagged_notebook() -> nbformat.NotebookNode:
+    cells = [_cell(1, 2, tags=("paper:001-fig3",)), _cell(3), _cell(tags=("paper:003-tab3", "paper:001-tab1"), table=True),
+             _cell(4, tags=("paper:001-fig3",)), _cell(5), _cell(tags=("paper:002-fig1",), printed=True),
+             _cell(6, tags=("paper:004-fig5-left", "paper:004-fig12"))]
+    return new_notebook(cells=cells, metadata={"mergelab": {"notebook": "paper"}})
+
+
+def test_a_tagged_cell_names_its_pngs_after_the_paper_item(tmp_path):
+    files = report.export(_tagged_notebook(), tmp_path)
+    assert [p.name for p in files] == ["paper.html", "001-fig3.png", "001-fig3-2.png", "fig-01.png", "001-fig3-3.png",
+                                       "fig-02.png", "004-fig5-left.png"]
+    assert [p.read_bytes()[-1] for p in files[1:]] == [1, 2, 3, 4, 5, 6]  # each file holds its own output
+    assert sorted(p.name for p in (tmp_path / "paper").iterdir()) == sorted(p.name for p in files[1:])
+    assert report.item_label("004-fig5-left") == "004 Fig. 5 (left)" and report.item_label("003-tab10") == "003 Tab. 10"
+    for bad in ("paper:fig3", "paper:001-figure3", "paper:001-fig3-Left", "paper:1-tab2"):
+        nb = new_notebook(cells=[_cell(1, tags=(bad,))], metadata={"mergelab": {"notebook": "bad"}})
+        with pytest.raises(InputError, match=f"bad.ipynb: cell .* has the tag {bad}; name a paper item as paper:<NNN>-fig<N>"):
+            report.export(nb, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+class _Links(HTMLParser):
+    """The table rows (cell texts) and every href of an HTML page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.hrefs: list[str] = []
+        self.in_cell = False
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "tr":
+            self.rows.append([])
+        elif tag == "td":
+            self.rows[-1].append("")
+            self.in_cell = True
+        self.hrefs += [value for name, value in attrs if tag == "a" and name == "href"]
+
+    def handle_endtag(self, tag: str) -> None:
+        self.in_cell = self.in_cell and tag != "td"
+
+    def handle_data(self, data: str) -> None:
+        if self.in_cell:
+            self.rows[-1][-1] += data
+
+
+def test_the_index_lists_each_drawn_item_with_links_to_its_pngs_and_cell(tmp_path):
+    nb = _tagged_notebook()
+    report.export(nb, tmp_path)
+    other = new_notebook(cells=[_cell(7, tags=("paper:000-fig10",))], metadata={"mergelab": {"notebook": "other"}})
+    report.export(other, tmp_path)
+    pages = {"paper": report.cell_outputs(nb, "paper.ipynb"), "other": report.cell_outputs(other, "other.ipynb")}
+    index = report.write_index(tmp_path, pages, {"STORE": "data/store", "STUDY": "micro"})
+    assert index == tmp_path / "index.html"
+    parsed = _Links()
+    parsed.feed(index.read_text())
+    rows = [row for row in parsed.rows if row]
+    # sorted by paper and item; a cell under each of its tags; 002 Fig. 1 printed "not computed" and is left out
+    assert [row[0] for row in rows] == ["000 Fig. 10", "001 Fig. 3", "001 Fig. 3", "001 Tab. 1", "003 Tab. 3",
+                                        "004 Fig. 5 (left)", "004 Fig. 12"]
+    assert rows[1][1:] == ["paper", "001-fig3.png, 001-fig3-2.png"] and rows[2][2] == "001-fig3-3.png"
+    assert rows[3][2] == rows[4][2] == "a table, in the notebook page"
+    assert rows[5][2] == rows[6][2] == "004-fig5-left.png"
+    table_cell = nb.cells[2].id
+    assert f"paper.html#cell-id={table_cell}" in parsed.hrefs and f'id="cell-id={table_cell}"' in (tmp_path / "paper.html").read_text()
+    assert {"paper/001-fig3-2.png", "other/000-fig10.png", "paper.html", "other.html"} <= set(parsed.hrefs)
+    assert all((tmp_path / href.split("#")[0]).is_file() for href in parsed.hrefs)  # every link resolves
+    assert "STUDY = &#x27;micro&#x27;" in index.read_text() and "not the papers' numbers" in index.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "other", "other.html", "paper", "paper.html"]  # no temporary file left
+
+
+def test_default_jobs_is_half_the_cores_and_at_most_one_per_notebook(monkeypatch):
+    for cores, notebooks, jobs in [(16, 7, 7), (16, 20, 8), (2, 7, 1), (1, 7, 1), (None, 7, 1)]:
+        monkeypatch.setattr(report.os, "cpu_count", lambda cores=cores: cores)
+        assert report.default_jobs(notebooks) == jobs
+    with pytest.raises(InputError, match="jobs=0"):
+        report.report(["x.ipynb"], {}, jobs=0)
+
+
+#: Each notebook logs its start, waits until AT_ONCE notebooks have started (the kernels run at once) and logs its end.
+BARRIER = """import pathlib, time
+log = pathlib.Path(LOG)
+with log.open("a") as f:
+    f.write("start {name}\\n")
+deadline = time.monotonic() + 60  # a guard: fail instead of hanging when the others never start
+while log.read_text().count("start") < AT_ONCE:
+    assert time.monotonic() < deadline, "the other notebooks did not run at the same time"
+    time.sleep(0.05)
+with log.open("a") as f:
+    f.write("end {name}\\n")"""
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_report_runs_jobs_notebooks_at_once_and_prints_a_line_as_each_ends(tmp_path, jobs):
+    log = tmp_path / "log.txt"
+    paths = [_write(tmp_path / f"n{i}.ipynb", BARRIER.format(name=f"n{i}"), (GOOD, ["paper:001-fig3"]), params='LOG = ""\nAT_ONCE = 1\nN = 1\nGREETING = ""')
+             for i in (1, 2, 3)]
+    lines: list[str] = []
+    files = report.report(paths, {"LOG": str(log), "AT_ONCE": jobs}, tmp_path / "out", cwd=tmp_path, timeout=120, jobs=jobs,
+                          progress=lines.append)
+    running, most = 0, 0
+    for event in log.read_text().split():
+        running += {"start": 1, "end": -1}.get(event, 0)
+        most = max(most, running)
+    assert most == jobs  # exactly `jobs` kernels at once, never more
+    assert [re.fullmatch(r"notebook (\d)/3 (n\d): done in \d+\.\d s", line)[1] for line in lines] == ["1", "2", "3"]
+    assert sorted(line.split()[2] for line in lines) == ["n1:", "n2:", "n3:"]
+    out = tmp_path / "out"
+    assert files == [out / "n1.html", out / "n1" / "001-fig3.png", out / "n2.html", out / "n2" / "001-fig3.png",
+                     out / "n3.html", out / "n3" / "001-fig3.png", out / "index.html"]  # the notebooks' order, the index last
+    assert [f"n{i}/001-fig3.png" in files[-1].read_text() for i in (1, 2, 3)] == [True] * 3
+
+
+def test_the_report_command_prints_plain_progress_lines_and_writes_the_index(tmp_path):
+    store = Store(tmp_path / "store")
+    key = store.key("test.report", "1", name="results")
+    store.put_dataset(key, xr.Dataset({"score": ("task", [0.5])}))
+    store.set_ref("studies/tiny/results", key)
+    path = _write(tmp_path / "tiny.ipynb", ("print(STORE, STUDY)\n" + GOOD, ["paper:001-fig3"]), params='STORE = "data/store"\nSTUDY = "micro"\nGREETING = "hi"\nN = 1')
+    out = tmp_path / "reports"
+    result = CliRunner().invoke(app, ["report", "--store", str(tmp_path / "store"), "--study", "tiny", "--out", str(out),
+                                      "--notebook", str(path), "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    # stderr is no terminal here: one plain line, no spinner, no escape codes
+    assert re.search(r"^notebook 1/1 tiny: done in \d+\.\d s$", result.stderr, re.M) and "\x1b" not in result.stderr
+    assert f"wrote 1 HTML reports and 1 figures under {out}" in result.stdout and str(out / "index.html") in result.stdout
+    assert (out / "tiny" / "001-fig3.png").is_file() and "tiny/001-fig3.png" in (out / "index.html").read_text()
+    assert f"{(tmp_path / 'store').resolve()} tiny" in (out / "tiny.html").read_text()
+    refused = CliRunner().invoke(app, ["report", "--store", str(tmp_path / "store"), "--study", "tiny", "--jobs", "0"])
+    assert refused.exit_code == 2 and "--jobs" in refused.output
+
+
+#: The figures and tables of each paper, by number (parts such as 004 Fig. 5 (left) share their number).
+PAPER_ITEMS = {"000": (range(5, 13), range(5, 16)), "001": (range(1, 12), range(1, 11)), "002": (range(1, 7), range(1, 12)),
+               "003": (range(1, 7), range(1, 11)), "004": (range(1, 15), range(1, 5))}
+
+
+def test_the_figure_index_lists_every_paper_item_and_exactly_the_tagged_cells():
+    text = (report.REPO / "notebooks" / "README.md").read_text()
+    rows = [line.strip().strip("|").split(" | ") for line in text.splitlines() if re.match(r"\| 00\d (Fig|Tab)\. \d", line)]
+    labels = [row[0].strip() for row in rows]
+    assert len(labels) == len(set(labels))
+    numbered = {re.sub(r" \(\w+\)$", "", label) for label in labels}
+    assert numbered == {f"{paper} {kind} {n}" for paper, (figs, tabs) in PAPER_ITEMS.items()
+                        for kind, numbers in (("Fig.", figs), ("Tab.", tabs)) for n in numbers}
+    listed = set()
+    for label, _, status, where in (map(str.strip, row) for row in rows):
+        found = re.fullmatch(r"`(\S+\.ipynb)` `paper:(\S+)`( \(the cell of .+\))?", where)
+        assert (found is not None) == status.startswith(("drawn", "partial: ")), label  # drawn items name their cell
+        assert status.startswith(("drawn", "partial: ", "missing, feasible on micro", "needs ", "diagram, not data", "formulas, not data")), label
+        if found:
+            assert report.item_label(found[2]) == label
+            listed.add((found[1], found[2]))
+    tagged = {(path.name, item) for path in report.list_notebooks() for cell in nbformat.read(path, as_version=4).cells
+              for item in report.paper_items(cell, path.name)}
+    assert listed == tagged

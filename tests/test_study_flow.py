@@ -396,7 +396,9 @@ def test_report_executes_the_overview_notebook_against_the_study_store(first_run
                                     "--notebook", str(REPO / "notebooks/00_overview.ipynb")])
     assert done.exit_code == 0, done.output
     assert (out / "00_overview.html").stat().st_size > 10_000
-    assert len(list((out / "00_overview").glob("fig-*.png"))) == 2  # per-task heatmap, accuracy vs merge time
+    # the per-task heatmap and accuracy vs merge time, named after their paper items; the index lists them
+    assert sorted(p.name for p in (out / "00_overview").glob("*.png")) == ["003-fig1.png", "003-tab3.png"]
+    assert "00_overview/003-fig1.png" in (out / "index.html").read_text()
     missing = CliRunner().invoke(app, ["report", "--store", store, "--study", "nosuch", "--out", str(out)])
     assert missing.exit_code == 2 and "no study 'nosuch'" in missing.output
 

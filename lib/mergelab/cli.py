@@ -443,9 +443,17 @@ def report(
     study: Annotated[str, typer.Option(help="The study whose Datasets the notebooks draw: a study file or a name (studies/NAME.yaml gives its store).")] = "micro",
     out: Annotated[Path, typer.Option(help="Where HTML and PNG files are written.")] = Path("data/reports"),
     notebooks: Annotated[Optional[list[Path]], typer.Option("--notebook", help="Run only these notebooks (default: notebooks/*.ipynb).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="Notebooks run at once (default: half the CPU cores, at most one per notebook).")] = None,
 ) -> None:
-    """Execute the notebooks against the store; write each as HTML plus its figures as PNG under --out."""
-    from analysis.report import list_notebooks
+    """Execute the notebooks against the store; write each as HTML plus its figures as PNG under --out.
+
+    A figure drawn by a cell tagged paper:<item> is written as <notebook>/<item>.png, other figures
+    as <notebook>/fig-NN.png; index.html lists the paper figures and tables drawn. One progress line
+    per notebook goes to stderr.
+    """
+    import contextlib
+
+    from analysis.report import INDEX, list_notebooks
     from analysis.report import report as run_report
     from mergelab.config import load_study
     from mergelab.store import Store, default_store_url
@@ -459,10 +467,15 @@ def report(
     if f"studies/{study}/results" not in Store(url).refs() and not any(r.startswith(f"studies/{study}/") for r in Store(url).refs()):
         raise InputError(f"store {url} has no study {study!r}; run `mergelab run` (or `make demo`) first, or pass --store/--study")
     paths = notebooks or list_notebooks()
-    with console.status(f"executing {len(paths)} notebooks against {url} (study {study})"):
-        written = run_report(paths, {"STORE": str(Path(url).resolve()) if "://" not in url else url, "STUDY": study}, out_dir=out)
+    params = {"STORE": str(Path(url).resolve()) if "://" not in url else url, "STUDY": study}
+    # a spinner under a terminal; in a log, only the plain progress lines
+    status = err_console.status(f"executing {len(paths)} notebooks against {url} (study {study})") if err_console.is_terminal else contextlib.nullcontext()
+    with status:
+        written = run_report(paths, params, out_dir=out, jobs=jobs,
+                             progress=lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
     pngs = sum(p.suffix == ".png" for p in written)
-    console.print(f"wrote {len(written) - pngs} HTML reports and {pngs} figures under {out}", highlight=False)
+    console.print(f"wrote {len(written) - pngs - 1} HTML reports and {pngs} figures under {out}; "
+                  f"the paper figures and tables drawn are listed in {out / INDEX}", highlight=False, soft_wrap=True)
 
 
 # merge -------------------------------------------------------------------------------------------
