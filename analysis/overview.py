@@ -12,6 +12,7 @@ import pandas as pd
 import seaborn as sns
 import xarray as xr
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from analysis.style import PALETTE, PaperFigure, palette
 
@@ -71,13 +72,15 @@ def accuracy_vs_merge_time(ds: xr.Dataset) -> Figure:
     spaces = list(dict.fromkeys(frame["space"]))
     methods = sorted(frame["method"].unique())
     markers = {m: "os^D"[i // len(PALETTE) % 4] for i, m in enumerate(methods)}  # colour x marker: 40 distinct methods
-    fig = PaperFigure(figsize=(3.6 * len(spaces) + 2.2, 4.0), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(spaces), sharey=True, squeeze=False)).ravel()
+    colours = palette(methods)
+    fig = PaperFigure(figsize=(3.6 * len(spaces) + 2.4, 4.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(spaces), sharex=True, sharey=True, squeeze=False)).ravel()
     for ax, space in zip(axes, spaces, strict=True):
         sns.scatterplot(frame[frame["space"] == space], x="seconds", y="value", hue="method", style="method", s=60, ax=ax,
-                        palette=palette(methods), markers=markers, hue_order=methods, style_order=methods,
-                        legend="full" if ax is axes[-1] else False)
+                        palette=colours, markers=markers, hue_order=methods, style_order=methods, legend=False)
         ax.set_xscale("log")
         ax.set(title=f"{space} space", xlabel="merge wall time (s, log scale)", ylabel="mean normalised accuracy (%)")
+    handles = [Line2D([], [], linestyle="", marker=markers[m], color=colours[m], label=m) for m in methods]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=7, frameon=False, title="method")
     fig.suptitle(_title(ds, "accuracy against merge time", "003 Fig. 1"), fontsize=10)
     return fig

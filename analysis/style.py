@@ -8,8 +8,8 @@ creates; just before it is drawn (shown in a notebook, saved as PNG or PDF) it p
 * line colours come from seaborn's ``colorblind`` palette (10 hues, distinct under the common
   colour-vision deficiencies), crossed with two line styles: 20 series stay distinct;
 * an axis labelled ``layer …`` of a numeric plot gets integer ticks (blocks are integers);
-* every legend sits outside its axes (to the right, or below a panel that shares its row), so it
-  never covers data.
+* every legend sits outside its axes (to the right, or below the x-axis label of a panel that
+  shares its row), so it never covers data.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ def _integer_layer_ticks(ax: Axes) -> None:
             axis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _legend_outside(ax: Axes) -> None:
-    """Re-place the legend outside ``ax``: to the right of a panel alone in its row, below a panel
-    that shares its row (several legends to the right would squeeze the panels to nothing)."""
+def _legend_outside(ax: Axes, renderer) -> None:
+    """Re-place the legend outside ``ax``: to the right of a panel alone in its row, below the
+    x-axis label of a panel that shares its row (several legends to the right would squeeze the
+    panels to nothing)."""
     legend = ax.get_legend()
     if legend is None or getattr(legend, "_mergelab_outside", False):
         return
@@ -52,18 +53,22 @@ def _legend_outside(ax: Axes) -> None:
     title = legend.get_title().get_text() or None
     size = legend.get_texts()[0].get_fontsize() if labels else 7
     spec = ax.get_subplotspec()
-    alone = spec is None or spec.get_gridspec().ncols == 1
-    where = ({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if alone
-             else {"loc": "upper center", "bbox_to_anchor": (0.5, -0.18), "ncols": min(2, max(1, len(labels)))})
+    if spec is None or spec.get_gridspec().ncols == 1:
+        where = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}
+    else:
+        below = ax.xaxis.get_tightbbox(renderer) if renderer is not None else None
+        top = ax.transAxes.inverted().transform((0.0, below.y0))[1] - 0.02 if below is not None else -0.3
+        where = {"loc": "upper center", "bbox_to_anchor": (0.5, top), "ncols": 1}
     moved = ax.legend(handles, labels, title=title, fontsize=size, borderaxespad=0.0, frameon=False, **where)
     moved._mergelab_outside = True
 
 
-def tidy(fig: Figure) -> Figure:
-    """Apply the rules of this module to every axes of ``fig`` (idempotent)."""
+def tidy(fig: Figure, renderer=None) -> Figure:
+    """Apply the rules of this module to every axes of ``fig`` (idempotent); ``renderer`` places a
+    legend below its panel's x-axis label."""
     for ax in fig.axes:
         _integer_layer_ticks(ax)
-        _legend_outside(ax)
+        _legend_outside(ax, renderer)
     return fig
 
 
@@ -81,5 +86,5 @@ class PaperFigure(Figure):
         return ax
 
     def draw(self, renderer):  # noqa: D102 (Figure's)
-        tidy(self)
+        tidy(self, renderer)
         return super().draw(renderer)
