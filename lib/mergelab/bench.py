@@ -111,7 +111,8 @@ def _folder_bench(name: str, backbone: Backbone, spec: BenchSpec, tasks: Sequenc
             raise InputError(f"tasks: {t.name} has no data folder; give data: ROOT with ROOT/<split>/<class>/<image>")
         built[t.name] = folder_task(t.data, name=t.name, image_size=size, classnames=t.classnames,
                                     templates=tuple(t.templates) if t.templates else DEFAULT_TEMPLATES)
-    data_id = content_hash({"arch": spec.arch, "weights": weights_id, "size": size,  # as before hf_clip: open_clip keys hold
+    # no "kind" field: the data ids (and so the evaluation keys) of open_clip benches stay what they were
+    data_id = content_hash({"arch": spec.arch, "weights": weights_id, "size": size,
                             "tasks": [(_task_id(built[t.name]), _folder_id(Path(t.data))) for t in tasks]})
     return Bench(name, backbone, built, [(t.name, Path(t.adapter or t.checkpoint)) for t in tasks], data_id)
 
