@@ -33,9 +33,9 @@ import time
 import torch
 
 from mergelab.adaptation import adapt, build
-from mergelab.adaptation.inputs import classification_forward, unlabeled_batches
 from mergelab.adaptation.objectives import entropy
-from mergelab.data.micro import load_micro
+from mergelab.bench import BenchSpec, load_bench
+from mergelab.bench import BenchSession
 from mergelab.profiling import measure
 from mergelab.synthetic import VIT_B32_ATTENTION, random_taskset
 
@@ -65,17 +65,15 @@ def _release() -> None:
 
 
 def micro_end_to_end(args) -> list[dict]:
-    micro = load_micro(args.micro)
-    names = list(micro.tasks)[: args.tasks]
-    taskset = micro.taskset(rank=args.rank).subset(names)
-    tasks = [micro.tasks[n] for n in names]
-    forward = classification_forward(micro.backbone, tasks, taskset.module_names)
-    for task in tasks:  # generate the splits before any measurement
-        task.tensors("val")
+    session = BenchSession(load_bench(BenchSpec(root=args.micro, rank=args.rank)))
+    names = session.names[: args.tasks]
+    taskset = session.taskset.subset(names)
+    forward = session.forward(names, taskset.module_names)
+    session.warm()  # the splits and heads before any measurement
 
     def plain_step() -> None:
         params = {m: w.clone().requires_grad_(True) for m, w in forward.base.items()}
-        batch = [next(s) for s in unlabeled_batches(tasks, args.batch, seed=0)]
+        batch = [next(s) for s in session.val_streams(names, args.batch, seed=0)]
         total = sum(entropy(forward.logits(t, x, params)) for t, x in enumerate(batch))
         total.backward()
 
@@ -84,9 +82,9 @@ def micro_end_to_end(args) -> list[dict]:
     plain = measure(plain_step)
     rows = [{"label": "plain forward/backward", "seconds_per_iter": plain.wall_s, "peak": plain.peak_bytes}]
     for label, (method, hp) in CONFIGS.items():
-        adapt(method, taskset, forward, unlabeled_batches(tasks, args.batch, seed=0), iters=args.warmup, **hp)
+        adapt(method, taskset, forward, session.val_streams(names, args.batch, seed=0), iters=args.warmup, **hp)
         _release()
-        run = measure(lambda method=method, hp=hp: adapt(method, taskset, forward, unlabeled_batches(tasks, args.batch, seed=1),
+        run = measure(lambda method=method, hp=hp: adapt(method, taskset, forward, session.val_streams(names, args.batch, seed=1),
                                                          iters=args.iters, **hp))
         rows.append({"label": label, "seconds_per_iter": run.value.seconds_per_iter, "peak": run.peak_bytes,
                      "rank": max(u.rank for u in run.value.merged.modules.values())})

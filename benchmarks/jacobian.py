@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 
 from mergelab.analysis import anisotropy as an
-from mergelab.analysis.batches import image_batches, task_loss, weights_of
-from mergelab.bench import load_bench
-from mergelab.config import BenchSpec
-from mergelab.evaluation.heads import task_head
+from mergelab.analysis.batches import task_loss
+from mergelab.bench import BenchSpec, load_bench
+from mergelab.bench import BenchSession
 from mergelab.merging import merge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,12 +58,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    bench = load_bench(BenchSpec(root=ROOT / "data" / "micro", rank=args.rank))
-    taskset, backbone = bench.taskset, bench.backbone
-    tasks = [bench.tasks[n] for n in taskset.names]
-    batches = [image_batches(t, batch_size=args.images, batches=1) for t in tasks]
-    heads = [task_head(backbone, t) for t in tasks]
-    params = weights_of(backbone.base_state(), merge(taskset, "task_arithmetic", "full", alpha=0.3))
+    session = BenchSession(load_bench(BenchSpec(root=ROOT / "data" / "micro", rank=args.rank)))
+    taskset, backbone, tasks = session.taskset, session.backbone, session.names
+    batches = [session.val_batches(n, batch_size=args.images, batches=1) for n in tasks]
+    heads = [session.head(n) for n in tasks]
+    params = {**session.base, **session.weights(merge(taskset, "task_arithmetic", "full", alpha=0.3))}
     names = list(taskset.module_names)
 
     an.loss_gradients(backbone, heads[:1], batches[:1], params, names)  # warm-up (lazy initialisation), untimed

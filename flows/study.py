@@ -102,40 +102,36 @@ def _load(study: str | StudySpec, store: str | None) -> tuple[StudySpec, nodes.C
 @flow(name="stage")
 def stage_flow(study: str, store: str | None = None) -> StudyRun:
     """Load and hash the study's checkpoints; record them in the store."""
-    _, _, submit = _load(study, store)
-    return StudyRun(nodes=submit("stage", [()]))
+    _, ctx, submit = _load(study, store)
+    return StudyRun(nodes=nodes.run_graph(ctx, submit, phases=["stage"])[0])
 
 
 @flow(name="merge_sweep")
 def merge_sweep(study: str, store: str | None = None) -> StudyRun:
     """Every static merge of the study (methods × spaces × grid configurations)."""
-    spec, _, submit = _load(study, store)
-    return StudyRun(nodes=submit("stage", [()]) + submit("merge", [(j,) for j in nodes.merge_jobs(spec)]))
+    _, ctx, submit = _load(study, store)
+    return StudyRun(nodes=nodes.run_graph(ctx, submit, phases=["merge"])[0])
 
 
 @flow(name="adapt")
 def adapt_flow(study: str, store: str | None = None) -> StudyRun:
     """Every adaptive run and adaptation study of the study (on unlabeled validation batches)."""
-    spec, _, submit = _load(study, store)
-    return StudyRun(nodes=submit("stage", [()]) + submit("adapt", [(j,) for j in nodes.adapt_jobs(spec)])
-                    + submit("adaptation_study", [(name,) for name in spec.adaptation_studies]))
+    _, ctx, submit = _load(study, store)
+    return StudyRun(nodes=nodes.run_graph(ctx, submit, phases=["adapt", "adaptation_study"])[0])
 
 
 @flow(name="evaluate")
 def evaluate_flow(study: str, store: str | None = None) -> StudyRun:
     """Reference scores and the evaluation of every merged model (merging what is missing)."""
-    spec, ctx, submit = _load(study, store)
-    staged = submit("stage", [()])
-    references = submit("reference", [(n,) for n in [None, *ctx.bench.tasks]])
-    produced = submit("merge", [(j,) for j in nodes.merge_jobs(spec)]) + submit("adapt", [(j,) for j in nodes.adapt_jobs(spec)])
-    return StudyRun(nodes=staged + references + produced + submit("evaluate", [(p,) for p in produced]))
+    _, ctx, submit = _load(study, store)
+    return StudyRun(nodes=nodes.run_graph(ctx, submit, phases=["evaluate"])[0])
 
 
 @flow(name="analyze")
 def analyze_flow(study: str, store: str | None = None, analyses: list[str] | None = None) -> StudyRun:
-    """The study's analyses (or the named ones of :data:`~mergelab.analysis.registry.ANALYSES`), one
+    """The study's analyses (or the named ones of :data:`~mergelab.experiments.registry.ANALYSES`), one
     task each; analyses of merged models take the selected merges of the study's last run."""
-    from mergelab.analysis.registry import ANALYSES
+    from mergelab.experiments.registry import ANALYSES
 
     spec, ctx, submit = _load(study, store)
     names = list(analyses or spec.analyses)

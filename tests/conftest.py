@@ -72,17 +72,17 @@ def store(tmp_path):
 
 @pytest.fixture(scope="session")
 def micro_pair():
-    """The shipped micro benchmark, rank-4 adapters of two tasks (model-dependent analyses)."""
-    from mergelab.bench import load_bench
-    from mergelab.config import BenchSpec
+    """A session on the shipped micro benchmark, rank-4 adapters of two tasks (model-dependent analyses)."""
+    from mergelab.bench import BenchSpec, load_bench
+    from mergelab.bench import BenchSession
 
-    return load_bench(BenchSpec(root=REPO / "data" / "micro", rank=4), ["digits", "textures"])
+    return BenchSession(load_bench(BenchSpec(root=REPO / "data" / "micro", rank=4), ["digits", "textures"]))
 
 
 @pytest.fixture(scope="session")
 def micro():
     """The shipped micro benchmark (data/micro): backbone, eight tasks, rank-4 and rank-16 adapters."""
-    from mergelab.data.micro import load_micro
+    from mergelab.micro.benchmark import load_micro
 
     return load_micro(REPO / "data" / "micro")
 
@@ -122,14 +122,16 @@ def adaptation_studies(micro):
     Built with one torch thread (restored after): the shared 2-core machines run other jobs, and
     OpenMP's second thread then spins instead of working.
     """
-    from mergelab.adaptation.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
-    from mergelab.adaptation.studies import AdaptationSetting, adarank_ablation
+    from mergelab.bench import BenchSpec, load_bench
+    from mergelab.bench import BenchSession
+    from mergelab.experiments.adaptation_studies import AdaptationSetting, adarank_ablation
+    from mergelab.experiments.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        tasks = [micro.tasks[t] for t in ADAPT_TASKS]
-        setting = AdaptationSetting(micro.backbone, tasks, micro.taskset(rank=4).subset(ADAPT_TASKS), iters=2, batch_size=4)
+        session = BenchSession(load_bench(BenchSpec(root=micro.root, rank=4), ADAPT_TASKS))
+        setting = AdaptationSetting(session, iters=2, batch_size=4)
         label = "micro benchmark (rank-4 adapters, test schedule)"
         studies = {
             "preferences/pareto": pareto_sweep(setting, pair=ADAPT_TASKS[:2], n_preferences=3, dataset=label),
@@ -137,7 +139,7 @@ def adaptation_studies(micro):
             "preferences/stch_alpha": stch_alpha_ablation(setting, alphas=(0.5, 2.0), splits=("test",), dataset=label),
             "ablations/adarank": adarank_ablation(setting, splits=("test",), dataset=label),
         }
-        fast = AdaptationSetting(micro.backbone, tasks, setting.taskset, iters=4, batch_size=4, lr=0.05)
+        fast = AdaptationSetting(session, iters=4, batch_size=4, lr=0.05)
         history = fast.adapt("adarank", origin="cart", rank_ratio=0.05).history  # k = 4 of the 12 centred components
         history.attrs["dataset"] = label
         studies["adapt/adarank"] = history

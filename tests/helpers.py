@@ -9,8 +9,8 @@ from typing import Any
 
 import xarray as xr
 
-from mergelab.analysis.registry import ANALYSES
-from mergelab.bench import Bench
+from mergelab.bench import BenchSession
+from mergelab.experiments.registry import ANALYSES
 from mergelab.store import Store
 from mergelab.taskset import MergedUpdate, TaskSet
 
@@ -30,13 +30,13 @@ def _bench_kwargs(name: str, params: Mapping[str, Mapping[str, Any]] | None) -> 
     return {**ANALYSES[name].params, **BENCH_PARAMS.get(name, {}), **(params or {}).get(name, {})}
 
 
-def bench_analyses(bench: Bench, *, params: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, xr.Dataset]:
-    """Every ``needs="bench"`` analysis of the registry on ``bench`` with :data:`BENCH_PARAMS` (``params[name]`` overrides)."""
-    return {name: entry.fn(bench, **_bench_kwargs(name, params)) for name, entry in ANALYSES.items() if entry.needs == "bench"}
+def bench_analyses(session: BenchSession, *, params: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, xr.Dataset]:
+    """Every ``needs="bench"`` analysis of the registry on ``session`` with :data:`BENCH_PARAMS` (``params[name]`` overrides)."""
+    return {name: entry.fn(session, **_bench_kwargs(name, params)) for name, entry in ANALYSES.items() if entry.needs == "bench"}
 
 
 def publish_analyses(store: Store, study: str, taskset: TaskSet, *, merged: MergedUpdate | None = None,
-                     bench: Bench | None = None, computed: Mapping[str, xr.Dataset] | None = None,
+                     bench: BenchSession | None = None, computed: Mapping[str, xr.Dataset] | None = None,
                      names: Iterable[str] | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
                      label: str = MICRO_LABEL) -> dict[str, str]:
     """Compute registry analyses and publish each under ``studies/<study>/analysis/<name>``, as a study flow does.
@@ -70,7 +70,7 @@ def publish_analyses(store: Store, study: str, taskset: TaskSet, *, merged: Merg
             kwargs = _bench_kwargs(name, params)
             ds = (computed or {}).get(name)
             ds = entry.fn(bench, **kwargs) if ds is None else ds
-            inputs = {"taskset": bench.taskset.content_hash, "data": bench.data_id}
+            inputs = {"taskset": bench.taskset.content_hash, "data": bench.bench.data_id}
         ds = ds.assign_attrs(dataset=label)
         key = store.key(entry.producer, entry.version, **inputs, **kwargs)
         store.put_dataset(key, ds)

@@ -276,14 +276,14 @@ def test_adamerging_clamps_lambda_to_the_unit_interval_unless_told_otherwise(set
 def test_adarank_cart_starts_from_the_lambda_chosen_on_val(monkeypatch):
     from types import SimpleNamespace
 
-    from mergelab import study
+    from mergelab.study import nodes as study
     from mergelab.adaptation import LAMBDA_CART
     from mergelab.config import AdaptiveSpec
 
     taskset = _mixed_taskset()
     module = "transformer.resblocks.0.attn.out_proj.weight"
     target = float(build("adarank", taskset, origin="cart", lam=0.7).merged_update().modules[module].norm())
-    ctx = SimpleNamespace(taskset=taskset, params=lambda merged: merged)
+    ctx = SimpleNamespace(taskset=taskset, session=SimpleNamespace(weights=lambda merged: merged))
     seen = []
 
     def criterion(_, merged):  # best where the start's norm is that of λ = 0.7

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mergelab.adaptation.preferences import covariance_ellipse, pareto_preferences, sample_preferences
+from mergelab.experiments.preferences import covariance_ellipse, pareto_preferences, sample_preferences
 from mergelab.errors import InputError
 from mergelab.store import Store
 

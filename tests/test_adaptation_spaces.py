@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from mergelab.adaptation import ADAPTERS, adapt, build
-from mergelab.adaptation.inputs import classification_forward, unlabeled_batches
+from mergelab.bench import BenchSpec, load_bench
 from mergelab.errors import InputError
+from mergelab.bench import BenchSession
 from mergelab.taskset import Dense, TaskSet, TaskUpdate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,9 +21,8 @@ VARIANTS = [("tara_b", {}), ("adarank", {"origin": "ta"}), ("adarank", {"origin"
 
 @pytest.fixture(scope="module")
 def pair(micro):
-    taskset = micro.taskset(rank=4).subset(PAIR)
-    tasks = [micro.tasks[t] for t in PAIR]
-    return taskset, tasks, classification_forward(micro.backbone, tasks, taskset.module_names)
+    session = BenchSession(load_bench(BenchSpec(root=micro.root, rank=4), PAIR))
+    return session.taskset, session, session.forward()
 
 
 def _close(a, b, rtol=1e-5):
@@ -75,8 +75,8 @@ def test_tied_tara_b_bank_forms_the_same_update_and_gradient_as_its_directions(p
 
 @pytest.mark.parametrize(("method", "hp"), VARIANTS[:2])
 def test_core_and_full_adaptation_follow_the_same_trajectory(pair, method, hp):
-    taskset, tasks, forward = pair
-    results = {space: adapt(method, taskset, forward, unlabeled_batches(tasks, batch_size=8, seed=1), iters=3,
+    taskset, session, forward = pair
+    results = {space: adapt(method, taskset, forward, session.val_streams(PAIR, batch_size=8, seed=1), iters=3,
                             lr=0.01, record_every=1, space=space, **hp) for space in ("full", "core")}
     for space, result in results.items():
         assert result.merged.meta["space"] == space
@@ -119,12 +119,12 @@ def _guarded(task):
 
 @pytest.mark.parametrize("method", sorted(ADAPTERS))
 def test_no_adaptation_path_reads_the_test_split(micro, method):
-    taskset = micro.taskset(rank=4).subset(PAIR)
-    tasks = [_guarded(micro.tasks[t]) for t in PAIR]
+    bench = load_bench(BenchSpec(root=micro.root, rank=4), PAIR)
+    session = BenchSession(dataclasses.replace(bench, tasks={n: _guarded(t) for n, t in bench.tasks.items()}))
     with pytest.raises(_TestSplitRead):
-        tasks[0].tensors("test")  # the guard is live
-    forward = classification_forward(micro.backbone, tasks, taskset.module_names)
+        session.bench.tasks[PAIR[0]].tensors("test")  # the guard is live
+    taskset, forward = session.taskset, session.forward()
     for space in ADAPTERS[method].spaces:
-        result = adapt(method, taskset, forward, unlabeled_batches(tasks, batch_size=4), iters=2, anchor_batches=1,
+        result = adapt(method, taskset, forward, session.val_streams(PAIR, batch_size=4, seed=0), iters=2, anchor_batches=1,
                        scalarization="stch", space=space)
         assert result.history.sizes["iteration"] == 2

@@ -8,7 +8,7 @@ import torch
 import xarray as xr
 
 from mergelab.analysis import core_space, coverage, geometry, spectra
-from mergelab.analysis.registry import ANALYSES
+from mergelab.experiments.registry import ANALYSES
 from mergelab.store import Store
 from mergelab.synthetic import random_taskset
 from mergelab.taskset import BaseRef, Dense, LowRank, MergedUpdate
@@ -77,7 +77,7 @@ def test_model_analyses_are_registered_with_json_plain_parameters():
                           "proxies.tas_sweep", "interference.merged_embedding_interference"}
     for analysis in bench.values():
         first, *rest = inspect.signature(analysis.fn).parameters.values()
-        assert first.name == "bench"
+        assert first.name == "session"
         for p in rest:
             assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
             json.dumps(p.default)  # tuples serialise as lists; no tensors, no objects

@@ -10,8 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mergelab.analysis import anisotropy as an
-from mergelab.analysis.batches import image_batches, weights_of
-from mergelab.evaluation.heads import task_head
+from mergelab.experiments.model_analyses import jacobian_anisotropy
 from mergelab.merging import merge
 from mergelab.store import Store
 from mergelab.synthetic import random_lowrank
@@ -63,10 +62,9 @@ def test_kappa_and_xi_by_hand():
 def test_one_backward_per_task_matches_per_direction_derivatives(micro_pair):
     """On the micro model, J from G_i = ∂f_i/∂W equals d/dε f_i(W + ε S_k) computed direction by direction."""
     taskset, backbone = micro_pair.taskset, micro_pair.backbone
-    task = micro_pair.tasks["textures"]
-    batches = image_batches(task, batch_size=8, batches=2)
-    head = task_head(backbone, task)
-    params = weights_of(backbone.base_state(), merge(taskset, "task_arithmetic", "full", alpha=0.3))
+    batches = micro_pair.val_batches("textures", batch_size=8, batches=2)
+    head = micro_pair.head("textures")
+    params = merge(taskset, "task_arithmetic", "full", alpha=0.3).apply(backbone.base_state())
     name = "transformer.resblocks.1.attn.v_proj.weight"
     _, grads = an.loss_gradients(backbone, [head], [batches], params, [name])
     for basis in (an.raw_basis(taskset.updates(name)), an.svd_basis(taskset.updates(name))):
@@ -77,7 +75,7 @@ def test_one_backward_per_task_matches_per_direction_derivatives(micro_pair):
 
 
 def test_micro_run_has_named_dims_finite_values_and_round_trips(micro_pair):
-    ds = an.jacobian_anisotropy(micro_pair, batch_size=8, batches=1)
+    ds = jacobian_anisotropy(micro_pair, batch_size=8, batches=1)
     assert ds.J.dims == ("basis", "task", "module", "direction")
     assert list(ds.basis.values) == ["raw", "svd"] and [str(t) for t in ds.task.values] == ["digits", "textures"]
     assert set(ds.kind.values.tolist()) == {"q", "k", "v", "out"} and sorted(set(ds.layer.values.tolist())) == [0, 1, 2, 3]

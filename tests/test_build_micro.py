@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -12,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import REPO
 from mergelab.checkpoints import load_taskset
 from mergelab.cli import app
-from mergelab.data.micro import TASKS, load_micro
+from mergelab.micro.benchmark import TASKS, load_micro
 from mergelab.micro.build import finetuned_accuracies
 from mergelab.taskset import Dense, LowRank
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 
 from mergelab.checkpoints import cap_rank, load_taskset, mha_out_proj_factor, peft_template, save_merged
@@ -201,7 +201,7 @@ def test_loaded_update_reproduces_the_peft_forward_pass(tiny_vit, vit_adapters):
 
 
 def test_overwrite_swaps_the_output_in_one_step_and_a_failed_write_keeps_the_old_one(tiny_vit, vit_adapters, tmp_path, monkeypatch):
-    import mergelab.checkpoints as checkpoints
+    import mergelab.checkpoints.writing as checkpoints
 
     merged = _one_task_merge(load_taskset(tiny_vit, vit_adapters[:1]))
     out = save_merged(merged, tmp_path / "out")
@@ -220,7 +220,7 @@ def test_overwrite_swaps_the_output_in_one_step_and_a_failed_write_keeps_the_old
 def test_exchange_without_renameat2_falls_back_to_renames(tmp_path, monkeypatch):
     import ctypes
 
-    import mergelab.checkpoints as checkpoints
+    import mergelab.checkpoints.writing as checkpoints
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "new").write_text("")

@@ -268,7 +268,7 @@ def _case_merge_max_rank_with_weights(tmp, adapter, base):
 
 
 def _case_merge_unknown_method(tmp, adapter, base):
-    return _merge_args(tmp, adapter, base, "--method", "tiez"), "unknown merge method 'tiez'; choose one of average"
+    return _merge_args(tmp, adapter, base, "--method", "tiez"), "unknown merge method 'tiez'; allowed: average"
 
 
 def _case_merge_bad_hyper_parameter_value(tmp, adapter, base):
@@ -284,7 +284,7 @@ def _case_merge_set_without_value(tmp, adapter, base):
 
 
 def _case_merge_unknown_space(tmp, adapter, base):
-    return _merge_args(tmp, adapter, base, "--method", "ties", "--space", "kernel"), "unknown space 'kernel'; choose one of full, knots, core"
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--space", "kernel"), "unknown space 'kernel'; allowed: full, knots, core"
 
 
 def _case_merge_bad_space_option(tmp, adapter, base):
@@ -313,7 +313,7 @@ def _case_merge_grid_without_select(tmp, adapter, base):
 
 
 def _case_merge_select_unknown_rule(tmp, adapter, base):
-    return _merge_args(tmp, adapter, base, "--method", "ties", "--select", "test"), "--select 'test' is not one of val, tas"
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--select", "test"), "unknown selection rule 'test'; allowed: val, tas"
 
 
 def _case_merge_select_grid_too_large(tmp, adapter, base):

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from mergelab.analysis.components import component_loss_changes, singular_components
+from mergelab.analysis.components import singular_components
+from mergelab.experiments.model_analyses import component_loss_changes
 from mergelab.errors import InputError
 from mergelab.evaluation.heads import task_head
 from mergelab.evaluation.metrics import predict
@@ -51,7 +52,7 @@ def test_micro_loss_changes_match_an_independent_dense_route(micro_pair):
     theta_m = merge(ts.subset(["digits"]), "task_arithmetic", "full", alpha=0.3).apply(backbone.base_state())
     perturbed = dict(theta_m)
     perturbed[name] = theta_m[name] + (0.3 * s[r] * torch.outer(U[:, r], Vh[r])).float()
-    task = micro_pair.tasks["digits"]
+    task = micro_pair.bench.tasks["digits"]
     expected = _task_loss(backbone, task, perturbed, 8) - _task_loss(backbone, task, theta_m, 8)
     got = float(ds.delta_loss.sel(task="textures", module=name, component=r + 1, eval_task="digits"))
     assert got == pytest.approx(expected, rel=1e-3, abs=1e-6)

@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 
 from analysis import figures, model_figures
 from analysis.style import PaperFigure
-from mergelab.analysis import core_space, coverage, geometry, interference, spectra
+from mergelab.analysis import core_space, coverage, geometry, spectra
+from mergelab.experiments import model_analyses
 from mergelab.store import Store
 from mergelab.synthetic import random_taskset
 from mergelab.taskset import BaseRef, Dense, LowRank, MergedUpdate
@@ -370,7 +371,7 @@ def test_embedding_interference_bars(bench_datasets, micro_pair, one_thread):
     assert np.allclose(heights, [*ds.l1_distance.values, float(ds.l1_distance_mean)])
 
     spaces = ["full", "core"]
-    stacked = xr.concat([interference.merged_embedding_interference(micro_pair, method="ties", space=s, hp={"density": 0.5, "alpha": 1.0},
+    stacked = xr.concat([model_analyses.merged_embedding_interference(micro_pair, method="ties", space=s, hp={"density": 0.5, "alpha": 1.0},
                                                                    batch_size=8, batches=1) for s in spaces],
                         dim=xr.DataArray(spaces, dims="space")).assign_attrs(dataset=LABEL)
     fig = model_figures.embedding_interference_bars(stacked)

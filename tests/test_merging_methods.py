@@ -453,7 +453,7 @@ def test_compositions_post_process_the_merged_matrix():
 def test_a_composition_has_one_scaling_the_outer_alpha(inner):
     deltas = lowrank_sum(3, rank=2, seed=9)
     composed = METHODS[f"{inner}+iso_c"]
-    assert composed.defaults[f"{inner}.alpha"] == 1.0
+    assert composed.params[f"{inner}.alpha"].default == 1.0
     inner_alone = METHODS[inner]
     hp = {"p": 0.0} if inner == "dare_linear" else {"density": 1.0} if inner in ("magnitude_prune",) else {}
     once = inner_alone.fn(deltas, **{**hp, "alpha": 1.0})
@@ -479,7 +479,7 @@ def test_post_processors_that_do_nothing_to_one_matrix_are_refused(post):
     ("dare_linear", {"p": 1.0}, "p=1.0 is invalid; expected float in [0, 1)"),
     ("lora_lego", {"k": 2.5}, "k=2.5 is invalid; expected int in [1, inf] or None"),
     ("tsv", {"alpha": "x"}, "alpha='x' is invalid; expected float"),
-    ("nope", {}, "unknown merge method 'nope'; choose one of average, task_arithmetic"),
+    ("nope", {}, "unknown merge method 'nope'; allowed: average, task_arithmetic"),
     ("tsv+nope", {}, "unknown merge method 'nope'"),
 ])
 def test_bad_hyper_parameters_name_the_allowed_ones(method, hp, message):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mergelab.data.folder import folder_task
-from mergelab.data.micro import DENSE_TASKS, TASKS, aliases, dense_suite, micro_tasks, pretrain_captions
+from mergelab.micro.benchmark import DENSE_TASKS, TASKS, aliases, dense_suite, micro_tasks, pretrain_captions
 from mergelab.data.tasks import joint_label_space
 from mergelab.errors import InputError
 

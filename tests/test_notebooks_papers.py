@@ -18,7 +18,7 @@ from helpers import MICRO_LABEL, publish_analyses
 
 from analysis import data
 from analysis.report import INDEX, REPO, cell_outputs, execute_notebook, report
-from mergelab.data.micro import load_micro
+from mergelab.micro.benchmark import load_micro
 from mergelab.merging import merge
 from mergelab.store import Store
 

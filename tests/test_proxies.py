@@ -7,9 +7,8 @@ import pytest
 import torch
 import xarray as xr
 
-from mergelab.adaptation.loop import task_weights
-from mergelab.analysis import interference, proxies
-from mergelab.analysis.batches import weights_of
+from mergelab.analysis import proxies
+from mergelab.experiments import model_analyses
 from mergelab.errors import InputError
 from mergelab.merging import merge
 from mergelab.store import Store
@@ -50,11 +49,11 @@ class _Recorder:
 def test_tas_is_zero_for_the_finetuned_model_and_reads_only_val_images(micro_pair):
     ts, backbone = micro_pair.taskset, micro_pair.backbone
     base = backbone.base_state()
-    ft = {**base, **task_weights(ts, base, 0)}
-    task = _Recorder(micro_pair.tasks["digits"])
+    ft = {**base, **micro_pair.finetuned("digits")}
+    task = _Recorder(micro_pair.bench.tasks["digits"])
     for d in proxies.DISTANCES:
         assert proxies.tas(backbone, task, ft, ft, distance=d, batch_size=8, batches=1) == pytest.approx(0.0, abs=1e-6)
-    merged = weights_of(base, merge(ts, "task_arithmetic", "full", alpha=0.3))
+    merged = merge(ts, "task_arithmetic", "full", alpha=0.3).apply(base)
     value = proxies.tas(backbone, task, merged, ft, batch_size=8, batches=2)
     f = backbone.encode_image(task.task.tensors("val")[0][:16], merged).detach().double()
     g = backbone.encode_image(task.task.tensors("val")[0][:16], ft).detach().double()
@@ -66,18 +65,18 @@ def test_tas_is_zero_for_the_finetuned_model_and_reads_only_val_images(micro_pai
 
 def test_task_alignment_dataset(micro_pair):
     merged = merge(micro_pair.taskset, "task_arithmetic", "full", alpha=0.3)
-    ds = proxies.task_alignment(micro_pair, merged, distances=("l1", "l2"), batch_size=8, batches=1)
+    ds = model_analyses.task_alignment(micro_pair, merged, distances=("l1", "l2"), batch_size=8, batches=1)
     assert ds.tas.dims == ("distance", "task") and (ds.tas > 0).all()
     xr.testing.assert_allclose(ds.tas_mean, ds.tas.mean("task"))
     base = micro_pair.backbone.base_state()
-    same = proxies.task_alignment(micro_pair, weights_of(base, merged), batch_size=8, batches=1)
+    same = model_analyses.task_alignment(micro_pair, merged.apply(base), batch_size=8, batches=1)
     assert float(same.tas.sel(distance="l2", task="digits")) == pytest.approx(float(ds.tas.sel(distance="l2", task="digits")))
-    l1 = interference.embedding_interference(micro_pair, merged, batch_size=8, batches=1)
+    l1 = model_analyses.embedding_interference(micro_pair, merged, batch_size=8, batches=1)
     np.testing.assert_allclose(l1.l1_distance.values, ds.tas.sel(distance="l1").values, rtol=1e-12)
 
 
 def test_tas_sweep_over_the_lambda_grid(micro_pair):
-    ds = proxies.tas_sweep(micro_pair, lams=[0.1, 0.5, 1.0], batch_counts=(1, 2), batch_size=8, eval_split="val")
+    ds = model_analyses.tas_sweep(micro_pair, lams=[0.1, 0.5, 1.0], batch_counts=(1, 2), batch_size=8, eval_split="val")
     assert ds.tas.dims == ("lam", "distance", "n_batches", "task")
     assert list(ds.distance.values) == ["l1", "l2", "cos"] and list(ds.n_batches.values) == [1, 2]
     assert np.isfinite(ds.tas).all() and np.isfinite(ds.accuracy).all()
@@ -87,8 +86,8 @@ def test_tas_sweep_over_the_lambda_grid(micro_pair):
     # the one-batch score equals tas() on the same images
     ts, backbone = micro_pair.taskset, micro_pair.backbone
     base = backbone.base_state()
-    params = weights_of(base, merge(ts, "task_arithmetic", "full", alpha=0.5))
-    expected = proxies.tas(backbone, micro_pair.tasks["textures"], params, {**base, **task_weights(ts, base, 1)},
+    params = merge(ts, "task_arithmetic", "full", alpha=0.5).apply(base)
+    expected = proxies.tas(backbone, micro_pair.bench.tasks["textures"], params, {**base, **micro_pair.finetuned("textures")},
                            distance="cos", batch_size=8, batches=1)
     assert float(ds.tas.sel(lam=0.5, distance="cos", n_batches=1, task="textures")) == pytest.approx(expected, rel=1e-9)
     store = Store("memory://tas-sweep-test")
@@ -96,11 +95,11 @@ def test_tas_sweep_over_the_lambda_grid(micro_pair):
     store.put_dataset(key, ds)
     xr.testing.assert_identical(store.get_dataset(key).drop_attrs(deep=False), ds.drop_attrs(deep=False))
     with pytest.raises(InputError, match="at least 3"):
-        proxies.tas_sweep(micro_pair, lams=[0.1, 0.2])
+        model_analyses.tas_sweep(micro_pair, lams=[0.1, 0.2])
 
 
 def test_registered_interference_round_trips(micro_pair):
-    ds = interference.merged_embedding_interference(micro_pair, method="ties", hp={"density": 0.5, "alpha": 1.0},
+    ds = model_analyses.merged_embedding_interference(micro_pair, method="ties", hp={"density": 0.5, "alpha": 1.0},
                                                     batch_size=8, batches=1)
     assert ds.l1_distance.dims == ("task",) and (ds.l1_distance > 0).all()
     assert ds.attrs["hp"] == {"density": 0.5, "alpha": 1.0}

@@ -51,7 +51,7 @@ def test_a_selection_on_the_edge_of_its_grid_is_flagged_and_an_interior_one_is_n
 
 
 def test_a_list_valued_setting_in_a_config_label_does_not_break_the_edge_check():
-    from mergelab.study import _parse_label
+    from mergelab.study.results import _parse_label
 
     assert _parse_label("clamp=[0, 1],iters=5,lr=0.1") == {"clamp": "[0", "iters": "5", "lr": "0.1"}
     assert _parse_label("default") == {}
@@ -69,7 +69,7 @@ def test_the_printed_table_fits_80_columns_numbers_configs_and_marks_merges_belo
 
     from rich.console import Console
 
-    from mergelab import cli
+    from mergelab.cli import studies as cli
     from mergelab.store import Store
 
     ds = _results({("task_arithmetic", "alpha=0.1,lam=0.25,rank_ratio=0.16,iters=300"): 0.9, ("ties", "alpha=1.0,density=0.5"): 0.3})

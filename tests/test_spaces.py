@@ -170,7 +170,7 @@ def test_space_options_are_validated():
         SPACES["core"].configure(bogus=1)
     with pytest.raises(InputError, match=r"naive='maybe' is invalid; expected bool"):
         SPACES["knots"].configure(naive="maybe")
-    with pytest.raises(InputError, match="unknown space 'kernel'; choose one of full, knots, core"):
+    with pytest.raises(InputError, match="unknown space 'kernel'; allowed: full, knots, core"):
         get_space("kernel")
     assert get_space("knots", naive="true").naive is True
     assert isinstance(get_space(CoreSpace(rank_rtol=1e-6)), CoreSpace)

@@ -12,84 +12,23 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from mergelab.bench import BenchSpec, TaskSource
 from mergelab.errors import InputError
-from mergelab.params import params_of_function
+from mergelab.strict import Strict, safe_name
 
-__all__ = ["AdaptiveSpec", "BenchSpec", "MethodSpec", "StudySpec", "TaskSource", "config_label", "load_study"]
+__all__ = ["DEFAULT_STUDY", "AdaptiveSpec", "MethodSpec", "StudySpec", "config_label", "find_study", "load_study"]
 
 #: Largest hyper-parameter product one method × space may sweep (the study lists smaller grids).
 MAX_CONFIGS = 64
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-#: Names that become parts of store paths (study names, adaptive labels, task names): a letter or
-#: digit, then letters, digits, ``_ . + -``; never ``..`` (nothing may point outside the store).
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-
-
-def safe_name(value: str, what: str) -> str:
-    """``value`` when it is a :data:`SAFE_NAME`, else ValueError naming ``what`` and the rule."""
-    if not SAFE_NAME.fullmatch(value or "") or ".." in value:
-        raise ValueError(f"{what} {value!r} must start with a letter or digit and use only letters, digits and _ . + - "
-                         "(it names files in the store)")
-    return value
-
-
-class TaskSource(_Strict):
-    """One task of a real-model study: its adapter (or full checkpoint) and its image folder."""
-
-    name: str
-    adapter: Path | None = None
-    checkpoint: Path | None = None
-    data: Path | None = None
-    classnames: list[str] | None = None
-    templates: list[str] | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _safe(cls, name: str) -> str:
-        return safe_name(name, "task name")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> TaskSource:
-        if (self.adapter is None) == (self.checkpoint is None):
-            raise ValueError("give exactly one of adapter or checkpoint")
-        return self
-
-
-class BenchSpec(_Strict):
-    """Where the model and tasks come from: ``micro`` (the shipped benchmark), ``open_clip`` or
-    ``hf_clip`` (local weights + ImageFolder task data). ``rank``: the micro adapter set (a rank,
-    ``mixed``, or ``None`` for the benchmark's default set)."""
-
-    kind: str = "micro"
-    root: Path = Path("data/micro")
-    rank: int | Literal["mixed"] | None = None
-    arch: str | None = None
-    weights: Path | None = None
-    image_size: int | None = None
-
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, kind: str) -> str:
-        from mergelab.bench import BENCHES
-
-        if kind not in BENCHES:
-            raise ValueError(f"unknown backend kind {kind!r}; allowed: {', '.join(BENCHES)}")
-        return kind
-
-
-class MethodSpec(_Strict):
+class MethodSpec(Strict):
     """A static merge method (or ``a+b`` composition) in some spaces, over a hyper-parameter grid.
 
     ``grid`` lists values per hyper-parameter (their product is swept); ``None`` takes the
@@ -117,9 +56,9 @@ class MethodSpec(_Strict):
     def _known_spaces(cls, spaces: list[str]) -> list[str]:
         from mergelab.spaces import SPACES
 
-        unknown = [s for s in spaces if s not in SPACES]
-        if unknown or not spaces:
-            raise ValueError(f"unknown space {unknown[0] if unknown else '(none)'!r}; allowed: {', '.join(SPACES)}")
+        if not spaces:
+            raise ValueError(f"spaces is empty; list at least one of {', '.join(SPACES)}")
+        SPACES.require(*spaces)
         return spaces
 
     @model_validator(mode="after")
@@ -157,7 +96,7 @@ class MethodSpec(_Strict):
         return [{**self.fixed, **dict(zip(keys, values, strict=True))} for values in itertools.product(*(grid[k] for k in keys))]
 
 
-class AdaptiveSpec(_Strict):
+class AdaptiveSpec(Strict):
     """A test-time adaptation method of :data:`mergelab.adaptation.ADAPTERS` and its settings.
 
     ``objective``, ``scalarization``, ``optimizer``: ``None`` takes the method's paper setting
@@ -184,8 +123,7 @@ class AdaptiveSpec(_Strict):
     def _known(cls, method: str) -> str:
         from mergelab.adaptation import ADAPTERS
 
-        if method not in ADAPTERS:
-            raise ValueError(f"unknown adaptive method {method!r}; allowed: {', '.join(ADAPTERS)}")
+        ADAPTERS.require(method)
         return method
 
     @field_validator("label")
@@ -195,8 +133,6 @@ class AdaptiveSpec(_Strict):
 
     @model_validator(mode="after")
     def _valid_settings(self) -> AdaptiveSpec:
-        import inspect
-
         from mergelab.adaptation import ADAPTERS
 
         if self.iters < 1:
@@ -205,20 +141,12 @@ class AdaptiveSpec(_Strict):
             raise ValueError(f"{self.name}: batch_size={self.batch_size} must be at least 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"{self.name}: lr={self.lr} must be a positive number")
-        build = ADAPTERS[self.method].build
-        allowed = [p.name for p in inspect.signature(build).parameters.values()
-                   if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "bases"]
-        unknown = sorted(set(self.hp) - set(allowed)) + sorted(set(self.start_grid or {}) - set(allowed))
-        if unknown:
-            who = self.method if self.name == self.method else f"{self.name} ({self.method})"
-            raise ValueError(f"{who} has no setting {unknown[0]!r}; allowed in hp: {', '.join(allowed)}")
-        typed = params_of_function(build, typed_only=True)
-        for key, value in [*self.hp.items(), *((k, v) for k, values in (self.start_grid or {}).items() for v in values)]:
-            if key in typed:
-                try:
-                    typed[key].coerce(value, self.name)
-                except InputError as err:
-                    raise ValueError(str(err)) from None
+        adapter = ADAPTERS[self.method]
+        who = self.method if self.name == self.method else f"{self.name} ({self.method})"
+        adapter.check(self.hp, who)
+        for key, values in (self.start_grid or {}).items():
+            for value in values:
+                adapter.check({key: value}, who)
         empty = [k for k, values in (self.start_grid or {}).items() if not values]
         if empty:
             raise ValueError(f"{self.name}: start_grid {empty[0]!r} lists no value")
@@ -230,10 +158,10 @@ class AdaptiveSpec(_Strict):
         return self.label or self.method
 
 
-class StudySpec(_Strict):
+class StudySpec(Strict):
     """A whole study: benchmark, methods, adaptation, selection, analyses, seeds, store.
 
-    ``adaptation_studies`` maps a name of :data:`mergelab.adaptation.registry.ADAPTATION_STUDIES`
+    ``adaptation_studies`` maps a name of :data:`mergelab.experiments.registry.ADAPTATION_STUDIES`
     (``pareto``, ``cloud``, ``stch_alpha``, ``adarank_ablation``) to its settings.
     ``adaptive_init``: the task-arithmetic λ every adaptive method starts from (AdaMerging's and
     TARA's ``init``, AdaRank's TA-origin ``lam``) unless its ``hp`` sets its own; ``None`` keeps each
@@ -246,7 +174,7 @@ class StudySpec(_Strict):
     tasks: list[str] | list[TaskSource] | None = None
     methods: list[MethodSpec] = Field(default_factory=list)
     adaptive: list[AdaptiveSpec] = Field(default_factory=list)
-    selection: Literal["val", "tas"] = "val"
+    selection: str = "val"
     joint: bool = True
     analyses: list[str] = Field(default_factory=list)
     adaptation_studies: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -268,20 +196,26 @@ class StudySpec(_Strict):
             raise ValueError("seeds is empty; list at least one seed (e.g. seeds: [0])")
         return seeds
 
+    @field_validator("selection")
+    @classmethod
+    def _known_selection(cls, rule: str) -> str:
+        from mergelab.selection import SELECTION_RULES
+
+        SELECTION_RULES.require(rule)
+        return rule
+
     @field_validator("analyses")
     @classmethod
     def _known_analyses(cls, analyses: list[str]) -> list[str]:
-        from mergelab.analysis.registry import ANALYSES
+        from mergelab.experiments.registry import ANALYSES
 
-        unknown = [a for a in analyses if a not in ANALYSES]
-        if unknown:
-            raise ValueError(f"unknown analysis {unknown[0]!r}; allowed: {', '.join(ANALYSES)}")
+        ANALYSES.require(*analyses)
         return analyses
 
     @field_validator("adaptation_studies")
     @classmethod
     def _known_adaptation_studies(cls, studies: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from mergelab.adaptation.registry import check_settings
+        from mergelab.experiments.registry import check_settings
 
         for name, settings in studies.items():
             try:
@@ -401,6 +335,20 @@ def _fields_at(loc: tuple) -> list[str]:
             break
         model = nested[0]
     return list(model.model_fields)
+
+
+#: The embedded default study, found from the working directory or the source checkout.
+DEFAULT_STUDY = Path("studies/micro.yaml")
+
+
+def find_study(study: str | os.PathLike[str]) -> Path | None:
+    """``study`` itself if it is a file, else ``studies/<study>.yaml`` in the working directory or the
+    source checkout (an editable install); None when neither exists."""
+    named = Path(study) if Path(study).is_file() else DEFAULT_STUDY.with_name(f"{Path(study).name.removesuffix('.yaml')}.yaml")
+    for candidate in (named, Path(__file__).resolve().parents[2] / named):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def config_label(config: dict[str, Any]) -> str:

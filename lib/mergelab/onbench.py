@@ -1,4 +1,8 @@
-"""One-off CLI jobs on a benchmark with the user's adapters: hyper-parameter selection and adaptation.
+"""One-off jobs with the user's adapters, outside a study: merging, hyper-parameter selection, adaptation.
+
+:func:`merge_adapters` is what ``mergelab merge`` runs (load, optionally select on a benchmark,
+merge, cap the rank, write, record the configuration in the store); :func:`adapt_adapters` what
+``mergelab adapt`` runs.
 
 Both run a one-method study through the graph of every study (:func:`mergelab.study.run_graph`,
 its cached nodes, in this process) on a benchmark whose tasks the adapters are named after
@@ -35,16 +39,17 @@ from torch import Tensor
 
 from mergelab.bench import Bench
 from mergelab.checkpoints import peft_template
-from mergelab.config import MAX_CONFIGS, BenchSpec, config_label, load_study
+from mergelab.bench import BenchSpec
+from mergelab.config import MAX_CONFIGS, config_label, load_study
 from mergelab.errors import InputError
-from mergelab.merging import METHODS
+from mergelab.merging import METHODS, merge
+from mergelab.selection import SELECTION_RULES
 from mergelab.study import Context, NodeResult, adapt_jobs, local_submit, merge_jobs, run_graph
 from mergelab.taskset import MergedUpdate, TaskSet
 
-__all__ = ["RULES", "Adapted", "Selection", "adapt_on_bench", "bench_for", "module_map", "select_hyper_parameters", "swept_grid"]
+__all__ = ["Adapted", "Merged", "Selection", "adapt_adapters", "adapt_on_bench", "bench_for", "evaluation_bench",
+           "merge_adapters", "module_map", "select_hyper_parameters", "swept_grid"]
 
-#: Selection rule -> (the val metric it reads, whether larger is better).
-RULES = {"val": ("val_norm_acc", True), "tas": ("tas", False)}
 
 
 @dataclass(frozen=True)
@@ -121,8 +126,7 @@ def select_hyper_parameters(bench: Bench, bench_spec: BenchSpec, method: str, sp
     seed, default 0). ``bench_spec`` is the section ``bench`` was built from (it labels the
     results). ``progress(node, total)`` hears of every node as it finishes.
     """
-    if rule not in RULES:
-        raise InputError(f"--select {rule!r} is not one of {', '.join(RULES)}")
+    SELECTION_RULES.require(rule)
     fixed = dict(fixed)
     seeds = [int(fixed.pop("seed", 0))]
     swept = swept_grid(method, fixed, grid)
@@ -138,7 +142,7 @@ def select_hyper_parameters(bench: Bench, bench_spec: BenchSpec, method: str, sp
 
 def _chosen(ctx: Context, key: str, jobs: Sequence[Any], rule: str, seed: int, name: str) -> Selection:
     ds = ctx.store.get_dataset(key)
-    metric, _ = RULES[rule]
+    metric = SELECTION_RULES[rule].metric
     at = {"merge_method": jobs[0].method, "space": jobs[0].space, "seed": seed}
     selected = ds["selected"].sel(at)
     if not bool(selected.any()):
@@ -160,6 +164,7 @@ class Adapted:
     seconds_per_iter: float
     name: str
     computed: bool
+    bench: str
 
 
 def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adaptive: Mapping[str, Any], store_url: str, *,
@@ -185,4 +190,140 @@ def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adapti
     meta = {"method": job.spec.method, "space": info["space"], "hyper_parameters": {**job.spec.hp, "config": info["config"]},
             "tasks": list(taskset.names), "adaptive": True, "peft": peft_template(taskset)}
     merged = MergedUpdate({names[m]: u for m, u in own.modules.items()}, base=taskset.base, meta=meta)
-    return Adapted(merged, scores, float(info.get("seconds_per_iter", float("nan"))), name, not produced.hit)
+    return Adapted(merged, scores, float(info.get("seconds_per_iter", float("nan"))), name, not produced.hit, bench.name)
+
+
+def evaluation_bench(bench: str, taskset: TaskSet, base: str) -> tuple[BenchSpec, Bench]:
+    """``--bench``: ``micro`` (the shipped benchmark) or a study YAML whose bench and tasks evaluate;
+    returns its section and the bench set up to run ``taskset``'s adapters (:func:`bench_for`)."""
+    from mergelab.bench import load_bench
+    from mergelab.checkpoints import load_state_dict
+    from mergelab.micro.benchmark import micro_root
+
+    if bench == "micro":
+        spec, tasks = BenchSpec(root=micro_root()), None
+    else:
+        if not Path(bench).is_file():
+            raise InputError(f"--bench {bench!r} is neither 'micro' nor a study YAML file; pass micro or a study whose bench: and tasks: evaluate")
+        study = load_study(Path(bench))
+        spec, tasks = study.bench, study.tasks
+    return spec, bench_for(load_bench(spec, tasks), taskset, load_state_dict(base))
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What :func:`merge_adapters` wrote: the output, the stored configuration, the selection."""
+
+    written: Path
+    key: str
+    store: str
+    record: dict[str, Any]
+    selection: Selection | None
+    capped: dict[str, float]
+
+
+def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = "full", *, out: Path,
+                   fixed: Mapping[str, str] | None = None, space_options: Mapping[str, str] | None = None, fmt: str = "peft",
+                   max_rank: int | None = None, grams: Path | None = None, modules: Sequence[str] | None = None,
+                   force: bool = False, select: str | None = None, grid: Mapping[str, Sequence[Any]] | None = None,
+                   bench: str = "micro", store: str | None = None, base_module: str | None = None,
+                   on_selection: Callable[[str, str, Bench, Callable[..., Selection]], Selection] | None = None) -> Merged:
+    """Merge ``sources`` with ``method`` in ``space``; write a PEFT adapter or merged weights to ``out``.
+
+    The configuration (method, space, hyper-parameters with defaults filled in, task hashes) and
+    the result's provenance go to the store as a ``merge.config`` JSON artifact. With ``select``
+    (a rule of :data:`~mergelab.selection.SELECTION_RULES`) every configuration of the method's grid (``grid`` replacing some
+    values, ``fixed`` left out) is merged and evaluated on ``bench``'s val split first
+    (:func:`select_hyper_parameters`); ``on_selection(method, space, bench, run)`` may wrap that
+    run (the CLI shows progress: ``run(progress=…)``). Every argument is checked before anything loads.
+    """
+    import time
+
+    from mergelab.checkpoints import cap_rank, load_grams, load_taskset, save_merged
+    from mergelab.spaces import get_space
+    from mergelab.store import Store
+
+    if not sources:
+        raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
+    if max_rank is not None and (fmt != "peft" or max_rank < 1):
+        raise InputError(f"--max-rank {max_rank} caps a PEFT adapter's rank; give an integer >= 1 with --format peft")
+    check_output(fmt, out, force)
+    spec, fixed = METHODS[method], dict(fixed or {})
+    hyper_parameters = spec.resolve(fixed)
+    sp = get_space(space, **dict(space_options or {}))
+    if grid and select is None:
+        raise InputError("--grid lists values to select from; add --select val or --select tas")
+    if select is not None:
+        SELECTION_RULES.require(select)
+    if select is not None and (grams or modules or space_options):
+        raise InputError("--select evaluates whole models merged with default space options; drop --grams, --modules and --space-option")
+    if select is not None:
+        swept_grid(spec.name, fixed, grid)  # a too-large grid fails before the benchmark loads
+    s = Store(store)
+    taskset = load_taskset(base, sources, modules=modules, base_module=base_module)
+    selection = None
+    if select is not None:
+        bench_spec, evaluating = evaluation_bench(bench, taskset, base)
+
+        def run(progress: Callable[[NodeResult, int], None] | None = None) -> Selection:
+            return select_hyper_parameters(evaluating, bench_spec, spec.name, sp.name, select, fixed, s.url, grid=grid,
+                                           progress=progress)
+
+        selection = on_selection(spec.name, sp.name, evaluating, run) if on_selection is not None else run()
+        hyper_parameters = spec.resolve({**fixed, **selection.config})
+    side_inputs = {"grams": load_grams(grams, taskset)} if grams is not None else None
+    start = time.perf_counter()
+    merged = merge(taskset, spec.name, sp, side_inputs=side_inputs, **hyper_parameters)
+    merge_time = time.perf_counter() - start
+    capped: dict[str, float] = {}
+    if max_rank is not None:
+        merged, capped = cap_rank(merged, max_rank)
+    written = save_merged(merged, out, format=fmt, base=base, overwrite=force)  # type: ignore[arg-type]
+    config = {"method": spec.name, "space": sp.name, "space_options": sp.options(), "hyper_parameters": merged.meta["hyper_parameters"],
+              **({"max_rank": max_rank} if max_rank is not None else {})}
+    key = s.key("merge.config", "1", taskset=taskset, **config, **({"selection": select} if select else {}))
+    record = {**config, "tasks": [{"name": t.name, "source": t.source, "content_hash": t.content_hash} for t in taskset],
+              "base": taskset.base.__dict__, "result_content_hash": merged.content_hash, "output": str(written.resolve()),
+              "format": fmt, "ranks": {m: getattr(u, "rank", None) for m, u in merged.modules.items()},
+              "merge_time_s": round(merge_time, 4)}
+    if selection is not None:
+        record["selection"] = {"rule": selection.rule, "chosen": selection.label, "results": str(selection.results),
+                               "ref": f"studies/{selection.name}/results",
+                               "criterion": dict(zip(map(str, selection.criterion.config.values), map(float, selection.criterion.values)))}
+    if not s.exists(key):
+        s.put_json(key, record)
+    return Merged(written, str(key), s.url, record, selection, capped)
+
+
+def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any], *, out: Path, fmt: str = "peft",
+                   force: bool = False, seed: int = 0, allow_labels: bool = False, bench: str = "micro",
+                   store: str | None = None, base_module: str | None = None,
+                   progress: Callable[[int, float], None] | None = None) -> tuple[Adapted, Path, str]:
+    """Adapt ``adaptive`` (an ``adaptive:`` entry of a study) for ``sources`` on ``bench``'s unlabeled
+    val images (:func:`adapt_on_bench`) and write the merge to ``out``; returns the run, the written
+    path and the store URL. Options are validated before anything loads."""
+    from mergelab.adaptation.objectives import validate_preference
+    from mergelab.checkpoints import load_taskset, save_merged
+    from mergelab.store import Store
+
+    if not sources:
+        raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
+    check_output(fmt, out, force)
+    load_study({"name": "adapt", "adaptive": [dict(adaptive)], "allow_labels": allow_labels})  # bad options fail here
+    validate_preference(adaptive.get("preference"), len(sources))
+    taskset = load_taskset(base, sources, base_module=base_module)
+    bench_spec, evaluating = evaluation_bench(bench, taskset, base)
+    url = Store(store).url
+    result = adapt_on_bench(evaluating, bench_spec, taskset, adaptive, url, seed=seed, allow_labels=allow_labels, progress=progress)
+    return result, save_merged(result.merged, out, format=fmt, base=base, overwrite=force), url
+
+
+def check_output(fmt: str, out: Path, force: bool) -> None:
+    """``--format`` and ``--out`` checked before any work (``save_merged`` checks again when writing)."""
+    from mergelab.errors import check_writable
+
+    if fmt not in ("peft", "weights"):
+        raise InputError(f"--format {fmt!r} is not one of peft, weights")
+    if out.exists() and not force:
+        raise InputError(f"output {out} already exists; choose another path or pass --force")
+    check_writable(out, "--out")

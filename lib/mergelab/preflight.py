@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergelab.checkpoints import (ADAPTER_WEIGHTS, FULL_WEIGHTS, PEFT_PREFIX, _LORA_KEY, Source, _is_adapter_dir,
-                                  _guess_param, _named_sources, _read_adapter_config, _read_tensors, _resolve_prefix,
-                                  _target_param, _weights_file)
+from mergelab.checkpoints.files import (ADAPTER_WEIGHTS, FULL_WEIGHTS, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir,
+                                        named_sources, read_adapter_config, read_tensors, weights_file)
+from mergelab.checkpoints.loading import guess_param, resolve_prefix, target_param
 from mergelab.errors import InputError
 
 __all__ = ["Preflight", "TaskReport", "check", "split_overlaps", "tensor_shapes"]
@@ -62,7 +62,7 @@ def tensor_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{name: (dtype, shape)}`` of a safetensors file from its header alone; other formats are
     read (torch ``weights_only``), which loads them."""
     if path.suffix != ".safetensors":
-        return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in _read_tensors(path).items()}
+        return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in read_tensors(path).items()}
     try:
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
@@ -75,7 +75,7 @@ def tensor_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 def _base_shapes(base: str | Path) -> dict[str, tuple[int, ...]]:
     path = Path(base)
     if path.is_dir():
-        found = _weights_file(path, FULL_WEIGHTS)
+        found = weights_file(path, FULL_WEIGHTS)
         if found is None:
             raise InputError(f"--base {path} holds none of {', '.join(FULL_WEIGHTS)}; pass the base model's weights file")
         path = found
@@ -86,13 +86,13 @@ def _base_shapes(base: str | Path) -> dict[str, tuple[int, ...]]:
 
 def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] | None, base_module: str | None,
                     problems: list[str]) -> TaskReport:
-    config = _read_adapter_config(path)
-    weights = _weights_file(path, ADAPTER_WEIGHTS)
+    config = read_adapter_config(path)
+    weights = weights_file(path, ADAPTER_WEIGHTS)
     if weights is None:
         raise InputError(f"{path} has no {' or '.join(ADAPTER_WEIGHTS)}; copy the adapter weights next to its config")
     factors: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
     for key, entry in tensor_shapes(weights).items():
-        match = _LORA_KEY.match(key.removeprefix(PEFT_PREFIX))
+        match = LORA_KEY.match(key.removeprefix(PEFT_PREFIX))
         if match is None:
             problems.append(f"{name}: {key!r} is not a LoRA factor (mergelab reads plain LoRA adapters)")
             continue
@@ -102,7 +102,7 @@ def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] |
     prefix = ""
     if base is not None and peft_modules:
         try:
-            prefix = _resolve_prefix(peft_modules, base, path, base_module=base_module, tower=tower)
+            prefix = resolve_prefix(peft_modules, base, path, base_module=base_module, tower=tower)
         except InputError as err:
             problems.append(f"{name}: {err}")
             base = None
@@ -113,7 +113,7 @@ def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] |
             problems.append(f"{name}: module {peft_module!r} has {sorted(pair)}, needs lora_A and lora_B")
             continue
         (_, a_shape), (_, b_shape) = pair["lora_A"], pair["lora_B"]
-        target = _target_param(prefix + peft_module, base) if base is not None else _guess_param(peft_module, peft_modules)
+        target = target_param(prefix + peft_module, base) if base is not None else guess_param(peft_module, peft_modules)
         shape = (b_shape[0], a_shape[-1])
         if base is not None and target is not None:
             if tuple(base[target]) not in (shape, shape[::-1]):  # (out, in); embeddings / Conv1D: (in, out)
@@ -155,11 +155,11 @@ def check(sources: Sequence[Source], *, base: str | Path | None = None, base_mod
     notes: list[str] = []
     base_shapes = _base_shapes(base) if base is not None else None
     reports = []
-    for name, path in _named_sources(sources, None):
-        if _is_adapter_dir(path):
+    for name, path in named_sources(sources, None):
+        if is_adapter_dir(path):
             reports.append(_adapter_report(name, path, base_shapes, base_module, problems))
         else:
-            weights = path if path.is_file() else _weights_file(path, FULL_WEIGHTS)
+            weights = path if path.is_file() else weights_file(path, FULL_WEIGHTS)
             if weights is None:
                 raise InputError(f"{path} is neither a PEFT adapter nor a full checkpoint; pass an adapter directory or a state dict")
             notes.append(f"{name}: a full checkpoint ({len(tensor_shapes(weights))} tensors), merged as dense deltas")

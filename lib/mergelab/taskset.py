@@ -34,6 +34,7 @@ __all__ = [
     "TaskSet",
     "TaskUpdate",
     "Update",
+    "add_updates",
     "packed_views",
 ]
 
@@ -319,11 +320,18 @@ class MergedUpdate:
         missing = sorted(set(self.modules) - set(state_dict))
         if missing:
             raise InputError(f"base state dict lacks {len(missing)} merged parameters ({_head(missing)}); pass the base model the adapters were trained on")
-        out = dict(state_dict)
-        for name, update in self.modules.items():
-            w = state_dict[name]
-            out[name] = (w.to(torch.float32) + scale * update.dense(torch.float32)).to(w.dtype)
-        return out
+        return {**state_dict, **add_updates(state_dict, self.modules, scale)}
+
+
+def add_updates(base: Mapping[str, Tensor], updates: Mapping[str, Update], scale: float = 1.0) -> dict[str, Tensor]:
+    """``W_0 + scale · ΔW`` for each updated parameter: added in float32, returned in ``W_0``'s dtype
+    and device. The one place a model's weights are formed from an update (merged, fine-tuned or
+    adapted)."""
+    out = {}
+    for name, update in updates.items():
+        w, delta = base[name], update.dense(torch.float32).to(base[name].device)
+        out[name] = (w.to(torch.float32) + (delta if scale == 1.0 else scale * delta)).to(w.dtype)
+    return out
 
 
 def _head(items: Sequence[str], n: int = 3) -> str:

@@ -25,8 +25,10 @@ per-task coefficients (a singular decomposition of a vector is meaningless).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import torch
@@ -38,6 +40,8 @@ from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
 from mergelab.merging.spectral import cart_rank
 from mergelab.naming import module_kind
+from mergelab.params import Param, params_of_function
+from mergelab.registry import Registry
 from mergelab.taskset import TaskSet, Update
 
 __all__ = ["ADAPTERS", "LAMBDA_CART", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward", "adapt", "adarank_masks",
@@ -182,12 +186,32 @@ class Adapter:
     build: Callable[..., CoefficientModel]
     objective: str = "entropy"
     scalarization: str = "sum"
-    defaults: Mapping[str, Any] = field(default_factory=dict)
     spaces: tuple[str, ...] = ("full",)
     basis: tuple[str, Callable[[Mapping[str, Any]], dict[str, Any]]] | None = None
     start: Callable[[Mapping[str, Any]], str | None] = lambda hp: "init"
     start_grid: Callable[[Mapping[str, Any]], dict[str, tuple[float, ...]]] = lambda hp: {}
     optimizer: str = "adam"
+
+    @cached_property
+    def settings(self) -> dict[str, Any]:
+        """The builder's settings and their defaults: its keyword-only parameters but ``bases``."""
+        return {p.name: p.default for p in inspect.signature(self.build).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "bases"}
+
+    @cached_property
+    def params(self) -> dict[str, Param]:
+        """The settings whose type a :class:`~mergelab.params.Param` describes (checked at the edge)."""
+        return {name: p for name, p in params_of_function(self.build, typed_only=True).items() if name != "bases"}
+
+    def check(self, hp: Mapping[str, Any], owner: str) -> None:
+        """InputError naming ``owner`` unless every setting in ``hp`` is one of :attr:`settings`, with
+        a valid value where its type is known."""
+        unknown = sorted(set(hp) - set(self.settings))
+        if unknown:
+            raise InputError(f"{owner} has no setting {unknown[0]!r}; allowed in hp: {', '.join(self.settings)}")
+        for key, value in hp.items():
+            if key in self.params:
+                self.params[key].coerce(value, owner)
 
     def with_start(self, hp: Mapping[str, Any], value: float) -> dict[str, Any]:
         """``hp`` with the builder's starting coefficient set to ``value`` (``start(hp)`` names it:
@@ -205,14 +229,14 @@ def _adarank_start_grid(hp: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
     return {"lam": LAMBDA_CART} if hp.get("origin", "ta") == "cart" and "lam" not in hp else {}
 
 
-ADAPTERS: dict[str, Adapter] = {
+ADAPTERS: Registry[Adapter] = Registry("adaptive method", {
     "adamerging": Adapter(build_adamerging),
     "tara_a": Adapter(build_tara_a, scalarization="stch", optimizer="adamw"),  # 001 Sec. 4: AdamW, lr 1e-3
     "tara_b": Adapter(build_tara_b, scalarization="stch", spaces=SVD_SPACES, basis=("knots", lambda hp: {}), optimizer="adamw"),
     "adarank": Adapter(build_adarank, spaces=SVD_SPACES, basis=("task_svd", _adarank_basis),
                        start=lambda hp: "lam" if hp.get("origin", "ta") == "ta" else None, start_grid=_adarank_start_grid),
     "adamerging_tas": Adapter(build_adamerging_tas, objective="tas"),
-}
+})
 
 
 def build(method: str, taskset: TaskSet, *, bases: Mapping[str, BankBasis] | None = None, **hp: Any) -> CoefficientModel:
@@ -221,8 +245,6 @@ def build(method: str, taskset: TaskSet, *, bases: Mapping[str, BankBasis] | Non
     ``bases``: precomputed decompositions of the method's bank (``{module: BankBasis}``, methods with a
     registry ``basis`` only), e.g. from :func:`mergelab.bases.adaptation_bases`.
     """
-    if method not in ADAPTERS:
-        raise InputError(f"unknown adaptive method {method!r}; choose one of {', '.join(ADAPTERS)}")
     space = hp.get("space", "full")
     if space not in ADAPTERS[method].spaces:
         raise InputError(f"{method} runs in the {' or '.join(ADAPTERS[method].spaces)} space, not {space!r}"
@@ -233,10 +255,8 @@ def build(method: str, taskset: TaskSet, *, bases: Mapping[str, BankBasis] | Non
         if ADAPTERS[method].basis is None:
             raise InputError(f"{method} builds its bank from the raw factors; it takes no bases")
         hp = {**hp, "bases": bases}
-    try:
-        return ADAPTERS[method].build(taskset, **hp)
-    except TypeError as err:
-        raise InputError(f"{method}: bad hyper-parameters {sorted(hp)} ({err})") from None
+    ADAPTERS[method].check({k: v for k, v in hp.items() if k != "bases"}, method)
+    return ADAPTERS[method].build(taskset, **hp)
 
 
 def adapt(

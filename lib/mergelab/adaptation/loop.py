@@ -22,7 +22,7 @@ from mergelab.adaptation.models import CoefficientModel
 from mergelab.adaptation.objectives import SCALARIZATIONS, EmaStandardizer, alignment_loss, cross_entropy, entropy, validate_preference
 from mergelab.errors import InputError
 from mergelab.naming import module_coords
-from mergelab.taskset import MergedUpdate, TaskSet
+from mergelab.taskset import MergedUpdate, TaskSet, add_updates
 
 __all__ = ["OBJECTIVES", "AdaptResult", "Forward", "anchors", "mean_abs_change", "objective_losses", "peek", "run", "task_weights"]
 
@@ -58,8 +58,7 @@ class _Alignment:
 
 def task_weights(taskset: TaskSet, base: Params, t: int) -> dict[str, Tensor]:
     """``W_0 + ΔW_t``: the fine-tuned model of task ``t`` (one task at a time, no grad)."""
-    task = taskset.tasks[t]
-    return {m: base[m] + u.dense(base[m].dtype).to(base[m].device) for m, u in task.modules.items()}
+    return add_updates(base, taskset.tasks[t].modules)
 
 
 def _batch(item) -> tuple[Tensor, Tensor | None]:

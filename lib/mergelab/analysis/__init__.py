@@ -11,15 +11,16 @@ their schemas are in ``docs/store.md``:
   ablation and merged rank per method × space;
 - :mod:`~mergelab.analysis.factored`: the Frobenius inner products they share;
 
-Model-dependent analyses (``needs="bench"``: they run the backbone on validation images):
+Building blocks of the model-dependent analyses (pure functions of a backbone, heads and batches;
+the experiments that run them on a bench are :mod:`mergelab.experiments.model_analyses`):
 
 - :mod:`~mergelab.analysis.anisotropy`: 001's restricted Jacobian ``J`` (RAW / SVD bases) from one
   backward pass per task, κ, scree, ξ;
 - :mod:`~mergelab.analysis.components`: 002's per-component loss changes ΔL(r);
-- :mod:`~mergelab.analysis.proxies`: 004's TAS (``tas``, ``task_alignment``), AdaMMS*, the λ sweep;
-- :mod:`~mergelab.analysis.interference`: 003's final-embedding L1 interference;
-- :mod:`~mergelab.analysis.batches`: the validation batches, losses and merged weights they share;
-- :mod:`~mergelab.analysis.registry`: ``ANALYSES``, every analysis with its store producer name and version.
+- :mod:`~mergelab.analysis.proxies`: 004's TAS, AdaMMS* and the distances they use;
+- :mod:`~mergelab.analysis.batches`: fixed validation batches and the task loss they share.
+
+The registry of analyses is :data:`mergelab.experiments.registry.ANALYSES`.
 """
 
-__all__: list[str] = []  # the registry is mergelab.analysis.registry.ANALYSES
+__all__: list[str] = []

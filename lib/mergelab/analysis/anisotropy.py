@@ -50,24 +50,21 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from mergelab.analysis.batches import Batch, image_batches, task_loss, weights_of
+from mergelab.analysis.batches import Batch, task_loss
 from mergelab.analysis.factored import annotated, dataset_attrs, split_modules
 from mergelab.analysis.spectra import energy_fractions
-from mergelab.evaluation.heads import task_head
 from mergelab.linalg import numerical_rank
-from mergelab.merging import merge
 from mergelab.naming import module_coords
 from mergelab.spaces.knots import knots_svd
-from mergelab.taskset import Dense, LowRank
+from mergelab.taskset import Dense, LowRank, TaskSet
 
 if TYPE_CHECKING:
-    from mergelab.bench import Bench
     from mergelab.model.base import Backbone
 
 __all__ = [
     "BASES",
     "DirectionBasis",
-    "jacobian_anisotropy",
+    "lora_modules",
     "kappa",
     "loss_gradients",
     "naive_sensitivities",
@@ -184,33 +181,26 @@ def xi(h1: np.ndarray, h2: np.ndarray) -> float:
     return float(1.0 - min(abs(float(np.dot(h1, h2))) / n, 1.0)) if n > 0 else np.nan
 
 
-def _lora_modules(taskset) -> list[str]:
+def lora_modules(taskset: TaskSet) -> list[str]:
     """The 2-D parameters that every task updates with LoRA factors (the analysed modules)."""
     return [m for m in taskset.module_names if all(isinstance(u, LowRank) for u in taskset.updates(m))]
 
 
-def jacobian_anisotropy(bench: Bench, *, lam: float = 0.3, batch_size: int = 64, batches: int | None = 2,
-                        labels: bool = True, split_packed: bool = True, rtol: float | None = None) -> xr.Dataset:
+def restricted_jacobian(taskset: TaskSet, losses: np.ndarray, grads: Sequence[Mapping[str, Tensor]], n_images: Sequence[int], *,
+                        lam: float, labels: bool, batch_size: int, batches: int | None, split_packed: bool = True,
+                        rtol: float | None = None) -> xr.Dataset:
     """Restricted Jacobian ``J`` and its anisotropy statistics per basis × module (001 Sec. 2.3, App. E).
 
-    ``W`` is the Task Arithmetic merge of the bench's tasks with coefficient ``lam``; ``f_i`` task
-    i's loss over its first ``batches × batch_size`` validation images (``batches=None``: every
-    validation image): the cross-entropy task loss of its zero-shot head, as 001 Eqs. 3-6 define
-    it (default; labels of the val split, used for analysis only, never by adaptation), or with
-    ``labels=False`` the label-free mean prediction entropy. The Dataset's ``objective`` attribute
-    says which, and the figures print it. Modules: every 2-D parameter that all tasks update with LoRA factors,
-    packed q/k/v projections split into views (``split_packed``). ``rtol`` is the relative
-    tolerance of the SVD basis (``None``: numerical rank). Schema in ``docs/store.md``.
+    ``losses[i]`` / ``grads[i][m]`` are ``f_i`` and ``∂f_i/∂W_m`` at the Task Arithmetic merge
+    with coefficient ``lam`` (:func:`loss_gradients`) over ``n_images[i]`` validation images, the
+    cross-entropy task loss (``labels``) or the label-free prediction entropy. Modules: every 2-D
+    parameter that all tasks update with LoRA factors (the keys of ``grads``), packed q/k/v
+    projections split into views (``split_packed``). ``rtol`` is the relative tolerance of the SVD
+    basis (``None``: numerical rank). Schema in ``docs/store.md``; the experiment that measures the
+    gradients on a bench is :func:`mergelab.experiments.probes.jacobian_anisotropy`.
     """
-    taskset, backbone = bench.taskset, bench.backbone
     T = len(taskset)
-    tasks = [bench.tasks[name] for name in taskset.names]
-    batch_sets = [image_batches(task, batch_size=batch_size, batches=batches, labels=labels) for task in tasks]
-    heads = [task_head(backbone, task) for task in tasks]
-    params = weights_of(backbone.base_state(), merge(taskset, "task_arithmetic", "full", alpha=lam))
-    names = _lora_modules(taskset)
-    losses, grads = loss_gradients(backbone, heads, batch_sets, params, names)
-
+    names = list(grads[0])
     rows: dict[str, dict[str, np.ndarray]] = {}  # module view -> basis -> J (T, K)
     owners: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
     for name in names:
@@ -256,7 +246,7 @@ def jacobian_anisotropy(bench: Bench, *, lam: float = 0.3, batch_size: int = 64,
     return xr.Dataset(
         {
             "loss": annotated(("task",), losses, "f_i at the TA merge (entropy, or cross-entropy with labels)", "nats"),
-            "n_images": annotated(("task",), np.array([sum(len(x) for x, _ in bs) for bs in batch_sets], dtype=np.int64),
+            "n_images": annotated(("task",), np.asarray(n_images, dtype=np.int64),
                                   "validation images behind f_i"),
             "J": annotated(("basis", "task", "module", "direction"), J_all, "J[i,k] = <∇f_i(W), S_k>_F", "nats / weight units"),
             "n_directions": annotated(("basis", "module"), n_dir, "number of directions K"),

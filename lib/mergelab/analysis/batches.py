@@ -1,15 +1,12 @@
-"""What the model-dependent analyses share: validation batches, per-task losses, merged weights.
+"""What the model-dependent analyses share: validation batches and per-task losses.
 
-The analyses of :mod:`~mergelab.analysis.anisotropy`, :mod:`~mergelab.analysis.components`,
-:mod:`~mergelab.analysis.proxies` and :mod:`~mergelab.analysis.interference` run the model on a
-task's **validation** images only (DESIGN §6: never select or adapt on the test split):
+The analyses of :mod:`mergelab.experiments.model_analyses` run the model on a task's
+**validation** images only (DESIGN §6: never select or adapt on the test split):
 
 - :func:`image_batches` — the first ``batches × batch_size`` images of a split, in batches
   (``batches=None``: every image), with their labels only when a labelled loss asks for them;
 - :func:`task_loss` — ``f_t``: mean prediction entropy (label-free; AdaMerging, 002 Eq. 6,
   001 Sec. 3) or, when ``labels`` are given, the cross-entropy task loss;
-- :func:`weights_of` — the replacement parameters (``W_0 + ΔW``) of a merged update for
-  ``Backbone.encode_image(images, params)``.
 """
 
 from __future__ import annotations
@@ -22,13 +19,12 @@ from torch import Tensor
 from mergelab.adaptation.objectives import cross_entropy, entropy
 from mergelab.errors import InputError
 from mergelab.evaluation.heads import image_logits
-from mergelab.taskset import MergedUpdate
 
 if TYPE_CHECKING:
     from mergelab.data.tasks import ClassificationTask
     from mergelab.model.base import Backbone
 
-__all__ = ["Batch", "image_batches", "task_loss", "validate_batching", "weights_of"]
+__all__ = ["Batch", "image_batches", "task_loss", "validate_batching"]
 
 Batch = tuple[Tensor, Tensor | None]
 
@@ -59,13 +55,3 @@ def task_loss(backbone: Backbone, head: Tensor, images: Tensor, labels: Tensor |
     """``f_t`` on one batch: mean softmax entropy of the zero-shot logits, or cross-entropy with labels."""
     logits = image_logits(backbone, images, head, params)
     return entropy(logits) if labels is None else cross_entropy(logits, labels)
-
-
-def weights_of(base: Mapping[str, Tensor], merged: MergedUpdate | None = None) -> dict[str, Tensor]:
-    """``W_0 + ΔW`` for every parameter of ``base`` (``merged=None``: the base itself), detached.
-
-    Every parameter is passed, so a functional forward builds an autograd graph only for the
-    tensors a caller marks ``requires_grad``, never for the backbone's own parameters.
-    """
-    state = base if merged is None else merged.apply(base)
-    return {k: v.detach() for k, v in state.items()}

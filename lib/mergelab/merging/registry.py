@@ -52,6 +52,7 @@ from mergelab.merging.arithmetic import group_norms
 from mergelab.merging.lora import lora_scalings
 from mergelab.merging.regmean import check_grams
 from mergelab.params import Interval, Param, params_of_function, resolve
+from mergelab.registry import Registry
 from mergelab.spaces import Context, Space
 from mergelab.taskset import LowRank, TaskSet
 
@@ -120,20 +121,12 @@ class MergeMethod:
     def stages(self) -> tuple[tuple[str, MergeMethod], ...]:
         return ((self.name, self),)
 
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return {name: p.default for name, p in self.params.items()}
-
     def resolve(self, hp: Mapping[str, Any]) -> dict[str, Any]:
         """All hyper-parameters: defaults overridden by ``hp``, validated (InputError otherwise)."""
         return resolve(self.params, hp, f"method {self.name!r}")
 
     def stage_values(self, values: Mapping[str, Any], stage: str) -> dict[str, Any]:
         return dict(values)
-
-    @property
-    def doc(self) -> str:
-        return (self.fn.__doc__ or "").strip().split("\n\n")[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,10 +172,6 @@ class Composition:
                 for i, (part, m) in enumerate(self.parts) for key, p in m.params.items()}
 
     @property
-    def defaults(self) -> dict[str, Any]:
-        return {name: p.default for name, p in self.params.items()}
-
-    @property
     def grid(self) -> dict[str, tuple[Any, ...]]:
         """Every stage's grid, prefixed; the inner stages' ``alpha`` is left at 1 because the
         post-processors are positively homogeneous (the last ``alpha`` scales the result)."""
@@ -215,19 +204,13 @@ class Composition:
             out = method.fn(*args, **self.stage_values(values, part))
         return out
 
-    @property
-    def doc(self) -> str:
-        return " then ".join(part for part, _ in self.parts)
 
-
-class MethodRegistry(dict):
-    """``{name: MergeMethod}``; ``registry["a+b"]`` builds the :class:`Composition`, and an
-    unknown name raises InputError listing the known ones."""
+class MethodRegistry(Registry[MergeMethod]):
+    """The :class:`~mergelab.registry.Registry` of merge methods; ``registry["a+b"]`` builds the
+    :class:`Composition`, and an unknown name raises InputError listing the known ones."""
 
     def __init__(self, methods: Mapping[str, MergeMethod]) -> None:
-        super().__init__()
-        for name, method in methods.items():
-            self[name] = method
+        super().__init__("merge method", methods, hint=" or compose them with '+' (e.g. tsv+iso_c)")
 
     def __setitem__(self, name: str, method: MergeMethod) -> None:
         if "+" in name or not name:
@@ -238,6 +221,5 @@ class MethodRegistry(dict):
         parts = name.split("+")
         unknown = [p for p in parts if p not in self]
         if unknown or len(parts) < 2:
-            raise InputError(f"unknown merge method {unknown[0] if unknown else name!r}; choose one of {', '.join(self)} "
-                             "or compose them with '+' (e.g. tsv+iso_c)")
+            raise InputError(f"unknown merge method {unknown[0] if unknown else name!r}; allowed: {', '.join(self)}{self.hint}")
         return Composition(name, tuple((p, dict.__getitem__(self, p)) for p in parts))

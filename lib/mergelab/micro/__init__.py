@@ -2,5 +2,5 @@
 
 ``build_micro(out, store, profile)`` runs every step through the store's content keys, so a
 rerun is a no-op; ``mergelab build-micro`` is its command line. The built benchmark is read back
-with :func:`mergelab.data.micro.load_micro`.
+with :func:`mergelab.micro.benchmark.load_micro`.
 """

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mergelab.checkpoints import load_taskset
-from mergelab.data.micro import aliases, dense_suite, micro_tasks, pretrain_captions
+from mergelab.micro.benchmark import aliases, dense_suite, micro_tasks, pretrain_captions
 from mergelab.data.tasks import ClassificationTask
 from mergelab.errors import InputError
 from mergelab.evaluation.dense import KINDS, dense_features, dense_metric, make_decoder, refit_score
@@ -385,7 +385,7 @@ def render_readme(manifest: Mapping[str, Any], size_bytes: int) -> str:
               f"Wall time of the build that produced these artifacts: **{manifest['build_time_s'] / 60:.1f} min** "
               f"(pre-training {t['pretrain']:.0f} s, LoRA {t['lora']:.0f} s, dense {t['dense']:.0f} s, evaluation {t['evaluation']:.0f} s; "
               "torch threads as set by `--threads`, on a 2-core machine shared with other jobs). Timings vary 2–5× between runs on shared machines.", "",
-              f"Artifacts: {size_bytes / 2**20:.1f} MiB. Load them with `mergelab.data.micro.load_micro(\"data/micro\")`; "
+              f"Artifacts: {size_bytes / 2**20:.1f} MiB. Load them with `mergelab.micro.benchmark.load_micro(\"data/micro\")`; "
               "the adapters are standard PEFT directories that `mergelab.checkpoints.load_taskset(backbone.base_state(), dirs)` reads.", ""]
     return "\n".join(lines)
 

@@ -97,6 +97,6 @@ def open_clip_backbone(model: str | nn.Module = MICRO_ARCH, *, tokenizer: Callab
         model = open_clip.create_model(model, pretrained=None, **model_kwargs)
     if tokenizer is None:
         if name == MICRO_ARCH:
-            raise InputError(f"{MICRO_ARCH!r} has a closed-vocabulary text tower; pass its tokenizer (mergelab.data.micro.load_micro builds it)")
+            raise InputError(f"{MICRO_ARCH!r} has a closed-vocabulary text tower; pass its tokenizer (mergelab.micro.benchmark.load_micro builds it)")
         tokenizer = open_clip.get_tokenizer(name if name in open_clip.list_models() else "ViT-B-32")
     return OpenClipBackbone(model, tokenizer, name=name)

@@ -15,12 +15,13 @@ core      ``(U_Bᵀ B_t)(A_t V_A)``     :mod:`mergelab.spaces.core`
 ========  ==========================  ===========================================
 
 A new space is a frozen dataclass subclassing :class:`Space` that implements ``project``
-(returning a :class:`Context` with its ``P``, ``P⁺``, ``Q`` maps) plus one line below.
+(returning a :class:`Context` with its ``P``, ``P⁺``, ``Q`` maps) plus one line below (or
+``SPACES.register(name, space)``).
 """
 
 from __future__ import annotations
 
-from mergelab.errors import InputError
+from mergelab.registry import Registry
 from mergelab.spaces.base import Context, Space
 from mergelab.spaces.core import CoreSpace
 from mergelab.spaces.full import FullSpace
@@ -28,17 +29,15 @@ from mergelab.spaces.knots import KnotsSpace
 
 __all__ = ["SPACES", "Context", "CoreSpace", "FullSpace", "KnotsSpace", "Space", "get_space"]
 
-SPACES: dict[str, Space] = {
+SPACES: Registry[Space] = Registry("space", {
     "full": FullSpace(),
     "knots": KnotsSpace(),
     "core": CoreSpace(),
-}
+})
 
 
 def get_space(space: str | Space, **options) -> Space:
     """A space by name (or an instance), configured with ``options``; InputError if unknown."""
     if isinstance(space, Space):
         return space.configure(**options) if options else space
-    if space not in SPACES:
-        raise InputError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}")
     return SPACES[space].configure(**options) if options else SPACES[space]

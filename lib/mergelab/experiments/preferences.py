@@ -1,7 +1,7 @@
 """Preference studies of TARA (001 Sec. 4 "Two-Task Trade-Off Analysis" and "Preference Sensitivity
 Analysis", Figs. 3, 4, 10, 11; 000 Fig. 10, the STCH α ablation).
 
-Every study adapts on unlabeled **validation** batches (:class:`~mergelab.adaptation.studies.AdaptationSetting`)
+Every study adapts on unlabeled **validation** batches (:class:`~mergelab.experiments.adaptation_studies.AdaptationSetting`)
 and reports top-1 accuracy on the requested ``splits`` (``val`` and ``test`` by default: the test
 split is evaluated for reporting only). TARA optimises the smooth Tchebycheff scalarisation of the
 per-task entropies (001 Eq. 10, anchors ``z_i`` = entropy with only task i's adapter); AdaMerging, the
@@ -32,7 +32,7 @@ import numpy as np
 import xarray as xr
 
 from mergelab.adaptation import ADAPTERS
-from mergelab.adaptation.studies import AdaptationSetting, check_splits, final_losses
+from mergelab.experiments.adaptation_studies import AdaptationSetting, check_splits, final_losses
 from mergelab.errors import InputError
 
 __all__ = ["covariance_ellipse", "pareto_preferences", "pareto_sweep", "sample_preferences", "sensitivity_cloud",
@@ -81,8 +81,8 @@ def pareto_sweep(setting: AdaptationSetting, *, pair: Sequence[str] | None = Non
     ``pair`` picks the two tasks from a larger setting.
     """
     setting = setting if pair is None else setting.subset(pair)
-    if len(setting.tasks) != 2:
-        raise InputError(f"a Pareto sweep merges two tasks, the setting has {len(setting.tasks)}; pass pair=(A, B)")
+    if len(setting.names) != 2:
+        raise InputError(f"a Pareto sweep merges two tasks, the setting has {len(setting.names)}; pass pair=(A, B)")
     splits = check_splits(splits)
     methods_hp = _methods(methods, hyper_parameters)
     rho = pareto_preferences(n_preferences)
@@ -210,13 +210,13 @@ def stch_alpha_ablation(setting: AdaptationSetting, *, alphas: Sequence[float] =
         raise InputError(f"STCH alphas must be positive, got {list(alphas)}")
     splits = check_splits(splits)
     methods_hp = _methods(methods, hyper_parameters)
-    acc = np.zeros((len(methods_hp), len(alphas), len(setting.tasks), len(splits)))
+    acc = np.zeros((len(methods_hp), len(alphas), len(setting.names), len(splits)))
     for i, (method, hp) in enumerate(methods_hp.items()):
         hp = {"scalarization": "stch", **hp}
         for a, alpha in enumerate(alphas):
             result = setting.adapt(method, preference=preference, alpha=float(alpha), **hp)
             acc[i, a] = setting.accuracy(setting.params(result.merged), splits)
-    finetuned = np.stack([setting.accuracy(setting.task_params(t), splits, tasks=[t])[0] for t in range(len(setting.tasks))])
+    finetuned = np.stack([setting.accuracy(setting.task_params(t), splits, tasks=[t])[0] for t in range(len(setting.names))])
     normalized = acc / finetuned
     ds = xr.Dataset(
         {"accuracy": (("merge_method", "alpha", "task", "split"), acc),

@@ -46,7 +46,7 @@ from mergelab.errors import InputError
 if TYPE_CHECKING:
     from mergelab.taskset import TaskSet
 
-__all__ = ["DENSE_TASKS", "IMAGE_SIZE", "PROFILES", "TASKS", "Micro", "TaskSpec", "dense_suite", "load_micro",
+__all__ = ["DENSE_TASKS", "IMAGE_SIZE", "PROFILES", "TASKS", "Micro", "TaskSpec", "dense_suite", "load_micro", "micro_root",
            "aliases", "micro_tasks", "pretrain_captions"]
 
 IMAGE_SIZE = 24
@@ -322,6 +322,14 @@ class Micro:
         from mergelab.checkpoints import load_taskset
 
         return load_taskset(self.backbone.base_state(), list(zip(self.tasks, self.adapter_paths(rank))))
+
+
+def micro_root() -> Path:
+    """The shipped micro benchmark's folder: ``data/micro`` under the working directory, else the one
+    of the checkout this package runs from (an editable install)."""
+    here = Path("data/micro")
+    checkout = Path(__file__).resolve().parents[3] / "data" / "micro"
+    return here if here.is_dir() or not checkout.is_dir() else checkout
 
 
 def load_micro(root: str | Path = "data/micro") -> Micro:

@@ -21,18 +21,62 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import field_validator, model_validator
 
 from mergelab.data.tasks import ClassificationTask
 from mergelab.errors import InputError
 from mergelab.hashing import content_hash
-from mergelab.model import Backbone
+from mergelab.registry import Registry
+from mergelab.strict import Strict, safe_name
 from mergelab.taskset import TaskSet
 
 if TYPE_CHECKING:
-    from mergelab.config import BenchSpec, TaskSource
+    from mergelab.model import Backbone
 
-__all__ = ["BENCHES", "Bench", "load_bench"]
+__all__ = ["BENCHES", "Bench", "BenchSpec", "TaskSource", "load_bench"]
+
+
+class TaskSource(Strict):
+    """One task of a real-model study: its adapter (or full checkpoint) and its image folder."""
+
+    name: str
+    adapter: Path | None = None
+    checkpoint: Path | None = None
+    data: Path | None = None
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, name: str) -> str:
+        return safe_name(name, "task name")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSource:
+        if (self.adapter is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of adapter or checkpoint")
+        return self
+
+
+class BenchSpec(Strict):
+    """Where the model and tasks come from: ``micro`` (the shipped benchmark), ``open_clip`` or
+    ``hf_clip`` (local weights + ImageFolder task data). ``rank``: the micro adapter set (a rank,
+    ``mixed``, or ``None`` for the benchmark's default set)."""
+
+    kind: str = "micro"
+    root: Path = Path("data/micro")
+    rank: int | Literal["mixed"] | None = None
+    arch: str | None = None
+    weights: Path | None = None
+    image_size: int | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        BENCHES.require(kind)
+        return kind
 
 
 @dataclass(eq=False)
@@ -80,7 +124,7 @@ def _folder_id(root: Path) -> list[tuple[str, int, int]]:
 
 
 def _micro(spec: BenchSpec, tasks: Sequence[str] | None) -> Bench:
-    from mergelab.data.micro import load_micro
+    from mergelab.micro.benchmark import load_micro
 
     micro = load_micro(spec.root)
     names = list(tasks) if tasks else list(micro.tasks)
@@ -159,7 +203,7 @@ def _hf_clip(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
 
 
 #: ``bench.kind`` -> builder ``(BenchSpec, tasks) -> Bench``.
-BENCHES: dict[str, Callable[[Any, Any], Bench]] = {"micro": _micro, "open_clip": _open_clip, "hf_clip": _hf_clip}
+BENCHES: Registry[Callable[[Any, Any], Bench]] = Registry("bench kind", {"micro": _micro, "open_clip": _open_clip, "hf_clip": _hf_clip})
 
 
 def load_bench(spec: BenchSpec, tasks: Sequence[str] | Sequence[TaskSource] | None = None) -> Bench:

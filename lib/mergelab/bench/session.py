@@ -1,0 +1,163 @@
+"""One benchmark in one run: the only place that builds heads, applies updates and draws batches.
+
+A :class:`BenchSession` wraps a :class:`~mergelab.bench.Bench` and gives every experiment (the
+study's nodes, the adaptation studies, the model-dependent analyses, ``merge --select`` and
+``adapt``) the same answers to the questions they all ask:
+
+* ``head(name)`` — task ``name``'s zero-shot head (:func:`mergelab.evaluation.heads.task_head`), built once;
+* ``weights(update)`` — the replacement parameters ``W_0 + ΔW`` of a merged update
+  (:func:`mergelab.taskset.add_updates`); ``finetuned(t)`` the same for task ``t``'s own update;
+* ``tensors(name, split)`` — a split's images and labels, converted once;
+* ``val_batches`` — the first ``batches × batch_size`` validation images (the analyses' fixed
+  batches) and ``val_streams`` — endless shuffled validation batches, one generator per task
+  seeded ``seed + t`` (the one rule of adaptation: a study's adaptive runs and its adaptation
+  studies draw the same images);
+* ``accuracy`` / ``tas`` / ``forward`` — top-1 accuracy with the task's head, TAS against the
+  task's fine-tuned model (004 Eq. 2), and the functional forward adaptation runs.
+
+Nothing here reads the test split unless a caller asks for it by name (DESIGN §6).
+``for_thread()`` gives a worker thread its own copy of the backbone (a functional forward swaps a
+module's parameters while it runs) sharing every cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergelab.adaptation.loop import Forward
+from mergelab.analysis.batches import Batch, image_batches
+from mergelab.analysis.proxies import tas
+from mergelab.bench.benches import Bench
+from mergelab.evaluation.heads import image_logits, task_head
+from mergelab.evaluation.metrics import embed, top1_accuracy
+from mergelab.model import Backbone
+from mergelab.taskset import MergedUpdate, TaskSet, add_updates
+
+__all__ = ["BenchSession", "shuffled_batches"]
+
+Params = Mapping[str, Tensor]
+
+
+@dataclass(eq=False)
+class _Shared:
+    """What every thread's copy of one session shares: the task set, base weights, heads, tensors."""
+
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    values: dict[Any, Any] = field(default_factory=dict)
+
+    def get(self, key: Any, make: Any) -> Any:
+        with self.lock:
+            if key not in self.values:
+                self.values[key] = make()
+            return self.values[key]
+
+
+def shuffled_batches(images: Tensor, labels: Tensor | None, batch_size: int, seed: int) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+    """Endless shuffled batches (a new permutation per epoch, the last partial batch dropped);
+    labelled only when ``labels`` is given."""
+    g = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, len(images))
+    while True:
+        order = torch.randperm(len(images), generator=g)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            take = order[i:i + batch_size]
+            yield images[take] if labels is None else (images[take], labels[take])
+
+
+@dataclass(eq=False)
+class BenchSession:
+    """A bench's model and tasks with everything derived from them computed once (see module doc)."""
+
+    bench: Bench
+    _shared: _Shared = field(default_factory=_Shared, repr=False)
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.bench.backbone
+
+    @property
+    def names(self) -> list[str]:
+        """The tasks in the bench's (= the task set's) order."""
+        return list(self.bench.tasks)
+
+    @property
+    def taskset(self) -> TaskSet:
+        return self._shared.get("taskset", lambda: self.bench.taskset)
+
+    @property
+    def base(self) -> dict[str, Tensor]:
+        """``W_0``: the encoder's pre-trained weights by state-dict name."""
+        return self._shared.get("base", self.backbone.base_state)
+
+    def for_thread(self) -> BenchSession:
+        """A session with a private copy of the backbone and the caches of this one."""
+        with self._shared.lock:
+            return BenchSession(replace(self.bench, backbone=copy.deepcopy(self.bench.backbone)), self._shared)
+
+    def warm(self) -> None:
+        """Build the task set, base weights, heads and val/test tensors now (before threads start)."""
+        _ = self.taskset, self.base
+        for name in self.names:
+            self.head(name)
+            self.tensors(name, "val"), self.tensors(name, "test")
+
+    # Heads, weights, data -------------------------------------------------------------------------
+
+    def head(self, name: str) -> Tensor:
+        """Task ``name``'s zero-shot head (class names × templates through the text tower)."""
+        return self._shared.get(("head", name), lambda: task_head(self.backbone, self.bench.tasks[name]))
+
+    def tensors(self, name: str, split: str) -> tuple[Tensor, Tensor]:
+        """``(images, labels)`` of task ``name``'s ``split``."""
+        return self._shared.get(("tensors", name, split), lambda: self.bench.tasks[name].tensors(split))
+
+    def weights(self, update: MergedUpdate | None) -> dict[str, Tensor] | None:
+        """``W_0 + ΔW`` for every parameter ``update`` changes (``None``: the base model's own weights)."""
+        return None if update is None else add_updates(self.base, update.modules)
+
+    def finetuned(self, name: str) -> dict[str, Tensor]:
+        """Task ``name``'s fine-tuned weights ``W_0 + ΔW_t``."""
+        return add_updates(self.base, self.taskset.tasks[self.taskset.names.index(name)].modules)
+
+    def val_batches(self, name: str, *, batch_size: int = 64, batches: int | None = None,
+                    labels: bool = False) -> list[Batch]:
+        """The first ``batches × batch_size`` validation images of task ``name`` (all when ``None``)."""
+        return image_batches(self.bench.tasks[name], batch_size=batch_size, batches=batches, labels=labels)
+
+    def val_streams(self, names: Sequence[str], batch_size: int, seed: int,
+                    labels: bool = False) -> list[Iterator[Tensor | tuple[Tensor, Tensor]]]:
+        """Endless shuffled validation batches of each named task, the ``t``-th seeded ``seed + t``."""
+        streams = []
+        for t, name in enumerate(names):
+            images, targets = self.tensors(name, "val")
+            streams.append(shuffled_batches(images, targets if labels else None, batch_size, seed + t))
+        return streams
+
+    # What experiments measure ---------------------------------------------------------------------
+
+    def accuracy(self, name: str, split: str, params: Params | None) -> tuple[float, Tensor]:
+        """Top-1 accuracy of task ``name`` on ``split`` with its zero-shot head, and the normalised
+        image features (the joint head reuses them)."""
+        images, labels = self.tensors(name, split)
+        features = embed(self.backbone, images, params)
+        return top1_accuracy(features @ self.head(name).T, labels), features
+
+    def tas(self, name: str, params: Params | None, **kw: Any) -> float:
+        """``TAS_t`` (004 Eq. 2) of a model on task ``name``'s validation images (lower is better)."""
+        return tas(self.backbone, self.bench.tasks[name], params, self.finetuned(name), **kw)
+
+    def forward(self, names: Sequence[str] | None = None, modules: Sequence[str] | None = None) -> Forward:
+        """The functional forward adaptation runs over the named tasks (in order; ``None``: all) for
+        the ``modules`` being merged (``None``: every module of the task set)."""
+        names = self.names if names is None else list(names)
+        heads = [self.head(n) for n in names]
+        return Forward(base={m: self.base[m] for m in (self.taskset.module_names if modules is None else modules)},
+                       logits=lambda t, x, p: image_logits(self.backbone, x, heads[t], p),
+                       tokens=self.backbone.image_tokens)

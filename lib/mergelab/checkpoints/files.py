@@ -1,0 +1,199 @@
+"""Checkpoint files: tensors from safetensors / torch files, base weights, named sources, adapter configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from mergelab.errors import InputError
+from mergelab.hashing import content_hash
+from mergelab.taskset import BaseRef, TaskSet
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FULL_WEIGHTS", "LORA_KEY", "PEFT_PREFIX", "TRAINING_ONLY", "BaseLike", "Source",
+           "StateDict", "base_ref", "compile_pattern", "is_number", "is_adapter_dir", "load_grams", "load_state_dict", "named_sources", "read_adapter_config",
+           "read_tensors", "weights_file"]
+
+StateDict = dict[str, Tensor]
+Source = str | os.PathLike[str] | tuple[str, "str | os.PathLike[str]"]
+BaseLike = str | os.PathLike[str] | Mapping[str, Tensor] | nn.Module
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+FULL_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+PEFT_PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+
+# Reading tensors ---------------------------------------------------------------------------
+
+
+#: First bytes of a torch.save file: a zip archive (torch >= 1.6) or a legacy pickle stream.
+_TORCH_MAGIC = (b"PK", b"\x80\x02")
+
+
+def read_tensors(path: Path) -> StateDict:
+    """Read a safetensors or torch-pickle file into a CPU state dict, turning failures into InputError."""
+    if path.suffix != ".safetensors":
+        with path.open("rb") as f:
+            if f.read(2) not in _TORCH_MAGIC:
+                raise InputError(f"cannot read {path}: neither a safetensors nor a torch weights file; pass model weights")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path), device="cpu")
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise InputError(f"refused to unpickle {path}: it holds objects other than tensors, which mergelab never loads "
+                         "(torch.load weights_only=True); convert it to safetensors with safetensors.torch.save_file") from err
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as err:
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch"
+        raise InputError(f"cannot read {path}: corrupt or truncated {kind} file ({type(err).__name__}); re-save it") from err
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise InputError(f"{path} does not hold a flat state dict of tensors; save it with safetensors.torch.save_file")
+    return dict(state)
+
+
+def weights_file(directory: Path, candidates: Sequence[str]) -> Path | None:
+    for name in candidates:
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def load_state_dict(base: BaseLike) -> StateDict:
+    """A base model's state dict from a module, a mapping, a weights file or a directory holding one."""
+    if isinstance(base, nn.Module):
+        return {k: v.detach() for k, v in base.state_dict().items()}
+    if isinstance(base, Mapping):
+        return dict(base)
+    path = Path(base)
+    if not path.exists():
+        raise InputError(f"base model path {path} does not exist; pass a weights file or a directory with model.safetensors")
+    if path.is_dir():
+        found = weights_file(path, FULL_WEIGHTS)
+        if found is None:
+            raise InputError(f"{path} holds none of {', '.join(FULL_WEIGHTS)}; pass the weights file itself")
+        path = found
+    return read_tensors(path)
+
+
+_BASE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def base_ref(base: BaseLike, state: StateDict) -> BaseRef:
+    if isinstance(base, (str, os.PathLike)):
+        path = Path(base).resolve()
+        stat = path.stat()
+        cache_key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if cache_key not in _BASE_HASHES:
+            _BASE_HASHES[cache_key] = content_hash(state)
+        return BaseRef(name=path.name, path=str(path), content_hash=_BASE_HASHES[cache_key])
+    name = type(base).__name__ if isinstance(base, nn.Module) else "state_dict"
+    return BaseRef(name=name, path=None, content_hash=content_hash(state))
+
+
+# Sources -----------------------------------------------------------------------------------
+
+
+def named_sources(sources: Sequence[Source], names: Sequence[str] | None) -> list[tuple[str, Path]]:
+    if not sources:
+        raise InputError("empty source list; pass at least one adapter directory or checkpoint (CLI: mergelab inspect PATH...)")
+    pairs: list[tuple[str, Path]] = []
+    for i, src in enumerate(sources):
+        if isinstance(src, tuple):
+            name, path = src[0], Path(src[1])
+        else:
+            text = os.fspath(src)
+            name, sep, rest = text.partition("=")
+            if sep and name and not Path(text).exists():
+                path = Path(rest)
+            else:
+                path = Path(text)
+                name = path.stem if path.is_file() else path.name
+        if names is not None:
+            name = names[i]
+        if not path.exists():
+            raise InputError(f"source {path} does not exist; check the path (NAME=PATH names a task)")
+        if name in (n for n, _ in pairs):
+            raise InputError(f"duplicate task names: two sources are named {name!r}; name each task once (NAME=PATH)")
+        pairs.append((name, path))
+    if names is not None and len(names) != len(sources):
+        raise InputError(f"{len(names)} names for {len(sources)} sources; give one name per source")
+    return pairs
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+#: Adapter-config fields that shape training only, never the update ``ΔW = scaling · B A``:
+#: dropped at load so that they stay out of every cache key (a changed ``lora_dropout`` is the
+#: same task vector) and out of merged adapters, which are for inference.
+TRAINING_ONLY = ("lora_dropout", "inference_mode", "init_lora_weights", "loftq_config", "runtime_config")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
+    """``re.compile`` with a one-line error naming where the bad expression came from."""
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise InputError(f"{where} {pattern!r} is not a regular expression ({err}); fix or quote it") from None
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path / ADAPTER_CONFIG} is not valid JSON ({err.msg} at line {err.lineno}); re-save the adapter") from err
+    if not isinstance(config, dict):
+        raise InputError(f"{path / ADAPTER_CONFIG} must hold a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise InputError(f"{path} is a {peft_type} adapter; mergelab reads LoRA adapters (peft_type LORA)")
+    for field_name in ("r", "lora_alpha"):
+        if field_name not in config:
+            raise InputError(f"{path / ADAPTER_CONFIG} lacks {field_name!r}; a PEFT LoRA config needs r and lora_alpha")
+    if not isinstance(config["r"], int) or config["r"] <= 0:
+        raise InputError(f"{path / ADAPTER_CONFIG} has r = {config['r']!r}; LoRA rank must be a positive integer")
+    if not is_number(config["lora_alpha"]):
+        raise InputError(f"{path / ADAPTER_CONFIG} has lora_alpha = {config['lora_alpha']!r}; it must be a number")
+    for field_name, valid in (("rank_pattern", lambda v: isinstance(v, int) and v > 0), ("alpha_pattern", is_number)):
+        patterns = config.get(field_name) or {}
+        if not isinstance(patterns, Mapping):
+            raise InputError(f"{path / ADAPTER_CONFIG}: {field_name} must map module patterns to values, not {patterns!r}")
+        for pattern, value in patterns.items():
+            compile_pattern(pattern, f"{path / ADAPTER_CONFIG}: {field_name} key")
+            if not valid(value):
+                raise InputError(f"{path / ADAPTER_CONFIG}: {field_name}[{pattern!r}] = {value!r} is not a valid {field_name.split('_')[0]}")
+    for unsupported in ("use_dora", "lora_bias"):
+        if config.get(unsupported):
+            raise InputError(f"{path} uses {unsupported}=True, which mergelab cannot merge exactly; merge_and_unload it into a full checkpoint")
+    return {k: v for k, v in config.items() if k not in TRAINING_ONLY}
+
+
+def load_grams(path: Path, taskset: TaskSet) -> dict[str, dict[str, Tensor]]:
+    """A safetensors file of ``"<task>::<module>"`` Gram matrices (RegMean's inputs) -> ``{task: {module: G}}``."""
+    if not Path(path).is_file():
+        raise InputError(f"--grams {path} is not a file; pass a safetensors file of '<task>::<module>' Gram matrices")
+    grams: dict[str, dict[str, Tensor]] = {name: {} for name in taskset.names}
+    for key, tensor in load_state_dict(path).items():
+        task, sep, module = key.partition("::")
+        if not sep or task not in grams:
+            raise InputError(f"--grams {path}: key {key!r} is not '<task>::<module>' for a task in {list(taskset.names)}")
+        grams[task][module] = tensor
+    return grams

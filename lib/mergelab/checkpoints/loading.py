@@ -1,0 +1,304 @@
+"""Checkpoints in: PEFT LoRA adapters and full fine-tunes -> TaskSet, with PEFT's scaling applied once
+(see :mod:`mergelab.checkpoints`)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mergelab.errors import InputError
+from mergelab.taskset import SUPPORTED_DTYPES, Dense, LowRank, TaskSet, TaskUpdate, Update
+from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, compile_pattern, FULL_WEIGHTS, LORA_KEY, BaseLike, Source, base_ref, is_adapter_dir, load_state_dict, named_sources, read_adapter_config,
+                                        read_tensors, weights_file)
+
+__all__ = ["describe", "describe_sources", "guess_param", "load_taskset", "mha_out_proj_factor", "peft_template",
+           "resolve_prefix", "target_param"]
+
+
+def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first pattern matching a suffix of ``key``."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _scaling(config: Mapping[str, Any], peft_key: str, rank: int) -> tuple[float, float]:
+    """(alpha, scaling) of one LoRA module: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, peft_key, config["lora_alpha"]))
+    denom = math.sqrt(rank) if config.get("use_rslora") else rank
+    return alpha, alpha / denom
+
+
+@functools.cache
+def mha_out_proj_factor() -> float:
+    """How many times the installed PEFT applies an ``nn.MultiheadAttention`` out_proj LoRA delta.
+
+    PEFT 0.21 merges the out_proj delta twice, in ``merge()`` and therefore in every forward
+    pass too (huggingface/peft PR #3774). The model a user trained and evaluated is the one
+    PEFT runs, so mergelab loads the effective update (factor x delta) and divides the factor
+    out again when it writes an adapter. Measured on a 4-dim MHA, not assumed from a version.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    holder = nn.Sequential()
+    holder.add_module("attn", nn.MultiheadAttention(4, 1))
+    base = holder.attn.out_proj.weight.detach().clone()
+    peft_model = get_peft_model(holder, LoraConfig(r=1, lora_alpha=1, target_modules=["attn"]))
+    out_proj = peft_model.base_model.model.attn.base_layer.out_proj
+    nn.init.ones_(out_proj.lora_B["default"].weight)
+    delta = (out_proj.lora_B["default"].weight @ out_proj.lora_A["default"].weight).detach()
+    merged = peft_model.merge_and_unload().attn.out_proj.weight.detach()
+    return round(float(((merged - base) * delta).sum() / (delta * delta).sum()), 6)
+
+
+def target_param(peft_module: str, base: Mapping[str, Any]) -> str | None:
+    """The base parameter a PEFT LoRA module updates (``attn`` on an MHA -> ``attn.in_proj_weight``)."""
+    module = peft_module.replace(".base_layer", "")
+    for candidate in (f"{module}.weight", f"{module}.in_proj_weight"):
+        if candidate in base:
+            return candidate
+    return None
+
+
+#: The sub-module of a whole checkpoint that an adapter trained on one tower sits under, by the
+#: class PEFT records in ``auto_mapping.base_model_class``: open_clip's towers are ``model.visual``
+#: (its text tower sits at the root under the same block names, so the names alone are ambiguous)
+#: and, in a CustomTextCLIP, ``model.text``.
+TOWER_PREFIXES: dict[str, str] = {"VisionTransformer": "visual.", "ModifiedResNet": "visual.", "TextTransformer": "text."}
+
+
+def _module_prefix(base_module: str) -> str:
+    """``--base-module visual`` as a parameter-name prefix (``visual.``; ``.`` or ``""``: the root)."""
+    return "" if base_module.strip(".") == "" else base_module.strip(".") + "."
+
+
+def resolve_prefix(names: Sequence[str], base: Mapping[str, Any], where: Path, *,
+                    base_module: str | None = None, tower: str | None = None) -> str:
+    """The prefix under which the base holds the adapter's modules ('' or e.g. 'visual.').
+
+    Adapters trained on a sub-module (open_clip's ``model.visual``) name parameters relative to
+    it; the base may be the whole model. The prefix must cover every module; ``base_module``
+    names it, otherwise it must be unique, or be the one the adapter's recorded ``tower`` class
+    sits under (:data:`TOWER_PREFIXES`).
+    """
+    probe = names[0].replace(".base_layer", "") + "."
+    prefixes = {k[: k.index(probe)] for k in base if probe in k and (k.startswith(probe) or f".{probe}" in k)}
+    covering = sorted(p for p in prefixes if (p == "" or p.endswith(".")) and all(target_param(p + n, base) for n in names))
+    if base_module is not None:
+        if _module_prefix(base_module) in covering:
+            return _module_prefix(base_module)
+        found = f"; it does under {', '.join(repr(p.rstrip('.') or '.') for p in covering)}" if covering else ""
+        raise InputError(f"--base-module {base_module!r}: the base holds no module of adapter {where} there{found}")
+    if len(covering) == 1:
+        return covering[0]
+    missing = [n for n in names if target_param(n, base) is None]
+    packed = next((n for n in missing if f"{n}.q_proj.weight" in base or any(k.endswith(f".{n}.q_proj.weight") for k in base)), None)
+    if not covering and packed is not None:
+        raise InputError(
+            f"adapter {where} targets the packed attention {packed!r} (an nn.MultiheadAttention's in_proj_weight), the base "
+            "has it split into q_proj / k_proj / v_proj (mergelab.model.split_attention); train the adapter on the split "
+            "projections or on the MLP (c_fc, c_proj)"
+        )
+    if not covering:
+        raise InputError(
+            f"adapter {where} targets {len(names)} modules, the base lacks {len(missing)} of them "
+            f"(e.g. {missing[0]!r}); pass the base model the adapter was trained on, or restrict with modules=[...]"
+        )
+    if TOWER_PREFIXES.get(tower or "") in covering:
+        return TOWER_PREFIXES[tower or ""]
+    candidates = ", ".join(repr(p.rstrip(".") or ".") for p in covering)
+    raise InputError(f"adapter {where} matches the base in several sub-modules ({candidates}); "
+                     f"name the one it was trained on with --base-module (e.g. --base-module {covering[-1].rstrip('.') or '.'})")
+
+
+def guess_param(peft_module: str, peft_modules: Sequence[str]) -> str:
+    """Without a base model: the parameter name a PEFT module most likely updates."""
+    if f"{peft_module}.base_layer.out_proj" in peft_modules:  # LoRA on an nn.MultiheadAttention
+        return f"{peft_module}.in_proj_weight"
+    return f"{peft_module.replace('.base_layer', '')}.weight"
+
+
+def _load_adapter(
+    name: str, path: Path, base: Mapping[str, Tensor] | None, keep: Callable[[str], bool], dtype: torch.dtype,
+    base_module: str | None = None,
+) -> TaskUpdate:
+    config = read_adapter_config(path)
+    weights = weights_file(path, ADAPTER_WEIGHTS)
+    if weights is None:
+        raise InputError(f"{path} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}; copy the adapter weights next to it")
+    raw = read_tensors(weights)
+    factors: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in raw.items():
+        short = key.removeprefix(PEFT_PREFIX)
+        match = LORA_KEY.match(short)
+        if match is None:
+            raise InputError(f"{weights} holds {key!r}, which is not a LoRA factor; mergelab reads plain LoRA adapters")
+        factors.setdefault(match["module"], {})[match["kind"]] = tensor
+    if not factors:
+        raise InputError(f"{weights} holds no LoRA factors; is it a PEFT LoRA adapter?")
+    peft_modules = sorted(factors)
+    tower = (config.get("auto_mapping") or {}).get("base_model_class")
+    prefix = resolve_prefix(peft_modules, base, path, base_module=base_module, tower=tower) if base is not None else ""
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    modules: dict[str, Update] = {}
+    meta_modules: dict[str, dict[str, Any]] = {}
+    for peft_module in peft_modules:
+        pair = factors[peft_module]
+        embedding = "lora_embedding_A" in pair
+        kinds = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        if set(pair) != set(kinds):
+            raise InputError(f"{weights}: module {peft_module!r} has {sorted(pair)} but needs both {kinds[0]} and {kinds[1]}")
+        param = target_param(prefix + peft_module, base) if base is not None else guess_param(peft_module, peft_modules)
+        assert param is not None  # resolve_prefix checked coverage
+        if not keep(param):
+            continue
+        A, B = pair[kinds[0]], pair[kinds[1]]
+        where = f"task {name!r}, module {param!r}"
+        for what, t in (("lora_A", A), ("lora_B", B)):
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise InputError(f"{where}: {what} has unsupported dtype {t.dtype}; save the adapter in float16, bfloat16 or float32")
+            if t.ndim != 2:
+                raise InputError(f"{where}: {what} has shape {tuple(t.shape)}; only Linear and Embedding LoRAs are supported")
+        rank = A.shape[0]
+        if rank == 0:
+            raise InputError(f"{where}: rank 0 (lora_A has shape {tuple(A.shape)}); an adapter needs r >= 1")
+        target_key = peft_module.split(".base_layer", 1)[0]
+        alpha, scaling = _scaling(config, target_key, rank)
+        peft_factor = mha_out_proj_factor() if param.endswith(".out_proj.weight") and ".base_layer.out_proj" in peft_module else 1.0
+        scaling *= peft_factor
+        try:
+            if embedding or fan_in_fan_out:
+                # Embedding (num_embeddings, dim) and Conv1D (in, out) weights: delta = (B A)^T.
+                update = LowRank(A.T.to(dtype) * scaling, B.T.to(dtype))
+            else:
+                update = LowRank(B.to(dtype) * scaling, A.to(dtype))
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from err
+        if base is not None and update.shape != tuple(base[param].shape):
+            raise InputError(
+                f"{where}: update shape {update.shape} does not fit base parameter shape {tuple(base[param].shape)}; "
+                "pass the base model the adapter was trained on"
+            )
+        modules[param] = update
+        meta_modules[param] = {"peft_module": peft_module, "rank": rank, "alpha": alpha, "scaling": scaling,
+                               "transposed": bool(embedding or fan_in_fan_out), "embedding": bool(embedding),
+                               "peft_factor": peft_factor}
+    if not modules:
+        raise InputError(f"modules filter keeps none of adapter {path}'s {len(peft_modules)} modules")
+    meta = {"format": "peft", "prefix": prefix, "adapter_config": config, "modules": meta_modules}
+    return TaskUpdate(name=name, modules=modules, source=str(path), meta=meta)
+
+
+def _load_full(
+    name: str, path: Path, base: Mapping[str, Tensor], keep: Callable[[str], bool], dtype: torch.dtype
+) -> TaskUpdate:
+    if path.is_dir():
+        found = weights_file(path, FULL_WEIGHTS)
+        if found is None:
+            raise InputError(
+                f"{path} is neither a PEFT adapter (no {ADAPTER_CONFIG}) nor a full checkpoint (no {' / '.join(FULL_WEIGHTS)}); "
+                "pass an adapter directory or a .safetensors state dict"
+            )
+        path = found
+    state = read_tensors(path)
+    modules: dict[str, Update] = {}
+    unknown = sorted(k for k, v in state.items() if keep(k) and v.is_floating_point() and k not in base)
+    if unknown:
+        raise InputError(f"checkpoint {path} has {len(unknown)} parameters the base lacks (e.g. {unknown[0]!r}); restrict with modules=[...]")
+    for key, tensor in state.items():
+        if not keep(key) or not tensor.is_floating_point():
+            continue
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise InputError(f"task {name!r}, parameter {key!r} has unsupported dtype {tensor.dtype}; save it in float16, bfloat16 or float32")
+        if tensor.shape != base[key].shape:
+            raise InputError(f"task {name!r}, parameter {key!r} has shape {tuple(tensor.shape)}, base has {tuple(base[key].shape)}; pass the matching base model")
+        try:
+            modules[key] = Dense(tensor.to(dtype) - base[key].to(dtype))
+        except InputError as err:
+            raise InputError(f"task {name!r}, parameter {key!r}: {err}") from err
+    if not modules:
+        raise InputError(f"checkpoint {path} has no floating-point parameters in common with the base")
+    return TaskUpdate(name=name, modules=modules, source=str(path), meta={"format": "full"})
+
+
+def load_taskset(
+    base: BaseLike,
+    sources: Sequence[Source],
+    *,
+    names: Sequence[str] | None = None,
+    modules: Sequence[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    base_module: str | None = None,
+) -> TaskSet:
+    """Load PEFT LoRA adapters and/or full fine-tuned checkpoints into a validated TaskSet.
+
+    Args:
+        base: the base model (a module, a state dict, a weights file or a directory).
+        sources: adapter directories or checkpoint files; ``"NAME=PATH"`` or ``(name, path)``
+            names a task, otherwise the directory / file name is used.
+        names: task names, overriding those derived from ``sources``.
+        modules: regular expressions over base parameter names (full match); only those
+            parameters are kept.
+        dtype: dtype of the loaded updates (float32 by default; SVD-based code upcasts further).
+        base_module: the sub-module of a whole-model ``base`` that PEFT adapters were trained on
+            (``"visual"``: open_clip's image tower); by default found from the names, or from the
+            adapter's recorded base class when the names fit several (:data:`TOWER_PREFIXES`).
+            Full checkpoints name their parameters in the base's own terms and ignore it.
+    """
+    pairs = named_sources(sources, names)
+    base_state = load_state_dict(base)
+    patterns = [compile_pattern(m, "modules pattern (--modules)") for m in modules or ()]
+    keep = (lambda k: any(p.fullmatch(k) for p in patterns)) if patterns else (lambda k: True)
+    tasks = []
+    for name, path in pairs:
+        tasks.append(_load_adapter(name, path, base_state, keep, dtype, base_module) if is_adapter_dir(path)
+                     else _load_full(name, path, base_state, keep, dtype))
+    return TaskSet(tuple(tasks), base_ref(base, base_state))
+
+
+def peft_template(taskset: TaskSet) -> dict[str, Any] | None:
+    """The PEFT layout (adapter config + per-parameter module info) a merged adapter is written with.
+
+    Taken from the first task; None when the tasks are not PEFT adapters. Merges carry it in
+    ``MergedUpdate.meta["peft"]`` so :func:`save_merged` can write a loadable adapter.
+    """
+    meta = taskset.tasks[0].meta
+    if meta.get("format") != "peft":
+        return None
+    return {"adapter_config": meta["adapter_config"], "modules": meta["modules"]}
+
+
+def describe(task: TaskUpdate) -> dict[str, Any]:
+    """A JSON-able summary of one task: per module its shape, rank, alpha, scaling and ‖ΔW‖_F."""
+    info = task.meta.get("modules", {})
+    modules = []
+    for name, update in task.modules.items():
+        entry: dict[str, Any] = {"name": name, "shape": list(update.shape), "norm": update.norm()}
+        if name in info:
+            entry.update(rank=info[name]["rank"], alpha=info[name]["alpha"], scaling=info[name]["scaling"])
+        modules.append(entry)
+    return {"task": task.name, "source": task.source, "format": task.meta.get("format"), "content_hash": task.content_hash,
+            "total_norm": math.sqrt(sum(m["norm"] ** 2 for m in modules)), "modules": modules}
+
+
+def describe_sources(sources: Sequence[Source], base: BaseLike | None = None,
+                     base_module: str | None = None) -> list[dict[str, Any]]:
+    """:func:`describe` for every source. Adapters can be read without a base (names are then the
+    adapter's own module paths); full checkpoints need the base to form their deltas."""
+    if base is not None:
+        return [describe(task) for task in load_taskset(base, sources, base_module=base_module)]
+    tasks = []
+    for name, path in named_sources(sources, None):
+        if not is_adapter_dir(path):
+            raise InputError(f"{path} is not a PEFT adapter directory (no {ADAPTER_CONFIG}); pass --base to inspect a full checkpoint")
+        tasks.append(_load_adapter(name, path, None, lambda _: True, torch.float32))
+    return [describe(task) for task in tasks]

@@ -1,0 +1,189 @@
+"""Checkpoints out: merged weights or a PEFT adapter, written atomically; rank capping (see :mod:`mergelab.checkpoints`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+
+from mergelab.errors import InputError
+from mergelab.linalg import lowrank_svd, svd64
+from mergelab.taskset import LowRank, MergedUpdate, Update
+
+from mergelab.checkpoints.files import ADAPTER_CONFIG, PEFT_PREFIX, BaseLike, StateDict, load_state_dict
+
+__all__ = ["cap_rank", "save_merged"]
+
+
+# Writing -----------------------------------------------------------------------------------
+
+
+def _publish_dir(out: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
+    """Write a directory under a temporary name next to ``out``, then rename it into place."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"output {out} already exists; choose another path or pass overwrite=True (CLI: --force)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists() or out.is_symlink():
+            _exchange(tmp, out)  # tmp now holds the old output
+            _remove(tmp)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``): a kill at any point
+    leaves the old output or the new one at ``b``, never neither. Elsewhere, two renames: a kill
+    between them leaves the old output beside ``b`` as ``.<name>.old-*``."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+            return
+    except (AttributeError, OSError):
+        pass
+    old = Path(tempfile.mkdtemp(prefix=f".{b.name}.old-", dir=b.parent))
+    os.replace(b, old / b.name)
+    os.replace(a, b)
+    os.replace(old / b.name, a)
+    old.rmdir()
+
+
+def _peft_layout(merged: MergedUpdate) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The adapter config template and per-parameter PEFT module info for writing an adapter."""
+    peft = merged.meta.get("peft") or {}
+    config = dict(peft.get("adapter_config") or {"peft_type": "LORA", "target_modules": None, "bias": "none"})
+    layout = dict(peft.get("modules") or {})
+    for param in merged.modules:
+        if param not in layout:
+            if not param.endswith(".weight"):
+                raise InputError(f"cannot write {param!r} as a PEFT LoRA module (no template); save with format='weights'")
+            layout[param] = {"peft_module": param.removesuffix(".weight"), "transposed": False, "embedding": False}
+    return config, layout
+
+
+def _adapter_tensors(merged: MergedUpdate, layout: Mapping[str, Mapping[str, Any]]) -> tuple[StateDict, dict[str, int]]:
+    """PEFT adapter tensors (scaling 1) and the rank of every targeted module.
+
+    Parameters that share one PEFT module (an MHA's packed in_proj and its out_proj) share its
+    rank; the lower-rank factor is zero-padded, which leaves ``B @ A`` unchanged.
+    """
+    target = lambda p: layout[p]["peft_module"].split(".base_layer", 1)[0]  # noqa: E731
+    ranks: dict[str, int] = {}
+    for param, update in merged.modules.items():
+        ranks[target(param)] = max(ranks.get(target(param), 0), update.rank)
+    tensors: StateDict = {}
+    for param, update in merged.modules.items():
+        info = layout[param]
+        B, A = (update.A.T, update.B.T) if info.get("transposed") else (update.B, update.A)
+        B = B / info.get("peft_factor", 1.0)  # the installed PEFT multiplies it back (mha_out_proj_factor)
+        r = ranks[target(param)]
+        B = torch.cat([B, B.new_zeros(B.shape[0], r - B.shape[1])], dim=1).contiguous()
+        A = torch.cat([A, A.new_zeros(r - A.shape[0], A.shape[1])], dim=0).contiguous()
+        stem = PEFT_PREFIX + info["peft_module"]
+        kind_a, kind_b = ("lora_embedding_A", "lora_embedding_B") if info.get("embedding") else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{stem}.{kind_a}"], tensors[f"{stem}.{kind_b}"] = A, B
+    return tensors, ranks
+
+
+def cap_rank(merged: MergedUpdate, max_rank: int) -> tuple[MergedUpdate, dict[str, float]]:
+    """Every matrix module of rank above ``max_rank`` replaced by its best rank-``max_rank``
+    approximation (Eckart–Young: the top singular triplets of ``ΔW``; from the factors by
+    :func:`~mergelab.linalg.lowrank_svd` for a low-rank ``ΔW = B A``, by :func:`~mergelab.linalg.svd64`
+    for a dense one), so the merge saves as a PEFT adapter that fits a server's ``max_lora_rank``
+    (vLLM, LoRAX) even when the method returned dense updates (TIES in full space). Returns the
+    capped merge (``meta["max_rank"]``, ``meta["rank_cap_error"]``) and per truncated module the
+    relative error ``‖ΔW − ΔW_R‖_F / ‖ΔW‖_F = sqrt(Σ_{i>R} σ_i² / Σ σ_i²)``. Low-rank modules within
+    the cap and non-matrix modules are kept as they are.
+    """
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise InputError(f"--max-rank {max_rank!r} is not a rank; give an integer >= 1")
+    modules: dict[str, Update] = dict(merged.modules)
+    errors: dict[str, float] = {}
+    for name, update in merged.modules.items():
+        if (isinstance(update, LowRank) and update.rank <= max_rank) or len(update.shape) != 2:
+            continue
+        U, s, Vh = lowrank_svd(update.B, update.A, truncate=False) if isinstance(update, LowRank) else svd64(update.delta)
+        total = float(s.square().sum())
+        errors[name] = math.sqrt(float(s[max_rank:].square().sum()) / total) if total > 0 else 0.0
+        modules[name] = LowRank((U[:, :max_rank] * s[:max_rank]).to(update.dtype), Vh[:max_rank].to(update.dtype))
+    meta = {**merged.meta, "max_rank": max_rank, "rank_cap_error": errors}
+    return MergedUpdate(modules, merged.base, meta), errors
+
+
+def save_merged(
+    merged: MergedUpdate,
+    out: str | os.PathLike[str],
+    *,
+    format: Literal["peft", "weights"] = "peft",
+    base: BaseLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
+    """Write a merged update as a PEFT LoRA adapter directory or as merged full weights.
+
+    ``format="peft"`` needs every module low rank; the adapter's rank per module is the merged
+    rank, ``lora_alpha = r`` (scaling 1, rsLoRA off) and the original adapters' target modules,
+    ``task_type`` and ``base_model_name_or_path`` are kept. ``format="weights"`` needs ``base``
+    and writes ``model.safetensors`` holding ``W_0 + delta`` for every base parameter.
+    A ``merge.json`` with the merge's provenance goes into both.
+    """
+    info = {"method": merged.meta.get("method"), "space": merged.meta.get("space"),
+            "space_options": merged.meta.get("space_options"),
+            "hyper_parameters": merged.meta.get("hyper_parameters"), "tasks": merged.meta.get("tasks"),
+            "base": merged.base.__dict__, "content_hash": merged.content_hash,
+            **{k: merged.meta[k] for k in ("max_rank", "rank_cap_error") if k in merged.meta}}
+    if format == "peft":
+        dense = sorted(k for k, u in merged.modules.items() if not isinstance(u, LowRank))
+        if dense:
+            raise InputError(f"merged update has {len(dense)} dense modules (e.g. {dense[0]!r}), not a LoRA adapter; save with format='weights' (CLI: --format weights)")
+        template, layout = _peft_layout(merged)
+        tensors, ranks = _adapter_tensors(merged, layout)
+        r = max(ranks.values())
+        config = {**template, "r": r, "lora_alpha": r, "use_rslora": False, "lora_dropout": 0.0,
+                  "rank_pattern": {k: v for k, v in ranks.items() if v != r}, "alpha_pattern": {k: v for k, v in ranks.items() if v != r},
+                  "inference_mode": True}
+        if not config.get("target_modules"):
+            config["target_modules"] = sorted(ranks)
+
+        def write(d: Path) -> None:
+            save_file({k: v.to(dtype) for k, v in tensors.items()}, str(d / "adapter_model.safetensors"))
+            (d / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+            (d / "merge.json").write_text(json.dumps(info, indent=2, default=str))
+
+    elif format == "weights":
+        if base is None:
+            raise InputError("format='weights' needs the base model; pass base=... (CLI: --base)")
+        weights = merged.apply(load_state_dict(base))
+
+        def write(d: Path) -> None:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "model.safetensors"))
+            (d / "merge.json").write_text(json.dumps(info, indent=2, default=str))
+
+    else:
+        raise InputError(f"unknown format {format!r}; choose 'peft' or 'weights'")
+    return _publish_dir(Path(out), write, overwrite)

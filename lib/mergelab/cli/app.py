@@ -1,0 +1,115 @@
+"""The ``mergelab`` command line (Typer). ``mergelab --help`` lists every command.
+
+Bad input (:class:`~mergelab.errors.InputError`) prints one line on stderr and exits with code
+2; unexpected errors keep their traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
+
+from mergelab import __version__
+from mergelab.errors import InputError
+
+__all__ = ["BaseModuleOpt", "StoreOpt", "app", "console", "err_console", "key_values", "main", "progress_bars", "store_app"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _tidy_metavar(param: TyperOption | TyperArgument, ctx: typer.Context) -> None:
+    """A flag shows no value placeholder; a repeatable value shows ``<str>...``, not ``<list[str]>``."""
+    if param.metavar is not None or not isinstance(param, (TyperOption, TyperArgument)):
+        return
+    if isinstance(param, TyperOption) and param.is_flag:
+        param.metavar = ""
+        return
+    repeated = re.fullmatch(r"<list\[(\w+)\]>", param.display_type(ctx))
+    if repeated and isinstance(param, TyperOption):
+        param.metavar = f"<{repeated[1]}>..."
+    elif repeated:  # an argument's metavar would replace its name; its type column is display_type's
+        param.display_type = lambda ctx, shown=f"<{repeated[1]}>": shown
+
+
+class _TidyHelp:
+    """Mixed into the CLI's command classes: ``--help`` metavars through :func:`_tidy_metavar`."""
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            _tidy_metavar(param, ctx)
+        return params
+
+
+class _Command(_TidyHelp, TyperCommand):
+    """Every command of the CLI (``@app.command(cls=_Command)``)."""
+
+
+class _Group(_TidyHelp, TyperGroup):
+    """Turns InputError raised anywhere below into a one-line message and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InputError as err:
+            err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+
+app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="mergelab: merge fine-tuned models and LoRA adapters in full, KnOTS and Core space.")
+store_app = typer.Typer(cls=_Group, no_args_is_help=True, help="List and clean the artifact store.")
+app.add_typer(store_app, name="store")
+
+BaseModuleOpt = Annotated[Optional[str], typer.Option("--base-module", help="The sub-module of a whole-model --base the adapters were trained on (e.g. visual: open_clip's image tower; default: found from the names and the adapter config).")]
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store URL or path (default: $MERGELAB_STORE, else the study's store: or store/ next to the study file; without a study ~/.cache/mergelab/store).")]
+
+
+def progress_bars(*fields: str, description: str = "{task.description}", out: Console = err_console, transient: bool = False):
+    """The CLI's one progress display (on stderr): a description, a bar, ``k/n``, one text column per
+    entry of ``fields`` (rich templates such as ``"{task.fields[hits]} cached"``) and the elapsed time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields), TimeElapsedColumn(),
+                    console=out, transient=transient)
+
+
+def key_values(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``KEY=VALUE`` strings into a dict (values stay strings; the registry coerces them)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"{flag} {item!r} is not KEY=VALUE; e.g. {flag} alpha=0.3")
+        if key.strip() in out:
+            raise InputError(f"{flag} sets {key.strip()!r} twice")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"mergelab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """mergelab: merge fine-tuned models and LoRA adapters in full, KnOTS and Core space."""
+
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,268 @@
+"""``mergelab inspect``, ``check``, ``merge`` and ``adapt``: the user's adapters, outside a study."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from mergelab.cli.app import key_values, progress_bars, BaseModuleOpt, StoreOpt, _Command, app, console
+from mergelab.errors import InputError
+
+
+# inspect ----------------------------------------------------------------------------------------
+
+
+@app.command(cls=_Command)
+def inspect(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="PEFT adapter directories or full checkpoints (NAME=PATH to name a task).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model weights (file or directory); required for full checkpoints.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    base_module: BaseModuleOpt = None,
+) -> None:
+    """Show each source's targeted modules, ranks, alphas, scaling and per-module update norms."""
+    from mergelab.checkpoints import describe_sources
+
+    report = describe_sources(paths or [], base=base, base_module=base_module)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    for source in report:
+        table = Table(title=f"{source['task']}  ({source['format']}, {len(source['modules'])} modules, hash {source['content_hash'][:12]})",
+                      title_justify="left")
+        for column in ("module", "shape", "rank", "alpha", "scaling", "‖ΔW‖_F"):
+            table.add_column(column, justify="left" if column == "module" else "right", overflow="fold")
+        for m in source["modules"]:
+            table.add_row(m["name"], "×".join(map(str, m["shape"])), str(m.get("rank", "—")), _fmt(m.get("alpha")),
+                          _fmt(m.get("scaling")), f"{m['norm']:.4g}")
+        console.print(table)
+        console.print(f"source: {source['source']}   total ‖τ‖: {source['total_norm']:.4g}\n")
+
+
+@app.command(cls=_Command)
+def check(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="PEFT adapter directories or full checkpoints (NAME=PATH to name a task).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model weights: the adapters' shapes are checked against its header.")] = None,
+    base_module: BaseModuleOpt = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="NAME=ROOT of a task's ImageFolder data (ROOT/val, ROOT/test; repeatable): images in two splits are reported.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+) -> None:
+    """Preflight from metadata only, in seconds: ranks, α, rsLoRA, targets, dtypes, module overlap,
+    shapes against the base and val/test overlap of the data. Exit 1 when something would stop or
+    skew a merge."""
+    from mergelab.preflight import check as preflight
+
+    found = preflight(paths or [], base=base, base_module=base_module, data=key_values(data, "--data"))
+    if as_json:
+        sys.stdout.write(json.dumps(found.to_json(), indent=2) + "\n")
+    else:
+        table = Table(title=f"{len(found.tasks)} adapters", title_justify="left")
+        for column in ("task", "r", "alpha", "rsLoRA", "scaling", "modules", "dtypes"):
+            table.add_column(column, justify="left" if column in ("task", "dtypes") else "right", overflow="fold")
+        for t in found.tasks:
+            rank = f"{t.rank}" + (f" ({len(t.rank_pattern)} patterns)" if t.rank_pattern else "")
+            table.add_row(t.task, rank, _fmt(t.alpha), "yes" if t.rslora else "no", _fmt(t.scaling), str(len(t.modules)), ", ".join(t.dtypes))
+        console.print(table)
+        for note in found.notes:
+            console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        for problem in found.problems:
+            console.print(f"problem: {problem}", style="yellow", highlight=False, soft_wrap=True)
+        console.print("ready to merge" if not found.problems else f"{len(found.problems)} problem(s)", highlight=False)
+    if found.problems:
+        raise typer.Exit(code=1)
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+
+# merge -------------------------------------------------------------------------------------------
+
+
+def _show_selection(method: str, space: str, bench, run):
+    """Run a ``--select`` sweep with a progress bar, then print every candidate's val criterion."""
+    from mergelab.selection import SELECTION_RULES
+
+    with progress_bars("{task.fields[hits]} cached", description="select {task.description}") as progress:
+        bar = progress.add_task(f"{method}/{space}", total=None, hits=0)
+
+        def listen(result, total: int) -> None:
+            progress.update(bar, total=total, advance=1, hits=progress.tasks[bar].fields["hits"] + int(result.hit))
+
+        chosen = run(progress=listen)
+    rule = SELECTION_RULES[chosen.rule]
+    metric, higher = rule.metric, rule.higher_is_better
+    table = Table(title=f"{method}/{space} on {bench.name} val: {'max' if higher else 'min'} mean {metric} selects",
+                  title_justify="left")
+    table.add_column("config")
+    table.add_column(metric, justify="right")
+    table.add_column("")
+    for label, value in zip(chosen.criterion.config.values, chosen.criterion.values, strict=True):
+        table.add_row(str(label), f"{value:.4f}", "selected" if label == chosen.label else "")
+    console.print(table)
+    return chosen
+
+
+class _RegistryHelp(_Command):
+    """Appends the choices of the registries a command reads (``listing()``) to its help, importing
+    them only when the help is shown."""
+
+    listing: staticmethod
+
+    def format_help(self, ctx, formatter):
+        listed = self.listing()
+        if listed not in (self.help or ""):
+            self.help = f"{self.help}\n\n{listed}"
+        return super().format_help(ctx, formatter)
+
+
+def _merge_choices() -> str:
+    from mergelab.merging import METHODS
+    from mergelab.selection import SELECTION_RULES
+    from mergelab.spaces import SPACES
+
+    described = "; ".join(f"{name} ({', '.join(f'{p.name}={p.default}' for p in method.params.values()) or 'none'})"
+                          for name, method in METHODS.items())
+    rules = "; ".join(f"{name}: {rule.description}" for name, rule in SELECTION_RULES.items())
+    return (f"Methods and their hyper-parameters (defaults; set with --set KEY=VALUE): {described}. "
+            f"Compose with '+', e.g. tsv+iso_c. Spaces: {', '.join(SPACES)}. Selection rules (--select): {rules}.")
+
+
+def _adapt_choices() -> str:
+    from mergelab.adaptation import ADAPTERS
+
+    described = "; ".join(f"{name} ({', '.join(f'{k}={v}' for k, v in adapter.settings.items()) or 'none'})"
+                          for name, adapter in ADAPTERS.items())
+    return f"Adaptive methods and their settings (defaults; set with --set KEY=VALUE): {described}."
+
+
+class _MergeCommand(_RegistryHelp):
+    listing = staticmethod(_merge_choices)
+
+
+class _AdaptCommand(_RegistryHelp):
+    listing = staticmethod(_adapt_choices)
+
+
+@app.command("merge", cls=_MergeCommand)
+def merge_command(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="More adapter directories (so that --adapters A B C works).", show_default=False)] = None,
+    adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="PEFT adapter directories or full checkpoints (NAME=PATH names a task): --adapters A B C.")] = None,
+    base: Annotated[str, typer.Option("--base", help="Base model weights (file or directory).")] = ...,  # type: ignore[assignment]
+    base_module: BaseModuleOpt = None,
+    method: Annotated[str, typer.Option("--method", help="A merge method (the list above) or a '+' composition such as tsv+iso_c.")] = ...,  # type: ignore[assignment]
+    space: Annotated[str, typer.Option("--space", help="Merge space (the spaces above).")] = "full",
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Hyper-parameter KEY=VALUE (repeatable); composed methods take METHOD.KEY=VALUE.")] = None,
+    space_sets: Annotated[Optional[list[str]], typer.Option("--space-option", help="Space option KEY=VALUE, e.g. naive=true, variant=per_layer.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = ...,  # type: ignore[assignment]
+    fmt: Annotated[str, typer.Option("--format", help="peft (a LoRA adapter; needs a low-rank result) or weights (merged full weights).")] = "peft",
+    max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="Cap the PEFT adapter's rank (a server's max_lora_rank): modules above it keep their best rank-R approximation; the relative error per module goes to merge.json.")] = None,
+    grams: Annotated[Optional[Path], typer.Option("--grams", help="RegMean input Gram matrices: safetensors with keys '<task>::<module>'.")] = None,
+    modules: Annotated[Optional[list[str]], typer.Option("--modules", help="Regular expressions over parameter names to merge (repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    select: Annotated[Optional[str], typer.Option("--select", help="Pick the hyper-parameters from the method's grid on the val split by a selection rule (above).")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="With --select: KEY=V1,V2,... replaces the values swept for KEY (repeatable).")] = None,
+    bench: Annotated[str, typer.Option("--bench", help="With --select: the benchmark that evaluates, micro or a study YAML (its bench: and tasks:).")] = "micro",
+    store: StoreOpt = None,
+) -> None:
+    """Merge adapters / fine-tunes with one method in one space; write a PEFT adapter or merged weights.
+
+    The configuration (method, space, hyper-parameters with defaults filled in, task hashes)
+    and the result's provenance go to the store as a JSON artifact. With ``--select`` every
+    configuration of the method's grid (less the ``--set`` ones) is merged and evaluated on the
+    benchmark's val split first (cached in the store; the test split never selects).
+    """
+    import yaml
+
+    from mergelab.onbench import merge_adapters
+
+    grid_values = {k: [yaml.safe_load(v) for v in values.split(",")] for k, values in key_values(grid, "--grid").items()}
+    done = merge_adapters([*(adapters or []), *(paths or [])], base, method, space, out=out, fixed=key_values(sets, "--set"),
+                          space_options=key_values(space_sets, "--space-option"), fmt=fmt, max_rank=max_rank, grams=grams,
+                          modules=modules, force=force, select=select, grid=grid_values, bench=bench, store=store,
+                          base_module=base_module, on_selection=_show_selection)
+    record, selection = done.record, done.selection
+    kind = "PEFT adapter" if fmt == "peft" else "merged weights"
+    chosen = "" if selection is None else f" ({selection.label}, selected by {selection.rule})"
+    console.print(f"merged {len(record['tasks'])} tasks with {record['method']}{chosen} in {record['space']} space -> "
+                  f"{done.written} ({kind}); configuration stored as {done.key} in {done.store}", soft_wrap=True)
+    if max_rank is not None:
+        worst = f", largest relative error {max(done.capped.values()):.3g}" if done.capped else ""
+        console.print(f"rank capped at {max_rank}: {len(done.capped)} of {len(record['ranks'])} modules truncated{worst} "
+                      "(per module in merge.json)", highlight=False)
+
+
+@app.command("adapt", cls=_AdaptCommand)
+def adapt_command(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="More adapter directories (so that --adapters A B C works).", show_default=False)] = None,
+    adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="PEFT adapter directories (NAME=PATH names a task after a benchmark task).")] = None,
+    base: Annotated[str, typer.Option("--base", help="Base model weights (file or directory): the benchmark's pre-trained model.")] = ...,  # type: ignore[assignment]
+    base_module: BaseModuleOpt = None,
+    method: Annotated[str, typer.Option("--method", help="An adaptive method (the list above).")] = ...,  # type: ignore[assignment]
+    preference: Annotated[Optional[str], typer.Option("--preference", help="Task preference ρ, one weight per task on the simplex: 0.5,0.25,0.25 (default: uniform).")] = None,
+    iters: Annotated[int, typer.Option("--iters", help="Optimisation steps (the papers: 250 or 500).")] = 250,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Unlabeled val images per task and step.")] = 16,
+    objective: Annotated[Optional[str], typer.Option("--objective", help="entropy, tas or labels (labels needs --allow-labels); default: the method's.")] = None,
+    scalarization: Annotated[Optional[str], typer.Option("--scalarization", help="sum or stch (smooth Tchebycheff, 001 Eq. 10); default: the method's.")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="STCH smoothing α.")] = 1.0,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Method option KEY=VALUE (repeatable), e.g. space=core, origin=cart, init=0.3.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the batch order and the initialisation.")] = 0,
+    allow_labels: Annotated[bool, typer.Option("--allow-labels", help="Allow --objective labels (uses val labels).")] = False,
+    bench: Annotated[str, typer.Option("--bench", help="The benchmark whose unlabeled val images adapt and whose splits evaluate: micro or a study YAML.")] = "micro",
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = ...,  # type: ignore[assignment]
+    fmt: Annotated[str, typer.Option("--format", help="peft (a LoRA adapter; low-rank results) or weights (merged full weights).")] = "peft",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Adapt merge coefficients at test time on a benchmark's unlabeled val images; write the merge.
+
+    The run and its history (loss curve, coefficients or masks) are cached in the store and
+    published as the study ``adapt-<method>-<taskset>``; the test split only evaluates.
+    """
+    import yaml
+
+    from mergelab.onbench import adapt_adapters
+
+    weights = None
+    if preference is not None:
+        try:
+            weights = [float(w) for w in preference.split(",")]
+        except ValueError:
+            raise InputError(f"--preference {preference!r} is not comma-separated numbers, e.g. 0.5,0.5") from None
+    adaptive = {"method": method, "iters": iters, "lr": lr, "batch_size": batch_size, "alpha": alpha, "preference": weights,
+                "objective": objective, "scalarization": scalarization,
+                "hp": {k: yaml.safe_load(v) for k, v in key_values(sets, "--set").items()}}
+    adaptive = {k: v for k, v in adaptive.items() if v is not None}
+    progress = progress_bars("loss {task.fields[loss]}", description=f"adapt {method}")
+    bar = progress.add_task(method, total=iters, loss="…")
+
+    def step(iteration: int, loss: float) -> None:  # the bar appears with the first step: bad input prints one line
+        progress.start()
+        progress.update(bar, completed=iteration, loss=f"{loss:.4f}")
+
+    try:
+        result, written, url = adapt_adapters([*(adapters or []), *(paths or [])], base, adaptive, out=out, fmt=fmt, force=force,
+                                              seed=seed, allow_labels=allow_labels, bench=bench, store=store,
+                                              base_module=base_module, progress=step)
+    finally:
+        progress.stop()
+    table = Table(title=f"{method} on {result.bench} ({'adapted now' if result.computed else 'cached run'}; "
+                        "normalised by each fine-tuned model)", title_justify="left")
+    for column in ("task", "val acc %", "test acc %", "test norm acc %"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    columns = ("val_acc", "acc", "norm_acc")
+    for task in [*map(str, result.scores.task.values), "mean"]:
+        values = result.scores.mean("task") if task == "mean" else result.scores.sel(task=task)
+        table.add_row(task, *(f"{100 * float(values.sel(metric=c)):.1f}" for c in columns))
+    console.print(table)
+    kind = "PEFT adapter" if fmt == "peft" else "merged weights"
+    console.print(f"adapted {result.scores.sizes['task']} tasks with {method} ({iters} iterations, {1000 * result.seconds_per_iter:.0f} ms each) "
+                  f"-> {written} ({kind}); history studies/{result.name}/adapt/{method} in {url}", soft_wrap=True, highlight=False)
+
+

@@ -1,0 +1,127 @@
+"""The registries of experiments: every analysis and every adaptation study a study can run.
+
+``ANALYSES[name]`` is the only list of analyses: the study spec validates ``analyses:`` against
+it, the ``analyze`` flow runs its entries and keys their Datasets in the store as
+``store.key(entry.producer, entry.version, **inputs)``. ``producer`` is a stable name written
+into store keys (it predates the move of the model-dependent analyses into this layer, so keys
+did not change). Bump an entry's ``version`` whenever its output changes for the same inputs, so
+stale artifacts are never reused.
+
+``needs`` says what the function takes first: ``"taskset"`` (weight-only statistics),
+``"merged"`` (called as ``fn(merged=…, **params)`` on each selected merge of the sweep, plus
+``taskset=…`` when the function has that parameter; the study stacks the results along
+``merge_method`` and ``space``) or ``"bench"`` (a :class:`~mergelab.bench.BenchSession`:
+the model and task data, for gradients and features).
+
+``ADAPTATION_STUDIES[name]`` is the only list of the preference studies of 001 and the AdaRank
+ablation of 002. A study YAML runs any of them from its ``adaptation_studies:`` section
+(``name: {settings}``); the study flow publishes each Dataset under ``studies/<study>/<ref>``,
+which notebooks 50 and 60 read. Settings are the study function's keyword arguments plus the
+shared schedule (:data:`SCHEDULE`: ``iters``, ``batch_size``, ``lr``) and ``tasks`` (a subset of
+the benchmark's tasks, in order).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import xarray as xr
+
+from mergelab.analysis import core_space, coverage, geometry, spectra
+from mergelab.errors import InputError
+from mergelab.registry import Registry
+from mergelab.experiments import model_analyses
+from mergelab.experiments.adaptation_studies import AdaptationSetting, adarank_ablation
+from mergelab.experiments.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
+from mergelab.bench import BenchSession
+
+__all__ = ["ADAPTATION_STUDIES", "ANALYSES", "SCHEDULE", "AdaptationStudy", "Analysis", "check_settings", "run_study"]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """An analysis function, its producer name in store keys, code version, input and fixed settings."""
+
+    producer: str
+    fn: Callable[..., xr.Dataset]
+    version: str
+    needs: Literal["taskset", "merged", "bench"] = "taskset"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+ANALYSES: Registry[Analysis] = Registry("analysis", {
+    "norms": Analysis("geometry.norms", geometry.norms, "2"),  # 2: packed q/k/v projections split into views
+    "cosine": Analysis("geometry.cosine_similarity", geometry.cosine_similarity, "1"),
+    "lambda_similarity": Analysis("geometry.lambda_similarity", geometry.lambda_similarity, "1"),
+    "coverage": Analysis("coverage.subspace_coverage", coverage.subspace_coverage, "1"),
+    "spectra": Analysis("spectra.task_spectra", spectra.task_spectra, "1"),
+    "sar": Analysis("spectra.pairwise_sar", spectra.pairwise_sar, "1"),
+    "truncation": Analysis("core_space.truncation_curves", core_space.truncation_curves, "1"),
+    "sar_spaces": Analysis("core_space.sar_by_space", core_space.sar_by_space, "1"),
+    "reference_bases": Analysis("core_space.reference_basis_ablation", core_space.reference_basis_ablation, "1"),
+    "merged_rank_spaces": Analysis("core_space.merged_rank_grid", core_space.merged_rank_grid, "2"),  # 2: dim merge_method
+    "merged_similarity": Analysis("geometry.merged_similarity", geometry.merged_similarity, "2", needs="merged"),
+    "merged_rank": Analysis("spectra.merged_rank", spectra.merged_rank, "2", needs="merged"),  # 2: stacked along merge_method
+    "anisotropy": Analysis("anisotropy.jacobian_anisotropy", model_analyses.jacobian_anisotropy, "2",
+                           needs="bench"),  # 2: labelled task loss by default
+    "components": Analysis("components.component_loss_changes", model_analyses.component_loss_changes, "2", needs="bench"),
+    "tas_sweep": Analysis("proxies.tas_sweep", model_analyses.tas_sweep, "1", needs="bench"),
+    "embedding_interference": Analysis("interference.merged_embedding_interference",
+                                       model_analyses.merged_embedding_interference, "1", needs="bench"),
+})
+
+#: Settings that configure the :class:`AdaptationSetting` rather than the study function.
+SCHEDULE = ("iters", "batch_size", "lr", "tasks")
+
+
+@dataclass(frozen=True)
+class AdaptationStudy:
+    """A study function ``fn(setting, **settings) -> Dataset``, its store ref and code version."""
+
+    fn: Callable[..., xr.Dataset]
+    ref: str
+    version: str
+
+    @property
+    def producer(self) -> str:
+        return f"adaptation.{self.fn.__name__}"
+
+    def allowed(self) -> list[str] | None:
+        """The keyword settings ``fn`` takes (``None``: any, it forwards ``**hp``)."""
+        params = list(inspect.signature(self.fn).parameters.values())[1:]
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return None
+        return [p.name for p in params if p.name != "dataset"]
+
+
+#: Versions 2 of the preference studies: the STCH anchors no longer shift TARA's batches; 3: dimension
+#: merge_method; 4 (adarank_ablation 2): the session's one batch rule (task t's stream seeded seed + t, as a
+#: study's adaptive runs), the TA baseline through merge().
+ADAPTATION_STUDIES: Registry[AdaptationStudy] = Registry("adaptation study", {
+    "pareto": AdaptationStudy(pareto_sweep, "preferences/pareto", "4"),
+    "cloud": AdaptationStudy(sensitivity_cloud, "preferences/cloud", "4"),
+    "stch_alpha": AdaptationStudy(stch_alpha_ablation, "preferences/stch_alpha", "4"),
+    "adarank_ablation": AdaptationStudy(adarank_ablation, "ablations/adarank", "2"),
+})
+
+
+def check_settings(name: str, settings: Mapping[str, Any]) -> None:
+    """Raise :class:`InputError` naming the study or setting that does not exist."""
+    allowed = ADAPTATION_STUDIES[name].allowed()
+    if allowed is None:
+        return
+    unknown = [k for k in settings if k not in allowed and k not in SCHEDULE]
+    if unknown:
+        raise InputError(f"{name}: unknown setting {unknown[0]!r}; allowed: {', '.join([*SCHEDULE, *allowed])}")
+
+
+def run_study(name: str, session: BenchSession, settings: Mapping[str, Any], *, seed: int, dataset: str) -> xr.Dataset:
+    """Run study ``name`` on ``session``'s bench (its ``tasks`` subset, the schedule in ``settings``, ``seed``)."""
+    check_settings(name, settings)
+    schedule = {k: settings[k] for k in ("iters", "batch_size", "lr") if k in settings}
+    setting = AdaptationSetting(session, settings.get("tasks"), seed=seed, **schedule)
+    own = {k: v for k, v in settings.items() if k not in SCHEDULE}
+    return ADAPTATION_STUDIES[name].fn(setting, dataset=dataset, **own)

@@ -1,0 +1,35 @@
+"""The nodes of a study (DESIGN §8): pure functions, each cached in the store under a content key.
+
+``flows/`` wraps every node in a Prefect task; nothing here imports Prefect. A node takes the
+:class:`StudySpec`, the store URL and its own inputs (plain values or other nodes' keys), so it
+runs the same in a thread, an in-process Dask worker or a remote one, and returns a
+:class:`NodeResult` that says whether the store already held its artifact.
+
+| node        | key inputs                                                 | artifact |
+|-------------|------------------------------------------------------------|----------|
+| stage       | TaskSet content hash, bench data id                         | JSON: tasks, hashes, sources |
+| reference   | the task's update hash, base hash, data id                  | Dataset: fine-tuned / zero-shot scores |
+| merge       | TaskSet hash, method, space, resolved hyper-parameters      | tensors: the MergedUpdate (+ wall time, peak memory) |
+| adapt       | TaskSet hash, data id, the adaptive spec, seed              | tensors: the MergedUpdate; Dataset: its history |
+| evaluate    | the merged artifact's key, data id, metrics asked for       | Dataset ``score(task, metric)`` |
+| analysis    | the registry entry's producer/version, its inputs           | Dataset (``studies/<name>/analysis/<a>``) |
+| adaptation_study | the entry's producer/version, TaskSet hash, data id, settings, seed | Dataset (``studies/<name>/<ref>``) |
+| results     | every evaluation's key, the selection rule                  | Dataset ``studies/<name>/results`` |
+
+Changing one hyper-parameter changes one merge key, hence its evaluation and the results, and
+nothing else. Changed adapters change the TaskSet hash and every key below it.
+"""
+
+from mergelab.study.context import JOINT, AdaptJob, Context, MergeJob, NodeResult, NotCached, adapt_jobs, context, merge_jobs
+from mergelab.study.graph import (NODES, PHASES, Submit, analyses_up_to_date, analysis_graph, local_submit, run_graph,
+                                  selected_for_analyses, up_to_date)
+from mergelab.study.nodes import (VERSIONS, adapt_node, adaptation_study_node, analysis_node, evaluate_node, merge_node,
+                                  reference_node, stage_node)
+from mergelab.study.results import Row, adapt_row, grid_edges, merge_row, results_node, results_table, selected_merges
+
+
+__all__ = ["JOINT", "NODES", "PHASES", "VERSIONS", "AdaptJob", "Context", "MergeJob", "NodeResult", "NotCached", "Row", "Submit",
+           "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "analyses_up_to_date", "analysis_graph",
+           "analysis_node", "context", "evaluate_node", "grid_edges", "local_submit", "merge_jobs", "merge_node", "merge_row",
+           "reference_node", "results_node", "results_table", "run_graph", "selected_for_analyses", "selected_merges",
+           "stage_node", "up_to_date"]

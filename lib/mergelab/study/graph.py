@@ -1,0 +1,142 @@
+"""The study as a graph: which nodes run in which order, run here or by an orchestrator, and probing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from mergelab.config import StudySpec
+from mergelab.errors import InputError
+from mergelab.study.context import Context, MergeJob, NodeResult, NotCached, adapt_jobs, merge_jobs
+from mergelab.study.nodes import (adapt_node, adaptation_study_node, analysis_node, evaluate_node, merge_node, reference_node,
+                                 stage_node)
+from mergelab.study.results import adapt_row, merge_row, results_node, selected_merges
+
+# The graph -----------------------------------------------------------------------------------------
+
+#: Node kind -> node function ``(ctx, *args) -> NodeResult``; ``flows/`` wraps each in a Prefect task.
+NODES: dict[str, Callable[..., NodeResult]] = {
+    "stage": stage_node, "reference": reference_node, "merge": merge_node, "adapt": adapt_node, "evaluate": evaluate_node,
+    "results": results_node, "analysis": analysis_node, "adaptation_study": adaptation_study_node,
+}
+
+#: Runs a batch of nodes of one kind, ``submit(kind, [args, ...])``, and returns their results in order.
+Submit = Callable[[str, Sequence[tuple[Any, ...]]], list[NodeResult]]
+
+
+#: The phases of a study, in the order they run, and the phases each needs before it.
+PHASES: dict[str, tuple[str, ...]] = {
+    "stage": (), "reference": ("stage",), "merge": ("stage",), "adapt": ("stage",), "evaluate": ("reference", "merge", "adapt"),
+    "results": ("evaluate",), "analysis": ("results",), "adaptation_study": ("stage",),
+}
+
+
+def _with_needs(phases: Iterable[str]) -> set[str]:
+    wanted, todo = set(), list(phases)
+    while todo:
+        phase = todo.pop()
+        if phase not in PHASES:
+            raise InputError(f"unknown study phase {phase!r}; phases: {', '.join(PHASES)}")
+        if phase not in wanted:
+            wanted.add(phase)
+            todo += PHASES[phase]
+    return wanted
+
+
+def run_graph(ctx: Context, submit: Submit, phases: Iterable[str] | None = None) -> tuple[list[NodeResult], NodeResult | None]:
+    """The study's nodes in dependency order; returns them all and the results node.
+
+    Stage, references, merges, adaptive runs, their evaluations, the results (selection), the
+    analyses (those of merged models take the selected merges) and the adaptation studies, or
+    only the named ``phases`` (:data:`PHASES`) and the phases they need. A study without merges
+    (only analyses or adaptation studies) has no results node (``None``).
+    """
+    spec, want = ctx.spec, _with_needs(PHASES if phases is None else phases)
+
+    def run(kind: str, batch: Sequence[tuple[Any, ...]]) -> list[NodeResult]:
+        return submit(kind, batch) if kind in want else []
+
+    staged = run("stage", [()])
+    merges, adapts = merge_jobs(spec), adapt_jobs(spec)
+    references = run("reference", [(name,) for name in [None, *ctx.bench.tasks]]) if merges or adapts else []
+    merged = run("merge", [(job,) for job in merges])
+    adapted = run("adapt", [(job,) for job in adapts])
+    evaluated = run("evaluate", [(produced,) for produced in merged + adapted])
+    rows = [merge_row(j, p, e, spec.seeds[0]) for j, p, e in zip(merges, merged, evaluated[:len(merged)], strict=True)] \
+        if "results" in want else []
+    rows += [adapt_row(ctx, j, p, e) for j, p, e in zip(adapts, adapted, evaluated[len(merged):], strict=True)] \
+        if "results" in want else []
+    done = run("results", [(rows, references)])[0] if rows else None
+    selected = selected_merges(ctx, done, merges, merged) if done is not None and merges else []
+    analyses = run("analysis", [(name, selected) for name in spec.analyses])
+    studies = run("adaptation_study", [(name,) for name in spec.adaptation_studies])
+    return staged + references + merged + adapted + evaluated + ([done] if done else []) + analyses + studies, done
+
+
+def analysis_graph(ctx: Context, submit: Submit, names: Sequence[str],
+                   selected: Sequence[tuple[MergeJob, NodeResult]]) -> list[NodeResult]:
+    """The stage node and the named analyses, on their own (``mergelab analyze``); analyses of
+    merged models take ``selected`` (:func:`selected_for_analyses`)."""
+    from mergelab.experiments.registry import ANALYSES
+
+    batch = [(name, list(selected) if ANALYSES[name].needs == "merged" else []) for name in names]
+    return submit("stage", [()]) + submit("analysis", batch)
+
+
+def analyses_up_to_date(spec: StudySpec, store_url: str, names: Sequence[str]) -> list[NodeResult] | None:
+    """:func:`analysis_graph`'s nodes when every one is already in the store, else ``None``
+    (probed here, nothing computed: a cached ``mergelab analyze`` needs no orchestrator)."""
+    from mergelab.experiments.registry import ANALYSES
+
+    selected = selected_for_analyses(spec, store_url) if any(ANALYSES[n].needs == "merged" for n in names) else []
+    ctx = Context(spec, store_url, probe=True)
+    try:
+        return analysis_graph(ctx, local_submit(ctx), names, selected)
+    except NotCached:
+        return None
+
+
+def selected_for_analyses(spec: StudySpec, store_url: str) -> list[tuple[MergeJob, NodeResult]]:
+    """The study's selected static merges, for analyses of merged models run on their own.
+
+    Needs every merge, evaluation and the results of the study in the store (``mergelab run``);
+    otherwise an :class:`InputError` says so.
+    """
+    core = spec.model_copy(update={"analyses": [], "adaptation_studies": {}})
+    found = up_to_date(core, store_url) if spec.methods else None
+    if found is None or found[1] is None:
+        raise InputError(f"study {spec.name}: analyses of merged models need the study's selected merges; "
+                         "run `mergelab run` on the study first")
+    produced, done = found
+    return selected_merges(Context(core, store_url), done, merge_jobs(spec), [n for n in produced if n.node == "merge"])
+
+
+def local_submit(ctx: Context, on_node: Callable[[NodeResult], None] | None = None,
+                 adapt_progress: Callable[[int, float], None] | None = None) -> Submit:
+    """A :data:`Submit` that runs every node here, one after another (no orchestrator).
+
+    ``on_node`` hears of each result; ``adapt_progress(iteration, loss)`` of every adaptation step.
+    """
+    def submit(kind: str, batch: Sequence[tuple[Any, ...]]) -> list[NodeResult]:
+        options = {"progress": adapt_progress} if kind == "adapt" and adapt_progress is not None else {}
+        results = []
+        for args in batch:
+            results.append(NODES[kind](ctx, *args, **options))
+            if on_node is not None:
+                on_node(results[-1])
+        return results
+
+    return submit
+
+
+def up_to_date(spec: StudySpec, store_url: str) -> tuple[list[NodeResult], NodeResult | None] | None:
+    """The study's nodes and results node when every artifact is already in the store, else ``None``.
+
+    Walks :func:`run_graph` in this process with a probing context: nothing is computed or
+    loaded, so an unchanged study is confirmed without starting an orchestrator.
+    """
+    ctx = Context(spec, store_url, probe=True)
+    try:
+        return run_graph(ctx, local_submit(ctx))
+    except NotCached:
+        return None

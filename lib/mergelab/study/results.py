@@ -1,0 +1,202 @@
+"""The results node (every evaluation in one Dataset, the selection rule applied) and the table read from it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from mergelab.config import config_label
+from mergelab.errors import InputError
+from mergelab.merging import METHODS
+from mergelab.store import Key
+from mergelab.selection import select
+from mergelab.study.context import JOINT, AdaptJob, Context, MergeJob, NodeResult
+from mergelab.study.nodes import VERSIONS
+
+# Results -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One merged model of the study: where it sits in the results and its nodes' keys."""
+
+    method: str
+    space: str
+    config: str
+    seed: int
+    produced: str
+    evaluated: str
+
+
+def merge_row(job: MergeJob, produced: NodeResult, evaluated: NodeResult, seed: int) -> Row:
+    return Row(job.method, job.space, config_label(job.config), job.seed if job.seed is not None else seed,
+               produced.key, evaluated.key)
+
+
+def adapt_row(ctx: Context, job: AdaptJob, produced: NodeResult, evaluated: NodeResult) -> Row:
+    attrs = ctx.store.info(produced.key).attrs
+    return Row(job.spec.name, attrs["space"], attrs["config"], job.seed, produced.key, evaluated.key)
+
+
+def selected_merges(ctx: Context, results: NodeResult, jobs: Sequence[MergeJob],
+                    produced: Sequence[NodeResult]) -> list[tuple[MergeJob, NodeResult]]:
+    """The static merges the selection chose (first seed), for analyses of merged models."""
+    selected = ctx.store.get_dataset(results.key)["selected"]
+    seed = ctx.spec.seeds[0]
+    return [(j, p) for j, p in zip(jobs, produced, strict=True)
+            if (j.seed is None or j.seed == seed) and bool(selected.sel(merge_method=j.method, space=j.space, config=config_label(j.config), seed=seed))]
+
+
+def results_key(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult]) -> Key:
+    return ctx.store.key("results", VERSIONS["results"], study=ctx.spec.name, rows=[r.__dict__ for r in rows],
+                         references=[r.key for r in references], selection=ctx.spec.selection)
+
+
+def results_node(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult]) -> NodeResult:
+    """Assemble the study's results Dataset, select configurations, publish ``studies/<name>/results``."""
+    key = results_key(ctx, rows, references)
+    hit = ctx.publish(key, "dataset", lambda: _assemble(ctx, rows, references))
+    ctx.store.set_ref(f"studies/{ctx.spec.name}/results", key)
+    return NodeResult("results", key, hit, ctx.spec.name)
+
+
+def _unique(values: Sequence[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def _assemble(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult]) -> xr.Dataset:
+    store = ctx.store
+    names = list(ctx.bench.tasks)
+    zeroshot = store.get_dataset(references[0].key)["score"]
+    experts = [store.get_dataset(r.key)["score"] for r in references[1:]]
+    finetuned = xr.concat([e.sel(task=[t]) for e, t in zip(experts, names, strict=True)], dim="task")
+    if JOINT in experts[0].task.values:  # the experts on the joint task: micro average over every test image
+        sizes = xr.DataArray([len(ctx.session.tensors(t, "test")[1]) for t in names], dims="expert")
+        joint = (xr.concat([e.sel(task=JOINT) for e in experts], dim="expert") * sizes).sum("expert", skipna=False) / sizes.sum()
+        finetuned = xr.concat([finetuned, joint.expand_dims(task=[JOINT])], dim="task")
+    dims = {"merge_method": _unique([r.method for r in rows]), "space": _unique([r.space for r in rows]),
+            "config": _unique([r.config for r in rows]), "seed": _unique([r.seed for r in rows])}
+    first = store.get_dataset(rows[0].evaluated)["score"]
+    tasks, metrics = list(first.task.values), list(first.metric.values)
+    score = np.full([len(dims["merge_method"]), len(dims["space"]), len(dims["config"]), len(tasks), len(metrics), len(dims["seed"])], np.nan)
+    per_merge = {v: np.full([len(values) for values in dims.values()], np.nan)
+                 for v in ("merge_seconds", "peak_memory_mb", "mean_abs_delta_coef")}
+    ft = finetuned.sel(task=names)
+    for r in rows:
+        at = tuple(values.index(v) for values, v in zip(dims.values(), (r.method, r.space, r.config, r.seed), strict=True))
+        s = store.get_dataset(r.evaluated)["score"].copy()
+        s.loc[names, "norm_acc"] = s.sel(task=names, metric="acc") / ft.sel(metric="acc")
+        s.loc[names, "val_norm_acc"] = s.sel(task=names, metric="val_acc") / ft.sel(metric="val_acc")
+        score[at[:3] + (slice(None), slice(None), at[3])] = s.sel(task=tasks, metric=metrics).values
+        attrs = store.info(r.produced).attrs
+        for v in per_merge:
+            per_merge[v][at] = attrs.get(v, np.nan)
+    coords = {d: np.array(v, dtype=object) if d != "seed" else np.array(v) for d, v in dims.items()}
+    coords |= {"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)}
+    ds = xr.Dataset({"score": (("merge_method", "space", "config", "task", "metric", "seed"), score),
+                     **{v: (tuple(dims), a) for v, a in per_merge.items()}}, coords=coords)
+    reference = xr.concat([zeroshot.reindex(task=tasks), finetuned.reindex(task=tasks)],
+                          dim=xr.DataArray(["zeroshot", "finetuned"], dims="reference"))
+    ds["reference_score"] = reference.assign_coords(reference=np.array(["zeroshot", "finetuned"], dtype=object),
+                                              task=np.array(tasks, dtype=object), metric=np.array(metrics, dtype=object))
+    ds["selected"] = select(ds, ctx.spec.selection, names)
+    ds.attrs.update({"study": ctx.spec.name, "bench": ctx.bench.name, "taskset": ctx.taskset.content_hash,
+                     "selection": ctx.spec.selection, "tasks": names,
+                     "note": f"{ctx.bench.name} benchmark numbers" + (" (the embedded micro benchmark, not the papers')"
+                                                                      if ctx.spec.bench.kind == "micro" else "")})
+    return ds
+
+
+def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
+    """The selected configuration of every method × space as a pandas DataFrame.
+
+    Columns: method, space, config, mean normalised accuracy and mean accuracy (test, %),
+    joint Hits@1 (%), merge time (s) and peak memory (MiB), and for adaptive runs the mean
+    ``|Δcoefficient|`` from their start, averaged over seeds unless ``seed``. A configuration that
+    sits on the edge of its grid (:func:`grid_edges`) is marked ``(edge)``.
+    """
+    import pandas as pd
+
+    sel = ds if seed is None else ds.sel(seed=[seed])
+    tasks = list(ds.attrs["tasks"])
+    edges = grid_edges(ds)
+    rows = []
+    for method in sel.merge_method.values:
+        for space in sel.space.values:
+            mask = sel["selected"].sel(merge_method=method, space=space)
+            if not bool(mask.any()):
+                continue
+            picked = sel.sel(merge_method=method, space=space).where(mask)
+            configs = [c for c in sel.config.values if bool(mask.sel(config=c).any())]
+            configs = [c + (" (edge)" if edges.get((method, space, c)) else "") for c in configs]
+            score = picked["score"]
+            row = {"method": method, "space": space, "config": "; ".join(configs),
+                   "norm_acc": 100 * float(score.sel(task=tasks, metric="norm_acc").mean("task").max("config").mean("seed")),
+                   "acc": 100 * float(score.sel(task=tasks, metric="acc").mean("task").max("config").mean("seed")),
+                   "merge_s": float(picked["merge_seconds"].max("config").mean("seed")),
+                   "peak_mb": float(picked["peak_memory_mb"].max("config").mean("seed"))}
+            if JOINT in score.task.values:
+                row["hits@1"] = 100 * float(score.sel(task=JOINT, metric="hits@1").max("config").mean("seed"))
+            if "mean_abs_delta_coef" in picked:
+                row["|Δcoef|"] = float(picked["mean_abs_delta_coef"].max("config").mean("seed"))
+            rows.append(row)
+    finetuned = ds["reference_score"].sel(reference="finetuned", task=tasks, metric="acc")
+    references = [{"method": name, "space": "-", "config": "-",
+                   "norm_acc": 100 * float((acc / finetuned).mean()), "acc": 100 * float(acc.mean())}
+                  for name in ("zeroshot", "finetuned")
+                  for acc in [ds["reference_score"].sel(reference=name, task=tasks, metric="acc")]]
+    if JOINT in ds["reference_score"].task.values and rows and "hits@1" in rows[0]:
+        for row in references:
+            row["hits@1"] = 100 * float(ds["reference_score"].sel(reference=row["method"], task=JOINT, metric="hits@1"))
+    return pd.DataFrame(references + rows)
+
+
+def _parse_label(label: str) -> dict[str, str]:
+    """``config_label``'s ``k=v,k=v`` back into its pairs (a part without ``=`` belongs to a list
+    value such as ``clamp=[0, 1]`` and is dropped: lists are never numeric grid values)."""
+    return dict(part.split("=", 1) for part in label.split(",") if "=" in part)
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _at_bound(method: str, name: str, value: float) -> bool:
+    """Whether ``value`` is an end of the hyper-parameter's allowed range (TIES' density 1: no trim),
+    beyond which no grid can go."""
+    try:
+        interval = METHODS[method].params[name].interval
+    except (InputError, KeyError):
+        return False
+    return interval is not None and value in (interval.low, interval.high)
+
+
+def grid_edges(ds: xr.Dataset) -> dict[tuple[str, str, str], list[str]]:
+    """``{(method, space, config): [hyper-parameters]}`` of selected configurations whose value of a
+    swept numeric hyper-parameter is the smallest or largest of the grid that was swept (the
+    optimum may lie outside it: widen that grid), unless it is an end of the allowed range (TIES'
+    density 1). Adaptive runs (one configuration) never are."""
+    out: dict[tuple[str, str, str], list[str]] = {}
+    for method in ds.merge_method.values:
+        for space in ds.space.values:
+            present = ds["merge_seconds"].sel(merge_method=method, space=space).notnull().any("seed")
+            configs = [str(c) for c in ds.config.values if bool(present.sel(config=c))]
+            chosen = ds["selected"].sel(merge_method=method, space=space).any("seed")
+            parsed = {c: _parse_label(c) for c in configs}
+            for config in (c for c in configs if bool(chosen.sel(config=c))):
+                flagged = []
+                for name, value in parsed[config].items():
+                    values = {_number(p[name]) for p in parsed.values() if name in p} - {None}
+                    x = _number(value)
+                    if len(values) > 1 and x in (min(values), max(values)) and not _at_bound(str(method), name, x):
+                        flagged.append(name)
+                if flagged:
+                    out[(str(method), str(space), config)] = flagged
+    return out

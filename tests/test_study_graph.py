@@ -1,0 +1,49 @@
+"""The study graph run phase by phase (what the stage / merge_sweep / adapt / evaluate flows do)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mergelab.config import load_study
+from mergelab.errors import InputError
+from mergelab.study import PHASES, Context, local_submit, run_graph
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "name": "tiny-graph",
+    "bench": {"kind": "micro", "root": str(REPO / "data/micro"), "rank": 4},
+    "tasks": ["digits", "textures"],
+    "methods": [{"method": "task_arithmetic", "spaces": ["full"], "grid": {"alpha": [0.3]}}],
+    "adaptive": [{"method": "adamerging", "iters": 1, "batch_size": 4}],
+    "analyses": ["norms"],
+    "joint": False,
+}
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory):
+    return Context(load_study(TINY), str(tmp_path_factory.mktemp("graph") / "store"))
+
+
+def kinds(nodes) -> list[str]:
+    return list(dict.fromkeys(n.node for n in nodes))
+
+
+def test_a_phase_runs_with_the_phases_it_needs_and_nothing_else(context, one_thread):
+    submit = local_submit(context)
+    assert kinds(run_graph(context, submit, phases=["stage"])[0]) == ["stage"]
+    assert kinds(run_graph(context, submit, phases=["merge"])[0]) == ["stage", "merge"]
+    nodes, done = run_graph(context, submit, phases=["evaluate"])
+    assert kinds(nodes) == ["stage", "reference", "merge", "adapt", "evaluate"] and done is None
+    nodes, done = run_graph(context, submit)  # the whole study reuses every node computed above
+    assert kinds(nodes) == ["stage", "reference", "merge", "adapt", "evaluate", "results", "analysis"]
+    assert [n.node for n in nodes if not n.hit] == ["results", "analysis"]
+    assert list(PHASES) == ["stage", "reference", "merge", "adapt", "evaluate", "results", "analysis", "adaptation_study"]
+
+
+def test_an_unknown_phase_is_one_line(context):
+    with pytest.raises(InputError, match="unknown study phase 'merges'; phases: stage, reference"):
+        run_graph(context, local_submit(context), phases=["merges"])
