@@ -5,7 +5,7 @@ registry order, :func:`method_order`; spaces in :data:`mergelab.spaces.SPACES` o
 in % at one decimal, for the configuration the study selected (``selected``; the mean over
 seeds). Reference rows (the fine-tuned models, zero-shot) come first and are named in
 ``frame.attrs["references"]``; the best merged value of each ranked column
-(``frame.attrs["ranked"]``) is set in bold by :func:`bold_best`, as the papers print it.
+(``frame.attrs["ranked"]``) is set in bold by :func:`bold_best`.
 
 * ``*_frame(ds)`` returns the plain :class:`pandas.DataFrame` (``attrs``: ``paper``, ``dataset``
   (whose numbers these are), ``study``, ``references``, ``ranked``);
@@ -191,7 +191,7 @@ def _caption(frame: pd.DataFrame, what: str, best: str = "best merged value per 
 
 
 def paper_table(ds: xr.Dataset, metric: str = "norm_acc", *, finetuned: bool = True, delta: str | None = "full") -> Styler:
-    """:func:`per_task_frame` as the papers print it (003 Tab. 3, 001 Tab. 1): one decimal, the best
+    """:func:`per_task_frame` in the layout of 003 Tab. 3 / 001 Tab. 1: one decimal, the best
     merged value of each task and of ``Avg.`` in bold, a caption saying whose numbers these are."""
     frame = per_task_frame(ds, metric, finetuned=finetuned, delta=delta)
     what = f"{_WHAT[metric]} per task (%, test) of the selected configuration of each method × space"
@@ -203,7 +203,7 @@ def paper_table(ds: xr.Dataset, metric: str = "norm_acc", *, finetuned: bool = T
 
 
 def joint_table(ds: xr.Dataset) -> Styler:
-    """:func:`joint_frame` as the papers print it (001 Tab. 3), best merged Hits@k in bold."""
+    """:func:`joint_frame` in the layout of 001 Tab. 3, the best merged Hits@k in bold."""
     frame = joint_frame(ds)
     what = ("joint-task Hits@k (%, test; every image against the union of all tasks' labels) of the selected "
             "configuration of each method × space; first rows: the zero-shot model, the fine-tuned experts")
@@ -211,7 +211,7 @@ def joint_table(ds: xr.Dataset) -> Styler:
 
 
 def joint_grid(ds: xr.Dataset, k: int = 1) -> Styler:
-    """:func:`joint_grid_frame` as 003 Tab. 4 prints it; each method's best space in bold."""
+    """:func:`joint_grid_frame` in the layout of 003 Tab. 4, each method's best space in bold."""
     frame = joint_grid_frame(ds, k)
     what = f"joint-task Hits@{k} (%, test) of the selected configuration, space × method"
     return bold_best(frame, caption=_caption(frame, what, best="each method's best space"))
