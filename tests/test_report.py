@@ -11,10 +11,12 @@ from pathlib import Path
 import nbformat
 import pytest
 import xarray as xr
+from helpers import synthetic_results
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from typer.testing import CliRunner
 
 from analysis import report
+from analysis.report import INDEX
 from mergelab.cli import app
 from mergelab.errors import InputError
 from mergelab.store import Store
@@ -328,3 +330,26 @@ def test_the_figure_index_lists_every_paper_item_and_exactly_the_tagged_cells():
               for item in report.paper_items(cell, path.name)}
     assert listed == tagged
 
+
+def test_the_overview_notebook_writes_its_paper_tables_as_html_and_every_figure_as_png_and_pdf(tmp_path):
+    store = Store(tmp_path / "store")
+    runs = {("task_arithmetic", "full"): [0.50, 0.60], ("ties", "full"): [0.55, 0.60], ("ties", "core"): [0.65, 0.62],
+            ("tsv", "core"): [0.60, 0.70]}
+    key = store.key("test.report", "1", name="results")
+    store.put_dataset(key, synthetic_results(runs, tasks=("digits", "textures")))
+    store.set_ref("studies/synthetic/results", key)
+    out = tmp_path / "reports"
+    files = report.report([report.REPO / "notebooks" / "00_overview.ipynb"], {"STORE": str(tmp_path / "store"), "STUDY": "synthetic"}, out,
+                          cwd=tmp_path, timeout=300)
+    assert [f.relative_to(out).as_posix() for f in files] == ["00_overview.html", "00_overview/fig-01.png", "00_overview/003-fig1.png", INDEX]
+    # each figure (003 Fig. 1, the untagged heatmap) as PNG and PDF; each tagged table as HTML, named after its first item
+    assert sorted(p.name for p in (out / "00_overview").iterdir()) == [
+        "001-tab3.html", "001-tab9.html", "003-fig1.pdf", "003-fig1.png", "003-tab3.html", "003-tab4.html", "fig-01.pdf", "fig-01.png"]
+    assert all((out / "00_overview" / f"{stem}.pdf").read_bytes().startswith(b"%PDF") for stem in ("003-fig1", "fig-01"))
+    table = (out / "00_overview" / "003-tab3.html").read_text()
+    assert "font-weight: bold" in table and "hand-made test numbers" in table and "Avg." in table and "finetuned (absolute)" in table
+    index = (out / "index.html").read_text()
+    for link in ("00_overview/003-tab3.html", "00_overview/003-fig1.pdf", "00_overview/001-tab3.html", "00_overview/003-tab4.html"):
+        assert f'href="{link}"' in index
+    assert re.findall(r"<tr><td>([^<]+)</td>", index) == ["000 Tab. 7", "001 Tab. 1", "001 Tab. 3", "001 Tab. 9", "003 Fig. 1",
+                                                          "003 Tab. 3", "003 Tab. 4", "003 Tab. 7"]
