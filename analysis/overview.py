@@ -2,7 +2,8 @@
 
 The results hold ``score(method, space, config, task, metric, seed)`` with the configuration the
 study selected marked in ``selected`` (schema: docs/store.md, "Study results"). These functions
-draw the selected configurations; nothing here computes a metric.
+draw the selected configurations; nothing here computes a metric. The papers' tables of the same
+numbers are :mod:`analysis.tables`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.style import PALETTE, PaperFigure, palette
+from analysis.tables import selected_scores
 
 from mergelab.study import results_table as _results_table
 
@@ -29,7 +31,7 @@ def results_table(ds: xr.Dataset) -> pd.DataFrame:
 def _selected(ds: xr.Dataset, metric: str) -> pd.DataFrame:
     """Tidy rows (method, space, task, value) of ``metric`` at the selected configurations (seed mean)."""
     tasks = list(ds.attrs["tasks"])
-    picked = ds["score"].sel(task=tasks, metric=metric).where(ds["selected"]).max("config").mean("seed")
+    picked = selected_scores(ds, tasks, metric)
     frame = picked.to_dataframe(name="value").reset_index().rename(columns={"merge_method": "method"})
     frame = frame[["method", "space", "task", "value"]].dropna()
     for column in ("method", "space", "task"):

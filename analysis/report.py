@@ -1,4 +1,4 @@
-"""The notebook runner behind ``mergelab report``: parameters in, executed notebooks out as HTML + PNG.
+"""The notebook runner behind ``mergelab report``: parameters in, executed notebooks out as HTML, PNG + PDF and tables.
 
 A notebook takes its parameters from its code cell tagged ``parameters`` (papermill's
 convention): :func:`execute_notebook` rewrites the assignments of that cell with the values
@@ -6,21 +6,30 @@ given, runs every cell with nbclient on the ``python3`` kernel, in ``cwd``, with
 ``lib/`` and repository root first on the kernel's ``PYTHONPATH`` (so the kernel imports the same
 ``analysis`` and ``mergelab`` as the caller), and returns the executed notebook.
 
-Figures are named after the paper item they redraw. A code cell tagged ``paper:<item>``, where
+Every figure is written as PNG and PDF. The kernel's inline backend renders each figure a cell
+displays in every format of :data:`FIGURE_FORMATS` (IPython's ``InlineBackend.figure_formats``,
+set on the kernel's command line): one output carries the figure as ``image/png`` and
+``application/pdf``, both drawn from the same :class:`~analysis.style.PaperFigure` (so tidied
+alike), the PDF as vectors. No notebook cell saves a file; the notebook page shows the PNG.
+
+Files are named after the paper item they redraw. A code cell tagged ``paper:<item>``, where
 ``<item>`` is ``<paper>-fig<N>`` or ``<paper>-tab<N>`` with an optional ``-<part>``
 (``paper:001-fig3``, ``paper:003-tab3``, ``paper:004-fig5-left``; papers numbered as in
 ``notebooks/README.md``: 000 the TARA-Merging supplement, 001 TARA-Merging, 002 AdaRank, 003 Core
-Space, 004 Model Merging Beyond Image Classification), writes its ``image/png`` outputs as
-``<name>/<item>.png``, ``<item>-2.png``, … (numbered on over the cells whose first tag is the same
-item). A cell may carry several such tags when one figure stands for several items (a main-text
-figure and its appendix or supplement copy): its files are named after the first and the index
-lists it under each. Untagged PNG outputs are ``<name>/fig-NN.png``, numbered over the untagged
-ones. :func:`export` writes ``<name>.html`` (nbconvert's HTML exporter, images embedded) and those
-PNGs.
+Space, 004 Model Merging Beyond Image Classification), writes its figures as
+``<name>/<item>.png`` + ``<item>.pdf``, ``<item>-2.png`` + ``<item>-2.pdf``, … and its HTML tables
+(``text/html`` outputs: a DataFrame, a :mod:`analysis.tables` Styler with its bold) as
+``<name>/<item>.html``, ``<item>-2.html``, … (each a page of its own, linking back to the cell),
+numbered on over the cells whose first tag is the same item. A cell may carry several such tags
+when one output stands for several items (a main-text figure and its appendix or supplement copy):
+its files are named after the first and the index lists it under each. Untagged figures are
+``<name>/fig-NN.png`` + ``.pdf``, numbered over the untagged ones; untagged tables stay in the
+notebook page only. :func:`export` writes ``<name>.html`` (nbconvert's HTML exporter, images
+embedded) and those files.
 
 :func:`report` executes many notebooks, at most :func:`default_jobs` kernels at once unless told,
 calls ``progress`` with one line as each notebook ends, exports the ones that succeeded and writes
-``index.html`` (:func:`write_index`): one row per paper item a cell drew, linking its PNGs and the
+``index.html`` (:func:`write_index`): one row per paper item a cell drew, linking its files and the
 cell in the notebook's page. ``notebooks/README.md`` lists every figure and table of the papers
 and whether a notebook draws it.
 
@@ -56,8 +65,8 @@ from nbclient.exceptions import CellControlSignal, CellExecutionError, CellTimeo
 import mergelab
 from mergelab.errors import InputError
 
-__all__ = ["REPO", "CellOutputs", "cell_outputs", "default_jobs", "execute_notebook", "export", "item_label", "list_notebooks",
-           "paper_items", "report", "write_index"]
+__all__ = ["FIGURE_FORMATS", "FIGURE_MIMES", "REPO", "CellOutputs", "cell_outputs", "default_jobs", "execute_notebook", "export",
+           "item_label", "list_notebooks", "paper_items", "report", "write_index"]
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "python3"
@@ -68,6 +77,11 @@ DEFAULT_OUT = "data/reports"
 _ITEM = re.compile(r"(?P<paper>\d{3})-(?P<kind>fig|tab)(?P<number>\d+)(?:-(?P<part>[a-z]+))?")
 _KINDS = {"fig": "Fig.", "tab": "Tab."}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: The formats every figure is rendered in and written as, with the MIME type of its output.
+FIGURE_MIMES = {"png": "image/png", "pdf": "application/pdf"}
+#: The formats :func:`execute_notebook` has the kernel render figures in by default (every one the export writes).
+FIGURE_FORMATS = tuple(FIGURE_MIMES)
+TABLE_MIME = "text/html"
 
 
 def list_notebooks(root: str | Path | None = None) -> list[Path]:
@@ -153,13 +167,36 @@ class CellOutputs:
 
     cell_id: str
     items: tuple[str, ...]  #: its paper items (``paper:<item>`` tags), in tag order
-    pngs: tuple[tuple[str, bytes], ...]  #: its ``image/png`` outputs, each with its file name
+    files: tuple[tuple[str, bytes], ...]  #: its files, each with its name, in output order: per figure its PNG then PDF; a tagged cell's tables as HTML
     shown: bool  #: whether it displayed anything (a figure, a table): only then did it draw its items
 
 
+def _numbered(counter: Counter[str], item: str) -> str:
+    """``item`` the first time, then ``item-2``, ``item-3``, … (counted in ``counter``)."""
+    counter[item] += 1
+    return item if counter[item] == 1 else f"{item}-{counter[item]}"
+
+
+def _text(value: str | list[str]) -> str:
+    return "".join(value) if isinstance(value, list) else value
+
+
+def _table_page(table: str, item: str, notebook: str, cell_id: str) -> bytes:
+    """A tagged cell's HTML table as a page of its own, under ``<name>/``, linking back to the cell."""
+    name = Path(notebook).stem
+    label = html.escape(item_label(item))
+    back = f"../{quote(f'{name}.html')}" + (f"#cell-id={quote(cell_id)}" if cell_id else "")
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en">', f'<head><meta charset="utf-8"><title>{label} ({html.escape(name)})</title></head>',
+        "<body>", f'<p>{label}, drawn in <a href="{back}">{html.escape(name)}</a>. The numbers are the study\'s; on the micro '
+        "benchmark they are micro-benchmark numbers, <strong>not the papers' numbers</strong>.</p>", table, "</body>", "</html>", ""
+    ]).encode("utf-8")
+
+
 def cell_outputs(nb: nbformat.NotebookNode, notebook: str) -> list[CellOutputs]:
-    """Every code cell of ``nb`` that has a paper tag or a PNG output, in order, its PNGs named as the module says."""
-    per_item: Counter[str] = Counter()
+    """Every code cell of ``nb`` that has a paper tag or a figure output, in order, its files named as the module says."""
+    figures: Counter[str] = Counter()
+    tables: Counter[str] = Counter()
     untagged = 0
     found = []
     for cell in nb.cells:
@@ -167,29 +204,34 @@ def cell_outputs(nb: nbformat.NotebookNode, notebook: str) -> list[CellOutputs]:
             continue
         items = paper_items(cell, notebook)
         outputs = cell.get("outputs", [])
-        pngs = []
+        files = []
         for output in outputs:
-            if "image/png" not in output.get("data", {}):
-                continue
-            if items:
-                per_item[items[0]] += 1
-                stem = items[0] if per_item[items[0]] == 1 else f"{items[0]}-{per_item[items[0]]}"
-            else:
-                untagged += 1
-                stem = f"fig-{untagged:02d}"
-            pngs.append((f"{stem}.png", base64.b64decode(output["data"]["image/png"])))
-        if items or pngs:
+            data = output.get("data", {})
+            formats = [(ext, mime) for ext, mime in FIGURE_MIMES.items() if mime in data]
+            if formats:
+                if items:
+                    stem = _numbered(figures, items[0])
+                else:
+                    untagged += 1
+                    stem = f"fig-{untagged:02d}"
+                files += [(f"{stem}.{ext}", base64.b64decode(data[mime])) for ext, mime in formats]
+            if items and TABLE_MIME in data:
+                page = _table_page(_text(data[TABLE_MIME]), items[0], notebook, cell.get("id", ""))
+                files.append((f"{_numbered(tables, items[0])}.html", page))
+        if items or files:
             shown = any(o.get("output_type") in ("display_data", "execute_result") for o in outputs)
-            found.append(CellOutputs(cell.get("id", ""), items, tuple(pngs), shown))
+            found.append(CellOutputs(cell.get("id", ""), items, tuple(files), shown))
     return found
 
 
 def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | Path,
-                     timeout: int = 600) -> nbformat.NotebookNode:
+                     timeout: int = 600, figure_formats: Sequence[str] = FIGURE_FORMATS) -> nbformat.NotebookNode:
     """Run the notebook at ``path`` with ``params`` injected into its ``parameters`` cell.
 
     Every cell runs on the ``python3`` kernel started in ``cwd`` (relative paths in the notebook,
-    such as ``STORE = "data/store"``, resolve there), with at most ``timeout`` seconds per cell.
+    such as ``STORE = "data/store"``, resolve there), with at most ``timeout`` seconds per cell; the
+    kernel renders each figure in each of ``figure_formats`` (keys of :data:`FIGURE_MIMES`; a caller
+    that exports nothing may ask for ``("png",)`` alone).
     Returns the executed notebook; ``nb.metadata["mergelab"]`` records its name and the
     parameters. Raises :class:`InputError` (one line: notebook, cell, error) when a cell fails, and
     before anything runs when a cell's ``paper:`` tag is malformed.
@@ -197,6 +239,9 @@ def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"notebook {path} does not exist")
+    unknown = [f for f in figure_formats if f not in FIGURE_MIMES]
+    if unknown or not figure_formats:
+        raise ValueError(f"figure_formats={tuple(figure_formats)!r}: choose from {', '.join(FIGURE_MIMES)}")
     nb = nbformat.read(path, as_version=4)
     _inject(nb, params, path.name)
     cell_outputs(nb, path.name)  # a malformed paper tag fails here, before the kernel starts
@@ -208,7 +253,8 @@ def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | 
 
     client = NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(Path(cwd))}},
                             on_cell_execute=on_cell_execute,
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # a local kernel: no transport warnings
+                            extra_arguments=["--IPKernelApp.log_level=ERROR",  # a local kernel: no transport warnings
+                                             *(f"--InlineBackend.figure_formats={f}" for f in figure_formats)])
     try:
         client.execute(env=_kernel_env())
     except NoSuchKernel:
@@ -239,12 +285,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def export(nb: nbformat.NotebookNode, out_dir: str | Path, *, name: str | None = None) -> list[Path]:
-    """Write ``<out_dir>/<name>.html`` and each ``image/png`` output under ``<out_dir>/<name>/``.
+    """Write ``<out_dir>/<name>.html`` and each cell's files under ``<out_dir>/<name>/``.
 
-    PNGs are named after the cell's ``paper:`` tag (``<item>.png``, ``<item>-2.png``, …) or, untagged,
-    ``fig-NN.png`` (:func:`cell_outputs`). ``name`` defaults to the notebook's name recorded by
-    :func:`execute_notebook`. A previous export of the same name is replaced as a whole (no stale
-    figures remain). Returns the written files, the HTML first, then the PNGs in cell order.
+    Every figure output as ``.png`` and ``.pdf`` (the formats it carries), every HTML table of a
+    tagged cell as ``.html``, named after the cell's ``paper:`` tag (``<item>.png``, ``<item>-2.png``,
+    …; ``<item>.html``, …) or, an untagged figure, ``fig-NN`` (:func:`cell_outputs`). ``name``
+    defaults to the notebook's name recorded by :func:`execute_notebook`. A previous export of the
+    same name is replaced as a whole (no stale files remain). Returns the written files, the HTML
+    page first, then the cells' files in cell and output order.
     """
     name = name or nb.metadata.get("mergelab", {}).get("notebook")
     if not name:
@@ -260,8 +308,8 @@ def export(nb: nbformat.NotebookNode, out_dir: str | Path, *, name: str | None =
         figures = staging / "figures"
         figures.mkdir()
         for cell in cells:
-            for filename, png in cell.pngs:
-                (figures / filename).write_bytes(png)
+            for filename, content in cell.files:
+                (figures / filename).write_bytes(content)
         (staging / "page.html").write_text(html_page, encoding="utf-8")
         fig_dir, html_path = out_dir / name, out_dir / f"{name}.html"
         if fig_dir.exists():
@@ -270,14 +318,14 @@ def export(nb: nbformat.NotebookNode, out_dir: str | Path, *, name: str | None =
         os.replace(staging / "page.html", html_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return [html_path, *(fig_dir / filename for cell in cells for filename, _ in cell.pngs)]
+    return [html_path, *(fig_dir / filename for cell in cells for filename, _ in cell.files)]
 
 
 def _index_row(item: str, notebook: str, cell: CellOutputs) -> str:
     page = quote(f"{notebook}.html") + (f"#cell-id={quote(cell.cell_id)}" if cell.cell_id else "")
-    files = ", ".join(f'<a href="{quote(f"{notebook}/{filename}")}">{html.escape(filename)}</a>' for filename, _ in cell.pngs)
+    files = ", ".join(f'<a href="{quote(f"{notebook}/{filename}")}">{html.escape(filename)}</a>' for filename, _ in cell.files)
     return (f"<tr><td>{html.escape(item_label(item))}</td><td><a href=\"{page}\">{html.escape(notebook)}</a></td>"
-            f"<td>{files or 'a table, in the notebook page'}</td></tr>")
+            f"<td>{files or 'shown in the notebook page'}</td></tr>")
 
 
 def write_index(out_dir: str | Path, pages: Mapping[str, Sequence[CellOutputs]], params: Mapping[str, Any]) -> Path:
@@ -285,7 +333,8 @@ def write_index(out_dir: str | Path, pages: Mapping[str, Sequence[CellOutputs]],
 
     ``pages`` maps each notebook name (its ``<name>.html`` and ``<name>/`` under ``out_dir``) to its
     :func:`cell_outputs`. One row per item and cell that displayed something, sorted by paper and
-    item: the item, a link to the cell in the notebook's page, links to the cell's PNGs; then
+    item: the item, a link to the cell in the notebook's page, links to the cell's files (each figure's
+    PNG and PDF, each table's HTML); then
     every notebook page. ``params`` (the notebooks' parameters) are printed in the header. Plain
     HTML, written atomically. Returns its path.
     """
@@ -325,8 +374,9 @@ def report(notebooks: Sequence[str | Path], params: Mapping[str, Any], out_dir: 
     so far. Every notebook is attempted; the ones that succeed are written (:func:`export`) and
     listed in ``<out_dir>/index.html`` (:func:`write_index`). If any failed, raises one
     :class:`InputError` naming each failed notebook and its failing cell, in the order of
-    ``notebooks``. Returns the written files: per notebook, in the order given, the HTML then its
-    PNGs; the index last.
+    ``notebooks``. Returns the pages and figures written, what ``mergelab report`` counts: per
+    notebook, in the order given, its HTML page then its figures as PNG; the index last. Each
+    PNG's PDF and each tagged table's HTML lie beside them (:func:`export` returns every file).
     """
     if not notebooks:
         raise InputError("no notebooks to run: pass notebook paths (the repository's are in notebooks/)")
@@ -356,7 +406,8 @@ def report(notebooks: Sequence[str | Path], params: Mapping[str, Any], out_dir: 
                     failures[index] = str(exc)
                     outcome = f"failed after {seconds[index]:.1f} s"
                 else:
-                    exported[index] = (export(nb, out_dir), cell_outputs(nb, paths[index].name))
+                    files = export(nb, out_dir)
+                    exported[index] = ([files[0], *(f for f in files[1:] if f.suffix == ".png")], cell_outputs(nb, paths[index].name))
                     outcome = f"done in {seconds[index]:.1f} s"
                 if progress is not None:
                     progress(f"notebook {ended}/{len(paths)} {paths[index].stem}: {outcome}")

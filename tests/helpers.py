@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 from mergelab.bench import BenchSession
@@ -77,3 +78,48 @@ def publish_analyses(store: Store, study: str, taskset: TaskSet, *, merged: Merg
         store.set_ref(f"studies/{study}/analysis/{name}", key)
         keys[name] = key
     return keys
+
+
+def synthetic_results(runs: Mapping[tuple[str, str], Iterable[float]], tasks: Iterable[str] = ("a", "b"), *,
+                      finetuned: Iterable[float] | None = None, joint: bool = True, seeds: int = 1) -> xr.Dataset:
+    """A hand-made study results Dataset (docs/store.md §9) with one configuration per method × space.
+
+    ``runs[(method, space)]`` are the per-task test accuracies (fractions) of that merge; the
+    Dataset's ``merge_method`` and ``space`` follow the order of ``runs`` and a method × space not
+    in it is NaN. ``finetuned`` are the experts' accuracies (default 0.8 each), ``norm_acc`` the
+    ratio; zero-shot scores half the experts'. With ``joint``, Hits@k of a merge are its mean
+    accuracy minus 0.1, plus 0.05 per rank (1, 3, 5); the references' likewise. ``seeds`` copies
+    every score to that many seeds; ``selected`` marks the one configuration.
+    """
+    tasks = list(tasks)
+    methods, spaces = list(dict.fromkeys(m for m, _ in runs)), list(dict.fromkeys(s for _, s in runs))
+    expert = np.array(list(finetuned) if finetuned is not None else [0.8] * len(tasks))
+    metrics = ["acc", "norm_acc", "val_acc", "val_norm_acc", "hits@1", "hits@3", "hits@5"]
+    names = tasks + (["joint"] if joint else [])
+    score = np.full((len(methods), len(spaces), 1, len(names), len(metrics), seeds), np.nan)
+    seconds = np.full((len(methods), len(spaces), 1, seeds), np.nan)
+
+    def fill(out: np.ndarray, acc: np.ndarray) -> None:  # out: (task, metric) of one run or reference
+        out[:len(tasks), 0] = out[:len(tasks), 2] = acc
+        out[:len(tasks), 1] = out[:len(tasks), 3] = acc / expert
+        if joint:
+            out[-1, 4:] = acc.mean() - 0.1 + 0.05 * np.arange(3)
+
+    for (method, space), acc in runs.items():
+        i, j = methods.index(method), spaces.index(space)
+        view = np.full((len(names), len(metrics)), np.nan)
+        fill(view, np.asarray(list(acc), dtype=float))
+        score[i, j, 0] = view[..., None]
+        seconds[i, j, 0] = 0.1 * (i + 1)
+    reference = np.full((2, len(names), len(metrics)), np.nan)
+    fill(reference[0], expert / 2)
+    fill(reference[1], expert)
+    dims = ("merge_method", "space", "config", "seed")
+    ds = xr.Dataset({"score": (("merge_method", "space", "config", "task", "metric", "seed"), score),
+                     "merge_seconds": (dims, seconds), "peak_memory_mb": (dims, 10 * seconds),
+                     "selected": (dims, ~np.isnan(seconds)),
+                     "reference_score": (("reference", "task", "metric"), reference)},
+                    coords={"merge_method": methods, "space": spaces, "config": ["alpha=0.5"], "task": names, "metric": metrics,
+                            "seed": list(range(seeds)), "reference": ["zeroshot", "finetuned"]},
+                    attrs={"tasks": tasks, "note": "hand-made test numbers", "study": "synthetic", "selection": "val"})
+    return ds

@@ -49,7 +49,8 @@ def _outputs(nb, kind: str) -> list:
 
 @pytest.mark.parametrize("path", PAPER_NOTEBOOKS, ids=lambda p: p.stem)
 def test_paper_notebook_draws_its_figures_from_the_study(workdir, path):
-    nb = execute_notebook(path, {"STUDY": STUDY}, cwd=workdir)  # STORE keeps its default, relative to cwd
+    # STORE keeps its default, relative to cwd; PNG only (nothing is exported: no PDF to render)
+    nb = execute_notebook(path, {"STUDY": STUDY}, cwd=workdir, figure_formats=("png",))
     pngs = [o for o in _outputs(nb, "display_data") if "image/png" in o.data]
     assert len(pngs) >= MIN_FIGURES[path.stem]
     model_cells = [c for c in nb.cells if c.cell_type == "code" and "model_figures." in c.source]
@@ -69,10 +70,16 @@ def test_report_on_a_study_with_fewer_analyses_writes_every_notebook(workdir, tm
     assert all(f.is_file() and f.is_relative_to(tmp_path / "reports") for f in files)
     pngs = sorted(f.relative_to(tmp_path / "reports").as_posix() for f in files if f.suffix == ".png")
     assert pngs == ["40_tas_geometry/004-fig13.png", "40_tas_geometry/004-fig5-left.png"]  # only the norms figures can be drawn
+    # every figure also as PDF; the norms table (a tagged cell's HTML output) as a page of its own
+    written = sorted(p.name for p in (tmp_path / "reports" / "40_tas_geometry").iterdir())
+    assert written == ["004-fig13.pdf", "004-fig13.png", "004-fig5-left.pdf", "004-fig5-left.png", "004-tab3.html"]
+    assert (tmp_path / "reports" / "40_tas_geometry" / "004-fig13.pdf").read_bytes().startswith(b"%PDF")
+    assert "Layer-1" in (tmp_path / "reports" / "40_tas_geometry" / "004-tab3.html").read_text()
     for html in htmls[:-1]:
         assert data.NOT_COMPUTED in html.read_text()
     index = htmls[-1].read_text()  # the norms items, drawn; nothing the study did not compute
     assert ["004 Fig. 5 (left)", "004 Fig. 12", "004 Fig. 13", "004 Tab. 3"] == re.findall(r"<tr><td>([^<]+)</td>", index)
+    assert 'href="40_tas_geometry/004-tab3.html"' in index and 'href="40_tas_geometry/004-fig13.pdf"' in index
 
 
 def test_optional_returns_the_dataset_or_says_it_was_not_computed(workdir, capsys):

@@ -11,10 +11,12 @@ from pathlib import Path
 import nbformat
 import pytest
 import xarray as xr
+from helpers import synthetic_results
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from typer.testing import CliRunner
 
 from analysis import report
+from analysis.report import INDEX
 from mergelab.cli import app
 from mergelab.errors import InputError
 from mergelab.store import Store
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.notebook
 
 PNG = base64.b64decode(  # a 1x1 PNG
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+PDF = b"%PDF-1.4\n"  # the start of one: export copies the bytes it is given
 
 
 def _write(path: Path, *code: str | tuple[str, list[str]], params: str = 'GREETING = "hello"  # a default\nN = 1') -> Path:
@@ -58,9 +61,14 @@ def test_parameters_are_injected_and_the_export_has_html_and_pngs(tmp_path):
     assert nbformat.read(path, as_version=4).cells[1].source.startswith('GREETING = "hello"')  # the source file is untouched
 
     files = report.export(nb, tmp_path / "out")
-    assert files == [tmp_path / "out" / "tiny.html", tmp_path / "out" / "tiny" / "fig-01.png"]
-    assert files[1].read_bytes().startswith(b"\x89PNG")
-    assert "hihihi" in files[0].read_text() and "data:image/png;base64" in files[0].read_text()
+    assert files == [tmp_path / "out" / "tiny.html", tmp_path / "out" / "tiny" / "fig-01.png", tmp_path / "out" / "tiny" / "fig-01.pdf"]
+    assert files[1].read_bytes().startswith(b"\x89PNG") and files[2].read_bytes().startswith(b"%PDF")  # the kernel rendered both
+    page = files[0].read_text()
+    assert "hihihi" in page and "data:image/png;base64" in page and "application/pdf" not in page  # the page shows the PNG
+    png_only = report.execute_notebook(path, {}, cwd=workdir, timeout=120, figure_formats=("png",))
+    assert [p.name for p in report.export(png_only, tmp_path / "png")] == ["tiny.html", "fig-01.png"]
+    with pytest.raises(ValueError, match="figure_formats=\\('svg',\\)"):
+        report.execute_notebook(path, {}, cwd=workdir, figure_formats=("svg",))
 
 
 @pytest.mark.parametrize("jobs", [1, 3])
@@ -97,6 +105,12 @@ def test_bad_parameters_are_input_errors_before_any_kernel_starts(tmp_path):
     nbformat.write(new_notebook(cells=[new_code_cell("N = 1")]), untagged)
     with pytest.raises(InputError, match="no code cell tagged 'parameters'"):
         report.execute_notebook(untagged, {"N": 2}, cwd=tmp_path)
+
+
+def _figure(mark: int) -> dict[str, str]:
+    """An output bundle of one figure as the kernel renders it: PNG and PDF (their last byte ``mark``, to tell them apart)."""
+    return {"image/png": base64.b64encode(PNG + bytes([mark])).decode(), "application/pdf": base64.b64encode(PDF + bytes([mark])).decode(),
+            "text/plain": "<Figure>"}
 
 
 def _with_pngs(n: int) -> nbformat.NotebookNode:
@@ -137,28 +151,38 @@ def test_the_repository_notebooks_are_listed_in_order_and_take_the_study_from_th
         assert _parameters(nb) == {"STORE": "s3://given", "STUDY": "given"}, path.name
 
 
-def _cell(*pngs: int, tags: tuple[str, ...] = (), table: bool = False, printed: bool = False) -> nbformat.NotebookNode:
-    """A code cell with ``len(pngs)`` PNG outputs (``pngs`` are their widths, to tell them apart), a table or a print."""
-    outputs = [new_output("display_data", data={"image/png": base64.b64encode(PNG + bytes([w])).decode(), "text/plain": "<Figure>"})
-               for w in pngs]
-    outputs += [new_output("display_data", data={"text/html": "<table></table>", "text/plain": "table"})] if table else []
+def _cell(*figures: int, tags: tuple[str, ...] = (), table: bool = False, printed: bool = False, plain: bool = False) -> nbformat.NotebookNode:
+    """A code cell with ``len(figures)`` figure outputs (PNG + PDF; ``figures`` mark their bytes), a table, a print or a plain-text result."""
+    outputs = [new_output("display_data", data=_figure(mark)) for mark in figures]
+    outputs += [new_output("display_data", data={"text/html": "<table><tr><td>61.5</td></tr></table>", "text/plain": "table"})] if table else []
     outputs += [new_output("stream", name="stdout", text="analysis/x: not computed in this study\n")] if printed else []
+    outputs += [new_output("execute_result", data={"text/plain": "'stch'"}, execution_count=1)] if plain else []
     return new_code_cell("...", outputs=outputs, metadata={"tags": list(tags)})
 
 
 def _tagged_notebook() -> nbformat.NotebookNode:
     cells = [_cell(1, 2, tags=("paper:001-fig3",)), _cell(3), _cell(tags=("paper:003-tab3", "paper:001-tab1"), table=True),
              _cell(4, tags=("paper:001-fig3",)), _cell(5), _cell(tags=("paper:002-fig1",), printed=True),
-             _cell(6, tags=("paper:004-fig5-left", "paper:004-fig12"))]
+             _cell(6, tags=("paper:004-fig5-left", "paper:004-fig12")), _cell(7, tags=("paper:003-tab5",), table=True),
+             _cell(tags=("paper:003-tab3",), table=True), _cell(tags=("paper:003-tab7",), plain=True)]
     return new_notebook(cells=cells, metadata={"mergelab": {"notebook": "paper"}})
 
 
-def test_a_tagged_cell_names_its_pngs_after_the_paper_item(tmp_path):
-    files = report.export(_tagged_notebook(), tmp_path)
-    assert [p.name for p in files] == ["paper.html", "001-fig3.png", "001-fig3-2.png", "fig-01.png", "001-fig3-3.png",
-                                       "fig-02.png", "004-fig5-left.png"]
-    assert [p.read_bytes()[-1] for p in files[1:]] == [1, 2, 3, 4, 5, 6]  # each file holds its own output
+def test_a_tagged_cell_names_its_figures_and_tables_after_the_paper_item(tmp_path):
+    nb = _tagged_notebook()
+    files = report.export(nb, tmp_path)
+    figures = ["001-fig3", "001-fig3-2", "fig-01", "001-fig3-3", "fig-02", "004-fig5-left", "003-tab5"]
+    assert [p.name for p in files] == ["paper.html", "001-fig3.png", "001-fig3.pdf", "001-fig3-2.png", "001-fig3-2.pdf", "fig-01.png",
+                                       "fig-01.pdf", "003-tab3.html", "001-fig3-3.png", "001-fig3-3.pdf", "fig-02.png", "fig-02.pdf",
+                                       "004-fig5-left.png", "004-fig5-left.pdf", "003-tab5.png", "003-tab5.pdf", "003-tab5.html", "003-tab3-2.html"]
+    pngs, pdfs = [p for p in files if p.suffix == ".png"], [p for p in files if p.suffix == ".pdf"]
+    assert [p.read_bytes() for p in pngs] == [PNG + bytes([mark]) for mark in range(1, 8)]  # each file holds its own output
+    assert [p.read_bytes() for p in pdfs] == [PDF + bytes([mark]) for mark in range(1, 8)]  # every figure also as PDF, same stem
+    assert [p.stem for p in pngs] == [p.stem for p in pdfs] == figures
     assert sorted(p.name for p in (tmp_path / "paper").iterdir()) == sorted(p.name for p in files[1:])
+    table = (tmp_path / "paper" / "003-tab3.html").read_text()  # a page of its own: the table, its item, a link back to its cell
+    assert "<td>61.5</td>" in table and "<title>003 Tab. 3 (paper)</title>" in table and "not the papers' numbers" in table
+    assert f'href="../paper.html#cell-id={nb.cells[2].id}"' in table
     assert report.item_label("004-fig5-left") == "004 Fig. 5 (left)" and report.item_label("003-tab10") == "003 Tab. 10"
     for bad in ("paper:fig3", "paper:001-figure3", "paper:001-fig3-Left", "paper:1-tab2"):
         nb = new_notebook(cells=[_cell(1, tags=(bad,))], metadata={"mergelab": {"notebook": "bad"}})
@@ -204,14 +228,17 @@ def test_the_index_lists_each_drawn_item_with_links_to_its_pngs_and_cell(tmp_pat
     parsed.feed(index.read_text())
     rows = [row for row in parsed.rows if row]
     # sorted by paper and item; a cell under each of its tags; 002 Fig. 1 printed "not computed" and is left out
-    assert [row[0] for row in rows] == ["000 Fig. 10", "001 Fig. 3", "001 Fig. 3", "001 Tab. 1", "003 Tab. 3",
-                                        "004 Fig. 5 (left)", "004 Fig. 12"]
-    assert rows[1][1:] == ["paper", "001-fig3.png, 001-fig3-2.png"] and rows[2][2] == "001-fig3-3.png"
-    assert rows[3][2] == rows[4][2] == "a table, in the notebook page"
-    assert rows[5][2] == rows[6][2] == "004-fig5-left.png"
+    assert [row[0] for row in rows] == ["000 Fig. 10", "001 Fig. 3", "001 Fig. 3", "001 Tab. 1", "003 Tab. 3", "003 Tab. 3",
+                                        "003 Tab. 5", "003 Tab. 7", "004 Fig. 5 (left)", "004 Fig. 12"]
+    assert rows[1][1:] == ["paper", "001-fig3.png, 001-fig3.pdf, 001-fig3-2.png, 001-fig3-2.pdf"]
+    assert rows[2][2] == "001-fig3-3.png, 001-fig3-3.pdf"
+    assert rows[3][2] == rows[4][2] == "003-tab3.html" and rows[5][2] == "003-tab3-2.html"  # a table cell links its HTML table
+    assert rows[6][2] == "003-tab5.png, 003-tab5.pdf, 003-tab5.html"
+    assert rows[7][2] == "shown in the notebook page"  # a plain-text result: no file
+    assert rows[8][2] == rows[9][2] == "004-fig5-left.png, 004-fig5-left.pdf"
     table_cell = nb.cells[2].id
     assert f"paper.html#cell-id={table_cell}" in parsed.hrefs and f'id="cell-id={table_cell}"' in (tmp_path / "paper.html").read_text()
-    assert {"paper/001-fig3-2.png", "other/000-fig10.png", "paper.html", "other.html"} <= set(parsed.hrefs)
+    assert {"paper/001-fig3-2.png", "paper/001-fig3-2.pdf", "paper/003-tab3.html", "other/000-fig10.pdf", "paper.html", "other.html"} <= set(parsed.hrefs)
     assert all((tmp_path / href.split("#")[0]).is_file() for href in parsed.hrefs)  # every link resolves
     assert "STUDY = &#x27;micro&#x27;" in index.read_text() and "not the papers' numbers" in index.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "other", "other.html", "paper", "paper.html"]  # no temporary file left
@@ -302,3 +329,27 @@ def test_the_figure_index_lists_every_paper_item_and_exactly_the_tagged_cells():
     tagged = {(path.name, item) for path in report.list_notebooks() for cell in nbformat.read(path, as_version=4).cells
               for item in report.paper_items(cell, path.name)}
     assert listed == tagged
+
+
+def test_the_overview_notebook_writes_its_paper_tables_as_html_and_every_figure_as_png_and_pdf(tmp_path):
+    store = Store(tmp_path / "store")
+    runs = {("task_arithmetic", "full"): [0.50, 0.60], ("ties", "full"): [0.55, 0.60], ("ties", "core"): [0.65, 0.62],
+            ("tsv", "core"): [0.60, 0.70]}
+    key = store.key("test.report", "1", name="results")
+    store.put_dataset(key, synthetic_results(runs, tasks=("digits", "textures")))
+    store.set_ref("studies/synthetic/results", key)
+    out = tmp_path / "reports"
+    files = report.report([report.REPO / "notebooks" / "00_overview.ipynb"], {"STORE": str(tmp_path / "store"), "STUDY": "synthetic"}, out,
+                          cwd=tmp_path, timeout=300)
+    assert [f.relative_to(out).as_posix() for f in files] == ["00_overview.html", "00_overview/fig-01.png", "00_overview/003-fig1.png", INDEX]
+    # each figure (003 Fig. 1, the untagged heatmap) as PNG and PDF; each tagged table as HTML, named after its first item
+    assert sorted(p.name for p in (out / "00_overview").iterdir()) == [
+        "001-tab3.html", "001-tab9.html", "003-fig1.pdf", "003-fig1.png", "003-tab3.html", "003-tab4.html", "fig-01.pdf", "fig-01.png"]
+    assert all((out / "00_overview" / f"{stem}.pdf").read_bytes().startswith(b"%PDF") for stem in ("003-fig1", "fig-01"))
+    table = (out / "00_overview" / "003-tab3.html").read_text()
+    assert "font-weight: bold" in table and "hand-made test numbers" in table and "Avg." in table and "finetuned (absolute)" in table
+    index = (out / "index.html").read_text()
+    for link in ("00_overview/003-tab3.html", "00_overview/003-fig1.pdf", "00_overview/001-tab3.html", "00_overview/003-tab4.html"):
+        assert f'href="{link}"' in index
+    assert re.findall(r"<tr><td>([^<]+)</td>", index) == ["000 Tab. 7", "001 Tab. 1", "001 Tab. 3", "001 Tab. 9", "003 Fig. 1",
+                                                          "003 Tab. 3", "003 Tab. 4", "003 Tab. 7"]
