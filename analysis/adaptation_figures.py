@@ -1,7 +1,7 @@
 """Figure builders for the adaptation studies: TARA's preference studies (001 Figs. 3, 4, 10, 11;
 000 Fig. 10), AdaRank's masks and ablation (002 Fig. 5, Tab. 4), adaptation curves (004 Fig. 14).
 
-Inputs are the Datasets of :mod:`mergelab.adaptation.preferences`, :mod:`mergelab.adaptation.studies`
+Inputs are the Datasets of :mod:`mergelab.experiments.preferences`, :mod:`mergelab.experiments.adaptation_studies`
 and an :class:`~mergelab.adaptation.loop.AdaptResult`'s ``history``; outputs are matplotlib Figures
 (or a DataFrame for the table) labelled with what they were computed on (``ds.attrs["dataset"]``).
 Nothing here computes a statistic: the numbers come from the Dataset.

@@ -1,12 +1,12 @@
 """Figure builders for the model-dependent analyses (``needs="bench"``; docs/store.md §7–8).
 
 One function per paper figure, as in :mod:`analysis.figures` (whose helpers they share): the
-anisotropy of LoRA directions from :func:`mergelab.analysis.anisotropy.jacobian_anisotropy`
+anisotropy of LoRA directions from :func:`mergelab.experiments.model_analyses.jacobian_anisotropy`
 (001 Sec. 2.3, App. E: Figs. 2, 6–9), AdaRank's loss change per singular component from
-:func:`mergelab.analysis.components.component_loss_changes` (002 Sec. 4: Figs. 1–2), TAS and
-AdaMMS* across the merge coefficient from :func:`mergelab.analysis.proxies.tas_sweep` (004 Sec. 3.2
+:func:`mergelab.experiments.model_analyses.component_loss_changes` (002 Sec. 4: Figs. 1–2), TAS and
+AdaMMS* across the merge coefficient from :func:`mergelab.experiments.model_analyses.tas_sweep` (004 Sec. 3.2
 Fig. 3, App. D Fig. 9, App. E Figs. 10–11) and the final-embedding interference from
-:func:`mergelab.analysis.interference.merged_embedding_interference` (003 App. C.1, Fig. 6).
+:func:`mergelab.experiments.model_analyses.merged_embedding_interference` (003 App. C.1, Fig. 6).
 
 Every figure is titled with what it shows, the paper figure it redraws and the dataset it was
 computed on (``ds.attrs["dataset"]``); tables are DataFrames whose ``attrs["dataset"]`` carries that
@@ -536,7 +536,7 @@ def embedding_interference_bars(ds: xr.Dataset) -> Figure:
     """Mean L1 distance between the final embeddings of each fine-tuned model and the merged one (003 App. C.1, Fig. 6).
 
     One group of bars per task plus the task mean; one bar per merge: a single
-    :func:`~mergelab.analysis.interference.merged_embedding_interference` Dataset is one bar labelled
+    :func:`~mergelab.experiments.model_analyses.merged_embedding_interference` Dataset is one bar labelled
     by its method and space, Datasets stacked along ``method`` / ``space`` one bar per combination
     (003 Fig. 6 compares TSV + Iso in full vs Core space). Lower = less interference.
     """

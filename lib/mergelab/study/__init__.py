@@ -20,7 +20,7 @@ Changing one hyper-parameter changes one merge key, hence its evaluation and the
 nothing else. Changed adapters change the TaskSet hash and every key below it.
 """
 
-from mergelab.study.context import JOINT, AdaptJob, Context, MergeJob, NodeResult, NotCached, adapt_jobs, context, merge_jobs
+from mergelab.study.context import JOINT, JOINT_KS, AdaptJob, Context, MergeJob, NodeResult, NotCached, adapt_jobs, context, merge_jobs
 from mergelab.study.graph import (NODES, PHASES, Submit, analyses_up_to_date, analysis_graph, local_submit, run_graph,
                                   selected_for_analyses, up_to_date)
 from mergelab.study.nodes import (VERSIONS, adapt_node, adaptation_study_node, analysis_node, evaluate_node, merge_node,
@@ -28,7 +28,7 @@ from mergelab.study.nodes import (VERSIONS, adapt_node, adaptation_study_node, a
 from mergelab.study.results import Row, adapt_row, grid_edges, merge_row, results_node, results_table, selected_merges
 
 
-__all__ = ["JOINT", "NODES", "PHASES", "VERSIONS", "AdaptJob", "Context", "MergeJob", "NodeResult", "NotCached", "Row", "Submit",
+__all__ = ["JOINT", "JOINT_KS", "NODES", "PHASES", "VERSIONS", "AdaptJob", "Context", "MergeJob", "NodeResult", "NotCached", "Row", "Submit",
            "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "analyses_up_to_date", "analysis_graph",
            "analysis_node", "context", "evaluate_node", "grid_edges", "local_submit", "merge_jobs", "merge_node", "merge_row",
            "reference_node", "results_node", "results_table", "run_graph", "selected_for_analyses", "selected_merges",
