@@ -35,10 +35,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The kernels import this checkout's lib/ and analysis/; the inline backend draws the figures.
+# The kernels import this checkout's lib/ (mergelab, and mergelab_figures: a link to analysis/); the inline
+# backend draws the figures.
 lab: $(STAMP)
 	env -u MPLBACKEND MERGELAB_STORE='$(LAB_STORE)' MERGELAB_STUDY='$(MERGELAB_STUDY)' \
-	    PYTHONPATH='$(CURDIR)/lib:$(CURDIR)' $(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
+	    PYTHONPATH='$(CURDIR)/lib' $(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
 
 clean:
 	rm -rf data/store data/demo data/reports .pytest_cache .hypothesis

@@ -18,7 +18,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
-from analysis.figures import _figure, _strings, dataset_label
+from mergelab_figures.figures import _figure, _strings, dataset_label
 
 __all__ = [
     "adaptation_losses",

@@ -19,7 +19,7 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from analysis.style import PaperFigure
+from mergelab_figures.style import PaperFigure, palette
 
 __all__ = [
     "core_truncation_curves",
@@ -30,6 +30,7 @@ __all__ = [
     "merged_cosines",
     "merged_rank_summary",
     "merged_rank_table",
+    "operation_count_curves",
     "reference_basis_errors",
     "reference_basis_table",
     "sar_bars",
@@ -353,6 +354,33 @@ def core_truncation_curves(ds: xr.Dataset) -> Figure:
     axes[0].set(xlabel="truncated fraction p of dim(Σ)", ylabel="‖ΔW − ΔW_trunc‖_F / ‖ΔW‖_F", ylim=(-0.02, 1.02))
     axes[1].set(xlabel="kept rank k", ylabel="mean relative error", ylim=(-0.02, 1.02))
     axes[0].legend(fontsize=8)
+    return fig
+
+
+_SPACE_STYLE = {"full": ("-", "o"), "knots": ("--", "s"), "core": (":", "^")}
+
+
+def operation_count_curves(ds: xr.Dataset) -> Figure:
+    """Operations to merge ``T`` rank-``r`` LoRA modules of shape ``n × n`` per method and space (003 Fig. 3).
+
+    One line per method × space that 003 App. B gives a count for (log-log; colour: method, line and
+    marker: space), from :func:`~mergelab.analysis.complexity.operation_counts` at the study's ``T``
+    and rank; the legend gives each count at the task set's own shapes.
+    """
+    T, r = int(ds.attrs["tasks"]), int(ds.attrs["rank"])
+    fig, axes = _figure(ds, f"Operations to merge T = {T} rank-{r} LoRA modules of shape n × n", "003 Sec. 4.3, App. B, Fig. 3",
+                        panel=(5.6, 3.6))
+    ax, colors = axes[0], palette(_strings(ds.merge_method.values))
+    for method in _strings(ds.merge_method.values):
+        for space in _strings(ds.space.values):
+            counts = ds.operations.sel(merge_method=method, space=space)
+            if bool(counts.isnull().all()):
+                continue
+            own = float(ds.operations_taskset.sel(merge_method=method, space=space))
+            line, marker = _SPACE_STYLE.get(space, ("-", "."))
+            ax.plot(ds["n"], counts, color=colors[method], linestyle=line, marker=marker, label=f"{method}, {space} ({own:.2g} here)")
+    ax.set(xscale="log", yscale="log", xlabel="n (module width)", ylabel="operations (sum of 003 App. B's steps)")
+    ax.legend(fontsize=7, title=f"method, space (this task set's {ds.attrs['modules']} modules)", title_fontsize=7)
     return fig
 
 

@@ -1,6 +1,6 @@
 """Figure builders for the model-dependent analyses (``needs="bench"``; docs/store.md §7–8).
 
-One function per paper figure, as in :mod:`analysis.figures` (whose helpers they share): the
+One function per paper figure, as in :mod:`mergelab_figures.figures` (whose helpers they share): the
 anisotropy of LoRA directions from :func:`mergelab.experiments.model_analyses.jacobian_anisotropy`
 (001 Sec. 2.3, App. E: Figs. 2, 6–9), AdaRank's loss change per singular component from
 :func:`mergelab.experiments.model_analyses.component_loss_changes` (002 Sec. 4: Figs. 1–2), TAS and
@@ -28,7 +28,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
-from analysis.figures import _default_mlp_modules, _figure, _heatmap, _module_label, _strings, dataset_label
+from mergelab_figures.figures import _default_mlp_modules, _figure, _heatmap, _module_label, _strings, dataset_label
 
 __all__ = [
     "adamms_vs_tas",

@@ -3,7 +3,7 @@
 The results hold ``score(method, space, config, task, metric, seed)`` with the configuration the
 study selected marked in ``selected`` (schema: docs/store.md, "Study results"). These functions
 draw the selected configurations; nothing here computes a metric. The papers' tables of the same
-numbers are :mod:`analysis.tables`.
+numbers are :mod:`mergelab_figures.tables`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from analysis.style import PALETTE, PaperFigure, palette
-from analysis.tables import selected_scores
+from mergelab_figures.style import PALETTE, PaperFigure, palette
+from mergelab_figures.tables import selected_scores
 
 from mergelab.study import results_table as _results_table
 

@@ -3,13 +3,13 @@
 A notebook takes its parameters from its code cell tagged ``parameters`` (papermill's
 convention): :func:`execute_notebook` rewrites the assignments of that cell with the values
 given, runs every cell with nbclient on the ``python3`` kernel, in ``cwd``, with this checkout's
-``lib/`` and repository root first on the kernel's ``PYTHONPATH`` (so the kernel imports the same
-``analysis`` and ``mergelab`` as the caller), and returns the executed notebook.
+``lib/`` first on the kernel's ``PYTHONPATH`` (so the kernel imports the same ``mergelab_figures``
+and ``mergelab`` as the caller), and returns the executed notebook.
 
 Every figure is written as PNG and PDF. The kernel's inline backend renders each figure a cell
 displays in every format of :data:`FIGURE_FORMATS` (IPython's ``InlineBackend.figure_formats``,
 set on the kernel's command line): one output carries the figure as ``image/png`` and
-``application/pdf``, both drawn from the same :class:`~analysis.style.PaperFigure` (so tidied
+``application/pdf``, both drawn from the same :class:`~mergelab_figures.style.PaperFigure` (so tidied
 alike), the PDF as vectors. No notebook cell saves a file; the notebook page shows the PNG.
 
 Files are named after the paper item they redraw. A code cell tagged ``paper:<item>``, where
@@ -18,7 +18,7 @@ Files are named after the paper item they redraw. A code cell tagged ``paper:<it
 ``notebooks/README.md``: 000 the TARA-Merging supplement, 001 TARA-Merging, 002 AdaRank, 003 Core
 Space, 004 Model Merging Beyond Image Classification), writes its figures as
 ``<name>/<item>.png`` + ``<item>.pdf``, ``<item>-2.png`` + ``<item>-2.pdf``, … and its HTML tables
-(``text/html`` outputs: a DataFrame, a :mod:`analysis.tables` Styler with its bold) as
+(``text/html`` outputs: a DataFrame, a :mod:`mergelab_figures.tables` Styler with its bold) as
 ``<name>/<item>.html``, ``<item>-2.html``, … (each a page of its own, linking back to the cell),
 numbered on over the cells whose first tag is the same item. A cell may carry several such tags
 when one output stands for several items (a main-text figure and its appendix or supplement copy):
@@ -90,9 +90,10 @@ def list_notebooks(root: str | Path | None = None) -> list[Path]:
 
 
 def _kernel_env() -> dict[str, str]:
-    """The caller's environment with this checkout's ``lib/`` and root first on ``PYTHONPATH``."""
+    """The caller's environment with this checkout's ``lib/`` first on ``PYTHONPATH`` (it holds
+    ``mergelab`` and, as links to ``flows/`` and ``analysis/``, ``mergelab_flows`` and ``mergelab_figures``)."""
     env = dict(os.environ)
-    first = [str(Path(mergelab.__file__).resolve().parents[1]), str(REPO)]
+    first = [str(Path(mergelab.__file__).resolve().parents[1])]
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in first]
     env["PYTHONPATH"] = os.pathsep.join(first + rest)
     env.pop("MPLBACKEND", None)  # the kernel's inline backend renders figures as image/png
@@ -374,9 +375,9 @@ def report(notebooks: Sequence[str | Path], params: Mapping[str, Any], out_dir: 
     so far. Every notebook is attempted; the ones that succeed are written (:func:`export`) and
     listed in ``<out_dir>/index.html`` (:func:`write_index`). If any failed, raises one
     :class:`InputError` naming each failed notebook and its failing cell, in the order of
-    ``notebooks``. Returns the pages and figures written, what ``mergelab report`` counts: per
-    notebook, in the order given, its HTML page then its figures as PNG; the index last. Each
-    PNG's PDF and each tagged table's HTML lie beside them (:func:`export` returns every file).
+    ``notebooks``. Returns every file written, what ``mergelab report`` counts: per notebook, in the
+    order given, what :func:`export` wrote (its HTML page, then each cell's figures as PNG and PDF
+    and its tagged tables as HTML); the index last.
     """
     if not notebooks:
         raise InputError("no notebooks to run: pass notebook paths (the repository's are in notebooks/)")
@@ -407,7 +408,7 @@ def report(notebooks: Sequence[str | Path], params: Mapping[str, Any], out_dir: 
                     outcome = f"failed after {seconds[index]:.1f} s"
                 else:
                     files = export(nb, out_dir)
-                    exported[index] = ([files[0], *(f for f in files[1:] if f.suffix == ".png")], cell_outputs(nb, paths[index].name))
+                    exported[index] = (files, cell_outputs(nb, paths[index].name))
                     outcome = f"done in {seconds[index]:.1f} s"
                 if progress is not None:
                     progress(f"notebook {ended}/{len(paths)} {paths[index].stem}: {outcome}")

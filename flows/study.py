@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from flows.runtime import configure
+from mergelab_flows.runtime import configure
 
 configure()
 
@@ -32,7 +32,7 @@ from mergelab.errors import InputError  # noqa: E402
 # Prefect's own "prefect" logger (temporary-server start/stop notices) ignores the level setting.
 logging.getLogger("prefect").setLevel(os.environ["PREFECT_LOGGING_LEVEL"])
 
-__all__ = ["GPU_NODES", "GPU_TAG", "TASKS", "StudyRun", "adapt_flow", "deployment", "serve_deployments", "analyze_flow", "evaluate_flow", "merge_sweep", "set_progress", "stage_flow", "study_flow"]
+__all__ = ["GPU_NODES", "GPU_TAG", "TASKS", "FlowResult", "adapt_flow", "deployment", "serve_deployments", "analyze_flow", "evaluate_flow", "merge_sweep", "set_progress", "stage_flow", "study_flow"]
 
 #: Tag of tasks that benefit from an accelerator (evaluation, adaptation, Jacobian analyses).
 GPU_TAG = "gpu"
@@ -61,7 +61,7 @@ def _gather(phase: str, futures: Sequence[PrefectFuture]) -> list[nodes.NodeResu
 
 def _node(kind: str) -> Callable[..., nodes.NodeResult]:
     def run_node(spec: StudySpec, store: str, run: str, *args) -> nodes.NodeResult:
-        return nodes.NODES[kind](nodes.context(spec, store, run), *args)
+        return nodes.NODES[kind](nodes.shared_run(spec, store, run), *args)
 
     run_node.__name__ = run_node.__qualname__ = f"{kind}_node"
     return run_node
@@ -74,7 +74,7 @@ TASKS = {kind: task(_node(kind), name=kind, cache_policy=NO_CACHE, tags=[GPU_TAG
          for kind in nodes.NODES}
 
 
-class StudyRun(dict):
+class FlowResult(dict):
     """What a flow did: ``nodes`` (every NodeResult) and, for a whole study, ``results`` (its key)."""
 
     @property
@@ -82,7 +82,7 @@ class StudyRun(dict):
         return self["nodes"]
 
 
-def _load(study: str | StudySpec, store: str | None) -> tuple[StudySpec, nodes.Context, nodes.Submit]:
+def _load(study: str | StudySpec, store: str | None) -> tuple[StudySpec, nodes.Run, nodes.Submit]:
     """The spec, this run's context and a submitter of Prefect tasks into the flow's task runner.
 
     Every run gets a fresh context token, so a scheduled rerun re-reads the checkpoints.
@@ -93,42 +93,42 @@ def _load(study: str | StudySpec, store: str | None) -> tuple[StudySpec, nodes.C
     def submit(kind: str, batch) -> list[nodes.NodeResult]:
         return _gather(kind, [TASKS[kind].submit(spec, url, run, *args) for args in batch])
 
-    return spec, nodes.context(spec, url, run), submit
+    return spec, nodes.shared_run(spec, url, run), submit
 
 
 # Flows ---------------------------------------------------------------------------------------------
 
 
 @flow(name="stage")
-def stage_flow(study: str, store: str | None = None) -> StudyRun:
+def stage_flow(study: str, store: str | None = None) -> FlowResult:
     """Load and hash the study's checkpoints; record them in the store."""
     _, ctx, submit = _load(study, store)
-    return StudyRun(nodes=nodes.run_graph(ctx, submit, phases=["stage"])[0])
+    return FlowResult(nodes=nodes.run_graph(ctx, submit, phases=["stage"])[0])
 
 
 @flow(name="merge_sweep")
-def merge_sweep(study: str, store: str | None = None) -> StudyRun:
+def merge_sweep(study: str, store: str | None = None) -> FlowResult:
     """Every static merge of the study (methods × spaces × grid configurations)."""
     _, ctx, submit = _load(study, store)
-    return StudyRun(nodes=nodes.run_graph(ctx, submit, phases=["merge"])[0])
+    return FlowResult(nodes=nodes.run_graph(ctx, submit, phases=["merge"])[0])
 
 
 @flow(name="adapt")
-def adapt_flow(study: str, store: str | None = None) -> StudyRun:
+def adapt_flow(study: str, store: str | None = None) -> FlowResult:
     """Every adaptive run and adaptation study of the study (on unlabeled validation batches)."""
     _, ctx, submit = _load(study, store)
-    return StudyRun(nodes=nodes.run_graph(ctx, submit, phases=["adapt", "adaptation_study"])[0])
+    return FlowResult(nodes=nodes.run_graph(ctx, submit, phases=["adapt", "adaptation_study"])[0])
 
 
 @flow(name="evaluate")
-def evaluate_flow(study: str, store: str | None = None) -> StudyRun:
+def evaluate_flow(study: str, store: str | None = None) -> FlowResult:
     """Reference scores and the evaluation of every merged model (merging what is missing)."""
     _, ctx, submit = _load(study, store)
-    return StudyRun(nodes=nodes.run_graph(ctx, submit, phases=["evaluate"])[0])
+    return FlowResult(nodes=nodes.run_graph(ctx, submit, phases=["evaluate"])[0])
 
 
 @flow(name="analyze")
-def analyze_flow(study: str, store: str | None = None, analyses: list[str] | None = None) -> StudyRun:
+def analyze_flow(study: str, store: str | None = None, analyses: list[str] | None = None) -> FlowResult:
     """The study's analyses (or the named ones of :data:`~mergelab.experiments.registry.ANALYSES`), one
     task each; analyses of merged models take the selected merges of the study's last run."""
     from mergelab.experiments.registry import ANALYSES
@@ -136,16 +136,16 @@ def analyze_flow(study: str, store: str | None = None, analyses: list[str] | Non
     spec, ctx, submit = _load(study, store)
     names = list(analyses or spec.analyses)
     selected = nodes.selected_for_analyses(spec, ctx.store.url) if any(ANALYSES[n].needs == "merged" for n in names) else []
-    return StudyRun(nodes=nodes.analysis_graph(ctx, submit, names, selected), store=ctx.store.url)
+    return FlowResult(nodes=nodes.analysis_graph(ctx, submit, names, selected), store=ctx.store.url)
 
 
 @flow(name="study")
-def study_flow(study: str, store: str | None = None) -> StudyRun:
+def study_flow(study: str, store: str | None = None) -> FlowResult:
     """End to end (:func:`mergelab.study.run_graph`): stage, references, merges, adaptation,
     evaluation, selection, analyses, adaptation studies, results."""
     _, ctx, submit = _load(study, store)
     run_nodes, done = nodes.run_graph(ctx, submit)
-    return StudyRun(nodes=run_nodes, results=done.key if done else None, store=ctx.store.url)
+    return FlowResult(nodes=run_nodes, results=done.key if done else None, store=ctx.store.url)
 
 
 # Scheduling ----------------------------------------------------------------------------------------

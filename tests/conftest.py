@@ -117,7 +117,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def adaptation_studies(micro):
-    """Every adaptation study Dataset on three rank-4 micro tasks, tiny schedules (1-4 iterations, batch 4).
+    """Every adaptation study Dataset on three rank-4 micro tasks, tiny schedules (1-4 iterations, batch 4), and the
+    histories of the adaptive runs notebook 60 draws (AdaRank from both origins, AdaMerging with the TAS loss).
 
     Built with one torch thread (restored after): the shared 2-core machines run other jobs, and
     OpenMP's second thread then spins instead of working.
@@ -140,9 +141,11 @@ def adaptation_studies(micro):
             "ablations/adarank": adarank_ablation(setting, splits=("test",), dataset=label),
         }
         fast = AdaptationSetting(session, iters=4, batch_size=4, lr=0.05)
-        history = fast.adapt("adarank", origin="cart", rank_ratio=0.05).history  # k = 4 of the 12 centred components
-        history.attrs["dataset"] = label
-        studies["adapt/adarank"] = history
+        runs = {"adapt/adarank": fast.adapt("adarank"),  # the TA origin: every singular component
+                "adapt/adarank_cart": fast.adapt("adarank", origin="cart", rank_ratio=0.05),  # k = 4 of the 12 centred components
+                "adapt/adamerging_tas": fast.adapt("adamerging_tas")}
+        for name, run in runs.items():
+            studies[name] = run.history.assign_attrs(dataset=label)
     finally:
         torch.set_num_threads(threads)
     return studies

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from analysis import adaptation_figures as af
+from mergelab_figures import adaptation_figures as af
 
 
 @pytest.mark.parametrize(("function", "name"), [

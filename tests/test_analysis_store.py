@@ -7,7 +7,7 @@ import pytest
 import torch
 import xarray as xr
 
-from mergelab.analysis import core_space, coverage, geometry, spectra
+from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
 from mergelab.experiments.registry import ANALYSES
 from mergelab.store import Store
 from mergelab.synthetic import random_taskset
@@ -40,6 +40,7 @@ PRODUCERS = {
     "core_space.sar_by_space": lambda: core_space.sar_by_space(_taskset()),
     "core_space.reference_basis_ablation": lambda: core_space.reference_basis_ablation(_taskset()),
     "core_space.merged_rank_grid": lambda: core_space.merged_rank_grid(_taskset()),
+    "complexity.operation_counts": lambda: complexity.operation_counts(_taskset()),
 }
 
 
@@ -63,7 +64,8 @@ def test_dataset_round_trips_through_the_store(producer, tmp_path):
     attrs = {k: v for k, v in back.attrs.items() if k != "provenance"}
     assert attrs == {k: (list(v) if isinstance(v, tuple) else v) for k, v in ds.attrs.items()}
     assert back.attrs["provenance"]["producer"] == producer
-    assert back.module.values.tolist() == ds.module.values.tolist()  # strings survive (zarr 3 reads them as StringDType)
+    for dim in ({"module", "merge_method", "space"} & set(ds.dims)):  # strings survive (zarr 3 reads them as StringDType)
+        assert back[dim].values.tolist() == ds[dim].values.tolist()
     assert np.isfinite(back[next(iter(back.data_vars))].values).any()
 
 
@@ -74,7 +76,7 @@ def test_model_analyses_are_registered_with_json_plain_parameters():
 
     bench = {a.producer: a for a in ANALYSES.values() if a.needs == "bench"}
     assert set(bench) == {"anisotropy.jacobian_anisotropy", "components.component_loss_changes",
-                          "proxies.tas_sweep", "interference.merged_embedding_interference"}
+                          "proxies.tas_sweep", "interference.embedding_interference_by_space"}
     for analysis in bench.values():
         first, *rest = inspect.signature(analysis.fn).parameters.values()
         assert first.name == "session"

@@ -126,9 +126,9 @@ STUDY_B = {"name": "b", **MICRO, "methods": [{"method": "tsv", "spaces": ["knots
 
 def run_study(spec: dict, store: str):
     from mergelab.config import load_study
-    from mergelab.study import NODES, Context, run_graph
+    from mergelab.study import NODES, Run, run_graph
 
-    ctx = Context(load_study(spec), store)
+    ctx = Run(load_study(spec), store)
     nodes, done = run_graph(ctx, lambda kind, batch: [NODES[kind](ctx, *args) for args in batch])
     return ctx, nodes, done
 
@@ -137,7 +137,7 @@ def test_a_second_study_over_the_same_adapters_reads_the_bases_instead_of_comput
     import mergelab.adaptation.bank as bank
     import mergelab.spaces.core as core
     import mergelab.spaces.knots as knots
-    from mergelab.study import NODES, AdaptJob, Context
+    from mergelab.study import NODES, AdaptJob, Run
 
     store_url = str(tmp_path / "store")
     ctx_a, _, _ = run_study(STUDY_A, store_url)
@@ -185,7 +185,7 @@ def test_a_second_study_over_the_same_adapters_reads_the_bases_instead_of_comput
     attrs = store.info(adapted.key).attrs
     assert [published[k].producer for k in attrs["bases"]] == ["bases.knots"]
     monkeypatch.undo()
-    fresh_ctx = Context(ctx_b.spec, str(tmp_path / "fresh"))
+    fresh_ctx = Run(ctx_b.spec, str(tmp_path / "fresh"))
     fresh = NODES["adapt"](fresh_ctx, AdaptJob(ctx_b.spec.adaptive[0], ctx_b.spec.seeds[0]))
     assert not fresh.hit and fresh.key == adapted.key
     assert_identical(MergedUpdate.from_tensors(Store(tmp_path / "fresh").get_tensors(fresh.key), base=ctx_b.taskset.base),

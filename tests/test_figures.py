@@ -19,8 +19,8 @@ import torch
 import xarray as xr
 from matplotlib.figure import Figure
 
-from analysis import figures, model_figures
-from analysis.style import PaperFigure
+from mergelab_figures import figures, model_figures
+from mergelab_figures.style import PaperFigure
 from mergelab.analysis import core_space, coverage, geometry, spectra
 from mergelab.experiments import model_analyses
 from mergelab.store import Store
@@ -50,7 +50,7 @@ def _labelled(ds: xr.Dataset) -> xr.Dataset:
 
 
 def _check(fig: Figure, label: str = LABEL) -> None:
-    assert isinstance(fig, PaperFigure)  # every builder's figure is tidied when drawn (analysis.style)
+    assert isinstance(fig, PaperFigure)  # every builder's figure is tidied when drawn (mergelab_figures.style)
     assert label in fig.get_suptitle()
     drawn = [ax for ax in fig.axes if ax.lines or ax.collections or ax.patches or ax.images]
     assert drawn, "no axes has anything drawn on it"
@@ -359,25 +359,25 @@ def test_tas_sweep_figures_and_tables(bench_datasets):
 
 
 def test_embedding_interference_bars(bench_datasets, micro_pair, one_thread):
-    ds = _bench(bench_datasets, "embedding_interference")
+    ds = _bench(bench_datasets, "embedding_interference")  # the registry's: TSV + Iso-C in full and Core space
     T = ds.sizes["task"]
     fig = model_figures.embedding_interference_bars(ds)
     _check(fig)
-    assert "003 App. C.1, Fig. 6" in fig.get_suptitle()
+    assert "003 App. C.1, Fig. 6" in fig.get_suptitle() and ds.attrs["method"] == "tsv+iso_c"
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == [*map(str, ds.task.values), "mean"]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["task_arithmetic (full space)"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full", "core"]
     heights = [p.get_height() for p in ax.patches if p.get_height() > 0]
-    assert np.allclose(heights, [*ds.l1_distance.values, float(ds.l1_distance_mean)])
+    expected = [v for space in ("full", "core") for v in (*ds.l1_distance.sel(space=space).values, float(ds.l1_distance_mean.sel(space=space)))]
+    assert len(heights) == 2 * (T + 1) and np.allclose(heights, expected)
 
-    spaces = ["full", "core"]
-    stacked = xr.concat([model_analyses.merged_embedding_interference(micro_pair, method="ties", space=s, hp={"density": 0.5, "alpha": 1.0},
-                                                                   batch_size=8, batches=1) for s in spaces],
-                        dim=xr.DataArray(spaces, dims="space")).assign_attrs(dataset=LABEL)
-    fig = model_figures.embedding_interference_bars(stacked)
+    one = model_analyses.merged_embedding_interference(micro_pair, method="ties", hp={"density": 0.5, "alpha": 1.0},
+                                                       batch_size=8, batches=1).assign_attrs(dataset=LABEL)
+    fig = model_figures.embedding_interference_bars(one)
     _check(fig)
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == spaces
-    assert len([p for p in fig.axes[0].patches if p.get_height() > 0]) == 2 * (T + 1)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["ties (full space)"]
+    assert np.allclose([p.get_height() for p in fig.axes[0].patches if p.get_height() > 0],
+                       [*one.l1_distance.values, float(one.l1_distance_mean)])
 
 
 def test_model_figures_draw_from_the_store(bench_datasets, tmp_path):
@@ -396,7 +396,7 @@ def test_model_figures_draw_from_the_store(bench_datasets, tmp_path):
 
 
 def test_overview_heatmap_rows_line_up_when_methods_skip_spaces():
-    from analysis import overview
+    from mergelab_figures import overview
 
     methods, spaces, tasks = ["task_arithmetic", "ties", "tsv"], ["full", "knots", "core"], ["a", "b"]
     score = np.full((3, 3, 1, 2, 1, 1), np.nan)

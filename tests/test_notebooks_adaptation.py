@@ -16,7 +16,7 @@ pytestmark = pytest.mark.notebook
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "micro"
 #: notebook -> how many figures (image/png outputs) it must draw from the full tiny store
-FIGURES = {"50_tara_preferences": 3, "60_adarank_masks": 4}
+FIGURES = {"50_tara_preferences": 3, "60_adarank_masks": 7}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_notebook_draws_its_figures_from_the_study(study_store, name):
     assert "not the papers' numbers" in nb.cells[0].source
     paper_cells = [c for c in nb.cells if any(t.startswith("paper:") for t in c.metadata.get("tags", []))]
     assert paper_cells and all(_shown(c) for c in paper_cells)  # every cell tagged with a paper item draws it
-    if name == "60_adarank_masks":  # 002 Tab. 4 with each origin's best in bold (analysis.tables.bold_best)
+    if name == "60_adarank_masks":  # 002 Tab. 4 with each origin's best in bold (mergelab_figures.tables.bold_best)
         (ablation,) = [c for c in paper_cells if "paper:002-tab4" in c.metadata["tags"]]
         assert "font-weight: bold" in "".join(o.data.get("text/html", "") for o in ablation.outputs if "data" in o)
 

@@ -99,11 +99,11 @@ def test_tas_sweep_over_the_lambda_grid(micro_pair):
 
 
 def test_registered_interference_round_trips(micro_pair):
-    ds = model_analyses.merged_embedding_interference(micro_pair, method="ties", hp={"density": 0.5, "alpha": 1.0},
-                                                    batch_size=8, batches=1)
-    assert ds.l1_distance.dims == ("task",) and (ds.l1_distance > 0).all()
-    assert ds.attrs["hp"] == {"density": 0.5, "alpha": 1.0}
+    ds = model_analyses.embedding_interference_by_space(micro_pair, method="ties", hp={"density": 0.5, "alpha": 1.0},
+                                                        batch_size=8, batches=1)
+    assert ds.l1_distance.dims == ("space", "task") and list(ds.space.values) == ["full", "core"] and (ds.l1_distance > 0).all()
+    assert ds.attrs["hp"] == {"density": 0.5, "alpha": 1.0} and ds.attrs["spaces"] == ["full", "core"]
     store = Store("memory://interference-test")
-    key = store.key("interference.merged_embedding_interference", "1", taskset=micro_pair.taskset, method="ties")
+    key = store.key("interference.embedding_interference_by_space", "1", taskset=micro_pair.taskset, method="ties")
     store.put_dataset(key, ds)
     xr.testing.assert_identical(store.get_dataset(key).drop_attrs(deep=False), ds.drop_attrs(deep=False))

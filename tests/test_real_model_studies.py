@@ -15,7 +15,7 @@ from PIL import Image
 from mergelab.config import load_study
 from mergelab.errors import InputError
 from mergelab.store import Store
-from mergelab.study import Context, local_submit, run_graph
+from mergelab.study import Run, local_submit, run_graph
 from mergelab.synthetic import write_peft_adapters
 
 TASKS = ("shapes", "colours")
@@ -42,7 +42,7 @@ def _image_folders(root, size: int = 32, per_class: int = 3) -> dict[str, str]:
 def _run(bench: dict, adapters: dict, data: dict, store) -> "xr.Dataset":  # noqa: F821
     spec = load_study({"name": "real", "bench": bench, "methods": METHODS, "seeds": [0],
                        "tasks": [{"name": t, "adapter": str(adapters[t]), "data": data[t]} for t in TASKS]})
-    ctx = Context(spec, str(store))
+    ctx = Run(spec, str(store))
     _, done = run_graph(ctx, local_submit(ctx))
     return Store(store).get_dataset(done.key)
 
@@ -122,4 +122,4 @@ def test_an_hf_clip_bench_names_what_its_directory_lacks(tmp_path):
     spec = load_study({"name": "real", "bench": {"kind": "hf_clip", "weights": str(tmp_path)}, "methods": METHODS,
                        "tasks": [{"name": "x", "adapter": str(tmp_path), "data": str(tmp_path)}]})
     with pytest.raises(InputError, match="hf_clip needs weights: a local CLIPModel directory"):
-        Context(spec, str(tmp_path / "store")).bench
+        Run(spec, str(tmp_path / "store")).bench

@@ -1,4 +1,4 @@
-"""analysis.report: parameters injected into the tagged cell, HTML + PNG export named after paper items, the
+"""mergelab_figures.report: parameters injected into the tagged cell, HTML + PNG export named after paper items, the
 index, parallel runs with progress lines, failures as one-line InputErrors; the `mergelab report` command."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from helpers import synthetic_results
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from typer.testing import CliRunner
 
-from analysis import report
-from analysis.report import INDEX
+from mergelab_figures import report
+from mergelab_figures.report import INDEX
 from mergelab.cli import app
 from mergelab.errors import InputError
 from mergelab.store import Store
@@ -37,8 +37,8 @@ def _write(path: Path, *code: str | tuple[str, list[str]], params: str = 'GREETI
 
 
 GOOD = ("%matplotlib inline\nfrom matplotlib.figure import Figure\nfrom IPython.display import display\n"
-        "import analysis, mergelab, os\n"
-        "print(GREETING * N, os.getcwd(), analysis.__file__, mergelab.__file__, sep='\\n')\n"
+        "import mergelab_figures, mergelab, os\n"
+        "print(GREETING * N, os.getcwd(), mergelab_figures.__file__, mergelab.__file__, sep='\\n')\n"
         "fig = Figure(); fig.subplots().plot(range(N)); display(fig)")
 
 
@@ -55,8 +55,8 @@ def test_parameters_are_injected_and_the_export_has_html_and_pngs(tmp_path):
     assert greeting == "hihihi"
     assert Path(cwd) == workdir
     # the kernel imports this checkout's packages, not whichever copy is installed
-    assert Path(analysis_file).parent == report.REPO / "analysis"
-    assert Path(mergelab_file).parent == report.REPO / "lib" / "mergelab"
+    assert Path(analysis_file).resolve().parent == report.REPO / "analysis"
+    assert Path(mergelab_file).resolve().parent == report.REPO / "lib" / "mergelab"
     assert nb.cells[1].source == 'GREETING = \'hi\'\nN = 3' and nb.metadata["mergelab"]["notebook"] == "tiny"
     assert nbformat.read(path, as_version=4).cells[1].source.startswith('GREETING = "hello"')  # the source file is untouched
 
@@ -281,8 +281,8 @@ def test_report_runs_jobs_notebooks_at_once_and_prints_a_line_as_each_ends(tmp_p
     assert [re.fullmatch(r"notebook (\d)/3 (n\d): done in \d+\.\d s", line)[1] for line in lines] == ["1", "2", "3"]
     assert sorted(line.split()[2] for line in lines) == ["n1:", "n2:", "n3:"]
     out = tmp_path / "out"
-    assert files == [out / "n1.html", out / "n1" / "001-fig3.png", out / "n2.html", out / "n2" / "001-fig3.png",
-                     out / "n3.html", out / "n3" / "001-fig3.png", out / "index.html"]  # the notebooks' order, the index last
+    assert files == [f for n in ("n1", "n2", "n3") for f in (out / f"{n}.html", out / n / "001-fig3.png", out / n / "001-fig3.pdf")] \
+        + [out / "index.html"]  # the notebooks' order, the index last
     assert [f"n{i}/001-fig3.png" in files[-1].read_text() for i in (1, 2, 3)] == [True] * 3
 
 
@@ -298,7 +298,8 @@ def test_the_report_command_prints_plain_progress_lines_and_writes_the_index(tmp
     assert result.exit_code == 0, result.output
     # stderr is no terminal here: one plain line, no spinner, no escape codes
     assert re.search(r"^notebook 1/1 tiny: done in \d+\.\d s$", result.stderr, re.M) and "\x1b" not in result.stderr
-    assert f"wrote 1 HTML reports and 1 figures under {out}" in result.stdout and str(out / "index.html") in result.stdout
+    assert f"wrote 1 HTML reports, 1 figures (1 PNG, 1 PDF) and 0 tables under {out}" in result.stdout
+    assert str(out / "index.html") in result.stdout
     assert (out / "tiny" / "001-fig3.png").is_file() and "tiny/001-fig3.png" in (out / "index.html").read_text()
     assert f"{(tmp_path / 'store').resolve()} tiny" in (out / "tiny.html").read_text()
     refused = CliRunner().invoke(app, ["report", "--store", str(tmp_path / "store"), "--study", "tiny", "--jobs", "0"])
@@ -341,7 +342,9 @@ def test_the_overview_notebook_writes_its_paper_tables_as_html_and_every_figure_
     out = tmp_path / "reports"
     files = report.report([report.REPO / "notebooks" / "00_overview.ipynb"], {"STORE": str(tmp_path / "store"), "STUDY": "synthetic"}, out,
                           cwd=tmp_path, timeout=300)
-    assert [f.relative_to(out).as_posix() for f in files] == ["00_overview.html", "00_overview/fig-01.png", "00_overview/003-fig1.png", INDEX]
+    assert [f.relative_to(out).as_posix() for f in files if f.parent == out or f.suffix == ".png"] == [
+        "00_overview.html", "00_overview/fig-01.png", "00_overview/003-fig1.png", INDEX]
+    assert sorted(f.name for f in files if f.parent == out / "00_overview") == sorted(p.name for p in (out / "00_overview").iterdir())
     # each figure (003 Fig. 1, the untagged heatmap) as PNG and PDF; each tagged table as HTML, named after its first item
     assert sorted(p.name for p in (out / "00_overview").iterdir()) == [
         "001-tab3.html", "001-tab9.html", "003-fig1.pdf", "003-fig1.png", "003-tab3.html", "003-tab4.html", "fig-01.pdf", "fig-01.png"]

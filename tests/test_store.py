@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from mergelab.errors import InputError
 from mergelab.store import Store
+from mergelab.upkeep import gc, verify
 from mergelab.taskset import LowRank, TaskUpdate
 
 
@@ -106,10 +107,10 @@ def test_gc_removes_leftovers_and_unreferenced(url, tmp_path):
     store.fs.makedirs(f"{store.root}/staging/zzz.123", exist_ok=True)
     store.fs.makedirs(f"{store.root}/objects/half-written/abc", exist_ok=True)
     store.fs.makedirs(f"{store.root}/objects/{keep}/lost-race", exist_ok=True)  # a losing writer's payload
-    assert store.gc() == []  # younger than the lease: possibly a live run's write in progress
-    assert set(store.gc(lease_s=0)) == {"staging/zzz.123", "half-written", f"{keep}/lost-race"}
+    assert gc(store) == []  # younger than the lease: possibly a live run's write in progress
+    assert set(gc(store, lease_s=0)) == {"staging/zzz.123", "half-written", f"{keep}/lost-race"}
     assert store.exists(drop) and store.get_json(keep) == {"x": 1}
-    assert store.gc({keep}) == [drop]
+    assert gc(store, {keep}) == [drop]
     assert store.exists(keep) and store.exists(named) and not store.exists(drop)
 
 
@@ -142,9 +143,9 @@ def test_many_processes_publishing_the_same_keys_leave_every_key_whole(tmp_path)
             assert store.get_dataset(store.key("race_zarr", "1", i=i))["v"].values.tolist() == [float(i)] * 3
     published = {a.key for a in store.ls()}
     assert len(published) == 2 * n + n // 2
-    leftovers = store.gc(dry_run=True, lease_s=0)  # only the payloads of writers whose marker was overwritten
+    leftovers = gc(store, dry_run=True, lease_s=0)  # only the payloads of writers whose marker was overwritten
     assert all("/" in r and r.split("/")[0] in published for r in leftovers)
-    store.gc(lease_s=0)
+    gc(store, lease_s=0)
     assert {a.key for a in store.ls()} == published and store.get_json(store.key("race_json", "1", i=0)) == {"i": 0}
 
 
@@ -214,15 +215,15 @@ def test_verify_finds_and_quarantines_corrupt_objects(tmp_path, url):
     flipped = store.put_tensors(store.key("flipped", "1"), {"w": torch.ones(4)})
     gone = store.put_dataset(store.key("gone", "1"), xr.Dataset({"v": ("x", np.arange(3.0))}))
     marker = store.put_json(store.key("marker", "1"), {"b": 2})
-    assert store.verify() == []
+    assert verify(store) == []
 
     payload = store._payload(flipped, "tensors")
     store.fs.pipe_file(payload, store.fs.cat_file(payload)[:-4] + b"\0\0\0\0")
     store.fs.rm(store._payload(gone, "dataset"), recursive=True)
     store.fs.pipe_file(store._marker(marker), b"{not json")
-    found = dict(store.verify())
+    found = dict(verify(store))
     assert found == {flipped: "payload differs from its published digest", gone: "payload data.zarr is missing",
                      marker: "marker is not readable JSON"}
-    assert dict(store.verify(quarantine=True)) == found
-    assert store.verify() == [] and [a.key for a in store.ls()] == [ok]
+    assert dict(verify(store, quarantine=True)) == found
+    assert verify(store) == [] and [a.key for a in store.ls()] == [ok]
     assert not store.exists(flipped)  # a rerun recomputes it

@@ -19,6 +19,7 @@ import xarray as xr
 import yaml
 
 from mergelab.store import Store
+from mergelab.upkeep import gc, verify
 
 pytestmark = pytest.mark.flow
 
@@ -64,7 +65,7 @@ def harness():
 
 @pytest.fixture(scope="module")
 def first_run(harness, tmp_path_factory):
-    from flows.study import study_flow
+    from mergelab_flows.study import study_flow
 
     root = tmp_path_factory.mktemp("study")
     study = write_study(root / "small.yaml", SMALL)
@@ -100,7 +101,7 @@ def test_results_dataset_has_every_method_space_config_task_metric_seed(first_ru
 
 
 def test_adaptation_studies_are_published_where_the_notebooks_read_them(first_run):
-    from analysis.data import available, load
+    from mergelab_figures.data import available, load
 
     _, store, _ = first_run
     assert {"preferences/pareto", "ablations/adarank", "adapt/adamerging"} <= set(available(store, "small"))
@@ -127,7 +128,7 @@ def test_bad_adaptation_study_settings_are_one_line_errors(studies, message):
 def test_analyze_runs_named_analyses_reusing_the_study_selection(first_run, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import flows.study
+    import mergelab_flows.study
     from mergelab.cli import app
 
     study, store, run = first_run
@@ -138,7 +139,7 @@ def test_analyze_runs_named_analyses_reusing_the_study_selection(first_run, tmp_
     # merged_rank was computed by the run on the same selected merges: a cache hit; cosine is new
     assert "analysis 1/2" in done.stdout and "studies/small/analysis/cosine" in done.stdout
     assert Store(store).ref("studies/small/analysis/merged_rank") == next(r.key for r in run.nodes if r.label == "merged_rank")
-    monkeypatch.setattr(flows.study, "analyze_flow", None)  # a cached analyze is confirmed without the orchestrator
+    monkeypatch.setattr(mergelab_flows.study, "analyze_flow", None)  # a cached analyze is confirmed without the orchestrator
     again = cli.invoke(app, ["analyze", str(study), "--store", store, "--analysis", "cosine", "--analysis", "merged_rank"],
                        env={"COLUMNS": "200"})
     assert again.exit_code == 0 and "every node was a cache hit" in again.stdout, again.output
@@ -151,7 +152,7 @@ def test_analyze_runs_named_analyses_reusing_the_study_selection(first_run, tmp_
 
 
 def test_a_study_of_analyses_only_has_no_results(harness, tmp_path):
-    from flows.study import study_flow
+    from mergelab_flows.study import study_flow
 
     spec = {"name": "only", "bench": SMALL["bench"], "tasks": SMALL["tasks"], "analyses": ["norms"]}
     run = study_flow(str(write_study(tmp_path / "only.yaml", spec)), store=str(tmp_path / "store"))
@@ -160,7 +161,7 @@ def test_a_study_of_analyses_only_has_no_results(harness, tmp_path):
 
 
 def test_rerun_is_all_cache_hits(first_run):
-    from flows.study import study_flow
+    from mergelab_flows.study import study_flow
 
     study, store, run = first_run
     again = study_flow(str(study), store=store)
@@ -184,7 +185,7 @@ def test_up_to_date_confirms_an_unchanged_study_without_computing(first_run, tmp
 
 
 def test_one_changed_hyper_parameter_recomputes_only_its_downstream(first_run, tmp_path):
-    from flows.study import study_flow
+    from mergelab_flows.study import study_flow
 
     _, store, _ = first_run
     spec = {**SMALL, "methods": [{**SMALL["methods"][0], "grid": {"alpha": [0.3, 0.6]}},
@@ -197,7 +198,7 @@ def test_one_changed_hyper_parameter_recomputes_only_its_downstream(first_run, t
 def test_changed_adapters_recompute_what_depends_on_them(harness, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from flows.study import study_flow
+    from mergelab_flows.study import study_flow
 
     root = tmp_path / "micro"
     shutil.copytree(REPO / "data/micro", root, ignore=shutil.ignore_patterns("r16", "dense"))
@@ -217,8 +218,8 @@ def test_changed_adapters_recompute_what_depends_on_them(harness, tmp_path):
 
 
 def test_dask_runner_gives_the_same_results(first_run, tmp_path):
-    from flows.runtime import task_runner
-    from flows.study import study_flow
+    from mergelab_flows.runtime import task_runner
+    from mergelab_flows.study import study_flow
 
     study, store, run = first_run
     dask_store = str(tmp_path / "dask")
@@ -298,8 +299,8 @@ def test_runs_killed_at_ten_points_end_with_the_uninterrupted_results(tmp_path):
     assert kills >= 5, "the study finished too early to be killed at enough points; give it more work"
     done = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    s.gc(dry_run=False, keep=None, lease_s=0)  # leftovers of the killed runs are removable, nothing published is lost
-    assert published <= {a.key for a in s.ls()} and s.verify() == []
+    gc(s, dry_run=False, keep=None, lease_s=0)  # leftovers of the killed runs are removable, nothing published is lost
+    assert published <= {a.key for a in s.ls()} and verify(s) == []
     clean = tmp_path / "clean"
     clean.mkdir()
     uninterrupted = subprocess.run([*cmd[:-4], "--store", str(clean / "store"), "--runner", "thread=1"], cwd=REPO, env=_env(clean),
@@ -351,7 +352,7 @@ def test_concurrent_runs_of_overlapping_studies_share_one_store(tmp_path):
     a, b = (s.get_dataset(s.ref(f"studies/{name}/results")) for name in ("first", "second"))
     shared = {"merge_method": "task_arithmetic", "space": "full", "config": ["alpha=0.2", "alpha=0.4"]}
     xr.testing.assert_equal(a["score"].sel(shared), b["score"].sel(shared))
-    assert s.gc(dry_run=True) == [] and s.verify() == []
+    assert gc(s, dry_run=True) == [] and verify(s) == []
     again = subprocess.run(cmds[0], cwd=REPO, env=_env(tmp_path / "p0"), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "every node was a cache hit" in again.stdout
 
@@ -409,7 +410,7 @@ def test_report_executes_the_overview_notebook_against_the_study_store(first_run
 
 
 def test_tas_selection_picks_the_lowest_mean_tas_without_labels(harness, tmp_path):
-    from flows.study import study_flow
+    from mergelab_flows.study import study_flow
 
     spec = {**SMALL, "selection": "tas", "adaptive": [], "analyses": [], "joint": False,
             "methods": [{"method": "task_arithmetic", "spaces": ["full"], "grid": {"alpha": [0.2, 1.0]}}]}

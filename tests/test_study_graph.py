@@ -8,7 +8,7 @@ import pytest
 
 from mergelab.config import load_study
 from mergelab.errors import InputError
-from mergelab.study import PHASES, Context, local_submit, run_graph
+from mergelab.study import PHASES, Run, local_submit, run_graph
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def context(tmp_path_factory):
-    return Context(load_study(TINY), str(tmp_path_factory.mktemp("graph") / "store"))
+    return Run(load_study(TINY), str(tmp_path_factory.mktemp("graph") / "store"))
 
 
 def kinds(nodes) -> list[str]:
@@ -47,3 +47,17 @@ def test_a_phase_runs_with_the_phases_it_needs_and_nothing_else(context, one_thr
 def test_an_unknown_phase_is_one_line(context):
     with pytest.raises(InputError, match="unknown study phase 'merges'; phases: stage, reference"):
         run_graph(context, local_submit(context), phases=["merges"])
+
+
+def test_every_phase_is_one_node_kind_whose_probe_computes_nothing(context, one_thread):
+    from mergelab.study import NODES, MergeJob
+    from mergelab.store import Store
+
+    assert list(NODES) == list(PHASES) and all(node.kind == kind for kind, node in NODES.items())
+    nodes, _ = run_graph(context, local_submit(context))
+    merge = NODES["merge"]
+    assert merge.probe(context, MergeJob("task_arithmetic", "full", {"alpha": 0.3})) == next(n for n in nodes if n.node == "merge")
+    published = [a.key for a in Store(context.store.url).ls()]
+    assert merge.probe(context, MergeJob("task_arithmetic", "full", {"alpha": 0.9})) is None
+    assert NODES["evaluate"].probe(context, next(n for n in nodes if n.node == "merge")) is not None
+    assert [a.key for a in Store(context.store.url).ls()] == published

@@ -1,4 +1,4 @@
-"""analysis.tables: the papers' result tables (003 Tab. 3 / 001 Tab. 1, 001 Tab. 3, 003 Tab. 4) from a hand-made results Dataset."""
+"""mergelab_figures.tables: the papers' result tables (003 Tab. 3 / 001 Tab. 1, 001 Tab. 3, 003 Tab. 4) from a hand-made results Dataset."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from helpers import synthetic_results
 
-from analysis import tables
+from mergelab_figures import tables
 
 #: The study's order is not the registry's: the tables reorder methods and spaces.
 RUNS = {("adarank_cart", "full"): [0.70, 0.10], ("tara_a", "full"): [0.30, 0.30], ("tsv+iso_c", "core"): [0.40, 0.30],

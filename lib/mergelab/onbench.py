@@ -44,7 +44,7 @@ from mergelab.config import MAX_CONFIGS, config_label, load_study
 from mergelab.errors import InputError
 from mergelab.merging import METHODS, merge
 from mergelab.selection import SELECTION_RULES
-from mergelab.study import Context, NodeResult, adapt_jobs, local_submit, merge_jobs, run_graph
+from mergelab.study import Run, NodeResult, adapt_jobs, local_submit, merge_jobs, run_graph
 from mergelab.taskset import MergedUpdate, TaskSet
 
 __all__ = ["Adapted", "Merged", "Selection", "adapt_adapters", "adapt_on_bench", "bench_for", "evaluation_bench",
@@ -133,14 +133,14 @@ def select_hyper_parameters(bench: Bench, bench_spec: BenchSpec, method: str, sp
     name = f"select-{method}-{space}-{bench.taskset.content_hash[:8]}"
     spec = load_study({"name": name, "bench": bench_spec.model_dump(), "selection": rule, "joint": False, "seeds": seeds,
                        "methods": [{"method": method, "spaces": [space], "grid": swept, "fixed": fixed}]})
-    ctx = Context(spec, store_url, bench=bench)
+    ctx = Run(spec, store_url, bench=bench)
     jobs = merge_jobs(spec)
     total = 1 + (1 + len(bench.tasks)) + 2 * len(jobs) + 1
     _, done = run_graph(ctx, local_submit(ctx, on_node=None if progress is None else lambda r: progress(r, total)))
     return _chosen(ctx, done.key, jobs, rule, seeds[0], name)
 
 
-def _chosen(ctx: Context, key: str, jobs: Sequence[Any], rule: str, seed: int, name: str) -> Selection:
+def _chosen(ctx: Run, key: str, jobs: Sequence[Any], rule: str, seed: int, name: str) -> Selection:
     ds = ctx.store.get_dataset(key)
     metric = SELECTION_RULES[rule].metric
     at = {"merge_method": jobs[0].method, "space": jobs[0].space, "seed": seed}
@@ -179,7 +179,7 @@ def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adapti
     name = f"adapt-{adaptive['method']}-{bench.taskset.content_hash[:8]}"
     spec = load_study({"name": name, "bench": bench_spec.model_dump(), "adaptive": [dict(adaptive)], "joint": False,
                        "seeds": [seed], "allow_labels": allow_labels})
-    ctx = Context(spec, store_url, bench=bench)
+    ctx = Run(spec, store_url, bench=bench)
     nodes, done = run_graph(ctx, local_submit(ctx, adapt_progress=progress))
     (job,), (produced,) = adapt_jobs(spec), [n for n in nodes if n.node == "adapt"]
     ds = ctx.store.get_dataset(done.key)

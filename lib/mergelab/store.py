@@ -15,7 +15,8 @@ leaves nothing that :meth:`Store.exists` or a getter will return. Any number of 
 write the same key at once: each moves its own complete payload and the last marker wins, so a
 published key always names a complete payload and no writer ever removes another's files. ``gc``
 removes the leftovers older than a lease (and, given the keys still in use, the artifacts nobody
-references); markers of stores written before tokens existed name ``objects/<key>/`` itself.
+references; :mod:`mergelab.upkeep`, as is ``verify``); markers of stores written before tokens existed name
+``objects/<key>/`` itself.
 """
 
 from __future__ import annotations
@@ -272,9 +273,13 @@ class Store:
             return self.get(key), True
         start = time.perf_counter()
         value = compute()
-        putters = {"dataset": self.put_dataset, "tensors": self.put_tensors, "json": self.put_json}
-        putters[kind](key, value, {"compute_time_s": round(time.perf_counter() - start, 6), **(attrs or {})})
+        self.put(key, kind, value, {"compute_time_s": round(time.perf_counter() - start, 6), **(attrs or {})})
         return value, False
+
+    def put(self, key: str, kind: Kind, value: Any, attrs: Mapping[str, Any] | None = None) -> str:
+        """Publish ``value`` as an artifact of ``kind`` (``put_dataset``, ``put_tensors`` or ``put_json``)."""
+        putters = {"dataset": self.put_dataset, "tensors": self.put_tensors, "json": self.put_json}
+        return putters[kind](key, value, attrs)
 
     # names -----------------------------------------------------------------------------------
 
@@ -323,20 +328,6 @@ class Store:
     def __iter__(self) -> Iterator[ArtifactInfo]:
         return iter(self.ls())
 
-    def _stale(self, path: str, lease_s: float) -> bool:
-        """Whether ``path`` was last modified more than ``lease_s`` ago. A directory's age is its
-        youngest file's; where the filesystem keeps no times (``memory://`` directories) the
-        path counts as young, so gc never removes what may be a live write (``lease_s <= 0``
-        removes regardless)."""
-        if lease_s <= 0:
-            return True
-        infos = [self.fs.info(path)]
-        if infos[0].get("type") == "directory":
-            infos += list(self.fs.find(path, detail=True).values())
-        stamps = [i.get("mtime", i.get("created", i.get("LastModified"))) for i in infos]
-        stamps = [t.timestamp() if isinstance(t, _dt.datetime) else float(t) for t in stamps if t is not None]
-        return bool(stamps) and time.time() - max(stamps) > lease_s
-
     def _digest(self, path: str) -> str:
         """sha256 over a payload's files (relative names and bytes, in name order)."""
         files = sorted(self.fs.find(path)) if self.fs.isdir(path) else [path]
@@ -345,68 +336,6 @@ class Store:
             h.update(f[len(path):].encode() + b"\0")
             h.update(self.fs.cat_file(f))
         return h.hexdigest()
-
-    def verify(self, quarantine: bool = False) -> list[tuple[str, str]]:
-        """``(key, problem)`` for every object whose marker is unreadable, whose payload is missing,
-        or whose payload no longer has the digest recorded when it was published (markers from
-        before digests: the payload must still load). With ``quarantine`` each such object moves
-        to ``quarantine/<key>.<token>``, so the key is unpublished and a rerun recomputes it."""
-        problems: list[tuple[str, str]] = []
-        for key in self._object_keys():
-            marker_path = self._marker(key)
-            if not self.fs.exists(marker_path):
-                continue  # not published (in flight, or a leftover for gc)
-            marker = self._read_marker(key)
-            if marker is None or "kind" not in marker:
-                problems.append((key, "marker is not readable JSON"))
-            else:
-                payload = self._payload(key, marker["kind"])
-                if not self.fs.exists(payload):
-                    problems.append((key, f"payload {PAYLOAD[marker['kind']]} is missing"))
-                elif marker.get("digest") and self._digest(payload) != marker["digest"]:
-                    problems.append((key, "payload differs from its published digest"))
-                elif not marker.get("digest"):
-                    try:
-                        self.get(key)
-                    except Exception as err:  # any failure to load is the finding
-                        problems.append((key, f"payload does not load ({type(err).__name__})"))
-            if quarantine and problems and problems[-1][0] == key:
-                self.fs.makedirs(self._path("quarantine"), exist_ok=True)
-                self.fs.mv(self._path("objects", key), self._path("quarantine", f"{key}.{uuid.uuid4().hex[:8]}"), recursive=True)
-        return problems
-
-    def gc(self, keep: set[str] | None = None, dry_run: bool = False, lease_s: float = LEASE_S) -> list[str]:
-        """Remove leftovers older than ``lease_s`` (staging writes, unpublished objects, payloads a
-        marker does not name) and, with ``keep``, every published artifact whose key is neither in
-        ``keep`` nor named by a ref. A write younger than the lease is never touched, so gc may run
-        beside live runs. Returns what was (or would be) removed."""
-        removed: list[str] = []
-
-        def remove(path: str, label: str) -> None:
-            removed.append(label)
-            if not dry_run:
-                self.fs.rm(path, recursive=True)
-
-        staging = self._path("staging")
-        if self.fs.exists(staging):
-            for path in self.fs.ls(staging, detail=False):
-                if self._stale(path, lease_s):
-                    remove(path, f"staging/{path.rstrip('/').rsplit('/', 1)[-1]}")
-        keep_all = None if keep is None else set(keep) | set(self.refs().values())
-        for key in self._object_keys():
-            marker = self._read_marker(key)
-            if marker is not None and keep_all is not None and key not in keep_all:
-                remove(self._path("objects", key), key)
-                continue
-            entries = [p.rstrip("/") for p in self.fs.ls(self._path("objects", key), detail=False)]
-            stale = [p for p in entries if p.rsplit("/", 1)[-1] != MARKER and self._stale(p, lease_s)
-                     and (marker is None or not marker.get("token") or p.rsplit("/", 1)[-1] != marker["token"])]
-            if marker is None and stale and len(stale) == len([p for p in entries if p.rsplit("/", 1)[-1] != MARKER]):
-                remove(self._path("objects", key), key)  # nothing published and nothing in flight
-            elif marker is not None and marker.get("token"):
-                for p in stale:
-                    remove(p, f"{key}/{p.rsplit('/', 1)[-1]}")
-        return removed
 
 
 def _zarr_ready(ds: xr.Dataset) -> xr.Dataset:

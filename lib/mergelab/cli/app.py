@@ -50,6 +50,18 @@ class _Command(_TidyHelp, TyperCommand):
     """Every command of the CLI (``@app.command(cls=_Command)``)."""
 
 
+class RegistryHelp(_Command):
+    """Appends the choices of the registries a command reads (``listing()``) to its help, importing
+    them only when the help is shown."""
+
+    listing: staticmethod
+
+    def format_help(self, ctx, formatter):
+        own = self.__dict__.setdefault("_own_help", self.help or "")
+        self.help = f"{own}\n\n{self.listing()}"  # read now: entries registered after import are listed too
+        return super().format_help(ctx, formatter)
+
+
 class _Group(_TidyHelp, TyperGroup):
     """Turns InputError raised anywhere below into a one-line message and exit code 2."""
 

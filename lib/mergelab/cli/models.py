@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import key_values, progress_bars, BaseModuleOpt, StoreOpt, _Command, app, console
+from mergelab.cli.app import key_values, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt, _Command, app, console
 from mergelab.errors import InputError
 
 
@@ -108,19 +108,6 @@ def _show_selection(method: str, space: str, bench, run):
     return chosen
 
 
-class _RegistryHelp(_Command):
-    """Appends the choices of the registries a command reads (``listing()``) to its help, importing
-    them only when the help is shown."""
-
-    listing: staticmethod
-
-    def format_help(self, ctx, formatter):
-        listed = self.listing()
-        if listed not in (self.help or ""):
-            self.help = f"{self.help}\n\n{listed}"
-        return super().format_help(ctx, formatter)
-
-
 def _merge_choices() -> str:
     from mergelab.merging import METHODS
     from mergelab.selection import SELECTION_RULES
@@ -141,11 +128,11 @@ def _adapt_choices() -> str:
     return f"Adaptive methods and their settings (defaults; set with --set KEY=VALUE): {described}."
 
 
-class _MergeCommand(_RegistryHelp):
+class _MergeCommand(RegistryHelp):
     listing = staticmethod(_merge_choices)
 
 
-class _AdaptCommand(_RegistryHelp):
+class _AdaptCommand(RegistryHelp):
     listing = staticmethod(_adapt_choices)
 
 

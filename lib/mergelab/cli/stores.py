@@ -71,6 +71,7 @@ def store_gc(
 ) -> None:
     """Remove unpublished leftovers older than --lease (and, with --keep, every unreferenced artifact)."""
     from mergelab.store import Store
+    from mergelab.upkeep import gc
 
     if lease < 0:
         raise InputError(f"--lease {lease} is negative; give the seconds a write may take (default 3600)")
@@ -80,7 +81,7 @@ def store_gc(
         if not keep.is_file():
             raise InputError(f"--keep file {keep} does not exist; write the keys to keep one per line")
         keys = {line.strip() for line in keep.read_text().splitlines() if line.strip()}
-    removed = Store(store).gc(keys, dry_run=dry_run, lease_s=lease)
+    removed = gc(Store(store), keys, dry_run=dry_run, lease_s=lease)
     verb = "would remove" if dry_run else "removed"
     console.print(f"{verb} {len(removed)} entries" + "".join(f"\n  {r}" for r in removed))
 
@@ -92,9 +93,10 @@ def store_verify(
 ) -> None:
     """Check every published artifact's payload against its digest; exit 1 when one is corrupt."""
     from mergelab.store import Store
+    from mergelab.upkeep import verify
 
     s = Store(store)
-    problems = s.verify(quarantine=quarantine)
+    problems = verify(s, quarantine=quarantine)
     for key, problem in problems:
         console.print(f"{key}: {problem}", highlight=False, soft_wrap=True)
     moved = "; moved to quarantine/, a rerun recomputes them" if quarantine and problems else ""

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import progress_bars, StoreOpt, _Command, app, console, err_console
+from mergelab.cli.app import progress_bars, RegistryHelp, StoreOpt, _Command, app, console, err_console
 from mergelab.config import DEFAULT_STUDY, find_study
 from mergelab.errors import InputError
 
@@ -37,7 +37,7 @@ def _run_study(study: Path, store: str | None, runner: str):
     from mergelab.study import up_to_date
 
     spec = load_study(study)  # validate before Prefect starts: bad input fails in a second
-    from flows.runtime import parse_runner
+    from mergelab_flows.runtime import parse_runner
 
     parse_runner(runner)
     url = spec.store_url(store)
@@ -46,7 +46,7 @@ def _run_study(study: Path, store: str | None, runner: str):
         run_nodes, done = cached
         run = {"nodes": run_nodes, "results": done.key if done else None, "store": Store(url).url}
     else:
-        from flows.study import study_flow
+        from mergelab_flows.study import study_flow
 
         run = _run_flow(study_flow, runner, study=str(study), store=url)
     _summary(spec.name, run)
@@ -55,7 +55,7 @@ def _run_study(study: Path, store: str | None, runner: str):
 
 def _summary(name: str, run) -> None:
     """One line: what ran, what was cached, per node kind, and where the results are."""
-    from flows.runtime import summarize
+    from mergelab_flows.runtime import summarize
 
     counts = summarize(run["nodes"])
     ran = sum(c["nodes"] - c["hits"] for c in counts.values())
@@ -84,10 +84,10 @@ def _run_flow(flow, runner: str, **params):
     import signal
     import threading
 
-    from flows.runtime import start_ephemeral_server, stop_ephemeral_server, task_runner
+    from mergelab_flows.runtime import start_ephemeral_server, stop_ephemeral_server, task_runner
 
     chosen = task_runner(runner)
-    from flows.study import set_progress
+    from mergelab_flows.study import set_progress
 
     terminal = err_console.is_terminal
     bars: dict[str, int] = {}
@@ -209,7 +209,17 @@ def demo(store: StoreOpt = None, runner: RunnerOpt = "thread", wide: WideOpt = F
     _print_results(spec, result, wide)
 
 
-@app.command(cls=_Command)
+def _analysis_choices() -> str:
+    from mergelab.experiments.registry import ANALYSES
+
+    return f"Analyses (--analysis): {', '.join(ANALYSES)}."
+
+
+class _AnalyzeCommand(RegistryHelp):
+    listing = staticmethod(_analysis_choices)
+
+
+@app.command(cls=_AnalyzeCommand)
 def analyze(
     study: Annotated[Path, typer.Argument(help="A study YAML file (see studies/micro.yaml).")],
     analyses: Annotated[Optional[list[str]], typer.Option("--analysis", help="Run this analysis (repeatable; default: the study's analyses:).")] = None,
@@ -230,7 +240,7 @@ def analyze(
     ANALYSES.require(*names)
     if not names:
         raise InputError(f"study {spec.name} lists no analyses:; pass --analysis NAME (one of {', '.join(ANALYSES)})")
-    from flows.runtime import parse_runner
+    from mergelab_flows.runtime import parse_runner
 
     parse_runner(runner)
     url = spec.store_url(store)
@@ -238,7 +248,7 @@ def analyze(
     if cached is not None:
         run = {"nodes": cached, "store": url}
     else:
-        from flows.study import analyze_flow
+        from mergelab_flows.study import analyze_flow
 
         run = _run_flow(analyze_flow, runner, study=str(study), store=url, analyses=names)
     _summary(spec.name, run)
@@ -270,7 +280,7 @@ def serve(
     from mergelab.config import load_study
 
     spec = load_study(study)
-    from flows.study import deployment, register_deployment, serve_deployments
+    from mergelab_flows.study import deployment, register_deployment, serve_deployments
 
     scheduled = deployment(study, spec, cron=cron, name=name, store=spec.store_url(store))
     if register_only:
@@ -285,20 +295,20 @@ def serve(
 def report(
     store: StoreOpt = None,
     study: Annotated[str, typer.Option(help="The study whose Datasets the notebooks draw: a study file or a name (studies/NAME.yaml gives its store).")] = "micro",
-    out: Annotated[Path, typer.Option(help="Where HTML and PNG files are written.")] = Path("data/reports"),
+    out: Annotated[Path, typer.Option(help="Where the HTML pages, figures (PNG, PDF) and tables are written.")] = Path("data/reports"),
     notebooks: Annotated[Optional[list[Path]], typer.Option("--notebook", help="Run only these notebooks (default: notebooks/*.ipynb).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="Notebooks run at once (default: half the CPU cores, at most one per notebook).")] = None,
 ) -> None:
-    """Execute the notebooks against the store; write each as HTML plus its figures as PNG under --out.
+    """Execute the notebooks against the store; write each as HTML plus its figures (PNG and PDF) and tables under --out.
 
-    A figure drawn by a cell tagged paper:<item> is written as <notebook>/<item>.png, other figures
-    as <notebook>/fig-NN.png; index.html lists the paper figures and tables drawn. One progress line
-    per notebook goes to stderr.
+    A figure drawn by a cell tagged paper:<item> is written as <notebook>/<item>.png and .pdf, other
+    figures as <notebook>/fig-NN.png and .pdf, a tagged cell's tables as <notebook>/<item>.html;
+    index.html lists the paper figures and tables drawn. One progress line per notebook goes to stderr.
     """
     import contextlib
 
-    from analysis.report import INDEX, list_notebooks
-    from analysis.report import report as run_report
+    from mergelab_figures.report import INDEX, list_notebooks
+    from mergelab_figures.report import report as run_report
     from mergelab.config import load_study
     from mergelab.store import Store, default_store_url
 
@@ -317,8 +327,10 @@ def report(
     with status:
         written = run_report(paths, params, out_dir=out, jobs=jobs,
                              progress=lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
-    pngs = sum(p.suffix == ".png" for p in written)
-    console.print(f"wrote {len(written) - pngs - 1} HTML reports and {pngs} figures under {out}; "
+    pages = sum(p.suffix == ".html" and p.parent == out and p.name != INDEX for p in written)
+    tables = sum(p.suffix == ".html" and p.parent != out for p in written)
+    pngs, pdfs = (sum(p.suffix == suffix for p in written) for suffix in (".png", ".pdf"))
+    console.print(f"wrote {pages} HTML reports, {pngs} figures ({pngs} PNG, {pdfs} PDF) and {tables} tables under {out}; "
                   f"the paper figures and tables drawn are listed in {out / INDEX}", highlight=False, soft_wrap=True)
 
 

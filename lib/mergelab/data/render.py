@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["COLORS", "FONT", "SYMBOLS", "Canvas", "band_mask", "bitmap", "disk", "paint", "polygon", "resize",
-           "smooth_noise", "stamp"]
+__all__ = ["COLORS", "FONT", "SYMBOLS", "Canvas", "band_mask", "bitmap", "disk", "dots", "finish", "paint", "polygon",
+           "regular", "resize", "smooth_noise", "stamp", "tint", "two_tone"]
 
 Canvas = np.ndarray
 
@@ -144,3 +144,37 @@ def stamp(size: int, glyph: np.ndarray, top: float, left: float, height: float, 
     out = np.zeros((size, size))
     out[inside] = glyph[gy[inside], gx[inside]]
     return out
+
+
+def tint(rng: np.random.Generator, name: str, jitter: float = 0.06) -> np.ndarray:
+    """The named colour of :data:`COLORS` with Gaussian jitter per channel, clipped to [0, 1]."""
+    return np.clip(np.asarray(COLORS[name]) + rng.normal(0, jitter, 3), 0, 1)
+
+
+def finish(rng: np.random.Generator, canvas: np.ndarray, noise: float = 0.02) -> np.ndarray:
+    """Mild global brightness / contrast jitter and pixel noise (colour names stay unambiguous)."""
+    gain, bias = rng.uniform(0.9, 1.1), rng.uniform(-0.03, 0.03)
+    return np.clip(canvas * gain + bias + rng.normal(0, noise, canvas.shape), 0, 1)
+
+
+def two_tone(rng: np.random.Generator, size: int, a: np.ndarray, b: np.ndarray, cells: int) -> np.ndarray:
+    """A mixture of two colours by value noise."""
+    t = smooth_noise(rng, size, cells)[..., None]
+    return a * (1 - t) + b * t
+
+
+def regular(n: int, cy: float, cx: float, r: float, phase: float) -> list[tuple[float, float]]:
+    """The ``n`` vertices of a regular polygon of circumradius ``r`` about (cy, cx), the first at angle ``phase``."""
+    angles = phase + 2 * np.pi * np.arange(n) / n
+    return [(cy - r * np.cos(a), cx + r * np.sin(a)) for a in angles]
+
+
+def dots(rng: np.random.Generator, canvas: np.ndarray, spacing: float, radius: float, color: np.ndarray,
+          jitter: float = 0.5) -> np.ndarray:
+    """Paint a jittered grid of disks (``spacing`` apart, random offset) onto ``canvas`` in place."""
+    size = canvas.shape[0]
+    oy, ox = rng.uniform(0, spacing, 2)
+    for y in np.arange(oy, size, spacing):
+        for x in np.arange(ox, size, spacing):
+            paint(canvas, disk(size, y + rng.normal(0, jitter), x + rng.normal(0, jitter), radius), color)
+    return canvas

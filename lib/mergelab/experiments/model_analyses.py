@@ -9,8 +9,8 @@ mathematics and the Dataset schemas are those of the pure modules they build on:
   (:mod:`mergelab.analysis.components`);
 * :func:`task_alignment` / :func:`tas_sweep` — TAS (004 Eq. 2) and AdaMMS* (004 Eq. 5) across a
   merge coefficient (:mod:`mergelab.analysis.proxies`);
-* :func:`embedding_interference` / :func:`merged_embedding_interference` — 003 App. C.1's L1
-  distance of final embeddings (:mod:`mergelab.analysis.interference`).
+* :func:`embedding_interference` / :func:`merged_embedding_interference` / :func:`embedding_interference_by_space` —
+  003 App. C.1's L1 distance of final embeddings, of one merge or of one method in each space (Fig. 6).
 
 Every one reads validation images only (the first ``batches × batch_size`` of each task); the
 accuracy axis of :func:`tas_sweep` is the one exception a caller asks for by ``eval_split``.
@@ -39,8 +39,8 @@ from mergelab.merging import METHODS, merge
 from mergelab.naming import module_coords, module_layer
 from mergelab.taskset import MergedUpdate
 
-__all__ = ["component_loss_changes", "embedding_interference", "jacobian_anisotropy", "merged_embedding_interference",
-           "tas_sweep", "task_alignment"]
+__all__ = ["component_loss_changes", "embedding_interference", "embedding_interference_by_space", "jacobian_anisotropy",
+           "merged_embedding_interference", "tas_sweep", "task_alignment"]
 
 
 def jacobian_anisotropy(session: BenchSession, *, lam: float = 0.3, batch_size: int = 64, batches: int | None = 2,
@@ -262,4 +262,16 @@ def merged_embedding_interference(session: BenchSession, *, method: str = "task_
     merged = merge(session.taskset, method, space, **dict(hp or {}))
     ds = embedding_interference(session, merged, batch_size=batch_size, batches=batches, split=split)
     ds.attrs.update(method=method, space=space, hp=dict(hp or {}))
+    return ds
+
+
+def embedding_interference_by_space(session: BenchSession, *, method: str = "tsv+iso_c", spaces: Sequence[str] = ("full", "core"),
+                                    hp: Mapping[str, Any] | None = None, batch_size: int = 64, batches: int | None = None,
+                                    split: str = "val") -> xr.Dataset:
+    """003 Fig. 6: :func:`merged_embedding_interference` of one method merged in each of ``spaces``, stacked along
+    ``space`` (by default TSV + Iso-C in full and Core space, the comparison of 003 App. C.1)."""
+    parts = [merged_embedding_interference(session, method=method, space=space, hp=hp, batch_size=batch_size, batches=batches,
+                                           split=split).expand_dims(space=np.array([space], dtype=object)) for space in spaces]
+    ds = xr.concat(parts, dim="space", combine_attrs="drop_conflicts")
+    ds.attrs.update(method=method, spaces=list(spaces), hp=dict(hp or {}))
     return ds

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import xarray as xr
 
-from mergelab.analysis import core_space, coverage, geometry, spectra
+from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
 from mergelab.errors import InputError
 from mergelab.registry import Registry
 from mergelab.experiments import model_analyses
@@ -63,14 +63,15 @@ ANALYSES: Registry[Analysis] = Registry("analysis", {
     "sar_spaces": Analysis("core_space.sar_by_space", core_space.sar_by_space, "1"),
     "reference_bases": Analysis("core_space.reference_basis_ablation", core_space.reference_basis_ablation, "1"),
     "merged_rank_spaces": Analysis("core_space.merged_rank_grid", core_space.merged_rank_grid, "2"),  # 2: dim merge_method
+    "operation_counts": Analysis("complexity.operation_counts", complexity.operation_counts, "1"),
     "merged_similarity": Analysis("geometry.merged_similarity", geometry.merged_similarity, "2", needs="merged"),
     "merged_rank": Analysis("spectra.merged_rank", spectra.merged_rank, "2", needs="merged"),  # 2: stacked along merge_method
     "anisotropy": Analysis("anisotropy.jacobian_anisotropy", model_analyses.jacobian_anisotropy, "2",
                            needs="bench"),  # 2: labelled task loss by default
     "components": Analysis("components.component_loss_changes", model_analyses.component_loss_changes, "2", needs="bench"),
     "tas_sweep": Analysis("proxies.tas_sweep", model_analyses.tas_sweep, "1", needs="bench"),
-    "embedding_interference": Analysis("interference.merged_embedding_interference",
-                                       model_analyses.merged_embedding_interference, "1", needs="bench"),
+    "embedding_interference": Analysis("interference.embedding_interference_by_space",
+                                       model_analyses.embedding_interference_by_space, "1", needs="bench"),  # was one merge
 })
 
 #: Settings that configure the :class:`AdaptationSetting` rather than the study function.

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mergelab.data import procedural as proc
+from mergelab.data import scenes
 from mergelab.data.render import resize
 from mergelab.data.tasks import ClassificationTask, DenseTask, Split, to_uint8
 from mergelab.errors import InputError
@@ -177,9 +178,9 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("aerial", "RESISC45", "procedural", tuple(a[0] for a in proc.AERIAL),
              ("satellite imagery of a {}.", "an aerial photograph of a {}.", "a satellite photo of a {}."), "an aerial photograph",
              _procedural(proc.draw_aerial, len(proc.AERIAL))),
-    TaskSpec("scenes", "SUN397", "procedural", tuple(s[0] for s in proc.SCENES),
+    TaskSpec("scenes", "SUN397", "procedural", tuple(s[0] for s in scenes.SCENES),
              ("a photo of a {}.", "a picture of a {}.", "a landscape photo of a {}."), "a photo of a landscape",
-             _procedural(proc.draw_scene, len(proc.SCENES))),
+             _procedural(scenes.draw_scene, len(scenes.SCENES))),
     TaskSpec("housenumbers", "SVHN", "procedural", DIGIT_NAMES,
              ('a photo of the house number: "{}".', "a street address with the number {}.", "the number {} on a house."),
              "a photo of a house number", _procedural(proc.draw_house_number, 10)),
@@ -253,7 +254,7 @@ DENSE_TASKS: tuple[tuple[str, str, str, int], ...] = (
     ("segmentation", "segmentation", "segmentation", 3),
     ("depth", "depth", "depth", 1),
     ("keypoint", "keypoint", "keypoint", 2),
-    ("shape", "classification", "shape", len(proc.DENSE_SHAPES)),
+    ("shape", "classification", "shape", len(scenes.DENSE_SHAPES)),
 )
 
 
@@ -270,7 +271,7 @@ def _dense_split(seed: int, profile: str, split: str) -> Split:
     rng = _rng(seed, len(TASKS), split)
     images, seg, depth, keypoint, shape = [], [], [], [], []
     for _ in range(sizes[f"dense_{split}"]):
-        image, targets = proc.dense_scene(rng, IMAGE_SIZE)
+        image, targets = scenes.dense_scene(rng, IMAGE_SIZE)
         images.append(image)
         onehot = np.eye(3)[targets["segmentation"]] * np.array([1.0, 1.0, 2.5])  # objects win a patch at >= 2/7 cover
         seg.append(_per_patch(onehot, PATCH).argmax(-1))

@@ -1,9 +1,12 @@
-"""The nodes of a study (DESIGN §8): pure functions, each cached in the store under a content key.
+"""The nodes of a study (DESIGN §8), each cached in the store under a content key.
 
-``flows/`` wraps every node in a Prefect task; nothing here imports Prefect. A node takes the
-:class:`StudySpec`, the store URL and its own inputs (plain values or other nodes' keys), so it
-runs the same in a thread, an in-process Dask worker or a remote one, and returns a
-:class:`NodeResult` that says whether the store already held its artifact.
+Each node kind is one :class:`Node` (kind, code version, key, compute): the key is built from
+keys and hashes only, so probing a study (:func:`up_to_date`) computes keys and nothing else.
+``flows/`` wraps every node kind in a Prefect task; nothing here imports Prefect. A node takes the
+run :class:`Run` and its own inputs (plain values or other nodes' results), so it runs the same
+in a thread, an in-process Dask worker or a remote one, and returns a :class:`NodeResult` that says
+whether the store already held its artifact. :func:`run_graph` walks them in dependency order, all
+or by :data:`PHASES`.
 
 | node        | key inputs                                                 | artifact |
 |-------------|------------------------------------------------------------|----------|
@@ -20,16 +23,12 @@ Changing one hyper-parameter changes one merge key, hence its evaluation and the
 nothing else. Changed adapters change the TaskSet hash and every key below it.
 """
 
-from mergelab.study.context import JOINT, JOINT_KS, AdaptJob, Context, MergeJob, NodeResult, NotCached, adapt_jobs, context, merge_jobs
+from mergelab.study.run import JOINT, JOINT_KS, AdaptJob, Run, MergeJob, Node, NodeResult, adapt_jobs, shared_run, merge_jobs
 from mergelab.study.graph import (NODES, PHASES, Submit, analyses_up_to_date, analysis_graph, local_submit, run_graph,
                                   selected_for_analyses, up_to_date)
-from mergelab.study.nodes import (VERSIONS, adapt_node, adaptation_study_node, analysis_node, evaluate_node, merge_node,
-                                  reference_node, stage_node)
-from mergelab.study.results import Row, adapt_row, grid_edges, merge_row, results_node, results_table, selected_merges
+from mergelab.study.results import Row, adapt_row, grid_edges, merge_row, results_table, selected_merges
 
 
-__all__ = ["JOINT", "JOINT_KS", "NODES", "PHASES", "VERSIONS", "AdaptJob", "Context", "MergeJob", "NodeResult", "NotCached", "Row", "Submit",
-           "adapt_jobs", "adapt_node", "adapt_row", "adaptation_study_node", "analyses_up_to_date", "analysis_graph",
-           "analysis_node", "context", "evaluate_node", "grid_edges", "local_submit", "merge_jobs", "merge_node", "merge_row",
-           "reference_node", "results_node", "results_table", "run_graph", "selected_for_analyses", "selected_merges",
-           "stage_node", "up_to_date"]
+__all__ = ["JOINT", "JOINT_KS", "NODES", "PHASES", "AdaptJob", "Run", "MergeJob", "Node", "NodeResult", "Row", "Submit",
+           "adapt_jobs", "adapt_row", "analyses_up_to_date", "analysis_graph", "shared_run", "grid_edges", "local_submit",
+           "merge_jobs", "merge_row", "results_table", "run_graph", "selected_for_analyses", "selected_merges", "up_to_date"]

@@ -7,18 +7,15 @@ from typing import Any
 
 from mergelab.config import StudySpec
 from mergelab.errors import InputError
-from mergelab.study.context import Context, MergeJob, NodeResult, NotCached, adapt_jobs, merge_jobs
-from mergelab.study.nodes import (adapt_node, adaptation_study_node, analysis_node, evaluate_node, merge_node, reference_node,
-                                 stage_node)
-from mergelab.study.results import adapt_row, merge_row, results_node, selected_merges
+from mergelab.study.run import Run, MergeJob, Node, NodeResult, adapt_jobs, merge_jobs
+from mergelab.study.nodes import ADAPT, ADAPTATION_STUDY, ANALYSIS, EVALUATE, MERGE, REFERENCE, STAGE
+from mergelab.study.results import RESULTS, adapt_row, merge_row, selected_merges
 
 # The graph -----------------------------------------------------------------------------------------
 
-#: Node kind -> node function ``(ctx, *args) -> NodeResult``; ``flows/`` wraps each in a Prefect task.
-NODES: dict[str, Callable[..., NodeResult]] = {
-    "stage": stage_node, "reference": reference_node, "merge": merge_node, "adapt": adapt_node, "evaluate": evaluate_node,
-    "results": results_node, "analysis": analysis_node, "adaptation_study": adaptation_study_node,
-}
+#: Node kind -> its :class:`~mergelab.study.run.Node` (called ``(ctx, *args) -> NodeResult``);
+#: ``flows/`` wraps each in a Prefect task.
+NODES: dict[str, Node] = {n.kind: n for n in (STAGE, REFERENCE, MERGE, ADAPT, EVALUATE, RESULTS, ANALYSIS, ADAPTATION_STUDY)}
 
 #: Runs a batch of nodes of one kind, ``submit(kind, [args, ...])``, and returns their results in order.
 Submit = Callable[[str, Sequence[tuple[Any, ...]]], list[NodeResult]]
@@ -43,7 +40,7 @@ def _with_needs(phases: Iterable[str]) -> set[str]:
     return wanted
 
 
-def run_graph(ctx: Context, submit: Submit, phases: Iterable[str] | None = None) -> tuple[list[NodeResult], NodeResult | None]:
+def run_graph(ctx: Run, submit: Submit, phases: Iterable[str] | None = None) -> tuple[list[NodeResult], NodeResult | None]:
     """The study's nodes in dependency order; returns them all and the results node.
 
     Stage, references, merges, adaptive runs, their evaluations, the results (selection), the
@@ -73,7 +70,7 @@ def run_graph(ctx: Context, submit: Submit, phases: Iterable[str] | None = None)
     return staged + references + merged + adapted + evaluated + ([done] if done else []) + analyses + studies, done
 
 
-def analysis_graph(ctx: Context, submit: Submit, names: Sequence[str],
+def analysis_graph(ctx: Run, submit: Submit, names: Sequence[str],
                    selected: Sequence[tuple[MergeJob, NodeResult]]) -> list[NodeResult]:
     """The stage node and the named analyses, on their own (``mergelab analyze``); analyses of
     merged models take ``selected`` (:func:`selected_for_analyses`)."""
@@ -89,11 +86,33 @@ def analyses_up_to_date(spec: StudySpec, store_url: str, names: Sequence[str]) -
     from mergelab.experiments.registry import ANALYSES
 
     selected = selected_for_analyses(spec, store_url) if any(ANALYSES[n].needs == "merged" for n in names) else []
-    ctx = Context(spec, store_url, probe=True)
+    ctx = Run(spec, store_url)
+    return _probed(ctx, lambda submit: analysis_graph(ctx, submit, names, selected))
+
+
+class _Missing(Exception):
+    """A probed node's artifact is not in the store (ends the walk: later keys need its result)."""
+
+
+def _probed(ctx: Run, walk: Callable[[Submit], Any]) -> Any:
+    """``walk(submit)`` with a :data:`Submit` that only probes (:meth:`Node.probe`): its value when
+    every node is in the store, with their refs set then, else ``None``."""
+    found: list[tuple[Node, NodeResult, tuple[Any, ...]]] = []
+
+    def submit(kind: str, batch: Sequence[tuple[Any, ...]]) -> list[NodeResult]:
+        results = [NODES[kind].probe(ctx, *args) for args in batch]
+        if any(r is None for r in results):
+            raise _Missing(kind)
+        found.extend((NODES[kind], r, args) for r, args in zip(results, batch, strict=True))
+        return results
+
     try:
-        return analysis_graph(ctx, local_submit(ctx), names, selected)
-    except NotCached:
+        value = walk(submit)
+    except _Missing:
         return None
+    for node, result, args in found:
+        node.name(ctx, result.key, *args)
+    return value
 
 
 def selected_for_analyses(spec: StudySpec, store_url: str) -> list[tuple[MergeJob, NodeResult]]:
@@ -108,10 +127,10 @@ def selected_for_analyses(spec: StudySpec, store_url: str) -> list[tuple[MergeJo
         raise InputError(f"study {spec.name}: analyses of merged models need the study's selected merges; "
                          "run `mergelab run` on the study first")
     produced, done = found
-    return selected_merges(Context(core, store_url), done, merge_jobs(spec), [n for n in produced if n.node == "merge"])
+    return selected_merges(Run(core, store_url), done, merge_jobs(spec), [n for n in produced if n.node == "merge"])
 
 
-def local_submit(ctx: Context, on_node: Callable[[NodeResult], None] | None = None,
+def local_submit(ctx: Run, on_node: Callable[[NodeResult], None] | None = None,
                  adapt_progress: Callable[[int, float], None] | None = None) -> Submit:
     """A :data:`Submit` that runs every node here, one after another (no orchestrator).
 
@@ -132,11 +151,9 @@ def local_submit(ctx: Context, on_node: Callable[[NodeResult], None] | None = No
 def up_to_date(spec: StudySpec, store_url: str) -> tuple[list[NodeResult], NodeResult | None] | None:
     """The study's nodes and results node when every artifact is already in the store, else ``None``.
 
-    Walks :func:`run_graph` in this process with a probing context: nothing is computed or
-    loaded, so an unchanged study is confirmed without starting an orchestrator.
+    Walks :func:`run_graph` in this process probing each node's key: nothing is computed or
+    loaded but the checkpoints' hashes, so an unchanged study is confirmed without starting an
+    orchestrator.
     """
-    ctx = Context(spec, store_url, probe=True)
-    try:
-        return run_graph(ctx, local_submit(ctx))
-    except NotCached:
-        return None
+    ctx = Run(spec, store_url)
+    return _probed(ctx, lambda submit: run_graph(ctx, submit))

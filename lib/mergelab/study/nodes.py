@@ -1,4 +1,8 @@
-"""The nodes of a study that compute artifacts: stage, reference, merge, adapt, evaluate, analysis, adaptation study."""
+"""The node kinds of a study that compute artifacts: stage, reference, merge, adapt, evaluate, analysis, adaptation study.
+
+Each kind is one :class:`~mergelab.study.run.Node` (kind, code version, content key, compute);
+its key function reads nothing but keys and hashes, so probing a study computes keys and nothing else.
+"""
 
 from __future__ import annotations
 
@@ -18,32 +22,31 @@ from mergelab.merging import METHODS, merge, project
 from mergelab.profiling import Measured, measure
 from mergelab.store import Key
 from mergelab.selection import SELECTION_RULES
-from mergelab.study.context import JOINT, JOINT_KS, TASK_METRICS, AdaptJob, Context, MergeJob, NodeResult
+from mergelab.study.run import JOINT, JOINT_KS, TASK_METRICS, AdaptJob, Run, MergeJob, Node, NodeResult
 from mergelab.taskset import MergedUpdate
 
-#: Code version of every node's producer; bump one when its output changes for the same inputs.
-VERSIONS = {"stage": "1", "reference": "3", "merge": "2", "adapt": "4", "evaluate": "1", "results": "5"}
-# adapt 2: tied TARA-B bank; 3: STCH anchors no longer shift the loop's batches, |Δcoef| recorded; 4: TARA AdamW, AdaMerging
-# clamp [0, 1], AdaRank masks attention/MLP only, start grids. merge 2: fidelity pass (TSV / Iso support "all", inner alpha 1,
-# norm weights from the true updates, isometric spectral methods, CART ceil). results 2: mean_abs_delta_coef; 3: zero-shot
-# joint Hits@k; 4: dimension merge_method (``method`` is a keyword of DataArray.sel); 5: the fine-tuned experts' joint
-# Hits@k. reference 2: the zero-shot base is scored on the joint task too; 3: each fine-tuned model on the joint task
-# (its own task's images against every task's labels)
+# Node versions (bump one when its output changes for the same inputs): adapt 2: tied TARA-B bank; 3: STCH anchors no
+# longer shift the loop's batches, |Δcoef| recorded; 4: TARA AdamW, AdaMerging clamp [0, 1], AdaRank masks attention/MLP
+# only, start grids. merge 2: fidelity pass (TSV / Iso support "all", inner alpha 1, norm weights from the true updates,
+# isometric spectral methods, CART ceil). reference 2: the zero-shot base is scored on the joint task too; 3: each
+# fine-tuned model on the joint task (its own task's images against every task's labels).
 
 
 # Nodes ---------------------------------------------------------------------------------------------
 
 
-def stage_node(ctx: Context) -> NodeResult:
-    """Load and hash the checkpoints; record what was staged. Warms the shared context."""
+def _stage(ctx: Run, key: Key) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load and hash the checkpoints; record what was staged. Warms the run's benchmark session."""
     from mergelab.checkpoints import describe
 
     ts = ctx.taskset
-    key = ctx.store.key("stage", VERSIONS["stage"], taskset=ts.content_hash, data=ctx.bench.data_id)
-    record = {"bench": ctx.bench.name, "taskset": ts.content_hash, "data": ctx.bench.data_id,
-              "base": ts.base.content_hash, "tasks": [describe(t) for t in ts]}
-    hit = ctx.publish(key, "json", lambda: record)
-    return NodeResult("stage", key, hit, ctx.bench.name)
+    return {"bench": ctx.bench.name, "taskset": ts.content_hash, "data": ctx.bench.data_id, "base": ts.base.content_hash,
+            "tasks": [describe(t) for t in ts]}, {}
+
+
+STAGE = Node("stage", "1", "json", lambda ctx: ctx.store.key("stage", STAGE.version, taskset=ctx.taskset.content_hash,
+                                                             data=ctx.bench.data_id),
+             _stage, lambda ctx: ctx.bench.name)
 
 
 def _hyper_parameters(job: MergeJob) -> dict[str, Any]:
@@ -53,8 +56,8 @@ def _hyper_parameters(job: MergeJob) -> dict[str, Any]:
     return METHODS[job.method].resolve(config)
 
 
-def merge_key(ctx: Context, job: MergeJob) -> Key:
-    return ctx.store.key("merge", VERSIONS["merge"], taskset=ctx.taskset.content_hash, method=job.method,
+def _merge_key(ctx: Run, job: MergeJob) -> Key:
+    return ctx.store.key("merge", MERGE.version, taskset=ctx.taskset.content_hash, method=job.method,
                          space=job.space, hyper_parameters=_hyper_parameters(job))
 
 
@@ -67,15 +70,12 @@ def _cost(run: Measured, bases: Sequence[Bases]) -> dict[str, Any]:
             "bases": [str(b.key) for b in bases], "bases_seconds": sum(b.seconds for b in bases)}
 
 
-def merge_node(ctx: Context, job: MergeJob) -> NodeResult:
-    """Merge one configuration (timed, peak memory measured) and store the MergedUpdate.
+def _merge(ctx: Run, key: Key, job: MergeJob) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Merge one configuration (timed, peak memory measured): the MergedUpdate's tensors.
 
     In the knots and core spaces the projection is built from the task set's bases in the store
     (:func:`mergelab.bases.space_bases`: computed and published by the first merge that needs them).
     """
-    key = merge_key(ctx, job)
-    if ctx.cached(key):
-        return NodeResult("merge", key, True, job.label)
     hp = _hyper_parameters(job)
     bases = ctx.space_bases(job.space)
     if bases is None:
@@ -84,18 +84,25 @@ def merge_node(ctx: Context, job: MergeJob) -> NodeResult:
         run = measure(lambda: merge(project(ctx.taskset, job.space, bases=bases.modules), job.method, **hp))
     attrs = {"method": job.method, "space": job.space, "config": config_label(job.config), "seed": job.seed,
              **_cost(run, [] if bases is None else [bases])}
-    ctx.store.put_tensors(key, run.value.to_tensors(), attrs=attrs)
-    return NodeResult("merge", key, False, job.label)
+    return run.value.to_tensors(), attrs
 
 
-def adapt_key(ctx: Context, job: AdaptJob) -> Key:
-    return ctx.store.key("adapt", VERSIONS["adapt"], taskset=ctx.taskset.content_hash, data=ctx.bench.data_id,
+MERGE = Node("merge", "2", "tensors", _merge_key, _merge, lambda ctx, job: job.label)
+
+
+def _adapt_key(ctx: Run, job: AdaptJob) -> Key:
+    return ctx.store.key("adapt", ADAPT.version, taskset=ctx.taskset.content_hash, data=ctx.bench.data_id,
                          spec=job.spec.model_dump(mode="json", exclude={"label"}), seed=job.seed,
                          allow_labels=ctx.spec.allow_labels)
 
 
-def adapt_node(ctx: Context, job: AdaptJob, progress: Callable[[int, float], None] | None = None) -> NodeResult:
-    """Adapt coefficients on unlabeled val batches (never test); store the merge and its history.
+def _history_key(ctx: Run, key: Key) -> Key:
+    return ctx.store.key("adapt.history", ADAPT.version, run=str(key))
+
+
+def _adapt(ctx: Run, key: Key, job: AdaptJob,
+           progress: Callable[[int, float], None] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Adapt coefficients on unlabeled val batches (never test): the merged tensors.
 
     The history Dataset (loss curves, coefficient trajectories, final coefficients or masks) is
     published first and named ``studies/<name>/adapt/<label>``; the merged tensors last, so
@@ -105,10 +112,6 @@ def adapt_node(ctx: Context, job: AdaptJob, progress: Callable[[int, float], Non
     """
     from mergelab.adaptation import adapt
 
-    key = adapt_key(ctx, job)
-    history_key = ctx.store.key("adapt.history", VERSIONS["adapt"], run=str(key))
-    if ctx.cached(key):
-        return NodeResult("adapt", key, True, job.label)
     a, session = job.spec, ctx.local_session
     forward = session.forward()
     labelled = a.objective == "labels"  # only when the study sets allow_labels (validated in config)
@@ -123,11 +126,13 @@ def adapt_node(ctx: Context, job: AdaptJob, progress: Callable[[int, float], Non
     attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")), "config": _adapt_config(a, started),
              "seed": job.seed, **_cost(run, used), "seconds_per_iter": result.seconds_per_iter,
              "mean_abs_delta_coef": result.history.attrs["mean_abs_delta_coef"]}
-    if not ctx.store.exists(history_key):
-        ctx.store.put_dataset(history_key, result.history, attrs=attrs)
-    ctx.store.set_ref(f"studies/{ctx.spec.name}/adapt/{a.name}", history_key)
-    ctx.store.put_tensors(key, result.merged.to_tensors(), attrs=attrs)
-    return NodeResult("adapt", key, False, job.label)
+    if not ctx.store.exists(history := _history_key(ctx, key)):
+        ctx.store.put_dataset(history, result.history, attrs=attrs)
+    return result.merged.to_tensors(), attrs
+
+
+ADAPT = Node("adapt", "4", "tensors", _adapt_key, _adapt, lambda ctx, job: job.label,
+             lambda ctx, key, job: {f"studies/{ctx.spec.name}/adapt/{job.spec.name}": _history_key(ctx, key)})
 
 
 def _adapt_config(a: AdaptiveSpec, started: Mapping[str, Any]) -> str:
@@ -135,7 +140,7 @@ def _adapt_config(a: AdaptiveSpec, started: Mapping[str, Any]) -> str:
                          **started})
 
 
-def _start(ctx: Context, a: AdaptiveSpec, bases: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def _start(ctx: Run, a: AdaptiveSpec, bases: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """``a.hp`` with its starting hyper-parameters chosen before adapting, and those chosen values.
 
     The grid is ``a.start_grid`` or the method's (:attr:`~mergelab.adaptation.Adapter.start_grid`); every
@@ -160,7 +165,7 @@ def _start(ctx: Context, a: AdaptiveSpec, bases: Any) -> tuple[dict[str, Any], d
 
 
 @torch.no_grad()
-def _val_criterion(ctx: Context, params: Mapping[str, Tensor]) -> float:
+def _val_criterion(ctx: Run, params: Mapping[str, Tensor]) -> float:
     """The study's selection criterion of one merged model on val, larger is better: the mean val
     accuracy over tasks (a rule of val accuracies) or minus the mean TAS (``tas``, 004 Eq. 2)."""
     session = ctx.local_session
@@ -169,47 +174,49 @@ def _val_criterion(ctx: Context, params: Mapping[str, Tensor]) -> float:
     return float(np.mean([session.accuracy(n, "val", params)[0] for n in session.names]))
 
 
-def _merged(ctx: Context, key: str) -> MergedUpdate:
+def _merged(ctx: Run, key: str) -> MergedUpdate:
     return MergedUpdate.from_tensors(ctx.store.get_tensors(key), base=ctx.taskset.base)
 
 
-def _tas_enabled(ctx: Context) -> bool:
+def _tas_enabled(ctx: Run) -> bool:
     """Whether the study's selection rule reads the task alignment score (every evaluation computes it then)."""
     return SELECTION_RULES[ctx.spec.selection].metric == "tas"
 
 
-def reference_node(ctx: Context, task: str | None) -> NodeResult:
-    """Scores of task ``task``'s fine-tuned model on its own task (``None``: the zero-shot base on all)."""
+def _reference_key(ctx: Run, task: str | None) -> Key:
     ts = ctx.taskset
-    index = None if task is None else ts.names.index(task)
-    identity = ts.base.content_hash if index is None else ts.tasks[index].content_hash
-    key = ctx.store.key("reference", VERSIONS["reference"], update=identity, base=ts.base.content_hash,
-                        data=ctx.bench.data_id, task=task, joint=ctx.spec.joint)
-
-    def compute() -> xr.Dataset:
-        params = None if task is None else ctx.session.finetuned(task)
-        names = list(ctx.bench.tasks) if task is None else [task]
-        return _scores(ctx, params, names, joint=ctx.spec.joint, tas=False)
-
-    hit = ctx.publish(key, "dataset", compute, attrs={"reference": "zeroshot" if task is None else "finetuned", "task": task})
-    return NodeResult("reference", key, hit, task or "zeroshot")
+    identity = ts.base.content_hash if task is None else ts.tasks[ts.names.index(task)].content_hash
+    return ctx.store.key("reference", REFERENCE.version, update=identity, base=ts.base.content_hash, data=ctx.bench.data_id,
+                         task=task, joint=ctx.spec.joint)
 
 
-def evaluate_key(ctx: Context, source: str) -> Key:
-    return ctx.store.key("evaluate", VERSIONS["evaluate"], merged=source, data=ctx.bench.data_id,
-                         joint=ctx.spec.joint, tas=_tas_enabled(ctx))
+def _reference(ctx: Run, key: Key, task: str | None) -> tuple[xr.Dataset, dict[str, Any]]:
+    """Scores of task ``task``'s fine-tuned model on its own task (``None``: the zero-shot base on all)."""
+    params = None if task is None else ctx.session.finetuned(task)
+    names = list(ctx.bench.tasks) if task is None else [task]
+    return (_scores(ctx, params, names, joint=ctx.spec.joint, tas=False),
+            {"reference": "zeroshot" if task is None else "finetuned", "task": task})
 
 
-def evaluate_node(ctx: Context, source: NodeResult) -> NodeResult:
+REFERENCE = Node("reference", "3", "dataset", _reference_key, _reference, lambda ctx, task: task or "zeroshot")
+
+
+def _evaluate_key(ctx: Run, source: NodeResult) -> Key:
+    return ctx.store.key("evaluate", EVALUATE.version, merged=source.key, data=ctx.bench.data_id, joint=ctx.spec.joint,
+                         tas=_tas_enabled(ctx))
+
+
+def _evaluate(ctx: Run, key: Key, source: NodeResult) -> tuple[xr.Dataset, dict[str, Any]]:
     """Per-task val/test accuracy, joint Hits@k (test) and, for TAS selection, TAS (val) of one merge."""
-    key = evaluate_key(ctx, source.key)
-    hit = ctx.publish(key, "dataset", lambda: _scores(ctx, ctx.session.weights(_merged(ctx, source.key)), list(ctx.bench.tasks),
-                                                      joint=ctx.spec.joint, tas=_tas_enabled(ctx)))
-    return NodeResult("evaluate", key, hit, source.label)
+    params = ctx.session.weights(_merged(ctx, source.key))
+    return _scores(ctx, params, list(ctx.bench.tasks), joint=ctx.spec.joint, tas=_tas_enabled(ctx)), {}
+
+
+EVALUATE = Node("evaluate", "1", "dataset", _evaluate_key, _evaluate, lambda ctx, source: source.label)
 
 
 @torch.no_grad()
-def _scores(ctx: Context, params: Mapping[str, Tensor] | None, names: Sequence[str], *, joint: bool, tas: bool) -> xr.Dataset:
+def _scores(ctx: Run, params: Mapping[str, Tensor] | None, names: Sequence[str], *, joint: bool, tas: bool) -> xr.Dataset:
     """``score(task, metric)``: raw accuracies (normalisation happens when results are assembled)."""
     from mergelab.evaluation.metrics import joint_hits
 
@@ -232,51 +239,70 @@ def _scores(ctx: Context, params: Mapping[str, Tensor] | None, names: Sequence[s
                       coords={"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)})
 
 
-def _dataset_label(ctx: Context) -> str:
+def _dataset_label(ctx: Run) -> str:
     """What a study's Datasets were computed on, for figure captions (``attrs["dataset"]``)."""
     return f"{ctx.bench.name} benchmark" + (" (micro-benchmark numbers, not the papers')" if ctx.spec.bench.kind == "micro" else "")
 
 
-def analysis_node(ctx: Context, name: str, merged: Sequence[tuple[MergeJob, NodeResult]] = ()) -> NodeResult:
-    """Run one registered analysis on the study's TaskSet (or bench, or its selected merges)."""
+def _analysis_key(ctx: Run, name: str, merged: Sequence[tuple[MergeJob, NodeResult]] = ()) -> Key:
     from mergelab.experiments.registry import ANALYSES
 
     entry = ANALYSES[name]
-    label = _dataset_label(ctx)
-    inputs: dict[str, Any] = {"taskset": ctx.taskset.content_hash, "dataset": label, **entry.params}
+    inputs: dict[str, Any] = {"taskset": ctx.taskset.content_hash, "dataset": _dataset_label(ctx), **entry.params}
     if entry.needs == "bench":
         inputs["data"] = ctx.bench.data_id
     if entry.needs == "merged":
         inputs["merged"] = [str(r.key) for _, r in merged]
-    key = ctx.store.key(entry.producer, entry.version, **inputs)
+    return ctx.store.key(entry.producer, entry.version, **inputs)
 
-    def analyse() -> xr.Dataset:
-        if entry.needs == "taskset":
-            return entry.fn(ctx.taskset, **entry.params)
-        if entry.needs == "bench":
-            return entry.fn(ctx.local_session, **entry.params)
-        if not merged:
-            raise InputError(f"analysis {name!r} needs merged models; add methods to the study")
+
+def _analysis(ctx: Run, key: Key, name: str,
+              merged: Sequence[tuple[MergeJob, NodeResult]] = ()) -> tuple[xr.Dataset, dict[str, Any]]:
+    """Run one registered analysis on the study's TaskSet (or bench, or its selected merges)."""
+    from mergelab.experiments.registry import ANALYSES
+
+    entry = ANALYSES[name]
+    if entry.needs == "taskset":
+        ds = entry.fn(ctx.taskset, **entry.params)
+    elif entry.needs == "bench":
+        ds = entry.fn(ctx.local_session, **entry.params)
+    elif not merged:
+        raise InputError(f"analysis {name!r} needs merged models; add methods to the study")
+    else:
         with_taskset = "taskset" in inspect.signature(entry.fn).parameters
         parts = [entry.fn(merged=_merged(ctx, r.key), **({"taskset": ctx.taskset} if with_taskset else {}), **entry.params)
                  .expand_dims(merge_method=[j.method], space=[j.space]) for j, r in merged]
-        return xr.merge(parts, combine_attrs="drop_conflicts", join="outer", compat="no_conflicts")
-
-    hit = ctx.publish(key, "dataset", lambda: analyse().assign_attrs(dataset=label), attrs={"analysis": name})
-    ctx.store.set_ref(f"studies/{ctx.spec.name}/analysis/{name}", key)
-    return NodeResult("analysis", key, hit, name)
+        ds = xr.merge(parts, combine_attrs="drop_conflicts", join="outer", compat="no_conflicts")
+    return ds.assign_attrs(dataset=_dataset_label(ctx)), {"analysis": name}
 
 
-def adaptation_study_node(ctx: Context, name: str) -> NodeResult:
+ANALYSIS = Node("analysis", None, "dataset", _analysis_key, _analysis, lambda ctx, name, merged=(): name,
+                lambda ctx, key, name, merged=(): {f"studies/{ctx.spec.name}/analysis/{name}": key})
+
+
+def _adaptation_study_key(ctx: Run, name: str) -> Key:
+    from mergelab.experiments.registry import ADAPTATION_STUDIES
+
+    entry = ADAPTATION_STUDIES[name]
+    return ctx.store.key(entry.producer, entry.version, taskset=ctx.taskset.content_hash, data=ctx.bench.data_id,
+                         settings=ctx.spec.adaptation_studies[name], seed=ctx.spec.seeds[0])
+
+
+def _adaptation_study(ctx: Run, key: Key, name: str) -> tuple[xr.Dataset, dict[str, Any]]:
     """Run one adaptation study of the spec's ``adaptation_studies`` (preference sweeps, AdaRank
-    ablation; :data:`mergelab.experiments.registry.ADAPTATION_STUDIES`) and publish its Dataset."""
-    from mergelab.experiments.registry import ADAPTATION_STUDIES, run_study
+    ablation; :data:`mergelab.experiments.registry.ADAPTATION_STUDIES`)."""
+    from mergelab.experiments.registry import run_study
 
-    entry, settings, seed = ADAPTATION_STUDIES[name], ctx.spec.adaptation_studies[name], ctx.spec.seeds[0]
-    key = ctx.store.key(entry.producer, entry.version, taskset=ctx.taskset.content_hash, data=ctx.bench.data_id,
-                        settings=settings, seed=seed)
-    label = _dataset_label(ctx)
-    hit = ctx.publish(key, "dataset", lambda: run_study(name, ctx.local_session, settings, seed=seed, dataset=label),
-                      attrs={"adaptation_study": name})
-    ctx.store.set_ref(f"studies/{ctx.spec.name}/{entry.ref}", key)
-    return NodeResult("adaptation_study", key, hit, name)
+    ds = run_study(name, ctx.local_session, ctx.spec.adaptation_studies[name], seed=ctx.spec.seeds[0],
+                   dataset=_dataset_label(ctx))
+    return ds, {"adaptation_study": name}
+
+
+def _adaptation_study_refs(ctx: Run, key: Key, name: str) -> dict[str, str]:
+    from mergelab.experiments.registry import ADAPTATION_STUDIES
+
+    return {f"studies/{ctx.spec.name}/{ADAPTATION_STUDIES[name].ref}": key}
+
+
+ADAPTATION_STUDY = Node("adaptation_study", None, "dataset", _adaptation_study_key, _adaptation_study,
+                        lambda ctx, name: name, _adaptation_study_refs)

@@ -14,8 +14,7 @@ from mergelab.errors import InputError
 from mergelab.merging import METHODS
 from mergelab.store import Key
 from mergelab.selection import select
-from mergelab.study.context import JOINT, AdaptJob, Context, MergeJob, NodeResult
-from mergelab.study.nodes import VERSIONS
+from mergelab.study.run import JOINT, AdaptJob, Run, MergeJob, Node, NodeResult
 
 # Results -------------------------------------------------------------------------------------------
 
@@ -37,12 +36,12 @@ def merge_row(job: MergeJob, produced: NodeResult, evaluated: NodeResult, seed: 
                produced.key, evaluated.key)
 
 
-def adapt_row(ctx: Context, job: AdaptJob, produced: NodeResult, evaluated: NodeResult) -> Row:
+def adapt_row(ctx: Run, job: AdaptJob, produced: NodeResult, evaluated: NodeResult) -> Row:
     attrs = ctx.store.info(produced.key).attrs
     return Row(job.spec.name, attrs["space"], attrs["config"], job.seed, produced.key, evaluated.key)
 
 
-def selected_merges(ctx: Context, results: NodeResult, jobs: Sequence[MergeJob],
+def selected_merges(ctx: Run, results: NodeResult, jobs: Sequence[MergeJob],
                     produced: Sequence[NodeResult]) -> list[tuple[MergeJob, NodeResult]]:
     """The static merges the selection chose (first seed), for analyses of merged models."""
     selected = ctx.store.get_dataset(results.key)["selected"]
@@ -51,24 +50,27 @@ def selected_merges(ctx: Context, results: NodeResult, jobs: Sequence[MergeJob],
             if (j.seed is None or j.seed == seed) and bool(selected.sel(merge_method=j.method, space=j.space, config=config_label(j.config), seed=seed))]
 
 
-def results_key(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult]) -> Key:
-    return ctx.store.key("results", VERSIONS["results"], study=ctx.spec.name, rows=[r.__dict__ for r in rows],
+def _results_key(ctx: Run, rows: Sequence[Row], references: Sequence[NodeResult]) -> Key:
+    return ctx.store.key("results", RESULTS.version, study=ctx.spec.name, rows=[r.__dict__ for r in rows],
                          references=[r.key for r in references], selection=ctx.spec.selection)
 
 
-def results_node(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult]) -> NodeResult:
-    """Assemble the study's results Dataset, select configurations, publish ``studies/<name>/results``."""
-    key = results_key(ctx, rows, references)
-    hit = ctx.publish(key, "dataset", lambda: _assemble(ctx, rows, references))
-    ctx.store.set_ref(f"studies/{ctx.spec.name}/results", key)
-    return NodeResult("results", key, hit, ctx.spec.name)
+def _results(ctx: Run, key: Key, rows: Sequence[Row], references: Sequence[NodeResult]) -> tuple[xr.Dataset, dict[str, Any]]:
+    """The study's results Dataset with the selected configurations (named ``studies/<name>/results``)."""
+    return _assemble(ctx, rows, references), {}
+
+
+# results 2: mean_abs_delta_coef; 3: zero-shot joint Hits@k; 4: dimension merge_method (``method`` is a keyword of
+# DataArray.sel); 5: the fine-tuned experts' joint Hits@k.
+RESULTS = Node("results", "5", "dataset", _results_key, _results, lambda ctx, rows, references: ctx.spec.name,
+               lambda ctx, key, rows, references: {f"studies/{ctx.spec.name}/results": key})
 
 
 def _unique(values: Sequence[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
-def _assemble(ctx: Context, rows: Sequence[Row], references: Sequence[NodeResult]) -> xr.Dataset:
+def _assemble(ctx: Run, rows: Sequence[Row], references: Sequence[NodeResult]) -> xr.Dataset:
     store = ctx.store
     names = list(ctx.bench.tasks)
     zeroshot = store.get_dataset(references[0].key)["score"]

@@ -1,8 +1,9 @@
-"""What every node of a study shares: the jobs it plans, the results it returns, and the run context."""
+"""What every node of a study shares: the jobs it plans, the node kind and result types, and the :class:`Run`."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -13,7 +14,7 @@ from mergelab.bases import Bases, space_bases
 from mergelab.bench import Bench, BenchSession, load_bench
 from mergelab.config import AdaptiveSpec, StudySpec, config_label
 from mergelab.merging import METHODS
-from mergelab.store import Kind, Store
+from mergelab.store import Key, Kind, Store
 from mergelab.taskset import TaskSet
 
 #: The pseudo-task holding the joint-task metrics (Hits@k over the union of labels).
@@ -21,10 +22,6 @@ JOINT = "joint"
 #: Metrics per task: test accuracy and its normalised value, the same on val, TAS on val.
 TASK_METRICS = ("acc", "norm_acc", "val_acc", "val_norm_acc", "tas")
 JOINT_KS = (1, 3, 5)
-
-
-class NotCached(Exception):
-    """A probing :class:`Context` met a node whose artifact is not in the store."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +32,52 @@ class NodeResult:
     key: str
     hit: bool
     label: str = ""
+
+
+def _no_refs(ctx: Run, key: Key, *args: Any) -> dict[str, str]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Node:
+    """One kind of study node: its name, code version, content key and computation.
+
+    ``key(ctx, *args)`` builds the content key from keys and hashes only (it never reads an artifact
+    or runs a model), so :meth:`probe` answers whether a node is done without computing anything.
+    ``compute(ctx, key, *args, **options)`` returns the value to publish as ``artifact`` and its
+    attrs; ``refs(ctx, key, *args)`` names artifacts for humans (``studies/<name>/results``);
+    ``label(ctx, *args)`` says which node it is in progress bars. ``version`` is bumped when the
+    output changes for the same inputs (``None``: the registry entry's version, as for analyses).
+    """
+
+    kind: str
+    version: str | None
+    artifact: Kind
+    key: Callable[..., Key]
+    compute: Callable[..., tuple[Any, Mapping[str, Any]]]
+    label: Callable[..., str]
+    refs: Callable[..., Mapping[str, str]] = _no_refs
+
+    def __call__(self, ctx: Run, *args: Any, **options: Any) -> NodeResult:
+        """Run the node: publish its artifact unless the store has it, then set its refs."""
+        key = self.key(ctx, *args)
+        hit = ctx.store.exists(key)
+        if not hit:
+            start = time.perf_counter()
+            value, attrs = self.compute(ctx, key, *args, **options)
+            ctx.store.put(key, self.artifact, value, {"compute_time_s": round(time.perf_counter() - start, 6), **attrs})
+        self.name(ctx, key, *args)
+        return NodeResult(self.kind, key, hit, self.label(ctx, *args))
+
+    def probe(self, ctx: Run, *args: Any) -> NodeResult | None:
+        """The node's result if its artifact is in the store, else ``None``; nothing is computed or named."""
+        key = self.key(ctx, *args)
+        return NodeResult(self.kind, key, True, self.label(ctx, *args)) if ctx.store.exists(key) else None
+
+    def name(self, ctx: Run, key: Key, *args: Any) -> None:
+        """Point the node's refs at its artifacts."""
+        for ref, target in self.refs(ctx, key, *args).items():
+            ctx.store.set_ref(ref, target)
 
 
 @dataclass(frozen=True)
@@ -64,21 +107,20 @@ class AdaptJob:
 
 
 
-# The context a node runs in ------------------------------------------------------------------------
+# The run a node belongs to --------------------------------------------------------------------------
 
 
-class Context:
-    """A study's spec, store and lazily loaded benchmark, shared by the nodes of one process.
+class Run:
+    """One run of a study in one process: its spec, store and lazily loaded benchmark session,
+    shared by the nodes (each node's ``ctx``).
 
     ``bench`` overrides the benchmark the spec describes (``mergelab merge --select`` evaluates
-    the user's adapters on a benchmark's tasks). A ``probe`` context computes nothing: a node
-    whose artifact is missing raises :class:`NotCached` (see :func:`up_to_date`).
+    the user's adapters on a benchmark's tasks).
     """
 
-    def __init__(self, spec: StudySpec, store_url: str, bench: Bench | None = None, probe: bool = False) -> None:
+    def __init__(self, spec: StudySpec, store_url: str, bench: Bench | None = None) -> None:
         self.spec = spec
         self.store = Store(store_url)
-        self.probe = probe
         self._given_bench = bench
         self._lock = threading.RLock()
         self._local = threading.local()
@@ -122,41 +164,26 @@ class Context:
                 self._bases[space] = space_bases(self.store, self.taskset, space)
             return self._bases[space]
 
-    def cached(self, key: str) -> bool:
-        """Whether ``key`` is published (a probe raises :class:`NotCached` instead of answering no)."""
-        if self.store.exists(key):
-            return True
-        if self.probe:
-            raise NotCached(key)
-        return False
 
-    def publish(self, key: str, kind: Kind, compute: Callable[[], Any], attrs: Mapping[str, Any] | None = None) -> bool:
-        """Publish ``compute()`` under ``key`` unless it is there (nothing is read then); return the hit."""
-        if self.cached(key):
-            return True
-        self.store.memo(key, kind, compute, attrs)
-        return False
-
-
-_CONTEXTS: dict[tuple[str, str, str], Context] = {}
-_CONTEXTS_LOCK = threading.Lock()
-#: Contexts kept per process (older runs' are dropped: a run re-reads its checkpoints).
+_RUNS: dict[tuple[str, str, str], Run] = {}
+_RUNS_LOCK = threading.Lock()
+#: Runs kept per process (older ones are dropped: a new run re-reads its checkpoints).
 _KEEP = 2
 
 
-def context(spec: StudySpec, store_url: str, run: str = "") -> Context:
-    """The :class:`Context` of one run (``run`` identifies it) of ``spec`` against ``store_url``.
+def shared_run(spec: StudySpec, store_url: str, run: str = "") -> Run:
+    """The :class:`Run` of ``spec`` against ``store_url`` that ``run`` (an id) names.
 
     Nodes of the same run in the same process share it; a new run loads the checkpoints again,
     so adapters changed on disk between scheduled runs are seen.
     """
     ident = (spec.model_dump_json(), store_url, run)
-    with _CONTEXTS_LOCK:
-        if ident not in _CONTEXTS:
-            _CONTEXTS[ident] = Context(spec, store_url)
-            while len(_CONTEXTS) > _KEEP:
-                _CONTEXTS.pop(next(iter(_CONTEXTS)))
-        return _CONTEXTS[ident]
+    with _RUNS_LOCK:
+        if ident not in _RUNS:
+            _RUNS[ident] = Run(spec, store_url)
+            while len(_RUNS) > _KEEP:
+                _RUNS.pop(next(iter(_RUNS)))
+        return _RUNS[ident]
 
 
 
