@@ -20,7 +20,7 @@ from mergelab_figures.tables import selected_scores
 
 from mergelab.study import results_table as _results_table
 
-__all__ = ["accuracy_vs_merge_time", "normalized_accuracy_by_task", "results_table"]
+__all__ = ["accuracy_vs_merge_time", "has_tas", "normalized_accuracy_by_task", "results_table", "tas_against_performance"]
 
 
 def results_table(ds: xr.Dataset) -> pd.DataFrame:
@@ -86,3 +86,54 @@ def accuracy_vs_merge_time(ds: xr.Dataset) -> Figure:
     fig.legend(handles=handles, loc="outside right upper", fontsize=7, frameon=False, title="method")
     fig.suptitle(_title(ds, "accuracy against merge time", "003 Fig. 1"), fontsize=10)
     return fig
+
+
+def _per_configuration(ds: xr.Dataset) -> pd.DataFrame:
+    """Tidy rows (method, space, config, tas, value): every evaluated configuration's mean TAS over
+    tasks (val, 004 Eq. 2) and mean normalised test accuracy (%), seed means; NaN rows dropped."""
+    tasks = list(ds.attrs["tasks"])
+    mean = ds["score"].sel(task=tasks).mean("task", skipna=False).mean("seed")
+    frame = xr.Dataset({"tas": mean.sel(metric="tas", drop=True), "value": 100 * mean.sel(metric="norm_acc", drop=True)})
+    frame = frame.to_dataframe().reset_index().rename(columns={"merge_method": "method"}).dropna(subset=["tas", "value"])
+    frame[["method", "space", "config"]] = frame[["method", "space", "config"]].astype(str)
+    frame["run"] = frame["method"] + " (" + frame["space"] + ")"
+    return frame[["method", "space", "config", "run", "tas", "value"]]
+
+
+def tas_against_performance(ds: xr.Dataset) -> Figure:
+    """004 Fig. 4. Left: every evaluated configuration of every method × space, its mean
+    normalised test accuracy against its mean TAS on val (Spearman ρ in the title). Right: the
+    configuration of lowest mean TAS against the best one by test accuracy, per method × space with
+    at least two configurations (on ``y = x``: TAS picked the best)."""
+    frame = _per_configuration(ds)
+    runs = list(dict.fromkeys(frame.sort_values(["method", "space"])["run"]))
+    markers = {r: "os^D"[i // len(PALETTE) % 4] for i, r in enumerate(runs)}
+    colours = palette(runs)
+    fig = PaperFigure(figsize=(10.5, 4.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    sns.scatterplot(frame, x="tas", y="value", hue="run", style="run", palette=colours, markers=markers, hue_order=runs,
+                    style_order=runs, s=28, ax=left, legend=False)
+    rho = frame["tas"].corr(frame["value"], method="spearman")
+    left.set(xlabel="mean TAS (val; lower: closer to the fine-tuned models)", ylabel="mean normalised accuracy (%, test)",
+             title=f"every configuration (Spearman ρ = {rho:.2f})")
+    picks = []
+    for run, group in frame.groupby("run", sort=False):
+        if len(group) > 1:
+            picks.append({"run": run, "best": group["value"].max(), "tas": group.loc[group["tas"].idxmin(), "value"]})
+    picks = pd.DataFrame(picks, columns=["run", "best", "tas"])
+    for _, row in picks.iterrows():
+        right.scatter(row["best"], row["tas"], marker=markers[row["run"]], color=colours[row["run"]], s=40)
+    if len(picks):
+        lo, hi = float(picks[["best", "tas"]].min().min()) - 2, float(picks[["best", "tas"]].max().max()) + 2
+        right.plot([lo, hi], [lo, hi], color="0.5", linestyle=":", linewidth=1)
+    right.set(xlabel="best configuration (%, test)", ylabel="TAS-selected configuration (%, test)",
+              title="selected by TAS vs best")
+    handles = [Line2D([], [], linestyle="", marker=markers[r], color=colours[r], label=r) for r in runs]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=7, frameon=False, title="method (space)")
+    fig.suptitle(_title(ds, "TAS as a proxy of normalised accuracy", "004 Fig. 4"), fontsize=10)
+    return fig
+
+
+def has_tas(ds: xr.Dataset) -> bool:
+    """Whether the study's evaluations recorded TAS (every evaluation since evaluate version 2)."""
+    return "tas" in [str(m) for m in ds.metric.values] and bool(ds["score"].sel(metric="tas").notnull().any())

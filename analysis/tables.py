@@ -16,6 +16,7 @@ seeds). Reference rows (the fine-tuned models, zero-shot) come first and are nam
 * :func:`paper_table` (003 Tab. 3, 001 Tab. 1): method × space by the tasks, ``Avg.`` and
   ``Δ Avg.`` (against the method's full-space merge), normalised or absolute accuracy;
 * :func:`joint_table` (001 Tab. 3): method × space by ``Hits@1``, ``Hits@3``, ``Hits@5``;
+* :func:`joint_by_task_table` (001 Tab. 10): method × space × Hits@k by the tasks and ``Avg.``;
 * :func:`joint_grid` (003 Tab. 4): space × method, joint-task Hits@k.
 
 Nothing here computes a metric: the numbers are the Dataset's (schema: docs/store.md, "Study
@@ -36,8 +37,9 @@ from mergelab.merging import METHODS
 from mergelab.spaces import SPACES
 from mergelab.study import JOINT, JOINT_KS
 
-__all__ = ["AVG", "DELTA", "FINETUNED", "bold_best", "has_joint", "joint_frame", "joint_grid", "joint_grid_frame",
-           "joint_table", "method_order", "per_task_frame", "paper_table", "selected_scores"]
+__all__ = ["AVG", "DELTA", "FINETUNED", "bold_best", "has_joint", "joint_by_task_frame", "joint_by_task_table",
+           "joint_frame", "joint_grid", "joint_grid_frame", "joint_table", "method_order", "per_task_frame", "paper_table",
+           "selected_scores"]
 
 AVG = "Avg."
 DELTA = "Δ Avg."
@@ -153,6 +155,29 @@ def joint_frame(ds: xr.Dataset) -> pd.DataFrame:
     return _attrs(frame.round(1), ds, "001 Tab. 3 layout", references, frame.columns)
 
 
+def joint_by_task_frame(ds: xr.Dataset) -> pd.DataFrame:
+    """Joint-task Hits@1/3/5 per task in % (each task's test images against the union of every task's
+    labels), one row per method × space × Hits@k, columns the tasks and ``Avg.`` (the micro average
+    over every image, :func:`joint_frame`'s value; 001 Tab. 10). First rows: the zero-shot model and
+    the fine-tuned experts (each on its own task's images); the best merged value per task and
+    Hits@k in bold."""
+    tasks, columns = list(ds.attrs["tasks"]), [*ds.attrs["tasks"], JOINT]
+    metrics = {f"hits@{k}": f"Hits@{k}" for k in JOINT_KS}
+    rows = {(name, "-", label): 100 * ds["reference_score"].sel(reference=name, task=columns, metric=m).values
+            for name in ("zeroshot", "finetuned") for m, label in metrics.items()}
+    references = list(rows)
+    picked = selected_scores(ds, columns, list(metrics))
+    for method in method_order(_strings(picked.merge_method.values)):
+        for space in _space_order(_strings(picked.space.values)):
+            for m, label in metrics.items():
+                values = 100 * picked.sel(merge_method=method, space=space, metric=m).values
+                if not np.isnan(values).all():
+                    rows[(method, space, label)] = values
+    index = pd.MultiIndex.from_tuples(list(rows), names=["method", "space", "metric"])
+    frame = pd.DataFrame(list(rows.values()), index=index, columns=pd.Index([*tasks, AVG], dtype=object))
+    return _attrs(frame.round(1), ds, "001 Tab. 10 layout", references, [*tasks, AVG], within="metric")
+
+
 def joint_grid_frame(ds: xr.Dataset, k: int = 1) -> pd.DataFrame:
     """Joint-task Hits@``k`` in %, one row per space and one column per method (003 Tab. 4's
     layout); NaN where a method did not run in a space. Each method's best space is ranked."""
@@ -169,14 +194,18 @@ def bold_best(frame: pd.DataFrame, *, columns: Sequence[str] | None = None, refe
     """``frame`` as a Styler: numbers at one decimal (``Δ Avg.`` signed, NaN as "–"), the largest
     value of each of ``columns`` in bold (every row that reaches it; the rows ``references`` left
     out of the comparison), ``caption`` above. ``columns`` and ``references`` default to
-    ``frame.attrs["ranked"]`` / ``frame.attrs["references"]``, else every numeric column / none."""
+    ``frame.attrs["ranked"]`` / ``frame.attrs["references"]``, else every numeric column / none.
+    With ``frame.attrs["within"]`` (an index level, e.g. ``metric``), rows compete only with the
+    rows of their own value of that level."""
     columns = list(columns if columns is not None else frame.attrs.get("ranked", frame.select_dtypes("number").columns))
     references = list(references if references is not None else frame.attrs.get("references", []))
+    within = frame.attrs.get("within")
+    group = (lambda r: r[frame.index.names.index(within)]) if within else (lambda r: None)
     ranked = [r for r in frame.index if r not in references]
 
     def best(column: pd.Series) -> list[str]:
-        top = column.loc[ranked].max()
-        return [BOLD if r in ranked and not np.isnan(top) and v == top else "" for r, v in column.items()]
+        tops = {g: column.loc[[r for r in ranked if group(r) == g]].max() for g in {group(r) for r in ranked}}
+        return [BOLD if r in ranked and not np.isnan(tops[group(r)]) and v == tops[group(r)] else "" for r, v in column.items()]
 
     styler = frame.style.format(precision=1, na_rep="–")
     if DELTA in frame.columns:
@@ -208,6 +237,15 @@ def joint_table(ds: xr.Dataset) -> Styler:
     what = ("joint-task Hits@k (%, test; every image against the union of all tasks' labels) of the selected "
             "configuration of each method × space; first rows: the zero-shot model, the fine-tuned experts")
     return bold_best(frame, caption=_caption(frame, what))
+
+
+def joint_by_task_table(ds: xr.Dataset) -> Styler:
+    """:func:`joint_by_task_frame` in the layout of 001 Tab. 10."""
+    frame = joint_by_task_frame(ds)
+    what = ("joint-task Hits@k per task (%, test; each task's images against the union of all tasks' labels; "
+            f"{AVG}: over every image) of the selected configuration of each method × space; first rows: the "
+            "zero-shot model, the fine-tuned experts")
+    return bold_best(frame, caption=_caption(frame, what, best="best merged value per column and Hits@k"))
 
 
 def joint_grid(ds: xr.Dataset, k: int = 1) -> Styler:

@@ -87,14 +87,15 @@ def synthetic_results(runs: Mapping[tuple[str, str], Iterable[float]], tasks: It
     ``runs[(method, space)]`` are the per-task test accuracies (fractions) of that merge; the
     Dataset's ``merge_method`` and ``space`` follow the order of ``runs`` and a method × space not
     in it is NaN. ``finetuned`` are the experts' accuracies (default 0.8 each), ``norm_acc`` the
-    ratio; zero-shot scores half the experts'. With ``joint``, Hits@k of a merge are its mean
-    accuracy minus 0.1, plus 0.05 per rank (1, 3, 5); the references' likewise. ``seeds`` copies
-    every score to that many seeds; ``selected`` marks the one configuration.
+    ratio, ``tas`` one minus the accuracy; zero-shot scores half the experts'. With ``joint``, Hits@k
+    of a merge are its accuracy minus 0.1, plus 0.05 per rank (1, 3, 5), per task and on ``joint``
+    (there from the mean accuracy); the references' likewise. ``seeds`` copies every score to that
+    many seeds; ``selected`` marks the one configuration.
     """
     tasks = list(tasks)
     methods, spaces = list(dict.fromkeys(m for m, _ in runs)), list(dict.fromkeys(s for _, s in runs))
     expert = np.array(list(finetuned) if finetuned is not None else [0.8] * len(tasks))
-    metrics = ["acc", "norm_acc", "val_acc", "val_norm_acc", "hits@1", "hits@3", "hits@5"]
+    metrics = ["acc", "norm_acc", "val_acc", "val_norm_acc", "tas", "hits@1", "hits@3", "hits@5"]
     names = tasks + (["joint"] if joint else [])
     score = np.full((len(methods), len(spaces), 1, len(names), len(metrics), seeds), np.nan)
     seconds = np.full((len(methods), len(spaces), 1, seeds), np.nan)
@@ -102,8 +103,10 @@ def synthetic_results(runs: Mapping[tuple[str, str], Iterable[float]], tasks: It
     def fill(out: np.ndarray, acc: np.ndarray) -> None:  # out: (task, metric) of one run or reference
         out[:len(tasks), 0] = out[:len(tasks), 2] = acc
         out[:len(tasks), 1] = out[:len(tasks), 3] = acc / expert
+        out[:len(tasks), 4] = 1 - acc
         if joint:
-            out[-1, 4:] = acc.mean() - 0.1 + 0.05 * np.arange(3)
+            out[:len(tasks), 5:] = acc[:, None] - 0.1 + 0.05 * np.arange(3)
+            out[-1, 5:] = acc.mean() - 0.1 + 0.05 * np.arange(3)
 
     for (method, space), acc in runs.items():
         i, j = methods.index(method), spaces.index(space)

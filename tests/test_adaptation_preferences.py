@@ -81,11 +81,14 @@ def test_stch_alpha_and_adarank_ablation_datasets(adaptation_studies):
 
 
 def test_adarank_history_records_mask_fractions(adaptation_studies):
-    h = adaptation_studies["adapt/adarank"]
-    kept = h.mask_kept_fraction
-    assert kept.dims == ("record", "module", "task") and ((kept >= 0) & (kept <= 1)).all()
-    assert float(kept.isel(record=0).max()) < 1.0  # CART init keeps the top k = int(0.05 · 96) = 4 per task
-    assert h.attrs["space"] == "full" and "layer" in h.coords
+    for name in ("adapt/adarank", "adapt/adarank_cart"):
+        h = adaptation_studies[name]
+        kept = h.mask_kept_fraction
+        assert kept.dims == ("record", "module", "task") and ((kept >= 0) & (kept <= 1)).all()
+        assert h.attrs["space"] == "full" and "layer" in h.coords
+    ta, cart = (adaptation_studies[n].mask_kept_fraction.isel(record=0) for n in ("adapt/adarank", "adapt/adarank_cart"))
+    assert float(ta.min()) == 1.0  # the TA origin starts from every singular component
+    assert float(cart.max()) < 1.0  # the CART origin keeps the top k of the centred components per task
 
 
 def test_study_datasets_round_trip_through_a_store(adaptation_studies):

@@ -47,7 +47,7 @@ def test_micro_loss_changes_match_an_independent_dense_route(micro_pair):
 
     # Independent route: dense SVD of ΔW_i, MergedUpdate.apply, batched predict, float64 cross-entropy.
     ts, backbone = micro_pair.taskset, micro_pair.backbone
-    name, i, j, r = "transformer.resblocks.3.attn.q_proj.weight", 1, 0, 1  # textures' 2nd component, digits' loss
+    name, i, r = "transformer.resblocks.3.attn.q_proj.weight", 1, 1  # textures' 2nd component
     U, s, Vh = torch.linalg.svd(ts.updates(name)[i].dense(torch.float64), full_matrices=False)
     theta_m = merge(ts.subset(["digits"]), "task_arithmetic", "full", alpha=0.3).apply(backbone.base_state())
     perturbed = dict(theta_m)

@@ -414,3 +414,26 @@ def test_overview_heatmap_rows_line_up_when_methods_skip_spaces():
     knots = panels[1]
     assert [round(float(t.get_text())) for t in knots.texts] == [60, 60]  # only TIES has values there
     assert "003 Tab. 3" in fig.get_suptitle()
+
+
+def test_tas_against_performance_plots_every_configuration_and_the_tas_pick_against_the_best():
+    from mergelab_figures import overview
+
+    methods, spaces, configs, tasks = ["task_arithmetic", "ties"], ["full", "core"], ["c0", "c1", "c2"], ["a", "b"]
+    norm = np.full((2, 2, 3, 2, 2, 1), np.nan)
+    norm[0, 0, :, :, 0] = np.array([0.5, 0.7, 0.6])[:, None, None]  # TA in full space: three configurations
+    norm[1, 1, :2, :, 0] = np.array([0.9, 0.8])[:, None, None]      # TIES in Core space: two
+    norm[..., 1, :] = 1 - norm[..., 0, :] + 0.01 * np.arange(3)[None, None, :, None, None]  # TAS: lower with higher accuracy
+    norm[1, 1, :, :, 1] = np.array([0.3, 0.1, np.nan])[:, None, None]  # ... except TIES', where TAS picks the worse one
+    ds = xr.Dataset({"score": (("merge_method", "space", "config", "task", "metric", "seed"), norm)},
+                    coords={"merge_method": methods, "space": spaces, "config": configs, "task": tasks,
+                            "metric": ["norm_acc", "tas"], "seed": [0]}, attrs={"tasks": tasks, "note": LABEL, "study": "s"})
+    assert overview.has_tas(ds) and not overview.has_tas(ds.assign(score=ds["score"].where(ds.metric != "tas")))
+    fig = overview.tas_against_performance(ds)
+    left, right = (ax for ax in fig.axes if ax.get_title())
+    assert sum(len(c.get_offsets()) for c in left.collections) == 5  # every configuration with a score
+    assert "Spearman" in left.get_title()
+    picks = sorted(tuple(np.round(c.get_offsets()[0], 6)) for c in right.collections)
+    assert picks == [(70.0, 70.0), (90.0, 80.0)]  # TA: TAS finds the best; TIES: TAS picks 80 % of the best 90 %
+    assert "004 Fig. 4" in fig.get_suptitle() and LABEL in fig.get_suptitle()
+    fig.savefig(io.BytesIO(), format="png")

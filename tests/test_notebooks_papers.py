@@ -4,8 +4,9 @@ The module fixture publishes every weight-only analysis of the registry on the r
 TaskSet, the merged-model ones on its Task Arithmetic merge, and the model-dependent ones
 (``anisotropy``, ``components``, ``tas_sweep``, ``embedding_interference``; tiny budgets, computed
 once per session on the two-task ``micro_pair`` bench) under ``studies/micro`` (as the study flow
-does, via :func:`helpers.publish_analyses`); a second study ``sparse`` names only the ``norms``
-Dataset, so the notebooks' skip paths run too.
+does, via :func:`helpers.publish_analyses`) with a hand-made results Dataset
+(:func:`helpers.synthetic_results`); a second study ``sparse`` names only the ``norms`` Dataset, so
+the notebooks' skip paths run too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import MICRO_LABEL, publish_analyses
+from helpers import MICRO_LABEL, publish_analyses, synthetic_results
 
 from mergelab_figures import data
 from mergelab_figures.report import INDEX, REPO, cell_outputs, execute_notebook, report
@@ -40,6 +41,9 @@ def workdir(tmp_path_factory, micro_pair, bench_datasets) -> Path:
     keys = publish_analyses(store, STUDY, taskset, merged=merge(taskset, "task_arithmetic", "full", alpha=0.3),
                             bench=micro_pair, computed=bench_datasets)
     store.set_ref("studies/sparse/analysis/norms", keys["norms"])
+    results = store.key("test.results", "1", study=STUDY)  # 40 draws TAS across methods from the study's results
+    store.put_dataset(results, synthetic_results({("task_arithmetic", "full"): [0.5, 0.6], ("ties", "core"): [0.7, 0.6]}))
+    store.set_ref(f"studies/{STUDY}/results", results)
     return root
 
 

@@ -347,12 +347,14 @@ def test_the_overview_notebook_writes_its_paper_tables_as_html_and_every_figure_
     assert sorted(f.name for f in files if f.parent == out / "00_overview") == sorted(p.name for p in (out / "00_overview").iterdir())
     # each figure (003 Fig. 1, the untagged heatmap) as PNG and PDF; each tagged table as HTML, named after its first item
     assert sorted(p.name for p in (out / "00_overview").iterdir()) == [
-        "001-tab3.html", "001-tab9.html", "003-fig1.pdf", "003-fig1.png", "003-tab3.html", "003-tab4.html", "fig-01.pdf", "fig-01.png"]
+        "001-tab10.html", "001-tab3.html", "001-tab9.html", "003-fig1.pdf", "003-fig1.png", "003-tab3.html", "003-tab4.html",
+        "fig-01.pdf", "fig-01.png"]
     assert all((out / "00_overview" / f"{stem}.pdf").read_bytes().startswith(b"%PDF") for stem in ("003-fig1", "fig-01"))
     table = (out / "00_overview" / "003-tab3.html").read_text()
     assert "font-weight: bold" in table and "hand-made test numbers" in table and "Avg." in table and "finetuned (absolute)" in table
     index = (out / "index.html").read_text()
-    for link in ("00_overview/003-tab3.html", "00_overview/003-fig1.pdf", "00_overview/001-tab3.html", "00_overview/003-tab4.html"):
+    for link in ("00_overview/003-tab3.html", "00_overview/003-fig1.pdf", "00_overview/001-tab3.html", "00_overview/003-tab4.html",
+                 "00_overview/001-tab10.html"):
         assert f'href="{link}"' in index
-    assert re.findall(r"<tr><td>([^<]+)</td>", index) == ["000 Tab. 7", "001 Tab. 1", "001 Tab. 3", "001 Tab. 9", "003 Fig. 1",
-                                                          "003 Tab. 3", "003 Tab. 4", "003 Tab. 7"]
+    assert re.findall(r"<tr><td>([^<]+)</td>", index) == ["000 Tab. 7", "000 Tab. 8", "001 Tab. 1", "001 Tab. 3", "001 Tab. 9",
+                                                          "001 Tab. 10", "003 Fig. 1", "003 Tab. 3", "003 Tab. 4", "003 Tab. 7"]

@@ -1,4 +1,4 @@
-"""mergelab_figures.tables: the papers' result tables (003 Tab. 3 / 001 Tab. 1, 001 Tab. 3, 003 Tab. 4) from a hand-made results Dataset."""
+"""mergelab_figures.tables: the papers' result tables (003 Tab. 3 / 001 Tab. 1, 001 Tab. 3 and 10, 003 Tab. 4) from a hand-made results Dataset."""
 
 from __future__ import annotations
 
@@ -79,3 +79,22 @@ def test_the_joint_tables_show_hits_at_k_per_method_and_space_and_as_a_space_by_
     assert list(grid.data.columns) == ["task_arithmetic", "ties", "tsv", "tsv+iso_c", "tara_a", "adarank_cart"]
     assert grid.data.loc["core", "ties"] == 58.0 and np.isnan(grid.data.loc["knots", "tsv"])
     assert (2, 1) in _bold_cells(grid.to_html())  # TIES' best space: Core
+
+
+def test_the_per_task_joint_table_has_a_row_per_method_space_and_hits_at_k_and_bolds_within_each_k():
+    ds = synthetic_results(RUNS)
+    styler = tables.joint_by_task_table(ds)
+    frame = styler.data
+    assert frame.index.names == ["method", "space", "metric"]
+    hits = ["Hits@1", "Hits@3", "Hits@5"]
+    assert list(frame.index) == [(r, "-", k) for r in ("zeroshot", "finetuned") for k in hits] + [(*run, k) for run in ORDER for k in hits]
+    assert list(frame.columns) == ["a", "b", tables.AVG]
+    assert list(frame.loc[("ties", "core", "Hits@3")]) == [61.0, 65.0, 63.0]  # per task: acc - 5 points; Avg.: the joint row
+    assert [frame.loc[("ties", "core", k), tables.AVG] for k in hits] == list(tables.joint_frame(ds).loc[("ties", "core")])
+    rows = list(frame.index)
+    bold = _bold_cells(styler.to_html())
+    # each Hits@k competes only with its own k: a's best is AdaRank (CART), b's TIES in full space, Avg. TIES in Core space
+    for k in hits:
+        assert {(rows.index(("adarank_cart", "full", k)), 0), (rows.index(("ties", "full", k)), 1),
+                (rows.index(("ties", "core", k)), 2)} <= bold
+    assert len(bold) == 9 and "001 Tab. 10" in styler.to_html()

@@ -12,8 +12,9 @@ study's nodes, the adaptation studies, the model-dependent analyses, ``merge --s
   batches) and ``val_streams`` — endless shuffled validation batches, one generator per task
   seeded ``seed + t`` (the one rule of adaptation: a study's adaptive runs and its adaptation
   studies draw the same images);
-* ``accuracy`` / ``tas`` / ``forward`` — top-1 accuracy with the task's head, TAS against the
-  task's fine-tuned model (004 Eq. 2), and the functional forward adaptation runs.
+* ``features`` / ``accuracy`` / ``tas`` / ``forward`` — image features, top-1 accuracy with the
+  task's head, TAS against the task's fine-tuned model (004 Eq. 2; its features computed once), and
+  the functional forward adaptation runs. One encoder pass of a split serves both accuracy and TAS.
 
 Nothing here reads the test split unless a caller asks for it by name (DESIGN §6).
 ``for_thread()`` gives a worker thread its own copy of the backbone (a functional forward swaps a
@@ -29,14 +30,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mergelab.adaptation.loop import Forward
 from mergelab.analysis.batches import Batch, image_batches
-from mergelab.analysis.proxies import tas
+from mergelab.analysis.proxies import check_distance
 from mergelab.bench.benches import Bench
 from mergelab.evaluation.heads import image_logits, task_head
-from mergelab.evaluation.metrics import embed, top1_accuracy
+from mergelab.evaluation.metrics import image_features, top1_accuracy
 from mergelab.model import Backbone
 from mergelab.taskset import MergedUpdate, TaskSet, add_updates
 
@@ -142,16 +144,23 @@ class BenchSession:
 
     # What experiments measure ---------------------------------------------------------------------
 
-    def accuracy(self, name: str, split: str, params: Params | None) -> tuple[float, Tensor]:
-        """Top-1 accuracy of task ``name`` on ``split`` with its zero-shot head, and the normalised
-        image features (the joint head reuses them)."""
-        images, labels = self.tensors(name, split)
-        features = embed(self.backbone, images, params)
-        return top1_accuracy(features @ self.head(name).T, labels), features
+    def features(self, name: str, split: str, params: Params | None) -> Tensor:
+        """``f(x; params)``: the unnormalised image features of task ``name``'s ``split`` (no gradients)."""
+        return image_features(self.backbone, self.tensors(name, split)[0], params)
 
-    def tas(self, name: str, params: Params | None, **kw: Any) -> float:
-        """``TAS_t`` (004 Eq. 2) of a model on task ``name``'s validation images (lower is better)."""
-        return tas(self.backbone, self.bench.tasks[name], params, self.finetuned(name), **kw)
+    def accuracy(self, name: str, split: str, params: Params | None, features: Tensor | None = None) -> tuple[float, Tensor]:
+        """Top-1 accuracy of task ``name`` on ``split`` with its zero-shot head, and the normalised
+        image features (the joint head reuses them); ``features``: :meth:`features` of that split, when at hand."""
+        features = F.normalize(self.features(name, split, params) if features is None else features, dim=-1)
+        return top1_accuracy(features @ self.head(name).T, self.tensors(name, split)[1]), features
+
+    def tas(self, name: str, params: Params | None, features: Tensor | None = None, distance: str = "l2") -> float:
+        """``TAS_t`` (004 Eq. 2): the mean ``d(f(x; params), f(x; θ_t))`` over task ``name``'s validation
+        images against its fine-tuned model ``θ_t`` (whose features are computed once); lower is better.
+        ``features``: :meth:`features` of the val split under ``params``, when at hand."""
+        merged = self.features(name, "val", params) if features is None else features
+        teacher = self._shared.get(("teacher", name), lambda: self.features(name, "val", self.finetuned(name)))
+        return float(check_distance(distance)(merged.double(), teacher.double()).mean())
 
     def forward(self, names: Sequence[str] | None = None, modules: Sequence[str] | None = None) -> Forward:
         """The functional forward adaptation runs over the named tasks (in order; ``None``: all) for

@@ -25,8 +25,8 @@ from mergelab.errors import InputError
 from mergelab.evaluation.heads import joint_head, task_head
 from mergelab.model.base import Backbone
 
-__all__ = ["embed", "evaluate_task", "evaluate_tasks", "hits_at_k", "joint_hits", "normalized_accuracy",
-           "normalized_performance", "predict", "top1_accuracy"]
+__all__ = ["embed", "evaluate_task", "evaluate_tasks", "hits_at_k", "image_features", "joint_hit_counts", "joint_hits",
+           "normalized_accuracy", "normalized_performance", "predict", "top1_accuracy"]
 
 
 def top1_accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -56,11 +56,16 @@ def normalized_performance(metric: float, finetuned_metric: float, higher_is_bet
 
 
 @torch.no_grad()
+def image_features(backbone: Backbone, images: Tensor, params: Mapping[str, Tensor] | None = None,
+                   batch_size: int = 500) -> Tensor:
+    """``f(x; params)``: unnormalised image embeddings for many images in batches, without gradients."""
+    return torch.cat([backbone.encode_image(images[i:i + batch_size], params) for i in range(0, len(images), batch_size)])
+
+
 def embed(backbone: Backbone, images: Tensor, params: Mapping[str, Tensor] | None = None, batch_size: int = 500) -> Tensor:
     """Normalised image embeddings for many images in batches, without gradients: logits against
     any head are ``embed(...) @ head.T`` (one encoder pass serves a task head and the joint head)."""
-    return torch.cat([F.normalize(backbone.encode_image(images[i:i + batch_size], params), dim=-1)
-                      for i in range(0, len(images), batch_size)])
+    return F.normalize(image_features(backbone, images, params, batch_size), dim=-1)
 
 
 @torch.no_grad()
@@ -84,23 +89,32 @@ def evaluate_tasks(backbone: Backbone, tasks: Sequence[ClassificationTask], para
     return {task.name: evaluate_task(backbone, task, params, split) for task in tasks}
 
 
-def joint_hits(backbone: Backbone, tasks: Sequence[ClassificationTask], params: Mapping[str, Tensor] | None = None,
-               split: str = "test", ks: Sequence[int] = (1, 3, 5), features: Mapping[str, Tensor] | None = None,
-               images_of: Sequence[str] | None = None) -> dict[str, float]:
-    """Joint-task Hits@k: every image of every task against one head over the de-duplicated union.
+def joint_hit_counts(backbone: Backbone, tasks: Sequence[ClassificationTask], params: Mapping[str, Tensor] | None = None,
+                     split: str = "test", ks: Sequence[int] = (1, 3, 5), features: Mapping[str, Tensor] | None = None,
+                     images_of: Sequence[str] | None = None) -> dict[str, dict[int, int]]:
+    """Per task, how many of its images have their label among the ``k`` highest logits against one
+    head over the de-duplicated union of every task's labels (001 Tab. 10's per-task columns).
 
-    Returns ``{"hits@1": …, "hits@3": …, "hits@5": …}`` as micro averages over all images.
+    Returns ``{task: {0: images, k: hits, …}}`` (key 0: the task's image count, for averages).
     ``features``: the tasks' :func:`embed` of that split under ``params``, when already computed.
     ``images_of``: score only these tasks' images (still against the whole union): a task's own
     fine-tuned model on its own images, the experts' reference for the joint task.
     """
     joint = joint_label_space(tasks)
     head = joint_head(backbone, tasks, joint)
-    hits, total = {k: 0 for k in ks}, 0
+    counts = {}
     for task in (t for t in tasks if images_of is None or t.name in images_of):
         images, labels = task.tensors(split)
         emb = features[task.name] if features is not None else embed(backbone, images, params)
-        found = hits_at_k(emb @ head.T, joint.map_labels(task.name, labels), ks)
-        hits = {k: hits[k] + found[k] for k in ks}
-        total += len(labels)
-    return {f"hits@{k}": hits[k] / total for k in ks}
+        counts[task.name] = {0: len(labels), **hits_at_k(emb @ head.T, joint.map_labels(task.name, labels), ks)}
+    return counts
+
+
+def joint_hits(backbone: Backbone, tasks: Sequence[ClassificationTask], params: Mapping[str, Tensor] | None = None,
+               split: str = "test", ks: Sequence[int] = (1, 3, 5), features: Mapping[str, Tensor] | None = None,
+               images_of: Sequence[str] | None = None) -> dict[str, float]:
+    """Joint-task Hits@k (001 Tab. 3): ``{"hits@1": …, "hits@3": …, "hits@5": …}``, micro averages
+    over every scored image of :func:`joint_hit_counts` (same arguments)."""
+    counts = joint_hit_counts(backbone, tasks, params, split, ks, features, images_of).values()
+    total = sum(c[0] for c in counts)
+    return {f"hits@{k}": sum(c[k] for c in counts) / total for k in ks}

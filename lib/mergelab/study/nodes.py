@@ -179,7 +179,7 @@ def _merged(ctx: Run, key: str) -> MergedUpdate:
 
 
 def _tas_enabled(ctx: Run) -> bool:
-    """Whether the study's selection rule reads the task alignment score (every evaluation computes it then)."""
+    """Whether the study's selection rule reads the task alignment score."""
     return SELECTION_RULES[ctx.spec.selection].metric == "tas"
 
 
@@ -194,49 +194,52 @@ def _reference(ctx: Run, key: Key, task: str | None) -> tuple[xr.Dataset, dict[s
     """Scores of task ``task``'s fine-tuned model on its own task (``None``: the zero-shot base on all)."""
     params = None if task is None else ctx.session.finetuned(task)
     names = list(ctx.bench.tasks) if task is None else [task]
-    return (_scores(ctx, params, names, joint=ctx.spec.joint, tas=False),
-            {"reference": "zeroshot" if task is None else "finetuned", "task": task})
+    return _scores(ctx, params, names, joint=ctx.spec.joint), {"reference": "zeroshot" if task is None else "finetuned", "task": task}
 
 
-REFERENCE = Node("reference", "3", "dataset", _reference_key, _reference, lambda ctx, task: task or "zeroshot")
+# reference 4 / evaluate 2: TAS (val) in every evaluation, joint Hits@k per task as well as over all images
+REFERENCE = Node("reference", "4", "dataset", _reference_key, _reference, lambda ctx, task: task or "zeroshot")
 
 
 def _evaluate_key(ctx: Run, source: NodeResult) -> Key:
-    return ctx.store.key("evaluate", EVALUATE.version, merged=source.key, data=ctx.bench.data_id, joint=ctx.spec.joint,
-                         tas=_tas_enabled(ctx))
+    return ctx.store.key("evaluate", EVALUATE.version, merged=source.key, data=ctx.bench.data_id, joint=ctx.spec.joint)
 
 
 def _evaluate(ctx: Run, key: Key, source: NodeResult) -> tuple[xr.Dataset, dict[str, Any]]:
-    """Per-task val/test accuracy, joint Hits@k (test) and, for TAS selection, TAS (val) of one merge."""
+    """Per-task val/test accuracy, TAS (val) and joint Hits@k (test) of one merge."""
     params = ctx.session.weights(_merged(ctx, source.key))
-    return _scores(ctx, params, list(ctx.bench.tasks), joint=ctx.spec.joint, tas=_tas_enabled(ctx)), {}
+    return _scores(ctx, params, list(ctx.bench.tasks), joint=ctx.spec.joint), {}
 
 
-EVALUATE = Node("evaluate", "1", "dataset", _evaluate_key, _evaluate, lambda ctx, source: source.label)
+EVALUATE = Node("evaluate", "2", "dataset", _evaluate_key, _evaluate, lambda ctx, source: source.label)
 
 
 @torch.no_grad()
-def _scores(ctx: Run, params: Mapping[str, Tensor] | None, names: Sequence[str], *, joint: bool, tas: bool) -> xr.Dataset:
-    """``score(task, metric)``: raw accuracies (normalisation happens when results are assembled)."""
-    from mergelab.evaluation.metrics import joint_hits
+def _scores(ctx: Run, params: Mapping[str, Tensor] | None, names: Sequence[str], *, joint: bool) -> xr.Dataset:
+    """``score(task, metric)``: raw accuracies and TAS (normalisation happens when results are
+    assembled); with ``joint``, each task's joint Hits@k (its images against every task's labels)
+    and, on the :data:`JOINT` row, their micro average over all images."""
+    from mergelab.evaluation.metrics import joint_hit_counts
 
     session = ctx.local_session
     tasks = names + ([JOINT] if joint else [])
-    score = np.full((len(tasks), len(TASK_METRICS) + len(JOINT_KS)), np.nan)
     metrics = [*TASK_METRICS, *(f"hits@{k}" for k in JOINT_KS)]
+    score = xr.DataArray(np.full((len(tasks), len(metrics)), np.nan), dims=("task", "metric"),
+                         coords={"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)})
     test_features = {}
-    for i, name in enumerate(names):
-        score[i, metrics.index("acc")], test_features[name] = session.accuracy(name, "test", params)
-        score[i, metrics.index("val_acc")], _ = session.accuracy(name, "val", params)
-        if tas:
-            score[i, metrics.index("tas")] = session.tas(name, params)
+    for name in names:
+        score.loc[name, "acc"], test_features[name] = session.accuracy(name, "test", params)
+        val = session.features(name, "val", params)
+        score.loc[name, "val_acc"], _ = session.accuracy(name, "val", params, features=val)
+        score.loc[name, "tas"] = session.tas(name, params, features=val)
     if joint:  # every task's labels in the head; the images of ``names`` (a fine-tuned model: its own task's)
-        hits = joint_hits(session.backbone, list(session.bench.tasks.values()), params, "test", JOINT_KS, features=test_features,
-                          images_of=names)
+        counts = joint_hit_counts(session.backbone, list(session.bench.tasks.values()), params, "test", JOINT_KS,
+                                  features=test_features, images_of=names)
         for k in JOINT_KS:
-            score[-1, metrics.index(f"hits@{k}")] = hits[f"hits@{k}"]
-    return xr.Dataset({"score": (("task", "metric"), score)},
-                      coords={"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)})
+            for name, c in counts.items():
+                score.loc[name, f"hits@{k}"] = c[k] / c[0]
+            score.loc[JOINT, f"hits@{k}"] = sum(c[k] for c in counts.values()) / sum(c[0] for c in counts.values())
+    return xr.Dataset({"score": score})
 
 
 def _dataset_label(ctx: Run) -> str:
