@@ -5,8 +5,10 @@ anisotropy of LoRA directions from :func:`mergelab.experiments.model_analyses.ja
 (001 Sec. 2.3, App. E: Figs. 2, 6–9), AdaRank's loss change per singular component from
 :func:`mergelab.experiments.model_analyses.component_loss_changes` (002 Sec. 4: Figs. 1–2), TAS and
 AdaMMS* across the merge coefficient from :func:`mergelab.experiments.model_analyses.tas_sweep` (004 Sec. 3.2
-Fig. 3, App. D Fig. 9, App. E Figs. 10–11) and the final-embedding interference from
-:func:`mergelab.experiments.model_analyses.merged_embedding_interference` (003 App. C.1, Fig. 6).
+Fig. 3, App. D Fig. 9, App. E Figs. 10–11) the final-embedding interference from
+:func:`mergelab.experiments.model_analyses.merged_embedding_interference` (003 App. C.1, Fig. 6) and
+the accuracy of truncated merges and of each reference basis from
+:mod:`mergelab.experiments.core_space_accuracy` (003 Sec. 5.2: Fig. 4, Tab. 5).
 
 Every figure is titled with what it shows, the paper figure it redraws and the dataset it was
 computed on (``ds.attrs["dataset"]``); tables are DataFrames whose ``attrs["dataset"]`` carries that
@@ -28,7 +30,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
-from mergelab_figures.figures import _default_mlp_modules, _figure, _heatmap, _module_label, _strings, dataset_label
+from mergelab_figures.figures import (_BASIS_LABELS, _default_mlp_modules, _figure, _heatmap, _module_label, _strings, dataset_label,
+                                      reference_basis_table)
 
 __all__ = [
     "adamms_vs_tas",
@@ -40,10 +43,12 @@ __all__ = [
     "kappa_preferences",
     "loss_change_per_component",
     "loss_change_per_task",
+    "reference_basis_accuracy_table",
     "tas_correlation_table",
     "tas_robustness",
     "tas_selection_table",
     "tas_vs_lambda",
+    "truncation_accuracy_curves",
     "xi_heatmap",
 ]
 
@@ -558,3 +563,40 @@ def embedding_interference_bars(ds: xr.Dataset) -> Figure:
     ax.tick_params(axis="x", rotation=30)
     ax.legend(fontsize=7, title=" / ".join(extra) if extra else None)
     return fig
+
+
+# 003: accuracy of Core Space merges (Sec. 5.2) ------------------------------------------------------
+
+
+def truncation_accuracy_curves(ds: xr.Dataset) -> Figure:
+    """Mean normalised accuracy of the merge truncated by the fraction ``p`` of its least significant
+    singular values, full vs Core space (003 Fig. 4), from
+    :func:`mergelab.experiments.core_space_accuracy.truncation_accuracy`; the task range shaded."""
+    fig, axes = _figure(ds, f"Accuracy of the truncated {ds.attrs.get('method', 'merged')} merge, full vs Core space",
+                        "003 Sec. 5.2, Fig. 4", panel=(5.0, 3.4))
+    ax = axes[0]
+    for space in _strings(ds.space.values):
+        per_task = 100 * ds.normalized_accuracy.sel(space=space)
+        ax.plot(ds["fraction"], 100 * ds.normalized_accuracy_mean.sel(space=space), marker="o", label=f"{space} space")
+        ax.fill_between(ds["fraction"], per_task.min("task"), per_task.max("task"), alpha=0.15)
+    ax.set(xlabel="truncated fraction p of dim(Σ)", ylabel=f"normalised accuracy (%, {ds.attrs.get('split', 'test')})")
+    ax.legend(fontsize=8, title="mean over tasks (band: task range)", title_fontsize=7)
+    return fig
+
+
+def reference_basis_accuracy_table(ds: xr.Dataset, errors: xr.Dataset | None = None) -> pd.DataFrame:
+    """003 Tab. 5: one row per reference basis, the mean normalised accuracy (%) of the method merged in
+    its Core space (:func:`mergelab.experiments.core_space_accuracy.reference_basis_accuracy`) and each
+    task's; with ``errors`` (the ``reference_bases`` analysis of the same bases), the basis shapes and
+    Avg. ε_U / ε_V before them, as the paper lays the table out."""
+    bases = _strings(ds.basis.values)
+    labels = [_BASIS_LABELS.get(b, b) for b in bases]
+    frame = pd.DataFrame({"Avg. norm. acc. (%)": 100 * ds.normalized_accuracy_mean.values}, index=pd.Index(labels, name="reference basis"))
+    for task in _strings(ds.task.values):
+        frame[task] = 100 * ds.normalized_accuracy.sel(task=task).values
+    if errors is not None:
+        weights = reference_basis_table(errors.sel(basis=bases))
+        frame = pd.concat([weights[["Shape U", "Shape V"]], frame, weights[["Avg. ε_U", "Avg. ε_V"]]], axis=1)
+    frame.attrs = {"dataset": dataset_label(ds), "paper": "003 Sec. 5.2 (Tab. 5)", "method": ds.attrs.get("method"),
+                   "split": ds.attrs.get("split")}
+    return frame.round(2)

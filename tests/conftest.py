@@ -90,7 +90,8 @@ def micro():
 @pytest.fixture(scope="session")
 def bench_datasets(micro_pair):
     """Every model-dependent analysis (``anisotropy``, ``components``, ``tas_sweep``,
-    ``embedding_interference``) on ``micro_pair`` with the tiny budgets of ``helpers.BENCH_PARAMS``,
+    ``embedding_interference``, ``truncation_accuracy``, ``reference_basis_accuracy``) on
+    ``micro_pair`` with the tiny budgets of ``helpers.BENCH_PARAMS``,
     computed once per session with one torch thread (restored after). Unlabelled: label a copy."""
     from helpers import bench_analyses
 

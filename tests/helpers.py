@@ -24,6 +24,7 @@ BENCH_PARAMS: dict[str, dict[str, Any]] = {
     "components": {"components": 0.5, "layers": [0, 3], "batch_size": 8, "batches": 1},
     "tas_sweep": {"lams": [0.1, 0.3, 0.5, 0.7, 1.0], "batch_counts": [1, 2], "batch_size": 8},
     "embedding_interference": {"batch_size": 8, "batches": 1},
+    "truncation_accuracy": {"fractions": [0.0, 0.5, 0.9]},
 }
 
 

@@ -76,7 +76,8 @@ def test_model_analyses_are_registered_with_json_plain_parameters():
 
     bench = {a.producer: a for a in ANALYSES.values() if a.needs == "bench"}
     assert set(bench) == {"anisotropy.jacobian_anisotropy", "components.component_loss_changes",
-                          "proxies.tas_sweep", "interference.embedding_interference_by_space"}
+                          "proxies.tas_sweep", "interference.embedding_interference_by_space", "core_space.truncation_accuracy",
+                          "core_space.reference_basis_accuracy"}
     for analysis in bench.values():
         first, *rest = inspect.signature(analysis.fn).parameters.values()
         assert first.name == "session"

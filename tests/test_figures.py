@@ -380,7 +380,7 @@ def test_embedding_interference_bars(bench_datasets, micro_pair, one_thread):
                        [*one.l1_distance.values, float(one.l1_distance_mean)])
 
 
-def test_model_figures_draw_from_the_store(bench_datasets, tmp_path):
+def test_model_figures_draw_from_the_store(bench_datasets, micro_pair, tmp_path):
     """Zarr round trip: string coords come back as StringDType, attrs as JSON."""
     store = Store(tmp_path / "store")
     back = {}
@@ -390,9 +390,15 @@ def test_model_figures_draw_from_the_store(bench_datasets, tmp_path):
         back[name] = store.get_dataset(key)
     for fig in (model_figures.jacobian_scree(back["anisotropy"]), model_figures.xi_heatmap(back["anisotropy"]),
                 model_figures.kappa_preferences(back["anisotropy"]), model_figures.loss_change_per_task(back["components"]),
-                model_figures.tas_vs_lambda(back["tas_sweep"]), model_figures.embedding_interference_bars(back["embedding_interference"])):
+                model_figures.tas_vs_lambda(back["tas_sweep"]), model_figures.embedding_interference_bars(back["embedding_interference"]),
+                model_figures.truncation_accuracy_curves(back["truncation_accuracy"])):
         _check(fig, label=bench_datasets["anisotropy"].attrs["dataset"])  # the producer's default label: the base name
     assert model_figures.component_loss_table(back["components"]).equals(model_figures.component_loss_table(bench_datasets["components"]))
+    errors = core_space.reference_basis_ablation(micro_pair.taskset)  # the same bases (seed 0) without the accuracy
+    table = model_figures.reference_basis_accuracy_table(back["reference_basis_accuracy"], errors)
+    assert list(table.columns[:3]) == ["Shape U", "Shape V", "Avg. norm. acc. (%)"] and list(table.columns[-2:]) == ["Avg. ε_U", "Avg. ε_V"]
+    assert table.index[-1] == "(3) concatenation (Eq. 3)" and table.attrs["paper"] == "003 Sec. 5.2 (Tab. 5)"
+    assert table.loc["(3) concatenation (Eq. 3)", "Avg. ε_U"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_overview_heatmap_rows_line_up_when_methods_skip_spaces():

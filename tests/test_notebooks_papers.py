@@ -2,7 +2,8 @@
 
 The module fixture publishes every weight-only analysis of the registry on the rank-4 micro
 TaskSet, the merged-model ones on its Task Arithmetic merge, and the model-dependent ones
-(``anisotropy``, ``components``, ``tas_sweep``, ``embedding_interference``; tiny budgets, computed
+(``anisotropy``, ``components``, ``tas_sweep``, ``embedding_interference``, ``truncation_accuracy``,
+``reference_basis_accuracy``; tiny budgets, computed
 once per session on the two-task ``micro_pair`` bench) under ``studies/micro`` (as the study flow
 does, via :func:`helpers.publish_analyses`) with a hand-made results Dataset
 (:func:`helpers.synthetic_results`); a second study ``sparse`` names only the ``norms`` Dataset, so
@@ -26,9 +27,9 @@ from mergelab.store import Store
 pytestmark = pytest.mark.notebook
 
 STUDY = "micro"
-MIN_FIGURES = {"10_tara_geometry": 11, "20_adarank_spectra": 7, "30_core_space": 7, "40_tas_geometry": 9}
+MIN_FIGURES = {"10_tara_geometry": 11, "20_adarank_spectra": 7, "30_core_space": 8, "40_tas_geometry": 10}
 #: Figures of the model-dependent analyses (cells calling ``mergelab_figures.model_figures``) each notebook must draw.
-MODEL_FIGURES = {"10_tara_geometry": 6, "20_adarank_spectra": 3, "30_core_space": 0, "40_tas_geometry": 4}
+MODEL_FIGURES = {"10_tara_geometry": 6, "20_adarank_spectra": 3, "30_core_space": 1, "40_tas_geometry": 4}
 PAPER_NOTEBOOKS = [REPO / "notebooks" / f"{name}.ipynb" for name in MIN_FIGURES]
 
 

@@ -33,7 +33,7 @@ import xarray as xr
 from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
 from mergelab.errors import InputError
 from mergelab.registry import Registry
-from mergelab.experiments import model_analyses
+from mergelab.experiments import core_space_accuracy, model_analyses
 from mergelab.experiments.adaptation_studies import AdaptationSetting, adarank_ablation
 from mergelab.experiments.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
 from mergelab.bench import BenchSession
@@ -72,6 +72,9 @@ ANALYSES: Registry[Analysis] = Registry("analysis", {
     "tas_sweep": Analysis("proxies.tas_sweep", model_analyses.tas_sweep, "1", needs="bench"),
     "embedding_interference": Analysis("interference.embedding_interference_by_space",
                                        model_analyses.embedding_interference_by_space, "1", needs="bench"),  # was one merge
+    "truncation_accuracy": Analysis("core_space.truncation_accuracy", core_space_accuracy.truncation_accuracy, "1", needs="bench"),
+    "reference_basis_accuracy": Analysis("core_space.reference_basis_accuracy", core_space_accuracy.reference_basis_accuracy, "1",
+                                         needs="bench"),
 })
 
 #: Settings that configure the :class:`AdaptationSetting` rather than the study function.
