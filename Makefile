@@ -1,6 +1,6 @@
-# mergelab: `make demo` runs the embedded study, `make test` runs every test, `make lab` opens the
-# notebooks in JupyterLab. Each creates (or refreshes, when pyproject.toml changed) the virtual env
-# in .venv with pip.
+# mergelab: `make demo` runs the embedded study (`make papers` its companion studies), `make test` runs
+# every test, `make lab` opens the notebooks in JupyterLab. Each creates (or refreshes, when
+# pyproject.toml changed) the virtual env in .venv with pip.
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -19,7 +19,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DASK_LOGGING__DISTRIBUTED ?= warning
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lab env clean
+.PHONY: demo papers test lab env clean
 
 env: $(STAMP)
 
@@ -31,6 +31,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/mergelab demo
+
+# The companion studies of studies/papers/ (other adapter sets of the micro benchmark), into the demo's store.
+papers: $(STAMP)
+	for study in studies/papers/*.yaml; do $(BIN)/mergelab run $$study || exit 1; done
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

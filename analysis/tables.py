@@ -17,7 +17,9 @@ seeds). Reference rows (the fine-tuned models, zero-shot) come first and are nam
   ``Δ Avg.`` (against the method's full-space merge), normalised or absolute accuracy;
 * :func:`joint_table` (001 Tab. 3): method × space by ``Hits@1``, ``Hits@3``, ``Hits@5``;
 * :func:`joint_by_task_table` (001 Tab. 10): method × space × Hits@k by the tasks and ``Avg.``;
-* :func:`joint_grid` (003 Tab. 4): space × method, joint-task Hits@k.
+* :func:`joint_grid` (003 Tab. 4): space × method, joint-task Hits@k;
+* :func:`rank_table` (000 Tab. 13): method × space by adapter rank, mean absolute and normalised
+  accuracy, from several studies of the same tasks.
 
 Nothing here computes a metric: the numbers are the Dataset's (schema: docs/store.md, "Study
 results").
@@ -25,7 +27,7 @@ results").
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,7 +41,7 @@ from mergelab.study import JOINT, JOINT_KS
 
 __all__ = ["AVG", "DELTA", "FINETUNED", "bold_best", "has_joint", "joint_by_task_frame", "joint_by_task_table",
            "joint_frame", "joint_grid", "joint_grid_frame", "joint_table", "method_order", "per_task_frame", "paper_table",
-           "selected_scores"]
+           "rank_frame", "rank_table", "selected_scores"]
 
 AVG = "Avg."
 DELTA = "Δ Avg."
@@ -178,6 +180,27 @@ def joint_by_task_frame(ds: xr.Dataset) -> pd.DataFrame:
     return _attrs(frame.round(1), ds, "001 Tab. 10 layout", references, [*tasks, AVG], within="metric")
 
 
+def rank_frame(results: Mapping[str, xr.Dataset]) -> pd.DataFrame:
+    """Mean absolute and normalised test accuracy (%) over the tasks, per method × space, of studies
+    that merge the same tasks with adapters of different LoRA ranks (000 Tab. 13's layout:
+    ``results`` maps a column label such as ``"r = 4"`` to that study's results). Columns
+    ``(label, "Abs.")`` and ``(label, "Norm.")``; a method a study did not run is NaN there."""
+    parts = {}
+    for label, ds in results.items():
+        frame = _rows(selected_scores(ds, list(ds.attrs["tasks"]), ["acc", "norm_acc"]).mean("task"), "metric")
+        frame.columns = pd.Index(["Abs.", "Norm."], dtype=object)
+        parts[label] = frame
+    frame = pd.concat(parts, axis=1)
+    order = [(m, s) for m in method_order(dict.fromkeys(frame.index.get_level_values("method")))
+             for s in _space_order(dict.fromkeys(frame.index.get_level_values("space"))) if (m, s) in frame.index]
+    frame = frame.loc[order]
+    first = next(iter(results.values()))
+    frame.attrs = {"paper": "000 Tab. 13 layout", "dataset": str(first.attrs.get("note", "")),
+                   "study": ", ".join(str(ds.attrs.get("study", "?")) for ds in results.values()), "references": [],
+                   "ranked": list(frame.columns)}
+    return frame.round(1)
+
+
 def joint_grid_frame(ds: xr.Dataset, k: int = 1) -> pd.DataFrame:
     """Joint-task Hits@``k`` in %, one row per space and one column per method (003 Tab. 4's
     layout); NaN where a method did not run in a space. Each method's best space is ranked."""
@@ -246,6 +269,14 @@ def joint_by_task_table(ds: xr.Dataset) -> Styler:
             f"{AVG}: over every image) of the selected configuration of each method × space; first rows: the "
             "zero-shot model, the fine-tuned experts")
     return bold_best(frame, caption=_caption(frame, what, best="best merged value per column and Hits@k"))
+
+
+def rank_table(results: Mapping[str, xr.Dataset]) -> Styler:
+    """:func:`rank_frame` in the layout of 000 Tab. 13, the best value of each column in bold."""
+    frame = rank_frame(results)
+    what = ("mean absolute (Abs.) and normalised (Norm.) accuracy (%, test) of the selected configuration of each "
+            f"method × space, one column pair per adapter rank ({', '.join(results)})")
+    return bold_best(frame, caption=_caption(frame, what))
 
 
 def joint_grid(ds: xr.Dataset, k: int = 1) -> Styler:

@@ -115,3 +115,14 @@ def test_the_default_store_is_never_under_the_working_directory(tmp_path, monkey
     monkeypatch.setenv("MERGELAB_STORE", "memory://env")
     assert load_study(path).store_url() == "memory://env" and default_store_url() == "memory://env"
     assert load_study(path).store_url("memory://flag") == "memory://flag"
+
+
+def test_the_shipped_studies_load_and_share_the_demo_store():
+    """studies/micro.yaml and its companions (studies/papers/*.yaml): valid, distinct names, one store."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "studies"
+    specs = [load_study(p) for p in [root / "micro.yaml", *sorted((root / "papers").glob("*.yaml"))]]
+    assert len(specs) >= 3 and len({s.name for s in specs}) == len(specs)
+    assert {Path(s.store_url()).resolve() for s in specs} == {(root.parent / "data" / "store").resolve()}
+    assert {str(s.bench.rank) for s in specs} == {"None", "16", "mixed"}  # the demo's default set, then the other two
