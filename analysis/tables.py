@@ -15,6 +15,7 @@ seeds). Reference rows (the fine-tuned models, zero-shot) come first and are nam
 
 * :func:`paper_table` (003 Tab. 3, 001 Tab. 1): method × space by the tasks, ``Avg.`` and
   ``Δ Avg.`` (against the method's full-space merge), normalised or absolute accuracy;
+* :func:`unseen_table` (001 Tab. 4): method × space by the merged tasks, the unseen ones and their averages;
 * :func:`joint_table` (001 Tab. 3): method × space by ``Hits@1``, ``Hits@3``, ``Hits@5``;
 * :func:`joint_by_task_table` (001 Tab. 10): method × space × Hits@k by the tasks and ``Avg.``;
 * :func:`joint_grid` (003 Tab. 4): space × method, joint-task Hits@k;
@@ -39,9 +40,9 @@ from mergelab.merging import METHODS
 from mergelab.spaces import SPACES
 from mergelab.study import JOINT, JOINT_KS
 
-__all__ = ["AVG", "DELTA", "FINETUNED", "bold_best", "has_joint", "joint_by_task_frame", "joint_by_task_table",
+__all__ = ["AVG", "DELTA", "FINETUNED", "bold_best", "has_joint", "has_unseen", "joint_by_task_frame", "joint_by_task_table",
            "joint_frame", "joint_grid", "joint_grid_frame", "joint_table", "method_order", "per_task_frame", "paper_table",
-           "rank_frame", "rank_table", "selected_scores"]
+           "rank_frame", "rank_table", "selected_scores", "unseen_frame", "unseen_table"]
 
 AVG = "Avg."
 DELTA = "Δ Avg."
@@ -137,6 +138,26 @@ def per_task_frame(ds: xr.Dataset, metric: str = "norm_acc", *, finetuned: bool 
         frame[DELTA] = [frame.loc[(m, s), AVG] - base[m] if m in base and (m, s) not in references else np.nan for m, s in frame.index]
     paper = "003 Tab. 3, 001 Tab. 1 layout" if metric == "norm_acc" else "003 Tab. 3, 001 Tab. 1 layout, absolute accuracy"
     return _attrs(frame.round(1), ds, paper, references, [*tasks, AVG], metric=metric, delta=delta)
+
+
+def has_unseen(ds: xr.Dataset) -> bool:
+    """Whether the study evaluated tasks it did not merge (study setting ``unseen:``)."""
+    return bool(ds.attrs.get("unseen"))
+
+
+def unseen_frame(ds: xr.Dataset) -> pd.DataFrame:
+    """Normalised test accuracy (%) on the merged (seen) tasks and on the unseen ones, one row per
+    method × space (001 Tab. 4's layout): the seen tasks and their ``Avg. seen``, the unseen tasks
+    and their ``Avg. unseen``, then ``Avg.`` over all of them. Unseen tasks are normalised by their
+    own fine-tuned models, as the seen ones; nothing was selected on them."""
+    seen, unseen = list(ds.attrs["tasks"]), list(ds.attrs.get("unseen", []))
+    if not unseen:
+        raise ValueError("the study evaluated no unseen tasks; list them under unseen: in the study")
+    frame = _rows(selected_scores(ds, [*seen, *unseen], "norm_acc"), "task")
+    frame.insert(len(seen), "Avg. seen", frame[seen].mean(axis=1, skipna=False))
+    frame["Avg. unseen"] = frame[unseen].mean(axis=1, skipna=False)
+    frame[AVG] = frame[[*seen, *unseen]].mean(axis=1, skipna=False)
+    return _attrs(frame.round(1), ds, "001 Tab. 4 layout", [], list(frame.columns), unseen=unseen)
 
 
 def has_joint(ds: xr.Dataset) -> bool:
@@ -251,6 +272,14 @@ def paper_table(ds: xr.Dataset, metric: str = "norm_acc", *, finetuned: bool = T
         what += "; first row: each task's fine-tuned model, absolute accuracy"
     if delta is not None:
         what += f"; {DELTA}: the row's {AVG} minus the method's in {delta} space"
+    return bold_best(frame, caption=_caption(frame, what))
+
+
+def unseen_table(ds: xr.Dataset) -> Styler:
+    """:func:`unseen_frame` in the layout of 001 Tab. 4, the best merged value per column in bold."""
+    frame = unseen_frame(ds)
+    what = (f"normalised accuracy (%, test) of the selected configuration of each method × space on the merged tasks and "
+            f"on the unseen ones ({', '.join(frame.attrs['unseen'])}: evaluated only, never merged or selected on)")
     return bold_best(frame, caption=_caption(frame, what))
 
 

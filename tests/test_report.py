@@ -343,17 +343,21 @@ def test_the_overview_notebook_writes_its_paper_tables_as_html_and_every_figure_
     store.put_dataset(other, synthetic_results({("task_arithmetic", "full"): [0.6, 0.6], ("tara_b", "full"): [0.7, 0.6]},
                                                tasks=("digits", "textures")))
     store.set_ref("studies/synthetic-r16/results", other)
+    unseen = store.key("test.report", "1", name="results-unseen")  # a study that evaluates a task it does not merge
+    three = synthetic_results({run: [*acc, 0.4] for run, acc in runs.items()}, tasks=("digits", "textures", "signs"))
+    store.put_dataset(unseen, three.assign_attrs(tasks=["digits", "textures"], unseen=["signs"]))
+    store.set_ref("studies/synthetic-unseen/results", unseen)
     out = tmp_path / "reports"
     params = {"STORE": str(tmp_path / "store"), "STUDY": "synthetic", "RANK_STUDIES": {"r = 4": "synthetic", "r = 16": "synthetic-r16"},
-              "MIXED_STUDY": "synthetic-r16"}
+              "MIXED_STUDY": "synthetic-r16", "UNSEEN_STUDY": "synthetic-unseen"}
     files = report.report([report.REPO / "notebooks" / "00_overview.ipynb"], params, out, cwd=tmp_path, timeout=300)
     assert [f.relative_to(out).as_posix() for f in files if f.parent == out or f.suffix == ".png"] == [
         "00_overview.html", "00_overview/fig-01.png", "00_overview/003-fig1.png", INDEX]
     assert sorted(f.name for f in files if f.parent == out / "00_overview") == sorted(p.name for p in (out / "00_overview").iterdir())
     # each figure (003 Fig. 1, the untagged heatmap) as PNG and PDF; each tagged table as HTML, named after its first item
     assert sorted(p.name for p in (out / "00_overview").iterdir()) == [
-        "000-tab13.html", "001-tab10.html", "001-tab3.html", "001-tab9.html", "003-fig1.pdf", "003-fig1.png", "003-tab3.html",
-        "003-tab4.html", "003-tab9.html", "fig-01.pdf", "fig-01.png"]
+        "000-tab13.html", "001-tab10.html", "001-tab3.html", "001-tab4.html", "001-tab9.html", "003-fig1.pdf", "003-fig1.png",
+        "003-tab3.html", "003-tab4.html", "003-tab9.html", "fig-01.pdf", "fig-01.png"]
     assert all((out / "00_overview" / f"{stem}.pdf").read_bytes().startswith(b"%PDF") for stem in ("003-fig1", "fig-01"))
     table = (out / "00_overview" / "003-tab3.html").read_text()
     assert "font-weight: bold" in table and "hand-made test numbers" in table and "Avg." in table and "finetuned (absolute)" in table
@@ -362,7 +366,8 @@ def test_the_overview_notebook_writes_its_paper_tables_as_html_and_every_figure_
                  "00_overview/001-tab10.html"):
         assert f'href="{link}"' in index
     assert re.findall(r"<tr><td>([^<]+)</td>", index) == ["000 Tab. 7", "000 Tab. 8", "000 Tab. 13", "001 Tab. 1", "001 Tab. 3",
-                                                          "001 Tab. 9", "001 Tab. 10", "003 Fig. 1", "003 Tab. 3", "003 Tab. 4",
+                                                          "001 Tab. 4", "001 Tab. 9", "001 Tab. 10", "003 Fig. 1", "003 Tab. 3", "003 Tab. 4",
                                                           "003 Tab. 7", "003 Tab. 9"]
     ranks = (out / "00_overview" / "000-tab13.html").read_text()
     assert "r = 16" in ranks and "tara_b" in ranks and "font-weight: bold" in ranks
+    assert "Avg. unseen" in (out / "00_overview" / "001-tab4.html").read_text()

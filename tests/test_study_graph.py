@@ -61,3 +61,41 @@ def test_every_phase_is_one_node_kind_whose_probe_computes_nothing(context, one_
     assert merge.probe(context, MergeJob("task_arithmetic", "full", {"alpha": 0.9})) is None
     assert NODES["evaluate"].probe(context, next(n for n in nodes if n.node == "merge")) is not None
     assert [a.key for a in Store(context.store.url).ls()] == published
+
+
+def test_unseen_tasks_are_evaluated_and_normalised_but_never_merged_or_selected_on(tmp_path, one_thread):
+    """001 Tab. 4's protocol: merge some tasks, evaluate every merge on others as well."""
+    from mergelab.merging import merge
+    from mergelab.store import Store
+
+    from mergelab_figures import tables
+
+    spec = {**TINY, "name": "tiny-unseen", "unseen": ["signs"], "adaptive": [], "analyses": [],
+            "methods": [{"method": "task_arithmetic", "spaces": ["full"], "grid": {"alpha": [0.3, 1.0]}}]}
+    run = Run(load_study(spec), str(tmp_path / "store"))
+    nodes, _ = run_graph(run, local_submit(run))
+    assert run.taskset.names == ("digits", "textures")  # what is merged
+    ds = Store(run.store.url).get_dataset(next(n.key for n in nodes if n.node == "results"))
+    assert ds.attrs["tasks"] == ["digits", "textures"] and ds.attrs["unseen"] == ["signs"]
+    assert list(ds.task.values) == ["digits", "textures", "signs"]
+    # the unseen task is scored with the merge of the other two, normalised by its own fine-tuned model
+    ta = merge(run.taskset, "task_arithmetic", "full", alpha=1.0)
+    session = run.eval_session
+    acc = session.accuracy("signs", "test", session.weights(ta))[0]
+    finetuned = session.accuracy("signs", "test", session.finetuned("signs"))[0]
+    score = ds["score"].sel(merge_method="task_arithmetic", space="full", config="alpha=1.0", task="signs").squeeze()
+    assert float(score.sel(metric="acc")) == acc and float(score.sel(metric="norm_acc")) == pytest.approx(acc / finetuned)
+    # the selection reads the merged tasks' val only
+    val = ds["score"].sel(task=["digits", "textures"], metric="val_norm_acc").mean("task").squeeze()
+    chosen = ds["selected"].squeeze()
+    assert str(chosen.config[chosen.values.argmax()].item()) == str(val.config[val.values.argmax()].item())
+    frame = tables.unseen_frame(ds)
+    assert list(frame.columns) == ["digits", "textures", "Avg. seen", "signs", "Avg. unseen", tables.AVG]
+    assert tables.has_unseen(ds) and not tables.has_unseen(ds.assign_attrs(unseen=[]))
+
+
+def test_unseen_tasks_need_the_merged_ones_named_and_distinct():
+    with pytest.raises(ValueError, match="unseen tasks need the merged ones listed too"):
+        load_study({**TINY, "tasks": None, "unseen": ["signs"]})
+    with pytest.raises(ValueError, match="unseen: 'digits' is also in tasks"):
+        load_study({**TINY, "unseen": ["digits"]})

@@ -166,12 +166,15 @@ class StudySpec(Strict):
     ``adaptive_init``: the task-arithmetic λ every adaptive method starts from (AdaMerging's and
     TARA's ``init``, AdaRank's TA-origin ``lam``) unless its ``hp`` sets its own; ``None`` keeps each
     paper's default (0.3, 0.4, 1/T for AdaMerging+TAS).
+    ``unseen``: tasks of the bench that every merge is evaluated on but that nothing merges, adapts
+    on, selects on or analyses (001 Tab. 4's generalisation to unseen tasks); needs ``tasks``.
     """
 
     name: str
     description: str = ""
     bench: BenchSpec = Field(default_factory=BenchSpec)
     tasks: list[str] | list[TaskSource] | None = None
+    unseen: list[str] | list[TaskSource] = Field(default_factory=list)
     methods: list[MethodSpec] = Field(default_factory=list)
     adaptive: list[AdaptiveSpec] = Field(default_factory=list)
     selection: str = "val"
@@ -233,7 +236,19 @@ class StudySpec(Strict):
         labels = [a.name for a in self.adaptive]
         if len(set(labels)) != len(labels):
             raise ValueError(f"adaptive runs need distinct labels, got {labels}; set label: for repeated methods")
+        if self.unseen:
+            if not self.tasks:
+                raise ValueError("unseen tasks need the merged ones listed too; set tasks: (the tasks to merge)")
+            named = lambda ts: [getattr(t, "name", t) for t in ts]  # noqa: E731
+            both = sorted(set(named(self.tasks)) & set(named(self.unseen)))
+            if both:
+                raise ValueError(f"unseen: {both[0]!r} is also in tasks; a task is either merged or unseen")
         return self
+
+    @property
+    def evaluated(self) -> list[str] | list[TaskSource] | None:
+        """The tasks every merge is evaluated on: ``tasks`` then ``unseen``."""
+        return [*self.tasks, *self.unseen] if self.unseen else self.tasks
 
     def store_url(self, override: str | None = None) -> str:
         """Where the study's artifacts go: ``--store``, else ``$MERGELAB_STORE``, else the study's
@@ -263,8 +278,9 @@ def _relative_to(data: dict, folder: Path) -> dict:
     store = data.get("store")
     if isinstance(store, str) and "://" not in store and not Path(store).is_absolute():
         data["store"] = str(folder / store)
-    if isinstance(data.get("tasks"), list):
-        data["tasks"] = [fix(t, ("adapter", "checkpoint", "data")) for t in data["tasks"]]
+    for section in ("tasks", "unseen"):
+        if isinstance(data.get(section), list):
+            data[section] = [fix(t, ("adapter", "checkpoint", "data")) for t in data[section]]
     return data
 
 

@@ -55,7 +55,7 @@ def run_graph(ctx: Run, submit: Submit, phases: Iterable[str] | None = None) -> 
 
     staged = run("stage", [()])
     merges, adapts = merge_jobs(spec), adapt_jobs(spec)
-    references = run("reference", [(name,) for name in [None, *ctx.bench.tasks]]) if merges or adapts else []
+    references = run("reference", [(name,) for name in [None, *ctx.eval_session.names]]) if merges or adapts else []
     merged = run("merge", [(job,) for job in merges])
     adapted = run("adapt", [(job,) for job in adapts])
     evaluated = run("evaluate", [(produced,) for produced in merged + adapted])

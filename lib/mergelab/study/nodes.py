@@ -184,16 +184,17 @@ def _tas_enabled(ctx: Run) -> bool:
 
 
 def _reference_key(ctx: Run, task: str | None) -> Key:
-    ts = ctx.taskset
+    ts = ctx.eval_session.taskset
     identity = ts.base.content_hash if task is None else ts.tasks[ts.names.index(task)].content_hash
-    return ctx.store.key("reference", REFERENCE.version, update=identity, base=ts.base.content_hash, data=ctx.bench.data_id,
-                         task=task, joint=ctx.spec.joint)
+    return ctx.store.key("reference", REFERENCE.version, update=identity, base=ts.base.content_hash,
+                         data=ctx.eval_session.bench.data_id, task=task, joint=ctx.spec.joint)
 
 
 def _reference(ctx: Run, key: Key, task: str | None) -> tuple[xr.Dataset, dict[str, Any]]:
-    """Scores of task ``task``'s fine-tuned model on its own task (``None``: the zero-shot base on all)."""
-    params = None if task is None else ctx.session.finetuned(task)
-    names = list(ctx.bench.tasks) if task is None else [task]
+    """Scores of task ``task``'s fine-tuned model on its own task (``None``: the zero-shot base on
+    every evaluated task, the study's and its unseen ones)."""
+    params = None if task is None else ctx.eval_session.finetuned(task)
+    names = ctx.eval_session.names if task is None else [task]
     return _scores(ctx, params, names, joint=ctx.spec.joint), {"reference": "zeroshot" if task is None else "finetuned", "task": task}
 
 
@@ -202,13 +203,14 @@ REFERENCE = Node("reference", "4", "dataset", _reference_key, _reference, lambda
 
 
 def _evaluate_key(ctx: Run, source: NodeResult) -> Key:
-    return ctx.store.key("evaluate", EVALUATE.version, merged=source.key, data=ctx.bench.data_id, joint=ctx.spec.joint)
+    return ctx.store.key("evaluate", EVALUATE.version, merged=source.key, data=ctx.eval_session.bench.data_id, joint=ctx.spec.joint)
 
 
 def _evaluate(ctx: Run, key: Key, source: NodeResult) -> tuple[xr.Dataset, dict[str, Any]]:
-    """Per-task val/test accuracy, TAS (val) and joint Hits@k (test) of one merge."""
-    params = ctx.session.weights(_merged(ctx, source.key))
-    return _scores(ctx, params, list(ctx.bench.tasks), joint=ctx.spec.joint), {}
+    """Per-task val/test accuracy, TAS (val) and joint Hits@k (test) of one merge, on the study's
+    tasks and its unseen ones."""
+    params = ctx.eval_session.weights(_merged(ctx, source.key))
+    return _scores(ctx, params, ctx.eval_session.names, joint=ctx.spec.joint), {}
 
 
 EVALUATE = Node("evaluate", "2", "dataset", _evaluate_key, _evaluate, lambda ctx, source: source.label)
@@ -221,8 +223,8 @@ def _scores(ctx: Run, params: Mapping[str, Tensor] | None, names: Sequence[str],
     and, on the :data:`JOINT` row, their micro average over all images."""
     from mergelab.evaluation.metrics import joint_hit_counts
 
-    session = ctx.local_session
-    tasks = names + ([JOINT] if joint else [])
+    session = ctx.local_eval_session
+    tasks = list(names) + ([JOINT] if joint else [])
     metrics = [*TASK_METRICS, *(f"hits@{k}" for k in JOINT_KS)]
     score = xr.DataArray(np.full((len(tasks), len(metrics)), np.nan), dims=("task", "metric"),
                          coords={"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)})

@@ -72,12 +72,13 @@ def _unique(values: Sequence[Any]) -> list[Any]:
 
 def _assemble(ctx: Run, rows: Sequence[Row], references: Sequence[NodeResult]) -> xr.Dataset:
     store = ctx.store
-    names = list(ctx.bench.tasks)
+    names = ctx.eval_session.names  # the study's tasks, then its unseen ones
+    seen = list(ctx.bench.tasks)
     zeroshot = store.get_dataset(references[0].key)["score"]
     experts = [store.get_dataset(r.key)["score"] for r in references[1:]]
     finetuned = xr.concat([e.sel(task=[t]) for e, t in zip(experts, names, strict=True)], dim="task")
     if JOINT in experts[0].task.values:  # the experts on the joint task: micro average over every test image
-        sizes = xr.DataArray([len(ctx.session.tensors(t, "test")[1]) for t in names], dims="expert")
+        sizes = xr.DataArray([len(ctx.eval_session.tensors(t, "test")[1]) for t in names], dims="expert")
         joint = (xr.concat([e.sel(task=JOINT) for e in experts], dim="expert") * sizes).sum("expert", skipna=False) / sizes.sum()
         finetuned = xr.concat([finetuned, joint.expand_dims(task=[JOINT])], dim="task")
     dims = {"merge_method": _unique([r.method for r in rows]), "space": _unique([r.space for r in rows]),
@@ -105,9 +106,10 @@ def _assemble(ctx: Run, rows: Sequence[Row], references: Sequence[NodeResult]) -
                           dim=xr.DataArray(["zeroshot", "finetuned"], dims="reference"))
     ds["reference_score"] = reference.assign_coords(reference=np.array(["zeroshot", "finetuned"], dtype=object),
                                               task=np.array(tasks, dtype=object), metric=np.array(metrics, dtype=object))
-    ds["selected"] = select(ds, ctx.spec.selection, names)
+    ds["selected"] = select(ds, ctx.spec.selection, seen)  # never on the unseen tasks
+    unseen = {"unseen": names[len(seen):]} if len(names) > len(seen) else {}
     ds.attrs.update({"study": ctx.spec.name, "bench": ctx.bench.name, "taskset": ctx.taskset.content_hash,
-                     "selection": ctx.spec.selection, "tasks": names,
+                     "selection": ctx.spec.selection, "tasks": seen, **unseen,
                      "note": f"{ctx.bench.name} benchmark numbers" + (" (the embedded micro benchmark, not the papers')"
                                                                       if ctx.spec.bench.kind == "micro" else "")})
     return ds

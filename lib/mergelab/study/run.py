@@ -138,6 +138,13 @@ class Run:
         with self._lock:
             return BenchSession(self.bench)
 
+    @cached_property
+    def eval_session(self) -> BenchSession:
+        """The session evaluations run on: the study's tasks and then its ``unseen`` ones (the
+        merges' own session when there are none)."""
+        with self._lock:
+            return BenchSession(load_bench(self.spec.bench, self.spec.evaluated)) if self.spec.unseen else self.session
+
     @property
     def local_session(self) -> BenchSession:
         """The (warmed) session with this thread's own copy of the backbone.
@@ -146,11 +153,20 @@ class Run:
         never run one module at once; each worker thread gets a private copy instead. Nodes whose
         artifact is already stored never ask for it, so a cached rerun skips the data entirely.
         """
-        if getattr(self._local, "session", None) is None:
+        return self._thread_copy("session")
+
+    @property
+    def local_eval_session(self) -> BenchSession:
+        """:attr:`eval_session` with this thread's own copy of the backbone (see :attr:`local_session`)."""
+        return self._thread_copy("eval_session") if self.spec.unseen else self.local_session
+
+    def _thread_copy(self, name: str) -> BenchSession:
+        if getattr(self._local, name, None) is None:
             with self._lock:
-                self.session.warm()
-                self._local.session = self.session.for_thread()
-        return self._local.session
+                shared = getattr(self, name)
+                shared.warm()
+                setattr(self._local, name, shared.for_thread())
+        return getattr(self._local, name)
 
     @property
     def taskset(self) -> TaskSet:
