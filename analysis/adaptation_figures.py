@@ -26,6 +26,8 @@ __all__ = [
     "adarank_masks",
     "coefficient_trajectories",
     "pareto_front",
+    "pareto_fronts",
+    "preference_sensitivities",
     "preference_sensitivity",
     "stch_alpha_curve",
 ]
@@ -43,33 +45,23 @@ def _split(ds: xr.Dataset, split: str | None) -> str:
     return split if split is not None else ("test" if "test" in splits else splits[0])
 
 
-def pareto_front(ds: xr.Dataset, split: str | None = None) -> Figure:
-    """Two-task trade-off (001 Fig. 3, Fig. 10): per method the accuracy pairs over the preference
-    sweep (a line ordered by ρ), and the baselines (zero-shot, task arithmetic, each fine-tuned model)
-    as isolated operating points."""
-    split = _split(ds, split)
+def _pareto_panel(ax, ds: xr.Dataset, split: str) -> None:
     tasks = _strings(ds.task.values)
-    fig, (ax,) = _figure(ds, f"Two-task trade-off, {split} accuracy", "001 Fig. 3, Fig. 10", panel=(4.8, 4.2))
     for method in _strings(ds.merge_method.values):
         acc = _pick(ds.accuracy, merge_method=method, split=split)  # (preference, task)
         ax.plot(acc.sel(task=tasks[0]), acc.sel(task=tasks[1]), marker="o", markersize=3, label=method)
     base = _pick(ds.baseline_accuracy, split=split)
-    for name in _strings(ds.baseline.values):
-        marker, label = _BASELINE_MARKERS.get(name, ("*", name.replace("finetuned_", "fine-tuned ")))
+    experts = [n for n in _strings(ds.baseline.values) if n not in _BASELINE_MARKERS]
+    for name in _strings(ds.baseline.values):  # one legend entry for both fine-tuned models
+        marker, label = _BASELINE_MARKERS.get(name, ("*", "fine-tuned models" if name == experts[0] else "_nolegend_"))
         point = base.sel(baseline=name)
         ax.scatter(point.sel(task=tasks[0]), point.sel(task=tasks[1]), marker=marker, s=60, color="k",
                    facecolors="none" if marker != "*" else "k", label=label, zorder=3)
     ax.set(xlabel=f"{tasks[0]} accuracy", ylabel=f"{tasks[1]} accuracy")
-    ax.legend(fontsize=7)
-    return fig
 
 
-def preference_sensitivity(ds: xr.Dataset, split: str | None = None) -> Figure:
-    """Accuracy of the two focal tasks under random preferences (001 Fig. 4, Fig. 11): one point per
-    sampled preference, the covariance ellipse of each method's cloud and its mean (×)."""
-    split = _split(ds, split)
+def _cloud_panel(ax, ds: xr.Dataset, split: str) -> None:
     focal = _strings(ds.focal.values)
-    fig, (ax,) = _figure(ds, f"Preference sensitivity, {split} accuracy", "001 Fig. 4, Fig. 11", panel=(4.8, 4.2))
     for i, method in enumerate(_strings(ds.merge_method.values)):
         color = f"C{i}"
         acc = _pick(ds.accuracy, merge_method=method, split=split)  # (preference, focal)
@@ -81,9 +73,62 @@ def preference_sensitivity(ds: xr.Dataset, split: str | None = None) -> Figure:
                              angle=float(_pick(ds.ellipse_angle, merge_method=method, split=split)),
                              fill=False, color=color, lw=1.5))
     ax.set(xlabel=f"{focal[0]} accuracy", ylabel=f"{focal[1]} accuracy")
-    ax.set_title(f"focal weights {ds.attrs.get('focal_weight', '?')}; ellipses: {ds.attrs.get('n_std', 2.0):g} std", fontsize=9)
     ax.autoscale_view()
+
+
+def _unique_legend(fig: Figure, axes) -> None:
+    """One legend for panels that share their series (first label wins)."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=7, frameon=False)
+
+
+def pareto_front(ds: xr.Dataset, split: str | None = None) -> Figure:
+    """Two-task trade-off (001 Fig. 3): per method the accuracy pairs over the preference sweep (a
+    line ordered by ρ), and the baselines (zero-shot, task arithmetic, each fine-tuned model) as
+    isolated operating points."""
+    split = _split(ds, split)
+    fig, (ax,) = _figure(ds, f"Two-task trade-off, {split} accuracy", "001 Fig. 3", panel=(4.8, 4.2))
+    _pareto_panel(ax, ds, split)
     ax.legend(fontsize=7)
+    return fig
+
+
+def pareto_fronts(datasets: Sequence[xr.Dataset], split: str | None = None) -> Figure:
+    """001 Fig. 10: :func:`pareto_front` for several task pairs (one Pareto sweep each), a panel per pair."""
+    split = _split(datasets[0], split)
+    fig, axes = _figure(datasets[0], f"Two-task trade-offs of {len(datasets)} task pairs, {split} accuracy", "001 Fig. 10",
+                        ncols=len(datasets), panel=(3.6, 3.6))
+    for ax, ds in zip(axes, datasets, strict=True):
+        _pareto_panel(ax, ds, split)
+        ax.set_title(" / ".join(_strings(ds.task.values)), fontsize=9)
+    _unique_legend(fig, axes)
+    return fig
+
+
+def preference_sensitivity(ds: xr.Dataset, split: str | None = None) -> Figure:
+    """Accuracy of the two focal tasks under random preferences (001 Fig. 4): one point per sampled
+    preference, the covariance ellipse of each method's cloud and its mean (×)."""
+    split = _split(ds, split)
+    fig, (ax,) = _figure(ds, f"Preference sensitivity, {split} accuracy", "001 Fig. 4", panel=(4.8, 4.2))
+    _cloud_panel(ax, ds, split)
+    ax.set_title(f"focal weights {ds.attrs.get('focal_weight', '?')}; ellipses: {ds.attrs.get('n_std', 2.0):g} std", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def preference_sensitivities(datasets: Sequence[xr.Dataset], split: str | None = None) -> Figure:
+    """001 Fig. 11: :func:`preference_sensitivity` for several focal pairs, a panel per pair."""
+    split = _split(datasets[0], split)
+    first = datasets[0]
+    fig, axes = _figure(first, f"Preference sensitivity of {len(datasets)} focal pairs, {split} accuracy "
+                               f"(ellipses: {first.attrs.get('n_std', 2.0):g} std)", "001 Fig. 11", ncols=len(datasets), panel=(3.6, 3.6))
+    for ax, ds in zip(axes, datasets, strict=True):
+        _cloud_panel(ax, ds, split)
+        ax.set_title(" / ".join(_strings(ds.focal.values)), fontsize=9)
+    _unique_legend(fig, axes)
     return fig
 
 

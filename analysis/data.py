@@ -11,7 +11,7 @@ import xarray as xr
 
 from mergelab.store import Store
 
-__all__ = ["NOT_COMPUTED", "available", "load", "optional", "study_ref"]
+__all__ = ["NOT_COMPUTED", "available", "labelled_runs", "load", "optional", "study_ref"]
 
 NOT_COMPUTED = "not computed in this study"
 
@@ -45,3 +45,12 @@ def optional(store: str | Store, study: str, name: str) -> xr.Dataset | None:
         print(f"{name}: {NOT_COMPUTED} (study {study!r} in store {store.url!r})")
         return None
     return load(store, study, name)
+
+
+def labelled_runs(store: str | Store, study: str, name: str) -> list[xr.Dataset]:
+    """The Dataset ``name`` of ``study`` and its labelled runs (``<name>/<label>``: a second Pareto
+    sweep of another pair, :func:`mergelab.experiments.registry.resolve`), first the unlabelled one,
+    then by label; the ones the study published."""
+    store = store if isinstance(store, Store) else Store(store)
+    names = available(store, study)
+    return [load(store, study, n) for n in [name, *sorted(n for n in names if n.startswith(f"{name}/"))] if n in names]

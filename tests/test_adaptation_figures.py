@@ -37,6 +37,16 @@ def test_pareto_front_draws_one_point_per_preference_and_every_baseline(adaptati
     assert len(ax.collections) == ds.sizes["baseline"]
 
 
+def test_several_pairs_draw_a_panel_each_with_one_legend(adaptation_studies):
+    pareto, cloud = adaptation_studies["preferences/pareto"], adaptation_studies["preferences/cloud"]
+    for fig, paper in ((af.pareto_fronts([pareto, pareto]), "001 Fig. 10"), (af.preference_sensitivities([cloud, cloud]), "001 Fig. 11")):
+        panels = [ax for ax in fig.axes if ax.has_data()]
+        assert len(panels) == 2 and all(ax.get_title() for ax in panels) and len(fig.legends) == 1
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert len(labels) == len(set(labels)) and paper in fig.get_suptitle()
+    assert "fine-tuned models" in [t.get_text() for t in af.pareto_fronts([pareto]).legends[0].get_texts()]
+
+
 def test_adarank_ablation_table_matches_the_dataset(adaptation_studies):
     ds = adaptation_studies["ablations/adarank"]
     table = af.adarank_ablation_table(ds)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.notebook
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "micro"
 #: notebook -> how many figures (image/png outputs) it must draw from the full tiny store
-FIGURES = {"50_tara_preferences": 3, "60_adarank_masks": 7}
+FIGURES = {"50_tara_preferences": 5, "60_adarank_masks": 7}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,8 @@ def study_store(adaptation_studies, tmp_path_factory) -> Path:
         key = store.key("test.adaptation_studies", "1", name=name)
         store.put_dataset(key, ds)
         store.set_ref(f"studies/{STUDY}/{name}", key)
+        if name in ("preferences/pareto", "preferences/cloud"):  # a labelled second run (another pair): 001 Figs. 10-11
+            store.set_ref(f"studies/{STUDY}/{name}/second_pair", key)
     return root
 
 
@@ -52,7 +54,7 @@ def test_notebook_draws_its_figures_from_the_study(study_store, name):
     path = REPO / "notebooks" / f"{name}.ipynb"
     first_code = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
     assert first_code.metadata["tags"] == ["parameters"] and 'os.environ.get("MERGELAB_STORE", "data/store")' in first_code.source
-    nb = _execute(path, {"STORE": str(study_store), "STUDY": STUDY})
+    nb = _execute(path, {"STORE": str(study_store), "STUDY": STUDY, "PAIRS_STUDY": STUDY})
     pngs = [o for o in _outputs(nb, "display_data") if "image/png" in o.data]
     assert len(pngs) >= FIGURES[name]
     assert not _outputs(nb, "error")

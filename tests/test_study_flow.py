@@ -115,6 +115,9 @@ def test_adaptation_studies_are_published_where_the_notebooks_read_them(first_ru
 @pytest.mark.parametrize(("studies", "message"), [
     ({"pareto_front": {}}, "unknown adaptation study 'pareto_front'; allowed: pareto, cloud"),
     ({"cloud": {"focal": ["digits"], "n_prefs": 3}}, "cloud: unknown setting 'n_prefs'; allowed: iters"),
+    ({"pareto_2": {"study": "paretoo"}}, "pareto_2: study 'paretoo' is not an adaptation study; allowed: pareto"),
+    ({"pareto_2": {"study": "pareto", "pairs": []}}, "pareto_2: unknown setting 'pairs'; allowed: iters"),
+    ({"pa/reto": {"study": "pareto"}}, "adaptation study label 'pa/reto' must start with a letter or digit"),
 ])
 def test_bad_adaptation_study_settings_are_one_line_errors(studies, message):
     from mergelab.config import load_study

@@ -99,3 +99,24 @@ def test_unseen_tasks_need_the_merged_ones_named_and_distinct():
         load_study({**TINY, "tasks": None, "unseen": ["signs"]})
     with pytest.raises(ValueError, match="unseen: 'digits' is also in tasks"):
         load_study({**TINY, "unseen": ["digits"]})
+
+
+def test_a_labelled_adaptation_study_runs_a_registered_one_again_and_is_named_beside_it(tmp_path, one_thread):
+    """001 Fig. 10's four pairs: ``pareto`` and ``<label>: {study: pareto, pair: …}`` entries."""
+    from mergelab.store import Store
+
+    from mergelab_figures.data import available
+
+    sweep = {"n_preferences": 2, "iters": 1, "batch_size": 4, "splits": ["val"]}
+    spec = {**TINY, "name": "tiny-pairs", "tasks": ["digits", "textures", "signs"], "methods": [], "adaptive": [], "analyses": [],
+            "adaptation_studies": {"pareto": {**sweep, "pair": ["digits", "textures"]},
+                                   "pareto_signs": {"study": "pareto", **sweep, "pair": ["signs", "digits"]},
+                                   "pareto_same": {"study": "pareto", **sweep, "pair": ["digits", "textures"]}}}
+    run = Run(load_study(spec), str(tmp_path / "store"))
+    nodes, _ = run_graph(run, local_submit(run))
+    studies = [n for n in nodes if n.node == "adaptation_study"]
+    assert len(studies) == 3 and studies[0].key == studies[2].key  # the same settings are the same artifact
+    names = available(Store(run.store.url), "tiny-pairs")
+    assert {"preferences/pareto", "preferences/pareto/pareto_signs", "preferences/pareto/pareto_same"} <= set(names)
+    signs = Store(run.store.url).get_dataset(Store(run.store.url).ref("studies/tiny-pairs/preferences/pareto/pareto_signs"))
+    assert list(signs.task.values) == ["signs", "digits"]

@@ -15,8 +15,9 @@ the model and task data, for gradients and features).
 
 ``ADAPTATION_STUDIES[name]`` is the only list of the preference studies of 001 and the AdaRank
 ablation of 002. A study YAML runs any of them from its ``adaptation_studies:`` section
-(``name: {settings}``); the study flow publishes each Dataset under ``studies/<study>/<ref>``,
-which notebooks 50 and 60 read. Settings are the study function's keyword arguments plus the
+(``name: {settings}``; another name with ``study: <name>`` in its settings is a labelled second
+run, :func:`resolve`); the study flow publishes each Dataset under ``studies/<study>/<ref>``
+(:func:`study_ref`), which notebooks 50 and 60 read. Settings are the study function's keyword arguments plus the
 shared schedule (:data:`SCHEDULE`: ``iters``, ``batch_size``, ``lr``) and ``tasks`` (a subset of
 the benchmark's tasks, in order).
 """
@@ -33,12 +34,14 @@ import xarray as xr
 from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
 from mergelab.errors import InputError
 from mergelab.registry import Registry
+from mergelab.strict import safe_name
 from mergelab.experiments import core_space_accuracy, model_analyses
 from mergelab.experiments.adaptation_studies import AdaptationSetting, adarank_ablation
 from mergelab.experiments.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
 from mergelab.bench import BenchSession
 
-__all__ = ["ADAPTATION_STUDIES", "ANALYSES", "SCHEDULE", "AdaptationStudy", "Analysis", "check_settings", "run_study"]
+__all__ = ["ADAPTATION_STUDIES", "ANALYSES", "SCHEDULE", "AdaptationStudy", "Analysis", "check_settings", "resolve", "run_study",
+           "study_ref"]
 
 
 @dataclass(frozen=True)
@@ -112,20 +115,50 @@ ADAPTATION_STUDIES: Registry[AdaptationStudy] = Registry("adaptation study", {
 })
 
 
+def resolve(name: str, settings: Mapping[str, Any]) -> tuple[str, AdaptationStudy, dict[str, Any]]:
+    """The registered study an ``adaptation_studies`` entry runs, its entry and the entry's own settings.
+
+    An entry named after a registered study runs it; any other name is a labelled run of the study
+    its ``study:`` setting names (``pareto_signs: {study: pareto, pair: [signs, aerial]}``: a second
+    Pareto sweep, 001 Fig. 10's four pairs), published beside the first (:func:`study_ref`).
+    """
+    if "study" not in settings:
+        if name not in ADAPTATION_STUDIES:
+            raise InputError(f"unknown adaptation study {name!r}; allowed: {', '.join(ADAPTATION_STUDIES)} "
+                             f"(or label a second run of one: {name}: {{study: pareto, ...}})")
+        return name, ADAPTATION_STUDIES[name], dict(settings)
+    try:
+        safe_name(name, "adaptation study label")
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    study = settings["study"]
+    if not isinstance(study, str) or study not in ADAPTATION_STUDIES:
+        raise InputError(f"{name}: study {study!r} is not an adaptation study; allowed: {', '.join(ADAPTATION_STUDIES)}")
+    return study, ADAPTATION_STUDIES[study], {k: v for k, v in settings.items() if k != "study"}
+
+
+def study_ref(name: str, settings: Mapping[str, Any]) -> str:
+    """Where an entry's Dataset is named under ``studies/<study>/``: its study's ``ref``
+    (``preferences/pareto``), and for a labelled run ``<ref>/<name>`` (``preferences/pareto/pareto_signs``)."""
+    study, entry, _ = resolve(name, settings)
+    return entry.ref if name == study else f"{entry.ref}/{name}"
+
+
 def check_settings(name: str, settings: Mapping[str, Any]) -> None:
     """Raise :class:`InputError` naming the study or setting that does not exist."""
-    allowed = ADAPTATION_STUDIES[name].allowed()
+    study, entry, own = resolve(name, settings)
+    allowed = entry.allowed()
     if allowed is None:
         return
-    unknown = [k for k in settings if k not in allowed and k not in SCHEDULE]
+    unknown = [k for k in own if k not in allowed and k not in SCHEDULE]
     if unknown:
         raise InputError(f"{name}: unknown setting {unknown[0]!r}; allowed: {', '.join([*SCHEDULE, *allowed])}")
 
 
 def run_study(name: str, session: BenchSession, settings: Mapping[str, Any], *, seed: int, dataset: str) -> xr.Dataset:
-    """Run study ``name`` on ``session``'s bench (its ``tasks`` subset, the schedule in ``settings``, ``seed``)."""
+    """Run entry ``name`` on ``session``'s bench (its ``tasks`` subset, the schedule in ``settings``, ``seed``)."""
     check_settings(name, settings)
-    schedule = {k: settings[k] for k in ("iters", "batch_size", "lr") if k in settings}
-    setting = AdaptationSetting(session, settings.get("tasks"), seed=seed, **schedule)
-    own = {k: v for k, v in settings.items() if k not in SCHEDULE}
-    return ADAPTATION_STUDIES[name].fn(setting, dataset=dataset, **own)
+    _, entry, own = resolve(name, settings)
+    schedule = {k: own[k] for k in ("iters", "batch_size", "lr") if k in own}
+    setting = AdaptationSetting(session, own.get("tasks"), seed=seed, **schedule)
+    return entry.fn(setting, dataset=dataset, **{k: v for k, v in own.items() if k not in SCHEDULE})

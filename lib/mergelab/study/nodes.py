@@ -286,11 +286,11 @@ ANALYSIS = Node("analysis", None, "dataset", _analysis_key, _analysis, lambda ct
 
 
 def _adaptation_study_key(ctx: Run, name: str) -> Key:
-    from mergelab.experiments.registry import ADAPTATION_STUDIES
+    from mergelab.experiments.registry import resolve
 
-    entry = ADAPTATION_STUDIES[name]
+    _, entry, settings = resolve(name, ctx.spec.adaptation_studies[name])
     return ctx.store.key(entry.producer, entry.version, taskset=ctx.taskset.content_hash, data=ctx.bench.data_id,
-                         settings=ctx.spec.adaptation_studies[name], seed=ctx.spec.seeds[0])
+                         settings=settings, seed=ctx.spec.seeds[0])
 
 
 def _adaptation_study(ctx: Run, key: Key, name: str) -> tuple[xr.Dataset, dict[str, Any]]:
@@ -304,9 +304,9 @@ def _adaptation_study(ctx: Run, key: Key, name: str) -> tuple[xr.Dataset, dict[s
 
 
 def _adaptation_study_refs(ctx: Run, key: Key, name: str) -> dict[str, str]:
-    from mergelab.experiments.registry import ADAPTATION_STUDIES
+    from mergelab.experiments.registry import study_ref
 
-    return {f"studies/{ctx.spec.name}/{ADAPTATION_STUDIES[name].ref}": key}
+    return {f"studies/{ctx.spec.name}/{study_ref(name, ctx.spec.adaptation_studies[name])}": key}
 
 
 ADAPTATION_STUDY = Node("adaptation_study", None, "dataset", _adaptation_study_key, _adaptation_study,
