@@ -333,9 +333,7 @@ def test_a_stopped_run_exits_at_once_and_leaves_no_process_behind(tmp_path, sign
     while time.time() < deadline and any(map(_alive, children)):
         time.sleep(0.2)
     assert not any(map(_alive, children)), "a Prefect server or watchdog outlived the run"
-    if signum == signal.SIGTERM:
-        done = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0 and "cache hits" in done.stdout, done.stderr[-2000:]
+    # resuming after a stop: test_runs_killed_at_five_points_end_with_the_uninterrupted_results
 
 
 def test_concurrent_runs_of_overlapping_studies_share_one_store(tmp_path):
