@@ -51,9 +51,14 @@ def _pareto_panel(ax, ds: xr.Dataset, split: str) -> None:
         acc = _pick(ds.accuracy, merge_method=method, split=split)  # (preference, task)
         ax.plot(acc.sel(task=tasks[0]), acc.sel(task=tasks[1]), marker="o", markersize=3, label=method)
     base = _pick(ds.baseline_accuracy, split=split)
-    experts = [n for n in _strings(ds.baseline.values) if n not in _BASELINE_MARKERS]
-    for name in _strings(ds.baseline.values):  # one legend entry for both fine-tuned models
-        marker, label = _BASELINE_MARKERS.get(name, ("*", "fine-tuned models" if name == experts[0] else "_nolegend_"))
+    names = _strings(ds.baseline.values)
+    experts = [n for n in names if n.startswith("finetuned_")]
+    others = iter("^vPX")  # the static mergers among the baselines (KnOTS-TIES, LoRA-LEGO, ...)
+    for name in names:  # one legend entry for both fine-tuned models
+        if name in experts:
+            marker, label = "*", "fine-tuned models" if name == experts[0] else "_nolegend_"
+        else:
+            marker, label = _BASELINE_MARKERS.get(name) or (next(others, "p"), name.replace("@", " (") + ")")
         point = base.sel(baseline=name)
         ax.scatter(point.sel(task=tasks[0]), point.sel(task=tasks[1]), marker=marker, s=60, color="k",
                    facecolors="none" if marker != "*" else "k", label=label, zorder=3)

@@ -46,18 +46,25 @@ def test_covariance_ellipse_recovers_a_known_covariance():
     assert e["angle"] % 180 == pytest.approx(30.0, abs=1.0)
 
 
-def test_pareto_sweep_dataset(adaptation_studies):
+def test_pareto_sweep_dataset(adaptation_studies, micro):
     ds = adaptation_studies["preferences/pareto"]
     assert ds.accuracy.dims == ("merge_method", "preference", "task", "split")
-    assert ds.sizes == {"merge_method": 2, "preference": 3, "task": 2, "split": 2, "baseline": 4}
+    assert ds.sizes == {"merge_method": 2, "preference": 3, "task": 2, "split": 2, "baseline": 6}
     assert list(ds.task.values) == list(ADAPT_TASKS[:2])
-    assert set(ds.baseline.values) == {"zeroshot", "task_arithmetic", f"finetuned_{ADAPT_TASKS[0]}", f"finetuned_{ADAPT_TASKS[1]}"}
+    assert list(ds.baseline.values) == ["zeroshot", "task_arithmetic", "ties@knots", "lora_lego@full",  # 001 Fig. 3's points
+                                        f"finetuned_{ADAPT_TASKS[0]}", f"finetuned_{ADAPT_TASKS[1]}"]
     assert ds.attrs["scalarization"] == {"tara_b": "stch", "adamerging": "sum"} and ds.attrs["adaptation_split"] == "val"
     acc = ds.accuracy.values
     assert np.isfinite(acc).all() and ((acc >= 0) & (acc <= 1)).all()
     base = ds.baseline_accuracy.sel(split="test")
     for t in ds.task.values:  # each fine-tuned model beats zero-shot on its own task (the micro adapters learned)
         assert float(base.sel(baseline=f"finetuned_{t}", task=t)) > float(base.sel(baseline="zeroshot", task=t))
+    from mergelab.merging import merge
+    from mergelab.bench import BenchSpec, BenchSession, load_bench
+
+    session = BenchSession(load_bench(BenchSpec(root=micro.root, rank=4), list(ADAPT_TASKS[:2])))
+    knots = session.weights(merge(session.taskset, "ties", "knots"))
+    assert float(base.sel(baseline="ties@knots", task=ADAPT_TASKS[0])) == session.accuracy(ADAPT_TASKS[0], "test", knots)[0]
 
 
 def test_sensitivity_cloud_dataset(adaptation_studies):

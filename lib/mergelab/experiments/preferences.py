@@ -34,8 +34,9 @@ import xarray as xr
 from mergelab.adaptation import ADAPTERS
 from mergelab.experiments.adaptation_studies import AdaptationSetting, check_splits, final_losses
 from mergelab.errors import InputError
+from mergelab.merging import merge
 
-__all__ = ["covariance_ellipse", "pareto_preferences", "pareto_sweep", "sample_preferences", "sensitivity_cloud",
+__all__ = ["PARETO_BASELINES", "covariance_ellipse", "pareto_preferences", "pareto_sweep", "sample_preferences", "sensitivity_cloud",
            "stch_alpha_ablation"]
 
 DEFAULT_METHODS = ("tara_b", "adamerging")
@@ -70,15 +71,22 @@ def pareto_preferences(n: int) -> np.ndarray:
     return np.stack([w, 1.0 - w], axis=1)
 
 
+#: The static mergers 001 Figs. 3 and 10 plot as baseline points besides TA: KnOTS-TIES and LoRA-LEGO.
+PARETO_BASELINES: tuple[tuple[str, str], ...] = (("ties", "knots"), ("lora_lego", "full"))
+
+
 def pareto_sweep(setting: AdaptationSetting, *, pair: Sequence[str] | None = None, n_preferences: int = 30,
                  methods: Sequence[str] = DEFAULT_METHODS, hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,
-                 ta_lambda: float = 0.3, splits: Sequence[str] = ("val", "test"), dataset: str | None = None) -> xr.Dataset:
+                 ta_lambda: float = 0.3, baselines: Sequence[Sequence[str]] = PARETO_BASELINES,
+                 splits: Sequence[str] = ("val", "test"), dataset: str | None = None) -> xr.Dataset:
     """Two-task Pareto sweep (001 Fig. 3, Fig. 10): ``n_preferences`` preferences ``ρ = (w, 1 − w)``,
     one adaptation per method and preference, per-task accuracy of each merged model.
 
     Baseline operating points stored alongside (``baseline`` dim): the zero-shot base model, task
-    arithmetic with ``λ = ta_lambda`` and each task's fine-tuned model, evaluated on both tasks.
-    ``pair`` picks the two tasks from a larger setting.
+    arithmetic with ``λ = ta_lambda``, every ``(method, space)`` of ``baselines`` with its registry
+    defaults (named ``method@space``; by default KnOTS-TIES and LoRA-LEGO, as 001 plots) and each
+    task's fine-tuned model (``finetuned_<task>``), evaluated on both tasks. ``pair`` picks the two
+    tasks from a larger setting.
     """
     setting = setting if pair is None else setting.subset(pair)
     if len(setting.names) != 2:
@@ -93,7 +101,8 @@ def pareto_sweep(setting: AdaptationSetting, *, pair: Sequence[str] | None = Non
             result = setting.adapt(method, preference=preference.tolist(), **hp)
             acc[i, p] = setting.accuracy(setting.params(result.merged), splits)
             loss[i, p] = final_losses(result)
-    baselines = {"zeroshot": None, "task_arithmetic": setting.task_arithmetic(ta_lambda),
+    static = {f"{method}@{space}": setting.params(merge(setting.taskset, method, space)) for method, space in baselines}
+    baselines = {"zeroshot": None, "task_arithmetic": setting.task_arithmetic(ta_lambda), **static,
                  **{f"finetuned_{name}": setting.task_params(t) for t, name in enumerate(setting.names)}}
     base_acc = np.stack([setting.accuracy(params, splits) for params in baselines.values()])
     ds = xr.Dataset(

@@ -106,9 +106,9 @@ class AdaptationStudy:
 
 #: Versions 2 of the preference studies: the STCH anchors no longer shift TARA's batches; 3: dimension
 #: merge_method; 4 (adarank_ablation 2): the session's one batch rule (task t's stream seeded seed + t, as a
-#: study's adaptive runs), the TA baseline through merge().
+#: study's adaptive runs), the TA baseline through merge(); pareto 5: KnOTS-TIES and LoRA-LEGO baseline points.
 ADAPTATION_STUDIES: Registry[AdaptationStudy] = Registry("adaptation study", {
-    "pareto": AdaptationStudy(pareto_sweep, "preferences/pareto", "4"),
+    "pareto": AdaptationStudy(pareto_sweep, "preferences/pareto", "5"),
     "cloud": AdaptationStudy(sensitivity_cloud, "preferences/cloud", "4"),
     "stch_alpha": AdaptationStudy(stch_alpha_ablation, "preferences/stch_alpha", "4"),
     "adarank_ablation": AdaptationStudy(adarank_ablation, "ablations/adarank", "2"),
