@@ -23,6 +23,7 @@ from mergelab_figures.figures import _figure, _strings, dataset_label
 __all__ = [
     "adaptation_losses",
     "adarank_ablation_table",
+    "adarank_mask_grid",
     "adarank_masks",
     "coefficient_trajectories",
     "pareto_front",
@@ -164,6 +165,36 @@ def adarank_masks(history: xr.Dataset, record: int = -1) -> Figure:
         sns.heatmap(frame, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=ax is axes[-1], annot=frame.size <= 64, fmt=".2f")
         ax.set(title=kind, xlabel="task", ylabel="layer")
         ax.tick_params(axis="x", rotation=45)
+    return fig
+
+
+def adarank_mask_grid(histories: dict[str, xr.Dataset], kind: str | None = None, share: float = 0.5, record: int = -1) -> Figure:
+    """002 Fig. 5: AdaRank's binary masks over singular components, one column per run (``histories``:
+    label -> history, e.g. the TA and CART origins) and one row per layer (first, middle, last block)
+    of one module ``kind`` (default: the first); each panel is task × component index (by decreasing
+    σ, the top ``share`` of indices as the paper shows), kept in blue, pruned in yellow."""
+    from matplotlib.colors import ListedColormap
+
+    first = next(iter(histories.values()))
+    kind = kind or _strings(first.kind.values)[0]
+    layers = sorted({int(v) for v in first.layer.values})
+    rows = list(dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]]))
+    fig, axes = _figure(first, f"AdaRank: binary masks over singular components ({kind} modules, iteration "
+                               f"{int(first.record.values[record])})", "002 Fig. 5", ncols=len(histories), nrows=len(rows),
+                        panel=(4.4, 1.2 + 0.22 * first.sizes["task"]))
+    cmap = ListedColormap(["#e6c229", "#1f6fb4"])  # pruned: yellow, kept: blue (002 Fig. 5)
+    for j, (label, history) in enumerate(histories.items()):
+        mask = history["mask"].isel(record=record)
+        shown = max(1, int(np.ceil(share * mask.sizes["component"])))
+        for i, layer in enumerate(rows):
+            ax = axes[i * len(histories) + j]
+            module = [m for m, k, la in zip(_strings(history.module.values), _strings(history.kind.values), history.layer.values)
+                      if k == kind and int(la) == layer][0]
+            values = mask.sel(module=module).isel(component=slice(0, shown)).transpose("task", "component")
+            ax.imshow(np.ma.masked_invalid(values.values), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_yticks(range(values.sizes["task"]), _strings(values.task.values), fontsize=6)
+            ax.set(title=f"{label}: layer {layer}", xlabel="singular component index" if i == len(rows) - 1 else "")
+            ax.title.set_fontsize(8)
     return fig
 
 

@@ -47,6 +47,17 @@ def test_several_pairs_draw_a_panel_each_with_one_legend(adaptation_studies):
     assert "fine-tuned models" in [t.get_text() for t in af.pareto_fronts([pareto]).legends[0].get_texts()]
 
 
+def test_the_mask_grid_has_a_column_per_origin_and_a_row_per_block(adaptation_studies):
+    histories = {"TA": adaptation_studies["adapt/adarank"], "CART": adaptation_studies["adapt/adarank_cart"]}
+    fig = af.adarank_mask_grid(histories)
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    layers = sorted({int(v) for v in histories["TA"].layer.values})
+    assert len(panels) == 2 * len({layers[0], layers[len(layers) // 2], layers[-1]})
+    assert panels[0].get_title() == f"TA: layer {layers[0]}" and panels[1].get_title() == f"CART: layer {layers[0]}"
+    image = panels[1].get_images()[0].get_array()  # task × the top half of the component indices
+    assert image.shape[0] == histories["CART"].sizes["task"] and "002 Fig. 5" in fig.get_suptitle()
+
+
 def test_adarank_ablation_table_matches_the_dataset(adaptation_studies):
     ds = adaptation_studies["ablations/adarank"]
     table = af.adarank_ablation_table(ds)

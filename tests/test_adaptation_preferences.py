@@ -96,6 +96,12 @@ def test_adarank_history_records_mask_fractions(adaptation_studies):
     ta, cart = (adaptation_studies[n].mask_kept_fraction.isel(record=0) for n in ("adapt/adarank", "adapt/adarank_cart"))
     assert float(ta.min()) == 1.0  # the TA origin starts from every singular component
     assert float(cart.max()) < 1.0  # the CART origin keeps the top k of the centred components per task
+    for name in ("adapt/adarank", "adapt/adarank_cart"):  # the masks themselves (002 Fig. 5): their share is the kept fraction
+        h = adaptation_studies[name]
+        assert h["mask"].dims == ("record", "module", "task", "component") and h.component.values[0] == 1
+        np.testing.assert_allclose(h["mask"].mean("component", skipna=True).values, h.mask_kept_fraction.values)
+        assert set(np.unique(h["mask"].values[~np.isnan(h["mask"].values)])) <= {0.0, 1.0}
+    assert "mask" not in adaptation_studies["adapt/adamerging_tas"]
 
 
 def test_study_datasets_round_trip_through_a_store(adaptation_studies):

@@ -155,7 +155,9 @@ def run(
     ``history`` holds ``loss(iteration, task)``, ``objective(iteration)``, every learned tensor at
     the recorded iterations (``coef_<name>(record, …)``) and the model's per ``(record, module, task)``
     summaries (:meth:`~mergelab.adaptation.models.CoefficientModel.summary`: ``coefficient_mean``, and
-    ``mask_kept_fraction`` / ``lambda`` for AdaRank) for 004 Fig. 14 / 002 Fig. 5, and in its attrs
+    ``mask_kept_fraction`` / ``lambda`` for AdaRank) for 004 Fig. 14 / 002 Fig. 5, AdaRank's
+    ``mask(record, module, task, component)`` (1-based components by decreasing σ, NaN past a task's
+    last; :meth:`~mergelab.adaptation.models.CoefficientModel.components`), and in its attrs
     ``mean_abs_delta_coef`` (:func:`mean_abs_change` from the first to the last record).
     """
     if objective not in OBJECTIVES:
@@ -177,7 +179,7 @@ def run(
     losses = np.zeros((iters, model.n_tasks))
     totals = np.zeros(iters)
     records: list[dict[str, np.ndarray]] = [model.state()]
-    summaries: list[dict[str, np.ndarray]] = [model.summary()]
+    summaries: list[dict[str, np.ndarray]] = [{**model.summary(), **model.components()}]
     recorded_at = [0]
     start = time.perf_counter()
     for it in range(iters):
@@ -191,7 +193,7 @@ def run(
         losses[it], totals[it] = f.detach().float().cpu().numpy(), float(total.detach())
         if (it + 1) % record_every == 0 or it + 1 == iters:
             records.append(model.state())
-            summaries.append(model.summary())
+            summaries.append({**model.summary(), **model.components()})
             recorded_at.append(it + 1)
         if progress is not None:
             progress(it + 1, totals[it])
@@ -210,8 +212,11 @@ def _history(model: CoefficientModel, losses: np.ndarray, totals: np.ndarray, re
         coords={"iteration": np.arange(1, len(totals) + 1), "task": np.array(model.task_names, dtype=object),
                 "record": np.array(recorded_at), **module_coords(model.module_names)},
     )
-    for name in summaries[0]:  # (record, module, task): coefficient_mean, mask_kept_fraction, lambda, …
-        ds[name] = (("record", "module", "task"), np.stack([s[name] for s in summaries]))
+    for name, first in summaries[0].items():  # (record, module, task): coefficient_mean, mask_kept_fraction, lambda, …
+        dims = ("record", "module", "task") + (("component",) if first.ndim == 3 else ())  # … and AdaRank's mask
+        ds[name] = (dims, np.stack([s[name] for s in summaries]))
+    if "component" in ds.dims:
+        ds = ds.assign_coords(component=np.arange(1, ds.sizes["component"] + 1))
     for name, first in records[0].items():
         dims = ("record",) + tuple(f"{name.replace('.', '_')}_dim{i}" for i in range(first.ndim))
         ds[f"coef_{name.replace('.', '_')}"] = (dims, np.stack([r[name] for r in records]))

@@ -91,6 +91,21 @@ class CoefficientModel(nn.Module):
         with torch.no_grad():
             return {"coefficient_mean": self._per_task(self.coefficients())}
 
+    def _per_component(self, values: Sequence[Tensor]) -> np.ndarray:
+        """``(module, task, component)``: per-direction ``values`` of each task in bank order (its
+        singular components by decreasing σ for an SVD bank), NaN past a task's last direction."""
+        counts = [[int((bank.owner == t).sum()) for t in range(self.n_tasks)] for bank in self.banks]
+        out = np.full((len(self.banks), self.n_tasks, max(max(c) for c in counts)), np.nan)
+        for i, (v, bank) in enumerate(zip(values, self.banks, strict=True)):
+            owner = bank.owner.to(v.device)
+            for t in range(self.n_tasks):
+                out[i, t, :counts[i][t]] = v.detach()[owner == t].float().cpu().numpy()
+        return out
+
+    def components(self) -> dict[str, np.ndarray]:
+        """Per ``(module, task, component)`` values recorded with :meth:`state` (none here; AdaRank's masks)."""
+        return {}
+
 
 class TaskCoefficients(CoefficientModel):
     """AdaMerging: one λ per task (``granularity="task"``) or per module and task (``"layer"``)."""
@@ -151,6 +166,11 @@ class MaskedCoefficients(CoefficientModel):
         with torch.no_grad():
             return {**super().summary(), "mask_kept_fraction": self._per_task(self.masks()),
                     "lambda": self.lam.detach().float().cpu().numpy().copy()}
+
+    def components(self) -> dict[str, np.ndarray]:
+        """``mask``: the binary mask ``B_k`` over each task's singular components (002 Fig. 5), in order of σ."""
+        with torch.no_grad():
+            return {"mask": self._per_component(self.masks())}
 
     def coefficients(self) -> list[Tensor]:
         return [lam[bank.owner] * mask for lam, bank, mask in zip(self.lam, self.banks, self.masks(), strict=True)]

@@ -131,7 +131,8 @@ def _adapt(ctx: Run, key: Key, job: AdaptJob,
     return result.merged.to_tensors(), attrs
 
 
-ADAPT = Node("adapt", "4", "tensors", _adapt_key, _adapt, lambda ctx, job: job.label,
+# adapt 5: the history holds AdaRank's mask per singular component (002 Fig. 5)
+ADAPT = Node("adapt", "5", "tensors", _adapt_key, _adapt, lambda ctx, job: job.label,
              lambda ctx, key, job: {f"studies/{ctx.spec.name}/adapt/{job.spec.name}": _history_key(ctx, key)})
 
 
