@@ -4,7 +4,8 @@ A :class:`BenchSession` wraps a :class:`~mergelab.bench.Bench` and gives every e
 study's nodes, the adaptation studies, the model-dependent analyses, ``merge --select`` and
 ``adapt``) the same answers to the questions they all ask:
 
-* ``head(name)`` — task ``name``'s zero-shot head (:func:`mergelab.evaluation.heads.task_head`), built once;
+* ``head(name)`` — task ``name``'s zero-shot head (:func:`mergelab.evaluation.heads.task_head`), built once,
+  and ``joint_head()`` the head over every task's labels (the joint task);
 * ``weights(update)`` — the replacement parameters ``W_0 + ΔW`` of a merged update
   (:func:`mergelab.taskset.add_updates`); ``finetuned(t)`` the same for task ``t``'s own update;
 * ``tensors(name, split)`` — a split's images and labels, converted once;
@@ -37,7 +38,8 @@ from mergelab.adaptation.loop import Forward
 from mergelab.analysis.batches import Batch, image_batches
 from mergelab.analysis.proxies import check_distance
 from mergelab.bench.benches import Bench
-from mergelab.evaluation.heads import image_logits, task_head
+from mergelab.data.tasks import joint_label_space
+from mergelab.evaluation.heads import image_logits, joint_head, task_head
 from mergelab.evaluation.metrics import image_features, top1_accuracy
 from mergelab.model import Backbone
 from mergelab.taskset import MergedUpdate, TaskSet, add_updates
@@ -115,6 +117,11 @@ class BenchSession:
     def head(self, name: str) -> Tensor:
         """Task ``name``'s zero-shot head (class names × templates through the text tower)."""
         return self._shared.get(("head", name), lambda: task_head(self.backbone, self.bench.tasks[name]))
+
+    def joint_head(self) -> Tensor:
+        """The head over the de-duplicated union of every task's labels (the joint task; built once)."""
+        tasks = list(self.bench.tasks.values())
+        return self._shared.get("joint_head", lambda: joint_head(self.backbone, tasks, joint_label_space(tasks)))
 
     def tensors(self, name: str, split: str) -> tuple[Tensor, Tensor]:
         """``(images, labels)`` of task ``name``'s ``split``."""

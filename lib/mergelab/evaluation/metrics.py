@@ -91,17 +91,18 @@ def evaluate_tasks(backbone: Backbone, tasks: Sequence[ClassificationTask], para
 
 def joint_hit_counts(backbone: Backbone, tasks: Sequence[ClassificationTask], params: Mapping[str, Tensor] | None = None,
                      split: str = "test", ks: Sequence[int] = (1, 3, 5), features: Mapping[str, Tensor] | None = None,
-                     images_of: Sequence[str] | None = None) -> dict[str, dict[int, int]]:
+                     images_of: Sequence[str] | None = None, head: Tensor | None = None) -> dict[str, dict[int, int]]:
     """Per task, how many of its images have their label among the ``k`` highest logits against one
     head over the de-duplicated union of every task's labels (001 Tab. 10's per-task columns).
 
     Returns ``{task: {0: images, k: hits, …}}`` (key 0: the task's image count, for averages).
     ``features``: the tasks' :func:`embed` of that split under ``params``, when already computed.
     ``images_of``: score only these tasks' images (still against the whole union): a task's own
-    fine-tuned model on its own images, the experts' reference for the joint task.
+    fine-tuned model on its own images, the experts' reference for the joint task. ``head``: the
+    :func:`joint_head` of ``tasks``, when already built (it depends on the text tower only).
     """
     joint = joint_label_space(tasks)
-    head = joint_head(backbone, tasks, joint)
+    head = joint_head(backbone, tasks, joint) if head is None else head
     counts = {}
     for task in (t for t in tasks if images_of is None or t.name in images_of):
         images, labels = task.tensors(split)

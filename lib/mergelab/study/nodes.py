@@ -237,7 +237,7 @@ def _scores(ctx: Run, params: Mapping[str, Tensor] | None, names: Sequence[str],
         score.loc[name, "tas"] = session.tas(name, params, features=val)
     if joint:  # every task's labels in the head; the images of ``names`` (a fine-tuned model: its own task's)
         counts = joint_hit_counts(session.backbone, list(session.bench.tasks.values()), params, "test", JOINT_KS,
-                                  features=test_features, images_of=names)
+                                  features=test_features, images_of=names, head=session.joint_head())
         for k in JOINT_KS:
             for name, c in counts.items():
                 score.loc[name, f"hits@{k}"] = c[k] / c[0]
