@@ -572,15 +572,15 @@ def truncation_accuracy_curves(ds: xr.Dataset) -> Figure:
     """Mean normalised accuracy of the merge truncated by the fraction ``p`` of its least significant
     singular values, full vs Core space (003 Fig. 4), from
     :func:`mergelab.experiments.core_space_accuracy.truncation_accuracy`; the task range shaded."""
-    fig, axes = _figure(ds, f"Accuracy of the truncated {ds.attrs.get('method', 'merged')} merge, full vs Core space",
-                        "003 Sec. 5.2, Fig. 4", panel=(5.0, 3.4))
+    fig, axes = _figure(ds, f"Accuracy of the truncated {ds.attrs.get('method', 'merged')} merge by space",
+                        "003 Sec. 5.2, Fig. 4", panel=(7.2, 3.6))
     ax = axes[0]
     for space in _strings(ds.space.values):
         per_task = 100 * ds.normalized_accuracy.sel(space=space)
         ax.plot(ds["fraction"], 100 * ds.normalized_accuracy_mean.sel(space=space), marker="o", label=f"{space} space")
         ax.fill_between(ds["fraction"], per_task.min("task"), per_task.max("task"), alpha=0.15)
     ax.set(xlabel="truncated fraction p of dim(Σ)", ylabel=f"normalised accuracy (%, {ds.attrs.get('split', 'test')})")
-    ax.legend(fontsize=8, title="mean over tasks (band: task range)", title_fontsize=7)
+    ax.legend(fontsize=8, title="mean over tasks\n(band: their range)", title_fontsize=7)
     return fig
 
 
