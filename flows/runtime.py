@@ -16,6 +16,7 @@ SIGKILL, so no run leaves a server behind.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from pathlib import Path
 from mergelab.errors import InputError
 from mergelab.study import NodeResult
 
-__all__ = ["RUNNERS", "configure", "parse_runner", "start_ephemeral_server", "stop_ephemeral_server", "summarize", "task_runner"]
+__all__ = ["RUNNERS", "configure", "parse_runner", "quiet_input_errors", "start_ephemeral_server", "stop_ephemeral_server", "summarize",
+           "task_runner"]
 
 #: Prefect / Dask settings that these machines need (ENVIRONMENT.md); user values win.
 DEFAULT_ENV = {
@@ -36,6 +38,33 @@ DEFAULT_ENV = {
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
     "DASK_LOGGING__DISTRIBUTED": "warning",
 }
+
+
+class _DropInputErrors(logging.Filter):
+    """Drops Prefect's report of a node that failed with :class:`~mergelab.errors.InputError` (its
+    traceback, and the failed state naming it): the CLI prints that error as its one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, InputError) or "InputError" in record.getMessage())
+
+
+#: Prefect's loggers of task and flow runs, which log a failed node with its traceback.
+RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+#: Prefect's event telemetry (for its UI), which logs a traceback per event that nodes still running
+#: emit after a failed flow stopped its event service; nothing a user can act on.
+EVENT_LOGGERS = ("prefect.events", "prefect._internal.concurrency")
+
+
+def quiet_input_errors() -> None:
+    """Keep Prefect from logging tracebacks of bad input, and of the events that a run stopped by
+    one still emits (idempotent); other failures still log theirs."""
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropInputErrors) for f in logger.filters):
+            logger.addFilter(_DropInputErrors())
+    for name in EVENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def configure() -> None:

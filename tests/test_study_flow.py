@@ -366,6 +366,15 @@ def test_cli_run_rejects_bad_study_in_one_line(tmp_path):
     runner = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(REPO / "studies/micro.yaml"), "--runner", "spark"],
                             cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert runner.returncode == 2 and "unknown runner" in runner.stderr
+    # input that only a node can find bad (LoRA-LEGO's k above the adapters' rank-one units): still one line, no traceback
+    late = write_study(tmp_path / "late.yaml", {**SMALL, "adaptive": [], "analyses": [], "adaptation_studies": {},
+                                                "methods": [{"method": "lora_lego", "spaces": ["full"], "grid": {"k": [64]}}]})
+    done = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(late), "--store", str(tmp_path / "store"), "--runner", "thread=1"],
+                          cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: lora_lego: k=64") and "choose k <= 12" in errors[0], done.stderr[-2000:]
+    assert "InputError" not in done.stderr  # Prefect's own report of the failed node is dropped (mergelab_flows.runtime)
 
 
 def test_serve_registers_the_cron_schedule(first_run):

@@ -84,7 +84,7 @@ def _run_flow(flow, runner: str, **params):
     import signal
     import threading
 
-    from mergelab_flows.runtime import start_ephemeral_server, stop_ephemeral_server, task_runner
+    from mergelab_flows.runtime import quiet_input_errors, start_ephemeral_server, stop_ephemeral_server, task_runner
 
     chosen = task_runner(runner)
     from mergelab_flows.study import set_progress
@@ -119,6 +119,7 @@ def _run_flow(flow, runner: str, **params):
             outcome["error"] = err
 
     start_ephemeral_server()
+    quiet_input_errors()  # a node's InputError is this command's one-line error, not a logged traceback
     previous = signal.signal(signal.SIGTERM, stop)
     worker = threading.Thread(target=work, name="mergelab-flow", daemon=True)
     try:
