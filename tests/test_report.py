@@ -371,3 +371,4 @@ def test_the_overview_notebook_writes_its_paper_tables_as_html_and_every_figure_
     ranks = (out / "00_overview" / "000-tab13.html").read_text()
     assert "r = 16" in ranks and "tara_b" in ranks and "font-weight: bold" in ranks
     assert "Avg. unseen" in (out / "00_overview" / "001-tab4.html").read_text()
+    assert "TqdmWarning" not in (out / "00_overview.html").read_text()  # a kernel without ipywidgets prints nothing of it
