@@ -205,13 +205,13 @@ def rank_frame(results: Mapping[str, xr.Dataset]) -> pd.DataFrame:
     """Mean absolute and normalised test accuracy (%) over the tasks, per method × space, of studies
     that merge the same tasks with adapters of different LoRA ranks (000 Tab. 13's layout:
     ``results`` maps a column label such as ``"r = 4"`` to that study's results). Columns
-    ``(label, "Abs.")`` and ``(label, "Norm.")``; a method a study did not run is NaN there."""
+    ``(label, "Abs.")`` and ``(label, "Norm.")``; rows: the method × space runs every study has."""
     parts = {}
     for label, ds in results.items():
         frame = _rows(selected_scores(ds, list(ds.attrs["tasks"]), ["acc", "norm_acc"]).mean("task"), "metric")
         frame.columns = pd.Index(["Abs.", "Norm."], dtype=object)
         parts[label] = frame
-    frame = pd.concat(parts, axis=1)
+    frame = pd.concat(parts, axis=1, join="inner")
     order = [(m, s) for m in method_order(dict.fromkeys(frame.index.get_level_values("method")))
              for s in _space_order(dict.fromkeys(frame.index.get_level_values("space"))) if (m, s) in frame.index]
     frame = frame.loc[order]
