@@ -17,6 +17,7 @@ import seaborn as sns
 import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
+from matplotlib.ticker import MaxNLocator
 
 from mergelab_figures.figures import _figure, _strings, dataset_label
 
@@ -191,7 +192,9 @@ def adarank_mask_grid(histories: dict[str, xr.Dataset], kind: str | None = None,
             module = [m for m, k, la in zip(_strings(history.module.values), _strings(history.kind.values), history.layer.values)
                       if k == kind and int(la) == layer][0]
             values = mask.sel(module=module).isel(component=slice(0, shown)).transpose("task", "component")
-            ax.imshow(np.ma.masked_invalid(values.values), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(np.ma.masked_invalid(values.values), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest",
+                      extent=(0.5, shown + 0.5, values.sizes["task"] - 0.5, -0.5))  # x: the 1-based component index
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_yticks(range(values.sizes["task"]), _strings(values.task.values), fontsize=6)
             ax.set(title=f"{label}: layer {layer}", xlabel="singular component index" if i == len(rows) - 1 else "")
             ax.title.set_fontsize(8)

@@ -105,6 +105,7 @@ def test_adaptation_studies_are_published_where_the_notebooks_read_them(first_ru
 
     _, store, _ = first_run
     assert {"preferences/pareto", "ablations/adarank", "adapt/adamerging"} <= set(available(store, "small"))
+    assert "micro-r4 benchmark" in load(store, "small", "adapt/adamerging").attrs["dataset"]  # figure captions name the bench
     pareto = load(store, "small", "preferences/pareto")
     assert list(pareto.task.values) == ["digits", "textures"] and pareto.sizes["preference"] == 2
     assert pareto.attrs["adaptation_split"] == "val" and "not the papers'" in pareto.attrs["dataset"]

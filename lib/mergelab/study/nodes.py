@@ -126,12 +126,12 @@ def _adapt(ctx: Run, key: Key, job: AdaptJob,
     attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")), "config": _adapt_config(a, started),
              "seed": job.seed, **_cost(run, used), "seconds_per_iter": result.seconds_per_iter,
              "mean_abs_delta_coef": result.history.attrs["mean_abs_delta_coef"]}
-    if not ctx.store.exists(history := _history_key(ctx, key)):
-        ctx.store.put_dataset(history, result.history, attrs=attrs)
+    if not ctx.store.exists(history := _history_key(ctx, key)):  # labelled with the bench, for figure captions
+        ctx.store.put_dataset(history, result.history.assign_attrs(dataset=_dataset_label(ctx)), attrs=attrs)
     return result.merged.to_tensors(), attrs
 
 
-# adapt 5: the history holds AdaRank's mask per singular component (002 Fig. 5)
+# adapt 5: the history holds AdaRank's mask per singular component (002 Fig. 5) and the bench's label
 ADAPT = Node("adapt", "5", "tensors", _adapt_key, _adapt, lambda ctx, job: job.label,
              lambda ctx, key, job: {f"studies/{ctx.spec.name}/adapt/{job.spec.name}": _history_key(ctx, key)})
 
