@@ -103,16 +103,21 @@ def pareto_front(ds: xr.Dataset, split: str | None = None) -> Figure:
     return fig
 
 
-def pareto_fronts(datasets: Sequence[xr.Dataset], split: str | None = None) -> Figure:
-    """001 Fig. 10: :func:`pareto_front` for several task pairs (one Pareto sweep each), a panel per pair."""
+def _pair_panels(datasets: Sequence[xr.Dataset], split: str | None, title: str, paper: str, draw, pair: str) -> Figure:
+    """One panel per Dataset (a task pair each, named by its ``pair`` coordinate), ``draw(ax, ds, split)``
+    in each, one legend for all."""
     split = _split(datasets[0], split)
-    fig, axes = _figure(datasets[0], f"Two-task trade-offs of {len(datasets)} task pairs, {split} accuracy", "001 Fig. 10",
-                        ncols=len(datasets), panel=(3.6, 3.6))
+    fig, axes = _figure(datasets[0], f"{title}, {split} accuracy", paper, ncols=len(datasets), panel=(3.6, 3.6))
     for ax, ds in zip(axes, datasets, strict=True):
-        _pareto_panel(ax, ds, split)
-        ax.set_title(" / ".join(_strings(ds.task.values)), fontsize=9)
+        draw(ax, ds, split)
+        ax.set_title(" / ".join(_strings(ds[pair].values)), fontsize=9)
     _unique_legend(fig, axes)
     return fig
+
+
+def pareto_fronts(datasets: Sequence[xr.Dataset], split: str | None = None) -> Figure:
+    """001 Fig. 10: :func:`pareto_front` for several task pairs (one Pareto sweep each), a panel per pair."""
+    return _pair_panels(datasets, split, f"Two-task trade-offs of {len(datasets)} task pairs", "001 Fig. 10", _pareto_panel, "task")
 
 
 def preference_sensitivity(ds: xr.Dataset, split: str | None = None) -> Figure:
@@ -128,15 +133,9 @@ def preference_sensitivity(ds: xr.Dataset, split: str | None = None) -> Figure:
 
 def preference_sensitivities(datasets: Sequence[xr.Dataset], split: str | None = None) -> Figure:
     """001 Fig. 11: :func:`preference_sensitivity` for several focal pairs, a panel per pair."""
-    split = _split(datasets[0], split)
-    first = datasets[0]
-    fig, axes = _figure(first, f"Preference sensitivity of {len(datasets)} focal pairs, {split} accuracy "
-                               f"(ellipses: {first.attrs.get('n_std', 2.0):g} std)", "001 Fig. 11", ncols=len(datasets), panel=(3.6, 3.6))
-    for ax, ds in zip(axes, datasets, strict=True):
-        _cloud_panel(ax, ds, split)
-        ax.set_title(" / ".join(_strings(ds.focal.values)), fontsize=9)
-    _unique_legend(fig, axes)
-    return fig
+    n_std = datasets[0].attrs.get("n_std", 2.0)
+    return _pair_panels(datasets, split, f"Preference sensitivity of {len(datasets)} focal pairs (ellipses: {n_std:g} std)",
+                        "001 Fig. 11", _cloud_panel, "focal")
 
 
 def stch_alpha_curve(ds: xr.Dataset, split: str | None = None) -> Figure:
