@@ -52,8 +52,9 @@ class _DropInputErrors(logging.Filter):
 #: Prefect's loggers of task and flow runs, which log a failed node with its traceback.
 RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
 #: Prefect's event telemetry (for its UI), which logs a traceback per event that nodes still running
-#: emit after a failed flow stopped its event service; nothing a user can act on.
-EVENT_LOGGERS = ("prefect.events", "prefect._internal.concurrency")
+#: emit after a failed flow stopped its event service; nothing a user can act on. (Prefect's own
+#: ``prefect._internal`` loggers ignore levels, PREFECT_LOGGING_INTERNAL_LEVEL governs them.)
+EVENT_LOGGERS = ("prefect.events",)
 
 
 def quiet_input_errors() -> None:
