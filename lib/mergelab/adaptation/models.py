@@ -76,14 +76,10 @@ class CoefficientModel(nn.Module):
         return {name: p.detach().float().cpu().numpy().copy() for name, p in self.named_parameters()}
 
     def _per_task(self, values: Sequence[Tensor]) -> np.ndarray:
-        """``(module, task)`` means of per-direction ``values`` over each task's directions."""
-        out = np.full((len(self.banks), self.n_tasks), np.nan)
-        for i, (v, bank) in enumerate(zip(values, self.banks, strict=True)):
-            owner = bank.owner.to(v.device)
-            for t in range(self.n_tasks):
-                if bool((owner == t).any()):
-                    out[i, t] = float(v.detach()[owner == t].float().mean())
-        return out
+        """``(module, task)`` means of per-direction ``values`` over each task's directions (NaN for none)."""
+        per = self._per_component(values)
+        count = (~np.isnan(per)).sum(-1)
+        return np.where(count > 0, np.nansum(per, -1) / np.maximum(count, 1), np.nan)
 
     def summary(self) -> dict[str, np.ndarray]:
         """Per ``(module, task)`` statistics recorded with :meth:`state` (002 Fig. 5, 004 Fig. 14):
