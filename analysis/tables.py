@@ -214,12 +214,9 @@ def rank_frame(results: Mapping[str, xr.Dataset]) -> pd.DataFrame:
     frame = pd.concat(parts, axis=1, join="inner")
     order = [(m, s) for m in method_order(dict.fromkeys(frame.index.get_level_values("method")))
              for s in _space_order(dict.fromkeys(frame.index.get_level_values("space"))) if (m, s) in frame.index]
-    frame = frame.loc[order]
-    first = next(iter(results.values()))
-    frame.attrs = {"paper": "000 Tab. 13 layout", "dataset": str(first.attrs.get("note", "")),
-                   "study": ", ".join(str(ds.attrs.get("study", "?")) for ds in results.values()), "references": [],
-                   "ranked": list(frame.columns)}
-    return frame.round(1)
+    studies = ", ".join(str(ds.attrs.get("study", "?")) for ds in results.values())
+    return _attrs(frame.loc[order].round(1), next(iter(results.values())), "000 Tab. 13 layout", [], list(frame.columns),
+                  study=studies)
 
 
 def joint_grid_frame(ds: xr.Dataset, k: int = 1) -> pd.DataFrame:
