@@ -45,6 +45,42 @@ def test_open_clip_adapter_round_trip_through_save_merged(tiny_vit, vit_adapters
     _assert_state_close(load_file(str(weights / "model.safetensors")), expected)
 
 
+def test_packed_attention_loras_split_exactly_onto_a_split_attention_base(tiny_vit, vit_adapters, tmp_path):
+    """PEFT's MHA LoRA (packed in_proj + out_proj) on a base whose attention was split into q/k/v/out
+    (the open_clip bench): the q/k/v updates are the packed update's rows, the split model computes
+    what the PEFT model computes, and a merge on the split base saves as a packed adapter for the stock model."""
+    from mergelab.model import split_attention
+
+    split = split_attention(copy.deepcopy(tiny_vit)).eval()
+    packed, views = load_taskset(tiny_vit, vit_adapters), load_taskset(split, vit_adapters)
+    block = "transformer.resblocks.0.attn"
+    assert {f"{block}.{k}_proj.weight" for k in ("q", "k", "v", "out")} <= set(views.module_names)
+    for task_p, task_v in zip(packed.tasks, views.tasks, strict=True):
+        rows = torch.cat([task_v.modules[f"{block}.{k}_proj.weight"].dense() for k in "qkv"])
+        torch.testing.assert_close(rows, task_p.modules[f"{block}.in_proj_weight"].dense(), atol=0, rtol=0)
+        torch.testing.assert_close(task_v.modules[f"{block}.out_proj.weight"].dense(), task_p.modules[f"{block}.out_proj.weight"].dense())
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = copy.deepcopy(split)
+    model.load_state_dict(_one_task_merge(views).apply(split.state_dict()))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_vit), str(vit_adapters[0])).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), peft_model(x), atol=1e-5, rtol=1e-4)
+    # a merge of the three tasks on the split base (the views no longer share A) written back as one packed LoRA
+    summed = MergedUpdate({n: LowRank(torch.cat([u.B for u in views.updates(n)], 1), torch.cat([u.A for u in views.updates(n)]))
+                           for n in views.module_names}, views.base, {"peft": peft_template(views)})
+    out = save_merged(summed, tmp_path / "merged")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 3 * 3 * 4  # q, k and v blocks of the three tasks' rank-4 factors
+    expected = {n: tiny_vit.state_dict()[n] + sum(u.dense() for u in packed.updates(n)) for n in packed.module_names}
+    reloaded = _peft_merged_state(tiny_vit, out)
+    for name, weight in expected.items():
+        torch.testing.assert_close(reloaded[name], weight, atol=1e-5, rtol=1e-5, msg=name)
+    with pytest.raises(InputError, match="modules filter keeps none"):
+        load_taskset(split, vit_adapters[:1], modules=[r".*in_proj_weight"])  # the split base has no packed parameter
+    assert set(load_taskset(split, vit_adapters[:1], modules=[r".*\.q_proj\.weight"]).module_names) == {
+        n for n in views.module_names if n.endswith("q_proj.weight")}
+
+
 def test_hf_clip_adapter_round_trip_with_rslora_and_patterns(hf_clip_vision, tmp_path):
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], use_rslora=True)
     [path] = write_peft_adapters(hf_clip_vision, tmp_path, ["a"], target_modules=config.target_modules, rank=4, alpha=16, use_rslora=True)

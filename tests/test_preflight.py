@@ -37,6 +37,16 @@ def test_a_clean_set_is_described_without_loading_a_tensor(vit_adapters, tiny_vi
     assert tensor_shapes(base)["conv1.weight"][1] == tuple(tiny_vit.state_dict()["conv1.weight"].shape)
 
 
+def test_packed_attention_adapters_check_against_a_split_attention_base(vit_adapters, tiny_vit, tmp_path):
+    from mergelab.model import split_attention
+
+    split = _base(split_attention(tiny_vision_transformer(seed=0)), tmp_path / "split.safetensors")
+    assert check(vit_adapters, base=split).problems == []
+    wider = _base(split_attention(tiny_vision_transformer(seed=0, width=48)), tmp_path / "wider.safetensors")
+    assert any("attn.in_proj_weight has shape (144, 48) in the base, the LoRA gives (96, 32)" in p
+               for p in check(vit_adapters, base=wider).problems)
+
+
 def test_what_would_stop_or_skew_a_merge_is_a_problem(vit_adapters, tiny_vit, tmp_path):
     [mlp] = write_peft_adapters(tiny_vit, tmp_path / "mlp", ["mlp"], target_modules=["c_fc"])
     wider = _base(tiny_vision_transformer(seed=0, width=48), tmp_path / "wider.safetensors")

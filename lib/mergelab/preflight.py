@@ -22,7 +22,7 @@ from typing import Any
 
 from mergelab.checkpoints.files import (ADAPTER_WEIGHTS, FULL_WEIGHTS, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir,
                                         named_sources, read_adapter_config, read_tensors, weights_file)
-from mergelab.checkpoints.loading import guess_param, resolve_prefix, target_param
+from mergelab.checkpoints.loading import guess_param, resolve_prefix, target_param, target_views
 from mergelab.errors import InputError
 
 __all__ = ["Preflight", "TaskReport", "check", "split_overlaps", "tensor_shapes"]
@@ -116,8 +116,10 @@ def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] |
         target = target_param(prefix + peft_module, base) if base is not None else guess_param(peft_module, peft_modules)
         shape = (b_shape[0], a_shape[-1])
         if base is not None and target is not None:
-            if tuple(base[target]) not in (shape, shape[::-1]):  # (out, in); embeddings / Conv1D: (in, out)
-                problems.append(f"{name}: {target} has shape {tuple(base[target])} in the base, the LoRA gives {shape}")
+            views = [tuple(base[v]) for v in target_views(target, base)]  # a packed in_proj on split q/k/v: stacked rows
+            held = (sum(v[0] for v in views), views[0][1]) if len(views) > 1 else views[0]
+            if held not in (shape, shape[::-1]):  # (out, in); embeddings / Conv1D: (in, out)
+                problems.append(f"{name}: {target} has shape {held} in the base, the LoRA gives {shape}")
         modules[target or peft_module] = {"rank": a_shape[0], "shape": list(shape)}
     rslora = bool(config.get("use_rslora"))
     scaling = float(config["lora_alpha"]) / (math.sqrt(config["r"]) if rslora else config["r"])

@@ -14,12 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from mergelab.errors import InputError
-from mergelab.taskset import SUPPORTED_DTYPES, Dense, LowRank, TaskSet, TaskUpdate, Update
+from mergelab.taskset import SUPPORTED_DTYPES, Dense, LowRank, TaskSet, TaskUpdate, Update, packed_views
 from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, compile_pattern, FULL_WEIGHTS, LORA_KEY, BaseLike, Source, base_ref, is_adapter_dir, load_state_dict, named_sources, read_adapter_config,
                                         read_tensors, weights_file)
 
 __all__ = ["describe", "describe_sources", "guess_param", "load_taskset", "mha_out_proj_factor", "peft_template",
-           "resolve_prefix", "target_param"]
+           "resolve_prefix", "target_param", "target_views"]
 
 
 def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -61,12 +61,30 @@ def mha_out_proj_factor() -> float:
 
 
 def target_param(peft_module: str, base: Mapping[str, Any]) -> str | None:
-    """The base parameter a PEFT LoRA module updates (``attn`` on an MHA -> ``attn.in_proj_weight``)."""
+    """The base parameter a PEFT LoRA module updates (``attn`` on an MHA -> ``attn.in_proj_weight``).
+
+    A base whose attention was split (:func:`mergelab.model.split_attention`) holds the packed
+    projection as ``attn.{q,k,v}_proj.weight``; the packed name is then returned too, and
+    :func:`target_views` names the three projections the update lands on.
+    """
     module = peft_module.replace(".base_layer", "")
     for candidate in (f"{module}.weight", f"{module}.in_proj_weight"):
         if candidate in base:
             return candidate
+    if all(f"{module}.{kind}_proj.weight" in base for kind in "qkv"):
+        return f"{module}.in_proj_weight"
     return None
+
+
+def target_views(param: str, base: Mapping[str, Any] | None) -> list[str]:
+    """The base parameters an update of ``param`` lands on: itself, or, for a packed in-projection
+    on a base with split q/k/v, ``….{q,k,v}_proj.weight`` (split by
+    :func:`~mergelab.taskset.packed_views`: ``ΔW_q = B[:d] A``, ``ΔW_k = B[d:2d] A``,
+    ``ΔW_v = B[2d:] A``, exactly PEFT's packed ``ΔW = B A`` row by row)."""
+    if base is None or param in base:
+        return [param]
+    parent = param.removesuffix(".in_proj_weight")
+    return [f"{parent}.{kind}_proj.weight" for kind in "qkv"]
 
 
 #: The sub-module of a whole checkpoint that an adapter trained on one tower sits under, by the
@@ -101,13 +119,6 @@ def resolve_prefix(names: Sequence[str], base: Mapping[str, Any], where: Path, *
     if len(covering) == 1:
         return covering[0]
     missing = [n for n in names if target_param(n, base) is None]
-    packed = next((n for n in missing if f"{n}.q_proj.weight" in base or any(k.endswith(f".{n}.q_proj.weight") for k in base)), None)
-    if not covering and packed is not None:
-        raise InputError(
-            f"adapter {where} targets the packed attention {packed!r} (an nn.MultiheadAttention's in_proj_weight), the base "
-            "has it split into q_proj / k_proj / v_proj (mergelab.model.split_attention); train the adapter on the split "
-            "projections or on the MLP (c_fc, c_proj)"
-        )
     if not covering:
         raise InputError(
             f"adapter {where} targets {len(names)} modules, the base lacks {len(missing)} of them "
@@ -159,7 +170,8 @@ def _load_adapter(
             raise InputError(f"{weights}: module {peft_module!r} has {sorted(pair)} but needs both {kinds[0]} and {kinds[1]}")
         param = target_param(prefix + peft_module, base) if base is not None else guess_param(peft_module, peft_modules)
         assert param is not None  # resolve_prefix checked coverage
-        if not keep(param):
+        targets = target_views(param, base)
+        if not any(keep(t) for t in targets):
             continue
         A, B = pair[kinds[0]], pair[kinds[1]]
         where = f"task {name!r}, module {param!r}"
@@ -183,15 +195,19 @@ def _load_adapter(
                 update = LowRank(B.to(dtype) * scaling, A.to(dtype))
         except InputError as err:
             raise InputError(f"{where}: {err}") from err
-        if base is not None and update.shape != tuple(base[param].shape):
-            raise InputError(
-                f"{where}: update shape {update.shape} does not fit base parameter shape {tuple(base[param].shape)}; "
-                "pass the base model the adapter was trained on"
-            )
-        modules[param] = update
-        meta_modules[param] = {"peft_module": peft_module, "rank": rank, "alpha": alpha, "scaling": scaling,
-                               "transposed": bool(embedding or fan_in_fan_out), "embedding": bool(embedding),
-                               "peft_factor": peft_factor}
+        info = {"peft_module": peft_module, "rank": rank, "alpha": alpha, "scaling": scaling,
+                "transposed": bool(embedding or fan_in_fan_out), "embedding": bool(embedding), "peft_factor": peft_factor}
+        views = packed_views(param, update) if len(targets) > 1 else {param: update}
+        for index, (view, view_update) in enumerate(views.items()):
+            if not keep(view):
+                continue
+            if base is not None and view_update.shape != tuple(base[view].shape):
+                raise InputError(
+                    f"task {name!r}, module {view!r}: update shape {view_update.shape} does not fit base parameter shape "
+                    f"{tuple(base[view].shape)}; pass the base model the adapter was trained on"
+                )
+            modules[view] = view_update
+            meta_modules[view] = info if len(views) == 1 else {**info, "packed": [index, len(views)]}
     if not modules:
         raise InputError(f"modules filter keeps none of adapter {path}'s {len(peft_modules)} modules")
     meta = {"format": "peft", "prefix": prefix, "adapter_config": config, "modules": meta_modules}

@@ -86,18 +86,50 @@ def _peft_layout(merged: MergedUpdate) -> tuple[dict[str, Any], dict[str, dict[s
     return config, layout
 
 
+def _repacked(modules: Mapping[str, Update], layout: Mapping[str, Mapping[str, Any]]) -> dict[str, LowRank]:
+    """The merged updates as PEFT modules: the q/k/v views of one packed in-projection (what
+    :func:`~mergelab.checkpoints.load_taskset` makes of an MHA LoRA on a split-attention base, layout
+    ``packed: [index, 3]``) joined back into one LoRA on the packed ``in_proj_weight``, keyed by the
+    view of index 0.
+
+    ``[ΔW_q; ΔW_k; ΔW_v] = blockdiag(B_q, B_k, B_v) [A_q; A_k; A_v]``: exact, of rank
+    ``r_q + r_k + r_v`` (the merged views no longer share ``A``); a view the merge lacks is zero.
+    """
+    groups: dict[str, dict[int, str]] = {}
+    out: dict[str, LowRank] = {}
+    for param, update in modules.items():
+        packed = layout[param].get("packed")
+        if packed is None:
+            out[param] = update  # type: ignore[assignment]  # save_merged checked every module is LowRank
+        else:
+            groups.setdefault(layout[param]["peft_module"], {})[packed[0]] = param
+    for views in groups.values():
+        parts = [modules[p] for _, p in sorted(views.items())]
+        d, total = parts[0].shape[0], sum(u.rank for u in parts)
+        count = layout[next(iter(views.values()))]["packed"][1]
+        B = parts[0].B.new_zeros(count * d, total)
+        column = 0
+        for index, param in sorted(views.items()):
+            update = modules[param]
+            B[index * d:(index + 1) * d, column:column + update.rank] = update.B
+            column += update.rank
+        out[views[min(views)]] = LowRank(B, torch.cat([u.A for u in parts]))
+    return out
+
+
 def _adapter_tensors(merged: MergedUpdate, layout: Mapping[str, Mapping[str, Any]]) -> tuple[StateDict, dict[str, int]]:
     """PEFT adapter tensors (scaling 1) and the rank of every targeted module.
 
     Parameters that share one PEFT module (an MHA's packed in_proj and its out_proj) share its
     rank; the lower-rank factor is zero-padded, which leaves ``B @ A`` unchanged.
     """
+    modules = _repacked(merged.modules, layout)
     target = lambda p: layout[p]["peft_module"].split(".base_layer", 1)[0]  # noqa: E731
     ranks: dict[str, int] = {}
-    for param, update in merged.modules.items():
+    for param, update in modules.items():
         ranks[target(param)] = max(ranks.get(target(param), 0), update.rank)
     tensors: StateDict = {}
-    for param, update in merged.modules.items():
+    for param, update in modules.items():
         info = layout[param]
         B, A = (update.A.T, update.B.T) if info.get("transposed") else (update.B, update.A)
         B = B / info.get("peft_factor", 1.0)  # the installed PEFT multiplies it back (mha_out_proj_factor)
