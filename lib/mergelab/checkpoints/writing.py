@@ -89,8 +89,8 @@ def _peft_layout(merged: MergedUpdate) -> tuple[dict[str, Any], dict[str, dict[s
 def _repacked(modules: Mapping[str, Update], layout: Mapping[str, Mapping[str, Any]]) -> dict[str, LowRank]:
     """The merged updates as PEFT modules: the q/k/v views of one packed in-projection (what
     :func:`~mergelab.checkpoints.load_taskset` makes of an MHA LoRA on a split-attention base, layout
-    ``packed: [index, 3]``) joined back into one LoRA on the packed ``in_proj_weight``, keyed by the
-    view of index 0.
+    ``packed: [index, 3]``) joined back into one LoRA on the packed ``in_proj_weight``, keyed by its
+    first view.
 
     ``[ΔW_q; ΔW_k; ΔW_v] = blockdiag(B_q, B_k, B_v) [A_q; A_k; A_v]``: exact, of rank
     ``r_q + r_k + r_v`` (the merged views no longer share ``A``); a view the merge lacks is zero.
@@ -104,16 +104,14 @@ def _repacked(modules: Mapping[str, Update], layout: Mapping[str, Mapping[str, A
         else:
             groups.setdefault(layout[param]["peft_module"], {})[packed[0]] = param
     for views in groups.values():
-        parts = [modules[p] for _, p in sorted(views.items())]
-        d, total = parts[0].shape[0], sum(u.rank for u in parts)
-        count = layout[next(iter(views.values()))]["packed"][1]
-        B = parts[0].B.new_zeros(count * d, total)
+        parts = [(index, modules[param]) for index, param in sorted(views.items())]
+        d, count = parts[0][1].shape[0], layout[views[parts[0][0]]]["packed"][1]
+        B = parts[0][1].B.new_zeros(count * d, sum(u.rank for _, u in parts))
         column = 0
-        for index, param in sorted(views.items()):
-            update = modules[param]
+        for index, update in parts:
             B[index * d:(index + 1) * d, column:column + update.rank] = update.B
             column += update.rank
-        out[views[min(views)]] = LowRank(B, torch.cat([u.A for u in parts]))
+        out[views[parts[0][0]]] = LowRank(B, torch.cat([u.A for _, u in parts]))
     return out
 
 
