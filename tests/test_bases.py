@@ -84,7 +84,7 @@ def test_stored_tensors_round_trip_exactly_with_their_layout(taskset, tmp_path):
     assert any(name.endswith(".T") for name in store.get_tensors(core.key))  # LAPACK's column-major factors
     knots = space_bases(store, taskset, "knots")
     assert {name.removesuffix(".T").split("::")[1] for name in store.get_tensors(knots.key)} == {"U", "s", "V.0", "V.1", "V.2", "V.3"}
-    assert len(core.modules) == 3 and KINDS["core"].version == "1"
+    assert len(core.modules) == 3 and KINDS["core"].version == "2"
 
 
 @pytest.mark.parametrize(("method", "hp"), [("tara_b", {}), ("tara_b", {"space": "core", "rank": 2}), ("adarank", {}),
