@@ -1,6 +1,8 @@
 """Studies on real-model benches from local files, run in-process: ``open_clip`` (an architecture
-+ a weights file) and ``hf_clip`` (a ``CLIPModel`` directory with KnOTS-layout adapters on its
-``CLIPVisionModel`` attention). Tiny random configs of the same architectures; nothing downloads."""
++ a weights file), ``hf_clip`` (a ``CLIPModel`` directory with KnOTS-layout adapters on its
+``CLIPVisionModel`` attention) and ``hf_seq_cls`` (a LLaMA sequence classifier whose task adapters
+bring their own heads, text rows as data). Tiny random configs of the same architectures; nothing
+downloads."""
 
 from __future__ import annotations
 
@@ -122,3 +124,151 @@ def test_an_hf_clip_bench_names_what_its_directory_lacks(tmp_path):
                        "tasks": [{"name": "x", "adapter": str(tmp_path), "data": str(tmp_path)}]})
     with pytest.raises(InputError, match="hf_clip needs weights: a local CLIPModel directory"):
         Run(spec, str(tmp_path / "store")).bench
+
+
+WORDS = ("good", "bad", "fine", "awful", "yes", "no", "maybe", "cat", "dog", "sun", "rain", "tree")
+#: two text tasks with their own heads: a 3-way one with named labels (JSON lines), a 2-way one with index labels (CSV)
+TEXT_TASKS = {"nli": ("entailment", "neutral", "contradiction"), "sentiment": None}
+
+
+def _tiny_llama_classifier(root):
+    """A random 2-label ``LlamaForSequenceClassification`` saved with a word-level tokenizer (pad id 0)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, num_labels=2,
+                                      pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(config)
+    model.save_pretrained(root)
+    fast.save_pretrained(root)
+
+
+def _classifier(root, num_labels: int):
+    import transformers
+
+    return transformers.AutoModelForSequenceClassification.from_pretrained(str(root), num_labels=num_labels, ignore_mismatched_sizes=True,
+                                                                           local_files_only=True).eval()
+
+
+def _seq_cls_adapters(base_dir, out) -> dict[str, str]:
+    """Per task a PEFT SEQ_CLS LoRA on q/v with random B and its own random ``score`` head."""
+    from peft import LoraConfig, get_peft_model
+
+    paths = {}
+    for i, (task, names) in enumerate(TEXT_TASKS.items()):
+        torch.manual_seed(100 + i)
+        model = get_peft_model(_classifier(base_dir, len(names or (0, 1))),
+                               LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name or "modules_to_save" in name:
+                    param.normal_(0.0, 0.3)
+        model.save_pretrained(str(out / task))
+        paths[task] = str(out / task)
+    return paths
+
+
+def _text_folders(root) -> dict[str, str]:
+    rng = np.random.default_rng(0)
+    for task, names in TEXT_TASKS.items():
+        (root / task).mkdir(parents=True)
+        for split in ("val", "test"):
+            rows = [(" ".join(rng.choice(WORDS, 5)), (names[i % 3] if names else str(i % 2))) for i in range(12)]
+            if names:
+                (root / task / f"{split}.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+            else:
+                (root / task / f"{split}.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    return {task: str(root / task) for task in TEXT_TASKS}
+
+
+def test_an_hf_seq_cls_study_evaluates_each_task_with_its_own_head_and_saves_adapters_with_them(tmp_path):
+    from peft import PeftModel
+
+    from mergelab.checkpoints import load_taskset, save_merged, saved_modules, task_heads
+    from mergelab.merging import merge
+    from mergelab.preflight import check
+
+    _tiny_llama_classifier(tmp_path / "llama")
+    adapters = _seq_cls_adapters(tmp_path / "llama", tmp_path / "adapters")
+    data = _text_folders(tmp_path / "data")
+    tasks = [{"name": t, "adapter": adapters[t], "data": data[t], **({"classnames": list(n)} if n else {})} for t, n in TEXT_TASKS.items()]
+    spec = load_study({"name": "nli", "bench": {"kind": "hf_seq_cls", "weights": str(tmp_path / "llama"), "max_length": 8},
+                       "methods": METHODS, "tasks": tasks})
+    assert spec.joint is False  # no shared label space across the tasks' own heads
+    ctx = Run(spec, str(tmp_path / "store"))
+    _, done = run_graph(ctx, local_submit(ctx))
+    ds = Store(tmp_path / "store").get_dataset(done.key)
+    acc = ds["score"].sel(task=list(TEXT_TASKS), metric="acc")
+    ta = {"merge_method": "task_arithmetic", "config": ["alpha=0.3", "alpha=0.6"]}
+    scores = acc.sel(space=["full", "core"], **ta)
+    assert bool(scores.notnull().all()) and bool(((0 <= scores) & (scores <= 1)).all())
+    np.testing.assert_allclose(acc.sel(space="full", **ta).values, acc.sel(space="core", **ta).values)
+
+    # each fine-tuned reference is the PEFT model of that task (its LoRA and its head) on its test rows
+    for task, names in TEXT_TASKS.items():
+        peft_model = PeftModel.from_pretrained(_classifier(tmp_path / "llama", len(names or (0, 1))), adapters[task]).eval()
+        ids, labels = ctx.bench.tasks[task].tensors("test")
+        with torch.no_grad():
+            expected = float((peft_model(input_ids=ids, attention_mask=(ids != 0).long()).logits.argmax(-1) == labels).float().mean())
+        got = float(ds["reference_score"].sel(reference="finetuned", task=task, metric="acc"))
+        assert got == pytest.approx(expected), task
+
+    # the merge saves as one PEFT adapter per task: the merged LoRA plus that task's head
+    assert check([f"{t}={adapters[t]}" for t in TEXT_TASKS], base=tmp_path / "llama").problems == []  # heads are not problems
+    taskset = load_taskset(_classifier(tmp_path / "llama", 2), [f"{t}={adapters[t]}" for t in TEXT_TASKS])
+    assert set(taskset.tasks[0].meta["saved_modules"]) == {"score.weight"} and "score.weight" not in taskset.tasks[0].modules
+    merged = merge(taskset, "task_arithmetic", "core", alpha=0.5)
+    out = save_merged(merged, tmp_path / "merged", heads=task_heads(taskset))
+    ids = ctx.bench.tasks["nli"].tensors("test")[0]
+    for task, names in TEXT_TASKS.items():
+        base = _classifier(tmp_path / "llama", len(names or (0, 1)))
+        state = {**merged.apply(base.state_dict()), **saved_modules(adapters[task])}
+        with torch.no_grad():
+            expected = torch.func.functional_call(base, state, (), {"input_ids": ids, "attention_mask": (ids != 0).long()}).logits
+            loaded = PeftModel.from_pretrained(_classifier(tmp_path / "llama", len(names or (0, 1))), str(out / task)).eval()
+            got = loaded(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_an_hf_seq_cls_study_refuses_a_joint_task_and_adapters_without_heads(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    bench = {"kind": "hf_seq_cls", "weights": str(tmp_path / "llama")}
+    with pytest.raises(InputError, match="no joint label space"):
+        load_study({"name": "nli", "bench": bench, "joint": True, "methods": METHODS, "tasks": [{"name": "x", "adapter": str(tmp_path)}]})
+    _tiny_llama_classifier(tmp_path / "llama")
+    headless = get_peft_model(_classifier(tmp_path / "llama", 2), LoraConfig(r=2, target_modules=["q_proj"]))
+    headless.save_pretrained(str(tmp_path / "headless"))
+    data = _text_folders(tmp_path / "data")
+    spec = load_study({"name": "nli", "bench": bench, "methods": METHODS,
+                       "tasks": [{"name": "sentiment", "adapter": str(tmp_path / "headless"), "data": data["sentiment"]}]})
+    with pytest.raises(InputError, match="saves no score head"):
+        Run(spec, str(tmp_path / "store")).bench
+
+
+def test_text_tasks_read_csv_and_jsonl_rows_carve_val_and_name_what_is_wrong(tmp_path):
+    from mergelab.data.text import text_task
+
+    def tokenize(texts):
+        return torch.tensor([[len(w) for w in t.split()][:4] + [0] * (4 - len(t.split()[:4])) for t in texts])
+
+    root = tmp_path / "task"
+    root.mkdir()
+    (root / "train.csv").write_text("text,label\n" + "".join(f"w{'x' * i} y,{'pos' if i % 2 else 'neg'}\n" for i in range(10)))
+    (root / "test.jsonl").write_text('{"text": "a bb", "label": "pos"}\n{"text": "ccc", "label": "neg"}\n')
+    task = text_task(root, tokenize=tokenize)
+    assert task.classnames == ("neg", "pos")  # sorted names when none are given
+    val, train = task.split("val"), task.split("train")
+    assert len(val) == 2 and len(train) == 8 and task.tensors("test")[0].tolist() == [[1, 2, 0, 0], [3, 0, 0, 0]]
+    assert task.tensors("test")[1].tolist() == [1, 0]
+    with pytest.raises(InputError, match="label 'pos' is neither a class index below 2 nor one of the class names"):
+        text_task(root, tokenize=tokenize, classnames=["no", "yes"]).split("test")
+    (root / "test.jsonl").unlink()
+    with pytest.raises(InputError, match=r"needs test\.csv\|jsonl"):
+        text_task(root, tokenize=tokenize)

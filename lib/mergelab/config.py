@@ -192,6 +192,22 @@ class StudySpec(Strict):
     def _slug(cls, name: str) -> str:
         return safe_name(name, "study name")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _joint_needs_zero_shot_heads(cls, data: Any) -> Any:
+        """``joint`` defaults to off on a bench whose tasks bring their own heads (``hf_seq_cls``:
+        no shared label space), and asking for it there is an error."""
+        if not isinstance(data, dict):
+            return data
+        bench = data.get("bench")
+        kind = bench.get("kind") if isinstance(bench, dict) else getattr(bench, "kind", None)
+        if kind != "hf_seq_cls":
+            return data
+        if data.get("joint"):
+            raise ValueError("joint: an hf_seq_cls bench scores each task with its own classifier head, so there is no "
+                             "joint label space; remove joint: true")
+        return {**data, "joint": False}
+
     @field_validator("seeds")
     @classmethod
     def _some_seed(cls, seeds: list[int]) -> list[int]:

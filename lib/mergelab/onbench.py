@@ -239,7 +239,7 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     """
     import time
 
-    from mergelab.checkpoints import cap_rank, load_grams, load_taskset, save_merged
+    from mergelab.checkpoints import cap_rank, load_grams, load_taskset, save_merged, task_heads
     from mergelab.spaces import get_space
     from mergelab.store import Store
 
@@ -278,7 +278,7 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     capped: dict[str, float] = {}
     if max_rank is not None:
         merged, capped = cap_rank(merged, max_rank)
-    written = save_merged(merged, out, format=fmt, base=base, overwrite=force)  # type: ignore[arg-type]
+    written = save_merged(merged, out, format=fmt, base=base, overwrite=force, heads=task_heads(taskset))  # type: ignore[arg-type]
     config = {"method": spec.name, "space": sp.name, "space_options": sp.options(), "hyper_parameters": merged.meta["hyper_parameters"],
               **({"max_rank": max_rank} if max_rank is not None else {})}
     key = s.key("merge.config", "1", taskset=taskset, **config, **({"selection": select} if select else {}))
@@ -303,7 +303,7 @@ def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any
     val images (:func:`adapt_on_bench`) and write the merge to ``out``; returns the run, the written
     path and the store URL. Options are validated before anything loads."""
     from mergelab.adaptation.objectives import validate_preference
-    from mergelab.checkpoints import load_taskset, save_merged
+    from mergelab.checkpoints import load_taskset, save_merged, task_heads
     from mergelab.store import Store
 
     if not sources:
@@ -315,7 +315,7 @@ def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any
     bench_spec, evaluating = evaluation_bench(bench, taskset, base)
     url = Store(store).url
     result = adapt_on_bench(evaluating, bench_spec, taskset, adaptive, url, seed=seed, allow_labels=allow_labels, progress=progress)
-    return result, save_merged(result.merged, out, format=fmt, base=base, overwrite=force), url
+    return result, save_merged(result.merged, out, format=fmt, base=base, overwrite=force, heads=task_heads(taskset)), url
 
 
 def check_output(fmt: str, out: Path, force: bool) -> None:

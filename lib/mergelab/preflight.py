@@ -22,7 +22,7 @@ from typing import Any
 
 from mergelab.checkpoints.files import (ADAPTER_WEIGHTS, FULL_WEIGHTS, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir,
                                         named_sources, read_adapter_config, read_tensors, weights_file)
-from mergelab.checkpoints.loading import guess_param, resolve_prefix, target_param, target_views
+from mergelab.checkpoints.loading import guess_param, resolve_prefix, saved_names, target_param, target_views
 from mergelab.errors import InputError
 
 __all__ = ["Preflight", "TaskReport", "check", "split_overlaps", "tensor_shapes"]
@@ -91,10 +91,14 @@ def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] |
     if weights is None:
         raise InputError(f"{path} has no {' or '.join(ADAPTER_WEIGHTS)}; copy the adapter weights next to its config")
     factors: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
-    for key, entry in tensor_shapes(weights).items():
+    shapes = tensor_shapes(weights)
+    saved = saved_names(shapes, config)
+    for key, entry in shapes.items():
+        if key.removeprefix(PEFT_PREFIX) in saved:
+            continue  # a task's own head (modules_to_save): kept per task, never merged
         match = LORA_KEY.match(key.removeprefix(PEFT_PREFIX))
         if match is None:
-            problems.append(f"{name}: {key!r} is not a LoRA factor (mergelab reads plain LoRA adapters)")
+            problems.append(f"{name}: {key!r} is neither a LoRA factor nor in the config's modules_to_save")
             continue
         factors.setdefault(match["module"], {})[match["kind"].replace("_embedding", "")] = entry
     peft_modules = sorted(factors)

@@ -10,6 +10,11 @@ its ``tasks:`` list:
   ``ImageFolder`` ``data`` root.
 * ``hf_clip``: a local ``transformers`` ``CLIPModel`` directory as ``weights`` (adapters on its
   ``CLIPVisionModel`` attention projections, the KnOTS layout), tasks as for ``open_clip``.
+* ``hf_seq_cls``: a local ``AutoModelForSequenceClassification`` directory (a decoder classifier
+  with a ``score`` head, e.g. LLaMA; 001 Tab. 2, 003 Tab. 2) as ``weights``; every task gives its
+  PEFT ``adapter``, whose ``modules_to_save`` hold the task's own trained head, and a ``data``
+  folder of ``{train,val,test}.{csv,jsonl}`` rows (text, label). Merging merges the LoRA part;
+  each task is evaluated with its own head.
 
 Nothing here downloads anything: every path is local.
 """
@@ -23,7 +28,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mergelab.data.tasks import ClassificationTask
 from mergelab.errors import InputError
@@ -33,13 +38,15 @@ from mergelab.strict import Strict, safe_name
 from mergelab.taskset import TaskSet
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from mergelab.model import Backbone
 
 __all__ = ["BENCHES", "Bench", "BenchSpec", "TaskSource", "load_bench"]
 
 
 class TaskSource(Strict):
-    """One task of a real-model study: its adapter (or full checkpoint) and its image folder."""
+    """One task of a real-model study: its adapter (or full checkpoint) and its data folder."""
 
     name: str
     adapter: Path | None = None
@@ -62,8 +69,9 @@ class TaskSource(Strict):
 
 class BenchSpec(Strict):
     """Where the model and tasks come from: ``micro`` (the shipped benchmark), ``open_clip`` or
-    ``hf_clip`` (local weights + ImageFolder task data). ``rank``: the micro adapter set (a rank,
-    ``mixed``, or ``None`` for the benchmark's default set)."""
+    ``hf_clip`` (local weights + ImageFolder task data), ``hf_seq_cls`` (a local sequence
+    classifier + text task data). ``rank``: the micro adapter set (a rank, ``mixed``, or ``None``
+    for the benchmark's default set); ``max_length``: the token length of ``hf_seq_cls`` inputs."""
 
     kind: str = "micro"
     root: Path = Path("data/micro")
@@ -71,6 +79,7 @@ class BenchSpec(Strict):
     arch: str | None = None
     weights: Path | None = None
     image_size: int | None = None
+    max_length: int = Field(128, ge=1)  # hf_seq_cls: the token length texts are padded / truncated to
 
     @field_validator("kind")
     @classmethod
@@ -84,8 +93,10 @@ class Bench:
     """A backbone, its classification tasks (in task order) and each task's checkpoint source.
 
     ``data_id`` identifies everything evaluation depends on besides the merged encoder weights:
-    the whole pre-trained model (its text tower builds the heads) and the tasks' data, class
-    names and templates. Store keys of evaluations include it.
+    the whole pre-trained model (its text tower builds the heads), the tasks' data, class
+    names and templates, and their own heads where they bring them. Store keys of evaluations
+    include it. ``heads``: each task's trained ``(C, D)`` classifier head (``hf_seq_cls``), or
+    ``None`` for zero-shot heads built from the class names.
     """
 
     name: str
@@ -93,6 +104,7 @@ class Bench:
     tasks: dict[str, ClassificationTask]
     sources: list[tuple[str, Path]]
     data_id: str
+    heads: dict[str, Tensor] | None = None
 
     @cached_property
     def taskset(self) -> TaskSet:
@@ -202,8 +214,69 @@ def _hf_clip(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
     return _folder_bench(root.name, hf_clip_backbone(model.eval(), tokenizer=tokenize), spec, tasks, digest)
 
 
+def _hf_seq_cls(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
+    """A local ``AutoModelForSequenceClassification`` directory with its tokenizer; each task's
+    adapter brings its own ``score`` head (PEFT ``modules_to_save``) and a folder of text rows
+    (:func:`mergelab.data.text.text_task`)."""
+    import transformers
+    from torch import nn
+
+    from mergelab.checkpoints import saved_modules
+    from mergelab.checkpoints.files import ADAPTER_WEIGHTS, weights_file
+    from mergelab.data.text import text_task
+    from mergelab.model import hf_sequence_backbone
+
+    root = Path(spec.weights) if spec.weights is not None else None
+    if root is None or not (root / "config.json").is_file():
+        raise InputError("bench: hf_seq_cls needs weights: a local AutoModelForSequenceClassification directory (config.json, "
+                         "model.safetensors and tokenizer files, as save_pretrained writes them)")
+    if not tasks or not all(hasattr(t, "name") for t in tasks):
+        raise InputError("tasks: an hf_seq_cls study lists tasks as {name, adapter, data} entries")
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(str(root), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise InputError(f"bench.weights: {root} is not a loadable sequence classifier with its tokenizer "
+                         f"({str(err).splitlines()[0]})") from None
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise InputError(f"bench.weights: {type(model).__name__} has no bias-free score head; hf_seq_cls evaluates decoder "
+                         "classifiers whose head reads the last token (LLaMA, Mistral, Qwen, Gemma)")
+    pad = model.config.pad_token_id
+    if tokenizer.pad_token_id is None and pad is not None:
+        tokenizer.pad_token_id = pad
+    if tokenizer.pad_token_id is None or pad is None or tokenizer.pad_token_id != pad:
+        raise InputError(f"bench.weights: the model's pad_token_id ({pad}) and the tokenizer's ({tokenizer.pad_token_id}) must "
+                         "be set and equal (the head reads the last non-padding token); set pad_token_id in config.json")
+    tokenizer.padding_side = "right"
+
+    def tokenize(texts: Sequence[str]) -> Tensor:
+        return tokenizer(list(texts), padding="max_length", truncation=True, max_length=spec.max_length, return_tensors="pt")["input_ids"]
+
+    built, heads = {}, {}
+    for t in tasks:
+        if t.adapter is None or t.data is None:
+            raise InputError(f"tasks: {t.name} needs an adapter (with its trained head) and a data folder")
+        own = saved_modules(t.adapter)
+        if "score.weight" not in own:
+            raise InputError(f"tasks: {t.name}'s adapter {t.adapter} saves no score head (modules_to_save); train it with "
+                             "task_type='SEQ_CLS' so that each task keeps its own classifier")
+        built[t.name] = text_task(t.data, tokenize=tokenize, name=t.name, classnames=t.classnames)
+        heads[t.name] = own["score.weight"].float()
+        if heads[t.name].shape[0] != built[t.name].num_classes:
+            raise InputError(f"tasks: {t.name}'s head has {heads[t.name].shape[0]} classes, its data {built[t.name].num_classes} "
+                             f"({list(built[t.name].classnames)[:5]}); give classnames in head order")
+    data_id = content_hash({"kind": "hf_seq_cls", "weights": [_file_digest(p) for p in sorted(root.iterdir()) if p.is_file()],
+                            "max_length": spec.max_length,
+                            "tasks": [(_task_id(built[t.name]), _folder_id(Path(t.data)), _file_digest(weights_file(Path(t.adapter), ADAPTER_WEIGHTS)))
+                                      for t in tasks]})
+    backbone = hf_sequence_backbone(model.eval(), tokenizer=tokenize, linear_heads=True)
+    return Bench(root.name, backbone, built, [(t.name, Path(t.adapter)) for t in tasks], data_id, heads)
+
+
 #: ``bench.kind`` -> builder ``(BenchSpec, tasks) -> Bench``.
-BENCHES: Registry[Callable[[Any, Any], Bench]] = Registry("bench kind", {"micro": _micro, "open_clip": _open_clip, "hf_clip": _hf_clip})
+BENCHES: Registry[Callable[[Any, Any], Bench]] = Registry("bench kind", {"micro": _micro, "open_clip": _open_clip, "hf_clip": _hf_clip,
+                                                                          "hf_seq_cls": _hf_seq_cls})
 
 
 def load_bench(spec: BenchSpec, tasks: Sequence[str] | Sequence[TaskSource] | None = None) -> Bench:

@@ -39,7 +39,8 @@ from mergelab.analysis.batches import Batch, image_batches
 from mergelab.analysis.proxies import check_distance
 from mergelab.bench.benches import Bench
 from mergelab.data.tasks import joint_label_space
-from mergelab.evaluation.heads import image_logits, joint_head, task_head
+from mergelab.errors import InputError
+from mergelab.evaluation.heads import head_logits, image_logits, joint_head, task_head
 from mergelab.evaluation.metrics import image_features, top1_accuracy
 from mergelab.model import Backbone
 from mergelab.taskset import MergedUpdate, TaskSet, add_updates
@@ -115,11 +116,17 @@ class BenchSession:
     # Heads, weights, data -------------------------------------------------------------------------
 
     def head(self, name: str) -> Tensor:
-        """Task ``name``'s zero-shot head (class names × templates through the text tower)."""
+        """Task ``name``'s head: its own trained one when the bench has them (``hf_seq_cls``),
+        otherwise its zero-shot head (class names × templates through the text tower)."""
+        if self.bench.heads is not None:
+            return self.bench.heads[name]
         return self._shared.get(("head", name), lambda: task_head(self.backbone, self.bench.tasks[name]))
 
     def joint_head(self) -> Tensor:
         """The head over the de-duplicated union of every task's labels (the joint task; built once)."""
+        if self.bench.heads is not None:
+            raise InputError(f"joint: the {self.bench.name} bench's tasks bring their own classifier heads, so there is no "
+                             "shared label space to score jointly; set joint: false")
         tasks = list(self.bench.tasks.values())
         return self._shared.get("joint_head", lambda: joint_head(self.backbone, tasks, joint_label_space(tasks)))
 
@@ -158,8 +165,9 @@ class BenchSession:
     def accuracy(self, name: str, split: str, params: Params | None, features: Tensor | None = None) -> tuple[float, Tensor]:
         """Top-1 accuracy of task ``name`` on ``split`` with its zero-shot head, and the normalised
         image features (the joint head reuses them); ``features``: :meth:`features` of that split, when at hand."""
-        features = F.normalize(self.features(name, split, params) if features is None else features, dim=-1)
-        return top1_accuracy(features @ self.head(name).T, self.tensors(name, split)[1]), features
+        features = self.features(name, split, params) if features is None else features
+        logits = head_logits(self.backbone, features, self.head(name))
+        return top1_accuracy(logits, self.tensors(name, split)[1]), F.normalize(features, dim=-1)
 
     def tas(self, name: str, params: Params | None, features: Tensor | None = None, distance: str = "l2") -> float:
         """``TAS_t`` (004 Eq. 2): the mean ``d(f(x; params), f(x; θ_t))`` over task ``name``'s validation

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PR
                                         read_tensors, weights_file)
 
 __all__ = ["describe", "describe_sources", "guess_param", "load_taskset", "mha_out_proj_factor", "peft_template",
-           "resolve_prefix", "target_param", "target_views"]
+           "resolve_prefix", "saved_modules", "saved_names", "target_param", "target_views", "task_heads"]
 
 
 def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -131,6 +131,39 @@ def resolve_prefix(names: Sequence[str], base: Mapping[str, Any], where: Path, *
                      f"name the one it was trained on with --base-module (e.g. --base-module {covering[-1].rstrip('.') or '.'})")
 
 
+def saved_names(keys: Iterable[str], config: Mapping[str, Any]) -> set[str]:
+    """Which of an adapter file's tensor keys are ``modules_to_save`` copies (PEFT stores whole
+    parameters, e.g. a sequence classifier's ``score.weight``), by name relative to the adapted model."""
+    wanted = config.get("modules_to_save") or ()
+    names = set()
+    for key in keys:
+        short = key.removeprefix(PEFT_PREFIX)
+        module = short.rsplit(".", 1)[0]
+        if LORA_KEY.match(short) is None and any(module == m or module.endswith(f".{m}") for m in wanted):
+            names.add(short)
+    return names
+
+
+def saved_modules(path: str | Path) -> dict[str, Tensor]:
+    """A PEFT adapter's ``modules_to_save`` tensors (a task's own trained head: ``{"score.weight": W}``),
+    by name relative to the model the adapter was trained on; empty when it saves none."""
+    path = Path(path)
+    weights = weights_file(path, ADAPTER_WEIGHTS)
+    if weights is None:
+        raise InputError(f"{path} has no {' or '.join(ADAPTER_WEIGHTS)}; pass a PEFT adapter directory")
+    tensors = read_tensors(weights)
+    return {name: tensors[PEFT_PREFIX + name] if PEFT_PREFIX + name in tensors else tensors[name]
+            for name in sorted(saved_names(tensors, read_adapter_config(path)))}
+
+
+def task_heads(taskset: TaskSet) -> dict[str, dict[str, Tensor]] | None:
+    """Every task's :func:`saved_modules` (``save_merged(..., heads=...)``), or ``None`` when no
+    task's adapter saves any."""
+    if not any(t.meta.get("saved_modules") for t in taskset.tasks):
+        return None
+    return {t.name: saved_modules(t.source) if t.meta.get("saved_modules") else {} for t in taskset.tasks}
+
+
 def guess_param(peft_module: str, peft_modules: Sequence[str]) -> str:
     """Without a base model: the parameter name a PEFT module most likely updates."""
     if f"{peft_module}.base_layer.out_proj" in peft_modules:  # LoRA on an nn.MultiheadAttention
@@ -147,12 +180,16 @@ def _load_adapter(
     if weights is None:
         raise InputError(f"{path} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}; copy the adapter weights next to it")
     raw = read_tensors(weights)
+    saved = saved_names(raw, config)
     factors: dict[str, dict[str, Tensor]] = {}
     for key, tensor in raw.items():
         short = key.removeprefix(PEFT_PREFIX)
+        if short in saved:
+            continue  # a modules_to_save copy (a task's own head): read by saved_modules, never merged
         match = LORA_KEY.match(short)
         if match is None:
-            raise InputError(f"{weights} holds {key!r}, which is not a LoRA factor; mergelab reads plain LoRA adapters")
+            raise InputError(f"{weights} holds {key!r}, which is neither a LoRA factor nor in the config's modules_to_save; "
+                             "mergelab reads LoRA adapters (with trained heads as modules_to_save)")
         factors.setdefault(match["module"], {})[match["kind"]] = tensor
     if not factors:
         raise InputError(f"{weights} holds no LoRA factors; is it a PEFT LoRA adapter?")
@@ -210,7 +247,8 @@ def _load_adapter(
             meta_modules[view] = info if len(views) == 1 else {**info, "packed": [index, len(views)]}
     if not modules:
         raise InputError(f"modules filter keeps none of adapter {path}'s {len(peft_modules)} modules")
-    meta = {"format": "peft", "prefix": prefix, "adapter_config": config, "modules": meta_modules}
+    meta = {"format": "peft", "prefix": prefix, "adapter_config": config, "modules": meta_modules,
+            **({"saved_modules": sorted(prefix + k for k in saved)} if saved else {})}
     return TaskUpdate(name=name, modules=modules, source=str(path), meta=meta)
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from mergelab.errors import InputError
 from mergelab.linalg import lowrank_svd, svd64
+from mergelab.strict import SAFE_NAME
 from mergelab.taskset import LowRank, MergedUpdate, Update
 
 from mergelab.checkpoints.files import ADAPTER_CONFIG, PEFT_PREFIX, BaseLike, StateDict, load_state_dict
@@ -173,6 +174,7 @@ def save_merged(
     base: BaseLike | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a merged update as a PEFT LoRA adapter directory or as merged full weights.
 
@@ -181,12 +183,21 @@ def save_merged(
     ``task_type`` and ``base_model_name_or_path`` are kept. ``format="weights"`` needs ``base``
     and writes ``model.safetensors`` holding ``W_0 + delta`` for every base parameter.
     A ``merge.json`` with the merge's provenance goes into both.
+
+    ``heads``: per task, the parameters it keeps as its own (a sequence classifier's trained head,
+    :func:`~mergelab.checkpoints.saved_modules`). Then ``out/<task>/`` holds one adapter (or
+    weights file) per task, the merge plus that task's head (as ``modules_to_save``), and
+    ``out/merge.json`` the provenance: ``PeftModel.from_pretrained(base, out/<task>)`` is the
+    merged model for that task.
     """
     info = {"method": merged.meta.get("method"), "space": merged.meta.get("space"),
             "space_options": merged.meta.get("space_options"),
             "hyper_parameters": merged.meta.get("hyper_parameters"), "tasks": merged.meta.get("tasks"),
             "base": merged.base.__dict__, "content_hash": merged.content_hash,
             **{k: merged.meta[k] for k in ("max_rank", "rank_cap_error") if k in merged.meta}}
+    unsafe = [t for t in heads or {} if not SAFE_NAME.fullmatch(t)]
+    if unsafe:
+        raise InputError(f"task name {unsafe[0]!r} cannot name a folder of per-task adapters; name tasks with letters, digits, '_.+-'")
     if format == "peft":
         dense = sorted(k for k, u in merged.modules.items() if not isinstance(u, LowRank))
         if dense:
@@ -200,20 +211,32 @@ def save_merged(
         if not config.get("target_modules"):
             config["target_modules"] = sorted(ranks)
 
-        def write(d: Path) -> None:
-            save_file({k: v.to(dtype) for k, v in tensors.items()}, str(d / "adapter_model.safetensors"))
+        def write_one(d: Path, own: Mapping[str, torch.Tensor]) -> None:
+            own_tensors = {PEFT_PREFIX + k: v for k, v in own.items()}
+            save_file({k: v.to(dtype).contiguous() for k, v in {**tensors, **own_tensors}.items()}, str(d / "adapter_model.safetensors"))
             (d / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-            (d / "merge.json").write_text(json.dumps(info, indent=2, default=str))
 
     elif format == "weights":
         if base is None:
             raise InputError("format='weights' needs the base model; pass base=... (CLI: --base)")
         weights = merged.apply(load_state_dict(base))
 
-        def write(d: Path) -> None:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "model.safetensors"))
-            (d / "merge.json").write_text(json.dumps(info, indent=2, default=str))
+        foreign = sorted({k for own in (heads or {}).values() for k in own} - set(weights))
+        if foreign:
+            raise InputError(f"task head {foreign[0]!r} is not a parameter of the base; pass the model the adapters were trained on as --base")
+
+        def write_one(d: Path, own: Mapping[str, torch.Tensor]) -> None:
+            save_file({k: v.contiguous() for k, v in {**weights, **own}.items()}, str(d / "model.safetensors"))
 
     else:
         raise InputError(f"unknown format {format!r}; choose 'peft' or 'weights'")
+
+    def write(d: Path) -> None:
+        for task, own in (heads or {}).items():
+            (d / task).mkdir()
+            write_one(d / task, own)
+        if not heads:
+            write_one(d, {})
+        (d / "merge.json").write_text(json.dumps(info, indent=2, default=str))
+
     return _publish_dir(Path(out), write, overwrite)

@@ -14,6 +14,13 @@ from mergelab.cli.app import key_values, progress_bars, BaseModuleOpt, RegistryH
 from mergelab.errors import InputError
 
 
+def _written_kind(fmt: str, written: Path) -> str:
+    """What ``save_merged`` wrote: one adapter / weights file, or one per task (tasks with their own heads)."""
+    kind = "PEFT adapter" if fmt == "peft" else "merged weights"
+    per_task = sorted(d.name for d in Path(written).iterdir() if d.is_dir())
+    return f"{kind} per task, each with its own head: {', '.join(per_task)}" if per_task else kind
+
+
 # inspect ----------------------------------------------------------------------------------------
 
 
@@ -174,7 +181,7 @@ def merge_command(
                           modules=modules, force=force, select=select, grid=grid_values, bench=bench, store=store,
                           base_module=base_module, on_selection=_show_selection)
     record, selection = done.record, done.selection
-    kind = "PEFT adapter" if fmt == "peft" else "merged weights"
+    kind = _written_kind(fmt, done.written)
     chosen = "" if selection is None else f" ({selection.label}, selected by {selection.rule})"
     console.print(f"merged {len(record['tasks'])} tasks with {record['method']}{chosen} in {record['space']} space -> "
                   f"{done.written} ({kind}); configuration stored as {done.key} in {done.store}", soft_wrap=True)
@@ -248,7 +255,7 @@ def adapt_command(
         values = result.scores.mean("task") if task == "mean" else result.scores.sel(task=task)
         table.add_row(task, *(f"{100 * float(values.sel(metric=c)):.1f}" for c in columns))
     console.print(table)
-    kind = "PEFT adapter" if fmt == "peft" else "merged weights"
+    kind = _written_kind(fmt, written)
     console.print(f"adapted {result.scores.sizes['task']} tasks with {method} ({iters} iterations, {1000 * result.seconds_per_iter:.0f} ms each) "
                   f"-> {written} ({kind}); history studies/{result.name}/adapt/{method} in {url}", soft_wrap=True, highlight=False)
 

@@ -40,7 +40,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """Images and their targets: an int array of labels, or a mapping of named dense targets."""
+    """Inputs and their targets: an int array of labels, or a mapping of named dense targets.
+
+    The inputs are uint8 images ``(N, S, S, 3)``, or for a text task (:mod:`mergelab.data.text`)
+    padded token ids ``(N, L)``.
+    """
 
     images: np.ndarray
     labels: np.ndarray | Mapping[str, np.ndarray]
@@ -49,8 +53,9 @@ class Split:
         return int(self.images.shape[0])
 
     def tensors(self) -> tuple[Tensor, Tensor]:
-        """``(images (N, 3, S, S) float, labels (N,) long)`` for a classification split."""
-        return to_tensor(self.images), torch.from_numpy(np.asarray(self.labels)).long()
+        """``(images (N, 3, S, S) float | token ids (N, L) long, labels (N,) long)`` for a classification split."""
+        inputs = torch.from_numpy(np.asarray(self.images)).long() if self.images.ndim == 2 else to_tensor(self.images)
+        return inputs, torch.from_numpy(np.asarray(self.labels)).long()
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,7 +17,7 @@ from torch import Tensor
 from mergelab.data.tasks import ClassificationTask, JointLabels
 from mergelab.model.base import Backbone
 
-__all__ = ["image_logits", "joint_head", "task_head", "zero_shot_head"]
+__all__ = ["head_logits", "image_logits", "joint_head", "task_head", "zero_shot_head"]
 
 
 @torch.no_grad()
@@ -45,6 +45,16 @@ def joint_head(backbone: Backbone, tasks: Sequence[ClassificationTask], joint: J
     return torch.cat(rows)
 
 
+def head_logits(backbone: Backbone, features: Tensor, head: Tensor) -> Tensor:
+    """``(N, C)`` logits of unnormalised features ``(N, D)`` against a ``(C, D)`` head.
+
+    A zero-shot head scores the normalised features (CLIP). A backbone with ``linear_heads`` (a
+    sequence classifier whose tasks bring their own trained ``score`` heads, ``hf_seq_cls``) is
+    scored as its model scores them: ``features @ head.T``, the classifier's own logits.
+    """
+    return (features if getattr(backbone, "linear_heads", False) else F.normalize(features, dim=-1)) @ head.T
+
+
 def image_logits(backbone: Backbone, images: Tensor, head: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
-    """``(N, C)`` logits of normalised image embeddings against a head (differentiable in ``params``)."""
-    return F.normalize(backbone.encode_image(images, params), dim=-1) @ head.T
+    """``(N, C)`` logits of the images against a head (:func:`head_logits`; differentiable in ``params``)."""
+    return head_logits(backbone, backbone.encode_image(images, params), head)

@@ -141,6 +141,9 @@ class HFSequenceBackbone:
     vision: nn.Module
     tokenizer: Tokenizer | None = None
     name: str = "hf_seq_cls"
+    #: heads are the tasks' own trained ``score`` weights, scored on the raw pooled features
+    #: (:func:`mergelab.evaluation.heads.head_logits`); off: zero-shot heads from label texts
+    linear_heads: bool = False
 
     def __post_init__(self) -> None:
         self.vision.eval()
@@ -183,12 +186,13 @@ class HFSequenceBackbone:
         return self.encode_image(ids)
 
 
-def hf_sequence_backbone(model, *, tokenizer: Tokenizer | None = None) -> HFSequenceBackbone:
-    """From an ``AutoModelForSequenceClassification`` model or its config (random weights)."""
+def hf_sequence_backbone(model, *, tokenizer: Tokenizer | None = None, linear_heads: bool = False) -> HFSequenceBackbone:
+    """From an ``AutoModelForSequenceClassification`` model or its config (random weights);
+    ``linear_heads``: the tasks bring trained heads (the ``hf_seq_cls`` bench)."""
     import transformers
 
     if isinstance(model, transformers.PretrainedConfig):
         model = transformers.AutoModelForSequenceClassification.from_config(model)
     if not isinstance(model, nn.Module):
         raise InputError(f"hf_seq_cls needs a sequence-classification model or config, got {type(model).__name__}")
-    return HFSequenceBackbone(model, tokenizer)
+    return HFSequenceBackbone(model, tokenizer, linear_heads=linear_heads)
