@@ -214,3 +214,27 @@ def test_closed_vocab_tokenizer_round_trip():
     assert ids[1, -1] == tok.eot and tok.UNK in ids[1].tolist()  # truncated, unknown word mapped to UNK
     assert int(ids.max()) == tok.vocab_size - 1  # eot is the largest id (argmax pooling)
     assert ClosedVocabTokenizer.from_json(tok.to_json())(["a cat"]).equal(tok(["a cat"]))
+
+
+def test_a_placed_backbone_runs_in_bfloat16_and_passes_gradients_back_to_cpu_parameters():
+    from mergelab.model.placement import PlacedBackbone, placed
+
+    backbone = _tiny_open_clip()
+    assert placed(backbone, "cpu", "float32") is backbone  # nothing to place
+    images = torch.randn(3, 3, backbone.image_size, backbone.image_size)
+    base = backbone.base_state()
+    name = next(k for k in base if k.endswith("attn.q_proj.weight"))
+    reference = backbone.encode_image(images)
+    bf16 = placed(copy.deepcopy(backbone), "cpu", "bfloat16")
+    assert isinstance(bf16, PlacedBackbone) and bf16.lora_targets() == backbone.lora_targets()
+    weight = base[name].clone().requires_grad_(True)
+    out = bf16.encode_image(images, {name: weight})
+    assert out.dtype == torch.float32 and out.device.type == "cpu"
+    torch.testing.assert_close(out, reference, rtol=0.1, atol=0.05)
+    assert not torch.equal(out, reference)  # it did run in bfloat16
+    out.square().sum().backward()
+    assert weight.grad is not None and weight.grad.dtype == torch.float32 and bool(weight.grad.abs().sum() > 0)
+    with pytest.raises(InputError, match="not a torch device"):
+        placed(backbone, "gpu please")
+    with pytest.raises(InputError, match="dtype 'int8' is not supported"):
+        placed(backbone, "cpu", "int8")

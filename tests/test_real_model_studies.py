@@ -41,8 +41,8 @@ def _image_folders(root, size: int = 32, per_class: int = 3) -> dict[str, str]:
     return {task: str(root / task) for task in TASKS}
 
 
-def _run(bench: dict, adapters: dict, data: dict, store) -> "xr.Dataset":  # noqa: F821
-    spec = load_study({"name": "real", "bench": bench, "methods": METHODS, "seeds": [0],
+def _run(bench: dict, adapters: dict, data: dict, store, **settings) -> "xr.Dataset":  # noqa: F821
+    spec = load_study({"name": "real", "bench": bench, "methods": METHODS, "seeds": [0], **settings,
                        "tasks": [{"name": t, "adapter": str(adapters[t]), "data": data[t]} for t in TASKS]})
     ctx = Run(spec, str(store))
     _, done = run_graph(ctx, local_submit(ctx))
@@ -61,7 +61,8 @@ def _check(ds) -> None:
     assert bool(ds["reference_score"].sel(reference="zeroshot", task=list(TASKS), metric="acc").notnull().all())
 
 
-def test_an_open_clip_study_from_an_architecture_and_a_weights_file(tmp_path):
+def _tiny_open_clip(tmp_path):
+    """A random open_clip model registered as ``test-tiny-clip`` and saved as ``weights.pt``."""
     import open_clip
 
     config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
@@ -72,6 +73,11 @@ def test_an_open_clip_study_from_an_architecture_and_a_weights_file(tmp_path):
     torch.manual_seed(0)
     model = open_clip.create_model("test-tiny-clip")
     torch.save(model.state_dict(), tmp_path / "weights.pt")
+    return model
+
+
+def test_an_open_clip_study_from_an_architecture_and_a_weights_file(tmp_path):
+    model = _tiny_open_clip(tmp_path)
     paths = write_peft_adapters(copy.deepcopy(model.visual), tmp_path / "adapters", TASKS, target_modules=["c_fc", "c_proj"],
                                 rank=2, alpha=4)
     bench = {"kind": "open_clip", "arch": "test-tiny-clip", "weights": str(tmp_path / "weights.pt")}
@@ -80,6 +86,22 @@ def test_an_open_clip_study_from_an_architecture_and_a_weights_file(tmp_path):
     # LoRAs on the stock packed attention (PEFT's MHA LoRA) land on the bench's split q/k/v/out projections
     packed = write_peft_adapters(copy.deepcopy(model.visual), tmp_path / "packed", TASKS, target_modules=["attn"], rank=2, alpha=4)
     _check(_run(bench, dict(zip(TASKS, packed, strict=True)), data, tmp_path / "store"))
+
+
+def test_a_study_runs_its_encoder_in_the_dtype_it_names_and_keys_those_scores_apart(tmp_path):
+    model = _tiny_open_clip(tmp_path)
+    paths = write_peft_adapters(copy.deepcopy(model.visual), tmp_path / "adapters", TASKS, target_modules=["c_fc", "c_proj"],
+                                rank=2, alpha=4)
+    bench = {"kind": "open_clip", "arch": "test-tiny-clip", "weights": str(tmp_path / "weights.pt")}
+    data, adapters = _image_folders(tmp_path / "data"), dict(zip(TASKS, paths, strict=True))
+    full, bf16 = (_run(bench, adapters, data, tmp_path / "store", dtype=dtype) for dtype in ("float32", "bfloat16"))
+    tas = {"task": list(TASKS), "metric": "tas"}
+    # bfloat16 autocast keeps ~3 significant digits: close to float32, not equal (so it did run in bf16)
+    np.testing.assert_allclose(bf16["reference_score"].sel(**tas).values, full["reference_score"].sel(**tas).values, rtol=0.1, atol=1e-3)
+    assert not np.array_equal(bf16["score"].sel(**tas).values, full["score"].sel(**tas).values, equal_nan=True)
+    with pytest.raises(InputError, match="torch sees no CUDA device" if not torch.cuda.is_available() else "CUDA device"):
+        Run(load_study({"name": "real", "bench": bench, "methods": METHODS, "device": "cuda:99",
+                        "tasks": [{"name": t, "adapter": str(adapters[t]), "data": data[t]} for t in TASKS]}), str(tmp_path / "store"))
 
 
 def _tiny_clip_directory(root):

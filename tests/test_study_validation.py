@@ -58,6 +58,8 @@ CASES = [
     (_with(analyses=["nope"]), "unknown analysis 'nope'"),
     (_with(selection="best"), "selection"),
     (_with(colour="blue"), "unknown field"),
+    (_with(dtype="int8"), "dtype 'int8' is not supported; choose one of float32, bfloat16, float16"),
+    (_with(bench={"kind": "hf_seq_cls"}, joint=True), "no joint label space"),
 ]
 
 

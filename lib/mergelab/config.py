@@ -168,6 +168,10 @@ class StudySpec(Strict):
     paper's default (0.3, 0.4, 1/T for AdaMerging+TAS).
     ``unseen``: tasks of the bench that every merge is evaluated on but that nothing merges, adapts
     on, selects on or analyses (001 Tab. 4's generalisation to unseen tasks); needs ``tasks``.
+    ``device`` / ``dtype``: where and in what precision every model-running node (evaluation,
+    adaptation, model analyses) runs the encoder (``cuda``, ``bfloat16`` autocast;
+    :mod:`mergelab.model.placement`); merges run on the CPU in float64 either way. A dtype other
+    than float32 keys its results apart; the device does not.
     """
 
     name: str
@@ -186,6 +190,8 @@ class StudySpec(Strict):
     _folder: Path | None = PrivateAttr(default=None)  # the study file's folder (its default store sits there)
     allow_labels: bool = False
     adaptive_init: float | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
 
     @field_validator("name")
     @classmethod
@@ -207,6 +213,15 @@ class StudySpec(Strict):
             raise ValueError("joint: an hf_seq_cls bench scores each task with its own classifier head, so there is no "
                              "joint label space; remove joint: true")
         return {**data, "joint": False}
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, dtype: str) -> str:
+        from mergelab.model.placement import DTYPES
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        return dtype
 
     @field_validator("seeds")
     @classmethod

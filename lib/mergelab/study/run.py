@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -13,6 +13,7 @@ from typing import Any
 from mergelab.bases import Bases, space_bases
 from mergelab.bench import Bench, BenchSession, load_bench
 from mergelab.config import AdaptiveSpec, StudySpec, config_label
+from mergelab.hashing import content_hash
 from mergelab.merging import METHODS
 from mergelab.store import Key, Kind, Store
 from mergelab.taskset import TaskSet
@@ -119,6 +120,9 @@ class Run:
     """
 
     def __init__(self, spec: StudySpec, store_url: str, bench: Bench | None = None) -> None:
+        from mergelab.model.placement import resolve_device
+
+        resolve_device(spec.device)  # a device this machine lacks fails before anything runs
         self.spec = spec
         self.store = Store(store_url)
         self._given_bench = bench
@@ -130,7 +134,18 @@ class Run:
     @cached_property
     def bench(self) -> Bench:
         with self._lock:
-            return self._given_bench or load_bench(self.spec.bench, self.spec.tasks)
+            return self._placed(self._given_bench or load_bench(self.spec.bench, self.spec.tasks))
+
+    def _placed(self, bench: Bench) -> Bench:
+        """``bench`` with its encoder on the study's device and dtype (:func:`mergelab.model.placement.placed`);
+        a dtype other than float32 enters ``data_id``, so its scores are stored apart."""
+        from mergelab.model.placement import placed
+
+        backbone = placed(bench.backbone, self.spec.device, self.spec.dtype)
+        if backbone is bench.backbone:  # the CPU in float32: nothing to place
+            return bench
+        data_id = bench.data_id if self.spec.dtype == "float32" else content_hash({"data": bench.data_id, "dtype": self.spec.dtype})
+        return replace(bench, backbone=backbone, data_id=data_id)
 
     @cached_property
     def session(self) -> BenchSession:
@@ -143,7 +158,7 @@ class Run:
         """The session evaluations run on: the study's tasks and then its ``unseen`` ones (the
         merges' own session when there are none)."""
         with self._lock:
-            return BenchSession(load_bench(self.spec.bench, self.spec.evaluated)) if self.spec.unseen else self.session
+            return BenchSession(self._placed(load_bench(self.spec.bench, self.spec.evaluated))) if self.spec.unseen else self.session
 
     @property
     def local_session(self) -> BenchSession:
