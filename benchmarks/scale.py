@@ -204,7 +204,10 @@ def model_table(rows: list[dict], model: Model) -> str:
                 peak = fmt_mib(row["peak_mib"])
             elif (label, method) in est:
                 seconds = est[(label, method)]
-                how = "one module per shape, × count"
+                measured = {tuple(r["shape"]) for r in rows if r["model"] == model.key and r["kind"] == "module"
+                            and r["space"] == label and r["method"] == method}
+                lacking = [f"{o}×{i}" for o, i in model.distinct() if (o, i) not in measured]
+                how = f"lower bound: {', '.join(lacking)} not measured" if lacking else "one module per shape, × count"
                 peaks = [r["peak_mib"] for r in rows if r["model"] == model.key and r["kind"] == "module"
                          and r["space"] == label and r["method"] == method and r["peak_mib"] is not None]
                 peak = f"{fmt_mib(max(peaks))} per module" if peaks else "n/a"
