@@ -163,7 +163,7 @@ class BenchSession:
         return image_features(self.backbone, self.tensors(name, split)[0], params)
 
     def accuracy(self, name: str, split: str, params: Params | None, features: Tensor | None = None) -> tuple[float, Tensor]:
-        """Top-1 accuracy of task ``name`` on ``split`` with its zero-shot head, and the normalised
+        """Top-1 accuracy of task ``name`` on ``split`` with its head (:meth:`head`), and the normalised
         image features (the joint head reuses them); ``features``: :meth:`features` of that split, when at hand."""
         features = self.features(name, split, params) if features is None else features
         logits = head_logits(self.backbone, features, self.head(name))
