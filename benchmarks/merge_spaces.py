@@ -27,6 +27,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -90,26 +91,32 @@ def shape_sets(quick: bool, llama_layers: int) -> list[dict]:
     ]
 
 
+def timed_merges(taskset, space: str, options: dict, methods) -> Iterator[tuple[str, float, float, float | None]]:
+    """Project ``taskset`` into ``space`` once and merge that projection with each method, yielding
+    ``(method, project_s, merge_s, peak_mib)``; *peak* is the largest resident-set growth over the
+    RSS before the projection, during the projection and that method's merge."""
+    _release()
+    baseline = _status("VmRSS")
+    with Meter() as projecting:
+        projection = project(taskset, space, **options)
+    for method in methods:
+        with Meter() as merging:
+            merged = merge(projection, method)
+        del merged
+        peaks = [p for p in (projecting.peak, merging.peak) if p is not None]
+        peak_mib = max(0.0, (max(peaks) - baseline) / 2**20) if peaks and baseline is not None else None
+        yield method, projecting.seconds, merging.seconds, peak_mib
+
+
 def run_shape(spec: dict, methods: tuple[str, ...], log) -> list[dict]:
     taskset = random_taskset(spec["shapes"], spec["tasks"], rank=spec["rank"], seed=0)
     rows = []
     for label, space, options in SPACES:
-        _release()
-        baseline = _status("VmRSS")
-        with Meter() as projecting:
-            projection = project(taskset, space, **options)
-        log(f"  {label:12s} project {projecting.seconds:9.3f} s")
-        for method in methods:
-            with Meter() as merging:
-                merged = merge(projection, method)
-            del merged
-            peaks = [p for p in (projecting.peak, merging.peak) if p is not None]
-            peak_mib = max(0.0, (max(peaks) - baseline) / 2**20) if peaks and baseline is not None else None
-            rows.append({"shape": spec["key"], "space": label, "method": method, "project_s": projecting.seconds,
-                         "merge_s": merging.seconds, "total_s": projecting.seconds + merging.seconds, "peak_mib": peak_mib})
-            log(f"  {label:12s} {method:16s} merge {merging.seconds:9.3f} s  total {rows[-1]['total_s']:9.3f} s  "
+        for method, project_s, merge_s, peak_mib in timed_merges(taskset, space, options, methods):
+            rows.append({"shape": spec["key"], "space": label, "method": method, "project_s": project_s,
+                         "merge_s": merge_s, "total_s": project_s + merge_s, "peak_mib": peak_mib})
+            log(f"  {label:12s} {method:16s} project {project_s:9.3f} s  merge {merge_s:9.3f} s  "
                 f"peak {peak_mib if peak_mib is None else round(peak_mib)} MiB")
-        del projection
     return rows
 
 

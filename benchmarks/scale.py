@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 
-from merge_spaces import Meter, _release, _status
+from merge_spaces import Meter, _release, _status, timed_merges
 from mergelab.linalg import svd64
-from mergelab.merging import merge, project
+from mergelab.merging import merge
 from mergelab.synthetic import random_taskset
 
 METHODS = ("task_arithmetic", "ties", "tsv", "iso_c")
@@ -129,20 +129,9 @@ def per_module(model: Model, done: set, emit: Callable[[dict], None], log) -> No
             wanted = [m for m in METHODS if ("module", model.key, tuple(shape), label, m) not in done]
             if not wanted:
                 continue
-            _release()
-            baseline = _status("VmRSS")
-            with Meter() as projecting:
-                projection = project(taskset, space, **options)
-            log(f"  {model.key} {shape} {label:12s} project {projecting.seconds:9.3f} s")
-            for method in wanted:
-                with Meter() as merging:
-                    merged = merge(projection, method)
-                del merged
-                peaks = [p for p in (peak_mib(projecting, baseline), peak_mib(merging, baseline)) if p is not None]
-                emit({**common, "space": label, "method": method, "project_s": projecting.seconds,
-                      "merge_s": merging.seconds, "total_s": projecting.seconds + merging.seconds,
-                      "peak_mib": max(peaks) if peaks else None})
-            del projection
+            for method, project_s, merge_s, peak in timed_merges(taskset, space, options, wanted):
+                emit({**common, "space": label, "method": method, "project_s": project_s, "merge_s": merge_s,
+                      "total_s": project_s + merge_s, "peak_mib": peak})
 
 
 def whole_model(model: Model, knots_layers: int, done: set, emit: Callable[[dict], None], log) -> None:
