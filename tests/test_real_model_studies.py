@@ -12,33 +12,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mergelab.config import load_study
 from mergelab.errors import InputError
 from mergelab.store import Store
 from mergelab.study import Run, local_submit, run_graph
-from mergelab.synthetic import write_peft_adapters
+from mergelab.synthetic import clip_directory, image_folders, llama_classifier, text_folders, write_peft_adapters
 
 TASKS = ("shapes", "colours")
 CLASSES = ("red", "green")
 METHODS = [{"method": "task_arithmetic", "spaces": ["full", "core"], "grid": {"alpha": [0.3, 0.6]}},
            {"method": "ties", "spaces": ["knots"], "grid": {"density": [0.5], "alpha": [1.0]}}]
-
-
-def _image_folders(root, size: int = 32, per_class: int = 3) -> dict[str, str]:
-    """ROOT/<task>/{train,val,test}/<class>/<i>.png: noise with the class's colour channel raised."""
-    rng = np.random.default_rng(0)
-    for task in TASKS:
-        for split in ("train", "val", "test"):
-            for c, name in enumerate(CLASSES):
-                folder = root / task / split / name
-                folder.mkdir(parents=True)
-                for i in range(per_class):
-                    pixels = rng.integers(0, 128, (size, size, 3), dtype=np.uint8)
-                    pixels[..., c] = 255
-                    Image.fromarray(pixels).save(folder / f"{i}.png")
-    return {task: str(root / task) for task in TASKS}
 
 
 def _run(bench: dict, adapters: dict, data: dict, store, **settings) -> "xr.Dataset":  # noqa: F821
@@ -81,7 +65,7 @@ def test_an_open_clip_study_from_an_architecture_and_a_weights_file(tmp_path):
     paths = write_peft_adapters(copy.deepcopy(model.visual), tmp_path / "adapters", TASKS, target_modules=["c_fc", "c_proj"],
                                 rank=2, alpha=4)
     bench = {"kind": "open_clip", "arch": "test-tiny-clip", "weights": str(tmp_path / "weights.pt")}
-    data = _image_folders(tmp_path / "data")
+    data = image_folders(tmp_path / "data", TASKS, CLASSES)
     _check(_run(bench, dict(zip(TASKS, paths, strict=True)), data, tmp_path / "store"))
     # LoRAs on the stock packed attention (PEFT's MHA LoRA) land on the bench's split q/k/v/out projections
     packed = write_peft_adapters(copy.deepcopy(model.visual), tmp_path / "packed", TASKS, target_modules=["attn"], rank=2, alpha=4)
@@ -93,7 +77,7 @@ def test_a_study_runs_its_encoder_in_the_dtype_it_names_and_keys_those_scores_ap
     paths = write_peft_adapters(copy.deepcopy(model.visual), tmp_path / "adapters", TASKS, target_modules=["c_fc", "c_proj"],
                                 rank=2, alpha=4)
     bench = {"kind": "open_clip", "arch": "test-tiny-clip", "weights": str(tmp_path / "weights.pt")}
-    data, adapters = _image_folders(tmp_path / "data"), dict(zip(TASKS, paths, strict=True))
+    data, adapters = image_folders(tmp_path / "data", TASKS, CLASSES), dict(zip(TASKS, paths, strict=True))
     full, bf16 = (_run(bench, adapters, data, tmp_path / "store", dtype=dtype) for dtype in ("float32", "bfloat16"))
     tas = {"task": list(TASKS), "metric": "tas"}
     # bfloat16 autocast keeps ~3 significant digits: close to float32, not equal (so it did run in bf16)
@@ -105,28 +89,13 @@ def test_a_study_runs_its_encoder_in_the_dtype_it_names_and_keys_those_scores_ap
 
 
 def _tiny_clip_directory(root):
-    """A random ``CLIPModel`` saved with a word-level tokenizer (the real one's vocabulary would
-    need a download), as ``save_pretrained`` lays a model directory out."""
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = sorted({w.strip(".").lower() for template in ("a photo of a {}.", "a photo of the {}.") for w in template.split()}
-                   | set(CLASSES) | {"{}"})
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
-    config = transformers.CLIPConfig(
-        text_config={"vocab_size": len(vocab) + 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 16, "eos_token_id": 2},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)
-    torch.manual_seed(0)
-    model = transformers.CLIPModel(config)
-    model.save_pretrained(root)
-    fast.save_pretrained(root)
-    return model
+    """A random ``CLIPModel`` directory whose tokenizer knows the class names and prompt words."""
+    words = [w.strip(".").lower() for template in ("a photo of a {}.", "a picture of a {}.") for w in template.split()]
+    return clip_directory(root, words=[*words, *CLASSES], projection_dim=16,
+                          text={"vocab_size": 24, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "max_position_embeddings": 16, "eos_token_id": 2},
+                          vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                  "image_size": 32, "patch_size": 8})
 
 
 def test_an_hf_clip_study_from_a_clip_model_directory_with_knots_layout_adapters(tmp_path):
@@ -138,7 +107,7 @@ def test_an_hf_clip_study_from_a_clip_model_directory_with_knots_layout_adapters
     paths = write_peft_adapters(vision, tmp_path / "adapters", TASKS, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
                                 rank=2, alpha=4)
     bench = {"kind": "hf_clip", "weights": str(tmp_path / "clip")}
-    _check(_run(bench, dict(zip(TASKS, paths, strict=True)), _image_folders(tmp_path / "data"), tmp_path / "store"))
+    _check(_run(bench, dict(zip(TASKS, paths, strict=True)), image_folders(tmp_path / "data", TASKS, CLASSES), tmp_path / "store"))
 
 
 def test_an_hf_clip_bench_names_what_its_directory_lacks(tmp_path):
@@ -154,21 +123,9 @@ TEXT_TASKS = {"nli": ("entailment", "neutral", "contradiction"), "sentiment": No
 
 
 def _tiny_llama_classifier(root):
-    """A random 2-label ``LlamaForSequenceClassification`` saved with a word-level tokenizer (pad id 0)."""
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, num_labels=2,
-                                      pad_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.LlamaForSequenceClassification(config)
-    model.save_pretrained(root)
-    fast.save_pretrained(root)
+    """A random 2-label ``LlamaForSequenceClassification`` directory with a word-level tokenizer (pad id 0)."""
+    llama_classifier(root, words=WORDS, vocab_size=len(WORDS) + 2, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, num_labels=2)
 
 
 def _classifier(root, num_labels: int):
@@ -180,33 +137,9 @@ def _classifier(root, num_labels: int):
 
 def _seq_cls_adapters(base_dir, out) -> dict[str, str]:
     """Per task a PEFT SEQ_CLS LoRA on q/v with random B and its own random ``score`` head."""
-    from peft import LoraConfig, get_peft_model
-
-    paths = {}
-    for i, (task, names) in enumerate(TEXT_TASKS.items()):
-        torch.manual_seed(100 + i)
-        model = get_peft_model(_classifier(base_dir, len(names or (0, 1))),
-                               LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name or "modules_to_save" in name:
-                    param.normal_(0.0, 0.3)
-        model.save_pretrained(str(out / task))
-        paths[task] = str(out / task)
-    return paths
-
-
-def _text_folders(root) -> dict[str, str]:
-    rng = np.random.default_rng(0)
-    for task, names in TEXT_TASKS.items():
-        (root / task).mkdir(parents=True)
-        for split in ("val", "test"):
-            rows = [(" ".join(rng.choice(WORDS, 5)), (names[i % 3] if names else str(i % 2))) for i in range(12)]
-            if names:
-                (root / task / f"{split}.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
-            else:
-                (root / task / f"{split}.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
-    return {task: str(root / task) for task in TEXT_TASKS}
+    return {task: str(write_peft_adapters(_classifier(base_dir, len(names or (0, 1))), out, [task], seed=i, rank=2, alpha=4,
+                                          std=0.3, task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"])[0])
+            for i, (task, names) in enumerate(TEXT_TASKS.items())}
 
 
 def test_an_hf_seq_cls_study_evaluates_each_task_with_its_own_head_and_saves_adapters_with_them(tmp_path):
@@ -218,7 +151,7 @@ def test_an_hf_seq_cls_study_evaluates_each_task_with_its_own_head_and_saves_ada
 
     _tiny_llama_classifier(tmp_path / "llama")
     adapters = _seq_cls_adapters(tmp_path / "llama", tmp_path / "adapters")
-    data = _text_folders(tmp_path / "data")
+    data = text_folders(tmp_path / "data", TEXT_TASKS, WORDS)
     tasks = [{"name": t, "adapter": adapters[t], "data": data[t], **({"classnames": list(n)} if n else {})} for t, n in TEXT_TASKS.items()]
     spec = load_study({"name": "nli", "bench": {"kind": "hf_seq_cls", "weights": str(tmp_path / "llama"), "max_length": 8},
                        "methods": METHODS, "tasks": tasks})
@@ -267,7 +200,7 @@ def test_an_hf_seq_cls_study_refuses_a_joint_task_and_adapters_without_heads(tmp
     _tiny_llama_classifier(tmp_path / "llama")
     headless = get_peft_model(_classifier(tmp_path / "llama", 2), LoraConfig(r=2, target_modules=["q_proj"]))
     headless.save_pretrained(str(tmp_path / "headless"))
-    data = _text_folders(tmp_path / "data")
+    data = text_folders(tmp_path / "data", TEXT_TASKS, WORDS)
     spec = load_study({"name": "nli", "bench": bench, "methods": METHODS,
                        "tasks": [{"name": "sentiment", "adapter": str(tmp_path / "headless"), "data": data["sentiment"]}]})
     with pytest.raises(InputError, match="saves no score head"):

@@ -1,8 +1,12 @@
-"""Synthetic task sets and PEFT adapters: seeded, shape-faithful stand-ins for real checkpoints.
+"""Synthetic task sets, PEFT adapters, model directories and data folders: seeded, shape-faithful
+stand-ins for real checkpoints and datasets.
 
-Used by the benchmarks (ViT-B/32 and LLaMA layer shapes without downloading weights), by tests
-(real PEFT adapter directories on tiny models) and by ``mergelab demo --synthetic``. Nothing
-here is presented as a trained model.
+Used by the benchmarks (ViT-B/32 and LLaMA shapes without downloading weights), by tests (real
+PEFT adapter directories, model directories and data folders on tiny configs) and by
+``mergelab demo --synthetic``. The model builders write what a user has on disk — an open_clip
+weights file, a ``CLIPModel`` or ``AutoModelForSequenceClassification`` ``save_pretrained``
+directory with a tokenizer — so that the real-model benches load them exactly as they load real
+checkpoints. Random weights and random data: nothing here is presented as a trained model.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from torch import nn
 
 from mergelab.taskset import BaseRef, LowRank, TaskSet, TaskUpdate
 
-__all__ = ["random_lowrank", "random_taskset", "tiny_vision_transformer", "write_peft_adapters"]
+__all__ = ["clip_directory", "image_folders", "llama_classifier", "open_clip_checkpoint", "random_lowrank", "random_taskset",
+           "text_folders", "tiny_vision_transformer", "word_tokenizer", "write_peft_adapters"]
 
 #: ViT-B/32 vision attention shapes (q, k, v, out of 12 blocks): 48 matrices of 768 x 768.
 VIT_B32_ATTENTION = {f"visual.transformer.resblocks.{i}.attn.{p}.weight": (768, 768) for i in range(12) for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
@@ -62,7 +67,9 @@ def write_peft_adapters(model: nn.Module, out_dir: str | Path, names: Sequence[s
     """Save one PEFT LoRA adapter per name for ``model`` (left unmodified), with random non-zero B.
 
     PEFT initialises ``lora_B`` to zero; here both factors are random so that every adapter is a
-    distinct, non-trivial update. Returns the adapter directories.
+    distinct, non-trivial update. Modules PEFT keeps whole per adapter (``modules_to_save``, such as
+    a ``task_type="SEQ_CLS"`` adapter's ``score`` head) are drawn afresh too, so every task has its
+    own head. Returns the adapter directories.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -73,9 +80,103 @@ def write_peft_adapters(model: nn.Module, out_dir: str | Path, names: Sequence[s
         peft_model = get_peft_model(copy.deepcopy(model), config)
         with torch.no_grad():
             for param_name, param in peft_model.named_parameters():
-                if "lora_B" in param_name or "lora_embedding_B" in param_name:
+                if any(part in param_name for part in ("lora_B", "lora_embedding_B", "modules_to_save")):
                     param.normal_(0.0, std)
         path = Path(out_dir) / name
         peft_model.save_pretrained(str(path))
         paths.append(path)
     return paths
+
+
+def image_folders(root: str | Path, tasks: Sequence[str], classes: Sequence[str], *, size: int = 32, per_class: int = 3,
+                  seed: int = 0) -> dict[str, str]:
+    """``ROOT/<task>/{train,val,test}/<class>/<i>.png`` (the ImageFolder layout of the vision benches):
+    noise with the class's colour channel (class index mod 3) raised. Returns each task's root."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for task in tasks:
+        for split in ("train", "val", "test"):
+            for c, name in enumerate(classes):
+                folder = Path(root) / task / split / name
+                folder.mkdir(parents=True)
+                for i in range(per_class):
+                    pixels = rng.integers(0, 128, (size, size, 3), dtype=np.uint8)
+                    pixels[..., c % 3] = 255
+                    Image.fromarray(pixels).save(folder / f"{i}.png")
+    return {task: str(Path(root) / task) for task in tasks}
+
+
+def text_folders(root: str | Path, tasks: Mapping[str, Sequence[str] | None], words: Sequence[str], *, rows: int = 12,
+                 length: int = 5, seed: int = 0) -> dict[str, str]:
+    """``ROOT/<task>/{val,test}`` text rows of ``length`` random words (the ``hf_seq_cls`` bench's data):
+    a task with class names writes JSON lines labelled by name, one with ``None`` a CSV of 2-way index
+    labels. Returns each task's root."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for task, names in tasks.items():
+        folder = Path(root) / task
+        folder.mkdir(parents=True)
+        for split in ("val", "test"):
+            texts = [" ".join(rng.choice(list(words), length)) for _ in range(rows)]
+            if names:
+                lines = [json.dumps({"text": t, "label": names[i % len(names)]}) + "\n" for i, t in enumerate(texts)]
+                (folder / f"{split}.jsonl").write_text("".join(lines))
+            else:
+                (folder / f"{split}.csv").write_text("text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(texts)))
+    return {task: str(Path(root) / task) for task in tasks}
+
+
+def word_tokenizer(words: Sequence[str]):
+    """A word-level fast tokenizer (``[PAD]`` = 0, ``[UNK]`` = 1, then ``words``): a model directory's
+    tokenizer that needs no download (a real one's vocabulary would)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(words))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def open_clip_checkpoint(path: str | Path, arch: str, seed: int = 0) -> nn.Module:
+    """A random open_clip model of a registered architecture (``ViT-B-32``, …) saved as a whole-model
+    weights file (``torch.save`` of its state dict, as open_clip's checkpoints are). Returns the model."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def clip_directory(root: str | Path, *, vision: Mapping, text: Mapping, projection_dim: int, words: Sequence[str],
+                   seed: int = 0) -> nn.Module:
+    """A random ``transformers.CLIPModel`` (``CLIPVisionConfig`` / ``CLIPTextConfig`` fields in
+    ``vision`` / ``text``) saved with a word-level tokenizer over ``words``, as ``save_pretrained``
+    lays a model directory out. Returns the model."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=dict(text), vision_config=dict(vision),
+                                                           projection_dim=projection_dim))
+    model.save_pretrained(root)
+    word_tokenizer(words).save_pretrained(root)
+    return model
+
+
+def llama_classifier(root: str | Path, *, words: Sequence[str], seed: int = 0, **config) -> nn.Module:
+    """A random ``LlamaForSequenceClassification`` (``LlamaConfig`` fields in ``config``; pad id 0, the
+    word-level tokenizer's) saved with that tokenizer over ``words``. Returns the model."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(pad_token_id=0, **config))
+    model.save_pretrained(root)
+    word_tokenizer(words).save_pretrained(root)
+    return model
