@@ -68,6 +68,14 @@ def test_paper_notebook_draws_its_figures_from_the_study(workdir, path):
     assert drawn and all(cell.shown for cell in drawn)  # every cell tagged with a paper item draws it
 
 
+def test_the_spectra_notebook_draws_loss_changes_from_the_components_study_when_its_study_has_none(workdir):
+    # 002 Figs. 1-2 over every component come from a companion study (studies/papers/002-components.yaml)
+    path = REPO / "notebooks" / "20_adarank_spectra.ipynb"
+    nb = execute_notebook(path, {"STUDY": "sparse", "COMPONENTS_STUDY": STUDY}, cwd=workdir, figure_formats=("png",))
+    drawn = {item for cell in cell_outputs(nb, path.name) if cell.shown for item in cell.items}
+    assert drawn == {"002-fig1", "002-fig2"}  # the sparse study has only norms: every other cell skips
+
+
 def test_report_on_a_study_with_fewer_analyses_writes_every_notebook(workdir, tmp_path):
     files = report(PAPER_NOTEBOOKS, {"STORE": str(workdir / "data" / "store"), "STUDY": "sparse"}, tmp_path / "reports", cwd=tmp_path)
     htmls = [f for f in files if f.suffix == ".html" and f.parent == tmp_path / "reports"]  # the pages and the index

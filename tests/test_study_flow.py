@@ -164,6 +164,25 @@ def test_a_study_of_analyses_only_has_no_results(harness, tmp_path):
     assert "studies/only/analysis/norms" in Store(str(tmp_path / "store")).refs()
 
 
+def test_analysis_settings_reach_the_analysis_and_key_it_apart(harness, tmp_path):
+    from mergelab_flows.study import study_flow
+
+    settings = {"components": 1.0, "layers": [0], "batch_size": 4, "batches": 1}
+    spec = {"name": "every-component", "bench": SMALL["bench"], "tasks": SMALL["tasks"], "analyses": ["components"],
+            "analysis_settings": {"components": settings}}
+    store = Store(str(tmp_path / "store"))
+    run = study_flow(str(write_study(tmp_path / "a.yaml", spec)), store=store.url)
+    ds = store.get_dataset(store.ref("studies/every-component/analysis/components"))
+    # every singular component of every rank-4 update of the first block, not the default top 10 % of every block
+    assert ds.attrs["layers"] == [0] and ds.attrs["components"] == 1.0
+    assert int(ds.n_components.max()) == 4 and ds.sizes["component"] == 4
+    assert {m.split(".")[2] for m in ds.module.values} == {"0"}
+    other = study_flow(str(write_study(tmp_path / "b.yaml", {**spec, "name": "other", "analysis_settings": {
+        "components": {**settings, "layers": [1]}}})), store=store.url)
+    keys = [next(r.key for r in r_.nodes if r.label == "components") for r_ in (run, other)]
+    assert keys[0] != keys[1]
+
+
 def test_rerun_is_all_cache_hits(first_run):
     from mergelab_flows.study import study_flow
 

@@ -161,6 +161,9 @@ class AdaptiveSpec(Strict):
 class StudySpec(Strict):
     """A whole study: benchmark, methods, adaptation, selection, analyses, seeds, store.
 
+    ``analysis_settings`` maps an analysis of ``analyses`` to keyword arguments of its function
+    (``components: {components: 1.0, layers: [0]}``: every singular component of the first block);
+    an analysis without settings runs with its registry defaults.
     ``adaptation_studies`` maps a name of :data:`mergelab.experiments.registry.ADAPTATION_STUDIES`
     (``pareto``, ``cloud``, ``stch_alpha``, ``adarank_ablation``) to its settings.
     ``adaptive_init``: the task-arithmetic λ every adaptive method starts from (AdaMerging's and
@@ -184,6 +187,7 @@ class StudySpec(Strict):
     selection: str = "val"
     joint: bool = True
     analyses: list[str] = Field(default_factory=list)
+    analysis_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
     adaptation_studies: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0])
     store: str | None = None
@@ -264,6 +268,15 @@ class StudySpec(Strict):
             raise ValueError("the study has no methods, adaptive methods, analyses or adaptation studies; add at least one")
         if not self.allow_labels and any(a.objective == "labels" for a in self.adaptive):
             raise ValueError("objective 'labels' uses validation labels; set allow_labels: true to allow it")
+        from mergelab.experiments.registry import check_analysis_settings
+
+        for name, settings in self.analysis_settings.items():
+            if name not in self.analyses:
+                raise ValueError(f"analysis_settings: {name!r} is not in analyses:; add it there or remove its settings")
+            try:
+                check_analysis_settings(name, settings)
+            except InputError as err:
+                raise ValueError(str(err)) from None
         labels = [a.name for a in self.adaptive]
         if len(set(labels)) != len(labels):
             raise ValueError(f"adaptive runs need distinct labels, got {labels}; set label: for repeated methods")

@@ -7,6 +7,10 @@ into store keys (it predates the move of the model-dependent analyses into this 
 did not change). Bump an entry's ``version`` whenever its output changes for the same inputs, so
 stale artifacts are never reused.
 
+A study's ``analysis_settings:`` adds keyword arguments of the function to an entry's fixed
+``params`` (:meth:`Analysis.settings`); they enter the store key only when given, so an analysis
+run with its defaults keeps its key.
+
 ``needs`` says what the function takes first: ``"taskset"`` (weight-only statistics),
 ``"merged"`` (called as ``fn(merged=…, **params)`` on each selected merge of the sweep, plus
 ``taskset=…`` when the function has that parameter; the study stacks the results along
@@ -40,8 +44,8 @@ from mergelab.experiments.adaptation_studies import AdaptationSetting, adarank_a
 from mergelab.experiments.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
 from mergelab.bench import BenchSession
 
-__all__ = ["ADAPTATION_STUDIES", "ANALYSES", "SCHEDULE", "AdaptationStudy", "Analysis", "check_settings", "resolve", "run_study",
-           "study_ref"]
+__all__ = ["ADAPTATION_STUDIES", "ANALYSES", "SCHEDULE", "AdaptationStudy", "Analysis", "check_analysis_settings", "check_settings",
+           "resolve", "run_study", "study_ref"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,16 @@ class Analysis:
     version: str
     needs: Literal["taskset", "merged", "bench"] = "taskset"
     params: Mapping[str, Any] = field(default_factory=dict)
+
+    def allowed(self) -> list[str]:
+        """The keyword arguments a study may set (the function's, less its inputs)."""
+        inputs = {"taskset", "merged", "session"}
+        params = list(inspect.signature(self.fn).parameters.values())[1 if self.needs != "merged" else 0:]
+        return [p.name for p in params if p.name not in inputs and p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+    def settings(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The keyword arguments of one run: the fixed ``params`` and a study's ``given`` settings."""
+        return {**self.params, **(given or {})}
 
 
 ANALYSES: Registry[Analysis] = Registry("analysis", {
@@ -79,6 +93,14 @@ ANALYSES: Registry[Analysis] = Registry("analysis", {
     "reference_basis_accuracy": Analysis("core_space.reference_basis_accuracy", core_space_accuracy.reference_basis_accuracy, "1",
                                          needs="bench"),
 })
+
+def check_analysis_settings(name: str, settings: Mapping[str, Any]) -> None:
+    """Raise :class:`InputError` naming a setting that analysis ``name``'s function does not take."""
+    allowed = ANALYSES[name].allowed()
+    unknown = [k for k in settings if k not in allowed]
+    if unknown:
+        raise InputError(f"analysis_settings: {name} has no setting {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}")
+
 
 #: Settings that configure the :class:`AdaptationSetting` rather than the study function.
 SCHEDULE = ("iters", "batch_size", "lr", "tasks")

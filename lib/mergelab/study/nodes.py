@@ -254,7 +254,8 @@ def _analysis_key(ctx: Run, name: str, merged: Sequence[tuple[MergeJob, NodeResu
     from mergelab.experiments.registry import ANALYSES
 
     entry = ANALYSES[name]
-    inputs: dict[str, Any] = {"taskset": ctx.taskset.content_hash, "dataset": _dataset_label(ctx), **entry.params}
+    inputs: dict[str, Any] = {"taskset": ctx.taskset.content_hash, "dataset": _dataset_label(ctx),
+                              **entry.settings(ctx.spec.analysis_settings.get(name))}
     if entry.needs == "bench":
         inputs["data"] = ctx.bench.data_id
     if entry.needs == "merged":
@@ -268,15 +269,16 @@ def _analysis(ctx: Run, key: Key, name: str,
     from mergelab.experiments.registry import ANALYSES
 
     entry = ANALYSES[name]
+    settings = entry.settings(ctx.spec.analysis_settings.get(name))
     if entry.needs == "taskset":
-        ds = entry.fn(ctx.taskset, **entry.params)
+        ds = entry.fn(ctx.taskset, **settings)
     elif entry.needs == "bench":
-        ds = entry.fn(ctx.local_session, **entry.params)
+        ds = entry.fn(ctx.local_session, **settings)
     elif not merged:
         raise InputError(f"analysis {name!r} needs merged models; add methods to the study")
     else:
         with_taskset = "taskset" in inspect.signature(entry.fn).parameters
-        parts = [entry.fn(merged=_merged(ctx, r.key), **({"taskset": ctx.taskset} if with_taskset else {}), **entry.params)
+        parts = [entry.fn(merged=_merged(ctx, r.key), **({"taskset": ctx.taskset} if with_taskset else {}), **settings)
                  .expand_dims(merge_method=[j.method], space=[j.space]) for j, r in merged]
         ds = xr.merge(parts, combine_attrs="drop_conflicts", join="outer", compat="no_conflicts")
     return ds.assign_attrs(dataset=_dataset_label(ctx)), {"analysis": name}
