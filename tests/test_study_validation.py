@@ -59,6 +59,8 @@ CASES = [
     (_with(analyses=["norms"], analysis_settings={"components": {"layers": [0]}}), "'components' is not in analyses:"),
     (_with(analyses=["components"], analysis_settings={"components": {"layer": [0]}}),
      "components has no setting 'layer'; allowed: lam, components, layers"),
+    (_with(analyses=["merged_rank"], analysis_settings={"merged_rank": {"merged": []}}),
+     "merged_rank has no setting 'merged'; allowed: rtol, split_packed"),  # the inputs are the study's, not settings
     (_with(selection="best"), "selection"),
     (_with(colour="blue"), "unknown field"),
     (_with(dtype="int8"), "dtype 'int8' is not supported; choose one of float32, bfloat16, float16"),

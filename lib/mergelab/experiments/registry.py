@@ -59,10 +59,10 @@ class Analysis:
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def allowed(self) -> list[str]:
-        """The keyword arguments a study may set (the function's, less its inputs)."""
-        inputs = {"taskset", "merged", "session"}
-        params = list(inspect.signature(self.fn).parameters.values())[1 if self.needs != "merged" else 0:]
-        return [p.name for p in params if p.name not in inputs and p.kind is not inspect.Parameter.VAR_KEYWORD]
+        """The keyword arguments a study may set: the function's, less its first (the input ``needs``
+        names) and the ``merged`` / ``taskset`` a merged-model analysis is handed."""
+        params = list(inspect.signature(self.fn).parameters.values())[1:]
+        return [p.name for p in params if p.name not in ("merged", "taskset") and p.kind is not inspect.Parameter.VAR_KEYWORD]
 
     def settings(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The keyword arguments of one run: the fixed ``params`` and a study's ``given`` settings."""
