@@ -172,17 +172,19 @@ def adarank_mask_grid(histories: dict[str, xr.Dataset], kind: str | None = None,
     """002 Fig. 5: AdaRank's binary masks over singular components, one column per run (``histories``:
     label -> history, e.g. the TA and CART origins) and one row per layer (first, middle, last block)
     of one module ``kind`` (default: the first); each panel is task × component index (by decreasing
-    σ, the top ``share`` of indices as the paper shows), kept in blue, pruned in yellow."""
+    σ, the top ``share`` of indices as the paper shows), kept in blue, pruned in yellow (the legend says so)."""
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     first = next(iter(histories.values()))
     kind = kind or _strings(first.kind.values)[0]
     layers = sorted({int(v) for v in first.layer.values})
     rows = list(dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]]))
-    fig, axes = _figure(first, f"AdaRank: binary masks over singular components ({kind} modules, iteration "
-                               f"{int(first.record.values[record])})", "002 Fig. 5", ncols=len(histories), nrows=len(rows),
+    fig, axes = _figure(first, f"AdaRank: binary masks over the top {share:.0%} of singular components ({kind} modules, "
+                               f"iteration {int(first.record.values[record])})", "002 Fig. 5", ncols=len(histories), nrows=len(rows),
                         panel=(4.4, 1.2 + 0.22 * first.sizes["task"]))
-    cmap = ListedColormap(["#e6c229", "#1f6fb4"])  # pruned: yellow, kept: blue (002 Fig. 5)
+    colours = {"pruned": "#e6c229", "kept": "#1f6fb4"}  # 002 Fig. 5's colours
+    cmap = ListedColormap(list(colours.values()))
     for j, (label, history) in enumerate(histories.items()):
         mask = history["mask"].isel(record=record)
         shown = max(1, int(np.ceil(share * mask.sizes["component"])))
@@ -197,6 +199,8 @@ def adarank_mask_grid(histories: dict[str, xr.Dataset], kind: str | None = None,
             ax.set_yticks(range(values.sizes["task"]), _strings(values.task.values), fontsize=6)
             ax.set(title=f"{label}: layer {layer}", xlabel="singular component index" if i == len(rows) - 1 else "")
             ax.title.set_fontsize(8)
+    fig.legend([Patch(color=c) for c in colours.values()], list(colours), loc="outside lower center", ncols=2, fontsize=7,
+               frameon=False)
     return fig
 
 

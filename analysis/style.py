@@ -9,11 +9,14 @@ creates; just before it is drawn (shown in a notebook, saved as PNG or PDF) it p
   colour-vision deficiencies), crossed with two line styles: 20 series stay distinct;
 * an axis labelled ``layer …`` of a numeric plot gets integer ticks (blocks are integers);
 * every legend sits outside its axes (to the right, or below the x-axis label of a panel that
-  shares its row), so it never covers data.
+  shares its row), so it never covers data;
+* x tick labels that would overlap (method names under bars) are turned 40° to read side by side;
+* a title wider than its figure is wrapped to the figure's width.
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import seaborn as sns
@@ -63,11 +66,36 @@ def _legend_outside(ax: Axes, renderer) -> None:
     moved._mergelab_outside = True
 
 
+def _turn_crowded_ticks(ax: Axes, renderer) -> None:
+    """Turn the x tick labels of ``ax`` by 40° (anchored at their right end) when two neighbours overlap."""
+    labels = [t for t in ax.get_xticklabels() if t.get_text()]
+    if renderer is None or len(labels) < 2 or any(t.get_rotation() for t in labels):
+        return
+    boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+    if any(left.x1 > right.x0 for left, right in zip(boxes, boxes[1:])):
+        for t in labels:
+            t.set(rotation=40, horizontalalignment="right", rotation_mode="anchor")
+
+
+def _fit_title(fig: Figure, renderer) -> None:
+    """Wrap the figure's title (``suptitle``) line by line when it is wider than the figure."""
+    title = fig._suptitle  # matplotlib keeps the suptitle's Text here; get_suptitle() gives only its string
+    if renderer is None or title is None:
+        return
+    width, room = title.get_window_extent(renderer).width, 0.98 * fig.bbox.width
+    if width > room:
+        lines = title.get_text().split("\n")
+        chars = max(20, int(max(map(len, lines)) * room / width))
+        title.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
+
+
 def tidy(fig: Figure, renderer=None) -> Figure:
     """Apply the rules of this module to every axes of ``fig`` (idempotent); ``renderer`` places a
-    legend below its panel's x-axis label."""
+    legend below its panel's x-axis label and measures tick labels and the title."""
+    _fit_title(fig, renderer)
     for ax in fig.axes:
         _integer_layer_ticks(ax)
+        _turn_crowded_ticks(ax, renderer)
         _legend_outside(ax, renderer)
     return fig
 

@@ -56,6 +56,7 @@ def test_the_mask_grid_has_a_column_per_origin_and_a_row_per_block(adaptation_st
     assert panels[0].get_title() == f"TA: layer {layers[0]}" and panels[1].get_title() == f"CART: layer {layers[0]}"
     image = panels[1].get_images()[0].get_array()  # task × the top half of the component indices
     assert image.shape[0] == histories["CART"].sizes["task"] and "002 Fig. 5" in fig.get_suptitle()
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["pruned", "kept"]  # the colours are named
 
 
 def test_adarank_ablation_table_matches_the_dataset(adaptation_studies):

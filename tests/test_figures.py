@@ -77,6 +77,25 @@ def test_paper_style_integer_layer_ticks_distinct_series_and_outside_legends():
     assert len(ax.get_legend().get_texts()) == 20
 
 
+def test_paper_style_turns_x_tick_labels_that_would_overlap():
+    fig = PaperFigure(figsize=(3, 2), layout="constrained")
+    crowded, roomy = fig.subplots(1, 2)
+    names = ["adamerging_tas", "task_arithmetic", "tsv+iso_c", "dare_ties"]
+    crowded.bar(names, [1, 2, 3, 4])
+    roomy.bar(["a", "b"], [1, 2])
+    fig.savefig(io.BytesIO(), format="png")
+    assert {t.get_rotation() for t in crowded.get_xticklabels()} == {40.0}
+    assert {t.get_rotation() for t in roomy.get_xticklabels()} == {0.0}
+
+
+def test_paper_style_wraps_a_title_wider_than_its_figure():
+    fig = PaperFigure(figsize=(3, 2), layout="constrained")
+    fig.subplots().plot([0, 1])
+    fig.suptitle("Average rank of merged updates (003 App. C.2)\ncomputed on: a benchmark whose name is far too long for this figure")
+    fig.savefig(io.BytesIO(), format="png")
+    assert fig.get_suptitle().count("\n") >= 2 and fig._suptitle.get_window_extent().width <= fig.bbox.width
+
+
 def test_coverage_figures(taskset):
     ds = _labelled(coverage.subspace_coverage(taskset))
     fig = figures.coverage_erank(ds)
