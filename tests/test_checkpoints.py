@@ -212,6 +212,23 @@ def test_a_tower_adapter_on_a_whole_clip_whose_towers_share_block_names(tmp_path
         load_taskset(clip, [path], base_module="text")
 
 
+def test_a_clip_vision_adapter_on_a_whole_hf_clip_model_whose_towers_are_equally_deep(tmp_path):
+    """A transformers CLIPModel holds ``vision_model`` and ``text_model`` with the same layer names (ViT-B/32:
+    12 layers each): an adapter trained on ``CLIPVisionModel`` (the KnOTS checkpoints) lands on ``vision_model``."""
+    import transformers
+
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    torch.manual_seed(0)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config={"vocab_size": 40, **layers},
+                                                          vision_config={"image_size": 32, "patch_size": 8, **layers}, projection_dim=16))
+    vision = transformers.CLIPVisionModel(clip.config.vision_config)
+    vision.load_state_dict(clip.vision_model.state_dict())
+    [path] = write_peft_adapters(vision, tmp_path, ["v"], target_modules=["q_proj", "v_proj"])
+    assert json.loads((path / "adapter_config.json").read_text())["auto_mapping"]["base_model_class"] == "CLIPVisionModel"
+    names = load_taskset(clip, [path]).module_names
+    assert names and all(n.startswith("vision_model.encoder.layers.") for n in names)
+
+
 def test_save_merged_refuses_dense_modules_as_peft_and_existing_outputs(tmp_path, tiny_vit, vit_adapters):
     merged = MergedUpdate({"transformer.resblocks.0.attn.out_proj.weight": Dense(torch.zeros(32, 32))})
     with pytest.raises(InputError, match="format='weights'"):

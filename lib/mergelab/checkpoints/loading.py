@@ -90,8 +90,11 @@ def target_views(param: str, base: Mapping[str, Any] | None) -> list[str]:
 #: The sub-module of a whole checkpoint that an adapter trained on one tower sits under, by the
 #: class PEFT records in ``auto_mapping.base_model_class``: open_clip's towers are ``model.visual``
 #: (its text tower sits at the root under the same block names, so the names alone are ambiguous)
-#: and, in a CustomTextCLIP, ``model.text``.
-TOWER_PREFIXES: dict[str, str] = {"VisionTransformer": "visual.", "ModifiedResNet": "visual.", "TextTransformer": "text."}
+#: and, in a CustomTextCLIP, ``model.text``; a transformers ``CLIPModel``'s are ``vision_model`` and
+#: ``text_model`` (both ``encoder.layers.N.self_attn.{q,k,v,out}_proj``: ViT-B/32 has 12 of each).
+TOWER_PREFIXES: dict[str, str] = {"VisionTransformer": "visual.", "ModifiedResNet": "visual.", "TextTransformer": "text.",
+                                  "CLIPVisionModel": "vision_model.", "CLIPVisionModelWithProjection": "vision_model.",
+                                  "CLIPTextModel": "text_model.", "CLIPTextModelWithProjection": "text_model."}
 
 
 def _module_prefix(base_module: str) -> str:
