@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 from matplotlib.ticker import MaxNLocator
 
-from mergelab_figures.figures import _figure, _strings, dataset_label
+from mergelab_figures.figures import _figure, _strings, _unique_legend, dataset_label
 
 __all__ = [
     "adaptation_losses",
@@ -81,15 +81,6 @@ def _cloud_panel(ax, ds: xr.Dataset, split: str) -> None:
                              fill=False, color=color, lw=1.5))
     ax.set(xlabel=f"{focal[0]} accuracy", ylabel=f"{focal[1]} accuracy")
     ax.autoscale_view()
-
-
-def _unique_legend(fig: Figure, axes) -> None:
-    """One legend for panels that share their series (first label wins)."""
-    seen: dict[str, object] = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(label, handle)
-    fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=7, frameon=False)
 
 
 def pareto_front(ds: xr.Dataset, split: str | None = None) -> Figure:

@@ -70,6 +70,16 @@ def _figure(ds: xr.Dataset, title: str, paper: str, *, ncols: int = 1, nrows: in
     return fig, axes
 
 
+def _unique_legend(fig: Figure, axes, **where) -> None:
+    """One legend, outside the panels (``where``: ``fig.legend`` placement, default to the right),
+    for panels that share their series (the first handle of each label wins)."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), **{"loc": "outside right upper", **where}, fontsize=7, frameon=False)
+
+
 def _module_label(ds: xr.Dataset, module: str) -> str:
     row = ds.sel(module=module)
     return f"layer {int(row.layer)} {row.kind.item()}"

@@ -30,8 +30,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
-from mergelab_figures.figures import (_BASIS_LABELS, _default_mlp_modules, _figure, _heatmap, _module_label, _strings, dataset_label,
-                                      reference_basis_table)
+from mergelab_figures.figures import (_BASIS_LABELS, _default_mlp_modules, _figure, _heatmap, _module_label, _strings, _unique_legend,
+                                      dataset_label, reference_basis_table)
 
 __all__ = [
     "adamms_vs_tas",
@@ -236,16 +236,26 @@ def _components_shown(ds: xr.Dataset, task: str, module: str) -> np.ndarray:
     return ds.component.values[:n]
 
 
-def _mark_energy_rank(ax: Axes, ds: xr.Dataset, task: str, module: str, shown: np.ndarray) -> None:
-    """A dashed line at task ``task``'s energy rank of ``module`` (002 Fig. 3), or a legend note when it lies beyond r."""
+def _mark_energy_rank(ax: Axes, ds: xr.Dataset, task: str, module: str, shown: np.ndarray, label: str | None = None) -> int | None:
+    """A dashed line at task ``task``'s energy rank k of ``module`` (002 Fig. 3), or a legend note when it
+    lies beyond the components shown; ``label`` names the line (default: with k). Returns k."""
     if "energy_rank" not in ds:
-        return
+        return None
     k = int(ds.energy_rank.sel(task=task, module=module))
-    label = f"{float(ds.attrs.get('energy', 0.95)):.0%}-energy rank = {k}"
+    label = label or f"{float(ds.attrs.get('energy', 0.95)):.0%}-energy rank = {k}"
     if shown.size and k <= shown.max():
         ax.axvline(k, color="grey", ls="--", lw=1.0, label=label)
     else:
         ax.plot([], [], color="grey", ls="--", lw=1.0, label=f"{label} (beyond the components shown)")
+    return k
+
+
+def _component_ticks(ax: Axes, shown: np.ndarray) -> None:
+    """Every singular index as a tick for a few components, integer ticks for many."""
+    if shown.size <= 8:
+        ax.set_xticks(shown)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def loss_change_per_component(ds: xr.Dataset, module: str | None = None) -> Figure:
@@ -268,12 +278,13 @@ def loss_change_per_component(ds: xr.Dataset, module: str | None = None) -> Figu
         ax.plot(r, ds.multi_delta_loss.sel(task=task, module=module).values[: r.size], marker="s", color="C2",
                 label="multi-task ΔL(r)")
         ax.axhline(0.0, color="k", lw=0.6)
-        _mark_energy_rank(ax, ds, task, module, r)
-        ax.set(title=f"source task: {task}", xlabel="singular index r", ylabel="ΔL (nats)")
-        if r.size <= 20:
-            ax.set_xticks(r)
-        ax.legend(fontsize=6)
+        k = _mark_energy_rank(ax, ds, task, module, r, label=f"{float(ds.attrs.get('energy', 0.95)):.0%}-energy rank")
+        ax.set(title=f"source: {task}" + ("" if k is None else f" (energy rank {k})"), xlabel="singular index r",
+               ylabel="ΔL (nats)")
+        ax.title.set_fontsize(9)
+        _component_ticks(ax, r)
     _hide_unused(axes, len(tasks))
+    _unique_legend(fig, axes[: len(tasks)], loc="outside lower center", ncols=4)
     return fig
 
 
@@ -294,8 +305,7 @@ def loss_change_per_task(ds: xr.Dataset, task: str | None = None, module: str | 
     ax.axhline(0.0, color="k", lw=0.6)
     _mark_energy_rank(ax, ds, task, module, r)
     ax.set(xlabel="singular index r", ylabel="ΔL_j (nats)")
-    if r.size <= 20:
-        ax.set_xticks(r)
+    _component_ticks(ax, r)
     ax.legend(fontsize=7, ncols=2)
     return fig
 

@@ -292,14 +292,15 @@ def test_component_loss_figures(bench_datasets):
     _check(fig)
     assert "002 Sec. 4, Fig. 1" in fig.get_suptitle() and _module_label_in(fig, ds, module)
     panels = _panels(fig)
-    assert [ax.get_title() for ax in panels] == [f"source task: {t}" for t in tasks]
+    ranks = [int(ds.energy_rank.sel(task=t, module=module)) for t in tasks]
+    assert [ax.get_title() for ax in panels] == [f"source: {t} (energy rank {k})" for t, k in zip(tasks, ranks)]
     for ax, task in zip(panels, tasks):
         n = int(ds.n_components.sel(task=task, module=module))
         own, multi = ax.lines[:2]
         assert np.allclose(own.get_ydata(), ds.own_delta_loss.sel(task=task, module=module).values[:n])
         assert np.allclose(multi.get_ydata(), ds.multi_delta_loss.sel(task=task, module=module).values[:n])
-        k = int(ds.energy_rank.sel(task=task, module=module))
-        assert any(text.get_text().startswith(f"95%-energy rank = {k}") for text in ax.get_legend().get_texts())
+    [legend] = fig.legends  # one for every panel: the series are the same
+    assert [t.get_text() for t in legend.get_texts()][:2] == ["own task ΔL_i(r)", "multi-task ΔL(r)"]
     _check(model_figures.loss_change_per_component(ds))  # default module: the last analysed one
     inside = ds.assign(energy_rank=ds.energy_rank.clip(max=1))  # an energy rank among the components drawn: a vertical line
     ax = _panels(model_figures.loss_change_per_component(inside, module=module))[0]
