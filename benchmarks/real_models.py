@@ -23,7 +23,7 @@ random models on random data: they show that every cell is computed, nothing mor
 
     PYTHONPATH=lib python benchmarks/real_models.py              # the table in benchmarks/README.md
     PYTHONPATH=lib python benchmarks/real_models.py --quick      # tiny configs of the same architectures (~2 min)
-    # options: --benches open_clip,hf_clip,hf_seq_cls  --llm llama3.2-1b|llama3-8b  --tasks N  --rank N  --workdir DIR
+    # options: --benches open_clip,hf_clip,hf_seq_cls  --llm llama3.2-1b|llama3-8b  --tasks N  --rank N  --runner thread=1  --workdir DIR
 
 A benchmark, not a test: nothing here asserts a time (tests/test_real_model_studies.py runs the
 same benches on tiny configs in the suite).
@@ -200,13 +200,14 @@ def run_bench(name: str, work: Path, args, env: dict[str, str]) -> list[tuple[st
         "tasks": [{"name": t, "adapter": str(built.adapters[t]), "data": built.data[t]} for t in built.adapters]}))
     named = [f"{t}={p}" for t, p in built.adapters.items()]
     store = ["--store", str(work / "store")]
+    runner = ["--runner", args.runner] if args.runner else []
     steps = [
         ("check (preflight)", _cli(["check", "--base", str(built.base), *named], work / "check.log", env)),
         ("merge (ties, core) from the whole checkpoint",
          _cli(["merge", "--base", str(built.base), "--adapters", *named, "--method", "ties", "--space", "core",
                "--out", str(work / "merged"), *store], work / "merge.log", env)),
-        ("run (study, cold)", _cli(["run", str(study), *store], work / "run.log", env)),
-        ("run (study, rerun)", _cli(["run", str(study), *store], work / "rerun.log", env)),
+        ("run (study, cold)", _cli(["run", str(study), *store, *runner], work / "run.log", env)),
+        ("run (study, rerun)", _cli(["run", str(study), *store, *runner], work / "rerun.log", env)),
     ]
     for label, step in steps:
         print(f"  {label:<46} {step.seconds:9.1f} s   peak {step.peak_mib:8.0f} MiB   {step.last}", flush=True)
@@ -224,6 +225,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r")
     parser.add_argument("--images", type=int, default=4, help="images per class and split (3 classes)")
     parser.add_argument("--rows", type=int, default=16, help="text rows per split")
+    parser.add_argument("--runner", default=None, help="mergelab run's --runner (default: its own, thread)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the written models, adapters, data and store here")
     parser.add_argument("--quick", action="store_true", help="tiny configs of the same architectures")
     args = parser.parse_args()

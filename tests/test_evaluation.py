@@ -136,3 +136,25 @@ def test_refit_decoder_on_a_frozen_encoder_learns_a_separable_task():
     assert refit_score(backbone, task, steps=60, lr=0.05) == pytest.approx(1.0)
     zeroed = {"weight": torch.zeros(12, 12)}  # a collapsed encoder carries no information
     assert refit_score(backbone, task, zeroed, steps=60, lr=0.05) < 0.7
+
+
+def test_a_thread_session_shares_the_weights_and_scores_what_the_session_scores(micro_pair):
+    """``for_thread`` copies the encoder's modules, not its weights (a second copy of a 1B-parameter
+    model's weights would not fit beside the first), and the base state is the module's own storage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mergelab.merging import merge
+
+    thread = micro_pair.for_thread()
+    own, copied = dict(micro_pair.backbone.vision.named_parameters()), dict(thread.backbone.vision.named_parameters())
+    assert thread.backbone.vision is not micro_pair.backbone.vision
+    assert all(copied[k].data_ptr() == own[k].data_ptr() for k in own)
+    assert all(micro_pair.base[k].data_ptr() == own[k].data_ptr() for k in own if k in micro_pair.base)
+    params = micro_pair.weights(merge(micro_pair.taskset, "task_arithmetic", "full", alpha=0.3))
+    before = {k: micro_pair.base[k].clone() for k in params}
+    expected = micro_pair.accuracy("digits", "val", params)[0]
+    with ThreadPoolExecutor(2) as pool:  # two threads swap parameters in their own module copies at once
+        scores = list(pool.map(lambda s: s.accuracy("digits", "val", params)[0], [thread, micro_pair.for_thread()]))
+    assert scores == [expected, expected]
+    for k, weight in before.items():  # nothing wrote the shared weights in place
+        assert torch.equal(micro_pair.base[k], weight)

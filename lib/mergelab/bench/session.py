@@ -102,9 +102,13 @@ class BenchSession:
         return self._shared.get("base", self.backbone.base_state)
 
     def for_thread(self) -> BenchSession:
-        """A session with a private copy of the backbone and the caches of this one."""
+        """A session with a private copy of the backbone's modules and the caches of this one. The copy
+        shares the weight tensors (a functional forward swaps the copy's own parameter slots and never
+        writes a weight), so a thread costs no second copy of a model's weights."""
+        backbone = self.bench.backbone
+        weights = {id(t): t for t in (*backbone.vision.parameters(), *backbone.vision.buffers())}  # the encoder's
         with self._shared.lock:
-            return BenchSession(replace(self.bench, backbone=copy.deepcopy(self.bench.backbone)), self._shared)
+            return BenchSession(replace(self.bench, backbone=copy.deepcopy(backbone, memo=weights)), self._shared)
 
     def warm(self) -> None:
         """Build the task set, base weights, heads and val/test tensors now (before threads start)."""

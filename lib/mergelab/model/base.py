@@ -34,7 +34,8 @@ class Backbone(Protocol):
     image_size: int
 
     def base_state(self) -> dict[str, Tensor]:
-        """The encoder's weights (detached copies): the ``base`` for ``load_taskset``."""
+        """The encoder's weights (detached, sharing the module's storage: read them, never write them
+        in place): the ``base`` for ``load_taskset``."""
 
     def lora_targets(self) -> list[str]:
         """PEFT ``target_modules``: the q, k, v, out ``nn.Linear`` of every encoder block."""
@@ -50,8 +51,10 @@ class Backbone(Protocol):
 
 
 def vision_state(vision: nn.Module) -> dict[str, Tensor]:
-    """Detached copies of an encoder's parameters and buffers, by state-dict name."""
-    return {k: v.detach().clone() for k, v in vision.state_dict().items()}
+    """An encoder's parameters and buffers by state-dict name, detached and sharing the module's
+    storage: no copy of a model's weights (a second 4.6 GiB for a Llama-3.2-1B); callers that
+    change weights in place (training) clone them first."""
+    return {k: v.detach() for k, v in vision.state_dict().items()}
 
 
 def run_functional(module: nn.Module, params: Mapping[str, Tensor] | None, *args: Any, **kwargs: Any) -> Any:
