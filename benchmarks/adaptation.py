@@ -25,8 +25,6 @@ A benchmark, not a test: nothing here asserts a time. Ratios compare numbers fro
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import platform
 import time
 
@@ -36,7 +34,7 @@ from mergelab.adaptation import adapt, build
 from mergelab.adaptation.objectives import entropy
 from mergelab.bench import BenchSpec, load_bench
 from mergelab.bench import BenchSession
-from mergelab.profiling import measure
+from mergelab.profiling import measure, release_memory
 from mergelab.synthetic import VIT_B32_ATTENTION, random_taskset
 
 #: label -> (method, hyper-parameters); the first is the reference.
@@ -54,15 +52,6 @@ def _mib(n: int) -> float:
     return n / 2**20
 
 
-def _release() -> None:
-    """Collect garbage and return free heap pages to the OS (glibc ``malloc_trim``), so that memory a
-    measured call reuses from an earlier one still shows as resident-set growth."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
 
 def micro_end_to_end(args) -> list[dict]:
     session = BenchSession(load_bench(BenchSpec(root=args.micro, rank=args.rank)))
@@ -78,12 +67,12 @@ def micro_end_to_end(args) -> list[dict]:
         total.backward()
 
     plain_step()
-    _release()
+    release_memory()
     plain = measure(plain_step)
     rows = [{"label": "plain forward/backward", "seconds_per_iter": plain.wall_s, "peak": plain.peak_bytes}]
     for label, (method, hp) in CONFIGS.items():
         adapt(method, taskset, forward, session.val_streams(names, args.batch, seed=0), iters=args.warmup, **hp)
-        _release()
+        release_memory()
         run = measure(lambda method=method, hp=hp: adapt(method, taskset, forward, session.val_streams(names, args.batch, seed=1),
                                                          iters=args.iters, **hp))
         rows.append({"label": label, "seconds_per_iter": run.value.seconds_per_iter, "peak": run.peak_bytes,
@@ -97,7 +86,7 @@ def merge_step_vit(args) -> list[dict]:
     grads = {m: torch.randn(768, 768, generator=g) for m in taskset.module_names}
     rows = []
     for label, (method, hp) in CONFIGS.items():
-        _release()
+        release_memory()
         built = measure(lambda method=method, hp=hp: build(method, taskset, **hp))
         model = built.value
         params = list(model.parameters())

@@ -21,8 +21,6 @@ here asserts a time.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import platform
 import sys
@@ -33,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mergelab.merging import merge, project
+from mergelab.profiling import release_memory
 from mergelab.synthetic import VIT_B32_ATTENTION, random_taskset
 
 METHODS = ("task_arithmetic", "ties", "tsv", "iso_c")
@@ -49,15 +48,6 @@ def _status(field: str) -> int | None:
     return None
 
 
-def _release() -> None:
-    """Collect garbage and hand free heap pages back to the OS (glibc ``malloc_trim``), so that
-    what a phase allocates shows in the resident set even where it reuses freed memory."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
 
 def _reset_peak() -> bool:
     try:
@@ -71,7 +61,7 @@ class Meter:
     """Wall time and resident-set high-water mark of a block (Linux; memory is None elsewhere)."""
 
     def __enter__(self) -> Meter:
-        _release()
+        release_memory()
         self.can_reset = _reset_peak()
         self.start = time.perf_counter()
         return self
@@ -95,7 +85,7 @@ def timed_merges(taskset, space: str, options: dict, methods) -> Iterator[tuple[
     """Project ``taskset`` into ``space`` once and merge that projection with each method, yielding
     ``(method, project_s, merge_s, peak_mib)``; *peak* is the largest resident-set growth over the
     RSS before the projection, during the projection and that method's merge."""
-    _release()
+    release_memory()
     baseline = _status("VmRSS")
     with Meter() as projecting:
         projection = project(taskset, space, **options)

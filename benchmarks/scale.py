@@ -45,9 +45,10 @@ from pathlib import Path
 
 import torch
 
-from merge_spaces import Meter, _release, _status, timed_merges
+from merge_spaces import Meter, _status, timed_merges
 from mergelab.linalg import svd64
 from mergelab.merging import merge
+from mergelab.profiling import release_memory
 from mergelab.synthetic import random_taskset
 
 METHODS = ("task_arithmetic", "ties", "tsv", "iso_c")
@@ -144,7 +145,7 @@ def whole_model(model: Model, knots_layers: int, done: set, emit: Callable[[dict
             continue
         taskset = random_taskset(model.shapes(layers), model.tasks, rank=model.rank, seed=0)
         for method in wanted:
-            _release()
+            release_memory()
             baseline = _status("VmRSS")
             with Meter() as merging:
                 merged = merge(taskset, method, label, space_options=options)

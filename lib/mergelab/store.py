@@ -37,6 +37,7 @@ import fsspec
 import numpy as np
 import xarray as xr
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
@@ -240,12 +241,17 @@ class Store:
 
         def write(path: str, provenance: dict[str, Any]) -> None:
             metadata = {"provenance": json.dumps(provenance)}
-            self.fs.pipe_file(path, save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata))
+            plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            if self._local:  # straight to the file: no second, in-memory copy of a model-sized payload
+                save_file(plain, path, metadata)
+            else:
+                self.fs.pipe_file(path, save_safetensors(plain, metadata))
 
         return self._write(key, "tensors", attrs, write)
 
     def get_tensors(self, key: str) -> dict[str, Tensor]:
-        return load_safetensors(self.fs.cat_file(self._payload(key, "tensors")))
+        path = self._payload(key, "tensors")
+        return load_file(path) if self._local else load_safetensors(self.fs.cat_file(path))
 
     def put_json(self, key: str, value: Any, attrs: Mapping[str, Any] | None = None) -> str:
         """Publish a small JSON document (a selection decision, a config) under ``key``."""
