@@ -10,8 +10,8 @@ random rank-r PEFT adapters and small generated data (``mergelab.synthetic``):
   adapters on its ``CLIPVisionModel`` ``q_proj / k_proj / v_proj / out_proj`` (the KnOTS
   checkpoints' layout); the same image data;
 * ``hf_seq_cls``: a ``LlamaForSequenceClassification`` directory of a LLaMA configuration
-  (``--llm``: Llama-3.2-1B by default, which fits this machine; ``llama3-8b`` is 003 Tab. 2's model
-  and needs ≈ 40 GB of memory) and ``SEQ_CLS`` adapters on q, k, v, o, gate, up, down that keep
+  (``--llm``: Llama-3.2-1B by default, which fits this machine; ``llama3-8b`` is 003 Tab. 2's model:
+  a study peaks near three times the model's float32 size, ≈ 100 GB for it) and ``SEQ_CLS`` adapters on q, k, v, o, gate, up, down that keep
   their own ``score`` heads; text rows as CSV.
 
 For each bench, as separate processes of the CLI (what a user types): ``mergelab check`` (the
