@@ -297,7 +297,7 @@ def loss_change_per_task(ds: xr.Dataset, task: str | None = None, module: str | 
     task = task or _strings(ds.task.values)[0]
     module = module or _default_mlp_modules(ds)[-1]
     r = _components_shown(ds, task, module)
-    fig, (ax,) = _figure(ds, f"Loss change of each task when adding {task}'s components, {_module_label(ds, module)}",
+    fig, (ax,) = _figure(ds, f"Loss change of each task when adding the components of {task}, {_module_label(ds, module)}",
                          "002 Sec. 4, Fig. 2", panel=(5.2, 3.4))
     for j, other in enumerate(_strings(ds.eval_task.values)):
         values = ds.delta_loss.sel(task=task, module=module, eval_task=other).values[: r.size]
