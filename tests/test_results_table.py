@@ -85,3 +85,28 @@ def test_the_printed_table_fits_80_columns_numbers_configs_and_marks_merges_belo
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith((" task_arithmetic", " ties"))}
     assert "↓" in rows["ties"] and "↓" not in rows["task_arithmetic"]
     assert "cfg 1: alpha=0.1,lam=0.25,rank_ratio=0.16,iters=300" in text and "cfg 2: alpha=1.0,density=0.5" in text
+
+
+def test_a_method_whose_selection_metric_is_undefined_is_named_not_silently_dropped(tmp_path, monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from mergelab.cli import studies as cli
+    from mergelab.store import Store
+    from mergelab.study import unselected
+
+    ds = _results({("task_arithmetic", "alpha=0.3"): 0.9, ("ties", "alpha=1.0"): 0.7})
+    ds["score"].loc[{"merge_method": "ties", "metric": "val_norm_acc"}] = np.nan  # a task's fine-tuned val accuracy was 0
+    ds["selected"] = ds["selected"] & ds["score"].sel(metric="val_norm_acc").mean("task").notnull()
+    ds["reference_score"].loc[{"reference": "finetuned", "task": "b", "metric": "val_acc"}] = 0.0
+    assert unselected(ds) == [("ties", "full")]
+    ds.attrs.update(note="hand-made numbers", selection="val")
+    store = Store(tmp_path / "s")
+    key = store.put_dataset(store.key("results", "test"), ds)
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=200))
+    cli._print_results(SimpleNamespace(name="t"), {"results": key, "store": store.url})
+    assert ("warning: ties/full merged but no configuration could be selected on val (b: fine-tuned val accuracy 0, so "
+            "normalised accuracy is undefined)") in out.getvalue()

@@ -152,7 +152,7 @@ def _print_results(spec, run, wide: bool = False) -> None:
     from rich import box
 
     from mergelab.store import Store
-    from mergelab.study import grid_edges, results_table
+    from mergelab.study import grid_edges, results_table, unselected
 
     if not run.get("results"):
         console.print(f"study {spec.name} merges nothing: no results table (its analyses are under studies/{spec.name}/)", highlight=False)
@@ -183,6 +183,12 @@ def _print_results(spec, run, wide: bool = False) -> None:
     console.print("norm(_acc), acc, hits@1: % (mean over tasks; ↓: below zero-shot); merge_s: wall seconds of the merge; "
                   "MiB: its peak extra memory; |Δcoef|: mean change of an adaptive run's coefficients from its start",
                   highlight=False)
+    zero = [t for t in ds.attrs["tasks"] if float(ds["reference_score"].sel(reference="finetuned", task=t, metric="val_acc")) == 0]
+    for method, space in unselected(ds):
+        why = f" ({', '.join(zero)}: fine-tuned val accuracy 0, so normalised accuracy is undefined)" if zero else ""
+        console.print(f"warning: {method}/{space} merged but no configuration could be selected on val{why}; it has no row "
+                      "above (its scores are in the results Dataset; selection: tas needs no accuracy)", style="yellow",
+                      highlight=False, soft_wrap=True)
     for (method, space, config), names in grid_edges(ds).items():
         console.print(f"warning: {method}/{space} selected {config}, on the edge of its grid in {', '.join(names)}; "
                       "widen that grid in the study", style="yellow", highlight=False)

@@ -26,9 +26,10 @@ nothing else. Changed adapters change the TaskSet hash and every key below it.
 from mergelab.study.run import JOINT, JOINT_KS, AdaptJob, Run, MergeJob, Node, NodeResult, adapt_jobs, shared_run, merge_jobs
 from mergelab.study.graph import (NODES, PHASES, Submit, analyses_up_to_date, analysis_graph, local_submit, run_graph,
                                   selected_for_analyses, up_to_date)
-from mergelab.study.results import Row, adapt_row, grid_edges, merge_row, results_table, selected_merges
+from mergelab.study.results import Row, adapt_row, grid_edges, merge_row, results_table, selected_merges, unselected
 
 
 __all__ = ["JOINT", "JOINT_KS", "NODES", "PHASES", "AdaptJob", "Run", "MergeJob", "Node", "NodeResult", "Row", "Submit",
            "adapt_jobs", "adapt_row", "analyses_up_to_date", "analysis_graph", "shared_run", "grid_edges", "local_submit",
-           "merge_jobs", "merge_row", "results_table", "run_graph", "selected_for_analyses", "selected_merges", "up_to_date"]
+           "merge_jobs", "merge_row", "results_table", "run_graph", "selected_for_analyses", "selected_merges", "unselected",
+           "up_to_date"]

@@ -182,6 +182,16 @@ def _at_bound(method: str, name: str, value: float) -> bool:
     return interval is not None and value in (interval.low, interval.high)
 
 
+def unselected(ds: xr.Dataset) -> list[tuple[str, str]]:
+    """``(method, space)`` pairs that merged but had no configuration selected: the selection
+    metric was undefined for every configuration (normalised accuracy when a task's fine-tuned
+    model scores 0 on val), so the results table has no row for them."""
+    merged = ds["merge_seconds"].notnull().any(("config", "seed"))
+    chosen = ds["selected"].any(("config", "seed"))
+    return [(str(m), str(sp)) for m in ds.merge_method.values for sp in ds.space.values
+            if bool(merged.sel(merge_method=m, space=sp)) and not bool(chosen.sel(merge_method=m, space=sp))]
+
+
 def grid_edges(ds: xr.Dataset) -> dict[tuple[str, str, str], list[str]]:
     """``{(method, space, config): [hyper-parameters]}`` of selected configurations whose value of a
     swept numeric hyper-parameter is the smallest or largest of the grid that was swept (the
