@@ -63,7 +63,8 @@ def test_a_selection_at_the_end_of_the_allowed_range_is_not_an_edge():
     assert grid_edges(ds) == {}  # density 1 is TIES' upper bound (no trim), α 1.0 is interior
 
 
-def test_the_printed_table_fits_80_columns_numbers_configs_and_marks_merges_below_zero_shot(tmp_path, monkeypatch):
+def _printed(ds: xr.Dataset, tmp_path, monkeypatch, width: int) -> str:
+    """What ``mergelab run`` prints under a study whose results are ``ds``."""
     import io
     from types import SimpleNamespace
 
@@ -72,15 +73,19 @@ def test_the_printed_table_fits_80_columns_numbers_configs_and_marks_merges_belo
     from mergelab.cli import studies as cli
     from mergelab.store import Store
 
-    ds = _results({("task_arithmetic", "alpha=0.1,lam=0.25,rank_ratio=0.16,iters=300"): 0.9, ("ties", "alpha=1.0,density=0.5"): 0.3})
-    ds["reference_score"].loc[{"reference": "finetuned"}] = 1.0  # zero-shot: 50 % normalised; ties (30 %) is below it
     ds.attrs.update(note="hand-made numbers", selection="val")
     store = Store(tmp_path / "s")
     key = store.put_dataset(store.key("results", "test"), ds)
     out = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=out, width=80))
+    monkeypatch.setattr(cli, "console", Console(file=out, width=width))
     cli._print_results(SimpleNamespace(name="t"), {"results": key, "store": store.url})
-    text = out.getvalue()
+    return out.getvalue()
+
+
+def test_the_printed_table_fits_80_columns_numbers_configs_and_marks_merges_below_zero_shot(tmp_path, monkeypatch):
+    ds = _results({("task_arithmetic", "alpha=0.1,lam=0.25,rank_ratio=0.16,iters=300"): 0.9, ("ties", "alpha=1.0,density=0.5"): 0.3})
+    ds["reference_score"].loc[{"reference": "finetuned"}] = 1.0  # zero-shot: 50 % normalised; ties (30 %) is below it
+    text = _printed(ds, tmp_path, monkeypatch, width=80)
     assert max(map(len, text.splitlines())) <= 80
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith((" task_arithmetic", " ties"))}
     assert "↓" in rows["ties"] and "↓" not in rows["task_arithmetic"]
@@ -88,13 +93,6 @@ def test_the_printed_table_fits_80_columns_numbers_configs_and_marks_merges_belo
 
 
 def test_a_method_whose_selection_metric_is_undefined_is_named_not_silently_dropped(tmp_path, monkeypatch):
-    import io
-    from types import SimpleNamespace
-
-    from rich.console import Console
-
-    from mergelab.cli import studies as cli
-    from mergelab.store import Store
     from mergelab.study import unselected
 
     ds = _results({("task_arithmetic", "alpha=0.3"): 0.9, ("ties", "alpha=1.0"): 0.7})
@@ -102,11 +100,5 @@ def test_a_method_whose_selection_metric_is_undefined_is_named_not_silently_drop
     ds["selected"] = ds["selected"] & ds["score"].sel(metric="val_norm_acc").mean("task").notnull()
     ds["reference_score"].loc[{"reference": "finetuned", "task": "b", "metric": "val_acc"}] = 0.0
     assert unselected(ds) == [("ties", "full")]
-    ds.attrs.update(note="hand-made numbers", selection="val")
-    store = Store(tmp_path / "s")
-    key = store.put_dataset(store.key("results", "test"), ds)
-    out = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=out, width=200))
-    cli._print_results(SimpleNamespace(name="t"), {"results": key, "store": store.url})
     assert ("warning: ties/full merged but no configuration could be selected on val (b: fine-tuned val accuracy 0, so "
-            "normalised accuracy is undefined)") in out.getvalue()
+            "normalised accuracy is undefined)") in _printed(ds, tmp_path, monkeypatch, width=200)
