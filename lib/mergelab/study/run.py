@@ -15,7 +15,7 @@ from mergelab.bench import Bench, BenchSession, load_bench
 from mergelab.config import AdaptiveSpec, StudySpec, config_label
 from mergelab.hashing import content_hash
 from mergelab.merging import METHODS
-from mergelab.profiling import release_memory
+from mergelab.profiling import trim_heap
 from mergelab.store import Key, Kind, Store
 from mergelab.taskset import TaskSet
 
@@ -69,7 +69,7 @@ class Node:
             value, attrs = self.compute(ctx, key, *args, **options)
             ctx.store.put(key, self.artifact, value, {"compute_time_s": round(time.perf_counter() - start, 6), **attrs})
             del value
-            release_memory()  # a model-sized result (a full-space merge of an LLM) leaves no high-water mark behind
+            trim_heap()  # a model-sized result (a full-space merge of an LLM) leaves no high-water mark behind
         self.name(ctx, key, *args)
         return NodeResult(self.kind, key, hit, self.label(ctx, *args))
 
