@@ -236,13 +236,17 @@ def _components_shown(ds: xr.Dataset, task: str, module: str) -> np.ndarray:
     return ds.component.values[:n]
 
 
+def _energy_label(ds: xr.Dataset) -> str:
+    return f"{float(ds.attrs.get('energy', 0.95)):.0%}-energy rank"
+
+
 def _mark_energy_rank(ax: Axes, ds: xr.Dataset, task: str, module: str, shown: np.ndarray, label: str | None = None) -> int | None:
     """A dashed line at task ``task``'s energy rank k of ``module`` (002 Fig. 3), or a legend note when it
     lies beyond the components shown; ``label`` names the line (default: with k). Returns k."""
     if "energy_rank" not in ds:
         return None
     k = int(ds.energy_rank.sel(task=task, module=module))
-    label = label or f"{float(ds.attrs.get('energy', 0.95)):.0%}-energy rank = {k}"
+    label = label or f"{_energy_label(ds)} = {k}"
     if shown.size and k <= shown.max():
         ax.axvline(k, color="grey", ls="--", lw=1.0, label=label)
     else:
@@ -278,7 +282,7 @@ def loss_change_per_component(ds: xr.Dataset, module: str | None = None) -> Figu
         ax.plot(r, ds.multi_delta_loss.sel(task=task, module=module).values[: r.size], marker="s", color="C2",
                 label="multi-task ΔL(r)")
         ax.axhline(0.0, color="k", lw=0.6)
-        k = _mark_energy_rank(ax, ds, task, module, r, label=f"{float(ds.attrs.get('energy', 0.95)):.0%}-energy rank")
+        k = _mark_energy_rank(ax, ds, task, module, r, label=_energy_label(ds))
         ax.set(title=f"source: {task}" + ("" if k is None else f" (energy rank {k})"), xlabel="singular index r",
                ylabel="ΔL (nats)")
         ax.title.set_fontsize(9)

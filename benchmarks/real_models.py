@@ -127,21 +127,16 @@ def build_hf_clip(work: Path, args) -> Built:
 
 
 def build_hf_seq_cls(work: Path, args) -> Built:
-    import transformers
-
     name = "tiny" if args.quick else args.llm
     config = LLMS[name]
-    llama_classifier(work / "llama", words=WORDS, num_labels=2, max_position_embeddings=2048, **config)
+    model = llama_classifier(work / "llama", words=WORDS, num_labels=2, max_position_embeddings=2048, **config)
     tasks = _tasks(args.tasks)
-    adapters = {}
-    for i, task in enumerate(tasks):  # one model per task: write_peft_adapters copies the model it is given
-        classifier = transformers.AutoModelForSequenceClassification.from_pretrained(str(work / "llama"), local_files_only=True)
-        adapters[task] = write_peft_adapters(classifier, work / "adapters", [task], seed=i, rank=args.rank, alpha=args.rank,
-                                             task_type="SEQ_CLS", target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                                  "gate_proj", "up_proj", "down_proj"])[0]
-        del classifier
+    paths = write_peft_adapters(model, work / "adapters", tasks, rank=args.rank, alpha=args.rank, task_type="SEQ_CLS",
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    del model
     data = text_folders(work / "data", dict.fromkeys(tasks), WORDS, rows=args.rows, length=12)
-    return Built({"kind": "hf_seq_cls", "weights": str(work / "llama"), "max_length": 16}, work / "llama", adapters, data,
+    return Built({"kind": "hf_seq_cls", "weights": str(work / "llama"), "max_length": 16}, work / "llama",
+                 dict(zip(tasks, paths, strict=True)), data,
                  f"LlamaForSequenceClassification {name} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
                  f"MLP {config['intermediate_size']}); adapters on q, k, v, o, gate, up, down + a score head each")
 

@@ -183,8 +183,10 @@ def _print_results(spec, run, wide: bool = False) -> None:
     console.print("norm(_acc), acc, hits@1: % (mean over tasks; ↓: below zero-shot); merge_s: wall seconds of the merge; "
                   "MiB: its peak extra memory; |Δcoef|: mean change of an adaptive run's coefficients from its start",
                   highlight=False)
-    zero = [t for t in ds.attrs["tasks"] if float(ds["reference_score"].sel(reference="finetuned", task=t, metric="val_acc")) == 0]
-    for method, space in unselected(ds):
+    missing = unselected(ds)
+    zero = [t for t in ds.attrs["tasks"] if missing
+            and float(ds["reference_score"].sel(reference="finetuned", task=t, metric="val_acc")) == 0]
+    for method, space in missing:
         why = f" ({', '.join(zero)}: fine-tuned val accuracy 0, so normalised accuracy is undefined)" if zero else ""
         console.print(f"warning: {method}/{space} merged but no configuration could be selected on val{why}; it has no row "
                       "above (its scores are in the results Dataset; selection: tas needs no accuracy)", style="yellow",

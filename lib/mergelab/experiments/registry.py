@@ -48,6 +48,15 @@ __all__ = ["ADAPTATION_STUDIES", "ANALYSES", "SCHEDULE", "AdaptationStudy", "Ana
            "resolve", "run_study", "study_ref"]
 
 
+def _keywords(fn: Callable[..., Any], inputs: tuple[str, ...]) -> list[str] | None:
+    """The keyword settings ``fn`` takes after its first argument, less the ``inputs`` the caller
+    passes itself (``None``: any, it forwards ``**kwargs``)."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.name not in inputs]
+
+
 @dataclass(frozen=True)
 class Analysis:
     """An analysis function, its producer name in store keys, code version, input and fixed settings."""
@@ -58,11 +67,10 @@ class Analysis:
     needs: Literal["taskset", "merged", "bench"] = "taskset"
     params: Mapping[str, Any] = field(default_factory=dict)
 
-    def allowed(self) -> list[str]:
+    def allowed(self) -> list[str] | None:
         """The keyword arguments a study may set: the function's, less its first (the input ``needs``
-        names) and the ``merged`` / ``taskset`` a merged-model analysis is handed."""
-        params = list(inspect.signature(self.fn).parameters.values())[1:]
-        return [p.name for p in params if p.name not in ("merged", "taskset") and p.kind is not inspect.Parameter.VAR_KEYWORD]
+        names) and the ``merged`` / ``taskset`` a merged-model analysis is handed (``None``: any)."""
+        return _keywords(self.fn, ("merged", "taskset"))
 
     def settings(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The keyword arguments of one run: the fixed ``params`` and a study's ``given`` settings."""
@@ -94,10 +102,11 @@ ANALYSES: Registry[Analysis] = Registry("analysis", {
                                          needs="bench"),
 })
 
+
 def check_analysis_settings(name: str, settings: Mapping[str, Any]) -> None:
     """Raise :class:`InputError` naming a setting that analysis ``name``'s function does not take."""
     allowed = ANALYSES[name].allowed()
-    unknown = [k for k in settings if k not in allowed]
+    unknown = [] if allowed is None else [k for k in settings if k not in allowed]
     if unknown:
         raise InputError(f"analysis_settings: {name} has no setting {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}")
 
@@ -120,10 +129,7 @@ class AdaptationStudy:
 
     def allowed(self) -> list[str] | None:
         """The keyword settings ``fn`` takes (``None``: any, it forwards ``**hp``)."""
-        params = list(inspect.signature(self.fn).parameters.values())[1:]
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            return None
-        return [p.name for p in params if p.name != "dataset"]
+        return _keywords(self.fn, ("dataset",))
 
 
 #: Versions 2 of the preference studies: the STCH anchors no longer shift TARA's batches; 3: dimension
