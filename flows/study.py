@@ -32,7 +32,7 @@ from mergelab.errors import InputError  # noqa: E402
 # Prefect's own "prefect" logger (temporary-server start/stop notices) ignores the level setting.
 logging.getLogger("prefect").setLevel(os.environ["PREFECT_LOGGING_LEVEL"])
 
-__all__ = ["GPU_NODES", "GPU_TAG", "TASKS", "FlowResult", "adapt_flow", "deployment", "serve_deployments", "analyze_flow", "evaluate_flow", "merge_sweep", "set_progress", "stage_flow", "study_flow"]
+__all__ = ["GPU_NODES", "GPU_TAG", "TASKS", "FlowResult", "adapt_flow", "check_server", "deployment", "register_deployment", "scheduling_warning", "serve_deployments", "analyze_flow", "evaluate_flow", "merge_sweep", "set_progress", "stage_flow", "study_flow"]
 
 #: Tag of tasks that benefit from an accelerator (evaluation, adaptation, Jacobian analyses).
 GPU_TAG = "gpu"
@@ -163,22 +163,99 @@ def deployment(study: Path, spec: StudySpec, *, cron: str, name: str | None = No
                                     parameters={"study": str(Path(study).resolve()), "store": store or spec.store_url()})
 
 
-def register_deployment(scheduled) -> str:
-    """Register ``scheduled`` with the Prefect server named by ``PREFECT_API_URL`` and return its id.
+def check_server(flag: str, warn: Callable[[str], None]) -> str:
+    """The URL of the Prefect server that will schedule (``PREFECT_API_URL``), checked before a
+    deployment is registered or served: Prefect's temporary server (no URL set) runs no scheduler
+    and forgets a deployment when this process ends, so an unset URL is bad input for ``flag``,
+    not a silent no-op; ``warn`` receives :func:`scheduling_warning`'s line when there is one."""
+    from importlib.metadata import version
 
-    A temporary server would forget the deployment when this process ends, so an unset
-    ``PREFECT_API_URL`` is bad input, not a silent no-op.
-    """
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():
-        raise InputError("--register-only needs a Prefect server that outlives this command; "
-                         "start one (prefect server start) and set PREFECT_API_URL")
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise InputError(f"{flag} needs a Prefect server that outlives this command (Prefect's temporary server schedules "
+                         "nothing); start one (prefect server start) and set PREFECT_API_URL")
+    problem = scheduling_warning(url, version("sqlalchemy"))
+    if problem is not None:
+        warn(problem)
+    return url
+
+
+#: SQLAlchemy releases from which Prefect 3.8.8's scheduler fails on every tick ("Can't evaluate bulk
+#: DML statement" in ``_insert_scheduled_flow_runs``; issue 30): no scheduled run is ever created.
+SCHEDULER_BREAKS_AT = (2, 1)
+
+
+def scheduling_warning(url: str, sqlalchemy_version: str) -> str | None:
+    """Why the Prefect server at ``url`` cannot schedule, as far as this process can tell before
+    serving: a server on this machine, presumably started from this environment, with a SQLAlchemy
+    that Prefect's scheduler does not support. A remote server's environment is not visible from
+    here; :func:`serve_deployments` watches for its scheduled runs instead."""
+    from urllib.parse import urlsplit
+
+    local = urlsplit(url).hostname in ("localhost", "127.0.0.1", "::1", "0.0.0.0")
+    release = tuple(int(p) for p in sqlalchemy_version.split(".")[:2] if p.isdigit())
+    if local and release >= SCHEDULER_BREAKS_AT:
+        return (f"SQLAlchemy {sqlalchemy_version} is installed here and Prefect's scheduler fails with it on every tick, so a "
+                f"server at {url} started from this environment never creates a scheduled run; "
+                "pip install 'sqlalchemy>=2.0,<2.1' (the pin in pyproject.toml) and restart the server")
+    return None
+
+
+def register_deployment(scheduled) -> str:
+    """Register ``scheduled`` with the server of ``PREFECT_API_URL`` (:func:`check_server` first) and return its id."""
     return str(scheduled.apply())
 
 
-def serve_deployments(*deployments) -> None:
-    """Serve deployments in this process until interrupted (``prefect.serve``)."""
+#: How long :func:`serve_deployments` waits for the server to schedule a run of a served deployment
+#: (a healthy server's recent-deployments scheduler does so within about 5 s).
+SCHEDULE_PROBE_S = 45.0
+
+
+def _unscheduled(deployments: Sequence, within_s: float) -> list[str]:
+    """The names of ``deployments`` of which the server has no flow run ``within_s`` seconds from
+    now (serving registers them meanwhile; a deployment not there yet counts as unscheduled)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.exceptions import ObjectNotFound
+
+    waiting = {f"{d.flow_name}/{d.name}" for d in deployments}
+    deadline = time.monotonic() + within_s
+    with get_client(sync_client=True) as client:
+        while waiting and time.monotonic() < deadline:
+            time.sleep(2.0)
+            for name in sorted(waiting):
+                try:
+                    found = client.read_deployment_by_name(name)
+                except ObjectNotFound:
+                    continue
+                if client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])), limit=1):
+                    waiting.discard(name)
+    return sorted(waiting)
+
+
+def serve_deployments(*deployments, url: str, warn: Callable[[str], None]) -> None:
+    """Serve deployments in this process until interrupted (``prefect.serve``) against the server at
+    ``url`` (:func:`check_server`). A background thread asks the server for each deployment's runs:
+    ``warn`` receives one line per deployment of which it has scheduled none within
+    :data:`SCHEDULE_PROBE_S` (its scheduler is off or failing)."""
+    import threading
+
     from prefect import serve
 
+    def probe() -> None:
+        try:
+            missing = _unscheduled(deployments, SCHEDULE_PROBE_S)
+        except Exception as err:  # the probe is advice: a server that cannot answer it is reported, not fatal
+            warn(f"could not ask the Prefect server at {url} whether it schedules ({type(err).__name__}: {' '.join(str(err).split())})")
+            return
+        for name in missing:
+            warn(f"the Prefect server at {url} has scheduled no run of {name} {SCHEDULE_PROBE_S:.0f} s after serving began: "
+                 "its scheduler is off or failing (see the server's log; Prefect 3.8.8's fails on every tick with "
+                 "SQLAlchemy 2.1: pin sqlalchemy>=2.0,<2.1 where the server runs)")
+
+    threading.Thread(target=probe, name="mergelab-schedule-probe", daemon=True).start()
     serve(*deployments)
