@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from mergelab.merging import METHODS, merge
 from mergelab.selection import SELECTION_RULES
 from mergelab.study import Run, NodeResult, adapt_jobs, local_submit, merge_jobs, run_graph
 from mergelab.taskset import MergedUpdate, TaskSet
+
+if TYPE_CHECKING:
+    from mergelab.store import Store
 
 __all__ = ["Adapted", "Merged", "Selection", "adapt_adapters", "adapt_on_bench", "bench_for", "evaluation_bench",
            "merge_adapters", "module_map", "select_hyper_parameters", "swept_grid"]
@@ -247,7 +250,9 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
         raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
     if max_rank is not None and (fmt != "peft" or max_rank < 1):
         raise InputError(f"--max-rank {max_rank} caps a PEFT adapter's rank; give an integer >= 1 with --format peft")
-    check_output(fmt, out, force)
+    s = Store(store)
+    check_output(fmt, out, force, store=s, sources=sources, base=base, grams=grams,
+                 bench=None if bench == "micro" else bench)
     spec, fixed = METHODS[method], dict(fixed or {})
     hyper_parameters = spec.resolve(fixed)
     sp = get_space(space, **dict(space_options or {}))
@@ -259,7 +264,6 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
         raise InputError("--select evaluates whole models merged with default space options; drop --grams, --modules and --space-option")
     if select is not None:
         swept_grid(spec.name, fixed, grid)  # a too-large grid fails before the benchmark loads
-    s = Store(store)
     taskset = load_taskset(base, sources, modules=modules, base_module=base_module)
     selection = None
     if select is not None:
@@ -308,7 +312,7 @@ def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any
 
     if not sources:
         raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
-    check_output(fmt, out, force)
+    check_output(fmt, out, force, store=Store(store), sources=sources, base=base, bench=None if bench == "micro" else bench)
     load_study({"name": "adapt", "adaptive": [dict(adaptive)], "allow_labels": allow_labels})  # bad options fail here
     validate_preference(adaptive.get("preference"), len(sources))
     taskset = load_taskset(base, sources, base_module=base_module)
@@ -318,12 +322,22 @@ def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any
     return result, save_merged(result.merged, out, format=fmt, base=base, overwrite=force, heads=task_heads(taskset)), url
 
 
-def check_output(fmt: str, out: Path, force: bool) -> None:
-    """``--format`` and ``--out`` checked before any work (``save_merged`` checks again when writing)."""
+def check_output(fmt: str, out: Path, force: bool, *, store: Store, sources: Sequence[str], base: str,
+                 **inputs: str | Path | None) -> None:
+    """``--format`` and ``--out`` checked before any work (``save_merged`` checks again when writing):
+    an existing ``--out`` needs ``--force`` and must be replaceable (:func:`~mergelab.outputs.check_replaceable`:
+    a previous output, not the working directory, apart from ``store``, the ``sources``, the ``base``
+    and the other named ``inputs`` such as ``grams=``)."""
+    from mergelab.checkpoints.files import named_sources
     from mergelab.errors import check_writable
+    from mergelab.outputs import check_replaceable
 
     if fmt not in ("peft", "weights"):
         raise InputError(f"--format {fmt!r} is not one of peft, weights")
-    if out.exists() and not force:
-        raise InputError(f"output {out} already exists; choose another path or pass --force")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise InputError(f"output {out} already exists; choose another path or pass --force")
+        guarded = {f"adapter {name!r}": path for name, path in named_sources(sources, None)}
+        guarded |= {"base model": base, **{f"--{k}": v for k, v in inputs.items() if v is not None}}
+        check_replaceable(out, store=store.local_root, inputs=guarded)
     check_writable(out, "--out")

@@ -119,6 +119,11 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
 
+    @property
+    def local_root(self) -> str | None:
+        """The root directory of a store on the local filesystem; ``None`` for a remote one."""
+        return self.root if self._local else None
+
     # keys -----------------------------------------------------------------------------------
 
     def key(self, producer: str, version: str, /, **inputs: Any) -> Key:

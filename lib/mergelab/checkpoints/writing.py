@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 
 from mergelab.errors import InputError
 from mergelab.linalg import lowrank_svd, svd64
+from mergelab.outputs import check_replaceable, claimed, remove_leftovers, temporary_sibling
 from mergelab.strict import SAFE_NAME
 from mergelab.taskset import LowRank, MergedUpdate, Update
 
@@ -28,19 +28,25 @@ __all__ = ["cap_rank", "save_merged"]
 
 
 def _publish_dir(out: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Write a directory under a temporary name next to ``out``, then rename it into place."""
+    """Write a directory under a temporary name next to ``out``, then rename it into place. An
+    existing ``out`` is replaced only with ``overwrite`` and only when it is a previous output
+    (:func:`~mergelab.outputs.check_replaceable`); leftovers of killed writes to ``out`` go first."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"output {out} already exists; choose another path or pass overwrite=True (CLI: --force)")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError(f"output {out} already exists; choose another path or pass overwrite=True (CLI: --force)")
+        check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_leftovers(out.parent, out.name)
+    tmp = temporary_sibling(out)
     try:
-        write(tmp)
-        if out.exists() or out.is_symlink():
-            _exchange(tmp, out)  # tmp now holds the old output
-            _remove(tmp)
-        else:
-            os.replace(tmp, out)
+        with claimed(tmp):
+            write(tmp)
+            if out.exists() or out.is_symlink():
+                _exchange(tmp, out)  # tmp now holds the old output
+                _remove(tmp)
+            else:
+                os.replace(tmp, out)
     except BaseException:
         _remove(tmp)
         raise
@@ -67,7 +73,7 @@ def _exchange(a: Path, b: Path) -> None:
             return
     except (AttributeError, OSError):
         pass
-    old = Path(tempfile.mkdtemp(prefix=f".{b.name}.old-", dir=b.parent))
+    old = temporary_sibling(b, old=True)
     os.replace(b, old / b.name)
     os.replace(a, b)
     os.replace(old / b.name, a)
