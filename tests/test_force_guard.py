@@ -171,3 +171,16 @@ def test_force_replaces_a_previous_output_and_removes_leftovers_of_killed_writes
     assert not dead.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == [live.name]
 
+
+def test_store_gc_removes_leftover_output_writes_in_the_store(tmp_path):
+    from mergelab.store import Store
+
+    store = Store(tmp_path / "s")
+    key = store.put_json(store.key("kept", "1"), {"a": 1})
+    leftover = tmp_path / "s" / ".merged.abcd1234"
+    leftover.mkdir()
+    (leftover / "merge.json").write_text("{}")
+    os.utime(leftover, (time.time() - 60, time.time() - 60))
+    result = runner.invoke(app, ["store", "gc", "--store", str(tmp_path / "s")])
+    assert result.exit_code == 0 and ".merged.abcd1234" in result.stdout, result.output
+    assert not leftover.exists() and Store(tmp_path / "s").exists(key)

@@ -153,14 +153,28 @@ class Store:
     # presence --------------------------------------------------------------------------------
 
     def exists(self, key: str) -> bool:
-        """True when ``key`` is published (its marker is present and readable)."""
+        """True when ``key`` is published (its marker is present, readable and well formed)."""
         return self._read_marker(key) is not None
 
     def _read_marker(self, key: str) -> dict[str, Any] | None:
+        return self._marker_state(key)[0]
+
+    def _marker_state(self, key: str) -> tuple[dict[str, Any] | None, str | None]:
+        """``(marker, None)`` when ``key`` is published; ``(None, None)`` when it has no marker (not
+        published: a write in flight or a leftover for gc); ``(None, problem)`` when a marker is
+        there that this store cannot trust (what ``verify`` reports, what ``ls`` skips)."""
         try:
-            return json.loads(self.fs.cat_file(self._marker(key)))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
+            raw = self.fs.cat_file(self._marker(key))
+        except FileNotFoundError:
+            return None, None
+        except OSError as err:  # e.g. objects/<key> is a file, or unreadable
+            return None, f"marker cannot be read ({err.strerror or type(err).__name__})"
+        try:
+            marker = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None, "marker is not readable JSON"
+        problem = _marker_problem(marker)
+        return (None, problem) if problem else (marker, None)
 
     def info(self, key: str) -> ArtifactInfo:
         marker = self._read_marker(key)
@@ -309,28 +323,52 @@ class Store:
 
     def ref(self, name: str) -> str:
         try:
-            return json.loads(self.fs.cat_file(self._path("refs", f"{name}.json")))["key"]
+            value = json.loads(self.fs.cat_file(self._path("refs", f"{name}.json")))
         except FileNotFoundError:
             raise KeyError(f"store {self.url} has no artifact named {name!r}; run the study that writes it first") from None
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            value = None
+        key = value.get("key") if isinstance(value, dict) else None
+        if not isinstance(key, str):
+            raise KeyError(f"the ref {name!r} in store {self.url} is damaged (not {{\"key\": ...}}); run the study that writes it again")
+        return key
 
     def refs(self) -> dict[str, str]:
+        """Every name and the key it points at; a ref file that is not ``{"key": "..."}`` is left out
+        (:meth:`broken_refs` names it)."""
+        return {name: key for name, key in self._ref_files().items() if isinstance(key, str)}
+
+    def broken_refs(self) -> list[str]:
+        """The names whose ref file is unreadable or not ``{"key": "..."}``."""
+        return [name for name, key in self._ref_files().items() if not isinstance(key, str)]
+
+    def _ref_files(self) -> dict[str, str | None]:
         root = self._path("refs")
         if not self.fs.exists(root):
             return {}
-        out = {}
+        out: dict[str, str | None] = {}
         for path in self.fs.find(root):
             if path.endswith(".json"):
-                name = path[len(root) + 1 : -len(".json")]
-                out[name] = json.loads(self.fs.cat_file(path))["key"]
+                try:
+                    value = json.loads(self.fs.cat_file(path))
+                except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+                    value = None
+                key = value.get("key") if isinstance(value, dict) else None
+                out[path[len(root) + 1 : -len(".json")]] = key if isinstance(key, str) else None
         return out
 
     # listing and cleaning ----------------------------------------------------------------------
 
     def _object_keys(self) -> list[str]:
+        """The names under ``objects/`` (folders of objects, and whatever else is there)."""
         root = self._path("objects")
-        if not self.fs.exists(root):
-            return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(root, detail=False))
+        try:
+            if not self.fs.exists(root):
+                return []
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(root, detail=False))
+        except OSError as err:
+            raise InputError(f"store {self.url}: {root} cannot be read ({err.strerror or type(err).__name__}); "
+                             "give yourself read access to it (chmod u+rx) or pass another --store") from None
 
     def ls(self) -> list[ArtifactInfo]:
         """Every published artifact, sorted by key."""
@@ -347,6 +385,29 @@ class Store:
             h.update(f[len(path):].encode() + b"\0")
             h.update(self.fs.cat_file(f))
         return h.hexdigest()
+
+
+#: A marker's fields and their JSON types (``token`` and ``digest`` may be absent in stores written
+#: before they existed; ``kind`` is required and names a :data:`PAYLOAD`).
+_MARKER_FIELDS: dict[str, type | tuple[type, ...]] = {"kind": str, "producer": str, "created": str, "token": (str, type(None)),
+                                                       "digest": (str, type(None)), "attrs": dict}
+
+
+def _marker_problem(marker: Any) -> str | None:
+    """Why ``marker`` (parsed JSON) is not a marker this store wrote, or None."""
+    if not isinstance(marker, dict):
+        return f"marker is not a JSON object (a {type(marker).__name__})"
+    if "kind" not in marker:
+        return "marker names no kind"
+    wrong = [f for f, types in _MARKER_FIELDS.items() if f in marker and not isinstance(marker[f], types)]
+    if wrong:
+        return f"marker field {wrong[0]!r} has the wrong type ({type(marker[wrong[0]]).__name__})"
+    if marker["kind"] not in PAYLOAD:
+        return f"marker names an unknown kind {marker['kind'][:40]!r} (known: {', '.join(PAYLOAD)})"
+    token = marker.get("token")
+    if token is not None and not re.fullmatch(r"[A-Za-z0-9_]{1,64}", token):
+        return f"marker's payload token {token[:40]!r} is not a payload folder name"
+    return None
 
 
 def _zarr_ready(ds: xr.Dataset) -> xr.Dataset:

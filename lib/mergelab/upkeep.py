@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime as _dt
 import time
 import uuid
+from collections.abc import Callable
 
+from mergelab.outputs import remove_leftovers
 from mergelab.store import LEASE_S, MARKER, PAYLOAD, Store
 
-__all__ = ["gc", "verify"]
+__all__ = ["damaged", "gc", "verify"]
 
 
 def _stale(store: Store, path: str, lease_s: float) -> bool:
@@ -30,64 +32,108 @@ def _stale(store: Store, path: str, lease_s: float) -> bool:
     return bool(stamps) and time.time() - max(stamps) > lease_s
 
 
-def verify(store: Store, quarantine: bool = False) -> list[tuple[str, str]]:
-    """``(key, problem)`` for every object whose marker is unreadable, whose payload is missing,
-    or whose payload no longer has the digest recorded when it was published (markers from
-    before digests: the payload must still load). With ``quarantine`` each such object moves
-    to ``quarantine/<key>.<token>``, so the key is unpublished and a rerun recomputes it."""
-    problems: list[tuple[str, str]] = []
+def damaged(store: Store) -> list[tuple[str, str]]:
+    """``(entry, problem)`` for every entry of ``objects/`` that is not an object's folder or whose
+    marker is there but cannot be trusted (unreadable, not a JSON object, an unknown kind, a bad
+    field), and every ref that is not ``{"key": ...}`` (``refs/<name>.json``). Cheap: reads markers
+    only. ``ls`` skips these entries, ``verify`` reports them, ``gc`` removes the object entries."""
+    found: list[tuple[str, str]] = []
     for key in store._object_keys():
-        marker_path = store._marker(key)
-        if not store.fs.exists(marker_path):
-            continue  # not published (in flight, or a leftover for gc)
-        marker = store._read_marker(key)
-        if marker is None or "kind" not in marker:
-            problems.append((key, "marker is not readable JSON"))
-        else:
-            payload = store._payload(key, marker["kind"])
-            if not store.fs.exists(payload):
-                problems.append((key, f"payload {PAYLOAD[marker['kind']]} is missing"))
-            elif marker.get("digest") and store._digest(payload) != marker["digest"]:
-                problems.append((key, "payload differs from its published digest"))
-            elif not marker.get("digest"):
-                try:
-                    store.get(key)
-                except Exception as err:  # any failure to load is the finding
-                    problems.append((key, f"payload does not load ({type(err).__name__})"))
-        if quarantine and problems and problems[-1][0] == key:
+        if not store.fs.isdir(store._path("objects", key)):
+            found.append((key, "a file where an object's folder belongs"))
+            continue
+        _, problem = store._marker_state(key)
+        if problem is not None:
+            found.append((key, problem))
+    found += [(f"refs/{name}.json", 'not a ref ({"key": ...}); remove it or publish its study again') for name in store.broken_refs()]
+    return found
+
+
+def verify(store: Store, quarantine: bool = False) -> list[tuple[str, str]]:
+    """``(key, problem)`` for every damaged entry (:func:`damaged`), every object whose payload is
+    missing, and every object whose payload no longer has the digest recorded when it was
+    published (markers from before digests: the payload must still load). With ``quarantine``
+    each such object entry moves to ``quarantine/<key>.<token>``, so the key is unpublished and a
+    rerun recomputes it (an entry that cannot be moved says so in its problem)."""
+    problems = damaged(store)
+    bad = {entry for entry, _ in problems}
+    for key in store._object_keys():
+        marker = None if key in bad else store._read_marker(key)
+        if marker is None:
+            continue  # damaged (reported above) or not published (in flight, or a leftover for gc)
+        payload = store._payload(key, marker["kind"])
+        if not store.fs.exists(payload):
+            problems.append((key, f"payload {PAYLOAD[marker['kind']]} is missing"))
+        elif marker.get("digest") and store._digest(payload) != marker["digest"]:
+            problems.append((key, "payload differs from its published digest"))
+        elif not marker.get("digest"):
+            try:
+                store.get(key)
+            except Exception as err:  # any failure to load is the finding
+                problems.append((key, f"payload does not load ({type(err).__name__})"))
+    if not quarantine:
+        return problems
+    moved = []
+    for key, problem in problems:
+        if key.startswith("refs/"):
+            moved.append((key, problem))
+            continue
+        try:
             store.fs.makedirs(store._path("quarantine"), exist_ok=True)
             store.fs.mv(store._path("objects", key), store._path("quarantine", f"{key}.{uuid.uuid4().hex[:8]}"), recursive=True)
-    return problems
+        except OSError as err:
+            problem += f"; not moved to quarantine ({err.strerror or type(err).__name__})"
+        moved.append((key, problem))
+    return moved
 
-def gc(store: Store, keep: set[str] | None = None, dry_run: bool = False, lease_s: float = LEASE_S) -> list[str]:
-    """Remove leftovers older than ``lease_s`` (staging writes, unpublished objects, payloads a
-    marker does not name) and, with ``keep``, every published artifact whose key is neither in
-    ``keep`` nor named by a ref. A write younger than the lease is never touched, so gc may run
-    beside live runs. Returns what was (or would be) removed."""
+
+def gc(store: Store, keep: set[str] | None = None, dry_run: bool = False, lease_s: float = LEASE_S,
+       on_error: Callable[[str, OSError], None] | None = None) -> list[str]:
+    """Remove leftovers older than ``lease_s`` (staging writes, unpublished or damaged objects,
+    payloads a marker does not name, entries of ``objects/`` that are not folders) and the
+    ``.X.*`` folders of killed output writes in a local store's root that no live writer holds
+    (:func:`~mergelab.outputs.remove_leftovers`), and, with ``keep``, every
+    published artifact whose key is neither in ``keep`` nor named by a ref. A write younger than
+    the lease is never touched, so gc may run beside live runs. An entry that cannot be removed
+    (a read-only store) goes to ``on_error(label, error)`` and gc goes on; without ``on_error``
+    the error is raised. Returns what was (or would be) removed."""
     removed: list[str] = []
 
     def remove(path: str, label: str) -> None:
-        removed.append(label)
         if not dry_run:
-            store.fs.rm(path, recursive=True)
+            try:
+                store.fs.rm(path, recursive=True)
+            except OSError as err:
+                if on_error is None:
+                    raise
+                on_error(label, err)
+                return
+        removed.append(label)
 
     staging = store._path("staging")
     if store.fs.exists(staging):
         for path in store.fs.ls(staging, detail=False):
             if _stale(store, path, lease_s):
                 remove(path, f"staging/{path.rstrip('/').rsplit('/', 1)[-1]}")
+    if store.local_root is not None:
+        for path in remove_leftovers(store.local_root, dry_run=True):  # abandoned ones only; removed (or reported) here
+            remove(str(path), path.name)
     keep_all = None if keep is None else set(keep) | set(store.refs().values())
     for key in store._object_keys():
+        folder = store._path("objects", key)
+        if not store.fs.isdir(folder):
+            if _stale(store, folder, lease_s):
+                remove(folder, key)  # a file where an object's folder belongs
+            continue
         marker = store._read_marker(key)
         if marker is not None and keep_all is not None and key not in keep_all:
-            remove(store._path("objects", key), key)
-            continue
-        entries = [p.rstrip("/") for p in store.fs.ls(store._path("objects", key), detail=False)]
-        stale = [p for p in entries if p.rsplit("/", 1)[-1] != MARKER and _stale(store, p, lease_s)
-                 and (marker is None or not marker.get("token") or p.rsplit("/", 1)[-1] != marker["token"])]
-        if marker is None and stale and len(stale) == len([p for p in entries if p.rsplit("/", 1)[-1] != MARKER]):
-            remove(store._path("objects", key), key)  # nothing published and nothing in flight
-        elif marker is not None and marker.get("token"):
-            for p in stale:
-                remove(p, f"{key}/{p.rsplit('/', 1)[-1]}")
+            remove(folder, key)
+        elif marker is None:
+            if _stale(store, folder, lease_s):
+                remove(folder, key)  # nothing published (or a marker nobody can trust) and nothing in flight
+        elif marker.get("token"):
+            for p in (p.rstrip("/") for p in store.fs.ls(folder, detail=False)):
+                name = p.rsplit("/", 1)[-1]
+                if name not in (MARKER, marker["token"]) and _stale(store, p, lease_s):
+                    remove(p, f"{key}/{name}")
     return removed

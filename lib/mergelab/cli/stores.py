@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import progress_bars, StoreOpt, _Command, app, console, store_app
+from mergelab.cli.app import progress_bars, StoreOpt, _Command, app, console, err_console, store_app
 from mergelab.errors import InputError
 
 
@@ -47,9 +48,14 @@ def store_ls(store: StoreOpt = None, as_json: Annotated[bool, typer.Option("--js
     """List published artifacts: key, kind, producer, creation time."""
     from mergelab.store import Store
 
+    from mergelab.upkeep import damaged
+
     s = Store(store)
     items = s.ls()
     refs = {v: k for k, v in s.refs().items()}
+    for entry, problem in damaged(s):
+        err_console.print(f"warning: skipped {entry}: {problem} (mergelab store verify reports it)", style="yellow",
+                          markup=False, highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps([{"key": a.key, "kind": a.kind, "producer": a.producer, "created": a.created,
                                       "name": refs.get(a.key)} for a in items], indent=2) + "\n")
@@ -73,17 +79,25 @@ def store_gc(
     from mergelab.store import Store
     from mergelab.upkeep import gc
 
-    if lease < 0:
-        raise InputError(f"--lease {lease} is negative; give the seconds a write may take (default 3600)")
+    if not math.isfinite(lease) or lease < 0:
+        raise InputError(f"--lease {lease} is not a number of seconds; give a finite number >= 0, the seconds a write may "
+                         "take (default 3600; 0 removes every leftover now)")
 
     keys = None
     if keep is not None:
         if not keep.is_file():
             raise InputError(f"--keep file {keep} does not exist; write the keys to keep one per line")
         keys = {line.strip() for line in keep.read_text().splitlines() if line.strip()}
-    removed = gc(Store(store), keys, dry_run=dry_run, lease_s=lease)
+    s = Store(store)
+    failed: list[tuple[str, OSError]] = []
+    removed = gc(s, keys, dry_run=dry_run, lease_s=lease, on_error=lambda label, err: failed.append((label, err)))
     verb = "would remove" if dry_run else "removed"
-    console.print(f"{verb} {len(removed)} entries" + "".join(f"\n  {r}" for r in removed))
+    console.print(f"{verb} {len(removed)} entries" + "".join(f"\n  {r}" for r in removed), highlight=False)
+    if failed:
+        label, err = failed[0]
+        err_console.print(f"error: could not remove {len(failed)} entries of {s.url} (first: {label}: {err.strerror or err}); "
+                          "make the store writable and run gc again", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
 
 
 @store_app.command("verify", cls=_Command)
