@@ -184,6 +184,36 @@ def test_gc_on_a_read_only_store_reports_what_it_could_not_remove(store, monkeyp
     assert (Path(store.root) / "objects" / doomed / MARKER).exists() and (Path(store.root) / "staging" / "leftover").exists()
 
 
+def test_an_unreadable_object_folder_is_reported_by_every_tool(store, monkeypatch):
+    """What ``chmod 000 objects/<key>`` does (simulated: the tests may run as root, whom permissions do not stop)."""
+    key = store.put_json(store.key("locked", "1"), {"v": 1})
+    inside = f"{store.root}/objects/{key}/"
+
+    def refuse(name):
+        real = getattr(local.LocalFileSystem, name)
+
+        def method(self, path, *args, **kwargs):
+            if str(path).startswith(inside):
+                raise PermissionError(13, "Permission denied", path)
+            if name in ("find", "ls", "rm") and str(path).rstrip("/") == inside.rstrip("/"):  # listing it is refused
+                raise PermissionError(13, "Permission denied", path)
+            return real(self, path, *args, **kwargs)
+
+        monkeypatch.setattr(local.LocalFileSystem, name, method)
+
+    for name in ("cat_file", "find", "ls", "info", "rm"):
+        refuse(name)
+    listed = run("store", "ls", "--store", store.url, "--json")
+    assert listed.exit_code == 0 and [a["key"] for a in json.loads(listed.stdout)] == [_good(store)]
+    assert listed.stderr.strip() == f"warning: skipped {key}: marker cannot be read (Permission denied) (mergelab store verify reports it)"
+    checked = run("store", "verify", "--store", store.url)
+    assert checked.exit_code == 1 and f"{key}: marker cannot be read (Permission denied)" in checked.stdout
+    cleaned = run("store", "gc", "--store", store.url, "--lease", "0")
+    assert cleaned.exit_code == 1 and cleaned.stderr.startswith(f"error: could not remove 1 entries of {store.url} (first: {key}: Permission denied)")
+    monkeypatch.undo()
+    assert Store(store.url).get_json(key) == {"v": 1} and Store(store.url).get_json(_good(store)) == {"ok": True}
+
+
 @pytest.mark.parametrize("lease", ["nan", "inf", "-inf", "-1"])
 def test_lease_must_be_a_finite_number_of_seconds(lease, store):
     result = run("store", "gc", "--store", store.url, f"--lease={lease}")

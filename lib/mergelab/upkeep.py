@@ -94,37 +94,31 @@ def gc(store: Store, keep: set[str] | None = None, dry_run: bool = False, lease_
     ``.X.*`` folders of killed output writes in a local store's root that no live writer holds
     (:func:`~mergelab.outputs.remove_leftovers`), and, with ``keep``, every
     published artifact whose key is neither in ``keep`` nor named by a ref. A write younger than
-    the lease is never touched, so gc may run beside live runs. An entry that cannot be removed
-    (a read-only store) goes to ``on_error(label, error)`` and gc goes on; without ``on_error``
-    the error is raised. Returns what was (or would be) removed."""
+    the lease is never touched, so gc may run beside live runs. An entry that cannot be inspected
+    or removed (an unreadable folder, a read-only store) goes to ``on_error(label, error)`` and gc
+    goes on; without ``on_error`` the error is raised. Returns what was (or would be) removed."""
     removed: list[str] = []
+
+    def failed(label: str, err: OSError) -> None:
+        if on_error is None:
+            raise err
+        on_error(label, err)
 
     def remove(path: str, label: str) -> None:
         if not dry_run:
             try:
                 store.fs.rm(path, recursive=True)
             except OSError as err:
-                if on_error is None:
-                    raise
-                on_error(label, err)
+                failed(label, err)
                 return
         removed.append(label)
 
-    staging = store._path("staging")
-    if store.fs.exists(staging):
-        for path in store.fs.ls(staging, detail=False):
-            if _stale(store, path, lease_s):
-                remove(path, f"staging/{path.rstrip('/').rsplit('/', 1)[-1]}")
-    if store.local_root is not None:
-        for path in remove_leftovers(store.local_root, dry_run=True):  # abandoned ones only; removed (or reported) here
-            remove(str(path), path.name)
-    keep_all = None if keep is None else set(keep) | set(store.refs().values())
-    for key in store._object_keys():
+    def sweep(key: str) -> None:
         folder = store._path("objects", key)
         if not store.fs.isdir(folder):
             if _stale(store, folder, lease_s):
                 remove(folder, key)  # a file where an object's folder belongs
-            continue
+            return
         marker = store._read_marker(key)
         if marker is not None and keep_all is not None and key not in keep_all:
             remove(folder, key)
@@ -136,4 +130,23 @@ def gc(store: Store, keep: set[str] | None = None, dry_run: bool = False, lease_
                 name = p.rsplit("/", 1)[-1]
                 if name not in (MARKER, marker["token"]) and _stale(store, p, lease_s):
                     remove(p, f"{key}/{name}")
+
+    staging = store._path("staging")
+    if store.fs.exists(staging):
+        for path in store.fs.ls(staging, detail=False):
+            label = f"staging/{path.rstrip('/').rsplit('/', 1)[-1]}"
+            try:
+                if _stale(store, path, lease_s):
+                    remove(path, label)
+            except OSError as err:  # an entry that cannot be inspected is reported like one that cannot be removed
+                failed(label, err)
+    if store.local_root is not None:
+        for path in remove_leftovers(store.local_root, dry_run=True):  # abandoned ones only; removed (or reported) here
+            remove(str(path), path.name)
+    keep_all = None if keep is None else set(keep) | set(store.refs().values())
+    for key in store._object_keys():
+        try:
+            sweep(key)
+        except OSError as err:
+            failed(key, err)
     return removed
