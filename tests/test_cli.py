@@ -89,7 +89,7 @@ def test_merge_writes_a_loadable_adapter_and_stores_the_configuration(vit_adapte
     base = tmp_path / "base.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
     result = run("merge", "--base", base, "--adapters", *vit_adapters, "--method", "tsv+iso_c", "--space", "core",
-                 "--set", "alpha=0.9", "--set", "tsv.support=all", "--out", tmp_path / "out", "--store", tmp_path / "s")
+                 "--set", "alpha=0.9", "--set", "iso_c.support=all", "--out", tmp_path / "out", "--store", tmp_path / "s")
     assert result.exit_code == 0, result.output
     assert "merged 3 tasks with tsv+iso_c in core space" in result.stdout
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
@@ -100,7 +100,7 @@ def test_merge_writes_a_loadable_adapter_and_stores_the_configuration(vit_adapte
     [artifact] = store.ls()
     record = store.get_json(artifact.key)
     assert record["method"] == "tsv+iso_c" and record["space"] == "core"
-    assert record["hyper_parameters"]["iso_c.alpha"] == 0.9 and record["hyper_parameters"]["tsv.support"] == "all"
+    assert record["hyper_parameters"]["iso_c.alpha"] == 0.9 and record["hyper_parameters"]["iso_c.support"] == "all"
     assert [t["name"] for t in record["tasks"]] == ["digits", "textures", "signs"]
     assert record["output"].endswith("out") and set(record["ranks"].values()) == {12}
     weights = run("merge", "--base", base, "--adapters", *vit_adapters[:2], "--method", "ties", "--format", "weights",

@@ -112,7 +112,7 @@ def test_the_guard_finds_the_rank_of_a_dense_update_with_float32_rounding_noise(
     assert int(torch.linalg.matrix_rank(noisy)) == 128  # the noise is not zero at float64 precision
     s = torch.linalg.svdvals(iso_c([noisy], support="nonzero"))
     assert int((s > 1e-3 * s[0]).sum()) == 32
-    U, _, _ = tsv_components([noisy], support="nonzero")
+    U, _, _ = tsv_components([noisy])
     assert U.shape[1] == 32
 
 
@@ -132,8 +132,7 @@ def _tsv_reference(deltas: list[torch.Tensor], alpha: float) -> torch.Tensor:
 
 def test_tsv_matches_a_reference_written_from_the_paper_on_lora_inputs():
     deltas = lowrank_sum(3, shape=(14, 9), rank=3, seed=4)  # k = ⌊9/3⌋ = 3 = each task's rank
-    for support in ("all", "nonzero"):
-        torch.testing.assert_close(tsv(deltas, alpha=0.7, support=support), _tsv_reference(deltas, 0.7))
+    torch.testing.assert_close(tsv(deltas, alpha=0.7), _tsv_reference(deltas, 0.7))
 
 
 def test_tsv_with_more_tasks_than_dimensions_falls_back_to_the_mean_with_a_warning():
@@ -159,12 +158,12 @@ def test_iso_cts_is_isotropic_on_common_plus_task_subspaces():
 
 def test_tsv_whitens_the_concatenated_singular_vectors():
     deltas = lowrank_sum(3, shape=(16, 14), rank=3, seed=2)
-    U, s, Vh = tsv_components(deltas, support="nonzero")
+    U, s, Vh = tsv_components(deltas)
     assert U.shape[1] == 9  # ⌊14/3⌋ = 4 per task, but each task has only 3 non-zero singular values
     U_perp, V_perp = polar(U), polar(Vh)
     torch.testing.assert_close(U_perp.T @ U_perp, torch.eye(9, dtype=T64))
     torch.testing.assert_close(V_perp @ V_perp.T, torch.eye(9, dtype=T64))
-    merged_s = torch.linalg.svdvals(tsv(deltas, support="nonzero"))  # orthonormal factors: the spectrum is the concatenated s
+    merged_s = torch.linalg.svdvals(tsv(deltas))  # orthonormal factors: the spectrum is the concatenated s
     torch.testing.assert_close(merged_s[:9], s.sort(descending=True).values)
 
 
@@ -435,7 +434,7 @@ def test_compositions_post_process_the_merged_matrix():
     deltas = lowrank_sum(3, rank=2, seed=9)
     composed = METHODS["tsv+iso_c"]
     torch.testing.assert_close(composed.fn(deltas, alpha=2.0), iso_c([tsv(deltas)], alpha=2.0))
-    assert set(composed.params) == {"tsv.alpha", "tsv.support", "tsv.rank_rtol", "iso_c.alpha", "iso_c.support", "iso_c.rank_rtol"}
+    assert set(composed.params) == {"tsv.alpha", "tsv.rank_rtol", "iso_c.alpha", "iso_c.support", "iso_c.rank_rtol"}
     assert composed.resolve({"alpha": 2.0})["iso_c.alpha"] == 2.0  # unprefixed -> last stage
     assert composed.resolve({"tsv.alpha": 0.5})["tsv.alpha"] == 0.5
     assert "tsv.alpha" not in composed.grid and "iso_c.alpha" in composed.grid

@@ -188,7 +188,8 @@ def save_merged(
     rank, ``lora_alpha = r`` (scaling 1, rsLoRA off) and the original adapters' target modules,
     ``task_type`` and ``base_model_name_or_path`` are kept. ``format="weights"`` needs ``base``
     and writes ``model.safetensors`` holding ``W_0 + delta`` for every base parameter.
-    A ``merge.json`` with the merge's provenance goes into both.
+    A ``merge.json`` with the merge's provenance goes into both (with ``completed_directions`` per
+    module when a spectral method completed zero singular directions, :mod:`mergelab.merging.completion`).
 
     ``heads``: per task, the parameters it keeps as its own (a sequence classifier's trained head,
     :func:`~mergelab.checkpoints.saved_modules`). Then ``out/<task>/`` holds one adapter (or
@@ -200,7 +201,7 @@ def save_merged(
             "space_options": merged.meta.get("space_options"),
             "hyper_parameters": merged.meta.get("hyper_parameters"), "tasks": merged.meta.get("tasks"),
             "base": merged.base.__dict__, "content_hash": merged.content_hash,
-            **{k: merged.meta[k] for k in ("max_rank", "rank_cap_error") if k in merged.meta}}
+            **{k: merged.meta[k] for k in ("max_rank", "rank_cap_error", "completed_directions") if k in merged.meta}}
     unsafe = [t for t in heads or {} if not SAFE_NAME.fullmatch(t)]
     if unsafe:
         raise InputError(f"task name {unsafe[0]!r} cannot name a folder of per-task adapters; name tasks with letters, digits, '_.+-'")

@@ -12,7 +12,17 @@ read off its registry entry (:mod:`mergelab.merging.registry`):
   (RegMean's Gram matrices: ``Qᵀ G_t Q``), or derived here from the task set (MetaGPT / NormAvg's
   true update norms, Linear's LoRA scalings), so that no space changes what the method sees;
 * ``isometric``: in a space whose left map is not an isometry (KnOTS ``per_layer``) the stage runs
-  on ``diag(s) X_t``, which has the update's own singular values, and its result is mapped back.
+  on ``diag(s) X_t``, which has the update's own singular values, and its result is mapped back;
+* ``frame``: the stage gets ``frame=``, the identity of the weight's coordinates in the ones it
+  sees (:meth:`Context.frame`), to complete null directions alike in every space; where the context
+  says ``spectral="update"`` (KnOTS' default, 003's code) such a stage runs on the reconstructed
+  ``out × in`` updates over all ``min(out, in)`` singular values and the module continues in the
+  full space;
+* methods of LoRA factors get them in isometric coordinates (:meth:`Context.isometric`) too.
+
+Zero singular directions completed by spectral methods (``support="all"`` on rank-deficient
+updates, :mod:`mergelab.merging.completion`) are counted per module into the merge record,
+``meta["completed_directions"]``.
 
 Without a model-wide stage the driver streams: per module it projects, merges, reconstructs and
 drops the projection, so a full-space merge holds one module's dense updates at a time.
@@ -36,6 +46,7 @@ from torch import Tensor
 
 from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
+from mergelab.merging import completion
 from mergelab.merging.registry import SIDE_INPUTS, Composition, MergeMethod
 from mergelab.spaces import Context, Space, get_space
 from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, Update
@@ -55,7 +66,8 @@ def derive_seed(seed: int, key: str) -> int:
 def _call(method: MergeMethod, args: tuple, hp: Mapping[str, Any], key: str) -> Tensor | LowRank:
     if "seed" in method.params:
         hp = {**hp, "seed": derive_seed(hp["seed"], key)}
-    return method.fn(*args, **hp)
+    with completion.at(key):
+        return method.fn(*args, **hp)
 
 
 def _as_matrix(x: Tensor | LowRank) -> Tensor:
@@ -151,21 +163,29 @@ def project(taskset: TaskSet, space: str | Space = "full", *, bases: Mapping[str
 
 def _apply_stage(spec: MergeMethod | Composition, index: int, values: Mapping[str, Any], sp: Space, module: str,
                  inputs: list[Tensor], updates: Sequence[Update], ctx: Context,
-                 side: Mapping[str, Mapping[str, list[Tensor]]]) -> Tensor | LowRank:
+                 side: Mapping[str, Mapping[str, list[Tensor]]]) -> tuple[Tensor | LowRank, Context]:
     """Stage ``index`` of ``spec`` on one module: the projections (or, for stage 0, the factors /
-    side inputs it declares) in, the merged matrix or factors out."""
+    side inputs it declares) in; the merged matrix or factors out, with the context they are in
+    (a spectral stage in a ``spectral="update"`` context leaves the module in the full space)."""
     stage_name, stage = spec.stages[index]
+    hp = spec.stage_values(values, stage_name)
     first: list = inputs
+    side_args = tuple([SIDE_INPUTS[name].to_space(sp, x, ctx) for x in side[name][module]] for name in stage.side) if index == 0 else ()
     if index == 0 and stage.inputs == "factors":
         try:
-            first = sp.factors(updates, ctx)
+            first = [ctx.isometric(f) for f in sp.factors(updates, ctx)]
         except InputError as err:
             raise InputError(f"method {spec.name!r} merges LoRA factors; module {module!r}: {err}") from None
-    side_args = tuple([SIDE_INPUTS[name].to_space(sp, x, ctx) for x in side[name][module]] for name in stage.side) if index == 0 else ()
-    if stage.isometric:
+        return ctx.from_isometric(_call(stage, (first, *side_args), hp, module)), ctx
+    if stage.frame and ctx.spectral == "update":
+        first = [ctx.update(x) for x in first]
+        ctx = Context(shape=ctx.shape, dtype=ctx.dtype)
+    elif stage.isometric:
         first = [ctx.isometric(x) for x in first]
-        return ctx.from_isometric(_call(stage, (first, *side_args), spec.stage_values(values, stage_name), module))
-    return _call(stage, (first, *side_args), spec.stage_values(values, stage_name), module)
+    if stage.frame:
+        hp = {**hp, "frame": ctx.isometric(ctx.frame()) if stage.isometric else ctx.frame()}
+    result = _call(stage, (first, *side_args), hp, module)
+    return (ctx.from_isometric(result) if stage.isometric else result), ctx
 
 
 def _merge_matrices(spec: MergeMethod | Composition, values: Mapping[str, Any], sp: Space, taskset: TaskSet,
@@ -179,21 +199,22 @@ def _merge_matrices(spec: MergeMethod | Composition, values: Mapping[str, Any], 
         for m in modules:
             current, ctx = _project_module(sp, taskset, m)
             for i in range(len(spec.stages)):
-                result = _apply_stage(spec, i, values, sp, m, current, taskset.updates(m), ctx, side)
+                result, ctx = _apply_stage(spec, i, values, sp, m, current, taskset.updates(m), ctx, side)
                 current = [_as_matrix(result)]
             out[m] = sp.reconstruct(result, ctx)
         return out
     projection = projection or project(taskset, sp)
     current_all = {m: list(projection.matrices[m]) for m in modules}
+    contexts = dict(projection.contexts)
     results: dict[str, Tensor | LowRank] = {}
     for i, (stage_name, stage) in enumerate(spec.stages):
         if i in wide:
             results = _model_wide(stage, current_all, spec.stage_values(values, stage_name))
         else:
-            results = {m: _apply_stage(spec, i, values, sp, m, current_all[m], taskset.updates(m), projection.contexts[m], side)
-                       for m in modules}
+            for m in modules:
+                results[m], contexts[m] = _apply_stage(spec, i, values, sp, m, current_all[m], taskset.updates(m), contexts[m], side)
         current_all = {m: [_as_matrix(results[m])] for m in modules}
-    return {m: sp.reconstruct(results[m], projection.contexts[m]) for m in modules}
+    return {m: sp.reconstruct(results[m], contexts[m]) for m in modules}
 
 
 def _merge_nonmatrix(spec: MergeMethod | Composition, values: Mapping[str, Any], updates: Sequence[Update],
@@ -234,7 +255,9 @@ def merge(taskset: TaskSet | Projection, method: str, space: str | Space | None 
     Returns:
         A :class:`MergedUpdate` whose ``meta`` records method, space (+ options),
         hyper-parameters, task names and the PEFT layout, so ``save_merged(..., format="peft")``
-        writes a loadable adapter when the result is low rank (knots, core; factor methods).
+        writes a loadable adapter when the result is low rank (knots, core; factor methods), and,
+        when a spectral method completed zero singular directions of a rank-deficient module,
+        ``completed_directions``: ``{module: count}`` (:mod:`mergelab.merging.completion`).
     """
     spec = _lookup(method)
     values = spec.resolve(hp)
@@ -250,8 +273,9 @@ def merge(taskset: TaskSet | Projection, method: str, space: str | Space | None 
     other_modules = [m for m in taskset.module_names if m not in set(matrix_modules)]
     side = _side_inputs(spec, values, taskset, matrix_modules, side_inputs)
     merged: dict[str, Update] = {}
-    if matrix_modules:
-        merged.update(_merge_matrices(spec, values, sp, taskset, matrix_modules, side, projection))
+    with completion.recording() as completed:
+        if matrix_modules:
+            merged.update(_merge_matrices(spec, values, sp, taskset, matrix_modules, side, projection))
     for m in other_modules:
         merged[m] = _merge_nonmatrix(spec, values, taskset.updates(m), m, side)
     meta = {
@@ -262,6 +286,7 @@ def merge(taskset: TaskSet | Projection, method: str, space: str | Space | None 
         "nonmatrix": {stage_name: stage.nonmatrix for stage_name, stage in spec.stages},
         "tasks": list(taskset.names),
         "peft": peft_template(taskset),
+        **({"completed_directions": dict(completed)} if completed else {}),
     }
     return MergedUpdate({m: merged[m] for m in taskset.module_names}, taskset.base, meta)
 

@@ -27,6 +27,9 @@ driver reads; the function itself never learns which space it runs in:
   flattens them, the SVD of the sum truncates them); in a space whose left map is not an
   isometry (KnOTS ``per_layer``) the driver hands it the isometric coordinates
   (:meth:`Context.isometric`) and maps its result back.
+* ``frame``: the method takes ``frame=``, the identity of the weight's own coordinates expressed in
+  the space's (:meth:`Context.frame`), to complete zero singular directions the same way in every
+  space (:mod:`mergelab.merging.completion`); never a hyper-parameter.
 * ``grid``: the hyper-parameter grid searched by selection.
 * ``intervals``: allowed ranges; types and defaults come from the function's signature.
 
@@ -94,6 +97,7 @@ class MergeMethod:
     intervals: Mapping[str, Interval] = field(default_factory=dict)
     post: bool = False
     isometric: bool = False
+    frame: bool = False
     name: str = ""
 
     def __post_init__(self) -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -55,8 +55,11 @@ class Context:
 
     ``left_scale``: set when ``P`` is not an isometry but ``P = U diag(left_scale)`` with ``U``
     orthonormal (KnOTS ``per_layer``); ``diag(left_scale) X`` then has the singular values of
-    ``ΔW`` (:meth:`isometric`). ``info`` holds space-specific numbers for analysis (singular
-    values, basis ranks).
+    ``ΔW`` (:meth:`isometric`). ``spectral``: what a stage that fills null directions (registry
+    ``frame``: Iso-C, Iso-CTS) acts on here — ``"represented"``: the isometric coordinates of the
+    representation; ``"update"``: the reconstructed ``out × in`` update ``P X Qᵀ`` (:meth:`update`),
+    after which the module is in the full space's coordinates. ``info`` holds space-specific numbers for analysis (singular values,
+    basis ranks).
     """
 
     shape: tuple[int, int]
@@ -65,11 +68,32 @@ class Context:
     left_pinv: Tensor | None = None
     right: Tensor | None = None
     left_scale: Tensor | None = None
+    spectral: Literal["represented", "update"] = "represented"
     info: Mapping[str, Any] = field(default_factory=dict)
 
-    def isometric(self, x: Tensor) -> Tensor:
-        """``x`` in coordinates whose maps are isometries: ``diag(left_scale) x`` (or ``x``)."""
-        return x if self.left_scale is None else self.left_scale.to(x.dtype)[:, None] * x
+    def isometric(self, x: Tensor | LowRank) -> Tensor | LowRank:
+        """``x`` (a representation, or factors ``(P⁺ B, A Q)``) in coordinates whose maps are
+        isometries: ``diag(left_scale) x`` (or ``x``)."""
+        if self.left_scale is None:
+            return x
+        if isinstance(x, LowRank):
+            return LowRank(self.left_scale.to(x.B.dtype)[:, None] * x.B, x.A)
+        return self.left_scale.to(x.dtype)[:, None] * x
+
+    def update(self, x: Tensor) -> Tensor:
+        """The dense ``out × in`` update ``P x Qᵀ`` of a representation ``x`` (float64)."""
+        y = x.to(torch.float64) if self.left is None else self.left.to(torch.float64) @ x.to(torch.float64)
+        return y if self.right is None else y @ self.right.to(torch.float64).T
+
+    def frame(self) -> Tensor:
+        """The identity of the weight's own coordinates, ``F_ij = δ_ij`` (``out × in``), in this space's:
+        ``P⁺ F Q`` (float64), computed as ``P⁺[:, :p] Q[:p]`` with ``p = min(out, in)``. Spectral
+        methods pair completed null directions with it (:mod:`mergelab.merging.completion`)."""
+        m, n = self.shape
+        p = min(m, n)
+        left = torch.eye(m, p, dtype=torch.float64) if self.left_pinv is None else self.left_pinv[:, :p].to(torch.float64)
+        right = torch.eye(p, n, dtype=torch.float64) if self.right is None else self.right[:p].to(torch.float64)
+        return left @ right
 
     def from_isometric(self, y: Tensor | LowRank) -> Tensor | LowRank:
         """The inverse of :meth:`isometric` (a zero scale, an all-zero module, maps to zero)."""

@@ -22,10 +22,27 @@ Two variants (REFERENCES §2, §3, §18), the paper's by default:
   Reconstruction is ``U · X*``.
 * ``variant="per_layer"`` (the Core Space repository's ``knots`` mode): a task is ``V_t``
   without ``s`` and every method runs per layer; reconstruction is ``U diag(s) X*``. The map
-  ``U diag(s)`` is not an isometry, so a method defined by the singular values of the update
-  itself (registry ``isometric``: Iso-C / Iso-CTS, also as ``+iso_c``, which that code applies to
-  the reconstructed ΔW; the truncated SVD of the sum; STAR) sees ``diag(s) X`` instead and its
-  result is mapped back (:meth:`Context.isometric`). TSV-M and CART run on ``V_t`` as in that code.
+  ``U diag(s)`` is not an isometry; TSV-M and CART run on ``V_t`` as in that code, and methods of
+  LoRA factors (LoRA-LEGO, Linear) get the factors in isometric coordinates
+  (``(Uᵀ B_t, A_t)``, :meth:`Context.isometric`), so that LoRA-LEGO clusters on the units' true
+  geometry (on ``(diag(1/s) Uᵀ B_t, A_t)`` a unit's ``b`` half would be stretched by ``1/s``)
+  and merges as in the paper variant and the other spaces.
+
+Stages that flatten the spectrum over the null space too (registry ``frame``: Iso-C and Iso-CTS,
+also as ``+iso_c``), option ``spectral``:
+
+* ``"update"`` (default; 003's code, which isotropises the *reconstructed* ΔW with ``--isotropize``):
+  the stage acts on the ``out × in`` update ``ΔW = U X`` (``U diag(s) X`` per layer) over all
+  ``min(out, in)`` singular values, and the module stays in the full space from there (the result
+  is dense). Iso-C in KnOTS space then equals Iso-C in the full space, and ``ties+iso_c`` is
+  003's KnOTS-TIES+Iso-C.
+* ``"represented"``: the stage acts on the representation in isometric coordinates (``X``, or
+  ``diag(s) X`` per layer): only the ``k`` directions KnOTS represents, which equals
+  ``support="nonzero"`` on the reconstructed update; the result stays low rank.
+
+The other spectral stages (the truncated SVD of the sum, STAR) give the same merge either way (zero
+singular values count for nothing in a truncation), so they always run on the representation and
+stay low rank.
 
 Task arithmetic gives ``Σ_t ΔW_t`` in both. The KnOTS code also multiplies every task by one
 task-agnostic coefficient; here that is the method's ``alpha``.
@@ -76,6 +93,7 @@ class KnotsSpace(Space):
         naive: form the ``out × T·in`` matrix and take its SVD (the paper code's cost).
         scope: overrides the variant's scope (``"model"`` for paper, ``"module"`` per layer).
         rank_rtol: relative tolerance of the kept singular values (``None``: numerical rank).
+        spectral: what spectral stages act on: ``"update"`` (003's code) or ``"represented"`` (module docstring).
     """
 
     name: ClassVar[str] = "knots"
@@ -87,6 +105,7 @@ class KnotsSpace(Space):
     naive: bool = False
     scope: Literal["module", "model"] | None = None  # type: ignore[misc]
     rank_rtol: float | None = None
+    spectral: Literal["update", "represented"] = "update"
 
     def __post_init__(self) -> None:
         if self.scope is None:
@@ -109,10 +128,11 @@ class KnotsSpace(Space):
         info = {"singular_values": s, "k": int(s.numel())}
         if self.variant == "paper":
             reps = [s[:, None] * V_t for V_t in blocks]
-            ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U, left_pinv=U.T, info=info)
+            ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U, left_pinv=U.T,
+                          spectral=self.spectral, info=info)
         else:
             reps = list(blocks)
             inv_s = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))  # s = 0: all-zero module
             ctx = Context(shape=tuple(updates[0].shape), dtype=output_dtype(updates), left=U * s, left_pinv=U.T * inv_s[:, None],
-                          left_scale=s, info=info)
+                          left_scale=s, spectral=self.spectral, info=info)
         return reps, ctx

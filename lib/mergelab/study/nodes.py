@@ -28,8 +28,10 @@ from mergelab.taskset import MergedUpdate
 # Node versions (bump one when its output changes for the same inputs): adapt 2: tied TARA-B bank; 3: STCH anchors no
 # longer shift the loop's batches, |Δcoef| recorded; 4: TARA AdamW, AdaMerging clamp [0, 1], AdaRank masks attention/MLP
 # only, start grids. merge 2: fidelity pass (TSV / Iso support "all", inner alpha 1, norm weights from the true updates,
-# isometric spectral methods, CART ceil). reference 2: the zero-shot base is scored on the joint task too; 3: each
-# fine-tuned model on the joint task (its own task's images against every task's labels).
+# isometric spectral methods, CART ceil); 3: deterministic completion of zero singular directions (TSV / Iso on
+# rank-deficient updates), KnOTS spectral stages on the reconstructed update, LoRA-LEGO on isometric factors.
+# reference 2: the zero-shot base is scored on the joint task too; 3: each fine-tuned model on the joint task (its
+# own task's images against every task's labels).
 
 
 # Nodes ---------------------------------------------------------------------------------------------
@@ -83,11 +85,11 @@ def _merge(ctx: Run, key: Key, job: MergeJob) -> tuple[dict[str, Tensor], dict[s
     else:
         run = measure(lambda: merge(project(ctx.taskset, job.space, bases=bases.modules), job.method, **hp))
     attrs = {"method": job.method, "space": job.space, "config": config_label(job.config), "seed": job.seed,
-             **_cost(run, [] if bases is None else [bases])}
+             "completed_directions": run.value.meta.get("completed_directions", {}), **_cost(run, [] if bases is None else [bases])}
     return run.value.to_tensors(), attrs
 
 
-MERGE = Node("merge", "2", "tensors", _merge_key, _merge, lambda ctx, job: job.label)
+MERGE = Node("merge", "3", "tensors", _merge_key, _merge, lambda ctx, job: job.label)
 
 
 def _adapt_key(ctx: Run, job: AdaptJob) -> Key:
