@@ -20,7 +20,8 @@ from mergelab_figures.tables import selected_scores
 
 from mergelab.study import results_table as _results_table
 
-__all__ = ["accuracy_vs_merge_time", "has_tas", "normalized_accuracy_by_task", "results_table", "tas_against_performance"]
+__all__ = ["accuracy_vs_merge_time", "gains_with_intervals", "has_intervals", "has_tas", "normalized_accuracy_by_task",
+           "results_table", "tas_against_performance"]
 
 
 def results_table(ds: xr.Dataset) -> pd.DataFrame:
@@ -85,6 +86,42 @@ def accuracy_vs_merge_time(ds: xr.Dataset) -> Figure:
     handles = [Line2D([], [], linestyle="", marker=markers[m], color=colours[m], label=m) for m in methods]
     fig.legend(handles=handles, loc="outside right upper", fontsize=7, frameon=False, title="method")
     fig.suptitle(_title(ds, "accuracy against merge time", "003 Fig. 1"), fontsize=10)
+    return fig
+
+
+def has_intervals(ds: xr.Dataset) -> bool:
+    """Whether the results carry paired bootstrap intervals (``gain_ci``, results version 6)."""
+    return "gain_ci" in ds and bool(ds["gain_ci"].notnull().any())
+
+
+def gains_with_intervals(ds: xr.Dataset) -> Figure:
+    """Each selected method × space's gain in mean normalised test accuracy over task arithmetic and
+    over the zero-shot model (points), with the 95 % paired bootstrap interval as an error bar
+    (``gain_ci``, first seed); a bar that does not cross 0 is a significant gap."""
+    tasks = list(ds.attrs["tasks"])
+    seed = ds.seed.values[0]
+    norm = ds["score"].sel(task=tasks, metric="norm_acc", seed=seed).where(ds["selected"].sel(seed=seed)).max("config").mean("task")
+    zero = float((ds["reference_score"].sel(reference="zeroshot", metric="acc", task=tasks)
+                  / ds["reference_score"].sel(reference="finetuned", metric="acc", task=tasks)).mean())
+    ta = float(norm.sel(merge_method="task_arithmetic", space="full")) if "task_arithmetic" in ds.merge_method.values else np.nan
+    rows = [(f"{m} ({sp})", float(norm.sel(merge_method=m, space=sp)), ds["gain_ci"].sel(merge_method=m, space=sp, seed=seed))
+            for m in ds.merge_method.values for sp in ds.space.values if not np.isnan(float(norm.sel(merge_method=m, space=sp)))]
+    rows.sort(key=lambda r: r[1])
+    fig = PaperFigure(figsize=(9.0, 0.28 * len(rows) + 1.8), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, versus, baseline in zip(axes, ("task_arithmetic", "zeroshot"), (ta, zero), strict=True):
+        y = np.arange(len(rows))
+        gain = np.array([100 * (value - baseline) for _, value, _ in rows])
+        low = np.array([100 * float(ci.sel(versus=versus, bound="low")) for *_, ci in rows])
+        high = np.array([100 * float(ci.sel(versus=versus, bound="high")) for *_, ci in rows])
+        significant = (low > 0) | (high < 0)
+        ax.errorbar(gain, y, xerr=np.vstack([gain - low, high - gain]), fmt="none", ecolor="0.4", capsize=2, linewidth=1)
+        ax.scatter(gain, y, c=[PALETTE[0] if s else "0.6" for s in significant], s=18, zorder=3)
+        ax.axvline(0, color="0.3", linestyle=":", linewidth=1)
+        ax.set(xlabel=f"gain over {'task arithmetic' if versus == 'task_arithmetic' else 'zero-shot'} (points)",
+               title=f"vs {'task arithmetic' if versus == 'task_arithmetic' else 'zero-shot'}")
+    axes[0].set_yticks(np.arange(len(rows)), [r[0] for r in rows], fontsize=7)
+    fig.suptitle(_title(ds, "gains with 95 % paired bootstrap intervals (coloured: significant)", "test split"), fontsize=10)
     return fig
 
 

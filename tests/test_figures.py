@@ -463,3 +463,32 @@ def test_tas_against_performance_plots_every_configuration_and_the_tas_pick_agai
     assert picks == [(70.0, 70.0), (90.0, 80.0)]  # TA: TAS finds the best; TIES: TAS picks 80 % of the best 90 %
     assert "004 Fig. 4" in fig.get_suptitle() and LABEL in fig.get_suptitle()
     fig.savefig(io.BytesIO(), format="png")
+
+
+def test_gains_with_intervals_place_each_gain_inside_its_error_bar_and_colour_the_significant_ones():
+    from mergelab_figures import overview
+
+    methods, spaces, tasks = ["task_arithmetic", "ties"], ["full", "core"], ["a", "b"]
+    score = np.full((2, 2, 1, 2, 2, 1), np.nan)
+    score[0, 0, 0, :, 0], score[1, 1, 0, :, 0] = 0.70, 0.75  # TA full 70 %, TIES core 75 % normalised
+    ci = np.full((2, 2, 1, 2, 2), np.nan)
+    ci[0, 0, 0, 0], ci[0, 0, 0, 1] = [0.0, 0.0], [0.05, 0.15]   # TA: vs itself 0, vs zero-shot significant
+    ci[1, 1, 0, 0], ci[1, 1, 0, 1] = [0.01, 0.09], [0.10, 0.20]  # TIES: significant against both
+    ds = xr.Dataset({"score": (("merge_method", "space", "config", "task", "metric", "seed"), score),
+                     "selected": (("merge_method", "space", "config", "seed"), ~np.isnan(score[:, :, :, 0, 0, :])),
+                     "gain_ci": (("merge_method", "space", "seed", "versus", "bound"), ci),
+                     "reference_score": (("reference", "task", "metric"), np.array([[[0.6, 0.6]] * 2, [[1.0, 1.0]] * 2]))},
+                    coords={"merge_method": methods, "space": spaces, "config": ["c"], "task": tasks, "metric": ["norm_acc", "acc"],
+                            "seed": [0], "versus": ["task_arithmetic", "zeroshot"], "bound": ["low", "high"],
+                            "reference": ["zeroshot", "finetuned"]}, attrs={"tasks": tasks, "note": LABEL, "study": "s"})
+    assert overview.has_intervals(ds) and not overview.has_intervals(ds.drop_vars("gain_ci"))
+    fig = overview.gains_with_intervals(ds)
+    versus_ta, versus_zero = (ax for ax in fig.axes if ax.get_title())
+    assert [t.get_text() for t in versus_ta.get_yticklabels()] == ["task_arithmetic (full)", "ties (core)"]
+    points = versus_ta.collections[-1]
+    assert np.allclose(points.get_offsets()[:, 0], [0.0, 5.0])  # gains in points over TA
+    colours = points.get_facecolors()
+    assert not np.allclose(colours[0], colours[1])  # TA vs itself [0, 0] is not significant, TIES' [+1, +9] is
+    assert np.allclose(versus_zero.collections[-1].get_offsets()[:, 0], [10.0, 15.0])
+    assert np.allclose(versus_zero.collections[-1].get_facecolors()[0], versus_zero.collections[-1].get_facecolors()[1])
+    fig.savefig(io.BytesIO(), format="png")

@@ -78,7 +78,19 @@ def test_results_dataset_has_every_method_space_config_task_metric_seed(first_ru
     assert computed(run) == {"stage": 1, "reference": 4, "merge": 5, "adapt": 1, "evaluate": 6, "results": 1, "analysis": 2,
                              "adaptation_study": 2}
     ds = xr.open_zarr(Store(store).dataset_url(run["results"]), consolidated=False).load()  # one open_zarr reads it
-    assert dict(ds["score"].sizes) == {"merge_method": 3, "space": 3, "config": 4, "task": 4, "metric": 8, "seed": 1}
+    assert dict(ds["score"].sizes) == {"merge_method": 3, "space": 3, "config": 4, "task": 4, "metric": 9, "seed": 1}
+    entropy = ds["score"].sel(task=["digits", "textures", "signs"], metric="val_entropy").sel(merge_method="task_arithmetic", space="full")
+    assert np.all((entropy > 0) | entropy.isnull())
+    # paired bootstrap intervals of each selected merge's gain: TA against itself is exactly 0, against zero-shot it
+    # brackets the point difference
+    ci = ds["gain_ci"].sel(seed=0)
+    assert ci.sel(merge_method="task_arithmetic", space="full", versus="task_arithmetic").values.tolist() == [0.0, 0.0]
+    table = ds["score"].sel(task=["digits", "textures", "signs"], metric="norm_acc").where(ds["selected"]).max("config").mean("task")
+    gain = float(table.sel(merge_method="ties", space="knots", seed=0)) - float((ds["reference_score"].sel(reference="zeroshot", metric="acc")
+                                                                                / ds["reference_score"].sel(reference="finetuned", metric="acc"))
+                                                                               .sel(task=["digits", "textures", "signs"]).mean())
+    low, high = ci.sel(merge_method="ties", space="knots", versus="zeroshot").values
+    assert low <= gain <= high and low < high
     assert set(ds.merge_method.values) == {"task_arithmetic", "ties", "adamerging"}
     acc = ds["score"].sel(task=["digits", "textures", "signs"], metric="acc").load()
     ta = acc.sel(merge_method="task_arithmetic", space="full", config="alpha=0.3")

@@ -35,13 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mergelab.adaptation.loop import Forward
+from mergelab.adaptation.objectives import entropy
 from mergelab.analysis.batches import Batch, image_batches
 from mergelab.analysis.proxies import check_distance
 from mergelab.bench.benches import Bench
 from mergelab.data.tasks import joint_label_space
 from mergelab.errors import InputError
 from mergelab.evaluation.heads import head_logits, image_logits, joint_head, task_head
-from mergelab.evaluation.metrics import image_features, top1_accuracy
+from mergelab.evaluation.metrics import image_features
 from mergelab.model import Backbone
 from mergelab.taskset import MergedUpdate, TaskSet, add_updates
 
@@ -170,8 +171,19 @@ class BenchSession:
         """Top-1 accuracy of task ``name`` on ``split`` with its head (:meth:`head`), and the normalised
         image features (the joint head reuses them); ``features``: :meth:`features` of that split, when at hand."""
         features = self.features(name, split, params) if features is None else features
-        logits = head_logits(self.backbone, features, self.head(name))
-        return top1_accuracy(logits, self.tensors(name, split)[1]), F.normalize(features, dim=-1)
+        return float(self.hits(name, split, params, features).float().mean()), F.normalize(features, dim=-1)
+
+    def hits(self, name: str, split: str, params: Params | None, features: Tensor | None = None) -> Tensor:
+        """``(N,)`` booleans: which of task ``name``'s ``split`` images the model classifies correctly (top-1
+        with :meth:`head`); the per-example outcomes paired bootstrap intervals resample."""
+        features = self.features(name, split, params) if features is None else features
+        return head_logits(self.backbone, features, self.head(name)).argmax(dim=-1) == self.tensors(name, split)[1]
+
+    def entropy(self, name: str, split: str, params: Params | None, features: Tensor | None = None) -> float:
+        """The mean Shannon entropy of task ``name``'s predictions on ``split`` with its head: AdaMerging's
+        surrogate (001 Sec. 3, after Yang et al., 2023), recorded so a study can show whether it tracks accuracy."""
+        features = self.features(name, split, params) if features is None else features
+        return float(entropy(head_logits(self.backbone, features, self.head(name))))
 
     def tas(self, name: str, params: Params | None, features: Tensor | None = None, distance: str = "l2") -> float:
         """``TAS_t`` (004 Eq. 2): the mean ``d(f(x; params), f(x; θ_t))`` over task ``name``'s validation

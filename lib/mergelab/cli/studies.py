@@ -181,7 +181,8 @@ def _print_results(spec, run, wide: bool = False) -> None:
         for i, config in enumerate(configs, 1):
             console.print(f"  cfg {i}: {config}", highlight=False, soft_wrap=True)
     console.print("norm(_acc), acc, hits@1: % (mean over tasks; ↓: below zero-shot); merge_s: wall seconds of the merge; "
-                  "MiB: its peak extra memory; |Δcoef|: mean change of an adaptive run's coefficients from its start",
+                  "MiB: its peak extra memory; |Δcoef|: mean change of an adaptive run's coefficients from its start; vs TA 95%: "
+                  "paired bootstrap interval of the gain over task arithmetic in points (*: significant)",
                   highlight=False)
     missing = unselected(ds)
     zero = [t for t in ds.attrs["tasks"] if missing

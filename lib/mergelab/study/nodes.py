@@ -201,8 +201,10 @@ def _reference(ctx: Run, key: Key, task: str | None) -> tuple[xr.Dataset, dict[s
     return _scores(ctx, params, names, joint=ctx.spec.joint), {"reference": "zeroshot" if task is None else "finetuned", "task": task}
 
 
-# reference 4 / evaluate 2: TAS (val) in every evaluation, joint Hits@k per task as well as over all images
-REFERENCE = Node("reference", "4", "dataset", _reference_key, _reference, lambda ctx, task: task or "zeroshot")
+# reference 5 / evaluate 3: the mean prediction entropy on val (val_entropy) and per-example test outcomes (test_hit)
+# in every evaluation; 4 / 2: TAS (val),
+# joint Hits@k per task as well as over all images
+REFERENCE = Node("reference", "5", "dataset", _reference_key, _reference, lambda ctx, task: task or "zeroshot")
 
 
 def _evaluate_key(ctx: Run, source: NodeResult) -> Key:
@@ -216,13 +218,14 @@ def _evaluate(ctx: Run, key: Key, source: NodeResult) -> tuple[xr.Dataset, dict[
     return _scores(ctx, params, ctx.eval_session.names, joint=ctx.spec.joint), {}
 
 
-EVALUATE = Node("evaluate", "2", "dataset", _evaluate_key, _evaluate, lambda ctx, source: source.label)
+EVALUATE = Node("evaluate", "3", "dataset", _evaluate_key, _evaluate, lambda ctx, source: source.label)
 
 
 @torch.no_grad()
 def _scores(ctx: Run, params: Mapping[str, Tensor] | None, names: Sequence[str], *, joint: bool) -> xr.Dataset:
-    """``score(task, metric)``: raw accuracies and TAS (normalisation happens when results are
-    assembled); with ``joint``, each task's joint Hits@k (its images against every task's labels)
+    """``score(task, metric)``: raw accuracies, TAS and mean prediction entropy (normalisation happens
+    when results are assembled); ``test_hit(example)``: each test image's top-1 outcome (its task in
+    ``example_task``), which the results' paired bootstrap resamples; with ``joint``, each task's joint Hits@k (its images against every task's labels)
     and, on the :data:`JOINT` row, their micro average over all images."""
     from mergelab.evaluation.metrics import joint_hit_counts
 
@@ -231,12 +234,14 @@ def _scores(ctx: Run, params: Mapping[str, Tensor] | None, names: Sequence[str],
     metrics = [*TASK_METRICS, *(f"hits@{k}" for k in JOINT_KS)]
     score = xr.DataArray(np.full((len(tasks), len(metrics)), np.nan), dims=("task", "metric"),
                          coords={"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)})
-    test_features = {}
+    test_features, hits = {}, {}
     for name in names:
         score.loc[name, "acc"], test_features[name] = session.accuracy(name, "test", params)
+        hits[name] = session.hits(name, "test", params, features=test_features[name]).numpy()
         val = session.features(name, "val", params)
         score.loc[name, "val_acc"], _ = session.accuracy(name, "val", params, features=val)
         score.loc[name, "tas"] = session.tas(name, params, features=val)
+        score.loc[name, "val_entropy"] = session.entropy(name, "val", params, features=val)
     if joint:  # every task's labels in the head; the images of ``names`` (a fine-tuned model: its own task's)
         counts = joint_hit_counts(session.backbone, list(session.bench.tasks.values()), params, "test", JOINT_KS,
                                   features=test_features, images_of=names, head=session.joint_head())
@@ -244,7 +249,9 @@ def _scores(ctx: Run, params: Mapping[str, Tensor] | None, names: Sequence[str],
             for name, c in counts.items():
                 score.loc[name, f"hits@{k}"] = c[k] / c[0]
             score.loc[JOINT, f"hits@{k}"] = sum(c[k] for c in counts.values()) / sum(c[0] for c in counts.values())
-    return xr.Dataset({"score": score})
+    example_task = np.concatenate([np.full(len(h), name, dtype=object) for name, h in hits.items()])
+    return xr.Dataset({"score": score, "test_hit": xr.DataArray(np.concatenate(list(hits.values())), dims="example",
+                                                                coords={"example_task": ("example", example_task)})})
 
 
 def _dataset_label(ctx: Run) -> str:

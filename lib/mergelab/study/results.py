@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +11,7 @@ import xarray as xr
 
 from mergelab.config import config_label
 from mergelab.errors import InputError
+from mergelab.evaluation.bootstrap import LEVEL, RESAMPLES, paired_interval, resample_counts
 from mergelab.merging import METHODS
 from mergelab.store import Key
 from mergelab.selection import select
@@ -61,9 +62,48 @@ def _results(ctx: Run, key: Key, rows: Sequence[Row], references: Sequence[NodeR
 
 
 # results 2: mean_abs_delta_coef; 3: zero-shot joint Hits@k; 4: dimension merge_method (``method`` is a keyword of
-# DataArray.sel); 5: the fine-tuned experts' joint Hits@k.
-RESULTS = Node("results", "5", "dataset", _results_key, _results, lambda ctx, rows, references: ctx.spec.name,
+# DataArray.sel); 5: the fine-tuned experts' joint Hits@k; 6: gain_ci, paired bootstrap intervals.
+RESULTS = Node("results", "6", "dataset", _results_key, _results, lambda ctx, rows, references: ctx.spec.name,
                lambda ctx, key, rows, references: {f"studies/{ctx.spec.name}/results": key})
+
+
+#: The baselines every selected merge's gain is measured against (``gain_ci``'s ``versus``).
+VERSUS = ("task_arithmetic", "zeroshot")
+
+
+def _by_task(hit: xr.DataArray, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    labels = hit["example_task"].values
+    return {t: hit.values[labels == t] for t in tasks}
+
+
+def gain_intervals(ds: xr.Dataset, hits: Mapping[tuple[str, str, str, int], xr.DataArray], zeroshot: xr.DataArray,
+                   tasks: Sequence[str]) -> xr.DataArray:
+    """``gain_ci(merge_method, space, seed, versus, bound)``: the 95 % paired bootstrap interval of each
+    selected merge's mean normalised test accuracy minus that of task arithmetic (its selected
+    configuration, full space, same seed) and of the zero-shot model, resampling test images per
+    task (:mod:`mergelab.evaluation.bootstrap`). NaN where the baseline is not in the study or a
+    task's fine-tuned accuracy is 0."""
+    finetuned = ds["reference_score"].sel(reference="finetuned", metric="acc")
+    normaliser = {t: float(finetuned.sel(task=t)) for t in tasks}
+    zero = _by_task(zeroshot, tasks)
+    counts = resample_counts({t: len(zero[t]) for t in tasks})
+    chosen = {key: hit for key, hit in hits.items()
+              if bool(ds["selected"].sel(merge_method=key[0], space=key[1], config=key[2], seed=key[3]))}
+    ta = {key[3]: _by_task(hit, tasks) for key, hit in chosen.items() if key[:2] == ("task_arithmetic", "full")}
+    shape = (ds.sizes["merge_method"], ds.sizes["space"], ds.sizes["seed"], len(VERSUS), 2)
+    out = np.full(shape, np.nan)
+    if all(v > 0 for v in normaliser.values()):
+        index = {d: list(ds[d].values) for d in ("merge_method", "space", "seed")}
+        for (method, space, _, seed), hit in chosen.items():
+            mine = _by_task(hit, tasks)
+            for v, baseline in enumerate((ta.get(seed), zero)):
+                if baseline is not None:
+                    at = (index["merge_method"].index(method), index["space"].index(space), index["seed"].index(seed), v)
+                    out[at] = paired_interval(mine, baseline, normaliser, counts)
+    return xr.DataArray(out, dims=("merge_method", "space", "seed", "versus", "bound"),
+                        coords={"versus": np.array(VERSUS, dtype=object), "bound": np.array(["low", "high"], dtype=object)},
+                        attrs={"long_name": f"{LEVEL:.0%} paired bootstrap interval of the gain in mean normalised test accuracy",
+                               "resamples": RESAMPLES, "units": "1"})
 
 
 def _unique(values: Sequence[Any]) -> list[Any]:
@@ -89,9 +129,12 @@ def _assemble(ctx: Run, rows: Sequence[Row], references: Sequence[NodeResult]) -
     per_merge = {v: np.full([len(values) for values in dims.values()], np.nan)
                  for v in ("merge_seconds", "peak_memory_mb", "mean_abs_delta_coef")}
     ft = finetuned.sel(task=names)
+    hits: dict[tuple[str, str, str, int], xr.DataArray] = {}
     for r in rows:
         at = tuple(values.index(v) for values, v in zip(dims.values(), (r.method, r.space, r.config, r.seed), strict=True))
-        s = store.get_dataset(r.evaluated)["score"].copy()
+        evaluated = store.get_dataset(r.evaluated)
+        hits[(r.method, r.space, r.config, r.seed)] = evaluated["test_hit"]
+        s = evaluated["score"].copy()
         s.loc[names, "norm_acc"] = s.sel(task=names, metric="acc") / ft.sel(metric="acc")
         s.loc[names, "val_norm_acc"] = s.sel(task=names, metric="val_acc") / ft.sel(metric="val_acc")
         score[at[:3] + (slice(None), slice(None), at[3])] = s.sel(task=tasks, metric=metrics).values
@@ -107,6 +150,7 @@ def _assemble(ctx: Run, rows: Sequence[Row], references: Sequence[NodeResult]) -
     ds["reference_score"] = reference.assign_coords(reference=np.array(["zeroshot", "finetuned"], dtype=object),
                                               task=np.array(tasks, dtype=object), metric=np.array(metrics, dtype=object))
     ds["selected"] = select(ds, ctx.spec.selection, seen)  # never on the unseen tasks
+    ds["gain_ci"] = gain_intervals(ds, hits, store.get_dataset(references[0].key)["test_hit"], seen)
     unseen = {"unseen": names[len(seen):]} if len(names) > len(seen) else {}
     ds.attrs.update({"study": ctx.spec.name, "bench": ctx.bench.name, "taskset": ctx.taskset.content_hash,
                      "selection": ctx.spec.selection, "tasks": seen, **unseen,
@@ -147,6 +191,9 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
                 row["hits@1"] = 100 * float(score.sel(task=JOINT, metric="hits@1").max("config").mean("seed"))
             if "mean_abs_delta_coef" in picked:
                 row["|Δcoef|"] = float(picked["mean_abs_delta_coef"].max("config").mean("seed"))
+            if "gain_ci" in sel and sel.sizes["seed"] == 1:
+                low, high = sel["gain_ci"].sel(merge_method=method, space=space, versus="task_arithmetic").isel(seed=0).values
+                row["vs TA 95%"] = interval_label(low, high)
             rows.append(row)
     finetuned = ds["reference_score"].sel(reference="finetuned", task=tasks, metric="acc")
     references = [{"method": name, "space": "-", "config": "-",
@@ -157,6 +204,13 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
         for row in references:
             row["hits@1"] = 100 * float(ds["reference_score"].sel(reference=row["method"], task=JOINT, metric="hits@1"))
     return pd.DataFrame(references + rows)
+
+
+def interval_label(low: float, high: float) -> str:
+    """A gain's interval in percentage points, ``*`` when it excludes 0 (significant); ``—`` when undefined."""
+    if np.isnan(low) or np.isnan(high):
+        return "—"
+    return f"[{100 * low:+.1f},{100 * high:+.1f}]" + ("*" if low > 0 or high < 0 else "")
 
 
 def _parse_label(label: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from mergelab.taskset import TaskSet
 #: The pseudo-task holding the joint-task metrics (Hits@k over the union of labels).
 JOINT = "joint"
 #: Metrics per task: test accuracy and its normalised value, the same on val, TAS on val.
-TASK_METRICS = ("acc", "norm_acc", "val_acc", "val_norm_acc", "tas")
+TASK_METRICS = ("acc", "norm_acc", "val_acc", "val_norm_acc", "tas", "val_entropy")
 JOINT_KS = (1, 3, 5)
 
 
