@@ -7,14 +7,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import open_clip
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mergelab.errors import InputError
-from mergelab.model.openclip_backend import MICRO_ARCH, OpenClipBackbone, open_clip_backbone
+from mergelab.model.openclip_backend import MICRO_ARCH, OpenClipBackbone, open_clip_backbone, register_configs
 from mergelab.model.tokenizer import ClosedVocabTokenizer
 
-__all__ = ["micro_backbone", "read_backbone", "write_adapter", "write_backbone", "write_tensors"]
+__all__ = ["micro_backbone", "read_backbone", "vision_cfg", "write_adapter", "write_backbone", "write_tensors"]
 
 MODEL_FILE, TOKENIZER_FILE, ARCH_FILE = "model.safetensors", "tokenizer.json", "arch.json"
 
@@ -24,13 +25,24 @@ def text_cfg(tokenizer: ClosedVocabTokenizer) -> dict[str, int]:
     return {"context_length": tokenizer.context_length, "vocab_size": tokenizer.vocab_size, "width": 64, "heads": 2, "layers": 3}
 
 
-def micro_backbone(tokenizer: ClosedVocabTokenizer, seed: int = 0, state: Mapping[str, Tensor] | None = None) -> OpenClipBackbone:
-    """The ``mergelab-micro`` open_clip CLIP for ``tokenizer`` (random with ``seed``, or with ``state``)."""
+def vision_cfg(layers: int | None = None) -> dict[str, int] | None:
+    """The micro image tower's config with ``layers`` blocks (None: the architecture's own, no override)."""
+    if layers is None:
+        return None
+    register_configs()
+    return {**open_clip.get_model_config(MICRO_ARCH)["vision_cfg"], "layers": layers}
+
+
+def micro_backbone(tokenizer: ClosedVocabTokenizer, seed: int = 0, state: Mapping[str, Tensor] | None = None,
+                   vision: Mapping[str, int] | None = None) -> OpenClipBackbone:
+    """The ``mergelab-micro`` open_clip CLIP for ``tokenizer`` (random with ``seed``, or with ``state``);
+    ``vision``: a whole image-tower config instead of the architecture's (:func:`vision_cfg`)."""
     import logging
 
+    overrides = {"text_cfg": text_cfg(tokenizer), **({"vision_cfg": dict(vision)} if vision else {})}
     logging.getLogger().disabled, was = True, logging.getLogger().disabled  # open_clip warns about "no pretrained weights"
     try:
-        backbone = open_clip_backbone(MICRO_ARCH, tokenizer=tokenizer, seed=seed, text_cfg=text_cfg(tokenizer))
+        backbone = open_clip_backbone(MICRO_ARCH, tokenizer=tokenizer, seed=seed, **overrides)
     finally:
         logging.getLogger().disabled = was
     if state is not None:
@@ -43,11 +55,14 @@ def write_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[s
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
 
 
-def write_backbone(directory: Path, state: Mapping[str, Tensor], tokenizer: ClosedVocabTokenizer) -> None:
-    """``model.safetensors`` (whole CLIP), ``tokenizer.json`` and ``arch.json`` into ``directory``."""
+def write_backbone(directory: Path, state: Mapping[str, Tensor], tokenizer: ClosedVocabTokenizer,
+                   vision: Mapping[str, int] | None = None) -> None:
+    """``model.safetensors`` (whole CLIP), ``tokenizer.json`` and ``arch.json`` (with ``vision_cfg`` when
+    the image tower is not the architecture's own) into ``directory``."""
     write_tensors(directory / MODEL_FILE, state)
     (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_json(), indent=1))
-    (directory / ARCH_FILE).write_text(json.dumps({"arch": MICRO_ARCH, "text_cfg": text_cfg(tokenizer)}, indent=1))
+    arch = {"arch": MICRO_ARCH, "text_cfg": text_cfg(tokenizer), **({"vision_cfg": dict(vision)} if vision else {})}
+    (directory / ARCH_FILE).write_text(json.dumps(arch, indent=1))
 
 
 def read_backbone(directory: Path) -> OpenClipBackbone:
@@ -56,7 +71,8 @@ def read_backbone(directory: Path) -> OpenClipBackbone:
     if missing:
         raise InputError(f"{directory} lacks {missing}; rebuild the micro benchmark with `mergelab build-micro`")
     tokenizer = ClosedVocabTokenizer.from_json(json.loads((directory / TOKENIZER_FILE).read_text()))
-    return micro_backbone(tokenizer, state=load_file(str(directory / MODEL_FILE)))
+    arch = json.loads((directory / ARCH_FILE).read_text()) if (directory / ARCH_FILE).is_file() else {}
+    return micro_backbone(tokenizer, state=load_file(str(directory / MODEL_FILE)), vision=arch.get("vision_cfg"))
 
 
 def write_adapter(directory: Path, tensors: Mapping[str, Tensor], config: Mapping[str, Any]) -> None:

@@ -36,7 +36,7 @@ from mergelab.evaluation.dense import KINDS, dense_features, dense_metric, make_
 from mergelab.evaluation.heads import task_head
 from mergelab.evaluation.metrics import evaluate_task, joint_hits
 from mergelab.micro.readme import render_readme
-from mergelab.micro.artifacts import micro_backbone, write_adapter, write_backbone, write_tensors
+from mergelab.micro.artifacts import micro_backbone, vision_cfg, write_adapter, write_backbone, write_tensors
 from mergelab.micro.training import (DenseConfig, LoraConfig, PretrainConfig, config_dict, contrastive_pretrain,
                                      finetune_dense, finetune_lora)
 from mergelab.model.openclip_backend import OpenClipBackbone
@@ -49,6 +49,8 @@ __all__ = ["CONFIGS", "BuildConfig", "build_micro", "render_readme"]
 VERSION = "2"
 #: Weight of the LoRA fine-tuning's feature-consistency term (the micro benchmark v2, issue 12).
 CONSISTENCY = 3.0
+#: The build-variant search's record beside the exported benchmark (``benchmarks/variants.py``).
+VARIANTS_FILE = "variants.json"
 #: The rank of the default adapter set: r/d = 4/96 = 1/24 and T·r/d = 32/96 = 1/3 (DESIGN §9).
 DEFAULT_RANK = 4
 Progress = Any  # rich.progress.Progress or None
@@ -68,6 +70,12 @@ class BuildConfig:
     lora_lr: float = 3e-4 * 768 / 96
     consistency: float = CONSISTENCY
     refit_steps: int = 300
+    vision_layers: int | None = None
+
+    @property
+    def vision(self) -> dict[str, int] | None:
+        """The image tower's config when it is not the architecture's own (``vision_layers``)."""
+        return vision_cfg(self.vision_layers)
 
     def lora(self, rank: int, seed: int) -> LoraConfig:
         """001 App. C.2 settings: alpha 16 at every rank (the supplement's rank-4 set keeps the defaults),
@@ -89,7 +97,7 @@ class BuildConfig:
         return {"profile": self.profile, "pretrain": config_dict(self.pretrain), "lora_steps": self.lora_steps,
                 "lora_batch": self.lora_batch, "ranks": list(self.ranks), "lora_alpha": self.lora_alpha, "lora_lr": self.lora_lr,
                 "consistency": self.consistency, "dense": {k: config_dict(v) for k, v in self.dense.items()},
-                "refit_steps": self.refit_steps}
+                "refit_steps": self.refit_steps, **({"vision_layers": self.vision_layers} if self.vision_layers else {})}
 
 
 CONFIGS: dict[str, BuildConfig] = {
@@ -136,19 +144,20 @@ def pretrain_mixture(tasks: Mapping[str, ClassificationTask], config: PretrainCo
 def _pretrained(store: Store, tasks: Mapping[str, ClassificationTask], config: BuildConfig, seed: int,
                 progress: Progress) -> tuple[str, str, OpenClipBackbone]:
     """(weights key, vocabulary key, backbone), pre-training when the store lacks them."""
-    inputs = {"config": config_dict(config.pretrain), "seed": seed, "profile": config.profile, "tasks": list(tasks)}
+    inputs = {"config": config_dict(config.pretrain), "seed": seed, "profile": config.profile, "tasks": list(tasks),
+              **({"vision": config.vision} if config.vision else {})}
     key, vocab_key = store.key("micro.pretrain", VERSION, **inputs), store.key("micro.vocab", VERSION, **inputs)
     if not store.exists(key):
         start = time.perf_counter()
         images, captions = pretrain_mixture(tasks, config.pretrain, seed)
         tokenizer = build_tokenizer(tasks, captions)
-        backbone = micro_backbone(tokenizer, seed=seed)
+        backbone = micro_backbone(tokenizer, seed=seed, vision=config.vision)
         state = contrastive_pretrain(backbone, images, captions, config.pretrain,
                                      _ticker(progress, f"pre-training on {len(captions)} image-caption pairs", config.pretrain.steps))
         store.put_json(vocab_key, tokenizer.to_json())
         store.put_tensors(key, state, attrs={"wall_time_s": time.perf_counter() - start, "pairs": len(captions)})
     tokenizer = ClosedVocabTokenizer.from_json(store.get_json(vocab_key))
-    return key, vocab_key, micro_backbone(tokenizer, state=store.get_tensors(key))
+    return key, vocab_key, micro_backbone(tokenizer, state=store.get_tensors(key), vision=config.vision)
 
 
 # Fine-tuning ----------------------------------------------------------------------------------------
@@ -183,9 +192,12 @@ def _adapters(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Ma
 
 def _dense(store: Store, backbone: OpenClipBackbone, base_key: str, config: BuildConfig, seed: int,
            progress: Progress) -> dict[str, str]:
-    """``{dense task: key}`` of fully fine-tuned encoders (``encoder.*``) and decoders (``decoder.*``)."""
+    """``{dense task: key}`` of fully fine-tuned encoders (``encoder.*``) and decoders (``decoder.*``); none
+    when the config has no dense tasks (a build-variant probe, ``benchmarks/variants.py``)."""
     out = {}
     for index, (name, task) in enumerate(dense_suite(seed, config.profile).items()):
+        if name not in config.dense:
+            continue
         dense = DenseConfig(**{**config_dict(config.dense[name]), "seed": seed * 1000 + index})
         key = store.key("micro.dense", VERSION, base=base_key, task=name, config=config_dict(dense), profile=config.profile)
         if not store.exists(key):
@@ -233,6 +245,8 @@ def _dense_metrics(store: Store, backbone: OpenClipBackbone, dense_keys: Mapping
     base = backbone.base_state()
     out = {}
     for name, task in dense_suite(seed, config.profile).items():
+        if name not in dense_keys:
+            continue
         encoder, decoder_state = _split_dense(store.get_tensors(dense_keys[name]))
         decoder = make_decoder(backbone, task)
         decoder.load_state_dict(decoder_state)
@@ -303,15 +317,16 @@ def _manifest(store: Store, config: BuildConfig, seed: int, base_key: str, adapt
 
 def _export(out: Path, store: Store, manifest: Mapping[str, Any], backbone_key: str, vocab: Mapping[str, Any],
             adapters: Mapping[int, Mapping[str, tuple[str, str]]], dense_keys: Mapping[str, str]) -> None:
-    write_backbone(out / "base", store.get_tensors(backbone_key), ClosedVocabTokenizer.from_json(vocab))
+    write_backbone(out / "base", store.get_tensors(backbone_key), ClosedVocabTokenizer.from_json(vocab), vision_cfg(manifest["config"].get("vision_layers")))
     _write_adapters(store, adapters, out / "adapters")
     for name, key in dense_keys.items():
         encoder, decoder = _split_dense(store.get_tensors(key))
         write_tensors(out / "dense" / name / "model.safetensors", encoder)
         write_tensors(out / "dense" / name / "decoder.safetensors", decoder)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "README.md")
-    (out / "README.md").write_text(render_readme(manifest, size))
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name not in ("README.md", VARIANTS_FILE))
+    variants = json.loads((out / VARIANTS_FILE).read_text()) if (out / VARIANTS_FILE).is_file() else None
+    (out / "README.md").write_text(render_readme(manifest, size, variants))
 
 
 @dataclass
@@ -321,23 +336,25 @@ class BuildResult:
     elapsed_s: float = field(default=0.0)
 
 
-def build_micro(out: str | Path = "data/micro", store: Store | str | None = None, *, profile: str = "full", seed: int = 0,
+def build_micro(out: str | Path = "data/micro", store: Store | str | None = None, *, profile: str | BuildConfig = "full", seed: int = 0,
                 threads: int = 1, progress: Progress = None) -> BuildResult:
     """Build (or reuse from the store) every micro-benchmark artifact and export it to ``out``.
 
+    ``profile``: a name of :data:`CONFIGS` or a whole :class:`BuildConfig` (a build variant).
     ``threads`` is torch's intra-op thread count while building: 1 by default, because on a
     shared 2-core machine two threads per process oversubscribe the cores and run several times
     slower than one. Returns the manifest and whether files were written (False when ``out`` was
     already up to date).
     """
-    if profile not in CONFIGS:
+    if not isinstance(profile, BuildConfig) and profile not in CONFIGS:
         raise InputError(f"unknown build profile {profile!r}; choose one of {sorted(CONFIGS)} (CLI: --quick for 'quick')")
     if threads < 1:
         raise InputError(f"threads = {threads}; pass a positive thread count (CLI: --threads)")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _build(Path(out), store if isinstance(store, Store) else Store(store), CONFIGS[profile], seed, progress)
+        config = profile if isinstance(profile, BuildConfig) else CONFIGS[profile]
+        return _build(Path(out), store if isinstance(store, Store) else Store(store), config, seed, progress)
     finally:
         torch.set_num_threads(previous)
 
