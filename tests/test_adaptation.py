@@ -273,26 +273,28 @@ def test_adamerging_clamps_lambda_to_the_unit_interval_unless_told_otherwise(set
     assert set(build("adamerging", taskset, init=1.5, clamp=None).lambdas().flatten().tolist()) == {1.5}
 
 
-def test_adarank_cart_starts_from_the_lambda_chosen_on_val(monkeypatch):
+def test_adarank_cart_starts_from_the_lambda_and_rank_ratio_chosen_on_val(monkeypatch):
     from types import SimpleNamespace
 
     from mergelab.study import nodes as study
-    from mergelab.adaptation import LAMBDA_CART
+    from mergelab.adaptation import LAMBDA_CART, RANK_RATIO_CART
     from mergelab.config import AdaptiveSpec
 
     taskset = _mixed_taskset()
     module = "transformer.resblocks.0.attn.out_proj.weight"
-    target = float(build("adarank", taskset, origin="cart", lam=0.7).merged_update().modules[module].norm())
+    target = build("adarank", taskset, origin="cart", lam=0.7, rank_ratio=0.08).merged_update().modules[module].dense()
     ctx = SimpleNamespace(taskset=taskset, session=SimpleNamespace(weights=lambda merged: merged))
     seen = []
 
-    def criterion(_, merged):  # best where the start's norm is that of λ = 0.7
+    def criterion(_, merged):  # best where the start is that of λ = 0.7 and 8 % of the components (002 App. A)
         seen.append(merged)
-        return -abs(float(merged.modules[module].norm()) - target)
+        return -float((merged.modules[module].dense() - target).norm())
 
     monkeypatch.setattr(study, "_val_criterion", criterion)
     hp, chosen = study._start(ctx, AdaptiveSpec(method="adarank", hp={"origin": "cart"}), None)
-    assert chosen == {"lam": 0.7} and hp == {"origin": "cart", "lam": 0.7} and len(seen) == len(LAMBDA_CART) == 30
-    hp, chosen = study._start(ctx, AdaptiveSpec(method="adarank", hp={"origin": "cart"}, start_grid={"lam": [0.5, 2.0]}), None)
-    assert chosen == {"lam": 0.5}
+    assert chosen == {"lam": 0.7, "rank_ratio": 0.08} and hp == {"origin": "cart", **chosen}
+    assert len(seen) == len(LAMBDA_CART) * len(RANK_RATIO_CART) == 30 * 4 and RANK_RATIO_CART == (0.08, 0.12, 0.16, 0.32)
+    hp, chosen = study._start(ctx, AdaptiveSpec(method="adarank", hp={"origin": "cart", "rank_ratio": 0.16},
+                                                start_grid={"lam": [0.5, 2.0]}), None)
+    assert chosen == {"lam": 0.5} and hp["rank_ratio"] == 0.16
     assert study._start(ctx, AdaptiveSpec(method="adarank"), None) == ({}, {})  # the TA origin starts at adaptive_init

@@ -44,7 +44,7 @@ from mergelab.params import Param, params_of_function
 from mergelab.registry import Registry
 from mergelab.taskset import TaskSet, Update
 
-__all__ = ["ADAPTERS", "LAMBDA_CART", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward", "adapt", "adarank_masks",
+__all__ = ["ADAPTERS", "LAMBDA_CART", "RANK_RATIO_CART", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward", "adapt", "adarank_masks",
            "build"]
 
 
@@ -128,8 +128,8 @@ def build_adarank(taskset: TaskSet, *, origin: Literal["ta", "cart"] = "ta", lam
     """AdaRank (002 Eq. 5, App. A). ``origin="ta"``: all components on, λ = 0.3.
     ``origin="cart"``: components of ``ΔW_i − mean`` around the average, the top
     :func:`~mergelab.merging.spectral.cart_rank` ``(rank_ratio)`` of each task on (CART init),
-    λ = 1.0 unless given; 002 App. A grid-searches this λ, which a study does on val before adapting
-    (``Adapter.start_grid``).
+    λ = 1.0 unless given; 002 App. A grid-searches this λ together with the initial rank ratio
+    (8, 12, 16 or 32 %), which a study does on val before adapting (``Adapter.start_grid``).
 
     Only the attention and MLP weight matrices are masked (:func:`adarank_masks`). The other modules
     keep the origin's merge: task arithmetic with the learned λ per task (TA origin; their mask is
@@ -223,10 +223,15 @@ class Adapter:
 
 #: 002 App. A: the CART origin's λ is grid-searched over 0.1, 0.2, …, 3.0
 LAMBDA_CART = tuple(round(0.1 * i, 1) for i in range(1, 31))
+#: 002 App. A: the CART origin's mask starts with the top 8, 12, 16 or 32 % of indices on, whichever is best
+RANK_RATIO_CART = (0.08, 0.12, 0.16, 0.32)
 
 
 def _adarank_start_grid(hp: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
-    return {"lam": LAMBDA_CART} if hp.get("origin", "ta") == "cart" and "lam" not in hp else {}
+    """002 App. A: the CART origin chooses λ and the initial rank ratio on val together (those ``hp`` does not set)."""
+    if hp.get("origin", "ta") != "cart":
+        return {}
+    return {key: values for key, values in (("lam", LAMBDA_CART), ("rank_ratio", RANK_RATIO_CART)) if key not in hp}
 
 
 ADAPTERS: Registry[Adapter] = Registry("adaptive method", {

@@ -133,8 +133,9 @@ def _adapt(ctx: Run, key: Key, job: AdaptJob,
     return result.merged.to_tensors(), attrs
 
 
-# adapt 5: the history holds AdaRank's mask per singular component (002 Fig. 5) and the bench's label
-ADAPT = Node("adapt", "5", "tensors", _adapt_key, _adapt, lambda ctx, job: job.label,
+# adapt 5: the history holds AdaRank's mask per singular component (002 Fig. 5) and the bench's label; 6: AdaRank-CART
+# chooses its initial rank ratio on val with λ (002 App. A)
+ADAPT = Node("adapt", "6", "tensors", _adapt_key, _adapt, lambda ctx, job: job.label,
              lambda ctx, key, job: {f"studies/{ctx.spec.name}/adapt/{job.spec.name}": _history_key(ctx, key)})
 
 
