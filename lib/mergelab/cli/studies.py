@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from mergelab.cli.app import progress_bars, RegistryHelp, StoreOpt, _Command, app, console, err_console
-from mergelab.config import DEFAULT_STUDY, find_study
 from mergelab.errors import InputError
 
 
@@ -20,6 +19,8 @@ RunnerOpt = Annotated[str, typer.Option("--runner", help="Task runner: thread[=W
 
 
 def _default_study() -> Path:
+    from mergelab.config import DEFAULT_STUDY, find_study
+
     found = find_study(DEFAULT_STUDY)
     if found is None:
         raise InputError(f"{DEFAULT_STUDY} not found; run from the mergelab checkout or pass a study file to `mergelab run`")
@@ -325,7 +326,7 @@ def report(
 
     from mergelab_figures.report import INDEX, list_notebooks
     from mergelab_figures.report import report as run_report
-    from mergelab.config import load_study
+    from mergelab.config import find_study, load_study
     from mergelab.store import Store, default_store_url
 
     found = find_study(study)

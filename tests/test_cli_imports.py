@@ -1,0 +1,36 @@
+"""The instant commands import only what they use: no torch, Prefect or model library for ``--help``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+#: Libraries that cost seconds of CPU to import and that the instant commands never use.
+HEAVY = ("torch", "prefect", "open_clip", "transformers", "peft", "xarray", "zarr", "mergelab_flows")
+
+#: Runs the CLI in a fresh interpreter and prints, as JSON, its exit code and which HEAVY modules it imported.
+_PROBE = """
+import json, sys
+from mergelab.cli import app
+try:
+    app(sys.argv[1:], prog_name="mergelab")
+    code = 0
+except SystemExit as stop:
+    code = stop.code
+print(json.dumps({"code": code, "heavy": sorted({m.split('.')[0] for m in sys.modules} & set(%r))}), file=sys.stderr)
+""" % (HEAVY,)
+
+
+def imported_heavy(*args: str) -> tuple[int, list[str]]:
+    """The exit code of ``mergelab ARGS`` run in a fresh interpreter and the heavy libraries it imported."""
+    done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=300)
+    return json.loads(done.stderr.strip().splitlines()[-1]).values()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["store", "--help"], ["check", "--help"], ["inspect", "--help"]])
+def test_help_imports_no_heavy_library(args):
+    code, heavy = imported_heavy(*args)
+    assert code == 0 and heavy == []
