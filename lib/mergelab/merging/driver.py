@@ -212,7 +212,8 @@ def _merge_matrices(spec: MergeMethod | Composition, values: Mapping[str, Any], 
             results = _model_wide(stage, current_all, spec.stage_values(values, stage_name))
         else:
             for m in modules:
-                results[m], contexts[m] = _apply_stage(spec, i, values, sp, m, current_all[m], taskset.updates(m), contexts[m], side)
+                results[m], contexts[m] = _apply_stage(spec, i, values, sp, m, current_all[m], taskset.updates(m),
+                                                       contexts[m], side)
         current_all = {m: [_as_matrix(results[m])] for m in modules}
     return {m: sp.reconstruct(results[m], contexts[m]) for m in modules}
 

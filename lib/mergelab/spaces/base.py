@@ -58,8 +58,8 @@ class Context:
     ``ΔW`` (:meth:`isometric`). ``spectral``: what a stage that fills null directions (registry
     ``frame``: Iso-C, Iso-CTS) acts on here — ``"represented"``: the isometric coordinates of the
     representation; ``"update"``: the reconstructed ``out × in`` update ``P X Qᵀ`` (:meth:`update`),
-    after which the module is in the full space's coordinates. ``info`` holds space-specific numbers for analysis (singular values,
-    basis ranks).
+    after which the module is in the full space's coordinates. ``info`` holds space-specific numbers
+    for analysis (singular values, basis ranks).
     """
 
     shape: tuple[int, int]
