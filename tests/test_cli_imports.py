@@ -27,10 +27,20 @@ print(json.dumps({"code": code, "heavy": sorted({m.split('.')[0] for m in sys.mo
 def imported_heavy(*args: str) -> tuple[int, list[str]]:
     """The exit code of ``mergelab ARGS`` run in a fresh interpreter and the heavy libraries it imported."""
     done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=300)
-    return json.loads(done.stderr.strip().splitlines()[-1]).values()
+    found = json.loads(done.stderr.strip().splitlines()[-1])
+    return found["code"], found["heavy"]
 
 
 @pytest.mark.parametrize("args", [["--help"], ["store", "--help"], ["check", "--help"], ["inspect", "--help"]])
 def test_help_imports_no_heavy_library(args):
     code, heavy = imported_heavy(*args)
+    assert code == 0 and heavy == []
+
+
+def test_store_ls_imports_no_heavy_library(tmp_path):
+    from mergelab.store import Store
+
+    store = Store(tmp_path / "store")
+    store.put_json(store.key("probe", "1", n=1), {"n": 1})
+    code, heavy = imported_heavy("store", "ls", "--store", store.url)
     assert code == 0 and heavy == []

@@ -11,21 +11,32 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["content_hash", "tensor_digest"]
+
+
+def _is_tensor(obj: Any) -> bool:
+    """Whether ``obj`` is a torch tensor, without importing torch: none exists before torch is imported."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
 
 
 def tensor_digest(t: torch.Tensor | np.ndarray, h: "hashlib._Hash | None" = None) -> str:
     """SHA-256 of a tensor's dtype, shape and contiguous bytes (device and strides ignored)."""
     h = h or hashlib.sha256()
-    if isinstance(t, torch.Tensor):
+    if _is_tensor(t):
+        import torch
+
         t = t.detach().cpu().contiguous()
         h.update(f"torch:{t.dtype}:{tuple(t.shape)}".encode())
         # bfloat16 has no numpy dtype: hash its raw 16-bit pattern.
@@ -50,7 +61,7 @@ def _update(h: "hashlib._Hash", obj: Any) -> None:
         # Integral floats hash like ints so that `lam=1` and `lam=1.0` are one configuration.
         text = f"int:{int(value)}" if value.is_integer() and math.isfinite(value) else f"float:{value!r}"
         h.update(f"{text};".encode())
-    elif isinstance(obj, (torch.Tensor, np.ndarray)):
+    elif _is_tensor(obj) or isinstance(obj, np.ndarray):
         h.update(f"tensor:{tensor_digest(obj)};".encode())
     elif hasattr(obj, "content_hash"):
         h.update(f"obj:{obj.content_hash};".encode())

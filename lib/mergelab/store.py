@@ -31,18 +31,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import fsspec
 import numpy as np
-import xarray as xr
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import load_file, save_file
-from safetensors.torch import save as save_safetensors
-from torch import Tensor
 
 from mergelab.errors import InputError, check_writable
 from mergelab.hashing import content_hash
+
+if TYPE_CHECKING:  # xarray and torch load with the first Dataset or tensors: `mergelab store ls` needs neither
+    import xarray as xr
+    from torch import Tensor
 
 __all__ = ["STORE_ENV", "ArtifactInfo", "Key", "Store", "default_store_url"]
 
@@ -248,6 +247,8 @@ class Store:
 
     def get_dataset(self, key: str, load: bool = True) -> xr.Dataset:
         """The Dataset under ``key`` (loaded into memory unless ``load=False``)."""
+        import xarray as xr
+
         ds = xr.open_zarr(self._url(self._payload(key, "dataset")), consolidated=False, chunks=None)
         return ds.load() if load else ds
 
@@ -258,19 +259,23 @@ class Store:
     def put_tensors(self, key: str, tensors: Mapping[str, Tensor], attrs: Mapping[str, Any] | None = None) -> str:
         """Publish named tensors (model weights, bases) as one safetensors file under ``key``."""
 
+        from safetensors.torch import save, save_file
+
         def write(path: str, provenance: dict[str, Any]) -> None:
             metadata = {"provenance": json.dumps(provenance)}
             plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
             if self._local:  # straight to the file: no second, in-memory copy of a model-sized payload
                 save_file(plain, path, metadata)
             else:
-                self.fs.pipe_file(path, save_safetensors(plain, metadata))
+                self.fs.pipe_file(path, save(plain, metadata))
 
         return self._write(key, "tensors", attrs, write)
 
     def get_tensors(self, key: str) -> dict[str, Tensor]:
+        from safetensors.torch import load, load_file
+
         path = self._payload(key, "tensors")
-        return load_file(path) if self._local else load_safetensors(self.fs.cat_file(path))
+        return load_file(path) if self._local else load(self.fs.cat_file(path))
 
     def put_json(self, key: str, value: Any, attrs: Mapping[str, Any] | None = None) -> str:
         """Publish a small JSON document (a selection decision, a config) under ``key``."""
