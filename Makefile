@@ -13,6 +13,9 @@ MERGELAB_STUDY ?= micro
 LAB_STORE := $(if $(findstring ://,$(MERGELAB_STORE)),$(MERGELAB_STORE),$(abspath $(MERGELAB_STORE)))
 # More `jupyter lab` options: `make lab LAB_ARGS="--no-browser --port 8890"`.
 LAB_ARGS ?=
+# Jupyter refuses to start as root ("Running as root is not recommended"), as in most containers: there
+# `make lab` passes --allow-root and says so.
+LAB_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
 
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -42,8 +45,9 @@ test: $(STAMP)
 # The kernels import this checkout's lib/ (mergelab, and mergelab_figures: a link to analysis/); the inline
 # backend draws the figures.
 lab: $(STAMP)
+	@$(if $(LAB_ROOT),echo "make lab: running as root (uid 0): passing --allow-root to jupyter lab")
 	env -u MPLBACKEND MERGELAB_STORE='$(LAB_STORE)' MERGELAB_STUDY='$(MERGELAB_STUDY)' \
-	    PYTHONPATH='$(CURDIR)/lib' $(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
+	    PYTHONPATH='$(CURDIR)/lib' $(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ROOT) $(LAB_ARGS)
 
 clean:
 	rm -rf data/store data/demo data/reports .pytest_cache .hypothesis

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import tomllib
 
+import pytest
 import yaml
 
 from conftest import REPO
@@ -53,3 +56,17 @@ def test_every_package_installs_under_a_mergelab_name():
     assert set(setuptools["packages"]) == found | {"mergelab_flows", "mergelab_figures"}
     assert setuptools["package-dir"] == {"": "lib", "mergelab_flows": "flows", "mergelab_figures": "analysis"}
     assert all(p == "mergelab" or p.startswith(("mergelab.", "mergelab_")) for p in setuptools["packages"])
+
+
+@pytest.mark.parametrize(("uid", "as_root"), [("0", True), ("1000", False)])
+def test_make_lab_passes_allow_root_only_as_root(tmp_path, uid, as_root):
+    """Jupyter refuses to run as root unless given --allow-root: `make lab` passes it (and says so)
+    exactly when `id -u` is 0 (faked here by an `id` first on PATH)."""
+    fake = tmp_path / "id"
+    fake.write_text(f"#!/bin/sh\necho {uid}\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    recipe = subprocess.run(["make", "-n", "lab"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    lab = next(line for line in recipe.splitlines() if "jupyter lab" in line and "--ServerApp" in line)
+    assert ("--allow-root" in lab) is as_root
+    assert ("passing --allow-root" in recipe) is as_root
