@@ -10,12 +10,15 @@ bad input: one line naming the problem and the fix, and nothing is deleted.
 A write goes to a hidden sibling ``.X.<8 random characters>`` (``tempfile.mkdtemp``) that its
 writer holds locked (``flock``) until it is renamed into place; a kill leaves it behind, unlocked.
 :func:`remove_leftovers` removes such siblings that no live writer holds: the next write to ``X``
-does, and ``mergelab store gc`` for those inside a store.
+does, and ``mergelab store gc`` for those inside a store. Before the rename, :func:`follow_umask` gives
+the written tree the modes a plain ``mkdir`` / ``open`` would (``mkdtemp`` makes ``drwx------`` and
+safetensors writes ``-rw-------``), so others read an output as they read any file the user writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from mergelab.errors import InputError
 
-__all__ = ["OUTPUT_MARKER", "check_replaceable", "claimed", "remove_leftovers", "temporary_sibling"]
+__all__ = ["OUTPUT_MARKER", "check_replaceable", "claimed", "follow_umask", "remove_leftovers", "temporary_sibling"]
 
 #: The file every output directory of ``save_merged`` holds (the merge's provenance): what marks a
 #: directory as a previous mergelab output that ``--force`` may replace.
@@ -88,6 +91,23 @@ def _leftover_pattern(name: str | None) -> re.Pattern[str]:
 def temporary_sibling(out: Path, *, old: bool = False) -> Path:
     """A new hidden directory beside ``out`` that :func:`remove_leftovers` recognises as its leftover."""
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.{'old-' if old else ''}", dir=out.parent))
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (reading it means setting it for an instant)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything under it) the modes a plain ``mkdir`` or
+    ``open`` gives under the umask: folders ``0o777``, files ``0o666``, less the umask's bits."""
+    mask = _umask()
+    for entry in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not entry.is_symlink():
+            entry.chmod((0o777 if entry.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager

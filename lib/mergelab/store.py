@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import fsspec
@@ -38,6 +39,7 @@ import numpy as np
 
 from mergelab.errors import InputError, check_writable
 from mergelab.hashing import content_hash
+from mergelab.outputs import follow_umask
 
 if TYPE_CHECKING:  # xarray and torch load with the first Dataset or tensors: `mergelab store ls` needs neither
     import xarray as xr
@@ -266,6 +268,7 @@ class Store:
             plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
             if self._local:  # straight to the file: no second, in-memory copy of a model-sized payload
                 save_file(plain, path, metadata)
+                follow_umask(Path(path))  # safetensors writes -rw-------
             else:
                 self.fs.pipe_file(path, save(plain, metadata))
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from mergelab.errors import InputError
 from mergelab.linalg import lowrank_svd, svd64
-from mergelab.outputs import check_replaceable, claimed, remove_leftovers, temporary_sibling
+from mergelab.outputs import check_replaceable, claimed, follow_umask, remove_leftovers, temporary_sibling
 from mergelab.strict import SAFE_NAME
 from mergelab.taskset import LowRank, MergedUpdate, Update
 
@@ -42,6 +42,7 @@ def _publish_dir(out: Path, write: Callable[[Path], None], overwrite: bool) -> P
     try:
         with claimed(tmp):
             write(tmp)
+            follow_umask(tmp)
             if out.exists() or out.is_symlink():
                 _exchange(tmp, out)  # tmp now holds the old output
                 _remove(tmp)
