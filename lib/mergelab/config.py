@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_valid
 
 from mergelab.bench import BenchSpec, TaskSource
 from mergelab.errors import InputError
-from mergelab.strict import Strict, safe_name
+from mergelab.strict import Float, Int, Strict, safe_name
 
 __all__ = ["DEFAULT_STUDY", "AdaptiveSpec", "MethodSpec", "StudySpec", "config_label", "find_study", "load_study"]
 
@@ -106,16 +106,16 @@ class AdaptiveSpec(Strict):
     """
 
     method: str
-    iters: int = 250
-    lr: float = 1e-3
-    batch_size: int = 16
+    iters: Int = 250
+    lr: Float = 1e-3
+    batch_size: Int = 16
     objective: Literal["entropy", "tas", "labels"] | None = None
     scalarization: Literal["sum", "stch"] | None = None
     optimizer: Literal["adam", "adamw"] | None = None
-    alpha: float = 1.0
-    preference: list[float] | None = None
+    alpha: Float = 1.0
+    preference: list[Float] | None = None
     hp: dict[str, Any] = Field(default_factory=dict)
-    start_grid: dict[str, list[float]] | None = None
+    start_grid: dict[str, list[Float]] | None = None
     label: str | None = None
 
     @field_validator("method")
@@ -189,11 +189,11 @@ class StudySpec(Strict):
     analyses: list[str] = Field(default_factory=list)
     analysis_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
     adaptation_studies: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[Int] = Field(default_factory=lambda: [0])
     store: str | None = None
     _folder: Path | None = PrivateAttr(default=None)  # the study file's folder (its default store sits there)
     allow_labels: bool = False
-    adaptive_init: float | None = None
+    adaptive_init: Float | None = None
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -217,6 +217,13 @@ class StudySpec(Strict):
             raise ValueError("joint: an hf_seq_cls bench scores each task with its own classifier head, so there is no "
                              "joint label space; remove joint: true")
         return {**data, "joint": False}
+
+    @field_validator("tasks")
+    @classmethod
+    def _some_task(cls, tasks: list[str] | list[TaskSource] | None) -> list[str] | list[TaskSource] | None:
+        if tasks is not None and not tasks:
+            raise ValueError("tasks is empty; list the tasks to merge, or leave tasks: out for all of the bench's tasks")
+        return tasks
 
     @field_validator("dtype")
     @classmethod

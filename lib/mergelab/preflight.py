@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergelab.checkpoints.files import (ADAPTER_WEIGHTS, FULL_WEIGHTS, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir,
+from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS, check_scaling, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir,
                                         named_sources, read_adapter_config, read_tensors, weights_file)
-from mergelab.checkpoints.loading import guess_param, resolve_prefix, saved_names, target_param, target_views
+from mergelab.checkpoints.loading import check_declared_rank, guess_param, resolve_prefix, saved_names, target_param, target_views
 from mergelab.errors import InputError
 
 __all__ = ["Preflight", "TaskReport", "check", "split_overlaps", "tensor_shapes"]
@@ -67,9 +66,16 @@ def tensor_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = 8 + size + max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
+        shapes = {k: (str(v["dtype"]).lower(), tuple(v["shape"])) for k, v in entries.items()}
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError, KeyError, IndexError, TypeError,
+            ValueError) as err:
         raise InputError(f"cannot read {path}: corrupt or truncated safetensors header ({type(err).__name__}); re-save it") from None
-    return {k: (str(v["dtype"]).lower(), tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    if path.stat().st_size < end:
+        raise InputError(f"{path} is truncated: its header places tensor data up to byte {end}, the file has "
+                         f"{path.stat().st_size}; copy or re-save it whole")
+    return shapes
 
 
 def _base_shapes(base: str | Path) -> dict[str, tuple[int, ...]]:
@@ -117,6 +123,10 @@ def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] |
             problems.append(f"{name}: module {peft_module!r} has {sorted(pair)}, needs lora_A and lora_B")
             continue
         (_, a_shape), (_, b_shape) = pair["lora_A"], pair["lora_B"]
+        try:
+            check_declared_rank(config, peft_module.split(".base_layer", 1)[0], a_shape[0], f"module {peft_module!r}")
+        except InputError as err:
+            problems.append(f"{name}: {err}")
         target = target_param(prefix + peft_module, base) if base is not None else guess_param(peft_module, peft_modules)
         shape = (b_shape[0], a_shape[-1])
         if base is not None and target is not None:
@@ -126,7 +136,7 @@ def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] |
                 problems.append(f"{name}: {target} has shape {held} in the base, the LoRA gives {shape}")
         modules[target or peft_module] = {"rank": a_shape[0], "shape": list(shape)}
     rslora = bool(config.get("use_rslora"))
-    scaling = float(config["lora_alpha"]) / (math.sqrt(config["r"]) if rslora else config["r"])
+    scaling = check_scaling(float(config["lora_alpha"]), config["r"], rslora, str(path / ADAPTER_CONFIG))
     dtypes = sorted({dtype for pair in factors.values() for dtype, _ in pair.values()})
     return TaskReport(name, str(path), config["r"], dict(config.get("rank_pattern") or {}), float(config["lora_alpha"]),
                       rslora, scaling, dtypes, modules)
@@ -140,6 +150,10 @@ def split_overlaps(data: Mapping[str, str | Path]) -> list[str]:
         root = Path(root)
         if not root.is_dir():
             raise InputError(f"--data {task}={root}: no such folder; give ROOT with ROOT/<split>/<class>/<image>")
+        missing = [split for split in SPLITS if not (root / split).is_dir()]
+        if missing:
+            raise InputError(f"--data {task}={root} has no {' or '.join(missing)} split, so its overlap cannot be checked; "
+                             f"give ROOT with ROOT/{'/, ROOT/'.join(SPLITS)}/<class>/<image>")
         for split in SPLITS:
             for image in sorted(p for p in (root / split).rglob("*") if p.is_file()):
                 seen.setdefault(hashlib.sha256(image.read_bytes()).hexdigest(), []).append(f"{task}/{split}")

@@ -4,10 +4,17 @@ to become parts of store paths."""
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
+import pydantic
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["SAFE_NAME", "Strict", "safe_name"]
+__all__ = ["SAFE_NAME", "Float", "Int", "Strict", "safe_name"]
+
+#: A spec integer: ``true`` / ``false`` and ``2.0`` are refused (pydantic's lax mode reads ``true`` as 1).
+Int = Annotated[int, pydantic.Strict()]
+#: A spec number: an int or a float, never ``true`` / ``false``.
+Float = Annotated[float, pydantic.Strict()]
 
 
 class Strict(BaseModel):

@@ -34,7 +34,7 @@ from mergelab.data.tasks import ClassificationTask
 from mergelab.errors import InputError
 from mergelab.hashing import content_hash
 from mergelab.registry import Registry
-from mergelab.strict import Strict, safe_name
+from mergelab.strict import Int, Strict, safe_name
 from mergelab.taskset import TaskSet
 
 if TYPE_CHECKING:
@@ -75,11 +75,11 @@ class BenchSpec(Strict):
 
     kind: str = "micro"
     root: Path = Path("data/micro")
-    rank: int | Literal["mixed"] | None = None
+    rank: Int | Literal["mixed"] | None = None
     arch: str | None = None
     weights: Path | None = None
-    image_size: int | None = None
-    max_length: int = Field(128, ge=1)  # hf_seq_cls: the token length texts are padded / truncated to
+    image_size: Int | None = None
+    max_length: Int = Field(128, ge=1)  # hf_seq_cls: the token length texts are padded / truncated to
 
     @field_validator("kind")
     @classmethod

@@ -21,7 +21,7 @@ from mergelab.hashing import content_hash
 from mergelab.taskset import BaseRef, TaskSet
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FULL_WEIGHTS", "LORA_KEY", "PEFT_PREFIX", "TRAINING_ONLY", "BaseLike", "Source",
-           "StateDict", "base_ref", "compile_pattern", "is_number", "is_adapter_dir", "load_grams", "load_state_dict", "named_sources", "read_adapter_config",
+           "MAX_SCALING", "StateDict", "base_ref", "check_finite", "check_scaling", "compile_pattern", "is_number", "is_rank", "is_adapter_dir", "load_grams", "load_state_dict", "named_sources", "read_adapter_config",
            "read_tensors", "weights_file"]
 
 StateDict = dict[str, Tensor]
@@ -71,13 +71,21 @@ def weights_file(directory: Path, candidates: Sequence[str]) -> Path | None:
     return None
 
 
-def load_state_dict(base: BaseLike) -> StateDict:
-    """A base model's state dict from a module, a mapping, a weights file or a directory holding one."""
+def load_state_dict(base: BaseLike, what: str = "base model") -> StateDict:
+    """A base model's state dict from a module, a mapping, a weights file or a directory holding one,
+    checked finite (:func:`check_finite`; ``what`` names it in the error)."""
     if isinstance(base, nn.Module):
-        return {k: v.detach() for k, v in base.state_dict().items()}
-    if isinstance(base, Mapping):
-        return dict(base)
-    path = Path(base)
+        state = {k: v.detach() for k, v in base.state_dict().items()}
+    elif isinstance(base, Mapping):
+        state = dict(base)
+    else:
+        state = read_tensors(_weights_path(Path(base)))
+    check_finite(state, what if isinstance(base, (nn.Module, Mapping)) else f"{what} {base}")
+    return state
+
+
+def _weights_path(path: Path) -> Path:
+    """A base model's weights file: ``path`` itself, or the weights file in the directory ``path``."""
     if not path.exists():
         raise InputError(f"base model path {path} does not exist; pass a weights file or a directory with model.safetensors")
     if path.is_dir():
@@ -85,7 +93,7 @@ def load_state_dict(base: BaseLike) -> StateDict:
         if found is None:
             raise InputError(f"{path} holds none of {', '.join(FULL_WEIGHTS)}; pass the weights file itself")
         path = found
-    return read_tensors(path)
+    return path
 
 
 _BASE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -147,6 +155,36 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_rank(value: Any) -> bool:
+    """A LoRA rank: a positive integer (JSON ``true`` is not one, though Python counts it as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+#: The largest ``|lora_alpha / r|`` (rsLoRA: ``/ sqrt(r)``) read as a trained adapter's scaling;
+#: trained LoRAs use about 0.1 to 64, and a larger one scales the update past anything a model holds.
+MAX_SCALING = 1e4
+
+
+def check_scaling(alpha: float, rank: int, rslora: bool, where: str) -> float:
+    """PEFT's scaling ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``), refused when its magnitude passes
+    :data:`MAX_SCALING` (``lora_alpha: 1e38`` would write a merge of huge weights without a word)."""
+    scaling = alpha / (math.sqrt(rank) if rslora else rank)
+    if abs(scaling) > MAX_SCALING:
+        raise InputError(f"{where}: lora_alpha {alpha:g} at rank {rank} gives scaling {scaling:g}, beyond the {MAX_SCALING:g} "
+                         "any trained adapter uses; fix lora_alpha (or alpha_pattern) in adapter_config.json")
+    return scaling
+
+
+def check_finite(state: Mapping[str, Tensor], what: str) -> None:
+    """Raise :class:`InputError` naming the first floating-point tensor of ``state`` holding a NaN or
+    an Inf (a merge would write it into the merged weights), as adapters are checked."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise InputError(f"{what}: parameter {key!r} contains {bad} NaN/Inf values, which a merge would write into its "
+                             "weights; re-export it from a finite state")
+
+
 def compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
     """``re.compile`` with a one-line error naming where the bad expression came from."""
     try:
@@ -168,11 +206,11 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
     for field_name in ("r", "lora_alpha"):
         if field_name not in config:
             raise InputError(f"{path / ADAPTER_CONFIG} lacks {field_name!r}; a PEFT LoRA config needs r and lora_alpha")
-    if not isinstance(config["r"], int) or config["r"] <= 0:
+    if not is_rank(config["r"]):
         raise InputError(f"{path / ADAPTER_CONFIG} has r = {config['r']!r}; LoRA rank must be a positive integer")
     if not is_number(config["lora_alpha"]):
         raise InputError(f"{path / ADAPTER_CONFIG} has lora_alpha = {config['lora_alpha']!r}; it must be a number")
-    for field_name, valid in (("rank_pattern", lambda v: isinstance(v, int) and v > 0), ("alpha_pattern", is_number)):
+    for field_name, valid in (("rank_pattern", is_rank), ("alpha_pattern", is_number)):
         patterns = config.get(field_name) or {}
         if not isinstance(patterns, Mapping):
             raise InputError(f"{path / ADAPTER_CONFIG}: {field_name} must map module patterns to values, not {patterns!r}")
@@ -191,7 +229,7 @@ def load_grams(path: Path, taskset: TaskSet) -> dict[str, dict[str, Tensor]]:
     if not Path(path).is_file():
         raise InputError(f"--grams {path} is not a file; pass a safetensors file of '<task>::<module>' Gram matrices")
     grams: dict[str, dict[str, Tensor]] = {name: {} for name in taskset.names}
-    for key, tensor in load_state_dict(path).items():
+    for key, tensor in load_state_dict(path, "--grams").items():
         task, sep, module = key.partition("::")
         if not sep or task not in grams:
             raise InputError(f"--grams {path}: key {key!r} is not '<task>::<module>' for a task in {list(taskset.names)}")

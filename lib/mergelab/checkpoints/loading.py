@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from mergelab.errors import InputError
 from mergelab.taskset import SUPPORTED_DTYPES, Dense, LowRank, TaskSet, TaskUpdate, Update, packed_views
-from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, compile_pattern, FULL_WEIGHTS, LORA_KEY, BaseLike, Source, base_ref, is_adapter_dir, load_state_dict, named_sources, read_adapter_config,
+from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, check_scaling, compile_pattern, FULL_WEIGHTS, LORA_KEY, BaseLike, Source, base_ref, is_adapter_dir, load_state_dict, named_sources, read_adapter_config,
                                         read_tensors, weights_file)
 
 __all__ = ["describe", "describe_sources", "guess_param", "load_taskset", "mha_out_proj_factor", "peft_template",
@@ -30,11 +31,52 @@ def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def _scaling(config: Mapping[str, Any], peft_key: str, rank: int) -> tuple[float, float]:
-    """(alpha, scaling) of one LoRA module: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+def _scaling(config: Mapping[str, Any], peft_key: str, rank: int, where: str) -> tuple[float, float]:
+    """(alpha, scaling) of one LoRA module: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA
+    (bounded by :func:`~mergelab.checkpoints.files.check_scaling`)."""
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, peft_key, config["lora_alpha"]))
-    denom = math.sqrt(rank) if config.get("use_rslora") else rank
-    return alpha, alpha / denom
+    return alpha, check_scaling(alpha, rank, bool(config.get("use_rslora")), where)
+
+
+def declared_rank(config: Mapping[str, Any], peft_key: str) -> int:
+    """The rank the adapter config gives one module (``rank_pattern``, else ``r``): what PEFT builds
+    the module with, so a ``lora_A`` of another rank makes PEFT refuse the adapter on load."""
+    return int(_pattern_value(config.get("rank_pattern") or {}, peft_key, config["r"]))
+
+
+def check_declared_rank(config: Mapping[str, Any], peft_key: str, rank: int, where: str) -> None:
+    """Raise :class:`InputError` when the tensors' ``rank`` is not the config's :func:`declared_rank`."""
+    declared = declared_rank(config, peft_key)
+    if rank != declared:
+        source = "its rank_pattern" if declared != config["r"] else "r"
+        raise InputError(f"{where}: the tensors have rank {rank}, the adapter config declares {declared} ({source}), so PEFT "
+                         "would refuse to load it; fix r / rank_pattern in adapter_config.json to match the weights")
+
+
+def conv1d_oriented(param: str, lora_shape: tuple[int, int], base: Mapping[str, Tensor], uses_conv1d: bool) -> bool:
+    """Whether the base holds ``param`` as transformers' ``Conv1D`` does, ``(in, out)``, so that the
+    update is ``(B A)ᵀ`` (PEFT's ``fan_in_fan_out``), rather than as ``nn.Linear``'s ``(out, in)``.
+
+    PEFT decides from the module's class and resets a config's ``fan_in_fan_out`` that disagrees
+    (with a warning). A state dict shows the class in the shapes: a non-square weight by its own
+    orientation (``lora_shape`` is ``(out, in)``), a square one by the model (``uses_conv1d``:
+    :func:`uses_conv1d`). A packed projection the base holds split (q/k/v) is a Linear.
+    """
+    weight = base.get(param)
+    if weight is None or weight.ndim != 2:
+        return False
+    out, in_ = lora_shape
+    return tuple(weight.shape) == (in_, out) if out != in_ else uses_conv1d
+
+
+def uses_conv1d(base: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict holds ``Conv1D`` weights: a non-square weight whose bias runs along its
+    second axis (a Conv1D always has a bias; an ``nn.Linear``'s runs along the first)."""
+    for key, weight in base.items():
+        bias = base.get(key.removesuffix("weight") + "bias") if key.endswith(".weight") else None
+        if bias is not None and weight.ndim == 2 and weight.shape[0] != weight.shape[1] and tuple(bias.shape) == (weight.shape[1],):
+            return True
+    return False
 
 
 @functools.cache
@@ -200,6 +242,8 @@ def _load_adapter(
     tower = (config.get("auto_mapping") or {}).get("base_model_class")
     prefix = resolve_prefix(peft_modules, base, path, base_module=base_module, tower=tower) if base is not None else ""
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    model_conv1d = fan_in_fan_out if base is None else uses_conv1d(base)
+    overridden: list[str] = []
     modules: dict[str, Update] = {}
     meta_modules: dict[str, dict[str, Any]] = {}
     for peft_module in peft_modules:
@@ -224,11 +268,15 @@ def _load_adapter(
         if rank == 0:
             raise InputError(f"{where}: rank 0 (lora_A has shape {tuple(A.shape)}); an adapter needs r >= 1")
         target_key = peft_module.split(".base_layer", 1)[0]
-        alpha, scaling = _scaling(config, target_key, rank)
+        check_declared_rank(config, target_key, rank, f"{where} of {weights}")
+        alpha, scaling = _scaling(config, target_key, rank, f"{path / ADAPTER_CONFIG}, module {peft_module!r}")
+        conv1d = model_conv1d if base is None else conv1d_oriented(param, (B.shape[0], A.shape[1]), base, model_conv1d)
+        if not embedding and conv1d != fan_in_fan_out:
+            overridden.append(param)
         peft_factor = mha_out_proj_factor() if param.endswith(".out_proj.weight") and ".base_layer.out_proj" in peft_module else 1.0
         scaling *= peft_factor
         try:
-            if embedding or fan_in_fan_out:
+            if embedding or conv1d:
                 # Embedding (num_embeddings, dim) and Conv1D (in, out) weights: delta = (B A)^T.
                 update = LowRank(A.T.to(dtype) * scaling, B.T.to(dtype))
             else:
@@ -236,7 +284,7 @@ def _load_adapter(
         except InputError as err:
             raise InputError(f"{where}: {err}") from err
         info = {"peft_module": peft_module, "rank": rank, "alpha": alpha, "scaling": scaling,
-                "transposed": bool(embedding or fan_in_fan_out), "embedding": bool(embedding), "peft_factor": peft_factor}
+                "transposed": bool(embedding or conv1d), "embedding": bool(embedding), "peft_factor": peft_factor}
         views = packed_views(param, update) if len(targets) > 1 else {param: update}
         for index, (view, view_update) in enumerate(views.items()):
             if not keep(view):
@@ -250,6 +298,11 @@ def _load_adapter(
             meta_modules[view] = info if len(views) == 1 else {**info, "packed": [index, len(views)]}
     if not modules:
         raise InputError(f"modules filter keeps none of adapter {path}'s {len(peft_modules)} modules")
+    if overridden:
+        held, meant = ("nn.Linear (out, in)", "false") if fan_in_fan_out else ("Conv1D (in, out)", "true")
+        warnings.warn(f"adapter {name!r} sets fan_in_fan_out: {str(fan_in_fan_out).lower()}, but the base holds {len(overridden)} of its "
+                      f"modules (e.g. {overridden[0]!r}) as {held}; read with fan_in_fan_out: {meant}, as PEFT does (it resets the "
+                      "flag); fix adapter_config.json to silence this", UserWarning, stacklevel=2)
     meta = {"format": "peft", "prefix": prefix, "adapter_config": config, "modules": meta_modules,
             **({"saved_modules": sorted(prefix + k for k in saved)} if saved else {})}
     return TaskUpdate(name=name, modules=modules, source=str(path), meta=meta)

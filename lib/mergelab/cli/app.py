@@ -7,6 +7,7 @@ Bad input (:class:`~mergelab.errors.InputError`) prints one line on stderr and e
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -16,7 +17,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from mergelab import __version__
 from mergelab.errors import InputError
 
-__all__ = ["BaseModuleOpt", "StoreOpt", "app", "console", "err_console", "key_values", "main", "progress_bars", "store_app"]
+__all__ = ["BaseModuleOpt", "StoreOpt", "app", "console", "err_console", "key_values", "main", "progress_bars", "store_app", "warn"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -62,15 +63,29 @@ class RegistryHelp(_Command):
         return super().format_help(ctx, formatter)
 
 
+def warn(line: str) -> None:
+    """One ``warning:`` line on stderr."""
+    err_console.print(f"warning: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for a command: the message as one :func:`warn` line, without the
+    source line Python prints (``adapter 'x' sets fan_in_fan_out: true, but …``)."""
+    warn(" ".join(str(message).split()))
+
+
 class _Group(_TidyHelp, TyperGroup):
-    """Turns InputError raised anywhere below into a one-line message and exit code 2."""
+    """Turns InputError raised anywhere below into a one-line message and exit code 2, and Python
+    warnings into one ``warning:`` line each."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except InputError as err:
-            err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except InputError as err:
+                err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(code=2) from None
 
 
 app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

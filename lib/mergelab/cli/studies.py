@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import progress_bars, RegistryHelp, StoreOpt, _Command, app, console, err_console
+from mergelab.cli.app import progress_bars, RegistryHelp, StoreOpt, _Command, app, console, err_console, warn
 from mergelab.errors import InputError
 
 
@@ -294,18 +294,13 @@ def serve(
     from mergelab_flows.study import check_server, deployment, register_deployment, serve_deployments
 
     scheduled = deployment(study, spec, cron=cron, name=name, store=spec.store_url(store))
-    url = check_server("--register-only" if register_only else "serve", warn=_warn)
+    url = check_server("--register-only" if register_only else "serve", warn=warn)
     if register_only:
         deployment_id = register_deployment(scheduled)
         console.print(f"registered deployment study/{scheduled.name} ({deployment_id}) on cron {cron!r}", highlight=False)
         return
     console.print(f"serving study/{scheduled.name} on cron {cron!r}; Ctrl-C stops", highlight=False)
-    serve_deployments(scheduled, url=url, warn=_warn)
-
-
-def _warn(line: str) -> None:
-    """One ``warning:`` line on stderr."""
-    err_console.print(f"warning: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    serve_deployments(scheduled, url=url, warn=warn)
 
 
 @app.command(cls=_Command)

@@ -1,0 +1,195 @@
+"""Inputs that used to merge into a silently wrong result (issue 30, item 2) are refused with one
+``error:`` line, exit 2 and nothing written; a ``fan_in_fan_out`` flag that disagrees with the base
+is reset as PEFT resets it, with one ``warning:`` line."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mergelab.checkpoints import load_taskset
+from mergelab.cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+MICRO = REPO / "data" / "micro"
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def _adapter(src: Path, dst: Path, **config_changes) -> Path:
+    """A copy of the adapter ``src`` at ``dst`` with ``config_changes`` in its adapter_config.json."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**config, **config_changes}))
+    return dst
+
+
+def _base_with(base: Path, dst: Path, value: float) -> Path:
+    """A copy of the base weights ``base`` with one entry of its first weight set to ``value``."""
+    state = load_file(str(base))
+    key = next(k for k in sorted(state) if k.endswith(".weight"))
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = value
+    save_file(state, str(dst))
+    return dst
+
+
+def _merge(tmp, base, *adapters):
+    return ["merge", "--base", base, "--adapters", *adapters, "--method", "task_arithmetic", "--space", "core",
+            "--out", tmp / "merged", "--store", tmp / "s"]
+
+
+def _study(tmp, **changes):
+    study = {"name": "s", "tasks": ["digits", "textures"], "methods": [{"method": "ties", "grid": {"alpha": [1.0]}}], **changes}
+    (tmp / "study.yaml").write_text(yaml.safe_dump(study))
+    return ["run", tmp / "study.yaml", "--store", tmp / "s"]
+
+
+def _case_rank_true(tmp, adapters, base):
+    return _merge(tmp, base, _adapter(adapters[0], tmp / "a", r=True), adapters[1]), "r = True; LoRA rank must be a positive integer"
+
+
+def _case_rank_pattern_true(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", rank_pattern={"attn": True})
+    return _merge(tmp, base, bad, adapters[1]), "rank_pattern['attn'] = True is not a valid rank"
+
+
+def _case_absurd_alpha(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", lora_alpha=1e38)
+    return _merge(tmp, base, bad, adapters[1]), "lora_alpha 1e+38 at rank 4 gives scaling 2.5e+37"
+
+
+def _case_absurd_alpha_pattern(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", alpha_pattern={"attn": -1e9})
+    return _merge(tmp, base, bad, adapters[1]), "lora_alpha -1e+09 at rank 4 gives scaling -2.5e+08"
+
+
+def _case_absurd_alpha_in_check(tmp, adapters, base):
+    return ["check", _adapter(adapters[0], tmp / "a", lora_alpha=1e38)], "gives scaling 2.5e+37"
+
+
+def _case_config_rank_disagrees_with_tensors(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", r=8)
+    return _merge(tmp, base, bad, adapters[1]), "the tensors have rank 4, the adapter config declares 8 (r), so PEFT would refuse"
+
+
+def _case_rank_pattern_disagrees_with_tensors(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", rank_pattern={"attn": 2})
+    return _merge(tmp, base, bad, adapters[1]), "the adapter config declares 2 (its rank_pattern)"
+
+
+def _case_nan_in_the_base(tmp, adapters, base):
+    return _merge(tmp, _base_with(base, tmp / "nan.safetensors", float("nan")), *adapters[:2]), "contains 1 NaN/Inf values"
+
+
+def _case_inf_in_the_base(tmp, adapters, base):
+    return _merge(tmp, _base_with(base, tmp / "inf.safetensors", float("inf")), *adapters[:2]), "contains 1 NaN/Inf values"
+
+
+def _case_check_adapter_truncated_after_its_header(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a")
+    weights = bad / "adapter_model.safetensors"
+    header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    weights.write_bytes(weights.read_bytes()[:header + 10])
+    return ["check", bad], "adapter_model.safetensors is truncated: its header places tensor data up to byte"
+
+
+def _case_check_base_truncated_after_its_header(tmp, adapters, base):
+    cut = tmp / "cut.safetensors"
+    cut.write_bytes(base.read_bytes()[:-1])
+    return ["check", *adapters[:2], "--base", cut], "cut.safetensors is truncated"
+
+
+def _case_check_data_without_a_val_split(tmp, adapters, base):
+    (tmp / "data" / "test" / "a").mkdir(parents=True)
+    (tmp / "data" / "test" / "a" / "0.png").write_bytes(b"image")
+    return ["check", *adapters[:2], "--data", f"digits={tmp / 'data'}"], "has no val split, so its overlap cannot be checked"
+
+
+def _case_study_with_no_task(tmp, adapters, base):
+    return _study(tmp, tasks=[]), "tasks is empty; list the tasks to merge"
+
+
+def _case_study_iters_true(tmp, adapters, base):
+    return _study(tmp, adaptive=[{"method": "adamerging", "iters": True}]), "adaptive[0].iters: Input should be a valid integer"
+
+
+def _case_study_batch_size_false(tmp, adapters, base):
+    return _study(tmp, adaptive=[{"method": "adamerging", "batch_size": False}]), "adaptive[0].batch_size: Input should be a valid integer"
+
+
+def _case_study_preference_of_booleans(tmp, adapters, base):
+    return (_study(tmp, adaptive=[{"method": "tara_a", "preference": [True, False]}]),
+            "adaptive[0].preference[0]: Input should be a valid number")
+
+
+def _case_study_seed_true(tmp, adapters, base):
+    return _study(tmp, seeds=[True]), "seeds[0]: Input should be a valid integer"
+
+
+def _case_study_image_size_true(tmp, adapters, base):
+    return _study(tmp, bench={"kind": "micro", "image_size": True}), "bench.image_size: Input should be a valid integer"
+
+
+CASES = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__.removeprefix("_case_"))
+def test_a_silently_wrong_merge_is_refused_in_one_line(case, tmp_path, vit_adapters, tiny_vit):
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
+    args, message = case(tmp_path, vit_adapters, base)
+    before = set(tmp_path.rglob("*"))
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert set(tmp_path.rglob("*")) == before, "bad input left an artifact behind"
+
+
+def test_fan_in_fan_out_on_linear_modules_is_reset_with_one_warning_line(tmp_path):
+    """The micro adapters target square nn.Linear projections: ``fan_in_fan_out: true`` would
+    transpose every update. It is read as PEFT reads it (the flag reset), with one warning line."""
+    base, digits = MICRO / "base" / "model.safetensors", MICRO / "adapters" / "r4" / "digits"
+    flagged = _adapter(digits, tmp_path / "digits", fan_in_fan_out=True)
+    expected = load_taskset(base, [digits]).tasks[0]
+    with pytest.warns(UserWarning, match=r"sets fan_in_fan_out: true, but the base holds 16 of its modules .* as nn.Linear"):
+        task = load_taskset(base, [flagged]).tasks[0]
+    for name, update in expected.modules.items():
+        torch.testing.assert_close(task.modules[name].dense(), update.dense(), atol=0, rtol=0, msg=name)
+    result = run("inspect", flagged, "--base", base)
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.strip()]
+    assert result.stderr.startswith("warning: adapter 'digits' sets fan_in_fan_out: true"), result.stderr
+
+
+def test_conv1d_modules_without_fan_in_fan_out_are_read_as_peft_reads_them(tmp_path):
+    """GPT-2's Conv1D weights are stored (in, out): an adapter whose config says ``fan_in_fan_out:
+    false`` is read transposed, as PEFT does, from a state dict (square ``attn.c_proj`` included)."""
+    import transformers
+    from peft import PeftModel
+
+    from mergelab.synthetic import write_peft_adapters
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16,
+                                                          bos_token_id=0, eos_token_id=0))
+    [path] = write_peft_adapters(gpt2, tmp_path, ["g"], target_modules=["c_attn", "c_proj"], rank=4, alpha=8, fan_in_fan_out=True)
+    _adapter(path, tmp_path / "unflagged", fan_in_fan_out=False)
+    expected = PeftModel.from_pretrained(copy.deepcopy(gpt2), str(path)).merge_and_unload().state_dict()
+    with pytest.warns(UserWarning, match=r"sets fan_in_fan_out: false, but the base holds 3 of its modules .* as Conv1D"):
+        taskset = load_taskset(dict(gpt2.state_dict()), [tmp_path / "unflagged"])
+    for name, update in taskset.tasks[0].modules.items():
+        torch.testing.assert_close(gpt2.state_dict()[name] + update.dense(), expected[name], atol=1e-6, rtol=1e-5, msg=name)
