@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from mergelab.study import grid_edges, results_table
@@ -102,3 +103,22 @@ def test_a_method_whose_selection_metric_is_undefined_is_named_not_silently_drop
     assert unselected(ds) == [("ties", "full")]
     assert ("warning: ties/full merged but no configuration could be selected on val (b: fine-tuned val accuracy 0, so "
             "normalised accuracy is undefined)") in _printed(ds, tmp_path, monkeypatch, width=200)
+
+
+def test_a_method_run_under_several_seeds_reports_its_spread_and_a_deterministic_one_does_not():
+    tasks = ["a", "b"]
+    score = np.full((2, 1, 1, 2, 2, 3), np.nan)
+    score[0, 0, 0, :, :, 0] = 0.7                                         # TA: deterministic, merged under the first seed only
+    score[1, 0, 0, :, :, :] = np.array([0.6, 0.7, 0.8])[None, None, :]   # DARE-TIES under seeds 0, 1, 2
+    ds = xr.Dataset({"score": (("merge_method", "space", "config", "task", "metric", "seed"), score),
+                     "merge_seconds": (("merge_method", "space", "config", "seed"), np.ones((2, 1, 1, 3))),
+                     "peak_memory_mb": (("merge_method", "space", "config", "seed"), np.ones((2, 1, 1, 3)))},
+                    coords={"merge_method": ["task_arithmetic", "dare_ties"], "space": ["full"], "config": ["alpha=1.0"],
+                            "task": tasks, "metric": ["norm_acc", "acc"], "seed": [0, 1, 2]})
+    ds["selected"] = ds["score"].sel(metric="norm_acc").mean("task").notnull()
+    ds["reference_score"] = (("reference", "task", "metric"), np.full((2, 2, 2), 0.5))
+    ds = ds.assign_coords(reference=["zeroshot", "finetuned"])
+    ds.attrs["tasks"] = tasks
+    table = results_table(ds).set_index("method")
+    assert table.loc["dare_ties", "norm_acc"] == pytest.approx(70.0) and table.loc["dare_ties", "sd"] == pytest.approx(100 * np.std([0.6, 0.7, 0.8]))
+    assert np.isnan(table.loc["task_arithmetic", "sd"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mergelab.micro.benchmark import DENSE_TASKS, TASKS
+
 __all__ = ["DESIGN", "SEARCH", "render_readme"]
 
 
@@ -91,9 +93,23 @@ def _variant_rows(variants: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def in_task_order(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest with its task and dense-task mappings in the benchmark's own order (``manifest.json``
+    is written with sorted keys, so a README redrawn from it would list them alphabetically)."""
+    order = {name: i for i, name in enumerate([*TASKS, *(d[0] for d in DENSE_TASKS)])}
+
+    def ordered(mapping: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(sorted(mapping.items(), key=lambda item: order.get(item[0], len(order))))
+
+    metrics = {**manifest["metrics"], "dense": ordered(manifest["metrics"]["dense"])}
+    adapters = {**manifest["adapters"], **({"mixed": ordered(manifest["adapters"]["mixed"])} if "mixed" in manifest["adapters"] else {})}
+    return {**manifest, "tasks": ordered(manifest["tasks"]), "metrics": metrics, "adapters": adapters}
+
+
 def render_readme(manifest: Mapping[str, Any], size_bytes: int, variants: Mapping[str, Any] | None = None) -> str:
     """The benchmark's README: per-task table, dense suite, design, the variant search (``variants``:
     ``data/micro/variants.json``, written by ``benchmarks/variants.py``), timings. Micro-benchmark numbers only."""
+    manifest = in_task_order(manifest)
     m = manifest["metrics"]
     default = str(manifest.get("default_rank", 16))
     ranks = sorted(m["finetuned"], key=lambda r: (r != default, int(r)))  # the default set first

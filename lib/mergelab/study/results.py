@@ -96,7 +96,8 @@ def gain_intervals(ds: xr.Dataset, hits: Mapping[tuple[str, str, str, int], xr.D
         index = {d: list(ds[d].values) for d in ("merge_method", "space", "seed")}
         for (method, space, _, seed), hit in chosen.items():
             mine = _by_task(hit, tasks)
-            for v, baseline in enumerate((ta.get(seed), zero)):
+            deterministic = next(iter(ta.values())) if len(ta) == 1 else None  # TA merges once, under the first seed
+            for v, baseline in enumerate((ta.get(seed, deterministic), zero)):
                 if baseline is not None:
                     at = (index["merge_method"].index(method), index["space"].index(space), index["seed"].index(seed), v)
                     out[at] = paired_interval(mine, baseline, normaliser, counts)
@@ -191,6 +192,9 @@ def results_table(ds: xr.Dataset, seed: int | None = None) -> Any:
                 row["hits@1"] = 100 * float(score.sel(task=JOINT, metric="hits@1").max("config").mean("seed"))
             if "mean_abs_delta_coef" in picked:
                 row["|Δcoef|"] = float(picked["mean_abs_delta_coef"].max("config").mean("seed"))
+            per_seed = score.sel(task=tasks, metric="norm_acc").mean("task").max("config")
+            if int(per_seed.notnull().sum()) > 1:
+                row["sd"] = 100 * float(per_seed.std("seed"))
             if "gain_ci" in sel and sel.sizes["seed"] == 1:
                 low, high = sel["gain_ci"].sel(merge_method=method, space=space, versus="task_arithmetic").isel(seed=0).values
                 row["vs TA 95%"] = interval_label(low, high)
