@@ -70,3 +70,17 @@ def test_make_lab_passes_allow_root_only_as_root(tmp_path, uid, as_root):
     lab = next(line for line in recipe.splitlines() if "jupyter lab" in line and "--ServerApp" in line)
     assert ("--allow-root" in lab) is as_root
     assert ("passing --allow-root" in recipe) is as_root
+
+
+def test_the_repository_points_nowhere_outside_itself():
+    """Docs and docstrings name no file beside the checkout (the team's shared folder), and every
+    relative Markdown link of the docs resolves to a file in the repository."""
+    outside = re.compile(r"\.\./shared|/shared/|shared folder|DESIGN\.md|REFERENCES\.md")
+    texts = [REPO / "README.md", REPO / "notebooks" / "README.md", *(REPO / "docs").glob("*.md"),
+             *(REPO / "lib" / "mergelab").rglob("*.py"), *(REPO / "analysis").rglob("*.py"), *(REPO / "flows").rglob("*.py")]
+    assert [f"{p.relative_to(REPO)}: {m[0]}" for p in texts for m in outside.finditer(p.read_text())] == []
+    docs = [REPO / "README.md", REPO / "notebooks" / "README.md", *(REPO / "docs").glob("*.md")]
+    links = [(p, target) for p in docs for target in re.findall(r"\]\(([^)\s#:,]+)(?:#[^)]*)?\)", p.read_text())]
+    assert links, "the docs link each other"
+    assert [f"{p.relative_to(REPO)} -> {t}" for p, t in links
+            if not (p.parent / t).exists() or REPO not in (p.parent / t).resolve().parents] == []

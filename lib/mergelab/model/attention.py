@@ -4,8 +4,9 @@ open_clip's ViT blocks pack q, k and v into one ``in_proj_weight`` (3d × d). Th
 Sec. 4 / App. C.2, KnOTS' HF CLIP setup) put separate rank-r LoRA adapters on ``q_proj``,
 ``k_proj``, ``v_proj`` and ``out_proj``. :class:`SplitAttention` computes exactly what the packed
 module computes (same math, weights split row-wise from the packed ones) while exposing the four
-projections as ordinary ``nn.Linear`` children that PEFT can target (../shared/ENVIRONMENT.md:
-targeting the ``out_proj`` of an ``nn.MultiheadAttention`` is a silent no-op in forward).
+projections as ordinary ``nn.Linear`` children that PEFT can target (PEFT targeting the ``out_proj``
+of an ``nn.MultiheadAttention`` is a silent no-op in forward: the module calls its weight directly,
+yet ``merge_and_unload`` merges it).
 """
 
 from __future__ import annotations

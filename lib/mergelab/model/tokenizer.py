@@ -1,8 +1,9 @@
 """A closed-vocabulary word tokenizer for small text towers.
 
 open_clip's ``SimpleTokenizer`` emits BPE ids up to 49407, so a text tower with a small
-``vocab_size`` cannot use it, and a 49k-row embedding table costs more than the whole micro vision
-tower (../shared/ENVIRONMENT.md). The micro benchmark's texts (class names, prompt templates,
+``vocab_size`` cannot use it, and a 49k-row embedding table (6.3 M parameters) costs more than the
+whole micro vision tower (training measured ~20 images/s at 32×32 with it, 50–120 with a 2k-word
+vocabulary, on 2 CPU cores). The micro benchmark's texts (class names, prompt templates,
 pre-training captions) come from a known, finite word list, so a word-level vocabulary is exact.
 
 Ids: ``0`` padding, ``1`` unknown word, ``2 … V-3`` words, ``V-2`` start of text, ``V-1`` end of
