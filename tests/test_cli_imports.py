@@ -44,3 +44,13 @@ def test_store_ls_imports_no_heavy_library(tmp_path):
     store.put_json(store.key("probe", "1", n=1), {"n": 1})
     code, heavy = imported_heavy("store", "ls", "--store", store.url)
     assert code == 0 and heavy == []
+
+
+def test_check_imports_no_heavy_library(vit_adapters, tiny_vit, tmp_path):
+    """`mergelab check` reads adapter configs and safetensors headers: torch never loads."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
+    code, heavy = imported_heavy("check", *map(str, vit_adapters), "--base", str(base))
+    assert code == 0 and heavy == []

@@ -18,10 +18,26 @@ keep those copies out of the task set (``saved_modules(path)`` reads them); give
 ``save_merged`` writes one adapter (or weights file) per task: the merge plus that task's head.
 """
 
-from mergelab.checkpoints.files import Source, load_grams, load_state_dict
-from mergelab.checkpoints.loading import (describe, describe_sources, load_taskset, mha_out_proj_factor, peft_template, saved_modules,
-                                        task_heads)
-from mergelab.checkpoints.writing import cap_rank, save_merged
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mergelab.checkpoints.files import Source, load_grams, load_state_dict
+    from mergelab.checkpoints.loading import (describe, describe_sources, load_taskset, mha_out_proj_factor, peft_template,
+                                            saved_modules, task_heads)
+    from mergelab.checkpoints.writing import cap_rank, save_merged
 
 __all__ = ["Source", "cap_rank", "describe", "describe_sources", "load_grams", "load_state_dict", "load_taskset",
            "mha_out_proj_factor", "peft_template", "save_merged", "saved_modules", "task_heads"]
+
+#: The submodule defining each public name, imported on first use (PEP 562), so that importing
+#: ``mergelab.checkpoints.files`` for metadata (``mergelab check``) loads neither torch nor PEFT.
+_DEFINED_IN = {"Source": "files", "load_grams": "files", "load_state_dict": "files", "cap_rank": "writing",
+               "save_merged": "writing", **dict.fromkeys(("describe", "describe_sources", "load_taskset", "mha_out_proj_factor",
+                                                          "peft_template", "saved_modules", "task_heads"), "loading")}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _DEFINED_IN:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_DEFINED_IN[name]}"), name)

@@ -9,24 +9,25 @@ import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
-from torch import Tensor, nn
 
 from mergelab.errors import InputError
 from mergelab.hashing import content_hash
-from mergelab.taskset import BaseRef, TaskSet
+
+if TYPE_CHECKING:  # torch loads with the first tensor: `mergelab check` reads names, configs and headers only
+    from torch import Tensor, nn
+
+    from mergelab.taskset import BaseRef, TaskSet
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FULL_WEIGHTS", "LORA_KEY", "PEFT_PREFIX", "TRAINING_ONLY", "BaseLike", "Source",
            "MAX_SCALING", "StateDict", "base_ref", "check_finite", "check_scaling", "compile_pattern", "is_number", "is_rank", "is_adapter_dir", "load_grams", "load_state_dict", "named_sources", "read_adapter_config",
            "read_tensors", "weights_file"]
 
-StateDict = dict[str, Tensor]
+StateDict = dict[str, "Tensor"]
 Source = str | os.PathLike[str] | tuple[str, "str | os.PathLike[str]"]
-BaseLike = str | os.PathLike[str] | Mapping[str, Tensor] | nn.Module
+BaseLike = Union[str, os.PathLike[str], Mapping[str, "Tensor"], "nn.Module"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -43,6 +44,9 @@ _TORCH_MAGIC = (b"PK", b"\x80\x02")
 
 def read_tensors(path: Path) -> StateDict:
     """Read a safetensors or torch-pickle file into a CPU state dict, turning failures into InputError."""
+    import torch
+    from safetensors.torch import load_file
+
     if path.suffix != ".safetensors":
         with path.open("rb") as f:
             if f.read(2) not in _TORCH_MAGIC:
@@ -59,7 +63,7 @@ def read_tensors(path: Path) -> StateDict:
         raise InputError(f"cannot read {path}: corrupt or truncated {kind} file ({type(err).__name__}); re-save it") from err
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{path} does not hold a flat state dict of tensors; save it with safetensors.torch.save_file")
     return dict(state)
 
@@ -74,6 +78,8 @@ def weights_file(directory: Path, candidates: Sequence[str]) -> Path | None:
 def load_state_dict(base: BaseLike, what: str = "base model") -> StateDict:
     """A base model's state dict from a module, a mapping, a weights file or a directory holding one,
     checked finite (:func:`check_finite`; ``what`` names it in the error)."""
+    from torch import nn
+
     if isinstance(base, nn.Module):
         state = {k: v.detach() for k, v in base.state_dict().items()}
     elif isinstance(base, Mapping):
@@ -100,6 +106,10 @@ _BASE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def base_ref(base: BaseLike, state: StateDict) -> BaseRef:
+    from torch import nn
+
+    from mergelab.taskset import BaseRef
+
     if isinstance(base, (str, os.PathLike)):
         path = Path(base).resolve()
         stat = path.stat()
@@ -178,6 +188,8 @@ def check_scaling(alpha: float, rank: int, rslora: bool, where: str) -> float:
 def check_finite(state: Mapping[str, Tensor], what: str) -> None:
     """Raise :class:`InputError` naming the first floating-point tensor of ``state`` holding a NaN or
     an Inf (a merge would write it into the merged weights), as adapters are checked."""
+    import torch
+
     for key, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())

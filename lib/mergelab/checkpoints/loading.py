@@ -9,15 +9,17 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from mergelab.errors import InputError
-from mergelab.taskset import SUPPORTED_DTYPES, Dense, LowRank, TaskSet, TaskUpdate, Update, packed_views
 from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, check_scaling, compile_pattern, FULL_WEIGHTS, LORA_KEY, BaseLike, Source, base_ref, is_adapter_dir, load_state_dict, named_sources, read_adapter_config,
                                         read_tensors, weights_file)
+
+if TYPE_CHECKING:  # torch loads with the first tensor: the name helpers serve `mergelab check`, which reads metadata only
+    import torch
+    from torch import Tensor
+
+    from mergelab.taskset import TaskSet, TaskUpdate, Update
 
 __all__ = ["describe", "describe_sources", "guess_param", "load_taskset", "mha_out_proj_factor", "peft_template",
            "resolve_prefix", "saved_modules", "saved_names", "target_param", "target_views", "task_heads"]
@@ -88,7 +90,9 @@ def mha_out_proj_factor() -> float:
     PEFT runs, so mergelab loads the effective update (factor x delta) and divides the factor
     out again when it writes an adapter. Measured on a 4-dim MHA, not assumed from a version.
     """
+    import torch
     from peft import LoraConfig, get_peft_model
+    from torch import nn
 
     torch.manual_seed(0)
     holder = nn.Sequential()
@@ -220,6 +224,8 @@ def _load_adapter(
     name: str, path: Path, base: Mapping[str, Tensor] | None, keep: Callable[[str], bool], dtype: torch.dtype,
     base_module: str | None = None,
 ) -> TaskUpdate:
+    from mergelab.taskset import SUPPORTED_DTYPES, LowRank, TaskUpdate, packed_views
+
     config = read_adapter_config(path)
     weights = weights_file(path, ADAPTER_WEIGHTS)
     if weights is None:
@@ -311,6 +317,8 @@ def _load_adapter(
 def _load_full(
     name: str, path: Path, base: Mapping[str, Tensor], keep: Callable[[str], bool], dtype: torch.dtype
 ) -> TaskUpdate:
+    from mergelab.taskset import SUPPORTED_DTYPES, Dense, TaskUpdate
+
     if path.is_dir():
         found = weights_file(path, FULL_WEIGHTS)
         if found is None:
@@ -346,7 +354,7 @@ def load_taskset(
     *,
     names: Sequence[str] | None = None,
     modules: Sequence[str] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     base_module: str | None = None,
 ) -> TaskSet:
     """Load PEFT LoRA adapters and/or full fine-tuned checkpoints into a validated TaskSet.
@@ -358,12 +366,17 @@ def load_taskset(
         names: task names, overriding those derived from ``sources``.
         modules: regular expressions over base parameter names (full match); only those
             parameters are kept.
-        dtype: dtype of the loaded updates (float32 by default; SVD-based code upcasts further).
+        dtype: dtype of the loaded updates (None: float32; SVD-based code upcasts further).
         base_module: the sub-module of a whole-model ``base`` that PEFT adapters were trained on
             (``"visual"``: open_clip's image tower); by default found from the names, or from the
             adapter's recorded base class when the names fit several (:data:`TOWER_PREFIXES`).
             Full checkpoints name their parameters in the base's own terms and ignore it.
     """
+    import torch
+
+    from mergelab.taskset import TaskSet
+
+    dtype = dtype or torch.float32
     pairs = named_sources(sources, names)
     base_state = load_state_dict(base)
     patterns = [compile_pattern(m, "modules pattern (--modules)") for m in modules or ()]
@@ -404,6 +417,8 @@ def describe_sources(sources: Sequence[Source], base: BaseLike | None = None,
                      base_module: str | None = None) -> list[dict[str, Any]]:
     """:func:`describe` for every source. Adapters can be read without a base (names are then the
     adapter's own module paths); full checkpoints need the base to form their deltas."""
+    import torch
+
     if base is not None:
         return [describe(task) for task in load_taskset(base, sources, base_module=base_module)]
     tasks = []
