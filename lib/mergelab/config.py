@@ -10,6 +10,7 @@ allowed values.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 from pathlib import Path
@@ -257,18 +258,6 @@ class StudySpec(Strict):
         ANALYSES.require(*analyses)
         return analyses
 
-    @field_validator("adaptation_studies")
-    @classmethod
-    def _known_adaptation_studies(cls, studies: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from mergelab.experiments.registry import check_settings
-
-        for name, settings in studies.items():
-            try:
-                check_settings(name, settings)
-            except InputError as err:
-                raise ValueError(str(err)) from None
-        return studies
-
     @model_validator(mode="after")
     def _something_to_do(self) -> StudySpec:
         if not self.methods and not self.adaptive and not self.analyses and not self.adaptation_studies:
@@ -284,6 +273,7 @@ class StudySpec(Strict):
                 check_analysis_settings(name, settings)
             except InputError as err:
                 raise ValueError(str(err)) from None
+        self._fit_the_tasks(self.task_names())
         labels = [a.name for a in self.adaptive]
         if len(set(labels)) != len(labels):
             raise ValueError(f"adaptive runs need distinct labels, got {labels}; set label: for repeated methods")
@@ -295,6 +285,34 @@ class StudySpec(Strict):
             if both:
                 raise ValueError(f"unseen: {both[0]!r} is also in tasks; a task is either merged or unseen")
         return self
+
+    def _fit_the_tasks(self, tasks: list[str] | None) -> None:
+        """Every adaptation study's settings (:func:`~mergelab.experiments.registry.check_settings`) and
+        every adaptive ``preference`` checked against the merged ``tasks`` (their values alone when the
+        tasks are not known before the bench loads)."""
+        from mergelab.experiments.registry import check_settings
+
+        for name, settings in self.adaptation_studies.items():
+            try:
+                check_settings(name, settings, tasks)
+            except InputError as err:
+                raise ValueError(f"adaptation_studies: {err}") from None
+        for a in self.adaptive:
+            if a.preference is not None and tasks is not None and len(a.preference) != len(tasks):
+                raise ValueError(f"adaptive {a.name}: preference has {len(a.preference)} entries for the {len(tasks)} merged tasks "
+                                 f"({', '.join(tasks)}); give one weight per task")
+
+    def task_names(self) -> list[str] | None:
+        """The merged tasks' names before anything loads: ``tasks:``, else the micro benchmark's own
+        (its manifest); ``None`` when only loading the bench would tell."""
+        if self.tasks:
+            return [getattr(t, "name", t) for t in self.tasks]
+        if self.bench.kind != "micro":
+            return None
+        try:
+            return list(json.loads((self.bench.root / "manifest.json").read_text(encoding="utf-8"))["tasks"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no built benchmark there: loading it names the problem
 
     @property
     def evaluated(self) -> list[str] | list[TaskSource] | None:
@@ -380,7 +398,8 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
         if first["type"] == "extra_forbidden":
             allowed = ", ".join(_fields_at(first["loc"][:-1]))
             message = f"unknown field; allowed: {allowed}"
-        raise InputError(f"{where}: {_location(first['loc'])}: {message}") from None
+        location = _location(first["loc"])
+        raise InputError(f"{where}: {location}: {message}" if location else f"{where}: {message}") from None
     except InputError as err:
         raise InputError(f"{where}: {err}") from None
     if not isinstance(path, dict):

@@ -5,6 +5,11 @@ A :class:`Param` is read off a function signature (or a dataclass) and its annot
 :class:`Interval`. :func:`resolve` turns user input (Python values or the strings of
 ``--set key=value``) into a complete, checked mapping, and raises
 :class:`~mergelab.errors.InputError` naming the allowed names or values otherwise.
+
+Structured settings (lists, mappings: a study's ``analysis_settings`` and ``adaptation_studies``)
+are checked by :func:`check_setting` against their annotation, whose ``Annotated`` metadata may add
+an :class:`Interval`, :class:`Tasks` (names of the study's tasks) or :class:`PerTask` (one entry
+per task), so a study is checked whole when it loads, against its task set.
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ import math
 import numbers
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from mergelab.errors import InputError
 
-__all__ = ["Interval", "Param", "params_of_dataclass", "params_of_function", "resolve"]
+__all__ = ["Interval", "Param", "PerTask", "Tasks", "check_setting", "params_of_dataclass", "params_of_function", "resolve", "shown"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,22 @@ class Interval:
 
     def __str__(self) -> str:
         return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """``Annotated`` metadata of a setting that names tasks (``pair``, ``focal``, ``tasks``): each is
+    one of the tasks the setting runs on, none twice, ``count`` of them when given, at least
+    ``least``, and at least ``others`` tasks left over."""
+
+    count: int | None = None
+    least: int = 1
+    others: int = 0
+
+
+@dataclass(frozen=True)
+class PerTask:
+    """``Annotated`` metadata of a setting with one entry per task the setting runs on (a preference)."""
 
 
 _TRUE = {"true", "yes", "1", "on"}
@@ -157,3 +178,50 @@ def resolve(params: Mapping[str, Param], given: Mapping[str, Any], owner: str) -
         allowed = ", ".join(f"{p.name} ({p.describe()})" for p in params.values()) or "none"
         raise InputError(f"{owner} has no option {', '.join(map(repr, unknown))}; allowed: {allowed}")
     return {name: (p.coerce(given[name], owner) if name in given else p.default) for name, p in params.items()}
+
+
+def shown(hint: Any) -> str:
+    """An annotation as a study author reads it: ``Sequence[int] | None`` -> ``list of int or None``."""
+    if typing.get_origin(hint) is typing.Annotated:
+        return shown(typing.get_args(hint)[0])
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(shown(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is not None and args and issubclass(origin, Mapping):
+        return f"mapping of {shown(args[0])} to {shown(args[1])}"
+    if origin is not None and args:
+        return f"list of {shown(args[0])}"
+    return "None" if hint is type(None) else "anything" if hint is Any else getattr(hint, "__name__", str(hint))
+
+
+def check_setting(name: str, value: Any, hint: Any, owner: str, tasks: Sequence[str] | None) -> None:
+    """Raise :class:`InputError` unless ``value`` fits the annotation ``hint`` (strictly: ``true`` is
+    no number, ``"abc"`` no list) and its metadata (:class:`Interval`, :class:`Tasks`,
+    :class:`PerTask`; the task rules only when the setting's ``tasks`` are known)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    bad = lambda why: InputError(f"{owner}: {name}={value!r} is invalid; expected {shown(hint)} ({why})")  # noqa: E731
+    try:
+        TypeAdapter(hint).validate_python(value, strict=True)
+    except ValidationError as err:
+        raise bad(err.errors()[0]["msg"][:1].lower() + err.errors()[0]["msg"][1:]) from None
+    if value is None or typing.get_origin(hint) is not typing.Annotated:
+        return
+    for rule in typing.get_args(hint)[1:]:
+        if isinstance(rule, Interval) and not (isinstance(value, numbers.Real) and value in rule):
+            raise bad(f"a number in {rule}")
+        if isinstance(rule, Tasks) and tasks is not None:
+            unknown = [t for t in value if t not in tasks]
+            if unknown:
+                raise bad(f"{unknown[0]!r} is not one of the tasks {', '.join(tasks)}")
+            if len(set(value)) != len(value):
+                raise bad("a task is named twice")
+            if (rule.count is not None and len(value) != rule.count) or len(value) < rule.least:
+                raise bad(f"name {rule.count if rule.count is not None else f'at least {rule.least}'} of the tasks")
+            if len(tasks) - len(value) < rule.others:
+                raise bad(f"it leaves {len(tasks) - len(value)} of the {len(tasks)} tasks, at least {rule.others} must remain")
+        if isinstance(rule, PerTask) and tasks is not None and len(value) != len(tasks):
+            raise bad(f"{len(value)} entries for {len(tasks)} tasks ({', '.join(tasks)}); give one per task")

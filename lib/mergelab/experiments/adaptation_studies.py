@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -100,6 +100,10 @@ def final_losses(result: AdaptResult, last: int = 10) -> np.ndarray:
     return loss[-last:].mean(0) if len(loss) else np.full(loss.shape[1], np.nan)
 
 
+#: The splits a study reports (a study's setting is checked against it when the study loads).
+Splits = Sequence[Literal["val", "test"]]
+
+
 def check_splits(splits: Sequence[str]) -> list[str]:
     splits = list(splits)
     bad = [s for s in splits if s not in ("val", "test")]
@@ -113,7 +117,7 @@ ABLATION_CONFIGS = {"none": (False, False), "lambda": (True, False), "mask": (Fa
 
 
 def adarank_ablation(setting: AdaptationSetting, *, origins: Sequence[str] = ("ta", "cart"), space: str = "full",
-                     splits: Sequence[str] = ("val", "test"), dataset: str | None = None, **hp: Any) -> xr.Dataset:
+                     splits: Splits = ("val", "test"), dataset: str | None = None, **hp: Any) -> xr.Dataset:
     """002 Tab. 4: AdaRank learning only λ, only the mask B, both, or neither, from the TA and CART origins.
 
     Returns ``accuracy(origin, config, task, split)`` and ``average_accuracy(origin, config, split)``

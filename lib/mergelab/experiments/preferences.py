@@ -26,15 +26,16 @@ The micro benchmark's numbers are its own, never the papers'.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import xarray as xr
 
 from mergelab.adaptation import ADAPTERS
-from mergelab.experiments.adaptation_studies import AdaptationSetting, check_splits, final_losses
+from mergelab.experiments.adaptation_studies import AdaptationSetting, Splits, check_splits, final_losses
 from mergelab.errors import InputError
 from mergelab.merging import merge
+from mergelab.params import Interval, PerTask, Tasks
 
 __all__ = ["PARETO_BASELINES", "covariance_ellipse", "pareto_preferences", "pareto_sweep", "sample_preferences", "sensitivity_cloud",
            "stch_alpha_ablation"]
@@ -75,10 +76,11 @@ def pareto_preferences(n: int) -> np.ndarray:
 PARETO_BASELINES: tuple[tuple[str, str], ...] = (("ties", "knots"), ("lora_lego", "full"))
 
 
-def pareto_sweep(setting: AdaptationSetting, *, pair: Sequence[str] | None = None, n_preferences: int = 30,
+def pareto_sweep(setting: AdaptationSetting, *, pair: Annotated[Sequence[str] | None, Tasks(count=2)] = None,
+                 n_preferences: Annotated[int, Interval(2)] = 30,
                  methods: Sequence[str] = DEFAULT_METHODS, hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,
                  ta_lambda: float = 0.3, baselines: Sequence[Sequence[str]] = PARETO_BASELINES,
-                 splits: Sequence[str] = ("val", "test"), dataset: str | None = None) -> xr.Dataset:
+                 splits: Splits = ("val", "test"), dataset: str | None = None) -> xr.Dataset:
     """Two-task Pareto sweep (001 Fig. 3, Fig. 10): ``n_preferences`` preferences ``ρ = (w, 1 − w)``,
     one adaptation per method and preference, per-task accuracy of each merged model.
 
@@ -157,10 +159,12 @@ def covariance_ellipse(points: np.ndarray, n_std: float = 2.0) -> dict[str, np.n
             "height": 2 * n_std * float(np.sqrt(eigvals[0])), "angle": float(np.degrees(np.arctan2(major[1], major[0])))}
 
 
-def sensitivity_cloud(setting: AdaptationSetting, focal: Sequence[str], *, n_preferences: int = 30,
-                      focal_weight: float = 0.125, concentration: float = 1.0, preference_seed: int = 0,
+def sensitivity_cloud(setting: AdaptationSetting, focal: Annotated[Sequence[str], Tasks(count=2, others=1)], *,
+                      n_preferences: Annotated[int, Interval(2)] = 30, focal_weight: Annotated[float, Interval(0, 0.5)] = 0.125,
+                      concentration: Annotated[float, Interval(0, low_open=True)] = 1.0, preference_seed: int = 0,
                       methods: Sequence[str] = DEFAULT_METHODS, hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,
-                      n_std: float = 2.0, splits: Sequence[str] = ("val", "test"), dataset: str | None = None) -> xr.Dataset:
+                      n_std: Annotated[float, Interval(0, low_open=True)] = 2.0, splits: Splits = ("val", "test"),
+                      dataset: str | None = None) -> xr.Dataset:
     """Preference sensitivity (001 Fig. 4, Fig. 11): ``n_preferences`` random preferences over all tasks
     (:func:`sample_preferences`, the two ``focal`` tasks fixed at ``focal_weight``), one adaptation per
     method and preference, the focal tasks' accuracies, and each method's covariance ellipse of the
@@ -207,9 +211,10 @@ def sensitivity_cloud(setting: AdaptationSetting, focal: Sequence[str], *, n_pre
 
 
 def stch_alpha_ablation(setting: AdaptationSetting, *, alphas: Sequence[float] = (0.1, 0.5, 1.0, 2.0, 5.0),
-                        methods: Sequence[str] = ("tara_a", "tara_b"), preference: Sequence[float] | None = None,
+                        methods: Sequence[str] = ("tara_a", "tara_b"),
+                        preference: Annotated[Sequence[float] | None, PerTask()] = None,
                         hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,
-                        splits: Sequence[str] = ("val", "test"), dataset: str | None = None) -> xr.Dataset:
+                        splits: Splits = ("val", "test"), dataset: str | None = None) -> xr.Dataset:
     """000 Fig. 10: the smoothing α of STCH (001 Eq. 10) against normalised accuracy, TARA A and B.
 
     Normalised accuracy is ``acc / acc_finetuned`` per task (001 Tab. 1's metric, × 100 there), the

@@ -29,14 +29,16 @@ the benchmark's tasks, in order).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import xarray as xr
 
 from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
 from mergelab.errors import InputError
+from mergelab.params import Interval, Tasks, check_setting, shown
 from mergelab.registry import Registry
 from mergelab.strict import safe_name
 from mergelab.experiments import core_space_accuracy, model_analyses
@@ -46,6 +48,11 @@ from mergelab.bench import BenchSession
 
 __all__ = ["ADAPTATION_STUDIES", "ANALYSES", "SCHEDULE", "AdaptationStudy", "Analysis", "check_analysis_settings", "check_settings",
            "resolve", "run_study", "study_ref"]
+
+
+#: What the caller hands an analysis / an adaptation study function itself (never a study's setting).
+ANALYSIS_INPUTS = ("merged", "taskset")
+STUDY_INPUTS = ("dataset",)
 
 
 def _keywords(fn: Callable[..., Any], inputs: tuple[str, ...]) -> list[str] | None:
@@ -70,7 +77,7 @@ class Analysis:
     def allowed(self) -> list[str] | None:
         """The keyword arguments a study may set: the function's, less its first (the input ``needs``
         names) and the ``merged`` / ``taskset`` a merged-model analysis is handed (``None``: any)."""
-        return _keywords(self.fn, ("merged", "taskset"))
+        return _keywords(self.fn, ANALYSIS_INPUTS)
 
     def settings(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The keyword arguments of one run: the fixed ``params`` and a study's ``given`` settings."""
@@ -103,16 +110,35 @@ ANALYSES: Registry[Analysis] = Registry("analysis", {
 })
 
 
+def _check_values(fn: Callable[..., Any], settings: Mapping[str, Any], owner: str, tasks: Sequence[str] | None,
+                  inputs: tuple[str, ...]) -> None:
+    """Every setting ``fn`` declares checked against its annotation (:func:`~mergelab.params.check_setting`),
+    and every parameter without a default given, but for the ``inputs`` the caller passes."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in settings and p.name not in inputs
+               and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    if missing:
+        raise InputError(f"{owner}: setting {missing[0]!r} is required ({shown(hints.get(missing[0], Any))}); add it")
+    for key, value in settings.items():
+        if key in hints:
+            check_setting(key, value, hints[key], owner, tasks)
+
+
 def check_analysis_settings(name: str, settings: Mapping[str, Any]) -> None:
-    """Raise :class:`InputError` naming a setting that analysis ``name``'s function does not take."""
+    """Raise :class:`InputError` naming a setting that analysis ``name``'s function does not take or
+    a value that does not fit its annotation (``layers: "0"`` where a list is meant)."""
     allowed = ANALYSES[name].allowed()
     unknown = [] if allowed is None else [k for k in settings if k not in allowed]
     if unknown:
         raise InputError(f"analysis_settings: {name} has no setting {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}")
+    _check_values(ANALYSES[name].fn, {**ANALYSES[name].params, **settings}, f"analysis_settings: {name}", None, ANALYSIS_INPUTS)
 
 
-#: Settings that configure the :class:`AdaptationSetting` rather than the study function.
-SCHEDULE = ("iters", "batch_size", "lr", "tasks")
+#: Settings that configure the :class:`AdaptationSetting` rather than the study function, with the
+#: values they take (``tasks``: some of the study's tasks, in the order the study runs them).
+SCHEDULE: dict[str, Any] = {"iters": Annotated[int, Interval(0)], "batch_size": Annotated[int, Interval(1)],
+                            "lr": Annotated[float, Interval(0, low_open=True)], "tasks": Annotated[Sequence[str], Tasks(least=1)]}
 
 
 @dataclass(frozen=True)
@@ -129,7 +155,7 @@ class AdaptationStudy:
 
     def allowed(self) -> list[str] | None:
         """The keyword settings ``fn`` takes (``None``: any, it forwards ``**hp``)."""
-        return _keywords(self.fn, ("dataset",))
+        return _keywords(self.fn, STUDY_INPUTS)
 
 
 #: Versions 2 of the preference studies: the STCH anchors no longer shift TARA's batches; 3: dimension
@@ -172,15 +198,19 @@ def study_ref(name: str, settings: Mapping[str, Any]) -> str:
     return entry.ref if name == study else f"{entry.ref}/{name}"
 
 
-def check_settings(name: str, settings: Mapping[str, Any]) -> None:
-    """Raise :class:`InputError` naming the study or setting that does not exist."""
+def check_settings(name: str, settings: Mapping[str, Any], tasks: Sequence[str] | None = None) -> None:
+    """Raise :class:`InputError` naming the study or setting that does not exist, or a value that does
+    not fit, checked against the study's ``tasks`` when they are known (``pair``, ``focal``,
+    ``preference`` lengths: :class:`~mergelab.params.Tasks`, :class:`~mergelab.params.PerTask`)."""
     study, entry, own = resolve(name, settings)
     allowed = entry.allowed()
-    if allowed is None:
-        return
-    unknown = [k for k in own if k not in allowed and k not in SCHEDULE]
+    unknown = [] if allowed is None else [k for k in own if k not in allowed and k not in SCHEDULE]
     if unknown:
         raise InputError(f"{name}: unknown setting {unknown[0]!r}; allowed: {', '.join([*SCHEDULE, *allowed])}")
+    schedule = {k: v for k, v in own.items() if k in SCHEDULE}
+    for key, value in schedule.items():
+        check_setting(key, value, SCHEDULE[key], name, tasks)
+    _check_values(entry.fn, {k: v for k, v in own.items() if k not in SCHEDULE}, name, schedule.get("tasks", tasks), STUDY_INPUTS)
 
 
 def run_study(name: str, session: BenchSession, settings: Mapping[str, Any], *, seed: int, dataset: str) -> xr.Dataset:

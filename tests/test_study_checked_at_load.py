@@ -1,0 +1,80 @@
+"""Every part of a study is checked when it loads, against its task set (issue 30, item 5): settings
+of adaptation studies (``pair``, ``focal``, ``n_preferences``, ``preference``, the schedule), adaptive
+preferences and ``analysis_settings`` values. ``mergelab run`` refuses each with one ``error:``
+line and exit 2 before anything runs (no store is created)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mergelab.cli import app
+
+runner = CliRunner()
+TASKS = ["digits", "textures", "signs"]
+
+
+def _study(**changes):
+    return {"name": "s", "tasks": TASKS, "methods": [{"method": "ties", "grid": {"alpha": [1.0]}}], **changes}
+
+
+def _adaptation(name, **settings):
+    return _study(adaptation_studies={name: settings})
+
+
+def _analysis(name, **settings):
+    return _study(analyses=[name], analysis_settings={name: settings})
+
+
+CASES = [
+    (_adaptation("pareto", pair=["digits", "aerial"]), "pareto: pair=['digits', 'aerial'] is invalid",
+     "'aerial' is not one of the tasks digits, textures, signs"),
+    (_adaptation("pareto", pair="digits"), "pareto: pair='digits' is invalid", "not allowed as a Sequence value"),
+    (_adaptation("pareto", pair=TASKS), "pareto: pair=", "name 2 of the tasks"),
+    (_adaptation("pareto", pair=["digits", "digits"]), "pareto: pair=", "a task is named twice"),
+    (_adaptation("pareto", n_preferences=1), "pareto: n_preferences=1 is invalid", "a number in [2, inf]"),
+    (_adaptation("pareto", n_preferences=True), "pareto: n_preferences=True is invalid", "valid integer"),
+    (_adaptation("pareto", splits="val"), "pareto: splits='val' is invalid", "not allowed as a Sequence value"),
+    (_adaptation("pareto", splits=["train"]), "pareto: splits=['train'] is invalid", "'val' or 'test'"),
+    (_adaptation("cloud", n_preferences=4), "cloud: setting 'focal' is required", "add it"),
+    (_adaptation("cloud", focal=["digits"]), "cloud: focal=['digits'] is invalid", "name 2 of the tasks"),
+    (_adaptation("cloud", focal=["digits", "textures"], tasks=["digits", "textures"]), "cloud: focal=",
+     "it leaves 0 of the 2 tasks, at least 1 must remain"),
+    (_adaptation("cloud", focal=["digits", "textures"], focal_weight=0.7), "cloud: focal_weight=0.7 is invalid", "[0, 0.5]"),
+    (_adaptation("stch_alpha", preference=[0.5, 0.5]), "stch_alpha: preference=[0.5, 0.5] is invalid",
+     "2 entries for 3 tasks (digits, textures, signs)"),
+    (_adaptation("stch_alpha", tasks=["digits", "signs"], preference=[0.2, 0.3, 0.5]), "stch_alpha: preference=",
+     "3 entries for 2 tasks (digits, signs)"),
+    (_adaptation("adarank_ablation", tasks=["digits", "nope"]), "adarank_ablation: tasks=", "'nope' is not one of the tasks"),
+    (_adaptation("adarank_ablation", iters=True), "adarank_ablation: iters=True is invalid", "valid integer"),
+    (_adaptation("adarank_ablation", lr=0), "adarank_ablation: lr=0 is invalid", "(0, inf]"),
+    (_study(adaptive=[{"method": "tara_a", "preference": [0.5, 0.5]}]), "adaptive tara_a: preference has 2 entries for the 3 merged tasks",
+     "give one weight per task"),
+    (_analysis("components", layers="0"), "analysis_settings: components: layers='0' is invalid", "list of int or None"),
+    (_analysis("lambda_similarity", lambdas="0.3"), "analysis_settings: lambda_similarity: lambdas='0.3' is invalid", "list of float"),
+    (_analysis("coverage", energy=True), "analysis_settings: coverage: energy=True is invalid", "expected float"),
+    (_analysis("truncation", spaces="core"), "analysis_settings: truncation: spaces='core' is invalid", "list of str"),
+]
+
+
+@pytest.mark.parametrize(("study", "message", "fix"), CASES, ids=[f"{m[:40]} {f[:30]}" for _, m, f in CASES])
+def test_a_study_is_checked_whole_before_anything_runs(study, message, fix, tmp_path):
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    result = runner.invoke(app, ["run", str(tmp_path / "study.yaml"), "--store", str(tmp_path / "store")], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0] and fix in lines[0], result.stderr
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"], "a refused study wrote something"
+
+
+def test_a_study_that_fits_its_tasks_loads():
+    from mergelab.config import load_study
+
+    spec = load_study(_study(adaptation_studies={"pareto": {"pair": ["digits", "signs"], "n_preferences": 3},
+                                                 "cloud": {"focal": ["digits", "signs"], "n_preferences": 3},
+                                                 "stch_alpha": {"tasks": ["digits", "signs"], "preference": [0.5, 0.5]}},
+                             adaptive=[{"method": "tara_a", "preference": [0.2, 0.3, 0.5]}],
+                             analyses=["components"], analysis_settings={"components": {"layers": [0]}}))
+    assert spec.task_names() == TASKS
