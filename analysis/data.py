@@ -2,16 +2,23 @@
 
 A study publishes each Dataset under the store ref ``studies/<study>/<name>`` (``results``,
 ``analysis/<analysis>``, ``adapt/<label>``, ``preferences/<kind>``, …); notebooks take ``STORE``
-and ``STUDY`` parameters and read through :func:`load`.
+and ``STUDY`` parameters and read through :func:`load`; ``STORE`` defaults to :data:`DEFAULT_STORE`.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import xarray as xr
 
 from mergelab.store import Store
 
-__all__ = ["NOT_COMPUTED", "available", "labelled_runs", "load", "optional", "study_ref"]
+__all__ = ["DEFAULT_STORE", "NOT_COMPUTED", "available", "labelled_runs", "load", "optional", "study_ref"]
+
+#: The store the demo writes (``studies/micro.yaml``: ``data/store`` in the checkout), as an absolute
+#: path: a notebook opened in plain Jupyter starts its kernel in ``notebooks/``, where the relative
+#: ``data/store`` would name ``notebooks/data/store``. (This module lives in the checkout's ``analysis/``.)
+DEFAULT_STORE = str(Path(__file__).resolve().parents[1] / "data" / "store")
 
 NOT_COMPUTED = "not computed in this study"
 

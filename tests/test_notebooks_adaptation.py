@@ -53,7 +53,7 @@ def _outputs(nb: nbformat.NotebookNode, kind: str) -> list:
 def test_notebook_draws_its_figures_from_the_study(study_store, name):
     path = REPO / "notebooks" / f"{name}.ipynb"
     first_code = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
-    assert first_code.metadata["tags"] == ["parameters"] and 'os.environ.get("MERGELAB_STORE", "data/store")' in first_code.source
+    assert first_code.metadata["tags"] == ["parameters"] and "STORE = os.environ.get(\"MERGELAB_STORE\", DEFAULT_STORE)" in first_code.source
     nb = _execute(path, {"STORE": str(study_store), "STUDY": STUDY, "PAIRS_STUDY": STUDY})
     pngs = [o for o in _outputs(nb, "display_data") if "image/png" in o.data]
     assert len(pngs) >= FIGURES[name]

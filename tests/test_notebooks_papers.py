@@ -35,7 +35,7 @@ PAPER_NOTEBOOKS = [REPO / "notebooks" / f"{name}.ipynb" for name in MIN_FIGURES]
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, micro_pair, bench_datasets) -> Path:
-    """A working directory whose ``data/store`` (the notebooks' default STORE) holds the studies ``micro`` and ``sparse``."""
+    """A working directory whose ``data/store`` holds the studies ``micro`` and ``sparse``."""
     root = tmp_path_factory.mktemp("papers")
     store = Store(root / "data" / "store")
     taskset = load_micro(REPO / "data" / "micro").taskset(rank=4)
@@ -54,8 +54,8 @@ def _outputs(nb, kind: str) -> list:
 
 @pytest.mark.parametrize("path", PAPER_NOTEBOOKS, ids=lambda p: p.stem)
 def test_paper_notebook_draws_its_figures_from_the_study(workdir, path):
-    # STORE keeps its default, relative to cwd; PNG only (nothing is exported: no PDF to render)
-    nb = execute_notebook(path, {"STUDY": STUDY}, cwd=workdir, figure_formats=("png",))
+    # a relative STORE resolves in the kernel's folder; PNG only (nothing is exported: no PDF to render)
+    nb = execute_notebook(path, {"STORE": "data/store", "STUDY": STUDY}, cwd=workdir, figure_formats=("png",))
     pngs = [o for o in _outputs(nb, "display_data") if "image/png" in o.data]
     assert len(pngs) >= MIN_FIGURES[path.stem]
     model_cells = [c for c in nb.cells if c.cell_type == "code" and "model_figures." in c.source]
@@ -71,7 +71,8 @@ def test_paper_notebook_draws_its_figures_from_the_study(workdir, path):
 def test_the_spectra_notebook_draws_loss_changes_from_the_components_study_when_its_study_has_none(workdir):
     # 002 Figs. 1-2 over every component come from a companion study (studies/papers/002-components.yaml)
     path = REPO / "notebooks" / "20_adarank_spectra.ipynb"
-    nb = execute_notebook(path, {"STUDY": "sparse", "COMPONENTS_STUDY": STUDY}, cwd=workdir, figure_formats=("png",))
+    nb = execute_notebook(path, {"STORE": "data/store", "STUDY": "sparse", "COMPONENTS_STUDY": STUDY}, cwd=workdir,
+                          figure_formats=("png",))
     drawn = {item for cell in cell_outputs(nb, path.name) if cell.shown for item in cell.items}
     assert drawn == {"002-fig1", "002-fig2"}  # the sparse study has only norms: every other cell skips
 

@@ -16,6 +16,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 from typer.testing import CliRunner
 
 from mergelab_figures import report
+from mergelab_figures.data import DEFAULT_STORE
 from mergelab_figures.report import INDEX
 from mergelab.cli import app
 from mergelab.errors import InputError
@@ -143,7 +144,7 @@ def test_the_repository_notebooks_are_listed_in_order_and_take_the_study_from_th
         nb = nbformat.read(path, as_version=4)
         monkeypatch.delenv("MERGELAB_STORE", raising=False)
         monkeypatch.delenv("MERGELAB_STUDY", raising=False)
-        assert _parameters(nb) == {"STORE": "data/store", "STUDY": "micro"}, path.name
+        assert _parameters(nb) == {"STORE": DEFAULT_STORE, "STUDY": "micro"}, path.name  # the checkout's data/store
         monkeypatch.setenv("MERGELAB_STORE", "memory://lab")  # what `make lab` sets
         monkeypatch.setenv("MERGELAB_STUDY", "other")
         assert _parameters(nb) == {"STORE": "memory://lab", "STUDY": "other"}, path.name
