@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 from mergelab.config import load_study  # noqa: E402
 from mergelab.store import Store  # noqa: E402
 from mergelab.study import results_table  # noqa: E402
-from mergelab.study.results import interval_label  # noqa: E402
+from mergelab.study.results import interval_label, paired_gain_interval  # noqa: E402
 
 #: Static methods whose per-space rows the regime shows (003's Full vs KnOTS vs Core comparison).
 PER_SPACE = ("ties", "tsv", "iso_c", "cart")
@@ -123,6 +123,7 @@ class Target:
     low: float
     high: float
     papers: str
+    pair: tuple[tuple[str, str], tuple[str, str] | None] | None = None
 
     def holds(self, value: float) -> bool:
         return bool(self.low <= value <= self.high)
@@ -143,31 +144,37 @@ TARGETS: dict[Target, Any] = {
         lambda t: float(t[t.method == "finetuned"].acc.max()),
     Target("zero-shot normalised accuracy", -math.inf, 70, "≈ 60.5 (002 Pretrained / 001 fine-tuned)"):
         lambda t: _score(t, "zeroshot"),
-    Target("TA − zero-shot", 1, 8, "+3.3 (001 Tab. 1)"): lambda t: _score(t, "task_arithmetic", "full") - _score(t, "zeroshot"),
-    Target("Iso-C (full) − TA", 3, math.inf, "+9.8 (003 Tab. 3)"):
+    Target("TA − zero-shot", 1, 8, "+3.3 (001 Tab. 1)", (("task_arithmetic", "full"), None)): lambda t: _score(t, "task_arithmetic", "full") - _score(t, "zeroshot"),
+    Target("Iso-C (full) − TA", 3, math.inf, "+9.8 (003 Tab. 3)", (("iso_c", "full"), ("task_arithmetic", "full"))):
         lambda t: _score(t, "iso_c", "full") - _score(t, "task_arithmetic", "full"),
     Target("best static − TA", 5, math.inf, "+12.6 (003 Tab. 3: TSV+Iso-C Core)"):
         lambda t: _best_static(t) - _score(t, "task_arithmetic", "full"),
-    Target("TIES Core − TIES Full", 1.5, math.inf, "+4.9 (003 Tab. 3)"): lambda t: _score(t, "ties", "core") - _score(t, "ties", "full"),
-    Target("TIES KnOTS − TIES Full", 1, math.inf, "+4.0 (003 Tab. 3)"): lambda t: _score(t, "ties", "knots") - _score(t, "ties", "full"),
-    Target("Iso-C Core − Iso-C Full", 0, math.inf, "+2.3 (003 Tab. 3)"): lambda t: _score(t, "iso_c", "core") - _score(t, "iso_c", "full"),
-    Target("CART Core − CART Full", 0, math.inf, "+1.9 (003 Tab. 3)"): lambda t: _score(t, "cart", "core") - _score(t, "cart", "full"),
-    Target("AdaMerging − TA", 3, math.inf, "+6.9 (001 Tab. 1)"): lambda t: _score(t, "adamerging") - _score(t, "task_arithmetic", "full"),
-    Target("TARA-A − AdaMerging", 0, math.inf, "+3.2 (001 Tab. 1, 250 iters)"): lambda t: _score(t, "tara_a") - _score(t, "adamerging"),
-    Target("TARA-B − AdaMerging", 1, math.inf, "+5.6 (001 Tab. 1, 250 iters)"): lambda t: _score(t, "tara_b") - _score(t, "adamerging"),
-    Target("AdaRank (TA origin) − TA", 2, math.inf, "a gain over its origin (002 Sec. 6, full fine-tuning)"):
+    Target("TIES Core − TIES Full", 1.5, math.inf, "+4.9 (003 Tab. 3)", (("ties", "core"), ("ties", "full"))): lambda t: _score(t, "ties", "core") - _score(t, "ties", "full"),
+    Target("TIES KnOTS − TIES Full", 1, math.inf, "+4.0 (003 Tab. 3)", (("ties", "knots"), ("ties", "full"))): lambda t: _score(t, "ties", "knots") - _score(t, "ties", "full"),
+    Target("Iso-C Core − Iso-C Full", 0, math.inf, "+2.3 (003 Tab. 3)", (("iso_c", "core"), ("iso_c", "full"))): lambda t: _score(t, "iso_c", "core") - _score(t, "iso_c", "full"),
+    Target("CART Core − CART Full", 0, math.inf, "+1.9 (003 Tab. 3)", (("cart", "core"), ("cart", "full"))): lambda t: _score(t, "cart", "core") - _score(t, "cart", "full"),
+    Target("AdaMerging − TA", 3, math.inf, "+6.9 (001 Tab. 1)", (("adamerging", "full"), ("task_arithmetic", "full"))): lambda t: _score(t, "adamerging") - _score(t, "task_arithmetic", "full"),
+    Target("TARA-A − AdaMerging", 0, math.inf, "+3.2 (001 Tab. 1, 250 iters)", (("tara_a", "full"), ("adamerging", "full"))): lambda t: _score(t, "tara_a") - _score(t, "adamerging"),
+    Target("TARA-B − AdaMerging", 1, math.inf, "+5.6 (001 Tab. 1, 250 iters)", (("tara_b", "full"), ("adamerging", "full"))): lambda t: _score(t, "tara_b") - _score(t, "adamerging"),
+    Target("AdaRank (TA origin) − TA", 2, math.inf, "a gain over its origin (002 Sec. 6, full fine-tuning)",
+           (("adarank", "full"), ("task_arithmetic", "full"))):
         lambda t: _score(t, "adarank") - _score(t, "task_arithmetic", "full"),
     Target("lowest adaptive − zero-shot", 0, math.inf, "every adaptive method above zero-shot (001 Tab. 1)"):
         _lowest_adaptive_over_zeroshot,
 }
 
 
-def targets(table) -> list[tuple[Target, float, bool]]:
-    """``(target, measured value, holds)`` for every :data:`TARGETS` entry (NaN: the study lacks a row)."""
+def targets(table, ds=None) -> list[tuple[Target, float, bool, str]]:
+    """``(target, measured value, holds, interval)`` for every :data:`TARGETS` entry (NaN: the study lacks
+    a row); ``interval``: given the results ``ds`` (test split), the 95 % paired bootstrap interval of a
+    target that is a gap between two models (``*``: significant), else ``""``."""
     out = []
     for target, measure in TARGETS.items():
         value = measure(table)
-        out.append((target, value, target.holds(value) if not math.isnan(value) else False))
+        interval = ""
+        if ds is not None and target.pair is not None and "selected_hit" in ds:
+            interval = interval_label(*paired_gain_interval(ds, *target.pair))
+        out.append((target, value, target.holds(value) if not math.isnan(value) else False, interval))
     return out
 
 
@@ -295,8 +302,8 @@ def measure(study_file: str | Path, store_url: str | None = None, split: str = "
         "study": spec.name, "split": split, "note": ds.attrs.get("note", ""), "selection": ds.attrs["selection"],
         "rows": regime_rows(table, ds if split == "test" else None),
         "plateaus": [{"run": n, "first": f, "last": la, "last_quarter_share": s} for n, f, la, s in plateaus(store, spec.name)],
-        "targets": [{"what": t.what, "low": t.low, "high": t.high, "papers": t.papers, "value": v, "holds": h}
-                    for t, v, h in targets(table)],
+        "targets": [{"what": t.what, "low": t.low, "high": t.high, "papers": t.papers, "value": v, "holds": h, "interval": i}
+                    for t, v, h, i in targets(table, ds if split == "test" else None)],
         "ta_curve": ta_curve(ds, split),
     }
     rho, n = entropy_accuracy(ds)
@@ -341,15 +348,49 @@ def report(m: Mapping[str, Any]) -> str:
         c = m["concentration"]
         lines.append(f"(d) shared directions (medians over modules): ‖ΣΔW‖²/Σ‖ΔW‖² {c['alignment']:.3f}, "
                      f"erank(ΔW stack)/Σ erank(X_t) {c['coverage']:.3f}")
-    lines += ["", f"{'':6}  {'target':<36} {'measured':>9}  papers"]
+    lines += ["", f"{'':6}  {'target':<44} {'measured':>9}  {'95 % CI':<15} papers"]
     for t in m["targets"]:
         bound = (f"≥ {t['low']:g}" if math.isinf(t["high"]) else f"≤ {t['high']:g}" if math.isinf(t["low"])
                  else f"in [{t['low']:g}, {t['high']:g}]")
         signed = "−" in t["what"]
-        lines.append(f"{'holds ' if t['holds'] else 'MISSED'}  {t['what'] + ' ' + bound:<36} {_fmt(t['value'], signed):>9}  {t['papers']}")
+        lines.append(f"{'holds ' if t['holds'] else 'MISSED'}  {t['what'] + ' ' + bound:<44} {_fmt(t['value'], signed):>9}  "
+                     f"{t.get('interval', ''):<15} {t['papers']}")
     held = sum(t["holds"] for t in m["targets"])
     lines.append(f"{held} of {len(m['targets'])} targets hold")
     return "\n".join(lines)
+
+
+#: The block of README.md that ``--readme`` rewrites (issue 34: the claims table is generated, never typed).
+BEGIN, END = "<!-- regime:begin (benchmarks/regime.py --readme writes this block) -->", "<!-- regime:end -->"
+
+
+def claims_markdown(m: Mapping[str, Any]) -> str:
+    """The papers' findings against this study: one row per target, the papers' value, the measured one,
+    its 95 % paired bootstrap interval where it is a gap between two models, and whether it holds."""
+    lines = [f"| finding ({m['split']} split, selected on {m['selection']}) | papers | {m['study']} | 95 % CI | reproduced |",
+             "|---|---|---:|---|---|"]
+    for t in m["targets"]:
+        bound = (f"≥ {t['low']:g}" if math.isinf(t["high"]) else f"≤ {t['high']:g}" if math.isinf(t["low"])
+                 else f"in [{t['low']:g}, {t['high']:g}]")
+        lines.append(f"| {t['what']} {bound} | {t['papers']} | {_fmt(t['value'], '−' in t['what'])} | {t.get('interval') or '—'} | "
+                     f"{'yes' if t['holds'] else '**no**'} |")
+    held = sum(t["holds"] for t in m["targets"])
+    lines += ["", f"{held} of {len(m['targets'])} hold ({m['note']}). Diagnostics: TA curve "
+              + ", ".join(f"λ {lam:g}: {v:.1f}" for lam, v in m["ta_curve"].items())
+              + (f"; Spearman(entropy, accuracy) over {m['entropy_accuracy']['merges']} merges {_fmt(m['entropy_accuracy']['spearman'])}"
+                 if m["entropy_accuracy"]["merges"] else "")
+              + (f"; others-only retention at λ 1: {m['retention']['mean']['1.0']:.1f} (zero-shot {m['retention']['zero_shot']:.1f})"
+                 if "retention" in m else "") + "."]
+    return "\n".join(lines)
+
+
+def write_block(path: Path, text: str) -> None:
+    """Replace the text between :data:`BEGIN` and :data:`END` in ``path`` (both markers must be there)."""
+    content = path.read_text()
+    if BEGIN not in content or END not in content:
+        raise SystemExit(f"error: {path} has no {BEGIN!r} … {END!r} block; add both markers where the table belongs")
+    head, rest = content.split(BEGIN, 1)
+    path.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,11 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=sorted(SPLIT_METRICS), help="the split the numbers are read on")
     parser.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     parser.add_argument("--no-diagnostics", action="store_true", help="skip (a) and (d), which load the benchmark and evaluate")
+    parser.add_argument("--readme", type=Path, default=None, help="also write the claims table into this file's regime block")
     args = parser.parse_args(argv)
     m = measure(args.study, args.store, args.split, diagnostics=not args.no_diagnostics)
     print(report(m))
     if args.json:
         Path(args.json).write_text(json.dumps(m, indent=1, default=float) + "\n")
+    if args.readme:
+        write_block(args.readme, claims_markdown(m))
     return 0
 
 

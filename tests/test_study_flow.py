@@ -91,6 +91,10 @@ def test_results_dataset_has_every_method_space_config_task_metric_seed(first_ru
                                                                                .sel(task=["digits", "textures", "signs"]).mean())
     low, high = ci.sel(merge_method="ties", space="knots", versus="zeroshot").values
     assert low <= gain <= high and low < high
+    hits = ds["selected_hit"].sel(merge_method="ties", space="knots", seed=0)  # what the intervals resample
+    assert set(np.unique(hits.values)) <= {0.0, 1.0} and hits.sizes["example"] == ds["reference_hit"].sizes["example"]
+    digits = hits.values[hits["example_task"].values == "digits"]
+    assert digits.mean() == pytest.approx(float(ds["score"].sel(merge_method="ties", space="knots", task="digits", metric="acc").max()))
     assert set(ds.merge_method.values) == {"task_arithmetic", "ties", "adamerging"}
     acc = ds["score"].sel(task=["digits", "textures", "signs"], metric="acc").load()
     ta = acc.sel(merge_method="task_arithmetic", space="full", config="alpha=0.3")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,8 +64,9 @@ def _results(ctx: Run, key: Key, rows: Sequence[Row], references: Sequence[NodeR
 
 
 # results 2: mean_abs_delta_coef; 3: zero-shot joint Hits@k; 4: dimension merge_method (``method`` is a keyword of
-# DataArray.sel); 5: the fine-tuned experts' joint Hits@k; 6: gain_ci, paired bootstrap intervals.
-RESULTS = Node("results", "6", "dataset", _results_key, _results, lambda ctx, rows, references: ctx.spec.name,
+# DataArray.sel); 5: the fine-tuned experts' joint Hits@k; 7: gain_ci, paired bootstrap intervals, and the selected
+# merges' per-image outcomes they come from.
+RESULTS = Node("results", "7", "dataset", _results_key, _results, lambda ctx, rows, references: ctx.spec.name,
                lambda ctx, key, rows, references: {f"studies/{ctx.spec.name}/results": key})
 
 
@@ -71,36 +74,65 @@ RESULTS = Node("results", "6", "dataset", _results_key, _results, lambda ctx, ro
 VERSUS = ("task_arithmetic", "zeroshot")
 
 
+def selected_hits(ds: xr.Dataset, hits: Mapping[tuple[str, str, str, int], xr.DataArray], zeroshot: xr.DataArray) -> xr.Dataset:
+    """``selected_hit(merge_method, space, seed, example)``: the per-image test outcomes (1 / 0) of each
+    selected configuration (a deterministic merge, run under the first seed only, stands for every
+    seed), and ``reference_hit(example)``: the zero-shot model's; what paired intervals resample."""
+    out = np.full((ds.sizes["merge_method"], ds.sizes["space"], ds.sizes["seed"], zeroshot.sizes["example"]), np.nan)
+    index = {d: list(ds[d].values) for d in ("merge_method", "space", "seed")}
+    for (method, space, config, seed), hit in hits.items():
+        if bool(ds["selected"].sel(merge_method=method, space=space, config=config, seed=seed)):
+            at = (index["merge_method"].index(method), index["space"].index(space))
+            out[at][index["seed"].index(seed)] = hit.values
+    ran = ~np.isnan(out).all(-1)
+    for at in zip(*np.nonzero(ran.sum(-1) == 1)):  # once, under the first seed: the same model for every seed
+        out[at] = out[at][ran[at]][0]
+    coords = {"example_task": ("example", zeroshot["example_task"].values)}
+    return xr.Dataset({"selected_hit": (("merge_method", "space", "seed", "example"), out),
+                       "reference_hit": ("example", zeroshot.values.astype(float))}, coords=coords)
+
+
 def _by_task(hit: xr.DataArray, tasks: Sequence[str]) -> dict[str, np.ndarray]:
     labels = hit["example_task"].values
     return {t: hit.values[labels == t] for t in tasks}
 
 
-def gain_intervals(ds: xr.Dataset, hits: Mapping[tuple[str, str, str, int], xr.DataArray], zeroshot: xr.DataArray,
-                   tasks: Sequence[str]) -> xr.DataArray:
-    """``gain_ci(merge_method, space, seed, versus, bound)``: the 95 % paired bootstrap interval of each
-    selected merge's mean normalised test accuracy minus that of task arithmetic (its selected
-    configuration, full space, same seed) and of the zero-shot model, resampling test images per
-    task (:mod:`mergelab.evaluation.bootstrap`). NaN where the baseline is not in the study or a
-    task's fine-tuned accuracy is 0."""
+def paired_gain_interval(ds: xr.Dataset, a: tuple[str, str], b: tuple[str, str] | None, seed: int | None = None) -> tuple[float, float]:
+    """The 95 % paired bootstrap interval of ``(method, space)`` ``a``'s mean normalised test accuracy
+    minus ``b``'s (``None``: the zero-shot model), both at their selected configuration and ``seed``
+    (default: the first), resampling test images per task (:mod:`mergelab.evaluation.bootstrap`);
+    ``(nan, nan)`` where either did not run or a task's fine-tuned accuracy is 0."""
+    tasks = list(ds.attrs["tasks"])
+    seed = ds.seed.values[0] if seed is None else seed
     finetuned = ds["reference_score"].sel(reference="finetuned", metric="acc")
     normaliser = {t: float(finetuned.sel(task=t)) for t in tasks}
-    zero = _by_task(zeroshot, tasks)
-    counts = resample_counts({t: len(zero[t]) for t in tasks})
-    chosen = {key: hit for key, hit in hits.items()
-              if bool(ds["selected"].sel(merge_method=key[0], space=key[1], config=key[2], seed=key[3]))}
-    ta = {key[3]: _by_task(hit, tasks) for key, hit in chosen.items() if key[:2] == ("task_arithmetic", "full")}
-    shape = (ds.sizes["merge_method"], ds.sizes["space"], ds.sizes["seed"], len(VERSUS), 2)
-    out = np.full(shape, np.nan)
-    if all(v > 0 for v in normaliser.values()):
-        index = {d: list(ds[d].values) for d in ("merge_method", "space", "seed")}
-        for (method, space, _, seed), hit in chosen.items():
-            mine = _by_task(hit, tasks)
-            deterministic = next(iter(ta.values())) if len(ta) == 1 else None  # TA merges once, under the first seed
-            for v, baseline in enumerate((ta.get(seed, deterministic), zero)):
-                if baseline is not None:
-                    at = (index["merge_method"].index(method), index["space"].index(space), index["seed"].index(seed), v)
-                    out[at] = paired_interval(mine, baseline, normaliser, counts)
+    outcomes = []
+    for side in (a, b):
+        if side is not None and (side[0] not in ds.merge_method.values or side[1] not in ds.space.values):
+            return math.nan, math.nan
+        hit = ds["reference_hit"] if side is None else ds["selected_hit"].sel(merge_method=side[0], space=side[1], seed=seed)
+        outcomes.append(_by_task(hit, tasks))
+    if any(np.isnan(v).any() for o in outcomes for v in o.values()) or not all(v > 0 for v in normaliser.values()):
+        return math.nan, math.nan
+    return paired_interval(outcomes[0], outcomes[1], normaliser, _resamples(tuple((t, len(v)) for t, v in outcomes[1].items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _resamples(sizes: tuple[tuple[str, int], ...]) -> dict[str, np.ndarray]:
+    """:func:`resample_counts` of these task sizes, drawn once per process (the same for every comparison)."""
+    return resample_counts(dict(sizes))
+
+
+def gain_intervals(ds: xr.Dataset) -> xr.DataArray:
+    """``gain_ci(merge_method, space, seed, versus, bound)``: :func:`paired_gain_interval` of each selected
+    merge against task arithmetic (full space, same seed) and against the zero-shot model; the same
+    resamples for every merge (seed 0 of :func:`~mergelab.evaluation.bootstrap.resample_counts`)."""
+    out = np.full((ds.sizes["merge_method"], ds.sizes["space"], ds.sizes["seed"], len(VERSUS), 2), np.nan)
+    for i, method in enumerate(ds.merge_method.values):
+        for j, space in enumerate(ds.space.values):
+            for k, seed in enumerate(ds.seed.values):
+                for v, baseline in enumerate((("task_arithmetic", "full"), None)):
+                    out[i, j, k, v] = paired_gain_interval(ds, (method, space), baseline, seed)
     return xr.DataArray(out, dims=("merge_method", "space", "seed", "versus", "bound"),
                         coords={"versus": np.array(VERSUS, dtype=object), "bound": np.array(["low", "high"], dtype=object)},
                         attrs={"long_name": f"{LEVEL:.0%} paired bootstrap interval of the gain in mean normalised test accuracy",
@@ -151,12 +183,13 @@ def _assemble(ctx: Run, rows: Sequence[Row], references: Sequence[NodeResult]) -
     ds["reference_score"] = reference.assign_coords(reference=np.array(["zeroshot", "finetuned"], dtype=object),
                                               task=np.array(tasks, dtype=object), metric=np.array(metrics, dtype=object))
     ds["selected"] = select(ds, ctx.spec.selection, seen)  # never on the unseen tasks
-    ds["gain_ci"] = gain_intervals(ds, hits, store.get_dataset(references[0].key)["test_hit"], seen)
     unseen = {"unseen": names[len(seen):]} if len(names) > len(seen) else {}
     ds.attrs.update({"study": ctx.spec.name, "bench": ctx.bench.name, "taskset": ctx.taskset.content_hash,
                      "selection": ctx.spec.selection, "tasks": seen, **unseen,
                      "note": f"{ctx.bench.name} benchmark numbers" + (" (the embedded micro benchmark, not the papers')"
                                                                       if ctx.spec.bench.kind == "micro" else "")})
+    ds = ds.merge(selected_hits(ds, hits, store.get_dataset(references[0].key)["test_hit"]))
+    ds["gain_ci"] = gain_intervals(ds)
     return ds
 
 
