@@ -25,12 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_user_store(tmp_path_factory):
-    """Tests never touch the user's store: the cache default points into the test's temp dir and a
-    developer's $MERGELAB_STORE (which beats a study's store:) and $MERGELAB_STUDY (the notebooks'
-    default study, which `make lab` sets) are ignored."""
+    """Tests never touch the user's store: the checkout's data/store (the default of commands run in
+    the checkout, in this process) gives way to the cache default, which points into the test's temp
+    dir, and a developer's $MERGELAB_STORE (which beats a study's store:) and $MERGELAB_STUDY (the
+    notebooks' default study, which `make lab` sets) are ignored."""
+    import mergelab.store
+
     saved = {k: os.environ.pop(k, None) for k in ("MERGELAB_STORE", "MERGELAB_STUDY", "XDG_CACHE_HOME")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mergelab.store, "checkout_store", lambda: None)
+        yield
     for k, v in saved.items():
         os.environ.pop(k, None)
         if v is not None:

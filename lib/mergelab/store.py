@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # xarray and torch load with the first Dataset or tensors: `m
     import xarray as xr
     from torch import Tensor
 
-__all__ = ["STORE_ENV", "ArtifactInfo", "Key", "Store", "default_store_url"]
+__all__ = ["STORE_ENV", "ArtifactInfo", "Key", "Store", "checkout_store", "default_store_url"]
 
 STORE_ENV = "MERGELAB_STORE"
 MARKER = "_published.json"
@@ -55,12 +55,27 @@ Kind = Literal["dataset", "tensors", "json"]
 PAYLOAD: dict[str, str] = {"dataset": "data.zarr", "tensors": "tensors.safetensors", "json": "data.json"}
 
 
+def checkout_store() -> Path | None:
+    """``data/store`` of the source checkout mergelab runs from (an editable install: ``lib/mergelab``
+    beside ``studies/``), the demo's store (``studies/micro.yaml`` says ``store: ../data/store``);
+    None for an installed package."""
+    root = Path(__file__).resolve().parents[2]
+    return root / "data" / "store" if (root / "studies").is_dir() and (root / "lib" / "mergelab").is_dir() else None
+
+
 def default_store_url() -> str:
-    """The store of commands without a study: ``$MERGELAB_STORE``, else the user's cache
-    (``$XDG_CACHE_HOME/mergelab/store``, by default ``~/.cache/mergelab/store``), never a folder
-    under the working directory. A study's store: :meth:`mergelab.config.StudySpec.store_url`."""
+    """The store of every command given no ``--store`` and no study: ``$MERGELAB_STORE``, else the
+    checkout's ``data/store`` (:func:`checkout_store`: one store for the demo and every command run
+    from a checkout), else the user's cache (``$XDG_CACHE_HOME/mergelab/store``, by default
+    ``~/.cache/mergelab/store``); never a folder under the working directory. A study's own
+    ``store:`` comes first for its commands: :meth:`mergelab.config.StudySpec.store_url`."""
+    if os.environ.get(STORE_ENV):
+        return os.environ[STORE_ENV]
+    checkout = checkout_store()
+    if checkout is not None:
+        return str(checkout)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get(STORE_ENV) or os.path.join(cache, "mergelab", "store")
+    return os.path.join(cache, "mergelab", "store")
 
 
 class Key(str):

@@ -17,7 +17,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from mergelab import __version__
 from mergelab.errors import InputError
 
-__all__ = ["BaseModuleOpt", "StoreOpt", "app", "console", "err_console", "key_values", "main", "progress_bars", "store_app", "warn"]
+__all__ = ["BaseModuleOpt", "StoreOpt", "announce_store", "app", "console", "err_console", "key_values", "main", "progress_bars", "store_app", "warn"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -94,7 +94,7 @@ store_app = typer.Typer(cls=_Group, no_args_is_help=True, help="List and clean t
 app.add_typer(store_app, name="store")
 
 BaseModuleOpt = Annotated[Optional[str], typer.Option("--base-module", help="The sub-module of a whole-model --base the adapters were trained on (e.g. visual: open_clip's image tower; default: found from the names and the adapter config).")]
-StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store URL or path (default: $MERGELAB_STORE, else the study's store: or store/ next to the study file; without a study ~/.cache/mergelab/store).")]
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store URL or path (default: $MERGELAB_STORE, else a study's store: or store/ next to the study file; without a study the checkout's data/store, the demo's, or ~/.cache/mergelab/store outside a checkout).")]
 
 
 def progress_bars(*fields: str, description: str = "{task.description}", out: Console = err_console, transient: bool = False):
@@ -104,6 +104,15 @@ def progress_bars(*fields: str, description: str = "{task.description}", out: Co
 
     return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields), TimeElapsedColumn(),
                     console=out, transient=transient)
+
+
+def announce_store(url: str) -> str:
+    """Print the first line of a command that uses a store, ``store <path or URL>`` (a local path
+    absolute), and return ``url``: which store a command reads and writes is never a guess."""
+    import os
+
+    console.print(f"store {url if '://' in url else os.path.abspath(url)}", markup=False, highlight=False, soft_wrap=True)
+    return url
 
 
 def key_values(items: list[str] | None, flag: str) -> dict[str, str]:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import key_values, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt, _Command, app, console
+from mergelab.cli.app import announce_store, key_values, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt, _Command, app, console
 from mergelab.errors import InputError
 
 
@@ -174,7 +174,9 @@ def merge_command(
     import yaml
 
     from mergelab.onbench import merge_adapters
+    from mergelab.store import default_store_url
 
+    store = announce_store(store or default_store_url())
     grid_values = {k: [yaml.safe_load(v) for v in values.split(",")] for k, values in key_values(grid, "--grid").items()}
     done = merge_adapters([*(adapters or []), *(paths or [])], base, method, space, out=out, fixed=key_values(sets, "--set"),
                           space_options=key_values(space_sets, "--space-option"), fmt=fmt, max_rank=max_rank, grams=grams,
@@ -222,7 +224,9 @@ def adapt_command(
     import yaml
 
     from mergelab.onbench import adapt_adapters
+    from mergelab.store import default_store_url
 
+    store = announce_store(store or default_store_url())
     weights = None
     if preference is not None:
         try:

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import progress_bars, StoreOpt, _Command, app, console, err_console, store_app
+from mergelab.cli.app import announce_store, progress_bars, StoreOpt, _Command, app, console, err_console, store_app
 from mergelab.errors import InputError
 
 
@@ -28,7 +28,9 @@ def build_micro_command(
 ) -> None:
     """Build the embedded micro benchmark: pre-trained tiny CLIP, LoRA adapters, dense suite, README."""
     from mergelab.micro.build import build_micro
+    from mergelab.store import default_store_url
 
+    store = announce_store(store or default_store_url())
     with progress_bars(out=console) as progress:
         result = build_micro(out, store, profile="quick" if quick else "full", seed=seed, threads=threads,
                              progress=progress)
@@ -76,7 +78,7 @@ def store_gc(
     lease: Annotated[float, typer.Option(help="Seconds a write may be in flight: younger leftovers are kept (a live run's).")] = 3600.0,
 ) -> None:
     """Remove unpublished leftovers older than --lease (and, with --keep, every unreferenced artifact)."""
-    from mergelab.store import Store
+    from mergelab.store import Store, default_store_url
     from mergelab.upkeep import gc
 
     if not math.isfinite(lease) or lease < 0:
@@ -88,7 +90,7 @@ def store_gc(
         if not keep.is_file():
             raise InputError(f"--keep file {keep} does not exist; write the keys to keep one per line")
         keys = {line.strip() for line in keep.read_text().splitlines() if line.strip()}
-    s = Store(store)
+    s = Store(announce_store(store or default_store_url()))
     failed: list[tuple[str, OSError]] = []
     removed = gc(s, keys, dry_run=dry_run, lease_s=lease, on_error=lambda label, err: failed.append((label, err)))
     verb = "would remove" if dry_run else "removed"
@@ -106,10 +108,10 @@ def store_verify(
     quarantine: Annotated[bool, typer.Option("--quarantine", help="Move corrupt objects to quarantine/ so that a rerun recomputes them.")] = False,
 ) -> None:
     """Check every published artifact's payload against its digest; exit 1 when one is corrupt."""
-    from mergelab.store import Store
+    from mergelab.store import Store, default_store_url
     from mergelab.upkeep import verify
 
-    s = Store(store)
+    s = Store(announce_store(store or default_store_url()))
     problems = verify(s, quarantine=quarantine)
     for key, problem in problems:
         console.print(f"{key}: {problem}", highlight=False, soft_wrap=True)

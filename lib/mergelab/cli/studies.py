@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import progress_bars, RegistryHelp, StoreOpt, _Command, app, console, err_console, warn
+from mergelab.cli.app import announce_store, progress_bars, RegistryHelp, StoreOpt, _Command, app, console, err_console, warn
 from mergelab.errors import InputError
 
 
@@ -41,7 +41,7 @@ def _run_study(study: Path, store: str | None, runner: str):
     from mergelab_flows.runtime import parse_runner
 
     parse_runner(runner)
-    url = spec.store_url(store)
+    url = announce_store(spec.store_url(store))
     cached = up_to_date(spec, url)
     if cached is not None:
         run_nodes, done = cached
@@ -254,7 +254,7 @@ def analyze(
     from mergelab_flows.runtime import parse_runner
 
     parse_runner(runner)
-    url = spec.store_url(store)
+    url = announce_store(spec.store_url(store))
     cached = analyses_up_to_date(spec, url, names)  # fails in seconds, before Prefect starts, when the study has not run
     if cached is not None:
         run = {"nodes": cached, "store": url}
@@ -293,7 +293,7 @@ def serve(
     spec = load_study(study)
     from mergelab_flows.study import check_server, deployment, register_deployment, serve_deployments
 
-    scheduled = deployment(study, spec, cron=cron, name=name, store=spec.store_url(store))
+    scheduled = deployment(study, spec, cron=cron, name=name, store=announce_store(spec.store_url(store)))
     url = check_server("--register-only" if register_only else "serve", warn=warn)
     if register_only:
         deployment_id = register_deployment(scheduled)
@@ -330,6 +330,7 @@ def report(
         study, url = spec.name, spec.store_url(store)
     else:
         url = store or default_store_url()
+    announce_store(url)
     if f"studies/{study}/results" not in Store(url).refs() and not any(r.startswith(f"studies/{study}/") for r in Store(url).refs()):
         raise InputError(f"store {url} has no study {study!r}; run `mergelab run` (or `make demo`) first, or pass --store/--study")
     paths = notebooks or list_notebooks()
