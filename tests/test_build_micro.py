@@ -92,3 +92,32 @@ def test_shipped_artifacts_are_small_and_complete():
             config = json.loads((SHIPPED / f"adapters/r{rank}/{task}/adapter_config.json").read_text())
             assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (rank, 16, 0.1)
     assert re.search(r"Wall time of the build .*: \*\*[\d.]+ min\*\*", (SHIPPED / "README.md").read_text())
+
+
+def _variant(values: dict[str, float], holds: set[str]) -> dict:
+    targets = [{"what": "TA − zero-shot", "low": 1.0, "high": 8.0, "papers": "+3.3 (001 Tab. 1)"},
+               {"what": "zero-shot normalised accuracy", "low": float("-inf"), "high": 70.0, "papers": "≈ 60.5"},
+               {"what": "AdaMerging − TA", "low": 3.0, "high": float("inf"), "papers": "+6.9 (001 Tab. 1)"}]
+    return {"variant": {"lever": "a lever"}, "departures": 0, "build_s": 600.0, "study_s": 300.0,
+            "regime": {"targets": [{**t, "value": values[t["what"]], "holds": t["what"] in holds} for t in targets],
+                       "entropy_accuracy": {"spearman": -0.5, "merges": 10}}}
+
+
+def test_the_micro_readme_declares_the_choice_rule_and_draws_every_variant_and_the_frontier():
+    from mergelab.micro.readme import render_readme
+
+    manifest = json.loads((SHIPPED / "manifest.json").read_text())
+    assert "No variant has been measured yet." in render_readme(manifest, 1)
+    variants = {"c0": _variant({"TA − zero-shot": 2.8, "zero-shot normalised accuracy": 63.7, "AdaMerging − TA": -10.0},
+                               {"TA − zero-shot", "zero-shot normalised accuracy"}),
+                "c0.25": _variant({"TA − zero-shot": 9.5, "zero-shot normalised accuracy": 61.0, "AdaMerging − TA": 1.5},
+                                  {"zero-shot normalised accuracy"})}
+    readme = render_readme(manifest, 1, variants)
+    assert "Choice rule (declared before the first variant ran)" in readme
+    rows = [line for line in readme.splitlines() if line.startswith("| c0")]
+    assert len(rows) == 2 and rows[0].split(" | ")[-2] == "2/3" and rows[0].endswith("15 min |")
+    frontier = readme.split("Frontier over the measured variants")[1].split("## Build")[0]
+    assert "TA − zero-shot in [1, 8] (papers +3.3 (001 Tab. 1)): best +2.8 (c0); met by c0" in frontier  # inside the range wins
+    assert "zero-shot normalised accuracy ≤ 70 (papers ≈ 60.5): best 61.0 (c0.25); met by c0, c0.25" in frontier
+    assert "AdaMerging − TA ≥ 3 (papers +6.9 (001 Tab. 1)): best +1.5 (c0.25); met by no variant" in frontier
+    assert list(_readme_table(readme)) == list(TASKS)  # the benchmark's task order, though manifest.json sorts its keys

@@ -6,6 +6,7 @@ is the micro benchmark's own (never the papers').
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,7 +80,7 @@ def _variant_rows(variants: Mapping[str, Any]) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, v in variants.items():
         m = v["regime"]
-        t = {x["what"]: x["value"] for x in m["targets"]}
+        t = collections.defaultdict(lambda: float("nan"), {x["what"]: x["value"] for x in m["targets"]})
         f = lambda x, signed=True: "n/a" if x is None or x != x else (f"{x:+.1f}" if signed else f"{x:.1f}")  # noqa: E731
         keep = m.get("retention", {})
         retained = f"{keep['mean']['1.0']:.1f} ({keep['zero_shot']:.1f})" if keep else "n/a"
@@ -90,6 +91,37 @@ def _variant_rows(variants: Mapping[str, Any]) -> list[str]:
             f"{m['concentration']['alignment']:.2f}" if "concentration" in m else "n/a",
             f"{sum(x['holds'] for x in m['targets'])}/{len(m['targets'])}",
             f"{(v['build_s'] + v['study_s']) / 60:.0f} min |"]))
+    return lines + _frontier(variants)
+
+
+def _shortfall(value: float, low: float, high: float) -> float:
+    """How far ``value`` misses ``[low, high]`` (0 inside); a one-sided target ranks values by how far
+    past its bound they go (more negative: better)."""
+    if low == float("-inf"):
+        return value - high
+    if high == float("inf"):
+        return low - value
+    return max(low - value, value - high, 0.0)
+
+
+def _bound(low: float, high: float) -> str:
+    return f"≤ {high:g}" if low == float("-inf") else f"≥ {low:g}" if high == float("inf") else f"in [{low:g}, {high:g}]"
+
+
+def _frontier(variants: Mapping[str, Any]) -> list[str]:
+    """The measured frontier: per target, the best value any variant reached on val and which variant, and
+    which variants meet it (what to report when no variant meets every target, issue 27)."""
+    lines = ["", "Frontier over the measured variants (val; per target the best value reached and by which variant):", ""]
+    measured = {n: v["regime"]["targets"] for n, v in variants.items()}
+    for i, target in enumerate(next(iter(measured.values()))):
+        values = [(t[i]["value"], t[i]["holds"], n) for n, t in measured.items() if t[i]["value"] == t[i]["value"]]  # NaN: no row
+        if not values:
+            continue
+        value, _, name = min(values, key=lambda x: _shortfall(x[0], target["low"], target["high"]))
+        met = [n for _, holds, n in values if holds]
+        shown = f"{value:+.1f}" if "−" in target["what"] else f"{value:.1f}"
+        lines.append(f"- {target['what']} {_bound(target['low'], target['high'])} (papers {target['papers']}): best {shown} ({name}); "
+                     f"met by {', '.join(met) if met else 'no variant'}")
     return lines
 
 
