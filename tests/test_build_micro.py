@@ -121,3 +121,14 @@ def test_the_micro_readme_declares_the_choice_rule_and_draws_every_variant_and_t
     assert "zero-shot normalised accuracy ≤ 70 (papers ≈ 60.5): best 61.0 (c0.25); met by c0, c0.25" in frontier
     assert "AdaMerging − TA ≥ 3 (papers +6.9 (001 Tab. 1)): best +1.5 (c0.25); met by no variant" in frontier
     assert list(_readme_table(readme)) == list(TASKS)  # the benchmark's task order, though manifest.json sorts its keys
+
+
+@pytest.mark.parametrize("content", ["a user's file", "a folder"])
+def test_build_micro_refuses_a_folder_that_is_not_a_micro_benchmark_before_any_work(tmp_path, content):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me") if content == "a user's file" else (out / "data").mkdir()
+    result = CliRunner().invoke(app, ["build-micro", "--quick", "--out", str(out), "--store", str(tmp_path / "store")])
+    assert result.exit_code == 2 and "not a micro benchmark folder" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in out.iterdir()) == (["notes.txt"] if content == "a user's file" else ["data"])
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.safetensors"))

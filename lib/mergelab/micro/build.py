@@ -336,6 +336,13 @@ class BuildResult:
     elapsed_s: float = field(default=0.0)
 
 
+def check_out(out: Path) -> None:
+    """Refuse, before any work, an ``out`` that exists and is not a micro benchmark folder (the export
+    writes ``README.md``, ``manifest.json``, ``base/``, ``adapters/`` and ``dense/`` into it)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
+        raise InputError(f"{out} exists and is not a micro benchmark folder (no manifest.json); pass --out a new or empty folder")
+
+
 def build_micro(out: str | Path = "data/micro", store: Store | str | None = None, *, profile: str | BuildConfig = "full", seed: int = 0,
                 threads: int = 1, progress: Progress = None) -> BuildResult:
     """Build (or reuse from the store) every micro-benchmark artifact and export it to ``out``.
@@ -350,6 +357,7 @@ def build_micro(out: str | Path = "data/micro", store: Store | str | None = None
         raise InputError(f"unknown build profile {profile!r}; choose one of {sorted(CONFIGS)} (CLI: --quick for 'quick')")
     if threads < 1:
         raise InputError(f"threads = {threads}; pass a positive thread count (CLI: --threads)")
+    check_out(Path(out))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
