@@ -171,19 +171,22 @@ class Adapted:
 
 
 def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adaptive: Mapping[str, Any], store_url: str, *,
-                   seed: int = 0, allow_labels: bool = False,
-                   progress: Callable[[int, float], None] | None = None) -> Adapted:
+                   seed: int = 0, allow_labels: bool = False, progress: Callable[[int, float], None] | None = None,
+                   start_progress: Callable[[int, int], None] | None = None,
+                   on_node: Callable[[NodeResult], None] | None = None) -> Adapted:
     """Adapt ``adaptive`` (an ``adaptive:`` entry of a study: method, iters, lr, preference, …) on
     ``bench``'s unlabeled val batches, evaluate it and normalise by the fine-tuned references.
 
     ``taskset`` is the user's (its names and PEFT layout label the result); ``bench`` must come
-    from :func:`bench_for` on it. ``progress(iteration, loss)`` hears of every step.
+    from :func:`bench_for` on it. ``progress(iteration, loss)`` hears of every step,
+    ``start_progress(scored, total)`` of every starting point scored before step 1 (AdaRank-CART's λ
+    search) and ``on_node`` of every node done (references, the run, its evaluation).
     """
     name = f"adapt-{adaptive['method']}-{bench.taskset.content_hash[:8]}"
     spec = load_study({"name": name, "bench": bench_spec.model_dump(), "adaptive": [dict(adaptive)], "joint": False,
                        "seeds": [seed], "allow_labels": allow_labels})
     ctx = Run(spec, store_url, bench=bench)
-    nodes, done = run_graph(ctx, local_submit(ctx, adapt_progress=progress))
+    nodes, done = run_graph(ctx, local_submit(ctx, on_node=on_node, adapt_progress=progress, start_progress=start_progress))
     (job,), (produced,) = adapt_jobs(spec), [n for n in nodes if n.node == "adapt"]
     ds = ctx.store.get_dataset(done.key)
     scores = ds["score"].isel(merge_method=0, space=0, config=0, seed=0).sel(task=list(bench.tasks))
@@ -302,10 +305,13 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
 def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any], *, out: Path, fmt: str = "peft",
                    force: bool = False, seed: int = 0, allow_labels: bool = False, bench: str = "micro",
                    store: str | None = None, base_module: str | None = None,
-                   progress: Callable[[int, float], None] | None = None) -> tuple[Adapted, Path, str]:
+                   progress: Callable[[int, float], None] | None = None,
+                   start_progress: Callable[[int, int], None] | None = None,
+                   on_node: Callable[[NodeResult], None] | None = None) -> tuple[Adapted, Path, str]:
     """Adapt ``adaptive`` (an ``adaptive:`` entry of a study) for ``sources`` on ``bench``'s unlabeled
-    val images (:func:`adapt_on_bench`) and write the merge to ``out``; returns the run, the written
-    path and the store URL. Options are validated before anything loads."""
+    val images (:func:`adapt_on_bench`, which the three callbacks go to) and write the merge to
+    ``out``; returns the run, the written path and the store URL. Options are validated before
+    anything loads."""
     from mergelab.adaptation.objectives import validate_preference
     from mergelab.checkpoints import load_taskset, save_merged, task_heads
     from mergelab.store import Store
@@ -318,7 +324,8 @@ def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any
     taskset = load_taskset(base, sources, base_module=base_module)
     bench_spec, evaluating = evaluation_bench(bench, taskset, base)
     url = Store(store).url
-    result = adapt_on_bench(evaluating, bench_spec, taskset, adaptive, url, seed=seed, allow_labels=allow_labels, progress=progress)
+    result = adapt_on_bench(evaluating, bench_spec, taskset, adaptive, url, seed=seed, allow_labels=allow_labels, progress=progress,
+                            start_progress=start_progress, on_node=on_node)
     return result, save_merged(result.merged, out, format=fmt, base=base, overwrite=force, heads=task_heads(taskset)), url
 
 

@@ -17,7 +17,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from mergelab import __version__
 from mergelab.errors import InputError
 
-__all__ = ["BaseModuleOpt", "StoreOpt", "announce_store", "app", "console", "err_console", "key_values", "main", "progress_bars", "store_app", "warn"]
+__all__ = ["BaseModuleOpt", "StoreOpt", "announce_store", "app", "console", "err_console", "key_values", "main", "milestone", "progress_bars", "store_app", "warn"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -104,6 +104,14 @@ def progress_bars(*fields: str, description: str = "{task.description}", out: Co
 
     return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields), TimeElapsedColumn(),
                     console=out, transient=transient)
+
+
+def milestone(what: str, done: int, total: int, detail: str = "") -> None:
+    """A plain progress line on stderr, ``WHAT: DONE/TOTAL DETAIL``, at every tenth of ``total`` and at
+    its end: what a log shows in place of a live bar when stderr is not a terminal (CI, ``nohup``,
+    a redirected run)."""
+    if done % max(1, total // 10) == 0 or done == total:
+        err_console.print(f"{what}: {done}/{total}{detail}", markup=False, highlight=False, soft_wrap=True)
 
 
 def announce_store(url: str) -> str:

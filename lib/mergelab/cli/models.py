@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import announce_store, key_values, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt, _Command, app, console
+from mergelab.cli.app import announce_store, key_values, milestone, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt, _Command, app, console, err_console
 from mergelab.errors import InputError
 
 
@@ -92,15 +92,25 @@ def _fmt(value: float | None) -> str:
 
 
 def _show_selection(method: str, space: str, bench, run):
-    """Run a ``--select`` sweep with a progress bar, then print every candidate's val criterion."""
+    """Run a ``--select`` sweep with a progress bar (plain lines when stderr is not a terminal), then
+    print every candidate's val criterion."""
+    import contextlib
+
     from mergelab.selection import SELECTION_RULES
 
-    with progress_bars("{task.fields[hits]} cached", description="select {task.description}") as progress:
-        bar = progress.add_task(f"{method}/{space}", total=None, hits=0)
+    terminal = err_console.is_terminal
+    progress = progress_bars("{task.fields[hits]} cached", description="select {task.description}") if terminal else None
+    done = [0, 0]  # nodes, cache hits
 
-        def listen(result, total: int) -> None:
-            progress.update(bar, total=total, advance=1, hits=progress.tasks[bar].fields["hits"] + int(result.hit))
+    def listen(result, total: int) -> None:
+        done[0], done[1] = done[0] + 1, done[1] + int(result.hit)
+        if progress is None:
+            milestone(f"select {method}/{space}", done[0], total, f" nodes done ({done[1]} cached)")
+        else:
+            progress.update(bar, total=total, completed=done[0], hits=done[1])
 
+    with progress if progress is not None else contextlib.nullcontext():
+        bar = progress.add_task(f"{method}/{space}", total=None, hits=0) if progress is not None else None
         chosen = run(progress=listen)
     rule = SELECTION_RULES[chosen.rule]
     metric, higher = rule.metric, rule.higher_is_better
@@ -193,6 +203,41 @@ def merge_command(
                       "(per module in merge.json)", highlight=False)
 
 
+def _adapt_progress(method: str, iters: int):
+    """The progress display of ``adapt`` (on stderr) and its callbacks for :func:`~mergelab.onbench.adapt_adapters`:
+    a bar for the steps and one for the starting point searched before step 1 (AdaRank-CART's λ);
+    when stderr is not a terminal, plain lines for those and for every node done (references, the
+    run, its evaluation). Bars appear with their first update, so bad input prints one line."""
+    terminal = err_console.is_terminal
+    progress = progress_bars("loss {task.fields[loss]}", description="adapt {task.description}")
+    bars: dict[str, int] = {}
+
+    def update(bar: str, done: int, total: int, loss: str) -> None:
+        progress.start()
+        if bar not in bars:
+            bars[bar] = progress.add_task(bar, total=total, loss=loss)
+        progress.update(bars[bar], completed=done, loss=loss)
+
+    def step(iteration: int, loss: float) -> None:
+        if terminal:
+            update(method, iteration, iters, f"{loss:.4f}")
+        else:
+            milestone(f"adapt {method}", iteration, iters, f" steps, loss {loss:.4f}")
+
+    def scored(done: int, total: int) -> None:
+        if terminal:
+            update(f"{method} start", done, total, "")
+        else:
+            milestone(f"adapt {method}", done, total, " starting points scored on val")
+
+    def node(result) -> None:
+        if not terminal:
+            err_console.print(f"adapt {method}: {result.node} {result.label} {'cached' if result.hit else 'done'}",
+                              markup=False, highlight=False, soft_wrap=True)
+
+    return progress, {"progress": step, "start_progress": scored, "on_node": node}
+
+
 @app.command("adapt", cls=_AdaptCommand)
 def adapt_command(
     paths: Annotated[Optional[list[str]], typer.Argument(help="More adapter directories (so that --adapters A B C works).", show_default=False)] = None,
@@ -205,7 +250,7 @@ def adapt_command(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Unlabeled val images per task and step.")] = 16,
     objective: Annotated[Optional[str], typer.Option("--objective", help="entropy, tas or labels (labels needs --allow-labels); default: the method's.")] = None,
-    scalarization: Annotated[Optional[str], typer.Option("--scalarization", help="sum or stch (smooth Tchebycheff, 001 Eq. 10); default: the method's.")] = None,
+    scalarization: Annotated[Optional[str], typer.Option("--scalarization", help="sum, stch (smooth Tchebycheff, 001 Eq. 10 as printed: |f_t - z_t|) or stch_signed (f_t - z_t, TARA's code); default: the method's.")] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="STCH smoothing α.")] = 1.0,
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Method option KEY=VALUE (repeatable), e.g. space=core, origin=cart, init=0.3.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the batch order and the initialisation.")] = 0,
@@ -237,17 +282,11 @@ def adapt_command(
                 "objective": objective, "scalarization": scalarization,
                 "hp": {k: yaml.safe_load(v) for k, v in key_values(sets, "--set").items()}}
     adaptive = {k: v for k, v in adaptive.items() if v is not None}
-    progress = progress_bars("loss {task.fields[loss]}", description=f"adapt {method}")
-    bar = progress.add_task(method, total=iters, loss="…")
-
-    def step(iteration: int, loss: float) -> None:  # the bar appears with the first step: bad input prints one line
-        progress.start()
-        progress.update(bar, completed=iteration, loss=f"{loss:.4f}")
-
+    progress, listeners = _adapt_progress(method, iters)
     try:
         result, written, url = adapt_adapters([*(adapters or []), *(paths or [])], base, adaptive, out=out, fmt=fmt, force=force,
                                               seed=seed, allow_labels=allow_labels, bench=bench, store=store,
-                                              base_module=base_module, progress=step)
+                                              base_module=base_module, **listeners)
     finally:
         progress.stop()
     table = Table(title=f"{method} on {result.bench} ({'adapted now' if result.computed else 'cached run'}; "

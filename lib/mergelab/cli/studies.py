@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import announce_store, progress_bars, RegistryHelp, StoreOpt, _Command, app, console, err_console, warn
+from mergelab.cli.app import announce_store, milestone, progress_bars, RegistryHelp, StoreOpt, _Command, app, console, err_console, warn
 from mergelab.errors import InputError
 
 
@@ -100,8 +100,8 @@ def _run_flow(flow, runner: str, **params):
         if result is not None:
             done[0], done[1] = done[0] + 1, done[1] + int(result.hit)
         if progress is None:
-            if result is not None and (done[0] % max(1, total // 10) == 0 or done[0] == total):
-                err_console.print(f"{phase}: {done[0]}/{total} nodes done ({done[1]} cached)", highlight=False)
+            if result is not None:
+                milestone(phase, done[0], total, f" nodes done ({done[1]} cached)")
             return
         if phase not in bars:
             bars[phase] = progress.add_task(phase, total=total, hits=0)

@@ -131,13 +131,15 @@ def selected_for_analyses(spec: StudySpec, store_url: str) -> list[tuple[MergeJo
 
 
 def local_submit(ctx: Run, on_node: Callable[[NodeResult], None] | None = None,
-                 adapt_progress: Callable[[int, float], None] | None = None) -> Submit:
+                 adapt_progress: Callable[[int, float], None] | None = None,
+                 start_progress: Callable[[int, int], None] | None = None) -> Submit:
     """A :data:`Submit` that runs every node here, one after another (no orchestrator).
 
-    ``on_node`` hears of each result; ``adapt_progress(iteration, loss)`` of every adaptation step.
+    ``on_node`` hears of each result; ``adapt_progress(iteration, loss)`` of every adaptation step and
+    ``start_progress(scored, total)`` of every starting point scored before step 1.
     """
     def submit(kind: str, batch: Sequence[tuple[Any, ...]]) -> list[NodeResult]:
-        options = {"progress": adapt_progress} if kind == "adapt" and adapt_progress is not None else {}
+        options = {"progress": adapt_progress, "start_progress": start_progress} if kind == "adapt" else {}
         results = []
         for args in batch:
             results.append(NODES[kind](ctx, *args, **options))

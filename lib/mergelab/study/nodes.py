@@ -7,6 +7,7 @@ its key function reads nothing but keys and hashes, so probing a study computes 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -102,15 +103,16 @@ def _history_key(ctx: Run, key: Key) -> Key:
     return ctx.store.key("adapt.history", ADAPT.version, run=str(key))
 
 
-def _adapt(ctx: Run, key: Key, job: AdaptJob,
-           progress: Callable[[int, float], None] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _adapt(ctx: Run, key: Key, job: AdaptJob, progress: Callable[[int, float], None] | None = None,
+           start_progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Adapt coefficients on unlabeled val batches (never test): the merged tensors.
 
     The history Dataset (loss curves, coefficient trajectories, final coefficients or masks) is
     published first and named ``studies/<name>/adapt/<label>``; the merged tensors last, so
     their presence means the node completed. SVD banks (``tara_b``, ``adarank``) are built from the
     task set's bases in the store (:func:`mergelab.bases.adaptation_bases`). ``progress(iteration,
-    loss)`` hears of every step.
+    loss)`` hears of every step, ``start_progress(scored, total)`` of the search for the starting
+    point before step 1 (:func:`_start`).
     """
     from mergelab.adaptation import adapt
 
@@ -119,7 +121,7 @@ def _adapt(ctx: Run, key: Key, job: AdaptJob,
     labelled = a.objective == "labels"  # only when the study sets allow_labels (validated in config)
     batches = session.val_streams(session.names, a.batch_size, job.seed, labels=labelled)
     bank_bases, used = adaptation_bases(ctx.store, ctx.taskset, a.method, a.hp) or (None, [])
-    hp, started = _start(ctx, a, bank_bases)
+    hp, started = _start(ctx, a, bank_bases, start_progress)
     torch.manual_seed(job.seed)
     run = measure(lambda: adapt(a.method, ctx.taskset, forward, batches, objective=a.objective, scalarization=a.scalarization,
                                 optimizer=a.optimizer, preference=a.preference, alpha=a.alpha, iters=a.iters, lr=a.lr,
@@ -144,12 +146,14 @@ def _adapt_config(a: AdaptiveSpec, started: Mapping[str, Any]) -> str:
                          **started})
 
 
-def _start(ctx: Run, a: AdaptiveSpec, bases: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def _start(ctx: Run, a: AdaptiveSpec, bases: Any,
+           progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``a.hp`` with its starting hyper-parameters chosen before adapting, and those chosen values.
 
     The grid is ``a.start_grid`` or the method's (:attr:`~mergelab.adaptation.Adapter.start_grid`); every
     combination's starting merge (the coefficient model before any step) is scored on val by the
     study's selection rule (mean val accuracy, or mean TAS for ``selection: tas``), never on test.
+    ``progress(scored, total)`` hears of every combination scored.
     """
     from itertools import product
 
@@ -159,12 +163,15 @@ def _start(ctx: Run, a: AdaptiveSpec, bases: Any) -> tuple[dict[str, Any], dict[
     if not grid:
         return dict(a.hp), {}
     best: tuple[float, dict[str, Any]] | None = None
-    for values in product(*grid.values()):
+    total = math.prod(len(values) for values in grid.values())
+    for scored, values in enumerate(product(*grid.values()), start=1):
         chosen = dict(zip(grid, values, strict=True))
         params = ctx.session.weights(build(a.method, ctx.taskset, bases=bases, **{**a.hp, **chosen}).merged_update(ctx.taskset.base))
         score = _val_criterion(ctx, params)
         if best is None or score > best[0]:
             best = (score, chosen)
+        if progress is not None:
+            progress(scored, total)
     return {**a.hp, **best[1]}, best[1]
 
 
