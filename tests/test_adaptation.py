@@ -14,7 +14,7 @@ from torch.func import functional_call
 from mergelab.adaptation import ADAPTERS, Forward, adapt, build
 from mergelab.adaptation.loop import objective_losses
 from mergelab.adaptation.models import straight_through_mask
-from mergelab.adaptation.objectives import smooth_tchebycheff, validate_preference, weighted_sum
+from mergelab.adaptation.objectives import SCALARIZATIONS, smooth_tchebycheff, validate_preference, weighted_sum
 from mergelab.checkpoints import load_taskset
 from mergelab.errors import InputError
 from mergelab.taskset import MergedUpdate
@@ -114,6 +114,26 @@ def test_smooth_tchebycheff_limits():
     softened = float(smooth_tchebycheff(f, rho, z, alpha=big)) - big * torch.log(torch.tensor(3.0)).item()
     assert abs(softened - float(terms.mean())) < 1e-2
     assert float(weighted_sum(f, rho)) == pytest.approx(float((rho.float() * f).sum()))
+
+
+@pytest.mark.parametrize(("name", "below_anchor_moves"), [("stch", "up"), ("stch_signed", "down")])
+def test_stch_sign_is_a_setting(name, below_anchor_moves):
+    """001 Eq. 10 as printed (|f − z|) pushes a task below its anchor back up to it; the signed form of
+    TARA's code lets it go lower. Above the anchor both descend alike and give the same Ψ."""
+    z = torch.tensor([0.5, 0.5])
+    rho = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    f = torch.tensor([0.2, 0.9], requires_grad=True)  # task 0 below its anchor, task 1 above
+    SCALARIZATIONS[name].fn(f, rho, z, 1.0).backward()
+    assert (f.grad[0] < 0) == (below_anchor_moves == "up")  # gradient descent moves f_0 against the gradient
+    assert f.grad[1] > 0
+    above = torch.tensor([0.7, 0.9])
+    assert float(SCALARIZATIONS[name].fn(above, rho, z, 1.0)) == pytest.approx(float(smooth_tchebycheff(above, rho, z)))
+
+
+def test_signed_stch_adaptation_measures_anchors(setting):
+    _, taskset, forward, images, _ = setting
+    result = adapt("tara_a", taskset, forward, _streams(images), iters=2, scalarization="stch_signed")
+    assert result.history.attrs["scalarization"] == "stch_signed" and len(result.history.attrs["anchors"]) == 3
 
 
 @pytest.mark.parametrize("bad", [[0.5, 0.6, -0.1], [0.5, 0.5], [0.3, 0.3, 0.3], [float("nan"), 0.5, 0.5]])

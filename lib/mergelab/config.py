@@ -111,7 +111,7 @@ class AdaptiveSpec(Strict):
     lr: Float = 1e-3
     batch_size: Int = 16
     objective: Literal["entropy", "tas", "labels"] | None = None
-    scalarization: Literal["sum", "stch"] | None = None
+    scalarization: Literal["sum", "stch", "stch_signed"] | None = None
     optimizer: Literal["adam", "adamw"] | None = None
     alpha: Float = 1.0
     preference: list[Float] | None = None

@@ -36,6 +36,7 @@ import torch
 from mergelab.adaptation.bank import Bank, BankBasis, core_bank, mean_bank, raw_bank, shared_svd_bank, task_svd_bank
 from mergelab.adaptation.loop import AdaptResult, Forward, anchors, peek, run, task_weights
 from mergelab.adaptation.models import CoefficientModel, DirectionCoefficients, MaskedCoefficients, TaskCoefficients
+from mergelab.adaptation.objectives import SCALARIZATIONS
 from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
 from mergelab.merging.spectral import cart_rank
@@ -303,7 +304,7 @@ def adapt(
         raise InputError(f"{len(batches)} batch streams for {len(taskset)} tasks; give one per task in task order")
     teachers = [task_weights(taskset, forward.base, t) for t in range(len(taskset))] if objective == "tas" else None
     z = None
-    if scalarization == "stch":
+    if scalarization in SCALARIZATIONS and SCALARIZATIONS[scalarization].anchored:
         first, batches = peek(batches, anchor_batches)
         z = anchors(objective, forward, taskset, first, teachers)
     result = run(model, forward, batches, objective=objective, scalarization=scalarization, preference=preference,

@@ -167,7 +167,7 @@ def run(
     if objective == "tas" and (teachers is None or forward.tokens is None):
         raise InputError("objective 'tas' needs patch tokens (a backbone with image_tokens) and the fine-tuned teachers")
     rho = validate_preference(preference, model.n_tasks)
-    scalarize = SCALARIZATIONS[scalarization]
+    scalarize = SCALARIZATIONS[scalarization].fn
     device = torch.device(device)
     model.to_device(device)
     base = {m: forward.base[m].to(device) for m in model.module_names}

@@ -13,11 +13,18 @@ Scalarisations of ``f = (f_1 … f_T)`` under a preference ``ρ`` on the simplex
 
 * :func:`weighted_sum` — ``Σ ρ_t f_t``.
 * :func:`smooth_tchebycheff` — 001 Eq. (10): ``α log Σ exp(ρ_t |f_t − z_t| / α)``.
+
+:data:`SCALARIZATIONS` names them for every adaptive method: ``sum``, ``stch`` (Eq. 10 as printed, with
+the absolute value) and ``stch_signed`` (``ρ_t (f_t − z_t)``, TARA's official ``STCHLoss``). The two
+STCH forms differ only for a task below its anchor: as printed, such a task is pushed back *up* to
+``z_t`` (the gradient of ``|f_t − z_t|`` is −1 there); signed, going below the anchor lowers Ψ.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +35,7 @@ from mergelab.errors import InputError
 __all__ = [
     "SCALARIZATIONS",
     "EmaStandardizer",
+    "Scalarization",
     "alignment_loss",
     "cross_entropy",
     "entropy",
@@ -96,17 +104,34 @@ def weighted_sum(losses: Tensor, preference: Tensor, anchors: Tensor | None = No
     return (preference.to(losses) * losses).sum()
 
 
-def smooth_tchebycheff(losses: Tensor, preference: Tensor, anchors: Tensor | None = None, alpha: float = 1.0) -> Tensor:
-    """001 Eq. (10): ``Ψ = α log Σ_t exp(ρ_t |f_t − z_t| / α)``.
+def smooth_tchebycheff(losses: Tensor, preference: Tensor, anchors: Tensor | None = None, alpha: float = 1.0, *,
+                       signed: bool = False) -> Tensor:
+    """001 Eq. (10): ``Ψ = α log Σ_t exp(ρ_t |f_t − z_t| / α)``; ``signed=True``: ``ρ_t (f_t − z_t)``.
 
     Small α approaches ``max_t ρ_t |f_t − z_t|`` (the worst task); large α a softened sum.
-    Anchors ``z_t`` default to 0.
+    Anchors ``z_t`` default to 0. The default is the equation as printed: a task whose loss falls
+    below its anchor (the merge more confident on it than its own fine-tuned model) is pulled back
+    up to ``z_t``. ``signed=True`` is TARA's official code (``STCHLoss``), where it is rewarded.
     """
     if alpha <= 0:
         raise InputError(f"STCH smoothing alpha must be > 0, got {alpha}")
     z = torch.zeros_like(losses) if anchors is None else anchors.to(losses)
-    return alpha * torch.logsumexp(preference.to(losses) * (losses - z).abs() / alpha, dim=0)
+    gap = losses - z
+    return alpha * torch.logsumexp(preference.to(losses) * (gap if signed else gap.abs()) / alpha, dim=0)
 
 
-#: ``scalarization`` choices of every adaptive method.
-SCALARIZATIONS = {"sum": weighted_sum, "stch": smooth_tchebycheff}
+@dataclass(frozen=True)
+class Scalarization:
+    """A scalarisation ``(f, ρ, z, α) -> Ψ`` and whether it reads the anchors ``z_t`` and α
+    (then :func:`~mergelab.adaptation.adapt` measures the anchors before the first step)."""
+
+    fn: Callable[..., Tensor]
+    anchored: bool
+
+
+#: ``scalarization`` choices of every adaptive method (module docstring).
+SCALARIZATIONS: dict[str, Scalarization] = {
+    "sum": Scalarization(weighted_sum, anchored=False),
+    "stch": Scalarization(smooth_tchebycheff, anchored=True),
+    "stch_signed": Scalarization(partial(smooth_tchebycheff, signed=True), anchored=True),
+}

@@ -142,7 +142,10 @@ ADAPT = Node("adapt", "6", "tensors", _adapt_key, _adapt, lambda ctx, job: job.l
 
 
 def _adapt_config(a: AdaptiveSpec, started: Mapping[str, Any]) -> str:
-    return config_label({"iters": a.iters, "lr": a.lr, **({"alpha": a.alpha} if a.scalarization == "stch" else {}), **a.hp,
+    from mergelab.adaptation.objectives import SCALARIZATIONS
+
+    anchored = a.scalarization is not None and SCALARIZATIONS[a.scalarization].anchored
+    return config_label({"iters": a.iters, "lr": a.lr, **({"alpha": a.alpha} if anchored else {}), **a.hp,
                          **started})
 
 
