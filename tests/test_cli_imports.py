@@ -54,3 +54,13 @@ def test_check_imports_no_heavy_library(vit_adapters, tiny_vit, tmp_path):
     save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
     code, heavy = imported_heavy("check", *map(str, vit_adapters), "--base", str(base))
     assert code == 0 and heavy == []
+
+
+def test_inspect_imports_torch_alone():
+    """`mergelab inspect` of an adapter on split attention (the micro benchmark's) reads the tensors
+    (torch) and nothing of Prefect, the model libraries or xarray. (An adapter on a packed
+    ``nn.MultiheadAttention`` also imports PEFT, which measures how PEFT applies its out_proj.)"""
+    from conftest import REPO
+
+    code, heavy = imported_heavy("inspect", str(REPO / "data" / "micro" / "adapters" / "r4" / "digits"))
+    assert code == 0 and heavy == ["torch"]

@@ -80,6 +80,7 @@ def test_the_repository_points_nowhere_outside_itself():
              *(REPO / "lib" / "mergelab").rglob("*.py"), *(REPO / "analysis").rglob("*.py"), *(REPO / "flows").rglob("*.py")]
     assert [f"{p.relative_to(REPO)}: {m[0]}" for p in texts for m in outside.finditer(p.read_text())] == []
     docs = [REPO / "README.md", REPO / "notebooks" / "README.md", *(REPO / "docs").glob("*.md")]
+    assert [f"{p.relative_to(REPO)}: {m[0]}" for p in docs for m in re.finditer(r"(?:DESIGN|REFERENCES) §", p.read_text())] == []
     links = [(p, target) for p in docs for target in re.findall(r"\]\(([^)\s#:,]+)(?:#[^)]*)?\)", p.read_text())]
     assert links, "the docs link each other"
     assert [f"{p.relative_to(REPO)} -> {t}" for p, t in links
