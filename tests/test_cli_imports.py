@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import REPO
+
 #: Libraries that cost seconds of CPU to import and that the instant commands never use.
 HEAVY = ("torch", "prefect", "open_clip", "transformers", "peft", "xarray", "zarr", "mergelab_flows")
 
@@ -60,7 +62,5 @@ def test_inspect_imports_torch_alone():
     """`mergelab inspect` of an adapter on split attention (the micro benchmark's) reads the tensors
     (torch) and nothing of Prefect, the model libraries or xarray. (An adapter on a packed
     ``nn.MultiheadAttention`` also imports PEFT, which measures how PEFT applies its out_proj.)"""
-    from conftest import REPO
-
     code, heavy = imported_heavy("inspect", str(REPO / "data" / "micro" / "adapters" / "r4" / "digits"))
     assert code == 0 and heavy == ["torch"]

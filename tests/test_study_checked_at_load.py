@@ -5,6 +5,8 @@ line and exit 2 before anything runs (no store is created)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -13,6 +15,7 @@ from mergelab.cli import app
 
 runner = CliRunner()
 TASKS = ["digits", "textures", "signs"]
+MICRO = Path(__file__).resolve().parents[1] / "data" / "micro"
 
 
 def _study(**changes):
@@ -49,6 +52,8 @@ CASES = [
     (_adaptation("adarank_ablation", tasks=["digits", "nope"]), "adarank_ablation: tasks=", "'nope' is not one of the tasks"),
     (_adaptation("adarank_ablation", iters=True), "adarank_ablation: iters=True is invalid", "valid integer"),
     (_adaptation("adarank_ablation", lr=0), "adarank_ablation: lr=0 is invalid", "(0, inf]"),
+    ({**_adaptation("pareto", pair=["digits", "nope"]), "tasks": None, "bench": {"kind": "micro", "root": str(MICRO)}},
+     "pareto: pair=['digits', 'nope'] is invalid", "'nope' is not one of the tasks aerial, digits, housenumbers"),  # the bench's own
     (_study(adaptive=[{"method": "tara_a", "preference": [0.5, 0.5]}]), "adaptive tara_a: preference has 2 entries for the 3 merged tasks",
      "give one weight per task"),
     (_analysis("components", layers="0"), "analysis_settings: components: layers='0' is invalid", "list of int or None"),

@@ -17,16 +17,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mergelab.bench import BenchSpec, TaskSource
-from mergelab.errors import InputError
-from mergelab.strict import Float, Int, Strict, safe_name
+from mergelab.errors import InputError, read_text
+from mergelab.strict import Float, Int, Seed, Strict, safe_name
 
 __all__ = ["DEFAULT_STUDY", "AdaptiveSpec", "MethodSpec", "StudySpec", "config_label", "find_study", "load_study"]
 
 #: Largest hyper-parameter product one method × space may sweep (the study lists smaller grids).
 MAX_CONFIGS = 64
+#: Validation context key: the study is a file, run on its own bench (:meth:`StudySpec.task_names`).
+OWN_BENCH = "own_bench"
+#: Most steps of one adaptive run (the papers take 250 to 500).
+MAX_ITERS = 100_000
 
 
 class MethodSpec(Strict):
@@ -136,8 +140,8 @@ class AdaptiveSpec(Strict):
     def _valid_settings(self) -> AdaptiveSpec:
         from mergelab.adaptation import ADAPTERS
 
-        if self.iters < 1:
-            raise ValueError(f"{self.name}: iters={self.iters} must be at least 1")
+        if not 1 <= self.iters <= MAX_ITERS:
+            raise ValueError(f"{self.name}: iters={self.iters} must be at least 1 and at most {MAX_ITERS}")
         if self.batch_size < 1:
             raise ValueError(f"{self.name}: batch_size={self.batch_size} must be at least 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -190,7 +194,7 @@ class StudySpec(Strict):
     analyses: list[str] = Field(default_factory=list)
     analysis_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
     adaptation_studies: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    seeds: list[Int] = Field(default_factory=lambda: [0])
+    seeds: list[Seed] = Field(default_factory=lambda: [0])
     store: str | None = None
     _folder: Path | None = PrivateAttr(default=None)  # the study file's folder (its default store sits there)
     allow_labels: bool = False
@@ -259,7 +263,7 @@ class StudySpec(Strict):
         return analyses
 
     @model_validator(mode="after")
-    def _something_to_do(self) -> StudySpec:
+    def _something_to_do(self, info: ValidationInfo) -> StudySpec:
         if not self.methods and not self.adaptive and not self.analyses and not self.adaptation_studies:
             raise ValueError("the study has no methods, adaptive methods, analyses or adaptation studies; add at least one")
         if not self.allow_labels and any(a.objective == "labels" for a in self.adaptive):
@@ -273,7 +277,7 @@ class StudySpec(Strict):
                 check_analysis_settings(name, settings)
             except InputError as err:
                 raise ValueError(str(err)) from None
-        self._fit_the_tasks(self.task_names())
+        self._fit_the_tasks(self.task_names(own_bench=bool(info.context and info.context.get(OWN_BENCH))))
         labels = [a.name for a in self.adaptive]
         if len(set(labels)) != len(labels):
             raise ValueError(f"adaptive runs need distinct labels, got {labels}; set label: for repeated methods")
@@ -302,12 +306,13 @@ class StudySpec(Strict):
                 raise ValueError(f"adaptive {a.name}: preference has {len(a.preference)} entries for the {len(tasks)} merged tasks "
                                  f"({', '.join(tasks)}); give one weight per task")
 
-    def task_names(self) -> list[str] | None:
-        """The merged tasks' names before anything loads: ``tasks:``, else the micro benchmark's own
-        (its manifest); ``None`` when only loading the bench would tell."""
+    def task_names(self, *, own_bench: bool = False) -> list[str] | None:
+        """The merged tasks' names before anything loads: ``tasks:``, else, for a study that runs on
+        its own bench (``own_bench``: a study file), the micro benchmark's (its manifest); ``None``
+        when only loading the bench would tell (a study built in code may be given another bench)."""
         if self.tasks:
             return [getattr(t, "name", t) for t in self.tasks]
-        if self.bench.kind != "micro":
+        if not own_bench or self.bench.kind != "micro":
             return None
         try:
             return list(json.loads((self.bench.root / "manifest.json").read_text(encoding="utf-8"))["tasks"])
@@ -381,8 +386,11 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
         where = str(path)
         if not path.is_file():
             raise InputError(f"study file {path} does not exist; pass a YAML file such as studies/micro.yaml")
+        text = read_text(path, "study file")
         try:
-            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        except RecursionError:
+            raise InputError(f"{path} nests deeper than Python can read; a study is a few levels of mappings and lists") from None
         except yaml.constructor.ConstructorError as err:
             raise InputError(f"{path}: {err.problem}; keep one of them") from None
         except yaml.YAMLError as err:
@@ -391,7 +399,7 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
             raise InputError(f"{path} must hold a mapping with at least 'name' and 'methods'")
         data = _relative_to(data, path.parent)
     try:
-        spec = StudySpec.model_validate(data)
+        spec = StudySpec.model_validate(data, context={OWN_BENCH: not isinstance(path, dict)})
     except ValidationError as err:
         first = err.errors()[0]
         message = first["msg"].removeprefix("Value error, ")

@@ -8,9 +8,10 @@ the CLI prints it on stderr and exits with code 2.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-__all__ = ["InputError", "check_writable"]
+__all__ = ["InputError", "check_writable", "read_text"]
 
 
 class InputError(ValueError):
@@ -28,7 +29,8 @@ def check_writable(path: str | os.PathLike[str], what: str, *, directory: bool =
 
     ``what`` names the flag or field in the message ("--out", "store"). With ``directory`` an
     existing ``path`` must be a directory. Checked before work starts, so that a bad location
-    fails in a second instead of after a long computation.
+    fails in a second instead of after a long computation. Writing is probed by creating (and
+    removing) a temporary file there.
     """
     path = Path(path)
     if path.exists():
@@ -41,5 +43,19 @@ def check_writable(path: str | os.PathLike[str], what: str, *, directory: bool =
             parent = parent.parent
         if not parent.is_dir():
             raise InputError(f"{what} {path} lies under {parent}, which is a file; choose a path under a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: no permission to write in {parent}; choose a location you can write to")
+    try:  # a probe, not os.access: /proc, read-only mounts and ACLs answer os.access wrongly
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise InputError(f"{what} {path}: cannot write in {parent} ({err.strerror or err}); choose a location you can write to") from None
+
+
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """The UTF-8 text of the file ``path``; a file that cannot be read or is not UTF-8 is an
+    :class:`InputError` naming ``what`` (``"study file"``) and the path."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    except OSError as err:
+        raise InputError(f"cannot read {what} {path}: {err.strerror or err}; check that it is a file you may read") from None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from safetensors import SafetensorError
 
-from mergelab.errors import InputError
+from mergelab.errors import InputError, read_text
 from mergelab.hashing import content_hash
 
 if TYPE_CHECKING:  # torch loads with the first tensor: `mergelab check` reads names, configs and headers only
@@ -206,10 +206,13 @@ def compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
+    text = read_text(path / ADAPTER_CONFIG, "adapter config")
     try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        config = json.loads(text)
     except json.JSONDecodeError as err:
         raise InputError(f"{path / ADAPTER_CONFIG} is not valid JSON ({err.msg} at line {err.lineno}); re-save the adapter") from err
+    except RecursionError:
+        raise InputError(f"{path / ADAPTER_CONFIG} nests deeper than Python can read; a PEFT config is a flat object, re-save the adapter") from None
     if not isinstance(config, dict):
         raise InputError(f"{path / ADAPTER_CONFIG} must hold a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()

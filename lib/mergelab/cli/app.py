@@ -1,11 +1,13 @@
 """The ``mergelab`` command line (Typer). ``mergelab --help`` lists every command.
 
 Bad input (:class:`~mergelab.errors.InputError`) prints one line on stderr and exits with code
-2; unexpected errors keep their traceback.
+2, and so does a filesystem or decoding error below the checked paths (``OSError``,
+``UnicodeError``, ``RecursionError``: :func:`system_error`); other unexpected errors keep their traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 import warnings
 from typing import Annotated, Optional
@@ -74,18 +76,46 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     warn(" ".join(str(message).split()))
 
 
+#: What to do about a filesystem error, by errno (:func:`system_error`).
+_FIXES = {errno.ENOSPC: "free some space or choose another location (--out / --store)",
+          errno.EDQUOT: "free some space or choose another location (--out / --store)",
+          errno.ENAMETOOLONG: "choose shorter names", errno.ELOOP: "fix the symbolic link (it points to itself)",
+          errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
+          errno.EROFS: "choose a location on a writable filesystem", errno.EISDIR: "pass a file, not a folder",
+          errno.ENOTDIR: "a part of the path is a file, not a folder; fix the path"}
+
+
+def system_error(err: OSError | UnicodeError | RecursionError) -> InputError:
+    """A filesystem or decoding error below the checked paths as one line naming the path and a fix
+    (a path already checked can still be unreadable, full, too long or a link loop when it is used)."""
+    if isinstance(err, OSError):
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None) or "a file"
+        fix = _FIXES.get(err.errno or 0, "check the path")
+        return InputError(f"{where}: {err.strerror or type(err).__name__}; {fix}")
+    if isinstance(err, UnicodeError):
+        return InputError(f"an input is not UTF-8 text ({err}); save it as UTF-8")
+    return InputError("an input nests deeper than Python can read; flatten it")
+
+
 class _Group(_TidyHelp, TyperGroup):
-    """Turns InputError raised anywhere below into a one-line message and exit code 2, and Python
-    warnings into one ``warning:`` line each."""
+    """Turns InputError raised anywhere below, and filesystem and decoding errors
+    (:func:`system_error`), into a one-line message and exit code 2; Python warnings into one
+    ``warning:`` line each."""
 
     def invoke(self, ctx):
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             try:
                 return super().invoke(ctx)
+            except (OSError, UnicodeError, RecursionError) as err:
+                _fail(system_error(err))
             except InputError as err:
-                err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
-                raise typer.Exit(code=2) from None
+                _fail(err)
+
+
+def _fail(err: InputError) -> None:
+    err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2) from None
 
 
 app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from mergelab.cli.app import announce_store, progress_bars, StoreOpt, _Command, app, console, err_console, store_app
-from mergelab.errors import InputError
+from mergelab.errors import InputError, read_text
 
 
 # build-micro ---------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def store_gc(
     if keep is not None:
         if not keep.is_file():
             raise InputError(f"--keep file {keep} does not exist; write the keys to keep one per line")
-        keys = {line.strip() for line in keep.read_text().splitlines() if line.strip()}
+        keys = {line.strip() for line in read_text(keep, "--keep file").splitlines() if line.strip()}
     s = Store(announce_store(store or default_store_url()))
     failed: list[tuple[str, OSError]] = []
     removed = gc(s, keys, dry_run=dry_run, lease_s=lease, on_error=lambda label, err: failed.append((label, err)))
