@@ -194,7 +194,7 @@ def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adapti
     names = module_map(ctx.taskset.module_names, taskset.module_names)
     own = MergedUpdate.from_tensors(ctx.store.get_tensors(produced.key))
     meta = {"method": job.spec.method, "space": info["space"], "hyper_parameters": {**job.spec.hp, "config": info["config"]},
-            "tasks": list(taskset.names), "adaptive": True, "peft": peft_template(taskset)}
+            "tasks": list(taskset.names), "adaptive": True, "peft": peft_template(taskset), "seed": seed}
     merged = MergedUpdate({names[m]: u for m, u in own.modules.items()}, base=taskset.base, meta=meta)
     return Adapted(merged, scores, float(info.get("seconds_per_iter", float("nan"))), name, not produced.hit, bench.name)
 
@@ -246,6 +246,7 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     import time
 
     from mergelab.checkpoints import cap_rank, load_grams, load_taskset, save_merged, task_heads
+    from mergelab.provenance import merge_reproducibility
     from mergelab.spaces import get_space
     from mergelab.store import Store
 
@@ -292,7 +293,7 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     record = {**config, "tasks": [{"name": t.name, "source": t.source, "content_hash": t.content_hash} for t in taskset],
               "base": taskset.base.__dict__, "result_content_hash": merged.content_hash, "output": str(written.resolve()),
               "format": fmt, "ranks": {m: getattr(u, "rank", None) for m, u in merged.modules.items()},
-              "merge_time_s": round(merge_time, 4)}
+              "merge_time_s": round(merge_time, 4), "reproducibility": merge_reproducibility(merged)}
     if selection is not None:
         record["selection"] = {"rule": selection.rule, "chosen": selection.label, "results": str(selection.results),
                                "ref": f"studies/{selection.name}/results",

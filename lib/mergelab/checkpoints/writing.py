@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from mergelab.errors import InputError
 from mergelab.linalg import lowrank_svd, svd64
 from mergelab.outputs import check_replaceable, claimed, follow_umask, remove_leftovers, temporary_sibling
+from mergelab.provenance import merge_reproducibility
 from mergelab.strict import SAFE_NAME
 from mergelab.taskset import LowRank, MergedUpdate, Update
 
@@ -190,7 +191,8 @@ def save_merged(
     ``task_type`` and ``base_model_name_or_path`` are kept. ``format="weights"`` needs ``base``
     and writes ``model.safetensors`` holding ``W_0 + delta`` for every base parameter.
     A ``merge.json`` with the merge's provenance goes into both (with ``completed_directions`` per
-    module when a spectral method completed zero singular directions, :mod:`mergelab.merging.completion`).
+    module when a spectral method completed zero singular directions, :mod:`mergelab.merging.completion`,
+    and the ``reproducibility`` record of :mod:`mergelab.provenance`).
 
     ``heads``: per task, the parameters it keeps as its own (a sequence classifier's trained head,
     :func:`~mergelab.checkpoints.saved_modules`). Then ``out/<task>/`` holds one adapter (or
@@ -202,7 +204,8 @@ def save_merged(
             "space_options": merged.meta.get("space_options"),
             "hyper_parameters": merged.meta.get("hyper_parameters"), "tasks": merged.meta.get("tasks"),
             "base": merged.base.__dict__, "content_hash": merged.content_hash,
-            **{k: merged.meta[k] for k in ("max_rank", "rank_cap_error", "completed_directions") if k in merged.meta}}
+            **{k: merged.meta[k] for k in ("max_rank", "rank_cap_error", "completed_directions") if k in merged.meta},
+            "reproducibility": merge_reproducibility(merged)}
     unsafe = [t for t in heads or {} if not SAFE_NAME.fullmatch(t)]
     if unsafe:
         raise InputError(f"task name {unsafe[0]!r} cannot name a folder of per-task adapters; name tasks with letters, digits, '_.+-'")

@@ -6,13 +6,16 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from mergelab.cli.app import announce_store, progress_bars, StoreOpt, _Command, app, console, err_console, store_app
 from mergelab.errors import InputError, read_text
+
+if TYPE_CHECKING:
+    from mergelab.store import Store
 
 
 # build-micro ---------------------------------------------------------------------------------------
@@ -106,18 +109,41 @@ def store_gc(
 def store_verify(
     store: StoreOpt = None,
     quarantine: Annotated[bool, typer.Option("--quarantine", help="Move corrupt objects to quarantine/ so that a rerun recomputes them.")] = False,
+    recompute: Annotated[int, typer.Option("--recompute", help="Also re-run N merges, drawn at random, from their records and compare their weights.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="With --recompute: the seed that draws the merges.")] = 0,
+    rtol: Annotated[float, typer.Option("--rtol", help="With --recompute: the largest relative difference ‖ΔW_stored − ΔW_new‖/‖ΔW_new‖ per module that passes.")] = 1e-6,
 ) -> None:
-    """Check every published artifact's payload against its digest; exit 1 when one is corrupt."""
+    """Check every published artifact's payload against its digest; with --recompute N, re-run N merges
+    from their records. Exit 1 when one is corrupt or a merge's weights differ from its recomputation."""
     from mergelab.store import Store, default_store_url
     from mergelab.upkeep import verify
 
+    if recompute < 0 or not (math.isfinite(rtol) and rtol >= 0):
+        raise InputError(f"--recompute {recompute} --rtol {rtol}: give a number of merges >= 0 and a finite tolerance >= 0")
     s = Store(announce_store(store or default_store_url()))
     problems = verify(s, quarantine=quarantine)
     for key, problem in problems:
         console.print(f"{key}: {problem}", highlight=False, soft_wrap=True)
     moved = "; moved to quarantine/, a rerun recomputes them" if quarantine and problems else ""
     console.print(f"{s.url}: {len(problems)} corrupt artifacts{moved}", highlight=False, soft_wrap=True)
-    if problems:
+    differ = _recompute(s, recompute, seed, rtol) if recompute else 0
+    if problems or differ:
         raise typer.Exit(code=1)
+
+
+def _recompute(s: Store, n: int, seed: int, rtol: float) -> int:
+    """``store verify --recompute``: one line per merge that differs or cannot be re-run, a summary;
+    the number that differ."""
+    from mergelab.study.recompute import recompute
+
+    found = recompute(s, n, seed=seed, rtol=rtol)
+    for r in found:
+        if r.problem is not None:
+            console.print(f"{r.key} ({r.label}): {r.problem}", highlight=False, soft_wrap=True, markup=False)
+    differ = sum(r.difference is not None and r.problem is not None for r in found)
+    skipped = sum(r.difference is None for r in found)
+    console.print(f"recomputed {len(found) - skipped} of {len(found)} merges drawn (seed {seed}): {differ} differ beyond "
+                  f"{rtol:g}" + (f", {skipped} could not be recomputed" if skipped else ""), highlight=False, soft_wrap=True)
+    return differ
 
 

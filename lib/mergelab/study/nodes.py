@@ -21,6 +21,7 @@ from mergelab.config import AdaptiveSpec, config_label
 from mergelab.errors import InputError
 from mergelab.merging import METHODS, merge, project
 from mergelab.profiling import Measured, measure
+from mergelab.provenance import reproducibility
 from mergelab.store import Key
 from mergelab.selection import SELECTION_RULES
 from mergelab.study.run import JOINT, JOINT_KS, TASK_METRICS, AdaptJob, Run, MergeJob, Node, NodeResult
@@ -85,9 +86,21 @@ def _merge(ctx: Run, key: Key, job: MergeJob) -> tuple[dict[str, Tensor], dict[s
         run = measure(lambda: merge(ctx.taskset, job.method, job.space, **hp))
     else:
         run = measure(lambda: merge(project(ctx.taskset, job.space, bases=bases.modules), job.method, **hp))
+    tensors = run.value.to_tensors()
     attrs = {"method": job.method, "space": job.space, "config": config_label(job.config), "seed": job.seed,
-             "completed_directions": run.value.meta.get("completed_directions", {}), **_cost(run, [] if bases is None else [bases])}
-    return run.value.to_tensors(), attrs
+             "completed_directions": run.value.meta.get("completed_directions", {}), **_cost(run, [] if bases is None else [bases]),
+             **_merge_record(ctx, job, hp, next(iter(tensors.values())))}
+    return tensors, attrs
+
+
+def _merge_record(ctx: Run, job: MergeJob, hp: Mapping[str, Any], sample: Tensor) -> dict[str, Any]:
+    """What ``mergelab store verify --recompute`` re-runs a merge from (:mod:`mergelab.study.recompute`):
+    the resolved hyper-parameters, the task set's hash and the study sections that load it, and the
+    environment (:func:`mergelab.provenance.reproducibility`)."""
+    return {"hyper_parameters": dict(hp), "taskset": ctx.taskset.content_hash,
+            "taskset_source": ctx.spec.model_dump(mode="json", include={"bench", "tasks"}),
+            "reproducibility": reproducibility(device=sample.device, dtype=sample.dtype,
+                                               seeds={} if job.seed is None else {"merge": job.seed})}
 
 
 MERGE = Node("merge", "3", "tensors", _merge_key, _merge, lambda ctx, job: job.label)
@@ -115,6 +128,7 @@ def _adapt(ctx: Run, key: Key, job: AdaptJob, progress: Callable[[int, float], N
     point before step 1 (:func:`_start`).
     """
     from mergelab.adaptation import adapt
+    from mergelab.model.placement import resolve_device
 
     a, session = job.spec, ctx.local_session
     forward = session.forward()
@@ -129,7 +143,9 @@ def _adapt(ctx: Run, key: Key, job: AdaptJob, progress: Callable[[int, float], N
     result = run.value
     attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")), "config": _adapt_config(a, started),
              "seed": job.seed, **_cost(run, used), "seconds_per_iter": result.seconds_per_iter,
-             "mean_abs_delta_coef": result.history.attrs["mean_abs_delta_coef"]}
+             "mean_abs_delta_coef": result.history.attrs["mean_abs_delta_coef"],
+             "reproducibility": reproducibility(device=resolve_device(ctx.spec.device), dtype=ctx.spec.dtype,
+                                                seeds={"adapt": job.seed})}  # torch.manual_seed and the val batch order
     if not ctx.store.exists(history := _history_key(ctx, key)):  # labelled with the bench, for figure captions
         ctx.store.put_dataset(history, result.history.assign_attrs(dataset=_dataset_label(ctx)), attrs=attrs)
     return result.merged.to_tensors(), attrs
