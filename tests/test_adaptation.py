@@ -136,6 +136,21 @@ def test_signed_stch_adaptation_measures_anchors(setting):
     assert result.history.attrs["scalarization"] == "stch_signed" and len(result.history.attrs["anchors"]) == 3
 
 
+@pytest.mark.parametrize("granularity", ["module_task", "layer"])
+def test_adarank_learns_lambda_per_module_and_task_or_per_layer_as_printed(setting, granularity):
+    """The official code learns λ per module × task; 002 Eq. 5 prints one λ^l per layer, shared by its
+    modules and every task (``lambda_granularity="layer"``)."""
+    from mergelab.naming import module_layer
+
+    _, taskset, forward, images, _ = setting
+    result = adapt("adarank", taskset, forward, _streams(images), iters=3, lr=0.05, lambda_granularity=granularity)
+    lam = result.history["lambda"].isel(record=-1).values  # (module, task)
+    layers = np.array([module_layer(m) for m in taskset.module_names])
+    shared = all(np.ptp(lam[layers == layer]) == 0 for layer in set(layers))
+    assert not np.allclose(lam, 0.3) and shared == (granularity == "layer")
+    assert result.history["coef_lam"].shape[1:] == ((len(set(layers)), 1) if granularity == "layer" else lam.shape)
+
+
 @pytest.mark.parametrize("bad", [[0.5, 0.6, -0.1], [0.5, 0.5], [0.3, 0.3, 0.3], [float("nan"), 0.5, 0.5]])
 def test_preference_must_lie_on_the_simplex(bad):
     with pytest.raises(InputError, match="preference"):

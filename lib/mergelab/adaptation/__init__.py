@@ -5,7 +5,7 @@
 | ``adamerging``     | raw factors                           | λ per task or per module × task   | entropy   |
 | ``tara_a``         | raw rank-1 LoRA directions (001 Eq. 7) | signed φ per direction            | entropy, STCH |
 | ``tara_b``         | shared SVD of [ΔW_1 … ΔW_N] (Eq. 9)    | φ per task × shared direction      | entropy, STCH |
-| ``adarank``        | each task's singular components        | binary masks (STE) + λ per module  | entropy   |
+| ``adarank``        | each task's singular components        | masks (STE), λ per module × task   | entropy   |
 | ``adamerging_tas`` | raw factors                           | λ per module × task               | TAS alignment (004 App. H) |
 
 ``tara_b`` and ``adarank`` take ``space="full"`` (default) or ``"core"``: their singular directions
@@ -40,7 +40,7 @@ from mergelab.adaptation.objectives import SCALARIZATIONS
 from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
 from mergelab.merging.spectral import cart_rank
-from mergelab.naming import module_kind
+from mergelab.naming import module_kind, module_layer
 from mergelab.params import Param, params_of_function
 from mergelab.registry import Registry
 from mergelab.taskset import TaskSet, Update
@@ -125,7 +125,8 @@ def adarank_masks(name: str, shape: tuple[int, ...]) -> bool:
 
 def build_adarank(taskset: TaskSet, *, origin: Literal["ta", "cart"] = "ta", lam: float | None = None, rank_ratio: float = 0.16,
                   temperature: float = 10.0, space: Literal["full", "core"] = "full", learn_lambda: bool = True,
-                  learn_mask: bool = True, bases: Mapping[str, BankBasis] | None = None) -> CoefficientModel:
+                  learn_mask: bool = True, lambda_granularity: Literal["module_task", "layer"] = "module_task",
+                  bases: Mapping[str, BankBasis] | None = None) -> CoefficientModel:
     """AdaRank (002 Eq. 5, App. A). ``origin="ta"``: all components on, λ = 0.3.
     ``origin="cart"``: components of ``ΔW_i − mean`` around the average, the top
     :func:`~mergelab.merging.spectral.cart_rank` ``(rank_ratio)`` of each task on (CART init),
@@ -140,6 +141,10 @@ def build_adarank(taskset: TaskSet, *, origin: Literal["ta", "cart"] = "ta", lam
     lifted through the reference bases; the same components as ``"full"`` (see
     :mod:`mergelab.adaptation.bank`). ``learn_lambda`` / ``learn_mask``: 002 Tab. 4's ablation.
     ``bases``: per module the per-task SVDs (and, in core space, the reference bases), computed earlier.
+
+    ``lambda_granularity``: ``"module_task"`` (default) learns a λ per module and task, as the official
+    code (``merge_weight`` of shape (T, #tensors)); ``"layer"`` one λ per layer shared by its modules and
+    by every task, as 002 Eq. 5 prints ``λ^l`` (the modules outside the numbered blocks share one).
     """
     if origin not in ("ta", "cart"):
         raise InputError(f"adarank origin must be 'ta' or 'cart', got {origin!r}")
@@ -158,8 +163,12 @@ def build_adarank(taskset: TaskSet, *, origin: Literal["ta", "cart"] = "ta", lam
         position = torch.cat([torch.arange(int((bank.owner == t).sum())) for t in range(len(taskset))])
         keep.append(position < k)
     lam = (1.0 if center else 0.3) if lam is None else lam
+    groups = None
+    if lambda_granularity == "layer":
+        layers = sorted({module_layer(m) for m in modules})
+        groups = [layers.index(module_layer(m)) for m in modules]
     model = MaskedCoefficients(modules, banks, taskset.names, keep=keep, fixed=fixed, lam=lam, temperature=temperature,
-                               learn_lambda=learn_lambda, learn_mask=learn_mask)
+                               learn_lambda=learn_lambda, learn_mask=learn_mask, lambda_groups=groups)
     model.space = space
     return model
 

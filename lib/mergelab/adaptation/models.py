@@ -8,7 +8,7 @@ adds to the base weights, and :meth:`merged_update` the final (low-rank where po
 * :class:`TaskCoefficients` — AdaMerging (Yang et al., 2024): ``c_k = λ_{owner(k)}`` task-wise,
   or ``λ_{m, owner(k)}`` per module ("layer-wise"), optionally clamped.
 * :class:`DirectionCoefficients` — TARA (001 Eqs. 7 and 9): a free signed ``φ`` per direction.
-* :class:`MaskedCoefficients` — AdaRank (002 Eq. 5, App. A): ``c_k = λ_{m, owner(k)} · B_k`` with
+* :class:`MaskedCoefficients` — AdaRank (002 Eq. 5, App. A): ``c_k = λ_{m, owner(k)} · B_k`` (or ``λ_l``) with
   the binary mask ``B_k = 1{σ(x̃_k / T) ≥ 0.5}`` learned through a straight-through estimator.
 """
 
@@ -140,19 +140,28 @@ class MaskedCoefficients(CoefficientModel):
     ``keep[m]`` (bool per direction) sets the initial mask: logits ``±init_logit`` so that
     ``σ(±init_logit / T)`` sits just either side of 0.5, as the reference initialisation does.
     ``learn_lambda`` / ``learn_mask`` freeze either part (the ablation of 002 Tab. 4); ``fixed[m]``
-    freezes module ``m``'s mask at ``keep[m]`` (modules AdaRank does not mask).
+    freezes module ``m``'s mask at ``keep[m]`` (modules AdaRank does not mask). ``lambda_groups``:
+    module m's λ is ``lam[lambda_groups[m]]``, one value shared by every task (002 Eq. 5's ``λ^l``
+    with a group per layer); ``None``: a λ per module and task, as the official code.
     """
 
     def __init__(self, modules, banks, tasks, *, keep: Sequence[Tensor], fixed: Sequence[bool] | None = None, lam: float = 0.3,
                  temperature: float = 10.0, init_logit: float = 0.1, learn_lambda: bool = True,
-                 learn_mask: bool = True) -> None:
+                 learn_mask: bool = True, lambda_groups: Sequence[int] | None = None) -> None:
         super().__init__(modules, banks, tasks)
         self.temperature = temperature
         fixed = list(fixed) if fixed is not None else [False] * len(self.module_names)
         self.logits = nn.ParameterList([nn.Parameter(torch.where(k, init_logit, -init_logit).float(),
                                                      requires_grad=learn_mask and not f)
                                         for k, f in zip(keep, fixed, strict=True)])
-        self.lam = nn.Parameter(torch.full((len(self.module_names), self.n_tasks), float(lam)), requires_grad=learn_lambda)
+        shape = (len(self.module_names), self.n_tasks) if lambda_groups is None else (max(lambda_groups) + 1, 1)
+        self.lam = nn.Parameter(torch.full(shape, float(lam)), requires_grad=learn_lambda)
+        self.register_buffer("lambda_rows", torch.arange(len(self.module_names)) if lambda_groups is None
+                             else torch.as_tensor(list(lambda_groups)))
+
+    def lambdas(self) -> Tensor:
+        """``(module, task)``: the λ every module applies to each task's components."""
+        return self.lam[self.lambda_rows].expand(-1, self.n_tasks)
 
     def masks(self) -> list[Tensor]:
         return [straight_through_mask(x, self.temperature) for x in self.logits]
@@ -161,7 +170,7 @@ class MaskedCoefficients(CoefficientModel):
         """Adds ``mask_kept_fraction`` (share of task t's singular components kept, 002 Fig. 5) and ``lambda``."""
         with torch.no_grad():
             return {**super().summary(), "mask_kept_fraction": self._per_task(self.masks()),
-                    "lambda": self.lam.detach().float().cpu().numpy().copy()}
+                    "lambda": self.lambdas().detach().float().cpu().numpy().copy()}
 
     def components(self) -> dict[str, np.ndarray]:
         """``mask``: the binary mask ``B_k`` over each task's singular components (002 Fig. 5), in order of σ."""
@@ -169,4 +178,4 @@ class MaskedCoefficients(CoefficientModel):
             return {"mask": self._per_component(self.masks())}
 
     def coefficients(self) -> list[Tensor]:
-        return [lam[bank.owner] * mask for lam, bank, mask in zip(self.lam, self.banks, self.masks(), strict=True)]
+        return [lam[bank.owner] * mask for lam, bank, mask in zip(self.lambdas(), self.banks, self.masks(), strict=True)]
