@@ -66,7 +66,7 @@ import mergelab
 from mergelab.errors import InputError
 
 __all__ = ["FIGURE_FORMATS", "FIGURE_MIMES", "REPO", "CellOutputs", "cell_outputs", "default_jobs", "execute_notebook", "export",
-           "item_label", "list_notebooks", "paper_items", "report", "write_index"]
+           "item_label", "list_notebooks", "paper_items", "read_notebook", "report", "write_index"]
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "python3"
@@ -225,6 +225,20 @@ def cell_outputs(nb: nbformat.NotebookNode, notebook: str) -> list[CellOutputs]:
     return found
 
 
+def read_notebook(path: str | Path) -> nbformat.NotebookNode:
+    """The Jupyter notebook at ``path`` (version 4, validated); a missing file or one that is not a
+    notebook (not JSON, not UTF-8, not nbformat's schema) is an :class:`InputError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"notebook {path} does not exist")
+    try:
+        nb = nbformat.read(path, as_version=4)  # validates against nbformat's schema
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError, nbformat.ValidationError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise InputError(f"{path} is not a Jupyter notebook ({first}); pass .ipynb files (the repository's are in notebooks/)") from None
+    return nb
+
+
 def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | Path,
                      timeout: int = 600, figure_formats: Sequence[str] = FIGURE_FORMATS) -> nbformat.NotebookNode:
     """Run the notebook at ``path`` with ``params`` injected into its ``parameters`` cell.
@@ -238,12 +252,10 @@ def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | 
     before anything runs when a cell's ``paper:`` tag is malformed.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"notebook {path} does not exist")
     unknown = [f for f in figure_formats if f not in FIGURE_MIMES]
     if unknown or not figure_formats:
         raise ValueError(f"figure_formats={tuple(figure_formats)!r}: choose from {', '.join(FIGURE_MIMES)}")
-    nb = nbformat.read(path, as_version=4)
+    nb = read_notebook(path)
     _inject(nb, params, path.name)
     cell_outputs(nb, path.name)  # a malformed paper tag fails here, before the kernel starts
     nb.metadata["mergelab"] = {"notebook": path.stem, "parameters": {k: _literal(k, v, path.name) for k, v in params.items()}}
@@ -384,6 +396,8 @@ def report(notebooks: Sequence[str | Path], params: Mapping[str, Any], out_dir: 
     if jobs is not None and jobs < 1:
         raise InputError(f"jobs={jobs}: run at least one notebook at a time")
     paths = [Path(p) for p in notebooks]
+    for path in paths:  # every notebook readable before the first kernel starts
+        read_notebook(path)
     cwd = Path(cwd) if cwd is not None else Path.cwd()
     seconds: dict[int, float] = {}
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from mergelab.errors import InputError
 from mergelab.study import NodeResult
 
-__all__ = ["RUNNERS", "configure", "parse_runner", "quiet_input_errors", "start_ephemeral_server", "stop_ephemeral_server", "summarize",
+__all__ = ["RUNNERS", "configure", "parse_runner", "probe_scheduler", "quiet_input_errors", "start_ephemeral_server", "stop_ephemeral_server", "summarize",
            "task_runner"]
 
 #: Prefect / Dask settings that these machines need (ENVIRONMENT.md); user values win.
@@ -100,7 +100,39 @@ def parse_runner(spec: str | None = None) -> tuple[str, str | None]:
         raise InputError(f"unknown runner {spec!r}; choose one of {', '.join(f'{k}[=…]' for k in RUNNERS)}")
     if name == "thread" and arg and (not arg.isdigit() or int(arg) < 1):
         raise InputError(f"--runner thread={arg}: the argument is a worker count of at least 1, e.g. thread=4")
+    if name == "dask" and arg:
+        probe_scheduler(arg)
     return name, arg or None
+
+
+#: Seconds :func:`probe_scheduler` waits for a Dask scheduler to accept a connection.
+PROBE_TIMEOUT_S = 5.0
+#: A Dask scheduler's port when its address names none.
+DASK_PORT = 8786
+
+
+def probe_scheduler(address: str) -> None:
+    """Raise :class:`InputError` unless a TCP connection to the Dask scheduler at ``address``
+    (``tcp://host:port``, ``tls://…`` or ``host:port``) opens within :data:`PROBE_TIMEOUT_S`, so that
+    ``--runner dask=ADDRESS`` with nothing there fails at once, not after Dask's 120 s. Other
+    transports (``ucx://``, ``inproc://``) are left to Dask."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "tls"):
+        return
+    try:
+        host, port = parts.hostname, parts.port or DASK_PORT
+    except ValueError:
+        raise InputError(f"--runner dask={address}: the port is not a number; e.g. dask=tcp://host:8786") from None
+    if not host:
+        raise InputError(f"--runner dask={address}: no host; e.g. dask=tcp://host:8786")
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        raise InputError(f"--runner dask={address}: no Dask scheduler answers at {host}:{port} ({err.strerror or err}); start one "
+                         "(dask scheduler) or fix the address") from None
 
 
 def task_runner(spec: str | None = None):

@@ -28,6 +28,7 @@ from prefect.futures import PrefectFuture, as_completed  # noqa: E402
 from mergelab import study as nodes  # noqa: E402
 from mergelab.config import StudySpec, load_study  # noqa: E402
 from mergelab.errors import InputError  # noqa: E402
+from mergelab.strict import safe_name  # noqa: E402
 
 # Prefect's own "prefect" logger (temporary-server start/stop notices) ignores the level setting.
 logging.getLogger("prefect").setLevel(os.environ["PREFECT_LOGGING_LEVEL"])
@@ -159,6 +160,11 @@ def deployment(study: Path, spec: StudySpec, *, cron: str, name: str | None = No
         CronSchedule(cron=cron)
     except ValueError:
         raise InputError(f"--cron {cron!r} is not a cron expression; use five fields such as \"0 3 * * *\"") from None
+    if name is not None:
+        try:
+            safe_name(name, "--name", "it names the deployment on the Prefect server")
+        except ValueError as err:
+            raise InputError(str(err)) from None
     return study_flow.to_deployment(name=name or spec.name, cron=cron, tags=["mergelab", f"study:{spec.name}"],
                                     parameters={"study": str(Path(study).resolve()), "store": store or spec.store_url()})
 
@@ -176,10 +182,27 @@ def check_server(flag: str, warn: Callable[[str], None]) -> str:
     if not url:
         raise InputError(f"{flag} needs a Prefect server that outlives this command (Prefect's temporary server schedules "
                          "nothing); start one (prefect server start) and set PREFECT_API_URL")
+    probe_server(url, flag)
     problem = scheduling_warning(url, version("sqlalchemy"))
     if problem is not None:
         warn(problem)
     return url
+
+
+#: Seconds :func:`probe_server` waits for the Prefect server's health check.
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe_server(url: str, flag: str) -> None:
+    """Raise :class:`InputError` unless the Prefect API at ``url`` answers its health check within
+    :data:`PROBE_TIMEOUT_S` (Prefect's client would retry for 30 s and end in a traceback)."""
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S).raise_for_status()
+    except httpx.HTTPError as err:
+        raise InputError(f"{flag}: no Prefect server answers at PREFECT_API_URL={url} ({type(err).__name__}: {err}); "
+                         "start one (prefect server start) or fix the URL") from None
 
 
 #: SQLAlchemy releases from which Prefect 3.8.8's scheduler fails on every tick ("Can't evaluate bulk

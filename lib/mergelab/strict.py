@@ -37,12 +37,11 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 MAX_NAME = 100
 
 
-def safe_name(value: str, what: str) -> str:
+def safe_name(value: str, what: str, why: str = "it names files in the store") -> str:
     """``value`` when it is a :data:`SAFE_NAME` of at most :data:`MAX_NAME` characters, else ValueError
-    naming ``what`` and the rule."""
+    naming ``what``, the rule and ``why`` it holds."""
     if not SAFE_NAME.fullmatch(value or "") or ".." in value:
-        raise ValueError(f"{what} {value!r} must start with a letter or digit and use only letters, digits and _ . + - "
-                         "(it names files in the store)")
+        raise ValueError(f"{what} {value!r} must start with a letter or digit and use only letters, digits and _ . + - ({why})")
     if len(value) > MAX_NAME:
-        raise ValueError(f"{what} {value[:20]!r}… has {len(value)} characters; use at most {MAX_NAME} (it names files in the store)")
+        raise ValueError(f"{what} {value[:20]!r}… has {len(value)} characters; use at most {MAX_NAME} ({why})")
     return value

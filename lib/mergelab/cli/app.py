@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # Typer 0.29 vendors Click: its usage errors
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from mergelab import __version__
@@ -97,16 +98,35 @@ def system_error(err: OSError | UnicodeError | RecursionError) -> InputError:
     return InputError("an input nests deeper than Python can read; flatten it")
 
 
+def usage_error(err: UsageError) -> InputError:
+    """Click's usage error (a bad option value or type, a missing option, an unknown command) as one
+    line naming the command's ``--help``, instead of Click's boxed usage block."""
+    command = err.ctx.command_path if err.ctx is not None else "mergelab"
+    return InputError(f"{err.format_message().rstrip('.')}; see {command} --help")
+
+
 class _Group(_TidyHelp, TyperGroup):
-    """Turns InputError raised anywhere below, and filesystem and decoding errors
-    (:func:`system_error`), into a one-line message and exit code 2; Python warnings into one
-    ``warning:`` line each."""
+    """Turns InputError raised anywhere below, filesystem and decoding errors (:func:`system_error`)
+    and Click's usage errors (:func:`usage_error`) into a one-line message and exit code 2; Python
+    warnings into one ``warning:`` line each."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as err:  # the group's own options (mergelab --bogus)
+            _fail(usage_error(err))
 
     def invoke(self, ctx):
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             try:
                 return super().invoke(ctx)
+            except NoArgsIsHelpError:
+                raise
+            except UsageError as err:
+                _fail(usage_error(err))
             except (OSError, UnicodeError, RecursionError) as err:
                 _fail(system_error(err))
             except InputError as err:

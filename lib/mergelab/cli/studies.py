@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from mergelab.cli.app import announce_store, milestone, progress_bars, RegistryHelp, StoreOpt, _Command, app, console, err_console, warn
-from mergelab.errors import InputError
+from mergelab.errors import InputError, check_writable
 
 
 # run / demo -------------------------------------------------------------------------------------
@@ -166,6 +166,11 @@ def _print_results(spec, run, wide: bool = False) -> None:
     if not wide:
         frame["config"] = [c if c == "-" else str(configs.index(c) + 1) for c in frame["config"]]
         frame = frame.rename(columns={"config": "cfg", "norm_acc": "norm", "peak_mb": "MiB"})
+        if "vs TA 95%" in frame:  # 80 columns: the gap over TA with its significance mark, the interval in --wide
+            ta = frame.loc[frame["method"] == "task_arithmetic", "norm"]
+            frame["vs TA 95%"] = [label if label != label or label == "—" or ta.empty else f"{n - ta.iloc[0]:+.1f}" + "*" * label.endswith("*")
+                                  for n, label in zip(frame["norm"], frame["vs TA 95%"])]
+            frame = frame.rename(columns={"vs TA 95%": "ΔTA"})
     console.print(f"{spec.name}: selected configuration per method × space ({ds.attrs['note']}; test split, "
                   f"selection on {ds.attrs['selection']})", highlight=False, soft_wrap=wide)
     table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
@@ -182,8 +187,9 @@ def _print_results(spec, run, wide: bool = False) -> None:
         for i, config in enumerate(configs, 1):
             console.print(f"  cfg {i}: {config}", highlight=False, soft_wrap=True)
     console.print("norm(_acc), acc, hits@1: % (mean over tasks; ↓: below zero-shot); merge_s: wall seconds of the merge; "
-                  "MiB: its peak extra memory; |Δcoef|: mean change of an adaptive run's coefficients from its start; vs TA 95%: "
-                  "paired bootstrap interval of the gain over task arithmetic in points (*: significant)",
+                  "MiB: its peak extra memory; |Δcoef|: mean change of an adaptive run's coefficients from its start; "
+                  + ("ΔTA: gain over task arithmetic in points (*: its 95 % paired bootstrap interval excludes 0; --wide shows it)"
+                     if not wide else "vs TA 95%: paired bootstrap interval of the gain over task arithmetic in points (*: significant)"),
                   highlight=False)
     missing = unselected(ds)
     zero = [t for t in ds.attrs["tasks"] if missing
@@ -334,6 +340,7 @@ def report(
     if f"studies/{study}/results" not in Store(url).refs() and not any(r.startswith(f"studies/{study}/") for r in Store(url).refs()):
         raise InputError(f"store {url} has no study {study!r}; run `mergelab run` (or `make demo`) first, or pass --store/--study")
     paths = notebooks or list_notebooks()
+    check_writable(out, "--out", directory=True)  # before the notebooks run, not after
     params = {"STORE": str(Path(url).resolve()) if "://" not in url else url, "STUDY": study}
     # a spinner under a terminal; in a log, only the plain progress lines
     status = err_console.status(f"executing {len(paths)} notebooks against {url} (study {study})") if err_console.is_terminal else contextlib.nullcontext()
