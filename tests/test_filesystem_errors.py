@@ -116,6 +116,20 @@ def _case_store_under_proc(tmp, adapters, base, monkeypatch):
     return args, "store /proc/mergelab-store: cannot write in /proc"
 
 
+def _case_store_is_a_symlink_loop(tmp, adapters, base, monkeypatch):
+    (tmp / "loop").symlink_to(tmp / "loop")
+    args = _merge(tmp, base, adapters[:2])
+    args[args.index("--store") + 1] = tmp / "loop"
+    return args, f"store {tmp / 'loop'}: {tmp / 'loop'} is a symbolic link that leads nowhere (its target is missing or it loops)"
+
+
+def _case_out_is_a_symlink_loop(tmp, adapters, base, monkeypatch):
+    (tmp / "loop").symlink_to(tmp / "loop")
+    args = _merge(tmp, base, adapters[:2])
+    args[args.index("--out") + 1] = tmp / "loop" / "merged"
+    return args, f"--out {tmp / 'loop' / 'merged'}: {tmp / 'loop'} is a symbolic link that leads nowhere"
+
+
 def _case_study_name_too_long(tmp, adapters, base, monkeypatch):
     return _study(tmp, name="s" * 300), "study name 'ssssssssssssssssssss'… has 300 characters; use at most 100"
 
@@ -148,12 +162,12 @@ CASES = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]
 def test_a_filesystem_error_is_one_line_naming_the_path(case, tmp_path, vit_adapters, tiny_vit, monkeypatch):
     base = tmp_path / "base.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
-    args, message = case(tmp_path, vit_adapters, base, monkeypatch)
+    args, *messages = case(tmp_path, vit_adapters, base, monkeypatch)
     before = {p for p in tmp_path.rglob("*") if p.parent != tmp_path / "s" or p.name != "staging"}
     result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and all(m in lines[0] for m in messages), result.stderr
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), repr(result.exception)
     assert not (tmp_path / "merged").exists() and not (tmp_path / "adapted").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".merged", ".adapted"))], "a temporary output was left"

@@ -33,6 +33,10 @@ def check_writable(path: str | os.PathLike[str], what: str, *, directory: bool =
     removing) a temporary file there.
     """
     path = Path(path)
+    dead = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if dead is not None:
+        raise InputError(f"{what} {path}: {dead} is a symbolic link that leads nowhere (its target is missing or it loops); "
+                         "fix or remove the link")
     if path.exists():
         if directory and not path.is_dir():
             raise InputError(f"{what} {path} is a file, not a directory; pass a directory or a new path")
