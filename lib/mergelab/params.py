@@ -8,8 +8,8 @@ A :class:`Param` is read off a function signature (or a dataclass) and its annot
 
 Structured settings (lists, mappings: a study's ``analysis_settings`` and ``adaptation_studies``)
 are checked by :func:`check_setting` against their annotation, whose ``Annotated`` metadata may add
-an :class:`Interval`, :class:`Tasks` (names of the study's tasks) or :class:`PerTask` (one entry
-per task), so a study is checked whole when it loads, against its task set.
+an :class:`Interval`, :class:`Tasks` (names of the study's tasks), :class:`PerTask` (one entry
+per task) or :class:`Among` (names in a registry), so a study is checked whole when it loads, against its task set.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from mergelab.errors import InputError
 
-__all__ = ["Interval", "Param", "PerTask", "Tasks", "check_setting", "params_of_dataclass", "params_of_function", "resolve", "shown"]
+__all__ = ["Among", "Interval", "Param", "PerTask", "Tasks", "check_setting", "params_of_dataclass", "params_of_function", "resolve", "shown"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,15 @@ class Tasks:
     count: int | None = None
     least: int = 1
     others: int = 0
+
+
+@dataclass(frozen=True)
+class Among:
+    """``Annotated`` metadata of a setting whose entries are names in ``choices`` (a registry, say
+    :data:`~mergelab.adaptation.ADAPTERS`); ``what`` names one in the message."""
+
+    choices: Any
+    what: str
 
 
 @dataclass(frozen=True)
@@ -223,5 +232,9 @@ def check_setting(name: str, value: Any, hint: Any, owner: str, tasks: Sequence[
                 raise bad(f"name {rule.count if rule.count is not None else f'at least {rule.least}'} of the tasks")
             if len(tasks) - len(value) < rule.others:
                 raise bad(f"it leaves {len(tasks) - len(value)} of the {len(tasks)} tasks, at least {rule.others} must remain")
+        if isinstance(rule, Among):
+            unknown = [v for v in ([value] if isinstance(value, str) else value) if v not in rule.choices]
+            if unknown:
+                raise bad(f"{unknown[0]!r} is not among the {rule.what}s: {', '.join(rule.choices)}")
         if isinstance(rule, PerTask) and tasks is not None and len(value) != len(tasks):
             raise bad(f"{len(value)} entries for {len(tasks)} tasks ({', '.join(tasks)}); give one per task")

@@ -116,7 +116,8 @@ def check_splits(splits: Sequence[str]) -> list[str]:
 ABLATION_CONFIGS = {"none": (False, False), "lambda": (True, False), "mask": (False, True), "both": (True, True)}
 
 
-def adarank_ablation(setting: AdaptationSetting, *, origins: Sequence[str] = ("ta", "cart"), space: str = "full",
+def adarank_ablation(setting: AdaptationSetting, *, origins: Sequence[Literal["ta", "cart"]] = ("ta", "cart"),
+                     space: Literal["full", "core"] = "full",
                      splits: Splits = ("val", "test"), dataset: str | None = None, **hp: Any) -> xr.Dataset:
     """002 Tab. 4: AdaRank learning only λ, only the mask B, both, or neither, from the TA and CART origins.
 

@@ -35,12 +35,14 @@ from mergelab.adaptation import ADAPTERS
 from mergelab.experiments.adaptation_studies import AdaptationSetting, Splits, check_splits, final_losses
 from mergelab.errors import InputError
 from mergelab.merging import merge
-from mergelab.params import Interval, PerTask, Tasks
+from mergelab.params import Among, Interval, PerTask, Tasks
 
 __all__ = ["PARETO_BASELINES", "covariance_ellipse", "pareto_preferences", "pareto_sweep", "sample_preferences", "sensitivity_cloud",
            "stch_alpha_ablation"]
 
 DEFAULT_METHODS = ("tara_b", "adamerging")
+#: The adaptive methods a preference study runs (a study's ``methods:`` is checked against it when it loads).
+Methods = Annotated[Sequence[str], Among(ADAPTERS, "adaptive method")]
 
 
 def _methods(methods: Sequence[str], hyper_parameters: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -78,7 +80,7 @@ PARETO_BASELINES: tuple[tuple[str, str], ...] = (("ties", "knots"), ("lora_lego"
 
 def pareto_sweep(setting: AdaptationSetting, *, pair: Annotated[Sequence[str] | None, Tasks(count=2)] = None,
                  n_preferences: Annotated[int, Interval(2)] = 30,
-                 methods: Sequence[str] = DEFAULT_METHODS, hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,
+                 methods: Methods = DEFAULT_METHODS, hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,
                  ta_lambda: float = 0.3, baselines: Sequence[Sequence[str]] = PARETO_BASELINES,
                  splits: Splits = ("val", "test"), dataset: str | None = None) -> xr.Dataset:
     """Two-task Pareto sweep (001 Fig. 3, Fig. 10): ``n_preferences`` preferences ``ρ = (w, 1 − w)``,
@@ -162,7 +164,7 @@ def covariance_ellipse(points: np.ndarray, n_std: float = 2.0) -> dict[str, np.n
 def sensitivity_cloud(setting: AdaptationSetting, focal: Annotated[Sequence[str], Tasks(count=2, others=1)], *,
                       n_preferences: Annotated[int, Interval(2)] = 30, focal_weight: Annotated[float, Interval(0, 0.5)] = 0.125,
                       concentration: Annotated[float, Interval(0, low_open=True)] = 1.0, preference_seed: int = 0,
-                      methods: Sequence[str] = DEFAULT_METHODS, hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,
+                      methods: Methods = DEFAULT_METHODS, hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,
                       n_std: Annotated[float, Interval(0, low_open=True)] = 2.0, splits: Splits = ("val", "test"),
                       dataset: str | None = None) -> xr.Dataset:
     """Preference sensitivity (001 Fig. 4, Fig. 11): ``n_preferences`` random preferences over all tasks
@@ -211,7 +213,7 @@ def sensitivity_cloud(setting: AdaptationSetting, focal: Annotated[Sequence[str]
 
 
 def stch_alpha_ablation(setting: AdaptationSetting, *, alphas: Sequence[float] = (0.1, 0.5, 1.0, 2.0, 5.0),
-                        methods: Sequence[str] = ("tara_a", "tara_b"),
+                        methods: Methods = ("tara_a", "tara_b"),
                         preference: Annotated[Sequence[float] | None, PerTask()] = None,
                         hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,
                         splits: Splits = ("val", "test"), dataset: str | None = None) -> xr.Dataset:
