@@ -442,11 +442,12 @@ def test_report_executes_the_overview_notebook_against_the_study_store(first_run
                                     "--notebook", str(REPO / "notebooks/00_overview.ipynb")])
     assert done.exit_code == 0, done.output
     assert (out / "00_overview.html").stat().st_size > 10_000
-    # accuracy vs merge time named after its paper item, the untagged per-task heatmap fig-01, each as PNG and PDF;
+    # accuracy vs merge time named after its paper item, the untagged per-task heatmap fig-01 and gains with their
+    # bootstrap intervals fig-02, each as PNG and PDF;
     # the paper tables as HTML, named after their items; the index lists them
     written = sorted(p.name for p in (out / "00_overview").iterdir())
     assert written == ["001-tab10.html", "001-tab3.html", "001-tab9.html", "003-fig1.pdf", "003-fig1.png", "003-tab3.html", "003-tab4.html",
-                       "fig-01.pdf", "fig-01.png"]
+                       "fig-01.pdf", "fig-01.png", "fig-02.pdf", "fig-02.png"]
     assert "font-weight: bold" in (out / "00_overview" / "003-tab3.html").read_text()
     links = set(re.findall(r'href="([^"#]+)"', (out / "index.html").read_text()))
     assert {"00_overview/003-fig1.png", "00_overview/003-fig1.pdf", "00_overview/003-tab3.html"} <= links
