@@ -61,7 +61,8 @@ SEARCH = [
     "interferes and plain task arithmetic cannot be beaten; without it each task's update damages the others. The "
     "papers' regime lies between: one task's update barely hurts the others, the sum of eight interferes in shared "
     "directions. `benchmarks/variants.py` searches for it, one build variant at a time (r4 adapters, 600 LoRA steps "
-    "unless stated), each measured by a reduced study and `benchmarks/regime.py --split val`; nothing here looks at test.",
+    "unless stated), each measured by a reduced study and `benchmarks/regime.py --split val`; nothing here looks at test. "
+    "`benchmarks/variants.py --list` lists the declared variants and which are still unmeasured.",
     "",
     "**Choice rule (declared before the first variant ran):** the variant meeting the most regime targets on val; "
     "ties broken by the fewest departures from the papers' recipe (the consistency term is one), then by the highest "
