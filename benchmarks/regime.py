@@ -232,54 +232,37 @@ def entropy_accuracy(ds) -> tuple[float, int]:
     return spearman(h[keep], acc[keep]), int(keep.sum())
 
 
-def retention(micro_root: str | Path, lambdas: Sequence[float], split: str = "val") -> dict[str, dict[float, float]]:
-    """(a) Others-only retention: for each task t, the *other* tasks' mean normalised accuracy (%) on
-    ``split`` under ``W₀ + λΔW_t``, for each λ. A large pre-trained model keeps ≈ its zero-shot
-    accuracy there (one task's update spares the rest); a model whose tasks damage each other falls."""
+def retention(micro, lambdas: Sequence[float], rank: int | str | None = None, split: str = "val") -> dict[str, Any]:
+    """(a) Others-only retention on the loaded micro benchmark ``micro``: for each task t, the *other*
+    tasks' mean normalised accuracy (%) on ``split`` under ``W₀ + λΔW_t``, for each λ, beside the
+    reference a model whose tasks spare each other keeps there, the base model's mean normalised
+    accuracy. A large pre-trained model stays near that reference; a model whose task updates damage
+    the other tasks falls below it."""
     from mergelab.evaluation.metrics import evaluate_task
-    from mergelab.micro.benchmark import load_micro
 
-    micro = load_micro(micro_root)
-    taskset = micro.taskset()
     base = micro.backbone.base_state()
-    dense = {u.name: {m: d.dense() for m, d in u.modules.items()} for u in taskset}
-    finetuned = {t: evaluate_task(micro.backbone, micro.tasks[t], {**base, **{m: base[m] + d for m, d in dense[t].items()}}, split)
-                 for t in dense}
-    out: dict[str, dict[float, float]] = {}
-    for t in dense:
-        out[t] = {}
-        for lam in lambdas:
-            params = {**base, **{m: base[m] + lam * d for m, d in dense[t].items()}}
-            others = [evaluate_task(micro.backbone, micro.tasks[s], params, split) / finetuned[s] for s in dense if s != t]
-            out[t][float(lam)] = 100 * float(np.mean(others))
-    return out
+    dense = {u.name: {m: d.dense() for m, d in u.modules.items()} for u in micro.taskset(rank)}
+
+    def accuracy(task: str, update: Mapping[str, Any] | None = None, lam: float = 1.0) -> float:
+        params = None if update is None else {**base, **{m: base[m] + lam * d for m, d in update.items()}}
+        return evaluate_task(micro.backbone, micro.tasks[task], params, split)
+
+    finetuned = {t: accuracy(t, dense[t]) for t in dense}
+    per_task = {t: {float(lam): 100 * float(np.mean([accuracy(s, dense[t], lam) / finetuned[s] for s in dense if s != t]))
+                    for lam in lambdas} for t in dense}
+    return {"lambdas": [float(lam) for lam in lambdas], "per_task": per_task,
+            "zero_shot": 100 * float(np.mean([accuracy(t) / finetuned[t] for t in dense])),
+            "mean": {str(float(lam)): float(np.mean([v[float(lam)] for v in per_task.values()])) for lam in lambdas}}
 
 
-def zero_shot_others(micro_root: str | Path, split: str = "val") -> float:
-    """The reference for :func:`retention`: the base model's mean normalised accuracy (%) on ``split``."""
-    from mergelab.evaluation.metrics import evaluate_task
-    from mergelab.micro.benchmark import load_micro
-
-    micro = load_micro(micro_root)
-    taskset = micro.taskset()
-    base = micro.backbone.base_state()
-    out = []
-    for u in taskset:
-        tuned = {**base, **{m: base[m] + d.dense() for m, d in u.modules.items()}}
-        out.append(evaluate_task(micro.backbone, micro.tasks[u.name], None, split) / evaluate_task(micro.backbone, micro.tasks[u.name], tuned, split))
-    return 100 * float(np.mean(out))
-
-
-def concentration(micro_root: str | Path) -> dict[str, float]:
+def concentration(taskset) -> dict[str, float]:
     """(d) Medians over modules of ``‖Σ_t ΔW_t‖²_F / Σ_t ‖ΔW_t‖²_F`` (``alignment``: 1 when the tasks'
     updates are orthogonal, up to T when identical) and of ``erank(ΔW stack) / Σ_t erank(X_t)``
     (``coverage``: 001 Sec. 2.2's task-agnostic erank over the per-task sum; below 1 when the tasks
     share directions)."""
     from mergelab.analysis.coverage import subspace_coverage
     from mergelab.analysis.factored import matrix_modules
-    from mergelab.micro.benchmark import load_micro
 
-    taskset = load_micro(micro_root).taskset()
     ratios = []
     for updates in matrix_modules(taskset).values():
         dense = [u.dense().double() for u in updates]
@@ -309,13 +292,13 @@ def measure(study_file: str | Path, store_url: str | None = None, split: str = "
     rho, n = entropy_accuracy(ds)
     out["entropy_accuracy"] = {"spearman": rho, "merges": n}
     if diagnostics and spec.bench.kind == "micro":
-        root = spec.bench.root
-        curve = out["ta_curve"]
+        from mergelab.micro.benchmark import load_micro
+
+        micro = load_micro(spec.bench.root)
+        curve = ta_curve(ds, "val")  # the TA optimum is chosen on val, whatever split the table reads
         best = max(curve, key=curve.get) if curve else 1.0
-        kept = retention(root, sorted({1.0, best}), "val")
-        out["retention"] = {"lambdas": sorted({1.0, best}), "per_task": kept, "zero_shot": zero_shot_others(root, "val"),
-                            "mean": {str(lam): float(np.mean([v[lam] for v in kept.values()])) for lam in sorted({1.0, best})}}
-        out["concentration"] = concentration(root)
+        out["retention"] = retention(micro, sorted({1.0, best}), spec.bench.rank)
+        out["concentration"] = concentration(micro.taskset(spec.bench.rank))
     return out
 
 

@@ -228,9 +228,8 @@ def _reference(ctx: Run, key: Key, task: str | None) -> tuple[xr.Dataset, dict[s
     return _scores(ctx, params, names, joint=ctx.spec.joint), {"reference": "zeroshot" if task is None else "finetuned", "task": task}
 
 
-# reference 5 / evaluate 3: the mean prediction entropy on val (val_entropy) and per-example test outcomes (test_hit)
-# in every evaluation; 4 / 2: TAS (val),
-# joint Hits@k per task as well as over all images
+# reference 4 / evaluate 2: TAS (val) in every evaluation, joint Hits@k per task as well as over all images;
+# 5 / 3: the mean prediction entropy on val (val_entropy) and each test image's outcome (test_hit)
 REFERENCE = Node("reference", "5", "dataset", _reference_key, _reference, lambda ctx, task: task or "zeroshot")
 
 
@@ -251,9 +250,10 @@ EVALUATE = Node("evaluate", "3", "dataset", _evaluate_key, _evaluate, lambda ctx
 @torch.no_grad()
 def _scores(ctx: Run, params: Mapping[str, Tensor] | None, names: Sequence[str], *, joint: bool) -> xr.Dataset:
     """``score(task, metric)``: raw accuracies, TAS and mean prediction entropy (normalisation happens
-    when results are assembled); ``test_hit(example)``: each test image's top-1 outcome (its task in
-    ``example_task``), which the results' paired bootstrap resamples; with ``joint``, each task's joint Hits@k (its images against every task's labels)
-    and, on the :data:`JOINT` row, their micro average over all images."""
+    when results are assembled); with ``joint``, each task's joint Hits@k (its images against every
+    task's labels) and, on the :data:`JOINT` row, their micro average over all images.
+    ``test_hit(example)``: each test image's top-1 outcome (its task in ``example_task``), which the
+    results' paired bootstrap resamples."""
     from mergelab.evaluation.metrics import joint_hit_counts
 
     session = ctx.local_eval_session
