@@ -90,7 +90,7 @@ def accuracy_vs_merge_time(ds: xr.Dataset) -> Figure:
 
 
 def has_intervals(ds: xr.Dataset) -> bool:
-    """Whether the results carry paired bootstrap intervals (``gain_ci``, results version 6)."""
+    """Whether the results carry paired bootstrap intervals (``gain_ci``, results version 7)."""
     return "gain_ci" in ds and bool(ds["gain_ci"].notnull().any())
 
 

@@ -42,8 +42,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import regime  # noqa: E402
-from mergelab.micro.build import CONFIGS, VARIANTS_FILE, BuildConfig, build_micro  # noqa: E402
-from mergelab.micro.readme import render_readme  # noqa: E402
+from mergelab.micro.build import CONFIGS, VARIANTS_FILE, BuildConfig, build_micro, write_readme  # noqa: E402
 
 RECORD = ROOT / "data" / "micro" / VARIANTS_FILE
 #: The reduced study's analyses: (d)'s coverage statistics; the others do not bear on the regime.
@@ -112,9 +111,9 @@ def resolve(name: str, record: dict[str, Any]) -> Variant:
     variant = VARIANTS[name]
     if variant.base is None or variant.shipped:
         return variant
-    base = VARIANTS[best_base(record) if variant.base == "best" else variant.base]
-    return dataclasses.replace(variant, pretrain_steps=base.pretrain_steps, vision_layers=base.vision_layers,
-                               base=best_base(record) if variant.base == "best" else variant.base)
+    name = best_base(record) if variant.base == "best" else variant.base
+    base = VARIANTS[name]
+    return dataclasses.replace(variant, pretrain_steps=base.pretrain_steps, vision_layers=base.vision_layers, base=name)
 
 
 def build_config(variant: Variant) -> BuildConfig:
@@ -188,9 +187,7 @@ def _mean(d: dict[str, float]) -> float:
 def rerender_readme() -> None:
     """Redraw data/micro/README.md from the shipped manifest (its variant table reads variants.json)."""
     micro = ROOT / "data" / "micro"
-    manifest = json.loads((micro / "manifest.json").read_text())
-    size = sum(p.stat().st_size for p in micro.rglob("*") if p.is_file() and p.name not in ("README.md", VARIANTS_FILE))
-    (micro / "README.md").write_text(render_readme(manifest, size, load_record()))
+    write_readme(micro, json.loads((micro / "manifest.json").read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:

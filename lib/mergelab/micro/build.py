@@ -43,7 +43,7 @@ from mergelab.model.openclip_backend import OpenClipBackbone
 from mergelab.model.tokenizer import ClosedVocabTokenizer
 from mergelab.store import Store
 
-__all__ = ["CONFIGS", "BuildConfig", "build_micro", "render_readme"]
+__all__ = ["CONFIGS", "BuildConfig", "build_micro", "render_readme", "write_readme"]
 
 #: Bumped whenever a producer's code changes what it makes (enters every content key).
 VERSION = "2"
@@ -324,6 +324,12 @@ def _export(out: Path, store: Store, manifest: Mapping[str, Any], backbone_key: 
         write_tensors(out / "dense" / name / "model.safetensors", encoder)
         write_tensors(out / "dense" / name / "decoder.safetensors", decoder)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_readme(out, manifest)
+
+
+def write_readme(out: Path, manifest: Mapping[str, Any]) -> None:
+    """``out/README.md`` from the manifest, the artifacts' size and the variant search's record beside them
+    (``variants.json``, written by ``benchmarks/variants.py``), when there is one."""
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name not in ("README.md", VARIANTS_FILE))
     variants = json.loads((out / VARIANTS_FILE).read_text()) if (out / VARIANTS_FILE).is_file() else None
     (out / "README.md").write_text(render_readme(manifest, size, variants))
