@@ -61,3 +61,28 @@ def test_select_tas_picks_the_lowest_task_alignment_score(tmp_path):
     assert all(np.isfinite(v) and v > 0 for v in criterion.values())
     meta = json.loads((tmp_path / "out-tas" / "adapter_config.json").read_text())
     assert meta["peft_type"] == "LORA"
+
+
+def test_a_study_and_the_commands_share_their_nodes(tmp_path):
+    """Issue 34 item 3: a merge, reference, evaluation or adaptive run of the same inputs has the same
+    content key whether a study, ``merge --select`` or ``adapt`` asks for it, so the second computes nothing."""
+    from mergelab.config import load_study
+    from mergelab.study import Run, local_submit, run_graph
+
+    spec = load_study({"name": "shared", "bench": {"kind": "micro", "root": str(MICRO)}, "tasks": list(TASKS),
+                       "methods": [{"method": "task_arithmetic", "spaces": ["core"], "grid": {"alpha": [0.1, 1.0]}}],
+                       "adaptive": [{"method": "tara_a", "iters": 1, "batch_size": 4}]})
+    run_graph(Run(spec, str(tmp_path / "store")), local_submit(Run(spec, str(tmp_path / "store"))))
+    store = Store(str(tmp_path / "store"))
+    computed = {a.key for a in store.ls()}
+
+    def new() -> set[str]:
+        return {k.split("-")[0] for k in {a.key for a in store.ls()} - computed}
+
+    select(tmp_path, "val")
+    assert new() == {"results", "merge.config"}  # published, never recomputed: stage, references, merges, evaluations
+    adapt = ["adapt", "--base", MICRO / "base", "--adapters", *(f"{t}={MICRO / 'adapters' / 'r4' / t}" for t in TASKS),
+             "--method", "tara_a", "--iters", "1", "--batch-size", "4", "--out", tmp_path / "adapted", "--store", tmp_path / "store"]
+    result = CliRunner().invoke(app, [str(a) for a in adapt], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert new() == {"results", "merge.config"} and "cached run" in result.stdout

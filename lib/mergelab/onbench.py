@@ -11,7 +11,8 @@ its cached nodes, in this process) on a benchmark whose tasks the adapters are n
 **Selection** (``mergelab merge --select val|tas``, :func:`select_hyper_parameters`): the study
 sweeps the method's grid (its registry grid, less the hyper-parameters the user fixed) on the
 given adapters: every candidate's merge and evaluation land in the store under their content
-keys, the reference scores are reused across calls, and the candidates with the choice are
+keys, the same keys a study of these adapters on this bench uses (what either computed, the other
+reuses; joint metrics included, as in a study), and the candidates with the choice are
 published as the study ``select-<method>-<space>-<taskset>``'s results Dataset
 (``studies/<name>/results``, schema in docs/store.md §9).
 
@@ -134,7 +135,7 @@ def select_hyper_parameters(bench: Bench, bench_spec: BenchSpec, method: str, sp
     seeds = [int(fixed.pop("seed", 0))]
     swept = swept_grid(method, fixed, grid)
     name = f"select-{method}-{space}-{bench.taskset.content_hash[:8]}"
-    spec = load_study({"name": name, "bench": bench_spec.model_dump(), "selection": rule, "joint": False, "seeds": seeds,
+    spec = load_study({"name": name, "bench": bench_spec.model_dump(), "selection": rule, "seeds": seeds,
                        "methods": [{"method": method, "spaces": [space], "grid": swept, "fixed": fixed}]})
     ctx = Run(spec, store_url, bench=bench)
     jobs = merge_jobs(spec)
@@ -183,7 +184,7 @@ def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adapti
     search) and ``on_node`` of every node done (references, the run, its evaluation).
     """
     name = f"adapt-{adaptive['method']}-{bench.taskset.content_hash[:8]}"
-    spec = load_study({"name": name, "bench": bench_spec.model_dump(), "adaptive": [dict(adaptive)], "joint": False,
+    spec = load_study({"name": name, "bench": bench_spec.model_dump(), "adaptive": [dict(adaptive)],
                        "seeds": [seed], "allow_labels": allow_labels})
     ctx = Run(spec, store_url, bench=bench)
     nodes, done = run_graph(ctx, local_submit(ctx, on_node=on_node, adapt_progress=progress, start_progress=start_progress))

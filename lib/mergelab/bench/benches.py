@@ -92,19 +92,29 @@ class BenchSpec(Strict):
 class Bench:
     """A backbone, its classification tasks (in task order) and each task's checkpoint source.
 
-    ``data_id`` identifies everything evaluation depends on besides the merged encoder weights:
-    the whole pre-trained model (its text tower builds the heads), the tasks' data, class
-    names and templates, and their own heads where they bring them. Store keys of evaluations
-    include it. ``heads``: each task's trained ``(C, D)`` classifier head (``hf_seq_cls``), or
-    ``None`` for zero-shot heads built from the class names.
+    :attr:`data_id` identifies everything evaluation depends on besides the merged encoder
+    weights, from two parts: ``model_id`` (the whole pre-trained model, whose text tower builds
+    the heads, and the bench's settings) and ``task_ids`` (per task: its data, class names and
+    templates, and its own head where it brings one). Store keys of evaluations include it. It
+    follows :attr:`tasks`, so a bench narrowed to some tasks (:func:`mergelab.onbench.bench_for`)
+    has the id of a study of those tasks, and both share their evaluations. ``heads``: each task's
+    trained ``(C, D)`` classifier head (``hf_seq_cls``), or ``None`` for zero-shot heads built from
+    the class names. ``dtype``: the encoder's, when a study places it in another than float32.
     """
 
     name: str
     backbone: Backbone
     tasks: dict[str, ClassificationTask]
     sources: list[tuple[str, Path]]
-    data_id: str
+    model_id: dict[str, Any]
+    task_ids: dict[str, Any]
     heads: dict[str, Tensor] | None = None
+    dtype: str = "float32"
+
+    @property
+    def data_id(self) -> str:
+        data = content_hash({**self.model_id, "tasks": [self.task_ids[t] for t in self.tasks]})
+        return data if self.dtype == "float32" else content_hash({"data": data, "dtype": self.dtype})
 
     @cached_property
     def taskset(self) -> TaskSet:
@@ -147,11 +157,10 @@ def _micro(spec: BenchSpec, tasks: Sequence[str] | None) -> Bench:
     if rank not in micro.adapters:
         raise InputError(f"bench.rank: no {rank!r} adapter set in {spec.root}; built sets: {', '.join(map(str, micro.adapters))}")
     base = micro.root / micro.manifest["base"]["dir"]
-    data_id = content_hash({"weights": [_file_digest(p) for p in sorted(base.iterdir()) if p.is_file()],
-                            "seed": micro.manifest["seed"], "profile": micro.manifest["profile"],
-                            "tasks": [_task_id(micro.tasks[t]) for t in names]})
+    model_id = {"weights": [_file_digest(p) for p in sorted(base.iterdir()) if p.is_file()],
+                "seed": micro.manifest["seed"], "profile": micro.manifest["profile"]}
     return Bench(f"micro-r{rank}" if isinstance(rank, int) else f"micro-{rank}", micro.backbone, {t: micro.tasks[t] for t in names},
-                 [(t, micro.adapters[rank][t]) for t in names], data_id)
+                 [(t, micro.adapters[rank][t]) for t in names], model_id, {t: _task_id(micro.tasks[t]) for t in names})
 
 
 def _folder_bench(name: str, backbone: Backbone, spec: BenchSpec, tasks: Sequence[TaskSource] | None, weights_id: Any) -> Bench:
@@ -168,9 +177,9 @@ def _folder_bench(name: str, backbone: Backbone, spec: BenchSpec, tasks: Sequenc
         built[t.name] = folder_task(t.data, name=t.name, image_size=size, classnames=t.classnames,
                                     templates=tuple(t.templates) if t.templates else DEFAULT_TEMPLATES)
     # no "kind" field: the data ids (and so the evaluation keys) of open_clip benches stay what they were
-    data_id = content_hash({"arch": spec.arch, "weights": weights_id, "size": size,
-                            "tasks": [(_task_id(built[t.name]), _folder_id(Path(t.data))) for t in tasks]})
-    return Bench(name, backbone, built, [(t.name, Path(t.adapter or t.checkpoint)) for t in tasks], data_id)
+    return Bench(name, backbone, built, [(t.name, Path(t.adapter or t.checkpoint)) for t in tasks],
+                 {"arch": spec.arch, "weights": weights_id, "size": size},
+                 {t.name: (_task_id(built[t.name]), _folder_id(Path(t.data))) for t in tasks})
 
 
 def _open_clip(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
@@ -266,12 +275,12 @@ def _hf_seq_cls(spec: BenchSpec, tasks: Sequence[TaskSource] | None) -> Bench:
         if heads[t.name].shape[0] != built[t.name].num_classes:
             raise InputError(f"tasks: {t.name}'s head has {heads[t.name].shape[0]} classes, its data {built[t.name].num_classes} "
                              f"({list(built[t.name].classnames)[:5]}); give classnames in head order")
-    data_id = content_hash({"kind": "hf_seq_cls", "weights": [_file_digest(p) for p in sorted(root.iterdir()) if p.is_file()],
-                            "max_length": spec.max_length,
-                            "tasks": [(_task_id(built[t.name]), _folder_id(Path(t.data)), _file_digest(weights_file(Path(t.adapter), ADAPTER_WEIGHTS)))
-                                      for t in tasks]})
+    model_id = {"kind": "hf_seq_cls", "weights": [_file_digest(p) for p in sorted(root.iterdir()) if p.is_file()],
+                "max_length": spec.max_length}
+    task_ids = {t.name: (_task_id(built[t.name]), _folder_id(Path(t.data)), _file_digest(weights_file(Path(t.adapter), ADAPTER_WEIGHTS)))
+                for t in tasks}
     backbone = hf_sequence_backbone(model.eval(), tokenizer=tokenize, linear_heads=True)
-    return Bench(root.name, backbone, built, [(t.name, Path(t.adapter)) for t in tasks], data_id, heads)
+    return Bench(root.name, backbone, built, [(t.name, Path(t.adapter)) for t in tasks], model_id, task_ids, heads)
 
 
 #: ``bench.kind`` -> builder ``(BenchSpec, tasks) -> Bench``.

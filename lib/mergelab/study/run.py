@@ -13,7 +13,6 @@ from typing import Any
 from mergelab.bases import Bases, space_bases
 from mergelab.bench import Bench, BenchSession, load_bench
 from mergelab.config import AdaptiveSpec, StudySpec, config_label
-from mergelab.hashing import content_hash
 from mergelab.merging import METHODS
 from mergelab.profiling import trim_heap
 from mergelab.store import Key, Kind, Store
@@ -147,8 +146,7 @@ class Run:
         backbone = placed(bench.backbone, self.spec.device, self.spec.dtype)
         if backbone is bench.backbone:  # the CPU in float32: nothing to place
             return bench
-        data_id = bench.data_id if self.spec.dtype == "float32" else content_hash({"data": bench.data_id, "dtype": self.spec.dtype})
-        return replace(bench, backbone=backbone, data_id=data_id)
+        return replace(bench, backbone=backbone, dtype=self.spec.dtype)
 
     @cached_property
     def session(self) -> BenchSession:
