@@ -1,4 +1,4 @@
-"""Figure builders: store -> tidy xarray/pandas -> matplotlib figures (DESIGN §1).
+"""Figure builders: store -> tidy xarray/pandas -> matplotlib figures.
 
 Notebooks import this package first. Kernels without ipywidgets (``mergelab report``'s, a bare
 JupyterLab) would print tqdm's "IProgress not found" warning under the first cell that imports a

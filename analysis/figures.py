@@ -1,4 +1,4 @@
-"""Figure builders for the weight-only analyses: one function per paper figure (CONVENTIONS "Figures are functions").
+"""Figure builders for the weight-only analyses: one function per paper figure (a figure is a function of Datasets).
 
 Each function takes a Dataset produced by :mod:`mergelab.analysis` (read back from the store or
 computed in place) and returns a :class:`matplotlib.figure.Figure` built without pyplot state,

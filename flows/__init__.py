@@ -1,1 +1,1 @@
-"""Prefect flows: thin wrappers over ``mergelab`` (DESIGN §8)."""
+"""Prefect flows: thin wrappers over ``mergelab``."""

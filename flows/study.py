@@ -1,4 +1,4 @@
-"""Prefect flows of a study (DESIGN §8): thin wrappers over :mod:`mergelab.study`.
+"""Prefect flows of a study: thin wrappers over :mod:`mergelab.study`.
 
 Flows: ``stage``, ``merge_sweep``, ``evaluate``, ``adapt``, ``analyze`` and ``study`` (end to end).
 Each takes the study file (re-read on every run, so a scheduled deployment picks up edits) and

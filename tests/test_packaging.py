@@ -44,7 +44,7 @@ def test_ci_runs_the_readme_test_command():
 def test_library_does_not_import_orchestration_or_notebook_stacks():
     forbidden = re.compile(r"^\s*(?:from|import)\s+(prefect|prefect_dask|jupyter\w*|nbclient|papermill|seaborn|mergelab_flows|mergelab_figures)\b", re.M)
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "lib/mergelab").rglob("*.py") if forbidden.search(p.read_text())]
-    # the entry point's study commands call flows (DESIGN §1: cli -> flows) and the report runner
+    # the entry point's study commands call flows (cli -> flows) and the report runner
     assert offenders == ["lib/mergelab/cli/studies.py"]
     cli = (REPO / "lib/mergelab/cli/studies.py").read_text()
     assert not re.search(r"^\s*(?:from|import)\s+(prefect|prefect_dask|jupyter\w*|nbclient|papermill|seaborn)\b", cli, re.M)
@@ -73,14 +73,17 @@ def test_make_lab_passes_allow_root_only_as_root(tmp_path, uid, as_root):
 
 
 def test_the_repository_points_nowhere_outside_itself():
-    """Docs and docstrings name no file beside the checkout (the team's shared folder), and every
-    relative Markdown link of the docs resolves to a file in the repository."""
-    outside = re.compile(r"\.\./shared|/shared/|shared folder|DESIGN\.md|REFERENCES\.md")
-    texts = [REPO / "README.md", REPO / "notebooks" / "README.md", *(REPO / "docs").glob("*.md"),
-             *(REPO / "lib" / "mergelab").rglob("*.py"), *(REPO / "analysis").rglob("*.py"), *(REPO / "flows").rglob("*.py")]
+    """No text of the repository (docs, docstrings, comments, studies, notebooks) names a file or
+    section beside the checkout (the team's shared folder and its design, references and
+    conventions notes), and every relative Markdown link of the docs resolves to a file in the
+    repository."""
+    outside = re.compile(r"\.\./shared|/shared/|shared folder|DESIGN\.md|REFERENCES\.md|(?:DESIGN|REFERENCES) §|CONVENTIONS")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    texts = [REPO / f for f in tracked if f.endswith((".py", ".md", ".yaml", ".yml", ".ipynb", ".toml", "Makefile"))
+             and f != "tests/test_packaging.py"]
+    assert len(texts) > 100
     assert [f"{p.relative_to(REPO)}: {m[0]}" for p in texts for m in outside.finditer(p.read_text())] == []
     docs = [REPO / "README.md", REPO / "notebooks" / "README.md", *(REPO / "docs").glob("*.md")]
-    assert [f"{p.relative_to(REPO)}: {m[0]}" for p in docs for m in re.finditer(r"(?:DESIGN|REFERENCES) §", p.read_text())] == []
     links = [(p, target) for p in docs for target in re.findall(r"\]\(([^)\s#:,]+)(?:#[^)]*)?\)", p.read_text())]
     assert links, "the docs link each other"
     assert [f"{p.relative_to(REPO)} -> {t}" for p, t in links

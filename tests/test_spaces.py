@@ -144,7 +144,7 @@ def test_knots_variants_represent_tasks_with_and_without_singular_values():
 
 
 def test_knots_paper_variant_trims_globally_across_layers():
-    """KnOTS-TIES (REFERENCES §2 step 6): one top-k over every layer's diag(s)·V_t."""
+    """KnOTS-TIES (the KnOTS code's TIES): one top-k over every layer's diag(s)·V_t."""
     big = random_taskset({"big.weight": (10, 8)}, 2, rank=2, seed=0)
     small = random_taskset({"small.weight": (10, 8)}, 2, rank=2, seed=1)
     tasks = tuple(TaskUpdate(n, {**a.modules, "small.weight": LowRank(b.modules["small.weight"].B * 1e-3,

@@ -1,7 +1,7 @@
 """mergelab: merging fine-tuned models and LoRA adapters in full, KnOTS and Core space.
 
 The library is pure and importable: no Prefect, Jupyter or seaborn imports live under
-``mergelab``. See DESIGN §10 for the public API.
+``mergelab``. The public API is what its ``__all__`` lists.
 """
 
 from importlib.metadata import PackageNotFoundError, version

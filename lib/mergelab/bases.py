@@ -1,5 +1,5 @@
 """Bases as reusable artifacts: the decompositions behind the knots and core spaces and behind the
-SVD banks of TARA-B and AdaRank, computed once per task set and shared through the store (DESIGN §7).
+SVD banks of TARA-B and AdaRank, computed once per task set and shared through the store.
 
 Computing a basis is the expensive, reusable part of a merge in the knots or core space and of
 building an SVD bank; it depends only on the task set's updates and a few options, not on the

@@ -1,4 +1,4 @@
-"""The study specification (pydantic), loaded from YAML (DESIGN §8).
+"""The study specification (pydantic), loaded from YAML.
 
 A study names the benchmark (a backend with its base checkpoint and tasks), the static merge
 methods × spaces × hyper-parameter grids, the selection rule, the adaptive methods, the

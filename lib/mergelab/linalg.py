@@ -1,6 +1,6 @@
 """Shared numerics for spaces, merge methods, analysis and adaptation.
 
-CONVENTIONS "Numerics": SVDs run in float64 on CPU with ``full_matrices=False``; truncation is
+Numerics: SVDs run in float64 on CPU with ``full_matrices=False``; truncation is
 by an explicit, named tolerance. Callers pass the dtype a matrix *came from* so that the default
 tolerance matches the precision its numbers were computed in (a float32 LoRA product carries
 float32 rounding noise even after an upcast). Factored updates ``B @ A`` are decomposed from

@@ -1,4 +1,4 @@
-"""One shape for every registry of the project (DESIGN §11): methods, spaces, adaptive methods,
+"""One shape for every registry of the project: methods, spaces, adaptive methods,
 benches, analyses, adaptation studies and selection rules.
 
 A :class:`Registry` is a ``dict`` of named entries of one concept. Looking up a name it does not

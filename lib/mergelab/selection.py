@@ -1,5 +1,5 @@
 """Selection rules: how a study (and ``mergelab merge --select``) chooses one configuration of each
-method × space on the validation split (DESIGN §6: the test split never selects).
+method × space on the validation split (the test split never selects).
 
 ``SELECTION_RULES[name]`` is the only list of rules: the study spec validates ``selection:``
 against it, the results node applies it (:func:`select`), the evaluation computes the metric it

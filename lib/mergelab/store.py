@@ -1,4 +1,4 @@
-"""The artifact store: content-addressed, atomic, on any fsspec filesystem (DESIGN §7).
+"""The artifact store: content-addressed, atomic, on any fsspec filesystem.
 
 Layout under the root URL::
 

@@ -1,6 +1,6 @@
 """The data model: per-module updates, per-task update sets, task sets and merged updates.
 
-PEFT conventions throughout (DESIGN §2): ``lora_A`` has shape ``(r, in)``, ``lora_B`` has
+PEFT conventions throughout: ``lora_A`` has shape ``(r, in)``, ``lora_B`` has
 shape ``(out, r)`` and a module's update is ``delta = scaling * B @ A``. :class:`LowRank` stores
 the scaling already folded into ``B``, in the orientation of the base model's parameter (so a
 ``fan_in_fan_out`` adapter is transposed on load). The papers write ``ΔW = B Aᵀ`` with ``A`` of

@@ -1,4 +1,4 @@
-"""Test-time adaptation of merge coefficients (DESIGN §4): registry ``ADAPTERS`` and :func:`adapt`.
+"""Test-time adaptation of merge coefficients: registry ``ADAPTERS`` and :func:`adapt`.
 
 | name             | directions (bank)                     | learned                          | objective |
 |------------------|---------------------------------------|----------------------------------|-----------|

@@ -1,6 +1,6 @@
 """Direction banks: the fixed directions an adaptive merge reweights, one bank per module.
 
-Every adaptive method of DESIGN §4 merges one module as
+Every adaptive method merges one module as
 
     ΔW(c) = offset + B_bank · diag(c) · A_bank          (low-rank bank, K directions)
     ΔW(c) = offset + Σ_k c_k D_k                         (dense bank: full fine-tunes, biases)

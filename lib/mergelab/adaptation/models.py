@@ -1,4 +1,4 @@
-"""Learnable coefficient maps over direction banks: the adaptive merged models of DESIGN §4.
+"""Learnable coefficient maps over direction banks: the adaptive merged models.
 
 A :class:`CoefficientModel` holds one :class:`~mergelab.adaptation.bank.Bank` per module and
 learnable tensors that determine each bank's coefficients ``c``; :meth:`deltas` gives the

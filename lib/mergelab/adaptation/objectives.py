@@ -1,4 +1,4 @@
-"""Label-free per-task objectives and their scalarisations (DESIGN §4).
+"""Label-free per-task objectives and their scalarisations.
 
 Per-task objectives ``f_t``:
 

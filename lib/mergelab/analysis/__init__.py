@@ -1,4 +1,4 @@
-"""Per-layer, per-module statistics of task sets as xarray Datasets (DESIGN §5).
+"""Per-layer, per-module statistics of task sets as xarray Datasets.
 
 Weight-only analyses, each a pure function of a TaskSet (or a merged update) returning a Dataset
 with named dims (``task``, ``module`` with ``layer`` / ``kind`` coordinates, ``component``, …);

@@ -1,7 +1,7 @@
 """What the model-dependent analyses share: validation batches and per-task losses.
 
 The analyses of :mod:`mergelab.experiments.model_analyses` run the model on a task's
-**validation** images only (DESIGN §6: never select or adapt on the test split):
+**validation** images only (never select or adapt on the test split):
 
 - :func:`image_batches` — the first ``batches × batch_size`` images of a split, in batches
   (``batches=None``: every image), with their labels only when a labelled loss asks for them;

@@ -1,4 +1,4 @@
-"""Frobenius geometry of task updates computed from their factors (DESIGN §5, CONVENTIONS "Numerics").
+"""Frobenius geometry of task updates computed from their factors.
 
 Every statistic in :mod:`mergelab.analysis` that needs inner products between updates goes
 through this module, so no analysis ever forms ``B @ A`` or a ``d·m``-long ``vec`` of it:
@@ -36,7 +36,7 @@ def _f64(t: Tensor) -> Tensor:
 
 
 def split_modules(modules: Mapping[str, Update], *, split_packed: bool = True) -> dict[str, Update]:
-    """``{name: update}`` with packed q/k/v projections split into their views (DESIGN §2)."""
+    """``{name: update}`` with packed q/k/v projections split into their views."""
     if not split_packed:
         return dict(modules)
     out: dict[str, Update] = {}

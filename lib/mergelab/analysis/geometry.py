@@ -1,4 +1,4 @@
-"""Task-vector geometry: norms and similarities per module, layer and task (DESIGN §5; 004 Sec. 4.3, App. G).
+"""Task-vector geometry: norms and similarities per module, layer and task (004 Sec. 4.3, App. G).
 
 Everything is computed from Frobenius inner products of the updates (``‖BA‖_F² = tr((BᵀB)(AAᵀ))``
 and the identities of :mod:`mergelab.analysis.factored`), never from a materialised ``B @ A``.

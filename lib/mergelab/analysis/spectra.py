@@ -1,4 +1,4 @@
-"""Singular spectra, numerical rank and subspace alignment of task updates (DESIGN §5).
+"""Singular spectra, numerical rank and subspace alignment of task updates.
 
 - Per-task spectra of every module's update from its factors: with ``B = Q_B R_B`` and
   ``Aᵀ = Q_A R_A`` (thin QR), ``B A = Q_B (R_B R_Aᵀ) Q_Aᵀ``, so the singular values of the

@@ -1,4 +1,4 @@
-"""Benchmarks a study runs on (DESIGN §8, §9, §11).
+"""Benchmarks a study runs on.
 
 - :mod:`~mergelab.bench.benches`: the spec types of a study's ``bench:`` / ``tasks:`` sections and
   ``BENCHES[kind]``, which builds a :class:`Bench` (a backbone, its tasks, their adapters) from them;

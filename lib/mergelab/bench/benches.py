@@ -1,4 +1,4 @@
-"""Benchmarks a study runs on: a backbone, its tasks and their adapters (DESIGN §8, §9).
+"""Benchmarks a study runs on: a backbone, its tasks and their adapters.
 
 ``BENCHES[kind](spec, tasks)`` builds a :class:`Bench` from the study's ``bench:`` section and
 its ``tasks:`` list:

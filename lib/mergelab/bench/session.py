@@ -17,7 +17,7 @@ study's nodes, the adaptation studies, the model-dependent analyses, ``merge --s
   task's head, TAS against the task's fine-tuned model (004 Eq. 2; its features computed once), and
   the functional forward adaptation runs. One encoder pass of a split serves both accuracy and TAS.
 
-Nothing here reads the test split unless a caller asks for it by name (DESIGN §6).
+Nothing here reads the test split unless a caller asks for it by name.
 ``for_thread()`` gives a worker thread its own copy of the backbone (a functional forward swaps a
 module's parameters while it runs) sharing every cache.
 """

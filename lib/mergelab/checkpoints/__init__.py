@@ -6,7 +6,7 @@
   ``adapter_model.bin``). The scaling ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), per-module
   ``rank_pattern`` / ``alpha_pattern``, ``fan_in_fan_out`` and embedding LoRAs are applied here,
   once, so every downstream method sees ``delta = B @ A`` in the base parameter's orientation.
-  (The KnOTS and Core Space reference code omit the scaling; REFERENCES §1.1.)
+  (The KnOTS and Core Space reference code omit the scaling.)
 * full fine-tuned checkpoints (a safetensors state dict, or a directory holding
   ``model.safetensors``) as :class:`~mergelab.taskset.Dense` deltas against the base.
 

@@ -2,7 +2,7 @@
 
 Layout: ``ROOT/<split>/<class>/<image>`` with ``split`` in train / val / test (a missing ``val``
 is carved from ``train`` with a seeded permutation, as KnOTS carves val from test for datasets
-without one, REFERENCES §2). Class folder names become class names (``_`` -> space) unless
+without one, as the KnOTS code). Class folder names become class names (``_`` -> space) unless
 ``classnames`` are given. Images are resized to ``image_size`` and kept as uint8 in memory.
 """
 

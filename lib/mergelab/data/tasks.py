@@ -4,7 +4,7 @@ A task holds uint8 images ``(N, S, S, 3)`` per split (``train`` / ``val`` / ``te
 labels, natural-language class names and prompt templates. :func:`to_tensor` normalises images
 for the backbones; :func:`joint_label_space` pools the class names of several tasks and
 de-duplicates them (MNIST and SVHN share their ten digit labels in KnOTS' 748-label joint task,
-REFERENCES §2; 001 App. C.4).
+001 App. C.4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evaluation: zero-shot heads, per-task / normalised / joint metrics, dense decoders (DESIGN §6)."""
+"""Evaluation: zero-shot heads, per-task / normalised / joint metrics, dense decoders."""
 
 from mergelab.evaluation.dense import KINDS, refit_score
 from mergelab.evaluation.heads import image_logits, joint_head, task_head, zero_shot_head

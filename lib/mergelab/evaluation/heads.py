@@ -1,4 +1,4 @@
-"""Zero-shot CLIP heads from class names × prompt templates (REFERENCES §2, KnOTS' generate_clip_heads).
+"""Zero-shot CLIP heads from class names × prompt templates (as KnOTS' ``generate_clip_heads``).
 
 For each class, the text embeddings of its prompts are normalised, averaged over templates and
 renormalised; the head is that matrix times the backbone's logit scale. Logits of an image are

@@ -1,4 +1,4 @@
-"""Classification metrics: per-task top-1, normalised accuracy, joint-task Hits@k (REFERENCES §2).
+"""Classification metrics: per-task top-1, normalised accuracy, joint-task Hits@k (as the KnOTS code measures them).
 
 * per-task top-1 accuracy with each task's own zero-shot head (001 Tab. 1, KnOTS protocol);
 * normalised accuracy ``acc / acc_finetuned`` against the task's own fine-tuned model, measured

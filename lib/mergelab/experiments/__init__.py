@@ -1,7 +1,7 @@
-"""Experiments: what runs a model on a benchmark (DESIGN §4–§6).
+"""Experiments: what runs a model on a benchmark.
 
 The layer above the pure TaskSet / tensor libraries (:mod:`mergelab.analysis`,
-:mod:`mergelab.adaptation`, :mod:`mergelab.merging`) and below the study nodes (DESIGN §11). Every
+:mod:`mergelab.adaptation`, :mod:`mergelab.merging`) and below the study nodes. Every
 experiment runs its model through a :class:`mergelab.bench.BenchSession`, the one place that builds
 zero-shot heads, forms ``W_0 + ΔW`` and draws validation batches:
 

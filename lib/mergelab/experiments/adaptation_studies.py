@@ -1,4 +1,4 @@
-"""Shared machinery of the adaptation studies (DESIGN §4, §6): adapt on validation images, report
+"""Shared machinery of the adaptation studies: adapt on validation images, report
 per-task accuracy, and the AdaRank learning ablation (002 Tab. 4).
 
 An :class:`AdaptationSetting` is a :class:`~mergelab.bench.BenchSession`, some of its

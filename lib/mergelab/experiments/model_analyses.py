@@ -1,4 +1,4 @@
-"""The analyses that run the model on a bench's validation images (DESIGN §6), through a :class:`BenchSession`.
+"""The analyses that run the model on a bench's validation images, through a :class:`BenchSession`.
 
 Each is registered in :data:`mergelab.experiments.registry.ANALYSES` with ``needs="bench"``; the
 mathematics and the Dataset schemas are those of the pure modules they build on:

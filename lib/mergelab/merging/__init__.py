@@ -1,4 +1,4 @@
-"""Merge methods and the registry ``METHODS`` (DESIGN §3, §10; CONVENTIONS).
+"""Merge methods and the registry ``METHODS``.
 
 Each method is one small pure function of the per-task tensors (plus hyper-parameters) in
 the family module that defines it; ``METHODS`` below is the only place that enumerates them

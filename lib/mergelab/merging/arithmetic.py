@@ -73,7 +73,7 @@ def metagpt(deltas: Sequence[Tensor], norms: Sequence[Tensor] | None = None, *, 
 
     Defaults: ``group="layer"``, 004's "MetaGPT per layer" (Eq. 4; the version 004 reports);
     ``"model"`` is the original (Eq. 3). ``power=2`` (squared norms) as the MetaGPT paper and the
-    IBM/STAR code (REFERENCES §12); 004's Eqs. 3-4 print the norm without the square: ``power=1``.
+    IBM/STAR code (``merger/metagpt.py``); 004's Eqs. 3-4 print the norm without the square: ``power=1``.
     ``norms``: the tasks' norms over the group (the driver derives them, :func:`group_norms`);
     ``None`` uses the norms of ``deltas`` themselves. All-zero updates give zero.
     """

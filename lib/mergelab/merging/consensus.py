@@ -1,5 +1,5 @@
 """Consensus merging with TALL masks (Wang et al., 2024, "Localizing Task Information for
-Improved Model Merging and Compression"; REFERENCES §11)."""
+Improved Model Merging and Compression")."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def tall_masks(deltas: Sequence[Tensor], lam: float) -> Tensor:
 
 
 def consensus(deltas: Sequence[Tensor], *, lam: float = 0.4, k: int = 2, alpha: float = 0.4) -> Tensor:
-    """Consensus merging (Wang et al., 2024; REFERENCES §11): keep the entries of ``τ_MTL = Σ_t τ_t`` that at least ``k`` TALL masks
+    """Consensus merging (Wang et al., 2024): keep the entries of ``τ_MTL = Σ_t τ_t`` that at least ``k`` TALL masks
     select, ``alpha · 1[Σ_t m_t ≥ k] ⊙ τ_MTL``.
 
     ``k = 2`` removes "catastrophic" (no task) and "selfish" (one task) weights. Defaults are

@@ -121,7 +121,7 @@ class Projection:
 
     ``merge(projection, method, **hp)`` skips the projection: a hyper-parameter sweep projects
     once (the expensive step of KnOTS). Merges never modify the projected matrices, so reuse is
-    safe (unlike the Core Space code's cached DARE inputs, REFERENCES §3).
+    safe (unlike the Core Space code's cached DARE inputs).
     """
 
     taskset: TaskSet

@@ -77,7 +77,7 @@ def lora_lego(factors: Sequence[LowRank], *, k: int | None = None, alpha: float 
     5. Output reweighting: the merged LoRA is scaled by ``√r / √k`` (r the original rank).
     6. ``ΔW = alpha · Σ_c b̄_c ā_cᵀ``, returned as factors of rank ``k``.
 
-    Decision: a unit's ``b`` carries the task's LoRA scaling ``α_t / r_t`` (DESIGN §2 folds it into
+    Decision: a unit's ``b`` carries the task's LoRA scaling ``α_t / r_t`` (the task set folds it into
     ``B``), so tasks with a larger ``α/r`` weigh more in the clustering and the centroids. With one
     ``α/r`` for all tasks (the papers' setting) every ``b`` half shares one factor, so the clusters
     can still differ from those of unscaled ``B`` factors when ``α/r ≠ 1``; ``features="normalized"``

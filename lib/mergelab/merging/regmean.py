@@ -1,5 +1,5 @@
 """RegMean (Jin et al., 2023, "Dataless Knowledge Fusion by Merging Weights of Language
-Models"; 001 Sec. 4 (i); REFERENCES §13), and the forward hooks that collect its Gram matrices.
+Models"; 001 Sec. 4 (i)), and the forward hooks that collect its Gram matrices.
 
 For a linear layer ``y = W x`` RegMean solves ``min_W Σ_t ‖X_t Wᵀ − X_t W_tᵀ‖²`` per layer:
 ``W* = (Σ_t W_t G_t)(Σ_t G_t)⁻¹`` with ``G_t = X_tᵀ X_t / N_t`` the input Gram matrix of task

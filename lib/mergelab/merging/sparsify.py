@@ -1,6 +1,6 @@
 """Element-wise sparsification and sign consensus: TIES, DARE, magnitude pruning, Breadcrumbs.
 
-Shared semantics (REFERENCES §1.4 / §1.5 list how the implementations disagree; these are
+Shared semantics (the reference implementations disagree on these points; here are
 the choices, each also stated in the method's docstring):
 
 * **Trim scope**: the tensor a method is given. Per module in the full and core spaces
@@ -21,7 +21,7 @@ the choices, each also stated in the method's docstring):
   ``density = 1 − p``), rescale survivors by ``1/(1 − p)`` (not mergekit's L1 rescaling).
   Masks come from ``torch.Generator().manual_seed(seed)``, drawn task by task in order; the
   merge driver derives a distinct seed per module. Inputs are never modified in place (the
-  Core Space cache bug, REFERENCES §3).
+  Core Space code's cache bug).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def breadcrumbs(deltas: Sequence[Tensor], *, density: float = 0.9, gamma: float 
     fraction of largest-magnitude outliers and the smallest entries so that a ``density``
     fraction remains, then ``alpha · Σ_t``.
 
-    Parameterised as mergekit's ``magnitude_outliers`` sparsifier (REFERENCES §10); when
+    Parameterised as mergekit's ``magnitude_outliers`` sparsifier; when
     ``density + gamma > 1`` fewer outliers are dropped so that ``density`` is kept, as there.
     """
     return alpha * torch.stack([_breadcrumb(d, density, gamma) for d in deltas]).sum(dim=0)

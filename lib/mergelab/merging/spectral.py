@@ -4,7 +4,7 @@ LoRA-aware truncated SVD of the sum.
 All SVDs run in float64 with ``full_matrices=False`` (:mod:`mergelab.linalg`); results
 come back in the input dtype.
 
-**Null space of a LoRA update** (REFERENCES §3 "Iso caveat", §18; issue 29). In the full space a
+**Null space of a LoRA update** (a caveat of the Core Space code's Iso-C; issue 29). In the full space a
 LoRA update has rank ≤ T·r ≪ min(out, in); its remaining singular values are zero and their
 singular vectors are arbitrary (whatever LAPACK completes the basis with, which changes with the
 thread count, the BLAS and the factorisation of ΔW). The originals use a fixed number of
@@ -149,7 +149,7 @@ def iso_c(deltas: Sequence[Tensor], frame: Tensor | None = None, *, alpha: float
 
 def iso_cts(deltas: Sequence[Tensor], frame: Tensor | None = None, *, alpha: float = 1.0, common_fraction: float = 0.8,
             support: Support = "all", rank_rtol: float | None = None) -> Tensor:
-    """Iso-CTS (Marczak et al., 2025, Sec. 4.2; REFERENCES §7): a common subspace plus
+    """Iso-CTS (Marczak et al., 2025, Sec. 4.2; iso-merging's code): a common subspace plus
     task-specific ones, then an isotropic spectrum.
 
     With ``d`` the number of singular values in play (``min(m, n)``, or the numerical rank ``ρ`` of
@@ -234,7 +234,7 @@ def _star_one(delta: Tensor, eta: float) -> Tensor:
 
 
 def star(deltas: Sequence[Tensor], *, alpha: float = 1.0, eta: float = 40.0) -> Tensor:
-    """STAR, Spectral Truncation And Rescale (Lee et al., NAACL 2025; REFERENCES §9): per task,
+    """STAR, Spectral Truncation And Rescale (Lee et al., NAACL 2025): per task,
     keep the smallest rank ``r`` whose singular values hold ``eta`` % of the nuclear norm,
     rescale them by ``Σ_i σ_i / Σ_{i≤r} σ_i`` (nuclear norm preserved), then average:
     ``alpha · (1/T) Σ_t STAR(τ_t)``. Default ``eta=40`` (STAR code).
@@ -248,7 +248,7 @@ def svd_of_sum(deltas: Sequence[Tensor], *, alpha: float = 0.3, rank: int | None
     ``alpha Σ_t τ_t ≈ U_k diag(σ_k) V_kᵀ``, returned as factors ``(U_k diag(σ_k), V_kᵀ)``.
 
     ``rank=None`` recovers the rank of the original LoRAs: the largest numerical rank among the
-    task updates. Unlike PEFT (REFERENCES §14) the LoRA scaling enters once, the SVD is reduced
+    task updates. Unlike PEFT's ``add_weighted_adapter`` SVD the LoRA scaling enters once, the SVD is reduced
     (``full_matrices=False``), in float64.
     """
     total = alpha * _sum(deltas)

@@ -1,6 +1,6 @@
 """The micro benchmark's tasks: eight classification tasks and a heterogeneous dense suite.
 
-Eight tasks mirror the papers' eight (001 Sec. 4, App. C.1; REFERENCES §2) in structure:
+Eight tasks mirror the papers' eight (001 Sec. 4, App. C.1) in structure:
 
 ===============  ==========  =================================================  ========
 task             analogue    source                                             classes

@@ -51,7 +51,7 @@ VERSION = "2"
 CONSISTENCY = 3.0
 #: The build-variant search's record beside the exported benchmark (``benchmarks/variants.py``).
 VARIANTS_FILE = "variants.json"
-#: The rank of the default adapter set: r/d = 4/96 = 1/24 and T·r/d = 32/96 = 1/3 (DESIGN §9).
+#: The rank of the default adapter set: r/d = 4/96 = 1/24 and T·r/d = 32/96 = 1/3.
 DEFAULT_RANK = 4
 Progress = Any  # rich.progress.Progress or None
 

@@ -21,7 +21,7 @@ DESIGN = [
     "", "## Design (v2) and the measurements behind it", "",
     "The papers' phenomena need their regime: merged models well above zero-shot, spaces that differ, "
     "task vectors that act on their own task. Structure: the default adapters are rank 4 on a 96-wide ViT, "
-    "so r/d = 1/24 and T·r/d = 1/3 (DESIGN §9); the Core/KnOTS bases (T·r = 32 directions) no longer span the "
+    "so r/d = 1/24 and T·r/d = 1/3; the Core/KnOTS bases (T·r = 32 directions) no longer span the "
     "whole space, as they did with the 8 rank-16 adapters (T·r = 128 > 96). Rank 16 stays shipped as the contrast "
     "set and, with rank 4, forms the mixed set.", "",
     "Width was not the lever. On the val split (task arithmetic over a λ grid from 0.1 to 1.0; "

@@ -1,4 +1,4 @@
-"""Model backends: named weight matrices, image/text features and a functional forward (DESIGN §1, §9).
+"""Model backends: named weight matrices, image/text features and a functional forward.
 
 ``BACKENDS[name](model, **kwargs) -> Backbone`` is the one registry of backends:
 

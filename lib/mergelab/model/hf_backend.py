@@ -2,7 +2,7 @@
 
 CLIP: the merged encoder is the vision tower plus ``visual_projection`` under their ``CLIPModel``
 attribute names (``vision_model.*``, ``visual_projection.weight``), so adapters trained on the whole
-``CLIPModel`` (e.g. KnOTS' ``q_proj/k_proj/v_proj/out_proj`` LoRAs, REFERENCES §2) load against
+``CLIPModel`` (e.g. KnOTS' ``q_proj/k_proj/v_proj/out_proj`` LoRAs) load against
 ``base_state()`` unchanged. A bare ``CLIPVisionModel`` has no text tower: its embeddings are the
 pooled vision features and ``encode_text`` raises :class:`InputError`.
 

@@ -1,4 +1,4 @@
-"""Merge spaces: where a merge method sees the tasks (DESIGN §3).
+"""Merge spaces: where a merge method sees the tasks.
 
 ``SPACES[name]`` is a configured space; ``space.project(updates) -> (matrices, ctx)`` maps one
 module's per-task updates to same-shape matrices and ``space.reconstruct(merged, ctx)`` maps a

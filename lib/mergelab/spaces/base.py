@@ -1,6 +1,6 @@
 """What every merge space shares: a bilinear representation ``ΔW_t = P X_t Qᵀ``.
 
-All three spaces of DESIGN §3 are of one form. A space picks, per module, a left map ``P``
+All three spaces (full, KnOTS, Core) are of one form. A space picks, per module, a left map ``P``
 (``out × p``) with a left inverse ``P⁺`` on the span of the tasks' ``B_t``, and a right map
 ``Q`` (``in × q``, orthonormal columns) spanning the tasks' rows of ``A_t``; task ``t`` is
 represented by ``X_t = P⁺ ΔW_t Q`` and a merged ``X*`` is mapped back to ``ΔW* = P X* Qᵀ``:

@@ -17,12 +17,12 @@ __all__ = ["FullSpace"]
 
 @dataclass(frozen=True)
 class FullSpace(Space):
-    """The dense ``out × in`` update of every task (DESIGN §3, 003 Fig. 2 left).
+    """The dense ``out × in`` update of every task (003 Fig. 2 left).
 
     Options:
         scope: ``"module"`` (per tensor, as PEFT, mergekit and the Core Space code) or
             ``"model"`` (element-wise methods see the whole model flattened into one vector,
-            as the original TIES / FusionBench ``state_dict_to_vector`` path; REFERENCES §1.2).
+            as the original TIES / FusionBench ``state_dict_to_vector`` path).
         dtype: working precision of the dense matrices. Default float64, so that full-space
             results agree with the (float64) core and KnOTS spaces to float64 round-off and
             numerical ranks are detected at float64 precision; ``"float32"`` halves the memory

@@ -14,7 +14,7 @@ with ``[B_1 … B_T] = Q_B R_B`` and ``A_tᵀ = Q_t R_t`` (reduced QR),
 (``σ_max · max(shape) · eps(float64)``, or ``rank_rtol``; at least one); the KnOTS code uses an absolute
 ``s > 1e-5``, which depends on the scale of the updates.
 
-Two variants (REFERENCES §2, §3, §18), the paper's by default:
+Two variants (the paper's and its code's, as the KnOTS and Core Space code run them), the paper's by default:
 
 * ``variant="paper"`` (KnOTS paper and code, ``SVDMerger``): a task is represented by
   ``diag(s) V_t`` and element-wise methods see every layer's ``diag(s) V_t`` flattened into one

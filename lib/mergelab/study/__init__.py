@@ -1,4 +1,4 @@
-"""The nodes of a study (DESIGN §8), each cached in the store under a content key.
+"""The nodes of a study, each cached in the store under a content key.
 
 Each node kind is one :class:`Node` (kind, code version, key, compute): the key is built from
 keys and hashes only, so probing a study (:func:`up_to_date`) computes keys and nothing else.
