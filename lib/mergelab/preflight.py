@@ -4,9 +4,11 @@ Nothing heavy loads: adapter configs are JSON, safetensors files are read by the
 first ``8 + n`` bytes: names, dtypes and shapes), a base's shapes likewise, and data folders by
 file hashes. In seconds it reports per task the rank (and ``rank_pattern``), ``lora_alpha``,
 rsLoRA, the scaling, target modules and dtypes, and then what would stop or skew a merge:
-modules not every task targets (a merge refuses them), factors that do not fit the base, mixed dtypes, and images that
-sit in more than one evaluation split (a val image that is also a test image makes selection on
-val see the test split; 004 §3's selection protocol assumes disjoint splits).
+modules not every task targets (a merge refuses them), factors that do not fit the base, adapters
+that a merge of ``B A`` would get wrong (DoRA, ``lora_bias``, a quantized base:
+:data:`~mergelab.checkpoints.files.UNMERGEABLE`), mixed dtypes, and images that sit in more than
+one evaluation split (a val image that is also a test image makes selection on val see the test
+split; 004 §3's selection protocol assumes disjoint splits).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS, check_scaling, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir,
-                                        named_sources, read_adapter_config, read_tensors, weights_file)
+from mergelab.checkpoints.files import (ADAPTER_CONFIG, adapter_config, ADAPTER_WEIGHTS, FULL_WEIGHTS, check_scaling, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir,
+                                        named_sources, read_tensors, unmergeable, weights_file)
 from mergelab.checkpoints.loading import check_declared_rank, guess_param, resolve_prefix, saved_names, target_param, target_views
 from mergelab.errors import InputError
 
@@ -92,7 +94,9 @@ def _base_shapes(base: str | Path) -> dict[str, tuple[int, ...]]:
 
 def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] | None, base_module: str | None,
                     problems: list[str]) -> TaskReport:
-    config = read_adapter_config(path)
+    config = adapter_config(path)
+    refused = unmergeable(config)
+    problems += [f"{name}: {reason}" for reason in refused]
     weights = weights_file(path, ADAPTER_WEIGHTS)
     if weights is None:
         raise InputError(f"{path} has no {' or '.join(ADAPTER_WEIGHTS)}; copy the adapter weights next to its config")
@@ -104,7 +108,8 @@ def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] |
             continue  # a task's own head (modules_to_save): kept per task, never merged
         match = LORA_KEY.match(key.removeprefix(PEFT_PREFIX))
         if match is None:
-            problems.append(f"{name}: {key!r} is neither a LoRA factor nor in the config's modules_to_save")
+            if not refused:  # a DoRA magnitude vector: the feature's own line says it
+                problems.append(f"{name}: {key!r} is neither a LoRA factor nor in the config's modules_to_save")
             continue
         factors.setdefault(match["module"], {})[match["kind"].replace("_embedding", "")] = entry
     peft_modules = sorted(factors)

@@ -7,7 +7,8 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -21,9 +22,9 @@ if TYPE_CHECKING:  # torch loads with the first tensor: `mergelab check` reads n
 
     from mergelab.taskset import BaseRef, TaskSet
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FULL_WEIGHTS", "LORA_KEY", "PEFT_PREFIX", "TRAINING_ONLY", "BaseLike", "Source",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FULL_WEIGHTS", "LORA_KEY", "PEFT_PREFIX", "TRAINING_ONLY", "UNMERGEABLE", "BaseLike", "Source", "Unmergeable", "adapter_config",
            "MAX_SCALING", "StateDict", "base_ref", "check_finite", "check_scaling", "compile_pattern", "is_number", "is_rank", "is_adapter_dir", "load_grams", "load_state_dict", "named_sources", "read_adapter_config",
-           "read_tensors", "weights_file"]
+           "read_tensors", "unmergeable", "weights_file"]
 
 StateDict = dict[str, "Tensor"]
 Source = str | os.PathLike[str] | tuple[str, "str | os.PathLike[str]"]
@@ -206,6 +207,19 @@ def compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
+    """A PEFT LoRA ``adapter_config.json`` as a merge reads it (:func:`adapter_config`, without its
+    :data:`TRAINING_ONLY` fields); an adapter using an :data:`UNMERGEABLE` feature is refused (one line:
+    why, and what would be needed)."""
+    config = adapter_config(path)
+    reasons = unmergeable(config)
+    if reasons:
+        raise InputError(f"{path}: {reasons[0]}")
+    return {k: v for k, v in config.items() if k not in TRAINING_ONLY}
+
+
+def adapter_config(path: Path) -> dict[str, Any]:
+    """A PEFT LoRA ``adapter_config.json``, its fields checked (``mergelab check`` reads it so, and reports
+    what :func:`unmergeable` finds instead of stopping)."""
     text = read_text(path / ADAPTER_CONFIG, "adapter config")
     try:
         config = json.loads(text)
@@ -233,10 +247,63 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
             compile_pattern(pattern, f"{path / ADAPTER_CONFIG}: {field_name} key")
             if not valid(value):
                 raise InputError(f"{path / ADAPTER_CONFIG}: {field_name}[{pattern!r}] = {value!r} is not a valid {field_name.split('_')[0]}")
-    for unsupported in ("use_dora", "lora_bias"):
-        if config.get(unsupported):
-            raise InputError(f"{path} uses {unsupported}=True, which mergelab cannot merge exactly; merge_and_unload it into a full checkpoint")
-    return {k: v for k, v in config.items() if k not in TRAINING_ONLY}
+    return config
+
+
+#: What a merge of ``B A`` alone needs next: fold the adapter into its base, merge the result as a full fine-tune.
+_MERGE_AND_UNLOAD = ("merge_and_unload it onto the model it was trained on (PeftModel.from_pretrained(base, adapter)"
+                     ".merge_and_unload()), save that and pass it as a full checkpoint (merged as a dense delta)")
+#: ``base_model_name_or_path`` of a checkpoint published already quantized (bitsandbytes, GPTQ, AWQ, …).
+_QUANTIZED_NAME = re.compile(r"(?i)(bnb|[-_.][48]-?bit|gptq|awq|nf4|gguf)")
+
+
+@dataclass(frozen=True)
+class Unmergeable:
+    """An adapter-config feature under which the update is not ``ΔW = scaling · B A`` on a float
+    base, so a merge of the LoRA factors alone is silently not the adapter the user trained."""
+
+    feature: str
+    applies: Callable[[Mapping[str, Any]], str | None]  # config -> what in it shows the feature, or None
+    why: str
+    needs: str
+
+
+def _quantized_base(config: Mapping[str, Any]) -> str | None:
+    """What in an adapter config records a quantized base: LoftQ, QA-LoRA, or a pre-quantized base's name."""
+    if config.get("loftq_config") or config.get("init_lora_weights") == "loftq":
+        return "LoftQ initialisation (loftq_config)"
+    if config.get("use_qalora"):
+        return "use_qalora=true"
+    name = str(config.get("base_model_name_or_path") or "")
+    return f"base_model_name_or_path {name!r}" if _QUANTIZED_NAME.search(name) else None
+
+
+#: Features mergelab refuses (none of the merging papers it implements defines their merge). DoRA: Liu et al.
+#: 2024 (PEFT ``use_dora``); LoftQ: Li et al. 2023; QA-LoRA: Xu et al. 2023 (PEFT ``use_qalora``).
+UNMERGEABLE: tuple[Unmergeable, ...] = (
+    Unmergeable("DoRA", lambda c: "use_dora=true" if c.get("use_dora") else None,
+                "DoRA rescales every column of W0 + B A by a trained magnitude vector (lora_magnitude_vector), so its update "
+                "is not B A", _MERGE_AND_UNLOAD),
+    Unmergeable("lora_bias", lambda c: "lora_bias=true" if c.get("lora_bias") else None,
+                "it also trains a bias on every lora_B, an update of the layers' biases that a merge of A and B drops",
+                _MERGE_AND_UNLOAD),
+    Unmergeable("a quantized base", _quantized_base,
+                "B A was trained against the quantized weights (it corrects their quantization error, or with QA-LoRA reads "
+                "group-pooled inputs), so it is no update of the float base",
+                "dequantize the base it was trained on, merge_and_unload the adapter onto that float base and pass the result "
+                "as a full checkpoint with the dequantized base as --base"),
+)
+
+
+def unmergeable(config: Mapping[str, Any]) -> list[str]:
+    """One line per :data:`UNMERGEABLE` feature ``config`` (an ``adapter_config.json``) uses: what shows
+    it, why a merge of ``B A`` would be wrong and what would be needed instead."""
+    found = []
+    for entry in UNMERGEABLE:
+        shown = entry.applies(config)
+        if shown is not None:
+            found.append(f"trained with {entry.feature} ({shown}), which mergelab cannot merge: {entry.why}; {entry.needs}")
+    return found
 
 
 def load_grams(path: Path, taskset: TaskSet) -> dict[str, dict[str, Tensor]]:
