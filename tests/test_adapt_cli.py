@@ -40,6 +40,10 @@ def test_adapt_writes_the_adapted_merge_and_caches_the_run(tmp_path):
     written = load_taskset(MICRO / "base", [tmp_path / "a"]).tasks[0]
     inputs = load_taskset(MICRO / "base", [MICRO / "adapters" / "r4" / t for t in TASKS])
     assert set(written.modules) == set(inputs.module_names)
+    # Its card (issue 33 item 2): the inputs' hashes, the settings, the scores per task and the command.
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert all(f"`{t.content_hash}`" in card for t in inputs) and "adaptive method: `tara_a`" in card
+    assert all(f"| {t} | " in card for t in TASKS) and "mergelab adapt " in card and "--preference 0.7,0.3" in card
     # Rerunning the same command computes nothing and writes the same update.
     again = adapt(tmp_path, "--method", "tara_a", "--preference", "0.7,0.3", "--out", tmp_path / "a", "--force")
     assert again.exit_code == 0 and "cached run" in again.stdout

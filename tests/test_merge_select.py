@@ -47,6 +47,14 @@ def test_select_val_stores_every_candidate_and_picks_the_best_val_score(tmp_path
     assert np.isfinite(ds["score"].sel(task=list(TASKS), metric="acc")).all()  # test scores are recorded, never compared
     # The written adapter is the chosen configuration's merge.
     assert (tmp_path / "out-val" / "adapter_config.json").is_file()
+    # Its record and card (issue 33 item 2) hold every candidate's criterion and the chosen one's scores with their interval.
+    info = json.loads((tmp_path / "out-val" / "merge.json").read_text())
+    card = (tmp_path / "out-val" / "README.md").read_text()
+    chosen = ds["score"].sel(merge_method="task_arithmetic", space="core", seed=0, config=best)
+    assert info["selection"] == rec["selection"] and info["scores"] == rec["scores"]
+    assert info["scores"]["digits"]["acc"] == pytest.approx(float(chosen.sel(task="digits", metric="acc")))
+    assert f"Rule `val` chose `{best}`" in card and all(f"| {t} | " in card for t in TASKS)
+    assert "zeroshot" in info["intervals"] and "over zeroshot: 95 % paired bootstrap interval" in card
     # A second call evaluates nothing: every node of the selection is a cache hit.
     published = [a.key for a in store.ls()]
     select(tmp_path, "val")

@@ -39,7 +39,9 @@ import xarray as xr
 from torch import Tensor
 
 from mergelab.bench import Bench
+from mergelab.cards import SCORE_METRICS, inputs_of
 from mergelab.checkpoints import peft_template
+from mergelab.checkpoints.writing import DEFAULT_SHARD_SIZE
 from mergelab.bench import BenchSpec
 from mergelab.config import MAX_CONFIGS, config_label, load_study
 from mergelab.errors import InputError
@@ -65,6 +67,8 @@ class Selection:
     criterion: xr.DataArray
     results: str
     name: str
+    scores: dict[str, dict[str, float]]  # the chosen configuration's: task -> metric -> value
+    intervals: dict[str, tuple[float, float]]  # versus -> 95 % interval of its gain in mean normalised test accuracy
 
     @property
     def label(self) -> str:
@@ -154,8 +158,14 @@ def _chosen(ctx: Run, key: str, jobs: Sequence[Any], rule: str, seed: int, name:
     label = str(selected.config.values[int(np.argmax(selected.values))])
     config = next(j.config for j in jobs if config_label(j.config) == label)
     criterion = ds["score"].sel(at).sel(task=list(ds.attrs["tasks"]), metric=metric).mean("task")
+    chosen = ds["score"].sel(at).sel(config=label)
+    scores = {task: {m: float(chosen.sel(task=task, metric=m)) for m in SCORE_METRICS
+                     if m in ds.metric.values and np.isfinite(chosen.sel(task=task, metric=m))} for task in ds.attrs["tasks"]}
+    gains = ds["gain_ci"].sel(at) if "gain_ci" in ds else None
+    intervals = {} if gains is None else {str(v): (float(gains.sel(versus=v, bound="low")), float(gains.sel(versus=v, bound="high")))
+                                          for v in gains.versus.values if np.isfinite(gains.sel(versus=v)).all()}
     return Selection(config={**config, **({"seed": seed} if jobs[0].seed is not None else {})}, rule=rule,
-                     criterion=criterion, results=key, name=name)
+                     criterion=criterion, results=key, name=name, scores=scores, intervals=intervals)
 
 
 @dataclass(frozen=True)
@@ -231,9 +241,10 @@ class Merged:
 
 def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = "full", *, out: Path,
                    fixed: Mapping[str, str] | None = None, space_options: Mapping[str, str] | None = None, fmt: str = "peft",
-                   max_rank: int | None = None, grams: Path | None = None, modules: Sequence[str] | None = None,
+                   max_rank: int | str | None = None, grams: Path | None = None, modules: Sequence[str] | None = None,
                    force: bool = False, select: str | None = None, grid: Mapping[str, Sequence[Any]] | None = None,
                    bench: str = "micro", store: str | None = None, base_module: str | None = None,
+                   shard_size: int | str = DEFAULT_SHARD_SIZE, command: str | None = None,
                    on_selection: Callable[[str, str, Bench, Callable[..., Selection]], Selection] | None = None) -> Merged:
     """Merge ``sources`` with ``method`` in ``space``; write a PEFT adapter or merged weights to ``out``.
 
@@ -242,19 +253,27 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     (a rule of :data:`~mergelab.selection.SELECTION_RULES`) every configuration of the method's grid (``grid`` replacing some
     values, ``fixed`` left out) is merged and evaluated on ``bench``'s val split first
     (:func:`select_hyper_parameters`); ``on_selection(method, space, bench, run)`` may wrap that
-    run (the CLI shows progress: ``run(progress=…)``). Every argument is checked before anything loads.
+    run (the CLI shows progress: ``run(progress=…)``). ``max_rank`` is ``--max-rank`` (an integer, or a
+    serving engine's set: :func:`~mergelab.serving.parse_max_rank`); ``shard_size`` bounds a weights file
+    (:func:`~mergelab.checkpoints.writing.parse_size`); ``command`` (the CLI's invocation) goes to the record
+    and the card. Every argument is checked before anything loads.
     """
+    import os
     import time
 
     from mergelab.checkpoints import cap_rank, load_grams, load_taskset, save_merged, task_heads
+    from mergelab.checkpoints.writing import merged_rank, parse_size
     from mergelab.provenance import merge_reproducibility
+    from mergelab.serving import parse_max_rank
     from mergelab.spaces import get_space
     from mergelab.store import Store
 
     if not sources:
         raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
-    if max_rank is not None and (fmt != "peft" or max_rank < 1):
-        raise InputError(f"--max-rank {max_rank} caps a PEFT adapter's rank; give an integer >= 1 with --format peft")
+    if max_rank is not None and fmt != "peft":
+        raise InputError(f"--max-rank {max_rank} caps a PEFT adapter's rank; use it with --format peft")
+    cap = parse_max_rank(max_rank) if max_rank is not None else None
+    size = parse_size(shard_size)
     s = Store(store)
     check_output(fmt, out, force, store=s, sources=sources, base=base, grams=grams,
                  bench=None if bench == "micro" else bench)
@@ -285,20 +304,24 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     merged = merge(taskset, spec.name, sp, side_inputs=side_inputs, **hyper_parameters)
     merge_time = time.perf_counter() - start
     capped: dict[str, float] = {}
-    if max_rank is not None:
-        merged, capped = cap_rank(merged, max_rank)
-    written = save_merged(merged, out, format=fmt, base=base, overwrite=force, heads=task_heads(taskset))  # type: ignore[arg-type]
+    if cap is not None:
+        merged, capped = cap_rank(merged, cap.resolve(merged_rank(merged)))
     config = {"method": spec.name, "space": sp.name, "space_options": sp.options(), "hyper_parameters": merged.meta["hyper_parameters"],
-              **({"max_rank": max_rank} if max_rank is not None else {})}
+              **({"max_rank": merged.meta["max_rank"]} if cap is not None else {})}
     key = s.key("merge.config", "1", taskset=taskset, **config, **({"selection": select} if select else {}))
-    record = {**config, "tasks": [{"name": t.name, "source": t.source, "content_hash": t.content_hash} for t in taskset],
-              "base": taskset.base.__dict__, "result_content_hash": merged.content_hash, "output": str(written.resolve()),
-              "format": fmt, "ranks": {m: getattr(u, "rank", None) for m, u in merged.modules.items()},
-              "merge_time_s": round(merge_time, 4), "reproducibility": merge_reproducibility(merged)}
+    record = {**config, "tasks": inputs_of(taskset), "base": taskset.base.__dict__, "result_content_hash": merged.content_hash,
+              "output": str(Path(out).resolve()), "format": fmt, "ranks": {m: getattr(u, "rank", None) for m, u in merged.modules.items()},
+              "merge_time_s": round(merge_time, 4), "reproducibility": merge_reproducibility(merged),
+              **({"max_rank_rule": cap.describe()} if cap is not None else {}),
+              **({"serving": {"engine": cap.engine, "max_lora_rank": merged.meta["max_rank"]}} if cap is not None and cap.engine else {}),
+              **({"command": command, "cwd": os.getcwd()} if command is not None else {})}
     if selection is not None:
         record["selection"] = {"rule": selection.rule, "chosen": selection.label, "results": str(selection.results),
                                "ref": f"studies/{selection.name}/results",
                                "criterion": dict(zip(map(str, selection.criterion.config.values), map(float, selection.criterion.values)))}
+        record["scores"], record["intervals"] = selection.scores, selection.intervals
+    written = save_merged(merged, out, format=fmt, base=base, overwrite=force, heads=task_heads(taskset), record=record,  # type: ignore[arg-type]
+                          shard_size=size)
     if not s.exists(key):
         s.put_json(key, record)
     return Merged(written, str(key), s.url, record, selection, capped)
@@ -306,20 +329,25 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
 
 def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any], *, out: Path, fmt: str = "peft",
                    force: bool = False, seed: int = 0, allow_labels: bool = False, bench: str = "micro",
-                   store: str | None = None, base_module: str | None = None,
+                   store: str | None = None, base_module: str | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                   command: str | None = None,
                    progress: Callable[[int, float], None] | None = None,
                    start_progress: Callable[[int, int], None] | None = None,
                    on_node: Callable[[NodeResult], None] | None = None) -> tuple[Adapted, Path, str]:
     """Adapt ``adaptive`` (an ``adaptive:`` entry of a study) for ``sources`` on ``bench``'s unlabeled
     val images (:func:`adapt_on_bench`, which the three callbacks go to) and write the merge to
-    ``out``; returns the run, the written path and the store URL. Options are validated before
-    anything loads."""
+    ``out`` with its scores and ``command`` in the record and card (``shard_size`` as :func:`merge_adapters`);
+    returns the run, the written path and the store URL. Options are validated before anything loads."""
+    import os
+
     from mergelab.adaptation.objectives import validate_preference
     from mergelab.checkpoints import load_taskset, save_merged, task_heads
+    from mergelab.checkpoints.writing import parse_size
     from mergelab.store import Store
 
     if not sources:
         raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
+    size = parse_size(shard_size)
     check_output(fmt, out, force, store=Store(store), sources=sources, base=base, bench=None if bench == "micro" else bench)
     load_study({"name": "adapt", "adaptive": [dict(adaptive)], "allow_labels": allow_labels})  # bad options fail here
     validate_preference(adaptive.get("preference"), len(sources))
@@ -328,7 +356,13 @@ def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any
     url = Store(store).url
     result = adapt_on_bench(evaluating, bench_spec, taskset, adaptive, url, seed=seed, allow_labels=allow_labels, progress=progress,
                             start_progress=start_progress, on_node=on_node)
-    return result, save_merged(result.merged, out, format=fmt, base=base, overwrite=force, heads=task_heads(taskset)), url
+    scores = {str(task): {m: float(result.scores.sel(task=task, metric=m)) for m in SCORE_METRICS if m in result.scores.metric.values}
+              for task in result.scores.task.values}
+    record = {"tasks": inputs_of(taskset), "adaptive": dict(adaptive), "scores": scores, "study": result.name,
+              **({"command": command, "cwd": os.getcwd()} if command is not None else {})}
+    written = save_merged(result.merged, out, format=fmt, base=base, overwrite=force, heads=task_heads(taskset), record=record,
+                          shard_size=size)
+    return result, written, url
 
 
 def check_output(fmt: str, out: Path, force: bool, *, store: Store, sources: Sequence[str], base: str,

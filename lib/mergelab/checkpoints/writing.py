@@ -1,4 +1,5 @@
-"""Checkpoints out: merged weights or a PEFT adapter, written atomically; rank capping (see :mod:`mergelab.checkpoints`)."""
+"""Checkpoints out: merged weights (sharded above a size) or a PEFT adapter with its model card,
+written atomically; rank capping (see :mod:`mergelab.checkpoints`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
+from mergelab.cards import CARD, model_card
 from mergelab.errors import InputError
 from mergelab.linalg import lowrank_svd, svd64
 from mergelab.outputs import check_replaceable, claimed, follow_umask, remove_leftovers, temporary_sibling
@@ -22,7 +24,15 @@ from mergelab.taskset import LowRank, MergedUpdate, Update
 
 from mergelab.checkpoints.files import ADAPTER_CONFIG, PEFT_PREFIX, BaseLike, StateDict, load_state_dict
 
-__all__ = ["cap_rank", "save_merged"]
+__all__ = ["DEFAULT_SHARD_SIZE", "cap_rank", "merged_rank", "parse_size", "save_merged"]
+
+#: ``--shard-size`` by default: Hugging Face's ``max_shard_size`` (``save_pretrained``).
+DEFAULT_SHARD_SIZE = 5 * 10**9
+#: Byte multipliers of :func:`parse_size`'s units (KB, MB, GB, TB: powers of 10, as Hugging Face counts; KiB…: of 2).
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+#: Files of a Hugging Face model directory that ``--format weights`` copies from a base directory, so that
+#: ``from_pretrained`` loads the output as it loads the base.
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # Writing -----------------------------------------------------------------------------------
@@ -149,6 +159,27 @@ def _adapter_tensors(merged: MergedUpdate, layout: Mapping[str, Mapping[str, Any
     return tensors, ranks
 
 
+def parse_size(value: str | int) -> int:
+    """A size in bytes from ``--shard-size``: an integer, or a number with a unit of :data:`SIZE_UNITS`
+    (``5GB``, ``500MiB``, ``0.5GB``)."""
+    text = str(value).strip().upper().replace(" ", "")
+    number = text.rstrip("BKMGTI")
+    unit = text[len(number):] or "B"
+    try:
+        size = int(float(number) * SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        size = 0
+    if size < 1:
+        raise InputError(f"--shard-size {value!r} is not a size; give bytes or a number with a unit ({', '.join(SIZE_UNITS)}), e.g. 5GB")
+    return size
+
+
+def merged_rank(merged: MergedUpdate) -> int:
+    """The largest rank of ``merged``'s matrix modules: a low-rank module's rank, a dense one's full rank
+    ``min(out, in)`` (what a serving engine must accept for the merge to be served exactly)."""
+    return max((u.rank if isinstance(u, LowRank) else min(u.shape)) for u in merged.modules.values() if len(u.shape) == 2)
+
+
 def cap_rank(merged: MergedUpdate, max_rank: int) -> tuple[MergedUpdate, dict[str, float]]:
     """Every matrix module of rank above ``max_rank`` replaced by its best rank-``max_rank``
     approximation (Eckart–Young: the top singular triplets of ``ΔW``; from the factors by
@@ -183,8 +214,11 @@ def save_merged(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    record: Mapping[str, Any] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> Path:
-    """Write a merged update as a PEFT LoRA adapter directory or as merged full weights.
+    """Write a merged update as a PEFT LoRA adapter directory or as merged full weights, with its
+    record (``merge.json``) and the model card generated from it (``README.md``, :func:`~mergelab.cards.model_card`).
 
     ``format="peft"`` needs every module low rank; the adapter's rank per module is the merged
     rank, ``lora_alpha = r`` (scaling 1, rsLoRA off) and the original adapters' target modules,
@@ -200,12 +234,14 @@ def save_merged(
     ``out/merge.json`` the provenance: ``PeftModel.from_pretrained(base, out/<task>)`` is the
     merged model for that task.
     """
+    adapter_config = (merged.meta.get("peft") or {}).get("adapter_config") or {}
     info = {"method": merged.meta.get("method"), "space": merged.meta.get("space"),
             "space_options": merged.meta.get("space_options"),
             "hyper_parameters": merged.meta.get("hyper_parameters"), "tasks": merged.meta.get("tasks"),
-            "base": merged.base.__dict__, "content_hash": merged.content_hash,
+            "base": merged.base.__dict__, "base_model": adapter_config.get("base_model_name_or_path") or merged.base.name,
+            "format": format, "content_hash": merged.content_hash,
             **{k: merged.meta[k] for k in ("max_rank", "rank_cap_error", "completed_directions") if k in merged.meta},
-            "reproducibility": merge_reproducibility(merged)}
+            "reproducibility": merge_reproducibility(merged), **(record or {})}
     unsafe = [t for t in heads or {} if not SAFE_NAME.fullmatch(t)]
     if unsafe:
         raise InputError(f"task name {unsafe[0]!r} cannot name a folder of per-task adapters; name tasks with letters, digits, '_.+-'")
@@ -236,8 +272,14 @@ def save_merged(
         if foreign:
             raise InputError(f"task head {foreign[0]!r} is not a parameter of the base; pass the model the adapters were trained on as --base")
 
+        model_files = [Path(base) / f for f in MODEL_FILES if isinstance(base, (str, os.PathLike)) and (Path(base) / f).is_file()]
+
         def write_one(d: Path, own: Mapping[str, torch.Tensor]) -> None:
-            save_file({k: v.contiguous() for k, v in {**weights, **own}.items()}, str(d / "model.safetensors"))
+            from huggingface_hub import save_torch_state_dict
+
+            save_torch_state_dict({**weights, **own}, d, max_shard_size=shard_size)
+            for path in model_files:
+                shutil.copyfile(path, d / path.name)
 
     else:
         raise InputError(f"unknown format {format!r}; choose 'peft' or 'weights'")
@@ -248,6 +290,8 @@ def save_merged(
             write_one(d / task, own)
         if not heads:
             write_one(d, {})
-        (d / "merge.json").write_text(json.dumps(info, indent=2, default=str))
+        text = json.dumps(info, indent=2, default=str)
+        (d / "merge.json").write_text(text)
+        (d / CARD).write_text(model_card(json.loads(text)), encoding="utf-8")  # the card of the record as merge.json holds it
 
     return _publish_dir(Path(out), write, overwrite)

@@ -20,7 +20,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from mergelab import __version__
 from mergelab.errors import InputError
 
-__all__ = ["BaseModuleOpt", "StoreOpt", "announce_store", "app", "console", "err_console", "key_values", "main", "milestone", "progress_bars", "store_app", "warn"]
+__all__ = ["BaseModuleOpt", "StoreOpt", "announce_store", "app", "console", "err_console", "invocation", "key_values", "main", "milestone", "progress_bars", "store_app", "warn"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -184,6 +184,27 @@ def key_values(items: list[str] | None, flag: str) -> dict[str, str]:
             raise InputError(f"{flag} sets {key.strip()!r} twice")
         out[key.strip()] = value.strip()
     return out
+
+
+def invocation(ctx: typer.Context) -> str:
+    """The shell command that reproduces this invocation of a command: ``mergelab <command>``, every
+    option given a value other than its default by its first name (a repeatable one repeated), in
+    declaration order, then the arguments."""
+    import shlex
+
+    words, arguments = ["mergelab", ctx.info_name or ""], []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if value is None or value == param.default or value in ((), []):
+            continue
+        values = [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        if isinstance(param, TyperArgument):
+            arguments += values
+        elif getattr(param, "is_flag", False):
+            words.append(param.opts[0])
+        else:
+            words += [word for v in values for word in (param.opts[0], v)]
+    return shlex.join([*words, *arguments])
 
 
 def _version(value: bool) -> None:

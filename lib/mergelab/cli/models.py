@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import announce_store, key_values, milestone, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt, _Command, app, console, err_console
+from mergelab.cli.app import announce_store, invocation, key_values, milestone, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt, _Command, app, console, err_console
 from mergelab.errors import InputError
 
 
@@ -128,13 +128,16 @@ def _show_selection(method: str, space: str, bench, run):
 def _merge_choices() -> str:
     from mergelab.merging import METHODS
     from mergelab.selection import SELECTION_RULES
+    from mergelab.serving import SERVING_RANKS
     from mergelab.spaces import SPACES
 
     described = "; ".join(f"{name} ({', '.join(f'{p.name}={p.default}' for p in method.params.values()) or 'none'})"
                           for name, method in METHODS.items())
     rules = "; ".join(f"{name}: {rule.description}" for name, rule in SELECTION_RULES.items())
+    engines = "; ".join(f"{name}: {', '.join(map(str, ranks))}" for name, ranks in SERVING_RANKS.items())
     return (f"Methods and their hyper-parameters (defaults; set with --set KEY=VALUE): {described}. "
-            f"Compose with '+', e.g. tsv+iso_c. Spaces: {', '.join(SPACES)}. Selection rules (--select): {rules}.")
+            f"Compose with '+', e.g. tsv+iso_c. Spaces: {', '.join(SPACES)}. Selection rules (--select): {rules}. "
+            f"Serving engines (--max-rank ENGINE or ENGINE:CAP) and the max_lora_rank values they accept: {engines}.")
 
 
 def _adapt_choices() -> str:
@@ -155,6 +158,7 @@ class _AdaptCommand(RegistryHelp):
 
 @app.command("merge", cls=_MergeCommand)
 def merge_command(
+    ctx: typer.Context,
     paths: Annotated[Optional[list[str]], typer.Argument(help="More adapter directories (so that --adapters A B C works).", show_default=False)] = None,
     adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="PEFT adapter directories or full checkpoints (NAME=PATH names a task): --adapters A B C.")] = None,
     base: Annotated[str, typer.Option("--base", help="Base model weights (file or directory).")] = ...,  # type: ignore[assignment]
@@ -165,7 +169,8 @@ def merge_command(
     space_sets: Annotated[Optional[list[str]], typer.Option("--space-option", help="Space option KEY=VALUE, e.g. naive=true, variant=per_layer.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = ...,  # type: ignore[assignment]
     fmt: Annotated[str, typer.Option("--format", help="peft (a LoRA adapter; needs a low-rank result) or weights (merged full weights).")] = "peft",
-    max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="Cap the PEFT adapter's rank (a server's max_lora_rank): modules above it keep their best rank-R approximation; the relative error per module goes to merge.json.")] = None,
+    max_rank: Annotated[Optional[str], typer.Option("--max-rank", help="Cap the PEFT adapter's rank for a server's max_lora_rank: an integer R (a warning when vLLM would not accept it), 'vllm' (the smallest rank vLLM accepts, listed below, at or above the merged rank) or 'vllm:C' (at most the largest accepted rank <= C). Modules above the rank keep their best rank-R approximation; the rank and each module's relative error go to merge.json and the card.")] = None,
+    shard_size: Annotated[str, typer.Option("--shard-size", help="With --format weights: the largest weights file; a larger model is written as Hugging Face shards with model.safetensors.index.json (bytes, or KB / MB / GB / KiB / MiB / GiB).")] = "5GB",
     grams: Annotated[Optional[Path], typer.Option("--grams", help="RegMean input Gram matrices: safetensors with keys '<task>::<module>'.")] = None,
     modules: Annotated[Optional[list[str]], typer.Option("--modules", help="Regular expressions over parameter names to merge (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
@@ -177,7 +182,8 @@ def merge_command(
     """Merge adapters / fine-tunes with one method in one space; write a PEFT adapter or merged weights.
 
     The configuration (method, space, hyper-parameters with defaults filled in, task hashes)
-    and the result's provenance go to the store as a JSON artifact. With ``--select`` every
+    and the result's provenance go to the store as a JSON artifact, to OUT/merge.json and to the
+    model card OUT/README.md (with the command that reproduces the merge). With ``--select`` every
     configuration of the method's grid (less the ``--set`` ones) is merged and evaluated on the
     benchmark's val split first (cached in the store; the test split never selects).
     """
@@ -191,7 +197,7 @@ def merge_command(
     done = merge_adapters([*(adapters or []), *(paths or [])], base, method, space, out=out, fixed=key_values(sets, "--set"),
                           space_options=key_values(space_sets, "--space-option"), fmt=fmt, max_rank=max_rank, grams=grams,
                           modules=modules, force=force, select=select, grid=grid_values, bench=bench, store=store,
-                          base_module=base_module, on_selection=_show_selection)
+                          base_module=base_module, shard_size=shard_size, command=invocation(ctx), on_selection=_show_selection)
     record, selection = done.record, done.selection
     kind = _written_kind(fmt, done.written)
     chosen = "" if selection is None else f" ({selection.label}, selected by {selection.rule})"
@@ -199,8 +205,9 @@ def merge_command(
                   f"{done.written} ({kind}); configuration stored as {done.key} in {done.store}", soft_wrap=True)
     if max_rank is not None:
         worst = f", largest relative error {max(done.capped.values()):.3g}" if done.capped else ""
-        console.print(f"rank capped at {max_rank}: {len(done.capped)} of {len(record['ranks'])} modules truncated{worst} "
-                      "(per module in merge.json)", highlight=False)
+        rule = "" if record["max_rank_rule"] == str(record["max_rank"]) else f" (--max-rank {record['max_rank_rule']})"
+        console.print(f"rank capped at {record['max_rank']}{rule}: {len(done.capped)} of {len(record['ranks'])} modules "
+                      f"truncated{worst} (per module in merge.json)", highlight=False)
 
 
 def _adapt_progress(method: str, iters: int):
@@ -240,6 +247,7 @@ def _adapt_progress(method: str, iters: int):
 
 @app.command("adapt", cls=_AdaptCommand)
 def adapt_command(
+    ctx: typer.Context,
     paths: Annotated[Optional[list[str]], typer.Argument(help="More adapter directories (so that --adapters A B C works).", show_default=False)] = None,
     adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="PEFT adapter directories (NAME=PATH names a task after a benchmark task).")] = None,
     base: Annotated[str, typer.Option("--base", help="Base model weights (file or directory): the benchmark's pre-trained model.")] = ...,  # type: ignore[assignment]
@@ -259,6 +267,7 @@ def adapt_command(
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = ...,  # type: ignore[assignment]
     fmt: Annotated[str, typer.Option("--format", help="peft (a LoRA adapter; low-rank results) or weights (merged full weights).")] = "peft",
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    shard_size: Annotated[str, typer.Option("--shard-size", help="With --format weights: the largest weights file; a larger model is written as Hugging Face shards with model.safetensors.index.json (bytes, or KB / MB / GB / KiB / MiB / GiB).")] = "5GB",
     store: StoreOpt = None,
 ) -> None:
     """Adapt merge coefficients at test time on a benchmark's unlabeled val images; write the merge.
@@ -286,7 +295,7 @@ def adapt_command(
     try:
         result, written, url = adapt_adapters([*(adapters or []), *(paths or [])], base, adaptive, out=out, fmt=fmt, force=force,
                                               seed=seed, allow_labels=allow_labels, bench=bench, store=store,
-                                              base_module=base_module, **listeners)
+                                              base_module=base_module, shard_size=shard_size, command=invocation(ctx), **listeners)
     finally:
         progress.stop()
     table = Table(title=f"{method} on {result.bench} ({'adapted now' if result.computed else 'cached run'}; "
