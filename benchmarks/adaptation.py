@@ -32,7 +32,7 @@ import torch
 
 from mergelab.adaptation import adapt, build
 from mergelab.adaptation.objectives import entropy
-from mergelab.bench import BenchSpec, load_bench
+from mergelab.bench import MicroSpec, load_bench
 from mergelab.bench import BenchSession
 from mergelab.profiling import measure, release_memory
 from mergelab.synthetic import VIT_B32_ATTENTION, random_taskset
@@ -54,7 +54,7 @@ def _mib(n: int) -> float:
 
 
 def micro_end_to_end(args) -> list[dict]:
-    session = BenchSession(load_bench(BenchSpec(root=args.micro, rank=args.rank)))
+    session = BenchSession(load_bench(MicroSpec(root=args.micro, rank=args.rank)))
     names = session.names[: args.tasks]
     taskset = session.taskset.subset(names)
     forward = session.forward(names, taskset.module_names)

@@ -31,7 +31,7 @@ import torch
 
 from mergelab.analysis import anisotropy as an
 from mergelab.analysis.batches import task_loss
-from mergelab.bench import BenchSpec, load_bench
+from mergelab.bench import MicroSpec, load_bench
 from mergelab.bench import BenchSession
 from mergelab.merging import merge
 
@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    session = BenchSession(load_bench(BenchSpec(root=ROOT / "data" / "micro", rank=args.rank)))
+    session = BenchSession(load_bench(MicroSpec(root=ROOT / "data" / "micro", rank=args.rank)))
     taskset, backbone, tasks = session.taskset, session.backbone, session.names
     batches = [session.val_batches(n, batch_size=args.images, batches=1) for n in tasks]
     heads = [session.head(n) for n in tasks]

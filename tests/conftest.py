@@ -78,10 +78,10 @@ def store(tmp_path):
 @pytest.fixture(scope="session")
 def micro_pair():
     """A session on the shipped micro benchmark, rank-4 adapters of two tasks (model-dependent analyses)."""
-    from mergelab.bench import BenchSpec, load_bench
+    from mergelab.bench import MicroSpec, load_bench
     from mergelab.bench import BenchSession
 
-    return BenchSession(load_bench(BenchSpec(root=REPO / "data" / "micro", rank=4), ["digits", "textures"]))
+    return BenchSession(load_bench(MicroSpec(root=REPO / "data" / "micro", rank=4), ["digits", "textures"]))
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +129,7 @@ def adaptation_studies(micro):
     Built with one torch thread (restored after): the shared 2-core machines run other jobs, and
     OpenMP's second thread then spins instead of working.
     """
-    from mergelab.bench import BenchSpec, load_bench
+    from mergelab.bench import MicroSpec, load_bench
     from mergelab.bench import BenchSession
     from mergelab.experiments.adaptation_studies import AdaptationSetting, adarank_ablation
     from mergelab.experiments.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
@@ -137,7 +137,7 @@ def adaptation_studies(micro):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        session = BenchSession(load_bench(BenchSpec(root=micro.root, rank=4), ADAPT_TASKS))
+        session = BenchSession(load_bench(MicroSpec(root=micro.root, rank=4), ADAPT_TASKS))
         setting = AdaptationSetting(session, iters=2, batch_size=4)
         label = "micro benchmark (rank-4 adapters, test schedule)"
         studies = {

@@ -60,9 +60,9 @@ def test_pareto_sweep_dataset(adaptation_studies, micro):
     for t in ds.task.values:  # each fine-tuned model beats zero-shot on its own task (the micro adapters learned)
         assert float(base.sel(baseline=f"finetuned_{t}", task=t)) > float(base.sel(baseline="zeroshot", task=t))
     from mergelab.merging import merge
-    from mergelab.bench import BenchSpec, BenchSession, load_bench
+    from mergelab.bench import BenchSession, MicroSpec, load_bench
 
-    session = BenchSession(load_bench(BenchSpec(root=micro.root, rank=4), list(ADAPT_TASKS[:2])))
+    session = BenchSession(load_bench(MicroSpec(root=micro.root, rank=4), list(ADAPT_TASKS[:2])))
     knots = session.weights(merge(session.taskset, "ties", "knots"))
     assert float(base.sel(baseline="ties@knots", task=ADAPT_TASKS[0])) == session.accuracy(ADAPT_TASKS[0], "test", knots)[0]
 

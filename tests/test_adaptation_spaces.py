@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mergelab.adaptation import ADAPTERS, adapt, build
-from mergelab.bench import BenchSpec, load_bench
+from mergelab.bench import MicroSpec, load_bench
 from mergelab.errors import InputError
 from mergelab.bench import BenchSession
 from mergelab.taskset import Dense, TaskSet, TaskUpdate
@@ -21,7 +21,7 @@ VARIANTS = [("tara_b", {}), ("adarank", {"origin": "ta"}), ("adarank", {"origin"
 
 @pytest.fixture(scope="module")
 def pair(micro):
-    session = BenchSession(load_bench(BenchSpec(root=micro.root, rank=4), PAIR))
+    session = BenchSession(load_bench(MicroSpec(root=micro.root, rank=4), PAIR))
     return session.taskset, session, session.forward()
 
 
@@ -119,7 +119,7 @@ def _guarded(task):
 
 @pytest.mark.parametrize("method", sorted(ADAPTERS))
 def test_no_adaptation_path_reads_the_test_split(micro, method):
-    bench = load_bench(BenchSpec(root=micro.root, rank=4), PAIR)
+    bench = load_bench(MicroSpec(root=micro.root, rank=4), PAIR)
     session = BenchSession(dataclasses.replace(bench, tasks={n: _guarded(t) for n, t in bench.tasks.items()}))
     with pytest.raises(_TestSplitRead):
         session.bench.tasks[PAIR[0]].tensors("test")  # the guard is live

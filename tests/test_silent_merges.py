@@ -139,7 +139,7 @@ def _case_study_seed_true(tmp, adapters, base):
 
 
 def _case_study_image_size_true(tmp, adapters, base):
-    return _study(tmp, bench={"kind": "micro", "image_size": True}), "bench.image_size: Input should be a valid integer"
+    return _study(tmp, bench={"kind": "open_clip", "image_size": True}), "bench.image_size: Input should be a valid integer"
 
 
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]

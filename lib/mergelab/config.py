@@ -10,16 +10,16 @@ allowed values.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
 
-from mergelab.bench import BenchSpec, TaskSource
+from mergelab.bench import BENCHES, BenchSpec, MicroSpec, TaskSource, bench_spec
+from mergelab.bench.kinds import DEFAULT_KIND
 from mergelab.errors import InputError, read_text
 from mergelab.strict import Float, Int, Seed, Strict, safe_name
 
@@ -184,7 +184,7 @@ class StudySpec(Strict):
 
     name: str
     description: str = ""
-    bench: BenchSpec = Field(default_factory=BenchSpec)
+    bench: SerializeAsAny[BenchSpec] = Field(default_factory=MicroSpec)
     tasks: list[str] | list[TaskSource] | None = None
     unseen: list[str] | list[TaskSource] = Field(default_factory=list)
     methods: list[MethodSpec] = Field(default_factory=list)
@@ -207,21 +207,22 @@ class StudySpec(Strict):
     def _slug(cls, name: str) -> str:
         return safe_name(name, "study name")
 
-    @model_validator(mode="before")
+    @field_validator("bench", mode="before")
     @classmethod
-    def _joint_needs_zero_shot_heads(cls, data: Any) -> Any:
-        """``joint`` defaults to off on a bench whose tasks bring their own heads (``hf_seq_cls``:
-        no shared label space), and asking for it there is an error."""
-        if not isinstance(data, dict):
-            return data
-        bench = data.get("bench")
-        kind = bench.get("kind") if isinstance(bench, dict) else getattr(bench, "kind", None)
-        if kind != "hf_seq_cls":
-            return data
-        if data.get("joint"):
-            raise ValueError("joint: an hf_seq_cls bench scores each task with its own classifier head, so there is no "
-                             "joint label space; remove joint: true")
-        return {**data, "joint": False}
+    def _bench_of_its_kind(cls, bench: Any) -> BenchSpec:
+        """The ``bench:`` section validated against its kind's settings (:func:`mergelab.bench.bench_spec`)."""
+        return bench_spec(bench)
+
+    @model_validator(mode="after")
+    def _joint_needs_shared_labels(self) -> StudySpec:
+        """``joint`` defaults to off on a bench whose tasks bring their own heads (no shared label
+        space), and asking for it there is an error."""
+        if self.joint and self.bench.own_heads:
+            if "joint" in self.model_fields_set:
+                raise ValueError(f"joint: this {self.bench.kind} bench scores each task with its own classifier head, so there is "
+                                 "no joint label space; remove joint: true")
+            object.__setattr__(self, "joint", False)  # a frozen model: the default follows the bench
+        return self
 
     @field_validator("tasks")
     @classmethod
@@ -312,12 +313,7 @@ class StudySpec(Strict):
         when only loading the bench would tell (a study built in code may be given another bench)."""
         if self.tasks:
             return [getattr(t, "name", t) for t in self.tasks]
-        if not own_bench or self.bench.kind != "micro":
-            return None
-        try:
-            return list(json.loads((self.bench.root / "manifest.json").read_text(encoding="utf-8"))["tasks"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # no built benchmark there: loading it names the problem
+        return self.bench.task_names() if own_bench else None
 
     @property
     def evaluated(self) -> list[str] | list[TaskSource] | None:
@@ -348,7 +344,9 @@ def _relative_to(data: dict, folder: Path) -> dict:
                 for k, v in section.items()}
 
     data = dict(data)
-    data["bench"] = fix(data.get("bench", {}), ("root", "weights"))
+    bench = data.get("bench", {})
+    kind = BENCHES.get(bench.get("kind", DEFAULT_KIND)) if isinstance(bench, dict) else None
+    data["bench"] = fix(bench, kind.spec.path_fields() if kind is not None else ())  # an unknown kind: validation names it
     store = data.get("store")
     if isinstance(store, str) and "://" not in store and not Path(store).is_absolute():
         data["store"] = str(folder / store)
@@ -404,7 +402,7 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
         first = err.errors()[0]
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            allowed = ", ".join(_fields_at(first["loc"][:-1]))
+            allowed = ", ".join(_fields_at(first["loc"][:-1], data))
             message = f"unknown field; allowed: {allowed}"
         location = _location(first["loc"])
         raise InputError(f"{where}: {location}: {message}" if location else f"{where}: {message}") from None
@@ -415,8 +413,11 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
     return spec
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    """The field names allowed at a location of the spec (for 'unknown field' errors)."""
+def _fields_at(loc: tuple, data: dict) -> list[str]:
+    """The field names allowed at a location of the spec (for 'unknown field' errors); the ``bench:``
+    section's are its kind's."""
+    if loc[:1] == ("bench",):
+        return list(BENCHES[data["bench"].get("kind", DEFAULT_KIND)].spec.model_fields)
     model: type[BaseModel] = StudySpec
     for part in loc:
         if isinstance(part, int):

@@ -42,7 +42,7 @@ from mergelab.bench import Bench
 from mergelab.cards import SCORE_METRICS, inputs_of
 from mergelab.checkpoints import peft_template
 from mergelab.checkpoints.writing import DEFAULT_SHARD_SIZE
-from mergelab.bench import BenchSpec
+from mergelab.bench import BenchSpec, MicroSpec
 from mergelab.config import MAX_CONFIGS, config_label, load_study
 from mergelab.errors import InputError
 from mergelab.merging import METHODS, merge
@@ -218,7 +218,7 @@ def evaluation_bench(bench: str, taskset: TaskSet, base: str) -> tuple[BenchSpec
     from mergelab.micro.benchmark import micro_root
 
     if bench == "micro":
-        spec, tasks = BenchSpec(root=micro_root()), None
+        spec, tasks = MicroSpec(root=micro_root()), None
     else:
         if not Path(bench).is_file():
             raise InputError(f"--bench {bench!r} is neither 'micro' nor a study YAML file; pass micro or a study whose bench: and tasks: evaluate")

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mergelab.errors import InputError
 from mergelab.hashing import content_hash
+from mergelab.naming import GENERIC, ModuleLayout
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -187,10 +188,16 @@ class TaskUpdate:
 
 @dataclass(frozen=True, eq=False)
 class TaskSet:
-    """The base model reference plus ordered task updates that share module names and shapes."""
+    """The base model reference plus ordered task updates that share module names and shapes.
+
+    ``layout``: which of the base model's parameters is which (block, attention / MLP projection):
+    the bench's declaration (:mod:`mergelab.bench.kinds`), or :data:`~mergelab.naming.GENERIC`. It
+    describes the base model, so it is no part of :attr:`content_hash`.
+    """
 
     tasks: tuple[TaskUpdate, ...]
     base: BaseRef = field(default_factory=lambda: BaseRef("unknown"))
+    layout: ModuleLayout = GENERIC
 
     def __post_init__(self) -> None:
         tasks = tuple(self.tasks)
@@ -252,7 +259,7 @@ class TaskSet:
 
     def subset(self, names: Sequence[str]) -> TaskSet:
         """A TaskSet of the named tasks, in the given order (unseen-task protocols)."""
-        return TaskSet(tuple(self[n] for n in names), self.base)
+        return TaskSet(tuple(self[n] for n in names), self.base, self.layout)
 
     def restrict(self, modules: Sequence[str]) -> TaskSet:
         """Keep only the given modules (exact names or regular expressions) in every task."""
@@ -264,7 +271,7 @@ class TaskSet:
             if not kept:
                 raise InputError(f"modules={list(modules)} matches none of task {task.name!r}'s {len(task)} modules")
             tasks.append(TaskUpdate(task.name, kept, task.source, task.meta))
-        return TaskSet(tuple(tasks), self.base)
+        return TaskSet(tuple(tasks), self.base, self.layout)
 
 
 @dataclass(frozen=True, eq=False)

@@ -40,7 +40,7 @@ from mergelab.adaptation.objectives import SCALARIZATIONS
 from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
 from mergelab.merging.spectral import cart_rank
-from mergelab.naming import module_kind, module_layer
+from mergelab.naming import GENERIC, ModuleLayout
 from mergelab.params import Param, params_of_function
 from mergelab.registry import Registry
 from mergelab.taskset import TaskSet, Update
@@ -116,11 +116,11 @@ def build_tara_b(taskset: TaskSet, *, init: float = 0.4, rank: int | None = None
     return model
 
 
-def adarank_masks(name: str, shape: tuple[int, ...]) -> bool:
+def adarank_masks(name: str, shape: tuple[int, ...], layout: ModuleLayout = GENERIC) -> bool:
     """Whether AdaRank masks a module's singular components: the attention and MLP weight matrices
-    only, as the official code (never positional or class embeddings, the patch convolution, the
-    output projection, biases or norms)."""
-    return len(shape) == 2 and module_kind(name) != "other"
+    only (their role in ``layout``, the task set's), as the official code (never positional or class
+    embeddings, the patch convolution, the output projection, biases or norms)."""
+    return len(shape) == 2 and layout.role(name) != "other"
 
 
 def build_adarank(taskset: TaskSet, *, origin: Literal["ta", "cart"] = "ta", lam: float | None = None, rank_ratio: float = 0.16,
@@ -149,12 +149,13 @@ def build_adarank(taskset: TaskSet, *, origin: Literal["ta", "cart"] = "ta", lam
     if origin not in ("ta", "cart"):
         raise InputError(f"adarank origin must be 'ta' or 'cart', got {origin!r}")
     center = origin == "cart"
+    masked = lambda name, shape: adarank_masks(name, shape, taskset.layout)  # noqa: E731
     modules, banks = _banks(taskset, lambda us, rtol=None, svd=None: task_svd_bank(us, center=center, rtol=rtol, svds=svd),
-                            space, bases, takes_matrix_bank=adarank_masks, other_bank=mean_bank if center else raw_bank)
+                            space, bases, takes_matrix_bank=masked, other_bank=mean_bank if center else raw_bank)
     keep, fixed = [], []
     for m, bank in zip(modules, banks, strict=True):
         shape = tuple(taskset.updates(m)[0].shape)
-        fixed.append(not adarank_masks(m, shape))
+        fixed.append(not masked(m, shape))
         if not center or fixed[-1]:
             keep.append(torch.ones(bank.size, dtype=torch.bool))
             continue
@@ -165,8 +166,8 @@ def build_adarank(taskset: TaskSet, *, origin: Literal["ta", "cart"] = "ta", lam
     lam = (1.0 if center else 0.3) if lam is None else lam
     groups = None
     if lambda_granularity == "layer":
-        layers = sorted({module_layer(m) for m in modules})
-        groups = [layers.index(module_layer(m)) for m in modules]
+        layers = sorted({taskset.layout.layer(m) for m in modules})
+        groups = [layers.index(taskset.layout.layer(m)) for m in modules]
     model = MaskedCoefficients(modules, banks, taskset.names, keep=keep, fixed=fixed, lam=lam, temperature=temperature,
                                learn_lambda=learn_lambda, learn_mask=learn_mask, lambda_groups=groups)
     model.space = space
@@ -271,7 +272,9 @@ def build(method: str, taskset: TaskSet, *, bases: Mapping[str, BankBasis] | Non
             raise InputError(f"{method} builds its bank from the raw factors; it takes no bases")
         hp = {**hp, "bases": bases}
     ADAPTERS[method].check({k: v for k, v in hp.items() if k != "bases"}, method)
-    return ADAPTERS[method].build(taskset, **hp)
+    model = ADAPTERS[method].build(taskset, **hp)
+    model.layout = taskset.layout
+    return model
 
 
 def adapt(

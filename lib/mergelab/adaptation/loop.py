@@ -210,7 +210,7 @@ def _history(model: CoefficientModel, losses: np.ndarray, totals: np.ndarray, re
     ds = xr.Dataset(
         {"loss": (("iteration", "task"), losses), "objective": (("iteration",), totals)},
         coords={"iteration": np.arange(1, len(totals) + 1), "task": np.array(model.task_names, dtype=object),
-                "record": np.array(recorded_at), **module_coords(model.module_names)},
+                "record": np.array(recorded_at), **module_coords(model.module_names, model.layout)},
     )
     for name, first in summaries[0].items():  # (record, module, task): coefficient_mean, mask_kept_fraction, lambda, …
         dims = ("record", "module", "task") + (("component",) if first.ndim == 3 else ())  # … and AdaRank's mask

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mergelab.adaptation.bank import Bank
+from mergelab.naming import GENERIC, ModuleLayout
 from mergelab.taskset import BaseRef, MergedUpdate
 
 __all__ = ["CoefficientModel", "DirectionCoefficients", "MaskedCoefficients", "TaskCoefficients", "straight_through_mask"]
@@ -38,6 +39,8 @@ class CoefficientModel(nn.Module):
 
     #: The space the banks' directions were taken in (``"full"`` or ``"core"``); set by the builder.
     space: str = "full"
+    #: The task set's module layout (its history's ``layer`` / ``kind`` coordinates); set by :func:`~mergelab.adaptation.build`.
+    layout: ModuleLayout = GENERIC
 
     def __init__(self, modules: Sequence[str], banks: Sequence[Bank], tasks: Sequence[str]) -> None:
         super().__init__()

@@ -261,7 +261,7 @@ def restricted_jacobian(taskset: TaskSet, losses: np.ndarray, grads: Sequence[Ma
             "xi": annotated(("basis", "task", "module"), xi_1, "ξ(ρ_uniform, ρ_onehot(task)) (001 Eq. (6))"),
         },
         coords={"basis": np.array(bases, dtype=object), "task": np.array(taskset.names, dtype=object),
-                **module_coords(modules), "direction": np.arange(1, K + 1), "component": np.arange(1, C + 1)},
+                **module_coords(modules, taskset.layout), "direction": np.arange(1, K + 1), "component": np.arange(1, C + 1)},
         attrs=dataset_attrs(taskset, title="anisotropy of LoRA directions (restricted task-loss Jacobian)",
                             paper="001 Sec. 2.3 (Eqs. (3)-(6), Prop. 1), App. E (Figs. 2, 6-9)", lam=lam,
                             objective="labels" if labels else "entropy", split="val", batch_size=batch_size,

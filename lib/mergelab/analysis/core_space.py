@@ -236,7 +236,7 @@ def truncation_curves(taskset: TaskSet, *, method: str = "task_arithmetic", spac
             "truncation_error_mean": annotated(("space", "fraction"), _nanmean(err, axis=1),
                                                "relative truncation error averaged over modules"),
         },
-        coords={"space": np.array(spaces, dtype=object), **module_coords(modules), "fraction": fractions,
+        coords={"space": np.array(spaces, dtype=object), **module_coords(modules, taskset.layout), "fraction": fractions,
                 "rank": np.arange(n + 1), "component": np.arange(1, n + 1)},
         attrs=dataset_attrs(taskset, title="core- vs full-space truncation of the merged update", method=method,
                             hyper_parameters=resolved, paper="003 Sec. 5.2 (Fig. 4)"),
@@ -359,7 +359,7 @@ def reference_basis_ablation(taskset: TaskSet, *, seed: int = 0, split_packed: b
             "basis_dim_U": annotated(("basis", "module"), dim[0], "columns of the left basis U"),
             "basis_dim_V": annotated(("basis", "module"), dim[1], "columns of the right basis V"),
         },
-        coords={"basis": np.array(BASES, dtype=object), "task": np.array(lora.names, dtype=object), **module_coords(modules)},
+        coords={"basis": np.array(BASES, dtype=object), "task": np.array(lora.names, dtype=object), **module_coords(modules, taskset.layout)},
         attrs=dataset_attrs(taskset, title="reference-basis ablation", seed=seed, paper="003 Sec. 5.2 (Tab. 5), Eq. (13)"),
     )
 
@@ -399,7 +399,7 @@ def merged_rank_grid(taskset: TaskSet, *, methods: Sequence[str] = TABLE6_METHOD
                                                                dtype=np.int64), "Σ_t r_t"),
         },
         coords={"merge_method": np.array(list(methods), dtype=object), "space": np.array(list(spaces), dtype=object),
-                **module_coords(modules)},
+                **module_coords(modules, taskset.layout)},
         attrs=dataset_attrs(taskset, title="rank of the merged update per method and space",
                             hyper_parameters=resolved, rtol="max(out, in) * eps(dtype)" if rtol is None else rtol,
                             paper="003 App. C.2 (Tab. 6)"),

@@ -109,7 +109,7 @@ def subspace_coverage(taskset: TaskSet, *, energy: float = ENERGY, rtol: float =
             "lora_rank": annotated(("task", "module"), ranks, "LoRA rank r_i (0: dense update)"),
             "energy_rank": annotated(("task", "module"), e_rank, f"rank keeping {energy:.0%} of the energy of ΔW_i"),
         },
-        coords={"task": np.array(taskset.names, dtype=object), **module_coords(list(modules))},
+        coords={"task": np.array(taskset.names, dtype=object), **module_coords(list(modules), taskset.layout)},
         attrs=dataset_attrs(taskset, title="subspace coverage", energy=energy, erank_rtol=rtol,
                             paper="001 Sec. 2.2, App. D (Figs. 1, 5); 002 Sec. 4 (Fig. 3)"),
     )

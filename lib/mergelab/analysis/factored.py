@@ -71,7 +71,7 @@ def matrix_taskset(taskset: TaskSet, *, split_packed: bool = True, lora_only: bo
         raise InputError(f"the task set has no {what} modules to analyse; its modules are {list(taskset.module_names)[:5]}")
     tasks = tuple(TaskUpdate(task.name, {m: ups[t] for m, ups in modules.items()}, task.source, task.meta)
                   for t, task in enumerate(taskset.tasks))
-    return TaskSet(tasks, taskset.base)
+    return TaskSet(tasks, taskset.base, taskset.layout)
 
 
 def inner(u: Update, v: Update) -> float:

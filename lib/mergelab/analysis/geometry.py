@@ -51,7 +51,7 @@ def norms(taskset: TaskSet, *, split_packed: bool = True) -> xr.Dataset:
             "total_norm": annotated(("task",), np.sqrt((values**2).sum(axis=1)), "L2 norm of the whole task vector",
                                     "weight units", definition="sqrt(Σ_modules ‖ΔW_t‖_F²)"),
         },
-        coords={"task": _task_coords(taskset), **module_coords(list(modules))},
+        coords={"task": _task_coords(taskset), **module_coords(list(modules), taskset.layout)},
         attrs=dataset_attrs(taskset, title="task-vector norms", paper="004 Sec. 4.3 (Fig. 5 left), App. G (Figs. 12, 13)"),
     )
 
@@ -86,7 +86,7 @@ def cosine_similarity(taskset: TaskSet, *, split_packed: bool = True) -> xr.Data
             "cosine_to_sum_total": annotated(("task",), _cosine(to_sum.sum(axis=1), n_tot, np.sqrt(max(G_tot.sum(), 0.0))),
                                              "cos(τ_t, Σ_s τ_s), whole model"),
         },
-        coords={"task": names, "other_task": names, **module_coords(list(modules))},
+        coords={"task": names, "other_task": names, **module_coords(list(modules), taskset.layout)},
         attrs=dataset_attrs(taskset, title="cosine similarity of task vectors", paper="004 Sec. 4.3 (Fig. 5 middle, Fig. 7)"),
     )
 
@@ -119,7 +119,7 @@ def _similarity_dataset(taskset: TaskSet, module_names: list[str], dims: tuple[s
             "normalized_similarity_total": annotated(tdims, sim_tot, "1 − ‖θ_merged − θ_t‖ / ‖τ_t‖, whole model"),
             "distance_total": annotated(tdims, dist_tot, "‖θ_merged − θ_t‖, whole model", "weight units"),
         },
-        coords={**coords, "task": _task_coords(taskset), **module_coords(module_names)},
+        coords={**coords, "task": _task_coords(taskset), **module_coords(module_names, taskset.layout)},
         attrs=dataset_attrs(taskset, **attrs),
     )
 

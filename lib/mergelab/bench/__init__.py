@@ -1,12 +1,16 @@
 """Benchmarks a study runs on.
 
-- :mod:`~mergelab.bench.benches`: the spec types of a study's ``bench:`` / ``tasks:`` sections and
-  ``BENCHES[kind]``, which builds a :class:`Bench` (a backbone, its tasks, their adapters) from them;
+- :mod:`~mergelab.bench.benches`: what every bench kind shares: :class:`BenchSpec` (a study's
+  ``bench:`` section), :class:`Bench` (a backbone, its tasks, their adapters) and :class:`BenchKind`;
+- :mod:`~mergelab.bench.kinds`: one module per kind and the registry ``BENCHES`` of them;
+  :func:`bench_spec` validates a ``bench:`` section, :func:`load_bench` builds its :class:`Bench`;
 - :mod:`~mergelab.bench.session`: :class:`BenchSession`, the one object that runs models on a
   bench (heads, ``W_0 + ΔW``, splits, seeded batches, accuracy, TAS).
 """
 
-from mergelab.bench.benches import BENCHES, Bench, BenchSpec, TaskSource, load_bench
+from mergelab.bench.benches import Bench, BenchKind, BenchSpec, TaskSource
+from mergelab.bench.kinds import BENCHES, bench_spec, load_bench
+from mergelab.bench.kinds.micro import MicroSpec
 from mergelab.bench.session import BenchSession
 
-__all__ = ["BENCHES", "Bench", "BenchSession", "BenchSpec", "TaskSource", "load_bench"]
+__all__ = ["BENCHES", "Bench", "BenchKind", "BenchSession", "BenchSpec", "MicroSpec", "TaskSource", "bench_spec", "load_bench"]

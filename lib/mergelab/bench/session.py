@@ -121,7 +121,7 @@ class BenchSession:
     # Heads, weights, data -------------------------------------------------------------------------
 
     def head(self, name: str) -> Tensor:
-        """Task ``name``'s head: its own trained one when the bench has them (``hf_seq_cls``),
+        """Task ``name``'s head: its own trained one when the bench has them (``Bench.heads``),
         otherwise its zero-shot head (class names × templates through the text tower)."""
         if self.bench.heads is not None:
             return self.bench.heads[name]

@@ -36,7 +36,7 @@ from mergelab.errors import InputError
 from mergelab.bench import BenchSession
 from mergelab.bench.session import Params
 from mergelab.merging import METHODS, merge
-from mergelab.naming import module_coords, module_layer
+from mergelab.naming import module_coords
 from mergelab.taskset import MergedUpdate
 
 __all__ = ["component_loss_changes", "embedding_interference", "embedding_interference_by_space", "jacobian_anisotropy",
@@ -76,10 +76,10 @@ def component_loss_changes(session: BenchSession, *, lam: float = 0.3, component
         raise InputError(f"components is a fraction of singular components in (0, 1], got {components}")
     taskset, backbone = session.taskset, session.backbone
     names = [m for m in taskset.module_names if len(taskset.updates(m)[0].shape) == 2
-             and (layers is None or module_layer(m) in set(layers))]
+             and (layers is None or taskset.layout.layer(m) in set(layers))]
     if not names:
         raise InputError(f"layers={list(layers or [])} selects no 2-D module; layers present: "
-                         f"{sorted({module_layer(m) for m in taskset.module_names})}")
+                         f"{sorted({taskset.layout.layer(m) for m in taskset.module_names})}")
     T, M = len(taskset), len(names)
     batch_sets = [session.val_batches(n, batch_size=batch_size, batches=batches, labels=labels) for n in taskset.names]
     heads = [session.head(n) for n in taskset.names]
@@ -116,7 +116,7 @@ def component_loss_changes(session: BenchSession, *, lam: float = 0.3, component
             "energy_rank": annotated(("task", "module"), e_rank, f"rank keeping {energy:.0%} of the energy of ΔW_i (002 Fig. 3)"),
             "base_loss": annotated(("task", "eval_task"), base_loss, "L_j(θ_m), θ_m = θ_0 + λ Σ_{j≠i} τ_j", "nats"),
         },
-        coords={"task": names_arr, "eval_task": names_arr.copy(), **module_coords(names), "component": np.arange(1, R + 1)},
+        coords={"task": names_arr, "eval_task": names_arr.copy(), **module_coords(names, taskset.layout), "component": np.arange(1, R + 1)},
         attrs=dataset_attrs(taskset, title="loss change per added singular component", paper="002 Sec. 4, Eqs. (3)-(4), Figs. 1-3",
                             lam=lam, components=components, layers="all" if layers is None else [int(x) for x in layers],
                             objective="labels" if labels else "entropy", split="val", batch_size=batch_size,

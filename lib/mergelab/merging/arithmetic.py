@@ -19,7 +19,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mergelab.naming import module_block
 from mergelab.taskset import TaskSet
 
 __all__ = ["Group", "average", "group_norms", "metagpt", "normavg", "task_arithmetic"]
@@ -47,7 +46,7 @@ def task_arithmetic(deltas: Sequence[Tensor], *, alpha: float = 0.3) -> Tensor:
 def group_norms(taskset: TaskSet, group: Group) -> dict[str, list[Tensor]]:
     """``{module: [‖ΔW_t‖ over the module's group, per task]}`` (float64 scalars) from the true
     updates (a LoRA update's norm from its factors, never a dense product)."""
-    key = {"layer": module_block, "tensor": lambda m: m, "model": lambda m: ""}[group]
+    key = {"layer": taskset.layout.block, "tensor": lambda m: m, "model": lambda m: ""}[group]
     squared: dict[str, Tensor] = {}
     for m in taskset.module_names:
         per_task = torch.tensor([u.norm() ** 2 for u in taskset.updates(m)], dtype=torch.float64)

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from mergelab.bench import BenchSpec, TaskSource, load_bench
+from mergelab.bench import BENCHES, TaskSource, bench_spec, load_bench
+from mergelab.bench.kinds import DEFAULT_KIND
 from mergelab.errors import InputError
 from mergelab.merging import METHODS, merge
 from mergelab.store import Store
@@ -73,10 +74,17 @@ def relative_difference(stored: MergedUpdate, again: MergedUpdate) -> float:
     return worst
 
 
+def _kind_fields(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded ``bench:`` section less the fields its kind does not read: records written while
+    every kind shared one settings model hold all kinds' fields (``arch: null``, ``max_length: 128``)."""
+    fields = BENCHES[section.get("kind", DEFAULT_KIND)].spec.model_fields
+    return {k: v for k, v in section.items() if k in fields}
+
+
 def _taskset(source: Mapping[str, Any]) -> TaskSet:
     """The task set a study's ``bench:`` and ``tasks:`` sections load."""
     try:
-        bench, tasks = BenchSpec.model_validate(source["bench"]), _TASKS.validate_python(source.get("tasks"))
+        bench, tasks = bench_spec(_kind_fields(source["bench"])), _TASKS.validate_python(source.get("tasks"))
     except (ValidationError, KeyError, TypeError) as err:
         raise InputError(f"its bench section is not one this mergelab reads ({type(err).__name__})") from None
     return load_bench(bench, tasks).taskset
