@@ -195,7 +195,7 @@ def task_spectra(taskset: TaskSet, *, split_packed: bool = True) -> xr.Dataset:
             "energy_fraction": annotated(spectrum, frac, "energy fraction σ_k²/Σσ²"),
             "cumulative_energy": annotated(spectrum, cum, "cumulative energy Σ_{j≤k}σ_j²/Σσ²"),
         },
-        coords={"task": np.array(taskset.names, dtype=object), **module_coords(list(modules)), "component": np.arange(1, n + 1)},
+        coords={"task": np.array(taskset.names, dtype=object), **module_coords(list(modules), taskset.layout), "component": np.arange(1, n + 1)},
         attrs=dataset_attrs(taskset, title="per-task singular spectra", paper="002 Sec. 4; 003 Sec. 5.2"),
     )
 
@@ -276,7 +276,7 @@ def pairwise_sar(taskset: TaskSet, *, retained: float = SAR_RETAINED, split_pack
             "sar_offdiag_mean": annotated((), float(offdiag.mean()) if offdiag.size else np.nan,
                                           "SAR averaged over modules and pairs task ≠ reference"),
         },
-        coords={"task": names, "reference": names, **module_coords(list(modules))},
+        coords={"task": names, "reference": names, **module_coords(list(modules), taskset.layout)},
         attrs=dataset_attrs(taskset, title="subspace alignment ratio between task updates", space=space,
                             retained=retained, paper="003 Sec. 5.2 (Fig. 5); Marczak et al. 2025 Eqs. (5)-(6)"),
     )
