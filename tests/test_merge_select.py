@@ -42,6 +42,11 @@ def test_select_val_stores_every_candidate_and_picks_the_best_val_score(tmp_path
     val = ds["score"].sel(merge_method="task_arithmetic", space="core", seed=0).sel(task=list(TASKS), metric="val_norm_acc").mean("task")
     best = str(val.config.values[int(np.argmax(val.values))])
     assert rec["selection"]["chosen"] == best and f"({best}, selected by val)" in result.stdout
+    # One table style (issue 34 item 5): %, test beside val, the choice marked, the grid's edge flagged.
+    test = ds["score"].sel(merge_method="task_arithmetic", space="core", seed=0, config=best).sel(task=list(TASKS), metric="norm_acc")
+    assert "val norm acc %" in result.stdout and "test norm acc %" in result.stdout
+    assert f"{100 * float(val.sel(config=best)):.1f}" in result.stdout and f"{100 * float(test.mean()):.1f}" in result.stdout
+    assert "✓ (edge)" in result.stdout and f"selected {best}, on the edge of its grid in alpha" in result.stdout
     assert rec["selection"]["criterion"] == pytest.approx({str(c): float(v) for c, v in zip(val.config.values, val.values)})
     assert rec["hyper_parameters"]["alpha"] == float(best.split("=")[1])
     assert np.isfinite(ds["score"].sel(task=list(TASKS), metric="acc")).all()  # test scores are recorded, never compared

@@ -48,6 +48,7 @@ from mergelab.errors import InputError
 from mergelab.merging import METHODS, merge
 from mergelab.selection import SELECTION_RULES
 from mergelab.study import Run, NodeResult, adapt_jobs, local_submit, merge_jobs, run_graph
+from mergelab.study.results import grid_edges
 from mergelab.taskset import MergedUpdate, TaskSet
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class Selection:
     name: str
     scores: dict[str, dict[str, float]]  # the chosen configuration's: task -> metric -> value
     intervals: dict[str, tuple[float, float]]  # versus -> 95 % interval of its gain in mean normalised test accuracy
+    candidates: xr.DataArray  # every configuration's mean over tasks: (config, metric)
+    edges: list[str]  # the chosen configuration's hyper-parameters at an end of their grid (the optimum may lie beyond)
 
     @property
     def label(self) -> str:
@@ -164,8 +167,11 @@ def _chosen(ctx: Run, key: str, jobs: Sequence[Any], rule: str, seed: int, name:
     gains = ds["gain_ci"].sel(at) if "gain_ci" in ds else None
     intervals = {} if gains is None else {str(v): (float(gains.sel(versus=v, bound="low")), float(gains.sel(versus=v, bound="high")))
                                           for v in gains.versus.values if np.isfinite(gains.sel(versus=v)).all()}
+    candidates = ds["score"].sel(at).sel(task=list(ds.attrs["tasks"])).mean("task")
+    edges = grid_edges(ds).get((jobs[0].method, jobs[0].space, label), [])
     return Selection(config={**config, **({"seed": seed} if jobs[0].seed is not None else {})}, rule=rule,
-                     criterion=criterion, results=key, name=name, scores=scores, intervals=intervals)
+                     criterion=criterion, results=key, name=name, scores=scores, intervals=intervals,
+                     candidates=candidates, edges=edges)
 
 
 @dataclass(frozen=True)

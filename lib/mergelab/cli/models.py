@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from mergelab.cli.app import announce_store, invocation, key_values, milestone, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt, _Command, app, console, err_console
 from mergelab.errors import InputError
+
+if TYPE_CHECKING:
+    from mergelab.onbench import Selection
 
 
 def _written_kind(fmt: str, written: Path) -> str:
@@ -113,16 +116,34 @@ def _show_selection(method: str, space: str, bench, run):
         bar = progress.add_task(f"{method}/{space}", total=None, hits=0) if progress is not None else None
         chosen = run(progress=listen)
     rule = SELECTION_RULES[chosen.rule]
-    metric, higher = rule.metric, rule.higher_is_better
-    table = Table(title=f"{method}/{space} on {bench.name} val: {'max' if higher else 'min'} mean {metric} selects",
-                  title_justify="left")
-    table.add_column("config")
-    table.add_column(metric, justify="right")
-    table.add_column("")
-    for label, value in zip(chosen.criterion.config.values, chosen.criterion.values, strict=True):
-        table.add_row(str(label), f"{value:.4f}", "selected" if label == chosen.label else "")
-    console.print(table)
+    console.print(selection_table(chosen, f"{method}/{space} on {bench.name}: chosen by the {'largest' if rule.higher_is_better else 'smallest'} "
+                                          f"mean {rule.metric} (val); test is recorded, never selects"))
+    if chosen.edges:
+        console.print(f"warning: {method}/{space} selected {chosen.label}, on the edge of its grid in {', '.join(chosen.edges)}; "
+                      "widen it with --grid", style="yellow", highlight=False)
     return chosen
+
+
+#: A selection table's columns: (metric, header, as a percentage).
+SELECTION_COLUMNS = (("val_norm_acc", "val norm acc %", True), ("tas", "val TAS", False), ("norm_acc", "test norm acc %", True))
+
+
+def selection_table(chosen: Selection, title: str) -> Table:
+    """Every candidate of a ``--select`` sweep, in the style of a study's tables: normalised
+    accuracies in %, val (what selects) beside test (recorded only); the chosen row marked, with
+    ``(edge)`` when it sits on an end of its grid. TAS appears when it is the criterion."""
+    columns = [c for c in SELECTION_COLUMNS if c[0] != "tas" or chosen.rule == "tas"]
+    table = Table(title=title, title_justify="left")
+    table.add_column("config")
+    for _, header, _ in columns:
+        table.add_column(header, justify="right")
+    table.add_column("chosen")
+    for label in map(str, chosen.candidates.config.values):
+        row = chosen.candidates.sel(config=label)
+        cells = [f"{(100 if pct else 1) * float(row.sel(metric=m)):.{1 if pct else 4}f}" for m, _, pct in columns]
+        mark = ("✓" + (" (edge)" if chosen.edges else "")) if label == chosen.label else ""
+        table.add_row(label, *cells, mark)
+    return table
 
 
 def _merge_choices() -> str:
