@@ -7,6 +7,7 @@
 | ``open_clip`` | an open_clip architecture + weights file | ``ImageFolder`` roots | zero-shot (text tower) |
 | ``hf_clip`` | a ``transformers`` ``CLIPModel`` directory | ``ImageFolder`` roots | zero-shot (text tower) |
 | ``hf_seq_cls`` | an ``AutoModelForSequenceClassification`` directory | text rows | each task's own ``score`` head |
+| ``sentence_encoder`` | a BERT-family / sentence-transformers directory | text rows | zero-shot (label prompts) or per-task linear |
 
 Validating a study imports these modules, never a model library: every loader imports what it
 needs when it runs.
@@ -19,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks
-from mergelab.bench.kinds import hf_clip, hf_seq_cls, micro, open_clip
+from mergelab.bench.kinds import hf_clip, hf_seq_cls, micro, open_clip, sentence_encoder
 from mergelab.errors import InputError
 from mergelab.registry import Registry
 
@@ -31,6 +32,7 @@ BENCHES: Registry[BenchKind] = Registry("bench kind", {
     "open_clip": open_clip.KIND,
     "hf_clip": hf_clip.KIND,
     "hf_seq_cls": hf_seq_cls.KIND,
+    "sentence_encoder": sentence_encoder.KIND,
 })
 #: The kind of a ``bench:`` section that names none (and of a study without one).
 DEFAULT_KIND = "micro"

@@ -1,0 +1,201 @@
+"""The sentence-encoder bench (issue 28 item 1) on a tiny random BERT saved as a sentence-transformers
+directory (word-piece vocabulary written here, mean pooling, Normalize) with PEFT LoRA adapters on
+``query/key/value/dense``: every static method of a study in every space, every adaptive method,
+every analysis and the joint task run on it unchanged; the linear-head protocol scores each task
+with a head fitted to its own fine-tuned encoder. Nothing downloads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mergelab.config import load_study
+from mergelab.errors import InputError
+from mergelab.store import Store
+from mergelab.study import Run, local_submit, run_graph
+from mergelab.synthetic import write_peft_adapters
+
+#: Two tasks with distinct label spaces; every row holds its label's word among filler words.
+TASKS = {"weather": ("sun", "rain", "snow"), "animals": ("cat", "dog")}
+FILLER = ("the", "a", "is", "it", "this", "here", "now", "very")
+TEMPLATES = ["about {}.", "it is {}."]
+
+
+def _encoder_directory(root, pooling: str = "mean", normalize: bool = True):
+    """A random 2-block BERT saved with its word-piece tokenizer and a sentence-transformers pipeline."""
+    import transformers
+
+    root.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, "about", ".", *(w for names in TASKS.values() for w in names)]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(str(root))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32, pad_token_id=0)
+    transformers.BertModel(config).save_pretrained(str(root))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (root / "modules.json").write_text(json.dumps(modules))
+    (root / "1_Pooling").mkdir()
+    (root / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 16, "pooling_mode_cls_token": pooling == "cls",
+                                                                "pooling_mode_mean_tokens": pooling == "mean"}))
+    return root
+
+
+def _text_rows(root, rows: int = 12, seed: int = 0) -> dict[str, str]:
+    """``ROOT/<task>/{train,val,test}.jsonl``: ``rows`` sentences per split, each its label's word among filler."""
+    rng = np.random.default_rng(seed)
+    for task, names in TASKS.items():
+        (root / task).mkdir(parents=True)
+        for split in ("train", "val", "test"):
+            lines = []
+            for i in range(rows):
+                words = [*rng.choice(FILLER, 4)]
+                words.insert(int(rng.integers(0, 5)), names[i % len(names)])
+                lines.append(json.dumps({"text": " ".join(words), "label": names[i % len(names)]}) + "\n")
+            (root / task / f"{split}.jsonl").write_text("".join(lines))
+    return {task: str(root / task) for task in TASKS}
+
+
+def _adapters(encoder, out) -> dict[str, str]:
+    """A PEFT LoRA (r 2) per task on the encoder's query/key/value/dense, both factors random."""
+    import transformers
+
+    model = transformers.BertModel.from_pretrained(str(encoder), add_pooling_layer=False)
+    paths = write_peft_adapters(model, out, list(TASKS), target_modules=["query", "key", "value", "dense"], rank=2, alpha=4, std=0.3)
+    return {task: str(path) for task, path in zip(TASKS, paths, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def bench_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sentence")
+    encoder = _encoder_directory(root / "encoder")
+    return encoder, _adapters(encoder, root / "adapters"), _text_rows(root / "data")
+
+
+def _study(bench_files, **changes) -> dict:
+    encoder, adapters, data = bench_files
+    tasks = [{"name": t, "adapter": adapters[t], "data": data[t], "templates": TEMPLATES} for t in TASKS]
+    return {"name": "sentences", "bench": {"kind": "sentence_encoder", "weights": str(encoder), "max_length": 16},
+            "tasks": tasks, "seeds": [0], **changes}
+
+
+def test_the_encoder_pools_as_its_directory_says_and_heads_come_from_the_frozen_base(bench_files, tmp_path):
+    import transformers
+
+    from mergelab.bench import BenchSession, bench_spec, load_bench
+
+    encoder, adapters, data = bench_files
+    bench = load_bench(bench_spec(_study(bench_files)["bench"]), load_study(_study(bench_files, analyses=["norms"])).tasks)
+    session = BenchSession(bench)
+    ids = bench.tasks["weather"].tensors("test")[0]
+    bert = transformers.BertModel.from_pretrained(str(encoder), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        hidden = bert(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+    mask = (ids != 0)[..., None].float()
+    expected = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # mean over the words, then Normalize
+    torch.testing.assert_close(bench.backbone.encode_image(ids), expected, rtol=1e-5, atol=1e-6)
+    assert "pooler.dense.weight" not in bench.backbone.base_state()  # never read by sentence-transformers, never merged
+    # the zero-shot head: per class the normalised mean of its prompts' base embeddings, times the logit scale
+    tokens = bench.backbone.tokenizer([t.format("rain") for t in TEMPLATES])
+    with torch.no_grad():
+        prompts = bert(input_ids=tokens, attention_mask=(tokens != 0).long()).last_hidden_state
+    prompt_mask = (tokens != 0)[..., None].float()
+    rain = F.normalize(F.normalize((prompts * prompt_mask).sum(1) / prompt_mask.sum(1), dim=-1).mean(0), dim=-1) * 20.0
+    torch.testing.assert_close(session.head("weather")[1], rain, rtol=1e-5, atol=1e-5)
+    assert bench.taskset.layout is not None and {bench.taskset.layout.kind(m) for m in bench.taskset.module_names} == {
+        "q", "k", "v", "out", "mlp_in", "mlp_out"}
+    cls = load_bench(bench_spec({"kind": "sentence_encoder", "weights": str(_encoder_directory(tmp_path / "cls", "cls", False))}),
+                     load_study(_study(bench_files, analyses=["norms"])).tasks)
+    with torch.no_grad():
+        first = transformers.BertModel.from_pretrained(str(tmp_path / "cls"), add_pooling_layer=False)(input_ids=ids).last_hidden_state[:, 0]
+    torch.testing.assert_close(cls.backbone.encode_image(ids), first, rtol=1e-4, atol=1e-5)  # the [CLS] state, not normalised
+
+
+def test_a_study_runs_every_method_space_adaptive_method_analysis_and_the_joint_task(bench_files, tmp_path, one_thread):
+    from mergelab.adaptation import ADAPTERS
+    from mergelab.experiments.registry import ANALYSES
+    from mergelab.merging import METHODS
+    from mergelab.spaces import SPACES
+
+    first = {name: {k: [v[0]] for k, v in method.grid.items()} for name, method in METHODS.items()}
+    first["lora_lego"]["k"] = [4]  # at most Σ_t r_t clusters of minimal semantic units
+    methods = [{"method": name, "spaces": list(SPACES), "grid": first[name]}
+               for name, method in METHODS.items() if not method.side]  # side inputs (RegMean's Gram matrices): none in a study
+    adaptive = [{"method": name, "iters": 2, "batch_size": 4} for name in ADAPTERS]
+    adaptive.append({"method": "adarank", "label": "adarank_cart", "iters": 2, "batch_size": 4, "hp": {"origin": "cart"},
+                     "start_grid": {"lam": [1.0], "rank_ratio": [0.5]}})
+    spec = load_study(_study(bench_files, methods=methods, adaptive=adaptive, analyses=list(ANALYSES), joint=True,
+                             analysis_settings={"components": {"components": 0.5, "layers": [1]}}))
+    ctx = Run(spec, str(tmp_path / "store"))
+    _, done = run_graph(ctx, local_submit(ctx))
+    store = Store(tmp_path / "store")
+    ds = store.get_dataset(done.key)
+    acc = ds["score"].sel(task=list(TASKS), metric="acc")
+    for m in methods:
+        for space in SPACES:
+            scores = acc.sel(merge_method=m["method"], space=space).dropna("config", how="all")
+            assert scores.sizes["config"] >= 1 and bool(((scores >= 0) & (scores <= 1)).all()), (m["method"], space)
+    for a in [*ADAPTERS, "adarank_cart"]:
+        assert bool(acc.sel(merge_method=a).notnull().any()), a
+    ta = {"merge_method": "task_arithmetic"}
+    np.testing.assert_allclose(acc.sel(space="full", **ta).values, acc.sel(space="core", **ta).values)  # 003 Eq. 11
+    joint = ds["score"].sel(task="joint", metric="hits@1", merge_method="ties").dropna("config", how="all")
+    assert joint.sizes["config"] == 1 and bool(joint.notnull().all())  # the joint task over both tasks' labels
+    for name in ANALYSES:
+        assert store.exists(store.ref(f"studies/sentences/analysis/{name}")), name
+    history = store.get_dataset(store.ref("studies/sentences/adapt/adarank"))
+    assert set(history.kind.values) == {"q", "k", "v", "out", "mlp_in", "mlp_out"}  # the bench's layout
+
+
+def test_linear_heads_are_fitted_to_each_fine_tuned_encoder_and_leave_no_joint_task(bench_files, tmp_path):
+    from mergelab.bench.kinds.sentence_encoder import fit_linear_head
+    from mergelab.evaluation.metrics import image_features
+
+    study = _study(bench_files, methods=[{"method": "task_arithmetic", "spaces": ["full", "core"], "grid": {"alpha": [0.5]}}],
+                   adaptive=[{"method": "adamerging", "iters": 2, "batch_size": 4}])
+    study["bench"]["heads"] = "linear"
+    spec = load_study(study)
+    assert spec.joint is False
+    with pytest.raises(InputError, match="no joint label space"):
+        load_study({**study, "joint": True})
+    ctx = Run(spec, str(tmp_path / "store"))
+    _, done = run_graph(ctx, local_submit(ctx))
+    ds = Store(tmp_path / "store").get_dataset(done.key)
+    assert bool(ds["score"].sel(task=list(TASKS), metric="acc").notnull().any(dim=("space", "config", "seed")).all())
+    session = ctx.session
+    for name in TASKS:
+        ids, labels = session.bench.tasks[name].tensors("train")
+        expected = fit_linear_head(image_features(session.backbone, ids, session.finetuned(name)), labels, len(TASKS[name]))
+        torch.testing.assert_close(session.head(name), expected)
+        fitted = float(ds["reference_score"].sel(reference="finetuned", task=name, metric="acc"))
+        assert fitted == pytest.approx(session.accuracy(name, "test", session.finetuned(name))[0])
+
+
+def test_a_sentence_encoder_directory_it_cannot_read_is_one_line(bench_files, tmp_path):
+    from mergelab.bench import bench_spec, load_bench
+
+    encoder, adapters, data = bench_files
+    tasks = load_study(_study(bench_files, analyses=["norms"])).tasks
+
+    def refused(weights, message, **settings):
+        with pytest.raises(InputError, match=message):
+            load_bench(bench_spec({"kind": "sentence_encoder", "weights": str(weights), **settings}), tasks)
+
+    refused(tmp_path / "nothing", "needs weights: a local sentence-transformers")
+    dense = _encoder_directory(tmp_path / "dense")
+    modules = json.loads((dense / "modules.json").read_text())
+    (dense / "modules.json").write_text(json.dumps([*modules, {"path": "3_Dense", "type": "sentence_transformers.models.Dense"}]))
+    refused(dense, r"lists \['Dense'\]; the sentence_encoder bench reads a Transformer")
+    pooled = _encoder_directory(tmp_path / "max")
+    (pooled / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    refused(pooled, r"pools by \['max_tokens'\]")
+    (pooled / "modules.json").unlink()
+    refused(pooled, "has no modules.json .*set bench.pooling: mean or cls")
+    assert load_bench(bench_spec({"kind": "sentence_encoder", "weights": str(pooled), "pooling": "cls"}), tasks).backbone.pooling == "cls"
