@@ -70,21 +70,29 @@ def test_only_the_options_that_change_a_basis_key_it(taskset, tmp_path):
     assert sorted(a.producer for a in store.ls()) == ["bases.core", "bases.knots", "bases.knots", "bases.knots"]
 
 
-def test_stored_tensors_round_trip_exactly_with_their_layout(taskset, tmp_path):
+@pytest.mark.parametrize("duplicated", [True, False])
+def test_stored_tensors_round_trip_exactly_with_their_layout(taskset, tmp_path, duplicated):
+    """With the duplicated adapter every stack falls back to its SVD (``U_B_ref`` / ``V_A_ref`` stored); without it
+    the sides whose stack is no wider than tall take the Gram route and store only ``s``, ``V``."""
+    ts = taskset if duplicated else TaskSet(taskset.tasks[:3], taskset.base)
     store = Store(tmp_path)
-    core = space_bases(store, taskset, "core")
-    loaded = space_bases(store, taskset, "core")
-    for m, (U_B, V_A) in core.modules.items():
-        U_l, V_l = loaded.modules[m]
-        assert U_B.dtype == torch.float64 and torch.equal(U_B, U_l) and torch.equal(V_A, V_l)
-        for ours, theirs in ((U_B, U_l), (V_A, V_l)):  # the same orientation (row / column major)
-            assert (ours.stride(0) < ours.stride(1)) == (theirs.stride(0) < theirs.stride(1))
+    core = space_bases(store, ts, "core")
+    loaded = space_bases(store, ts, "core")
+    for m, basis in core.modules.items():
+        for ours, theirs in zip((x for side in basis for x in side), (x for side in loaded.modules[m] for x in side), strict=True):
+            assert (ours is None) == (theirs is None)
+            if ours is not None:
+                assert ours.dtype == torch.float64 and torch.equal(ours, theirs)
+                assert ours.dim() == 1 or (ours.stride(0) < ours.stride(1)) == (theirs.stride(0) < theirs.stride(1))
     names = {name.removesuffix(".T") for name in store.get_tensors(core.key)}
-    assert names == {f"{m}::{f}" for m in ("blk.q", "blk.v", "mlp") for f in ("U_B_ref", "V_A_ref")}
+    formed = {"blk.q": (duplicated, duplicated), "blk.v": (True, duplicated), "mlp": (duplicated, True)}  # T·r = 9
+    assert names == {f"{m}::{f}" for m, (U_B, V_A) in formed.items()
+                     for f in ("s_B", "V_B", "s_A", "U_A", *(["U_B_ref"] if U_B else []), *(["V_A_ref"] if V_A else []))}
     assert any(name.endswith(".T") for name in store.get_tensors(core.key))  # LAPACK's column-major factors
-    knots = space_bases(store, taskset, "knots")
-    assert {name.removesuffix(".T").split("::")[1] for name in store.get_tensors(knots.key)} == {"U", "s", "V.0", "V.1", "V.2", "V.3"}
-    assert len(core.modules) == 3 and KINDS["core"].version == "2"
+    knots = space_bases(store, ts, "knots")
+    assert {name.removesuffix(".T").split("::")[1] for name in store.get_tensors(knots.key)} == {
+        "U", "s", *(f"V.{i}" for i in range(len(ts.tasks)))}
+    assert len(core.modules) == 3 and KINDS["core"].version == "3"
 
 
 @pytest.mark.parametrize(("method", "hp"), [("tara_b", {}), ("tara_b", {"space": "core", "rank": 2}), ("adarank", {}),
@@ -145,7 +153,7 @@ def test_a_second_study_over_the_same_adapters_reads_the_bases_instead_of_comput
     published = {a.key: a for a in store.ls() if a.producer.startswith("bases.")}
     assert sorted(a.producer for a in published.values()) == ["bases.core", "bases.knots"]
 
-    calls = {"knots_svd": 0, "reference_bases": 0}
+    calls = {"knots_svd": 0, "core_basis": 0}
 
     def counting(name, fn):
         def wrapper(*args, **kwargs):
@@ -156,12 +164,12 @@ def test_a_second_study_over_the_same_adapters_reads_the_bases_instead_of_comput
     for module in (knots, bank):
         monkeypatch.setattr(module, "knots_svd", counting("knots_svd", knots.knots_svd))
     for module in (core, bank):
-        monkeypatch.setattr(module, "reference_bases", counting("reference_bases", core.reference_bases))
+        monkeypatch.setattr(module, "core_basis", counting("core_basis", core.core_basis))
 
     ctx_b, nodes, done = run_study(STUDY_B, store_url)
     assert ctx_b.taskset.content_hash == ctx_a.taskset.content_hash
     assert {n.node for n in nodes if not n.hit} >= {"merge", "adapt"}  # study B did merge and adapt
-    assert calls == {"knots_svd": 0, "reference_bases": 0}  # ... but decomposed nothing
+    assert calls == {"knots_svd": 0, "core_basis": 0}  # ... but decomposed nothing
     assert {a.key for a in store.ls() if a.producer.startswith("bases.")} == set(published)
 
     # B's merges equal a fresh in-process computation, and their time includes the bases' recorded cost

@@ -11,9 +11,10 @@ and ``adapt(..., bases=...)`` take bases from anywhere; this module is where the
 =================  =============================================  ==========================================
 producer           per matrix module (``<module>::<name>``)        definition
 =================  =============================================  ==========================================
-``bases.core``     ``U_B_ref`` (out × d_U), ``V_A_ref`` (in × d_V)  reference bases, 003 Def. 1, Eq. (3):
-                                                                   ``[B_1 … B_T] = U_B Σ_B V_Bᵀ``,
-                                                                   ``[A_1; …; A_T] = U_A Σ_A V_Aᵀ``
+``bases.core``     ``s_B`` (d_U), ``V_B`` (k × d_U), ``s_A``      reference bases, 003 Def. 1, Eq. (3):
+                   (d_V), ``U_A`` (k × d_V); ``U_B_ref``          ``[B_1 … B_T] = U_B Σ_B V_Bᵀ``,
+                   (out × d_U) / ``V_A_ref`` (in × d_V) only      ``[A_1; …; A_T] = U_A Σ_A V_Aᵀ``; the Gram
+                   for a side the SVD fallback decomposed         route leaves ``U_B`` / ``V_A`` unformed
 ``bases.knots``    ``U`` (out × k), ``s`` (k), ``V.<t>`` (k × in)  the shared SVD ``[X_1 … X_T] = U diag(s)
                                                                    [V_1 … V_T]``: KnOTS (Stoica et al.,
                                                                    2025; 003 Fig. 2 middle) with ``X_t = ΔW_t``;
@@ -39,7 +40,7 @@ Artifacts are safetensors (float64, exactly as computed) with attrs ``kind``, ``
 ``options``, ``modules``, ``compute_time_s`` (wall time of computing every module's basis) and
 ``peak_memory_mb``; the study adds those to the time and memory of the merge that used them
 (``docs/store.md`` §9). Safetensors stores row-major arrays, while LAPACK returns SVD factors
-column by column (and ``V_A_ref`` is a view ``Vh_A[:d_V].T``); the BLAS path of a product, and so its
+column by column (and the fallback's ``V_B`` is a view ``Vh[:d].T``); the BLAS path of a product, and so its
 last bit, depends on that layout. A column-major matrix is therefore written transposed under
 ``<name>.T`` and read back as a column-major view: a merge from loaded bases is bit-identical to
 one computed in-process (``tests/test_bases.py``).
@@ -58,6 +59,7 @@ from mergelab.adaptation.bank import BankBasis, core_matrices, core_rtol, shared
 from mergelab.profiling import measure
 from mergelab.spaces import CoreSpace, Space, get_space
 from mergelab.spaces.base import require_low_rank
+from mergelab.spaces.core import CoreBasis, StackSVD
 from mergelab.store import Key, Store
 from mergelab.taskset import TaskSet, Update
 
@@ -86,9 +88,11 @@ class Kind:
 
 #: Every stored kind. Bump a version when its tensors change for the same inputs.
 KINDS: dict[str, Kind] = {
-    "core": Kind("2", {"rank_rtol": None},
-                 lambda b: {"U_B_ref": b[0], "V_A_ref": b[1]},
-                 lambda t: (t["U_B_ref"], t["V_A_ref"])),
+    "core": Kind("3", {"rank_rtol": None},
+                 lambda b: {"s_B": b.B.s, "V_B": b.B.V, "s_A": b.A.s, "U_A": b.A.V,
+                            **({"U_B_ref": b.B.U} if b.B.U is not None else {}),
+                            **({"V_A_ref": b.A.U} if b.A.U is not None else {})},
+                 lambda t: CoreBasis(StackSVD(t["s_B"], t["V_B"], t.get("U_B_ref")), StackSVD(t["s_A"], t["U_A"], t.get("V_A_ref")))),
     "knots": Kind("1", {"naive": False, "rank_rtol": None, "space": "full", "reference": None},
                   lambda b: {"U": b[0], "s": b[1], **{f"V.{i}": V for i, V in enumerate(b[2])}},
                   lambda t: (t["U"], t["s"], _numbered(t, "V")),
@@ -228,7 +232,7 @@ def adaptation_bases(store: Store, taskset: TaskSet, method: str,
 
     def in_core(module: str, updates: Sequence[Update]) -> Any:
         lowrank = require_low_rank(updates, "core")
-        return spec.compute(core_matrices(lowrank, *reference.modules[module]), rank_rtol=core_rtol(lowrank), **options)
+        return spec.compute(core_matrices(lowrank, reference.modules[module]), rank_rtol=core_rtol(lowrank), **options)
 
     svd = stored_bases(store, taskset, kind, in_core, space="core", reference=str(reference.key), **options)
     return {m: BankBasis(b, reference.modules[m]) for m, b in svd.modules.items()}, [reference, svd]

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from mergelab.linalg import lowrank_svd, truncated_svd
 from mergelab.spaces.base import require_low_rank
-from mergelab.spaces.core import reference_bases
+from mergelab.spaces.core import CoreBasis, core_basis, core_factors, reference_bases, stacks
 from mergelab.spaces.knots import knots_svd
 from mergelab.taskset import Dense, LowRank, Update
 
@@ -230,9 +230,10 @@ def task_svd_bank(updates: Sequence[Update], center: bool = False, rtol: float |
     return Bank(owner, B=B, A=A, offset=_mean(updates) if center else None)
 
 
-def core_matrices(updates: Sequence[LowRank], U_B: Tensor, V_A: Tensor) -> list[Dense]:
-    """``M_t = (U_B^refᵀ B_t)(A_t V_A^ref)`` (003 Def. 2, Eq. 8), float64, as dense updates."""
-    return [Dense((U_B.T @ u.B.to(torch.float64)) @ (u.A.to(torch.float64) @ V_A)) for u in updates]  # (d_U, d_V)
+def core_matrices(updates: Sequence[LowRank], basis: CoreBasis) -> list[Dense]:
+    """``M_t = (U_B^refᵀ B_t)(A_t V_A^ref)`` (003 Def. 2, Eq. 8, :func:`~mergelab.spaces.core.core_factors`),
+    float64, as dense updates."""
+    return [Dense(M.dense()) for M in core_factors([u.rank for u in updates], basis)]  # (d_U, d_V)
 
 
 def core_rtol(updates: Sequence[LowRank]) -> float:
@@ -242,11 +243,11 @@ def core_rtol(updates: Sequence[LowRank]) -> float:
 
 
 def core_bank(updates: Sequence[Update], matrix_bank: Callable[..., Bank], rtol: float | None = None,
-              reference: tuple[Tensor, Tensor] | None = None, svd: Any = None) -> Bank:
+              reference: CoreBasis | None = None, svd: Any = None) -> Bank:
     """``matrix_bank`` run in Core space (003 Sec. 4) and lifted back through the reference bases.
 
-    ``U_B^ref, V_A^ref`` from the stacked factors (003 Eq. 3, :func:`~mergelab.spaces.core.reference_bases`),
-    or ``reference`` when given;
+    ``U_B^ref, V_A^ref`` from the stacked factors (003 Eq. 3, :func:`~mergelab.spaces.core.core_basis`),
+    or from ``reference`` (the Core space's basis) when given, formed;
     the builder sees the core matrices ``M_t = (U_B^refᵀ B_t)(A_t V_A^ref)`` (003 Eq. 8, ``d_U × d_V``,
     float64) as dense updates, and its SVD of them as ``svd=`` (``None``: it computes it); the returned bank
     keeps its core directions and lifts them with ``left = U_B^ref``, ``right = V_A^refᵀ`` (003 Eq. 10). No
@@ -257,8 +258,9 @@ def core_bank(updates: Sequence[Update], matrix_bank: Callable[..., Bank], rtol:
     dtype (:func:`core_rtol`), so float64 round-off of the core products never becomes a direction.
     """
     lowrank = require_low_rank(updates, "core")
-    U_B, V_A = reference_bases(lowrank) if reference is None else reference  # (out, d_U), (in, d_V)
-    cores = core_matrices(lowrank, U_B, V_A)
+    basis = core_basis(stacks(lowrank)) if reference is None else reference
+    U_B, V_A = reference_bases(lowrank, basis=basis)  # (out, d_U), (in, d_V)
+    cores = core_matrices(lowrank, basis)
     rtol = core_rtol(lowrank) if rtol is None else rtol
     bank = matrix_bank(cores, rtol=rtol) if svd is None else matrix_bank(cores, rtol=rtol, svd=svd)
     return replace(bank, left=U_B.float(), right=V_A.T.float())

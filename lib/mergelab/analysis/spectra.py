@@ -235,7 +235,7 @@ def _representations(updates: list[Update], space: str) -> list[Update]:
     if space == "full":
         return updates
     matrices, _ = get_space(space).project(updates)
-    return [Dense(X) for X in matrices]
+    return [X if isinstance(X, LowRank) else Dense(X) for X in matrices]
 
 
 def pairwise_sar(taskset: TaskSet, *, retained: float = SAR_RETAINED, split_packed: bool = True,

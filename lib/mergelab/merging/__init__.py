@@ -68,7 +68,7 @@ METHODS: MethodRegistry = MethodRegistry({
     "metagpt": MergeMethod(metagpt, inputs="tensors", side=("norms",), nonmatrix="self",
                            intervals={"power": Interval(0.0, low_open=True)}),
     "normavg": MergeMethod(normavg, inputs="tensors", side=("norms",), nonmatrix="self"),
-    "tsv": MergeMethod(tsv, grid={"alpha": ALPHA_SVD}, intervals={"rank_rtol": RTOL}),
+    "tsv": MergeMethod(tsv, grid={"alpha": ALPHA_SVD}, intervals={"rank_rtol": RTOL}, factored=True),
     "iso_c": MergeMethod(iso_c, grid={"alpha": ALPHA_SVD}, intervals={"rank_rtol": RTOL}, post=True, isometric=True,
                          frame=True),
     "iso_cts": MergeMethod(iso_cts, grid={"alpha": ALPHA_SVD, "common_fraction": (0.7, 0.8, 0.9)},

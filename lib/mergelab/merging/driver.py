@@ -18,7 +18,10 @@ read off its registry entry (:mod:`mergelab.merging.registry`):
   says ``spectral="update"`` (KnOTS' default, 003's code) such a stage runs on the reconstructed
   ``out × in`` updates over all ``min(out, in)`` singular values and the module continues in the
   full space;
-* methods of LoRA factors get them in isometric coordinates (:meth:`Context.isometric`) too.
+* methods of LoRA factors get them in isometric coordinates (:meth:`Context.isometric`) too;
+* ``factored``: where the space represents a task's matrix by its factors (Core: ``M_t`` as
+  ``(U_B^refᵀ B_t)(A_t V_A^ref)``, 003 Eq. 8), the stage gets that LowRank (TSV-M takes its per-task
+  SVDs from it); every other stage gets the product.
 
 Zero singular directions completed by spectral methods (``support="all"`` on rank-deficient
 updates, :mod:`mergelab.merging.completion`) are counted per module into the merge record,
@@ -74,14 +77,15 @@ def _as_matrix(x: Tensor | LowRank) -> Tensor:
     return x.dense() if isinstance(x, LowRank) else x
 
 
-def _model_wide(method: MergeMethod, per_module: Mapping[str, list[Tensor]], hp: Mapping[str, Any]) -> dict[str, Tensor]:
+def _model_wide(method: MergeMethod, per_module: Mapping[str, list[Tensor | LowRank]], hp: Mapping[str, Any]) -> dict[str, Tensor]:
     """Run an element-wise method once on every task's concatenated, flattened projections."""
-    modules = list(per_module)
-    n_tasks = len(per_module[modules[0]])
-    vectors = [torch.cat([per_module[m][t].reshape(-1) for m in modules]) for t in range(n_tasks)]
+    matrices = {m: [_as_matrix(x) for x in xs] for m, xs in per_module.items()}
+    modules = list(matrices)
+    n_tasks = len(matrices[modules[0]])
+    vectors = [torch.cat([matrices[m][t].reshape(-1) for m in modules]) for t in range(n_tasks)]
     merged = _call(method, (vectors,), hp, MODEL)
-    pieces = merged.split([per_module[m][0].numel() for m in modules])
-    return {m: piece.reshape(per_module[m][0].shape) for m, piece in zip(modules, pieces, strict=True)}
+    pieces = merged.split([matrices[m][0].numel() for m in modules])
+    return {m: piece.reshape(matrices[m][0].shape) for m, piece in zip(modules, pieces, strict=True)}
 
 
 def _side_inputs(spec: MergeMethod | Composition, values: Mapping[str, Any], taskset: TaskSet, modules: Sequence[str],
@@ -126,11 +130,11 @@ class Projection:
 
     taskset: TaskSet
     space: Space
-    matrices: Mapping[str, list[Tensor]]
+    matrices: Mapping[str, list[Tensor | LowRank]]
     contexts: Mapping[str, Context]
 
 
-def _project_module(sp: Space, taskset: TaskSet, module: str, basis: Any = None) -> tuple[list[Tensor], Context]:
+def _project_module(sp: Space, taskset: TaskSet, module: str, basis: Any = None) -> tuple[list[Tensor | LowRank], Context]:
     try:
         return sp.project(taskset.updates(module), basis)
     except InputError as err:
@@ -162,7 +166,7 @@ def project(taskset: TaskSet, space: str | Space = "full", *, bases: Mapping[str
 
 
 def _apply_stage(spec: MergeMethod | Composition, index: int, values: Mapping[str, Any], sp: Space, module: str,
-                 inputs: list[Tensor], updates: Sequence[Update], ctx: Context,
+                 inputs: list[Tensor | LowRank], updates: Sequence[Update], ctx: Context,
                  side: Mapping[str, Mapping[str, list[Tensor]]]) -> tuple[Tensor | LowRank, Context]:
     """Stage ``index`` of ``spec`` on one module: the projections (or, for stage 0, the factors /
     side inputs it declares) in; the merged matrix or factors out, with the context they are in
@@ -177,6 +181,8 @@ def _apply_stage(spec: MergeMethod | Composition, index: int, values: Mapping[st
         except InputError as err:
             raise InputError(f"method {spec.name!r} merges LoRA factors; module {module!r}: {err}") from None
         return ctx.from_isometric(_call(stage, (first, *side_args), hp, module)), ctx
+    if not stage.factored:
+        first = [_as_matrix(x) for x in first]
     if stage.frame and ctx.spectral == "update":
         first = [ctx.update(x) for x in first]
         ctx = Context(shape=ctx.shape, dtype=ctx.dtype)

@@ -30,6 +30,9 @@ driver reads; the function itself never learns which space it runs in:
 * ``frame``: the method takes ``frame=``, the identity of the weight's own coordinates expressed in
   the space's (:meth:`Context.frame`), to complete zero singular directions the same way in every
   space (:mod:`mergelab.merging.completion`); never a hyper-parameter.
+* ``factored``: the method also takes a task's matrix as its LowRank factors, where the space
+  represents it so (Core's ``M_t = (U_B^refᵀ B_t)(A_t V_A^ref)``, 003 Eq. 8), and uses them (TSV-M's
+  per-task SVDs); every other method gets the product.
 * ``grid``: the hyper-parameter grid searched by selection.
 * ``intervals``: allowed ranges; types and defaults come from the function's signature.
 
@@ -98,6 +101,7 @@ class MergeMethod:
     post: bool = False
     isometric: bool = False
     frame: bool = False
+    factored: bool = False
     name: str = ""
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mergelab.linalg import numerical_rank, polar, svd64
+from mergelab.linalg import lowrank_svd, numerical_rank, polar, svd64
 from mergelab.merging.completion import frame_pairs, identity_frame, note
 from mergelab.taskset import LowRank
 
@@ -54,7 +54,7 @@ Support = Literal["all", "nonzero"]
 SUPPORT_RTOL = 1e-4
 
 
-def _rank(s: Tensor, like: Tensor, rank_rtol: float | None, scale: float | None = None) -> int:
+def _rank(s: Tensor, like: Tensor | LowRank, rank_rtol: float | None, scale: float | None = None) -> int:
     """How many singular values ``s`` of ``like`` are non-zero (module docstring), relative to
     ``scale`` (default ``σ_max`` of ``s`` itself)."""
     rtol = rank_rtol if rank_rtol is not None else max(SUPPORT_RTOL, max(like.shape) * torch.finfo(like.dtype).eps)
@@ -66,29 +66,37 @@ def _sum(deltas: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(deltas)).sum(dim=0)
 
 
-def tsv_components(deltas: Sequence[Tensor], rank_rtol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def _task_svd(delta: Tensor | LowRank) -> tuple[Tensor, Tensor, Tensor]:
+    """A task's reduced SVD, from its factors when it comes as ``LowRank`` (:func:`~mergelab.linalg.lowrank_svd`:
+    QR of the ``m × r`` and ``n × r`` factors and an ``r × r`` SVD instead of an ``m × n`` one)."""
+    return lowrank_svd(delta.B, delta.A, truncate=False) if isinstance(delta, LowRank) else svd64(delta)
+
+
+def tsv_components(deltas: Sequence[Tensor | LowRank], rank_rtol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """TSV-M's concatenated per-task components ``(U (m, K), s (K,), Vh (K, n))``: the top
     ``k = ⌊min(m, n) / T⌋`` singular triplets of every task, or its non-zero ones where it has
     fewer (their completion drops out of TSV-M, :func:`tsv`; the count is noted). ``k = 0`` (more
-    tasks than ``min(m, n)``) gives no components (``K = 0``)."""
+    tasks than ``min(m, n)``) gives no components (``K = 0``). A task given as factors (Core's
+    ``M_t``) is decomposed from them (:func:`_task_svd`)."""
     m, n = deltas[0].shape
     k = min(m, n) // len(deltas)
     Us, ss, Vhs = [], [], []
     for delta in deltas:
-        U, s, Vh = svd64(delta)
+        U, s, Vh = _task_svd(delta)
         k_t = min(k, _rank(s, delta, rank_rtol))
         note(k - k_t)
         Us.append(U[:, :k_t]), ss.append(s[:k_t]), Vhs.append(Vh[:k_t])
     return torch.cat(Us, dim=1), torch.cat(ss), torch.cat(Vhs, dim=0)
 
 
-def tsv(deltas: Sequence[Tensor], *, alpha: float = 1.0, rank_rtol: float | None = None) -> Tensor:
+def tsv(deltas: Sequence[Tensor | LowRank], *, alpha: float = 1.0, rank_rtol: float | None = None) -> Tensor:
     """TSV-M (Gargiulo et al., 2025, "Task Singular Vectors"; steps as in 003 App. B):
     keep each task's top ``⌊min(m, n)/T⌋`` singular triplets, concatenate them, whiten the
     concatenated left and right singular vectors with their orthogonal polar factors
     ``U⊥ = polar([U_1 … U_T])``, ``V⊥ = polar([V_1 … V_T])``, and return
     ``alpha · U⊥ diag([s_1 … s_T]) V⊥ᵀ``. In core space (``Tr × Tr``) the per-task ``k`` is ``r``
-    as in 003 (``⌊Σ_t r_t / T⌋`` with mixed ranks, so higher-rank tasks are truncated there).
+    as in 003 (``⌊Σ_t r_t / T⌋`` with mixed ranks, so higher-rank tasks are truncated there), and
+    each core ``M_t`` comes as its rank-``r_t`` factors, from which its SVD is taken.
 
     A task with fewer than ``k`` non-zero singular values (a LoRA update, rank ``r_t < k``): the
     original fills its ``k − r_t`` slots with zero-σ vectors that LAPACK chooses arbitrarily, and
@@ -108,10 +116,11 @@ def tsv(deltas: Sequence[Tensor], *, alpha: float = 1.0, rank_rtol: float | None
     """
     m, n = deltas[0].shape
     if min(m, n) < len(deltas):
-        if any(bool(d.any()) for d in deltas):  # an untrained module (all zero) merges to zero quietly
+        dense = [d.dense() if isinstance(d, LowRank) else d for d in deltas]
+        if any(bool(d.any()) for d in dense):  # an untrained module (all zero) merges to zero quietly
             warnings.warn(f"tsv: a {m}×{n} matrix leaves ⌊{min(m, n)}/{len(deltas)}⌋ = 0 singular components per task; "
                           "it is merged by the mean (TSV-M's rule for non-matrix parameters)", stacklevel=2)
-        return (alpha * torch.stack(list(deltas)).mean(dim=0)).to(deltas[0].dtype)
+        return (alpha * torch.stack(dense).mean(dim=0)).to(deltas[0].dtype)
     U, s, Vh = tsv_components(deltas, rank_rtol)
     merged = polar(U) @ (s[:, None] * polar(Vh))
     return (alpha * merged).to(deltas[0].dtype)

@@ -25,6 +25,11 @@ default) or ``"model"`` (the concatenation of every module's representation, so 
 TIES top-k trim is global across layers as in the KnOTS paper). Methods that need a matrix
 always run per module.
 
+A map may be held as the product of two factors that is never formed (:class:`Factored`): the
+Core space's ``U_B^ref = [B_1 … B_T] · V_B Σ_B⁻¹`` is the tasks' own stack times a small coefficient
+matrix. Every operation below accepts either form; :meth:`Space.reconstruct` folds a factored right
+map's coefficients into the left factor, so that the right factor of the result is the stack itself.
+
 A space whose maps come from decompositions (knots: the SVD of ``[ΔW_1 … ΔW_T]``; core: the
 reference bases) computes them in :meth:`Space.basis` and builds the projection from them in
 ``project(updates, basis)``; the basis is the expensive part and depends only on the tasks'
@@ -46,7 +51,56 @@ from mergelab.errors import InputError
 from mergelab.params import Param, params_of_dataclass, resolve
 from mergelab.taskset import Dense, LowRank, Update
 
-__all__ = ["Context", "Space", "output_dtype", "require_low_rank"]
+__all__ = ["Context", "Factored", "Space", "output_dtype", "require_low_rank"]
+
+
+@dataclass(frozen=True, eq=False)
+class Factored:
+    """A ``rows × cols`` map held as ``outer @ inner`` and never formed: ``outer`` (``rows × k``) is
+    large, ``inner`` (``k × cols``) small, so applying the map costs one product with ``outer``.
+
+    It composes with tensors by ``@`` on either side (``F @ X = outer (inner X)``,
+    ``X @ F = (X outer) inner``), transposes (``F.T``), and takes its leading rows (``F[:p]``) or
+    columns (``F[:, :p]``) from the factor that holds them.
+    """
+
+    outer: Tensor
+    inner: Tensor
+
+    @property
+    def T(self) -> Factored:  # noqa: N802 (the transpose, as Tensor.T)
+        return Factored(self.inner.mT, self.outer.mT)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.outer.shape[0], self.inner.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    def to(self, dtype: torch.dtype) -> Factored:
+        return Factored(self.outer.to(dtype), self.inner.to(dtype))
+
+    def dense(self) -> Tensor:
+        """The formed ``rows × cols`` matrix."""
+        return self.outer @ self.inner
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        return self.outer @ (self.inner @ x)
+
+    def __rmatmul__(self, x: Tensor) -> Tensor:
+        return (x @ self.outer) @ self.inner
+
+    def __getitem__(self, index: slice | tuple[slice, slice]) -> Factored:
+        if isinstance(index, slice):  # leading rows
+            return Factored(self.outer[index], self.inner)
+        rows, cols = index
+        assert rows == slice(None), "a Factored map slices its rows or its columns, not both"
+        return Factored(self.outer, self.inner[:, cols])
+
+
+Map = Tensor | Factored
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,9 +118,9 @@ class Context:
 
     shape: tuple[int, int]
     dtype: torch.dtype
-    left: Tensor | None = None
-    left_pinv: Tensor | None = None
-    right: Tensor | None = None
+    left: Map | None = None
+    left_pinv: Map | None = None
+    right: Map | None = None
     left_scale: Tensor | None = None
     spectral: Literal["represented", "update"] = "represented"
     info: Mapping[str, Any] = field(default_factory=dict)
@@ -139,8 +193,9 @@ class Space:
 
     # --- what a subclass provides ------------------------------------------------------------
 
-    def project(self, updates: Sequence[Update], basis: Any = None) -> tuple[list[Tensor], Context]:
-        """The per-task representations ``X_t`` of one module's updates, and the context.
+    def project(self, updates: Sequence[Update], basis: Any = None) -> tuple[list[Tensor | LowRank], Context]:
+        """The per-task representations ``X_t`` of one module's updates (a matrix, or its factors
+        where the space has them: Core's ``M_t``), and the context.
 
         ``basis``: this module's :meth:`basis` of the same updates, computed earlier (or read from
         the store); ``None`` computes it. Either way the result is the same, bit for bit.
@@ -170,7 +225,13 @@ class Space:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def reconstruct(self, merged: Tensor | LowRank, ctx: Context) -> Update:
-        """``ΔW = P X Qᵀ`` as a LowRank (never materialised) unless the space is the full space."""
+        """``ΔW = P X Qᵀ`` as a LowRank (never materialised) unless the space is the full space.
+
+        A merged matrix ``X`` gives ``LowRank(P X, Qᵀ)``; with a factored right map ``Q = S C``
+        (:class:`Factored`) the coefficients are folded into the left factor,
+        ``LowRank(P X Cᵀ, Sᵀ)``, so that ``Q`` is never formed. Merged factors ``(b, a)`` give
+        ``LowRank(P b, a Qᵀ)``, of their own rank.
+        """
         if isinstance(merged, LowRank):
             B = merged.B if ctx.left is None else ctx.left @ merged.B.to(ctx.left.dtype)
             A = merged.A if ctx.right is None else merged.A.to(ctx.right.dtype) @ ctx.right.T
@@ -179,8 +240,12 @@ class Space:
             return Dense(merged.to(ctx.dtype))
         if ctx.right is None:  # ΔW = P X: P is the B factor, X the A factor
             return LowRank(ctx.left.to(ctx.dtype), merged.to(ctx.dtype))
-        B = merged if ctx.left is None else ctx.left @ merged.to(ctx.left.dtype)
-        return LowRank(B.to(ctx.dtype), ctx.right.T.to(ctx.dtype))
+        if isinstance(ctx.right, Factored):
+            X, right = merged.to(ctx.right.dtype) @ ctx.right.inner.T, ctx.right.outer  # (p, k), (in, k)
+        else:
+            X, right = merged.to(ctx.right.dtype), ctx.right
+        B = X if ctx.left is None else ctx.left @ X
+        return LowRank(B.to(ctx.dtype), right.T.to(ctx.dtype))
 
     def factors(self, updates: Sequence[Update], ctx: Context) -> list[LowRank]:
         """Each task's LoRA factors in this space's coordinates: ``(P⁺ B_t, A_t Q)``."""
