@@ -38,15 +38,14 @@ __all__ = ["breadcrumbs", "dare_linear", "dare_ties", "disjoint_mean", "elect_si
 Sign = Literal["sum", "count"]
 
 
-def magnitude_trim(delta: Tensor, density: float) -> Tensor:
-    """Keep the ``int(density · numel)`` largest-magnitude entries, zero the rest (TIES "trim")."""
+def magnitude_trim(stacked: Tensor, density: float) -> Tensor:
+    """TIES "trim" of every task at once: each task's tensor (``stacked[t]``) keeps its own
+    ``int(density · numel)`` largest-magnitude entries, the rest are zeroed."""
     if density >= 1:
-        return delta
-    k = int(density * delta.numel())
-    flat = delta.reshape(-1)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[flat.abs().topk(k, sorted=False).indices] = True
-    return torch.where(mask, flat, torch.zeros_like(flat)).reshape(delta.shape)
+        return stacked
+    flat = stacked.reshape(stacked.shape[0], -1)  # (T, numel)
+    kept = flat.abs().topk(int(density * flat.shape[1]), dim=1, sorted=False).indices
+    return torch.zeros_like(flat).scatter_(1, kept, flat.gather(1, kept)).reshape(stacked.shape)
 
 
 def random_drop(delta: Tensor, p: float, generator: torch.Generator) -> Tensor:
@@ -62,17 +61,18 @@ def random_drop(delta: Tensor, p: float, generator: torch.Generator) -> Tensor:
 
 
 def elect_sign(stacked: Tensor, sign: Sign = "sum") -> Tensor:
-    """TIES "elect" (Yadav et al., 2023, Eq. 2 of the TIES paper): ``+1``/``-1`` per entry from
-    the sum of the values (``"sum"``) or of their signs (``"count"``); ties elect ``+1``."""
+    """TIES "elect" (Yadav et al., 2023, Eq. 2 of the TIES paper): per entry, whether ``+`` is
+    elected (``True``) or ``-``, from the sum of the values (``"sum"``) or of their signs
+    (``"count"``); ties elect ``+``."""
     total = stacked.sum(dim=0) if sign == "sum" else stacked.sign().sum(dim=0)
-    return torch.where(total >= 0, 1.0, -1.0).to(stacked.dtype)
+    return total >= 0
 
 
-def disjoint_mean(stacked: Tensor, elected: Tensor) -> Tensor:
-    """TIES "disjoint merge": the mean over tasks whose non-zero entry has the elected sign."""
-    agree = stacked.sign() == elected
-    count = agree.sum(dim=0).clamp_min(1)
-    return torch.where(agree, stacked, torch.zeros_like(stacked)).sum(dim=0) / count
+def disjoint_mean(stacked: Tensor, positive: Tensor) -> Tensor:
+    """TIES "disjoint merge": the mean over tasks whose non-zero entry has the elected sign
+    (``positive``: :func:`elect_sign`)."""
+    agree = torch.where(positive, stacked > 0, stacked < 0)
+    return torch.where(agree, stacked, 0.0).sum(dim=0) / agree.sum(dim=0).clamp_min(1)
 
 
 def ties(deltas: Sequence[Tensor], *, density: float = 0.2, alpha: float = 1.0, sign: Sign = "sum") -> Tensor:
@@ -80,7 +80,7 @@ def ties(deltas: Sequence[Tensor], *, density: float = 0.2, alpha: float = 1.0, 
     top ``density`` fraction by magnitude, elect a sign per entry, take the disjoint mean, and
     scale by ``alpha``. Semantics: module docstring. Defaults: ``density=0.2`` (TIES paper's
     k = 20 %), ``alpha=1`` (001 App. C.3 searches λ ∈ 0.8 … 1.8)."""
-    trimmed = torch.stack([magnitude_trim(d, density) for d in deltas])
+    trimmed = magnitude_trim(torch.stack(list(deltas)), density)
     return alpha * disjoint_mean(trimmed, elect_sign(trimmed, sign))
 
 
@@ -107,7 +107,7 @@ def dare_ties(deltas: Sequence[Tensor], *, p: float = 0.1, density: float = 1.0,
 def magnitude_prune(deltas: Sequence[Tensor], *, density: float = 0.2, alpha: float = 0.3) -> Tensor:
     """Magnitude pruning + task arithmetic: TIES' "trim" step alone (Yadav et al., 2023, Sec. 3),
     ``alpha · Σ_t trim_density(τ_t)`` (PEFT ``magnitude_prune``)."""
-    return alpha * torch.stack([magnitude_trim(d, density) for d in deltas]).sum(dim=0)
+    return alpha * magnitude_trim(torch.stack(list(deltas)), density).sum(dim=0)
 
 
 def _breadcrumb(delta: Tensor, density: float, gamma: float) -> Tensor:
