@@ -7,7 +7,9 @@ By default Prefect runs without a server (an ephemeral API in this process); whe
 * ``dask``: a local Dask cluster of in-process workers (``prefect_dask.DaskTaskRunner``); workers
   share this process's Prefect API, so no extra servers start.
 * ``dask=ADDRESS``: an existing Dask scheduler (``tcp://host:8786``). Worker processes need a
-  shared Prefect server: set ``PREFECT_API_URL`` (``prefect server start``) for them.
+  shared Prefect server: set ``PREFECT_API_URL`` (``prefect server start``) for them. When the
+  study's ``device`` is a GPU, model-running nodes ask for the worker resource ``GPU``
+  (:func:`gpu_resources`), so they run only on workers started with ``--resources "GPU=1"``.
 
 Prefect's temporary API server is a child process. :func:`start_ephemeral_server` starts it up
 front and hands its pid to a watchdog process that ends it when this process dies, even by
@@ -26,7 +28,7 @@ from pathlib import Path
 from mergelab.errors import InputError
 from mergelab.study import NodeResult
 
-__all__ = ["RUNNERS", "configure", "parse_runner", "probe_scheduler", "quiet_input_errors", "start_ephemeral_server", "stop_ephemeral_server", "summarize",
+__all__ = ["GPU_DEVICE_TYPES", "GPU_RESOURCES", "RUNNERS", "configure", "gpu_resources", "parse_runner", "probe_scheduler", "quiet_input_errors", "start_ephemeral_server", "stop_ephemeral_server", "summarize",
            "task_runner"]
 
 #: Prefect / Dask settings that these machines need (ENVIRONMENT.md); user values win.
@@ -133,6 +135,26 @@ def probe_scheduler(address: str) -> None:
     except OSError as err:
         raise InputError(f"--runner dask={address}: no Dask scheduler answers at {host}:{port} ({err.strerror or err}); start one "
                          "(dask scheduler) or fix the address") from None
+
+
+#: Torch device types of a study's ``device`` that are GPUs (``cuda``, ``cuda:N``).
+GPU_DEVICE_TYPES = ("cuda",)
+#: The Dask worker resources a model-running node asks for on an existing cluster: one ``GPU``,
+#: which a worker declares with ``dask worker ADDRESS --resources "GPU=1"``.
+GPU_RESOURCES = {"GPU": 1}
+
+
+def gpu_resources(runner: object, device: str) -> dict[str, int]:
+    """The Dask resources a model-running node requests under the task runner ``runner`` for a
+    study on ``device``: :data:`GPU_RESOURCES` on an existing Dask scheduler (a ``DaskTaskRunner``
+    with an address: ``--runner dask=ADDRESS``) when ``device`` is a GPU, none otherwise. A local
+    cluster (``--runner dask``) declares no resources, and Dask holds a task that asks for one no
+    worker has forever, so only a cluster the user started can be asked."""
+    if device.partition(":")[0] not in GPU_DEVICE_TYPES:
+        return {}
+    from prefect_dask import DaskTaskRunner
+
+    return dict(GPU_RESOURCES) if isinstance(runner, DaskTaskRunner) and runner.address else {}
 
 
 def task_runner(spec: str | None = None):

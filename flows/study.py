@@ -5,15 +5,18 @@ Each takes the study file (re-read on every run, so a scheduled deployment picks
 an optional store URL. Every node is one Prefect task; its cache is the store (the node checks its
 content key first), so Prefect's own caching is off. Tasks that want an accelerator carry the
 tag ``gpu``: a deployment can route them to a GPU work pool with a tag-based concurrency limit
-or a worker started on a GPU machine (README, "Scaling out").
+or a worker started on a GPU machine (README, "Scaling out"); on an existing Dask cluster
+(``--runner dask=ADDRESS``) a study whose ``device`` is a GPU has them ask for the worker
+resource ``GPU``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
-from mergelab_flows.runtime import configure
+from mergelab_flows.runtime import configure, gpu_resources
 
 configure()
 
@@ -23,6 +26,7 @@ import uuid  # noqa: E402
 
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.context import FlowRunContext  # noqa: E402
 from prefect.futures import PrefectFuture, as_completed  # noqa: E402
 
 from mergelab import study as nodes  # noqa: E402
@@ -83,16 +87,30 @@ class FlowResult(dict):
         return self["nodes"]
 
 
+def _annotated(resources: dict[str, int]) -> AbstractContextManager:
+    """Dask's annotation of the tasks submitted inside it with worker ``resources`` (none: nothing)."""
+    if not resources:
+        return nullcontext()
+    import dask
+
+    return dask.annotate(resources=resources)
+
+
 def _load(study: str | StudySpec, store: str | None) -> tuple[StudySpec, nodes.Run, nodes.Submit]:
     """The spec, this run's context and a submitter of Prefect tasks into the flow's task runner.
 
-    Every run gets a fresh context token, so a scheduled rerun re-reads the checkpoints.
+    Every run gets a fresh context token, so a scheduled rerun re-reads the checkpoints. On an
+    existing Dask cluster, model-running nodes of a GPU study ask for a ``GPU`` worker
+    (:func:`~mergelab_flows.runtime.gpu_resources`).
     """
     spec = study if isinstance(study, StudySpec) else load_study(study)
     url, run = spec.store_url(store), uuid.uuid4().hex
+    resources = gpu_resources(FlowRunContext.get().task_runner, spec.device)
 
     def submit(kind: str, batch) -> list[nodes.NodeResult]:
-        return _gather(kind, [TASKS[kind].submit(spec, url, run, *args) for args in batch])
+        with _annotated(resources if kind in GPU_NODES else {}):
+            futures = [TASKS[kind].submit(spec, url, run, *args) for args in batch]
+        return _gather(kind, futures)
 
     return spec, nodes.shared_run(spec, url, run), submit
 
