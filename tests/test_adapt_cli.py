@@ -50,6 +50,25 @@ def test_adapt_writes_the_adapted_merge_and_caches_the_run(tmp_path):
     assert load_taskset(MICRO / "base", [tmp_path / "a"]).tasks[0].content_hash == written.content_hash
 
 
+def test_adapt_shows_where_it_started(tmp_path):
+    """Issue 34 item 5: the table puts each score beside its starting merge's. TARA-A starts at
+    φ = 0.4 on every direction, which is task arithmetic with λ = 0.4 (001 Eq. 7), evaluated alike."""
+    from mergelab.onbench import adapt_adapters, merge_adapters
+
+    sources = [f"{t}={MICRO / 'adapters' / 'r4' / t}" for t in TASKS]
+    result = adapt(tmp_path, "--method", "tara_a", "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert "start init=0.4 → adapted" in result.stdout and " → " in result.stdout.split("mean")[-1]
+    adapted, _, _ = adapt_adapters(sources, str(MICRO / "base"), {"method": "tara_a", "iters": 3, "batch_size": 4},
+                                   out=tmp_path / "b", store=str(tmp_path / "store"))
+    assert not adapted.computed and adapted.start_config == {"init": 0.4}
+    ta = merge_adapters(sources, str(MICRO / "base"), "task_arithmetic", "core", out=tmp_path / "ta", select="val", grid={"alpha": [0.4]},
+                        store=str(tmp_path / "store"))
+    for task in TASKS:
+        assert float(adapted.start.sel(task=task, metric="acc")) == pytest.approx(ta.selection.scores[task]["acc"], abs=1e-9)
+        assert float(adapted.start.sel(task=task, metric="norm_acc")) == pytest.approx(ta.selection.scores[task]["norm_acc"], abs=1e-9)
+
+
 def test_adapt_in_core_space_with_weights_output(tmp_path):
     result = adapt(tmp_path, "--method", "tara_b", "--set", "space=core", "--out", tmp_path / "w", "--format", "weights")
     assert result.exit_code == 0, result.output

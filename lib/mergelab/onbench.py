@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +47,7 @@ from mergelab.config import MAX_CONFIGS, config_label, load_study
 from mergelab.errors import InputError
 from mergelab.merging import METHODS, merge
 from mergelab.selection import SELECTION_RULES
-from mergelab.study import Run, NodeResult, adapt_jobs, local_submit, merge_jobs, run_graph
+from mergelab.study import AdaptJob, Run, NodeResult, adapt_jobs, local_submit, merge_jobs, run_graph
 from mergelab.study.results import grid_edges
 from mergelab.taskset import MergedUpdate, TaskSet
 
@@ -177,7 +177,9 @@ def _chosen(ctx: Run, key: str, jobs: Sequence[Any], rule: str, seed: int, name:
 @dataclass(frozen=True)
 class Adapted:
     """An adaptive run on a benchmark: the merged update (in the user's parameter names), its
-    scores ``score(task, metric)`` with normalised accuracies, and the study it was published as."""
+    scores ``score(task, metric)`` with normalised accuracies, the study it was published as, and
+    where it started: ``start`` the starting merge's scores (same layout; ``None`` for a run cached
+    before its start was recorded) and ``start_config`` the hyper-parameters that set it."""
 
     merged: MergedUpdate
     scores: xr.DataArray
@@ -185,6 +187,8 @@ class Adapted:
     name: str
     computed: bool
     bench: str
+    start: xr.DataArray | None = None
+    start_config: dict[str, Any] = field(default_factory=dict)
 
 
 def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adaptive: Mapping[str, Any], store_url: str, *,
@@ -213,7 +217,31 @@ def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adapti
     meta = {"method": job.spec.method, "space": info["space"], "hyper_parameters": {**job.spec.hp, "config": info["config"]},
             "tasks": list(taskset.names), "adaptive": True, "peft": peft_template(taskset), "seed": seed}
     merged = MergedUpdate({names[m]: u for m, u in own.modules.items()}, base=taskset.base, meta=meta)
-    return Adapted(merged, scores, float(info.get("seconds_per_iter", float("nan"))), name, not produced.hit, bench.name)
+    start, start_config = _start_point(ctx, job, info, ds["reference_score"].sel(reference="finetuned", task=list(bench.tasks)))
+    return Adapted(merged, scores, float(info.get("seconds_per_iter", float("nan"))), name, not produced.hit, bench.name,
+                   start, start_config)
+
+
+def _start_point(ctx: Run, job: AdaptJob, info: Mapping[str, Any],
+                 finetuned: xr.DataArray) -> tuple[xr.DataArray | None, dict[str, Any]]:
+    """The run's starting merge scored (:func:`mergelab.study.nodes.start_scores`) and normalised by
+    the ``finetuned`` references as the results are (``norm_acc`` = acc / fine-tuned acc, val
+    likewise), and the hyper-parameters that set the start (the builder's starting coefficient, or
+    what the start search chose)."""
+    from mergelab.adaptation import ADAPTERS
+    from mergelab.study.nodes import start_scores
+
+    a, adapter = job.spec, ADAPTERS[job.spec.method]
+    if "start" not in info and adapter.start_grid(a.hp):  # cached before the chosen start was recorded
+        return None, {}
+    started = dict(info.get("start", {}))
+    name = adapter.start(a.hp)
+    config = started or ({name: a.hp.get(name, adapter.settings.get(name))} if name else {})
+    config = {k: v for k, v in config.items() if v is not None}  # None: the builder's own default (AdaMerging's 0.3)
+    raw = start_scores(ctx, job, started)
+    norm = xr.concat([raw.sel(metric="acc") / finetuned.sel(metric="acc"), raw.sel(metric="val_acc") / finetuned.sel(metric="val_acc")],
+                     dim=xr.DataArray(["norm_acc", "val_norm_acc"], dims="metric"))
+    return xr.concat([raw.sel(metric=["acc", "val_acc"]), norm], dim="metric"), config
 
 
 def evaluation_bench(bench: str, taskset: TaskSet, base: str) -> tuple[BenchSpec, Bench]:

@@ -14,7 +14,9 @@ from mergelab.cli.app import announce_store, invocation, key_values, milestone, 
 from mergelab.errors import InputError
 
 if TYPE_CHECKING:
-    from mergelab.onbench import Selection
+    import xarray as xr
+
+    from mergelab.onbench import Adapted, Selection
 
 
 def _written_kind(fmt: str, written: Path) -> str:
@@ -122,6 +124,28 @@ def _show_selection(method: str, space: str, bench, run):
         console.print(f"warning: {method}/{space} selected {chosen.label}, on the edge of its grid in {', '.join(chosen.edges)}; "
                       "widen it with --grid", style="yellow", highlight=False)
     return chosen
+
+
+def adaptation_table(result: Adapted, method: str) -> Table:
+    """An adaptive run's scores per task in the study tables' style (%, val beside test, normalised
+    by each fine-tuned model), each beside its starting merge's (``start → adapted``), so the table
+    shows whether adapting helped."""
+    start = result.start
+    origin = ", ".join(f"{k}={v}" for k, v in result.start_config.items()) or "the method's default"
+    table = Table(title=f"{method} on {result.bench} ({'adapted now' if result.computed else 'cached run'}); "
+                        + (f"start {origin} → adapted" if start is not None else "start not recorded for this cached run"),
+                  title_justify="left")
+    columns = (("val_norm_acc", "val norm acc %"), ("norm_acc", "test norm acc %"), ("acc", "test acc %"))
+    table.add_column("task")
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    for task in [*map(str, result.scores.task.values), "mean"]:
+        def at(scores: xr.DataArray, metric: str) -> float:
+            values = scores.mean("task") if task == "mean" else scores.sel(task=task)
+            return 100 * float(values.sel(metric=metric))
+        table.add_row(task, *(f"{at(start, m):.1f} → {at(result.scores, m):.1f}" if start is not None else f"{at(result.scores, m):.1f}"
+                              for m, _ in columns))
+    return table
 
 
 #: A selection table's columns: (metric, header, as a percentage).
@@ -319,15 +343,7 @@ def adapt_command(
                                               base_module=base_module, shard_size=shard_size, command=invocation(ctx), **listeners)
     finally:
         progress.stop()
-    table = Table(title=f"{method} on {result.bench} ({'adapted now' if result.computed else 'cached run'}; "
-                        "normalised by each fine-tuned model)", title_justify="left")
-    for column in ("task", "val acc %", "test acc %", "test norm acc %"):
-        table.add_column(column, justify="left" if column == "task" else "right")
-    columns = ("val_acc", "acc", "norm_acc")
-    for task in [*map(str, result.scores.task.values), "mean"]:
-        values = result.scores.mean("task") if task == "mean" else result.scores.sel(task=task)
-        table.add_row(task, *(f"{100 * float(values.sel(metric=c)):.1f}" for c in columns))
-    console.print(table)
+    console.print(adaptation_table(result, method))
     kind = _written_kind(fmt, written)
     console.print(f"adapted {result.scores.sizes['task']} tasks with {method} ({iters} iterations, {1000 * result.seconds_per_iter:.0f} ms each) "
                   f"-> {written} ({kind}); history studies/{result.name}/adapt/{method} in {url}", soft_wrap=True, highlight=False)

@@ -143,7 +143,7 @@ def _adapt(ctx: Run, key: Key, job: AdaptJob, progress: Callable[[int, float], N
     result = run.value
     attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")), "config": _adapt_config(a, started),
              "seed": job.seed, **_cost(run, used), "seconds_per_iter": result.seconds_per_iter,
-             "mean_abs_delta_coef": result.history.attrs["mean_abs_delta_coef"],
+             "mean_abs_delta_coef": result.history.attrs["mean_abs_delta_coef"], "start": dict(started),
              "reproducibility": reproducibility(device=resolve_device(ctx.spec.device), dtype=ctx.spec.dtype,
                                                 seeds={"adapt": job.seed})}  # torch.manual_seed and the val batch order
     if not ctx.store.exists(history := _history_key(ctx, key)):  # labelled with the bench, for figure captions
@@ -192,6 +192,20 @@ def _start(ctx: Run, a: AdaptiveSpec, bases: Any,
         if progress is not None:
             progress(scored, total)
     return {**a.hp, **best[1]}, best[1]
+
+
+@torch.no_grad()
+def start_scores(ctx: Run, job: AdaptJob, started: Mapping[str, Any]) -> xr.DataArray:
+    """``score(task, metric)`` of an adaptive run's starting merge: its coefficient model before step
+    1, with the starting values ``started`` that :func:`_start` chose (the adapt node's ``start``
+    attribute), evaluated as every merge is (:func:`_scores`; raw accuracies). Where adaptation
+    began, so that a table shows whether it helped."""
+    from mergelab.adaptation import build
+
+    a = job.spec
+    bank_bases, _ = adaptation_bases(ctx.store, ctx.taskset, a.method, a.hp) or (None, [])
+    model = build(a.method, ctx.taskset, bases=bank_bases, **{**a.hp, **started})
+    return _scores(ctx, ctx.session.weights(model.merged_update(ctx.taskset.base)), ctx.session.names, joint=False)["score"]
 
 
 @torch.no_grad()
