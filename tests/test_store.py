@@ -104,11 +104,14 @@ def test_gc_removes_leftovers_and_unreferenced(url, tmp_path):
     drop = store.put_json(store.key("b", "1"), {"x": 2})
     named = store.put_json(store.key("c", "1"), {"x": 3})
     store.set_ref("kept-by-name", named)
-    store.fs.makedirs(f"{store.root}/staging/zzz.123", exist_ok=True)
-    store.fs.makedirs(f"{store.root}/objects/half-written/abc", exist_ok=True)
+    staged, half = f"{store.key('z', '1')}.{'0' * 12}", str(store.key("half", "1"))
+    store.fs.makedirs(f"{store.root}/staging/{staged}", exist_ok=True)
+    store.fs.makedirs(f"{store.root}/objects/{half}/abc", exist_ok=True)
     store.fs.makedirs(f"{store.root}/objects/{keep}/lost-race", exist_ok=True)  # a losing writer's payload
+    store.fs.makedirs(f"{store.root}/objects/notes", exist_ok=True)  # not an artifact's name: not the store's
     assert gc(store) == []  # younger than the lease: possibly a live run's write in progress
-    assert set(gc(store, lease_s=0)) == {"staging/zzz.123", "half-written", f"{keep}/lost-race"}
+    assert set(gc(store, lease_s=0)) == {f"staging/{staged}", half, f"{keep}/lost-race"}
+    assert store.fs.exists(f"{store.root}/objects/notes")
     assert store.exists(drop) and store.get_json(keep) == {"x": 1}
     assert gc(store, {keep}) == [drop]
     assert store.exists(keep) and store.exists(named) and not store.exists(drop)

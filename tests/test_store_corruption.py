@@ -75,8 +75,8 @@ def _damage_marker_not_utf8(store):
 
 
 def _damage_object_is_a_file(store):
-    (Path(store.root) / "objects" / "json-0123").write_text("not a folder")
-    return "json-0123", "a file where an object's folder belongs"
+    (Path(store.root) / "objects" / f"json-{'0123' * 8}").write_text("not a folder")
+    return f"json-{'0123' * 8}", "a file where an object's folder belongs"
 
 
 OBJECT_DAMAGE = [v for k, v in sorted(globals().items()) if k.startswith("_damage_")]
@@ -170,7 +170,8 @@ def test_an_unreadable_objects_folder_is_one_line(command, store, monkeypatch):
 
 def test_gc_on_a_read_only_store_reports_what_it_could_not_remove(store, monkeypatch):
     doomed = _damaged_object(store, "doomed", ["json"])
-    (Path(store.root) / "staging" / "leftover").mkdir(parents=True)
+    leftover = f"{store.key('left', '1')}.{'0' * 12}"
+    (Path(store.root) / "staging" / leftover).mkdir(parents=True)
 
     def rm(self, path, recursive=False, **kwargs):
         raise PermissionError(13, "Permission denied", path)
@@ -181,7 +182,7 @@ def test_gc_on_a_read_only_store_reports_what_it_could_not_remove(store, monkeyp
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not remove 2 entries") and "Permission denied" in lines[0], result.stderr
     assert "Traceback" not in result.output and "removed 0 entries" in result.stdout
-    assert (Path(store.root) / "objects" / doomed / MARKER).exists() and (Path(store.root) / "staging" / "leftover").exists()
+    assert (Path(store.root) / "objects" / doomed / MARKER).exists() and (Path(store.root) / "staging" / leftover).exists()
 
 
 def test_an_unreadable_object_folder_is_reported_by_every_tool(store, monkeypatch):
@@ -221,3 +222,20 @@ def test_lease_must_be_a_finite_number_of_seconds(lease, store):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --lease {float(lease)} is not a number of seconds"), result.stderr
     assert Store(store.url).exists(_good(store))
+
+
+@pytest.mark.parametrize("entries", [["45/0123abcd", "pack/pack-1.idx", "info/packs"], ["thesis/chapter1.tex"]],
+                         ids=["git-objects", "a-user-folder"])
+@pytest.mark.parametrize("keep", [False, True])
+def test_gc_refuses_a_folder_that_is_not_a_store(entries, keep, tmp_path):
+    """A folder whose ``objects/`` holds no artifact (a git repository's ``.git``, a user's folder) is
+    not a store: gc removes nothing there, even with --lease 0 and an empty --keep (issue 30 probe)."""
+    for entry in entries:
+        (tmp_path / "objects" / entry).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "objects" / entry).write_text("precious")
+    (tmp_path / "keep.txt").write_text("")
+    result = run("store", "gc", "--store", tmp_path, "--lease", "0", *(["--keep", tmp_path / "keep.txt"] if keep else []))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a mergelab store" in lines[0] and "Traceback" not in result.output
+    assert all((tmp_path / "objects" / entry).read_text() == "precious" for entry in entries)

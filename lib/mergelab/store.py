@@ -49,6 +49,11 @@ __all__ = ["STORE_ENV", "ArtifactInfo", "Key", "Store", "checkout_store", "defau
 
 STORE_ENV = "MERGELAB_STORE"
 MARKER = "_published.json"
+#: The name of an artifact under ``objects/``: its producer and 32 hex digits of its inputs' hash
+#: (:meth:`Store.key`). Nothing else there is the store's: its tools read, report and remove only these.
+KEY_NAME = re.compile(r"[A-Za-z0-9_.+]+-[0-9a-f]{32}")
+#: A write in progress under ``staging/``: ``<key>.<token>``.
+STAGING_NAME = re.compile(rf"{KEY_NAME.pattern}\.[0-9a-f]{{12}}")
 #: How long a write may be in flight before ``gc`` treats its files as leftovers (seconds).
 LEASE_S = 3600.0
 Kind = Literal["dataset", "tensors", "json"]
@@ -383,7 +388,12 @@ class Store:
     # listing and cleaning ----------------------------------------------------------------------
 
     def _object_keys(self) -> list[str]:
-        """The names under ``objects/`` (folders of objects, and whatever else is there)."""
+        """The artifact names under ``objects/`` (:data:`KEY_NAME`: folders of objects, or whatever
+        damage left under such a name); other names there are not the store's and are left alone."""
+        return [name for name in self._object_entries() if KEY_NAME.fullmatch(name)]
+
+    def _object_entries(self) -> list[str]:
+        """Every name under ``objects/``."""
         root = self._path("objects")
         try:
             if not self.fs.exists(root):
@@ -392,6 +402,14 @@ class Store:
         except OSError as err:
             raise InputError(f"store {self.url}: {root} cannot be read ({err.strerror or type(err).__name__}); "
                              "give yourself read access to it (chmod u+rx) or pass another --store") from None
+
+    def check_is_store(self) -> None:
+        """InputError unless this folder holds a store or nothing yet: an ``objects/`` with entries of
+        which none is an artifact belongs to something else (a git repository's object database)."""
+        entries = self._object_entries()
+        if entries and not self._object_keys():
+            raise InputError(f"{self.url} is not a mergelab store (none of the {len(entries)} entries of its objects/ folder, "
+                             f"e.g. {entries[0]!r}, is an artifact); pass the store's path")
 
     def ls(self) -> list[ArtifactInfo]:
         """Every published artifact, sorted by key."""

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 
 from mergelab.outputs import remove_leftovers
-from mergelab.store import LEASE_S, MARKER, PAYLOAD, Store
+from mergelab.store import LEASE_S, MARKER, PAYLOAD, STAGING_NAME, Store
 
 __all__ = ["damaged", "gc", "verify"]
 
@@ -97,6 +97,7 @@ def gc(store: Store, keep: set[str] | None = None, dry_run: bool = False, lease_
     the lease is never touched, so gc may run beside live runs. An entry that cannot be inspected
     or removed (an unreadable folder, a read-only store) goes to ``on_error(label, error)`` and gc
     goes on; without ``on_error`` the error is raised. Returns what was (or would be) removed."""
+    store.check_is_store()
     removed: list[str] = []
 
     def failed(label: str, err: OSError) -> None:
@@ -135,6 +136,8 @@ def gc(store: Store, keep: set[str] | None = None, dry_run: bool = False, lease_
     if store.fs.exists(staging):
         for path in store.fs.ls(staging, detail=False):
             label = f"staging/{path.rstrip('/').rsplit('/', 1)[-1]}"
+            if not STAGING_NAME.fullmatch(label.removeprefix("staging/")):
+                continue  # not a write of the store's (staging/<key>.<token>)
             try:
                 if _stale(store, path, lease_s):
                     remove(path, label)
