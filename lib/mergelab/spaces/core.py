@@ -56,7 +56,7 @@ from mergelab.spaces.base import Context, Factored, Space, output_dtype, require
 from mergelab.taskset import LowRank, Update
 
 __all__ = ["GRAM_COND_MAX", "CoreBasis", "CoreSpace", "StackSVD", "alignment_errors", "core_basis", "core_factors",
-           "reference_bases", "stack_svd", "stacks"]
+           "reference_basis", "reference_bases", "stack_svd", "stacks"]
 
 #: The largest ``cond(SᵀS)`` for which a stack's SVD is taken from its Gram matrix: ``eps(float64)^(-1/2)``
 #: (module docstring, "Route").
