@@ -401,6 +401,16 @@ def _case_merge_no_adapters(tmp, adapter, base):
     return ["merge", "--base", base, "--method", "ties", "--out", tmp / "merged"], "no adapters given"
 
 
+def _case_merge_task_name_that_escapes_the_output(tmp, adapter, base):
+    args = _merge_args(tmp, adapter, base, "--method", "ties", "--format", "weights")
+    args[args.index("--adapters") + 1] = f"../x={adapter}"
+    return args, "task name '../x' must start with a letter or digit"
+
+
+def _case_inspect_task_name_with_a_slash(tmp, adapter, base):
+    return ["inspect", f"a/b={adapter}"], "task name 'a/b' must start with a letter or digit"
+
+
 def _adapt_args(tmp, adapter, base, *extra):
     return ["adapt", "--base", base, "--adapters", adapter, adapter.parent / "textures", "--method", "adamerging",
             "--out", tmp / "adapted", "--store", tmp / "s", *extra]

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 
 from mergelab.errors import InputError, read_text
 from mergelab.hashing import content_hash
+from mergelab.strict import safe_name
 
 if TYPE_CHECKING:  # torch loads with the first tensor: `mergelab check` reads names, configs and headers only
     from torch import Tensor, nn
@@ -144,6 +145,10 @@ def named_sources(sources: Sequence[Source], names: Sequence[str] | None) -> lis
             name = names[i]
         if not path.exists():
             raise InputError(f"source {path} does not exist; check the path (NAME=PATH names a task)")
+        try:
+            safe_name(name, "task name", "it names the task in records and output folders; name the task with NAME=PATH")
+        except ValueError as err:
+            raise InputError(str(err)) from None
         if name in (n for n, _ in pairs):
             raise InputError(f"duplicate task names: two sources are named {name!r}; name each task once (NAME=PATH)")
         pairs.append((name, path))
