@@ -411,6 +411,26 @@ def _case_inspect_task_name_with_a_slash(tmp, adapter, base):
     return ["inspect", f"a/b={adapter}"], "task name 'a/b' must start with a letter or digit"
 
 
+def _case_merge_infinite_shard_size(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--format", "weights", "--shard-size", "inf"), "--shard-size 'inf' is not a size"
+
+
+def _case_merge_superscript_rank(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "task_arithmetic", "--space", "core", "--max-rank", "²"), "unknown serving engine '²'"
+
+
+def _case_merge_superscript_seed(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "dare_ties", "--format", "weights", "--set", "seed=²"), "seed"
+
+
+def _case_check_header_length_beyond_any_read(tmp, adapter, base):
+    bad = tmp / "huge-header"
+    shutil.copytree(adapter, bad)
+    weights = bad / "adapter_model.safetensors"
+    weights.write_bytes((2**63).to_bytes(8, "little") + weights.read_bytes()[8:])
+    return ["check", bad], "corrupt or truncated safetensors header (OverflowError)"
+
+
 def _adapt_args(tmp, adapter, base, *extra):
     return ["adapt", "--base", base, "--adapters", adapter, adapter.parent / "textures", "--method", "adamerging",
             "--out", tmp / "adapted", "--store", tmp / "s", *extra]

@@ -116,7 +116,7 @@ class Param:
         if self.kind is int:
             if isinstance(value, numbers.Integral):
                 number: float = int(value)
-            elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            elif isinstance(value, str) and value.strip().lstrip("+-").isdecimal():  # what int() reads (isdigit: also ²)
                 number = int(value)
             else:
                 raise bad()

@@ -72,7 +72,7 @@ def tensor_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         end = 8 + size + max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
         shapes = {k: (str(v["dtype"]).lower(), tuple(v["shape"])) for k, v in entries.items()}
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError, KeyError, IndexError, TypeError,
-            ValueError) as err:
+            ValueError, OverflowError) as err:  # OverflowError: a header length beyond what a read can take (2^63)
         raise InputError(f"cannot read {path}: corrupt or truncated safetensors header ({type(err).__name__}); re-save it") from None
     if path.stat().st_size < end:
         raise InputError(f"{path} is truncated: its header places tensor data up to byte {end}, the file has "

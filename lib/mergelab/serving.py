@@ -65,10 +65,10 @@ def parse_max_rank(value: str | int) -> RankCap:
     """``--max-rank``: an integer ``>= 1``, an engine of :data:`SERVING_RANKS` or ``ENGINE:CAP``. An integer
     that an engine does not accept warns (one line naming what that engine would take)."""
     text = str(value).strip()
-    engine, _, cap = ("", "", text) if text.isdigit() else text.partition(":")
+    engine, _, cap = ("", "", text) if text.isdecimal() else text.partition(":")
     if engine:
         SERVING_RANKS.require(engine)
-    if cap and not (cap.isdigit() and int(cap) >= 1):
+    if cap and not (cap.isdecimal() and int(cap) >= 1):
         raise InputError(f"--max-rank {text!r} is not a rank; give an integer >= 1, an engine ({', '.join(SERVING_RANKS)}) "
                          "or ENGINE:CAP such as vllm:64")
     rank = int(cap) if cap else None

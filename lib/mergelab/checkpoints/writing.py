@@ -167,7 +167,7 @@ def parse_size(value: str | int) -> int:
     unit = text[len(number):] or "B"
     try:
         size = int(float(number) * SIZE_UNITS[unit])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):  # OverflowError: inf, 1e308GB
         size = 0
     if size < 1:
         raise InputError(f"--shard-size {value!r} is not a size; give bytes or a number with a unit ({', '.join(SIZE_UNITS)}), e.g. 5GB")
