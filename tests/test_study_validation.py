@@ -3,6 +3,7 @@ value and the fix, before any node runs (and ``mergelab run`` exits 2 with that 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -81,6 +82,29 @@ def test_a_repeated_yaml_key_is_refused(tmp_path):
     path.write_text("name: s\nmethods:\n  - method: ties\n    grid: {alpha: [1.0]}\nname: t\n")
     with pytest.raises(InputError, match=r"duplicate key 'name' \(line 5\); keep one of them"):
         load_study(path)
+
+
+def test_a_yaml_merge_key_is_read_as_yaml_defines_it(tmp_path):
+    """``<<: *anchor`` brings an anchor's keys in, and the mapping's own keys override them (issue 30 probe:
+    it was refused as an unknown tag)."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("name: s\nmethods:\n  - &ties {method: ties, spaces: [full], grid: {alpha: [1.0]}}\n"
+                    "  - <<: *ties\n    spaces: [core]\n")
+    spec = load_study(path)
+    assert [(m.method, m.spaces) for m in spec.methods] == [("ties", ["full"]), ("ties", ["core"])]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("name: s\nx: !!python/object:os.system {}\n", "a study holds plain mappings, lists and scalars"),
+    ("# " + "x" * (1 << 20) + "\nname: s\n", "more than a study's 1048576"),
+], ids=["python-tag", "a-megabyte-of-comments"])
+def test_what_a_study_file_cannot_be(text, message, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_study(path)
+    with pytest.raises(InputError, match="is not a regular file"):
+        load_study(tmp_path)
 
 
 def test_mergelab_run_exits_2_on_a_bad_adaptive_setting_before_running_anything(tmp_path):

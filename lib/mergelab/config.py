@@ -360,16 +360,26 @@ def _location(loc: tuple) -> str:
     return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
 
 
+#: A study file is a page of YAML; anything larger is not one (and would take minutes to parse).
+MAX_STUDY_BYTES = 1 << 20
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping that repeats a key."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping with a repeated key (the last would silently win)."""
+    """``yaml.SafeLoader`` that refuses a mapping with a repeated key (the last would silently win).
+    Keys a merge key (``<<: *anchor``) brings in may be overridden, as YAML defines."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
-                                                        key_node.start_mark)
+                raise _DuplicateKey(None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -383,14 +393,20 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
         path = Path(path)
         where = str(path)
         if not path.is_file():
-            raise InputError(f"study file {path} does not exist; pass a YAML file such as studies/micro.yaml")
+            what = "does not exist" if not path.exists() else "is not a regular file"
+            raise InputError(f"study file {path} {what}; pass a YAML file such as studies/micro.yaml")
+        if path.stat().st_size > MAX_STUDY_BYTES:
+            raise InputError(f"study file {path} has {path.stat().st_size} bytes, more than a study's {MAX_STUDY_BYTES}; "
+                             "pass the study's YAML file")
         text = read_text(path, "study file")
         try:
             data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         except RecursionError:
             raise InputError(f"{path} nests deeper than Python can read; a study is a few levels of mappings and lists") from None
-        except yaml.constructor.ConstructorError as err:
+        except _DuplicateKey as err:
             raise InputError(f"{path}: {err.problem}; keep one of them") from None
+        except yaml.constructor.ConstructorError as err:
+            raise InputError(f"{path}: {err.problem}; a study holds plain mappings, lists and scalars") from None
         except yaml.YAMLError as err:
             raise InputError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):
