@@ -6,6 +6,7 @@ finite number of seconds."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import fsspec.implementations.local as local
@@ -79,6 +80,14 @@ def _damage_object_is_a_file(store):
     return f"json-{'0123' * 8}", "a file where an object's folder belongs"
 
 
+def _damage_marker_is_a_fifo(store):
+    """Reading it would block forever (issue 30 probe: ls and verify hung)."""
+    key = store.put_json(store.key("f", "1"), {"v": 1})
+    Path(store._marker(key)).unlink()
+    os.mkfifo(store._marker(key))
+    return key, "not a regular file"
+
+
 OBJECT_DAMAGE = [v for k, v in sorted(globals().items()) if k.startswith("_damage_")]
 
 
@@ -88,7 +97,13 @@ def _damage_broken_ref(store):
     return "refs/studies-x.json", "not a ref"
 
 
-DAMAGE = [*OBJECT_DAMAGE, _damage_broken_ref]
+def _damage_ref_links_to_an_endless_file(store):
+    (Path(store.root) / "refs").mkdir(exist_ok=True)
+    (Path(store.root) / "refs" / "studies-z.json").symlink_to("/dev/zero")
+    return "refs/studies-z.json", "not a ref"
+
+
+DAMAGE = [*OBJECT_DAMAGE, _damage_broken_ref, _damage_ref_links_to_an_endless_file]
 ids = lambda f: f.__name__.removeprefix("_damage_")  # noqa: E731
 
 

@@ -22,6 +22,7 @@ references; :mod:`mergelab.upkeep`, as is ``verify``); markers of stores written
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -52,6 +53,8 @@ MARKER = "_published.json"
 #: The name of an artifact under ``objects/``: its producer and 32 hex digits of its inputs' hash
 #: (:meth:`Store.key`). Nothing else there is the store's: its tools read, report and remove only these.
 KEY_NAME = re.compile(r"[A-Za-z0-9_.+]+-[0-9a-f]{32}")
+#: The largest marker or ref file a store reads (a marker holds an artifact's provenance and attributes).
+MAX_RECORD_BYTES = 64 << 20
 #: A write in progress under ``staging/``: ``<key>.<token>``.
 STAGING_NAME = re.compile(rf"{KEY_NAME.pattern}\.[0-9a-f]{{12}}")
 #: How long a write may be in flight before ``gc`` treats its files as leftovers (seconds).
@@ -177,6 +180,16 @@ class Store:
         """True when ``key`` is published (its marker is present, readable and well formed)."""
         return self._read_marker(key) is not None
 
+    def _cat_record(self, path: str) -> bytes:
+        """A marker's or ref's bytes: a regular file of at most :data:`MAX_RECORD_BYTES` (OSError
+        otherwise, so a FIFO or a link to ``/dev/zero`` where a record belongs is damage, not a hang)."""
+        info = self.fs.info(path)  # a link's target's: a link to /dev/zero is "other"
+        if info.get("type") != "file":
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if (info.get("size") or 0) > MAX_RECORD_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {MAX_RECORD_BYTES} bytes", path)
+        return self.fs.cat_file(path)
+
     def _read_marker(self, key: str) -> dict[str, Any] | None:
         return self._marker_state(key)[0]
 
@@ -185,7 +198,7 @@ class Store:
         published: a write in flight or a leftover for gc); ``(None, problem)`` when a marker is
         there that this store cannot trust (what ``verify`` reports, what ``ls`` skips)."""
         try:
-            raw = self.fs.cat_file(self._marker(key))
+            raw = self._cat_record(self._marker(key))
         except FileNotFoundError:
             return None, None
         except OSError as err:  # e.g. objects/<key> is a file, or unreadable
@@ -351,7 +364,7 @@ class Store:
 
     def ref(self, name: str) -> str:
         try:
-            value = json.loads(self.fs.cat_file(self._path("refs", f"{name}.json")))
+            value = json.loads(self._cat_record(self._path("refs", f"{name}.json")))
         except FileNotFoundError:
             raise KeyError(f"store {self.url} has no artifact named {name!r}; run the study that writes it first") from None
         except (OSError, ValueError, UnicodeDecodeError, RecursionError):
@@ -378,7 +391,7 @@ class Store:
         for path in self.fs.find(root):
             if path.endswith(".json"):
                 try:
-                    value = json.loads(self.fs.cat_file(path))
+                    value = json.loads(self._cat_record(path))
                 except (OSError, ValueError, UnicodeDecodeError, RecursionError):
                     value = None
                 key = value.get("key") if isinstance(value, dict) else None
