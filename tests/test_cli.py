@@ -431,6 +431,10 @@ def _case_check_header_length_beyond_any_read(tmp, adapter, base):
     return ["check", bad], "corrupt or truncated safetensors header (OverflowError)"
 
 
+def _case_store_gc_keep_is_a_folder(tmp, adapter, base):
+    return ["store", "gc", "--store", tmp / "s", "--keep", tmp], "is not a regular file"
+
+
 def _adapt_args(tmp, adapter, base, *extra):
     return ["adapt", "--base", base, "--adapters", adapter, adapter.parent / "textures", "--method", "adamerging",
             "--out", tmp / "adapted", "--store", tmp / "s", *extra]

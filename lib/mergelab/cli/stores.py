@@ -91,7 +91,8 @@ def store_gc(
     keys = None
     if keep is not None:
         if not keep.is_file():
-            raise InputError(f"--keep file {keep} does not exist; write the keys to keep one per line")
+            raise InputError(f"--keep file {keep} {'is not a regular file' if keep.exists() else 'does not exist'}; "
+                             "write the keys to keep one per line")
         keys = {line.strip() for line in read_text(keep, "--keep file").splitlines() if line.strip()}
     s = Store(announce_store(store or default_store_url()))
     failed: list[tuple[str, OSError]] = []
