@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def test_the_cli_exits_1_on_a_problem_and_prints_json(vit_adapters, tiny_vit, tm
     assert bad.exit_code == 1
     report = json.loads(bad.stdout)
     assert len(report["tasks"]) == 2 and any("some tasks only" in p for p in report["problems"])
-    missing = runner.invoke(app, ["check", str(vit_adapters[0]), "--data", f"x={tmp_path / 'nowhere'}"])
+    missing = runner.invoke(app, ["check", str(vit_adapters[0]), "--data", f"digits={tmp_path / 'nowhere'}"])
     assert missing.exit_code == 2 and "no such folder" in missing.stderr
 
 
@@ -87,3 +88,42 @@ def test_a_broken_header_is_one_line(tmp_path, payload):
     path.write_bytes(payload)
     with pytest.raises(InputError, match="corrupt or truncated safetensors header"):
         tensor_shapes(path)
+
+
+def _edited(src, dst, **config):
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**data, **config}))
+    return dst
+
+
+def _empty_splits(tmp):
+    for split in ("val", "test"):
+        (tmp / "data" / split).mkdir(parents=True)
+    return {"digits": tmp / "data"}
+
+
+#: (what, config changes of the first adapter, data folders, the problem reported): ``check`` reports what
+#: ``merge`` refuses (tests/test_silent_merges.py), with exit 1.
+PROBLEMS = [
+    ("layers_to_transform beyond the model", {"layers_to_transform": [99]}, None,
+     "digits: layers_to_transform names layer(s) [99] that hold no LoRA factors (the weights' layers: [0, 1])"),
+    ("tensors of a module the config does not target", {"target_modules": r"transformer\.resblocks\.0\.attn"}, None,
+     "digits: the weights hold LoRA factors for 1 module(s) the config does not target"),
+    ("target_modules matching no tensor", {"target_modules": ["nope"]}, None, "digits: target_modules ['nope'] matches none"),
+    ("modules_to_save without saved tensors", {"modules_to_save": ["classifier"]}, None,
+     "digits: modules_to_save names 'classifier', but the weights save no tensor of it"),
+    ("bias trained beside the factors", {"bias": "lora_only"}, None, "digits: trained with PEFT's bias option (bias='lora_only')"),
+    ("val and test splits without images", {}, _empty_splits, "--data digits: its val split holds no images"),
+]
+
+
+@pytest.mark.parametrize("changes, data, problem", [p[1:] for p in PROBLEMS], ids=[p[0] for p in PROBLEMS])
+def test_what_merge_refuses_check_reports_as_a_problem(vit_adapters, tmp_path, changes, data, problem):
+    adapter = _edited(vit_adapters[0], tmp_path / "digits", **changes)
+    args = ["check", str(adapter), str(vit_adapters[1])]
+    for task, root in (data(tmp_path) if data else {}).items():
+        args += ["--data", f"{task}={root}"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 1, result.output
+    assert any(problem in p for p in json.loads(result.stdout)["problems"]), result.stdout

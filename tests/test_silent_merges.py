@@ -1,6 +1,8 @@
 """Inputs that used to merge into a silently wrong result (issue 30, item 2) are refused with one
-``error:`` line, exit 2 and nothing written; a ``fan_in_fan_out`` flag that disagrees with the base
-is reset as PEFT resets it, with one ``warning:`` line."""
+``error:`` line, exit 2 and nothing written: adapter-config fields not of PEFT's types, configs that
+disagree with their tensors where PEFT would load another adapter, factors whose product overflows,
+options that would be ignored, outputs that fail only after the merge. A ``fan_in_fan_out`` flag that
+disagrees with the base is reset as PEFT resets it, with one ``warning:`` line."""
 
 from __future__ import annotations
 
@@ -32,6 +34,22 @@ def _adapter(src: Path, dst: Path, **config_changes) -> Path:
     shutil.copytree(src, dst)
     config = json.loads((dst / "adapter_config.json").read_text())
     (dst / "adapter_config.json").write_text(json.dumps({**config, **config_changes}))
+    return dst
+
+
+def _without(src: Path, dst: Path, *fields: str) -> Path:
+    """A copy of the adapter ``src`` at ``dst`` whose adapter_config.json lacks ``fields``."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in fields}))
+    return dst
+
+
+def _weights(src: Path, dst: Path, edit) -> Path:
+    """A copy of the adapter ``src`` at ``dst`` with ``edit(tensors)`` as its weights."""
+    shutil.copytree(src, dst)
+    weights = dst / "adapter_model.safetensors"
+    save_file({k: v.contiguous() for k, v in edit(load_file(str(weights))).items()}, str(weights))
     return dst
 
 
@@ -117,6 +135,80 @@ def _case_check_data_without_a_val_split(tmp, adapters, base):
     return ["check", *adapters[:2], "--data", f"digits={tmp / 'data'}"], "has no val split, so its overlap cannot be checked"
 
 
+def _case_use_rslora_a_string(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", use_rslora="yes")
+    return _merge(tmp, base, bad, adapters[1]), "has use_rslora = 'yes'; it must be true or false (a JSON boolean"
+
+
+def _case_fan_in_fan_out_a_string(tmp, adapters, base):
+    return ["inspect", _adapter(adapters[0], tmp / "a", fan_in_fan_out="false")], "has fan_in_fan_out = 'false'; it must be true or false"
+
+
+def _case_target_modules_not_a_regex(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", target_modules="(")
+    return _merge(tmp, base, bad, adapters[1]), "target_modules '(' is not a regular expression"
+
+
+def _case_target_modules_a_number(tmp, adapters, base):
+    return ["check", _adapter(adapters[0], tmp / "a", target_modules=5)], "has target_modules = 5; it must be a list of module names"
+
+
+def _case_config_without_peft_type(tmp, adapters, base):
+    return ["inspect", _without(adapters[0], tmp / "a", "peft_type")], "lacks 'peft_type'; PEFT cannot load a LoRA config without it"
+
+
+def _case_config_without_target_modules(tmp, adapters, base):
+    bad = _without(adapters[0], tmp / "a", "target_modules")
+    return _merge(tmp, base, bad, adapters[1]), "lacks 'target_modules'; PEFT cannot load a LoRA config without it"
+
+
+def _case_target_modules_matching_no_tensor(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", target_modules=["nope.module"])
+    return _merge(tmp, base, bad, adapters[1]), "target_modules ['nope.module'] matches none of the 2 modules the weights hold"
+
+
+def _case_tensors_of_a_module_the_config_does_not_target(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", target_modules=r"transformer\.resblocks\.0\.attn")
+    return _merge(tmp, base, bad, adapters[1]), "LoRA factors for 1 module(s) the config does not target (e.g. 'transformer.resblocks.1.attn')"
+
+
+def _case_layers_to_transform_beyond_the_model(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", layers_to_transform=[99])
+    return _merge(tmp, base, bad, adapters[1]), "layers_to_transform names layer(s) [99] that hold no LoRA factors (the weights' layers: [0, 1])"
+
+
+def _case_bias_trained_beside_the_factors(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", bias="all")
+    return _merge(tmp, base, bad, adapters[1]), "trained with PEFT's bias option (bias='all'), which mergelab cannot merge"
+
+
+def _case_modules_to_save_without_saved_tensors(tmp, adapters, base):
+    bad = _adapter(adapters[0], tmp / "a", modules_to_save=["classifier"])
+    return _merge(tmp, base, bad, adapters[1]), "modules_to_save names 'classifier', but the weights save no tensor of it"
+
+
+def _case_finite_factors_whose_product_overflows(tmp, adapters, base):
+    def huge(tensors):
+        return {k: torch.full_like(v, 1e30) if ".0.attn.lora_" in k else v for k, v in tensors.items()}
+
+    return _merge(tmp, base, _weights(adapters[0], tmp / "a", huge), adapters[1]), "can reach entries of 8e+60, beyond 1.84e+19"
+
+
+def _case_dense_method_written_as_an_adapter(tmp, adapters, base):
+    args = ["merge", "--base", base, "--adapters", *adapters[:2], "--method", "ties", "--out", tmp / "merged", "--store", tmp / "s"]
+    return args, "ties in the full space gives a dense update of every module, not a LoRA adapter"
+
+
+def _case_check_data_of_a_task_no_adapter_has(tmp, adapters, base):
+    for split in ("val", "test"):
+        (tmp / "data" / split / "a").mkdir(parents=True)
+    return ["check", *adapters[:2], "--data", f"bogus={tmp / 'data'}"], "--data bogus: no adapter is named 'bogus'; name one of the tasks digits, textures"
+
+
+def _case_verify_rtol_without_recompute(tmp, adapters, base):
+    return ["store", "verify", "--store", tmp / "s", "--rtol", "0.5"], "--rtol tunes --recompute, which is not given"
+
+
 def _case_study_with_no_task(tmp, adapters, base):
     return _study(tmp, tasks=[]), "tasks is empty; list the tasks to merge"
 
@@ -193,3 +285,33 @@ def test_conv1d_modules_without_fan_in_fan_out_are_read_as_peft_reads_them(tmp_p
         taskset = load_taskset(dict(gpt2.state_dict()), [tmp_path / "unflagged"])
     for name, update in taskset.tasks[0].modules.items():
         torch.testing.assert_close(gpt2.state_dict()[name] + update.dense(), expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+KEYS = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.12.mlp.down_proj", "lm_head",
+        "transformer.resblocks.0.attn", "model.h.3.attn.c_attn", "score", "model.layers.0.score.dense", "model.layers.2.experts.0.w1"]
+TARGETINGS = [
+    {"target_modules": ["q_proj", "v_proj"]},
+    {"target_modules": ["q_proj", "down_proj", "lm_head"], "layers_to_transform": [0, 12]},
+    {"target_modules": ["q_proj", "v_proj", "w1"], "layers_to_transform": 1},
+    {"target_modules": ["c_attn", "w1"], "layers_to_transform": [3, 2], "layers_pattern": ["h", "layers"]},
+    {"target_modules": ["attn", "c_attn"], "layers_to_transform": [0], "layers_pattern": "resblocks"},
+    {"target_modules": r".*\.(q_proj|down_proj)"},
+    {"target_modules": ["q_proj", "v_proj", "down_proj"], "exclude_modules": ["down_proj"]},
+    {"target_modules": r"model\..*", "exclude_modules": r".*\.1\..*"},
+    {"target_modules": ["dense", "score", "q_proj"], "modules_to_save": ["score"]},
+    {"target_modules": ["model.layers.0.self_attn.q_proj", "down_proj"], "layers_to_transform": [5]},
+]
+
+
+@pytest.mark.parametrize("config", TARGETINGS)
+def test_the_modules_a_config_targets_are_those_peft_wraps(config):
+    """:func:`~mergelab.checkpoints.files.targets` (which LoRA tensors a config keeps, what a config
+    disagreeing with its tensors is judged by) against PEFT's own matching on load."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from mergelab.checkpoints.files import targets
+
+    peft_config = LoraConfig(**config)
+    for key in KEYS:
+        assert targets(config, key) == bool(check_target_module_exists(peft_config, key)), key  # PEFT's exclusion is falsy

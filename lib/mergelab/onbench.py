@@ -31,7 +31,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 import numpy as np
 import torch
@@ -52,10 +52,12 @@ from mergelab.study.results import grid_edges
 from mergelab.taskset import MergedUpdate, TaskSet
 
 if TYPE_CHECKING:
+    from mergelab.merging.registry import Composition, MergeMethod
+    from mergelab.spaces import Space
     from mergelab.store import Store
 
 __all__ = ["Adapted", "Merged", "Selection", "adapt_adapters", "adapt_on_bench", "bench_for", "evaluation_bench",
-           "merge_adapters", "module_map", "select_hyper_parameters", "swept_grid"]
+           "gives_dense", "merge_adapters", "module_map", "select_hyper_parameters", "swept_grid"]
 
 
 
@@ -273,6 +275,19 @@ class Merged:
     capped: dict[str, float]
 
 
+def gives_dense(spec: MergeMethod | Composition, space: Space) -> bool:
+    """Whether ``spec`` in ``space`` merges every matrix module into a dense update, known before it runs:
+    the full space has no maps that carry a merged matrix back to factors, so a last stage that returns
+    a matrix (annotated ``-> Tensor``) gives dense modules, which no LoRA adapter holds; stages that return
+    factors (``-> LowRank``: svd, linear, lora_lego) stay low rank. The other spaces reconstruct factors,
+    except where a stage completes the spectrum in the full space (KnOTS' ``spectral="update"``), which
+    only the merge shows (:func:`~mergelab.checkpoints.save_merged` refuses it then)."""
+    from mergelab.spaces.full import FullSpace
+
+    _, last = spec.stages[-1]
+    return isinstance(space, FullSpace) and get_type_hints(last.fn).get("return") is Tensor
+
+
 def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = "full", *, out: Path,
                    fixed: Mapping[str, str] | None = None, space_options: Mapping[str, str] | None = None, fmt: str = "peft",
                    max_rank: int | str | None = None, grams: Path | None = None, modules: Sequence[str] | None = None,
@@ -323,9 +338,15 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     if select is not None:
         swept_grid(spec.name, fixed, grid)  # a too-large grid fails before the benchmark loads
     taskset = load_taskset(base, sources, modules=modules, base_module=base_module)
-    selection = None
+    side_inputs = {"grams": load_grams(grams, taskset)} if grams is not None else None
     if select is not None:
         bench_spec, evaluating = evaluation_bench(bench, taskset, base)
+    if fmt == "peft" and cap is None and gives_dense(spec, sp):
+        raise InputError(f"{spec.name} in the {sp.name} space gives a dense update of every module, not a LoRA adapter; save with "
+                         "format='weights' (CLI: --format weights), cap its rank (--max-rank: a truncated SVD per module) or "
+                         "merge in a low-rank space (knots, core)")
+    selection = None
+    if select is not None:
 
         def run(progress: Callable[[NodeResult, int], None] | None = None) -> Selection:
             return select_hyper_parameters(evaluating, bench_spec, spec.name, sp.name, select, fixed, s.url, grid=grid,
@@ -333,7 +354,6 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
 
         selection = on_selection(spec.name, sp.name, evaluating, run) if on_selection is not None else run()
         hyper_parameters = spec.resolve({**fixed, **selection.config})
-    side_inputs = {"grams": load_grams(grams, taskset)} if grams is not None else None
     start = time.perf_counter()
     merged = merge(taskset, spec.name, sp, side_inputs=side_inputs, **hyper_parameters)
     merge_time = time.perf_counter() - start

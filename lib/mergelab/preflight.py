@@ -5,10 +5,12 @@ first ``8 + n`` bytes: names, dtypes and shapes), a base's shapes likewise, and 
 file hashes. In seconds it reports per task the rank (and ``rank_pattern``), ``lora_alpha``,
 rsLoRA, the scaling, target modules and dtypes, and then what would stop or skew a merge:
 modules not every task targets (a merge refuses them), factors that do not fit the base, adapters
-that a merge of ``B A`` would get wrong (DoRA, ``lora_bias``, a quantized base:
-:data:`~mergelab.checkpoints.files.UNMERGEABLE`), mixed dtypes, and images that sit in more than
-one evaluation split (a val image that is also a test image makes selection on val see the test
-split; 004 §3's selection protocol assumes disjoint splits).
+that a merge of ``B A`` would get wrong (DoRA, ``lora_bias``, PEFT's ``bias`` option, a quantized
+base: :data:`~mergelab.checkpoints.files.UNMERGEABLE`), a config that disagrees with its tensors so
+that PEFT would load another adapter (:func:`~mergelab.checkpoints.files.config_disagreements`), mixed
+dtypes, evaluation splits that hold no image, and images that sit in more than one evaluation split
+(a val image that is also a test image makes selection on val see the test split; 004 §3's
+selection protocol assumes disjoint splits).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergelab.checkpoints.files import (ADAPTER_CONFIG, adapter_config, ADAPTER_WEIGHTS, FULL_WEIGHTS, check_scaling, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir,
-                                        named_sources, read_tensors, unmergeable, weights_file)
-from mergelab.checkpoints.loading import check_declared_rank, guess_param, resolve_prefix, saved_names, target_param, target_views
+from mergelab.checkpoints.files import (ADAPTER_CONFIG, adapter_config, ADAPTER_WEIGHTS, FULL_WEIGHTS, check_scaling, config_disagreements, LORA_KEY,
+                                        PEFT_PREFIX, Source, is_adapter_dir, named_sources, read_tensors, unmergeable, weights_file)
+from mergelab.checkpoints.loading import (check_declared_rank, guess_param, lora_targets, resolve_prefix, saved_names, target_param,
+                                          target_views)
 from mergelab.errors import InputError
 
-__all__ = ["Preflight", "TaskReport", "check", "split_overlaps", "tensor_shapes"]
+__all__ = ["Preflight", "TaskReport", "check", "empty_splits", "split_images", "split_overlaps", "tensor_shapes"]
 
 #: Splits whose images must be disjoint (the selection split and the reported one).
 SPLITS = ("val", "test")
@@ -113,6 +116,8 @@ def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] |
             continue
         factors.setdefault(match["module"], {})[match["kind"].replace("_embedding", "")] = entry
     peft_modules = sorted(factors)
+    if peft_modules:
+        problems += [f"{name}: {line}" for line in config_disagreements(config, lora_targets(peft_modules), sorted(saved))]
     tower = (config.get("auto_mapping") or {}).get("base_model_class")
     prefix = ""
     if base is not None and peft_modules:
@@ -147,10 +152,10 @@ def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] |
                       rslora, scaling, dtypes, modules)
 
 
-def split_overlaps(data: Mapping[str, str | Path]) -> list[str]:
-    """Images (by content hash) that appear in more than one of the tasks' ``val`` / ``test``
-    splits (``ROOT/<split>/<class>/<image>``), within a task or across tasks."""
-    seen: dict[str, list[str]] = {}
+def split_images(data: Mapping[str, str | Path]) -> dict[tuple[str, str], list[Path]]:
+    """The image files of every task's ``val`` and ``test`` split (``ROOT/<split>/<class>/<image>``),
+    by ``(task, split)``; a root or split folder that is missing is an :class:`InputError`."""
+    images: dict[tuple[str, str], list[Path]] = {}
     for task, root in data.items():
         root = Path(root)
         if not root.is_dir():
@@ -160,15 +165,28 @@ def split_overlaps(data: Mapping[str, str | Path]) -> list[str]:
             raise InputError(f"--data {task}={root} has no {' or '.join(missing)} split, so its overlap cannot be checked; "
                              f"give ROOT with ROOT/{'/, ROOT/'.join(SPLITS)}/<class>/<image>")
         for split in SPLITS:
-            for image in sorted(p for p in (root / split).rglob("*") if p.is_file()):
-                seen.setdefault(hashlib.sha256(image.read_bytes()).hexdigest(), []).append(f"{task}/{split}")
-    found = []
+            images[task, split] = sorted(p for p in (root / split).rglob("*") if p.is_file())
+    return images
+
+
+def empty_splits(images: Mapping[tuple[str, str], Sequence[Path]]) -> list[str]:
+    """One line per split of :func:`split_images` that holds no image (nothing to select on or report)."""
+    return [f"--data {task}: its {split} split holds no images, so a merge has nothing to {'select on' if split == 'val' else 'report'} "
+            f"there; put them under ROOT/{split}/<class>/<image>" for (task, split), found in images.items() if not found]
+
+
+def split_overlaps(images: Mapping[tuple[str, str], Sequence[Path]]) -> list[str]:
+    """Images (by content hash) of :func:`split_images` that appear in more than one of the tasks'
+    ``val`` / ``test`` splits, within a task or across tasks."""
+    seen: dict[str, list[str]] = {}
+    for (task, split), paths in images.items():
+        for image in paths:
+            seen.setdefault(hashlib.sha256(image.read_bytes()).hexdigest(), []).append(f"{task}/{split}")
+    counts: dict[str, int] = {}
     for places in seen.values():
         if len(set(places)) > 1:
-            found.append(" and ".join(sorted(set(places))))
-    counts: dict[str, int] = {}
-    for where in found:
-        counts[where] = counts.get(where, 0) + 1
+            where = " and ".join(sorted(set(places)))
+            counts[where] = counts.get(where, 0) + 1
     return [f"{n} image(s) are in both {where}" for where, n in sorted(counts.items())]
 
 
@@ -180,7 +198,12 @@ def check(sources: Sequence[Source], *, base: str | Path | None = None, base_mod
     notes: list[str] = []
     base_shapes = _base_shapes(base) if base is not None else None
     reports = []
-    for name, path in named_sources(sources, None):
+    named = named_sources(sources, None)
+    unknown = sorted(set(data or {}) - {name for name, _ in named})
+    if unknown:
+        raise InputError(f"--data {unknown[0]}: no adapter is named {unknown[0]!r}; name one of the tasks "
+                         f"{', '.join(name for name, _ in named)} (NAME=PATH names an adapter's task)")
+    for name, path in named:
         if is_adapter_dir(path):
             reports.append(_adapter_report(name, path, base_shapes, base_module, problems))
         else:
@@ -198,5 +221,6 @@ def check(sources: Sequence[Source], *, base: str | Path | None = None, base_mod
         dtypes = sorted({d for r in reports for d in r.dtypes})
         if len(dtypes) > 1:
             notes.append(f"the adapters mix dtypes {dtypes}; they are merged in float32")
-    problems += split_overlaps(data or {})
+    images = split_images(data or {})
+    problems += empty_splits(images) + split_overlaps(images)
     return Preflight(reports, problems, notes)

@@ -13,6 +13,7 @@ these objects trusts them.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from mergelab.hashing import content_hash
 from mergelab.naming import GENERIC, ModuleLayout
 
 __all__ = [
+    "MAX_ENTRY",
     "SUPPORTED_DTYPES",
     "BaseRef",
     "Dense",
@@ -42,7 +44,13 @@ __all__ = [
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_tensor(t: Any, what: str, ndim: int | None = 2) -> None:
+#: The largest entry an update may have: beyond it the squares of its entries (norms, Gram matrices,
+#: the energies every merge method computes) overflow float32. Trained updates stay below about 1e3.
+MAX_ENTRY = math.sqrt(torch.finfo(torch.float32).max)
+
+
+def _check_tensor(t: Any, what: str, ndim: int | None = 2) -> float:
+    """Check a tensor's type, dtype, dimension and finiteness; return ``max |t|`` (0 when empty)."""
     if not isinstance(t, Tensor):
         raise InputError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in SUPPORTED_DTYPES:
@@ -51,9 +59,19 @@ def _check_tensor(t: Any, what: str, ndim: int | None = 2) -> None:
         )
     if ndim is not None and t.ndim != ndim:
         raise InputError(f"{what} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if t.numel() and not bool(torch.isfinite(t.abs().amax())):  # amax propagates NaN; 10× cheaper than isfinite(t).all()
+    amax = float(t.abs().amax()) if t.numel() else 0.0  # amax propagates NaN; 10× cheaper than isfinite(t).all()
+    if not math.isfinite(amax):
         bad = int((~torch.isfinite(t)).sum())
         raise InputError(f"{what} contains {bad} NaN/Inf values; re-export the checkpoint from a finite state")
+    return amax
+
+
+def _check_scale(bound: float, what: str) -> None:
+    """Refuse an update whose entries can reach ``bound`` > :data:`MAX_ENTRY` (finite factors can
+    multiply past float32: ``B`` and ``A`` filled with 1e30 give entries of r · 1e60)."""
+    if not bound <= MAX_ENTRY:
+        raise InputError(f"{what} can reach entries of {bound:.3g}, beyond {MAX_ENTRY:.3g}, where their squares overflow float32 "
+                         "(no trained update comes near); re-export the checkpoint from its trained state")
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,8 +86,7 @@ class LowRank:
     A: Tensor
 
     def __post_init__(self) -> None:
-        _check_tensor(self.B, "lora_B")
-        _check_tensor(self.A, "lora_A")
+        b_max, a_max = _check_tensor(self.B, "lora_B"), _check_tensor(self.A, "lora_A")
         if self.B.shape[1] != self.A.shape[0]:
             raise InputError(
                 f"lora_B {tuple(self.B.shape)} and lora_A {tuple(self.A.shape)} disagree on the rank; "
@@ -77,6 +94,7 @@ class LowRank:
             )
         if self.B.shape[1] == 0:
             raise InputError("LoRA rank r = 0; an adapter needs r >= 1")
+        _check_scale(self.rank * b_max * a_max, "the update B A (bounded by r · max|B| · max|A|)")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -111,7 +129,7 @@ class Dense:
     delta: Tensor
 
     def __post_init__(self) -> None:
-        _check_tensor(self.delta, "delta", ndim=None)
+        _check_scale(_check_tensor(self.delta, "delta", ndim=None), "delta")
 
     @property
     def shape(self) -> tuple[int, ...]:

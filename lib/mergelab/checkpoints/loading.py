@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergelab.errors import InputError
-from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, check_scaling, compile_pattern, FULL_WEIGHTS, LORA_KEY, BaseLike, Source, base_ref, is_adapter_dir, load_state_dict, named_sources, read_adapter_config,
+from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, check_scaling, compile_pattern, config_disagreements, FULL_WEIGHTS, LORA_KEY, BaseLike, Source, base_ref, is_adapter_dir, load_state_dict, named_sources, read_adapter_config,
                                         read_tensors, weights_file)
 
 if TYPE_CHECKING:  # torch loads with the first tensor: the name helpers serve `mergelab check`, which reads metadata only
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # torch loads with the first tensor: the name helpers serve `
 
     from mergelab.taskset import TaskSet, TaskUpdate, Update
 
-__all__ = ["describe", "describe_sources", "guess_param", "load_taskset", "mha_out_proj_factor", "peft_template",
+__all__ = ["describe", "describe_sources", "guess_param", "load_taskset", "lora_targets", "mha_out_proj_factor", "peft_template",
            "resolve_prefix", "saved_modules", "saved_names", "target_param", "target_views", "task_heads"]
 
 
@@ -44,6 +44,12 @@ def declared_rank(config: Mapping[str, Any], peft_key: str) -> int:
     """The rank the adapter config gives one module (``rank_pattern``, else ``r``): what PEFT builds
     the module with, so a ``lora_A`` of another rank makes PEFT refuse the adapter on load."""
     return int(_pattern_value(config.get("rank_pattern") or {}, peft_key, config["r"]))
+
+
+def lora_targets(peft_modules: Iterable[str]) -> list[str]:
+    """The modules PEFT wrapped to hold these LoRA factors (an MHA's ``attn.base_layer.out_proj`` belongs to ``attn``):
+    the names its ``target_modules`` matched."""
+    return sorted({m.split(".base_layer", 1)[0] for m in peft_modules})
 
 
 def check_declared_rank(config: Mapping[str, Any], peft_key: str, rank: int, where: str) -> None:
@@ -245,6 +251,9 @@ def _load_adapter(
     if not factors:
         raise InputError(f"{weights} holds no LoRA factors; is it a PEFT LoRA adapter?")
     peft_modules = sorted(factors)
+    disagreements = config_disagreements(config, lora_targets(peft_modules), sorted(saved))
+    if disagreements:
+        raise InputError(f"{path / ADAPTER_CONFIG}: {disagreements[0]}")
     tower = (config.get("auto_mapping") or {}).get("base_model_class")
     prefix = resolve_prefix(peft_modules, base, path, base_module=base_module, tower=tower) if base is not None else ""
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
@@ -273,7 +282,7 @@ def _load_adapter(
         rank = A.shape[0]
         if rank == 0:
             raise InputError(f"{where}: rank 0 (lora_A has shape {tuple(A.shape)}); an adapter needs r >= 1")
-        target_key = peft_module.split(".base_layer", 1)[0]
+        [target_key] = lora_targets([peft_module])
         check_declared_rank(config, target_key, rank, f"{where} of {weights}")
         alpha, scaling = _scaling(config, target_key, rank, f"{path / ADAPTER_CONFIG}, module {peft_module!r}")
         conv1d = model_conv1d if base is None else conv1d_oriented(param, (B.shape[0], A.shape[1]), base, model_conv1d)

@@ -111,14 +111,19 @@ def store_verify(
     store: StoreOpt = None,
     quarantine: Annotated[bool, typer.Option("--quarantine", help="Move corrupt objects to quarantine/ so that a rerun recomputes them.")] = False,
     recompute: Annotated[int, typer.Option("--recompute", help="Also re-run N merges, drawn at random, from their records and compare their weights.")] = 0,
-    seed: Annotated[int, typer.Option("--seed", help="With --recompute: the seed that draws the merges.")] = 0,
-    rtol: Annotated[float, typer.Option("--rtol", help="With --recompute: the largest relative difference ‖ΔW_stored − ΔW_new‖/‖ΔW_new‖ per module that passes.")] = 1e-6,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="With --recompute: the seed that draws the merges (default 0).", show_default=False)] = None,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="With --recompute: the largest relative difference ‖ΔW_stored − ΔW_new‖/‖ΔW_new‖ per module that passes (default 1e-6).", show_default=False)] = None,
 ) -> None:
     """Check every published artifact's payload against its digest; with --recompute N, re-run N merges
     from their records. Exit 1 when one is corrupt or a merge's weights differ from its recomputation."""
     from mergelab.store import Store, default_store_url
     from mergelab.upkeep import verify
 
+    given = [name for name, value in (("--seed", seed), ("--rtol", rtol)) if value is not None]
+    if given and not recompute:
+        raise InputError(f"{' and '.join(given)} {'tunes' if len(given) == 1 else 'tune'} --recompute, which is not given; add "
+                         "--recompute N (the merges to re-run from their records) or drop it")
+    seed, rtol = seed or 0, 1e-6 if rtol is None else rtol
     if recompute < 0 or not (math.isfinite(rtol) and rtol >= 0):
         raise InputError(f"--recompute {recompute} --rtol {rtol}: give a number of merges >= 0 and a finite tolerance >= 0")
     s = Store(announce_store(store or default_store_url()))
