@@ -16,6 +16,7 @@ For each, in order:
     PYTHONPATH=lib python benchmarks/variants.py                 # every variant not yet measured, in order
     PYTHONPATH=lib python benchmarks/variants.py c0-long c0.25   # just these
     PYTHONPATH=lib python benchmarks/variants.py --list
+    PYTHONPATH=lib python benchmarks/variants.py --ship          # rebuild data/micro with the chosen variant
 
 Work goes to ``build/variants/`` (ignored by git; ``--root``). A variant whose base is ``best``
 uses the c0 base variant that meets the most targets on val, ties broken by the highest
@@ -116,12 +117,46 @@ def resolve(name: str, record: dict[str, Any]) -> Variant:
     return dataclasses.replace(variant, pretrain_steps=base.pretrain_steps, vision_layers=base.vision_layers, base=name)
 
 
-def build_config(variant: Variant) -> BuildConfig:
-    """The shipped ``full`` build with the variant's levers, r4 only, no dense suite."""
+def ship_config(variant: Variant) -> BuildConfig:
+    """The whole shipped ``full`` build (every adapter set, the dense suite) with the variant's levers."""
     full = CONFIGS["full"]
     return dataclasses.replace(full, pretrain=dataclasses.replace(full.pretrain, steps=variant.pretrain_steps),
-                               lora_steps=variant.lora_steps, consistency=variant.consistency, ranks=(4,), dense={},
+                               lora_steps=variant.lora_steps, consistency=variant.consistency,
                                vision_layers=variant.vision_layers)
+
+
+def build_config(variant: Variant) -> BuildConfig:
+    """What a variant builds to be measured: :func:`ship_config`'s r4 adapters only, no dense suite (the
+    same content keys, so shipping the chosen variant trains only what it adds)."""
+    return dataclasses.replace(ship_config(variant), ranks=(4,), dense={})
+
+
+def chosen(record: dict[str, Any]) -> str:
+    """The declared choice rule (data/micro/README.md): the measured variant meeting the most val targets,
+    ties broken by the fewest departures from the papers' recipe, then the highest others-only retention at λ = 1."""
+    def rank(name: str) -> tuple[int, int, float]:
+        m = record[name]["regime"]
+        return (sum(t["holds"] for t in m["targets"]), -VARIANTS[name].departures,
+                m.get("retention", {}).get("mean", {}).get("1.0", -math.inf))
+
+    return max((n for n in VARIANTS if n in record), key=rank)
+
+
+def ship(root: Path, threads: int) -> int:
+    """Rebuild ``data/micro`` with the chosen variant (every adapter set, the dense suite) through the
+    variants' store, unless the shipped build stays: it is chosen, or the choice meets no more
+    targets than it does (the rule's last clause)."""
+    record = load_record()
+    name = chosen(record)
+    holds = {n: sum(t["holds"] for t in record[n]["regime"]["targets"]) for n in (name, SHIPPED) if n in record}
+    if VARIANTS[name].shipped or holds[name] <= holds.get(SHIPPED, -1):
+        print(f"the shipped build stays: {name} is chosen with {holds[name]} targets on val "
+              f"(the shipped build: {holds.get(SHIPPED, 'unmeasured')})")
+        return 0
+    print(f"== shipping {name} ({holds[name]} targets on val; the shipped build {holds.get(SHIPPED, 'unmeasured')})", flush=True)
+    build_micro(ROOT / "data" / "micro", str(root / "store"), profile=ship_config(resolve(name, record)), threads=threads)
+    rerender_readme()
+    return 0
 
 
 #: Scaling grids' hyper-parameters, extended below their smallest value (the demo's grids sit around the
@@ -196,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=ROOT / "build" / "variants", help="work folder (builds, store, studies)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while building")
     parser.add_argument("--list", action="store_true", help="list the variants and which are measured, then stop")
+    parser.add_argument("--ship", action="store_true", help="rebuild data/micro with the variant the choice rule picks")
     args = parser.parse_args(argv)
+    if args.ship:
+        return ship(args.root, args.threads)
     record = load_record()
     if args.list:
         for name, v in VARIANTS.items():

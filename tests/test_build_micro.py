@@ -132,3 +132,20 @@ def test_build_micro_refuses_a_folder_that_is_not_a_micro_benchmark_before_any_w
     assert result.exit_code == 2 and "not a micro benchmark folder" in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in out.iterdir()) == (["notes.txt"] if content == "a user's file" else ["data"])
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.safetensors"))
+
+
+def test_the_choice_rule_picks_the_most_targets_then_the_fewest_departures(monkeypatch):
+    """benchmarks/variants.py --ship rebuilds with the variant the declared rule picks (data/micro/README.md)."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("variants", None)
+    import variants
+
+    two = {"TA − zero-shot", "zero-shot normalised accuracy"}
+    values = {"TA − zero-shot": 2.8, "zero-shot normalised accuracy": 63.7, "AdaMerging − TA": -10.0}
+    record = {"c0": _variant(values, two), "c0.25": _variant(values, two), "v2-shipped": _variant(values, {"TA − zero-shot"})}
+    assert variants.chosen(record) == "c0"  # a tie on targets: c0 has no consistency term (no departure)
+    record["c0.25"] = _variant(values, two | {"AdaMerging − TA"})
+    assert variants.chosen(record) == "c0.25"
+    assert variants.build_config(variants.VARIANTS["c0.25"]).ranks == (4,) and variants.ship_config(variants.VARIANTS["c0.25"]).dense

@@ -63,12 +63,13 @@ def test_store_ls_and_gc(tmp_path):
 
     store = Store(tmp_path / "s")
     key = store.put_json(store.key("sel", "1", a=1), {"best": 0.3})
-    (tmp_path / "s" / "staging" / "leftover").mkdir(parents=True)
+    leftover = f"{store.key('sel', '1', a=2)}.{'0' * 12}"  # a killed write: staging/<key>.<token>
+    (tmp_path / "s" / "staging" / leftover).mkdir(parents=True)
     listed = json.loads(run("store", "ls", "--store", tmp_path / "s", "--json").stdout)
     assert [a["key"] for a in listed] == [key]
     assert "removed 0 entries" in run("store", "gc", "--store", tmp_path / "s").stdout  # younger than the lease
     result = run("store", "gc", "--store", tmp_path / "s", "--lease", "0")
-    assert result.exit_code == 0 and "removed 1 entries" in result.stdout and "staging/leftover" in result.stdout
+    assert result.exit_code == 0 and "removed 1 entries" in result.stdout and f"staging/{leftover}" in result.stdout
     (tmp_path / "keep.txt").write_text("")
     assert "would remove 1" in run("store", "gc", "--store", tmp_path / "s", "--keep", tmp_path / "keep.txt", "--dry-run").stdout
     assert Store(tmp_path / "s").exists(key)
