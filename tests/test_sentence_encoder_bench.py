@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import sentence_encoder_directory
 from mergelab.config import load_study
 from mergelab.errors import InputError
 from mergelab.store import Store
@@ -23,29 +24,7 @@ from mergelab.synthetic import write_peft_adapters
 TASKS = {"weather": ("sun", "rain", "snow"), "animals": ("cat", "dog")}
 FILLER = ("the", "a", "is", "it", "this", "here", "now", "very")
 TEMPLATES = ["about {}.", "it is {}."]
-
-
-def _encoder_directory(root, pooling: str = "mean", normalize: bool = True):
-    """A random 2-block BERT saved with its word-piece tokenizer and a sentence-transformers pipeline."""
-    import transformers
-
-    root.mkdir(parents=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, "about", ".", *(w for names in TASKS.values() for w in names)]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(str(root))
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32, pad_token_id=0)
-    transformers.BertModel(config).save_pretrained(str(root))
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-    (root / "modules.json").write_text(json.dumps(modules))
-    (root / "1_Pooling").mkdir()
-    (root / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 16, "pooling_mode_cls_token": pooling == "cls",
-                                                                "pooling_mode_mean_tokens": pooling == "mean"}))
-    return root
+WORDS = (*FILLER, "about", ".", *(w for names in TASKS.values() for w in names))
 
 
 def _text_rows(root, rows: int = 12, seed: int = 0) -> dict[str, str]:
@@ -75,7 +54,7 @@ def _adapters(encoder, out) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def bench_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("sentence")
-    encoder = _encoder_directory(root / "encoder")
+    encoder = sentence_encoder_directory(root / "encoder", WORDS)
     return encoder, _adapters(encoder, root / "adapters"), _text_rows(root / "data")
 
 
@@ -111,7 +90,7 @@ def test_the_encoder_pools_as_its_directory_says_and_heads_come_from_the_frozen_
     torch.testing.assert_close(session.head("weather")[1], rain, rtol=1e-5, atol=1e-5)
     assert bench.taskset.layout is not None and {bench.taskset.layout.kind(m) for m in bench.taskset.module_names} == {
         "q", "k", "v", "out", "mlp_in", "mlp_out"}
-    cls = load_bench(bench_spec({"kind": "sentence_encoder", "weights": str(_encoder_directory(tmp_path / "cls", "cls", False))}),
+    cls = load_bench(bench_spec({"kind": "sentence_encoder", "weights": str(sentence_encoder_directory(tmp_path / "cls", WORDS, "cls", False))}),
                      load_study(_study(bench_files, analyses=["norms"])).tasks)
     with torch.no_grad():
         first = transformers.BertModel.from_pretrained(str(tmp_path / "cls"), add_pooling_layer=False)(input_ids=ids).last_hidden_state[:, 0]
@@ -189,11 +168,11 @@ def test_a_sentence_encoder_directory_it_cannot_read_is_one_line(bench_files, tm
             load_bench(bench_spec({"kind": "sentence_encoder", "weights": str(weights), **settings}), tasks)
 
     refused(tmp_path / "nothing", "needs weights: a local sentence-transformers")
-    dense = _encoder_directory(tmp_path / "dense")
+    dense = sentence_encoder_directory(tmp_path / "dense", WORDS)
     modules = json.loads((dense / "modules.json").read_text())
     (dense / "modules.json").write_text(json.dumps([*modules, {"path": "3_Dense", "type": "sentence_transformers.models.Dense"}]))
     refused(dense, r"lists \['Dense'\]; the sentence_encoder bench reads a Transformer")
-    pooled = _encoder_directory(tmp_path / "max")
+    pooled = sentence_encoder_directory(tmp_path / "max", WORDS)
     (pooled / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
     refused(pooled, r"pools by \['max_tokens'\]")
     (pooled / "modules.json").unlink()

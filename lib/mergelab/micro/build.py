@@ -43,7 +43,8 @@ from mergelab.model.openclip_backend import OpenClipBackbone
 from mergelab.model.tokenizer import ClosedVocabTokenizer
 from mergelab.store import Store
 
-__all__ = ["CONFIGS", "BuildConfig", "build_micro", "render_readme", "write_readme"]
+__all__ = ["CONFIGS", "BuildConfig", "BuildResult", "build_micro", "finetuned_accuracies", "render_readme", "ticker", "wall_time", "write_adapters",
+           "write_readme"]
 
 #: Bumped whenever a producer's code changes what it makes (enters every content key).
 VERSION = "2"
@@ -111,7 +112,8 @@ CONFIGS: dict[str, BuildConfig] = {
 }
 
 
-def _ticker(progress: Progress, description: str, total: int) -> Callable[[], None]:
+def ticker(progress: Progress, description: str, total: int) -> Callable[[], None]:
+    """A callable that advances a new ``total``-step bar of ``progress`` (a no-op without one)."""
     if progress is None:
         return lambda: None
     task_id = progress.add_task(description, total=total)
@@ -153,7 +155,7 @@ def _pretrained(store: Store, tasks: Mapping[str, ClassificationTask], config: B
         tokenizer = build_tokenizer(tasks, captions)
         backbone = micro_backbone(tokenizer, seed=seed, vision=config.vision)
         state = contrastive_pretrain(backbone, images, captions, config.pretrain,
-                                     _ticker(progress, f"pre-training on {len(captions)} image-caption pairs", config.pretrain.steps))
+                                     ticker(progress, f"pre-training on {len(captions)} image-caption pairs", config.pretrain.steps))
         store.put_json(vocab_key, tokenizer.to_json())
         store.put_tensors(key, state, attrs={"wall_time_s": time.perf_counter() - start, "pairs": len(captions)})
     tokenizer = ClosedVocabTokenizer.from_json(store.get_json(vocab_key))
@@ -182,7 +184,7 @@ def _adapters(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Ma
             if not store.exists(key):
                 start = time.perf_counter()
                 tensors, adapter_config = finetune_lora(backbone, task, task_head(backbone, task), lora,
-                                                        _ticker(progress, f"LoRA r{rank} on {name}", lora.steps),
+                                                        ticker(progress, f"LoRA r{rank} on {name}", lora.steps),
                                                         outside=outside(name))
                 store.put_json(cfg_key, adapter_config)
                 store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
@@ -202,7 +204,7 @@ def _dense(store: Store, backbone: OpenClipBackbone, base_key: str, config: Buil
         key = store.key("micro.dense", VERSION, base=base_key, task=name, config=config_dict(dense), profile=config.profile)
         if not store.exists(key):
             start = time.perf_counter()
-            encoder, decoder = finetune_dense(backbone, task, dense, _ticker(progress, f"fine-tuning the encoder for {name}", dense.steps))
+            encoder, decoder = finetune_dense(backbone, task, dense, ticker(progress, f"fine-tuning the encoder for {name}", dense.steps))
             tensors = {**{f"encoder.{k}": v for k, v in encoder.items()}, **{f"decoder.{k}": v for k, v in decoder.items()}}
             store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
         out[name] = key
@@ -218,7 +220,8 @@ def _split_dense(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
 # Evaluation -----------------------------------------------------------------------------------------
 
 
-def _write_adapters(store: Store, adapters: Mapping[int, Mapping[str, tuple[str, str]]], root: Path) -> dict[int, dict[str, Path]]:
+def write_adapters(store: Store, adapters: Mapping[int, Mapping[str, tuple[str, str]]], root: Path) -> dict[int, dict[str, Path]]:
+    """The stored adapters ``{rank: {task: (tensors key, config key)}}`` as PEFT directories ``root/r{rank}/<task>``."""
     paths: dict[int, dict[str, Path]] = {}
     for rank, per_task in adapters.items():
         paths[rank] = {}
@@ -270,13 +273,13 @@ def _evaluate(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Ma
     if store.exists(key):
         return key
     start = time.perf_counter()
-    tick = _ticker(progress, "evaluating", 3 + len(adapters))
+    tick = ticker(progress, "evaluating", 3 + len(adapters))
     result: dict[str, Any] = {"zero_shot": {name: evaluate_task(backbone, task) for name, task in tasks.items()}}
     tick()
     result["joint_zero_shot"] = joint_hits(backbone, list(tasks.values()))
     tick()
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = _write_adapters(store, adapters, Path(tmp))
+        dirs = write_adapters(store, adapters, Path(tmp))
         result["finetuned"] = {}
         for rank in adapters:
             result["finetuned"][str(rank)] = finetuned_accuracies(backbone, tasks, dirs[rank])
@@ -290,16 +293,17 @@ def _evaluate(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Ma
 # Export -------------------------------------------------------------------------------------------
 
 
-def _wall_time(store: Store, key: str) -> float:
+def wall_time(store: Store, key: str) -> float:
+    """The seconds the producer of ``key`` recorded (0 when it recorded none)."""
     return float(store.info(key).attrs.get("wall_time_s", 0.0))
 
 
 def _manifest(store: Store, config: BuildConfig, seed: int, base_key: str, adapters: Mapping[int, Mapping[str, tuple[str, str]]],
               dense_keys: Mapping[str, str], eval_key: str, tasks: Mapping[str, ClassificationTask]) -> dict[str, Any]:
-    timings = {"pretrain": _wall_time(store, base_key),
-               "lora": sum(_wall_time(store, k) for per in adapters.values() for k, _ in per.values()),
-               "dense": sum(_wall_time(store, k) for k in dense_keys.values()),
-               "evaluation": _wall_time(store, eval_key)}
+    timings = {"pretrain": wall_time(store, base_key),
+               "lora": sum(wall_time(store, k) for per in adapters.values() for k, _ in per.values()),
+               "dense": sum(wall_time(store, k) for k in dense_keys.values()),
+               "evaluation": wall_time(store, eval_key)}
     return {
         "format": 1, "profile": config.profile, "seed": seed, "config": config.as_dict(),
         "base": {"dir": "base", "key": base_key},
@@ -318,7 +322,7 @@ def _manifest(store: Store, config: BuildConfig, seed: int, base_key: str, adapt
 def _export(out: Path, store: Store, manifest: Mapping[str, Any], backbone_key: str, vocab: Mapping[str, Any],
             adapters: Mapping[int, Mapping[str, tuple[str, str]]], dense_keys: Mapping[str, str]) -> None:
     write_backbone(out / "base", store.get_tensors(backbone_key), ClosedVocabTokenizer.from_json(vocab), vision_cfg(manifest["config"].get("vision_layers")))
-    _write_adapters(store, adapters, out / "adapters")
+    write_adapters(store, adapters, out / "adapters")
     for name, key in dense_keys.items():
         encoder, decoder = _split_dense(store.get_tensors(key))
         write_tensors(out / "dense" / name / "model.safetensors", encoder)

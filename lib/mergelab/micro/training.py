@@ -17,13 +17,9 @@ Every loop is deterministic given its ``seed`` (batches from a ``torch.Generator
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +29,7 @@ from torch import Tensor
 
 from mergelab.data.tasks import ClassificationTask, DenseTask, to_tensor
 from mergelab.evaluation.dense import KINDS, decode, dense_features, make_decoder
+from mergelab.finetuning import LoraConfig, config_dict, cosine_schedule, train_lora
 from mergelab.model.openclip_backend import OpenClipBackbone
 
 __all__ = ["DenseConfig", "LoraConfig", "PretrainConfig", "consistency_loss", "contrastive_pretrain", "finetune_dense", "finetune_lora"]
@@ -42,17 +39,6 @@ Tick = Callable[[], None]
 
 def _noop() -> None:
     return None
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine decay to zero (Loshchilov & Hutter, 2017)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _shift(images: Tensor, generator: torch.Generator, pad: int = 2) -> Tensor:
@@ -126,25 +112,6 @@ def contrastive_pretrain(backbone: OpenClipBackbone, images: np.ndarray, caption
 # LoRA fine-tuning ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LoraConfig:
-    """PEFT LoRA on q, k, v, out of every vision block (001 App. C.2 defaults).
-
-    ``consistency``: weight of :func:`consistency_loss` on images outside the task (0: plain
-    cross-entropy, as the papers fine-tune).
-    """
-
-    rank: int = 16
-    alpha: float = 16
-    dropout: float = 0.1
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    steps: int = 300
-    batch_size: int = 64
-    seed: int = 0
-    consistency: float = 0.0
-
-
 def consistency_loss(tuned: Tensor, reference: Tensor) -> Tensor:
     """``mean_n ‖normalize(f_θ(x_n)) − normalize(f_0(x_n))‖²``: how far the adapted encoder moves the
     normalised embeddings of images ``x_n`` from the pre-trained encoder's.
@@ -159,48 +126,23 @@ def consistency_loss(tuned: Tensor, reference: Tensor) -> Tensor:
 
 def finetune_lora(backbone: OpenClipBackbone, task: ClassificationTask, head: Tensor, config: LoraConfig,
                   tick: Tick = _noop, outside: np.ndarray | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Fine-tune a PEFT LoRA adapter with the frozen zero-shot ``head``; returns (adapter tensors, adapter config).
-
-    The tensors and config are exactly what ``PeftModel.save_pretrained`` writes. ``outside``:
-    uint8 images not of this task (the other tasks' pre-training images), one batch of which
-    enters :func:`consistency_loss` per step when ``config.consistency > 0``.
-    """
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-    from safetensors.torch import load_file
-
+    """Fine-tune a PEFT LoRA adapter of the image tower with the frozen zero-shot ``head``
+    (:func:`~mergelab.finetuning.train_lora`, images randomly shifted); returns (adapter tensors,
+    adapter config). ``outside``: uint8 images not of this task (the other tasks' pre-training
+    images), one batch of which enters :func:`consistency_loss` per step when ``config.consistency > 0``."""
     if config.consistency > 0 and outside is None:
         raise ValueError("consistency > 0 needs the images outside the task (outside=)")
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    peft_config = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                 target_modules=backbone.lora_targets(), bias="none")
-    model = get_peft_model(copy.deepcopy(backbone.vision), peft_config)  # get_peft_model mutates: wrap a copy
-    model.train()
     images, labels = task.tensors("train")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = cosine_schedule(opt, config.steps)
-    for _ in range(config.steps):
-        batch = torch.randint(0, len(labels), (config.batch_size,), generator=generator)
-        logits = F.normalize(model(_shift(images[batch], generator)), dim=-1) @ head.T
-        loss = F.cross_entropy(logits, labels[batch])
-        if config.consistency > 0:
-            others = to_tensor(outside[torch.randint(0, len(outside), (config.batch_size,), generator=generator).numpy()])
-            with torch.no_grad(), model.disable_adapter():
-                reference = model(others)
-            loss = loss + config.consistency * consistency_loss(model(others), reference)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        tick()
-    model.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        tensors = load_file(str(Path(tmp) / "adapter_model.safetensors"))
-        adapter_config = json.loads((Path(tmp) / "adapter_config.json").read_text())
-    return tensors, adapter_config
+
+    def consistency(model: torch.nn.Module, generator: torch.Generator) -> Tensor:
+        others = to_tensor(outside[torch.randint(0, len(outside), (config.batch_size,), generator=generator).numpy()])
+        with torch.no_grad(), model.disable_adapter():
+            reference = model(others)
+        return config.consistency * consistency_loss(model(others), reference)
+
+    return train_lora(backbone.vision, backbone.lora_targets(), images, labels, head, config,
+                      lambda model, x, generator: model(_shift(x, generator)), tick,
+                      consistency if config.consistency > 0 else None)
 
 
 # Dense fine-tuning --------------------------------------------------------------------------------
@@ -238,8 +180,3 @@ def finetune_dense(backbone: OpenClipBackbone, task: DenseTask, config: DenseCon
         sched.step()
         tick()
     return {k: v.detach().clone() for k, v in params.items()}, {k: v.detach().clone() for k, v in decoder.state_dict().items()}
-
-
-def config_dict(config: Any) -> dict[str, Any]:
-    """A dataclass config as a plain dict (for store keys and the manifest)."""
-    return asdict(config)

@@ -50,7 +50,8 @@ from mergelab.errors import InputError
 from mergelab.naming import ModuleLayout
 from mergelab.strict import Float, Int
 
-__all__ = ["BERT_LAYOUT", "KIND", "POOLING", "SentenceEncoder", "SentenceEncoderSpec", "fit_linear_head", "sentence_pipeline"]
+__all__ = ["BERT_LAYOUT", "KIND", "POOLING", "SentenceEncoder", "SentenceEncoderSpec", "fit_linear_head", "read_encoder",
+           "sentence_pipeline"]
 
 #: A BERT-family encoder: ``encoder.layer.N.{attention.self.{query,key,value}, attention.output.dense, intermediate.dense, output.dense}``.
 BERT_LAYOUT = ModuleLayout(
@@ -126,6 +127,13 @@ class SentenceEncoder:
 
         mask = (ids != self.pad).long()
         return run_functional(self.vision, params, input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
+    def pooled(self, module: nn.Module, ids: Tensor) -> Tensor:
+        """``(N, W)`` pooled, unnormalised embeddings of token ids through ``module``: the encoder or an
+        adapted copy of it (a PEFT model being trained). Columns that are padding in every row are cut first."""
+        ids = ids[:, : max(1, int((ids != self.pad).sum(1).max()))]  # right-padded ids: the longest row's length
+        mask = (ids != self.pad).long()
+        return POOLING[self.pooling][1](module(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
 
     def encode_image(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """``(N, D)`` sentence embeddings of token ids (normalised when the encoder's pipeline normalises)."""
@@ -211,17 +219,13 @@ def _linear_heads(bench: Bench) -> dict[str, Tensor]:
     return heads
 
 
-def load(spec: SentenceEncoderSpec, tasks: Tasks) -> Bench:
-    """The encoder, pooled as its pipeline says; the tasks' text rows with label prompts; the heads ``spec.heads`` names."""
+def read_encoder(root: Path, pooling: Literal["mean", "cls"] | None = None, *, logit_scale: float = 20.0, max_length: int = 128,
+                 linear_heads: bool = False) -> tuple[SentenceEncoder, Path]:
+    """``(backbone, transformer directory)`` of a sentence-transformers (or plain, pooled by ``pooling``)
+    encoder directory: the model as its pipeline says, its pooler dropped, texts tokenized to ``max_length``."""
     import transformers
 
-    from mergelab.data.text import text_task
-
-    root = Path(spec.weights or "")
-    if spec.weights is None or not (root / "modules.json").is_file():
-        root = model_directory(spec.weights, spec.kind, "sentence-transformers (modules.json) or BERT")
-    sources = task_sources(tasks, spec.kind, TEXT_ROWS)
-    encoder_dir, pooling, normalize = sentence_pipeline(root, spec.pooling)
+    encoder_dir, pooling, normalize = sentence_pipeline(root, pooling)
     model, tokenizer = pretrained(lambda: (transformers.AutoModel.from_pretrained(str(encoder_dir), local_files_only=True),
                                            transformers.AutoTokenizer.from_pretrained(str(encoder_dir), local_files_only=True)),
                                   encoder_dir, "transformers encoder with its tokenizer")
@@ -231,16 +235,29 @@ def load(spec: SentenceEncoderSpec, tasks: Tasks) -> Bench:
         raise InputError(f"bench.weights: {encoder_dir}'s tokenizer has no pad token; the encoder masks padding by it")
 
     def tokenize(texts: Sequence[str]) -> Tensor:
-        return tokenizer(list(texts), padding=True, truncation=True, max_length=spec.max_length, return_tensors="pt")["input_ids"]
+        return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
 
-    backbone = SentenceEncoder(model, tokenize, pooling, normalize, int(tokenizer.pad_token_id), spec.logit_scale, spec.max_length,
-                               linear_heads=spec.heads == "linear")
+    backbone = SentenceEncoder(model, tokenize, pooling, normalize, int(tokenizer.pad_token_id), logit_scale, max_length,
+                               linear_heads=linear_heads)
     if not backbone.lora_targets():
         raise InputError(f"bench.weights: {type(model).__name__} has no encoder.layer.N.attention.self.query/key/value projections; "
                          "the sentence_encoder bench reads BERT-family encoders (BERT, MiniLM, RoBERTa, MPNet-style names)")
-    built = {t.name: replace(text_task(t.data, tokenize=tokenize, name=t.name, classnames=t.classnames),
+    return backbone, encoder_dir
+
+
+def load(spec: SentenceEncoderSpec, tasks: Tasks) -> Bench:
+    """The encoder, pooled as its pipeline says; the tasks' text rows with label prompts; the heads ``spec.heads`` names."""
+    from mergelab.data.text import text_task
+
+    root = Path(spec.weights or "")
+    if spec.weights is None or not (root / "modules.json").is_file():
+        root = model_directory(spec.weights, spec.kind, "sentence-transformers (modules.json) or BERT")
+    sources = task_sources(tasks, spec.kind, TEXT_ROWS)
+    backbone, encoder_dir = read_encoder(root, spec.pooling, logit_scale=spec.logit_scale, max_length=spec.max_length,
+                                         linear_heads=spec.heads == "linear")
+    built = {t.name: replace(text_task(t.data, tokenize=backbone.tokenizer, name=t.name, classnames=t.classnames),
                              templates=tuple(t.templates or ("{}",))) for t in sources}
-    model_id = {"kind": spec.kind, "weights": directory_digest(encoder_dir), "pooling": pooling, "normalize": normalize,
+    model_id = {"kind": spec.kind, "weights": directory_digest(encoder_dir), "pooling": backbone.pooling, "normalize": backbone.normalize,
                 "heads": spec.heads, "logit_scale": spec.logit_scale, "max_length": spec.max_length}
     task_ids = {t.name: (task_id(built[t.name]), folder_id(Path(t.data))) for t in sources}
     bench = Bench(root.name, backbone, built, [(t.name, Path(t.adapter or t.checkpoint)) for t in sources], model_id, task_ids)

@@ -1,0 +1,161 @@
+"""`mergelab build-text` (issue 28 item 3) on a tiny random BERT and rows packed into a synthetic
+Debian package: the build exports rows, adapters the sentence_encoder bench loads, a README and a
+manifest; a rerun is a no-op; a fresh store rebuilds from the exported rows without the package.
+The parsers of the real sources on hand-written excerpts of their formats. Nothing downloads."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers import sentence_encoder_directory
+from mergelab.errors import InputError
+from mergelab.textbench.rows import SplitSizes, read_rows, split_rows
+from mergelab.textbench.sources import (DebPackage, TaskSource, deb_files, emoji_names, fetch_deb, foldoc_entries, fortune_quotes,
+                                        wordnet_glosses)
+
+WORDS = {"weather": ("sun", "rain", "snow"), "animals": ("cat", "dog")}
+FILLER = ("the", "a", "is", "it", "this", "here", "now", "very")
+
+
+def _deb(path, files: dict[str, bytes]) -> str:
+    """A minimal ``.deb`` (ar archive: debian-binary, control.tar.gz, data.tar.gz) holding ``files``; returns its SHA-256."""
+    def tar(members: dict[str, bytes]) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            for name, data in members.items():
+                info = tarfile.TarInfo(f"./{name}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    members = {"debian-binary": b"2.0\n", "control.tar.gz": tar({"control": b"Package: rows\n"}), "data.tar.gz": tar(files)}
+    blob = b"!<arch>\n" + b"".join(f"{name:<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(data):<10}`\n".encode() + data + b"\n" * (len(data) % 2)
+                                   for name, data in members.items())
+    path.write_bytes(blob)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _sources(debs) -> dict[str, TaskSource]:
+    """Two tasks read from one synthetic package: ``label<TAB>text`` lines, each text its label's word among filler."""
+    lines = []
+    for task, names in WORDS.items():
+        for i in range(60):
+            words = [FILLER[(i * 3 + k) % len(FILLER)] for k in range(3 + i % 4)]
+            words.insert(i % 3, names[i % len(names)])
+            lines.append(f"{task}.{names[i % len(names)]}\t{' '.join(words)} {i}")
+    files = {"usr/share/rows/rows.tsv": "\n".join(lines).encode()}
+    debs.mkdir()
+    sha = _deb(debs / "rows_1.0_all.deb", files)
+    package = DebPackage("rows", "1.0", sha, "CC0-1.0", "Synthetic rows.")
+
+    def parse(found):
+        return [tuple(line.split("\t")[::-1]) for data in found.values() for line in data.decode().splitlines()]
+
+    return {task: TaskSource(package, tuple(files), parse, {f"{task}.{n}": n for n in names}, ("about {}.", "it is {}."), f"synthetic {task}")
+            for task, names in WORDS.items()}
+
+
+@pytest.mark.slow
+def test_build_exports_rows_and_adapters_the_bench_loads_and_resumes_from_its_rows(tmp_path, one_thread):
+    from mergelab.bench import bench_spec, load_bench
+    from mergelab.config import load_study
+    from mergelab.textbench.build import TextBuildConfig, build_text
+
+    encoder = sentence_encoder_directory(tmp_path / "encoder", [*FILLER, "about", "it", "is", ".", *(w for n in WORDS.values() for w in n)])
+    sources = _sources(tmp_path / "debs")
+    config = TextBuildConfig("test", lora_steps=3, lora_batch=4, sizes=SplitSizes(train=8, val=3, test=4, min_chars=3), ranks=(2, 4),
+                             max_length=16)
+    out = tmp_path / "text"
+    first = build_text(out, tmp_path / "store", model=encoder, profile=config, sources=sources, debs=tmp_path / "debs")
+    assert first.wrote
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["tasks"]) == list(WORDS) and manifest["adapters"]["2"]["animals"] == "adapters/r2/animals"
+    for task, names in WORDS.items():
+        rows = read_rows(out / task)
+        assert {label for split in rows.values() for _, label in split} == set(names)
+        texts = [set(text for text, _ in split) for split in rows.values()]
+        assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])  # no row in two splits
+        assert manifest["tasks"][task]["classnames"] == sorted(names)
+        assert manifest["tasks"][task]["rows"]["train"] == {n: 8 for n in names}
+    readme = (out / "README.md").read_text()
+    assert "real-weights text benchmark numbers" in readme and "not built yet" not in readme and "CC0-1.0" in (out / "LICENSES.md").read_text()
+
+    study = {"name": "text", "bench": {"kind": "sentence_encoder", "weights": str(encoder), "max_length": 16}, "seeds": [0],
+             "analyses": ["norms"], "tasks": [{"name": t, "adapter": str(out / "adapters" / "r4" / t), "data": str(out / t),
+                                                "templates": list(sources[t].templates)} for t in WORDS]}
+    bench = load_bench(bench_spec(study["bench"]), load_study(study).tasks)
+    assert bench.taskset.names == tuple(WORDS) and {u.rank for t in bench.taskset for u in t.modules.values()} == {4}
+    assert len(bench.taskset.module_names) == 12  # query, key, value, attention.output.dense, intermediate.dense, output.dense × 2 blocks
+
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert not build_text(out, tmp_path / "store", model=encoder, profile=config, sources=sources, debs=tmp_path / "debs").wrote
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
+    (tmp_path / "debs" / "rows_1.0_all.deb").unlink()  # a fresh store rebuilds from the exported rows, without the package
+    again = build_text(out, tmp_path / "fresh", model=encoder, profile=config, sources=sources, debs=tmp_path / "debs")
+    assert again.manifest["tasks"] == manifest["tasks"] and again.manifest["adapter_keys"] == manifest["adapter_keys"]
+    assert again.manifest["metrics"] == manifest["metrics"]  # retrained from the same rows and seeds: the same adapters
+
+
+def test_data_only_build_says_the_adapters_are_not_built_and_the_cli_refuses_in_one_line(tmp_path):
+    from mergelab.cli import app
+    from mergelab.textbench.build import TextBuildConfig, build_text
+
+    encoder = sentence_encoder_directory(tmp_path / "encoder", [*FILLER, "about", "it", "is", ".", *(w for n in WORDS.values() for w in n)])
+    sources = _sources(tmp_path / "debs")
+    config = TextBuildConfig("test", lora_steps=1, lora_batch=2, sizes=SplitSizes(train=4, val=2, test=2, min_chars=3), max_length=16)
+    result = build_text(tmp_path / "text", tmp_path / "store", model=encoder, profile=config, adapters=False, sources=sources,
+                        debs=tmp_path / "debs")
+    assert result.manifest["adapters"] == {} and not (tmp_path / "text" / "adapters").exists()
+    assert "**not built yet.**" in (tmp_path / "text" / "README.md").read_text()
+    assert set(result.manifest["metrics"]["linear_probe"]) == set(WORDS)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    refused = CliRunner().invoke(app, ["build-text", "--out", str(tmp_path / "other"), "--model", str(encoder), "--store", str(tmp_path / "s")])
+    assert refused.exit_code == 2 and "is not a text benchmark folder" in refused.output
+    with pytest.raises(InputError, match="unknown text task"):
+        build_text(tmp_path / "text", tmp_path / "store", model=encoder, profile=config, tasks=["nope"], sources=sources)
+
+
+def test_packages_are_read_from_their_pinned_bytes(tmp_path):
+    sha = _deb(tmp_path / "p_1_all.deb", {"usr/a.txt": b"alpha", "usr/b.txt": b"beta"})
+    assert deb_files(tmp_path / "p_1_all.deb", ("usr/b.txt",)) == {"usr/b.txt": b"beta"}
+    with pytest.raises(InputError, match="has no"):
+        deb_files(tmp_path / "p_1_all.deb", ("usr/c.txt",))
+    assert fetch_deb(DebPackage("p", "1", sha, "", ""), tmp_path) == tmp_path / "p_1_all.deb"
+    with pytest.raises(InputError, match="the catalogue pins"):
+        fetch_deb(DebPackage("p", "1", "0" * 64, "", ""), tmp_path)
+
+
+def test_parsers_read_each_source_format():
+    noun = (b"  1 This software and database is being provided\n"
+            b"02084071 05 n 02 dog 0 domestic_dog 0 001 @ 02083346 n 0000 | a member of the genus Canis; "
+            b"\"the dog barked all night\"  \n")
+    assert wordnet_glosses(noun) == [("a member of the genus Canis", "noun.animal")]
+    assert fortune_quotes(b"First one.\n%\nSecond\n  -- someone\n%\n") == ["First one.", "Second\n  -- someone"]
+    body = b"Ethernet\n\n   <networking> A {local area network (LAN)} standard.\n\n   More.\n\n   (2003-01-01)\n"
+    b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    index = f"Ethernet\tA\t{b64[len(body) // 64]}{b64[len(body) % 64]}\n"
+    assert foldoc_entries(body, index) == [("A local area network standard.", "networking")]
+    emoji = ("# group: Food & Drink\n1F347 ; fully-qualified # \U0001F347 E0.6 grapes\n"
+             "1F44D 1F3FB ; fully-qualified # x E1.0 thumbs up: light skin tone\n263A ; unqualified # x E0.6 smiling face\n").encode()
+    assert emoji_names(emoji) == [("grapes", "Food & Drink")]
+
+
+def test_rows_are_drawn_per_class_split_without_overlap_and_drop_ambiguous_texts():
+    rows = [(f"text number {i} of {label}", label) for label in ("x", "y", "z") for i in range(40)] + [("text number 1 of x", "y")]
+    splits = split_rows(rows, {"x": "ex", "y": "why"}, SplitSizes(train=10, val=5, test=5), seed=3)
+    assert {label for split in splits.values() for _, label in split} == {"ex", "why"}
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [20, 10, 10]
+    assert all(text != "text number 1 of x" for split in splits.values() for text, _ in split)  # filed under two labels
+    assert split_rows(rows, {"x": "ex", "y": "why"}, SplitSizes(train=10, val=5, test=5), seed=3) == splits
+    small = split_rows(rows, {"x": "ex"}, SplitSizes(train=60, val=20, test=20), seed=0)
+    assert [len(small[s]) for s in ("train", "val", "test")] == [23, 8, 8]  # 39 usable rows keep the 3:1:1 proportions
+    with pytest.raises(InputError, match="needs at least 10"):
+        split_rows(rows[:5], {"x": "ex"}, SplitSizes(), seed=0)
