@@ -334,8 +334,9 @@ class StudySpec(Strict):
 
 
 def _relative_to(data: dict, folder: Path) -> dict:
-    """Relative file paths in a study file (bench root and weights, task sources, a local
-    ``store:``) are relative to the file's folder, so a study runs from any working directory."""
+    """Relative file paths in a study file (bench root and weights, task sources and their
+    ``classnames`` / ``templates`` files, a local ``store:``) are relative to the file's folder, so a
+    study runs from any working directory."""
 
     def fix(section: Any, keys: tuple[str, ...]) -> Any:
         if not isinstance(section, dict):
@@ -352,12 +353,27 @@ def _relative_to(data: dict, folder: Path) -> dict:
         data["store"] = str(folder / store)
     for section in ("tasks", "unseen"):
         if isinstance(data.get(section), list):
-            data[section] = [fix(t, ("adapter", "checkpoint", "data")) for t in data[section]]
+            data[section] = [fix(t, ("adapter", "checkpoint", "data", "classnames", "templates")) for t in data[section]]
     return data
 
 
 def _location(loc: tuple) -> str:
-    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+    """``tasks[0].classnames``: a union's branch labels (``list[str]``) left out."""
+    parts = [p for p in loc if isinstance(p, int) or "[" not in str(p)]
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in parts).replace(".[", "[")
+
+
+def _taken_branch(errors: list[dict], data: Any) -> dict:
+    """The first error of the branch the input took where ``tasks`` / ``unseen`` (names or sources)
+    failed both: mappings are sources, so an error in a source is not reported as 'not a string'."""
+    for error in errors:
+        loc = error["loc"]
+        if len(loc) > 2 and loc[0] in ("tasks", "unseen") and isinstance(data, dict) and isinstance(data.get(loc[0]), list):
+            sources = any(isinstance(item, dict) for item in data[loc[0]])
+            if (loc[1] == "list[str]") == sources:
+                continue
+        return error
+    return errors[0]
 
 
 #: A study file is a page of YAML; anything larger is not one (and would take minutes to parse).
@@ -415,7 +431,7 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
     try:
         spec = StudySpec.model_validate(data, context={OWN_BENCH: not isinstance(path, dict)})
     except ValidationError as err:
-        first = err.errors()[0]
+        first = _taken_branch(err.errors(), data)
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             allowed = ", ".join(_fields_at(first["loc"][:-1], data))

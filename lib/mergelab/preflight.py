@@ -21,7 +21,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergelab.checkpoints.files import (ADAPTER_CONFIG, adapter_config, ADAPTER_WEIGHTS, FULL_WEIGHTS, check_scaling, config_disagreements, LORA_KEY,
                                         PEFT_PREFIX, Source, is_adapter_dir, named_sources, read_tensors, unmergeable, weights_file)
@@ -29,7 +29,10 @@ from mergelab.checkpoints.loading import (check_declared_rank, guess_param, lora
                                           target_views)
 from mergelab.errors import InputError
 
-__all__ = ["Preflight", "TaskReport", "check", "empty_splits", "split_images", "split_overlaps", "tensor_shapes"]
+if TYPE_CHECKING:
+    from mergelab.config import StudySpec
+
+__all__ = ["Preflight", "TaskReport", "check", "check_study", "empty_splits", "split_images", "split_overlaps", "tensor_shapes"]
 
 #: Splits whose images must be disjoint (the selection split and the reported one).
 SPLITS = ("val", "test")
@@ -83,8 +86,14 @@ def tensor_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return shapes
 
 
+#: A ``save_pretrained`` directory's index of sharded weights (large models: LLaMA-3-8B's four shards).
+SHARD_INDEX = "model.safetensors.index.json"
+
+
 def _base_shapes(base: str | Path) -> dict[str, tuple[int, ...]]:
     path = Path(base)
+    if path.is_dir() and weights_file(path, FULL_WEIGHTS) is None and (path / SHARD_INDEX).is_file():
+        return _sharded_shapes(path / SHARD_INDEX)
     if path.is_dir():
         found = weights_file(path, FULL_WEIGHTS)
         if found is None:
@@ -93,6 +102,22 @@ def _base_shapes(base: str | Path) -> dict[str, tuple[int, ...]]:
     if not path.is_file():
         raise InputError(f"--base {path} does not exist; pass the base model's weights file or directory")
     return {k: shape for k, (_, shape) in tensor_shapes(path).items()}
+
+
+def _sharded_shapes(index: Path) -> dict[str, tuple[int, ...]]:
+    """The shapes of a sharded base from its shards' headers (the index's ``weight_map`` names them)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise InputError(f"cannot read {index} ({type(err).__name__}); it must map every tensor to its shard (weight_map)") from None
+    unsafe = [name for name in shards if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors")]
+    if unsafe:
+        raise InputError(f"{index} names the shard {unsafe[0]!r}; shards are .safetensors files beside the index")
+    missing = [name for name in shards if not (index.parent / name).is_file()]
+    if missing:
+        raise InputError(f"{index} names {len(missing)} shard(s) that are not there (e.g. {missing[0]}); copy the whole model directory")
+    return {k: shape for name in shards for k, (_, shape) in tensor_shapes(index.parent / name).items()}
 
 
 def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] | None, base_module: str | None,
@@ -224,3 +249,64 @@ def check(sources: Sequence[Source], *, base: str | Path | None = None, base_mod
     images = split_images(data or {})
     problems += empty_splits(images) + split_overlaps(images)
     return Preflight(reports, problems, notes)
+
+
+def check_study(spec: StudySpec) -> Preflight:
+    """``mergelab check --study``: the preflight of a real-model study's own files, before a GPU runs it.
+
+    Every path the study names (the bench's base weights, each task's adapter or checkpoint and its
+    data) must exist: a recipe whose placeholders are not yet replaced is one InputError naming them.
+    Then :func:`check` of the tasks' adapters against the base's shapes (a base whose shapes cannot be
+    read from metadata, such as a TorchScript archive, is a note and the adapters are checked alone);
+    for ``ImageFolder`` tasks, the val / test splits (empty, overlapping) and the class folders
+    against the task's class names; every prompt template must hold ``{}``.
+    """
+    from mergelab.bench import TaskSource
+
+    tasks = spec.evaluated
+    if not tasks or not all(isinstance(t, TaskSource) for t in tasks):
+        raise InputError(f"check --study reads studies whose tasks are {{name, adapter, data}} entries (a real-model bench); "
+                         f"the {spec.bench.kind} bench's tasks come with it")
+    base = spec.bench.base_weights
+    named = [("bench.weights", base)] if base is not None else []
+    named += [(f"tasks: {t.name}.{field}", getattr(t, field)) for t in tasks for field in ("adapter", "checkpoint", "data")
+              if getattr(t, field) is not None]
+    missing = [f"{where} {path}" for where, path in named if not Path(path).exists()]
+    if missing:
+        raise InputError(f"{len(missing)} path(s) of study {spec.name} do not exist ({'; '.join(missing[:3])}"
+                         f"{'; …' if len(missing) > 3 else ''}); replace the placeholders with your local files")
+    notes: list[str] = []
+    if base is not None:
+        try:
+            _base_shapes(base)
+        except InputError as err:
+            notes.append(f"the base's shapes were not read from its metadata ({err}); the adapters are checked without them")
+            base = None
+    images = {t.name: Path(t.data) for t in tasks if spec.bench.image_folders and t.data is not None}
+    carved = sorted(name for name, root in images.items() if not (root / "val").is_dir())
+    if carved:
+        notes.append(f"{', '.join(carved)}: no val folder, so val is carved from train (a seeded 20 %) and only test is checked")
+    found = check([f"{t.name}={t.adapter or t.checkpoint}" for t in tasks], base=base,
+                  data={name: root for name, root in images.items() if name not in carved})
+    found.notes[:0] = notes
+    for t in tasks:
+        if t.name in images:
+            found.problems += _class_folder_problems(t.name, images[t.name], t.classnames)
+        found.problems += [f"{t.name}: template {template!r} has no {{}} for the class name" for template in t.templates or ()
+                           if "{}" not in template]
+    return found
+
+
+def _class_folder_problems(task: str, root: Path, classnames: Sequence[str] | None) -> list[str]:
+    """An ImageFolder task's class folders (sorted, as ``ImageFolder`` reads them) against its class names."""
+    splits = {split: sorted(d.name for d in (root / split).iterdir() if d.is_dir())
+              for split in ("train", "val", "test") if (root / split).is_dir()}
+    if "train" not in splits or "test" not in splits:
+        return [f"{task}: {root} lacks the split folder(s) {[s for s in ('train', 'test') if s not in splits]}; "
+                "lay it out as ROOT/<split>/<class>/<image>"]
+    problems = [f"{task}: {root / split} has {len(folders)} class folders, train has {len(splits['train'])}; every split needs "
+                "the same class folders" for split, folders in splits.items() if folders != splits["train"]]
+    if classnames is not None and len(classnames) != len(splits["train"]):
+        problems.append(f"{task}: {len(classnames)} class names for {len(splits['train'])} class folders in {root / 'train'}; the "
+                        "names are read in the folders' sorted order, one per folder")
+    return problems

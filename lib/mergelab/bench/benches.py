@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, get_args
 
-from pydantic import field_validator, model_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
 from mergelab.data.tasks import ClassificationTask
 from mergelab.errors import InputError
@@ -32,15 +32,40 @@ if TYPE_CHECKING:
     from mergelab.model import Backbone
 
 __all__ = ["Bench", "BenchKind", "BenchSpec", "TaskSource", "directory_digest", "file_digest", "folder_id", "model_directory",
-           "pretrained", "task_id", "task_sources"]
+           "pretrained", "read_lines", "task_id", "task_sources"]
 
 T = TypeVar("T")
 #: What a bench loader is given as ``tasks``: names of the bench's own tasks, or task sources (``None``: all).
 Tasks = Sequence[str] | Sequence["TaskSource"] | None
 
 
+#: The most lines a ``classnames`` / ``templates`` file may hold (SUN397 has 397 classes).
+MAX_LIST_LINES = 100_000
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """The non-empty lines of a text file (a task's ``classnames`` or ``templates`` given as a file),
+    stripped; ValueError naming ``what`` when it is missing, unreadable or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what}: {path} is not a file; give a list or a text file with one entry per line")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what}: cannot read {path} as UTF-8 text ({type(err).__name__})") from None
+    lines = [line for line in lines if line]
+    if not lines or len(lines) > MAX_LIST_LINES:
+        raise ValueError(f"{what}: {path} holds {len(lines)} entries; give one to {MAX_LIST_LINES} lines")
+    return lines
+
+
 class TaskSource(Strict):
-    """One task of a real-model study: its adapter (or full checkpoint) and its data folder."""
+    """One task of a real-model study: its adapter (or full checkpoint) and its data folder.
+
+    ``classnames`` / ``templates``: a list, or a text file with one entry per line (a study file's
+    relative path is relative to the file; ``studies/papers/real/clip/`` ships the eight CLIP
+    tasks'); read when the study loads, so the task's id is the names themselves, not the path.
+    """
 
     name: str
     adapter: Path | None = None
@@ -53,6 +78,11 @@ class TaskSource(Strict):
     @classmethod
     def _safe(cls, name: str) -> str:
         return safe_name(name, "task name")
+
+    @field_validator("classnames", "templates", mode="before")
+    @classmethod
+    def _from_file(cls, value: Any, info: ValidationInfo) -> Any:
+        return read_lines(value, info.field_name) if isinstance(value, (str, Path)) else value
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSource:
@@ -71,6 +101,14 @@ class BenchSpec(Strict):
 
     kind: str
     embedded: ClassVar[bool] = False
+    #: Whether the tasks' data are ``ImageFolder`` roots (``mergelab check --study`` reads their splits).
+    image_folders: ClassVar[bool] = False
+
+    @property
+    def base_weights(self) -> Path | None:
+        """The base model's weights on disk (a file or a ``save_pretrained`` directory) that ``mergelab
+        check --study`` reads the adapters' shapes against; ``None``: the kind has none to read."""
+        return None
 
     @property
     def own_heads(self) -> bool:

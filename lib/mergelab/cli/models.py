@@ -62,13 +62,23 @@ def check(
     base_module: BaseModuleOpt = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", help="NAME=ROOT of a task's ImageFolder data (ROOT/val, ROOT/test; repeatable): images in two splits are reported.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    study: Annotated[Optional[Path], typer.Option("--study", help="A real-model study YAML file (e.g. studies/papers/real/*.yaml): "
+                                                                   "its files exist, its adapters fit its base, its data fit its class names.")] = None,
 ) -> None:
     """Preflight from metadata only, in seconds: ranks, α, rsLoRA, targets, dtypes, module overlap,
     shapes against the base and val/test overlap of the data. Exit 1 when something would stop or
-    skew a merge."""
-    from mergelab.preflight import check as preflight
+    skew a merge. ``--study FILE`` checks a study instead: the study validated, then its tasks'
+    adapters against its bench's weights and its image folders against its class names."""
+    from mergelab.preflight import check as preflight, check_study
 
-    found = preflight(paths or [], base=base, base_module=base_module, data=key_values(data, "--data"))
+    if study is not None:
+        if paths or base or data or base_module:
+            raise InputError("--study takes the adapters, base and data from the study file; pass it alone")
+        from mergelab.config import load_study
+
+        found = check_study(load_study(study))
+    else:
+        found = preflight(paths or [], base=base, base_module=base_module, data=key_values(data, "--data"))
     if as_json:
         sys.stdout.write(json.dumps(found.to_json(), indent=2) + "\n")
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks, directory_digest, model_directory, pretrained
 from mergelab.bench.kinds.open_clip import folder_bench
@@ -33,6 +33,11 @@ class HfClipSpec(BenchSpec):
     kind: Literal["hf_clip"] = "hf_clip"
     weights: Path | None = None
     image_size: Int | None = None
+    image_folders: ClassVar[bool] = True
+
+    @property
+    def base_weights(self) -> Path | None:
+        return self.weights
 
 
 def load(spec: HfClipSpec, tasks: Tasks) -> Bench:

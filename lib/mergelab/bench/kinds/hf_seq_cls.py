@@ -47,6 +47,10 @@ class HfSeqClsSpec(BenchSpec):
     def own_heads(self) -> bool:
         return True
 
+    @property
+    def base_weights(self) -> Path | None:
+        return self.weights
+
 
 def load(spec: HfSeqClsSpec, tasks: Tasks) -> Bench:
     """The classifier with its tokenizer; each task's adapter brings its own ``score`` head."""

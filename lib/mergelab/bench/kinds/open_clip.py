@@ -10,7 +10,7 @@ templates). The image tower's packed attention is split into ``q_proj`` / ``k_pr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks, file_digest, folder_id, task_id, task_sources
 from mergelab.errors import InputError
@@ -41,6 +41,11 @@ class OpenClipSpec(BenchSpec):
     arch: str | None = None
     weights: Path | None = None
     image_size: Int | None = None
+    image_folders: ClassVar[bool] = True
+
+    @property
+    def base_weights(self) -> Path | None:
+        return self.weights
 
 
 def folder_bench(name: str, backbone: Backbone, kind: str, image_size: int | None, tasks: Tasks, model_id: dict[str, Any]) -> Bench:
