@@ -31,8 +31,8 @@ MODEL_CHOICE = (
 def _task_table(manifest: Mapping[str, Any]) -> list[str]:
     metrics, tasks = manifest["metrics"], manifest["tasks"]
     ranks = sorted(manifest["adapters"], key=int)
-    header = "| task | classes | train / val / test rows | chance | zero-shot | linear probe | " + " | ".join(f"LoRA r{r}" for r in ranks) + " |"
-    rows = [header, "|---|---:|---:|---:|---:|---:|" + "---:|" * len(ranks)]
+    header = ["task", "classes", "train / val / test rows", "chance", "zero-shot", "linear probe", *(f"LoRA r{r}" for r in ranks)]
+    rows = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, task in tasks.items():
         counts = [sum(task["rows"][s].values()) for s in ("train", "val", "test")]
         cells = [name, str(len(task["classnames"])), " / ".join(map(str, counts)), _pct(1 / len(task["classnames"])),
