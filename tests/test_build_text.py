@@ -14,6 +14,7 @@ import tarfile
 import pytest
 from typer.testing import CliRunner
 
+from conftest import REPO
 from helpers import sentence_encoder_directory
 from mergelab.errors import InputError
 from mergelab.textbench.rows import SplitSizes, read_rows, split_rows
@@ -159,3 +160,16 @@ def test_rows_are_drawn_per_class_split_without_overlap_and_drop_ambiguous_texts
     assert [len(small[s]) for s in ("train", "val", "test")] == [23, 8, 8]  # 39 usable rows keep the 3:1:1 proportions
     with pytest.raises(InputError, match="needs at least 10"):
         split_rows(rows[:5], {"x": "ex"}, SplitSizes(), seed=0)
+
+
+def test_a_licence_that_must_travel_with_the_copy_is_shipped_whole():
+    """FOLDOC's GFDL requires its full text with every copy: the export writes it beside LICENSES.md."""
+    from mergelab.textbench.readme import render_licenses
+    from mergelab.textbench.sources import LICENCE_TEXTS, SOURCES
+
+    shipped = REPO / "data" / "text"
+    needing = {s.package.licence_text for s in SOURCES.values() if s.package.licence_text}
+    assert needing == {"GFDL-1.3.txt"}
+    for name in needing:
+        assert (shipped / name).read_bytes() == LICENCE_TEXTS.joinpath(name).read_bytes()
+        assert f"[{name}]({name})" in render_licenses(SOURCES) == (shipped / "LICENSES.md").read_text()

@@ -43,7 +43,7 @@ from mergelab.micro.build import BuildResult, Progress, finetuned_accuracies, ti
 from mergelab.store import Store
 from mergelab.textbench.readme import render_licenses, render_readme
 from mergelab.textbench.rows import SPLITS, SplitSizes, class_counts, read_rows, split_rows, write_rows
-from mergelab.textbench.sources import SOURCES, TaskSource, deb_files, fetch_deb
+from mergelab.textbench.sources import LICENCE_TEXTS, SOURCES, TaskSource, deb_files, fetch_deb
 
 __all__ = ["CONFIGS", "TextBuildConfig", "build_text", "default_model"]
 
@@ -221,6 +221,8 @@ def _export(out: Path, store: Store, manifest: Mapping[str, Any], row_keys: Mapp
     write_adapters(store, adapters, out / "adapters")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     (out / "LICENSES.md").write_text(render_licenses(sources))
+    for package in {s.package for s in sources.values() if s.package.licence_text}:
+        (out / package.licence_text).write_bytes(LICENCE_TEXTS.joinpath(package.licence_text).read_bytes())
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "README.md")
     (out / "README.md").write_text(render_readme(manifest, size))
 

@@ -106,4 +106,6 @@ def render_licenses(sources: Mapping[str, TaskSource]) -> str:
     for name, package in packages.items():
         tasks = [t for t, s in sources.items() if s.package.name == name]
         lines += [f"## {name} {package.version} ({', '.join(tasks)})", "", f"Licence: {package.licence}.", "", package.notice, ""]
+        if package.licence_text:
+            lines += [f"Full text: [{package.licence_text}]({package.licence_text}).", ""]
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.resources
 import io
 import re
 import shutil
@@ -42,6 +43,10 @@ __all__ = ["PACKAGES", "SOURCES", "DebPackage", "TaskSource", "deb_files", "emoj
 Rows = list[tuple[str, str]]
 
 
+#: The full texts of licences that must travel with a copy (package data of mergelab.textbench).
+LICENCE_TEXTS = importlib.resources.files("mergelab.textbench") / "licences"
+
+
 @dataclass(frozen=True)
 class DebPackage:
     """A Debian package pinned by version and the SHA-256 of its ``.deb``; ``licence``: the licence of
@@ -52,6 +57,7 @@ class DebPackage:
     sha256: str
     licence: str
     notice: str
+    licence_text: str | None = None  # a licence whose full text must travel with the copy: its file in ``licences/``
 
     @property
     def filename(self) -> str:
@@ -187,7 +193,9 @@ PACKAGES = {p.name: p for p in (
                "GFDL-1.1-or-later (no invariant sections)",
                "The Free On-line Dictionary of Computing, http://foldoc.org/, Editor Denis Howe. Copyright 1993 by Denis "
                "Howe. Permission is granted to copy, distribute and/or modify this document under the terms of the GNU Free "
-               "Documentation License, Version 1.1 or any later version; with no Invariant Sections, Front- or Back-Cover Texts."),
+               "Documentation License, Version 1.1 or any later version; with no Invariant Sections, Front- or Back-Cover Texts. "
+               "This copy is distributed under version 1.3, as that permission allows; the licence's full text is GFDL-1.3.txt.",
+               licence_text="GFDL-1.3.txt"),
     DebPackage("unicode-data", "15.0.0-1", "5efef23bbb1c6a133ecbdd63a2cfa07159ccacf5466a49e2426101c5ecd691fc",
                "Unicode License v3 (permissive)",
                "Copyright © 1991-2022 Unicode, Inc. Distributed under the Terms of Use in https://www.unicode.org/copyright.html "
