@@ -408,6 +408,10 @@ def _case_merge_task_name_that_escapes_the_output(tmp, adapter, base):
     return args, "task name '../x' must start with a letter or digit"
 
 
+def _case_inspect_task_name_without_a_path(tmp, adapter, base):
+    return ["inspect", "digits="], "'digits=' names task 'digits' but gives no path"
+
+
 def _case_inspect_task_name_with_a_slash(tmp, adapter, base):
     return ["inspect", f"a/b={adapter}"], "task name 'a/b' must start with a letter or digit"
 

@@ -137,6 +137,8 @@ def named_sources(sources: Sequence[Source], names: Sequence[str] | None) -> lis
             text = os.fspath(src)
             name, sep, rest = text.partition("=")
             if sep and name and not Path(text).exists():
+                if not rest:
+                    raise InputError(f"{text!r} names task {name!r} but gives no path; write NAME=PATH")
                 path = Path(rest)
             else:
                 path = Path(text)
