@@ -402,7 +402,7 @@ def test_cli_run_rejects_bad_study_in_one_line(tmp_path):
     runner = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(REPO / "studies/micro.yaml"), "--runner", "spark"],
                             cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert runner.returncode == 2 and "unknown runner" in runner.stderr
-    # input that only a node can find bad (LoRA-LEGO's k above the adapters' rank-one units): still one line, no traceback
+    # input only the staged adapters show bad (LoRA-LEGO's k above their rank-one units): still one line, no traceback
     late = write_study(tmp_path / "late.yaml", {**SMALL, "adaptive": [], "analyses": [], "adaptation_studies": {},
                                                 "methods": [{"method": "lora_lego", "spaces": ["full"], "grid": {"k": [64]}}]})
     done = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(late), "--store", str(tmp_path / "store"), "--runner", "thread=1"],

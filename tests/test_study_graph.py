@@ -120,3 +120,17 @@ def test_a_labelled_adaptation_study_runs_a_registered_one_again_and_is_named_be
     assert {"preferences/pareto", "preferences/pareto/pareto_signs", "preferences/pareto/pareto_same"} <= set(names)
     signs = Store(run.store.url).get_dataset(Store(run.store.url).ref("studies/tiny-pairs/preferences/pareto/pareto_signs"))
     assert list(signs.task.values) == ["signs", "digits"]
+
+
+def test_a_bound_that_depends_on_the_adapters_fails_before_any_node_merges(tmp_path):
+    """LoRA-LEGO's k above a module's Σ_t r_t (two rank-4 adapters: 8 units) is refused right after the
+    stage, before references, merges or evaluations run (issue 30 item 5: it failed in the merge node)."""
+    from mergelab.store import Store
+
+    spec = load_study({**TINY, "adaptive": [], "analyses": [],
+                       "methods": [{"method": "task_arithmetic", "spaces": ["full"], "grid": {"alpha": [0.3]}},
+                                   {"method": "lora_lego", "spaces": ["full"], "grid": {"k": [4, 64]}}]})
+    ctx = Run(spec, str(tmp_path / "store"))
+    with pytest.raises(InputError, match=r"lora_lego: k=64 clusters but only 8 minimal semantic units .*choose k <= 8"):
+        run_graph(ctx, local_submit(ctx))
+    assert {a.key.split("-")[0] for a in Store(str(tmp_path / "store")).ls()} == {"stage"}

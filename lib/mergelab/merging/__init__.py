@@ -23,7 +23,7 @@ import math
 from mergelab.merging.arithmetic import average, metagpt, normavg, task_arithmetic
 from mergelab.merging.consensus import consensus
 from mergelab.merging.driver import Projection, derive_seed, merge, project
-from mergelab.merging.lora import linear, lora_lego
+from mergelab.merging.lora import linear, lora_lego, lora_lego_feasible
 from mergelab.merging.registry import Composition, MergeMethod, MethodRegistry
 from mergelab.merging.regmean import collect_input_grams, regmean
 from mergelab.merging.sparsify import breadcrumbs, dare_linear, dare_ties, magnitude_prune, ties
@@ -84,7 +84,7 @@ METHODS: MethodRegistry = MethodRegistry({
     "lora_lego": MergeMethod(lora_lego, grid={"k": (8, 16, 32, 64, 128), "param_reweight": (True, False),
                                               "output_reweight": (True, False)},
                              inputs="factors", nonmatrix="mean", intervals={"k": POSITIVE_INT, "n_init": POSITIVE_INT,
-                                                                           "seed": SEED}),
+                                                                           "seed": SEED}, feasible=lora_lego_feasible),
     "regmean": MergeMethod(regmean, grid={"nondiag": (0.1, 0.3, 0.5, 0.7, 0.9, 0.95)}, side=("grams",),
                            intervals={"nondiag": Interval(0.0, 1.0)}),
 })

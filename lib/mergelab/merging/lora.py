@@ -8,8 +8,8 @@ coordinates of the space they run in, and return factors.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,6 +59,17 @@ def semantic_units(factors: Sequence[LowRank]) -> tuple[np.ndarray, np.ndarray]:
     a = np.concatenate([f.A.to(torch.float64).numpy() for f in factors], axis=0)
     b = np.concatenate([f.B.to(torch.float64).T.numpy() for f in factors], axis=0)
     return a, b
+
+
+def lora_lego_feasible(taskset: TaskSet, hp: Mapping[str, Any]) -> None:
+    """InputError unless every module of LoRA factors has at least ``k`` minimal semantic units
+    (Σ_t r_t, :func:`lora_lego`'s clusters), so a study refuses ``k`` before any node merges."""
+    k = hp.get("k")
+    units = {name: sum(t.modules[name].rank for t in taskset.tasks if isinstance(t.modules.get(name), LowRank))
+             for name in taskset.module_names}
+    fewest = min((n for n in units.values() if n), default=None)
+    if k is not None and fewest is not None and k > fewest:
+        raise InputError(f"lora_lego: k={k} clusters but only {fewest} minimal semantic units (Σ_t r_t) in a module; choose k <= {fewest}")
 
 
 def lora_lego(factors: Sequence[LowRank], *, k: int | None = None, alpha: float = 1.0, param_reweight: bool = True,

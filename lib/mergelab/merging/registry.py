@@ -102,6 +102,7 @@ class MergeMethod:
     isometric: bool = False
     frame: bool = False
     factored: bool = False
+    feasible: Callable[[TaskSet, Mapping[str, Any]], None] | None = None
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -135,6 +136,16 @@ class MergeMethod:
 
     def stage_values(self, values: Mapping[str, Any], stage: str) -> dict[str, Any]:
         return dict(values)
+
+
+def check_feasible(method: MergeMethod | Composition, taskset: TaskSet, hp: Mapping[str, Any]) -> None:
+    """InputError when a resolved configuration ``hp`` cannot merge ``taskset``: a bound that depends
+    on the adapters (``MergeMethod.feasible``, e.g. LoRA-LEGO's ``k <= Σ_t r_t``), checked by a study
+    before any node merges."""
+    single = len(method.stages) == 1
+    for part, stage in method.stages:
+        if stage.feasible is not None:
+            stage.feasible(taskset, hp if single else {k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith(f"{part}.")})
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,7 +8,9 @@ from typing import Any
 from mergelab.config import StudySpec
 from mergelab.errors import InputError
 from mergelab.study.run import Run, MergeJob, Node, NodeResult, adapt_jobs, merge_jobs
-from mergelab.study.nodes import ADAPT, ADAPTATION_STUDY, ANALYSIS, EVALUATE, MERGE, REFERENCE, STAGE
+from mergelab.merging import METHODS
+from mergelab.merging.registry import check_feasible
+from mergelab.study.nodes import ADAPT, ADAPTATION_STUDY, ANALYSIS, EVALUATE, MERGE, REFERENCE, STAGE, hyper_parameters
 from mergelab.study.results import RESULTS, adapt_row, merge_row, selected_merges
 
 # The graph -----------------------------------------------------------------------------------------
@@ -55,6 +57,9 @@ def run_graph(ctx: Run, submit: Submit, phases: Iterable[str] | None = None) -> 
 
     staged = run("stage", [()])
     merges, adapts = merge_jobs(spec), adapt_jobs(spec)
+    if "merge" in want:
+        for job in merges:  # bounds that depend on the adapters, before any node merges or evaluates
+            check_feasible(METHODS[job.method], ctx.taskset, hyper_parameters(job))
     references = run("reference", [(name,) for name in [None, *ctx.eval_session.names]]) if merges or adapts else []
     merged = run("merge", [(job,) for job in merges])
     adapted = run("adapt", [(job,) for job in adapts])

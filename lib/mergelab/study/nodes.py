@@ -53,7 +53,8 @@ STAGE = Node("stage", "1", "json", lambda ctx: ctx.store.key("stage", STAGE.vers
              _stage, lambda ctx: ctx.bench.name)
 
 
-def _hyper_parameters(job: MergeJob) -> dict[str, Any]:
+def hyper_parameters(job: MergeJob) -> dict[str, Any]:
+    """A merge job's resolved hyper-parameters: its configuration and seed over the method's defaults."""
     config = dict(job.config)
     if job.seed is not None:
         config = {**config, "seed": job.seed}
@@ -62,7 +63,7 @@ def _hyper_parameters(job: MergeJob) -> dict[str, Any]:
 
 def _merge_key(ctx: Run, job: MergeJob) -> Key:
     return ctx.store.key("merge", MERGE.version, taskset=ctx.taskset.content_hash, method=job.method,
-                         space=job.space, hyper_parameters=_hyper_parameters(job))
+                         space=job.space, hyper_parameters=hyper_parameters(job))
 
 
 def _cost(run: Measured, bases: Sequence[Bases]) -> dict[str, Any]:
@@ -80,7 +81,7 @@ def _merge(ctx: Run, key: Key, job: MergeJob) -> tuple[dict[str, Tensor], dict[s
     In the knots and core spaces the projection is built from the task set's bases in the store
     (:func:`mergelab.bases.space_bases`: computed and published by the first merge that needs them).
     """
-    hp = _hyper_parameters(job)
+    hp = hyper_parameters(job)
     bases = ctx.space_bases(job.space)
     if bases is None:
         run = measure(lambda: merge(ctx.taskset, job.method, job.space, **hp))
