@@ -45,3 +45,17 @@ def test_adapt_prints_the_start_search_the_nodes_and_the_steps(tmp_path):
     first_step = next(i for i, line in enumerate(lines) if re.fullmatch(r"adapt adarank: 1/4 steps, loss \S+", line))
     assert start < first_step and re.fullmatch(r"adapt adarank: 4/4 steps, loss \S+", lines[first_step + 3])
     assert "adapt adarank: reference zeroshot done" in lines[:start] and any(l.startswith("adapt adarank: adapt ") for l in lines)
+
+
+def test_a_build_reports_plain_steps_when_its_output_is_not_a_terminal(capsys):
+    """build-micro / build-text run for hours: redirected, they print milestone lines (a live bar
+    printed nothing until the end)."""
+    from mergelab.cli.app import PlainProgress, build_progress, console
+    from mergelab.micro.build import ticker
+
+    assert isinstance(build_progress(console), PlainProgress)  # pytest captures the output: not a terminal
+    tick = ticker(PlainProgress(), "LoRA r4 on digits", 20)
+    for _ in range(20):
+        tick()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and lines[0] == "LoRA r4 on digits: 2/20 steps" and lines[-1] == "LoRA r4 on digits: 20/20 steps"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import re
 import warnings
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -154,6 +154,35 @@ def progress_bars(*fields: str, description: str = "{task.description}", out: Co
 
     return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields), TimeElapsedColumn(),
                     console=out, transient=transient)
+
+
+class PlainProgress:
+    """What the long builds report through when stderr is not a terminal: ``add_task`` / ``advance``
+    as rich's ``Progress`` takes them, each task's :func:`milestone` lines in place of a live bar."""
+
+    def __init__(self) -> None:
+        self._tasks: list[list] = []  # [description, done, total]
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, **fields: object) -> int:
+        self._tasks.append([description, 0, total])
+        return len(self._tasks) - 1
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        task = self._tasks[task_id]
+        task[1] += advance
+        if task[2]:
+            milestone(task[0], int(task[1]), int(task[2]), " steps")
+
+
+def build_progress(out: Console) -> Any:
+    """The builds' progress: live bars on a terminal, plain milestone lines otherwise (a log, ``nohup``)."""
+    return progress_bars(out=out) if out.is_terminal else PlainProgress()
 
 
 def milestone(what: str, done: int, total: int, detail: str = "") -> None:

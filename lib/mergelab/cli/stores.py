@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import announce_store, progress_bars, StoreOpt, _Command, app, console, err_console, store_app
+from mergelab.cli.app import announce_store, build_progress, StoreOpt, _Command, app, console, err_console, store_app
 from mergelab.errors import InputError, read_text
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def build_micro_command(
     from mergelab.store import default_store_url
 
     store = announce_store(store or default_store_url())
-    with progress_bars(out=console) as progress:
+    with build_progress(console) as progress:
         result = build_micro(out, store, profile="quick" if quick else "full", seed=seed, threads=threads,
                              progress=progress)
     metrics = result.manifest["metrics"]
@@ -62,7 +62,7 @@ def build_text_command(
     from mergelab.textbench.build import build_text
 
     store = announce_store(store or default_store_url())
-    with progress_bars(out=console) as progress:
+    with build_progress(console) as progress:
         result = build_text(out, store, model=model, profile="quick" if quick else "full", tasks=task, adapters=not no_adapters,
                             debs=debs, seed=seed, threads=threads, progress=progress)
     metrics = result.manifest["metrics"]
