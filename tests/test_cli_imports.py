@@ -64,3 +64,12 @@ def test_inspect_imports_torch_alone():
     ``nn.MultiheadAttention`` also imports PEFT, which measures how PEFT applies its out_proj.)"""
     code, heavy = imported_heavy("inspect", str(REPO / "data" / "micro" / "adapters" / "r4" / "digits"))
     assert code == 0 and heavy == ["torch"]
+
+
+def test_a_bad_study_is_refused_before_prefect_xarray_or_a_model_library_loads(tmp_path):
+    """`mergelab run` validates the study first (torch only: the merge methods' registry lives with
+    their functions); a bench kind's model code is imported when a bench loads, never to validate."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: s\nmethods:\n  - method: tiez\n")
+    code, heavy = imported_heavy("run", str(bad), "--store", str(tmp_path / "store"))
+    assert code == 2 and heavy == ["torch"]

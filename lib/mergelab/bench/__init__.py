@@ -8,9 +8,20 @@
   bench (heads, ``W_0 + ΔW``, splits, seeded batches, accuracy, TAS).
 """
 
+from typing import Any
+
 from mergelab.bench.benches import Bench, BenchKind, BenchSpec, TaskSource
 from mergelab.bench.kinds import BENCHES, bench_spec, load_bench
 from mergelab.bench.kinds.micro import MicroSpec
-from mergelab.bench.session import BenchSession
+
+
+def __getattr__(name: str) -> Any:
+    """:class:`BenchSession` on first use: it runs models (torch), which validating a study never needs."""
+    if name == "BenchSession":
+        from mergelab.bench.session import BenchSession
+
+        return BenchSession
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["BENCHES", "Bench", "BenchKind", "BenchSession", "BenchSpec", "MicroSpec", "TaskSource", "bench_spec", "load_bench"]

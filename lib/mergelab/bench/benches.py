@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, get_args
 
 from pydantic import ValidationInfo, field_validator, model_validator
 
-from mergelab.data.tasks import ClassificationTask
 from mergelab.errors import InputError
 from mergelab.hashing import content_hash
 from mergelab.naming import GENERIC, ModuleLayout
 from mergelab.strict import Strict, safe_name
-from mergelab.taskset import TaskSet
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch: validating a study never loads it
     from torch import Tensor
 
+    from mergelab.data.tasks import ClassificationTask
     from mergelab.model import Backbone
+    from mergelab.taskset import TaskSet
 
 __all__ = ["Bench", "BenchKind", "BenchSpec", "TaskSource", "directory_digest", "file_digest", "folder_id", "model_directory",
            "pretrained", "read_lines", "task_id", "task_sources"]

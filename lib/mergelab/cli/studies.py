@@ -34,10 +34,10 @@ def _run_study(study: Path, store: str | None, runner: str):
     process without starting Prefect, so a rerun costs seconds.
     """
     from mergelab.config import load_study
+
+    spec = load_study(study)  # validate before torch, xarray or Prefect load: bad input fails in a second
     from mergelab.store import Store
     from mergelab.study import up_to_date
-
-    spec = load_study(study)  # validate before Prefect starts: bad input fails in a second
     from mergelab_flows.runtime import parse_runner
 
     parse_runner(runner)

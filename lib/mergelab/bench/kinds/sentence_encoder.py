@@ -36,12 +36,9 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
 
 from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks, directory_digest, folder_id, model_directory, pretrained, \
     task_id, task_sources
@@ -49,6 +46,9 @@ from mergelab.bench.kinds.hf_seq_cls import TEXT_ROWS
 from mergelab.errors import InputError
 from mergelab.naming import ModuleLayout
 from mergelab.strict import Float, Int
+
+if TYPE_CHECKING:  # the model code imports torch when it runs: validating a study never does
+    from torch import Tensor, nn
 
 __all__ = ["BERT_LAYOUT", "KIND", "POOLING", "SentenceEncoder", "SentenceEncoderSpec", "fit_linear_head", "read_encoder",
            "sentence_pipeline"]
@@ -119,6 +119,8 @@ class SentenceEncoder:
 
     def lora_targets(self) -> list[str]:
         """The ``query`` / ``key`` / ``value`` / ``dense`` projections of every block (PEFT ``target_modules``)."""
+        from torch import nn
+
         return [name for name, module in self.vision.named_modules()
                 if isinstance(module, nn.Linear) and BERT_LAYOUT.role(f"{name}.weight") != "other"]
 
@@ -137,6 +139,8 @@ class SentenceEncoder:
 
     def encode_image(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """``(N, D)`` sentence embeddings of token ids (normalised when the encoder's pipeline normalises)."""
+        import torch.nn.functional as F
+
         pooled = POOLING[self.pooling][1](*self._hidden(images, params))
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
@@ -189,6 +193,9 @@ def sentence_pipeline(root: Path, pooling: Literal["mean", "cls"] | None) -> tup
 def fit_linear_head(features: Tensor, labels: Tensor, classes: int, *, l2: float = 1e-3, iters: int = 100) -> Tensor:
     """``(C, D)`` bias-free multinomial logistic-regression head on fixed ``(N, D)`` features:
     ``argmin_W CE(features Wᵀ, labels) + l2 ‖W‖²``, L-BFGS from zero in float64 (deterministic)."""
+    import torch
+    import torch.nn.functional as F
+
     X = features.detach().double()
     W = torch.zeros(classes, X.shape[1], dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([W], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
