@@ -408,6 +408,11 @@ def _case_merge_task_name_that_escapes_the_output(tmp, adapter, base):
     return args, "task name '../x' must start with a letter or digit"
 
 
+def _case_merge_consensus_needs_more_tasks_than_it_has(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "consensus", "--format", "weights", "--set", "k=3"), \
+        "consensus: k=3 masks must agree but the task set has 2 tasks"
+
+
 def _case_inspect_task_name_without_a_path(tmp, adapter, base):
     return ["inspect", "digits="], "'digits=' names task 'digits' but gives no path"
 

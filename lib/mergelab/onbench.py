@@ -46,6 +46,7 @@ from mergelab.bench import BenchSpec, MicroSpec
 from mergelab.config import MAX_CONFIGS, config_label, load_study
 from mergelab.errors import InputError
 from mergelab.merging import METHODS, merge
+from mergelab.merging.registry import check_feasible
 from mergelab.selection import SELECTION_RULES
 from mergelab.study import AdaptJob, Run, NodeResult, adapt_jobs, local_submit, merge_jobs, run_graph
 from mergelab.study.results import grid_edges
@@ -338,6 +339,8 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     if select is not None:
         swept_grid(spec.name, fixed, grid)  # a too-large grid fails before the benchmark loads
     taskset = load_taskset(base, sources, modules=modules, base_module=base_module)
+    if select is None:  # a selection's study checks every candidate once the adapters are staged
+        check_feasible(spec, taskset, hyper_parameters)
     side_inputs = {"grams": load_grams(grams, taskset)} if grams is not None else None
     if select is not None:
         bench_spec, evaluating = evaluation_bench(bench, taskset, base)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from mergelab.merging.arithmetic import average, metagpt, normavg, task_arithmetic
-from mergelab.merging.consensus import consensus
+from mergelab.merging.consensus import consensus, consensus_feasible
 from mergelab.merging.driver import Projection, derive_seed, merge, project
 from mergelab.merging.lora import linear, lora_lego, lora_lego_feasible
 from mergelab.merging.registry import Composition, MergeMethod, MethodRegistry
@@ -64,7 +64,7 @@ METHODS: MethodRegistry = MethodRegistry({
                                inputs="tensors", nonmatrix="self",
                                intervals={"density": UNIT_OPEN_LOW, "gamma": PROBABILITY}, post=True),
     "consensus": MergeMethod(consensus, grid={"alpha": LAMBDA_TA, "lam": (0.2, 0.3, 0.4, 0.5, 0.6)}, inputs="tensors",
-                             nonmatrix="self", intervals={"lam": Interval(0.0), "k": POSITIVE_INT}),
+                             nonmatrix="self", intervals={"lam": Interval(0.0), "k": POSITIVE_INT}, feasible=consensus_feasible),
     "metagpt": MergeMethod(metagpt, inputs="tensors", side=("norms",), nonmatrix="self",
                            intervals={"power": Interval(0.0, low_open=True)}),
     "normavg": MergeMethod(normavg, inputs="tensors", side=("norms",), nonmatrix="self"),

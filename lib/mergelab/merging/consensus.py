@@ -3,12 +3,16 @@ Improved Model Merging and Compression")."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["consensus", "tall_masks"]
+from mergelab.errors import InputError
+from mergelab.taskset import TaskSet
+
+__all__ = ["consensus", "consensus_feasible", "tall_masks"]
 
 
 def tall_masks(deltas: Sequence[Tensor], lam: float) -> Tensor:
@@ -16,6 +20,15 @@ def tall_masks(deltas: Sequence[Tensor], lam: float) -> Tensor:
     stacked = torch.stack(list(deltas))
     tau_mtl = stacked.sum(dim=0)
     return stacked.abs() > lam * (tau_mtl - stacked).abs()
+
+
+def consensus_feasible(taskset: TaskSet, hp: Mapping[str, Any]) -> None:
+    """InputError unless ``k`` is at most the number of tasks: more TALL masks than tasks never agree,
+    so every entry would be dropped and the merge would be the base model."""
+    k = hp.get("k", 2)
+    if k > len(taskset.names):
+        raise InputError(f"consensus: k={k} masks must agree but the task set has {len(taskset.names)} tasks, so every "
+                         f"entry would be dropped; choose k <= {len(taskset.names)}")
 
 
 def consensus(deltas: Sequence[Tensor], *, lam: float = 0.4, k: int = 2, alpha: float = 0.4) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor
 from mergelab.errors import InputError
 from mergelab.taskset import LowRank, TaskSet
 
-__all__ = ["linear", "lora_lego", "lora_scalings", "semantic_units"]
+__all__ = ["linear", "lora_lego", "lora_lego_feasible", "lora_scalings", "semantic_units"]
 
 
 def _pad_rank(B: torch.Tensor, A: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
