@@ -429,6 +429,15 @@ def _case_merge_superscript_rank(tmp, adapter, base):
     return _merge_args(tmp, adapter, base, "--method", "task_arithmetic", "--space", "core", "--max-rank", "²"), "unknown serving engine '²'"
 
 
+def _case_merge_empty_max_rank(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "task_arithmetic", "--space", "core", "--max-rank", ""), "--max-rank is empty"
+
+
+def _case_merge_modules_repeat_count_too_large(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "ties", "--format", "weights", "--modules", "a{99999999999}"), \
+        "is not a regular expression (the repetition number is too large)"
+
+
 def _case_merge_superscript_seed(tmp, adapter, base):
     return _merge_args(tmp, adapter, base, "--method", "dare_ties", "--format", "weights", "--set", "seed=²"), "seed"
 

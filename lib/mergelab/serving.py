@@ -65,6 +65,9 @@ def parse_max_rank(value: str | int) -> RankCap:
     """``--max-rank``: an integer ``>= 1``, an engine of :data:`SERVING_RANKS` or ``ENGINE:CAP``. An integer
     that an engine does not accept warns (one line naming what that engine would take)."""
     text = str(value).strip()
+    if not text:
+        raise InputError("--max-rank is empty; give an integer >= 1, an engine "
+                         f"({', '.join(SERVING_RANKS)}) or ENGINE:CAP such as vllm:64")
     engine, _, cap = ("", "", text) if text.isdecimal() else text.partition(":")
     if engine:
         SERVING_RANKS.require(engine)

@@ -209,7 +209,7 @@ def compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
     """``re.compile`` with a one-line error naming where the bad expression came from."""
     try:
         return re.compile(pattern)
-    except re.error as err:
+    except (re.error, OverflowError, RecursionError) as err:  # OverflowError: a repeat count such as a{99999999999}
         raise InputError(f"{where} {pattern!r} is not a regular expression ({err}); fix or quote it") from None
 
 
