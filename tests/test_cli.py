@@ -438,6 +438,19 @@ def _case_merge_modules_repeat_count_too_large(tmp, adapter, base):
         "is not a regular expression (the repetition number is too large)"
 
 
+def _case_merge_out_inside_the_store(tmp, adapter, base):
+    (tmp / "s" / "refs").mkdir(parents=True)
+    args = _merge_args(tmp, adapter, base, "--method", "ties", "--format", "weights")
+    args[args.index("--out") + 1] = tmp / "s" / "refs" / "merged"
+    return args, "lies inside the store"
+
+
+def _case_merge_out_inside_an_input_adapter(tmp, adapter, base):
+    args = _merge_args(tmp, adapter, base, "--method", "ties", "--format", "weights")
+    args[args.index("--out") + 1] = adapter / "merged"
+    return args, "lies inside the adapter"
+
+
 def _case_merge_superscript_seed(tmp, adapter, base):
     return _merge_args(tmp, adapter, base, "--method", "dare_ties", "--format", "weights", "--set", "seed=²"), "seed"
 

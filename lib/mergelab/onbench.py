@@ -430,14 +430,16 @@ def check_output(fmt: str, out: Path, force: bool, *, store: Store, sources: Seq
     and the other named ``inputs`` such as ``grams=``)."""
     from mergelab.checkpoints.files import named_sources
     from mergelab.errors import check_writable
-    from mergelab.outputs import check_replaceable
+    from mergelab.outputs import check_apart, check_replaceable
 
     if fmt not in ("peft", "weights"):
         raise InputError(f"--format {fmt!r} is not one of peft, weights")
+    guarded = {f"adapter {name!r}": path for name, path in named_sources(sources, None)}
+    guarded |= {"base model": base, **{f"--{k}": v for k, v in inputs.items() if v is not None}}
     if out.exists() or out.is_symlink():
         if not force:
             raise InputError(f"output {out} already exists; choose another path or pass --force")
-        guarded = {f"adapter {name!r}": path for name, path in named_sources(sources, None)}
-        guarded |= {"base model": base, **{f"--{k}": v for k, v in inputs.items() if v is not None}}
         check_replaceable(out, store=store.local_root, inputs=guarded)
+    else:
+        check_apart(out, store=store.local_root, inputs=guarded)
     check_writable(out, "--out")

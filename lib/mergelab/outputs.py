@@ -83,6 +83,20 @@ def check_replaceable(out: str | os.PathLike[str], *, store: str | os.PathLike[s
                          f"delete it; remove it yourself or choose another {flag}")
 
 
+def check_apart(out: str | os.PathLike[str], *, store: str | os.PathLike[str] | None = None,
+                inputs: Mapping[str, str | os.PathLike[str]] | None = None, flag: str = "--out") -> None:
+    """Raise :class:`InputError` when a new ``out`` would lie inside the local ``store`` or inside an
+    input's folder (``inputs`` as :func:`check_replaceable` takes them): writing there changes what
+    the store or the input holds (a ``merge.json`` under ``refs/`` reads as a broken ref)."""
+    target = _real(out)
+    if store is not None and _within(target, _real(store)):
+        raise InputError(f"{flag} {os.fspath(out)} lies inside the store {os.fspath(store)}; choose an output folder outside the store")
+    for what, path in (inputs or {}).items():
+        if _real(path).is_dir() and _within(target, _real(path)):
+            raise InputError(f"{flag} {os.fspath(out)} lies inside the {what} ({os.fspath(path)}); "
+                             "choose an output folder apart from the inputs")
+
+
 def _leftover_pattern(name: str | None) -> re.Pattern[str]:
     stem = re.escape(name) if name is not None else r"[^/]+"
     return re.compile(rf"\.{stem}\.(?:old-)?[a-z0-9_]{{8}}")
