@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import io
 import json
+import tarfile
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +20,7 @@ from mergelab.bench import BenchSession
 from mergelab.experiments.registry import ANALYSES
 from mergelab.store import Store
 from mergelab.taskset import MergedUpdate, TaskSet
+from mergelab.textbench.sources import DebPackage, TaskSource
 
 MICRO_LABEL = "micro benchmark (test store)"
 
@@ -154,3 +158,47 @@ def sentence_encoder_directory(root: Path, words: Sequence[str], pooling: str = 
     (root / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 16, "pooling_mode_cls_token": pooling == "cls",
                                                                 "pooling_mode_mean_tokens": pooling == "mean"}))
     return root
+
+
+# A synthetic text benchmark's sources (mergelab build-text without the network) -----------------------
+
+TEXT_WORDS = {"weather": ("sun", "rain", "snow"), "animals": ("cat", "dog")}
+TEXT_FILLER = ("the", "a", "is", "it", "this", "here", "now", "very")
+
+
+def deb_archive(path, files: dict[str, bytes]) -> str:
+    """A minimal ``.deb`` (ar archive: debian-binary, control.tar.gz, data.tar.gz) holding ``files``; returns its SHA-256."""
+    def tar(members: dict[str, bytes]) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            for name, data in members.items():
+                info = tarfile.TarInfo(f"./{name}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    members = {"debian-binary": b"2.0\n", "control.tar.gz": tar({"control": b"Package: rows\n"}), "data.tar.gz": tar(files)}
+    blob = b"!<arch>\n" + b"".join(f"{name:<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(data):<10}`\n".encode() + data + b"\n" * (len(data) % 2)
+                                   for name, data in members.items())
+    path.write_bytes(blob)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def text_sources(debs) -> dict[str, TaskSource]:
+    """Two tasks read from one synthetic package: ``label<TAB>text`` lines, each text its label's word among filler."""
+    lines = []
+    for task, names in TEXT_WORDS.items():
+        for i in range(60):
+            words = [TEXT_FILLER[(i * 3 + k) % len(TEXT_FILLER)] for k in range(3 + i % 4)]
+            words.insert(i % 3, names[i % len(names)])
+            lines.append(f"{task}.{names[i % len(names)]}\t{' '.join(words)} {i}")
+    files = {"usr/share/rows/rows.tsv": "\n".join(lines).encode()}
+    debs.mkdir()
+    sha = deb_archive(debs / "rows_1.0_all.deb", files)
+    package = DebPackage("rows", "1.0", sha, "CC0-1.0", "Synthetic rows.")
+
+    def parse(found):
+        return [tuple(line.split("\t")[::-1]) for data in found.values() for line in data.decode().splitlines()]
+
+    return {task: TaskSource(package, tuple(files), parse, {f"{task}.{n}": n for n in names}, ("about {}.", "it is {}."), f"synthetic {task}")
+            for task, names in TEXT_WORDS.items()}

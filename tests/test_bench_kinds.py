@@ -63,7 +63,8 @@ def _sentence_encoder():
 
 
 #: A tiny model of every registered kind (a new kind adds its line here).
-MODELS = {"micro": _micro, "open_clip": _open_clip, "hf_clip": _hf_clip, "hf_seq_cls": _hf_seq_cls, "sentence_encoder": _sentence_encoder}
+MODELS = {"micro": _micro, "open_clip": _open_clip, "hf_clip": _hf_clip, "hf_seq_cls": _hf_seq_cls, "sentence_encoder": _sentence_encoder,
+          "text": _sentence_encoder}
 
 
 @pytest.mark.parametrize("kind", list(BENCHES))

@@ -5,62 +5,17 @@ The parsers of the real sources on hand-written excerpts of their formats. Nothi
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import json
-import tarfile
 
 import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO
-from helpers import sentence_encoder_directory
+from helpers import TEXT_FILLER, TEXT_WORDS, deb_archive, sentence_encoder_directory, text_sources
 from mergelab.errors import InputError
 from mergelab.textbench.rows import SplitSizes, read_rows, split_rows
-from mergelab.textbench.sources import (DebPackage, TaskSource, deb_files, emoji_names, fetch_deb, foldoc_entries, fortune_quotes,
+from mergelab.textbench.sources import (DebPackage, deb_files, emoji_names, fetch_deb, foldoc_entries, fortune_quotes,
                                         wordnet_glosses)
-
-WORDS = {"weather": ("sun", "rain", "snow"), "animals": ("cat", "dog")}
-FILLER = ("the", "a", "is", "it", "this", "here", "now", "very")
-
-
-def _deb(path, files: dict[str, bytes]) -> str:
-    """A minimal ``.deb`` (ar archive: debian-binary, control.tar.gz, data.tar.gz) holding ``files``; returns its SHA-256."""
-    def tar(members: dict[str, bytes]) -> bytes:
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-            for name, data in members.items():
-                info = tarfile.TarInfo(f"./{name}")
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
-        return buffer.getvalue()
-
-    members = {"debian-binary": b"2.0\n", "control.tar.gz": tar({"control": b"Package: rows\n"}), "data.tar.gz": tar(files)}
-    blob = b"!<arch>\n" + b"".join(f"{name:<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(data):<10}`\n".encode() + data + b"\n" * (len(data) % 2)
-                                   for name, data in members.items())
-    path.write_bytes(blob)
-    return hashlib.sha256(blob).hexdigest()
-
-
-def _sources(debs) -> dict[str, TaskSource]:
-    """Two tasks read from one synthetic package: ``label<TAB>text`` lines, each text its label's word among filler."""
-    lines = []
-    for task, names in WORDS.items():
-        for i in range(60):
-            words = [FILLER[(i * 3 + k) % len(FILLER)] for k in range(3 + i % 4)]
-            words.insert(i % 3, names[i % len(names)])
-            lines.append(f"{task}.{names[i % len(names)]}\t{' '.join(words)} {i}")
-    files = {"usr/share/rows/rows.tsv": "\n".join(lines).encode()}
-    debs.mkdir()
-    sha = _deb(debs / "rows_1.0_all.deb", files)
-    package = DebPackage("rows", "1.0", sha, "CC0-1.0", "Synthetic rows.")
-
-    def parse(found):
-        return [tuple(line.split("\t")[::-1]) for data in found.values() for line in data.decode().splitlines()]
-
-    return {task: TaskSource(package, tuple(files), parse, {f"{task}.{n}": n for n in names}, ("about {}.", "it is {}."), f"synthetic {task}")
-            for task, names in WORDS.items()}
 
 
 @pytest.mark.slow
@@ -69,16 +24,16 @@ def test_build_exports_rows_and_adapters_the_bench_loads_and_resumes_from_its_ro
     from mergelab.config import load_study
     from mergelab.textbench.build import TextBuildConfig, build_text
 
-    encoder = sentence_encoder_directory(tmp_path / "encoder", [*FILLER, "about", "it", "is", ".", *(w for n in WORDS.values() for w in n)])
-    sources = _sources(tmp_path / "debs")
+    encoder = sentence_encoder_directory(tmp_path / "encoder", [*TEXT_FILLER, "about", "it", "is", ".", *(w for n in TEXT_WORDS.values() for w in n)])
+    sources = text_sources(tmp_path / "debs")
     config = TextBuildConfig("test", lora_steps=3, lora_batch=4, sizes=SplitSizes(train=8, val=3, test=4, min_chars=3), ranks=(2, 4),
                              max_length=16)
     out = tmp_path / "text"
     first = build_text(out, tmp_path / "store", model=encoder, profile=config, sources=sources, debs=tmp_path / "debs")
     assert first.wrote
     manifest = json.loads((out / "manifest.json").read_text())
-    assert list(manifest["tasks"]) == list(WORDS) and manifest["adapters"]["2"]["animals"] == "adapters/r2/animals"
-    for task, names in WORDS.items():
+    assert list(manifest["tasks"]) == list(TEXT_WORDS) and manifest["adapters"]["2"]["animals"] == "adapters/r2/animals"
+    for task, names in TEXT_WORDS.items():
         rows = read_rows(out / task)
         assert {label for split in rows.values() for _, label in split} == set(names)
         texts = [set(text for text, _ in split) for split in rows.values()]
@@ -90,9 +45,9 @@ def test_build_exports_rows_and_adapters_the_bench_loads_and_resumes_from_its_ro
 
     study = {"name": "text", "bench": {"kind": "sentence_encoder", "weights": str(encoder), "max_length": 16}, "seeds": [0],
              "analyses": ["norms"], "tasks": [{"name": t, "adapter": str(out / "adapters" / "r4" / t), "data": str(out / t),
-                                                "templates": list(sources[t].templates)} for t in WORDS]}
+                                                "templates": list(sources[t].templates)} for t in TEXT_WORDS]}
     bench = load_bench(bench_spec(study["bench"]), load_study(study).tasks)
-    assert bench.taskset.names == tuple(WORDS) and {u.rank for t in bench.taskset for u in t.modules.values()} == {4}
+    assert bench.taskset.names == tuple(TEXT_WORDS) and {u.rank for t in bench.taskset for u in t.modules.values()} == {4}
     assert len(bench.taskset.module_names) == 12  # query, key, value, attention.output.dense, intermediate.dense, output.dense × 2 blocks
 
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
@@ -108,14 +63,14 @@ def test_data_only_build_says_the_adapters_are_not_built_and_the_cli_refuses_in_
     from mergelab.cli import app
     from mergelab.textbench.build import TextBuildConfig, build_text
 
-    encoder = sentence_encoder_directory(tmp_path / "encoder", [*FILLER, "about", "it", "is", ".", *(w for n in WORDS.values() for w in n)])
-    sources = _sources(tmp_path / "debs")
+    encoder = sentence_encoder_directory(tmp_path / "encoder", [*TEXT_FILLER, "about", "it", "is", ".", *(w for n in TEXT_WORDS.values() for w in n)])
+    sources = text_sources(tmp_path / "debs")
     config = TextBuildConfig("test", lora_steps=1, lora_batch=2, sizes=SplitSizes(train=4, val=2, test=2, min_chars=3), max_length=16)
     result = build_text(tmp_path / "text", tmp_path / "store", model=encoder, profile=config, adapters=False, sources=sources,
                         debs=tmp_path / "debs")
     assert result.manifest["adapters"] == {} and not (tmp_path / "text" / "adapters").exists()
     assert "**not built yet.**" in (tmp_path / "text" / "README.md").read_text()
-    assert set(result.manifest["metrics"]["linear_probe"]) == set(WORDS)
+    assert set(result.manifest["metrics"]["linear_probe"]) == set(TEXT_WORDS)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     refused = CliRunner().invoke(app, ["build-text", "--out", str(tmp_path / "other"), "--model", str(encoder), "--store", str(tmp_path / "s")])
@@ -125,7 +80,7 @@ def test_data_only_build_says_the_adapters_are_not_built_and_the_cli_refuses_in_
 
 
 def test_packages_are_read_from_their_pinned_bytes(tmp_path):
-    sha = _deb(tmp_path / "p_1_all.deb", {"usr/a.txt": b"alpha", "usr/b.txt": b"beta"})
+    sha = deb_archive(tmp_path / "p_1_all.deb", {"usr/a.txt": b"alpha", "usr/b.txt": b"beta"})
     assert deb_files(tmp_path / "p_1_all.deb", ("usr/b.txt",)) == {"usr/b.txt": b"beta"}
     with pytest.raises(InputError, match="has no"):
         deb_files(tmp_path / "p_1_all.deb", ("usr/c.txt",))

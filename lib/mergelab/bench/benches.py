@@ -95,12 +95,12 @@ class BenchSpec(Strict):
     """A study's ``bench:`` section: ``kind`` names a bench kind, whose subclass adds its own settings
     (:func:`mergelab.bench.kinds.bench_spec` validates a section against it).
 
-    ``embedded``: the project's own benchmark, whose numbers are its own and never the papers'
-    (captions and results notes say so).
+    ``embedded``: the name of the project's own benchmark the kind reads (``""``: none), whose
+    numbers are its own and never the papers' (captions and results notes say so).
     """
 
     kind: str
-    embedded: ClassVar[bool] = False
+    embedded: ClassVar[str] = ""
     #: Whether the tasks' data are ``ImageFolder`` roots (``mergelab check --study`` reads their splits).
     image_folders: ClassVar[bool] = False
 

@@ -298,7 +298,7 @@ def _scores(ctx: Run, params: Mapping[str, Tensor] | None, names: Sequence[str],
 
 def _dataset_label(ctx: Run) -> str:
     """What a study's Datasets were computed on, for figure captions (``attrs["dataset"]``)."""
-    return f"{ctx.bench.name} benchmark" + (" (micro-benchmark numbers, not the papers')" if ctx.spec.bench.embedded else "")
+    return f"{ctx.bench.name} benchmark" + (f" ({ctx.spec.bench.embedded} numbers, not the papers')" if ctx.spec.bench.embedded else "")
 
 
 def _analysis_key(ctx: Run, name: str, merged: Sequence[tuple[MergeJob, NodeResult]] = ()) -> Key:

@@ -186,7 +186,7 @@ def _assemble(ctx: Run, rows: Sequence[Row], references: Sequence[NodeResult]) -
     unseen = {"unseen": names[len(seen):]} if len(names) > len(seen) else {}
     ds.attrs.update({"study": ctx.spec.name, "bench": ctx.bench.name, "taskset": ctx.taskset.content_hash,
                      "selection": ctx.spec.selection, "tasks": seen, **unseen,
-                     "note": f"{ctx.bench.name} benchmark numbers" + (" (the embedded micro benchmark, not the papers')"
+                     "note": f"{ctx.bench.name} benchmark numbers" + (f" (the embedded {ctx.spec.bench.embedded}, not the papers')"
                                                                       if ctx.spec.bench.embedded else "")})
     ds = ds.merge(selected_hits(ds, hits, store.get_dataset(references[0].key)["test_hit"]))
     ds["gain_ci"] = gain_intervals(ds)

@@ -8,6 +8,7 @@
 | ``hf_clip`` | a ``transformers`` ``CLIPModel`` directory | ``ImageFolder`` roots | zero-shot (text tower) |
 | ``hf_seq_cls`` | an ``AutoModelForSequenceClassification`` directory | text rows | each task's own ``score`` head |
 | ``sentence_encoder`` | a BERT-family / sentence-transformers directory | text rows | zero-shot (label prompts) or per-task linear |
+| ``text`` | the shipped real-weights text benchmark (``data/text``, MiniLM) | its six tasks | as ``sentence_encoder`` |
 
 Validating a study imports these modules, never a model library: every loader imports what it
 needs when it runs.
@@ -20,7 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks
-from mergelab.bench.kinds import hf_clip, hf_seq_cls, micro, open_clip, sentence_encoder
+from mergelab.bench.kinds import hf_clip, hf_seq_cls, micro, open_clip, sentence_encoder, text
 from mergelab.errors import InputError
 from mergelab.registry import Registry
 
@@ -33,6 +34,7 @@ BENCHES: Registry[BenchKind] = Registry("bench kind", {
     "hf_clip": hf_clip.KIND,
     "hf_seq_cls": hf_seq_cls.KIND,
     "sentence_encoder": sentence_encoder.KIND,
+    "text": text.KIND,
 })
 #: The kind of a ``bench:`` section that names none (and of a study without one).
 DEFAULT_KIND = "micro"

@@ -25,7 +25,7 @@ class MicroSpec(BenchSpec):
     kind: Literal["micro"] = "micro"
     root: Path = Path("data/micro")
     rank: Int | Literal["mixed"] | None = None
-    embedded = True
+    embedded = "micro-benchmark"
 
     def task_names(self) -> list[str] | None:
         """The tasks its manifest lists (``None`` when nothing is built there: loading names the problem)."""
