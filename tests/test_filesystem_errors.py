@@ -155,6 +155,20 @@ def _case_adapt_iters_unbounded(tmp, adapters, base, monkeypatch):
              "--out", tmp / "adapted", "--store", tmp / "s"], "iters=1000000000 must be at least 1 and at most 100000")
 
 
+def _case_disk_full_as_safetensors_reports_it(tmp, adapters, base, monkeypatch):
+    """safetensors' Rust writer reports ENOSPC as a SafetensorError "(os error 28)", not an OSError
+    (issue 30 probe case 332: a real full tmpfs gave a traceback)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # what huggingface_hub's sharded writer calls
+    return (_merge(tmp, base, adapters[:2], "--format", "weights"),
+            "merged: No space left on device; free some space or choose another location")
+
+
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]
 
 

@@ -128,3 +128,18 @@ def test_lora_with_consistency_needs_images_outside_the_task():
 
     with pytest.raises(ValueError, match="outside"):
         finetune_lora(None, None, None, LoraConfig(consistency=1.0))
+
+
+@pytest.mark.parametrize("arch", [b"{nope", b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe\x00binary", b"[1]", b'{"vision_cfg": 3}'])
+def test_a_broken_arch_json_is_one_input_error(tmp_path, arch):
+    """The micro model's arch.json garbage, nested too deep, binary or not an object (issue 30 probe cases
+    308-311 put it in a --base folder, where merge never reads it; a bench root's is read here)."""
+    import shutil
+
+    from mergelab.micro.artifacts import read_backbone
+    from mergelab.micro.benchmark import micro_root
+
+    shutil.copytree(micro_root() / "base", tmp_path / "base")
+    (tmp_path / "base" / "arch.json").write_bytes(arch)
+    with pytest.raises(InputError, match=r"arch\.json"):
+        read_backbone(tmp_path / "base")

@@ -234,6 +234,70 @@ def _case_study_image_size_true(tmp, adapters, base):
     return _study(tmp, bench={"kind": "open_clip", "image_size": True}), "bench.image_size: Input should be a valid integer"
 
 
+def _weights_merge(tmp, base, adapters, *extra):
+    return ["merge", "--base", base, "--adapters", *adapters[:2], "--format", "weights", "--out", tmp / "merged", "--store", tmp / "s",
+            *extra]
+
+
+def _case_method_composed_with_itself(tmp, adapters, base):  # issue 30 probe case 158
+    return _weights_merge(tmp, base, adapters, "--method", "ties+ties"), "method 'ties+ties' names 'ties' twice"
+
+
+def _case_dare_drop_rate_that_keeps_nothing(tmp, adapters, base):  # probe case 187: 1/(1 - p) = 1e11
+    return (_weights_merge(tmp, base, adapters, "--method", "dare_ties", "--set", "p=0.99999999999"),
+            "dare_ties: p=0.99999999999 keeps a fraction 1 - p = 1e-11 of each update, less than one entry of the largest module")
+
+
+def _case_ties_density_that_keeps_nothing(tmp, adapters, base):
+    return (_weights_merge(tmp, base, adapters, "--method", "ties", "--set", "density=1e-9"),
+            "ties: density=1e-09 keeps less than one entry of the largest module")
+
+
+def _case_svd_rank_above_every_module(tmp, adapters, base):  # probe case 213
+    return (_weights_merge(tmp, base, adapters, "--method", "svd", "--set", "rank=1000000"),
+            "svd: rank=1000000 is above every module's min(out, in)")
+
+
+def _case_max_rank_above_every_module(tmp, adapters, base):  # probe case 250: --max-rank 10^30
+    args = _merge(tmp, base, *adapters[:2]) + ["--max-rank", str(10**30)]
+    return args, f"--max-rank {10**30} is above every module's min(out, in)"
+
+
+def _case_shard_size_of_a_peft_adapter(tmp, adapters, base):  # probe case 268
+    return _merge(tmp, base, *adapters[:2]) + ["--shard-size", "1MB"], "--shard-size (1000000 bytes) bounds a weights file"
+
+
+def _case_bench_without_select(tmp, adapters, base):  # probe case 294
+    (tmp / "study.yaml").write_text("name: s\n")
+    return _merge(tmp, base, *adapters[:2]) + ["--bench", tmp / "study.yaml"], "names the benchmark --select evaluates on"
+
+
+def _case_grid_and_set_of_one_key(tmp, adapters, base):  # probe case 289
+    return (_weights_merge(tmp, base, adapters, "--method", "ties", "--select", "val", "--set", "alpha=1", "--grid", "alpha=0.5,1"),
+            "--set alpha=1 fixes 'alpha' and --grid sweeps it")
+
+
+def _case_integer_base_weight(tmp, adapters, base):  # probe case 305: a float update added to an int64 weight
+    state = load_file(str(base))
+    key = next(k for k in sorted(state) if k.endswith("attn.in_proj_weight"))
+    save_file({**state, key: (state[key] * 100).long()}, str(tmp / "int.safetensors"))
+    return _merge(tmp, tmp / "int.safetensors", *adapters[:2]), f"base parameter {key!r} is int64, but task 'digits' updates it"
+
+
+def _case_adapt_stch_alpha_zero(tmp, adapters, base):  # probe cases 363/364: Ψ = α log Σ exp(ρ f / α)
+    return (["adapt", "--base", base, "--adapters", *adapters[:2], "--method", "tara_b", "--alpha", "0", "--out", tmp / "merged",
+             "--store", tmp / "s"], "alpha=0.0 (the STCH smoothing")
+
+
+def _case_adapt_batch_beyond_any_split(tmp, adapters, base):  # probe case 362
+    return (["adapt", "--base", base, "--adapters", *adapters[:2], "--method", "adamerging", "--batch-size", str(10**12),
+             "--out", tmp / "merged", "--store", tmp / "s"], "batch_size=1000000000000 must be at least 1 and at most 65536")
+
+
+def _case_study_stch_alpha_negative(tmp, adapters, base):
+    return _study(tmp, adaptive=[{"method": "tara_a", "alpha": -1.0}]), "alpha=-1.0 (the STCH smoothing"
+
+
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]
 
 
@@ -249,6 +313,44 @@ def test_a_silently_wrong_merge_is_refused_in_one_line(case, tmp_path, vit_adapt
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), repr(result.exception)
     assert set(tmp_path.rglob("*")) == before, "bad input left an artifact behind"
+
+
+def _warns_untrained_adapter(tmp, adapters, base):  # issue 30 probe case 103
+    zero = _weights(adapters[0], tmp / "a", lambda d: {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in d.items()})
+    return ["inspect", zero, "--base", base], "adapter 'a' holds a zero update B A in every one of its"
+
+
+def _warns_two_adapter_weight_files(tmp, adapters, base):  # probe case 116: PEFT reads the safetensors file
+    both = _adapter(adapters[0], tmp / "a")
+    torch.save({k: 2 * v for k, v in load_file(str(both / "adapter_model.safetensors")).items()}, both / "adapter_model.bin")
+    return ["inspect", both], "holds adapter_model.safetensors and adapter_model.bin; reading adapter_model.safetensors only"
+
+
+def _warns_base_folder_with_two_weight_files(tmp, adapters, base):  # probe case 307
+    (tmp / "base").mkdir()
+    shutil.copyfile(base, tmp / "base" / "model.safetensors")
+    shutil.copyfile(base, tmp / "base" / "other.safetensors")
+    return ["inspect", adapters[0], "--base", tmp / "base"], "holds model.safetensors and other.safetensors; reading model.safetensors only"
+
+
+def _warns_shard_size_below_every_tensor(tmp, adapters, base):  # probe case 267: every tensor alone in a shard
+    return (["merge", "--base", base, "--adapters", *adapters[:2], "--method", "task_arithmetic", "--format", "weights",
+             "--shard-size", "1B", "--out", tmp / "merged", "--store", tmp / "s"], "--shard-size 1 bytes is below every tensor's size")
+
+
+WARNED = [v for k, v in sorted(globals().items()) if k.startswith("_warns_")]
+
+
+@pytest.mark.parametrize("case", WARNED, ids=lambda f: f.__name__.removeprefix("_warns_"))
+def test_a_legal_but_suspicious_input_is_one_warning_line(case, tmp_path, vit_adapters, tiny_vit):
+    """Inputs PEFT or transformers read without a word but that are likely mistakes: exit 0 and one ``warning:`` line."""
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
+    args, message = case(tmp_path, vit_adapters, base)
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and message in lines[0], result.stderr
 
 
 def test_fan_in_fan_out_on_linear_modules_is_reset_with_one_warning_line(tmp_path):

@@ -31,6 +31,8 @@ MAX_CONFIGS = 64
 OWN_BENCH = "own_bench"
 #: Most steps of one adaptive run (the papers take 250 to 500).
 MAX_ITERS = 100_000
+#: Most unlabeled val images per task in one step (a step reads at most the task's whole val split).
+MAX_BATCH = 65_536
 
 
 class MethodSpec(Strict):
@@ -142,10 +144,14 @@ class AdaptiveSpec(Strict):
 
         if not 1 <= self.iters <= MAX_ITERS:
             raise ValueError(f"{self.name}: iters={self.iters} must be at least 1 and at most {MAX_ITERS}")
-        if self.batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size={self.batch_size} must be at least 1")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(f"{self.name}: batch_size={self.batch_size} must be at least 1 and at most {MAX_BATCH} "
+                             "(a step reads at most a task's whole val split)")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"{self.name}: lr={self.lr} must be a positive number")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"{self.name}: alpha={self.alpha} (the STCH smoothing, 001 Eq. 10: Ψ = α log Σ exp(ρ_t f_t / α)) "
+                             "must be a positive number")
         adapter = ADAPTERS[self.method]
         who = self.method if self.name == self.method else f"{self.name} ({self.method})"
         adapter.check(self.hp, who)

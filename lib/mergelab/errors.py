@@ -7,11 +7,14 @@ the CLI prints it on stderr and exits with code 2.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["InputError", "check_writable", "read_text"]
+__all__ = ["InputError", "check_writable", "read_text", "safetensors_os_errors"]
 
 
 class InputError(ValueError):
@@ -63,3 +66,20 @@ def read_text(path: str | os.PathLike[str], what: str) -> str:
         raise InputError(f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     except OSError as err:
         raise InputError(f"cannot read {what} {path}: {err.strerror or err}; check that it is a file you may read") from None
+
+
+@contextlib.contextmanager
+def safetensors_os_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """safetensors reports a failed write or read (a full disk, a vanished folder) as a ``SafetensorError``
+    ending in ``(os error N)``; inside this block it becomes the ``OSError`` it is, naming ``path``, which
+    the CLI prints as one line (:func:`mergelab.cli.app.system_error`)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), os.fspath(path)) from None

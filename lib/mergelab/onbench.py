@@ -120,7 +120,11 @@ def bench_for(bench: Bench, taskset: TaskSet, base: Mapping[str, Tensor]) -> Ben
 
 
 def swept_grid(method: str, fixed: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None = None) -> dict[str, list[Any]]:
-    """The values swept per hyper-parameter: the registry grid, ``grid`` replacing some, ``fixed`` left out."""
+    """The values swept per hyper-parameter: the registry grid, ``grid`` replacing some, ``fixed`` left out
+    (a key both fixed and given a grid is refused, as a study refuses it)."""
+    both = sorted(set(fixed) & set(grid or {}))
+    if both:
+        raise InputError(f"--set {both[0]}={fixed[both[0]]} fixes {both[0]!r} and --grid sweeps it; keep it in one of them")
     swept = {k: list(v) for k, v in {**METHODS[method].grid, **(grid or {})}.items() if k not in fixed and k != "seed"}
     count = math.prod(len(v) for v in swept.values())
     if count > MAX_CONFIGS:
@@ -322,16 +326,18 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
         raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
     if max_rank is not None and fmt != "peft":
         raise InputError(f"--max-rank {max_rank} caps a PEFT adapter's rank; use it with --format peft")
-    cap = parse_max_rank(max_rank) if max_rank is not None else None
+    cap = parse_max_rank(max_rank, warn=False) if max_rank is not None else None  # warns once the cap is known to bind
     size = parse_size(shard_size)
     s = Store(store)
-    check_output(fmt, out, force, store=s, sources=sources, base=base, grams=grams,
+    check_output(fmt, out, force, store=s, sources=sources, base=base, shard_size=size, grams=grams,
                  bench=None if bench == "micro" else bench)
     spec, fixed = METHODS[method], dict(fixed or {})
     hyper_parameters = spec.resolve(fixed)
     sp = get_space(space, **dict(space_options or {}))
     if grid and select is None:
         raise InputError("--grid lists values to select from; add --select val or --select tas")
+    if bench != "micro" and select is None:
+        raise InputError(f"--bench {bench} names the benchmark --select evaluates on; add --select val or --select tas, or drop --bench")
     if select is not None:
         SELECTION_RULES.require(select)
     if select is not None and (grams or modules or space_options):
@@ -341,6 +347,12 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     taskset = load_taskset(base, sources, modules=modules, base_module=base_module)
     if select is None:  # a selection's study checks every candidate once the adapters are staged
         check_feasible(spec, taskset, hyper_parameters)
+    if cap is not None and cap.engine is None:
+        bound = max((min(u.shape) for t in taskset.tasks for u in t.modules.values() if len(u.shape) == 2), default=0)
+        if cap.rank > bound:  # type: ignore[operator]
+            raise InputError(f"--max-rank {cap.rank} is above every module's min(out, in) (at most {bound}), so it caps nothing; "
+                             f"give a rank below {bound} or a serving engine (--max-rank vllm), or drop --max-rank")
+        cap.warn_unservable()
     side_inputs = {"grams": load_grams(grams, taskset)} if grams is not None else None
     if select is not None:
         bench_spec, evaluating = evaluation_bench(bench, taskset, base)
@@ -405,7 +417,8 @@ def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any
     if not sources:
         raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
     size = parse_size(shard_size)
-    check_output(fmt, out, force, store=Store(store), sources=sources, base=base, bench=None if bench == "micro" else bench)
+    check_output(fmt, out, force, store=Store(store), sources=sources, base=base, shard_size=size,
+                 bench=None if bench == "micro" else bench)
     load_study({"name": "adapt", "adaptive": [dict(adaptive)], "allow_labels": allow_labels})  # bad options fail here
     validate_preference(adaptive.get("preference"), len(sources))
     taskset = load_taskset(base, sources, base_module=base_module)
@@ -423,8 +436,9 @@ def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any
 
 
 def check_output(fmt: str, out: Path, force: bool, *, store: Store, sources: Sequence[str], base: str,
-                 **inputs: str | Path | None) -> None:
-    """``--format`` and ``--out`` checked before any work (``save_merged`` checks again when writing):
+                 shard_size: int = DEFAULT_SHARD_SIZE, **inputs: str | Path | None) -> None:
+    """``--format``, ``--shard-size`` (a bound of ``--format weights`` only: another one with ``peft`` is
+    refused, as it would change nothing) and ``--out`` checked before any work (``save_merged`` checks again when writing):
     an existing ``--out`` needs ``--force`` and must be replaceable (:func:`~mergelab.outputs.check_replaceable`:
     a previous output, not the working directory, apart from ``store``, the ``sources``, the ``base``
     and the other named ``inputs`` such as ``grams=``)."""
@@ -434,6 +448,8 @@ def check_output(fmt: str, out: Path, force: bool, *, store: Store, sources: Seq
 
     if fmt not in ("peft", "weights"):
         raise InputError(f"--format {fmt!r} is not one of peft, weights")
+    if fmt != "weights" and shard_size != DEFAULT_SHARD_SIZE:
+        raise InputError(f"--shard-size ({shard_size} bytes) bounds a weights file; use it with --format weights (a PEFT adapter is one file)")
     guarded = {f"adapter {name!r}": path for name, path in named_sources(sources, None)}
     guarded |= {"base model": base, **{f"--{k}": v for k, v in inputs.items() if v is not None}}
     if out.exists() or out.is_symlink():

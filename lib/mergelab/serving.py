@@ -56,14 +56,24 @@ class RankCap:
             return self.rank
         return serving_rank(merged_rank, SERVING_RANKS[self.engine], self.rank)
 
+    def warn_unservable(self) -> None:
+        """One warning per engine of :data:`SERVING_RANKS` that does not accept this integer cap."""
+        for name, allowed in SERVING_RANKS.items() if self.engine is None else ():
+            if self.rank not in allowed:
+                serves = (f"it serves the adapter with max_lora_rank {serving_rank(self.rank, allowed)}"  # type: ignore[arg-type]
+                          if self.rank <= allowed[-1] else f"it serves no adapter above rank {allowed[-1]}")  # type: ignore[operator]
+                warnings.warn(f"--max-rank {self.rank} is not a max_lora_rank {name} accepts ({', '.join(map(str, allowed))}): {serves}; "
+                              f"--max-rank {name} picks from that set", UserWarning, stacklevel=3)
+
     def describe(self) -> str:
         """The ``--max-rank`` value this was read from (``16``, ``vllm``, ``vllm:64``)."""
         return str(self.rank) if self.engine is None else self.engine + ("" if self.rank is None else f":{self.rank}")
 
 
-def parse_max_rank(value: str | int) -> RankCap:
+def parse_max_rank(value: str | int, *, warn: bool = True) -> RankCap:
     """``--max-rank``: an integer ``>= 1``, an engine of :data:`SERVING_RANKS` or ``ENGINE:CAP``. An integer
-    that an engine does not accept warns (one line naming what that engine would take)."""
+    that an engine does not accept warns (one line naming what that engine would take;
+    :meth:`RankCap.warn_unservable`, which ``warn=False`` leaves to the caller)."""
     text = str(value).strip()
     if not text:
         raise InputError("--max-rank is empty; give an integer >= 1, an engine "
@@ -77,10 +87,7 @@ def parse_max_rank(value: str | int) -> RankCap:
     rank = int(cap) if cap else None
     if engine and rank is not None and rank < SERVING_RANKS[engine][0]:
         raise InputError(f"--max-rank {text}: {engine} accepts no rank <= {rank} (its smallest is {SERVING_RANKS[engine][0]}); raise the cap")
-    for name, allowed in SERVING_RANKS.items() if not engine else ():
-        if rank not in allowed:
-            serves = (f"it serves the adapter with max_lora_rank {serving_rank(rank, allowed)}" if rank <= allowed[-1]  # type: ignore[operator]
-                      else f"it serves no adapter above rank {allowed[-1]}")
-            warnings.warn(f"--max-rank {rank} is not a max_lora_rank {name} accepts ({', '.join(map(str, allowed))}): {serves}; "
-                          f"--max-rank {name} picks from that set", UserWarning, stacklevel=2)
-    return RankCap(rank, engine or None)
+    cap = RankCap(rank, engine or None)
+    if warn:
+        cap.warn_unservable()
+    return cap

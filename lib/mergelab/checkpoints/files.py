@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +71,18 @@ def read_tensors(path: Path) -> StateDict:
     return dict(state)
 
 
-def weights_file(directory: Path, candidates: Sequence[str]) -> Path | None:
-    for name in candidates:
-        if (directory / name).is_file():
-            return directory / name
-    return None
+def weights_file(directory: Path, candidates: Sequence[str], what: str | None = None) -> Path | None:
+    """The first of ``candidates`` in ``directory`` (the order PEFT and transformers prefer: safetensors
+    first). With ``what`` (``"adapter 'digits'"``), one warning when the folder holds other weights that are
+    not read: another candidate or another ``.safetensors`` file (which holds nothing but tensors)."""
+    found = next((directory / name for name in candidates if (directory / name).is_file()), None)
+    if found is not None and what is not None:
+        held = {name for name in candidates if (directory / name).is_file()} | {p.name for p in directory.glob("*.safetensors") if p.is_file()}
+        others = sorted(held - {found.name})
+        if others:
+            warnings.warn(f"{what} at {directory} holds {found.name} and {', '.join(others)}; reading {found.name} only, as "
+                          "PEFT / transformers do; remove the others or pass the weights file itself", UserWarning, stacklevel=3)
+    return found
 
 
 def load_state_dict(base: BaseLike, what: str = "base model") -> StateDict:
@@ -97,7 +105,7 @@ def _weights_path(path: Path) -> Path:
     if not path.exists():
         raise InputError(f"base model path {path} does not exist; pass a weights file or a directory with model.safetensors")
     if path.is_dir():
-        found = weights_file(path, FULL_WEIGHTS)
+        found = weights_file(path, FULL_WEIGHTS, "base model")
         if found is None:
             raise InputError(f"{path} holds none of {', '.join(FULL_WEIGHTS)}; pass the weights file itself")
         path = found

@@ -233,7 +233,7 @@ def _load_adapter(
     from mergelab.taskset import SUPPORTED_DTYPES, LowRank, TaskUpdate, packed_views
 
     config = read_adapter_config(path)
-    weights = weights_file(path, ADAPTER_WEIGHTS)
+    weights = weights_file(path, ADAPTER_WEIGHTS, f"adapter {name!r}")
     if weights is None:
         raise InputError(f"{path} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}; copy the adapter weights next to it")
     raw = read_tensors(weights)
@@ -259,6 +259,7 @@ def _load_adapter(
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     model_conv1d = fan_in_fan_out if base is None else uses_conv1d(base)
     overridden: list[str] = []
+    untrained = 0  # modules whose lora_B or lora_A is all zero: B A = 0
     modules: dict[str, Update] = {}
     meta_modules: dict[str, dict[str, Any]] = {}
     for peft_module in peft_modules:
@@ -279,6 +280,7 @@ def _load_adapter(
                 raise InputError(f"{where}: {what} has unsupported dtype {t.dtype}; save the adapter in float16, bfloat16 or float32")
             if t.ndim != 2:
                 raise InputError(f"{where}: {what} has shape {tuple(t.shape)}; only Linear and Embedding LoRAs are supported")
+        untrained += int(not bool(B.any()) or not bool(A.any()))
         rank = A.shape[0]
         if rank == 0:
             raise InputError(f"{where}: rank 0 (lora_A has shape {tuple(A.shape)}); an adapter needs r >= 1")
@@ -309,10 +311,16 @@ def _load_adapter(
                     f"task {name!r}, module {view!r}: update shape {view_update.shape} does not fit base parameter shape "
                     f"{tuple(base[view].shape)}; pass the base model the adapter was trained on"
                 )
+            if base is not None:
+                _check_float_base(base, view, f"task {name!r} updates")
             modules[view] = view_update
             meta_modules[view] = info if len(views) == 1 else {**info, "packed": [index, len(views)]}
     if not modules:
         raise InputError(f"modules filter keeps none of adapter {path}'s {len(peft_modules)} modules")
+    if untrained == len({info["peft_module"] for info in meta_modules.values()}):
+        warnings.warn(f"adapter {name!r} holds a zero update B A in every one of its {untrained} modules (an all-zero lora_B is how "
+                      "PEFT initialises an adapter: untrained?), so it adds nothing to a merge; pass the trained adapter", UserWarning,
+                      stacklevel=2)
     if overridden:
         held, meant = ("nn.Linear (out, in)", "false") if fan_in_fan_out else ("Conv1D (in, out)", "true")
         warnings.warn(f"adapter {name!r} sets fan_in_fan_out: {str(fan_in_fan_out).lower()}, but the base holds {len(overridden)} of its "
@@ -323,13 +331,21 @@ def _load_adapter(
     return TaskUpdate(name=name, modules=modules, source=str(path), meta=meta)
 
 
+def _check_float_base(base: Mapping[str, Tensor], param: str, what: str) -> None:
+    """InputError when the base holds ``param``, which ``what`` (a task) updates, in an integer or
+    boolean dtype: a float update added to it would be rounded away or cast without a word."""
+    if not base[param].is_floating_point():
+        raise InputError(f"base parameter {param!r} is {str(base[param].dtype).removeprefix('torch.')}, but {what} it with a "
+                         "floating-point update; pass the base model's float weights (float32, float16, bfloat16 or float64)")
+
+
 def _load_full(
     name: str, path: Path, base: Mapping[str, Tensor], keep: Callable[[str], bool], dtype: torch.dtype
 ) -> TaskUpdate:
     from mergelab.taskset import SUPPORTED_DTYPES, Dense, TaskUpdate
 
     if path.is_dir():
-        found = weights_file(path, FULL_WEIGHTS)
+        found = weights_file(path, FULL_WEIGHTS, f"checkpoint {name!r}")
         if found is None:
             raise InputError(
                 f"{path} is neither a PEFT adapter (no {ADAPTER_CONFIG}) nor a full checkpoint (no {' / '.join(FULL_WEIGHTS)}); "
@@ -348,6 +364,7 @@ def _load_full(
             raise InputError(f"task {name!r}, parameter {key!r} has unsupported dtype {tensor.dtype}; save it in float16, bfloat16 or float32")
         if tensor.shape != base[key].shape:
             raise InputError(f"task {name!r}, parameter {key!r} has shape {tuple(tensor.shape)}, base has {tuple(base[key].shape)}; pass the matching base model")
+        _check_float_base(base, key, f"task {name!r} fine-tunes")
         try:
             modules[key] = Dense(tensor.to(dtype) - base[key].to(dtype))
         except InputError as err:

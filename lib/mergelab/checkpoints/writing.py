@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergelab.cards import CARD, model_card
-from mergelab.errors import InputError
+from mergelab.errors import InputError, safetensors_os_errors
 from mergelab.linalg import lowrank_svd, svd64
 from mergelab.outputs import check_replaceable, claimed, follow_umask, remove_leftovers, temporary_sibling
 from mergelab.provenance import merge_reproducibility
@@ -51,7 +52,7 @@ def _publish_dir(out: Path, write: Callable[[Path], None], overwrite: bool) -> P
     remove_leftovers(out.parent, out.name)
     tmp = temporary_sibling(out)
     try:
-        with claimed(tmp):
+        with claimed(tmp), safetensors_os_errors(out):
             write(tmp)
             follow_umask(tmp)
             if out.exists() or out.is_symlink():
@@ -267,6 +268,10 @@ def save_merged(
         if base is None:
             raise InputError("format='weights' needs the base model; pass base=... (CLI: --base)")
         weights = merged.apply(load_state_dict(base))
+        smallest = min((t.numel() * t.element_size() for t in weights.values()), default=0)
+        if shard_size < smallest:
+            warnings.warn(f"--shard-size {shard_size} bytes is below every tensor's size (the smallest has {smallest} bytes), so each of the "
+                          f"{len(weights)} tensors is written alone in its own shard; give a size such as 5GB", UserWarning, stacklevel=2)
 
         foreign = sorted({k for own in (heads or {}).values() for k in own} - set(weights))
         if foreign:

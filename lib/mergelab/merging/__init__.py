@@ -26,8 +26,8 @@ from mergelab.merging.driver import Projection, derive_seed, merge, project
 from mergelab.merging.lora import linear, lora_lego, lora_lego_feasible
 from mergelab.merging.registry import Composition, MergeMethod, MethodRegistry
 from mergelab.merging.regmean import collect_input_grams, regmean
-from mergelab.merging.sparsify import breadcrumbs, dare_linear, dare_ties, magnitude_prune, ties
-from mergelab.merging.spectral import cart, iso_c, iso_cts, star, svd_of_sum, tsv
+from mergelab.merging.sparsify import breadcrumbs, dare_linear, dare_ties, keeps_entries, magnitude_prune, ties
+from mergelab.merging.spectral import cart, iso_c, iso_cts, star, svd_of_sum, svd_rank_feasible, tsv
 from mergelab.params import Interval
 
 __all__ = ["METHODS", "Composition", "MergeMethod", "Projection", "collect_input_grams", "derive_seed", "merge", "project"]
@@ -53,16 +53,17 @@ METHODS: MethodRegistry = MethodRegistry({
     "average": MergeMethod(average, inputs="tensors", nonmatrix="self"),
     "task_arithmetic": MergeMethod(task_arithmetic, grid={"alpha": LAMBDA_TA}, inputs="tensors", nonmatrix="self"),
     "ties": MergeMethod(ties, grid={"alpha": LAMBDA_TIES, "density": ETA}, inputs="tensors", nonmatrix="self",
-                        intervals={"density": UNIT_OPEN_LOW}, post=True),
+                        intervals={"density": UNIT_OPEN_LOW}, post=True, feasible=keeps_entries),
     "dare_linear": MergeMethod(dare_linear, grid={"alpha": LAMBDA_TA, "p": ETA}, inputs="tensors", nonmatrix="self",
-                               intervals={"p": PROBABILITY, "seed": SEED}, post=True),
+                               intervals={"p": PROBABILITY, "seed": SEED}, post=True, feasible=keeps_entries),
     "dare_ties": MergeMethod(dare_ties, grid={"alpha": LAMBDA_TIES, "p": ETA, "density": TOP_K}, inputs="tensors",
-                             nonmatrix="self", intervals={"p": PROBABILITY, "density": UNIT_OPEN_LOW, "seed": SEED}, post=True),
+                             nonmatrix="self", intervals={"p": PROBABILITY, "density": UNIT_OPEN_LOW, "seed": SEED}, post=True,
+                             feasible=keeps_entries),
     "magnitude_prune": MergeMethod(magnitude_prune, grid={"alpha": LAMBDA_TA, "density": ETA}, inputs="tensors",
-                                   nonmatrix="self", intervals={"density": UNIT_OPEN_LOW}, post=True),
+                                   nonmatrix="self", intervals={"density": UNIT_OPEN_LOW}, post=True, feasible=keeps_entries),
     "breadcrumbs": MergeMethod(breadcrumbs, grid={"alpha": LAMBDA_TA, "density": (0.7, 0.8, 0.9), "gamma": (0.005, 0.01, 0.02)},
                                inputs="tensors", nonmatrix="self",
-                               intervals={"density": UNIT_OPEN_LOW, "gamma": PROBABILITY}, post=True),
+                               intervals={"density": UNIT_OPEN_LOW, "gamma": PROBABILITY}, post=True, feasible=keeps_entries),
     "consensus": MergeMethod(consensus, grid={"alpha": LAMBDA_TA, "lam": (0.2, 0.3, 0.4, 0.5, 0.6)}, inputs="tensors",
                              nonmatrix="self", intervals={"lam": Interval(0.0), "k": POSITIVE_INT}, feasible=consensus_feasible),
     "metagpt": MergeMethod(metagpt, inputs="tensors", side=("norms",), nonmatrix="self",
@@ -79,7 +80,7 @@ METHODS: MethodRegistry = MethodRegistry({
     "star": MergeMethod(star, grid={"eta": (20.0, 40.0, 60.0, 80.0)}, intervals={"eta": Interval(0.0, 100.0, low_open=True)}, post=True,
                          isometric=True),
     "svd": MergeMethod(svd_of_sum, grid={"alpha": LAMBDA_TA}, nonmatrix="sum", intervals={"rank": POSITIVE_INT}, post=True,
-                       isometric=True),
+                       isometric=True, feasible=svd_rank_feasible),
     "linear": MergeMethod(linear, grid={"alpha": LAMBDA_TA}, inputs="factors", side=("scalings",), nonmatrix="sum"),
     "lora_lego": MergeMethod(lora_lego, grid={"k": (8, 16, 32, 64, 128), "param_reweight": (True, False),
                                               "output_reweight": (True, False)},

@@ -27,7 +27,7 @@ def consensus_feasible(taskset: TaskSet, hp: Mapping[str, Any]) -> None:
     so every entry would be dropped and the merge would be the base model."""
     k = hp.get("k", 2)
     if k > len(taskset.names):
-        raise InputError(f"consensus: k={k} masks must agree but the task set has {len(taskset.names)} tasks, so every "
+        raise InputError(f"k={k} masks must agree but the task set has {len(taskset.names)} tasks, so every "
                          f"entry would be dropped; choose k <= {len(taskset.names)}")
 
 

@@ -69,7 +69,7 @@ def lora_lego_feasible(taskset: TaskSet, hp: Mapping[str, Any]) -> None:
              for name in taskset.module_names}
     fewest = min((n for n in units.values() if n), default=None)
     if k is not None and fewest is not None and k > fewest:
-        raise InputError(f"lora_lego: k={k} clusters but only {fewest} minimal semantic units (Σ_t r_t) in a module; choose k <= {fewest}")
+        raise InputError(f"k={k} clusters but only {fewest} minimal semantic units (Σ_t r_t) in a module; choose k <= {fewest}")
 
 
 def lora_lego(factors: Sequence[LowRank], *, k: int | None = None, alpha: float = 1.0, param_reweight: bool = True,
@@ -101,7 +101,7 @@ def lora_lego(factors: Sequence[LowRank], *, k: int | None = None, alpha: float 
     r = max(f.rank for f in factors)
     k = r if k is None else k
     if k > n_units:
-        raise InputError(f"lora_lego: k={k} clusters but only {n_units} minimal semantic units (Σ_t r_t); choose k <= {n_units}")
+        raise InputError(f"k={k} clusters but only {n_units} minimal semantic units (Σ_t r_t); choose k <= {n_units}")
     units = np.concatenate([a, b], axis=1)
     if features == "normalized":
         norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)  # noqa: E731

@@ -141,11 +141,14 @@ class MergeMethod:
 def check_feasible(method: MergeMethod | Composition, taskset: TaskSet, hp: Mapping[str, Any]) -> None:
     """InputError when a resolved configuration ``hp`` cannot merge ``taskset``: a bound that depends
     on the adapters (``MergeMethod.feasible``, e.g. LoRA-LEGO's ``k <= Σ_t r_t``), checked by a study
-    before any node merges."""
+    before any node merges; the message starts with the stage's method name."""
     single = len(method.stages) == 1
     for part, stage in method.stages:
         if stage.feasible is not None:
-            stage.feasible(taskset, hp if single else {k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith(f"{part}.")})
+            try:
+                stage.feasible(taskset, hp if single else {k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith(f"{part}.")})
+            except InputError as err:
+                raise InputError(f"{part}: {err}") from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,6 +159,11 @@ class Composition:
     parts: tuple[tuple[str, MergeMethod], ...]
 
     def __post_init__(self) -> None:
+        names = [part for part, _ in self.parts]
+        repeated = next((part for i, part in enumerate(names) if part in names[:i]), None)
+        if repeated is not None:  # its stages' hyper-parameters would share one name (ties.density)
+            raise InputError(f"method {self.name!r} names {repeated!r} twice, whose stages would share the settings {repeated}.<name>; "
+                             "compose distinct methods (each at most once)")
         for part, method in self.parts[1:]:
             if method.inputs == "factors" or method.side:
                 need = "LoRA factors" if method.inputs == "factors" else f"side inputs ({', '.join(method.side)})"

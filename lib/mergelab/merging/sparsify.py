@@ -26,13 +26,17 @@ the choices, each also stated in the method's docstring):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["breadcrumbs", "dare_linear", "dare_ties", "disjoint_mean", "elect_sign", "magnitude_prune",
+from mergelab.errors import InputError
+from mergelab.taskset import TaskSet
+
+__all__ = ["breadcrumbs", "dare_linear", "dare_ties", "disjoint_mean", "elect_sign", "keeps_entries", "magnitude_prune",
            "magnitude_trim", "random_drop", "ties"]
 
 Sign = Literal["sum", "count"]
@@ -130,3 +134,18 @@ def breadcrumbs(deltas: Sequence[Tensor], *, density: float = 0.9, gamma: float 
     ``density + gamma > 1`` fewer outliers are dropped so that ``density`` is kept, as there.
     """
     return alpha * torch.stack([_breadcrumb(d, density, gamma) for d in deltas]).sum(dim=0)
+
+
+def keeps_entries(taskset: TaskSet, hp: Mapping[str, Any]) -> None:
+    """InputError when a sparsifier's kept fraction (``density``; DARE's ``1 − p``, in expectation)
+    leaves less than one entry of the largest module: the merge would be empty, the base model (or, for
+    DARE, a few survivors rescaled by ``1/(1 − p)``), so a study refuses it before any node merges."""
+    largest = max(math.prod(update.shape) for task in taskset.tasks for update in task.modules.values())
+    density, p = hp.get("density"), hp.get("p")
+    if density is not None and density * largest < 1:
+        raise InputError(f"density={density:g} keeps less than one entry of the largest module ({largest} entries), so the merge "
+                         f"would be empty; choose density >= 1/{largest}")
+    if p is not None and (1.0 - p) * largest < 1:
+        raise InputError(f"p={p!r} keeps a fraction 1 - p = {1.0 - p:.3g} of each update, less than one entry of the largest module "
+                         f"({largest} entries), so the merge would be empty or a few entries rescaled by 1/(1 - p); "
+                         f"choose p <= 1 - 1/{largest}")

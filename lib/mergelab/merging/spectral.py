@@ -35,17 +35,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from mergelab.errors import InputError
 from mergelab.linalg import lowrank_svd, numerical_rank, polar, svd64
 from mergelab.merging.completion import frame_pairs, identity_frame, note
-from mergelab.taskset import LowRank
+from mergelab.taskset import LowRank, TaskSet
 
-__all__ = ["SUPPORT_RTOL", "cart", "cart_rank", "iso_c", "iso_cts", "star", "svd_of_sum", "tsv", "tsv_components"]
+__all__ = ["SUPPORT_RTOL", "cart", "cart_rank", "iso_c", "iso_cts", "star", "svd_of_sum", "svd_rank_feasible", "tsv", "tsv_components"]
 
 Support = Literal["all", "nonzero"]
 
@@ -249,6 +250,16 @@ def star(deltas: Sequence[Tensor], *, alpha: float = 1.0, eta: float = 40.0) -> 
     ``alpha · (1/T) Σ_t STAR(τ_t)``. Default ``eta=40`` (STAR code).
     """
     return (alpha * torch.stack([_star_one(d, eta) for d in deltas]).mean(dim=0)).to(deltas[0].dtype)
+
+
+def svd_rank_feasible(taskset: TaskSet, hp: Mapping[str, Any]) -> None:
+    """InputError when ``rank`` is above every matrix module's ``min(out, in)``: nothing would be
+    truncated, so the merge would be plain task arithmetic under another name."""
+    rank = hp.get("rank")
+    bound = max((min(u.shape) for task in taskset.tasks for u in task.modules.values() if len(u.shape) == 2), default=None)
+    if rank is not None and bound is not None and rank > bound:
+        raise InputError(f"rank={rank} is above every module's min(out, in) (at most {bound}), so nothing would be truncated "
+                         f"and the merge is task arithmetic; choose rank <= {bound}, or leave it unset (the adapters' own rank)")
 
 
 def svd_of_sum(deltas: Sequence[Tensor], *, alpha: float = 0.3, rank: int | None = None) -> LowRank:

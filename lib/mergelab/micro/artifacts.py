@@ -10,7 +10,7 @@ import open_clip
 from safetensors.torch import load_file
 from torch import Tensor
 
-from mergelab.errors import InputError
+from mergelab.errors import InputError, read_text
 from mergelab.finetuning import write_adapter, write_tensors
 from mergelab.model.openclip_backend import MICRO_ARCH, OpenClipBackbone, open_clip_backbone, register_configs
 from mergelab.model.tokenizer import ClosedVocabTokenizer
@@ -65,6 +65,20 @@ def read_backbone(directory: Path) -> OpenClipBackbone:
     missing = [f for f in (MODEL_FILE, TOKENIZER_FILE) if not (directory / f).is_file()]
     if missing:
         raise InputError(f"{directory} lacks {missing}; rebuild the micro benchmark with `mergelab build-micro`")
-    tokenizer = ClosedVocabTokenizer.from_json(json.loads((directory / TOKENIZER_FILE).read_text()))
-    arch = json.loads((directory / ARCH_FILE).read_text()) if (directory / ARCH_FILE).is_file() else {}
-    return micro_backbone(tokenizer, state=load_file(str(directory / MODEL_FILE)), vision=arch.get("vision_cfg"))
+    tokenizer = ClosedVocabTokenizer.from_json(_json_object(directory / TOKENIZER_FILE))
+    arch = _json_object(directory / ARCH_FILE) if (directory / ARCH_FILE).is_file() else {}
+    vision = arch.get("vision_cfg")
+    if vision is not None and not isinstance(vision, dict):
+        raise InputError(f"{directory / ARCH_FILE}: vision_cfg must be an object; rebuild the micro benchmark with `mergelab build-micro`")
+    return micro_backbone(tokenizer, state=load_file(str(directory / MODEL_FILE)), vision=vision)
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in ``path`` (a file :func:`write_backbone` wrote); anything else is an InputError."""
+    try:
+        value = json.loads(read_text(path, "micro model file"))
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise InputError(f"{path} is not valid JSON ({type(err).__name__}); rebuild the micro benchmark with `mergelab build-micro`") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path} must hold a JSON object; rebuild the micro benchmark with `mergelab build-micro`")
+    return value
