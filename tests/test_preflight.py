@@ -127,3 +127,29 @@ def test_what_merge_refuses_check_reports_as_a_problem(vit_adapters, tmp_path, c
     result = CliRunner().invoke(app, [*args, "--json"])
     assert result.exit_code == 1, result.output
     assert any(problem in p for p in json.loads(result.stdout)["problems"]), result.stdout
+
+
+@pytest.mark.parametrize("where", ["base", "adapter"])
+def test_nan_or_inf_values_a_merge_refuses_are_a_problem(vit_adapters, tiny_vit, tmp_path, where):
+    """``check`` said "ready to merge" for a base holding NaN, which merge refuses (issue 30 probe case 150):
+    the values of the base and the adapters are scanned from their raw bits (float32 and bfloat16 here)."""
+    from safetensors.torch import load_file
+
+    base = _base(tiny_vit, tmp_path / "base.safetensors")
+    adapter = _edited(vit_adapters[0], tmp_path / "digits")
+    if where == "base":
+        state = load_file(str(base))
+        state["conv1.weight"] = state["conv1.weight"].clone()
+        state["conv1.weight"].view(-1)[3] = float("nan")
+        save_file(state, str(base))
+    else:
+        weights = adapter / "adapter_model.safetensors"
+        state = {k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}
+        key = sorted(state)[0]
+        state[key].view(-1)[:2] = float("inf")
+        save_file(state, str(weights))
+    result = CliRunner().invoke(app, ["check", str(adapter), str(vit_adapters[1]), "--base", str(base), "--json"])
+    assert result.exit_code == 1, result.output
+    problem = {"base": "base: base.safetensors: parameter 'conv1.weight' contains 1 NaN/Inf values",
+               "adapter": f"digits: adapter_model.safetensors: parameter {key!r} contains 2 NaN/Inf values" if where == "adapter" else ""}[where]
+    assert any(problem in p for p in json.loads(result.stdout)["problems"]), result.stdout

@@ -2,7 +2,8 @@
 
 Nothing heavy loads: adapter configs are JSON, safetensors files are read by their header (the
 first ``8 + n`` bytes: names, dtypes and shapes), a base's shapes likewise, and data folders by
-file hashes. In seconds it reports per task the rank (and ``rank_pattern``), ``lora_alpha``,
+file hashes; the values of the adapters and the base are scanned for NaN / Inf from their raw bits
+(:func:`nonfinite_values`, in chunks: a merge refuses them), without a tensor library. In seconds it reports per task the rank (and ``rank_pattern``), ``lora_alpha``,
 rsLoRA, the scaling, target modules and dtypes, and then what would stop or skew a merge:
 modules not every task targets (a merge refuses them), factors that do not fit the base, adapters
 that a merge of ``B A`` would get wrong (DoRA, ``lora_bias``, PEFT's ``bias`` option, a quantized
@@ -32,7 +33,7 @@ from mergelab.errors import InputError
 if TYPE_CHECKING:
     from mergelab.config import StudySpec
 
-__all__ = ["Preflight", "TaskReport", "check", "check_study", "empty_splits", "split_images", "split_overlaps", "tensor_shapes"]
+__all__ = ["Preflight", "TaskReport", "check", "check_study", "empty_splits", "nonfinite_values", "split_images", "split_overlaps", "tensor_shapes"]
 
 #: Splits whose images must be disjoint (the selection split and the reported one).
 SPLITS = ("val", "test")
@@ -70,20 +71,80 @@ def tensor_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     read (torch ``weights_only``), which loads them."""
     if path.suffix != ".safetensors":
         return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in read_tensors(path).items()}
+    entries, _ = _header(path)
+    return {k: (dtype.lower(), shape) for k, (dtype, shape, _) in entries.items()}
+
+
+def _header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], tuple[int, int]]], int]:
+    """A safetensors file's header, ``{name: (dtype, shape, (start, end))}`` (data offsets), and where
+    its data starts, checked against the file's size."""
     try:
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        end = 8 + size + max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
-        shapes = {k: (str(v["dtype"]).lower(), tuple(v["shape"])) for k, v in entries.items()}
+        entries = {k: (str(v["dtype"]), tuple(v["shape"]), (int(v["data_offsets"][0]), int(v["data_offsets"][1])))
+                   for k, v in header.items() if k != "__metadata__"}
+        end = 8 + size + max((offsets[1] for _, _, offsets in entries.values()), default=0)
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError, KeyError, IndexError, TypeError,
             ValueError, OverflowError) as err:  # OverflowError: a header length beyond what a read can take (2^63)
         raise InputError(f"cannot read {path}: corrupt or truncated safetensors header ({type(err).__name__}); re-save it") from None
     if path.stat().st_size < end:
         raise InputError(f"{path} is truncated: its header places tensor data up to byte {end}, the file has "
                          f"{path.stat().st_size}; copy or re-save it whole")
-    return shapes
+    return entries, 8 + size
+
+
+#: Floating-point dtypes of safetensors by their bits: the unsigned view and the exponent mask whose
+#: bits are all set exactly for NaN and ±Inf.
+_EXPONENT_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF0000000000000)}
+#: Bytes read at a time when scanning values.
+_CHUNK = 64 << 20
+
+
+def nonfinite_values(path: Path) -> dict[str, int]:
+    """``{name: count}`` of the floating-point tensors of a weights file that hold NaN or Inf values
+    (a merge refuses them, as it would write them into its weights). A safetensors file is scanned
+    from its raw bits in chunks (an all-ones exponent), so nothing loads a tensor library; another
+    format is read (torch ``weights_only``)."""
+    import numpy as np
+
+    if path.suffix != ".safetensors":
+        import torch
+
+        return {k: int((~torch.isfinite(v)).sum()) for k, v in read_tensors(path).items()
+                if v.is_floating_point() and not bool(torch.isfinite(v).all())}
+    entries, data = _header(path)
+    found: dict[str, int] = {}
+    with path.open("rb") as f:
+        for name, (dtype, _, (start, end)) in entries.items():
+            bits = _EXPONENT_BITS.get(dtype.upper())
+            if bits is None:
+                continue
+            view, mask = np.dtype(bits[0]), bits[1]
+            f.seek(data + start)
+            count, left = 0, end - start
+            while left > 0:
+                chunk = f.read(min(left, _CHUNK - _CHUNK % view.itemsize))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                values = np.frombuffer(chunk[:len(chunk) - len(chunk) % view.itemsize], dtype=view)
+                count += int(np.count_nonzero((values & view.type(mask)) == mask))
+            if count:
+                found[name] = count
+    return found
+
+
+def _nonfinite_problems(who: str, files: Sequence[Path]) -> list[str]:
+    """One problem line for the first tensor of ``files`` holding NaN / Inf values (:func:`nonfinite_values`)."""
+    for path in files:
+        bad = nonfinite_values(path)
+        if bad:
+            name, count = next(iter(bad.items()))
+            more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+            return [f"{who}: {path.name}: parameter {name!r} contains {count} NaN/Inf values{more}, which a merge would write into "
+                    "its weights (a merge refuses it); re-export it from a finite state"]
+    return []
 
 
 #: A ``save_pretrained`` directory's index of sharded weights (large models: LLaMA-3-8B's four shards).
@@ -91,9 +152,14 @@ SHARD_INDEX = "model.safetensors.index.json"
 
 
 def _base_shapes(base: str | Path) -> dict[str, tuple[int, ...]]:
+    return {k: shape for path in _base_files(base) for k, (_, shape) in tensor_shapes(path).items()}
+
+
+def _base_files(base: str | Path) -> list[Path]:
+    """The weights file of ``base`` (a file or a model directory), or its shards (a sharded directory)."""
     path = Path(base)
     if path.is_dir() and weights_file(path, FULL_WEIGHTS) is None and (path / SHARD_INDEX).is_file():
-        return _sharded_shapes(path / SHARD_INDEX)
+        return _shards(path / SHARD_INDEX)
     if path.is_dir():
         found = weights_file(path, FULL_WEIGHTS)
         if found is None:
@@ -101,11 +167,11 @@ def _base_shapes(base: str | Path) -> dict[str, tuple[int, ...]]:
         path = found
     if not path.is_file():
         raise InputError(f"--base {path} does not exist; pass the base model's weights file or directory")
-    return {k: shape for k, (_, shape) in tensor_shapes(path).items()}
+    return [path]
 
 
-def _sharded_shapes(index: Path) -> dict[str, tuple[int, ...]]:
-    """The shapes of a sharded base from its shards' headers (the index's ``weight_map`` names them)."""
+def _shards(index: Path) -> list[Path]:
+    """The shards of a sharded base (the index's ``weight_map`` names them)."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
@@ -117,7 +183,7 @@ def _sharded_shapes(index: Path) -> dict[str, tuple[int, ...]]:
     missing = [name for name in shards if not (index.parent / name).is_file()]
     if missing:
         raise InputError(f"{index} names {len(missing)} shard(s) that are not there (e.g. {missing[0]}); copy the whole model directory")
-    return {k: shape for name in shards for k, (_, shape) in tensor_shapes(index.parent / name).items()}
+    return [index.parent / name for name in shards]
 
 
 def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] | None, base_module: str | None,
@@ -130,6 +196,7 @@ def _adapter_report(name: str, path: Path, base: Mapping[str, tuple[int, ...]] |
         raise InputError(f"{path} has no {' or '.join(ADAPTER_WEIGHTS)}; copy the adapter weights next to its config")
     factors: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
     shapes = tensor_shapes(weights)
+    problems += _nonfinite_problems(name, [weights])
     saved = saved_names(shapes, config)
     for key, entry in shapes.items():
         if key.removeprefix(PEFT_PREFIX) in saved:
@@ -222,6 +289,8 @@ def check(sources: Sequence[Source], *, base: str | Path | None = None, base_mod
     problems: list[str] = []
     notes: list[str] = []
     base_shapes = _base_shapes(base) if base is not None else None
+    if base is not None:
+        problems += _nonfinite_problems("base", _base_files(base))
     reports = []
     named = named_sources(sources, None)
     unknown = sorted(set(data or {}) - {name for name, _ in named})
