@@ -504,6 +504,26 @@ def _case_serve_register_only_without_a_server(tmp, adapter, base):
     return ["serve", REPO / "studies" / "micro.yaml", "--register-only", "--store", tmp / "s"], "set PREFECT_API_URL"
 
 
+def _case_store_file_url_without_a_path(tmp, adapter, base):  # issue 30 probe case 338: it was the working directory
+    return ["store", "ls", "--store", "file://"], "store URL 'file://' names no folder"
+
+
+def _case_store_path_with_a_line_break(tmp, adapter, base):  # probe case 348 ($MERGELAB_STORE read from a file)
+    return ["store", "ls", "--store", f"{tmp / 's'}\n"], "holds a control character (a line break?)"
+
+
+def _case_store_whose_objects_is_a_file(tmp, adapter, base):  # probe case 349
+    (tmp / "s").mkdir()
+    (tmp / "s" / "objects").write_text("x")
+    return ["store", "ls", "--store", tmp / "s"], "objects is a file, not a folder, so this is no store"
+
+
+def _case_store_a_folder_of_user_files(tmp, adapter, base):  # probe case 351: merge wrote objects into an adapter's folder
+    args = _merge_args(tmp, adapter, base, "--method", "ties", "--format", "weights")
+    args[args.index("--store") + 1] = adapter
+    return args, "is a folder of other files (e.g. 'README.md'), not a store"
+
+
 BAD_INPUT = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]
 
 

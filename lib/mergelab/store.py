@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import fsspec
 import numpy as np
 
-from mergelab.errors import InputError, check_writable
+from mergelab.errors import InputError, check_writable, safetensors_os_errors
 from mergelab.hashing import content_hash
 from mergelab.outputs import follow_umask
 
@@ -50,6 +50,8 @@ __all__ = ["STORE_ENV", "ArtifactInfo", "Key", "Store", "checkout_store", "defau
 
 STORE_ENV = "MERGELAB_STORE"
 MARKER = "_published.json"
+#: The folders a store keeps at its root (``quarantine/``: what ``store verify --quarantine`` moves aside).
+LAYOUT = ("objects", "refs", "staging", "quarantine")
 #: The name of an artifact under ``objects/``: its producer and 32 hex digits of its inputs' hash
 #: (:meth:`Store.key`). Nothing else there is the store's: its tools read, report and remove only these.
 KEY_NAME = re.compile(r"[A-Za-z0-9_.+]+-[0-9a-f]{32}")
@@ -126,7 +128,12 @@ class Store:
 
     def __init__(self, url: str | os.PathLike[str] | None = None) -> None:
         self.url = os.fspath(url) if url is not None else default_store_url()
-        protocol, _ = fsspec.core.split_protocol(self.url)
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.url):
+            raise InputError(f"store {self.url!r} holds a control character (a line break?); give one path or URL "
+                             f"(--store, {STORE_ENV} or a study's store:)")
+        protocol, path = fsspec.core.split_protocol(self.url)
+        if protocol in ("file", "local") and not path.strip("/"):
+            raise InputError(f"store URL {self.url!r} names no folder; write {protocol}:///absolute/path or a plain path")
         if protocol is not None and protocol not in fsspec.available_protocols():
             raise InputError(
                 f"unknown store protocol {protocol!r} in {self.url!r}; use a local path, memory:// or an fsspec protocol such as s3://"
@@ -139,9 +146,28 @@ class Store:
         self._local = protocol in (None, "file", "local")
         if self._local and not os.path.isdir(self.root):  # an existing read-only store can still be read
             check_writable(self.root, "store", directory=True)
+        elif self._local:
+            self._check_layout()
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
+
+    def _check_layout(self) -> None:
+        """InputError unless the existing local folder is empty or a store: its :data:`LAYOUT` names
+        are folders, and a folder holding other files and none of them is someone else's (the shipped
+        adapters, a checkout), where a command would write objects among the user's files."""
+        try:
+            entries = sorted(os.listdir(self.root))
+        except OSError as err:
+            raise InputError(f"store {self.url}: it cannot be read ({err.strerror or type(err).__name__}); "
+                             "give yourself read access (chmod u+rx) or pass another --store") from None
+        damaged = [name for name in LAYOUT if name in entries and not os.path.isdir(os.path.join(self.root, name))]
+        if damaged:
+            raise InputError(f"store {self.url}: {damaged[0]} is a file, not a folder, so this is no store (or a damaged one); "
+                             "pass a store's folder, or an empty or new one")
+        if entries and not set(entries) & set(LAYOUT):
+            raise InputError(f"store {self.url} is a folder of other files (e.g. {entries[0]!r}), not a store (no "
+                             f"{', '.join(name + '/' for name in LAYOUT[:2])}); pass a store's folder, or an empty or new one")
 
     @property
     def local_root(self) -> str | None:
@@ -300,7 +326,8 @@ class Store:
             metadata = {"provenance": json.dumps(provenance)}
             plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
             if self._local:  # straight to the file: no second, in-memory copy of a model-sized payload
-                save_file(plain, path, metadata)
+                with safetensors_os_errors(path):
+                    save_file(plain, path, metadata)
                 follow_umask(Path(path))  # safetensors writes -rw-------
             else:
                 self.fs.pipe_file(path, save(plain, metadata))
