@@ -101,11 +101,13 @@ class BuildConfig:
                 "refit_steps": self.refit_steps, **({"vision_layers": self.vision_layers} if self.vision_layers else {})}
 
 
+#: The build profiles: ``full`` is the shipped benchmark; ``quick`` (``--quick``) checks the build path in
+#: a few minutes, with too few steps for its accuracies to mean anything.
 CONFIGS: dict[str, BuildConfig] = {
     "full": BuildConfig("full", PretrainConfig(steps=1200, batch_size=256), lora_steps=1200, lora_batch=64,
                         dense={"segmentation": DenseConfig(120, 1e-4), "depth": DenseConfig(120, 2e-4),
                                "keypoint": DenseConfig(600, 1e-3), "shape": DenseConfig(400, 1e-3)}),
-    "quick": BuildConfig("quick", PretrainConfig(steps=120, batch_size=128), lora_steps=25, lora_batch=32,
+    "quick": BuildConfig("quick", PretrainConfig(steps=60, batch_size=128), lora_steps=10, lora_batch=32,
                          dense={"segmentation": DenseConfig(6, 5e-5), "depth": DenseConfig(6, 1e-4),
                                 "keypoint": DenseConfig(30, 8e-4), "shape": DenseConfig(12, 3e-4)},
                          refit_steps=100),
