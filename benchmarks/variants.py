@@ -78,8 +78,8 @@ SHIPPED = "v2-shipped"
 #: The search, in the order it runs (at most 8, issue 27). Pre-training levers first (c0: the papers'
 #: plain cross-entropy fine-tuning), then the consistency weight in (0, 1) on the best c0 base.
 VARIANTS: dict[str, Variant] = {
-    SHIPPED: Variant("the shipped v2 build: consistency 3, 1200 LoRA steps (not rebuilt)", consistency=3.0, lora_steps=1200,
-                     shipped=True),
+    SHIPPED: Variant("the v2 build data/micro held before v3: consistency 3, 1200 LoRA steps (measured there, not rebuilt)",
+                     consistency=3.0, lora_steps=1200, shipped=True),
     "c0": Variant("v2 base (1200 pre-training steps), plain cross-entropy LoRA (the papers' recipe)"),
     "c0-long": Variant("3× longer pre-training (3600 steps)", pretrain_steps=3600),
     "c0-deep": Variant("a 6-block image tower, 3600 pre-training steps", pretrain_steps=3600, vision_layers=6),
@@ -193,6 +193,8 @@ def run_variant(name: str, root: Path, threads: int) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     print(f"== {name}: {variant.lever}", flush=True)
     bench = ROOT / "data" / "micro" if variant.shipped else out / "micro"
+    if variant.shipped and json.loads((bench / "manifest.json").read_text())["config"]["consistency"] != variant.consistency:
+        raise SystemExit(f"error: data/micro no longer holds the {name} build; its measurement stays as recorded in {RECORD}")
     build_s = 0.0
     if not variant.shipped:
         manifest = build_micro(bench, str(store), profile=build_config(variant), threads=threads).manifest
