@@ -29,9 +29,10 @@ embedded) and those files.
 
 :func:`report` executes many notebooks, at most :func:`default_jobs` kernels at once unless told,
 calls ``progress`` with one line as each notebook ends, exports the ones that succeeded and writes
-``index.html`` (:func:`write_index`): one row per paper item a cell drew, linking its files and the
-cell in the notebook's page. ``notebooks/README.md`` lists every figure and table of the papers
-and whether a notebook draws it.
+``index.html`` (:func:`write_index`): one row per paper item a cell drew, with its status as
+``notebooks/README.md`` gives it (``drawn``, or ``partial: …`` and what is missing;
+:func:`item_statuses`), linking its files and the cell in the notebook's page.
+``notebooks/README.md`` lists every figure and table of the papers and whether a notebook draws it.
 
 A notebook that fails raises :class:`~mergelab.errors.InputError` with one line naming the
 notebook, the failing cell and its error; nothing is written for it (files are written under
@@ -66,7 +67,7 @@ import mergelab
 from mergelab.errors import InputError
 
 __all__ = ["FIGURE_FORMATS", "FIGURE_MIMES", "REPO", "CellOutputs", "cell_outputs", "default_jobs", "execute_notebook", "export",
-           "item_label", "list_notebooks", "paper_items", "read_notebook", "report", "write_index"]
+           "item_label", "item_statuses", "list_notebooks", "paper_items", "read_notebook", "report", "write_index"]
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "python3"
@@ -154,6 +155,21 @@ def item_label(item: str) -> str:
     match = _ITEM.fullmatch(item)
     part = f" ({match['part']})" if match["part"] else ""
     return f"{match['paper']} {_KINDS[match['kind']]} {int(match['number'])}{part}"
+
+
+#: A row of an item table of notebooks/README.md: ``| item | what it shows | status | redrawn in |``.
+_README_ROW = re.compile(r"\|\s*(?P<label>\d{3} (?:Fig|Tab)\. \d+(?: \(\w+\))?)\s*\|[^|]*\|\s*(?P<status>[^|]*?)\s*\|")
+UNLISTED = "not listed in notebooks/README.md"
+
+
+def item_statuses(root: str | Path | None = None) -> dict[str, str]:
+    """``{label: status}`` for every paper item ``<root>/notebooks/README.md`` lists (``"001 Fig. 5": "drawn"``,
+    ``"001 Tab. 3": "partial: no ensemble row, …"``); empty when the checkout has no such file."""
+    path = Path(root or REPO, "notebooks", "README.md")
+    if not path.is_file():
+        return {}
+    rows = (_README_ROW.match(line) for line in path.read_text(encoding="utf-8").splitlines())
+    return {row["label"]: row["status"] for row in rows if row}
 
 
 def _item_order(item: str) -> tuple[str, str, int, str]:
@@ -334,23 +350,28 @@ def export(nb: nbformat.NotebookNode, out_dir: str | Path, *, name: str | None =
     return [html_path, *(fig_dir / filename for cell in cells for filename, _ in cell.files)]
 
 
-def _index_row(item: str, notebook: str, cell: CellOutputs) -> str:
+def _index_row(item: str, status: str, notebook: str, cell: CellOutputs) -> str:
     page = quote(f"{notebook}.html") + (f"#cell-id={quote(cell.cell_id)}" if cell.cell_id else "")
     files = ", ".join(f'<a href="{quote(f"{notebook}/{filename}")}">{html.escape(filename)}</a>' for filename, _ in cell.files)
-    return (f"<tr><td>{html.escape(item_label(item))}</td><td><a href=\"{page}\">{html.escape(notebook)}</a></td>"
+    word, _, detail = status.partition(":") if status.startswith("partial:") else (status, "", "")
+    shown = f"<strong>{html.escape(word)}</strong>{html.escape(':' + detail) if detail else ''}"
+    return (f"<tr><td>{html.escape(item_label(item))}</td><td>{shown}</td><td><a href=\"{page}\">{html.escape(notebook)}</a></td>"
             f"<td>{files or 'shown in the notebook page'}</td></tr>")
 
 
-def write_index(out_dir: str | Path, pages: Mapping[str, Sequence[CellOutputs]], params: Mapping[str, Any]) -> Path:
+def write_index(out_dir: str | Path, pages: Mapping[str, Sequence[CellOutputs]], params: Mapping[str, Any],
+                statuses: Mapping[str, str] | None = None) -> Path:
     """Write ``<out_dir>/index.html``: the paper items drawn by the exported notebooks ``pages``.
 
     ``pages`` maps each notebook name (its ``<name>.html`` and ``<name>/`` under ``out_dir``) to its
     :func:`cell_outputs`. One row per item and cell that displayed something, sorted by paper and
-    item: the item, a link to the cell in the notebook's page, links to the cell's files (each figure's
-    PNG and PDF, each table's HTML); then
+    item: the item, its status (``statuses[label]``, default :func:`item_statuses` of this checkout:
+    ``drawn`` or ``partial: …`` as ``notebooks/README.md`` gives it), a link to the cell in the
+    notebook's page, links to the cell's files (each figure's PNG and PDF, each table's HTML); then
     every notebook page. ``params`` (the notebooks' parameters) are printed in the header. Plain
     HTML, written atomically. Returns its path.
     """
+    statuses = item_statuses() if statuses is None else statuses
     rows = sorted(((item, position, notebook, cell) for position, (notebook, cells) in enumerate(pages.items())
                    for cell in cells if cell.shown for item in cell.items),
                   key=lambda row: (_item_order(row[0]), row[1]))
@@ -361,9 +382,11 @@ def write_index(out_dir: str | Path, pages: Mapping[str, Sequence[CellOutputs]],
         "<body>", "<h1>Paper figures and tables drawn by this report</h1>",
         f"<p>Notebooks run with {setting}. The numbers are this study's; on the micro benchmark they are "
         "micro-benchmark numbers, <strong>not the papers' numbers</strong>. <code>notebooks/README.md</code> lists "
-        "every figure and table of the five papers and whether a notebook draws it.</p>",
-        "<table>", "<thead><tr><th>item</th><th>drawn in</th><th>files</th></tr></thead>", "<tbody>",
-        *(_index_row(item, notebook, cell) for item, _, notebook, cell in rows),
+        "every figure and table of the five papers and whether a notebook draws it; the status column repeats it "
+        "(<strong>drawn</strong>: the item's quantity in its layout; <strong>partial</strong>: part of it, what is "
+        "missing after the colon).</p>",
+        "<table>", "<thead><tr><th>item</th><th>status</th><th>drawn in</th><th>files</th></tr></thead>", "<tbody>",
+        *(_index_row(item, statuses.get(item_label(item), UNLISTED), notebook, cell) for item, _, notebook, cell in rows),
         "</tbody>", "</table>", "<h2>Notebook pages</h2>", f"<ul>\n{notebooks}\n</ul>", "</body>", "</html>", ""])
     path = Path(out_dir) / INDEX
     _write_text(path, page)

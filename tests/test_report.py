@@ -217,6 +217,14 @@ class _Links(HTMLParser):
             self.rows[-1][-1] += data
 
 
+def test_an_item_the_readme_does_not_list_says_so_in_the_index(tmp_path):
+    nb = new_notebook(cells=[_cell(7, tags=("paper:000-fig10",))], metadata={"mergelab": {"notebook": "one"}})
+    report.export(nb, tmp_path)
+    index = report.write_index(tmp_path, {"one": report.cell_outputs(nb, "one.ipynb")}, {}, statuses={"001 Fig. 3": "drawn"})
+    assert f"<td><strong>{report.UNLISTED}</strong></td>" in index.read_text()
+    assert report.item_statuses(tmp_path) == {}  # a folder without notebooks/README.md
+
+
 def test_the_index_lists_each_drawn_item_with_links_to_its_pngs_and_cell(tmp_path):
     nb = _tagged_notebook()
     report.export(nb, tmp_path)
@@ -231,12 +239,18 @@ def test_the_index_lists_each_drawn_item_with_links_to_its_pngs_and_cell(tmp_pat
     # sorted by paper and item; a cell under each of its tags; 002 Fig. 1 printed "not computed" and is left out
     assert [row[0] for row in rows] == ["000 Fig. 10", "001 Fig. 3", "001 Fig. 3", "001 Tab. 1", "003 Tab. 3", "003 Tab. 3",
                                         "003 Tab. 5", "003 Tab. 7", "004 Fig. 5 (left)", "004 Fig. 12"]
-    assert rows[1][1:] == ["paper", "001-fig3.png, 001-fig3.pdf, 001-fig3-2.png, 001-fig3-2.pdf"]
-    assert rows[2][2] == "001-fig3-3.png, 001-fig3-3.pdf"
-    assert rows[3][2] == rows[4][2] == "003-tab3.html" and rows[5][2] == "003-tab3-2.html"  # a table cell links its HTML table
-    assert rows[6][2] == "003-tab5.png, 003-tab5.pdf, 003-tab5.html"
-    assert rows[7][2] == "shown in the notebook page"  # a plain-text result: no file
-    assert rows[8][2] == rows[9][2] == "004-fig5-left.png, 004-fig5-left.pdf"
+    assert rows[1][2:] == ["paper", "001-fig3.png, 001-fig3.pdf, 001-fig3-2.png, 001-fig3-2.pdf"]
+    assert rows[2][3] == "001-fig3-3.png, 001-fig3-3.pdf"
+    assert rows[3][3] == rows[4][3] == "003-tab3.html" and rows[5][3] == "003-tab3-2.html"  # a table cell links its HTML table
+    assert rows[6][3] == "003-tab5.png, 003-tab5.pdf, 003-tab5.html"
+    assert rows[7][3] == "shown in the notebook page"  # a plain-text result: no file
+    assert rows[8][3] == rows[9][3] == "004-fig5-left.png, 004-fig5-left.pdf"
+    # each item's status as notebooks/README.md gives it: drawn, or partial and what is missing
+    statuses = report.item_statuses()
+    assert [row[1] for row in rows] == [statuses[row[0]] for row in rows]
+    assert rows[1][1] == statuses["001 Fig. 3"] and rows[1][1].startswith("drawn")
+    assert rows[7][1] == statuses["003 Tab. 7"] and rows[7][1].startswith("partial: ")
+    assert "<strong>partial</strong>: " in index.read_text()
     table_cell = nb.cells[2].id
     assert f"paper.html#cell-id={table_cell}" in parsed.hrefs and f'id="cell-id={table_cell}"' in (tmp_path / "paper.html").read_text()
     assert {"paper/001-fig3-2.png", "paper/001-fig3-2.pdf", "paper/003-tab3.html", "other/000-fig10.pdf", "paper.html", "other.html"} <= set(parsed.hrefs)
@@ -317,6 +331,7 @@ def test_the_figure_index_lists_every_paper_item_and_exactly_the_tagged_cells():
     rows = [line.strip().strip("|").split(" | ") for line in text.splitlines() if re.match(r"\| 00\d (Fig|Tab)\. \d", line)]
     labels = [row[0].strip() for row in rows]
     assert len(labels) == len(set(labels))
+    assert report.item_statuses() == {label.strip(): status.strip() for label, _, status, _ in rows}  # what index.html shows
     numbered = {re.sub(r" \(\w+\)$", "", label) for label in labels}
     assert numbered == {f"{paper} {kind} {n}" for paper, (figs, tabs) in PAPER_ITEMS.items()
                         for kind, numbers in (("Fig.", figs), ("Tab.", tabs)) for n in numbers}
