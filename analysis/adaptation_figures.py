@@ -50,7 +50,7 @@ def _split(ds: xr.Dataset, split: str | None) -> str:
 def _pareto_panel(ax, ds: xr.Dataset, split: str) -> None:
     tasks = _strings(ds.task.values)
     for method in _strings(ds.merge_method.values):
-        acc = _pick(ds.accuracy, merge_method=method, split=split)  # (preference, task)
+        acc = 100 * _pick(ds.accuracy, merge_method=method, split=split)  # (preference, task), in %
         ax.plot(acc.sel(task=tasks[0]), acc.sel(task=tasks[1]), marker="o", markersize=3, label=method)
     base = _pick(ds.baseline_accuracy, split=split)
     names = _strings(ds.baseline.values)
@@ -61,25 +61,25 @@ def _pareto_panel(ax, ds: xr.Dataset, split: str) -> None:
             marker, label = "*", "fine-tuned models" if name == experts[0] else "_nolegend_"
         else:
             marker, label = _BASELINE_MARKERS.get(name) or (next(others, "p"), name.replace("@", " (") + ")")
-        point = base.sel(baseline=name)
+        point = 100 * base.sel(baseline=name)
         ax.scatter(point.sel(task=tasks[0]), point.sel(task=tasks[1]), marker=marker, s=60, color="k",
                    facecolors="none" if marker != "*" else "k", label=label, zorder=3)
-    ax.set(xlabel=f"{tasks[0]} accuracy", ylabel=f"{tasks[1]} accuracy")
+    ax.set(xlabel=f"{tasks[0]} accuracy (%)", ylabel=f"{tasks[1]} accuracy (%)")
 
 
 def _cloud_panel(ax, ds: xr.Dataset, split: str) -> None:
     focal = _strings(ds.focal.values)
     for i, method in enumerate(_strings(ds.merge_method.values)):
         color = f"C{i}"
-        acc = _pick(ds.accuracy, merge_method=method, split=split)  # (preference, focal)
+        acc = 100 * _pick(ds.accuracy, merge_method=method, split=split)  # (preference, focal), in %
         ax.scatter(acc.sel(focal=focal[0]), acc.sel(focal=focal[1]), s=14, alpha=0.6, color=color, label=method)
-        mean = _pick(ds["mean"], merge_method=method, split=split).values
+        mean = 100 * _pick(ds["mean"], merge_method=method, split=split).values
         ax.scatter(*mean, marker="x", s=80, color=color)
-        ax.add_patch(Ellipse(tuple(mean), float(_pick(ds.ellipse_width, merge_method=method, split=split)),
-                             float(_pick(ds.ellipse_height, merge_method=method, split=split)),
+        ax.add_patch(Ellipse(tuple(mean), 100 * float(_pick(ds.ellipse_width, merge_method=method, split=split)),
+                             100 * float(_pick(ds.ellipse_height, merge_method=method, split=split)),
                              angle=float(_pick(ds.ellipse_angle, merge_method=method, split=split)),
                              fill=False, color=color, lw=1.5))
-    ax.set(xlabel=f"{focal[0]} accuracy", ylabel=f"{focal[1]} accuracy")
+    ax.set(xlabel=f"{focal[0]} accuracy (%)", ylabel=f"{focal[1]} accuracy (%)")
     ax.autoscale_view()
 
 
@@ -155,7 +155,7 @@ def adarank_masks(history: xr.Dataset, record: int = -1) -> Figure:
         frame = pd.DataFrame(sub.values, index=sub.layer.values, columns=_strings(sub.task.values)).sort_index()
         sns.heatmap(frame, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=ax is axes[-1], annot=frame.size <= 64, fmt=".2f")
         ax.set(title=kind, xlabel="task", ylabel="layer")
-        ax.tick_params(axis="x", rotation=45)
+        ax.tick_params(axis="x", rotation=0)  # level unless they crowd: then tidy turns them
     return fig
 
 
@@ -208,6 +208,9 @@ def adaptation_losses(history: xr.Dataset) -> Figure:
     return fig
 
 
+_COEFFICIENTS = {"lambda": "λ", "coefficient_mean": "coefficient"}
+
+
 def coefficient_trajectories(history: xr.Dataset, variable: str | None = None) -> Figure:
     """Learned coefficients per task across iterations, mean ± std over modules (004 Fig. 14 right).
 
@@ -216,14 +219,15 @@ def coefficient_trajectories(history: xr.Dataset, variable: str | None = None) -
     """
     variable = variable or ("lambda" if "lambda" in history else "coefficient_mean")
     values = history[variable]  # (record, module, task)
-    fig, (ax,) = _figure(history, f"{variable} per task during adaptation ({history.attrs.get('method', '?')})",
+    name = _COEFFICIENTS.get(variable, variable)
+    fig, (ax,) = _figure(history, f"Learned {name} per task during adaptation ({history.attrs.get('method', '?')})",
                          "004 Fig. 14 right", panel=(5.0, 3.4))
     for task in _strings(history.task.values):
         per_task = values.sel(task=task)
         mean, std = per_task.mean("module"), per_task.std("module")
         ax.plot(history.record, mean, marker=".", label=task)
         ax.fill_between(history.record, mean - std, mean + std, alpha=0.15)
-    ax.set(xlabel="iteration", ylabel=f"{variable} (mean ± std over modules)")
+    ax.set(xlabel="iteration", ylabel=f"{name}\n(mean ± std over modules)")
     ax.legend(fontsize=7)
     return fig
 

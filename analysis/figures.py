@@ -18,6 +18,7 @@ import seaborn as sns
 import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from mergelab_figures.style import PaperFigure, palette
 
@@ -40,6 +41,7 @@ __all__ = [
     "task_vector_norms",
     "task_vector_norms_per_layer",
     "task_vector_norms_per_layer_table",
+    "uniform_energy_rank",
 ]
 
 UNLABELLED = "unlabelled data"
@@ -70,14 +72,21 @@ def _figure(ds: xr.Dataset, title: str, paper: str, *, ncols: int = 1, nrows: in
     return fig, axes
 
 
+def _note(fig: Figure, text: str) -> None:
+    """Add a last line to the figure's title: what the reader must know to read it (a degenerate case)."""
+    title = fig._suptitle  # the Text matplotlib keeps; get_suptitle() gives only its string
+    fig.suptitle(f"{title.get_text()}\nnote: {text}", fontsize=title.get_fontsize())
+
+
 def _unique_legend(fig: Figure, axes, **where) -> None:
-    """One legend, outside the panels (``where``: ``fig.legend`` placement, default to the right),
-    for panels that share their series (the first handle of each label wins)."""
+    """One legend, outside the panels (``where``: ``fig.legend`` placement, default to the right of
+    the panels, centred beside them, clear of the figure title), for panels that share their series
+    (the first handle of each label wins)."""
     seen: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
-    fig.legend(list(seen.values()), list(seen), **{"loc": "outside right upper", **where}, fontsize=7, frameon=False)
+    fig.legend(list(seen.values()), list(seen), **{"loc": "outside right center", **where}, fontsize=7, frameon=False)
 
 
 def _module_label(ds: xr.Dataset, module: str) -> str:
@@ -111,7 +120,7 @@ def coverage_erank(ds: xr.Dataset, kinds: Sequence[str] | None = None) -> Figure
             frame = _per_layer(sub[var].reset_coords("kind", drop=True))
             ax.plot(frame["layer"], frame["value"], marker="o", label=label)
         ax.set(title=kind, xlabel="layer", ylabel="erank")
-    axes[0].legend(fontsize=8)
+    _unique_legend(fig, axes)  # the panels share their three curves
     return fig
 
 
@@ -126,8 +135,21 @@ def _default_mlp_modules(ds: xr.Dataset) -> list[str]:
     return list(dict.fromkeys([pool["module"].iloc[0], pool["module"].iloc[-1]]))
 
 
+def uniform_energy_rank(ds: xr.Dataset, modules: Sequence[str] | None = None) -> int | None:
+    """The one 95 %-energy rank every task has in ``modules`` (default: the two 002 Fig. 3 draws), or
+    None when they differ. On low-rank LoRA updates (the demo's rank 4) every component carries
+    energy, so every bar of 002 Fig. 3 is the rank and the figure shows nothing to compare."""
+    modules = list(modules) if modules is not None else _default_mlp_modules(ds)
+    values = np.unique(ds.energy_rank.sel(module=modules).values)
+    return int(values[0]) if values.size == 1 else None
+
+
 def energy_rank_per_task(ds: xr.Dataset, modules: Sequence[str] | None = None) -> Figure:
-    """Rank keeping 95 % of each task vector's energy, per task, for selected modules (002 Fig. 3)."""
+    """Rank keeping 95 % of each task vector's energy, per task, for selected modules (002 Fig. 3).
+
+    When every bar has the same height (:func:`uniform_energy_rank`) the title says so: the figure
+    then cannot show 002's finding that the rank differs across tasks and layers.
+    """
     modules = list(modules) if modules is not None else _default_mlp_modules(ds)
     fig, axes = _figure(ds, f"Rank capturing {ds.attrs.get('energy', 0.95):.0%} of the energy", "002 Fig. 3",
                         ncols=len(modules), panel=(max(3.0, 0.55 * ds.sizes["task"] + 1.5), 3.2))
@@ -135,7 +157,10 @@ def energy_rank_per_task(ds: xr.Dataset, modules: Sequence[str] | None = None) -
         values = ds.energy_rank.sel(module=module)
         sns.barplot(x=_strings(values.task.values), y=values.values, ax=ax, color="C0")
         ax.set(title=_module_label(ds, module), xlabel="task", ylabel="energy rank")
-        ax.tick_params(axis="x", rotation=45)
+    same = uniform_energy_rank(ds, modules)
+    if same is not None:
+        _note(fig, f"every task's energy rank is {same} here: each update needs all its components, so there is no spread "
+                   "to compare (higher-rank updates show it)")
     return fig
 
 
@@ -160,7 +185,6 @@ def task_vector_norms(ds: xr.Dataset) -> Figure:
     fig, (ax,) = _figure(ds, "Task vector norms", "004 Fig. 5 left, Fig. 12", panel=(max(3.0, 0.55 * ds.sizes["task"] + 1.5), 3.2))
     sns.barplot(x=_strings(ds.task.values), y=ds.total_norm.values, ax=ax, color="C0")
     ax.set(xlabel="task", ylabel="‖τ_t‖₂")
-    ax.tick_params(axis="x", rotation=45)
     return fig
 
 
@@ -196,9 +220,19 @@ def task_vector_norms_per_layer_table(ds: xr.Dataset) -> pd.DataFrame:
     return frame
 
 
+def _turned(labels: Sequence[str]) -> float:
+    """Inches of height that column labels turned by 40° under a heatmap take beyond level ones."""
+    return 0.06 * max(map(len, labels), default=0)
+
+
 def _heatmap(ax: Axes, frame: pd.DataFrame, vmin: float, vmax: float, cmap: str, label: str) -> None:
+    """A seaborn heatmap with every row and column labelled, row labels level and column labels
+    level unless they crowd (then :func:`~mergelab_figures.style.tidy` turns them; seaborn's
+    vertical labels ran into the axis label and the figure title)."""
     sns.heatmap(frame, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, annot=frame.shape[0] * frame.shape[1] <= 144,
-                fmt=".2f", square=True, cbar_kws={"label": label}, annot_kws={"fontsize": 7})
+                fmt=".2f", square=True, cbar_kws={"label": label}, annot_kws={"fontsize": 7}, xticklabels=True, yticklabels=True)
+    ax.tick_params(axis="x", rotation=0)
+    ax.tick_params(axis="y", rotation=0)
 
 
 def cosine_heatmap(ds: xr.Dataset) -> Figure:
@@ -209,7 +243,7 @@ def cosine_heatmap(ds: xr.Dataset) -> Figure:
     matrix[:-1, :-1] = ds.cosine_total.values
     matrix[:-1, -1] = matrix[-1, :-1] = ds.cosine_to_sum_total.values
     fig, (ax,) = _figure(ds, "Cosine similarity of task vectors and their sum", "004 Fig. 5 middle",
-                         panel=(max(3.6, 0.6 * n + 2.0), max(3.0, 0.5 * n + 1.2)))
+                         panel=(max(3.6, 0.6 * n + 2.0), max(3.0, 0.5 * n + 1.2) + _turned(names)))
     _heatmap(ax, pd.DataFrame(matrix, index=names, columns=names), -1.0, 1.0, "vlag", "cosine")
     return fig
 
@@ -244,7 +278,8 @@ def merged_cosines(ds: xr.Dataset, by: str | None = None) -> Figure:
         values = stacked.values
     frame = pd.DataFrame(values, index=rows, columns=_strings(ds.task.values))
     fig, (ax,) = _figure(ds, "Cosine similarity of merged models and task vectors", "004 Fig. 7",
-                         panel=(max(3.6, 0.6 * frame.shape[1] + 2.2), max(2.2, 0.5 * frame.shape[0] + 1.4)))
+                         panel=(max(3.6, 0.6 * frame.shape[1] + 0.07 * max(map(len, rows)) + 1.6),
+                                max(2.2, 0.5 * frame.shape[0] + 1.4) + _turned(frame.columns)))
     _heatmap(ax, frame, -1.0, 1.0, "vlag", "cosine")
     ax.set(xlabel="task", ylabel="/".join(extra))
     return fig
@@ -265,7 +300,9 @@ def singular_spectra(ds: xr.Dataset, module: str | None = None) -> Figure:
     axes[1].axhline(0.95, color="grey", ls="--", lw=0.8, label="95 %")
     axes[0].set(xlabel="component k", ylabel="σ_k")
     axes[1].set(xlabel="component k", ylabel="cumulative energy fraction", ylim=(0, 1.02))
-    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _unique_legend(fig, axes)  # both panels draw the same tasks
     return fig
 
 
@@ -279,7 +316,7 @@ def sar_heatmap(ds: xr.Dataset) -> Figure:
     spaces = _strings(ds.space.values) if stacked else [str(ds.attrs.get("space", "full"))]
     n = ds.sizes["task"]
     fig, axes = _figure(ds, f"Subspace alignment ratio (retained {ds.attrs.get('retained', 0.95)})", "003 Sec. 5.2",
-                        ncols=len(spaces), panel=(max(3.6, 0.6 * n + 2.2), max(3.0, 0.5 * n + 1.4)))
+                        ncols=len(spaces), panel=(max(3.6, 0.6 * n + 2.2), max(3.0, 0.5 * n + 1.4) + _turned(_strings(ds.task.values))))
     for ax, space in zip(axes, spaces):
         frame = (ds.sar_mean.sel(space=space) if stacked else ds.sar_mean).to_pandas()
         frame.index, frame.columns = _strings(frame.index), _strings(frame.columns)
@@ -313,8 +350,11 @@ def merged_rank_summary(ds: xr.Dataset) -> Figure:
     if not extra:
         fig, (ax,) = _figure(ds, "Rank of the merged update", "003 App. C.2 (Tab. 6)", panel=(5.0, 3.4))
         frame = _per_layer(ds.merged_rank)
-        for kind, part in frame.groupby("kind"):
-            ax.plot(part["layer"], part["value"], marker="o", label=str(kind))
+        curves: dict[tuple, list[str]] = {}  # kinds of the same rank in every layer are one line (none hides another)
+        for kind, part in frame.groupby("kind", sort=False):
+            curves.setdefault((tuple(part["layer"]), tuple(part["value"])), []).append(str(kind))
+        for (layers, values), kinds in curves.items():
+            ax.plot(layers, values, marker="o", label=", ".join(kinds))
         bound = _per_layer(ds.max_rank.reset_coords("kind", drop=True))
         ax.plot(bound["layer"], bound["value"], "k--", lw=0.8, label="min(out, in)")
         ax.set(xlabel="layer", ylabel="r_ΔW")
@@ -358,16 +398,41 @@ def core_truncation_curves(ds: xr.Dataset) -> Figure:
     fig, axes = _figure(ds, f"Truncation of the {ds.attrs.get('method', 'merged')} update, full vs Core space",
                         "003 Sec. 5.2, Fig. 4", ncols=2)
     error_by_rank = ds.relative_error.mean("module", skipna=True)
-    for space in _strings(ds.space.values):
-        axes[0].plot(ds["fraction"], ds.truncation_error_mean.sel(space=space), marker="o", label=f"{space} space")
-        axes[1].plot(ds["rank"], error_by_rank.sel(space=space), marker=".", label=f"{space} space")
+    for i, space in enumerate(_strings(ds.space.values)):
+        # where the spaces agree (truncating in Core space is lossless up to the core's rank) the later
+        # curve's open, wider rings leave the earlier filled markers in sight
+        style = {"marker": "o", "markersize": 5 + 3 * i, "markerfacecolor": "none" if i else None, "linestyle": "-" if i == 0 else "--"}
+        axes[0].plot(ds["fraction"], ds.truncation_error_mean.sel(space=space), label=f"{space} space", **style)
+        axes[1].plot(ds["rank"], error_by_rank.sel(space=space), label=f"{space} space", **style)
     axes[0].set(xlabel="truncated fraction p of dim(Σ)", ylabel="‖ΔW − ΔW_trunc‖_F / ‖ΔW‖_F", ylim=(-0.02, 1.02))
     axes[1].set(xlabel="kept rank k", ylabel="mean relative error", ylim=(-0.02, 1.02))
-    axes[0].legend(fontsize=8)
+    _unique_legend(fig, axes)  # both panels draw the same spaces
     return fig
 
 
 _SPACE_STYLE = {"full": ("-", "o"), "knots": ("--", "s"), "core": (":", "^")}
+
+
+#: Curves of 003 Fig. 3 closer than this factor at every n are one line on a log axis (under a pixel apart).
+SAME_COUNT = 1.05
+
+
+def _same_curves(ds: xr.Dataset) -> list[list[tuple[str, str]]]:
+    """The method × space pairs that have a count, grouped where their curves coincide (:data:`SAME_COUNT`)."""
+    groups: list[list[tuple[str, str]]] = []
+    for method in _strings(ds.merge_method.values):
+        for space in _strings(ds.space.values):
+            counts = ds.operations.sel(merge_method=method, space=space).values
+            if np.isnan(counts).all():
+                continue
+            for group in groups:
+                first = ds.operations.sel(merge_method=group[0][0], space=group[0][1]).values
+                if np.all(np.maximum(counts, first) <= SAME_COUNT * np.minimum(counts, first)):
+                    group.append((method, space))
+                    break
+            else:
+                groups.append([(method, space)])
+    return groups
 
 
 def operation_count_curves(ds: xr.Dataset) -> Figure:
@@ -375,20 +440,22 @@ def operation_count_curves(ds: xr.Dataset) -> Figure:
 
     One line per method × space that 003 App. B gives a count for (log-log; colour: method, line and
     marker: space), from :func:`~mergelab.analysis.complexity.operation_counts` at the study's ``T``
-    and rank; the legend gives each count at the task set's own shapes.
+    and rank; the legend gives each count at the task set's own shapes. Curves within
+    :data:`SAME_COUNT` of each other at every ``n`` (Iso-C and Task Arithmetic in Core space: the
+    core's SVD is negligible) are one line with one legend entry naming each, so that no curve
+    hides under another.
     """
     T, r = int(ds.attrs["tasks"]), int(ds.attrs["rank"])
     fig, axes = _figure(ds, f"Operations to merge T = {T} rank-{r} LoRA modules of shape n × n", "003 Sec. 4.3, App. B, Fig. 3",
-                        panel=(5.6, 3.6))
+                        panel=(8.4, 3.8))  # the legend takes a third of the width
     ax, colors = axes[0], palette(_strings(ds.merge_method.values))
-    for method in _strings(ds.merge_method.values):
-        for space in _strings(ds.space.values):
-            counts = ds.operations.sel(merge_method=method, space=space)
-            if bool(counts.isnull().all()):
-                continue
-            own = float(ds.operations_taskset.sel(merge_method=method, space=space))
-            line, marker = _SPACE_STYLE.get(space, ("-", "."))
-            ax.plot(ds["n"], counts, color=colors[method], linestyle=line, marker=marker, label=f"{method}, {space} ({own:.2g} here)")
+    for group in _same_curves(ds):
+        method, space = group[0]
+        own = " / ".join(f"{float(ds.operations_taskset.sel(merge_method=m, space=s)):.2g}" for m, s in group)
+        names = " = ".join(f"{m}, {s}" for m, s in group)
+        line, marker = _SPACE_STYLE.get(space, ("-", "."))
+        ax.plot(ds["n"], ds.operations.sel(merge_method=method, space=space), color=colors[method], linestyle=line, marker=marker,
+                label=f"{names} ({own} here)")
     ax.set(xscale="log", yscale="log", xlabel="n (module width)", ylabel="operations (sum of 003 App. B's steps)")
     ax.legend(fontsize=7, title=f"method, space (this task set's {ds.attrs['modules']} modules)", title_fontsize=7)
     return fig

@@ -30,7 +30,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
-from mergelab_figures.figures import (_BASIS_LABELS, _default_mlp_modules, _figure, _heatmap, _module_label, _strings, _unique_legend,
+from mergelab_figures.figures import (_BASIS_LABELS, _default_mlp_modules, _figure, _heatmap, _module_label, _note, _strings, _unique_legend,
                                       dataset_label, reference_basis_table)
 
 __all__ = [
@@ -158,7 +158,7 @@ def jacobian_condition(ds: xr.Dataset) -> Figure:
             ax.plot(*_layer_curve(ds.kappa_J.sel(basis=basis), kind), marker="o", label=BASIS_LABELS.get(basis, basis))
         _log_y(ax)
         ax.set(title=kind, xlabel="layer", ylabel="κ(J)")
-    axes[0].legend(fontsize=7)
+    _unique_legend(fig, axes)  # the panels share the two bases
     return fig
 
 
@@ -183,7 +183,7 @@ def kappa_preferences(ds: xr.Dataset, bases: Sequence[str] | None = None) -> Fig
                         color=f"C{i % 10}", label=f"ρ₂ one-hot: {task}")
             _log_y(ax)
             ax.set(title=f"{kind}, {basis.upper()} basis", xlabel="layer", ylabel="κ(ρ)")
-    axes[0].legend(fontsize=6)
+    _unique_legend(fig, axes)  # every panel draws ρ₁ and the same one-hot ρ₂: one legend beside them
     return fig
 
 
@@ -289,7 +289,19 @@ def loss_change_per_component(ds: xr.Dataset, module: str | None = None) -> Figu
         _component_ticks(ax, r)
     _hide_unused(axes, len(tasks))
     _unique_legend(fig, axes[: len(tasks)], loc="outside lower center", ncols=4)
+    _note_single_component(fig, ds, module)
     return fig
+
+
+ONE_COMPONENT = ("one singular component per task: this study added only the top one of each update (its components "
+                 "budget); the companion study micro-components (make papers) adds every component of rank-16 updates")
+
+
+def _note_single_component(fig: Figure, ds: xr.Dataset, module: str) -> None:
+    """Say so in the title when each curve of 002 Figs. 1-2 is one point (the demo adds the top
+    component of each rank-4 update: 10 % of 4 rounds to 1), so that nobody reads a curve into it."""
+    if int(ds.n_components.sel(module=module).max()) == 1:
+        _note(fig, ONE_COMPONENT)
 
 
 def loss_change_per_task(ds: xr.Dataset, task: str | None = None, module: str | None = None) -> Figure:
@@ -311,6 +323,7 @@ def loss_change_per_task(ds: xr.Dataset, task: str | None = None, module: str | 
     ax.set(xlabel="singular index r", ylabel="ΔL_j (nats)")
     _component_ticks(ax, r)
     ax.legend(fontsize=7, ncols=2)
+    _note_single_component(fig, ds, module)
     return fig
 
 
@@ -347,11 +360,12 @@ def _proxy_coords(ds: xr.Dataset, distance: str | None, n_batches: int | None) -
 
 
 def _performance(ds: xr.Dataset) -> tuple[xr.DataArray, str]:
-    """Normalised accuracy when the fine-tuned accuracies are there (004 plots normalised performance), else accuracy."""
+    """Normalised accuracy in % when the fine-tuned accuracies are there (004 plots normalised performance),
+    else accuracy in %, with its axis label."""
     eval_split = ds.attrs.get("eval_split", "test")
     if np.isfinite(ds.normalized_accuracy.values).any():
-        return ds.normalized_accuracy, f"normalised accuracy ({eval_split})"
-    return ds.accuracy, f"accuracy ({eval_split})"
+        return 100 * ds.normalized_accuracy, f"normalised accuracy (%, {eval_split})"
+    return 100 * ds.accuracy, f"accuracy (%, {eval_split})"
 
 
 def _has(da: xr.DataArray) -> bool:
@@ -410,7 +424,7 @@ def tas_selection_table(ds: xr.Dataset) -> pd.DataFrame:
 
     Columns: the two label-free choices (``selected_lam_*`` of the Dataset), the λ with the best
     mean performance (the evaluation oracle: it reads ``eval_split`` and is a reference, never a
-    selection), the mean performance at each, and the Pearson correlation of the mean TAS with the
+    selection), the mean performance at each (%), and the Pearson correlation of the mean TAS with the
     mean performance over λ. ``frame.attrs`` carries the dataset label.
     """
     perf, perf_label = _performance(ds)
@@ -534,7 +548,7 @@ def tas_robustness(ds: xr.Dataset, distance: str | None = None, n_batches: int |
         draw(axes[1], ds.tas_mean.sel(distance=d, n_batches=n_batches).values, d)
     for ax, title in zip(axes, (f"distance {distance}", f"{n_batches} batch(es)")):
         if has_perf:
-            ax.set(xlabel="mean TAS, min-max scaled", ylabel=f"mean {perf_label}")
+            ax.set(xlabel="mean TAS, min-max scaled", ylabel=f"mean {perf_label}".replace(" (", "\n(", 1))
         else:
             ax.set(xlabel="λ", ylabel="mean TAS, min-max scaled")
         ax.set_title(title, fontsize=9)
@@ -574,7 +588,6 @@ def embedding_interference_bars(ds: xr.Dataset) -> Figure:
                          panel=(max(5.0, 0.5 * n_groups * max(1, frame["merge"].nunique()) + 2.0), 3.4))
     sns.barplot(data=frame, x="task", y="l1", hue="merge", ax=ax)
     ax.set(xlabel="task", ylabel="mean ‖f(x; θ_merged) − f(x; θ_t)‖₁")
-    ax.tick_params(axis="x", rotation=30)
     ax.legend(fontsize=7, title=" / ".join(extra) if extra else None)
     return fig
 

@@ -24,6 +24,7 @@ from cycler import cycler
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import AutoLocator, MaxNLocator
+from matplotlib.transforms import ScaledTranslation
 
 __all__ = ["PALETTE", "PaperFigure", "palette", "tidy"]
 
@@ -58,10 +59,12 @@ def _legend_outside(ax: Axes, renderer) -> None:
     spec = ax.get_subplotspec()
     if spec is None or spec.get_gridspec().ncols == 1:
         where = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}
-    else:
+    else:  # below the x axis' tick labels and label, by their depth in inches: it does not change when the layout
+        # engine resizes the panel afterwards (an offset in axes fractions would, and land on the label)
         below = ax.xaxis.get_tightbbox(renderer) if renderer is not None else None
-        top = ax.transAxes.inverted().transform((0.0, below.y0))[1] - 0.02 if below is not None else -0.3
-        where = {"loc": "upper center", "bbox_to_anchor": (0.5, top), "ncols": 1}
+        depth = (ax.bbox.y0 - below.y0) / ax.figure.dpi if below is not None else 0.5
+        offset = ScaledTranslation(0.0, -(depth + 0.05), ax.figure.dpi_scale_trans)
+        where = {"loc": "upper center", "bbox_to_anchor": (0.5, 0.0), "bbox_transform": ax.transAxes + offset, "ncols": 1}
     moved = ax.legend(handles, labels, title=title, fontsize=size, borderaxespad=0.0, frameon=False, **where)
     moved._mergelab_outside = True
 

@@ -33,7 +33,7 @@ def test_pareto_front_draws_one_point_per_preference_and_every_baseline(adaptati
     ax = af.pareto_front(ds, split="val").axes[0]
     lines = [line for line in ax.get_lines()]
     assert len(lines) == ds.sizes["merge_method"] and all(len(line.get_xdata()) == ds.sizes["preference"] for line in lines)
-    np.testing.assert_allclose(lines[0].get_xdata(), ds.accuracy.isel(merge_method=0).sel(split="val").isel(task=0).values)
+    np.testing.assert_allclose(lines[0].get_xdata(), 100 * ds.accuracy.isel(merge_method=0).sel(split="val").isel(task=0).values)  # in %
     assert len(ax.collections) == ds.sizes["baseline"]
 
 

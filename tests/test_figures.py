@@ -160,7 +160,7 @@ def test_core_space_figures_and_tables(taskset):
     truncation = _labelled(core_space.truncation_curves(sub))
     fig = figures.core_truncation_curves(truncation)
     _check(fig)
-    assert len(fig.axes[0].lines) == 2 and [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["full space", "core space"]
+    assert len(fig.axes[0].lines) == 2 and [t.get_text() for t in fig.legends[0].get_texts()] == ["full space", "core space"]
 
     sar = _labelled(core_space.sar_by_space(sub))
     fig = figures.sar_heatmap(sar)
@@ -329,7 +329,7 @@ def test_tas_sweep_figures_and_tables(bench_datasets):
     ds = _bench(bench_datasets, "tas_sweep")
     tasks, lams = [str(t) for t in ds.task.values], ds.lam.values
     at = {"distance": "l2", "n_batches": 2}
-    perf = ds.normalized_accuracy
+    perf = 100 * ds.normalized_accuracy  # figures and tables give accuracies in %
 
     corr = model_figures.tas_correlation_table(ds)
     assert list(corr.index) == [*tasks, "mean"] and corr.attrs["distance"] == "l2" and corr.attrs["n_batches"] == 2
