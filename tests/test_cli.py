@@ -484,6 +484,18 @@ def _case_adapt_zero_batch(tmp, adapter, base):
     return _adapt_args(tmp, adapter, base, "--batch-size", "0"), "batch_size=0 must be at least 1"
 
 
+def _case_adapt_clamp_not_a_pair(tmp, adapter, base):  # issue 30 probe case 390: a TypeError after the references ran
+    return _adapt_args(tmp, adapter, base, "--set", "clamp=abc"), "clamp='abc' is invalid; expected [low, high]"
+
+
+def _case_adapt_clamp_low_above_high(tmp, adapter, base):  # probe case 391: every λ clamped to one value, silently
+    return _adapt_args(tmp, adapter, base, "--set", "clamp=[1,0]"), "clamp=[1, 0] is invalid; expected [low, high]"
+
+
+def _case_adapt_init_beyond_any_coefficient(tmp, adapter, base):  # probe cases 392/393: float32 overflow after the references
+    return _adapt_args(tmp, adapter, base, "--set", "init=1e308"), "init='1e308' is invalid; expected float in [-1000, 1000]"
+
+
 def _case_adapt_unknown_origin(tmp, adapter, base):
     args = _adapt_args(tmp, adapter, base, "--set", "origin=bogus")
     args[args.index("adamerging")] = "adarank"

@@ -45,7 +45,13 @@ CASES = [
     (_adaptive(lr=float("nan")), "lr=nan must be a positive number"),
     (_adaptive(batch_size=0), "batch_size=0 must be at least 1"),
     (_adaptive(label="../escape"), "adaptive label '../escape'"),
-    (_adaptive(hp={"init": "x"}), "init='x' is invalid; expected float or None"),
+    (_adaptive(hp={"init": "x"}), "init='x' is invalid; expected float in [-1000, 1000] or None"),
+    (_adaptive(hp={"init": 1e308}), "init=1e+308 is invalid; expected float in [-1000, 1000]"),  # issue 30 probe 392: float32 overflow, late
+    (_adaptive(hp={"clamp": [1.0, 0.0]}), "clamp=[1.0, 0.0] is invalid; expected [low, high]"),  # probe 391
+    (_adaptive(batch_size=10**12), "batch_size=1000000000000 must be at least 1 and at most 65536"),  # probe 362
+    (_adaptive(method="tara_a", alpha=0.0), "alpha=0.0 (the STCH smoothing"),  # probe 363
+    (_adaptive(method="adarank", hp={"rank_ratio": 0.0}), "rank_ratio=0.0 is invalid; expected float in (0, 1]"),  # probes 396/397
+    (_adaptive(method="adarank", hp={"temperature": 0.0}), "temperature=0.0 is invalid; expected float in (0, inf]"),  # 398/399: late
     (_adaptive(hp={"granularity": "block"}), "granularity='block' is invalid; expected one of 'task', 'layer'"),
     (_adaptive(optimizer="sgd"), "optimizer"),
     (_with(adaptive=[{"method": "adarank", "hp": {"orign": "cart"}}]), "adarank has no setting 'orign'"),
@@ -66,6 +72,7 @@ CASES = [
     (_with(colour="blue"), "unknown field"),
     (_with(dtype="int8"), "dtype 'int8' is not supported; choose one of float32, bfloat16, float16"),
     (_with(bench={"kind": "hf_seq_cls"}, joint=True), "no joint label space"),
+    (_with(adaptive=[{"method": "adamerging"}], adaptive_init=float("inf")), "adaptive_init=inf must be a starting merge coefficient"),
 ]
 
 

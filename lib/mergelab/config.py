@@ -261,6 +261,15 @@ class StudySpec(Strict):
         SELECTION_RULES.require(rule)
         return rule
 
+    @field_validator("adaptive_init")
+    @classmethod
+    def _a_coefficient(cls, init: float | None) -> float | None:
+        from mergelab.adaptation import COEFFICIENT
+
+        if init is not None and not (math.isfinite(init) and init in COEFFICIENT):
+            raise ValueError(f"adaptive_init={init} must be a starting merge coefficient λ in {COEFFICIENT}")
+        return init
+
     @field_validator("analyses")
     @classmethod
     def _known_analyses(cls, analyses: list[str]) -> list[str]:

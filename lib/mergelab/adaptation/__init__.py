@@ -26,8 +26,10 @@ per-task coefficients (a singular decomposition of a vector is meaningless).
 from __future__ import annotations
 
 import inspect
+import math
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
@@ -41,11 +43,11 @@ from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
 from mergelab.merging.spectral import cart_rank
 from mergelab.naming import GENERIC, ModuleLayout
-from mergelab.params import Param, params_of_function
+from mergelab.params import Interval, Param, params_of_function
 from mergelab.registry import Registry
 from mergelab.taskset import TaskSet, Update
 
-__all__ = ["ADAPTERS", "LAMBDA_CART", "RANK_RATIO_CART", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward", "adapt", "adarank_masks",
+__all__ = ["ADAPTERS", "COEFFICIENT", "LAMBDA_CART", "RANK_RATIO_CART", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward", "adapt", "adarank_masks",
            "build"]
 
 
@@ -202,6 +204,7 @@ class Adapter:
     start: Callable[[Mapping[str, Any]], str | None] = lambda hp: "init"
     start_grid: Callable[[Mapping[str, Any]], dict[str, tuple[float, ...]]] = lambda hp: {}
     optimizer: str = "adam"
+    intervals: Mapping[str, Interval] = field(default_factory=dict)
 
     @cached_property
     def settings(self) -> dict[str, Any]:
@@ -212,7 +215,7 @@ class Adapter:
     @cached_property
     def params(self) -> dict[str, Param]:
         """The settings whose type a :class:`~mergelab.params.Param` describes (checked at the edge)."""
-        return {name: p for name, p in params_of_function(self.build, typed_only=True).items() if name != "bases"}
+        return {name: p for name, p in params_of_function(self.build, self.intervals, typed_only=True).items() if name != "bases"}
 
     def check(self, hp: Mapping[str, Any], owner: str) -> None:
         """InputError naming ``owner`` unless every setting in ``hp`` is one of :attr:`settings`, with
@@ -223,6 +226,21 @@ class Adapter:
         for key, value in hp.items():
             if key in self.params:
                 self.params[key].coerce(value, owner)
+            elif key in self.ranges:
+                _check_range(key, value, owner, optional=self.ranges[key])
+
+    @cached_property
+    def ranges(self) -> dict[str, bool]:
+        """The settings annotated ``tuple[float, float]`` (a ``[low, high]`` range, such as AdaMerging's
+        ``clamp``), each with whether ``None`` is allowed: checked at the edge by :func:`_check_range`."""
+        hints = typing.get_type_hints(self.build)
+        found = {}
+        for name in self.settings:
+            args = typing.get_args(hints.get(name))
+            kinds = [a for a in args if a is not type(None)] if type(None) in args else [hints.get(name)]
+            if kinds == [tuple[float, float]]:
+                found[name] = type(None) in args
+        return found
 
     def with_start(self, hp: Mapping[str, Any], value: float) -> dict[str, Any]:
         """``hp`` with the builder's starting coefficient set to ``value`` (``start(hp)`` names it:
@@ -230,6 +248,18 @@ class Adapter:
         it already or this configuration starts elsewhere (AdaRank's CART origin)."""
         name = self.start(hp)
         return dict(hp) if name is None or name in hp else {**hp, name: value}
+
+
+def _check_range(key: str, value: Any, owner: str, *, optional: bool) -> None:
+    """InputError unless ``value`` is ``[low, high]``: two finite numbers with ``low <= high`` (or ``None``
+    where allowed)."""
+    if value is None and optional:
+        return
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not numbers or value[0] > value[1]:
+        raise InputError(f"{owner}: {key}={value!r} is invalid; expected [low, high], two finite numbers with low <= high"
+                         f"{' (or null: none)' if optional else ''}")
 
 
 #: 002 App. A: the CART origin's λ is grid-searched over 0.1, 0.2, …, 3.0
@@ -245,13 +275,21 @@ def _adarank_start_grid(hp: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
     return {key: values for key, values in (("lam", LAMBDA_CART), ("rank_ratio", RANK_RATIO_CART)) if key not in hp}
 
 
+#: The range of a starting merge coefficient λ (``init``, AdaRank's ``lam``): the papers start at 0.3 to 1 and
+#: search λ up to 3 (002 App. A); far beyond, the merged weights are the task vectors blown up (float32
+#: overflows at 3.4e38), so no run could mean it.
+COEFFICIENT = Interval(-1e3, 1e3)
+
 ADAPTERS: Registry[Adapter] = Registry("adaptive method", {
-    "adamerging": Adapter(build_adamerging),
-    "tara_a": Adapter(build_tara_a, scalarization="stch", optimizer="adamw"),  # 001 Sec. 4: AdamW, lr 1e-3
-    "tara_b": Adapter(build_tara_b, scalarization="stch", spaces=SVD_SPACES, basis=("knots", lambda hp: {}), optimizer="adamw"),
+    "adamerging": Adapter(build_adamerging, intervals={"init": COEFFICIENT}),
+    "tara_a": Adapter(build_tara_a, scalarization="stch", optimizer="adamw", intervals={"init": COEFFICIENT}),  # 001 Sec. 4: AdamW, lr 1e-3
+    "tara_b": Adapter(build_tara_b, scalarization="stch", spaces=SVD_SPACES, basis=("knots", lambda hp: {}), optimizer="adamw",
+                      intervals={"init": COEFFICIENT}),
     "adarank": Adapter(build_adarank, spaces=SVD_SPACES, basis=("task_svd", _adarank_basis),
-                       start=lambda hp: "lam" if hp.get("origin", "ta") == "ta" else None, start_grid=_adarank_start_grid),
-    "adamerging_tas": Adapter(build_adamerging_tas, objective="tas"),
+                       start=lambda hp: "lam" if hp.get("origin", "ta") == "ta" else None, start_grid=_adarank_start_grid,
+                       intervals={"lam": COEFFICIENT, "rank_ratio": Interval(0.0, 1.0, low_open=True),  # a fraction of the rank on
+                                  "temperature": Interval(0.0, low_open=True)}),  # the mask's sigmoid divides by it
+    "adamerging_tas": Adapter(build_adamerging_tas, objective="tas", intervals={"init": COEFFICIENT}),
 })
 
 
