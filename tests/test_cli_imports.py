@@ -73,3 +73,7 @@ def test_a_bad_study_is_refused_before_prefect_xarray_or_a_model_library_loads(t
     bad.write_text("name: s\nmethods:\n  - method: tiez\n")
     code, heavy = imported_heavy("run", str(bad), "--store", str(tmp_path / "store"))
     assert code == 2 and heavy == ["torch"]
+    # found by the model validators, after the fields (issue 30 probe 442: a bench root with nothing built)
+    bad.write_text("name: s\nbench: {kind: micro, root: /nonexistent}\nmethods:\n  - method: ties\n")
+    code, heavy = imported_heavy("run", str(bad), "--store", str(tmp_path / "store"))
+    assert code == 2 and heavy == ["torch"]

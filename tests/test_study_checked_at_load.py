@@ -65,6 +65,11 @@ CASES = [
     (_analysis("lambda_similarity", lambdas="0.3"), "analysis_settings: lambda_similarity: lambdas='0.3' is invalid", "list of float"),
     (_analysis("coverage", energy=True), "analysis_settings: coverage: energy=True is invalid", "expected float"),
     (_analysis("truncation", spaces="core"), "analysis_settings: truncation: spaces='core' is invalid", "list of str"),
+    # issue 30 probe cases 442-448: found only after the study graph and the model libraries loaded
+    (_study(bench={"kind": "micro", "root": "/nonexistent"}), "bench.root /nonexistent holds no micro benchmark",
+     "run `mergelab build-micro --out /nonexistent`"),
+    (_study(tasks=["bogus", "digits"], bench={"kind": "micro", "root": str(MICRO)}), "'bogus' is not a task of the micro bench",
+     "allowed: aerial, digits"),
 ]
 
 

@@ -284,9 +284,9 @@ class StudySpec(Strict):
             raise ValueError("the study has no methods, adaptive methods, analyses or adaptation studies; add at least one")
         if not self.allow_labels and any(a.objective == "labels" for a in self.adaptive):
             raise ValueError("objective 'labels' uses validation labels; set allow_labels: true to allow it")
-        from mergelab.experiments.registry import check_analysis_settings
-
         for name, settings in self.analysis_settings.items():
+            from mergelab.experiments.registry import check_analysis_settings  # here: it imports the benches' model code
+
             if name not in self.analyses:
                 raise ValueError(f"analysis_settings: {name!r} is not in analyses:; add it there or remove its settings")
             try:
@@ -310,9 +310,9 @@ class StudySpec(Strict):
         """Every adaptation study's settings (:func:`~mergelab.experiments.registry.check_settings`) and
         every adaptive ``preference`` checked against the merged ``tasks`` (their values alone when the
         tasks are not known before the bench loads)."""
-        from mergelab.experiments.registry import check_settings
-
         for name, settings in self.adaptation_studies.items():
+            from mergelab.experiments.registry import check_settings  # here: it imports the benches' model code
+
             try:
                 check_settings(name, settings, tasks)
             except InputError as err:
@@ -321,6 +321,17 @@ class StudySpec(Strict):
             if a.preference is not None and tasks is not None and len(a.preference) != len(tasks):
                 raise ValueError(f"adaptive {a.name}: preference has {len(a.preference)} entries for the {len(tasks)} merged tasks "
                                  f"({', '.join(tasks)}); give one weight per task")
+
+    def check_bench_files(self) -> None:
+        """InputError when the bench's files already show the study cannot run here (:meth:`BenchSpec.preflight`:
+        a root with nothing built), or name a task it does not have: what ``mergelab run`` checks before the
+        study graph and the model libraries load (a study may be loaded where its bench is not, to serve it)."""
+        self.bench.preflight()
+        known = self.bench.task_names()
+        named = [getattr(t, "name", t) for t in [*(self.tasks or []), *self.unseen]]
+        unknown = [t for t in named if known is not None and t not in known]
+        if unknown:
+            raise InputError(f"tasks: {unknown[0]!r} is not a task of the {self.bench.kind} bench; allowed: {', '.join(known or [])}")
 
     def task_names(self, *, own_bench: bool = False) -> list[str] | None:
         """The merged tasks' names before anything loads: ``tasks:``, else, for a study that runs on

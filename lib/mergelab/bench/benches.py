@@ -121,6 +121,10 @@ class BenchSpec(Strict):
         only loading the bench tells)."""
         return None
 
+    def preflight(self) -> None:
+        """InputError when the bench's files already show that it cannot load (a root with nothing
+        built there), read without a model library: a study file checks it as it loads."""
+
     @classmethod
     def path_fields(cls) -> tuple[str, ...]:
         """The settings that are local paths (relative ones in a study file are relative to its folder)."""

@@ -36,6 +36,7 @@ def _run_study(study: Path, store: str | None, runner: str):
     from mergelab.config import load_study
 
     spec = load_study(study)  # validate before torch, xarray or Prefect load: bad input fails in a second
+    spec.check_bench_files()
     from mergelab.store import Store
     from mergelab.study import up_to_date
     from mergelab_flows.runtime import parse_runner

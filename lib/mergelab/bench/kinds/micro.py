@@ -34,6 +34,13 @@ class MicroSpec(BenchSpec):
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def preflight(self) -> None:
+        """A root without ``manifest.json`` holds no built benchmark (what :func:`load` would find after
+        the model libraries loaded)."""
+        if not (self.root / "manifest.json").is_file():
+            raise InputError(f"bench.root {self.root} holds no micro benchmark (no manifest.json); run "
+                             f"`mergelab build-micro --out {self.root}` or point root at a built one")
+
 
 def load(spec: MicroSpec, tasks: Tasks) -> Bench:
     """The micro benchmark's backbone, the named tasks (all when ``None``) and their ``rank`` adapters."""
