@@ -51,6 +51,7 @@ CASES = [
     (_adaptive(batch_size=10**12), "batch_size=1000000000000 must be at least 1 and at most 65536"),  # probe 362
     (_adaptive(method="tara_a", alpha=0.0), "alpha=0.0 (the STCH smoothing"),  # probe 363
     (_adaptive(method="adarank", hp={"rank_ratio": 0.0}), "rank_ratio=0.0 is invalid; expected float in (0, 1]"),  # probes 396/397
+    (_adaptive(method="tara_b", hp={"rank": 0}), "rank=0 is invalid; expected int in [1, inf]"),  # probes 403/404: a traceback after the references
     (_adaptive(method="adarank", hp={"temperature": 0.0}), "temperature=0.0 is invalid; expected float in (0, inf]"),  # 398/399: late
     (_adaptive(hp={"granularity": "block"}), "granularity='block' is invalid; expected one of 'task', 'layer'"),
     (_adaptive(optimizer="sgd"), "optimizer"),
@@ -72,6 +73,8 @@ CASES = [
     (_with(colour="blue"), "unknown field"),
     (_with(dtype="int8"), "dtype 'int8' is not supported; choose one of float32, bfloat16, float16"),
     (_with(bench={"kind": "hf_seq_cls"}, joint=True), "no joint label space"),
+    (_with(methods=[{"method": "ties", "grid": {"alpha": [0.5]}}, {"method": "ties", "spaces": ["core", "full"], "grid": {"alpha": [0.8]}}]),
+     "methods[1]: ties in the full space is also methods[0]"),  # issue 30 probe 476: accepted, rows of both in one selection
     (_with(adaptive=[{"method": "adamerging"}], adaptive_init=float("inf")), "adaptive_init=inf must be a starting merge coefficient"),
 ]
 

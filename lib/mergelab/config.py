@@ -294,6 +294,13 @@ class StudySpec(Strict):
             except InputError as err:
                 raise ValueError(str(err)) from None
         self._fit_the_tasks(self.task_names(own_bench=bool(info.context and info.context.get(OWN_BENCH))))
+        entry: dict[tuple[str, str], int] = {}
+        for i, m in enumerate(self.methods):
+            for space in m.spaces:
+                if (m.method, space) in entry:  # its selection and results rows would mix two entries' grids
+                    raise ValueError(f"methods[{i}]: {m.method} in the {space} space is also methods[{entry[m.method, space]}]; give one "
+                                     "entry per method and space (list every value in its grid)")
+                entry[m.method, space] = i
         labels = [a.name for a in self.adaptive]
         if len(set(labels)) != len(labels):
             raise ValueError(f"adaptive runs need distinct labels, got {labels}; set label: for repeated methods")

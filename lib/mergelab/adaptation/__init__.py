@@ -284,7 +284,7 @@ ADAPTERS: Registry[Adapter] = Registry("adaptive method", {
     "adamerging": Adapter(build_adamerging, intervals={"init": COEFFICIENT}),
     "tara_a": Adapter(build_tara_a, scalarization="stch", optimizer="adamw", intervals={"init": COEFFICIENT}),  # 001 Sec. 4: AdamW, lr 1e-3
     "tara_b": Adapter(build_tara_b, scalarization="stch", spaces=SVD_SPACES, basis=("knots", lambda hp: {}), optimizer="adamw",
-                      intervals={"init": COEFFICIENT}),
+                      intervals={"init": COEFFICIENT, "rank": Interval(1)}),  # rank: directions kept of the shared SVD
     "adarank": Adapter(build_adarank, spaces=SVD_SPACES, basis=("task_svd", _adarank_basis),
                        start=lambda hp: "lam" if hp.get("origin", "ta") == "ta" else None, start_grid=_adarank_start_grid,
                        intervals={"lam": COEFFICIENT, "rank_ratio": Interval(0.0, 1.0, low_open=True),  # a fraction of the rank on
