@@ -75,6 +75,7 @@ CASES = [
     (_with(bench={"kind": "hf_seq_cls"}, joint=True), "no joint label space"),
     (_with(methods=[{"method": "ties", "grid": {"alpha": [0.5]}}, {"method": "ties", "spaces": ["core", "full"], "grid": {"alpha": [0.8]}}]),
      "methods[1]: ties in the full space is also methods[0]"),  # issue 30 probe 476: accepted, rows of both in one selection
+    (_with(seeds=[0, 1, 0]), "seeds lists 0 twice"),  # issue 30 probe 486: accepted
     (_with(adaptive=[{"method": "adamerging"}], adaptive_init=float("inf")), "adaptive_init=inf must be a starting merge coefficient"),
 ]
 

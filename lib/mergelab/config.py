@@ -251,6 +251,9 @@ class StudySpec(Strict):
     def _some_seed(cls, seeds: list[int]) -> list[int]:
         if not seeds:
             raise ValueError("seeds is empty; list at least one seed (e.g. seeds: [0])")
+        repeated = next((seed for i, seed in enumerate(seeds) if seed in seeds[:i]), None)
+        if repeated is not None:  # the same run twice, counted as two in every mean over seeds
+            raise ValueError(f"seeds lists {repeated} twice; list each seed once")
         return seeds
 
     @field_validator("selection")
