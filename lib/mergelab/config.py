@@ -149,6 +149,10 @@ class AdaptiveSpec(Strict):
                              "(a step reads at most a task's whole val split)")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"{self.name}: lr={self.lr} must be a positive number")
+        if self.preference is not None:  # its length is checked against the merged tasks (StudySpec._fit_the_tasks)
+            from mergelab.adaptation.objectives import validate_preference
+
+            validate_preference(self.preference, len(self.preference))
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"{self.name}: alpha={self.alpha} (the STCH smoothing, 001 Eq. 10: Ψ = α log Σ exp(ρ_t f_t / α)) "
                              "must be a positive number")
