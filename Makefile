@@ -39,8 +39,9 @@ demo: $(STAMP)
 papers: $(STAMP)
 	for study in studies/papers/*.yaml; do $(BIN)/mergelab run $$study || exit 1; done
 
+# Two pytest-xdist workers, each taking whole test files (their module fixtures run once): CI's 2 cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The kernels import this checkout's lib/ (mergelab, and mergelab_figures: a link to analysis/); the inline
 # backend draws the figures.

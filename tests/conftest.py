@@ -9,6 +9,14 @@ from pathlib import Path
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+# `make test` runs the suite on pytest-xdist workers: each worker (and every process it starts) gets its
+# share of the cores, so the workers' torch thread pools do not oversubscribe the machine.
+# xdist's workers also start with COLUMNS=80 and LINES=24, which the command line's rich consoles would
+# keep as a fixed width from their import on; without them a worker prints as a serial run does.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
 
 import pytest
 import torch
