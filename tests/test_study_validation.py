@@ -76,6 +76,8 @@ CASES = [
     (_with(methods=[{"method": "ties", "grid": {"alpha": [0.5]}}, {"method": "ties", "spaces": ["core", "full"], "grid": {"alpha": [0.8]}}]),
      "methods[1]: ties in the full space is also methods[0]"),  # issue 30 probe 476: accepted, rows of both in one selection
     (_with(seeds=[0, 1, 0]), "seeds lists 0 twice"),  # issue 30 probe 486: accepted
+    (_with(allow_labels="yes"), "allow_labels: Input should be a valid boolean"),  # probe 534: read as true
+    (_with(analyses=["norms", "norms"]), "analyses lists 'norms' twice"),  # probe 537: accepted
     (_adaptive(method="tara_a", preference=[1.5, -0.5]), "preference [1.5, -0.5] must be finite and non-negative"),  # 514: after stage
     (_adaptive(method="tara_a", preference=[0.5, float("nan")]), "must be finite and non-negative"),  # 515
     (_adaptive(method="tara_a", preference=[1.0, 1.0]), "sums to 2, not 1"),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, StrictBool, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mergelab.bench import BENCHES, BenchSpec, MicroSpec, TaskSource, bench_spec
 from mergelab.bench.kinds import DEFAULT_KIND
@@ -200,14 +200,14 @@ class StudySpec(Strict):
     methods: list[MethodSpec] = Field(default_factory=list)
     adaptive: list[AdaptiveSpec] = Field(default_factory=list)
     selection: str = "val"
-    joint: bool = True
+    joint: StrictBool = True  # a string such as "no" is no boolean (issue 30 probe 534)
     analyses: list[str] = Field(default_factory=list)
     analysis_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
     adaptation_studies: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seeds: list[Seed] = Field(default_factory=lambda: [0])
     store: str | None = None
     _folder: Path | None = PrivateAttr(default=None)  # the study file's folder (its default store sits there)
-    allow_labels: bool = False
+    allow_labels: StrictBool = False
     adaptive_init: Float | None = None
     device: str = "cpu"
     dtype: str = "float32"
@@ -283,6 +283,9 @@ class StudySpec(Strict):
         from mergelab.experiments.registry import ANALYSES
 
         ANALYSES.require(*analyses)
+        repeated = next((name for i, name in enumerate(analyses) if name in analyses[:i]), None)
+        if repeated is not None:
+            raise ValueError(f"analyses lists {repeated!r} twice; list each analysis once")
         return analyses
 
     @model_validator(mode="after")
