@@ -526,7 +526,9 @@ def tas_robustness(ds: xr.Dataset, distance: str | None = None, n_batches: int |
 
     Left: one curve per batch count at ``distance`` (default ``l2``); right: one curve per distance
     at ``n_batches`` (default the largest). Each point is one λ; 004 finds the curves nearly
-    identical. Without an evaluation axis the scaled TAS is drawn against λ instead.
+    identical, so each later curve's markers are smaller than the one before: coinciding curves
+    show as nested markers instead of hiding each other. Without an evaluation axis the scaled TAS
+    is drawn against λ instead.
     """
     distance, n_batches = _proxy_coords(ds, distance, n_batches)
     perf, perf_label = _performance(ds)
@@ -535,17 +537,18 @@ def tas_robustness(ds: xr.Dataset, distance: str | None = None, n_batches: int |
     fig, axes = _figure(ds, "Robustness of TAS to the number of batches and to the distance", "004 App. E, Figs. 10-11",
                         ncols=2, panel=(4.2, 3.2))
 
-    def draw(ax: Axes, curve: np.ndarray, label: str) -> None:
+    def draw(ax: Axes, curve: np.ndarray, label: str, index: int) -> None:
         scaled = _scaled(curve)
+        style = {"marker": "o", "markersize": max(3.0, 9.0 - 3.0 * index), "label": label}
         if has_perf:
-            ax.plot(scaled, mean_perf, marker="o", label=label)
+            ax.plot(scaled, mean_perf, **style)
         else:
-            ax.plot(ds.lam.values, scaled, marker="o", label=label)
+            ax.plot(ds.lam.values, scaled, **style)
 
-    for b in ds.n_batches.values:
-        draw(axes[0], ds.tas_mean.sel(distance=distance, n_batches=b).values, f"{int(b)} batch(es)")
-    for d in _strings(ds.distance.values):
-        draw(axes[1], ds.tas_mean.sel(distance=d, n_batches=n_batches).values, d)
+    for i, b in enumerate(ds.n_batches.values):
+        draw(axes[0], ds.tas_mean.sel(distance=distance, n_batches=b).values, f"{int(b)} batch(es)", i)
+    for i, d in enumerate(_strings(ds.distance.values)):
+        draw(axes[1], ds.tas_mean.sel(distance=d, n_batches=n_batches).values, d, i)
     for ax, title in zip(axes, (f"distance {distance}", f"{n_batches} batch(es)")):
         if has_perf:
             ax.set(xlabel="mean TAS, min-max scaled", ylabel=f"mean {perf_label}".replace(" (", "\n(", 1))

@@ -81,14 +81,16 @@ def _turn_crowded_ticks(ax: Axes, renderer) -> None:
 
 
 def _fit_title(fig: Figure, renderer) -> None:
-    """Wrap the figure's title (``suptitle``) line by line when it is wider than the figure."""
+    """Wrap the figure's title (``suptitle``) line by line when it is wider than the figure, narrowing
+    the wrap until the measured text fits (characters differ in width, so one proportional guess can
+    still overrun the edge)."""
     title = fig._suptitle  # matplotlib keeps the suptitle's Text here; get_suptitle() gives only its string
     if renderer is None or title is None:
         return
-    width, room = title.get_window_extent(renderer).width, 0.98 * fig.bbox.width
-    if width > room:
-        lines = title.get_text().split("\n")
-        chars = max(20, int(max(map(len, lines)) * room / width))
+    lines, room = title.get_text().split("\n"), 0.98 * fig.bbox.width
+    chars = max(map(len, lines))
+    while (width := title.get_window_extent(renderer).width) > room and chars > 20:
+        chars = max(20, min(chars - 1, int(chars * room / width)))
         title.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
 
 

@@ -364,3 +364,19 @@ def test_figures_of_degenerate_data_say_so_in_their_title(taskset):
     assert figures.uniform_energy_rank(flat) == 4 and figures.uniform_energy_rank(ranks.assign(energy_rank=ranks.energy_rank.cumsum("task"))) is None
     fig = figures.energy_rank_per_task(flat)
     assert "every task's energy rank is 4 here" in fig.get_suptitle() and layout_problems(fig) == []
+
+
+def test_real_demo_cases_coinciding_tas_curves_and_a_long_title_on_a_narrow_figure():
+    """Two problems the v3 demo's own Datasets showed: TAS curves of 1 and 2 batches that coincide
+    (004 Figs. 10-11: the robustness the paper reports) and a run name that widens 004 Fig. 14's
+    title past a 5-inch figure after one proportional wrap."""
+    ds = tas_sweep()
+    same = ds.tas_mean.isel(n_batches=0).values
+    ds["tas_mean"] = ds.tas_mean.copy(data=np.repeat(same[:, :, None], ds.sizes["n_batches"], axis=2))
+    assert layout_problems(model_figures.tas_robustness(ds)) == []
+    fig, ax = _paper_figure()
+    fig.set_size_inches(5.0, 4.0)
+    ax.plot([0, 1], [0, 1])
+    fig.suptitle("Learned coefficient per task during adaptation (adamerging_tas) (004 Fig. 14 right)\n"
+                 "computed on: micro-r4 benchmark (micro-benchmark numbers, not the papers')")
+    assert layout_problems(fig) == []
