@@ -320,7 +320,7 @@ def report(m: Mapping[str, Any]) -> str:
     lines += ["", f"{'adaptive run':<20} {'objective first 5':>18} {'last 5':>10} {'last-quarter share of the change':>34}"]
     lines += [f"{p['run']:<20} {p['first']:>18.4f} {p['last']:>10.4f} {p['last_quarter_share']:>34.2f}" for p in m["plateaus"]]
     lines += ["", "diagnostics"]
-    lines.append("(b) TA curve (λ: norm_acc %): " + ", ".join(f"{lam:g}: {v:.1f}" for lam, v in m["ta_curve"].items()))
+    lines.append("(b) TA curve (λ: norm_acc %): " + ", ".join(f"{float(lam):g}: {v:.1f}" for lam, v in m["ta_curve"].items()))
     ea = m["entropy_accuracy"]
     lines.append(f"(c) Spearman(entropy, accuracy) over {ea['merges']} merges (val): {_fmt(ea['spearman'])} "
                  "(AdaMerging's premise: strongly negative)" if ea["merges"] else "(c) no val_entropy in this study's results (rerun it)")
@@ -359,7 +359,7 @@ def claims_markdown(m: Mapping[str, Any]) -> str:
                      f"{'yes' if t['holds'] else '**no**'} |")
     held = sum(t["holds"] for t in m["targets"])
     lines += ["", f"{held} of {len(m['targets'])} hold ({m['note']}). Diagnostics: TA curve "
-              + ", ".join(f"λ {lam:g}: {v:.1f}" for lam, v in m["ta_curve"].items())
+              + ", ".join(f"λ {float(lam):g}: {v:.1f}" for lam, v in m["ta_curve"].items())
               + (f"; Spearman(entropy, accuracy) over {m['entropy_accuracy']['merges']} merges {_fmt(m['entropy_accuracy']['spearman'])}"
                  if m["entropy_accuracy"]["merges"] else "")
               + (f"; others-only retention at λ 1: {m['retention']['mean']['1.0']:.1f} (zero-shot {m['retention']['zero_shot']:.1f})"
