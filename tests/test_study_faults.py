@@ -30,13 +30,20 @@ KILL_STUDY = {**SMALL, "adaptive": [], "analyses": [], "adaptation_studies": {},
     {"method": "task_arithmetic", "spaces": ["full", "knots", "core"], "grid": {"alpha": [0.2, 0.4, 0.6, 0.8]}}]}
 
 
+def _as_from_a_terminal() -> None:
+    """The run starts with SIGINT at its default, as a terminal's foreground command does: a suite
+    started in the background by a non-interactive shell inherits SIGINT ignored, and Python keeps
+    an ignored SIGINT ignored, so Ctrl-C would not reach the run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_wait_for_evaluations(tmp_path: Path) -> tuple[list[str], subprocess.Popen, Store]:
     """``mergelab run`` of a 12-configuration study, returned once two evaluations are published."""
     study = write_study(tmp_path / "kill.yaml", KILL_STUDY)
     store = tmp_path / "store"
     cmd = [sys.executable, "-m", "mergelab.cli", "run", str(study), "--store", str(store), "--runner", "thread=1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
     deadline = time.time() + 240
     s = Store(store)
     while time.time() < deadline and proc.poll() is None:
