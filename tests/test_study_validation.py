@@ -69,6 +69,13 @@ CASES = [
      "components has no setting 'layer'; allowed: lam, components, layers"),
     (_with(analyses=["merged_rank"], analysis_settings={"merged_rank": {"merged": []}}),
      "merged_rank has no setting 'merged'; allowed: rtol, split_packed"),  # the inputs are the study's, not settings
+    # issue 30 probe 540-543, 546: ranges an analysis setting declares, checked at load, not after stage and references
+    (_with(analyses=["components"], analysis_settings={"components": {"layers": [0, -1]}}),
+     "layers=[0, -1] is invalid; expected"),
+    (_with(analyses=["components"], analysis_settings={"components": {"components": 5.0}}), "components=5.0 is invalid; expected"),
+    (_with(analyses=["components"], analysis_settings={"components": {"components": 0.0}}), "(a number in (0, 1])"),
+    (_with(analyses=["truncation_accuracy"], analysis_settings={"truncation_accuracy": {"fractions": [0.5, 1.5]}}),
+     "fractions=[0.5, 1.5] is invalid; expected"),
     (_with(selection="best"), "selection"),
     (_with(colour="blue"), "unknown field"),
     (_with(dtype="int8"), "dtype 'int8' is not supported; choose one of float32, bfloat16, float16"),

@@ -220,8 +220,11 @@ def check_setting(name: str, value: Any, hint: Any, owner: str, tasks: Sequence[
     if value is None or typing.get_origin(hint) is not typing.Annotated:
         return
     for rule in typing.get_args(hint)[1:]:
-        if isinstance(rule, Interval) and not (isinstance(value, numbers.Real) and value in rule):
-            raise bad(f"a number in {rule}")
+        if isinstance(rule, Interval):  # a number, or each number of a list
+            if isinstance(value, list | tuple) and not all(isinstance(v, numbers.Real) and v in rule for v in value):
+                raise bad(f"numbers in {rule}")
+            if not isinstance(value, list | tuple) and not (isinstance(value, numbers.Real) and value in rule):
+                raise bad(f"a number in {rule}")
         if isinstance(rule, Tasks) and tasks is not None:
             unknown = [t for t in value if t not in tasks]
             if unknown:

@@ -20,7 +20,7 @@ nothing), normalised by each task's fine-tuned model on the same split.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import xarray as xr
@@ -30,6 +30,7 @@ from mergelab.analysis.factored import annotated, dataset_attrs
 from mergelab.bench import BenchSession
 from mergelab.bench.session import Params
 from mergelab.merging import derive_seed, merge, project
+from mergelab.params import Interval
 from mergelab.spaces.base import require_low_rank
 
 __all__ = ["TRUNCATION_ACCURACY_FRACTIONS", "reference_basis_accuracy", "truncation_accuracy"]
@@ -59,7 +60,7 @@ def _scored(values: np.ndarray, finetuned: np.ndarray, dims: tuple[str, ...], sp
 
 
 def truncation_accuracy(session: BenchSession, *, method: str = "task_arithmetic", spaces: Sequence[str] = TRUNCATION_SPACES,
-                        fractions: Sequence[float] = TRUNCATION_ACCURACY_FRACTIONS,
+                        fractions: Annotated[Sequence[float], Interval(0, 1)] = TRUNCATION_ACCURACY_FRACTIONS,
                         hyper_parameters: Mapping[str, Any] | None = None, split: str = "test") -> xr.Dataset:
     """003 Fig. 4: accuracy of the merge truncated by the fraction ``p`` in each space.
 

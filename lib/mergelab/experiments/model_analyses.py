@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from mergelab.bench import BenchSession
 from mergelab.bench.session import Params
 from mergelab.merging import METHODS, merge
 from mergelab.naming import module_coords
+from mergelab.params import Interval
 from mergelab.taskset import MergedUpdate
 
 __all__ = ["component_loss_changes", "embedding_interference", "embedding_interference_by_space", "jacobian_anisotropy",
@@ -63,7 +64,8 @@ def jacobian_anisotropy(session: BenchSession, *, lam: float = 0.3, batch_size: 
                                labels=labels, batch_size=batch_size, batches=batches, split_packed=split_packed, rtol=rtol)
 
 
-def component_loss_changes(session: BenchSession, *, lam: float = 0.3, components: float = 0.1, layers: Sequence[int] | None = None,
+def component_loss_changes(session: BenchSession, *, lam: float = 0.3, components: Annotated[float, Interval(0, 1, low_open=True)] = 0.1,
+                           layers: Annotated[Sequence[int] | None, Interval(0)] = None,
                            batch_size: int = 64, batches: int | None = 2, labels: bool = True,
                            energy: float = ENERGY) -> xr.Dataset:
     """ΔL_j(r) of 002 Eq. (4) for every source task, analysed module and top component (schema in docs/store.md).
