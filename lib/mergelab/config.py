@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, StrictBool, 
 from mergelab.bench import BENCHES, BenchSpec, MicroSpec, TaskSource, bench_spec
 from mergelab.bench.kinds import DEFAULT_KIND
 from mergelab.errors import InputError, read_text
+from mergelab.params import first_repeated
 from mergelab.strict import Float, Int, Seed, Strict, safe_name
 
 __all__ = ["DEFAULT_STUDY", "AdaptiveSpec", "MethodSpec", "StudySpec", "config_label", "find_study", "load_study"]
@@ -255,7 +256,7 @@ class StudySpec(Strict):
     def _some_seed(cls, seeds: list[int]) -> list[int]:
         if not seeds:
             raise ValueError("seeds is empty; list at least one seed (e.g. seeds: [0])")
-        repeated = next((seed for i, seed in enumerate(seeds) if seed in seeds[:i]), None)
+        repeated = first_repeated(seeds)
         if repeated is not None:  # the same run twice, counted as two in every mean over seeds
             raise ValueError(f"seeds lists {repeated} twice; list each seed once")
         return seeds
@@ -283,7 +284,7 @@ class StudySpec(Strict):
         from mergelab.experiments.registry import ANALYSES
 
         ANALYSES.require(*analyses)
-        repeated = next((name for i, name in enumerate(analyses) if name in analyses[:i]), None)
+        repeated = first_repeated(analyses)
         if repeated is not None:
             raise ValueError(f"analyses lists {repeated!r} twice; list each analysis once")
         return analyses

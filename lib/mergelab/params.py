@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 from mergelab.errors import InputError
 
-__all__ = ["Among", "Interval", "Param", "PerTask", "Tasks", "check_setting", "params_of_dataclass", "params_of_function", "resolve", "shown"]
+__all__ = ["Among", "Interval", "Param", "PerTask", "Tasks", "check_setting", "first_repeated", "params_of_dataclass", "params_of_function",
+           "resolve", "shown"]
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,11 @@ def shown(hint: Any) -> str:
     if origin is not None and args:
         return f"list of {shown(args[0])}"
     return "None" if hint is type(None) else "anything" if hint is Any else getattr(hint, "__name__", str(hint))
+
+
+def first_repeated(items: Sequence[Any]) -> Any | None:
+    """The first item of ``items`` that an earlier one equals (``None``: each is listed once)."""
+    return next((item for i, item in enumerate(items) if item in items[:i]), None)
 
 
 def check_setting(name: str, value: Any, hint: Any, owner: str, tasks: Sequence[str] | None) -> None:

@@ -57,7 +57,7 @@ from mergelab.errors import InputError
 from mergelab.merging.arithmetic import group_norms
 from mergelab.merging.lora import lora_scalings
 from mergelab.merging.regmean import check_grams
-from mergelab.params import Interval, Param, params_of_function, resolve
+from mergelab.params import Interval, Param, first_repeated, params_of_function, resolve
 from mergelab.registry import Registry
 from mergelab.spaces import Context, Space
 from mergelab.taskset import LowRank, TaskSet
@@ -159,8 +159,7 @@ class Composition:
     parts: tuple[tuple[str, MergeMethod], ...]
 
     def __post_init__(self) -> None:
-        names = [part for part, _ in self.parts]
-        repeated = next((part for i, part in enumerate(names) if part in names[:i]), None)
+        repeated = first_repeated([part for part, _ in self.parts])
         if repeated is not None:  # its stages' hyper-parameters would share one name (ties.density)
             raise InputError(f"method {self.name!r} names {repeated!r} twice, whose stages would share the settings {repeated}.<name>; "
                              "compose distinct methods (each at most once)")
