@@ -301,10 +301,16 @@ def _case_study_stch_alpha_negative(tmp, adapters, base):
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]
 
 
+@pytest.fixture
+def base(tmp_path, tiny_vit) -> Path:
+    """The tiny ViT's weights as a safetensors file: the base of ``vit_adapters``."""
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(path))
+    return path
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__.removeprefix("_case_"))
-def test_a_silently_wrong_merge_is_refused_in_one_line(case, tmp_path, vit_adapters, tiny_vit):
-    base = tmp_path / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
+def test_a_silently_wrong_merge_is_refused_in_one_line(case, tmp_path, vit_adapters, base):
     args, message = case(tmp_path, vit_adapters, base)
     before = set(tmp_path.rglob("*"))
     result = run(*args)
@@ -342,10 +348,8 @@ WARNED = [v for k, v in sorted(globals().items()) if k.startswith("_warns_")]
 
 
 @pytest.mark.parametrize("case", WARNED, ids=lambda f: f.__name__.removeprefix("_warns_"))
-def test_a_legal_but_suspicious_input_is_one_warning_line(case, tmp_path, vit_adapters, tiny_vit):
+def test_a_legal_but_suspicious_input_is_one_warning_line(case, tmp_path, vit_adapters, base):
     """Inputs PEFT or transformers read without a word but that are likely mistakes: exit 0 and one ``warning:`` line."""
-    base = tmp_path / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(base))
     args, message = case(tmp_path, vit_adapters, base)
     result = run(*args)
     assert result.exit_code == 0, result.output
