@@ -72,3 +72,16 @@ def test_bad_settings_are_one_line_errors(built, tmp_path, change, tasks, messag
     with pytest.raises(InputError) as err:
         _load({**change, "root": str(root), "weights": str(other)}, tasks=tasks)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_study_without_the_built_benchmark_is_refused_before_a_model_library_loads(built, tmp_path):
+    """``mergelab run``'s check of the bench files (BenchSpec.preflight): the rows-only data/text of a fresh
+    clone has no adapter set, an empty root no manifest."""
+    from mergelab.config import StudySpec
+
+    out, _ = built
+    study = lambda **bench: StudySpec.model_validate({"name": "t", "bench": {"kind": "text", **bench}, "analyses": ["norms"]})  # noqa: E731
+    study(root=str(out)).check_bench_files()
+    for bench, message in (({"root": str(out), "rank": 8}, "no 8 adapter set"), ({"root": str(tmp_path)}, "holds no built text benchmark")):
+        with pytest.raises(InputError, match=message):
+            study(**bench).check_bench_files()

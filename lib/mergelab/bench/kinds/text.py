@@ -45,6 +45,10 @@ class TextSpec(BenchSpec):
         except (InputError, KeyError, TypeError):
             return None
 
+    def preflight(self) -> None:
+        """The manifest and the adapter set are there (read without a model library)."""
+        _built(self)
+
 
 def _manifest(root: Path) -> dict[str, Any]:
     try:
@@ -54,20 +58,27 @@ def _manifest(root: Path) -> dict[str, Any]:
             from None
 
 
-def load(spec: TextSpec, tasks: Tasks) -> Bench:
-    """The benchmark's encoder, the named tasks (all when ``None``) with their label prompts and their ``rank`` adapters."""
-    from mergelab.textbench.build import default_model
-
+def _built(spec: TextSpec) -> tuple[dict[str, Any], int]:
+    """The benchmark's manifest and the adapter set's rank (``spec.rank``, else the default set), which it must hold."""
     manifest = _manifest(spec.root)
-    names = list(tasks) if tasks else list(manifest["tasks"])
-    unknown = [t for t in names if t not in manifest["tasks"]]
-    if unknown:
-        raise InputError(f"tasks: {unknown[0]!r} is not a task of {spec.root}; allowed: {', '.join(manifest['tasks'])}")
     rank = manifest.get("default_rank") if spec.rank is None else spec.rank
     built = manifest.get("adapters", {})
     if str(rank) not in built:
         raise InputError(f"bench.rank: no {rank!r} adapter set in {spec.root} (built: {', '.join(built) or 'none'}); "
                          f"run `mergelab build-text --out {spec.root}` to train the adapters")
+    return manifest, rank
+
+
+def load(spec: TextSpec, tasks: Tasks) -> Bench:
+    """The benchmark's encoder, the named tasks (all when ``None``) with their label prompts and their ``rank`` adapters."""
+    from mergelab.textbench.build import default_model
+
+    manifest, rank = _built(spec)
+    names = list(tasks) if tasks else list(manifest["tasks"])
+    unknown = [t for t in names if t not in manifest["tasks"]]
+    if unknown:
+        raise InputError(f"tasks: {unknown[0]!r} is not a task of {spec.root}; allowed: {', '.join(manifest['tasks'])}")
+    built = manifest["adapters"]
     weights = spec.weights or default_model()
     sources = [TaskSource(name=t, adapter=spec.root / built[str(rank)][t], data=spec.root / manifest["tasks"][t]["dir"],
                           classnames=manifest["tasks"][t]["classnames"], templates=manifest["tasks"][t]["templates"]) for t in names]
