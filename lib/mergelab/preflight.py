@@ -151,8 +151,9 @@ def _nonfinite_problems(who: str, files: Sequence[Path]) -> list[str]:
 SHARD_INDEX = "model.safetensors.index.json"
 
 
-def _base_shapes(base: str | Path) -> dict[str, tuple[int, ...]]:
-    return {k: shape for path in _base_files(base) for k, (_, shape) in tensor_shapes(path).items()}
+def _base_shapes(files: Sequence[Path]) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of a base's weights files (:func:`_base_files`), from their headers."""
+    return {k: shape for path in files for k, (_, shape) in tensor_shapes(path).items()}
 
 
 def _base_files(base: str | Path) -> list[Path]:
@@ -288,9 +289,10 @@ def check(sources: Sequence[Source], *, base: str | Path | None = None, base_mod
     by their tensor count), against ``base``'s shapes when given and with ``data``'s split overlap."""
     problems: list[str] = []
     notes: list[str] = []
-    base_shapes = _base_shapes(base) if base is not None else None
-    if base is not None:
-        problems += _nonfinite_problems("base", _base_files(base))
+    base_files = _base_files(base) if base is not None else None
+    base_shapes = _base_shapes(base_files) if base_files is not None else None
+    if base_files is not None:
+        problems += _nonfinite_problems("base", base_files)
     reports = []
     named = named_sources(sources, None)
     unknown = sorted(set(data or {}) - {name for name, _ in named})
@@ -347,7 +349,7 @@ def check_study(spec: StudySpec) -> Preflight:
     notes: list[str] = []
     if base is not None:
         try:
-            _base_shapes(base)
+            _base_shapes(_base_files(base))
         except InputError as err:
             notes.append(f"the base's shapes were not read from its metadata ({err}); the adapters are checked without them")
             base = None
