@@ -109,8 +109,8 @@ def dare_ties(deltas: Sequence[Tensor], *, p: float = 0.1, density: float = 1.0,
 
 
 def magnitude_prune(deltas: Sequence[Tensor], *, density: float = 0.2, alpha: float = 0.3) -> Tensor:
-    """Magnitude pruning + task arithmetic: TIES' "trim" step alone (Yadav et al., 2023, Sec. 3),
-    ``alpha · Σ_t trim_density(τ_t)`` (PEFT ``magnitude_prune``)."""
+    """Magnitude pruning + task arithmetic (TIES' "trim" step alone: Yadav et al., 2023, Sec. 3; PEFT
+    ``magnitude_prune``): ``alpha · Σ_t trim_density(τ_t)``."""
     return alpha * magnitude_trim(torch.stack(list(deltas)), density).sum(dim=0)
 
 
