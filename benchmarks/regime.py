@@ -343,7 +343,7 @@ def report(m: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-#: The block of README.md that ``--readme`` rewrites (issue 34: the claims table is generated, never typed).
+#: The block of docs/demo.md (README.md before issue 32) that ``--readme`` rewrites (issue 34: the claims table is generated, never typed).
 BEGIN, END = "<!-- regime:begin (benchmarks/regime.py --readme writes this block) -->", "<!-- regime:end -->"
 
 
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=sorted(SPLIT_METRICS), help="the split the numbers are read on")
     parser.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     parser.add_argument("--no-diagnostics", action="store_true", help="skip (a) and (d), which load the benchmark and evaluate")
-    parser.add_argument("--readme", type=Path, default=None, help="also write the claims table into this file's regime block")
+    parser.add_argument("--readme", type=Path, default=None, help="also write the claims table into this file's regime block (docs/demo.md)")
     args = parser.parse_args(argv)
     m = measure(args.study, args.store, args.split, diagnostics=not args.no_diagnostics)
     print(report(m))

@@ -5,7 +5,7 @@ Each takes the study file (re-read on every run, so a scheduled deployment picks
 an optional store URL. Every node is one Prefect task; its cache is the store (the node checks its
 content key first), so Prefect's own caching is off. Tasks that want an accelerator carry the
 tag ``gpu``: a deployment can route them to a GPU work pool with a tag-based concurrency limit
-or a worker started on a GPU machine (README, "Scaling out"); on an existing Dask cluster
+or a worker started on a GPU machine (docs/studies.md, scaling out); on an existing Dask cluster
 (``--runner dask=ADDRESS``) a study whose ``device`` is a GPU has them ask for the worker
 resource ``GPU``.
 """
