@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from mergelab.naming import module_kind
 
-__all__ = ["ATTENTION_KINDS", "Backbone", "attention_linears", "capture_output", "run_functional", "vision_state"]
+__all__ = ["ATTENTION_KINDS", "Backbone", "attention_linears", "capture_output", "run_functional", "vision_state", "without_trailing_padding"]
 
 #: Module kinds (mergelab.naming) that LoRA targets: q, k, v and out of every attention block.
 ATTENTION_KINDS = ("q", "k", "v", "out")
@@ -55,6 +55,14 @@ def vision_state(vision: nn.Module) -> dict[str, Tensor]:
     storage: no copy of a model's weights (a second 4.6 GiB for a Llama-3.2-1B); callers that
     change weights in place (training) clone them first."""
     return {k: v.detach() for k, v in vision.state_dict().items()}
+
+
+def without_trailing_padding(ids: Tensor, pad: int) -> Tensor:
+    """Token ids ``(N, L)`` without the trailing columns that are padding in every row: a batch pads to
+    its own longest row, not to its split's (right-padded encoders give the same outputs; left-padded
+    ids have no such columns)."""
+    real = (ids != pad).any(0).nonzero()
+    return ids[:, : int(real.max()) + 1 if len(real) else 1]
 
 
 def run_functional(module: nn.Module, params: Mapping[str, Tensor] | None, *args: Any, **kwargs: Any) -> Any:

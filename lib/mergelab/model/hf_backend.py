@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from mergelab.errors import InputError
-from mergelab.model.base import attention_linears, run_functional, vision_state
+from mergelab.model.base import attention_linears, run_functional, vision_state, without_trailing_padding
 
 __all__ = ["HFClipBackbone", "HFClipVision", "HFSequenceBackbone", "hf_clip_backbone", "hf_clip_vision_backbone",
            "hf_sequence_backbone"]
@@ -170,6 +170,7 @@ class HFSequenceBackbone:
         return out.hidden_states[-1], out.logits
 
     def encode_image(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        images = without_trailing_padding(images, self.pad)
         return self.pool(self._hidden(images, params)[0], images, self.pad)
 
     def image_tokens(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -177,7 +178,7 @@ class HFSequenceBackbone:
 
     def logits(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """The classifier's own logits ``(N, num_labels)``."""
-        return self._hidden(images, params)[1]
+        return self._hidden(without_trailing_padding(images, self.pad), params)[1]
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         if self.tokenizer is None:

@@ -133,7 +133,9 @@ class SentenceEncoder:
     def pooled(self, module: nn.Module, ids: Tensor) -> Tensor:
         """``(N, W)`` pooled, unnormalised embeddings of token ids through ``module``: the encoder or an
         adapted copy of it (a PEFT model being trained). Columns that are padding in every row are cut first."""
-        ids = ids[:, : max(1, int((ids != self.pad).sum(1).max()))]  # right-padded ids: the longest row's length
+        from mergelab.model.base import without_trailing_padding
+
+        ids = without_trailing_padding(ids, self.pad)
         mask = (ids != self.pad).long()
         return POOLING[self.pooling][1](module(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
 
@@ -141,7 +143,9 @@ class SentenceEncoder:
         """``(N, D)`` sentence embeddings of token ids (normalised when the encoder's pipeline normalises)."""
         import torch.nn.functional as F
 
-        pooled = POOLING[self.pooling][1](*self._hidden(images, params))
+        from mergelab.model.base import without_trailing_padding
+
+        pooled = POOLING[self.pooling][1](*self._hidden(without_trailing_padding(images, self.pad), params))
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def image_tokens(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
