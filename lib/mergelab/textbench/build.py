@@ -200,7 +200,7 @@ def _manifest(store: Store, config: TextBuildConfig, seed: int, model: Mapping[s
     return {
         "format": 1, "profile": config.profile, "seed": seed, "config": config.as_dict(), "model": dict(model),
         "adapters": {str(r): {t: f"adapters/r{r}/{t}" for t in per} for r, per in adapters.items()},
-        "default_rank": DEFAULT_RANK if DEFAULT_RANK in adapters else None,
+        "default_rank": DEFAULT_RANK if DEFAULT_RANK in adapters else min(adapters, default=None),
         "adapter_keys": {str(r): {t: k for t, (k, _) in per.items()} for r, per in adapters.items()},
         "tasks": {name: {"dir": name, "rows_key": row_keys[name], "classnames": list(task.classnames), "templates": list(task.templates),
                          "rows": class_counts(store.get_json(row_keys[name])),
@@ -235,13 +235,14 @@ def check_out(out: Path) -> None:
 
 def build_text(out: str | Path = "data/text", store: Store | str | None = None, *, model: str | Path | None = None,
                profile: str | TextBuildConfig = "full", tasks: Sequence[str] | None = None, adapters: bool = True,
-               debs: str | Path | None = None, seed: int = 0, threads: int = 1, progress: Progress = None,
+               ranks: Sequence[int] | None = None, debs: str | Path | None = None, seed: int = 0, threads: int = 1, progress: Progress = None,
                sources: Mapping[str, TaskSource] = SOURCES) -> BuildResult:
     """Build (or reuse from the store) the text benchmark and export it to ``out``.
 
     ``model``: a sentence-transformers directory (default: :func:`default_model`); ``tasks``: a
     subset of ``sources`` (default all); ``adapters=False`` exports the rows, the zero-shot and
-    linear-probe numbers only; ``debs``: where packages are downloaded / looked for (default a
+    linear-probe numbers only; ``ranks``: the adapter sets to train and export (default the profile's;
+    a set trained before is reused from the store, so a build can ship r4 first and add r16 later); ``debs``: where packages are downloaded / looked for (default a
     folder under the system's temporary directory). ``threads``: torch's intra-op threads (1 by
     default: on a shared 2-core machine two threads per process run several times slower).
     """
@@ -252,9 +253,13 @@ def build_text(out: str | Path = "data/text", store: Store | str | None = None, 
         raise InputError(f"unknown text task(s) {unknown}; choose among {list(sources)}")
     if threads < 1:
         raise InputError(f"threads = {threads}; pass a positive thread count (CLI: --threads)")
+    if ranks is not None and (not ranks or any(isinstance(r, bool) or int(r) != r or r < 1 for r in ranks) or len(set(ranks)) < len(ranks)):
+        raise InputError(f"ranks {list(ranks)}: give distinct LoRA ranks >= 1 (CLI: --rank 4 --rank 16)")
     out = Path(out)
     check_out(out)
     config = profile if isinstance(profile, TextBuildConfig) else CONFIGS[profile]
+    if ranks is not None:
+        config = replace(config, ranks=tuple(int(r) for r in ranks))
     if not adapters:
         config = replace(config, ranks=())
     chosen = {name: sources[name] for name in (tasks or sources)}
