@@ -175,11 +175,16 @@ class Bench:
 
 @dataclass(frozen=True)
 class BenchKind:
-    """One bench kind: its settings schema, its loader and its model family's module layout."""
+    """One bench kind: its settings schema, its loader and its model family's module layout.
+
+    ``example``: a small bench of the kind, ``folder -> (spec, tasks)`` (it may write files into the
+    empty ``folder``), that :mod:`mergelab.conformance` loads to check the kind; ``None``: none to load.
+    """
 
     spec: type[BenchSpec]
     load: Callable[[Any, Tasks], Bench]
     layout: ModuleLayout = GENERIC
+    example: Callable[[Path], tuple[BenchSpec, Tasks]] | None = None
 
 
 # Helpers the loaders share --------------------------------------------------------------------------

@@ -36,6 +36,17 @@ driver reads; the function itself never learns which space it runs in:
 * ``grid``: the hyper-parameter grid searched by selection.
 * ``intervals``: allowed ranges; types and defaults come from the function's signature.
 
+What the conformance suite (:mod:`mergelab.conformance`) checks of the method besides what every
+method passes (finite full-space shapes, inputs never mutated, same seed same merge):
+
+* ``identity``: the hyper-parameters under which merging a single task returns that task, in every
+  lossless space (``None``: the method changes even one task by design, as Iso-C flattens its
+  spectrum).
+* ``stochastic``: the merge draws random numbers from its ``seed`` (DARE's drops), so another seed
+  gives another merge.
+* ``linear``: the merge is a combination ``Σ_t c_t ΔW_t`` whose weights no space changes, so it gives
+  the same update in every lossless space (003 Eq. 11).
+
 A name with ``+`` (``"tsv+iso_c"``) is a :class:`Composition`: the first method merges, every
 later one post-processes the single merged matrix (``iso_c`` then isotropizes it: 003's
 ``+Iso-C``). Its hyper-parameters are ``"<method>.<name>"``; an unprefixed name goes to the
@@ -103,6 +114,9 @@ class MergeMethod:
     frame: bool = False
     factored: bool = False
     feasible: Callable[[TaskSet, Mapping[str, Any]], None] | None = None
+    identity: Mapping[str, Any] | None = None
+    stochastic: bool = False
+    linear: bool = False
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -116,6 +130,11 @@ class MergeMethod:
             raise TypeError(f"{self.fn.__name__}: a method of LoRA factors has no spectrum to keep isometric")
         if self.nonmatrix == "self" and self.inputs != "tensors":
             raise TypeError(f"{self.fn.__name__}: only element-wise ('tensors') methods can merge non-matrix parameters themselves")
+        if self.stochastic and "seed" not in params:
+            raise TypeError(f"{self.fn.__name__}: a stochastic method takes a 'seed'")
+        unknown = sorted(set(self.identity or {}) - set(params))
+        if unknown:
+            raise TypeError(f"{self.fn.__name__}: identity names unknown hyper-parameter {unknown[0]!r}")
         for key, values in self.grid.items():
             if key not in params:
                 raise TypeError(f"{self.fn.__name__}: grid names unknown hyper-parameter {key!r}")

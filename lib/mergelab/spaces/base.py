@@ -188,6 +188,10 @@ class Space:
     option_intervals: ClassVar[Mapping[str, Any]] = {}
     #: the options that change :meth:`basis` (they key a stored basis); empty for a space without one
     basis_options: ClassVar[tuple[str, ...]] = ()
+    #: whether ``reconstruct(project(updates))`` gives every task's update back (the maps are lossless on
+    #: the tasks' spans), so a linear merge is the full space's (003 Eq. 11); :mod:`mergelab.conformance`
+    #: checks both where it is set
+    lossless: ClassVar[bool] = True
 
     # Every subclass has a ``scope`` field: ``"module"`` or ``"model"`` (module docstring).
 

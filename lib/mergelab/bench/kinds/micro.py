@@ -60,4 +60,11 @@ def load(spec: MicroSpec, tasks: Tasks) -> Bench:
                  [(t, micro.adapters[rank][t]) for t in names], model_id, {t: task_id(micro.tasks[t]) for t in names})
 
 
-KIND = BenchKind(MicroSpec, load, OPEN_CLIP_LAYOUT)
+def example(folder: Path) -> tuple[MicroSpec, Tasks]:
+    """The shipped micro benchmark's rank-4 adapters of one task (``folder`` unused): the kind's example."""
+    from mergelab.micro.benchmark import micro_root
+
+    return MicroSpec(root=micro_root(), rank=4), ["digits"]
+
+
+KIND = BenchKind(MicroSpec, load, OPEN_CLIP_LAYOUT, example=example)
