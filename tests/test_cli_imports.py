@@ -26,11 +26,19 @@ print(json.dumps({"code": code, "heavy": sorted({m.split('.')[0] for m in sys.mo
 """ % (HEAVY,)
 
 
+def fresh_run(*args: str) -> tuple[int, list[str], str]:
+    """The exit code of ``mergelab ARGS`` run in a fresh interpreter, the heavy libraries it imported and what
+    it wrote on stderr (less the probe's own line)."""
+    done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=300)
+    *lines, last = done.stderr.strip().splitlines()
+    found = json.loads(last)
+    return found["code"], found["heavy"], "\n".join(lines)
+
+
 def imported_heavy(*args: str) -> tuple[int, list[str]]:
     """The exit code of ``mergelab ARGS`` run in a fresh interpreter and the heavy libraries it imported."""
-    done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=300)
-    found = json.loads(done.stderr.strip().splitlines()[-1])
-    return found["code"], found["heavy"]
+    code, heavy, _ = fresh_run(*args)
+    return code, heavy
 
 
 @pytest.mark.parametrize("args", [["--help"], ["store", "--help"], ["check", "--help"], ["inspect", "--help"]])
@@ -77,3 +85,24 @@ def test_a_bad_study_is_refused_before_prefect_xarray_or_a_model_library_loads(t
     bad.write_text("name: s\nbench: {kind: micro, root: /nonexistent}\nmethods:\n  - method: ties\n")
     code, heavy = imported_heavy("run", str(bad), "--store", str(tmp_path / "store"))
     assert code == 2 and heavy == ["torch"]
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("analyses: [norms, norms]", "analyses lists 'norms' twice"),  # issue 30 probe 537
+    ("analyses: [spectra]\nanalysis_settings: {spectra: {bogus: 1}}", "spectra has no setting 'bogus'"),  # 544
+    ("adaptation_studies: {p2: {study: bogus}}", "study 'bogus' is not an adaptation study"),  # 566
+    ("device: meta", "device 'meta': mergelab runs encoders on cpu or cuda"),  # 496
+    ("device: cuda", "device 'cuda': torch sees no CUDA device on this machine"),  # 494 (CUDA hidden below)
+], ids=["analysis-twice", "analysis-setting", "adaptation-study", "device-meta", "device-cuda"])
+def test_analyses_adaptation_studies_and_the_device_are_checked_without_a_model_library(section, message, tmp_path, monkeypatch):
+    """Their settings are checked against their functions' signatures (torch, xarray), the device by its
+    name and torch's CUDA query, before Prefect starts: importing ``mergelab.model``'s protocol loads no
+    backend (open_clip, transformers), which made each refusal take 20 s (issue 30 probe 494, 496, 537, 544)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a machine without CUDA, wherever the suite runs
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: s\nbench: {{kind: micro, root: {REPO / 'data' / 'micro'}}}\nmethods:\n  - method: ties\n"
+                   f"    grid: {{alpha: [1.0]}}\n{section}\n")
+    code, heavy, stderr = fresh_run("run", str(bad), "--store", str(tmp_path / "store"))
+    assert code == 2 and message in stderr and stderr.count("\n") == 0, stderr
+    assert set(heavy) <= {"torch", "xarray"}, heavy
+    assert not (tmp_path / "store").exists()

@@ -79,6 +79,8 @@ CASES = [
     (_with(selection="best"), "selection"),
     (_with(colour="blue"), "unknown field"),
     (_with(dtype="int8"), "dtype 'int8' is not supported; choose one of float32, bfloat16, float16"),
+    (_with(device="meta"), "device: device 'meta': mergelab runs encoders on cpu or cuda"),  # issue 30 probe 496: in the flow
+    (_with(device="cuda:-1"), "device: device 'cuda:-1' is not a torch device; use cpu, cuda or cuda:N"),
     (_with(bench={"kind": "hf_seq_cls"}, joint=True), "no joint label space"),
     (_with(methods=[{"method": "ties", "grid": {"alpha": [0.5]}}, {"method": "ties", "spaces": ["core", "full"], "grid": {"alpha": [0.8]}}]),
      "methods[1]: ties in the full space is also methods[0]"),  # issue 30 probe 476: accepted, rows of both in one selection

@@ -251,6 +251,16 @@ class StudySpec(Strict):
             raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         return dtype
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        """``cpu``, ``cuda`` or ``cuda:N`` (issue 30 probe 496: ``meta`` was refused only in the flow); whether
+        this machine has the device, ``mergelab run`` asks before Prefect starts (a study may load elsewhere)."""
+        from mergelab.model.placement import parse_device
+
+        parse_device(device)
+        return device
+
     @field_validator("seeds")
     @classmethod
     def _some_seed(cls, seeds: list[int]) -> list[int]:

@@ -37,6 +37,9 @@ def _run_study(study: Path, store: str | None, runner: str):
 
     spec = load_study(study)  # validate before torch, xarray or Prefect load: bad input fails in a second
     spec.check_bench_files()
+    from mergelab.model.placement import resolve_device
+
+    resolve_device(spec.device)  # a device this machine lacks (issue 30 probe 494): before Prefect starts, not in the flow
     from mergelab.store import Store
     from mergelab.study import up_to_date
     from mergelab_flows.runtime import parse_runner
@@ -258,8 +261,10 @@ def analyze(
     ANALYSES.require(*names)
     if not names:
         raise InputError(f"study {spec.name} lists no analyses:; pass --analysis NAME (one of {', '.join(ANALYSES)})")
+    from mergelab.model.placement import resolve_device
     from mergelab_flows.runtime import parse_runner
 
+    resolve_device(spec.device)
     parse_runner(runner)
     url = announce_store(spec.store_url(store))
     cached = analyses_up_to_date(spec, url, names)  # fails in seconds, before Prefect starts, when the study has not run

@@ -20,25 +20,33 @@ from torch import Tensor, nn
 from mergelab.errors import InputError
 from mergelab.model.base import Backbone
 
-__all__ = ["DTYPES", "PlacedBackbone", "placed", "resolve_device"]
+__all__ = ["DTYPES", "PlacedBackbone", "parse_device", "placed", "resolve_device"]
 
 #: ``dtype:`` settings of a study and the autocast dtype each stands for (``None``: no autocast).
 DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str) -> torch.device:
-    """``device`` as a torch device that exists on this machine, or an InputError naming the fix."""
+def parse_device(device: str) -> torch.device:
+    """``device`` as a torch device mergelab runs encoders on (``cpu``, ``cuda``, ``cuda:N``), or an
+    InputError naming the fix; whether this machine has it is :func:`resolve_device`'s question (a
+    study is validated where it loads, which need not be where it runs)."""
     try:
-        resolved = torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise InputError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r}: mergelab runs encoders on cpu or cuda")
+    return parsed
+
+
+def resolve_device(device: str) -> torch.device:
+    """``device`` (:func:`parse_device`) as a torch device that exists on this machine, or an InputError naming the fix."""
+    resolved = parse_device(device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"device {device!r}: torch sees no CUDA device on this machine; set device: cpu")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 …")
-    elif resolved.type != "cpu":
-        raise InputError(f"device {device!r}: mergelab runs encoders on cpu or cuda")
     return resolved
 
 
