@@ -36,7 +36,7 @@ CASES = [
     (_adaptation("pareto", pair="digits"), "pareto: pair='digits' is invalid", "not allowed as a Sequence value"),
     (_adaptation("pareto", pair=TASKS), "pareto: pair=", "name 2 of the tasks"),
     (_adaptation("pareto", pair=["digits", "digits"]), "pareto: pair=", "a task is named twice"),
-    (_adaptation("pareto", n_preferences=1), "pareto: n_preferences=1 is invalid", "a number in [2, inf]"),
+    (_adaptation("pareto", n_preferences=1), "pareto: n_preferences=1 is invalid", "a number in [2, 1000]"),
     (_adaptation("pareto", n_preferences=True), "pareto: n_preferences=True is invalid", "valid integer"),
     (_adaptation("pareto", splits="val"), "pareto: splits='val' is invalid", "not allowed as a Sequence value"),
     (_adaptation("pareto", splits=["train"]), "pareto: splits=['train'] is invalid", "'val' or 'test'"),
@@ -57,6 +57,15 @@ CASES = [
     (_adaptation("adarank_ablation", tasks=["digits", "nope"]), "adarank_ablation: tasks=", "'nope' is not one of the tasks"),
     (_adaptation("adarank_ablation", iters=True), "adarank_ablation: iters=True is invalid", "valid integer"),
     (_adaptation("adarank_ablation", lr=0), "adarank_ablation: lr=0 is invalid", "(0, inf]"),
+    # issue 30 probe 552, 554: unbounded, a traceback (numpy out of memory) after the references ran
+    (_adaptation("pareto", n_preferences=10**9), "pareto: n_preferences=1000000000 is invalid", "a number in [2, 1000]"),
+    (_adaptation("pareto", iters=10**9), "pareto: iters=1000000000 is invalid", "a number in [0, 100000]"),
+    (_adaptation("cloud", focal=["digits", "textures"], batch_size=10**9), "cloud: batch_size=1000000000 is invalid", "[1, 65536]"),
+    # probe 560-563: checked inside the study function, after the references ran (alpha 0 never finished)
+    (_adaptation("stch_alpha", alphas=[]), "stch_alpha: alphas=[] is invalid", "at least 1 item"),
+    (_adaptation("stch_alpha", alphas=[0.5, -1.0]), "stch_alpha: alphas=[0.5, -1.0] is invalid", "numbers in (0, inf]"),
+    (_adaptation("stch_alpha", alphas=[float("nan")]), "stch_alpha: alphas=[nan] is invalid", "numbers in (0, inf]"),
+    (_adaptation("stch_alpha", alphas=[0.0]), "stch_alpha: alphas=[0.0] is invalid", "numbers in (0, inf]"),
     ({**_adaptation("pareto", pair=["digits", "nope"]), "tasks": None, "bench": {"kind": "micro", "root": str(MICRO)}},
      "pareto: pair=['digits', 'nope'] is invalid", "'nope' is not one of the tasks aerial, digits, housenumbers"),  # the bench's own
     (_study(adaptive=[{"method": "tara_a", "preference": [0.5, 0.5]}]), "adaptive tara_a: preference has 2 entries for the 3 merged tasks",

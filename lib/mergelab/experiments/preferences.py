@@ -30,6 +30,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import xarray as xr
+from pydantic import Field
 
 from mergelab.adaptation import ADAPTERS
 from mergelab.experiments.adaptation_studies import AdaptationSetting, Splits, check_splits, final_losses
@@ -37,10 +38,18 @@ from mergelab.errors import InputError
 from mergelab.merging import merge
 from mergelab.params import Among, Interval, PerTask, Tasks
 
-__all__ = ["PARETO_BASELINES", "covariance_ellipse", "pareto_preferences", "pareto_sweep", "sample_preferences", "sensitivity_cloud",
-           "stch_alpha_ablation"]
+__all__ = ["MAX_PREFERENCES", "PARETO_BASELINES", "covariance_ellipse", "pareto_preferences", "pareto_sweep", "sample_preferences",
+           "sensitivity_cloud", "stch_alpha_ablation"]
 
 DEFAULT_METHODS = ("tara_b", "adamerging")
+#: Preferences one study sweeps, each one adaptive run per method: 001's figures draw 11 to 30; a study asking
+#: for more than this is a typo (issue 30 probe 552: 10^9 failed with a traceback after the references ran).
+MAX_PREFERENCES = 1_000
+#: ``n_preferences`` of a Pareto sweep or a sensitivity cloud.
+NPreferences = Annotated[int, Interval(2, MAX_PREFERENCES)]
+#: The STCH smoothings α (001 Eq. 10) an ablation sweeps: at least one, each positive (issue 30 probe 560-563:
+#: refused only after the references ran, α = 0 never finished).
+Alphas = Annotated[Sequence[float], Interval(0, low_open=True), Field(min_length=1)]
 #: The adaptive methods a preference study runs (a study's ``methods:`` is checked against it when it loads).
 Methods = Annotated[Sequence[str], Among(ADAPTERS, "adaptive method")]
 
@@ -79,7 +88,7 @@ PARETO_BASELINES: tuple[tuple[str, str], ...] = (("ties", "knots"), ("lora_lego"
 
 
 def pareto_sweep(setting: AdaptationSetting, *, pair: Annotated[Sequence[str] | None, Tasks(count=2)] = None,
-                 n_preferences: Annotated[int, Interval(2)] = 30,
+                 n_preferences: NPreferences = 30,
                  methods: Methods = DEFAULT_METHODS, hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,
                  ta_lambda: float = 0.3, baselines: Sequence[Sequence[str]] = PARETO_BASELINES,
                  splits: Splits = ("val", "test"), dataset: str | None = None) -> xr.Dataset:
@@ -162,7 +171,7 @@ def covariance_ellipse(points: np.ndarray, n_std: float = 2.0) -> dict[str, np.n
 
 
 def sensitivity_cloud(setting: AdaptationSetting, focal: Annotated[Sequence[str], Tasks(count=2, others=1)], *,
-                      n_preferences: Annotated[int, Interval(2)] = 30, focal_weight: Annotated[float, Interval(0, 0.5)] = 0.125,
+                      n_preferences: NPreferences = 30, focal_weight: Annotated[float, Interval(0, 0.5)] = 0.125,
                       concentration: Annotated[float, Interval(0, low_open=True)] = 1.0, preference_seed: int = 0,
                       methods: Methods = DEFAULT_METHODS, hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,
                       n_std: Annotated[float, Interval(0, low_open=True)] = 2.0, splits: Splits = ("val", "test"),
@@ -212,7 +221,7 @@ def sensitivity_cloud(setting: AdaptationSetting, focal: Annotated[Sequence[str]
     return _finish(ds, dataset)
 
 
-def stch_alpha_ablation(setting: AdaptationSetting, *, alphas: Sequence[float] = (0.1, 0.5, 1.0, 2.0, 5.0),
+def stch_alpha_ablation(setting: AdaptationSetting, *, alphas: Alphas = (0.1, 0.5, 1.0, 2.0, 5.0),
                         methods: Methods = ("tara_a", "tara_b"),
                         preference: Annotated[Sequence[float] | None, PerTask()] = None,
                         hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None,

@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal
 import xarray as xr
 
 from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
+from mergelab.config import MAX_BATCH, MAX_ITERS
 from mergelab.errors import InputError
 from mergelab.params import Interval, Tasks, check_setting, shown
 from mergelab.registry import Registry
@@ -136,8 +137,9 @@ def check_analysis_settings(name: str, settings: Mapping[str, Any]) -> None:
 
 
 #: Settings that configure the :class:`AdaptationSetting` rather than the study function, with the
-#: values they take (``tasks``: some of the study's tasks, in the order the study runs them).
-SCHEDULE: dict[str, Any] = {"iters": Annotated[int, Interval(0)], "batch_size": Annotated[int, Interval(1)],
+#: values they take (``tasks``: some of the study's tasks, in the order the study runs them; ``iters`` 0
+#: evaluates each starting merge; the upper bounds are an adaptive run's, issue 30 probe 554).
+SCHEDULE: dict[str, Any] = {"iters": Annotated[int, Interval(0, MAX_ITERS)], "batch_size": Annotated[int, Interval(1, MAX_BATCH)],
                             "lr": Annotated[float, Interval(0, low_open=True)], "tasks": Annotated[Sequence[str], Tasks(least=1)]}
 
 
