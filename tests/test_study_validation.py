@@ -81,6 +81,9 @@ CASES = [
     (_with(dtype="int8"), "dtype 'int8' is not supported; choose one of float32, bfloat16, float16"),
     (_with(device="meta"), "device: device 'meta': mergelab runs encoders on cpu or cuda"),  # issue 30 probe 496: in the flow
     (_with(device="cuda:-1"), "device: device 'cuda:-1' is not a torch device; use cpu, cuda or cuda:N"),
+    (_with(tasks=[{"name": "digits", "adapter": "/elsewhere/digits"}]),  # probe 570: "TaskSource(...) is not a micro task", late
+     "tasks: the micro bench brings its own tasks and their adapters; name them (tasks: [digits, ...])"),
+    (_with(tasks=["digits"], unseen=[{"name": "signs", "checkpoint": "/elsewhere/signs"}]), "unseen: the micro bench brings its own tasks"),
     (_with(bench={"kind": "hf_seq_cls"}, joint=True), "no joint label space"),
     (_with(methods=[{"method": "ties", "grid": {"alpha": [0.5]}}, {"method": "ties", "spaces": ["core", "full"], "grid": {"alpha": [0.8]}}]),
      "methods[1]: ties in the full space is also methods[0]"),  # issue 30 probe 476: accepted, rows of both in one selection

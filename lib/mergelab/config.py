@@ -235,6 +235,18 @@ class StudySpec(Strict):
             object.__setattr__(self, "joint", False)  # a frozen model: the default follows the bench
         return self
 
+    @model_validator(mode="after")
+    def _tasks_as_the_bench_takes_them(self) -> StudySpec:
+        """A bench with its own tasks (micro, text) takes their names, not task sources (issue 30 probe 570: refused
+        after the model loaded, as ``TaskSource(name='digits', ...) is not a micro task``)."""
+        for section in ("tasks", "unseen"):
+            source = next((t for t in getattr(self, section) or [] if isinstance(t, TaskSource)), None)
+            if source is not None and self.bench.own_tasks:
+                raise ValueError(f"{section}: the {self.bench.kind} bench brings its own tasks and their adapters; name them "
+                                 f"({section}: [{source.name}, ...]) instead of giving {source.name}'s adapter, checkpoint or data, "
+                                 "or choose a bench kind that takes them (open_clip, hf_clip, ...)")
+        return self
+
     @field_validator("tasks")
     @classmethod
     def _some_task(cls, tasks: list[str] | list[TaskSource] | None) -> list[str] | list[TaskSource] | None:

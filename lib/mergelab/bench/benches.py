@@ -101,6 +101,9 @@ class BenchSpec(Strict):
 
     kind: str
     embedded: ClassVar[str] = ""
+    #: Whether the bench brings its own tasks, which a study's ``tasks:`` names (``False``: a study gives
+    #: each task as a :class:`TaskSource`, its adapter or checkpoint and its data).
+    own_tasks: ClassVar[bool] = False
     #: Whether the tasks' data are ``ImageFolder`` roots (``mergelab check --study`` reads their splits).
     image_folders: ClassVar[bool] = False
 

@@ -26,6 +26,7 @@ class MicroSpec(BenchSpec):
     root: Path = Path("data/micro")
     rank: Int | Literal["mixed"] | None = None
     embedded = "micro-benchmark"
+    own_tasks = True
 
     def task_names(self) -> list[str] | None:
         """The tasks its manifest lists (``None`` when nothing is built there: loading names the problem)."""

@@ -33,6 +33,7 @@ class TextSpec(BenchSpec):
     weights: Path | None = None
     heads: Literal["zero_shot", "linear"] = "zero_shot"
     embedded = "real-weights text benchmark"
+    own_tasks = True
 
     @property
     def own_heads(self) -> bool:
