@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 from matplotlib.ticker import MaxNLocator
 
-from mergelab_figures.figures import _figure, _strings, _unique_legend, dataset_label
+from mergelab_figures.style import dataset_label, paper_figure, strings, unique_legend
 
 __all__ = [
     "adaptation_losses",
@@ -43,17 +43,17 @@ def _pick(da: xr.DataArray, **labels) -> xr.DataArray:
 
 
 def _split(ds: xr.Dataset, split: str | None) -> str:
-    splits = _strings(ds.split.values)
+    splits = strings(ds.split.values)
     return split if split is not None else ("test" if "test" in splits else splits[0])
 
 
 def _pareto_panel(ax, ds: xr.Dataset, split: str) -> None:
-    tasks = _strings(ds.task.values)
-    for method in _strings(ds.merge_method.values):
+    tasks = strings(ds.task.values)
+    for method in strings(ds.merge_method.values):
         acc = 100 * _pick(ds.accuracy, merge_method=method, split=split)  # (preference, task), in %
         ax.plot(acc.sel(task=tasks[0]), acc.sel(task=tasks[1]), marker="o", markersize=3, label=method)
     base = _pick(ds.baseline_accuracy, split=split)
-    names = _strings(ds.baseline.values)
+    names = strings(ds.baseline.values)
     experts = [n for n in names if n.startswith("finetuned_")]
     others = iter("^vPX")  # the static mergers among the baselines (KnOTS-TIES, LoRA-LEGO, ...)
     for name in names:  # one legend entry for both fine-tuned models
@@ -68,8 +68,8 @@ def _pareto_panel(ax, ds: xr.Dataset, split: str) -> None:
 
 
 def _cloud_panel(ax, ds: xr.Dataset, split: str) -> None:
-    focal = _strings(ds.focal.values)
-    for i, method in enumerate(_strings(ds.merge_method.values)):
+    focal = strings(ds.focal.values)
+    for i, method in enumerate(strings(ds.merge_method.values)):
         color = f"C{i}"
         acc = 100 * _pick(ds.accuracy, merge_method=method, split=split)  # (preference, focal), in %
         ax.scatter(acc.sel(focal=focal[0]), acc.sel(focal=focal[1]), s=14, alpha=0.6, color=color, label=method)
@@ -88,7 +88,7 @@ def pareto_front(ds: xr.Dataset, split: str | None = None) -> Figure:
     line ordered by ρ), and the baselines (zero-shot, task arithmetic, each fine-tuned model) as
     isolated operating points."""
     split = _split(ds, split)
-    fig, (ax,) = _figure(ds, f"Two-task trade-off, {split} accuracy", "001 Fig. 3", panel=(4.8, 4.2))
+    fig, (ax,) = paper_figure(ds, f"Two-task trade-off, {split} accuracy", "001 Fig. 3", panel=(4.8, 4.2))
     _pareto_panel(ax, ds, split)
     ax.legend(fontsize=7)
     return fig
@@ -98,11 +98,11 @@ def _pair_panels(datasets: Sequence[xr.Dataset], split: str | None, title: str, 
     """One panel per Dataset (a task pair each, named by its ``pair`` coordinate), ``draw(ax, ds, split)``
     in each, one legend for all."""
     split = _split(datasets[0], split)
-    fig, axes = _figure(datasets[0], f"{title}, {split} accuracy", paper, ncols=len(datasets), panel=(3.6, 3.6))
+    fig, axes = paper_figure(datasets[0], f"{title}, {split} accuracy", paper, ncols=len(datasets), panel=(3.6, 3.6))
     for ax, ds in zip(axes, datasets, strict=True):
         draw(ax, ds, split)
-        ax.set_title(" / ".join(_strings(ds[pair].values)), fontsize=9)
-    _unique_legend(fig, axes)
+        ax.set_title(" / ".join(strings(ds[pair].values)), fontsize=9)
+    unique_legend(fig, axes)
     return fig
 
 
@@ -115,7 +115,7 @@ def preference_sensitivity(ds: xr.Dataset, split: str | None = None) -> Figure:
     """Accuracy of the two focal tasks under random preferences (001 Fig. 4): one point per sampled
     preference, the covariance ellipse of each method's cloud and its mean (×)."""
     split = _split(ds, split)
-    fig, (ax,) = _figure(ds, f"Preference sensitivity, {split} accuracy", "001 Fig. 4", panel=(4.8, 4.2))
+    fig, (ax,) = paper_figure(ds, f"Preference sensitivity, {split} accuracy", "001 Fig. 4", panel=(4.8, 4.2))
     _cloud_panel(ax, ds, split)
     ax.set_title(f"focal weights {ds.attrs.get('focal_weight', '?')}; ellipses: {ds.attrs.get('n_std', 2.0):g} std", fontsize=9)
     ax.legend(fontsize=7)
@@ -132,8 +132,8 @@ def preference_sensitivities(datasets: Sequence[xr.Dataset], split: str | None =
 def stch_alpha_curve(ds: xr.Dataset, split: str | None = None) -> Figure:
     """Average normalised accuracy against the STCH smoothing α, one line per TARA variant (000 Fig. 10)."""
     split = _split(ds, split)
-    fig, (ax,) = _figure(ds, f"STCH α ablation, {split} split", "000 Fig. 10")
-    for method in _strings(ds.merge_method.values):
+    fig, (ax,) = paper_figure(ds, f"STCH α ablation, {split} split", "000 Fig. 10")
+    for method in strings(ds.merge_method.values):
         values = _pick(ds.average_normalized_accuracy, merge_method=method, split=split)
         ax.plot(ds.alpha.values, 100 * values.values, marker="o", label=method)
     ax.set(xscale="log", xlabel="α (001 Eq. 10)", ylabel="normalised accuracy (%)")
@@ -146,13 +146,13 @@ def adarank_masks(history: xr.Dataset, record: int = -1) -> Figure:
     """Fraction of each task's singular components AdaRank keeps, per layer, one panel per module
     kind (002 Fig. 5 summarised per layer; the masks of ``history`` at ``record``, default the last)."""
     kept = history.mask_kept_fraction.isel(record=record)  # (module, task)
-    kinds = list(dict.fromkeys(_strings(history.kind.values)))
+    kinds = list(dict.fromkeys(strings(history.kind.values)))
     at = int(history.record.values[record])
-    fig, axes = _figure(history, f"AdaRank: share of singular components kept (iteration {at})", "002 Fig. 5",
-                        ncols=len(kinds), panel=(max(3.0, 0.5 * history.sizes["task"] + 1.8), 3.2))
+    fig, axes = paper_figure(history, f"AdaRank: share of singular components kept (iteration {at})", "002 Fig. 5",
+                             ncols=len(kinds), panel=(max(3.0, 0.5 * history.sizes["task"] + 1.8), 3.2))
     for ax, kind in zip(axes, kinds):
-        sub = kept.isel(module=np.flatnonzero(np.array(_strings(history.kind.values)) == kind))
-        frame = pd.DataFrame(sub.values, index=sub.layer.values, columns=_strings(sub.task.values)).sort_index()
+        sub = kept.isel(module=np.flatnonzero(np.array(strings(history.kind.values)) == kind))
+        frame = pd.DataFrame(sub.values, index=sub.layer.values, columns=strings(sub.task.values)).sort_index()
         sns.heatmap(frame, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=ax is axes[-1], annot=frame.size <= 64, fmt=".2f")
         ax.set(title=kind, xlabel="task", ylabel="layer")
         ax.tick_params(axis="x", rotation=0)  # level unless they crowd: then tidy turns them
@@ -168,12 +168,12 @@ def adarank_mask_grid(histories: dict[str, xr.Dataset], kind: str | None = None,
     from matplotlib.patches import Patch
 
     first = next(iter(histories.values()))
-    kind = kind or _strings(first.kind.values)[0]
+    kind = kind or strings(first.kind.values)[0]
     layers = sorted({int(v) for v in first.layer.values})
     rows = list(dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]]))
-    fig, axes = _figure(first, f"AdaRank: binary masks over the top {share:.0%} of singular components ({kind} modules, "
-                               f"iteration {int(first.record.values[record])})", "002 Fig. 5", ncols=len(histories), nrows=len(rows),
-                        panel=(4.4, 1.2 + 0.22 * first.sizes["task"]))
+    fig, axes = paper_figure(first, f"AdaRank: binary masks over the top {share:.0%} of singular components ({kind} modules, "
+                                    f"iteration {int(first.record.values[record])})", "002 Fig. 5", ncols=len(histories), nrows=len(rows),
+                             panel=(4.4, 1.2 + 0.22 * first.sizes["task"]))
     colours = {"pruned": "#e6c229", "kept": "#1f6fb4"}  # 002 Fig. 5's colours
     cmap = ListedColormap(list(colours.values()))
     for j, (label, history) in enumerate(histories.items()):
@@ -181,13 +181,13 @@ def adarank_mask_grid(histories: dict[str, xr.Dataset], kind: str | None = None,
         shown = max(1, int(np.ceil(share * mask.sizes["component"])))
         for i, layer in enumerate(rows):
             ax = axes[i * len(histories) + j]
-            module = [m for m, k, la in zip(_strings(history.module.values), _strings(history.kind.values), history.layer.values)
+            module = [m for m, k, la in zip(strings(history.module.values), strings(history.kind.values), history.layer.values)
                       if k == kind and int(la) == layer][0]
             values = mask.sel(module=module).isel(component=slice(0, shown)).transpose("task", "component")
             ax.imshow(np.ma.masked_invalid(values.values), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest",
                       extent=(0.5, shown + 0.5, values.sizes["task"] - 0.5, -0.5))  # x: the 1-based component index
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_yticks(range(values.sizes["task"]), _strings(values.task.values), fontsize=6)
+            ax.set_yticks(range(values.sizes["task"]), strings(values.task.values), fontsize=6)
             ax.set(title=f"{label}: layer {layer}", xlabel="singular component index" if i == len(rows) - 1 else "")
             ax.title.set_fontsize(8)
     fig.legend([Patch(color=c) for c in colours.values()], list(colours), loc="outside lower center", ncols=2, fontsize=7,
@@ -197,9 +197,9 @@ def adarank_mask_grid(histories: dict[str, xr.Dataset], kind: str | None = None,
 
 def adaptation_losses(history: xr.Dataset) -> Figure:
     """Per-task objective and the scalarised objective across adaptation iterations (004 Fig. 14 left)."""
-    fig, axes = _figure(history, f"Adaptation losses ({history.attrs.get('method', '?')}, {history.attrs.get('space', 'full')} space)",
-                        "004 Fig. 14 left", ncols=2)
-    for task in _strings(history.task.values):
+    fig, axes = paper_figure(history, f"Adaptation losses ({history.attrs.get('method', '?')}, {history.attrs.get('space', 'full')} space)",
+                             "004 Fig. 14 left", ncols=2)
+    for task in strings(history.task.values):
         axes[0].plot(history.iteration, history.loss.sel(task=task), label=task)
     axes[0].set(xlabel="iteration", ylabel=f"{history.attrs.get('objective', 'loss')} per task")
     axes[0].legend(fontsize=7)
@@ -220,9 +220,9 @@ def coefficient_trajectories(history: xr.Dataset, variable: str | None = None) -
     variable = variable or ("lambda" if "lambda" in history else "coefficient_mean")
     values = history[variable]  # (record, module, task)
     name = _COEFFICIENTS.get(variable, variable)
-    fig, (ax,) = _figure(history, f"Learned {name} per task during adaptation ({history.attrs.get('method', '?')})",
-                         "004 Fig. 14 right", panel=(5.0, 3.4))
-    for task in _strings(history.task.values):
+    fig, (ax,) = paper_figure(history, f"Learned {name} per task during adaptation ({history.attrs.get('method', '?')})",
+                              "004 Fig. 14 right", panel=(5.0, 3.4))
+    for task in strings(history.task.values):
         per_task = values.sel(task=task)
         mean, std = per_task.mean("module"), per_task.std("module")
         ax.plot(history.record, mean, marker=".", label=task)
@@ -235,10 +235,10 @@ def coefficient_trajectories(history: xr.Dataset, variable: str | None = None) -
 def adarank_ablation_table(ds: xr.Dataset, split: str | None = None, origins: Sequence[str] | None = None) -> pd.DataFrame:
     """002 Tab. 4: average accuracy (%) when learning λ, the mask B, both or neither, per origin (TA, CART)."""
     split = _split(ds, split)
-    origins = list(origins) if origins is not None else _strings(ds.origin.values)
+    origins = list(origins) if origins is not None else strings(ds.origin.values)
     mark = {True: "✓", False: "×"}
     rows = []
-    for config in _strings(ds.config.values):
+    for config in strings(ds.config.values):
         row = ds.sel(config=config)
         rows.append({"coefficient λ": mark[bool(row.learn_lambda)], "binary mask B": mark[bool(row.learn_mask)],
                      **{o.upper(): round(100 * float(_pick(row.average_accuracy, origin=o, split=split)), 1) for o in origins}})

@@ -12,21 +12,36 @@ creates; just before it is drawn (shown in a notebook, saved as PNG or PDF) it p
   shares its row), so it never covers data;
 * x tick labels that would overlap (method names under bars) are turned 40° to read side by side;
 * a title wider than its figure is wrapped to the figure's width.
+
+The second half holds what the figure modules share (one copy each, public so that every module
+imports the same one): :func:`paper_figure` starts every figure (a :class:`PaperFigure` titled with
+what it shows, the paper item and :func:`dataset_label`); :func:`note` adds a caption line;
+:func:`unique_legend` puts one legend beside panels that share their series; :func:`heatmap` and
+:func:`turned` draw a labelled heatmap; :func:`panel_grid` and :func:`hide_unused` lay out a grid of
+panels; :func:`strings`, :func:`module_label`, :func:`per_layer`, :func:`module_kinds`,
+:func:`ordered_modules` and :func:`default_mlp_modules` read a Dataset's labels and its
+``module`` / ``layer`` / ``kind`` coordinates. Which module a figure goes in: docs/extending.md, "A figure".
 """
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Sequence
 
+import numpy as np
+import pandas as pd
 import seaborn as sns
+import xarray as xr
 from cycler import cycler
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import AutoLocator, MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
-__all__ = ["PALETTE", "PaperFigure", "palette", "tidy"]
+__all__ = ["KIND_ORDER", "OBJECTIVES", "PALETTE", "UNLABELLED", "PaperFigure", "dataset_label", "default_mlp_modules", "heatmap",
+           "hide_unused", "module_kinds", "module_label", "note", "ordered_modules", "palette", "panel_grid", "paper_figure", "per_layer",
+           "strings", "tidy", "turned", "unique_legend"]
 
 #: seaborn's colour-blind-safe qualitative palette (10 hues).
 PALETTE: list[tuple[float, float, float]] = sns.color_palette("colorblind", 10)
@@ -121,3 +136,118 @@ class PaperFigure(Figure):
     def draw(self, renderer):  # noqa: D102 (Figure's)
         tidy(self, renderer)
         return super().draw(renderer)
+
+
+# What the figure modules share -----------------------------------------------------------------------
+
+UNLABELLED = "unlabelled data"
+
+#: How a model-dependent analysis' loss ``attrs["objective"]`` reads in a caption.
+OBJECTIVES = {"labels": "loss: cross-entropy on val labels", "entropy": "loss: prediction entropy (label-free)"}
+
+#: Module kinds in the order the papers lay them out (001 Figs. 6–9: q, k, v, out).
+KIND_ORDER = ("q", "k", "v", "qkv", "out", "mlp_in", "mlp_out", "other")
+
+
+def dataset_label(ds: xr.Dataset) -> str:
+    """What the figure was computed on: ``ds.attrs["dataset"]`` (set by the producer or the flow),
+    and the loss it was measured with where the analysis has one (``attrs["objective"]``)."""
+    label = str(ds.attrs.get("dataset") or UNLABELLED)
+    objective = OBJECTIVES.get(str(ds.attrs.get("objective", "")))
+    return f"{label}; {objective}" if objective else label
+
+
+def strings(values) -> list[str]:
+    """Labels as Python strings (coords read back from Zarr v3 are numpy StringDType)."""
+    return [str(v) for v in np.asarray(values).ravel()]
+
+
+def paper_figure(ds: xr.Dataset, title: str, paper: str, *, ncols: int = 1, nrows: int = 1,
+                 panel: tuple[float, float] = (4.2, 3.2)) -> tuple[Figure, np.ndarray]:
+    """A :class:`PaperFigure` of ``nrows × ncols`` panels of ``panel`` inches each, titled with
+    ``title``, the ``paper`` item it redraws and :func:`dataset_label`; its axes as a flat array."""
+    fig = PaperFigure(figsize=(panel[0] * ncols, panel[1] * nrows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    fig.suptitle(f"{title} ({paper})\ncomputed on: {dataset_label(ds)}", fontsize=10)
+    return fig, axes
+
+
+def note(fig: Figure, text: str) -> None:
+    """Add a last line to the figure's title: what the reader must know to read it (a degenerate case)."""
+    title = fig._suptitle  # the Text matplotlib keeps; get_suptitle() gives only its string
+    fig.suptitle(f"{title.get_text()}\nnote: {text}", fontsize=title.get_fontsize())
+
+
+def unique_legend(fig: Figure, axes, **where) -> None:
+    """One legend, outside the panels (``where``: ``fig.legend`` placement, default to the right of
+    the panels, centred beside them, clear of the figure title), for panels that share their series
+    (the first handle of each label wins)."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), **{"loc": "outside right center", **where}, fontsize=7, frameon=False)
+
+
+def panel_grid(n: int, ncols: int) -> tuple[int, int]:
+    """``(nrows, ncols)`` of a grid of ``n`` panels at most ``ncols`` wide."""
+    ncols = max(1, min(n, ncols))
+    return math.ceil(n / ncols), ncols
+
+
+def hide_unused(axes: np.ndarray, used: int) -> None:
+    """Turn off the panels of a grid after the first ``used``."""
+    for ax in axes[used:]:
+        ax.set_axis_off()
+
+
+def turned(labels: Sequence[str]) -> float:
+    """Inches of height that column labels turned by 40° under a heatmap take beyond level ones."""
+    return 0.06 * max(map(len, labels), default=0)
+
+
+def heatmap(ax: Axes, frame: pd.DataFrame, vmin: float, vmax: float, cmap: str, label: str) -> None:
+    """A seaborn heatmap with every row and column labelled, row labels level and column labels
+    level unless they crowd (then :func:`tidy` turns them; seaborn's vertical labels ran into the
+    axis label and the figure title)."""
+    sns.heatmap(frame, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, annot=frame.shape[0] * frame.shape[1] <= 144,
+                fmt=".2f", square=True, cbar_kws={"label": label}, annot_kws={"fontsize": 7}, xticklabels=True, yticklabels=True)
+    ax.tick_params(axis="x", rotation=0)
+    ax.tick_params(axis="y", rotation=0)
+
+
+def module_label(ds: xr.Dataset, module: str) -> str:
+    """``layer <i> <kind>`` of one module of ``ds``."""
+    row = ds.sel(module=module)
+    return f"layer {int(row.layer)} {row.kind.item()}"
+
+
+def per_layer(da: xr.DataArray) -> pd.DataFrame:
+    """A module-indexed DataArray as a tidy frame with ``layer`` and ``kind`` columns (mean over duplicates)."""
+    frame = da.to_dataframe(name="value").reset_index()
+    keys = [c for c in frame.columns if c not in ("value", "module")]
+    return frame.groupby(keys, as_index=False)["value"].mean()
+
+
+def module_kinds(ds: xr.Dataset) -> list[str]:
+    """The module kinds of ``ds``, in :data:`KIND_ORDER` (then any others as they come)."""
+    present = list(dict.fromkeys(strings(ds.kind.values)))
+    return [k for k in KIND_ORDER if k in present] + [k for k in present if k not in KIND_ORDER]
+
+
+def ordered_modules(ds: xr.Dataset, modules: Sequence[str] | None = None) -> list[str]:
+    """Modules by layer, then kind in :data:`KIND_ORDER` (the layer × kind grid of 001 App. E)."""
+    rank = {k: i for i, k in enumerate(module_kinds(ds))}
+    frame = pd.DataFrame({"module": strings(ds.module.values), "layer": ds.layer.values,
+                          "kind": [rank[k] for k in strings(ds.kind.values)]})
+    if modules is not None:
+        frame = frame[frame["module"].isin(list(modules))]
+    return frame.sort_values(["layer", "kind"], kind="stable")["module"].tolist()
+
+
+def default_mlp_modules(ds: xr.Dataset) -> list[str]:
+    """The first and the last MLP module (002 Fig. 3 uses the first and last MLP layer), else first/last module."""
+    modules = pd.DataFrame({"module": strings(ds.module.values), "layer": ds.layer.values, "kind": strings(ds.kind.values)})
+    mlp = modules[modules["kind"].str.startswith("mlp")]
+    pool = (mlp if len(mlp) else modules).sort_values("layer", kind="stable")
+    return list(dict.fromkeys([pool["module"].iloc[0], pool["module"].iloc[-1]]))

@@ -35,6 +35,8 @@ import pandas as pd
 import xarray as xr
 from pandas.io.formats.style import Styler
 
+from mergelab_figures.style import strings
+
 from mergelab.adaptation import ADAPTERS
 from mergelab.merging import METHODS
 from mergelab.spaces import SPACES
@@ -50,11 +52,6 @@ DELTA = "Δ Avg."
 FINETUNED = ("finetuned (absolute)", "-")
 BOLD = "font-weight: bold"
 _WHAT = {"norm_acc": "normalised accuracy", "acc": "accuracy"}
-
-
-def _strings(values) -> list[str]:
-    """Labels as Python strings (coords read back from Zarr v3 are numpy StringDType)."""
-    return [str(v) for v in np.asarray(values).ravel()]
 
 
 def method_order(names: Iterable[str]) -> list[str]:
@@ -93,7 +90,7 @@ def _rows(picked: xr.DataArray, column_dim: str) -> pd.DataFrame:
     """A (method, space) × ``column_dim`` frame in % of ``picked``, rows in registry order, runs
     that did not happen left out."""
     picked = picked.transpose("merge_method", "space", column_dim)
-    methods, spaces, columns = (_strings(picked[d].values) for d in ("merge_method", "space", column_dim))
+    methods, spaces, columns = (strings(picked[d].values) for d in ("merge_method", "space", column_dim))
     values = 100 * picked.values
     rows = {(m, s): values[i, j] for i, m in enumerate(methods) for j, s in enumerate(spaces) if not np.isnan(values[i, j]).all()}
     order = [(m, s) for m in method_order(methods) for s in _space_order(spaces) if (m, s) in rows]
@@ -162,7 +159,7 @@ def unseen_frame(ds: xr.Dataset) -> pd.DataFrame:
 
 def has_joint(ds: xr.Dataset) -> bool:
     """Whether the study measured the joint-task Hits@k (study setting ``joint: true``)."""
-    return JOINT in _strings(ds.task.values) and all(f"hits@{k}" in _strings(ds.metric.values) for k in JOINT_KS)
+    return JOINT in strings(ds.task.values) and all(f"hits@{k}" in strings(ds.metric.values) for k in JOINT_KS)
 
 
 def joint_frame(ds: xr.Dataset) -> pd.DataFrame:
@@ -190,8 +187,8 @@ def joint_by_task_frame(ds: xr.Dataset) -> pd.DataFrame:
             for name in ("zeroshot", "finetuned") for m, label in metrics.items()}
     references = list(rows)
     picked = selected_scores(ds, columns, list(metrics))
-    for method in method_order(_strings(picked.merge_method.values)):
-        for space in _space_order(_strings(picked.space.values)):
+    for method in method_order(strings(picked.merge_method.values)):
+        for space in _space_order(strings(picked.space.values)):
             for m, label in metrics.items():
                 values = 100 * picked.sel(merge_method=method, space=space, metric=m).values
                 if not np.isnan(values).all():

@@ -1,13 +1,13 @@
 """docs/extending.md's recipes stay true: every code block of the page runs as written.
 
-Each file block (``# lib/…/name.py``) is written into a temporary folder that the package it names
-also searches, so ``from mergelab.merging.median import median`` imports it as it would from the
-checkout; each registry block (``# …: one line in NAME``) runs its imports in the registry module's
-namespace and adds its lines to ``NAME``; each ``# analysis/…`` block adds its function to that
-figure module; each ``# tests/…`` block's test runs. The toys are then used as the page says: in
-``mergelab merge`` / ``adapt`` (in-process, CliRunner), in a study run through the study graph, in
-its results table and in the overview notebook executed against the study's store. Everything is
-removed afterwards.
+Each file block (``# lib/…/name.py``, ``# analysis/name.py``) is written into a temporary folder
+that the package it names also searches, so ``from mergelab.merging.median import median`` (or
+``from mergelab_figures.ranks_figures import lora_rank_bars``) imports it as it would from the
+checkout; each registry block (``# …: one line in NAME``) runs its imports in the registry
+module's namespace and adds its lines to ``NAME``; each ``# tests/…`` block's test runs. The toys
+are then used as the page says: in ``mergelab merge`` / ``adapt`` (in-process, CliRunner), in a
+study run through the study graph, in its results table, its figure and in the overview notebook
+executed against the study's store. Everything is removed afterwards.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ class Block:
 
     @property
     def module(self) -> str:
-        """The module a ``lib/…`` path imports as."""
-        parts = Path(self.path).relative_to("lib").with_suffix("").parts
+        """The module a ``lib/…`` or ``analysis/…`` path imports as (``analysis/`` is ``mergelab_figures``)."""
+        top, *parts = Path(self.path).with_suffix("").parts
+        parts = ["mergelab_figures", *parts] if top == "analysis" else parts
         return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -70,8 +71,8 @@ TEST_NAMES = [name for b in TESTS for name in re.findall(r"^def (test_\w+)", b.c
 def test_every_recipe_is_a_file_a_registry_line_and_a_test():
     assert [b.registry for b in ENTRIES] == ["METHODS", "SPACES", "ADAPTERS", "ANALYSES", "BENCHES"]
     assert [Path(b.path).parent.name for b in FILES] == ["merging", "spaces", "adaptation", "analysis", "kinds"]
-    assert [b.path for b in FIGURES] == ["analysis/figures.py"] and len(TEST_NAMES) == 6
-    assert all(b.note == "" for b in FILES + TESTS), "a file or test block is the whole of what it adds"
+    assert [b.path for b in FIGURES] == ["analysis/ranks_figures.py"] and len(TEST_NAMES) == 6
+    assert all(b.note == "" for b in FILES + FIGURES + TESTS), "a file or test block is the whole of what it adds"
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +81,9 @@ def recipes(tmp_path_factory):
     from mergelab.registry import Registry
 
     root = tmp_path_factory.mktemp("extending")
-    packages, registered, patched, modules = [], [], [], set(sys.modules)
+    packages, registered, modules = [], [], set(sys.modules)
     try:
-        for b in FILES:
+        for b in FILES + FIGURES:
             (root / b.path).parent.mkdir(parents=True, exist_ok=True)
             (root / b.path).write_text(b.code)
             package = importlib.import_module(Block(str(Path(b.path).parent / "__init__.py"), "", "").module)
@@ -100,13 +101,6 @@ def recipes(tmp_path_factory):
             for name, entry in entries.items():
                 registry.register(name, entry)
                 registered.append((registry, name))
-        for b in FIGURES:
-            module = importlib.import_module("mergelab_figures." + Path(b.path).stem)
-            namespace = dict(vars(module))
-            exec(compile(b.code, f"{DOC} ({b.path})", "exec"), namespace)
-            for name in set(namespace) - set(vars(module)):
-                setattr(module, name, namespace[name])
-                patched.append((module, name))
         tests = {}
         for b in TESTS:
             namespace = {"__name__": f"extending_docs.{Path(b.path).stem}"}
@@ -116,11 +110,9 @@ def recipes(tmp_path_factory):
     finally:
         for registry, name in registered:
             del registry[name]
-        for module, name in patched:
-            delattr(module, name)
         for package, path in packages:
             package.__path__.remove(path)
-        for name in {b.module for b in FILES} - modules:
+        for name in {b.module for b in FILES + FIGURES} - modules:
             sys.modules.pop(name, None)
 
 
@@ -167,7 +159,7 @@ def test_the_toys_work_on_the_command_line(recipes, tmp_path, one_thread):
 
 
 def test_the_toys_run_in_a_study_its_tables_a_figure_and_the_overview_notebook(recipes, tmp_path, one_thread):
-    from mergelab_figures import figures, tables
+    from mergelab_figures import ranks_figures, tables
     from mergelab_figures.layout import layout_problems
     from mergelab_figures.report import execute_notebook
 
@@ -182,7 +174,7 @@ def test_the_toys_run_in_a_study_its_tables_a_figure_and_the_overview_notebook(r
     assert list(results.merge_method.values) == ["median", "shared_scale"] and {"full", "rows"} <= set(results.space.values)
     assert {("median", "full"), ("median", "rows"), ("shared_scale", "full")} <= set(tables.paper_table(results, delta=None).data.index)
     ranks = store.get_dataset(store.ref("studies/few/analysis/lora_ranks"))
-    assert layout_problems(figures.lora_rank_bars(ranks)) == []
+    assert layout_problems(ranks_figures.lora_rank_bars(ranks)) == []
     nb = execute_notebook(REPO / "notebooks" / "00_overview.ipynb", {"STORE": ctx.store.url, "STUDY": "few"}, cwd=tmp_path,
                           figure_formats=("png",))
     shown = json.dumps([o for c in nb.cells if c.cell_type == "code" for o in c.outputs])

@@ -3,7 +3,7 @@
 another panel's text, nothing clipped by the canvas, accuracies in %).
 
 The figures are the notebooks' own: each ``paper:<item>`` cell's calls of a figure builder
-(``figures.*``, ``model_figures.*``, ``af.*``, ``overview.*`` returning a Figure) are read from the
+(``<family>_figures.*``, ``af.*``, ``overview.*`` returning a Figure) are read from the
 notebook and evaluated on the synthetic Datasets below, named as the notebook names them. The
 Datasets have the demo's sizes where the layout depends on them (8 tasks with the micro
 benchmark's names, 4 blocks × q/k/v/out, every method × space of studies/micro.yaml) and
@@ -28,7 +28,8 @@ from helpers import synthetic_results
 from matplotlib.figure import Figure
 
 from mergelab_figures import adaptation_figures as af
-from mergelab_figures import figures, model_figures, overview
+from mergelab_figures import (anisotropy_figures, complexity_figures, components_figures, core_space_figures, coverage_figures,
+                              geometry_figures, overview, proxies_figures, spectra_figures)
 from mergelab_figures.layout import layout_problems
 from mergelab_figures.report import REPO, list_notebooks, paper_items, read_notebook
 from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
@@ -45,7 +46,9 @@ BENCH_TASKS = TASKS[:5]
 RUNS = [("task_arithmetic", "full"), *((m, s) for m in ("ties", "dare_ties", "tsv", "iso_c", "cart") for s in ("full", "core")),
         ("ties", "knots"), ("tsv+iso_c", "core"), ("linear", "full"), ("svd", "full"), ("average", "full"),
         *((m, "full") for m in ("adamerging", "adamerging_tas", "tara_a", "tara_b", "adarank", "adarank_cart"))]
-MODULES_BUILDERS = {"figures": figures, "model_figures": model_figures, "af": af, "overview": overview}
+MODULES_BUILDERS = {module.__name__.rpartition(".")[2]: module for module in (
+    anisotropy_figures, complexity_figures, components_figures, core_space_figures, coverage_figures, geometry_figures, proxies_figures,
+    spectra_figures, overview)} | {"af": af}
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
@@ -354,15 +357,15 @@ def test_clipped_crowded_and_fraction_labels_and_hidden_series_are_found():
 
 def test_figures_of_degenerate_data_say_so_in_their_title(taskset):
     one = components(n=1).assign_attrs(dataset=LABEL)  # the demo's: the top component of each rank-4 update
-    for fig in (model_figures.loss_change_per_component(one), model_figures.loss_change_per_task(one)):
-        assert model_figures.ONE_COMPONENT in fig.get_suptitle()
+    for fig in (components_figures.loss_change_per_component(one), components_figures.loss_change_per_task(one)):
+        assert components_figures.ONE_COMPONENT in fig.get_suptitle()
         assert layout_problems(fig) == []
-    assert model_figures.ONE_COMPONENT not in model_figures.loss_change_per_task(components(n=4)).get_suptitle()
+    assert components_figures.ONE_COMPONENT not in components_figures.loss_change_per_task(components(n=4)).get_suptitle()
 
     ranks = coverage.subspace_coverage(taskset).assign_attrs(dataset=LABEL)
     flat = ranks.assign(energy_rank=ranks.energy_rank * 0 + 4)  # every rank-4 update needs its four components
-    assert figures.uniform_energy_rank(flat) == 4 and figures.uniform_energy_rank(ranks.assign(energy_rank=ranks.energy_rank.cumsum("task"))) is None
-    fig = figures.energy_rank_per_task(flat)
+    assert coverage_figures.uniform_energy_rank(flat) == 4 and coverage_figures.uniform_energy_rank(ranks.assign(energy_rank=ranks.energy_rank.cumsum("task"))) is None
+    fig = coverage_figures.energy_rank_per_task(flat)
     assert "every task's energy rank is 4 here" in fig.get_suptitle() and layout_problems(fig) == []
 
 
@@ -373,7 +376,7 @@ def test_real_demo_cases_coinciding_tas_curves_and_a_long_title_on_a_narrow_figu
     ds = tas_sweep()
     same = ds.tas_mean.isel(n_batches=0).values
     ds["tas_mean"] = ds.tas_mean.copy(data=np.repeat(same[:, :, None], ds.sizes["n_batches"], axis=2))
-    assert layout_problems(model_figures.tas_robustness(ds)) == []
+    assert layout_problems(proxies_figures.tas_robustness(ds)) == []
     fig, ax = _paper_figure()
     fig.set_size_inches(5.0, 4.0)
     ax.plot([0, 1], [0, 1])

@@ -1,12 +1,14 @@
 """Figure functions draw and say what they were computed on (Agg backend).
 
-Weight-only figures (analysis/figures.py) draw from tiny synthetic TaskSets; the model-dependent
-ones (analysis/model_figures.py) from the real analyses on the rank-4 micro pair, computed once per
-session (the ``bench_datasets`` fixture).
+Figures of the weight-only analyses draw from tiny synthetic TaskSets; those of the model-dependent
+ones (``needs="bench"``) from the real analyses on the rank-4 micro pair, computed once per session
+(the ``bench_datasets`` fixture). Each analysis' figures are in ``analysis/<family>_figures.py``
+(docs/extending.md, "A figure").
 """
 
 from __future__ import annotations
 
+import ast
 import io
 
 import matplotlib
@@ -19,10 +21,13 @@ import torch
 import xarray as xr
 from matplotlib.figure import Figure
 
-from mergelab_figures import figures, model_figures
+from conftest import REPO
+from mergelab_figures import (anisotropy_figures, components_figures, core_space_figures, coverage_figures, geometry_figures,
+                               proxies_figures, spectra_figures, style)
 from mergelab_figures.style import PaperFigure
 from mergelab.analysis import core_space, coverage, geometry, spectra
 from mergelab.experiments import model_analyses
+from mergelab.experiments.registry import ANALYSES
 from mergelab.store import Store
 from mergelab.synthetic import random_taskset
 from mergelab.taskset import BaseRef, Dense, LowRank, MergedUpdate
@@ -96,61 +101,83 @@ def test_paper_style_wraps_a_title_wider_than_its_figure():
     assert fig.get_suptitle().count("\n") >= 2 and fig._suptitle.get_window_extent().width <= fig.bbox.width
 
 
+FIGURE_MODULES = sorted((REPO / "analysis").glob("*_figures.py")) + [REPO / "analysis" / "overview.py"]
+
+
+@pytest.mark.parametrize("path", FIGURE_MODULES, ids=lambda p: p.stem)
+def test_a_figure_module_imports_only_public_helpers_of_the_style_module(path):
+    """docs/architecture.md, "Figures by Dataset family": no figure module reaches into another (nor
+    for a private name); what they share is public in ``style`` (``overview`` also reads ``tables``)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mergelab_figures"):
+            assert node.module in ("mergelab_figures.style", "mergelab_figures.tables"), f"{path.name} imports {node.module}"
+            assert not [a.name for a in node.names if a.name.startswith("_")], f"{path.name} imports a private name of {node.module}"
+        assert not (isinstance(node, ast.Import) and any(a.name.startswith("mergelab_figures") for a in node.names)), path.name
+    assert len(path.read_text().splitlines()) <= 400, f"{path.name}: split it by Dataset family"
+
+
+def test_the_family_table_names_every_figure_module_and_every_analysis():
+    section = (REPO / "docs" / "architecture.md").read_text().partition("## Figures by Dataset family")[2]
+    assert all(f"`{p.stem}`" in section for p in FIGURE_MODULES)
+    assert [name for name in ANALYSES if f"`{name}`" not in section] == []
+
+
 def test_coverage_figures(taskset):
     ds = _labelled(coverage.subspace_coverage(taskset))
-    fig = figures.coverage_erank(ds)
+    fig = coverage_figures.coverage_erank(ds)
     _check(fig)
     assert [ax.get_title() for ax in fig.axes[:5]] == ["q", "k", "v", "out", "mlp_in"]
     assert len(fig.axes[0].lines) == 3 and len(fig.axes[0].lines[0].get_xdata()) == 3  # three curves over three layers
-    _check(figures.coverage_erank(ds, kinds=["q"]))
-    fig = figures.energy_rank_per_task(ds)
+    _check(coverage_figures.coverage_erank(ds, kinds=["q"]))
+    fig = coverage_figures.energy_rank_per_task(ds)
     _check(fig)
     assert [ax.get_title() for ax in fig.axes[:2]] == ["layer 0 mlp_in", "layer 2 mlp_in"]  # first and last MLP
 
 
 def test_geometry_figures(taskset):
-    _check(figures.task_vector_norms(_labelled(geometry.norms(taskset))))
-    fig = figures.task_vector_norms_per_layer(_labelled(geometry.norms(taskset)))
+    _check(geometry_figures.task_vector_norms(_labelled(geometry.norms(taskset))))
+    fig = geometry_figures.task_vector_norms_per_layer(_labelled(geometry.norms(taskset)))
     _check(fig)
     assert len(fig.axes[0].lines) >= 4  # one line per task
-    fig = figures.cosine_heatmap(_labelled(geometry.cosine_similarity(taskset)))
+    fig = geometry_figures.cosine_heatmap(_labelled(geometry.cosine_similarity(taskset)))
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()][-1] == "Σ"
-    _check(figures.similarity_across_lambda(_labelled(geometry.lambda_similarity(taskset))))
+    _check(geometry_figures.similarity_across_lambda(_labelled(geometry.lambda_similarity(taskset))))
 
 
 def test_merged_model_figures(taskset):
     single = _labelled(geometry.merged_similarity(taskset, _merged(taskset, "tsv", 0)))
-    fig = figures.merged_cosines(single)
+    fig = geometry_figures.merged_cosines(single)
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["tsv"]
     stacked = xr.concat([geometry.merged_similarity(taskset, _merged(taskset, m, i)) for i, m in enumerate(["average", "metagpt", "normavg"])],
                         dim=xr.DataArray(["average", "metagpt", "normavg"], dims="merge_method"))
-    fig = figures.merged_cosines(_labelled(stacked))
+    fig = geometry_figures.merged_cosines(_labelled(stacked))
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["average", "metagpt", "normavg"]
     # a study stacks merge_method and space; a method missing from a space is no row
     by_space = xr.concat([stacked, stacked.isel(merge_method=[0])], dim=xr.DataArray(["full", "core"], dims="space"), join="outer")
-    fig = figures.merged_cosines(_labelled(by_space))
+    fig = geometry_figures.merged_cosines(_labelled(by_space))
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["average/full", "average/core", "metagpt/full", "normavg/full"]
 
-    _check(figures.merged_rank_summary(spectra.merged_rank(_merged(taskset, "ties", 1))), label="synthetic-seed11")
+    _check(spectra_figures.merged_rank_summary(spectra.merged_rank(_merged(taskset, "ties", 1))), label="synthetic-seed11")
     ranks = xr.concat([xr.concat([spectra.merged_rank(_merged(taskset, m, i + j)) for j, _ in enumerate(("full", "core"))],
                                  dim=xr.DataArray(["full", "core"], dims="space")) for i, m in enumerate(("task_arithmetic", "ties"))],
                       dim=xr.DataArray(["task_arithmetic", "ties"], dims="merge_method"))
-    _check(figures.merged_rank_summary(_labelled(ranks)))
+    _check(spectra_figures.merged_rank_summary(_labelled(ranks)))
 
 
 def test_spectra_and_sar_figures(taskset):
-    fig = figures.singular_spectra(_labelled(spectra.task_spectra(taskset)), module="visual.transformer.resblocks.1.attn.v_proj.weight")
+    fig = spectra_figures.singular_spectra(_labelled(spectra.task_spectra(taskset)), module="visual.transformer.resblocks.1.attn.v_proj.weight")
     _check(fig)
     assert "layer 1 v" in fig.get_suptitle() and len(fig.axes[0].lines) == 4
     sar = _labelled(spectra.pairwise_sar(taskset))
-    _check(figures.sar_heatmap(sar))
-    _check(figures.sar_bars(sar))
+    _check(spectra_figures.sar_heatmap(sar))
+    _check(spectra_figures.sar_bars(sar))
     both = xr.concat([sar, spectra.pairwise_sar(taskset, retained=1.0)], dim=xr.DataArray(["full", "full r=1"], dims="space"))
-    fig = figures.sar_bars(both)
+    fig = spectra_figures.sar_bars(both)
     _check(fig)
     assert len(fig.axes[0].patches) == 2
 
@@ -158,31 +185,31 @@ def test_spectra_and_sar_figures(taskset):
 def test_core_space_figures_and_tables(taskset):
     sub = taskset.restrict([r"visual\.transformer\.resblocks\.[01]\.attn\.(q|v)_proj\.weight"])
     truncation = _labelled(core_space.truncation_curves(sub))
-    fig = figures.core_truncation_curves(truncation)
+    fig = core_space_figures.core_truncation_curves(truncation)
     _check(fig)
     assert len(fig.axes[0].lines) == 2 and [t.get_text() for t in fig.legends[0].get_texts()] == ["full space", "core space"]
 
     sar = _labelled(core_space.sar_by_space(sub))
-    fig = figures.sar_heatmap(sar)
+    fig = spectra_figures.sar_heatmap(sar)
     _check(fig)
     assert [ax.get_title() for ax in fig.axes[:2]] == ["full space", "core space"]
-    fig = figures.sar_bars(sar)
+    fig = spectra_figures.sar_bars(sar)
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["full", "core"]
 
     bases = _labelled(core_space.reference_basis_ablation(sub))
-    table = figures.reference_basis_table(bases)
+    table = core_space_figures.reference_basis_table(bases)
     assert list(table.index) == ["(1) first task", "(2) random orthonormal", "(3) concatenation (Eq. 3)"]
     assert table.attrs["dataset"] == LABEL
     assert table.loc["(3) concatenation (Eq. 3)", "Avg. ε_U"] < 1e-9 < table.loc["(1) first task", "Avg. ε_U"]
     assert table.loc["(1) first task", "Shape U"] == "m × 2"  # the first task has rank 2
-    _check(figures.reference_basis_errors(bases))
+    _check(core_space_figures.reference_basis_errors(bases))
 
     ranks = _labelled(core_space.merged_rank_grid(sub))
-    fig = figures.merged_rank_summary(ranks)
+    fig = spectra_figures.merged_rank_summary(ranks)
     _check(fig)
     assert len(fig.axes[0].patches) >= 9  # three methods × three spaces
-    table = figures.merged_rank_table(ranks)
+    table = spectra_figures.merged_rank_table(ranks)
     assert list(table.index) == ["full", "knots", "core"] and list(table.columns) == ["task_arithmetic", "tsv", "ties"]
     assert table.attrs["dataset"] == LABEL and table.attrs["total_lora_rank"] == 11.0
     assert table.loc["core", "task_arithmetic"] == float(ranks.merged_rank_mean.sel(space="core")[0])
@@ -193,21 +220,21 @@ def test_figures_draw_from_the_store_and_fall_back_to_the_base_name(taskset, tmp
     key = store.key("coverage.subspace_coverage", "1", taskset=taskset)
     store.put_dataset(key, coverage.subspace_coverage(taskset))
     ds = store.get_dataset(key)
-    _check(figures.coverage_erank(ds), label="synthetic-seed11")  # the producer's default label: the base name
+    _check(coverage_figures.coverage_erank(ds), label="synthetic-seed11")  # the producer's default label: the base name
     del ds.attrs["dataset"]
-    assert figures.UNLABELLED in figures.energy_rank_per_task(ds).get_suptitle()
+    assert style.UNLABELLED in coverage_figures.energy_rank_per_task(ds).get_suptitle()
     assert np.isfinite(ds.erank_aware.values).all()
 
 
 def test_energy_rank_and_per_layer_norm_tables(taskset):
     coverage_ds = _labelled(coverage.subspace_coverage(taskset))
-    table = figures.energy_rank_table(coverage_ds)
+    table = coverage_figures.energy_rank_table(coverage_ds)
     assert table.shape == (15, 4) and list(table.columns) == ["digits", "textures", "signs", "landcover"]
     assert table.loc["layer 1 v", "landcover"] == int(coverage_ds.energy_rank.sel(task="landcover", module="visual.transformer.resblocks.1.attn.v_proj.weight"))
     assert (table.max() <= [2, 3, 2, 4]).all() and table.attrs["dataset"] == LABEL  # at most the LoRA rank
 
     norms = _labelled(geometry.norms(taskset))
-    table = figures.task_vector_norms_per_layer_table(norms)
+    table = geometry_figures.task_vector_norms_per_layer_table(norms)
     assert list(table.columns) == ["Layer-1", "Layer-2", "Layer-3", "Avg."] and list(table.index) == ["digits", "textures", "signs", "landcover"]
     layer0 = [m for m in SHAPES if ".resblocks.0." in m]
     expected = float(np.sqrt((norms.norm.sel(task="signs", module=layer0) ** 2).sum()))
@@ -216,7 +243,7 @@ def test_energy_rank_and_per_layer_norm_tables(taskset):
     assert table.loc["signs", "Avg."] == pytest.approx(table.loc["signs"].iloc[:3].mean())
 
 
-# Model-dependent analyses (analysis/model_figures.py) on Datasets of the real analysis functions ------------
+# Model-dependent analyses (needs="bench") on Datasets of the real analysis functions ---------------------
 
 
 def _bench(bench_datasets, name: str) -> xr.Dataset:
@@ -229,13 +256,14 @@ def _panels(fig: Figure) -> list:
     return [ax for ax in fig.axes if ax.get_visible() and ax.axison and ax.get_title()]
 
 
-@pytest.mark.parametrize(("name", "figure"), [("anisotropy", "jacobian_condition"), ("components", "loss_change_per_component")])
+@pytest.mark.parametrize(("name", "figure"), [("anisotropy", anisotropy_figures.jacobian_condition),
+                                              ("components", components_figures.loss_change_per_component)], ids=["anisotropy", "components"])
 def test_loss_based_analyses_use_the_papers_labelled_task_loss_and_say_so(bench_datasets, name, figure):
     ds = _bench(bench_datasets, name)
     assert ds.attrs["objective"] == "labels"  # 001 Eqs. 3-6 / 002 Eqs. 3-4: the task loss on val labels
-    assert "loss: cross-entropy on val labels" in getattr(model_figures, figure)(ds).get_suptitle()
+    assert "loss: cross-entropy on val labels" in figure(ds).get_suptitle()
     entropy = ds.assign_attrs(objective="entropy")
-    assert "prediction entropy (label-free)" in getattr(model_figures, figure)(entropy).get_suptitle()
+    assert "prediction entropy (label-free)" in figure(entropy).get_suptitle()
 
 
 def test_anisotropy_figures(bench_datasets):
@@ -243,7 +271,7 @@ def test_anisotropy_figures(bench_datasets):
     T, modules = ds.sizes["task"], [str(m) for m in ds.module.values]
     q0 = next(m for m in modules if ds.sel(module=m).kind.item() == "q" and int(ds.sel(module=m).layer) == 0)
 
-    fig = model_figures.jacobian_scree(ds)
+    fig = anisotropy_figures.jacobian_scree(ds)
     _check(fig)
     panels = _panels(fig)
     assert len(panels) == len(modules) and [ax.get_title() for ax in panels[:4]] == ["layer 0 q", "layer 0 k", "layer 0 v", "layer 0 out"]
@@ -251,25 +279,25 @@ def test_anisotropy_figures(bench_datasets):
     raw, svd = panels[0].lines
     assert np.allclose(raw.get_ydata(), ds.energy_fraction.sel(basis="raw", module=q0).values)
     assert np.allclose(svd.get_ydata(), ds.energy_fraction.sel(basis="svd", module=q0).values)
-    assert len(_panels(model_figures.jacobian_scree(ds, modules=[q0]))) == 1
+    assert len(_panels(anisotropy_figures.jacobian_scree(ds, modules=[q0]))) == 1
 
-    fig = model_figures.jacobian_condition(ds)
+    fig = anisotropy_figures.jacobian_condition(ds)
     _check(fig)
     assert [ax.get_title() for ax in fig.axes] == ["q", "k", "v", "out"] and fig.axes[0].get_yscale() == "log"
     q_modules = [m for m in modules if ds.sel(module=m).kind.item() == "q"]
     by_layer = ds.kappa_J.sel(basis="svd", module=q_modules).sortby("layer")
     assert np.allclose(fig.axes[0].lines[1].get_ydata(), by_layer.values)  # one module per layer: no averaging
 
-    fig = model_figures.kappa_preferences(ds)
+    fig = anisotropy_figures.kappa_preferences(ds)
     _check(fig)
     assert len(fig.axes) == 8 and fig.axes[4].get_title() == "q, SVD basis"
     assert len(fig.axes[0].lines) == 1 + T  # ρ₁ uniform and one ρ₂ one-hot per task
     assert np.allclose(fig.axes[0].lines[0].get_ydata(), ds.kappa_uniform.sel(basis="raw", module=q_modules).sortby("layer").values)
-    fig = model_figures.kappa_preferences(ds, bases=["raw"])
+    fig = anisotropy_figures.kappa_preferences(ds, bases=["raw"])
     assert len(fig.axes) == 4 and "Fig. 6 (RAW)" in fig.get_suptitle() and "Fig. 7" not in fig.get_suptitle()
 
     for basis, paper in (("raw", "Fig. 2"), ("svd", "Fig. 9")):
-        fig = model_figures.xi_heatmap(ds, basis)
+        fig = anisotropy_figures.xi_heatmap(ds, basis)
         _check(fig)
         assert paper in fig.get_suptitle()
         heat = [ax for ax in fig.axes if ax.get_title()]
@@ -277,7 +305,7 @@ def test_anisotropy_figures(bench_datasets):
         mesh = heat[1].collections[0].get_array().reshape(-1, 4)  # layers × (q, k, v, out)
         assert np.allclose(mesh[0, 0], float(ds.xi.sel(basis=basis, task=str(ds.task.values[1]), module=q0)))
 
-    table = model_figures.anisotropy_table(ds)
+    table = anisotropy_figures.anisotropy_table(ds)
     assert table.shape == (len(modules), 8) and table.attrs["dataset"] == f"{LABEL}; loss: cross-entropy on val labels"
     assert table.loc["layer 0 q", ("SVD", "κ(J)")] == float(ds.kappa_J.sel(basis="svd", module=q0))
     assert table.loc["layer 0 q", ("RAW", "mean ξ")] == pytest.approx(float(ds.xi.sel(basis="raw", module=q0).mean()))
@@ -288,7 +316,7 @@ def test_component_loss_figures(bench_datasets):
     tasks = [str(t) for t in ds.task.values]
     module = [str(m) for m in ds.module.values if int(ds.sel(module=m).layer) == 3][0]
 
-    fig = model_figures.loss_change_per_component(ds, module=module)
+    fig = components_figures.loss_change_per_component(ds, module=module)
     _check(fig)
     assert "002 Sec. 4, Fig. 1" in fig.get_suptitle() and _module_label_in(fig, ds, module)
     panels = _panels(fig)
@@ -301,19 +329,19 @@ def test_component_loss_figures(bench_datasets):
         assert np.allclose(multi.get_ydata(), ds.multi_delta_loss.sel(task=task, module=module).values[:n])
     [legend] = fig.legends  # one for every panel: the series are the same
     assert [t.get_text() for t in legend.get_texts()][:2] == ["own task ΔL_i(r)", "multi-task ΔL(r)"]
-    _check(model_figures.loss_change_per_component(ds))  # default module: the last analysed one
+    _check(components_figures.loss_change_per_component(ds))  # default module: the last analysed one
     inside = ds.assign(energy_rank=ds.energy_rank.clip(max=1))  # an energy rank among the components drawn: a vertical line
-    ax = _panels(model_figures.loss_change_per_component(inside, module=module))[0]
+    ax = _panels(components_figures.loss_change_per_component(inside, module=module))[0]
     assert [list(line.get_xdata()) for line in ax.lines if line.get_linestyle() == "--"] == [[1, 1]]
 
-    fig = model_figures.loss_change_per_task(ds, task="textures", module=module)
+    fig = components_figures.loss_change_per_task(ds, task="textures", module=module)
     _check(fig)
     lines = [line for line in fig.axes[0].lines if line.get_label().startswith("ΔL_")]
     assert [line.get_label() for line in lines] == [f"ΔL_{t}(r)" for t in ds.eval_task.values]
     dotted = [line for line in lines if line.get_linestyle() == ":"]
     assert len(dotted) == 1 and np.allclose(dotted[0].get_ydata(), ds.own_delta_loss.sel(task="textures", module=module).values)
 
-    table = model_figures.component_loss_table(ds)
+    table = components_figures.component_loss_table(ds)
     assert len(table) == int(ds.n_components.sum()) and table.attrs["dataset"] == f"{LABEL}; loss: cross-entropy on val labels"
     row = table.loc[("digits", "layer 3 q", 2)]
     point = ds.sel(task="digits", module=[m for m in ds.module.values if str(m).endswith("3.attn.q_proj.weight")][0], component=2)
@@ -331,14 +359,14 @@ def test_tas_sweep_figures_and_tables(bench_datasets):
     at = {"distance": "l2", "n_batches": 2}
     perf = 100 * ds.normalized_accuracy  # figures and tables give accuracies in %
 
-    corr = model_figures.tas_correlation_table(ds)
+    corr = proxies_figures.tas_correlation_table(ds)
     assert list(corr.index) == [*tasks, "mean"] and corr.attrs["distance"] == "l2" and corr.attrs["n_batches"] == 2
     assert corr.loc["mean", "Pearson r(TAS, perf)"] == pytest.approx(np.corrcoef(ds.tas_mean.sel(at), perf.mean("task"))[0, 1])
     interior = slice(1, -1)  # AdaMMS* has no score at the ends of the grid
     expected = np.corrcoef(ds.adamms.sel(**at, task="digits")[interior], perf.sel(task="digits")[interior])[0, 1]
     assert corr.loc["digits", "Pearson r(AdaMMS*, perf)"] == pytest.approx(expected)
 
-    fig = model_figures.tas_vs_lambda(ds)
+    fig = proxies_figures.tas_vs_lambda(ds)
     _check(fig)
     panels = _panels(fig)
     assert [ax.get_title().split(" (")[0] for ax in panels] == [*tasks, "mean"]
@@ -349,7 +377,7 @@ def test_tas_sweep_figures_and_tables(bench_datasets):
     twins = [ax for ax in fig.axes if ax not in panels and ax.lines]
     assert np.allclose(twins[-1].lines[0].get_ydata(), ds.tas_mean.sel(at).values)
 
-    fig = model_figures.adamms_vs_tas(ds, distance="cos", n_batches=1)
+    fig = proxies_figures.adamms_vs_tas(ds, distance="cos", n_batches=1)
     _check(fig)
     assert "004 App. D, Fig. 9" in fig.get_suptitle()
     twins = [ax for ax in fig.axes if ax not in _panels(fig) and ax.lines]
@@ -358,12 +386,12 @@ def test_tas_sweep_figures_and_tables(bench_datasets):
     legend = [t.get_text() for t in _panels(fig)[-1].get_legend().get_texts()]
     assert {"λ (TAS)", "λ (AdaMMS*)", "best on eval", "TAS", "AdaMMS*"} <= set(legend)
 
-    fig = model_figures.tas_robustness(ds)
+    fig = proxies_figures.tas_robustness(ds)
     _check(fig)
     assert len(fig.axes[0].lines) == ds.sizes["n_batches"] and len(fig.axes[1].lines) == ds.sizes["distance"]
     assert np.allclose(fig.axes[1].lines[0].get_ydata(), perf.mean("task").values)
 
-    table = model_figures.tas_selection_table(ds)
+    table = proxies_figures.tas_selection_table(ds)
     assert table.shape[0] == ds.sizes["distance"] * ds.sizes["n_batches"] and table.attrs["dataset"] == LABEL
     assert table.loc[("cos", 1), "λ (AdaMMS*)"] == float(ds.selected_lam_adamms.sel(distance="cos", n_batches=1))
     best = float(lams[int(np.argmax(perf.mean("task").values))])
@@ -372,16 +400,16 @@ def test_tas_sweep_figures_and_tables(bench_datasets):
     # without an evaluation axis (tas_sweep(accuracy=False)) the proxies are drawn alone
     blind = ds.assign(accuracy=ds.accuracy * np.nan, finetuned_accuracy=ds.finetuned_accuracy * np.nan,
                       normalized_accuracy=ds.normalized_accuracy * np.nan)
-    for builder in (model_figures.tas_vs_lambda, model_figures.adamms_vs_tas, model_figures.tas_robustness):
+    for builder in (proxies_figures.tas_vs_lambda, proxies_figures.adamms_vs_tas, proxies_figures.tas_robustness):
         _check(builder(blind))
-    assert model_figures.tas_correlation_table(blind).isna().all().all()
-    assert np.isnan(model_figures.tas_selection_table(blind)["λ (best on eval)"]).all()
+    assert proxies_figures.tas_correlation_table(blind).isna().all().all()
+    assert np.isnan(proxies_figures.tas_selection_table(blind)["λ (best on eval)"]).all()
 
 
 def test_embedding_interference_bars(bench_datasets, micro_pair, one_thread):
     ds = _bench(bench_datasets, "embedding_interference")  # the registry's: TSV + Iso-C in full and Core space
     T = ds.sizes["task"]
-    fig = model_figures.embedding_interference_bars(ds)
+    fig = proxies_figures.embedding_interference_bars(ds)
     _check(fig)
     assert "003 App. C.1, Fig. 6" in fig.get_suptitle() and ds.attrs["method"] == "tsv+iso_c"
     ax = fig.axes[0]
@@ -393,7 +421,7 @@ def test_embedding_interference_bars(bench_datasets, micro_pair, one_thread):
 
     one = model_analyses.merged_embedding_interference(micro_pair, method="ties", hp={"density": 0.5, "alpha": 1.0},
                                                        batch_size=8, batches=1).assign_attrs(dataset=LABEL)
-    fig = model_figures.embedding_interference_bars(one)
+    fig = proxies_figures.embedding_interference_bars(one)
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["ties (full space)"]
     assert np.allclose([p.get_height() for p in fig.axes[0].patches if p.get_height() > 0],
@@ -408,14 +436,14 @@ def test_model_figures_draw_from_the_store(bench_datasets, micro_pair, tmp_path)
         key = store.key(name, "test", n=1)
         store.put_dataset(key, ds)
         back[name] = store.get_dataset(key)
-    for fig in (model_figures.jacobian_scree(back["anisotropy"]), model_figures.xi_heatmap(back["anisotropy"]),
-                model_figures.kappa_preferences(back["anisotropy"]), model_figures.loss_change_per_task(back["components"]),
-                model_figures.tas_vs_lambda(back["tas_sweep"]), model_figures.embedding_interference_bars(back["embedding_interference"]),
-                model_figures.truncation_accuracy_curves(back["truncation_accuracy"])):
+    for fig in (anisotropy_figures.jacobian_scree(back["anisotropy"]), anisotropy_figures.xi_heatmap(back["anisotropy"]),
+                anisotropy_figures.kappa_preferences(back["anisotropy"]), components_figures.loss_change_per_task(back["components"]),
+                proxies_figures.tas_vs_lambda(back["tas_sweep"]), proxies_figures.embedding_interference_bars(back["embedding_interference"]),
+                core_space_figures.truncation_accuracy_curves(back["truncation_accuracy"])):
         _check(fig, label=bench_datasets["anisotropy"].attrs["dataset"])  # the producer's default label: the base name
-    assert model_figures.component_loss_table(back["components"]).equals(model_figures.component_loss_table(bench_datasets["components"]))
+    assert components_figures.component_loss_table(back["components"]).equals(components_figures.component_loss_table(bench_datasets["components"]))
     errors = core_space.reference_basis_ablation(micro_pair.taskset)  # the same bases (seed 0) without the accuracy
-    table = model_figures.reference_basis_accuracy_table(back["reference_basis_accuracy"], errors)
+    table = core_space_figures.reference_basis_accuracy_table(back["reference_basis_accuracy"], errors)
     assert list(table.columns[:3]) == ["Shape U", "Shape V", "Avg. norm. acc. (%)"] and list(table.columns[-2:]) == ["Avg. ε_U", "Avg. ε_V"]
     assert table.index[-1] == "(3) concatenation (Eq. 3)" and table.attrs["paper"] == "003 Sec. 5.2 (Tab. 5)"
     assert table.loc["(3) concatenation (Eq. 3)", "Avg. ε_U"] == pytest.approx(0.0, abs=1e-6)

@@ -20,6 +20,7 @@ from helpers import MICRO_LABEL, publish_analyses, synthetic_results
 
 from mergelab_figures import data
 from mergelab_figures.report import INDEX, REPO, cell_outputs, execute_notebook, report
+from mergelab.experiments.registry import ANALYSES
 from mergelab.micro.benchmark import load_micro
 from mergelab.merging import merge
 from mergelab.store import Store
@@ -28,8 +29,9 @@ pytestmark = pytest.mark.notebook
 
 STUDY = "micro"
 MIN_FIGURES = {"10_tara_geometry": 11, "20_adarank_spectra": 7, "30_core_space": 8, "40_tas_geometry": 10}
-#: Figures of the model-dependent analyses (cells calling ``mergelab_figures.model_figures``) each notebook must draw.
+#: Figures of the model-dependent analyses (cells that draw the Dataset of an analysis with ``needs="bench"``) each notebook must draw.
 MODEL_FIGURES = {"10_tara_geometry": 6, "20_adarank_spectra": 3, "30_core_space": 1, "40_tas_geometry": 4}
+DRAWS_BENCH_ANALYSIS = re.compile(r"_figures\.\w+\((" + "|".join(n for n, a in ANALYSES.items() if a.needs == "bench") + r")\b")
 PAPER_NOTEBOOKS = [REPO / "notebooks" / f"{name}.ipynb" for name in MIN_FIGURES]
 
 
@@ -58,7 +60,7 @@ def test_paper_notebook_draws_its_figures_from_the_study(workdir, path):
     nb = execute_notebook(path, {"STORE": "data/store", "STUDY": STUDY}, cwd=workdir, figure_formats=("png",))
     pngs = [o for o in _outputs(nb, "display_data") if "image/png" in o.data]
     assert len(pngs) >= MIN_FIGURES[path.stem]
-    model_cells = [c for c in nb.cells if c.cell_type == "code" and "model_figures." in c.source]
+    model_cells = [c for c in nb.cells if c.cell_type == "code" and DRAWS_BENCH_ANALYSIS.search(c.source)]
     model_pngs = [o for c in model_cells for o in c.outputs if o.output_type == "display_data" and "image/png" in o.data]
     assert len(model_pngs) == MODEL_FIGURES[path.stem]
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
