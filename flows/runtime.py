@@ -97,9 +97,12 @@ RUNNERS: dict[str, Callable[[str | None], object]] = {"thread": _thread, "dask":
 
 def parse_runner(spec: str | None = None) -> tuple[str, str | None]:
     """``--runner NAME[=ARG]`` checked (without importing Prefect): ``(name, arg or None)``."""
-    name, _, arg = (spec or "thread").partition("=")
+    name, given, arg = (spec or "thread").partition("=")
     if name not in RUNNERS:
         raise InputError(f"unknown runner {spec!r}; choose one of {', '.join(f'{k}[=…]' for k in RUNNERS)}")
+    if given and not arg:  # `dask=$ADDRESS` with the variable unset ran on a local cluster (issue 30 probe 575, 577)
+        example = "a worker count, e.g. thread=4" if name == "thread" else "an address, e.g. dask=tcp://host:8786"
+        raise InputError(f"--runner {spec}: nothing after '='; give {example}, or {name} alone for the default")
     if name == "thread" and arg and (not arg.isdigit() or int(arg) < 1):
         raise InputError(f"--runner thread={arg}: the argument is a worker count of at least 1, e.g. thread=4")
     if name == "dask" and arg:

@@ -100,6 +100,14 @@ def _case_dask_runner_port_not_a_number(tmp, api):
     return ["run", STUDY, "--runner", "dask=tcp://127.0.0.1:eighty", "--store", tmp / "s"], "the port is not a number"
 
 
+def _case_dask_runner_with_an_empty_address(tmp, api):  # issue 30 probe 577: `dask=$ADDRESS` unset ran on a local cluster
+    return ["run", STUDY, "--runner", "dask=", "--store", tmp / "s"], "--runner dask=: nothing after '='", "dask alone for the default"
+
+
+def _case_thread_runner_with_an_empty_count(tmp, api):  # probe 575: ran with the default count
+    return ["run", STUDY, "--runner", "thread=", "--store", tmp / "s"], "--runner thread=: nothing after '='", "e.g. thread=4"
+
+
 def _case_option_of_the_wrong_type(tmp, api):
     return ["adapt", "--iters", "many"], "Invalid value for '--iters'", "see mergelab adapt --help"
 
