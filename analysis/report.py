@@ -67,7 +67,7 @@ import mergelab
 from mergelab.errors import InputError
 
 __all__ = ["FIGURE_FORMATS", "FIGURE_MIMES", "REPO", "CellOutputs", "cell_outputs", "default_jobs", "execute_notebook", "export",
-           "item_label", "item_statuses", "list_notebooks", "paper_items", "read_notebook", "report", "write_index"]
+           "item_label", "item_statuses", "list_notebooks", "paper_items", "prepared_notebook", "read_notebook", "report", "write_index"]
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "python3"
@@ -255,6 +255,17 @@ def read_notebook(path: str | Path) -> nbformat.NotebookNode:
     return nb
 
 
+def prepared_notebook(path: str | Path, params: Mapping[str, Any]) -> nbformat.NotebookNode:
+    """The notebook at ``path`` (:func:`read_notebook`) with ``params`` injected into its ``parameters``
+    cell; InputError, before any kernel starts, when it has no such cell or parameter or a cell's
+    ``paper:`` tag is malformed."""
+    path = Path(path)
+    nb = read_notebook(path)
+    _inject(nb, params, path.name)
+    cell_outputs(nb, path.name)
+    return nb
+
+
 def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | Path,
                      timeout: int = 600, figure_formats: Sequence[str] = FIGURE_FORMATS) -> nbformat.NotebookNode:
     """Run the notebook at ``path`` with ``params`` injected into its ``parameters`` cell.
@@ -271,9 +282,7 @@ def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | 
     unknown = [f for f in figure_formats if f not in FIGURE_MIMES]
     if unknown or not figure_formats:
         raise ValueError(f"figure_formats={tuple(figure_formats)!r}: choose from {', '.join(FIGURE_MIMES)}")
-    nb = read_notebook(path)
-    _inject(nb, params, path.name)
-    cell_outputs(nb, path.name)  # a malformed paper tag fails here, before the kernel starts
+    nb = prepared_notebook(path, params)
     nb.metadata["mergelab"] = {"notebook": path.stem, "parameters": {k: _literal(k, v, path.name) for k, v in params.items()}}
     current: dict[str, int] = {}
 
@@ -419,8 +428,8 @@ def report(notebooks: Sequence[str | Path], params: Mapping[str, Any], out_dir: 
     if jobs is not None and jobs < 1:
         raise InputError(f"jobs={jobs}: run at least one notebook at a time")
     paths = [Path(p) for p in notebooks]
-    for path in paths:  # every notebook readable before the first kernel starts
-        read_notebook(path)
+    for path in paths:  # every notebook readable and taking the parameters before the first kernel starts (issue 30 probe 618)
+        prepared_notebook(path, params)
     cwd = Path(cwd) if cwd is not None else Path.cwd()
     seconds: dict[int, float] = {}
 

@@ -8,6 +8,7 @@ usage block: one ``error:`` line, exit 2, no traceback, nothing written."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from pathlib import Path
 
@@ -65,6 +66,18 @@ def _case_report_out_under_a_file(tmp, api):
     args = _report(tmp, REPO / "notebooks" / "00_overview.ipynb")
     args[args.index("--out") + 1] = tmp / "afile" / "reports"
     return args, "--out", "which is a file; choose a path under a directory"
+
+
+def _case_report_on_a_notebook_without_a_parameters_cell(tmp, api):  # issue 30 probe 618: found as the notebook ran
+    (tmp / "plain.ipynb").write_text(json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        {"cell_type": "code", "id": "a", "metadata": {}, "source": "1", "outputs": [], "execution_count": None}]}))
+    return _report(tmp, tmp / "plain.ipynb"), "plain.ipynb has no code cell tagged 'parameters'; cannot set STORE, STUDY"
+
+
+def _case_report_out_is_the_store(tmp, api):  # probe 628: the pages were written among the store's objects
+    args = _report(tmp, REPO / "notebooks" / "00_overview.ipynb")
+    args[args.index("--out") + 1] = tmp / "store"
+    return args, "--out", "lies inside the store", "choose an output folder outside the store"
 
 
 def _case_serve_bad_deployment_name(tmp, api):

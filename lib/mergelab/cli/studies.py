@@ -331,9 +331,8 @@ def report(
     """
     import contextlib
 
-    from mergelab_figures.report import INDEX, list_notebooks
-    from mergelab_figures.report import report as run_report
     from mergelab.config import find_study, load_study
+    from mergelab.outputs import check_apart
     from mergelab.store import Store, default_store_url
 
     found = find_study(study)
@@ -345,8 +344,12 @@ def report(
     announce_store(url)
     if f"studies/{study}/results" not in Store(url).refs() and not any(r.startswith(f"studies/{study}/") for r in Store(url).refs()):
         raise InputError(f"store {url} has no study {study!r}; run `mergelab run` (or `make demo`) first, or pass --store/--study")
-    paths = notebooks or list_notebooks()
     check_writable(out, "--out", directory=True)  # before the notebooks run, not after
+    check_apart(out, store=Store(url).local_root)  # its pages would land among the store's objects (issue 30 probe 628)
+    from mergelab_figures.report import INDEX, list_notebooks  # nbformat and Jupyter: after the checks (issue 30 probe 626-627)
+    from mergelab_figures.report import report as run_report
+
+    paths = notebooks or list_notebooks()
     params = {"STORE": str(Path(url).resolve()) if "://" not in url else url, "STUDY": study}
     # a spinner under a terminal; in a log, only the plain progress lines
     status = err_console.status(f"executing {len(paths)} notebooks against {url} (study {study})") if err_console.is_terminal else contextlib.nullcontext()
