@@ -536,6 +536,31 @@ def _case_store_a_folder_of_user_files(tmp, adapter, base):  # probe case 351: m
     return args, "is a folder of other files (e.g. 'README.md'), not a store"
 
 
+def _case_build_micro_zero_threads(tmp, adapter, base):  # issue 30 probe 678: refused after the model libraries loaded
+    return ["build-micro", "--quick", "--threads", "0", "--out", tmp / "m", "--store", tmp / "s"], "Invalid value for '--threads'"
+
+
+def _case_build_micro_more_threads_than_cores(tmp, adapter, base):  # probe 680: 100000 threads, out of memory with a traceback
+    return ["build-micro", "--quick", "--threads", "100000", "--out", tmp / "m", "--store", tmp / "s"], "Invalid value for '--threads'"
+
+
+def _case_build_micro_negative_seed(tmp, adapter, base):  # probe 681: numpy's traceback
+    return ["build-micro", "--quick", "--seed", "-1", "--out", tmp / "m", "--store", tmp / "s"], "Invalid value for '--seed'"
+
+
+def _case_build_micro_out_under_a_file(tmp, adapter, base):  # probe 683: the pre-training ran, the export would have failed
+    (tmp / "afile").write_text("")
+    return ["build-micro", "--quick", "--out", tmp / "afile" / "micro", "--store", tmp / "s"], "which is a file; choose a path under a directory"
+
+
+def _case_build_text_negative_seed(tmp, adapter, base):
+    return ["build-text", "--quick", "--seed", "-1", "--out", tmp / "t", "--store", tmp / "s"], "Invalid value for '--seed'"
+
+
+def _case_verify_seed_beyond_int64(tmp, adapter, base):  # probes 666-667: accepted
+    return ["store", "verify", "--store", tmp / "s", "--recompute", "1", "--seed", str(2**70)], "Invalid value for '--seed'"
+
+
 BAD_INPUT = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]
 
 

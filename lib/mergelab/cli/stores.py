@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -12,7 +13,8 @@ import typer
 from rich.table import Table
 
 from mergelab.cli.app import announce_store, build_progress, StoreOpt, _Command, app, console, err_console, store_app
-from mergelab.errors import InputError, read_text
+from mergelab.errors import InputError, check_writable, read_text
+from mergelab.strict import MAX_SEED
 
 if TYPE_CHECKING:
     from mergelab.store import Store
@@ -20,16 +22,22 @@ if TYPE_CHECKING:
 
 # build-micro ---------------------------------------------------------------------------------------
 
+#: ``--threads`` of a build: torch's intra-op threads, at least one and at most this machine's cores (issue 30
+#: probe 678-680: 0 was refused after the model libraries loaded, 100000 ran out of memory with a traceback).
+ThreadsOpt = Annotated[int, typer.Option(min=1, max=os.cpu_count() or 1,
+                                         help="torch threads (1 avoids oversubscribing a shared 2-core machine).")]
+
 
 @app.command("build-micro", cls=_Command)
 def build_micro_command(
     quick: Annotated[bool, typer.Option("--quick", help="Fewer images and steps (proves the build path in minutes).")] = False,
     out: Annotated[Path, typer.Option(help="Where the benchmark's artifacts are exported.")] = Path("data/micro"),
     store: StoreOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the task generators and every training run.")] = 0,
-    threads: Annotated[int, typer.Option(help="torch threads (1 avoids oversubscribing a shared 2-core machine).")] = 1,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the task generators and every training run.")] = 0,
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Build the embedded micro benchmark: pre-trained tiny CLIP, LoRA adapters, dense suite, README."""
+    check_writable(out, "--out", directory=True)  # before the pre-training, not at the export (issue 30 probe 683-684)
     from mergelab.micro.build import build_micro
     from mergelab.store import default_store_url
 
@@ -56,8 +64,8 @@ def build_text_command(
                                                            "sets trained before are reused from the store.")] = None,
     debs: Annotated[Optional[Path], typer.Option(help="Where the source Debian packages are downloaded or looked for.")] = None,
     store: StoreOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the row draws and every training run.")] = 0,
-    threads: Annotated[int, typer.Option(help="torch threads (1 avoids oversubscribing a shared 2-core machine).")] = 1,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the row draws and every training run.")] = 0,
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Build the real-weights text benchmark: task rows from pinned Debian packages, LoRA adapters on all-MiniLM-L6-v2, README."""
     from mergelab.store import default_store_url
@@ -141,7 +149,8 @@ def store_verify(
     store: StoreOpt = None,
     quarantine: Annotated[bool, typer.Option("--quarantine", help="Move corrupt objects to quarantine/ so that a rerun recomputes them.")] = False,
     recompute: Annotated[int, typer.Option("--recompute", help="Also re-run N merges, drawn at random, from their records and compare their weights.")] = 0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="With --recompute: the seed that draws the merges (default 0).", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="With --recompute: the seed that draws the merges (default 0).",
+                                                show_default=False)] = None,
     rtol: Annotated[Optional[float], typer.Option("--rtol", help="With --recompute: the largest relative difference ‖ΔW_stored − ΔW_new‖/‖ΔW_new‖ per module that passes (default 1e-6).", show_default=False)] = None,
 ) -> None:
     """Check every published artifact's payload against its digest; with --recompute N, re-run N merges
