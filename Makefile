@@ -35,9 +35,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mergelab demo
 
-# The companion studies of studies/papers/ (other adapter sets of the micro benchmark), into the demo's store.
+# The companion studies of studies/papers/ (other settings of the micro benchmark) and the real-weights
+# text study (studies/text.yaml: all-MiniLM-L6-v2 on data/text), into the demo's store.
 papers: $(STAMP)
-	for study in studies/papers/*.yaml; do $(BIN)/mergelab run $$study || exit 1; done
+	for study in studies/papers/*.yaml studies/text.yaml; do $(BIN)/mergelab run $$study || exit 1; done
 
 # Two pytest-xdist workers, each taking whole test files (their module fixtures run once): CI's 2 cores.
 test: $(STAMP)

@@ -177,11 +177,11 @@ def test_the_default_store_is_never_under_the_working_directory(tmp_path, monkey
 
 
 def test_the_shipped_studies_load_and_share_the_demo_store():
-    """studies/micro.yaml and its companions (studies/papers/*.yaml): valid, distinct names, one store."""
+    """studies/micro.yaml, its companions (studies/papers/*.yaml) and the text study: valid, distinct names, one store."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "studies"
-    specs = [load_study(p) for p in [root / "micro.yaml", *sorted((root / "papers").glob("*.yaml"))]]
+    specs = [load_study(p) for p in [root / "micro.yaml", *sorted((root / "papers").glob("*.yaml")), root / "text.yaml"]]
     assert len(specs) >= 3 and len({s.name for s in specs}) == len(specs)
     assert {Path(s.store_url()).resolve() for s in specs} == {(root.parent / "data" / "store").resolve()}
     assert {str(s.bench.rank) for s in specs} == {"None", "16", "mixed"}  # the demo's default set, then the other two
