@@ -98,22 +98,34 @@ def test_the_encoder_pools_as_its_directory_says_and_heads_come_from_the_frozen_
 
 
 def test_a_pass_over_token_ids_runs_rows_grouped_by_length_and_keeps_their_order(bench_files, monkeypatch):
-    """Evaluation runs token ids shortest first in batches that pad to their own longest row (within a
-    token budget) and returns the features in the rows' order: the same as encoding each row alone."""
+    """A token-id encoder runs rows shortest first in groups that pad to their own longest row (within a
+    token budget) and returns them in the rows' order: a whole pass (evaluation) and one batch of mixed
+    lengths (an analysis or an adaptive step, gradients included) give what encoding each row alone gives."""
     from mergelab.bench import bench_spec, load_bench
     from mergelab.evaluation import metrics
+    from mergelab.model import base
 
     bench = load_bench(bench_spec(_study(bench_files)["bench"]), load_study(_study(bench_files, analyses=["norms"])).tasks)
+    backbone = bench.backbone
     texts = [" ".join(["the"] * n + ["rain"]) for n in (9, 0, 4, 12, 1, 7, 2, 3)]
-    ids = bench.backbone.tokenizer(texts)
-    monkeypatch.setattr(metrics, "TOKEN_BUDGET", 24)
-    batches = metrics.length_batches(ids, 3, bench.backbone.pad)
-    lengths = (ids != bench.backbone.pad).sum(1)
+    ids = backbone.tokenizer(texts)
+    monkeypatch.setattr(base, "TOKEN_BUDGET", 24)
+    batches = base.length_batches(ids, 3, backbone.pad)
+    lengths = (ids != backbone.pad).sum(1)
     assert sorted(torch.cat(batches).tolist()) == list(range(len(texts)))  # every row once
     assert torch.cat(batches).tolist() == torch.argsort(lengths, stable=True).tolist()  # shortest first
     assert all(len(b) <= 3 and (len(b) == 1 or len(b) * int(lengths[b].max()) <= 24) for b in batches) and len(batches) > 3
-    alone = torch.cat([bench.backbone.encode_image(bench.backbone.tokenizer([t])) for t in texts])
-    torch.testing.assert_close(metrics.image_features(bench.backbone, ids, batch_size=3), alone, rtol=1e-5, atol=1e-6)
+    name, weight = next((n, w) for n, w in backbone.base_state().items() if n.endswith("query.weight"))
+    alone = torch.cat([backbone.encode_image(backbone.tokenizer([t])) for t in texts])
+    torch.testing.assert_close(metrics.image_features(backbone, ids, batch_size=3), alone, rtol=1e-5, atol=1e-6)
+
+    def gradient(batch: torch.Tensor) -> torch.Tensor:
+        w = weight.clone().requires_grad_(True)
+        backbone.encode_image(batch, {name: w}).square().sum().backward()
+        return w.grad
+
+    torch.testing.assert_close(backbone.encode_image(ids), alone, rtol=1e-5, atol=1e-6)  # one call, several groups
+    torch.testing.assert_close(gradient(ids), sum(gradient(backbone.tokenizer([t])) for t in texts), rtol=1e-4, atol=1e-6)
 
 
 def test_a_study_runs_every_method_space_adaptive_method_analysis_and_the_joint_task(bench_files, tmp_path, one_thread):

@@ -23,10 +23,10 @@ from torch import Tensor
 from mergelab.data.tasks import ClassificationTask, joint_label_space
 from mergelab.errors import InputError
 from mergelab.evaluation.heads import joint_head, task_head
-from mergelab.model.base import Backbone
+from mergelab.model.base import Backbone, length_batches
 
 __all__ = ["embed", "evaluate_task", "evaluate_tasks", "hits_at_k", "image_features", "joint_hit_counts", "joint_hits",
-           "length_batches", "normalized_accuracy", "normalized_performance", "predict", "top1_accuracy"]
+           "normalized_accuracy", "normalized_performance", "predict", "top1_accuracy"]
 
 
 def top1_accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -55,32 +55,12 @@ def normalized_performance(metric: float, finetuned_metric: float, higher_is_bet
     return metric / finetuned_metric if higher_is_better else finetuned_metric / metric
 
 
-#: Padded tokens in one batch of a pass over token ids: shortest rows first, a batch holds rows of about
-#: one length (on the text benchmark's val split, 1/6 of the encoder time of 500-row batches in file order).
-TOKEN_BUDGET = 2048
-
-
-def length_batches(ids: Tensor, batch_size: int, pad: int) -> list[Tensor]:
-    """Row indices of the batches of one pass over right-padded token ids ``(N, L)``: the rows shortest
-    first, at most ``batch_size`` rows and :data:`TOKEN_BUDGET` padded tokens a batch, so that a batch
-    pads to its own longest row."""
-    lengths = (ids != pad).sum(1)
-    order = torch.argsort(lengths, stable=True)
-    longest = lengths[order].tolist()
-    batches, start = [], 0
-    for end in range(1, len(order) + 1):
-        if end == len(order) or end - start == batch_size or (end - start + 1) * longest[end] > TOKEN_BUDGET:
-            batches.append(order[start:end])
-            start = end
-    return batches
-
-
 @torch.no_grad()
 def image_features(backbone: Backbone, images: Tensor, params: Mapping[str, Tensor] | None = None,
                    batch_size: int = 500) -> Tensor:
     """``f(x; params)``: unnormalised image embeddings for many images in batches, without gradients, in
-    the order given; a token-id backbone's rows (it has a ``pad`` id) run grouped by length
-    (:func:`length_batches`)."""
+    the order given; a token-id backbone's rows (it has a ``pad`` id) run grouped by length over the
+    whole pass (:func:`~mergelab.model.base.length_batches`)."""
     pad = getattr(backbone, "pad", None)
     if pad is None:
         return torch.cat([backbone.encode_image(images[i:i + batch_size], params) for i in range(0, len(images), batch_size)])

@@ -13,12 +13,14 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from mergelab.naming import module_kind
 
-__all__ = ["ATTENTION_KINDS", "Backbone", "attention_linears", "capture_output", "run_functional", "vision_state", "without_trailing_padding"]
+__all__ = ["ATTENTION_KINDS", "TOKEN_BUDGET", "Backbone", "attention_linears", "by_length", "capture_output", "length_batches", "run_functional",
+           "vision_state", "without_trailing_padding"]
 
 #: Module kinds (mergelab.naming) that LoRA targets: q, k, v and out of every attention block.
 ATTENTION_KINDS = ("q", "k", "v", "out")
@@ -63,6 +65,40 @@ def without_trailing_padding(ids: Tensor, pad: int) -> Tensor:
     ids have no such columns)."""
     real = (ids != pad).any(0).nonzero()
     return ids[:, : int(real.max()) + 1 if len(real) else 1]
+
+
+#: Padded tokens in one forward of a token-id encoder: rows of about one length run together (on the text
+#: benchmark's val split, 1/6 of the encoder time of 500-row batches in file order; 2.2-3.7x fewer padded
+#: tokens than its 64-row analysis batches in file order).
+TOKEN_BUDGET = 2048
+
+
+def length_batches(ids: Tensor, batch_size: int, pad: int) -> list[Tensor]:
+    """Row indices of the batches of one pass over right-padded token ids ``(N, L)``: the rows shortest
+    first, at most ``batch_size`` rows and :data:`TOKEN_BUDGET` padded tokens a batch, so that a batch
+    pads to its own longest row."""
+    lengths = (ids != pad).sum(1)
+    order = torch.argsort(lengths, stable=True)
+    longest = lengths[order].tolist()
+    batches, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or end - start == batch_size or (end - start + 1) * longest[end] > TOKEN_BUDGET:
+            batches.append(order[start:end])
+            start = end
+    return batches
+
+
+def by_length(run: Callable[[Tensor], Tensor], ids: Tensor, pad: int) -> Tensor:
+    """``run(ids)`` row for row, with the rows of right-padded token ids run in groups of about one length
+    (:func:`length_batches`), each cut to its own longest row (:func:`without_trailing_padding`), and the
+    outputs put back in the rows' order. Differentiable; a right-padded encoder's output per row does not
+    depend on the row's batch, so only the padded work changes (a batch of mixed lengths pads every row to
+    its longest)."""
+    groups = length_batches(ids, len(ids), pad)
+    if len(groups) <= 1:
+        return run(without_trailing_padding(ids, pad))
+    out = torch.cat([run(without_trailing_padding(ids[rows], pad)) for rows in groups])
+    return out[torch.argsort(torch.cat(groups))]
 
 
 def run_functional(module: nn.Module, params: Mapping[str, Tensor] | None, *args: Any, **kwargs: Any) -> Any:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from mergelab.errors import InputError
-from mergelab.model.base import attention_linears, run_functional, vision_state, without_trailing_padding
+from mergelab.model.base import attention_linears, by_length, run_functional, vision_state
 
 __all__ = ["HFClipBackbone", "HFClipVision", "HFSequenceBackbone", "hf_clip_backbone", "hf_clip_vision_backbone",
            "hf_sequence_backbone"]
@@ -170,15 +170,14 @@ class HFSequenceBackbone:
         return out.hidden_states[-1], out.logits
 
     def encode_image(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
-        images = without_trailing_padding(images, self.pad)
-        return self.pool(self._hidden(images, params)[0], images, self.pad)
+        return by_length(lambda ids: self.pool(self._hidden(ids, params)[0], ids, self.pad), images, self.pad)
 
     def image_tokens(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
         return self._hidden(images, params)[0]
 
     def logits(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """The classifier's own logits ``(N, num_labels)``."""
-        return self._hidden(without_trailing_padding(images, self.pad), params)[1]
+        return by_length(lambda ids: self._hidden(ids, params)[1], images, self.pad)
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         if self.tokenizer is None:

@@ -140,12 +140,13 @@ class SentenceEncoder:
         return POOLING[self.pooling][1](module(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
 
     def encode_image(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
-        """``(N, D)`` sentence embeddings of token ids (normalised when the encoder's pipeline normalises)."""
+        """``(N, D)`` sentence embeddings of token ids (normalised when the encoder's pipeline normalises);
+        rows of about one length run together (:func:`~mergelab.model.base.by_length`)."""
         import torch.nn.functional as F
 
-        from mergelab.model.base import without_trailing_padding
+        from mergelab.model.base import by_length
 
-        pooled = POOLING[self.pooling][1](*self._hidden(without_trailing_padding(images, self.pad), params))
+        pooled = by_length(lambda ids: POOLING[self.pooling][1](*self._hidden(ids, params)), images, self.pad)
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def image_tokens(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
