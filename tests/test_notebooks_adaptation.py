@@ -15,6 +15,8 @@ pytestmark = pytest.mark.notebook
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "micro"
+#: A study that ran adaptive methods but no preference study (studies/text.yaml)
+ADAPTIVE_ONLY = "adaptive-only"
 #: notebook -> how many figures (image/png outputs) it must draw from the full tiny store
 FIGURES = {"50_tara_preferences": 5, "60_adarank_masks": 7}
 
@@ -30,6 +32,8 @@ def study_store(adaptation_studies, tmp_path_factory) -> Path:
         store.set_ref(f"studies/{STUDY}/{name}", key)
         if name in ("preferences/pareto", "preferences/cloud"):  # a labelled second run (another pair): 001 Figs. 10-11
             store.set_ref(f"studies/{STUDY}/{name}/second_pair", key)
+        if name.startswith("adapt/"):
+            store.set_ref(f"studies/{ADAPTIVE_ONLY}/{name}", key)
     return root
 
 
@@ -69,3 +73,14 @@ def test_notebook_draws_its_figures_from_the_study(study_store, name):
 
 def _shown(cell: nbformat.NotebookNode) -> bool:
     return any(o.output_type in ("display_data", "execute_result") for o in cell.outputs)
+
+
+def test_the_preferences_notebook_says_what_a_study_without_preference_studies_did_not_compute(study_store):
+    """A study with adaptive runs and no ``adaptation_studies:`` (the text study) runs notebook 50 to the
+    end: each preference figure says it was not computed instead of stopping the notebook."""
+    nb = _execute(REPO / "notebooks" / "50_tara_preferences.ipynb", {"STORE": str(study_store), "STUDY": ADAPTIVE_ONLY,
+                                                                      "PAIRS_STUDY": ADAPTIVE_ONLY})
+    assert not _outputs(nb, "error")
+    printed = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
+    for name in ("preferences/pareto", "preferences/cloud", "preferences/stch_alpha"):
+        assert f"{name}: not computed in this study" in printed
