@@ -128,6 +128,26 @@ def test_a_pass_over_token_ids_runs_rows_grouped_by_length_and_keeps_their_order
     torch.testing.assert_close(gradient(ids), sum(gradient(backbone.tokenizer([t])) for t in texts), rtol=1e-4, atol=1e-6)
 
 
+def test_rows_of_token_ids_are_cut_into_the_batches_of_fewest_padded_tokens_and_calls():
+    """A random batch of mixed lengths (an adaptive step's 16 texts) runs as a few calls of about one length
+    each: one long text no longer pads fifteen short ones; rows of one length stay in one call."""
+    from mergelab.model.base import CALL_TOKENS, length_batches
+
+    def ids(lengths: list[int]) -> torch.Tensor:
+        return torch.tensor([[7] * n + [0] * (max(lengths) - n) for n in lengths])
+
+    def cost(batches: list[torch.Tensor], lengths: list[int]) -> int:
+        return sum(CALL_TOKENS + len(b) * max(lengths[i] for i in b.tolist()) for b in batches)
+
+    mixed = [12] * 15 + [120]
+    batches = length_batches(ids(mixed), 16, pad=0)
+    assert [b.tolist() for b in batches] == [list(range(15)), [15]]
+    assert cost(batches, mixed) < CALL_TOKENS + 16 * 120
+    assert [len(b) for b in length_batches(ids([20] * 16), 16, pad=0)] == [16]
+    assert sorted(len(b) for b in length_batches(ids([20] * 16), 5, pad=0)) == [1, 5, 5, 5]  # batch_size bounds the rows
+    assert length_batches(ids([3]), 4, pad=0)[0].tolist() == [0] and length_batches(torch.zeros(0, 4, dtype=torch.long), 4, pad=0) == []
+
+
 def test_a_study_runs_every_method_space_adaptive_method_analysis_and_the_joint_task(bench_files, tmp_path, one_thread):
     from mergelab.adaptation import ADAPTERS
     from mergelab.experiments.registry import ANALYSES
