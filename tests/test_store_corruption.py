@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import fsspec.implementations.local as local
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from mergelab.cli import app
 from mergelab.store import MARKER, Store
+from mergelab.upkeep import verify
 
 runner = CliRunner()
 
@@ -136,6 +138,25 @@ def test_verify_quarantine_moves_a_damaged_object_out_of_the_way(damage, store):
     again = run("store", "verify", "--store", store.url)
     assert again.exit_code == 0, again.output
     assert Store(store.url).get_json(_good(store)) == {"ok": True}
+
+
+def test_verify_reports_a_ref_whose_artifact_is_gone_and_the_refs_of_what_it_quarantines(store):
+    """A ref naming a key that is no longer published (its object deleted by hand, or quarantined by
+    verify itself) is reported: loading the name fails until its study runs again (issue 30, probe 652)."""
+    gone = store.put_json(store.key("gone", "1"), {"x": 1})
+    store.set_ref("studies/s/gone", gone)
+    store.set_ref("studies/s/good", _good(store))
+    shutil.rmtree(Path(store.root) / "objects" / gone)
+    result = run("store", "verify", "--store", store.url)
+    assert result.exit_code == 1, result.output
+    assert f"refs/studies/s/gone.json: names {gone}, which is not published" in result.stdout
+    assert "studies/s/good" not in result.stdout and result.stdout.strip().endswith("1 corrupt artifacts")
+
+    flipped = store.put_json(store.key("flipped", "1"), {"y": 2})
+    store.set_ref("studies/t/flipped", flipped)
+    (Path(store.root) / "objects" / flipped / MARKER).write_text("{not json")
+    assert [entry for entry, _ in verify(store)] == [flipped, "refs/studies/s/gone.json"]  # the damaged key once
+    assert [entry for entry, _ in verify(store, quarantine=True)] == [flipped, "refs/studies/s/gone.json", "refs/studies/t/flipped.json"]
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=ids)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from mergelab.outputs import remove_leftovers
 from mergelab.store import LEASE_S, MARKER, PAYLOAD, STAGING_NAME, Store
 
-__all__ = ["damaged", "gc", "verify"]
+__all__ = ["damaged", "dangling_refs", "gc", "verify"]
 
 
 def _stale(store: Store, path: str, lease_s: float) -> bool:
@@ -54,7 +54,8 @@ def verify(store: Store, quarantine: bool = False) -> list[tuple[str, str]]:
     missing, and every object whose payload no longer has the digest recorded when it was
     published (markers from before digests: the payload must still load). With ``quarantine``
     each such object entry moves to ``quarantine/<key>.<token>``, so the key is unpublished and a
-    rerun recomputes it (an entry that cannot be moved says so in its problem)."""
+    rerun recomputes it (an entry that cannot be moved says so in its problem). Every ref naming a key that
+    is not published, then, is reported too (:func:`dangling_refs`)."""
     problems = damaged(store)
     bad = {entry for entry, _ in problems}
     for key in store._object_keys():
@@ -72,7 +73,7 @@ def verify(store: Store, quarantine: bool = False) -> list[tuple[str, str]]:
             except Exception as err:  # any failure to load is the finding
                 problems.append((key, f"payload does not load ({type(err).__name__})"))
     if not quarantine:
-        return problems
+        return problems + dangling_refs(store, skip={entry for entry, _ in problems})
     moved = []
     for key, problem in problems:
         if key.startswith("refs/"):
@@ -84,7 +85,15 @@ def verify(store: Store, quarantine: bool = False) -> list[tuple[str, str]]:
         except OSError as err:
             problem += f"; not moved to quarantine ({err.strerror or type(err).__name__})"
         moved.append((key, problem))
-    return moved
+    return moved + dangling_refs(store, skip={key for key, problem in moved if "not moved" in problem})
+
+
+def dangling_refs(store: Store, skip: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """``(refs/<name>.json, problem)`` for every ref naming a key that is not published (its object removed
+    by hand, or quarantined by :func:`verify`): loading the name fails until its study runs again. Keys in
+    ``skip`` are reported already, as damaged objects."""
+    return [(f"refs/{name}.json", f"names {key}, which is not published (removed or quarantined); run the study that publishes it again")
+            for name, key in sorted(store.refs().items()) if key not in skip and not store.exists(key)]
 
 
 def gc(store: Store, keep: set[str] | None = None, dry_run: bool = False, lease_s: float = LEASE_S,
