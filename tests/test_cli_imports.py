@@ -106,3 +106,15 @@ def test_analyses_adaptation_studies_and_the_device_are_checked_without_a_model_
     assert code == 2 and message in stderr and stderr.count("\n") == 0, stderr
     assert set(heavy) <= {"torch", "xarray"}, heavy
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "adapt"])
+def test_a_bad_task_name_is_refused_before_any_heavy_library_loads(command, tmp_path):
+    """``NAME=PATH`` names are checked first, so a bad one is one line at once, not after torch and the
+    model libraries load (issue 30 probe 699: 45 s under load)."""
+    digits = REPO / "data" / "micro" / "adapters" / "r4" / "digits"
+    code, heavy, stderr = fresh_run(command, "--adapters", f"../x={digits}", "--base", str(REPO / "data" / "micro" / "base"),
+                                    "--method", "task_arithmetic" if command == "merge" else "adamerging",
+                                    "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store"))
+    assert code == 2 and heavy == [] and stderr.startswith("error: task name '../x' must start with a letter or digit"), stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()

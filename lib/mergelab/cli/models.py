@@ -244,12 +244,18 @@ def merge_command(
     """
     import yaml
 
+    from mergelab.checkpoints.files import named_sources
+
+    sources = [*(adapters or []), *(paths or [])]
+    if sources:  # task names and paths, before the model libraries load
+        named_sources(sources, None)
+
     from mergelab.onbench import merge_adapters
     from mergelab.store import default_store_url
 
     store = announce_store(store or default_store_url())
     grid_values = {k: [yaml.safe_load(v) for v in values.split(",")] for k, values in key_values(grid, "--grid").items()}
-    done = merge_adapters([*(adapters or []), *(paths or [])], base, method, space, out=out, fixed=key_values(sets, "--set"),
+    done = merge_adapters(sources, base, method, space, out=out, fixed=key_values(sets, "--set"),
                           space_options=key_values(space_sets, "--space-option"), fmt=fmt, max_rank=max_rank, grams=grams,
                           modules=modules, force=force, select=select, grid=grid_values, bench=bench, store=store,
                           base_module=base_module, shard_size=shard_size, command=invocation(ctx), on_selection=_show_selection)
@@ -332,6 +338,12 @@ def adapt_command(
     """
     import yaml
 
+    from mergelab.checkpoints.files import named_sources
+
+    sources = [*(adapters or []), *(paths or [])]
+    if sources:  # task names and paths, before the model libraries load
+        named_sources(sources, None)
+
     from mergelab.onbench import adapt_adapters
     from mergelab.store import default_store_url
 
@@ -348,7 +360,7 @@ def adapt_command(
     adaptive = {k: v for k, v in adaptive.items() if v is not None}
     progress, listeners = _adapt_progress(method, iters)
     try:
-        result, written, url = adapt_adapters([*(adapters or []), *(paths or [])], base, adaptive, out=out, fmt=fmt, force=force,
+        result, written, url = adapt_adapters(sources, base, adaptive, out=out, fmt=fmt, force=force,
                                               seed=seed, allow_labels=allow_labels, bench=bench, store=store,
                                               base_module=base_module, shard_size=shard_size, command=invocation(ctx), **listeners)
     finally:
