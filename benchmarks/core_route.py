@@ -16,12 +16,12 @@ Shapes: ``768``: ViT-B/32 attention, ``--vit-modules`` modules of 768 × 768, T 
 attention, ``--llama-modules`` modules of 4096 × 4096, T = 6; ``llama``: a whole LLaMA-3-8B-shape model
 (32 layers of q, k, v, o, gate, up, down: 224 modules), T = 6.
 
-Methodology (issue 31 item 2): every route runs once per round, in a fresh random order, for
+Methodology (``benchmarks/timing.py``): every route runs once per round, in a fresh random order, for
 ``--rounds`` rounds; each is timed in process CPU time (``time.process_time``, the primary figure on a
 shared machine) and wall time; ratios are computed within each round and their median is reported
-(with the median times). Before timing, ``core`` and ``lower bound`` are checked to give the same
-merged update (relative 1e-5 on the first module). The load average is printed with the results. A
-benchmark, not a test: nothing here asserts a time.
+(with the median times); every route's precision is in its row. Before timing, ``core`` and
+``lower bound`` are checked to give the same merged update (relative 1e-5 on the first module). The
+load average is printed with the results. A benchmark, not a test: nothing here asserts a time.
 
     PYTHONPATH=lib:. python benchmarks/core_route.py                  # the tables in benchmarks/README.md
     PYTHONPATH=lib:. python benchmarks/core_route.py --quick          # a smoke run on narrow shapes
@@ -30,11 +30,7 @@ benchmark, not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
-import statistics
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -45,6 +41,7 @@ from mergelab.synthetic import random_taskset
 from mergelab.taskset import LowRank, TaskSet
 
 from scale import Model, llama_block
+from timing import ROUNDS, Times, load, machine, median, median_ratio, timed_routes
 
 Route = Callable[[TaskSet], object]
 
@@ -87,6 +84,7 @@ class Case:
 
 
 def cases(quick: bool, method: str, vit_modules: int, llama_modules: int, whole: bool, naive: bool) -> list[Case]:
+    """The shape sets (module docstring), narrow ones when ``quick``; naive routes at the ViT shape only."""
     width, big = (128, 512) if quick else (768, 4096)
     vit = random_taskset({f"vit.{i}.weight": (width, width) for i in range(vit_modules)}, 8, rank=16, seed=0)
     llama = random_taskset({f"llama.{i}.weight": (big, big) for i in range(llama_modules)}, 6, rank=16, seed=0)
@@ -121,44 +119,25 @@ def check_same(case: Case, method: str) -> float:
     return float((a - b).abs().max() / a.abs().max())
 
 
-def timed(route: Route, taskset: TaskSet) -> tuple[float, float]:
-    """CPU and wall seconds of one call."""
-    cpu, wall = time.process_time(), time.perf_counter()
-    result = route(taskset)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    del result
-    return cpu, wall
+def run(case: Case, rounds: int, rng: random.Random) -> dict[str, list[Times]]:
+    """``{route: [times per round]}`` per module merged, the routes interleaved (:func:`timing.timed_routes`)."""
+    routes = {label: (lambda route=route: route(case.taskset)) for label, (_, route, _) in case.routes.items()}
+    samples = timed_routes(routes, rounds, rng)
+    return {label: [t / case.routes[label][2] for t in times] for label, times in samples.items()}
 
 
-def run(case: Case, rounds: int, rng: random.Random) -> dict[str, list[tuple[float, float]]]:
-    """``{route: [(cpu, wall) per round]}``, per module merged; the routes interleaved in a random order each round."""
-    samples: dict[str, list[tuple[float, float]]] = {label: [] for label in case.routes}
-    for _ in range(rounds):
-        order = list(case.routes)
-        rng.shuffle(order)
-        for label in order:
-            _, route, modules = case.routes[label]
-            cpu, wall = timed(route, case.taskset)
-            samples[label].append((cpu / modules, wall / modules))
-    return samples
-
-
-def median_ratio(samples: Mapping[str, list[tuple[float, float]]], num: str, den: str, which: int) -> float:
-    return statistics.median(a[which] / b[which] for a, b in zip(samples[num], samples[den], strict=True))
-
-
-def report(case: Case, samples: Mapping[str, list[tuple[float, float]]], same: float, method: str) -> str:
+def report(case: Case, samples: Mapping[str, list[Times]], same: float, method: str) -> str:
+    """The case's table: median times per module and medians of per-round ratios to the lower bound and to core."""
     lines = [f"{case.title}: {method}; core vs lower bound agree to {same:.1e} (relative, first module)",
              f"  {'route':14s} {'precision':25s} {'CPU ms/module':>14s} {'wall ms/module':>15s} {'CPU ×LB':>8s} {'wall ×LB':>9s}"]
     for label, (precision, _, _) in case.routes.items():
-        cpu = statistics.median(c for c, _ in samples[label]) * 1e3
-        wall = statistics.median(w for _, w in samples[label]) * 1e3
-        lines.append(f"  {label:14s} {precision:25s} {cpu:14.2f} {wall:15.2f} "
-                     f"{median_ratio(samples, label, 'lower bound', 0):8.2f} {median_ratio(samples, label, 'lower bound', 1):9.2f}")
+        times, ratio = median(samples[label]), median_ratio(samples[label], samples["lower bound"])
+        lines.append(f"  {label:14s} {precision:25s} {times.cpu * 1e3:14.2f} {times.wall * 1e3:15.2f} "
+                     f"{ratio.cpu:8.2f} {ratio.wall:9.2f}")
     for label in ("naive KnOTS", "naive SVD"):
         if label in samples:
-            lines.append(f"  {label} / core: CPU {median_ratio(samples, label, 'core', 0):,.0f}×, "
-                         f"wall {median_ratio(samples, label, 'core', 1):,.0f}× (medians of per-round ratios)")
+            ratio = median_ratio(samples[label], samples["core"])
+            lines.append(f"  {label} / core: CPU {ratio.cpu:,.0f}×, wall {ratio.wall:,.0f}× (medians of per-round ratios)")
     return "\n".join(lines)
 
 
@@ -166,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="narrow shapes: a smoke run")
     parser.add_argument("--method", default="ties", choices=("task_arithmetic", "ties", "tsv"))
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each route once per round; default 5)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved rounds (each route once per round; default {ROUNDS})")
     parser.add_argument("--vit-modules", type=int, default=24, help="768×768 modules merged per round by core and the lower bound")
     parser.add_argument("--llama-modules", type=int, default=2, help="4096×4096 modules merged per round")
     parser.add_argument("--no-whole", action="store_true", help="leave out the whole LLaMA-3-8B-shape model")
@@ -177,11 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     print(f"Core route, {args.rounds} interleaved rounds (torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"{os.cpu_count()} CPUs, {platform.machine()}); CPU = process time; ×LB = median of per-round ratios to the lower bound")
+          f"{machine()}, {load()}); CPU = process time; ×LB = median of per-round ratios to the lower bound")
     for case in cases(args.quick, args.method, args.vit_modules, args.llama_modules, not args.no_whole, not args.no_naive):
         same = check_same(case, args.method)
         samples = run(case, args.rounds, rng)
-        print(report(case, samples, same, args.method) + f"\n  load average after: {os.getloadavg()[0]:.2f}", flush=True)
+        print(report(case, samples, same, args.method) + f"\n  {load()} after", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,20 @@ Sec. 4 for that module:
 - Gram: ``mergelab.analysis.coverage.subspace_coverage`` (one K x K direction Gram from the
   factors, its blocks and block sums; energy ranks from r x r cores).
 
-The script first checks that both give the same numbers, then times them in the same process
-(best of ``--repeats`` for the naive route, of 100 runs for the Gram route) and prints both times and their ratio; it also reports the eranks alone
-(the three stacks, without the energy ranks).
+Both routes are float64 throughout (from float32 factors). The script first checks that both give
+the same numbers, then times four routes: each route in full and the eranks alone (the three stacks,
+without the energy ranks). Methodology (``benchmarks/timing.py``): the four routes run once per round,
+in a fresh random order, for ``--rounds`` rounds (a Gram route as ``--gram-calls`` calls, its time per
+call reported); each is timed in process CPU time and wall time, and the speed-ups are medians of
+per-round ratios, printed with the median times and the load average.
 
-    PYTHONPATH=lib:. python benchmarks/coverage_gram.py [--repeats 3]
+    PYTHONPATH=lib:. python benchmarks/coverage_gram.py [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import time
+import random
 from collections.abc import Callable
 
 import numpy as np
@@ -31,6 +33,8 @@ from mergelab.analysis.coverage import erank, erank_gram, subspace_coverage
 from mergelab.analysis.factored import block_sum, direction_gram
 from mergelab.analysis.spectra import energy_rank
 from mergelab.synthetic import random_taskset
+
+from timing import ROUNDS, load, machine, median, median_ratio, timed_routes
 
 MODULE = "visual.transformer.resblocks.0.attn.q_proj.weight"
 
@@ -61,21 +65,23 @@ def gram_eranks(updates) -> dict[str, object]:
     }
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def repeated(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    """``fn`` called ``calls`` times in a row (one timed route: a fast call is timed as many)."""
+    def route() -> None:
+        for _ in range(calls):
+            fn()
+    return route
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per route (best is kept)")
+    parser.add_argument("--rounds", "--repeats", type=int, default=ROUNDS,
+                        help=f"interleaved rounds (each route once per round; default {ROUNDS})")
+    parser.add_argument("--gram-calls", type=int, default=100, help="calls of a Gram route per round (its time is per call)")
     parser.add_argument("--size", type=int, default=768)
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the route order")
     args = parser.parse_args()
 
     ts = random_taskset({MODULE: (args.size, args.size)}, args.tasks, rank=args.rank, seed=0)
@@ -90,17 +96,25 @@ def main() -> None:
     assert ds.energy_rank.values[:, 0].tolist() == ref["energy_rank"]
 
     assert np.allclose(gram_eranks(updates)["erank_task"], ref["erank_task"], rtol=1e-8)
-    t_gram = best_time(lambda: subspace_coverage(ts), 100)
-    t_naive = best_time(lambda: naive_coverage(updates), args.repeats)
-    t_naive_erank = best_time(lambda: naive_coverage(updates, with_energy_rank=False), args.repeats)
-    t_gram_erank = best_time(lambda: gram_eranks(updates), 100)
+    routes = {"naive": lambda: naive_coverage(updates), "naive eranks": lambda: naive_coverage(updates, with_energy_rank=False),
+              "gram": repeated(lambda: subspace_coverage(ts), args.gram_calls),
+              "gram eranks": repeated(lambda: gram_eranks(updates), args.gram_calls)}
+    samples = timed_routes(routes, args.rounds, random.Random(args.seed))
+    samples = {label: [t / (args.gram_calls if label.startswith("gram") else 1) for t in times] for label, times in samples.items()}
+    t = {label: median(times) for label, times in samples.items()}
+    full, eranks = median_ratio(samples["naive"], samples["gram"]), median_ratio(samples["naive eranks"], samples["gram eranks"])
 
     print(f"coverage of one {args.size}x{args.size} module, T={args.tasks} tasks x r={args.rank} = K={K} directions "
-          f"(torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()})")
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads, {machine()}, {load()}); "
+          f"median of {args.rounds} interleaved rounds, CPU / wall seconds")
     print("  same results: erank per task / Delta W stack / rank-1 stack and 95%-energy ranks agree (rtol 1e-8)")
-    print(f"  naive vectorised SVD : {t_naive:9.4f} s   (eranks only: {t_naive_erank:.4f} s)")
-    print(f"  Gram route           : {t_gram:9.4f} s   (eranks only: {t_gram_erank:.4f} s)")
-    print(f"  speed-up             : {t_naive / t_gram:9.1f} x  (eranks only: {t_naive_erank / t_gram_erank:.1f} x; goal >= 100 x)")
+    print(f"  naive vectorised SVD (float64): {t['naive'].cpu:9.4f} / {t['naive'].wall:9.4f} s   "
+          f"(eranks only: {t['naive eranks'].cpu:.4f} / {t['naive eranks'].wall:.4f} s)")
+    print(f"  Gram route (float64)          : {t['gram'].cpu:9.4f} / {t['gram'].wall:9.4f} s   "
+          f"(eranks only: {t['gram eranks'].cpu:.4f} / {t['gram eranks'].wall:.4f} s)")
+    print(f"  speed-up, CPU / wall          : {full.cpu:9.1f} / {full.wall:9.1f} x  (eranks only: {eranks.cpu:.1f} / {eranks.wall:.1f} x; "
+          f"goal >= 100 x; medians of per-round ratios)")
+    print(f"  {load()} after")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,13 @@ For each bench, as separate processes of the CLI (what a user types): ``mergelab
 preflight), ``mergelab merge --base <the whole checkpoint> --method ties --space core`` and
 ``mergelab run`` of a study YAML (TA in the full and Core spaces, TIES in the KnOTS and Core
 spaces, every merge evaluated on val and test, references, TAS), then the same study again (every
-node a cache hit). *peak* is each process's maximum resident set (``wait4``). The scores are those of
-random models on random data: they show that every cell is computed, nothing more.
+node a cache hit). *peak* is each process's maximum resident set (``VmHWM``, sampled every 0.2 s).
+The scores are those of random models on random data: they show that every cell is computed, nothing more.
+
+Methodology (``benchmarks/timing.py``): each step is timed in CPU time (the child process's user +
+system time) and wall time, and printed with the load average; the models are float32 and every
+merge computes in float64 (``PRECISION``). The steps are not interleaved over rounds: each one needs
+the one before it (the rerun needs the cold run's store), and nothing here compares two routes.
 
     PYTHONPATH=lib python benchmarks/real_models.py              # the table in benchmarks/README.md
     PYTHONPATH=lib python benchmarks/real_models.py --quick      # tiny configs of the same architectures (~2 min)
@@ -34,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -48,6 +52,8 @@ import yaml
 
 from mergelab.synthetic import (clip_directory, image_folders, llama_classifier, open_clip_checkpoint, text_folders,
                                 write_peft_adapters)
+
+from timing import Times, load, machine, now, timed
 
 CLASSES = ("red", "green", "blue")
 WORDS = ("a", "photo", "picture", "of", *CLASSES, "good", "bad", "fine", "awful", "yes", "no", "maybe", "cat", "dog", "sun", "rain")
@@ -145,9 +151,15 @@ BENCHES: dict[str, Callable[[Path, argparse.Namespace], Built]] = {
     "open_clip": build_open_clip, "hf_clip": build_hf_clip, "hf_seq_cls": build_hf_seq_cls}
 
 
+#: the precision of every route: weights on disk and in the study, and the merges' arithmetic
+PRECISION = "float32 weights, merges in float64 (float32 results)"
+
+
 @dataclass(frozen=True)
 class Step:
-    seconds: float
+    """One CLI process: its CPU and wall time, peak resident set and summary line."""
+
+    times: Times
     peak_mib: float
     last: str
 
@@ -164,18 +176,18 @@ def _peak_mib(pid: int) -> float | None:
 def _cli(args: list[str], log: Path, env: dict[str, str]) -> Step:
     """``mergelab ARGS`` as its own process; its wall time, peak resident set (sampled every 0.2 s)
     and summary line. A failing command stops the benchmark with its log's tail."""
-    start, peak = time.perf_counter(), 0.0
+    start, peak = now(), 0.0
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "mergelab.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             peak = max(peak, _peak_mib(proc.pid) or 0.0)
             time.sleep(0.2)
-    seconds = time.perf_counter() - start
+    times = now() - start  # the child is reaped by poll(): its CPU time is in now()
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     if proc.returncode != 0:
         sys.exit(f"mergelab {args[0]} failed (exit {proc.returncode}); the end of {log}:\n" + "\n".join(lines[-15:]))
     summary = next((line for line in lines if line.startswith("study ")), lines[-1] if lines else "")  # a study's one-line summary
-    return Step(seconds, peak, summary)
+    return Step(times, peak, summary)
 
 
 def _size_gib(path: Path) -> float:
@@ -184,11 +196,9 @@ def _size_gib(path: Path) -> float:
 
 
 def run_bench(name: str, work: Path, args, env: dict[str, str]) -> list[tuple[str, Step]]:
-    start = time.perf_counter()
-    built = BENCHES[name](work, args)
-    setup = time.perf_counter() - start
+    built, setup = timed(lambda: BENCHES[name](work, args))
     print(f"\n{name}: {built.shape}; T = {len(built.adapters)}, r = {args.rank}; base on disk {_size_gib(built.base):.2f} GiB, "
-          f"written in {setup:.0f} s", flush=True)
+          f"written in {setup.cpu:.0f} s CPU / {setup.wall:.0f} s wall; {PRECISION}", flush=True)
     study = work / "study.yaml"
     study.write_text(yaml.safe_dump({
         "name": f"bench-{name}", "bench": built.bench, "methods": METHODS, "seeds": [0],
@@ -205,7 +215,9 @@ def run_bench(name: str, work: Path, args, env: dict[str, str]) -> list[tuple[st
         ("run (study, rerun)", _cli(["run", str(study), *store, *runner], work / "rerun.log", env)),
     ]
     for label, step in steps:
-        print(f"  {label:<46} {step.seconds:9.1f} s   peak {step.peak_mib:8.0f} MiB   {step.last}", flush=True)
+        print(f"  {label:<46} CPU {step.times.cpu:8.1f} s  wall {step.times.wall:8.1f} s   peak {step.peak_mib:8.0f} MiB   "
+              f"{step.last}", flush=True)
+    print(f"  {load()}", flush=True)
     table = (work / "run.log").read_text().splitlines()
     start = next(i for i, line in enumerate(table) if line.startswith("study "))
     print("  " + "\n  ".join(table[start + 1:]), flush=True)
@@ -232,8 +244,8 @@ def main() -> None:
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1] / "lib"), env.get("PYTHONPATH")]))
     root = args.workdir or Path(tempfile.mkdtemp(prefix="mergelab-real-"))
-    print(f"the real-model path at {'tiny' if args.quick else 'real'} shapes (torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"{platform.machine()}); work in {root}", flush=True)
+    print(f"the real-model path at {'tiny' if args.quick else 'real'} shapes (torch {torch.__version__}, {machine()}, "
+          f"{load()}); work in {root}", flush=True)
     for name in args.benches.split(","):
         work = root / name
         if work.exists():

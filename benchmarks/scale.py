@@ -21,13 +21,18 @@ Two measurements, both in this one process:
    module by module: project, merge, reconstruct, drop), for Core (every model) and factored
    KnOTS (``--knots-layers`` layers for LLaMA, scaled to 32; the paper variant's TIES trims
    globally over those layers). *peak* is the largest resident-set growth during the merge over
-   the process before it, the task set's own factors excluded, the merged low-rank result
+   the process before it (the largest over rounds), the task set's own factors excluded, the merged low-rank result
    included (``/proc/self/clear_refs`` + ``VmHWM``, as ``merge_spaces.py``).
 
 Spaces: ``full`` (dense float64 ``ΔW_t``), ``knots`` (paper variant, SVD of ``[ΔW_1 … ΔW_T]``
 from the factors), ``knots-naive`` (the same SVD of the formed ``out × T·in`` matrix, as the KnOTS
-code does: the cost reference of 003 Tab. 2), ``core`` (003's core matrices). Ratios come from
-this one run. A benchmark, not a test: nothing here asserts a time.
+code does: the cost reference of 003 Tab. 2), ``core`` (003's core matrices); every space computes
+in float64 and returns float32, the SVD pair is float64 (``merge_spaces.PRECISION``, printed).
+
+Methodology (``benchmarks/timing.py``): per module shape the SVD pair and the spaces, and per model
+the whole-model merges, run once per round in a fresh random order for ``--rounds`` rounds, timed in
+process CPU time and wall time; tables give median times (CPU / wall) and ratios as medians of
+per-round ratios (CPU; wall), with the load average. A benchmark, not a test: nothing here asserts a time.
 
     PYTHONPATH=lib python benchmarks/scale.py --json scale.json   # the tables in benchmarks/README.md
     PYTHONPATH=lib python benchmarks/scale.py --quick             # smoke run on narrow shapes (~1 min)
@@ -37,19 +42,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import random
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from merge_spaces import Meter, _status, timed_merges
+from merge_spaces import PRECISION, Meter, _status, ratio_cell, round_times, summary, timed_merges, totals
 from mergelab.linalg import svd64
 from mergelab.merging import merge
 from mergelab.profiling import release_memory
 from mergelab.synthetic import random_taskset
+from mergelab.taskset import TaskSet
+
+from timing import ROUNDS, Times, interleave, load, machine, median
 
 METHODS = ("task_arithmetic", "ties", "tsv", "iso_c")
 #: cheapest first, so that an interrupted run (resumed with --json) has the cheap rows of every shape
@@ -107,67 +116,82 @@ def peak_mib(meter: Meter, baseline: int | None) -> float | None:
     return max(0.0, (meter.peak - baseline) / 2**20)
 
 
-def svd_pair(taskset) -> float:
-    """Seconds of the two thin SVDs of one module's stacked factors (003 Eq. 3), as Core takes them."""
+def svd_pair(taskset: TaskSet) -> Times:
+    """Time of the two thin SVDs of one module's stacked factors (003 Eq. 3), as Core takes them."""
     updates = taskset.updates(taskset.module_names[0])
     B_stack = torch.cat([u.B for u in updates], dim=1)
     A_stack = torch.cat([u.A for u in updates], dim=0)
     with Meter() as timing:
         svd64(B_stack)
         svd64(A_stack.T)
-    return timing.seconds
+    return timing.times
 
 
-def per_module(model: Model, done: set, emit: Callable[[dict], None], log) -> None:
-    """Measurement 1: one module of every distinct shape, every space and method."""
+def per_module(model: Model, rounds: int, rng: random.Random, done: set, emit: Callable[[dict], None]) -> None:
+    """Measurement 1: one module of every distinct shape; per shape the SVD pair and every space interleaved."""
     for shape, names in model.distinct().items():
         count = len(names) * model.layers
         taskset = random_taskset({f"{model.prefix}.0.{names[0]}.weight": shape}, model.tasks, rank=model.rank, seed=0)
         common = {"model": model.key, "kind": "module", "shape": list(shape), "modules": count}
+        routes: dict[str, Callable[[], object]] = {}
         if ("module", model.key, tuple(shape), "svd-pair", "-") not in done:
-            emit({**common, "space": "svd-pair", "method": "-", "total_s": svd_pair(taskset), "peak_mib": None})
+            routes["svd-pair"] = partial(svd_pair, taskset)
         for label, space, options in SPACES:
             wanted = [m for m in METHODS if ("module", model.key, tuple(shape), label, m) not in done]
-            if not wanted:
+            if wanted:
+                routes[label] = partial(timed_merges, taskset, space, options, wanted, rng)
+        for label, results in interleave(routes, rounds, rng).items():
+            if label == "svd-pair":
+                emit({**common, "space": label, "method": "-", "peak_mib": None, **totals(results)})
                 continue
-            for method, project_s, merge_s, peak in timed_merges(taskset, space, options, wanted):
-                emit({**common, "space": label, "method": method, "project_s": project_s, "merge_s": merge_s,
-                      "total_s": project_s + merge_s, "peak_mib": peak})
+            for method in results[0]:
+                emit({**common, "space": label, "method": method, **summary([r[method] for r in results])})
 
 
-def whole_model(model: Model, knots_layers: int, done: set, emit: Callable[[dict], None], log) -> None:
+def whole_merge(taskset: TaskSet, method: str, space: str, options: Mapping) -> tuple[Times, float | None, float]:
+    """``merge(taskset, method, space)`` over every module: its times, peak growth and result size (MiB)."""
+    release_memory()
+    baseline = _status("VmRSS")
+    with Meter() as merging:
+        merged = merge(taskset, method, space, space_options=options)
+    held = sum(x.numel() * x.element_size() for x in merged.to_tensors().values()) / 2**20  # LowRank or Dense modules
+    del merged
+    return merging.times, peak_mib(merging, baseline), held
+
+
+def whole_model(model: Model, knots_layers: int, rounds: int, rng: random.Random, done: set, emit: Callable[[dict], None]) -> None:
     """Measurement 2: ``merge(taskset, method, space)`` over every module of the model (or, for
-    KnOTS on LLaMA, ``knots_layers`` layers scaled to the model)."""
+    KnOTS on LLaMA, ``knots_layers`` layers scaled to the model), every (space, method) interleaved."""
+    routes, layers = {}, {}
     for label, options in WHOLE:
-        layers = model.layers if label == "core" or model.key != "llama3-8b" else min(knots_layers, model.layers)
         wanted = [m for m in METHODS if ("whole", model.key, (), label, m) not in done]
         if not wanted:
             continue
-        taskset = random_taskset(model.shapes(layers), model.tasks, rank=model.rank, seed=0)
-        for method in wanted:
-            release_memory()
-            baseline = _status("VmRSS")
-            with Meter() as merging:
-                merged = merge(taskset, method, label, space_options=options)
-            held = sum(x.numel() * x.element_size() for u in merged.modules.values() for x in (u.B, u.A)) / 2**20
-            del merged
-            scale = model.layers / layers
-            emit({"model": model.key, "kind": "whole", "shape": [], "space": label, "method": method, "layers": layers,
-                  "measured_s": merging.seconds, "total_s": merging.seconds * scale, "peak_mib": peak_mib(merging, baseline),
-                  "result_mib": held})
-        del taskset
+        layers[label] = model.layers if label == "core" or model.key != "llama3-8b" else min(knots_layers, model.layers)
+        taskset = random_taskset(model.shapes(layers[label]), model.tasks, rank=model.rank, seed=0)
+        routes.update({f"{label} {method}": partial(whole_merge, taskset, method, label, options) for method in wanted})
+    for name, results in interleave(routes, rounds, rng).items():
+        label, method = name.split(" ")
+        measured = [t for t, _, _ in results]
+        peaks = [p for _, p, _ in results if p is not None]
+        emit({"model": model.key, "kind": "whole", "shape": [], "space": label, "method": method, "layers": layers[label],
+              "measured_cpu_s": median(measured).cpu, "measured_s": median(measured).wall,
+              **totals([t * (model.layers / layers[label]) for t in measured]),
+              "peak_mib": max(peaks) if peaks else None, "result_mib": max(h for _, _, h in results)})
 
 
 def key(row: Mapping) -> tuple:
     return (row["kind"], row["model"], tuple(row["shape"]), row["space"], row["method"])
 
 
-def extrapolated(rows: list[dict], model: Model) -> dict[tuple[str, str], float]:
-    """Whole-model seconds per (space, method) from the per-module rows: Σ over shapes of count × total."""
-    out: dict[tuple[str, str], float] = {}
+def extrapolated(rows: list[dict], model: Model) -> dict[tuple[str, str], list[Times]]:
+    """Whole-model times per (space, method) and round from the per-module rows: Σ over shapes of count × total."""
+    out: dict[tuple[str, str], list[Times]] = {}
     for r in rows:
         if r["model"] == model.key and r["kind"] == "module":
-            out[(r["space"], r["method"])] = out.get((r["space"], r["method"]), 0.0) + r["modules"] * r["total_s"]
+            scaled = [t * r["modules"] for t in round_times(r)]
+            key_ = (r["space"], r["method"])
+            out[key_] = [a + b for a, b in zip(out[key_], scaled, strict=True)] if key_ in out else scaled
     return out
 
 
@@ -181,19 +205,19 @@ def model_table(rows: list[dict], model: Model) -> str:
     modules = sum(len(model.block) for _ in range(model.layers))
     dense_gib = sum(o * i for o, i in model.shapes().values()) * 4 / 2**30
     lines = [f"**{model.title}** ({model.layers} layers, {modules} modules, T = {model.tasks}, r = {model.rank}; "
-             f"a dense merged ΔW of every module: {dense_gib:.1f} GiB float32)", "",
-             "| space | method | whole model (s) | per layer (s) | how | peak extra memory (MiB) | × Core |",
-             "|---|---|---:|---:|---|---:|---:|"]
-    core = {m: (whole.get(("core", m)) or {}).get("total_s") or est.get(("core", m)) for m in METHODS}
+             f"a dense merged ΔW of every module: {dense_gib:.1f} GiB float32; median times, CPU / wall)", "",
+             "| space | precision | method | whole model (s) | per layer (s) | how | peak extra memory (MiB) | × Core (CPU; wall) |",
+             "|---|---|---|---:|---:|---|---:|---:|"]
+    core = {m: round_times(whole[("core", m)]) if ("core", m) in whole else est.get(("core", m)) for m in METHODS}
     for label, _, _ in SPACES:
         for method in METHODS:
             row = whole.get((label, method))
             if row is not None:
-                seconds = row["total_s"]
+                rounds = round_times(row)
                 how = "measured, whole model" if row["layers"] == model.layers else f"measured on {row['layers']} layers, scaled"
                 peak = fmt_mib(row["peak_mib"])
             elif (label, method) in est:
-                seconds = est[(label, method)]
+                rounds = est[(label, method)]
                 measured = {tuple(r["shape"]) for r in rows if r["model"] == model.key and r["kind"] == "module"
                             and r["space"] == label and r["method"] == method}
                 lacking = [f"{o}×{i}" for o, i in model.distinct() if (o, i) not in measured]
@@ -203,8 +227,10 @@ def model_table(rows: list[dict], model: Model) -> str:
                 peak = f"{fmt_mib(max(peaks))} per module" if peaks else "n/a"
             else:
                 continue
-            ratio = f"{seconds / core[method]:,.1f}×" if core.get(method) else "n/a"
-            lines.append(f"| {label} | {method} | {seconds:,.2f} | {seconds / model.layers:,.3f} | {how} | {peak} | {ratio} |")
+            t = median(rounds)
+            ratio = ratio_cell(rounds, core[method]) if core.get(method) else "n/a"
+            lines.append(f"| {label} | {PRECISION[label]} | {method} | {t.cpu:,.2f} / {t.wall:,.2f} | "
+                         f"{t.cpu / model.layers:,.3f} / {t.wall / model.layers:,.3f} | {how} | {peak} | {ratio} |")
     results = [r for r in whole.values() if r["space"] == "core"]
     if results:
         lines += ["", f"Core's merged low-rank result held at the end: {max(r['result_mib'] for r in results):,.0f} MiB "
@@ -217,21 +243,23 @@ def task_factors_mib(model: Model) -> float:
 
 
 def shape_table(rows: list[dict], models_: list[Model]) -> str:
-    """Per module shape: naive KnOTS / Core, factored KnOTS / Core, full / Core, Core / SVD pair."""
-    lines = ["| model | module shape | T | method | Core per module (ms) | SVD pair (ms) | Core / SVD pair | "
+    """Per module shape: median times of Core and the SVD pair; Core / SVD pair, naive KnOTS / Core,
+    factored KnOTS / Core, full / Core as medians of per-round ratios (CPU; wall)."""
+    lines = ["| model | module shape | T | method | Core per module (ms, CPU / wall) | SVD pair (ms) | Core / SVD pair | "
              "naive KnOTS / Core | KnOTS / Core | full / Core |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for model in models_:
-        by = {(tuple(r["shape"]), r["space"], r["method"]): r["total_s"] for r in rows if r["model"] == model.key and r["kind"] == "module"}
+        by = {(tuple(r["shape"]), r["space"], r["method"]): round_times(r) for r in rows if r["model"] == model.key and r["kind"] == "module"}
         for shape in model.distinct():
             pair = by.get((shape, "svd-pair", "-"))
             for method in METHODS:
                 core = by.get((shape, "core", method))
                 if core is None or pair is None:
                     continue
-                cells = [f"{by[(shape, s, method)] / core:,.1f}×" if (shape, s, method) in by else "n/a"
+                cells = [ratio_cell(by[(shape, s, method)], core) if (shape, s, method) in by else "n/a"
                          for s in ("knots-naive", "knots", "full")]
-                lines.append(f"| {model.key} | {shape[0]}×{shape[1]} | {model.tasks} | {method} | {core * 1e3:,.1f} | "
-                             f"{pair * 1e3:,.1f} | {core / pair:.2f}× | " + " | ".join(cells) + " |")
+                c, p = median(core), median(pair)
+                lines.append(f"| {model.key} | {shape[0]}×{shape[1]} | {model.tasks} | {method} | {c.cpu * 1e3:,.1f} / {c.wall * 1e3:,.1f} | "
+                             f"{p.cpu * 1e3:,.1f} / {p.wall * 1e3:,.1f} | {ratio_cell(core, pair)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -243,7 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", default="", help="comma-separated spaces to leave out of the per-module part (e.g. full,knots-naive)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine OpenMP threads spin-wait on busy cores)")
-    parser.add_argument("--json", type=Path, help="write the rows here as they are measured; rows already in it are kept, not rerun")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved rounds (default {ROUNDS})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the route order")
+    parser.add_argument("--json", type=Path, help="write the rows here as they are measured; rows already in it are kept, not rerun "
+                                                  "(resume with the same --rounds)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -262,19 +293,21 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         done.add(key(row))
         log(f"  {row['model']} {row['kind']:6s} {str(tuple(row['shape'])):14s} {row['space']:12s} {row['method']:16s} "
-            f"{row['total_s']:10.3f} s  peak {fmt_mib(row['peak_mib'])} MiB")
+            f"CPU {row['total_cpu_s']:10.3f} s  wall {row['total_s']:10.3f} s  peak {fmt_mib(row['peak_mib'])} MiB")
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
 
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    rng = random.Random(args.seed)
     for model in chosen:
         log(model.title)
-        whole_model(model, args.knots_layers, done, emit, log)
-        per_module(model, done, emit, log)
-    print(f"torch {torch.__version__} on {torch.get_num_threads()} CPU threads ({platform.machine()}); "
+        whole_model(model, args.knots_layers, args.rounds, rng, done, emit)
+        per_module(model, args.rounds, rng, done, emit)
+    print(f"torch {torch.__version__} on {torch.get_num_threads()} CPU threads ({machine()}, {load()} after the run); "
+          f"{args.rounds} interleaved rounds; "
           f"command: python benchmarks/scale.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
     for model in chosen:
         print(model_table(rows, model) + "\n")
+    print("precision: " + "; ".join(f"{space}: {p}" for space, p in PRECISION.items()) + "\n")
     print(shape_table(rows, chosen))
 
 
