@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
-import json
 import tarfile
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import xarray as xr
 
 from mergelab.bench import BenchSession
@@ -134,30 +132,6 @@ def synthetic_results(runs: Mapping[tuple[str, str], Iterable[float]], tasks: It
                             "seed": list(range(seeds)), "reference": ["zeroshot", "finetuned"]},
                     attrs={"tasks": tasks, "note": "hand-made test numbers", "study": "synthetic", "selection": "val"})
     return ds
-
-
-def sentence_encoder_directory(root: Path, words: Sequence[str], pooling: str = "mean", normalize: bool = True) -> Path:
-    """A random 2-block BERT (width 16) saved with a word-piece tokenizer of ``words`` and a
-    sentence-transformers pipeline (``pooling``, then ``Normalize`` when ``normalize``)."""
-    import transformers
-
-    root.mkdir(parents=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words)]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(str(root))
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32, pad_token_id=0)
-    transformers.BertModel(config).save_pretrained(str(root))
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-    (root / "modules.json").write_text(json.dumps(modules))
-    (root / "1_Pooling").mkdir()
-    (root / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 16, "pooling_mode_cls_token": pooling == "cls",
-                                                                "pooling_mode_mean_tokens": pooling == "mean"}))
-    return root
 
 
 # A synthetic text benchmark's sources (mergelab build-text without the network) -----------------------

@@ -11,8 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO
-from helpers import TEXT_FILLER, TEXT_WORDS, deb_archive, sentence_encoder_directory, text_sources
+from helpers import TEXT_FILLER, TEXT_WORDS, deb_archive, text_sources
 from mergelab.errors import InputError
+from mergelab.synthetic import sentence_encoder_directory
 from mergelab.textbench.rows import SplitSizes, read_rows, split_rows
 from mergelab.textbench.sources import (DebPackage, deb_files, emoji_names, fetch_deb, foldoc_entries, fortune_quotes,
                                         wordnet_glosses)

@@ -13,12 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import sentence_encoder_directory
 from mergelab.config import load_study
 from mergelab.errors import InputError
 from mergelab.store import Store
 from mergelab.study import Run, local_submit, run_graph
-from mergelab.synthetic import write_peft_adapters
+from mergelab.synthetic import sentence_encoder_directory, write_peft_adapters
 
 #: Two tasks with distinct label spaces; every row holds its label's word among filler words.
 TASKS = {"weather": ("sun", "rain", "snow"), "animals": ("cat", "dog")}

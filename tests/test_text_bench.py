@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from helpers import TEXT_FILLER, TEXT_WORDS, sentence_encoder_directory, text_sources
+from helpers import TEXT_FILLER, TEXT_WORDS, text_sources
 from mergelab.bench import bench_spec, load_bench
 from mergelab.config import load_study
 from mergelab.errors import InputError
+from mergelab.synthetic import sentence_encoder_directory
 
 ENCODER_WORDS = [*TEXT_FILLER, "about", "it", "is", ".", *(w for names in TEXT_WORDS.values() for w in names)]
 

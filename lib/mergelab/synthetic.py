@@ -12,6 +12,7 @@ checkpoints. Random weights and random data: nothing here is presented as a trai
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from torch import nn
 
 from mergelab.taskset import BaseRef, LowRank, TaskSet, TaskUpdate
 
-__all__ = ["clip_directory", "image_folders", "llama_classifier", "open_clip_checkpoint", "random_lowrank", "random_taskset",
-           "text_folders", "tiny_vision_transformer", "word_tokenizer", "write_peft_adapters"]
+__all__ = ["clip_directory", "image_folders", "llama_classifier", "open_clip_checkpoint", "random_lowrank",
+           "random_taskset", "sentence_encoder_directory", "text_folders", "tiny_vision_transformer",
+           "word_tokenizer", "write_peft_adapters"]
 
 #: ViT-B/32 vision attention shapes (q, k, v, out of 12 blocks): 48 matrices of 768 x 768.
 VIT_B32_ATTENTION = {f"visual.transformer.resblocks.{i}.attn.{p}.weight": (768, 768) for i in range(12) for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
@@ -129,6 +131,30 @@ def text_folders(root: str | Path, tasks: Mapping[str, Sequence[str] | None], wo
             else:
                 (folder / f"{split}.csv").write_text("text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(texts)))
     return {task: str(Path(root) / task) for task in tasks}
+
+
+def sentence_encoder_directory(root: Path, words: Sequence[str], pooling: str = "mean", normalize: bool = True) -> Path:
+    """A random 2-block BERT (width 16) saved with a word-piece tokenizer of ``words`` and a
+    sentence-transformers pipeline (``pooling``, then ``Normalize`` when ``normalize``)."""
+    import transformers
+
+    root.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words)]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(str(root))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32, pad_token_id=0)
+    transformers.BertModel(config).save_pretrained(str(root))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (root / "modules.json").write_text(json.dumps(modules))
+    (root / "1_Pooling").mkdir()
+    (root / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 16, "pooling_mode_cls_token": pooling == "cls",
+                                                                "pooling_mode_mean_tokens": pooling == "mean"}))
+    return root
 
 
 def word_tokenizer(words: Sequence[str]):

@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks, directory_digest, folder_id, model_directory, pretrained, \
-    task_id, task_sources
+from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks, TaskSource, directory_digest, folder_id, model_directory, \
+    pretrained, task_id, task_sources
 from mergelab.bench.kinds.hf_seq_cls import TEXT_ROWS
 from mergelab.errors import InputError
 from mergelab.naming import ModuleLayout
@@ -279,4 +279,22 @@ def load(spec: SentenceEncoderSpec, tasks: Tasks) -> Bench:
     return replace(bench, task_ids=fitted, heads=_linear_heads(bench))
 
 
-KIND = BenchKind(SentenceEncoderSpec, load, BERT_LAYOUT)
+def example(folder: Path) -> tuple[SentenceEncoderSpec, Tasks]:
+    """A random 2-block BERT sentence encoder and two text tasks with a rank-2 LoRA each on its
+    ``query/key/value/dense``, written into ``folder``: the kind's example (:mod:`mergelab.conformance`)."""
+    import transformers
+
+    from mergelab.synthetic import sentence_encoder_directory, text_folders, write_peft_adapters
+
+    classes = {"weather": ["sun", "rain"], "animals": ["cat", "dog"]}
+    words = ["the", "a", "is", *(w for names in classes.values() for w in names)]
+    encoder = sentence_encoder_directory(folder / "encoder", words)
+    data = text_folders(folder / "data", classes, words)
+    model = transformers.BertModel.from_pretrained(str(encoder), add_pooling_layer=False)
+    adapters = write_peft_adapters(model, folder / "adapters", list(classes), target_modules=["query", "key", "value", "dense"],
+                                   rank=2, alpha=4, std=0.3)
+    return (SentenceEncoderSpec(weights=encoder, max_length=16),
+            [TaskSource(name=t, adapter=a, data=Path(data[t])) for t, a in zip(classes, adapters, strict=True)])
+
+
+KIND = BenchKind(SentenceEncoderSpec, load, BERT_LAYOUT, example=example)
