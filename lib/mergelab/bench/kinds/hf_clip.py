@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks, directory_digest, model_directory, pretrained
+from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks, TaskSource, directory_digest, model_directory, pretrained
 from mergelab.bench.kinds.open_clip import folder_bench
 from mergelab.naming import ModuleLayout
 from mergelab.strict import Int
@@ -59,4 +59,26 @@ def load(spec: HfClipSpec, tasks: Tasks) -> Bench:
                         {"arch": None, "weights": directory_digest(root)})
 
 
-KIND = BenchKind(HfClipSpec, load, HF_CLIP_LAYOUT)
+def example(folder: Path) -> tuple[HfClipSpec, Tasks]:
+    """A random 2-block ``CLIPModel`` directory and two image-folder tasks with a rank-2 LoRA each on the
+    attention projections (KnOTS' layout), written into ``folder``: the kind's example (:mod:`mergelab.conformance`)."""
+    import transformers
+
+    from mergelab.synthetic import clip_directory, image_folders, write_peft_adapters
+
+    tasks, classes = ["shapes", "colours"], ["ring", "dot"]
+    clip = clip_directory(folder / "clip", words=["a", "photo", "of", *classes], projection_dim=16,
+                          text={"vocab_size": 12, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "max_position_embeddings": 16, "eos_token_id": 2},
+                          vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                  "image_size": 32, "patch_size": 8})
+    vision = transformers.CLIPVisionModel(clip.config.vision_config)
+    vision.load_state_dict(clip.vision_model.state_dict())
+    adapters = write_peft_adapters(vision, folder / "adapters", tasks, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                                   rank=2, alpha=4)
+    data = image_folders(folder / "data", tasks, classes)
+    return HfClipSpec(weights=folder / "clip"), [TaskSource(name=t, adapter=a, data=Path(data[t]))
+                                                   for t, a in zip(tasks, adapters, strict=True)]
+
+
+KIND = BenchKind(HfClipSpec, load, HF_CLIP_LAYOUT, example=example)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks, directory_digest, file_digest, folder_id, model_directory, \
-    pretrained, task_id, task_sources
+from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks, TaskSource, directory_digest, file_digest, folder_id, \
+    model_directory, pretrained, task_id, task_sources
 from mergelab.errors import InputError
 from mergelab.naming import ModuleLayout
 from mergelab.strict import Int
@@ -102,4 +102,27 @@ def load(spec: HfSeqClsSpec, tasks: Tasks) -> Bench:
     return Bench(root.name, backbone, built, [(t.name, Path(t.adapter)) for t in sources], model_id, task_ids, heads)
 
 
-KIND = BenchKind(HfSeqClsSpec, load, DECODER_LAYOUT)
+def example(folder: Path) -> tuple[HfSeqClsSpec, Tasks]:
+    """A random 2-block ``LlamaForSequenceClassification`` directory and two text tasks, each with a rank-2
+    SEQ_CLS LoRA on ``q_proj`` / ``v_proj`` and its own ``score`` head (3 named labels; 2 index labels),
+    written into ``folder``: the kind's example (:mod:`mergelab.conformance`)."""
+    import transformers
+
+    from mergelab.synthetic import llama_classifier, text_folders, write_peft_adapters
+
+    tasks = {"nli": ["entailment", "neutral", "contradiction"], "sentiment": None}
+    words = ["good", "bad", "yes", "no", "cat", "dog"]
+    llama_classifier(folder / "llama", words=words, vocab_size=len(words) + 2, hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, num_labels=2)
+    adapters = {}
+    for seed, (task, names) in enumerate(tasks.items()):
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            str(folder / "llama"), num_labels=len(names or (0, 1)), ignore_mismatched_sizes=True, local_files_only=True)
+        adapters[task] = write_peft_adapters(model.eval(), folder / "adapters", [task], seed=seed, rank=2, alpha=4, std=0.3,
+                                             task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"])[0]
+    data = text_folders(folder / "data", tasks, words)
+    return HfSeqClsSpec(weights=folder / "llama", max_length=8), [
+        TaskSource(name=t, adapter=adapters[t], data=Path(data[t]), classnames=names) for t, names in tasks.items()]
+
+
+KIND = BenchKind(HfSeqClsSpec, load, DECODER_LAYOUT, example=example)

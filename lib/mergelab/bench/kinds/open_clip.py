@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks, file_digest, folder_id, task_id, task_sources
+from mergelab.bench.benches import Bench, BenchKind, BenchSpec, Tasks, TaskSource, file_digest, folder_id, task_id, task_sources
 from mergelab.errors import InputError
 from mergelab.naming import ModuleLayout
 from mergelab.strict import Int
@@ -78,4 +78,22 @@ def load(spec: OpenClipSpec, tasks: Tasks) -> Bench:
                         {"arch": spec.arch, "weights": file_digest(Path(spec.weights))})
 
 
-KIND = BenchKind(OpenClipSpec, load, OPEN_CLIP_LAYOUT)
+def example(folder: Path) -> tuple[OpenClipSpec, Tasks]:
+    """A random open_clip model of the micro benchmark's architecture saved as a weights file, and two
+    image-folder tasks with a rank-2 LoRA each on the MLPs of its image tower, written into ``folder``: the
+    kind's example (:mod:`mergelab.conformance`)."""
+    import copy
+
+    from mergelab.model.openclip_backend import MICRO_ARCH, register_configs
+    from mergelab.synthetic import image_folders, open_clip_checkpoint, write_peft_adapters
+
+    register_configs()
+    tasks = ["shapes", "colours"]
+    model = open_clip_checkpoint(folder / "weights.pt", MICRO_ARCH)
+    adapters = write_peft_adapters(copy.deepcopy(model.visual), folder / "adapters", tasks, target_modules=["c_fc", "c_proj"], rank=2, alpha=4)
+    data = image_folders(folder / "data", tasks, ["ring", "dot"])
+    return OpenClipSpec(arch=MICRO_ARCH, weights=folder / "weights.pt"), [
+        TaskSource(name=t, adapter=a, data=Path(data[t])) for t, a in zip(tasks, adapters, strict=True)]
+
+
+KIND = BenchKind(OpenClipSpec, load, OPEN_CLIP_LAYOUT, example=example)
