@@ -90,7 +90,8 @@ def example(folder: Path) -> tuple[OpenClipSpec, Tasks]:
     register_configs()
     tasks = ["shapes", "colours"]
     model = open_clip_checkpoint(folder / "weights.pt", MICRO_ARCH)
-    adapters = write_peft_adapters(copy.deepcopy(model.visual), folder / "adapters", tasks, target_modules=["c_fc", "c_proj"], rank=2, alpha=4)
+    adapters = write_peft_adapters(copy.deepcopy(model.visual), folder / "adapters", tasks, target_modules=["c_fc", "c_proj"],
+                                   rank=2, alpha=4)
     data = image_folders(folder / "data", tasks, ["ring", "dot"])
     return OpenClipSpec(arch=MICRO_ARCH, weights=folder / "weights.pt"), [
         TaskSource(name=t, adapter=a, data=Path(data[t])) for t, a in zip(tasks, adapters, strict=True)]
