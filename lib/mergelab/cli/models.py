@@ -180,6 +180,17 @@ def selection_table(chosen: Selection, title: str) -> Table:
     return table
 
 
+def _checked_sources(adapters: list[str] | None, paths: list[str] | None) -> list[str]:
+    """``--adapters`` then the positional paths, their ``NAME=PATH`` task names and paths checked before
+    torch or a model library loads (an empty list is the command's own error)."""
+    from mergelab.checkpoints.files import named_sources
+
+    sources = [*(adapters or []), *(paths or [])]
+    if sources:
+        named_sources(sources, None)
+    return sources
+
+
 def _merge_choices() -> str:
     from mergelab.merging import METHODS
     from mergelab.selection import SELECTION_RULES
@@ -244,11 +255,7 @@ def merge_command(
     """
     import yaml
 
-    from mergelab.checkpoints.files import named_sources
-
-    sources = [*(adapters or []), *(paths or [])]
-    if sources:  # task names and paths, before the model libraries load
-        named_sources(sources, None)
+    sources = _checked_sources(adapters, paths)
 
     from mergelab.onbench import merge_adapters
     from mergelab.store import default_store_url
@@ -338,11 +345,7 @@ def adapt_command(
     """
     import yaml
 
-    from mergelab.checkpoints.files import named_sources
-
-    sources = [*(adapters or []), *(paths or [])]
-    if sources:  # task names and paths, before the model libraries load
-        named_sources(sources, None)
+    sources = _checked_sources(adapters, paths)
 
     from mergelab.onbench import adapt_adapters
     from mergelab.store import default_store_url
