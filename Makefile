@@ -44,12 +44,12 @@ papers: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-# The kernels import this checkout's lib/ (mergelab, and mergelab_figures: a link to analysis/); the inline
-# backend draws the figures.
+# The kernels import this checkout's mergelab (lib/) and mergelab_figures (analysis/); the inline backend
+# draws the figures.
 lab: $(STAMP)
 	@$(if $(LAB_ROOT),echo "make lab: running as root (uid 0): passing --allow-root to jupyter lab")
 	env -u MPLBACKEND MERGELAB_STORE='$(LAB_STORE)' MERGELAB_STUDY='$(MERGELAB_STUDY)' \
-	    PYTHONPATH='$(CURDIR)/lib' $(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ROOT) $(LAB_ARGS)
+	    PYTHONPATH='$(CURDIR)/lib:$(CURDIR)/analysis' $(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ROOT) $(LAB_ARGS)
 
 clean:
 	rm -rf data/store data/demo data/reports .pytest_cache .hypothesis

@@ -31,9 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from checkout import pythonpath
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_HIT = "every node was a cache hit"
-IMPORTS = "import mergelab.cli, mergelab.study"
+IMPORTS = "import mergelab_app.cli, mergelab.study"
 
 
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
@@ -60,8 +62,8 @@ def main() -> None:
     args = parser.parse_args()
 
     mergelab = Path(sys.executable).with_name("mergelab")
-    command = [str(mergelab)] if mergelab.exists() else [sys.executable, "-m", "mergelab.cli"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "lib"), str(ROOT)])}
+    command = [str(mergelab)] if mergelab.exists() else [sys.executable, "-m", "mergelab_app.cli"]
+    env = {**os.environ, "PYTHONPATH": pythonpath(ROOT)}
     store = Path(tempfile.mkdtemp(prefix="mergelab-demo-"))
     demo = [*command, "demo", "--store", str(store), "--runner", args.runner]
 

@@ -53,6 +53,7 @@ import yaml
 from mergelab.synthetic import (clip_directory, image_folders, llama_classifier, open_clip_checkpoint, text_folders,
                                 write_peft_adapters)
 
+from checkout import pythonpath
 from timing import Times, load, machine, now, timed
 
 CLASSES = ("red", "green", "blue")
@@ -178,7 +179,7 @@ def _cli(args: list[str], log: Path, env: dict[str, str]) -> Step:
     and summary line. A failing command stops the benchmark with its log's tail."""
     start, peak = now(), 0.0
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mergelab.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "mergelab_app.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             peak = max(peak, _peak_mib(proc.pid) or 0.0)
             time.sleep(0.2)
@@ -242,7 +243,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1] / "lib"), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = pythonpath(env=env)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="mergelab-real-"))
     print(f"the real-model path at {'tiny' if args.quick else 'real'} shapes (torch {torch.__version__}, {machine()}, "
           f"{load()}); work in {root}", flush=True)

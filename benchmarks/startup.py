@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from checkout import pythonpath
+
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ROOT / "data" / "micro"
 #: The CPU budget of ``--help`` and ``check`` (seconds).
@@ -38,9 +40,9 @@ GOAL_CPU_S = 1.5
 
 
 def routes(store: Path) -> dict[str, list[str]]:
-    """The command line of each route (``mergelab`` as ``python -m mergelab.cli``, so PYTHONPATH picks the library)."""
+    """The command line of each route (``mergelab`` as ``python -m mergelab_app.cli``, so PYTHONPATH picks the checkout)."""
     adapters = sorted(str(p) for p in (MICRO / "adapters" / "r4").iterdir())
-    cli = [sys.executable, "-m", "mergelab.cli"]
+    cli = [sys.executable, "-m", "mergelab_app.cli"]
     return {
         "python -c pass": [sys.executable, "-c", "pass"],
         "mergelab --help": [*cli, "--help"],
@@ -80,7 +82,7 @@ def main() -> None:
             order = list(runs)
             rng.shuffle(order)
             for label, tree in order:
-                env = {**os.environ, "PYTHONPATH": f"{tree / 'lib'}{os.pathsep}{tree}"}
+                env = {**os.environ, "PYTHONPATH": pythonpath(tree)}
                 samples[label].append(measure(runs[label, tree], env))
 
     cpu = {label: statistics.median(c for c, _ in s) for label, s in samples.items()}

@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import regime  # noqa: E402
+from checkout import pythonpath  # noqa: E402
 from mergelab.micro.build import CONFIGS, VARIANTS_FILE, BuildConfig, build_micro, write_readme  # noqa: E402
 
 RECORD = ROOT / "data" / "micro" / VARIANTS_FILE
@@ -204,7 +206,8 @@ def run_variant(name: str, root: Path, threads: int) -> dict[str, Any]:
               f"fine-tuned r4 {100 * _mean(metrics['finetuned']['4']):.1f} % (test, absolute)", flush=True)
     study = study_file(name, bench, store, out)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(study)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "mergelab_app.cli", "run", str(study)], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": pythonpath(ROOT, os.environ)})
     study_s = time.perf_counter() - start
     measured = regime.measure(study, split="val")
     print(regime.report(measured), flush=True)

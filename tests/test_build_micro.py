@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO
 from mergelab.checkpoints import load_taskset
-from mergelab.cli import app
+from mergelab_app.cli import app
 from mergelab.micro.benchmark import TASKS, load_micro
 from mergelab.micro.build import CONFIGS, finetuned_accuracies
 from mergelab.taskset import Dense, LowRank

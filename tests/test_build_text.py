@@ -69,7 +69,7 @@ def test_build_exports_rows_and_adapters_the_bench_loads_and_resumes_from_its_ro
 
 
 def test_data_only_build_says_the_adapters_are_not_built_and_the_cli_refuses_in_one_line(tmp_path):
-    from mergelab.cli import app
+    from mergelab_app.cli import app
     from mergelab.textbench.build import TextBuildConfig, build_text
 
     encoder = sentence_encoder_directory(tmp_path / "encoder", [*TEXT_FILLER, "about", "it", "is", ".", *(w for n in TEXT_WORDS.values() for w in n)])

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab_app.cli import app
 from mergelab.synthetic import tiny_vision_transformer, write_peft_adapters
 
 runner = CliRunner()

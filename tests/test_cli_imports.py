@@ -16,7 +16,7 @@ HEAVY = ("torch", "prefect", "open_clip", "transformers", "peft", "xarray", "zar
 #: Runs the CLI in a fresh interpreter and prints, as JSON, its exit code and which HEAVY modules it imported.
 _PROBE = """
 import json, sys
-from mergelab.cli import app
+from mergelab_app.cli import app
 try:
     app(sys.argv[1:], prog_name="mergelab")
     code = 0

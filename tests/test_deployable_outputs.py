@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from mergelab.cards import model_card
 from mergelab.checkpoints import cap_rank, load_taskset, save_merged
 from mergelab.checkpoints.writing import merged_rank, parse_size
-from mergelab.cli import app
+from mergelab_app.cli import app
 from mergelab.errors import InputError
 from mergelab.merging import merge
 from mergelab.serving import SERVING_RANKS, parse_max_rank, serving_rank

@@ -1,6 +1,6 @@
 """docs/extending.md's recipes stay true: every code block of the page runs as written.
 
-Each file block (``# lib/…/name.py``, ``# analysis/name.py``) is written into a temporary folder
+Each file block (``# lib/…/name.py``, ``# analysis/mergelab_figures/name.py``) is written into a temporary folder
 that the package it names also searches, so ``from mergelab.merging.median import median`` (or
 ``from mergelab_figures.ranks_figures import lora_rank_bars``) imports it as it would from the
 checkout; each registry block (``# …: one line in NAME``) runs its imports in the registry
@@ -44,9 +44,8 @@ class Block:
 
     @property
     def module(self) -> str:
-        """The module a ``lib/…`` or ``analysis/…`` path imports as (``analysis/`` is ``mergelab_figures``)."""
-        top, *parts = Path(self.path).with_suffix("").parts
-        parts = ["mergelab_figures", *parts] if top == "analysis" else parts
+        """The module a ``lib/…`` or ``analysis/…`` path imports as (below its wing's folder)."""
+        _, *parts = Path(self.path).with_suffix("").parts
         return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -71,7 +70,7 @@ TEST_NAMES = [name for b in TESTS for name in re.findall(r"^def (test_\w+)", b.c
 def test_every_recipe_is_a_file_a_registry_line_and_a_test():
     assert [b.registry for b in ENTRIES] == ["METHODS", "SPACES", "ADAPTERS", "ANALYSES", "BENCHES"]
     assert [Path(b.path).parent.name for b in FILES] == ["merging", "spaces", "adaptation", "analysis", "kinds"]
-    assert [b.path for b in FIGURES] == ["analysis/ranks_figures.py"] and len(TEST_NAMES) == 6
+    assert [b.path for b in FIGURES] == ["analysis/mergelab_figures/ranks_figures.py"] and len(TEST_NAMES) == 6
     assert all(b.note == "" for b in FILES + FIGURES + TESTS), "a file or test block is the whole of what it adds"
 
 
@@ -136,7 +135,7 @@ def _study(tmp_path: Path) -> Path:
 def test_the_toys_work_on_the_command_line(recipes, tmp_path, one_thread):
     from typer.testing import CliRunner
 
-    from mergelab.cli import app
+    from mergelab_app.cli import app
 
     runner = CliRunner()
 
@@ -161,7 +160,7 @@ def test_the_toys_work_on_the_command_line(recipes, tmp_path, one_thread):
 def test_the_toys_run_in_a_study_its_tables_a_figure_and_the_overview_notebook(recipes, tmp_path, one_thread):
     from mergelab_figures import ranks_figures, tables
     from mergelab_figures.layout import layout_problems
-    from mergelab_figures.report import execute_notebook
+    from mergelab_app.report import execute_notebook
 
     from mergelab.config import load_study
     from mergelab.store import Store

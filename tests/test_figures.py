@@ -101,7 +101,8 @@ def test_paper_style_wraps_a_title_wider_than_its_figure():
     assert fig.get_suptitle().count("\n") >= 2 and fig._suptitle.get_window_extent().width <= fig.bbox.width
 
 
-FIGURE_MODULES = sorted((REPO / "analysis").glob("*_figures.py")) + [REPO / "analysis" / "overview.py"]
+FIGURES = REPO / "analysis" / "mergelab_figures"
+FIGURE_MODULES = sorted(FIGURES.glob("*_figures.py")) + [FIGURES / "overview.py"]
 
 
 @pytest.mark.parametrize("path", FIGURE_MODULES, ids=lambda p: p.stem)

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab_app.cli import app
 
 runner = CliRunner()
 DEEP = 100_000

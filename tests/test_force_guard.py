@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab_app.cli import app
 
 runner = CliRunner()
 

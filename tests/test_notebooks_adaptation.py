@@ -43,7 +43,7 @@ def _execute(path: Path, params: dict[str, str]) -> nbformat.NotebookNode:
     (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     cell.source = "\n".join(f"{name} = {value!r}" for name, value in params.items())
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "lib"), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "lib"), str(REPO / "analysis"), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("MPLBACKEND", None)  # the inline backend renders figures as image/png
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute(env=env)
     return nb

@@ -19,7 +19,7 @@ import pytest
 from helpers import MICRO_LABEL, publish_analyses, synthetic_results
 
 from mergelab_figures import data
-from mergelab_figures.report import INDEX, REPO, cell_outputs, execute_notebook, report
+from mergelab_app.report import INDEX, REPO, cell_outputs, execute_notebook, report
 from mergelab.experiments.registry import ANALYSES
 from mergelab.micro.benchmark import load_micro
 from mergelab.merging import merge

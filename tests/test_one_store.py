@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import mergelab.store
 from conftest import REPO
-from mergelab.cli import app
+from mergelab_app.cli import app
 from mergelab.config import load_study
 from mergelab.store import checkout_store, default_store_url  # the real one: conftest points it away during tests
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from mergelab import outputs
-from mergelab.cli import app
+from mergelab_app.cli import app
 
 
 @pytest.fixture(params=[0o022, 0o027])

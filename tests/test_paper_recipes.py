@@ -17,7 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mergelab.bench import load_bench
-from mergelab.cli import app
+from mergelab_app.cli import app
 from mergelab.config import load_study
 from mergelab.errors import InputError
 from mergelab.preflight import check_study

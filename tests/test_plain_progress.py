@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO
-from mergelab.cli import app
-from mergelab.cli.app import milestone
+from mergelab_app.cli import app
+from mergelab_app.cli.app import milestone
 
 MICRO = REPO / "data" / "micro"
 ADAPTERS = [f"{t}={MICRO / 'adapters' / 'r4' / t}" for t in ("digits", "textures")]
@@ -50,7 +50,7 @@ def test_adapt_prints_the_start_search_the_nodes_and_the_steps(tmp_path):
 def test_a_build_reports_plain_steps_when_its_output_is_not_a_terminal(capsys):
     """build-micro / build-text run for hours: redirected, they print milestone lines (a live bar
     printed nothing until the end)."""
-    from mergelab.cli.app import PlainProgress, build_progress, console
+    from mergelab_app.cli.app import PlainProgress, build_progress, console
     from mergelab.micro.build import ticker
 
     assert isinstance(build_progress(console), PlainProgress)  # pytest captures the output: not a terminal

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab_app.cli import app
 from mergelab.preflight import check, tensor_shapes
 from mergelab.synthetic import tiny_vision_transformer, write_peft_adapters
 

@@ -76,7 +76,7 @@ STUDY = {
 
 
 def test_the_cli_help_lists_every_toy(toys):
-    from mergelab.cli import app
+    from mergelab_app.cli import app
 
     runner = CliRunner()
 

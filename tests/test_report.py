@@ -1,4 +1,4 @@
-"""mergelab_figures.report: parameters injected into the tagged cell, HTML + PNG export named after paper items, the
+"""mergelab_app.report: parameters injected into the tagged cell, HTML + PNG export named after paper items, the
 index, parallel runs with progress lines, failures as one-line InputErrors; the `mergelab report` command."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from helpers import synthetic_results
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from typer.testing import CliRunner
 
-from mergelab_figures import report
+from mergelab_app import report
 from mergelab_figures.data import DEFAULT_STORE
-from mergelab_figures.report import INDEX
-from mergelab.cli import app
+from mergelab_app.report import INDEX
+from mergelab_app.cli import app
 from mergelab.errors import InputError
 from mergelab.store import Store
 
@@ -56,7 +56,7 @@ def test_parameters_are_injected_and_the_export_has_html_and_pngs(tmp_path):
     assert greeting == "hihihi"
     assert Path(cwd) == workdir
     # the kernel imports this checkout's packages, not whichever copy is installed
-    assert Path(analysis_file).resolve().parent == report.REPO / "analysis"
+    assert Path(analysis_file).resolve().parent == report.REPO / "analysis" / "mergelab_figures"
     assert Path(mergelab_file).resolve().parent == report.REPO / "lib" / "mergelab"
     assert nb.cells[1].source == 'GREETING = \'hi\'\nN = 3' and nb.metadata["mergelab"]["notebook"] == "tiny"
     assert nbformat.read(path, as_version=4).cells[1].source.startswith('GREETING = "hello"')  # the source file is untouched

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab_app.cli import app
 from mergelab.config import load_study
 from mergelab.provenance import reproducibility
 from mergelab.store import Store

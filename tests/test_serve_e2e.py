@@ -73,7 +73,7 @@ def _start_server(tmp_path: Path, **settings: str):
 def _serve(tmp_path: Path, url: str) -> subprocess.Popen:
     study = tmp_path / "tiny-serve.yaml"
     study.write_text(yaml.safe_dump(TINY))
-    return subprocess.Popen([sys.executable, "-m", "mergelab.cli", "serve", str(study), "--cron", "* * * * *",
+    return subprocess.Popen([sys.executable, "-m", "mergelab_app.cli", "serve", str(study), "--cron", "* * * * *",
                              "--store", str(tmp_path / "store")],
                             env=_env(tmp_path / "prefect-home", PREFECT_API_URL=url), cwd=tmp_path,
                             stdout=(tmp_path / "serve.out").open("w"), stderr=(tmp_path / "serve.err").open("w"),
@@ -155,7 +155,7 @@ def test_serve_without_a_server_is_one_line(tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from typer.testing import CliRunner
 
-    from mergelab.cli import app
+    from mergelab_app.cli import app
 
     study = tmp_path / "tiny-serve.yaml"
     study.write_text(yaml.safe_dump(TINY))

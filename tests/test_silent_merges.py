@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mergelab.checkpoints import load_taskset
-from mergelab.cli import app
+from mergelab_app.cli import app
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import fsspec.implementations.local as local
 import pytest
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab_app.cli import app
 from mergelab.store import MARKER, Store
 from mergelab.upkeep import verify
 

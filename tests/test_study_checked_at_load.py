@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab_app.cli import app
 
 runner = CliRunner()
 TASKS = ["digits", "textures", "signs"]

@@ -41,7 +41,7 @@ def _start_and_wait_for_evaluations(tmp_path: Path) -> tuple[list[str], subproce
     """``mergelab run`` of a 12-configuration study, returned once two evaluations are published."""
     study = write_study(tmp_path / "kill.yaml", KILL_STUDY)
     store = tmp_path / "store"
-    cmd = [sys.executable, "-m", "mergelab.cli", "run", str(study), "--store", str(store), "--runner", "thread=1"]
+    cmd = [sys.executable, "-m", "mergelab_app.cli", "run", str(study), "--store", str(store), "--runner", "thread=1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=_as_from_a_terminal)
     deadline = time.time() + 240
@@ -138,7 +138,7 @@ def test_concurrent_runs_of_overlapping_studies_share_one_store(tmp_path):
     first = {**KILL_STUDY, "name": "first", "methods": [{"method": "task_arithmetic", "spaces": ["full", "core"], "grid": {"alpha": [0.2, 0.4]}}]}
     second = {**KILL_STUDY, "name": "second", "methods": [{"method": "task_arithmetic", "spaces": ["full"], "grid": {"alpha": [0.2, 0.4, 0.6]}}]}
     store = tmp_path / "store"
-    cmds = [[sys.executable, "-m", "mergelab.cli", "run", str(write_study(tmp_path / f"{spec['name']}.yaml", spec)), "--store", str(store),
+    cmds = [[sys.executable, "-m", "mergelab_app.cli", "run", str(write_study(tmp_path / f"{spec['name']}.yaml", spec)), "--store", str(store),
              "--runner", "thread=1"] for spec in (first, second)]
     procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path / f"p{i}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, cmd in enumerate(cmds)]
@@ -155,17 +155,17 @@ def test_concurrent_runs_of_overlapping_studies_share_one_store(tmp_path):
 
 def test_cli_run_rejects_bad_study_in_one_line(tmp_path):
     bad = write_study(tmp_path / "bad.yaml", {**SMALL, "methods": [{"method": "tiez"}]})
-    done = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(bad)], cwd=REPO, env=_env(tmp_path),
+    done = subprocess.run([sys.executable, "-m", "mergelab_app.cli", "run", str(bad)], cwd=REPO, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "methods[0]" in done.stderr and "tiez" in done.stderr
-    runner = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(REPO / "studies/micro.yaml"), "--runner", "spark"],
+    runner = subprocess.run([sys.executable, "-m", "mergelab_app.cli", "run", str(REPO / "studies/micro.yaml"), "--runner", "spark"],
                             cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert runner.returncode == 2 and "unknown runner" in runner.stderr
     # input only the staged adapters show bad (LoRA-LEGO's k above their rank-one units): still one line, no traceback
     late = write_study(tmp_path / "late.yaml", {**SMALL, "adaptive": [], "analyses": [], "adaptation_studies": {},
                                                 "methods": [{"method": "lora_lego", "spaces": ["full"], "grid": {"k": [64]}}]})
-    done = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(late), "--store", str(tmp_path / "store"), "--runner", "thread=1"],
+    done = subprocess.run([sys.executable, "-m", "mergelab_app.cli", "run", str(late), "--store", str(tmp_path / "store"), "--runner", "thread=1"],
                           cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]

@@ -143,7 +143,7 @@ def test_analyze_runs_named_analyses_reusing_the_study_selection(first_run, tmp_
     from typer.testing import CliRunner
 
     import mergelab_flows.study
-    from mergelab.cli import app
+    from mergelab_app.cli import app
 
     study, store, run = first_run
     cli = CliRunner()
@@ -267,7 +267,7 @@ def test_serve_registers_the_cron_schedule(first_run):
     from prefect.client.orchestration import get_client
     from typer.testing import CliRunner
 
-    from mergelab.cli import app
+    from mergelab_app.cli import app
 
     study, store, _ = first_run
     done = CliRunner().invoke(app, ["serve", str(study), "--cron", "0 3 * * *", "--store", store, "--register-only"])
@@ -284,7 +284,7 @@ def test_serve_registers_the_cron_schedule(first_run):
 def test_report_executes_the_overview_notebook_against_the_study_store(first_run, tmp_path):
     from typer.testing import CliRunner
 
-    from mergelab.cli import app
+    from mergelab_app.cli import app
 
     _, store, _ = first_run
     out = tmp_path / "reports"

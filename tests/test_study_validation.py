@@ -138,7 +138,7 @@ def test_what_a_study_file_cannot_be(text, message, tmp_path):
 def test_mergelab_run_exits_2_on_a_bad_adaptive_setting_before_running_anything(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(_with(adaptive=[{"method": "adarank", "hp": {"origin": "bogus"}}])))
-    done = subprocess.run([sys.executable, "-m", "mergelab.cli", "run", str(path), "--store", str(tmp_path / "store")],
+    done = subprocess.run([sys.executable, "-m", "mergelab_app.cli", "run", str(path), "--store", str(tmp_path / "store")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "origin='bogus'" in done.stderr
     assert not (tmp_path / "store").exists()  # nothing was written

@@ -16,7 +16,7 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab_app.cli import app
 from mergelab.store import Store
 
 runner = CliRunner()

@@ -72,7 +72,7 @@ def read_text(path: str | os.PathLike[str], what: str) -> str:
 def safetensors_os_errors(path: str | os.PathLike[str]) -> Iterator[None]:
     """safetensors reports a failed write or read (a full disk, a vanished folder) as a ``SafetensorError``
     ending in ``(os error N)``; inside this block it becomes the ``OSError`` it is, naming ``path``, which
-    the CLI prints as one line (:func:`mergelab.cli.app.system_error`)."""
+    the CLI prints as one line (:func:`mergelab_app.cli.app.system_error`)."""
     from safetensors import SafetensorError
 
     try:

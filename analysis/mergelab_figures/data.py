@@ -18,7 +18,7 @@ __all__ = ["DEFAULT_STORE", "NOT_COMPUTED", "available", "labelled_runs", "load"
 #: The store the demo writes (``studies/micro.yaml``: ``data/store`` in the checkout), as an absolute
 #: path: a notebook opened in plain Jupyter starts its kernel in ``notebooks/``, where the relative
 #: ``data/store`` would name ``notebooks/data/store``. (This module lives in the checkout's ``analysis/``.)
-DEFAULT_STORE = str(Path(__file__).resolve().parents[1] / "data" / "store")
+DEFAULT_STORE = str(Path(__file__).resolve().parents[2] / "data" / "store")
 
 NOT_COMPUTED = "not computed in this study"
 

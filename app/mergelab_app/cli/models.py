@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import announce_store, invocation, key_values, milestone, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt, _Command, app, console, err_console
+from mergelab_app.cli.app import announce_store, invocation, key_values, milestone, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt, _Command, app, console, err_console
 from mergelab.errors import InputError
 
 if TYPE_CHECKING:

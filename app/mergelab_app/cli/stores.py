@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab.cli.app import announce_store, build_progress, StoreOpt, _Command, app, console, err_console, store_app
+from mergelab_app.cli.app import announce_store, build_progress, StoreOpt, _Command, app, console, err_console, store_app
 from mergelab.errors import InputError, check_writable, read_text
 from mergelab.strict import MAX_SEED
 

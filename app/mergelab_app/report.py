@@ -3,8 +3,8 @@
 A notebook takes its parameters from its code cell tagged ``parameters`` (papermill's
 convention): :func:`execute_notebook` rewrites the assignments of that cell with the values
 given, runs every cell with nbclient on the ``python3`` kernel, in ``cwd``, with this checkout's
-``lib/`` first on the kernel's ``PYTHONPATH`` (so the kernel imports the same ``mergelab_figures``
-and ``mergelab`` as the caller), and returns the executed notebook.
+``lib/`` and ``analysis/`` first on the kernel's ``PYTHONPATH`` (so the kernel imports the same
+``mergelab_figures`` and ``mergelab`` as the caller), and returns the executed notebook.
 
 Every figure is written as PNG and PDF. The kernel's inline backend renders each figure a cell
 displays in every format of :data:`FIGURE_FORMATS` (IPython's ``InlineBackend.figure_formats``,
@@ -69,7 +69,7 @@ from mergelab.errors import InputError
 __all__ = ["FIGURE_FORMATS", "FIGURE_MIMES", "REPO", "CellOutputs", "cell_outputs", "default_jobs", "execute_notebook", "export",
            "item_label", "item_statuses", "list_notebooks", "paper_items", "prepared_notebook", "read_notebook", "report", "write_index"]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KERNEL = "python3"
 PARAMETERS_TAG = "parameters"
 PAPER_TAG = "paper:"
@@ -91,10 +91,13 @@ def list_notebooks(root: str | Path | None = None) -> list[Path]:
 
 
 def _kernel_env() -> dict[str, str]:
-    """The caller's environment with this checkout's ``lib/`` first on ``PYTHONPATH`` (it holds
-    ``mergelab`` and, as links to ``flows/`` and ``analysis/``, ``mergelab_flows`` and ``mergelab_figures``)."""
+    """The caller's environment with the folders that hold the caller's ``mergelab`` and
+    ``mergelab_figures`` first on ``PYTHONPATH`` (``lib/`` and ``analysis/`` of a checkout), so the
+    kernel imports the same code as the caller."""
+    import mergelab_figures
+
     env = dict(os.environ)
-    first = [str(Path(mergelab.__file__).resolve().parents[1])]
+    first = list(dict.fromkeys(str(Path(m.__file__).resolve().parents[1]) for m in (mergelab, mergelab_figures)))
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in first]
     env["PYTHONPATH"] = os.pathsep.join(first + rest)
     env.pop("MPLBACKEND", None)  # the kernel's inline backend renders figures as image/png
