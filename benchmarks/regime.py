@@ -42,9 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
 from mergelab.config import load_study  # noqa: E402
+from mergelab.errors import InputError  # noqa: E402
 from mergelab.store import Store  # noqa: E402
 from mergelab.study import results_table  # noqa: E402
-from mergelab.study.results import interval_label, paired_gain_interval  # noqa: E402
+from mergelab.study.results import hyper_parameters, interval_label, paired_gain_interval  # noqa: E402
 
 #: Static methods whose per-space rows the regime shows (003's Full vs KnOTS vs Core comparison).
 PER_SPACE = ("ties", "tsv", "iso_c", "cart")
@@ -208,8 +209,9 @@ def ta_curve(ds, split: str = "test") -> dict[float, float]:
     score = ds["score"].sel(merge_method="task_arithmetic", space="full", metric=norm, task=tasks).mean(["task", "seed"])
     out = {}
     for config, value in zip(score.config.values, score.values, strict=True):
-        if not np.isnan(value) and str(config).startswith("alpha="):
-            out[float(str(config).removeprefix("alpha="))] = 100 * float(value)
+        configured = hyper_parameters(ds, str(config))
+        if not np.isnan(value) and set(configured) == {"alpha"}:
+            out[float(configured["alpha"])] = 100 * float(value)
     return dict(sorted(out.items()))
 
 
@@ -385,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-diagnostics", action="store_true", help="skip (a) and (d), which load the benchmark and evaluate")
     parser.add_argument("--readme", type=Path, default=None, help="also write the claims table into this file's regime block (docs/demo.md)")
     args = parser.parse_args(argv)
-    m = measure(args.study, args.store, args.split, diagnostics=not args.no_diagnostics)
+    try:
+        m = measure(args.study, args.store, args.split, diagnostics=not args.no_diagnostics)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(report(m))
     if args.json:
         Path(args.json).write_text(json.dumps(m, indent=1, default=float) + "\n")

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
 
+from mergelab.config import config_label
+from mergelab.errors import InputError
 from mergelab.study import grid_edges, results_table
 
 TASKS = ["a", "b"]
 METRICS = ["acc", "norm_acc", "val_acc", "val_norm_acc"]
 
 
-def _results(val: dict[tuple[str, str], float], delta: dict[str, float] | None = None) -> xr.Dataset:
-    """Results of the methods and configurations named in ``val`` (full space), val scores as given."""
+def _results(val: dict[tuple[str, str], float], delta: dict[str, float] | None = None,
+             configured: list[dict] | None = None) -> xr.Dataset:
+    """Results of the methods and configurations named in ``val`` (full space), val scores as given;
+    ``configured``: the configurations themselves, whose labels ``val`` names (the ``hyper_parameters``
+    coordinate, as a study writes it)."""
     delta = delta or {}
     methods, configs = list(dict.fromkeys(m for m, _ in val)), list(dict.fromkeys(c for _, c in val))
     shape = (len(methods), 1, len(configs), len(TASKS), len(METRICS), 1)
@@ -36,13 +43,17 @@ def _results(val: dict[tuple[str, str], float], delta: dict[str, float] | None =
     ds["reference_score"] = (("reference", "task", "metric"), reference)
     ds = ds.assign_coords(reference=["zeroshot", "finetuned"])
     ds.attrs["tasks"] = TASKS
+    if configured is not None:
+        by_label = {config_label(c): json.dumps(c, sort_keys=True) for c in configured}
+        ds = ds.assign_coords(hyper_parameters=("config", [by_label[c] for c in configs]))
     return ds
 
 
 def test_a_selection_on_the_edge_of_its_grid_is_flagged_and_an_interior_one_is_not():
     ds = _results({("ta", "alpha=0.1"): 0.9, ("ta", "alpha=0.3"): 0.8, ("ta", "alpha=0.5"): 0.7,
                    ("tta", "alpha=0.1"): 0.7, ("tta", "alpha=0.3"): 0.9, ("tta", "alpha=0.5"): 0.8,
-                   ("adamerging", "iters=5,lr=0.1"): 0.85}, {"adamerging": 0.02})
+                   ("adamerging", "iters=5,lr=0.1"): 0.85}, {"adamerging": 0.02},
+                  [{"alpha": 0.1}, {"alpha": 0.3}, {"alpha": 0.5}, {"iters": 5, "lr": 0.1}])
     assert grid_edges(ds) == {("ta", "full", "alpha=0.1"): ["alpha"]}
     table = results_table(ds).set_index("method")
     assert table.loc["ta", "config"] == "alpha=0.1 (edge)"
@@ -51,16 +62,26 @@ def test_a_selection_on_the_edge_of_its_grid_is_flagged_and_an_interior_one_is_n
     assert np.isnan(table.loc["ta", "|Δcoef|"])
 
 
-def test_a_list_valued_setting_in_a_config_label_does_not_break_the_edge_check():
-    from mergelab.study.results import _parse_label
+def test_the_edge_check_reads_the_configurations_themselves_not_their_labels():
+    """Values whose label would not parse back (a list, a string with ``,`` and ``=``) are read as
+    values: the numeric one is checked, the others have no ends; results without the coordinate
+    (written before version 8) flag nothing."""
+    from mergelab.study.results import hyper_parameters
 
-    assert _parse_label("clamp=[0, 1],iters=5,lr=0.1") == {"clamp": "[0", "iters": "5", "lr": "0.1"}
-    assert _parse_label("default") == {}
+    configured = [{"alpha": a, "clamp": [0, 1], "tag": "x=1,y=2"} for a in (0.1, 0.3)]
+    ds = _results({("ta", config_label(configured[0])): 0.9, ("ta", config_label(configured[1])): 0.8}, configured=configured)
+    assert hyper_parameters(ds, config_label(configured[0])) == configured[0]
+    assert grid_edges(ds) == {("ta", "full", config_label(configured[0])): ["alpha"]}
+    assert grid_edges(ds.drop_vars("hyper_parameters")) == {}
+    with pytest.raises(InputError, match="rerun the study"):
+        hyper_parameters(ds.drop_vars("hyper_parameters"), config_label(configured[0]))
 
 
 def test_a_selection_at_the_end_of_the_allowed_range_is_not_an_edge():
-    ds = _results({("ties", "alpha=1.0,density=0.5"): 0.7, ("ties", "alpha=1.0,density=1.0"): 0.9,
-                   ("ties", "alpha=1.5,density=1.0"): 0.8, ("ties", "alpha=0.5,density=1.0"): 0.6})
+    configured = [{"alpha": 1.0, "density": 0.5}, {"alpha": 1.0, "density": 1.0}, {"alpha": 1.5, "density": 1.0},
+                  {"alpha": 0.5, "density": 1.0}]
+    ds = _results({("ties", config_label(c)): v for c, v in zip(configured, (0.7, 0.9, 0.8, 0.6), strict=True)},
+                  configured=configured)
     assert grid_edges(ds) == {}  # density 1 is TIES' upper bound (no trim), α 1.0 is interior
 
 
@@ -71,7 +92,7 @@ def _printed(ds: xr.Dataset, tmp_path, monkeypatch, width: int) -> str:
 
     from rich.console import Console
 
-    from mergelab.cli import studies as cli
+    from mergelab_app.cli import studies as cli
     from mergelab.store import Store
 
     ds.attrs.update(note="hand-made numbers", selection="val")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mergelab.config import load_study
+from mergelab.study.results import hyper_parameters
 from mergelab.errors import InputError
 from mergelab.study import PHASES, Run, local_submit, run_graph
 
@@ -41,6 +42,10 @@ def test_a_phase_runs_with_the_phases_it_needs_and_nothing_else(context, one_thr
     nodes, done = run_graph(context, submit)  # the whole study reuses every node computed above
     assert kinds(nodes) == ["stage", "reference", "merge", "adapt", "evaluate", "results", "analysis"]
     assert [n.node for n in nodes if not n.hit] == ["results", "analysis"]
+    ds = context.store.get_dataset(done.key)  # each configuration as a value beside its label
+    assert hyper_parameters(ds, "alpha=0.3") == {"alpha": 0.3}
+    (adapted,) = [str(c) for c in ds.config.values if c != "alpha=0.3"]
+    assert hyper_parameters(ds, adapted) == {"iters": 1, "lr": context.spec.adaptive[0].lr} and adapted.startswith("iters=1,lr=")
     assert list(PHASES) == ["stage", "reference", "merge", "adapt", "evaluate", "results", "analysis", "adaptation_study"]
 
 

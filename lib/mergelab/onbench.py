@@ -49,7 +49,7 @@ from mergelab.merging import METHODS, merge
 from mergelab.merging.registry import check_feasible
 from mergelab.selection import SELECTION_RULES
 from mergelab.study import AdaptJob, Run, NodeResult, adapt_jobs, local_submit, merge_jobs, run_graph
-from mergelab.study.results import grid_edges
+from mergelab.study.results import grid_edges, hyper_parameters
 from mergelab.taskset import MergedUpdate, TaskSet
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ def _chosen(ctx: Run, key: str, jobs: Sequence[Any], rule: str, seed: int, name:
     if not bool(selected.any()):
         raise InputError(f"no configuration of {jobs[0].method} had a finite {metric}; check the benchmark's val split")
     label = str(selected.config.values[int(np.argmax(selected.values))])
-    config = next(j.config for j in jobs if config_label(j.config) == label)
+    config = hyper_parameters(ds, label)
     criterion = ds["score"].sel(at).sel(task=list(ds.attrs["tasks"]), metric=metric).mean("task")
     chosen = ds["score"].sel(at).sel(config=label)
     scores = {task: {m: float(chosen.sel(task=task, metric=m)) for m in SCORE_METRICS

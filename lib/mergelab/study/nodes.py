@@ -142,7 +142,8 @@ def _adapt(ctx: Run, key: Key, job: AdaptJob, progress: Callable[[int, float], N
                                 optimizer=a.optimizer, preference=a.preference, alpha=a.alpha, iters=a.iters, lr=a.lr,
                                 bases=bank_bases, progress=progress, **hp))
     result = run.value
-    attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")), "config": _adapt_config(a, started),
+    attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")),
+             "config": config_label(adapt_hyper_parameters(a, started)),
              "seed": job.seed, **_cost(run, used), "seconds_per_iter": result.seconds_per_iter,
              "mean_abs_delta_coef": result.history.attrs["mean_abs_delta_coef"], "start": dict(started),
              "reproducibility": reproducibility(device=resolve_device(ctx.spec.device), dtype=ctx.spec.dtype,
@@ -158,12 +159,14 @@ ADAPT = Node("adapt", "6", "tensors", _adapt_key, _adapt, lambda ctx, job: job.l
              lambda ctx, key, job: {f"studies/{ctx.spec.name}/adapt/{job.spec.name}": _history_key(ctx, key)})
 
 
-def _adapt_config(a: AdaptiveSpec, started: Mapping[str, Any]) -> str:
+def adapt_hyper_parameters(a: AdaptiveSpec, started: Mapping[str, Any]) -> dict[str, Any]:
+    """An adaptive run's configuration as the results record it: its schedule (iterations, learning
+    rate, α where the scalarisation is anchored), its method's settings and the starting values
+    chosen before it ran (``started``)."""
     from mergelab.adaptation.objectives import SCALARIZATIONS
 
     anchored = a.scalarization is not None and SCALARIZATIONS[a.scalarization].anchored
-    return config_label({"iters": a.iters, "lr": a.lr, **({"alpha": a.alpha} if anchored else {}), **a.hp,
-                         **started})
+    return {"iters": a.iters, "lr": a.lr, **({"alpha": a.alpha} if anchored else {}), **a.hp, **started}
 
 
 def _start(ctx: Run, a: AdaptiveSpec, bases: Any,

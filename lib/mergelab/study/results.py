@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,20 +29,34 @@ class Row:
 
     method: str
     space: str
-    config: str
+    config: str  # the configuration's label (display, and the ``config`` coordinate's value)
     seed: int
     produced: str
     evaluated: str
+    hyper_parameters: dict[str, Any]  # the configuration itself
 
 
 def merge_row(job: MergeJob, produced: NodeResult, evaluated: NodeResult, seed: int) -> Row:
     return Row(job.method, job.space, config_label(job.config), job.seed if job.seed is not None else seed,
-               produced.key, evaluated.key)
+               produced.key, evaluated.key, dict(job.config))
 
 
 def adapt_row(ctx: Run, job: AdaptJob, produced: NodeResult, evaluated: NodeResult) -> Row:
+    from mergelab.study.nodes import adapt_hyper_parameters
+
     attrs = ctx.store.info(produced.key).attrs
-    return Row(job.spec.name, attrs["space"], attrs["config"], job.seed, produced.key, evaluated.key)
+    hyper_parameters = adapt_hyper_parameters(job.spec, attrs.get("start", {}))
+    return Row(job.spec.name, attrs["space"], config_label(hyper_parameters), job.seed, produced.key, evaluated.key,
+               hyper_parameters)
+
+
+def hyper_parameters(ds: xr.Dataset, config: str) -> dict[str, Any]:
+    """The hyper-parameters of configuration ``config`` of a results Dataset (its ``hyper_parameters``
+    coordinate: one JSON object per configuration; the ``config`` label is for display only)."""
+    if "hyper_parameters" not in ds.coords:
+        raise InputError(f"the results of study {ds.attrs.get('study', '?')!r} were written before they recorded each "
+                         "configuration's hyper-parameters; rerun the study (mergelab run) to refresh them")
+    return json.loads(str(ds["hyper_parameters"].sel(config=config).values))
 
 
 def selected_merges(ctx: Run, results: NodeResult, jobs: Sequence[MergeJob],
@@ -65,8 +80,8 @@ def _results(ctx: Run, key: Key, rows: Sequence[Row], references: Sequence[NodeR
 
 # results 2: mean_abs_delta_coef; 3: zero-shot joint Hits@k; 4: dimension merge_method (``method`` is a keyword of
 # DataArray.sel); 5: the fine-tuned experts' joint Hits@k; 7: gain_ci, paired bootstrap intervals, and the selected
-# merges' per-image outcomes they come from.
-RESULTS = Node("results", "7", "dataset", _results_key, _results, lambda ctx, rows, references: ctx.spec.name,
+# merges' per-image outcomes they come from; 8: the hyper_parameters coordinate (each configuration as a value).
+RESULTS = Node("results", "8", "dataset", _results_key, _results, lambda ctx, rows, references: ctx.spec.name,
                lambda ctx, key, rows, references: {f"studies/{ctx.spec.name}/results": key})
 
 
@@ -176,6 +191,8 @@ def _assemble(ctx: Run, rows: Sequence[Row], references: Sequence[NodeResult]) -
             per_merge[v][at] = attrs.get(v, np.nan)
     coords = {d: np.array(v, dtype=object) if d != "seed" else np.array(v) for d, v in dims.items()}
     coords |= {"task": np.array(tasks, dtype=object), "metric": np.array(metrics, dtype=object)}
+    configs = {r.config: json.dumps(r.hyper_parameters, sort_keys=True, default=str) for r in reversed(rows)}
+    coords["hyper_parameters"] = ("config", np.array([configs[c] for c in dims["config"]], dtype=object))
     ds = xr.Dataset({"score": (("merge_method", "space", "config", "task", "metric", "seed"), score),
                      **{v: (tuple(dims), a) for v, a in per_merge.items()}}, coords=coords)
     reference = xr.concat([zeroshot.reindex(task=tasks), finetuned.reindex(task=tasks)],
@@ -250,17 +267,9 @@ def interval_label(low: float, high: float) -> str:
     return f"[{100 * low:+.1f},{100 * high:+.1f}]" + ("*" if low > 0 or high < 0 else "")
 
 
-def _parse_label(label: str) -> dict[str, str]:
-    """``config_label``'s ``k=v,k=v`` back into its pairs (a part without ``=`` belongs to a list
-    value such as ``clamp=[0, 1]`` and is dropped: lists are never numeric grid values)."""
-    return dict(part.split("=", 1) for part in label.split(",") if "=" in part)
-
-
-def _number(value: str) -> float | None:
-    try:
-        return float(value)
-    except ValueError:
-        return None
+def _number(value: Any) -> float | None:
+    """``value`` as a grid's numeric value (``None``: a string, list or flag, which has no ends)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _at_bound(method: str, name: str, value: float) -> bool:
@@ -287,18 +296,21 @@ def grid_edges(ds: xr.Dataset) -> dict[tuple[str, str, str], list[str]]:
     """``{(method, space, config): [hyper-parameters]}`` of selected configurations whose value of a
     swept numeric hyper-parameter is the smallest or largest of the grid that was swept (the
     optimum may lie outside it: widen that grid), unless it is an end of the allowed range (TIES'
-    density 1). Adaptive runs (one configuration) never are."""
+    density 1). Adaptive runs (one configuration) never are; nor is anything in results written before
+    they recorded each configuration's hyper-parameters (version 8)."""
     out: dict[tuple[str, str, str], list[str]] = {}
+    if "hyper_parameters" not in ds.coords:
+        return out
     for method in ds.merge_method.values:
         for space in ds.space.values:
             present = ds["merge_seconds"].sel(merge_method=method, space=space).notnull().any("seed")
             configs = [str(c) for c in ds.config.values if bool(present.sel(config=c))]
             chosen = ds["selected"].sel(merge_method=method, space=space).any("seed")
-            parsed = {c: _parse_label(c) for c in configs}
+            configured = {c: hyper_parameters(ds, c) for c in configs}
             for config in (c for c in configs if bool(chosen.sel(config=c))):
                 flagged = []
-                for name, value in parsed[config].items():
-                    values = {_number(p[name]) for p in parsed.values() if name in p} - {None}
+                for name, value in configured[config].items():
+                    values = {_number(p[name]) for p in configured.values() if name in p} - {None}
                     x = _number(value)
                     if len(values) > 1 and x in (min(values), max(values)) and not _at_bound(str(method), name, x):
                         flagged.append(name)
