@@ -38,7 +38,7 @@ from functools import partial
 
 import torch
 
-from mergelab.adaptation import adapt, build
+from mergelab.adaptation import Schedule, adapt, build
 from mergelab.adaptation.loop import Forward
 from mergelab.adaptation.models import CoefficientModel
 from mergelab.adaptation.objectives import entropy
@@ -98,7 +98,7 @@ def adapt_sample(method: str, hp: Mapping, taskset: TaskSet, forward: Forward, s
             marks.append(now())
 
     release_memory()
-    run = measure(lambda: adapt(method, taskset, forward, streams(), iters=warmup + iters, progress=progress, **hp))
+    run = measure(lambda: adapt(method, taskset, forward, streams(), Schedule(iters=warmup + iters), progress=progress, **hp))
     return Sample((marks[1] - marks[0]) / iters, run.peak_bytes, max(u.rank for u in run.value.merged.modules.values()))
 
 

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mergelab.adaptation import adapt
+from mergelab.adaptation import Schedule, adapt
 from mergelab.adaptation.loop import Forward
 from mergelab.evaluation.heads import image_logits
 from mergelab.evaluation.metrics import image_features
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
           f"on {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}), {args.dtype}, "
           f"torch {torch.__version__}")
     for method, hp in METHODS.items():
-        adapt(method, taskset, forward, streams(tasks, args.batch, size, 0), iters=1, **hp)  # warm-up: kernels, banks
-        result = adapt(method, taskset, forward, streams(tasks, args.batch, size, 1), iters=iters, **hp)
+        adapt(method, taskset, forward, streams(tasks, args.batch, size, 0), Schedule(iters=1), **hp)  # warm-up: kernels, banks
+        result = adapt(method, taskset, forward, streams(tasks, args.batch, size, 1), Schedule(iters=iters), **hp)
         minutes = result.seconds_per_iter * args.paper_iters / 60
         paper = f"; 001: {PAPER_MINUTES[method]} min" if method in PAPER_MINUTES else ""
         print(f"  {method:12s} {1000 * result.seconds_per_iter:9.1f} ms / iteration  -> {minutes:6.2f} min for {args.paper_iters}{paper}")

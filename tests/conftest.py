@@ -139,6 +139,7 @@ def adaptation_studies(micro):
     """
     from mergelab.bench import MicroSpec, load_bench
     from mergelab.bench import BenchSession
+    from mergelab.adaptation import Schedule
     from mergelab.experiments.adaptation_studies import AdaptationSetting, adarank_ablation
     from mergelab.experiments.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
 
@@ -146,7 +147,7 @@ def adaptation_studies(micro):
     torch.set_num_threads(1)
     try:
         session = BenchSession(load_bench(MicroSpec(root=micro.root, rank=4), ADAPT_TASKS))
-        setting = AdaptationSetting(session, iters=2, batch_size=4)
+        setting = AdaptationSetting(session, schedule=Schedule(iters=2, batch_size=4))
         label = "micro benchmark (rank-4 adapters, test schedule)"
         studies = {
             "preferences/pareto": pareto_sweep(setting, pair=ADAPT_TASKS[:2], n_preferences=3, dataset=label),
@@ -154,7 +155,7 @@ def adaptation_studies(micro):
             "preferences/stch_alpha": stch_alpha_ablation(setting, alphas=(0.5, 2.0), splits=("test",), dataset=label),
             "ablations/adarank": adarank_ablation(setting, splits=("test",), dataset=label),
         }
-        fast = AdaptationSetting(session, iters=4, batch_size=4, lr=0.05)
+        fast = AdaptationSetting(session, schedule=Schedule(iters=4, batch_size=4, lr=0.05))
         runs = {"adapt/adarank": fast.adapt("adarank"),  # the TA origin: every singular component
                 "adapt/adarank_cart": fast.adapt("adarank", origin="cart", rank_ratio=0.05),  # k = 4 of the 12 centred components
                 "adapt/adamerging_tas": fast.adapt("adamerging_tas")}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from mergelab.adaptation import ADAPTERS, Forward, adapt, build
+from mergelab.adaptation import ADAPTERS, Forward, Schedule, adapt, build
 from mergelab.adaptation.loop import objective_losses
 from mergelab.adaptation.models import straight_through_mask
 from mergelab.adaptation.objectives import SCALARIZATIONS, smooth_tchebycheff, validate_preference, weighted_sum
@@ -132,7 +132,7 @@ def test_stch_sign_is_a_setting(name, below_anchor_moves):
 
 def test_signed_stch_adaptation_measures_anchors(setting):
     _, taskset, forward, images, _ = setting
-    result = adapt("tara_a", taskset, forward, _streams(images), iters=2, scalarization="stch_signed")
+    result = adapt("tara_a", taskset, forward, _streams(images), Schedule(iters=2, scalarization="stch_signed"))
     assert result.history.attrs["scalarization"] == "stch_signed" and len(result.history.attrs["anchors"]) == 3
 
 
@@ -143,7 +143,7 @@ def test_adarank_learns_lambda_per_module_and_task_or_per_layer_as_printed(setti
     from mergelab.naming import module_layer
 
     _, taskset, forward, images, _ = setting
-    result = adapt("adarank", taskset, forward, _streams(images), iters=3, lr=0.05, lambda_granularity=granularity)
+    result = adapt("adarank", taskset, forward, _streams(images), Schedule(iters=3, lr=0.05), lambda_granularity=granularity)
     lam = result.history["lambda"].isel(record=-1).values  # (module, task)
     layers = np.array([module_layer(m) for m in taskset.module_names])
     shared = all(np.ptp(lam[layers == layer]) == 0 for layer in set(layers))
@@ -165,8 +165,8 @@ def test_one_step_lowers_the_objective_on_a_fixed_batch(setting, method):
         token_vit = copy.deepcopy(vit)
         token_vit.output_tokens = True  # open_clip returns (pooled, patch tokens)
         forward = Forward(forward.base, forward.logits, tokens=lambda x, params: functional_call(token_vit, params, (x,))[1])
-    kwargs = {"lr": 0.01} if method != "adarank" else {"lr": 0.01, "origin": "ta"}
-    result = adapt(method, taskset, forward, _streams(images), iters=1, scalarization="sum", **kwargs)
+    kwargs = {} if method != "adarank" else {"origin": "ta"}
+    result = adapt(method, taskset, forward, _streams(images), Schedule(iters=1, lr=0.01, scalarization="sum"), **kwargs)
     model = build(method, taskset, **({"origin": "ta"} if method == "adarank" else {}))
     before = objective_losses(spec.objective, forward, model.weights(forward.base), images,
                               _alignment(spec, taskset, forward)).sum()
@@ -186,7 +186,7 @@ def _alignment(spec, taskset, forward):
 
 def test_stch_adaptation_records_measured_anchors_and_trajectories(setting):
     _, taskset, forward, images, _ = setting
-    result = adapt("tara_a", taskset, forward, _streams(images), iters=4, record_every=2, preference=[0.2, 0.3, 0.5])
+    result = adapt("tara_a", taskset, forward, _streams(images), Schedule(iters=4, preference=(0.2, 0.3, 0.5)), record_every=2)
     anchors = result.history.attrs["anchors"]
     expected = [float(objective_losses("entropy", forward, _task_only(taskset, forward, t), images)[t]) for t in range(3)]
     assert anchors == pytest.approx(expected, rel=1e-5)
@@ -220,7 +220,7 @@ def test_every_adaptive_method_steps_on_the_same_batches_in_the_same_order(setti
     sequences = {}
     for method in ("adamerging", "tara_a"):
         seen: list = []
-        adapt(method, taskset, _recording_forward(forward, seen), [iter(p) for p in pools], iters=3)
+        adapt(method, taskset, _recording_forward(forward, seen), [iter(p) for p in pools], Schedule(iters=3))
         sequences[method] = seen
     assert sequences["adamerging"] == sequences["tara_a"]
     assert [v for t, v in sequences["adamerging"] if t == 0] == [float(pools[0][i, 0, 0, 0, 0]) for i in range(3)]
@@ -236,8 +236,8 @@ def test_peek_puts_the_items_back():
 
 def test_history_reports_how_far_the_coefficients_moved(setting):
     _, taskset, forward, images, _ = setting
-    still = adapt("adamerging", taskset, forward, _streams(images), iters=2, lr=0.0)
-    moved = adapt("adamerging", taskset, forward, _streams(images), iters=2, lr=0.1, granularity="task")
+    still = adapt("adamerging", taskset, forward, _streams(images), Schedule(iters=2, lr=0.0))
+    moved = adapt("adamerging", taskset, forward, _streams(images), Schedule(iters=2, lr=0.1), granularity="task")
     assert still.history.attrs["mean_abs_delta_coef"] == 0.0
     first = {k: moved.history[k].isel(record=0).values for k in moved.history.data_vars if k.startswith("coef_")}
     last = {k: moved.history[k].isel(record=-1).values for k in first}
@@ -296,9 +296,9 @@ def test_each_adaptive_method_uses_its_papers_optimiser(setting):
     _, taskset, forward, images, _ = setting
     assert {name: a.optimizer for name, a in ADAPTERS.items()} == {
         "adamerging": "adam", "tara_a": "adamw", "tara_b": "adamw", "adarank": "adam", "adamerging_tas": "adam"}
-    result = adapt("tara_a", taskset, forward, _streams(images), iters=1, anchor_batches=1)
+    result = adapt("tara_a", taskset, forward, _streams(images), Schedule(iters=1), anchor_batches=1)
     assert result.history.attrs["optimizer"] == "adamw"
-    result = adapt("tara_a", taskset, forward, _streams(images), iters=1, anchor_batches=1, optimizer="adam")
+    result = adapt("tara_a", taskset, forward, _streams(images), Schedule(iters=1, optimizer="adam"), anchor_batches=1)
     assert result.history.attrs["optimizer"] == "adam"
 
 
@@ -333,3 +333,29 @@ def test_adarank_cart_starts_from_the_lambda_and_rank_ratio_chosen_on_val(monkey
                                                 start_grid={"lam": [0.5, 2.0]}), None)
     assert chosen == {"lam": 0.5} and hp["rank_ratio"] == 0.16
     assert study._start(ctx, AdaptiveSpec(method="adarank"), None) == ({}, {})  # the TA origin starts at adaptive_init
+
+
+def test_a_schedule_is_one_value_from_the_study_to_the_loop():
+    """The study's adaptive entry gives its schedule whole; the method's paper settings fill what it leaves
+    open; a misspelt setting is one line."""
+    from mergelab.config import AdaptiveSpec
+
+    spec = AdaptiveSpec(method="tara_b", iters=7, lr=0.02, batch_size=3, alpha=0.5, preference=[0.25, 0.75], scalarization="stch")
+    schedule = spec.schedule
+    assert schedule == Schedule(iters=7, lr=0.02, batch_size=3, scalarization="stch", alpha=0.5, preference=(0.25, 0.75))
+    resolved = schedule.for_method(ADAPTERS["tara_b"])
+    assert (resolved.objective, resolved.scalarization, resolved.optimizer) == ("entropy", "stch", ADAPTERS["tara_b"].optimizer)
+    assert Schedule(optimizer="adam").for_method(ADAPTERS["tara_a"]).optimizer == "adam"  # a setting given is kept
+    with pytest.raises(InputError, match="unknown optimizer 'sgd'; choose one of adam, adamw"):
+        Schedule(optimizer="sgd")
+    with pytest.raises(InputError, match="iters >= 0 and batch_size >= 1"):
+        Schedule(batch_size=0)
+
+
+def test_the_loop_runs_what_the_schedule_says(setting):
+    _, taskset, forward, images, _ = setting
+    result = adapt("tara_a", taskset, forward, _streams(images), Schedule(iters=3, lr=0.02, optimizer="adam", alpha=0.7,
+                                                                           scalarization="stch", preference=(0.2, 0.3, 0.5)))
+    attrs = result.history.attrs
+    assert (attrs["iters"], attrs["lr"], attrs["optimizer"], attrs["alpha"], attrs["scalarization"]) == (3, 0.02, "adam", 0.7, "stch")
+    assert attrs["preference"] == pytest.approx([0.2, 0.3, 0.5]) and result.history.sizes["iteration"] == 3

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from mergelab.adaptation import ADAPTERS, adapt, build
+from mergelab.adaptation import ADAPTERS, Schedule, adapt, build
 from mergelab.bench import MicroSpec, load_bench
 from mergelab.errors import InputError
 from mergelab.bench import BenchSession
@@ -76,8 +76,8 @@ def test_tied_tara_b_bank_forms_the_same_update_and_gradient_as_its_directions(p
 @pytest.mark.parametrize(("method", "hp"), VARIANTS[:2])
 def test_core_and_full_adaptation_follow_the_same_trajectory(pair, method, hp):
     taskset, session, forward = pair
-    results = {space: adapt(method, taskset, forward, session.val_streams(PAIR, batch_size=8, seed=1), iters=3,
-                            lr=0.01, record_every=1, space=space, **hp) for space in ("full", "core")}
+    results = {space: adapt(method, taskset, forward, session.val_streams(PAIR, batch_size=8, seed=1),
+                            Schedule(iters=3, lr=0.01), record_every=1, space=space, **hp) for space in ("full", "core")}
     for space, result in results.items():
         assert result.merged.meta["space"] == space
         assert result.history.attrs["space"] == space
@@ -125,6 +125,6 @@ def test_no_adaptation_path_reads_the_test_split(micro, method):
         session.bench.tasks[PAIR[0]].tensors("test")  # the guard is live
     taskset, forward = session.taskset, session.forward()
     for space in ADAPTERS[method].spaces:
-        result = adapt(method, taskset, forward, session.val_streams(PAIR, batch_size=4, seed=0), iters=2, anchor_batches=1,
-                       scalarization="stch", space=space)
+        result = adapt(method, taskset, forward, session.val_streams(PAIR, batch_size=4, seed=0),
+                       Schedule(iters=2, scalarization="stch"), anchor_batches=1, space=space)
         assert result.history.sizes["iteration"] == 2

@@ -13,7 +13,7 @@ import itertools
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, StrictBool, ValidationError, ValidationInfo, field_validator, model_validator
@@ -23,6 +23,9 @@ from mergelab.bench.kinds import DEFAULT_KIND
 from mergelab.errors import InputError, read_text
 from mergelab.params import first_repeated
 from mergelab.strict import Float, Int, Seed, Strict, safe_name
+
+if TYPE_CHECKING:
+    from mergelab.adaptation.loop import Schedule
 
 __all__ = ["DEFAULT_STUDY", "AdaptiveSpec", "MethodSpec", "StudySpec", "config_label", "find_study", "load_study"]
 
@@ -172,6 +175,15 @@ class AdaptiveSpec(Strict):
     def name(self) -> str:
         """The label of this run in the results (``method`` unless ``label`` is given)."""
         return self.label or self.method
+
+    @property
+    def schedule(self) -> Schedule:
+        """How the run steps, as one value (:class:`~mergelab.adaptation.loop.Schedule`)."""
+        from mergelab.adaptation.loop import Schedule
+
+        return Schedule(iters=self.iters, lr=self.lr, batch_size=self.batch_size, objective=self.objective,
+                        scalarization=self.scalarization, optimizer=self.optimizer, alpha=self.alpha,
+                        preference=None if self.preference is None else tuple(self.preference))
 
 
 class StudySpec(Strict):

@@ -264,14 +264,14 @@ def _tiny_model(taskset: TaskSet, seed: int = 0):
 
 def checks_for_adaptive(name: str) -> Iterator[Check]:
     """The checks of adaptive method ``name``: three Adam steps on :func:`_tiny_model` per declared space."""
-    from mergelab.adaptation import ADAPTERS, adapt, build
+    from mergelab.adaptation import ADAPTERS, Schedule, adapt, build
 
     adapter = ADAPTERS[name]
 
     def run(taskset: TaskSet, space: str = "full"):
         forward, batches = _tiny_model(taskset)
         hp = {} if space == "full" else {"space": space}
-        return adapt(name, taskset, forward, [iter(b) for b in batches], iters=3, lr=0.05, record_every=1, **hp), forward
+        return adapt(name, taskset, forward, [iter(b) for b in batches], Schedule(iters=3, lr=0.05), record_every=1, **hp), forward
 
     def shapes() -> None:
         taskset = _taskset(2, dtype=torch.float32)

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 
 from mergelab.adaptation.bank import Bank, BankBasis, core_bank, mean_bank, raw_bank, shared_svd_bank, task_svd_bank
-from mergelab.adaptation.loop import AdaptResult, Forward, anchors, peek, run, task_weights
+from mergelab.adaptation.loop import AdaptResult, Forward, Schedule, anchors, peek, run, task_weights
 from mergelab.adaptation.models import CoefficientModel, DirectionCoefficients, MaskedCoefficients, TaskCoefficients
 from mergelab.adaptation.objectives import SCALARIZATIONS
 from mergelab.checkpoints import peft_template
@@ -47,8 +47,8 @@ from mergelab.params import Interval, Param, params_of_function
 from mergelab.registry import Registry
 from mergelab.taskset import TaskSet, Update
 
-__all__ = ["ADAPTERS", "COEFFICIENT", "LAMBDA_CART", "RANK_RATIO_CART", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward", "adapt", "adarank_masks",
-           "build"]
+__all__ = ["ADAPTERS", "COEFFICIENT", "LAMBDA_CART", "RANK_RATIO_CART", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward", "Schedule",
+           "adapt", "adarank_masks", "build"]
 
 
 #: Spaces an SVD-based bank can be taken in (see :mod:`mergelab.adaptation.bank`).
@@ -320,14 +320,8 @@ def adapt(
     taskset: TaskSet,
     forward: Forward,
     batches: Sequence[Iterator],
+    schedule: Schedule = Schedule(),
     *,
-    objective: str | None = None,
-    scalarization: str | None = None,
-    preference: Sequence[float] | None = None,
-    alpha: float = 1.0,
-    iters: int = 250,
-    lr: float = 1e-3,
-    optimizer: str | None = None,
     anchor_batches: int = 2,
     record_every: int = 10,
     device: str = "cpu",
@@ -336,30 +330,27 @@ def adapt(
     bases: Mapping[str, BankBasis] | None = None,
     **hp: Any,
 ) -> AdaptResult:
-    """Adapt ``method``'s coefficients on unlabeled batches (one iterator per task, in task order).
+    """Adapt ``method``'s coefficients on unlabeled batches (one iterator per task, in task order) as
+    ``schedule`` says (:class:`~mergelab.adaptation.loop.Schedule`: its ``None`` settings take the
+    method's paper ones, its :class:`Adapter`); ``hp``: the method's settings.
 
     STCH anchors ``z_t`` are measured with only task t's update applied (001 Sec. 3) on the first
     ``anchor_batches`` batches of each stream, which the loop then still sees (:func:`~mergelab.adaptation.loop.peek`:
     every method of a study steps on the same batches whatever it measures first); the TAS
     teachers are the fine-tuned models ``W_0 + ΔW_t``. ``bases``: the bank's decompositions,
-    computed earlier (see :func:`build`); the result is the same, bit for bit. ``objective``,
-    ``scalarization``, ``optimizer``: ``None`` takes the method's paper setting (its :class:`Adapter`).
+    computed earlier (see :func:`build`); the result is the same, bit for bit.
     """
     model = build(method, taskset, bases=bases, **hp)
-    spec = ADAPTERS[method]
-    objective = objective or spec.objective
-    scalarization = scalarization or spec.scalarization
-    optimizer = optimizer or spec.optimizer
+    schedule = schedule.for_method(ADAPTERS[method])
     if len(batches) != len(taskset):
         raise InputError(f"{len(batches)} batch streams for {len(taskset)} tasks; give one per task in task order")
-    teachers = [task_weights(taskset, forward.base, t) for t in range(len(taskset))] if objective == "tas" else None
+    teachers = [task_weights(taskset, forward.base, t) for t in range(len(taskset))] if schedule.objective == "tas" else None
     z = None
-    if scalarization in SCALARIZATIONS and SCALARIZATIONS[scalarization].anchored:
+    if SCALARIZATIONS[schedule.scalarization].anchored:
         first, batches = peek(batches, anchor_batches)
-        z = anchors(objective, forward, taskset, first, teachers)
-    result = run(model, forward, batches, objective=objective, scalarization=scalarization, preference=preference,
-                 alpha=alpha, anchor_values=z, teachers=teachers, iters=iters, lr=lr, optimizer=optimizer,
-                 record_every=record_every, device=device, bf16=bf16, progress=progress,
+        z = anchors(schedule.objective, forward, taskset, first, teachers)
+    result = run(model, forward, batches, schedule, anchor_values=z, teachers=teachers, record_every=record_every, device=device,
+                 bf16=bf16, progress=progress,
                  meta={"method": method, "space": model.space, "hyper_parameters": dict(hp), "tasks": list(taskset.names),
                        "adaptive": True, "peft": peft_template(taskset)})
     result.history.attrs.update({"method": method, "space": model.space, "hyper_parameters": dict(hp)})

@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,7 +25,11 @@ from mergelab.errors import InputError
 from mergelab.naming import module_coords
 from mergelab.taskset import MergedUpdate, TaskSet, add_updates
 
-__all__ = ["OBJECTIVES", "AdaptResult", "Forward", "anchors", "mean_abs_change", "objective_losses", "peek", "run", "task_weights"]
+if TYPE_CHECKING:
+    from mergelab.adaptation import Adapter
+
+__all__ = ["OBJECTIVES", "OPTIMIZERS", "AdaptResult", "Forward", "Schedule", "anchors", "mean_abs_change", "objective_losses", "peek", "run",
+           "task_weights"]
 
 Params = Mapping[str, Tensor]
 
@@ -83,6 +88,46 @@ def _alignment_loss(forward: Forward, t: int, images: Tensor, labels: Tensor | N
 
 #: Per-task objective ``f_t`` by name: entropy (label-free), tas (004 App. H), labels (opt-in).
 OBJECTIVES = {"entropy": _entropy_loss, "tas": _alignment_loss, "labels": _labelled_loss}
+#: The optimisers a schedule names (Adam: AdaMerging, AdaRank; AdamW: TARA).
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How an adaptive run steps, one value from the study file to the loop.
+
+    ``iters`` optimiser steps at learning rate ``lr``, each on ``batch_size`` unlabeled validation
+    images per task (whoever draws the batches reads it); ``objective`` (``f_t``: entropy, TAS
+    alignment, or labels where a study allows them), ``scalarization`` of ``f`` under the preference
+    ``ρ`` (``preference``; ``None``: uniform) with STCH smoothing ``alpha`` (001 Eq. 10), and the
+    ``optimizer``. ``None`` for objective, scalarization or optimizer takes the method's paper
+    setting (:meth:`for_method`). Defaults follow the papers: Adam, lr 1e-3, 16 images per task
+    (AdaMerging; 002 App. A; 004 App. H.2), 250 steps (001 Tab. 1).
+    """
+
+    iters: int = 250
+    lr: float = 1e-3
+    batch_size: int = 16
+    objective: str | None = None
+    scalarization: str | None = None
+    optimizer: str | None = None
+    alpha: float = 1.0
+    preference: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.preference is not None:
+            object.__setattr__(self, "preference", tuple(float(w) for w in self.preference))
+        for value, known, what in ((self.objective, OBJECTIVES, "objective"), (self.scalarization, SCALARIZATIONS, "scalarization"),
+                                   (self.optimizer, OPTIMIZERS, "optimizer")):
+            if value is not None and value not in known:
+                raise InputError(f"unknown {what} {value!r}; choose one of {', '.join(known)}")
+        if self.iters < 0 or self.batch_size < 1:
+            raise InputError(f"a schedule needs iters >= 0 and batch_size >= 1, got {self.iters} and {self.batch_size}")
+
+    def for_method(self, adapter: Adapter) -> Schedule:
+        """This schedule with ``adapter``'s paper settings wherever it leaves one ``None``."""
+        return replace(self, objective=self.objective or adapter.objective,
+                       scalarization=self.scalarization or adapter.scalarization, optimizer=self.optimizer or adapter.optimizer)
 
 
 def objective_losses(objective: str, forward: Forward, params: Params, batch: Sequence, alignment: _Alignment | None = None) -> Tensor:
@@ -134,23 +179,18 @@ def run(
     model: CoefficientModel,
     forward: Forward,
     batches: Sequence[Iterator],
+    schedule: Schedule,
     *,
-    objective: str = "entropy",
-    scalarization: str = "sum",
-    preference: Sequence[float] | Tensor | None = None,
-    alpha: float = 1.0,
     anchor_values: Tensor | None = None,
     teachers: list[dict[str, Tensor]] | None = None,
-    iters: int = 250,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
     record_every: int = 10,
     device: str | torch.device = "cpu",
     bf16: bool = False,
     progress: Callable[[int, float], None] | None = None,
     meta: Mapping | None = None,
 ) -> AdaptResult:
-    """Optimise ``model``'s coefficients; return the merged update and the training history.
+    """Optimise ``model``'s coefficients as ``schedule`` says (its objective, scalarisation and
+    optimiser given: :meth:`Schedule.for_method`); return the merged update and the training history.
 
     ``history`` holds ``loss(iteration, task)``, ``objective(iteration)``, every learned tensor at
     the recorded iterations (``coef_<name>(record, …)``) and the model's per ``(record, module, task)``
@@ -160,22 +200,20 @@ def run(
     last; :meth:`~mergelab.adaptation.models.CoefficientModel.components`), and in its attrs
     ``mean_abs_delta_coef`` (:func:`mean_abs_change` from the first to the last record).
     """
-    if objective not in OBJECTIVES:
-        raise InputError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if scalarization not in SCALARIZATIONS:
-        raise InputError(f"unknown scalarization {scalarization!r}; choose one of {', '.join(SCALARIZATIONS)}")
+    objective, scalarization, optimizer = schedule.objective, schedule.scalarization, schedule.optimizer
+    if objective is None or scalarization is None or optimizer is None:
+        raise InputError("the loop runs a schedule with its objective, scalarization and optimizer set; "
+                         "take the method's with Schedule.for_method")
     if objective == "tas" and (teachers is None or forward.tokens is None):
         raise InputError("objective 'tas' needs patch tokens (a backbone with image_tokens) and the fine-tuned teachers")
-    rho = validate_preference(preference, model.n_tasks)
+    iters, lr, alpha = schedule.iters, schedule.lr, schedule.alpha
+    rho = validate_preference(schedule.preference, model.n_tasks)
     scalarize = SCALARIZATIONS[scalarization].fn
     device = torch.device(device)
     model.to_device(device)
     base = {m: forward.base[m].to(device) for m in model.module_names}
     alignment = _Alignment(teachers) if objective == "tas" else None
-    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    if optimizer not in optimizers:
-        raise InputError(f"unknown optimizer {optimizer!r}; choose adam or adamw")
-    opt = optimizers[optimizer](model.parameters(), lr=lr)
+    opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
     losses = np.zeros((iters, model.n_tasks))
     totals = np.zeros(iters)
     records: list[dict[str, np.ndarray]] = [model.state()]

@@ -11,15 +11,16 @@ Datasets with named dims, ready for ``Store.put_dataset``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
 from torch import Tensor
 
-from mergelab.adaptation import AdaptResult, adapt, build
+from mergelab.adaptation import AdaptResult, Schedule, adapt, build
 from mergelab.errors import InputError
 from mergelab.bench import BenchSession
 from mergelab.merging import merge
@@ -34,16 +35,15 @@ Params = Mapping[str, Tensor]
 class AdaptationSetting:
     """A session, the tasks being merged (``names``, in task-set order) and the adaptation schedule.
 
-    ``iters``, ``batch_size``, ``lr`` and ``seed`` apply to every :meth:`adapt` call; every call draws
+    ``schedule`` (its iterations, learning rate and batch size; the method's paper objective,
+    scalarisation and optimiser) and ``seed`` apply to every :meth:`adapt` call; every call draws
     the same batch sequence (:meth:`BenchSession.val_streams`), so runs that differ only in a
     preference or a hyper-parameter see the same images (common random numbers).
     """
 
     session: BenchSession
     names: Sequence[str] | None = None
-    iters: int = 250
-    batch_size: int = 16
-    lr: float = 1e-3
+    schedule: Schedule = Schedule()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,8 +52,6 @@ class AdaptationSetting:
         unknown = [n for n in self.names if n not in full]
         if unknown:
             raise InputError(f"unknown task(s) {unknown}; this setting has {full}")
-        if self.iters < 0 or self.batch_size < 1:
-            raise InputError(f"iters must be >= 0 and batch_size >= 1, got {self.iters} and {self.batch_size}")
         self.taskset: TaskSet = self.session.taskset if self.names == full else self.session.taskset.subset(self.names)
 
     def subset(self, names: Sequence[str]) -> AdaptationSetting:
@@ -61,15 +59,18 @@ class AdaptationSetting:
         unknown = [n for n in names if n not in self.names]
         if unknown:
             raise InputError(f"unknown task(s) {unknown}; this setting has {self.names}")
-        return AdaptationSetting(self.session, list(names), self.iters, self.batch_size, self.lr, self.seed)
+        return AdaptationSetting(self.session, list(names), self.schedule, self.seed)
 
-    def adapt(self, method: str, *, preference: Sequence[float] | None = None, alpha: float = 1.0,
-              **hp: Any) -> AdaptResult:
-        """``mergelab.adaptation.adapt`` on the validation split, this setting's schedule."""
+    def adapt(self, method: str, **settings: Any) -> AdaptResult:
+        """``mergelab.adaptation.adapt`` on the validation split with this setting's schedule; ``settings``:
+        the method's hyper-parameters and any of the schedule's (``preference``, ``alpha``,
+        ``scalarization``, …), which replace this setting's for this call."""
+        fields = {f.name for f in dataclasses.fields(Schedule)}
+        schedule = replace(self.schedule, **{k: v for k, v in settings.items() if k in fields})
+        hp = {k: v for k, v in settings.items() if k not in fields}
         forward = self.session.forward(self.names, self.taskset.module_names)
-        batches = self.session.val_streams(self.names, self.batch_size, self.seed)
-        return adapt(method, self.taskset, forward, batches, preference=preference, alpha=alpha,
-                     iters=self.iters, lr=self.lr, record_every=max(1, self.iters // 25), **hp)
+        batches = self.session.val_streams(self.names, schedule.batch_size, self.seed)
+        return adapt(method, self.taskset, forward, batches, schedule, record_every=max(1, schedule.iters // 25), **hp)
 
     def params(self, merged: MergedUpdate | None) -> dict[str, Tensor] | None:
         """Replacement encoder weights ``W_0 + ΔW`` of a merged update (``None``: the base model)."""
@@ -90,8 +91,9 @@ class AdaptationSetting:
 
     def attrs(self, **extra: Any) -> dict[str, Any]:
         """Provenance attrs shared by every study Dataset."""
-        return {"tasks": list(self.names), "iters": self.iters, "batch_size": self.batch_size, "lr": self.lr,
-                "seed": self.seed, "taskset": self.taskset.content_hash, "adaptation_split": "val", **extra}
+        schedule = self.schedule
+        return {"tasks": list(self.names), "iters": schedule.iters, "batch_size": schedule.batch_size, "lr": schedule.lr, "seed": self.seed,
+                "taskset": self.taskset.content_hash, "adaptation_split": "val", **extra}
 
 
 def final_losses(result: AdaptResult, last: int = 10) -> np.ndarray:

@@ -43,6 +43,7 @@ from mergelab.params import Interval, Tasks, check_setting, shown
 from mergelab.registry import Registry
 from mergelab.strict import safe_name
 from mergelab.experiments import core_space_accuracy, model_analyses
+from mergelab.adaptation import Schedule
 from mergelab.experiments.adaptation_studies import AdaptationSetting, adarank_ablation
 from mergelab.experiments.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
 from mergelab.bench import BenchSession
@@ -219,6 +220,6 @@ def run_study(name: str, session: BenchSession, settings: Mapping[str, Any], *, 
     """Run entry ``name`` on ``session``'s bench (its ``tasks`` subset, the schedule in ``settings``, ``seed``)."""
     check_settings(name, settings)
     _, entry, own = resolve(name, settings)
-    schedule = {k: own[k] for k in ("iters", "batch_size", "lr") if k in own}
-    setting = AdaptationSetting(session, own.get("tasks"), seed=seed, **schedule)
+    schedule = Schedule(**{k: own[k] for k in ("iters", "batch_size", "lr") if k in own})
+    setting = AdaptationSetting(session, own.get("tasks"), schedule, seed=seed)
     return entry.fn(setting, dataset=dataset, **{k: v for k, v in own.items() if k not in SCHEDULE})

@@ -133,14 +133,13 @@ def _adapt(ctx: Run, key: Key, job: AdaptJob, progress: Callable[[int, float], N
 
     a, session = job.spec, ctx.local_session
     forward = session.forward()
-    labelled = a.objective == "labels"  # only when the study sets allow_labels (validated in config)
-    batches = session.val_streams(session.names, a.batch_size, job.seed, labels=labelled)
+    schedule = a.schedule
+    labelled = schedule.objective == "labels"  # only when the study sets allow_labels (validated in config)
+    batches = session.val_streams(session.names, schedule.batch_size, job.seed, labels=labelled)
     bank_bases, used = adaptation_bases(ctx.store, ctx.taskset, a.method, a.hp) or (None, [])
     hp, started = _start(ctx, a, bank_bases, start_progress)
     torch.manual_seed(job.seed)
-    run = measure(lambda: adapt(a.method, ctx.taskset, forward, batches, objective=a.objective, scalarization=a.scalarization,
-                                optimizer=a.optimizer, preference=a.preference, alpha=a.alpha, iters=a.iters, lr=a.lr,
-                                bases=bank_bases, progress=progress, **hp))
+    run = measure(lambda: adapt(a.method, ctx.taskset, forward, batches, schedule, bases=bank_bases, progress=progress, **hp))
     result = run.value
     attrs = {"method": a.name, "space": str(result.merged.meta.get("space", "full")),
              "config": config_label(adapt_hyper_parameters(a, started)),
