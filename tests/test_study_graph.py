@@ -139,3 +139,19 @@ def test_a_bound_that_depends_on_the_adapters_fails_before_any_node_merges(tmp_p
     with pytest.raises(InputError, match=r"lora_lego: k=64 clusters but only 8 minimal semantic units .*choose k <= 8"):
         run_graph(ctx, local_submit(ctx))
     assert {a.key.split("-")[0] for a in Store(str(tmp_path / "store")).ls()} == {"stage"}
+
+
+@pytest.mark.parametrize("analyze", [False, True], ids=["run", "analyze"])
+def test_analysis_layers_beyond_the_adapters_fail_right_after_the_stage(tmp_path, analyze):
+    """``components`` on a block the adapters do not change (the micro tower has blocks 0 to 3) is refused
+    once the adapters are staged, before any merge or analysis runs (issue 30 case 688: it ran the whole
+    study first, and a list with one good block silently dropped the other)."""
+    from mergelab.store import Store
+    from mergelab.study.graph import analysis_graph
+
+    spec = load_study({**TINY, "adaptive": [], "analyses": ["components"], "analysis_settings": {"components": {"layers": [1, 9]}}})
+    ctx = Run(spec, str(tmp_path / "store"))
+    with pytest.raises(InputError, match=r"analysis_settings: components: layers=\[1, 9\] names block 9, which the adapters do not "
+                                         r"change \(their blocks: 0, 1, 2, 3\); list some of those"):
+        analysis_graph(ctx, local_submit(ctx), ["components"], []) if analyze else run_graph(ctx, local_submit(ctx))
+    assert {a.key.split("-")[0] for a in Store(str(tmp_path / "store")).ls()} == {"stage"}

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from mergelab.errors import InputError
 
-__all__ = ["Among", "Interval", "Param", "PerTask", "Tasks", "check_setting", "first_repeated", "params_of_dataclass", "params_of_function",
+__all__ = ["Among", "Interval", "Layers", "Param", "PerTask", "Tasks", "check_setting", "first_repeated", "params_of_dataclass", "params_of_function",
            "resolve", "shown"]
 
 
@@ -66,6 +66,13 @@ class Among:
 
     choices: Any
     what: str
+
+
+@dataclass(frozen=True)
+class Layers:
+    """``Annotated`` metadata of a setting that names blocks of the model (``layers``): each must be a
+    block the adapters change, which is known only once they are read (checked after a study's stage
+    node, before any other node runs: :func:`mergelab.experiments.registry.check_analysis_fits`)."""
 
 
 @dataclass(frozen=True)

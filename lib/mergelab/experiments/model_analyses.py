@@ -37,7 +37,7 @@ from mergelab.bench import BenchSession
 from mergelab.bench.session import Params
 from mergelab.merging import METHODS, merge
 from mergelab.naming import module_coords
-from mergelab.params import Interval
+from mergelab.params import Interval, Layers
 from mergelab.taskset import MergedUpdate
 
 __all__ = ["component_loss_changes", "embedding_interference", "embedding_interference_by_space", "jacobian_anisotropy",
@@ -65,7 +65,7 @@ def jacobian_anisotropy(session: BenchSession, *, lam: float = 0.3, batch_size: 
 
 
 def component_loss_changes(session: BenchSession, *, lam: float = 0.3, components: Annotated[float, Interval(0, 1, low_open=True)] = 0.1,
-                           layers: Annotated[Sequence[int] | None, Interval(0)] = None,
+                           layers: Annotated[Sequence[int] | None, Interval(0), Layers()] = None,
                            batch_size: int = 64, batches: int | None = 2, labels: bool = True,
                            energy: float = ENERGY) -> xr.Dataset:
     """ΔL_j(r) of 002 Eq. (4) for every source task, analysed module and top component (schema in docs/store.md).

@@ -39,16 +39,17 @@ import xarray as xr
 from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
 from mergelab.config import MAX_BATCH, MAX_ITERS
 from mergelab.errors import InputError
-from mergelab.params import Interval, Tasks, check_setting, shown
+from mergelab.params import Interval, Layers, Tasks, check_setting, shown
 from mergelab.registry import Registry
 from mergelab.strict import safe_name
+from mergelab.taskset import TaskSet
 from mergelab.experiments import core_space_accuracy, model_analyses
 from mergelab.adaptation import Schedule
 from mergelab.experiments.adaptation_studies import AdaptationSetting, adarank_ablation
 from mergelab.experiments.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
 from mergelab.bench import BenchSession
 
-__all__ = ["ADAPTATION_STUDIES", "ANALYSES", "SCHEDULE", "AdaptationStudy", "Analysis", "check_analysis_settings", "check_settings",
+__all__ = ["ADAPTATION_STUDIES", "ANALYSES", "SCHEDULE", "AdaptationStudy", "Analysis", "check_analysis_fits", "check_analysis_settings", "check_settings",
            "resolve", "run_study", "study_ref"]
 
 
@@ -135,6 +136,22 @@ def check_analysis_settings(name: str, settings: Mapping[str, Any]) -> None:
     if unknown:
         raise InputError(f"analysis_settings: {name} has no setting {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}")
     _check_values(ANALYSES[name].fn, {**ANALYSES[name].params, **settings}, f"analysis_settings: {name}", None, ANALYSIS_INPUTS)
+
+
+def check_analysis_fits(name: str, settings: Mapping[str, Any] | None, taskset: TaskSet) -> None:
+    """Raise :class:`InputError` naming a setting of analysis ``name`` that the staged adapters cannot
+    satisfy: a :class:`~mergelab.params.Layers` setting listing a block they do not change (the
+    model's depth is known only from the adapters, so :func:`check_analysis_settings` cannot see it)."""
+    hints = typing.get_type_hints(ANALYSES[name].fn, include_extras=True)
+    present = sorted({taskset.layout.layer(m) for m in taskset.module_names} - {-1})
+    for key, value in ANALYSES[name].settings(settings).items():
+        hint = hints.get(key)
+        if value is None or typing.get_origin(hint) is not Annotated or not any(isinstance(r, Layers) for r in typing.get_args(hint)[1:]):
+            continue
+        missing = [v for v in value if v not in present]
+        if missing:
+            raise InputError(f"analysis_settings: {name}: {key}={list(value)} names block {missing[0]}, which the adapters do not "
+                             f"change (their blocks: {', '.join(map(str, present)) or 'none'}); list some of those")
 
 
 #: Settings that configure the :class:`AdaptationSetting` rather than the study function, with the

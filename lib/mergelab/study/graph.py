@@ -56,6 +56,8 @@ def run_graph(ctx: Run, submit: Submit, phases: Iterable[str] | None = None) -> 
         return submit(kind, batch) if kind in want else []
 
     staged = run("stage", [()])
+    if "analysis" in want:
+        _check_analyses_fit(ctx, spec.analyses)
     merges, adapts = merge_jobs(spec), adapt_jobs(spec)
     if "merge" in want:
         for job in merges:  # bounds that depend on the adapters, before any node merges or evaluates
@@ -82,7 +84,18 @@ def analysis_graph(ctx: Run, submit: Submit, names: Sequence[str],
     from mergelab.experiments.registry import ANALYSES
 
     batch = [(name, list(selected) if ANALYSES[name].needs == "merged" else []) for name in names]
-    return submit("stage", [()]) + submit("analysis", batch)
+    staged = submit("stage", [()])
+    _check_analyses_fit(ctx, names)
+    return staged + submit("analysis", batch)
+
+
+def _check_analyses_fit(ctx: Run, names: Sequence[str]) -> None:
+    """Settings that depend on the adapters (the blocks they change), checked once they are staged,
+    before any other node runs."""
+    from mergelab.experiments.registry import check_analysis_fits
+
+    for name in names:
+        check_analysis_fits(name, ctx.spec.analysis_settings.get(name), ctx.taskset)
 
 
 def analyses_up_to_date(spec: StudySpec, store_url: str, names: Sequence[str]) -> list[NodeResult] | None:
