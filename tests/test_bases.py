@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mergelab.adaptation import build
-from mergelab.bases import KINDS, adaptation_bases, bases_key, space_bases
+from mergelab.bases import adaptation_bases, bases_key, space_bases, stored_format
 from mergelab.merging import merge, project
 from mergelab.store import Store
 from mergelab.synthetic import random_taskset
@@ -92,7 +92,32 @@ def test_stored_tensors_round_trip_exactly_with_their_layout(taskset, tmp_path, 
     knots = space_bases(store, ts, "knots")
     assert {name.removesuffix(".T").split("::")[1] for name in store.get_tensors(knots.key)} == {
         "U", "s", *(f"V.{i}" for i in range(len(ts.tasks)))}
-    assert len(core.modules) == 3 and KINDS["core"].version == "3"
+    assert len(core.modules) == 3 and stored_format("core").version == "3"
+
+
+def test_a_space_with_a_stored_basis_is_one_module(taskset, tmp_path, monkeypatch):
+    """A new space declares its basis and how it is stored on itself; mergelab.bases keys, writes and
+    reads it back with no edit (a space owns its stored basis)."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from mergelab.spaces import SPACES, KnotsSpace
+    from mergelab.spaces.base import StoredBasis
+
+    @dataclass(frozen=True)
+    class ColumnMeans(KnotsSpace):
+        name: ClassVar[str] = "column_means"
+        basis_options: ClassVar = ()
+        stored_basis: ClassVar = StoredBasis("1", {}, lambda b: {"m": b}, lambda t: t["m"])
+
+        def basis(self, updates):
+            return torch.stack([u.dense(torch.float64).mean(0) for u in updates])
+
+    monkeypatch.setitem(SPACES, "column_means", ColumnMeans())
+    computed = space_bases(Store(tmp_path), taskset, "column_means")
+    loaded = space_bases(Store(tmp_path), taskset, "column_means")
+    assert not computed.hit and loaded.hit and str(loaded.key).startswith("bases.column_means") and stored_format("column_means").version == "1"
+    assert all(torch.equal(loaded.modules[m], computed.modules[m]) for m in computed.modules)
 
 
 @pytest.mark.parametrize(("method", "hp"), [("tara_b", {}), ("tara_b", {"space": "core", "rank": 2}), ("adarank", {}),

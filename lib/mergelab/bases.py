@@ -28,8 +28,13 @@ producer           per matrix module (``<module>::<name>``)        definition
 (``space="core"``, 003 Eq. 8, in the ``bases.core`` of the same task set, whose key then enters as
 ``reference``): the SVDs of the core-space banks of TARA-B and AdaRank.
 
-Keys: ``store.key("bases.<kind>", KINDS[kind].version, taskset=<TaskSet content hash>, **options)`` with
-*only the options that change the basis* (:data:`KINDS`): a space's ``basis_options``
+Each kind's format (its version, the options that key it, its tensors) belongs to whoever owns the
+decomposition (:func:`stored_format`): a space's :attr:`~mergelab.spaces.Space.stored_basis` (core,
+knots), or a bank's :data:`~mergelab.adaptation.bank.DECOMPOSITIONS` entry (task_svd). So a new space
+with a stored basis declares it in its own module and this one is unchanged.
+
+Keys: ``store.key("bases.<kind>", stored_format(kind).version, taskset=<TaskSet content hash>, **options)`` with
+*only the options that change the basis*: a space's ``basis_options``
 (``rank_rtol``; knots also ``naive``), not its ``scope`` or ``variant``, and not any merge
 hyper-parameter. ``naive=True`` (form ``[ΔW_1 … ΔW_T]`` and decompose it) is the same SVD in exact
 arithmetic but not in floating point (round-off, the sign of each singular pair), and it exists
@@ -55,53 +60,26 @@ from typing import Any
 
 from torch import Tensor
 
-from mergelab.adaptation.bank import BankBasis, core_matrices, core_rtol, shared_svd, task_svds
+from mergelab.adaptation.bank import DECOMPOSITIONS, BankBasis, core_matrices, core_rtol
 from mergelab.profiling import measure
-from mergelab.spaces import CoreSpace, Space, get_space
-from mergelab.spaces.base import require_low_rank
-from mergelab.spaces.core import CoreBasis, StackSVD
+from mergelab.spaces import SPACES, CoreSpace, Space, get_space
+from mergelab.spaces.base import StoredBasis, require_low_rank
 from mergelab.store import Key, Store
 from mergelab.taskset import TaskSet, Update
 
-__all__ = ["KINDS", "Bases", "adaptation_bases", "bases_key", "space_bases", "stored_bases"]
+__all__ = ["Bases", "adaptation_bases", "bases_key", "space_bases", "stored_bases", "stored_format"]
 
 SEP = "::"
 TRANSPOSED = ".T"
 
 
-def _numbered(tensors: Mapping[str, Tensor], name: str) -> list[Tensor]:
-    count = sum(1 for k in tensors if k.rsplit(".", 1)[0] == name)
-    return [tensors[f"{name}.{i}"] for i in range(count)]
-
-
-@dataclass(frozen=True)
-class Kind:
-    """One kind of basis: its code version, the options that key it (with their defaults), how one
-    module's basis becomes named tensors and back, and the bank function that computes it."""
-
-    version: str
-    options: Mapping[str, Any]
-    encode: Callable[[Any], dict[str, Tensor]]
-    decode: Callable[[Mapping[str, Tensor]], Any]
-    compute: Callable[..., Any] | None = None  # (updates, **options) -> basis, for the SVD banks
-
-
-#: Every stored kind. Bump a version when its tensors change for the same inputs.
-KINDS: dict[str, Kind] = {
-    "core": Kind("3", {"rank_rtol": None},
-                 lambda b: {"s_B": b.B.s, "V_B": b.B.V, "s_A": b.A.s, "U_A": b.A.V,
-                            **({"U_B_ref": b.B.U} if b.B.U is not None else {}),
-                            **({"V_A_ref": b.A.U} if b.A.U is not None else {})},
-                 lambda t: CoreBasis(StackSVD(t["s_B"], t["V_B"], t.get("U_B_ref")), StackSVD(t["s_A"], t["U_A"], t.get("V_A_ref")))),
-    "knots": Kind("1", {"naive": False, "rank_rtol": None, "space": "full", "reference": None},
-                  lambda b: {"U": b[0], "s": b[1], **{f"V.{i}": V for i, V in enumerate(b[2])}},
-                  lambda t: (t["U"], t["s"], _numbered(t, "V")),
-                  lambda updates, naive=False, rank_rtol=None: shared_svd(updates, rank_rtol, naive)),
-    "task_svd": Kind("1", {"center": False, "rank_rtol": None, "space": "full", "reference": None},
-                     lambda b: {f"{n}.{i}": x for i, svd in enumerate(b) for n, x in zip(("U", "s", "Vh"), svd, strict=True)},
-                     lambda t: list(zip(_numbered(t, "U"), _numbered(t, "s"), _numbered(t, "Vh"), strict=True)),
-                     lambda updates, center=False, rank_rtol=None: task_svds(updates, center, rank_rtol)),
-}
+def stored_format(kind: str) -> StoredBasis:
+    """How bases of ``kind`` are stored: the space's of that name (:attr:`~mergelab.spaces.Space.stored_basis`),
+    else the bank decomposition's (:data:`~mergelab.adaptation.bank.DECOMPOSITIONS`)."""
+    space = SPACES.get(kind)
+    if space is not None and space.stored_basis is not None:
+        return space.stored_basis
+    return DECOMPOSITIONS[kind].stored
 
 
 @dataclass(frozen=True)
@@ -122,7 +100,7 @@ class Bases:
 
 def bases_key(store: Store, taskset: TaskSet, kind: str, **options: Any) -> Key:
     """The content key of ``kind``'s bases of ``taskset`` (options not given take the kind's defaults)."""
-    spec = KINDS[kind]
+    spec = stored_format(kind)
     unknown = sorted(set(options) - set(spec.options))
     assert not unknown, f"bases.{kind} is not keyed on {unknown}"
     return store.key(f"bases.{kind}", spec.version, taskset=taskset.content_hash, **{**spec.options, **options})
@@ -139,7 +117,7 @@ def _column_major(t: Tensor) -> bool:
     return t.dim() == 2 and t.stride(0) < t.stride(1)
 
 
-def _encode(modules: Mapping[str, Any], kind: Kind) -> dict[str, Tensor]:
+def _encode(modules: Mapping[str, Any], kind: StoredBasis) -> dict[str, Tensor]:
     out = {}
     for module, basis in modules.items():
         for name, t in kind.encode(basis).items():
@@ -150,7 +128,7 @@ def _encode(modules: Mapping[str, Any], kind: Kind) -> dict[str, Tensor]:
     return out
 
 
-def _decode(tensors: Mapping[str, Tensor], kind: Kind) -> dict[str, Any]:
+def _decode(tensors: Mapping[str, Tensor], kind: StoredBasis) -> dict[str, Any]:
     per_module: dict[str, dict[str, Tensor]] = {}
     for full, t in tensors.items():
         module, name = full.rsplit(SEP, 1)
@@ -178,7 +156,7 @@ def stored_bases(store: Store, taskset: TaskSet, kind: str, compute: Callable[[s
     ``options`` key the artifact and must be what ``compute`` uses; the public helpers below
     (:func:`space_bases`, :func:`adaptation_bases`) keep the two together.
     """
-    spec = KINDS[kind]
+    spec = stored_format(kind)
     key = bases_key(store, taskset, kind, **options)
     with _lock(store, key):
         if store.exists(key):
@@ -201,7 +179,7 @@ def space_bases(store: Store, taskset: TaskSet, space: str | Space, **options: A
     :meth:`~mergelab.spaces.CoreSpace.basis` (003 Eq. 3), shared with the core-space banks.
     """
     sp = get_space(space, **options)
-    if sp.name not in KINDS:
+    if sp.stored_basis is None:
         return None
     return stored_bases(store, taskset, sp.name, lambda _, updates: sp.basis(updates), **sp.basis_key_options())
 
@@ -223,7 +201,7 @@ def adaptation_bases(store: Store, taskset: TaskSet, method: str,
     if entry.basis is None:
         return None
     kind, options_of = entry.basis
-    options, spec = options_of(hp), KINDS[kind]
+    options, spec = options_of(hp), DECOMPOSITIONS[kind]
     if hp.get("space", "full") == "full":
         svd = stored_bases(store, taskset, kind, lambda _, updates: spec.compute(updates, **options), **options)
         return {m: BankBasis(b) for m, b in svd.modules.items()}, [svd]

@@ -186,7 +186,7 @@ class Adapter:
     and the spaces its directions can be taken in (the builder's ``space`` hyper-parameter).
 
     ``basis``: the decomposition its bank is built on, for methods that take one (``bases=``): its kind
-    in :data:`mergelab.bases.KINDS` (``"knots"``: the shared SVD, :func:`~mergelab.adaptation.bank.shared_svd`;
+    in :data:`mergelab.adaptation.bank.DECOMPOSITIONS` (``"knots"``: the shared SVD, :func:`~mergelab.adaptation.bank.shared_svd`;
     ``"task_svd"``: :func:`~mergelab.adaptation.bank.task_svds`) and a map from hyper-parameters to that
     function's options (only those that change it). ``start``: the builder's hyper-parameter that
     sets the task-arithmetic coefficient the run starts from (``None``: it starts elsewhere), so a

@@ -40,7 +40,7 @@ bit for bit, when they are the same tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -48,13 +48,13 @@ import torch
 from torch import Tensor
 
 from mergelab.linalg import lowrank_svd, truncated_svd
-from mergelab.spaces.base import require_low_rank
+from mergelab.spaces.base import StoredBasis, numbered, require_low_rank
 from mergelab.spaces.core import CoreBasis, core_basis, core_factors, reference_bases, stacks
-from mergelab.spaces.knots import knots_svd
+from mergelab.spaces.knots import KnotsSpace, knots_svd
 from mergelab.taskset import Dense, LowRank, Update
 
-__all__ = ["Bank", "BankBasis", "core_bank", "core_matrices", "core_rtol", "mean_bank", "raw_bank", "shared_svd", "shared_svd_bank",
-           "task_svd_bank", "task_svds"]
+__all__ = ["DECOMPOSITIONS", "Bank", "BankBasis", "Decomposition", "core_bank", "core_matrices", "core_rtol", "mean_bank", "raw_bank",
+           "shared_svd", "shared_svd_bank", "task_svd_bank", "task_svds"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -264,3 +264,25 @@ def core_bank(updates: Sequence[Update], matrix_bank: Callable[..., Bank], rtol:
     rtol = core_rtol(lowrank) if rtol is None else rtol
     bank = matrix_bank(cores, rtol=rtol) if svd is None else matrix_bank(cores, rtol=rtol, svd=svd)
     return replace(bank, left=U_B.float(), right=V_A.T.float())
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """A decomposition an SVD bank is built on (an :class:`~mergelab.adaptation.Adapter`'s ``basis``
+    names one): how it is kept in the store and how it is computed from one module's updates
+    (``compute(updates, **options)``, the options its key records)."""
+
+    stored: StoredBasis
+    compute: Callable[..., Any]
+
+
+#: The banks' decompositions: the shared SVD (TARA-B, 001 Eq. 8), stored as the KnOTS space's basis, and
+#: each task's SVD (AdaRank, 002 Eq. 5).
+DECOMPOSITIONS: Mapping[str, Decomposition] = {
+    "knots": Decomposition(KnotsSpace.stored_basis, lambda updates, naive=False, rank_rtol=None: shared_svd(updates, rank_rtol, naive)),
+    "task_svd": Decomposition(
+        StoredBasis("1", {"center": False, "rank_rtol": None, "space": "full", "reference": None},
+                    lambda b: {f"{n}.{i}": x for i, svd in enumerate(b) for n, x in zip(("U", "s", "Vh"), svd, strict=True)},
+                    lambda t: list(zip(numbered(t, "U"), numbered(t, "s"), numbered(t, "Vh"), strict=True))),
+        lambda updates, center=False, rank_rtol=None: task_svds(updates, center, rank_rtol)),
+}

@@ -49,8 +49,8 @@ from mergelab.experiments.adaptation_studies import AdaptationSetting, adarank_a
 from mergelab.experiments.preferences import pareto_sweep, sensitivity_cloud, stch_alpha_ablation
 from mergelab.bench import BenchSession
 
-__all__ = ["ADAPTATION_STUDIES", "ANALYSES", "SCHEDULE", "AdaptationStudy", "Analysis", "check_analysis_fits", "check_analysis_settings", "check_settings",
-           "resolve", "run_study", "study_ref"]
+__all__ = ["ADAPTATION_STUDIES", "ANALYSES", "SCHEDULE", "AdaptationStudy", "Analysis", "check_analysis_fits", "check_analysis_settings",
+           "check_settings", "resolve", "run_study", "study_ref"]
 
 
 #: What the caller hands an analysis / an adaptation study function itself (never a study's setting).

@@ -40,7 +40,7 @@ updates and the options named in ``basis_options``, so it can be computed once, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -51,7 +51,7 @@ from mergelab.errors import InputError
 from mergelab.params import Param, params_of_dataclass, resolve
 from mergelab.taskset import Dense, LowRank, Update
 
-__all__ = ["Context", "Factored", "Space", "output_dtype", "require_low_rank"]
+__all__ = ["Context", "Factored", "Space", "StoredBasis", "numbered", "output_dtype", "require_low_rank"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,6 +180,24 @@ def require_low_rank(updates: Sequence[Update], space: str) -> list[LowRank]:
 
 
 @dataclass(frozen=True)
+class StoredBasis:
+    """How a decomposition is kept in the store (:mod:`mergelab.bases`, key ``bases.<name>``): its code
+    version (bump it when its tensors change for the same inputs), the options that key it with their
+    defaults, and how one module's decomposition becomes named tensors and back."""
+
+    version: str
+    options: Mapping[str, Any]
+    encode: Callable[[Any], dict[str, Tensor]]
+    decode: Callable[[Mapping[str, Tensor]], Any]
+
+
+def numbered(tensors: Mapping[str, Tensor], name: str) -> list[Tensor]:
+    """``tensors["<name>.0"], tensors["<name>.1"], …``: a list a :class:`StoredBasis` encoded by position."""
+    count = sum(1 for k in tensors if k.rsplit(".", 1)[0] == name)
+    return [tensors[f"{name}.{i}"] for i in range(count)]
+
+
+@dataclass(frozen=True)
 class Space:
     """Base class of the merge spaces; subclasses are frozen dataclasses whose fields are options."""
 
@@ -188,6 +206,8 @@ class Space:
     option_intervals: ClassVar[Mapping[str, Any]] = {}
     #: the options that change :meth:`basis` (they key a stored basis); empty for a space without one
     basis_options: ClassVar[tuple[str, ...]] = ()
+    #: how :meth:`basis` is kept in the store (``None``: a space without a basis)
+    stored_basis: ClassVar[StoredBasis | None] = None
     #: whether ``reconstruct(project(updates))`` gives every task's update back (the maps are lossless on
     #: the tasks' spans), so a linear merge is the full space's (003 Eq. 11); :mod:`mergelab.conformance`
     #: checks both where it is set

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from mergelab.linalg import numerical_rank, rank_tolerance, svd64
 from mergelab.params import Interval
-from mergelab.spaces.base import Context, Factored, Space, output_dtype, require_low_rank
+from mergelab.spaces.base import Context, Factored, Space, StoredBasis, output_dtype, require_low_rank
 from mergelab.taskset import LowRank, Update
 
 __all__ = ["GRAM_COND_MAX", "CoreBasis", "CoreSpace", "StackSVD", "alignment_errors", "core_basis", "core_factors",
@@ -183,6 +183,14 @@ class CoreSpace(Space):
     name: ClassVar[str] = "core"
     option_intervals: ClassVar = {"rank_rtol": Interval(0.0, 1.0, low_open=True, high_open=True)}
     basis_options: ClassVar = ("rank_rtol",)
+    #: ``s_B``, ``V_B``, ``s_A``, ``U_A`` and, for a side the SVD fallback decomposed, ``U_B_ref`` / ``V_A_ref``
+    #: (version 3)
+    stored_basis: ClassVar = StoredBasis("3", {"rank_rtol": None},
+                                         lambda b: {"s_B": b.B.s, "V_B": b.B.V, "s_A": b.A.s, "U_A": b.A.V,
+                                                    **({"U_B_ref": b.B.U} if b.B.U is not None else {}),
+                                                    **({"V_A_ref": b.A.U} if b.A.U is not None else {})},
+                                         lambda t: CoreBasis(StackSVD(t["s_B"], t["V_B"], t.get("U_B_ref")),
+                                                             StackSVD(t["s_A"], t["U_A"], t.get("V_A_ref"))))
     scope: Literal["module", "model"] = "module"  # type: ignore[misc]
     rank_rtol: float | None = None
 

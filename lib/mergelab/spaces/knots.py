@@ -59,7 +59,7 @@ from torch import Tensor
 
 from mergelab.linalg import numerical_rank, svd64
 from mergelab.params import Interval
-from mergelab.spaces.base import Context, Space, output_dtype, require_low_rank
+from mergelab.spaces.base import Context, Space, StoredBasis, numbered, output_dtype, require_low_rank
 from mergelab.taskset import LowRank, Update
 
 __all__ = ["KnotsSpace", "knots_svd"]
@@ -101,6 +101,11 @@ class KnotsSpace(Space):
     #: ``naive`` keys the basis too: it is the same SVD in exact arithmetic, not in floating point
     #: (round-off, signs of singular pairs), and it exists to measure the paper code's cost
     basis_options: ClassVar = ("naive", "rank_rtol")
+    #: ``(U, s, [V_t])`` as ``U``, ``s``, ``V.<t>``; ``space`` / ``reference`` key the same SVD of core
+    #: matrices, TARA-B's core-space bank (:func:`mergelab.bases.adaptation_bases`)
+    stored_basis: ClassVar = StoredBasis("1", {"naive": False, "rank_rtol": None, "space": "full", "reference": None},
+                                         lambda b: {"U": b[0], "s": b[1], **{f"V.{i}": V for i, V in enumerate(b[2])}},
+                                         lambda t: (t["U"], t["s"], numbered(t, "V")))
     variant: Literal["paper", "per_layer"] = "paper"
     naive: bool = False
     scope: Literal["module", "model"] | None = None  # type: ignore[misc]
