@@ -16,7 +16,7 @@ from mergelab.errors import InputError
 if TYPE_CHECKING:
     import xarray as xr
 
-    from mergelab.onbench import Adapted, Selection
+    from mergelab.study.one_method import Adapted, Selection
 
 
 def _written_kind(fmt: str, written: Path) -> str:

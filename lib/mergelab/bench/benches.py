@@ -142,7 +142,7 @@ class Bench:
     weights, from two parts: ``model_id`` (the whole pre-trained model, whose text tower builds
     the heads, and the bench's settings) and ``task_ids`` (per task: its data, class names and
     templates, and its own head where it brings one). Store keys of evaluations include it. It
-    follows :attr:`tasks`, so a bench narrowed to some tasks (:func:`mergelab.onbench.bench_for`)
+    follows :attr:`tasks`, so a bench narrowed to some tasks (:func:`mergelab.study.one_method.bench_for`)
     has the id of a study of those tasks, and both share their evaluations. ``heads``: each task's
     trained ``(C, D)`` classifier head, or ``None`` for zero-shot heads built from the class names.
     ``dtype``: the encoder's, when a study places it in another than float32. ``layout``: the
