@@ -228,3 +228,27 @@ def test_a_sentence_encoder_directory_it_cannot_read_is_one_line(bench_files, tm
     (pooled / "modules.json").unlink()
     refused(pooled, "has no modules.json .*set bench.pooling: mean or cls")
     assert load_bench(bench_spec({"kind": "sentence_encoder", "weights": str(pooled), "pooling": "cls"}), tasks).backbone.pooling == "cls"
+
+
+def test_the_data_id_follows_the_data_not_where_or_when_it_was_written(bench_files, tmp_path):
+    """A copy of the data folders (new paths, new mtimes: a fresh clone) keeps the bench's data id, so the
+    store's references and evaluations are reused; a changed row changes it (issue 30: keys read mtimes)."""
+    import os
+    import shutil
+
+    from mergelab.bench import bench_spec, load_bench
+
+    encoder, adapters, data = bench_files
+    copies = {t: shutil.copytree(folder, tmp_path / "copy" / t) for t, folder in data.items()}
+    for path in (tmp_path / "copy").rglob("*.jsonl"):
+        os.utime(path, ns=(1, 1))
+
+    def data_id(folders) -> str:
+        study = _study((encoder, adapters, {t: str(f) for t, f in folders.items()}), analyses=["norms"])
+        return load_bench(bench_spec(study["bench"]), load_study(study).tasks).data_id
+
+    original = data_id(data)
+    assert data_id(copies) == original
+    row = copies[next(iter(TASKS))] / "val.jsonl"
+    row.write_text(row.read_text().replace('"text": "', '"text": "again ', 1))
+    assert data_id(copies) != original

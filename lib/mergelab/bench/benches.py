@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # torch: validating a study never loads it
     from mergelab.model import Backbone
     from mergelab.taskset import TaskSet
 
-__all__ = ["Bench", "BenchKind", "BenchSpec", "TaskSource", "directory_digest", "file_digest", "folder_id", "model_directory",
+__all__ = ["Bench", "BenchKind", "BenchSpec", "TaskSource", "directory_digest", "file_digest", "folder_id", "model_directory", "sha256",
            "pretrained", "read_lines", "task_id", "task_sources"]
 
 T = TypeVar("T")
@@ -193,13 +193,18 @@ class BenchKind:
 # Helpers the loaders share --------------------------------------------------------------------------
 
 
-def file_digest(path: Path) -> str:
-    """``name:sha256`` of a file's bytes."""
+def sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return f"{path.name}:{h.hexdigest()}"
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """``name:sha256`` of a file's bytes."""
+    return f"{path.name}:{sha256(path)}"
 
 
 def directory_digest(root: Path) -> list[str]:
@@ -212,9 +217,10 @@ def task_id(task: ClassificationTask) -> dict[str, Any]:
     return {"name": task.name, "classnames": list(task.classnames), "templates": list(task.templates)}
 
 
-def folder_id(root: Path) -> list[tuple[str, int, int]]:
-    """Every file under a data folder by relative path, size and mtime."""
-    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+def folder_id(root: Path) -> list[tuple[str, str]]:
+    """Every file under a data folder by relative path and content (:func:`sha256`), so a copy of the
+    folder, a fresh clone or a touched file keep the keys that depend on it (its mtimes are not read)."""
+    return sorted((str(p.relative_to(root)), sha256(p)) for p in root.rglob("*") if p.is_file())
 
 
 def task_sources(tasks: Tasks, kind: str, data: str, needs: str = "adapter|checkpoint, data") -> list[TaskSource]:
