@@ -313,7 +313,7 @@ def test_adarank_cart_starts_from_the_lambda_and_rank_ratio_chosen_on_val(monkey
 
     from mergelab.study import nodes as study
     from mergelab.adaptation import LAMBDA_CART, RANK_RATIO_CART
-    from mergelab.config import AdaptiveSpec
+    from mergelab.adaptive_spec import AdaptiveSpec
 
     taskset = _mixed_taskset()
     module = "transformer.resblocks.0.attn.out_proj.weight"
@@ -338,7 +338,7 @@ def test_adarank_cart_starts_from_the_lambda_and_rank_ratio_chosen_on_val(monkey
 def test_a_schedule_is_one_value_from_the_study_to_the_loop():
     """The study's adaptive entry gives its schedule whole; the method's paper settings fill what it leaves
     open; a misspelt setting is one line."""
-    from mergelab.config import AdaptiveSpec
+    from mergelab.adaptive_spec import AdaptiveSpec
 
     spec = AdaptiveSpec(method="tara_b", iters=7, lr=0.02, batch_size=3, alpha=0.5, preference=[0.25, 0.75], scalarization="stch")
     schedule = spec.schedule

@@ -2,9 +2,10 @@
 
 A study names the benchmark (a backend with its base checkpoint and tasks), the static merge
 methods × spaces × hyper-parameter grids, the selection rule, the adaptive methods, the
-analyses, the seeds and the store. ``studies/micro.yaml`` is the embedded default. Every
-validation error becomes one :class:`~mergelab.errors.InputError` line naming the field and the
-allowed values.
+analyses, the seeds and the store. ``studies/micro.yaml`` is the embedded default. An adaptive
+method's settings are :class:`~mergelab.adaptive_spec.AdaptiveSpec`; the file is read by
+:mod:`mergelab.study_files`. Every validation error becomes one :class:`~mergelab.errors.InputError`
+line naming the field and the allowed values.
 """
 
 from __future__ import annotations
@@ -13,30 +14,23 @@ import itertools
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, StrictBool, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SerializeAsAny, StrictBool, ValidationError, ValidationInfo, field_validator, model_validator
 
-from mergelab.bench import BENCHES, BenchSpec, MicroSpec, TaskSource, bench_spec
-from mergelab.bench.kinds import DEFAULT_KIND
-from mergelab.errors import InputError, read_text
+from mergelab.adaptive_spec import AdaptiveSpec
+from mergelab.bench import BenchSpec, MicroSpec, TaskSource, bench_spec
+from mergelab.errors import InputError
 from mergelab.params import first_repeated
-from mergelab.strict import Float, Int, Seed, Strict, safe_name
+from mergelab.strict import Float, Seed, Strict, safe_name
+from mergelab.study_files import read_study_file, validation_message
 
-if TYPE_CHECKING:
-    from mergelab.adaptation.loop import Schedule
-
-__all__ = ["DEFAULT_STUDY", "AdaptiveSpec", "MethodSpec", "StudySpec", "config_label", "find_study", "load_study"]
+__all__ = ["MethodSpec", "StudySpec", "config_label", "load_study"]
 
 #: Largest hyper-parameter product one method × space may sweep (the study lists smaller grids).
 MAX_CONFIGS = 64
 #: Validation context key: the study is a file, run on its own bench (:meth:`StudySpec.task_names`).
 OWN_BENCH = "own_bench"
-#: Most steps of one adaptive run (the papers take 250 to 500).
-MAX_ITERS = 100_000
-#: Most unlabeled val images per task in one step (a step reads at most the task's whole val split).
-MAX_BATCH = 65_536
 
 
 class MethodSpec(Strict):
@@ -105,85 +99,6 @@ class MethodSpec(Strict):
         grid = self.effective_grid()
         keys = sorted(grid)
         return [{**self.fixed, **dict(zip(keys, values, strict=True))} for values in itertools.product(*(grid[k] for k in keys))]
-
-
-class AdaptiveSpec(Strict):
-    """A test-time adaptation method of :data:`mergelab.adaptation.ADAPTERS` and its settings.
-
-    ``objective``, ``scalarization``, ``optimizer``: ``None`` takes the method's paper setting
-    (Adam for AdaMerging and AdaRank, AdamW for TARA). ``start_grid``: values of starting
-    hyper-parameters chosen on val by the study's selection rule before the first step (default: the
-    method's own, e.g. AdaRank-CART's λ over 0.1 … 3.0 as 002 App. A; ``{}`` in the registry means none).
-    """
-
-    method: str
-    iters: Int = 250
-    lr: Float = 1e-3
-    batch_size: Int = 16
-    objective: Literal["entropy", "tas", "labels"] | None = None
-    scalarization: Literal["sum", "stch", "stch_signed"] | None = None
-    optimizer: Literal["adam", "adamw"] | None = None
-    alpha: Float = 1.0
-    preference: list[Float] | None = None
-    hp: dict[str, Any] = Field(default_factory=dict)
-    start_grid: dict[str, list[Float]] | None = None
-    label: str | None = None
-
-    @field_validator("method")
-    @classmethod
-    def _known(cls, method: str) -> str:
-        from mergelab.adaptation import ADAPTERS
-
-        ADAPTERS.require(method)
-        return method
-
-    @field_validator("label")
-    @classmethod
-    def _safe_label(cls, label: str | None) -> str | None:
-        return None if label is None else safe_name(label, "adaptive label")
-
-    @model_validator(mode="after")
-    def _valid_settings(self) -> AdaptiveSpec:
-        from mergelab.adaptation import ADAPTERS
-
-        if not 1 <= self.iters <= MAX_ITERS:
-            raise ValueError(f"{self.name}: iters={self.iters} must be at least 1 and at most {MAX_ITERS}")
-        if not 1 <= self.batch_size <= MAX_BATCH:
-            raise ValueError(f"{self.name}: batch_size={self.batch_size} must be at least 1 and at most {MAX_BATCH} "
-                             "(a step reads at most a task's whole val split)")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"{self.name}: lr={self.lr} must be a positive number")
-        if self.preference is not None:  # its length is checked against the merged tasks (StudySpec._fit_the_tasks)
-            from mergelab.adaptation.objectives import validate_preference
-
-            validate_preference(self.preference, len(self.preference))
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"{self.name}: alpha={self.alpha} (the STCH smoothing, 001 Eq. 10: Ψ = α log Σ exp(ρ_t f_t / α)) "
-                             "must be a positive number")
-        adapter = ADAPTERS[self.method]
-        who = self.method if self.name == self.method else f"{self.name} ({self.method})"
-        adapter.check(self.hp, who)
-        for key, values in (self.start_grid or {}).items():
-            for value in values:
-                adapter.check({key: value}, who)
-        empty = [k for k, values in (self.start_grid or {}).items() if not values]
-        if empty:
-            raise ValueError(f"{self.name}: start_grid {empty[0]!r} lists no value")
-        return self
-
-    @property
-    def name(self) -> str:
-        """The label of this run in the results (``method`` unless ``label`` is given)."""
-        return self.label or self.method
-
-    @property
-    def schedule(self) -> Schedule:
-        """How the run steps, as one value (:class:`~mergelab.adaptation.loop.Schedule`)."""
-        from mergelab.adaptation.loop import Schedule
-
-        return Schedule(iters=self.iters, lr=self.lr, batch_size=self.batch_size, objective=self.objective,
-                        scalarization=self.scalarization, optimizer=self.optimizer, alpha=self.alpha,
-                        preference=None if self.preference is None else tuple(self.preference))
 
 
 class StudySpec(Strict):
@@ -411,149 +326,21 @@ class StudySpec(Strict):
         return str(self._folder / "store") if self._folder is not None else default_store_url()
 
 
-def _relative_to(data: dict, folder: Path) -> dict:
-    """Relative file paths in a study file (bench root and weights, task sources and their
-    ``classnames`` / ``templates`` files, a local ``store:``) are relative to the file's folder, so a
-    study runs from any working directory."""
-
-    def fix(section: Any, keys: tuple[str, ...]) -> Any:
-        if not isinstance(section, dict):
-            return section
-        return {k: str(folder / v) if k in keys and isinstance(v, str) and not Path(v).is_absolute() else v
-                for k, v in section.items()}
-
-    data = dict(data)
-    bench = data.get("bench", {})
-    kind = BENCHES.get(bench.get("kind", DEFAULT_KIND)) if isinstance(bench, dict) else None
-    data["bench"] = fix(bench, kind.spec.path_fields() if kind is not None else ())  # an unknown kind: validation names it
-    store = data.get("store")
-    if isinstance(store, str) and "://" not in store and not Path(store).is_absolute():
-        data["store"] = str(folder / store)
-    for section in ("tasks", "unseen"):
-        if isinstance(data.get(section), list):
-            data[section] = [fix(t, ("adapter", "checkpoint", "data", "classnames", "templates")) for t in data[section]]
-    return data
-
-
-def _location(loc: tuple) -> str:
-    """``tasks[0].classnames``: a union's branch labels (``list[str]``) left out."""
-    parts = [p for p in loc if isinstance(p, int) or "[" not in str(p)]
-    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in parts).replace(".[", "[")
-
-
-def _taken_branch(errors: list[dict], data: Any) -> dict:
-    """The first error of the branch the input took where ``tasks`` / ``unseen`` (names or sources)
-    failed both: mappings are sources, so an error in a source is not reported as 'not a string'."""
-    for error in errors:
-        loc = error["loc"]
-        if len(loc) > 2 and loc[0] in ("tasks", "unseen") and isinstance(data, dict) and isinstance(data.get(loc[0]), list):
-            sources = any(isinstance(item, dict) for item in data[loc[0]])
-            if (loc[1] == "list[str]") == sources:
-                continue
-        return error
-    return errors[0]
-
-
-#: A study file is a page of YAML; anything larger is not one (and would take minutes to parse).
-MAX_STUDY_BYTES = 1 << 20
-
-
-class _DuplicateKey(yaml.constructor.ConstructorError):
-    """A mapping that repeats a key."""
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping with a repeated key (the last would silently win).
-    Keys a merge key (``<<: *anchor``) brings in may be overridden, as YAML defines."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise _DuplicateKey(None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
-    """Read and validate a study YAML file (or an already parsed mapping)."""
-    where = "study"
-    if isinstance(path, dict):
-        data = path
-    else:
-        path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            what = "does not exist" if not path.exists() else "is not a regular file"
-            raise InputError(f"study file {path} {what}; pass a YAML file such as studies/micro.yaml")
-        if path.stat().st_size > MAX_STUDY_BYTES:
-            raise InputError(f"study file {path} has {path.stat().st_size} bytes, more than a study's {MAX_STUDY_BYTES}; "
-                             "pass the study's YAML file")
-        text = read_text(path, "study file")
-        try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-        except RecursionError:
-            raise InputError(f"{path} nests deeper than Python can read; a study is a few levels of mappings and lists") from None
-        except _DuplicateKey as err:
-            raise InputError(f"{path}: {err.problem}; keep one of them") from None
-        except yaml.constructor.ConstructorError as err:
-            raise InputError(f"{path}: {err.problem}; a study holds plain mappings, lists and scalars") from None
-        except yaml.YAMLError as err:
-            raise InputError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{path} must hold a mapping with at least 'name' and 'methods'")
-        data = _relative_to(data, path.parent)
+    """Read and validate a study YAML file (:func:`~mergelab.study_files.read_study_file`) or an already parsed
+    mapping; a validation error becomes one InputError line (:func:`~mergelab.study_files.validation_message`)."""
+    file = None if isinstance(path, dict) else Path(path)
+    where = "study" if file is None else str(file)
+    data = path if file is None else read_study_file(file)
     try:
-        spec = StudySpec.model_validate(data, context={OWN_BENCH: not isinstance(path, dict)})
+        spec = StudySpec.model_validate(data, context={OWN_BENCH: file is not None})
     except ValidationError as err:
-        first = _taken_branch(err.errors(), data)
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            allowed = ", ".join(_fields_at(first["loc"][:-1], data))
-            message = f"unknown field; allowed: {allowed}"
-        location = _location(first["loc"])
-        raise InputError(f"{where}: {location}: {message}" if location else f"{where}: {message}") from None
+        raise InputError(f"{where}: {validation_message(err, data, StudySpec)}") from None
     except InputError as err:
         raise InputError(f"{where}: {err}") from None
-    if not isinstance(path, dict):
-        spec._folder = path.resolve().parent
+    if file is not None:
+        spec._folder = file.resolve().parent
     return spec
-
-
-def _fields_at(loc: tuple, data: dict) -> list[str]:
-    """The field names allowed at a location of the spec (for 'unknown field' errors); the ``bench:``
-    section's are its kind's."""
-    if loc[:1] == ("bench",):
-        return list(BENCHES[data["bench"].get("kind", DEFAULT_KIND)].spec.model_fields)
-    model: type[BaseModel] = StudySpec
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        annotation = model.model_fields[part].annotation
-        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        nested += [a for arg in getattr(annotation, "__args__", ()) for a in getattr(arg, "__args__", ())
-                   if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not nested:
-            break
-        model = nested[0]
-    return list(model.model_fields)
-
-
-#: The embedded default study, found from the working directory or the source checkout.
-DEFAULT_STUDY = Path("studies/micro.yaml")
-
-
-def find_study(study: str | os.PathLike[str]) -> Path | None:
-    """``study`` itself if it is a file, else ``studies/<study>.yaml`` in the working directory or the
-    source checkout (an editable install); None when neither exists."""
-    named = Path(study) if Path(study).is_file() else DEFAULT_STUDY.with_name(f"{Path(study).name.removesuffix('.yaml')}.yaml")
-    for candidate in (named, Path(__file__).resolve().parents[2] / named):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def config_label(config: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ RunnerOpt = Annotated[str, typer.Option("--runner", help="Task runner: thread[=W
 
 
 def _default_study() -> Path:
-    from mergelab.config import DEFAULT_STUDY, find_study
+    from mergelab.study_files import DEFAULT_STUDY, find_study
 
     found = find_study(DEFAULT_STUDY)
     if found is None:
@@ -331,9 +331,10 @@ def report(
     """
     import contextlib
 
-    from mergelab.config import find_study, load_study
+    from mergelab.config import load_study
     from mergelab.outputs import check_apart
     from mergelab.store import Store, default_store_url
+    from mergelab.study_files import find_study
 
     found = find_study(study)
     if found is not None:

@@ -37,7 +37,7 @@ from typing import Annotated, Any, Literal
 import xarray as xr
 
 from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
-from mergelab.config import MAX_BATCH, MAX_ITERS
+from mergelab.adaptive_spec import MAX_BATCH, MAX_ITERS
 from mergelab.errors import InputError
 from mergelab.params import Interval, Layers, Tasks, check_setting, shown
 from mergelab.registry import Registry

@@ -16,8 +16,9 @@ import torch
 import xarray as xr
 from torch import Tensor
 
+from mergelab.adaptive_spec import AdaptiveSpec
 from mergelab.bases import Bases, adaptation_bases
-from mergelab.config import AdaptiveSpec, config_label
+from mergelab.config import config_label
 from mergelab.errors import InputError
 from mergelab.merging import METHODS, merge, project
 from mergelab.profiling import Measured, measure

@@ -10,9 +10,10 @@ from functools import cached_property
 from typing import Any
 
 
+from mergelab.adaptive_spec import AdaptiveSpec
 from mergelab.bases import Bases, space_bases
 from mergelab.bench import Bench, BenchSession, load_bench
-from mergelab.config import AdaptiveSpec, StudySpec, config_label
+from mergelab.config import StudySpec, config_label
 from mergelab.merging import METHODS
 from mergelab.profiling import trim_heap
 from mergelab.store import Key, Kind, Store
