@@ -15,7 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mergelab_app.cli import app
-from mergelab.store import MARKER, Store
+from mergelab.store import Store
+from mergelab.store_format import MARKER
 from mergelab.upkeep import verify
 
 runner = CliRunner()

@@ -64,7 +64,8 @@ from mergelab.adaptation.bank import DECOMPOSITIONS, BankBasis, core_matrices, c
 from mergelab.profiling import measure
 from mergelab.spaces import SPACES, CoreSpace, Space, get_space
 from mergelab.spaces.base import StoredBasis, require_low_rank
-from mergelab.store import Key, Store
+from mergelab.store import Store
+from mergelab.store_format import Key
 from mergelab.taskset import TaskSet, Update
 
 __all__ = ["Bases", "adaptation_bases", "bases_key", "space_bases", "stored_bases", "stored_format"]

@@ -1,68 +1,41 @@
 """The artifact store: content-addressed, atomic, on any fsspec filesystem.
 
-Layout under the root URL::
-
-    objects/<key>/<token>/data.zarr | tensors.safetensors | data.json   a writer's payload
-    objects/<key>/_published.json     the publish marker (provenance, the payload's token and digest)
-    staging/<key>.<token>/...                                           writes in progress
-    refs/<name>.json                                                    human names -> keys
-    quarantine/<key>.<id>/                   objects that ``verify(quarantine=True)`` found corrupt
-
-A key is ``<producer>-<sha256 of (producer, version, inputs)>``. An artifact is written under
+Its layout, keys and markers: :mod:`mergelab.store_format`. An artifact is written under
 ``staging/``, moved as a whole to ``objects/<key>/<token>/`` (a name no other writer uses) and
 published by writing its marker last, atomically (write then rename), so a crash at any point
 leaves nothing that :meth:`Store.exists` or a getter will return. Any number of processes may
 write the same key at once: each moves its own complete payload and the last marker wins, so a
 published key always names a complete payload and no writer ever removes another's files. ``gc``
 removes the leftovers older than a lease (and, given the keys still in use, the artifacts nobody
-references; :mod:`mergelab.upkeep`, as is ``verify``); markers of stores written before tokens existed name
-``objects/<key>/`` itself.
+references; :mod:`mergelab.upkeep`, as is ``verify``).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import hashlib
 import json
 import os
-import platform
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import numpy as np
 
 from mergelab.errors import InputError, check_writable, safetensors_os_errors
-from mergelab.hashing import content_hash
 from mergelab.outputs import follow_umask
+from mergelab.store_format import (KEY_NAME, LAYOUT, MARKER, MAX_RECORD_BYTES, PAYLOAD, ArtifactInfo, Key, Kind, artifact_key, jsonable,
+                                   marker_problem, provenance_of)
 
 if TYPE_CHECKING:  # xarray and torch load with the first Dataset or tensors: `mergelab store ls` needs neither
     import xarray as xr
     from torch import Tensor
 
-__all__ = ["STORE_ENV", "ArtifactInfo", "Key", "Store", "checkout_store", "default_store_url"]
+__all__ = ["STORE_ENV", "Store", "checkout_store", "default_store_url"]
 
 STORE_ENV = "MERGELAB_STORE"
-MARKER = "_published.json"
-#: The folders a store keeps at its root (``quarantine/``: what ``store verify --quarantine`` moves aside).
-LAYOUT = ("objects", "refs", "staging", "quarantine")
-#: The name of an artifact under ``objects/``: its producer and 32 hex digits of its inputs' hash
-#: (:meth:`Store.key`). Nothing else there is the store's: its tools read, report and remove only these.
-KEY_NAME = re.compile(r"[A-Za-z0-9_.+]+-[0-9a-f]{32}")
-#: The largest marker or ref file a store reads (a marker holds an artifact's provenance and attributes).
-MAX_RECORD_BYTES = 64 << 20
-#: A write in progress under ``staging/``: ``<key>.<token>``.
-STAGING_NAME = re.compile(rf"{KEY_NAME.pattern}\.[0-9a-f]{{12}}")
-#: How long a write may be in flight before ``gc`` treats its files as leftovers (seconds).
-LEASE_S = 3600.0
-Kind = Literal["dataset", "tensors", "json"]
-PAYLOAD: dict[str, str] = {"dataset": "data.zarr", "tensors": "tensors.safetensors", "json": "data.json"}
 
 
 def checkout_store() -> Path | None:
@@ -86,41 +59,6 @@ def default_store_url() -> str:
         return str(checkout)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "mergelab", "store")
-
-
-class Key(str):
-    """A store key; also carries the producer, version and a JSON summary of its inputs."""
-
-    producer: str
-    version: str
-    inputs: dict[str, str]
-
-    def __new__(cls, value: str, producer: str = "", version: str = "", inputs: Mapping[str, str] | None = None) -> Key:
-        key = super().__new__(cls, value)
-        key.producer, key.version, key.inputs = producer, version, dict(inputs or {})
-        return key
-
-
-@dataclass(frozen=True)
-class ArtifactInfo:
-    key: str
-    kind: str
-    producer: str
-    created: str
-    attrs: dict[str, Any]
-
-
-def _summary(value: Any) -> str:
-    """A short human-readable stand-in for an input in provenance attrs."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        text = json.dumps(value)
-        return text if len(text) <= 80 else f"{text[:60]}…#{content_hash(value)[:12]}"
-    return f"{type(value).__name__}#{content_hash(value)[:16]}"
-
-
-def _jsonable(value: Any) -> Any:
-    """Attrs must survive JSON: numpy scalars -> Python, unknown objects -> str."""
-    return json.loads(json.dumps(value, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
 
 
 class Store:
@@ -183,10 +121,7 @@ class Store:
         ``content_hash`` (TaskUpdate, TaskSet). The key changes when any of them, the producer
         or its version changes, and only then.
         """
-        if not re.fullmatch(r"[A-Za-z0-9_.+]+", producer):
-            raise ValueError(f"producer name {producer!r} must match [A-Za-z0-9_.+]+")
-        digest = content_hash({"producer": producer, "version": version, "inputs": inputs})
-        return Key(f"{producer}-{digest[:32]}", producer, version, {k: _summary(v) for k, v in inputs.items()})
+        return artifact_key(producer, version, inputs)
 
     # paths -----------------------------------------------------------------------------------
 
@@ -233,7 +168,7 @@ class Store:
             marker = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return None, "marker is not readable JSON"
-        problem = _marker_problem(marker)
+        problem = marker_problem(marker)
         return (None, problem) if problem else (marker, None)
 
     def info(self, key: str) -> ArtifactInfo:
@@ -252,26 +187,9 @@ class Store:
 
     # writing ---------------------------------------------------------------------------------
 
-    def _provenance(self, key: str, attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-        from mergelab import __version__
-
-        import torch
-
-        base = {
-            "key": str(key),
-            "producer": getattr(key, "producer", ""),
-            "producer_version": getattr(key, "version", ""),
-            "inputs": getattr(key, "inputs", {}),
-            "mergelab_version": __version__,
-            "torch_version": torch.__version__,
-            "host": platform.node(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        return _jsonable({**base, **(attrs or {})})
-
     def _write(self, key: str, kind: Kind, attrs: Mapping[str, Any] | None, write_payload) -> Key | str:
         """Stage, move into place under a writer-unique token, publish (module docstring)."""
-        provenance = self._provenance(key, attrs)
+        provenance = provenance_of(key, attrs)
         token = uuid.uuid4().hex[:12]
         staging = self._path("staging", f"{key}.{token}")
         self.fs.makedirs(staging, exist_ok=True)
@@ -301,7 +219,7 @@ class Store:
 
         def write(path: str, provenance: dict[str, Any]) -> None:
             out = _zarr_ready(ds)
-            out.attrs = _jsonable({**ds.attrs, "provenance": provenance})
+            out.attrs = jsonable({**ds.attrs, "provenance": provenance})
             out.to_zarr(self._url(path), mode="w", consolidated=False, zarr_format=3)
 
         return self._write(key, "dataset", attrs, write)
@@ -344,7 +262,7 @@ class Store:
         """Publish a small JSON document (a selection decision, a config) under ``key``."""
 
         def write(path: str, provenance: dict[str, Any]) -> None:
-            self.fs.pipe_file(path, json.dumps(_jsonable(value), indent=1).encode())
+            self.fs.pipe_file(path, json.dumps(jsonable(value), indent=1).encode())
 
         return self._write(key, "json", attrs, write)
 
@@ -466,29 +384,6 @@ class Store:
             h.update(f[len(path):].encode() + b"\0")
             h.update(self.fs.cat_file(f))
         return h.hexdigest()
-
-
-#: A marker's fields and their JSON types (``token`` and ``digest`` may be absent in stores written
-#: before they existed; ``kind`` is required and names a :data:`PAYLOAD`).
-_MARKER_FIELDS: dict[str, type | tuple[type, ...]] = {"kind": str, "producer": str, "created": str, "token": (str, type(None)),
-                                                       "digest": (str, type(None)), "attrs": dict}
-
-
-def _marker_problem(marker: Any) -> str | None:
-    """Why ``marker`` (parsed JSON) is not a marker this store wrote, or None."""
-    if not isinstance(marker, dict):
-        return f"marker is not a JSON object (a {type(marker).__name__})"
-    if "kind" not in marker:
-        return "marker names no kind"
-    wrong = [f for f, types in _MARKER_FIELDS.items() if f in marker and not isinstance(marker[f], types)]
-    if wrong:
-        return f"marker field {wrong[0]!r} has the wrong type ({type(marker[wrong[0]]).__name__})"
-    if marker["kind"] not in PAYLOAD:
-        return f"marker names an unknown kind {marker['kind'][:40]!r} (known: {', '.join(PAYLOAD)})"
-    token = marker.get("token")
-    if token is not None and not re.fullmatch(r"[A-Za-z0-9_]{1,64}", token):
-        return f"marker's payload token {token[:40]!r} is not a payload folder name"
-    return None
 
 
 def _zarr_ready(ds: xr.Dataset) -> xr.Dataset:

@@ -1,7 +1,7 @@
 """Store upkeep (``mergelab store verify`` / ``gc``): find corrupt objects, remove leftovers.
 
 Functions over a :class:`~mergelab.store.Store` that read its layout (module docstring of
-:mod:`mergelab.store`) through the store's own path and marker helpers.
+:mod:`mergelab.store_format`) through the store's own path and marker helpers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import uuid
 from collections.abc import Callable
 
 from mergelab.outputs import remove_leftovers
-from mergelab.store import LEASE_S, MARKER, PAYLOAD, STAGING_NAME, Store
+from mergelab.store import Store
+from mergelab.store_format import LEASE_S, MARKER, PAYLOAD, STAGING_NAME
 
 __all__ = ["damaged", "dangling_refs", "gc", "verify"]
 

@@ -23,7 +23,7 @@ from mergelab.errors import InputError
 from mergelab.merging import METHODS, merge, project
 from mergelab.profiling import Measured, measure
 from mergelab.provenance import reproducibility
-from mergelab.store import Key
+from mergelab.store_format import Key
 from mergelab.selection import SELECTION_RULES
 from mergelab.study.run import JOINT, JOINT_KS, TASK_METRICS, AdaptJob, Run, MergeJob, Node, NodeResult
 from mergelab.taskset import MergedUpdate

@@ -16,7 +16,7 @@ from mergelab.config import config_label
 from mergelab.errors import InputError
 from mergelab.evaluation.bootstrap import LEVEL, RESAMPLES, paired_interval, resample_counts
 from mergelab.merging import METHODS
-from mergelab.store import Key
+from mergelab.store_format import Key
 from mergelab.selection import select
 from mergelab.study.run import JOINT, AdaptJob, Run, MergeJob, Node, NodeResult
 

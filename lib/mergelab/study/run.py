@@ -16,7 +16,8 @@ from mergelab.bench import Bench, BenchSession, load_bench
 from mergelab.config import StudySpec, config_label
 from mergelab.merging import METHODS
 from mergelab.profiling import trim_heap
-from mergelab.store import Key, Kind, Store
+from mergelab.store import Store
+from mergelab.store_format import Key, Kind
 from mergelab.taskset import TaskSet
 
 #: The pseudo-task holding the joint-task metrics (Hits@k over the union of labels).
