@@ -411,12 +411,12 @@ TARGETINGS = [
 
 @pytest.mark.parametrize("config", TARGETINGS)
 def test_the_modules_a_config_targets_are_those_peft_wraps(config):
-    """:func:`~mergelab.checkpoints.files.targets` (which LoRA tensors a config keeps, what a config
+    """:func:`~mergelab.checkpoints.adapter_configs.targets` (which LoRA tensors a config keeps, what a config
     disagreeing with its tensors is judged by) against PEFT's own matching on load."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from mergelab.checkpoints.files import targets
+    from mergelab.checkpoints.adapter_configs import targets
 
     peft_config = LoraConfig(**config)
     for key in KEYS:

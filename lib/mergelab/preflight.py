@@ -7,8 +7,8 @@ file hashes; the values of the adapters and the base are scanned for NaN / Inf f
 rsLoRA, the scaling, target modules and dtypes, and then what would stop or skew a merge:
 modules not every task targets (a merge refuses them), factors that do not fit the base, adapters
 that a merge of ``B A`` would get wrong (DoRA, ``lora_bias``, PEFT's ``bias`` option, a quantized
-base: :data:`~mergelab.checkpoints.files.UNMERGEABLE`), a config that disagrees with its tensors so
-that PEFT would load another adapter (:func:`~mergelab.checkpoints.files.config_disagreements`), mixed
+base: :data:`~mergelab.checkpoints.adapter_configs.UNMERGEABLE`), a config that disagrees with its tensors so
+that PEFT would load another adapter (:func:`~mergelab.checkpoints.adapter_configs.config_disagreements`), mixed
 dtypes, evaluation splits that hold no image, and images that sit in more than one evaluation split
 (a val image that is also a test image makes selection on val see the test split; 004 §3's
 selection protocol assumes disjoint splits).
@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergelab.checkpoints.files import (ADAPTER_CONFIG, adapter_config, ADAPTER_WEIGHTS, FULL_WEIGHTS, check_scaling, config_disagreements, LORA_KEY,
-                                        PEFT_PREFIX, Source, is_adapter_dir, named_sources, read_tensors, unmergeable, weights_file)
+from mergelab.checkpoints.adapter_configs import adapter_config, check_scaling, config_disagreements, unmergeable
+from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir, named_sources,
+                                        read_tensors, weights_file)
 from mergelab.checkpoints.loading import (check_declared_rank, guess_param, lora_targets, resolve_prefix, saved_names, target_param,
                                           target_views)
 from mergelab.errors import InputError

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergelab.errors import InputError
-from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, check_scaling, compile_pattern, config_disagreements, FULL_WEIGHTS, LORA_KEY, BaseLike, Source, base_ref, is_adapter_dir, load_state_dict, named_sources, read_adapter_config,
-                                        read_tensors, weights_file)
+from mergelab.checkpoints.adapter_configs import check_scaling, compile_pattern, config_disagreements, read_adapter_config
+from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, FULL_WEIGHTS, LORA_KEY, BaseLike, Source, base_ref, is_adapter_dir,
+                                        load_state_dict, named_sources, read_tensors, weights_file)
 
 if TYPE_CHECKING:  # torch loads with the first tensor: the name helpers serve `mergelab check`, which reads metadata only
     import torch
@@ -35,7 +36,7 @@ def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
 
 def _scaling(config: Mapping[str, Any], peft_key: str, rank: int, where: str) -> tuple[float, float]:
     """(alpha, scaling) of one LoRA module: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA
-    (bounded by :func:`~mergelab.checkpoints.files.check_scaling`)."""
+    (bounded by :func:`~mergelab.checkpoints.adapter_configs.check_scaling`)."""
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, peft_key, config["lora_alpha"]))
     return alpha, check_scaling(alpha, rank, bool(config.get("use_rslora")), where)
 
