@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from mergelab.checkpoints.adapter_configs import adapter_config, check_scaling, config_disagreements, unmergeable
 from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir, named_sources,
                                         read_tensors, weights_file)
-from mergelab.checkpoints.loading import (check_declared_rank, guess_param, lora_targets, resolve_prefix, saved_names, target_param,
+from mergelab.checkpoints.modules import (check_declared_rank, guess_param, lora_targets, resolve_prefix, saved_names, target_param,
                                           target_views)
 from mergelab.errors import InputError
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mergelab.checkpoints.files import Source, load_grams, load_state_dict
-    from mergelab.checkpoints.loading import (describe, describe_sources, load_taskset, mha_out_proj_factor, peft_template,
-                                            saved_modules, task_heads)
+    from mergelab.checkpoints.loading import describe, describe_sources, load_taskset, peft_template, saved_modules, task_heads
+    from mergelab.checkpoints.modules import mha_out_proj_factor
     from mergelab.checkpoints.writing import cap_rank, save_merged
 
 __all__ = ["Source", "cap_rank", "describe", "describe_sources", "load_grams", "load_state_dict", "load_taskset",
@@ -33,8 +33,8 @@ __all__ = ["Source", "cap_rank", "describe", "describe_sources", "load_grams", "
 #: The submodule defining each public name, imported on first use (PEP 562), so that importing
 #: ``mergelab.checkpoints.files`` for metadata (``mergelab check``) loads neither torch nor PEFT.
 _DEFINED_IN = {"Source": "files", "load_grams": "files", "load_state_dict": "files", "cap_rank": "writing",
-               "save_merged": "writing", **dict.fromkeys(("describe", "describe_sources", "load_taskset", "mha_out_proj_factor",
-                                                          "peft_template", "saved_modules", "task_heads"), "loading")}
+               "save_merged": "writing", "mha_out_proj_factor": "modules",
+               **dict.fromkeys(("describe", "describe_sources", "load_taskset", "peft_template", "saved_modules", "task_heads"), "loading")}
 
 
 def __getattr__(name: str) -> Any:
