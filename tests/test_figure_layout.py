@@ -31,7 +31,8 @@ from mergelab_figures import adaptation_figures as af
 from mergelab_figures import (anisotropy_figures, complexity_figures, components_figures, core_space_figures, coverage_figures,
                               geometry_figures, overview, proxies_figures, spectra_figures)
 from mergelab_figures.layout import layout_problems
-from mergelab_app.report import REPO, list_notebooks, paper_items, read_notebook
+from mergelab_app.report import list_notebooks, read_notebook
+from mergelab_app.report_export import REPO, paper_items
 from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
 from mergelab.synthetic import random_lowrank
 from mergelab.taskset import BaseRef, LowRank, MergedUpdate, TaskSet, TaskUpdate

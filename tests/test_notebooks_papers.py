@@ -19,7 +19,8 @@ import pytest
 from helpers import MICRO_LABEL, publish_analyses, synthetic_results
 
 from mergelab_figures import data
-from mergelab_app.report import INDEX, REPO, cell_outputs, execute_notebook, report
+from mergelab_app.report import execute_notebook, report
+from mergelab_app.report_export import INDEX, REPO, cell_outputs
 from mergelab.experiments.registry import ANALYSES
 from mergelab.micro.benchmark import load_micro
 from mergelab.merging import merge

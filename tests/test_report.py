@@ -15,9 +15,9 @@ from helpers import synthetic_results
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from typer.testing import CliRunner
 
-from mergelab_app import report
+from mergelab_app import report, report_export
 from mergelab_figures.data import DEFAULT_STORE
-from mergelab_app.report import INDEX
+from mergelab_app.report_export import INDEX
 from mergelab_app.cli import app
 from mergelab.errors import InputError
 from mergelab.store import Store
@@ -56,18 +56,18 @@ def test_parameters_are_injected_and_the_export_has_html_and_pngs(tmp_path):
     assert greeting == "hihihi"
     assert Path(cwd) == workdir
     # the kernel imports this checkout's packages, not whichever copy is installed
-    assert Path(analysis_file).resolve().parent == report.REPO / "analysis" / "mergelab_figures"
-    assert Path(mergelab_file).resolve().parent == report.REPO / "lib" / "mergelab"
+    assert Path(analysis_file).resolve().parent == report_export.REPO / "analysis" / "mergelab_figures"
+    assert Path(mergelab_file).resolve().parent == report_export.REPO / "lib" / "mergelab"
     assert nb.cells[1].source == 'GREETING = \'hi\'\nN = 3' and nb.metadata["mergelab"]["notebook"] == "tiny"
     assert nbformat.read(path, as_version=4).cells[1].source.startswith('GREETING = "hello"')  # the source file is untouched
 
-    files = report.export(nb, tmp_path / "out")
+    files = report_export.export(nb, tmp_path / "out")
     assert files == [tmp_path / "out" / "tiny.html", tmp_path / "out" / "tiny" / "fig-01.png", tmp_path / "out" / "tiny" / "fig-01.pdf"]
     assert files[1].read_bytes().startswith(b"\x89PNG") and files[2].read_bytes().startswith(b"%PDF")  # the kernel rendered both
     page = files[0].read_text()
     assert "hihihi" in page and "data:image/png;base64" in page and "application/pdf" not in page  # the page shows the PNG
     png_only = report.execute_notebook(path, {}, cwd=workdir, timeout=120, figure_formats=("png",))
-    assert [p.name for p in report.export(png_only, tmp_path / "png")] == ["tiny.html", "fig-01.png"]
+    assert [p.name for p in report_export.export(png_only, tmp_path / "png")] == ["tiny.html", "fig-01.png"]
     with pytest.raises(ValueError, match="figure_formats=\\('svg',\\)"):
         report.execute_notebook(path, {}, cwd=workdir, figure_formats=("svg",))
 
@@ -121,9 +121,9 @@ def _with_pngs(n: int) -> nbformat.NotebookNode:
 
 
 def test_export_replaces_a_previous_export_as_a_whole(tmp_path):
-    first = report.export(_with_pngs(3), tmp_path)
+    first = report_export.export(_with_pngs(3), tmp_path)
     assert [p.name for p in first] == ["paper.html", "fig-01.png", "fig-02.png", "fig-03.png"]
-    second = report.export(_with_pngs(1), tmp_path)
+    second = report_export.export(_with_pngs(1), tmp_path)
     assert sorted(p.name for p in (tmp_path / "paper").iterdir()) == ["fig-01.png"] and len(second) == 2
     assert (tmp_path / "paper" / "fig-01.png").read_bytes() == PNG
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paper", "paper.html"]
@@ -171,7 +171,7 @@ def _tagged_notebook() -> nbformat.NotebookNode:
 
 def test_a_tagged_cell_names_its_figures_and_tables_after_the_paper_item(tmp_path):
     nb = _tagged_notebook()
-    files = report.export(nb, tmp_path)
+    files = report_export.export(nb, tmp_path)
     figures = ["001-fig3", "001-fig3-2", "fig-01", "001-fig3-3", "fig-02", "004-fig5-left", "003-tab5"]
     assert [p.name for p in files] == ["paper.html", "001-fig3.png", "001-fig3.pdf", "001-fig3-2.png", "001-fig3-2.pdf", "fig-01.png",
                                        "fig-01.pdf", "003-tab3.html", "001-fig3-3.png", "001-fig3-3.pdf", "fig-02.png", "fig-02.pdf",
@@ -184,11 +184,11 @@ def test_a_tagged_cell_names_its_figures_and_tables_after_the_paper_item(tmp_pat
     table = (tmp_path / "paper" / "003-tab3.html").read_text()  # a page of its own: the table, its item, a link back to its cell
     assert "<td>61.5</td>" in table and "<title>003 Tab. 3 (paper)</title>" in table and "not the papers' numbers" in table
     assert f'href="../paper.html#cell-id={nb.cells[2].id}"' in table
-    assert report.item_label("004-fig5-left") == "004 Fig. 5 (left)" and report.item_label("003-tab10") == "003 Tab. 10"
+    assert report_export.item_label("004-fig5-left") == "004 Fig. 5 (left)" and report_export.item_label("003-tab10") == "003 Tab. 10"
     for bad in ("paper:fig3", "paper:001-figure3", "paper:001-fig3-Left", "paper:1-tab2"):
         nb = new_notebook(cells=[_cell(1, tags=(bad,))], metadata={"mergelab": {"notebook": "bad"}})
         with pytest.raises(InputError, match=f"bad.ipynb: cell .* has the tag {bad}; name a paper item as paper:<NNN>-fig<N>"):
-            report.export(nb, tmp_path / "bad")
+            report_export.export(nb, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
@@ -219,19 +219,19 @@ class _Links(HTMLParser):
 
 def test_an_item_the_readme_does_not_list_says_so_in_the_index(tmp_path):
     nb = new_notebook(cells=[_cell(7, tags=("paper:000-fig10",))], metadata={"mergelab": {"notebook": "one"}})
-    report.export(nb, tmp_path)
-    index = report.write_index(tmp_path, {"one": report.cell_outputs(nb, "one.ipynb")}, {}, statuses={"001 Fig. 3": "drawn"})
-    assert f"<td><strong>{report.UNLISTED}</strong></td>" in index.read_text()
-    assert report.item_statuses(tmp_path) == {}  # a folder without notebooks/README.md
+    report_export.export(nb, tmp_path)
+    index = report_export.write_index(tmp_path, {"one": report_export.cell_outputs(nb, "one.ipynb")}, {}, statuses={"001 Fig. 3": "drawn"})
+    assert f"<td><strong>{report_export.UNLISTED}</strong></td>" in index.read_text()
+    assert report_export.item_statuses(tmp_path) == {}  # a folder without notebooks/README.md
 
 
 def test_the_index_lists_each_drawn_item_with_links_to_its_pngs_and_cell(tmp_path):
     nb = _tagged_notebook()
-    report.export(nb, tmp_path)
+    report_export.export(nb, tmp_path)
     other = new_notebook(cells=[_cell(7, tags=("paper:000-fig10",))], metadata={"mergelab": {"notebook": "other"}})
-    report.export(other, tmp_path)
-    pages = {"paper": report.cell_outputs(nb, "paper.ipynb"), "other": report.cell_outputs(other, "other.ipynb")}
-    index = report.write_index(tmp_path, pages, {"STORE": "data/store", "STUDY": "micro"})
+    report_export.export(other, tmp_path)
+    pages = {"paper": report_export.cell_outputs(nb, "paper.ipynb"), "other": report_export.cell_outputs(other, "other.ipynb")}
+    index = report_export.write_index(tmp_path, pages, {"STORE": "data/store", "STUDY": "micro"})
     assert index == tmp_path / "index.html"
     parsed = _Links()
     parsed.feed(index.read_text())
@@ -246,7 +246,7 @@ def test_the_index_lists_each_drawn_item_with_links_to_its_pngs_and_cell(tmp_pat
     assert rows[7][3] == "shown in the notebook page"  # a plain-text result: no file
     assert rows[8][3] == rows[9][3] == "004-fig5-left.png, 004-fig5-left.pdf"
     # each item's status as notebooks/README.md gives it: drawn, or partial and what is missing
-    statuses = report.item_statuses()
+    statuses = report_export.item_statuses()
     assert [row[1] for row in rows] == [statuses[row[0]] for row in rows]
     assert rows[1][1] == statuses["001 Fig. 3"] and rows[1][1].startswith("drawn")
     assert rows[7][1] == statuses["003 Tab. 7"] and rows[7][1].startswith("partial: ")
@@ -327,11 +327,11 @@ PAPER_ITEMS = {"000": (range(5, 13), range(5, 16)), "001": (range(1, 12), range(
 
 
 def test_the_figure_index_lists_every_paper_item_and_exactly_the_tagged_cells():
-    text = (report.REPO / "notebooks" / "README.md").read_text()
+    text = (report_export.REPO / "notebooks" / "README.md").read_text()
     rows = [line.strip().strip("|").split(" | ") for line in text.splitlines() if re.match(r"\| 00\d (Fig|Tab)\. \d", line)]
     labels = [row[0].strip() for row in rows]
     assert len(labels) == len(set(labels))
-    assert report.item_statuses() == {label.strip(): status.strip() for label, _, status, _ in rows}  # what index.html shows
+    assert report_export.item_statuses() == {label.strip(): status.strip() for label, _, status, _ in rows}  # what index.html shows
     numbered = {re.sub(r" \(\w+\)$", "", label) for label in labels}
     assert numbered == {f"{paper} {kind} {n}" for paper, (figs, tabs) in PAPER_ITEMS.items()
                         for kind, numbers in (("Fig.", figs), ("Tab.", tabs)) for n in numbers}
@@ -341,10 +341,10 @@ def test_the_figure_index_lists_every_paper_item_and_exactly_the_tagged_cells():
         assert (found is not None) == status.startswith(("drawn", "partial: ")), label  # drawn items name their cell
         assert status.startswith(("drawn", "partial: ", "missing, feasible on micro", "needs ", "diagram, not data", "formulas, not data")), label
         if found:
-            assert report.item_label(found[2]) == label
+            assert report_export.item_label(found[2]) == label
             listed.add((found[1], found[2]))
     tagged = {(path.name, item) for path in report.list_notebooks() for cell in nbformat.read(path, as_version=4).cells
-              for item in report.paper_items(cell, path.name)}
+              for item in report_export.paper_items(cell, path.name)}
     assert listed == tagged
 
 
@@ -366,7 +366,7 @@ def test_the_overview_notebook_writes_its_paper_tables_as_html_and_every_figure_
     out = tmp_path / "reports"
     params = {"STORE": str(tmp_path / "store"), "STUDY": "synthetic", "RANK_STUDIES": {"r = 4": "synthetic", "r = 16": "synthetic-r16"},
               "MIXED_STUDY": "synthetic-r16", "UNSEEN_STUDY": "synthetic-unseen"}
-    files = report.report([report.REPO / "notebooks" / "00_overview.ipynb"], params, out, cwd=tmp_path, timeout=300)
+    files = report.report([report_export.REPO / "notebooks" / "00_overview.ipynb"], params, out, cwd=tmp_path, timeout=300)
     assert [f.relative_to(out).as_posix() for f in files if f.parent == out or f.suffix == ".png"] == [
         "00_overview.html", "00_overview/fig-01.png", "00_overview/003-fig1.png", INDEX]
     assert sorted(f.name for f in files if f.parent == out / "00_overview") == sorted(p.name for p in (out / "00_overview").iterdir())

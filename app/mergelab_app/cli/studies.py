@@ -347,8 +347,9 @@ def report(
         raise InputError(f"store {url} has no study {study!r}; run `mergelab run` (or `make demo`) first, or pass --store/--study")
     check_writable(out, "--out", directory=True)  # before the notebooks run, not after
     check_apart(out, store=Store(url).local_root)  # its pages would land among the store's objects (issue 30 probe 628)
-    from mergelab_app.report import INDEX, list_notebooks  # nbformat and Jupyter: after the checks (issue 30 probe 626-627)
+    from mergelab_app.report import list_notebooks  # nbformat and Jupyter: after the checks (issue 30 probe 626-627)
     from mergelab_app.report import report as run_report
+    from mergelab_app.report_export import INDEX
 
     paths = notebooks or list_notebooks()
     params = {"STORE": str(Path(url).resolve()) if "://" not in url else url, "STUDY": study}
