@@ -7,7 +7,7 @@ import pytest
 import torch
 import xarray as xr
 
-from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
+from mergelab.analysis import basis_ablation, complexity, core_space, coverage, geometry, spectra
 from mergelab.experiments.registry import ANALYSES
 from mergelab.store import Store
 from mergelab.synthetic import random_taskset
@@ -38,7 +38,7 @@ PRODUCERS = {
     "spectra.merged_rank": lambda: spectra.merged_rank(_merged()),
     "core_space.truncation_curves": lambda: core_space.truncation_curves(_taskset()),
     "core_space.sar_by_space": lambda: core_space.sar_by_space(_taskset()),
-    "core_space.reference_basis_ablation": lambda: core_space.reference_basis_ablation(_taskset()),
+    "core_space.reference_basis_ablation": lambda: basis_ablation.reference_basis_ablation(_taskset()),
     "core_space.merged_rank_grid": lambda: core_space.merged_rank_grid(_taskset()),
     "complexity.operation_counts": lambda: complexity.operation_counts(_taskset()),
 }

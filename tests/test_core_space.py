@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mergelab.analysis import basis_ablation as ba
 from mergelab.analysis import core_space as cs
 from mergelab.analysis.spectra import pairwise_sar, sar
 from mergelab.merging import merge
@@ -153,8 +154,8 @@ def test_sar_is_the_same_in_core_and_full_space(out, inp, ranks, seed, retained)
 
 
 def test_reference_basis_ablation_known_answers(taskset):
-    ds = cs.reference_basis_ablation(taskset, seed=3)
-    assert ds.eps_U.dims == ("basis", "task", "module") and list(ds.basis.values) == list(cs.BASES)
+    ds = ba.reference_basis_ablation(taskset, seed=3)
+    assert ds.eps_U.dims == ("basis", "task", "module") and list(ds.basis.values) == list(ba.BASES)
     concat = ds.sel(basis="concatenation")
     for var in ("eps_U", "eps_V", "roundtrip_error", "ta_roundtrip_error"):
         assert float(abs(concat[var]).max()) < 1e-9, var  # 003 Sec. 4.2: lossless, zero alignment error
@@ -176,7 +177,7 @@ def test_reference_basis_ablation_orthogonal_tasks_by_hand():
     g = torch.Generator().manual_seed(0)
     a = LowRank(e[:, :2] @ torch.randn(2, 2, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64))
     b = LowRank(e[:, 2:4] @ torch.randn(2, 2, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64))
-    ds = cs.reference_basis_ablation(_taskset({"a": {"w": a}, "b": {"w": b}}))
+    ds = ba.reference_basis_ablation(_taskset({"a": {"w": a}, "b": {"w": b}}))
     first = ds.sel(basis="first_task", module="w")
     assert math.isclose(float(first.eps_U.sel(task="b")), 2.0, rel_tol=1e-12)  # r − ‖U_bᵀ U_a‖² = 2 − 0
     assert math.isclose(float(first.roundtrip_error.sel(task="b")), 1.0, rel_tol=1e-12)  # nothing of ΔW_b survives
@@ -189,19 +190,19 @@ def test_reference_basis_ablation_orthogonal_tasks_by_hand():
 def test_reference_basis_ablation_identical_tasks_and_overfull_rank():
     g = torch.Generator().manual_seed(1)
     same = LowRank(torch.randn(9, 3, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64))
-    ds = cs.reference_basis_ablation(_taskset({"a": {"w": same}, "b": {"w": same}}))
+    ds = ba.reference_basis_ablation(_taskset({"a": {"w": same}, "b": {"w": same}}))
     assert float(abs(ds.eps_U.sel(basis="first_task")).max()) < 1e-9  # identical tasks share the first task's basis
     # T·r = 9 > min(out, in) = 5 (003 App. A.4): the concatenation is still exact
     wide = random_taskset({"w": (5, 6)}, 3, rank=3, seed=2, dtype=torch.float64)
-    concat = cs.reference_basis_ablation(wide).sel(basis="concatenation")
+    concat = ba.reference_basis_ablation(wide).sel(basis="concatenation")
     assert float(abs(concat.eps_U).max()) < 1e-9 and float(concat.roundtrip_error.max()) < 1e-9
     assert concat.basis_dim_U.values.tolist() == [5] and concat.basis_dim_V.values.tolist() == [6]
 
 
 def test_random_basis_is_seeded(taskset):
-    a = cs.reference_basis_ablation(taskset, seed=0).eps_U.sel(basis="random_orthonormal")
-    b = cs.reference_basis_ablation(taskset, seed=0).eps_U.sel(basis="random_orthonormal")
-    c = cs.reference_basis_ablation(taskset, seed=1).eps_U.sel(basis="random_orthonormal")
+    a = ba.reference_basis_ablation(taskset, seed=0).eps_U.sel(basis="random_orthonormal")
+    b = ba.reference_basis_ablation(taskset, seed=0).eps_U.sel(basis="random_orthonormal")
+    c = ba.reference_basis_ablation(taskset, seed=1).eps_U.sel(basis="random_orthonormal")
     np.testing.assert_array_equal(a.values, b.values)
     assert not np.allclose(a.values, c.values)
 
@@ -235,7 +236,7 @@ def test_analyses_skip_dense_modules_and_reject_tasksets_without_lora():
     g = torch.Generator().manual_seed(0)
     tasks = {n: {"w": LowRank(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)),
                  "emb": Dense(torch.randn(6, 5, generator=g)), "ln.bias": Dense(torch.randn(6, generator=g))} for n in "ab"}
-    ds = cs.reference_basis_ablation(_taskset(tasks))
+    ds = ba.reference_basis_ablation(_taskset(tasks))
     assert list(ds.module.values) == ["w"]
     with pytest.raises(InputError, match="no LoRA"):
         cs.truncation_curves(_taskset({n: {"emb": t["emb"]} for n, t in tasks.items()}))

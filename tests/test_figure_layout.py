@@ -33,7 +33,7 @@ from mergelab_figures import (anisotropy_figures, complexity_figures, components
 from mergelab_figures.layout import layout_problems
 from mergelab_app.report import list_notebooks, read_notebook
 from mergelab_app.report_export import REPO, paper_items
-from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
+from mergelab.analysis import basis_ablation, complexity, core_space, coverage, geometry, spectra
 from mergelab.synthetic import random_lowrank
 from mergelab.taskset import BaseRef, LowRank, MergedUpdate, TaskSet, TaskUpdate
 
@@ -91,7 +91,7 @@ def _weight_datasets(taskset) -> dict[str, xr.Dataset]:
             "cosine": geometry.cosine_similarity(taskset), "lambda_similarity": geometry.lambda_similarity(taskset),
             "merged_similarity": stacked, "operation_counts": complexity.operation_counts(taskset),
             "truncation": core_space.truncation_curves(sub), "sar_spaces": core_space.sar_by_space(sub),
-            "reference_bases": core_space.reference_basis_ablation(sub), "merged_rank_spaces": core_space.merged_rank_grid(sub),
+            "reference_bases": basis_ablation.reference_basis_ablation(sub), "merged_rank_spaces": core_space.merged_rank_grid(sub),
             "spectra": spectra.task_spectra(two), "merged_rank": spectra.merged_rank(merged), "sar": spectra.pairwise_sar(two)}
 
 

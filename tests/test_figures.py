@@ -25,7 +25,7 @@ from conftest import REPO
 from mergelab_figures import (anisotropy_figures, components_figures, core_space_figures, coverage_figures, geometry_figures,
                                proxies_figures, spectra_figures, style)
 from mergelab_figures.style import PaperFigure
-from mergelab.analysis import core_space, coverage, geometry, spectra
+from mergelab.analysis import basis_ablation, core_space, coverage, geometry, spectra
 from mergelab.experiments import model_analyses
 from mergelab.experiments.registry import ANALYSES
 from mergelab.store import Store
@@ -198,7 +198,7 @@ def test_core_space_figures_and_tables(taskset):
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["full", "core"]
 
-    bases = _labelled(core_space.reference_basis_ablation(sub))
+    bases = _labelled(basis_ablation.reference_basis_ablation(sub))
     table = core_space_figures.reference_basis_table(bases)
     assert list(table.index) == ["(1) first task", "(2) random orthonormal", "(3) concatenation (Eq. 3)"]
     assert table.attrs["dataset"] == LABEL
@@ -443,7 +443,7 @@ def test_model_figures_draw_from_the_store(bench_datasets, micro_pair, tmp_path)
                 core_space_figures.truncation_accuracy_curves(back["truncation_accuracy"])):
         _check(fig, label=bench_datasets["anisotropy"].attrs["dataset"])  # the producer's default label: the base name
     assert components_figures.component_loss_table(back["components"]).equals(components_figures.component_loss_table(bench_datasets["components"]))
-    errors = core_space.reference_basis_ablation(micro_pair.taskset)  # the same bases (seed 0) without the accuracy
+    errors = basis_ablation.reference_basis_ablation(micro_pair.taskset)  # the same bases (seed 0) without the accuracy
     table = core_space_figures.reference_basis_accuracy_table(back["reference_basis_accuracy"], errors)
     assert list(table.columns[:3]) == ["Shape U", "Shape V", "Avg. norm. acc. (%)"] and list(table.columns[-2:]) == ["Avg. ε_U", "Avg. ε_V"]
     assert table.index[-1] == "(3) concatenation (Eq. 3)" and table.attrs["paper"] == "003 Sec. 5.2 (Tab. 5)"

@@ -81,7 +81,7 @@ def reference_basis_table(ds: xr.Dataset) -> pd.DataFrame:
     Columns: the basis shapes (``m`` = out, ``n`` = in; the column count, or its range over
     modules), Avg. ε_U and ε_V (over modules and tasks) and the mean relative round-trip errors
     of the task updates and of their Task Arithmetic sum. From
-    :func:`~mergelab.analysis.core_space.reference_basis_ablation`; ``frame.attrs`` carries the
+    :func:`~mergelab.analysis.basis_ablation.reference_basis_ablation`; ``frame.attrs`` carries the
     dataset label.
     """
     bases = strings(ds.basis.values)

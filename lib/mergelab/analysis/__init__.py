@@ -7,8 +7,9 @@ their schemas are in ``docs/store.md``:
 - :mod:`~mergelab.analysis.geometry`: norms, cosine similarities, merge-vs-task similarity;
 - :mod:`~mergelab.analysis.coverage`: effective ranks of the three stacks, 95 %-energy ranks;
 - :mod:`~mergelab.analysis.spectra`: per-task spectra, merged rank, subspace alignment ratio;
-- :mod:`~mergelab.analysis.core_space`: 003's truncation curves, SAR per space, reference-basis
-  ablation and merged rank per method × space;
+- :mod:`~mergelab.analysis.core_space`: 003's truncation curves, SAR per space and merged rank per
+  method × space;
+- :mod:`~mergelab.analysis.basis_ablation`: 003's reference-basis ablation;
 - :mod:`~mergelab.analysis.factored`: the Frobenius inner products they share;
 
 Building blocks of the model-dependent analyses (pure functions of a backbone, heads and batches;

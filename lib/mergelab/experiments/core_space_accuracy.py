@@ -11,7 +11,7 @@ through a :class:`~mergelab.bench.BenchSession` and are registered in
   evaluated per task;
 * :func:`reference_basis_accuracy` — 003 Sec. 5.2 "Choice of the reference basis", Tab. 5's
   accuracy column: a method (TIES in the paper) merged in the Core space of each candidate
-  reference basis (:func:`~mergelab.analysis.core_space.candidate_bases`) and evaluated.
+  reference basis (:func:`~mergelab.analysis.basis_ablation.candidate_bases`) and evaluated.
 
 Accuracy is top-1 on ``split`` (``test`` by default: these redraw the papers' figures and select
 nothing), normalised by each task's fine-tuned model on the same split.
@@ -25,7 +25,8 @@ from typing import Annotated, Any
 import numpy as np
 import xarray as xr
 
-from mergelab.analysis.core_space import BASES, TRUNCATION_SPACES, candidate_bases, truncated_merge
+from mergelab.analysis.basis_ablation import BASES, candidate_bases
+from mergelab.analysis.core_space import TRUNCATION_SPACES, truncated_merge
 from mergelab.analysis.factored import annotated, dataset_attrs
 from mergelab.bench import BenchSession
 from mergelab.bench.session import Params
@@ -87,8 +88,8 @@ def reference_basis_accuracy(session: BenchSession, *, method: str = "ties", hyp
     """003 Tab. 5's accuracy column: ``method`` merged in the Core space of each reference basis.
 
     Every matrix module's candidate bases come from
-    :func:`~mergelab.analysis.core_space.candidate_bases` (the random one drawn with
-    ``derive_seed(seed, module)``, as in :func:`~mergelab.analysis.core_space.reference_basis_ablation`,
+    :func:`~mergelab.analysis.basis_ablation.candidate_bases` (the random one drawn with
+    ``derive_seed(seed, module)``, as in :func:`~mergelab.analysis.basis_ablation.reference_basis_ablation`,
     so the two Datasets describe the same bases); the task set is projected with them
     (:func:`mergelab.merging.project`), merged and evaluated. Only the concatenation of 003 Eq. (3)
     is lossless. Dims ``basis``, ``task``; variables as :func:`truncation_accuracy`'s.

@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 
 import xarray as xr
 
-from mergelab.analysis import complexity, core_space, coverage, geometry, spectra
+from mergelab.analysis import basis_ablation, complexity, core_space, coverage, geometry, spectra
 from mergelab.adaptive_spec import MAX_BATCH, MAX_ITERS
 from mergelab.errors import InputError
 from mergelab.params import Interval, Layers, Tasks, check_setting, shown
@@ -96,7 +96,7 @@ ANALYSES: Registry[Analysis] = Registry("analysis", {
     "sar": Analysis("spectra.pairwise_sar", spectra.pairwise_sar, "1"),
     "truncation": Analysis("core_space.truncation_curves", core_space.truncation_curves, "1"),
     "sar_spaces": Analysis("core_space.sar_by_space", core_space.sar_by_space, "1"),
-    "reference_bases": Analysis("core_space.reference_basis_ablation", core_space.reference_basis_ablation, "1"),
+    "reference_bases": Analysis("core_space.reference_basis_ablation", basis_ablation.reference_basis_ablation, "1"),
     "merged_rank_spaces": Analysis("core_space.merged_rank_grid", core_space.merged_rank_grid, "2"),  # 2: dim merge_method
     "operation_counts": Analysis("complexity.operation_counts", complexity.operation_counts, "1"),
     "merged_similarity": Analysis("geometry.merged_similarity", geometry.merged_similarity, "2", needs="merged"),
