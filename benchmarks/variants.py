@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import regime  # noqa: E402
 from checkout import pythonpath  # noqa: E402
-from mergelab.micro.build import CONFIGS, VARIANTS_FILE, BuildConfig, build_micro, write_readme  # noqa: E402
+from mergelab.micro.build import CONFIGS, BuildConfig, build_micro  # noqa: E402
+from mergelab.micro.export import VARIANTS_FILE, write_readme  # noqa: E402
 
 RECORD = ROOT / "data" / "micro" / VARIANTS_FILE
 #: The reduced study's analyses: (d)'s coverage statistics; the others do not bear on the regime.

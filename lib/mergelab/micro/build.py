@@ -10,8 +10,8 @@ Steps, each published under a content key (producer, version, inputs) so a rerun
 4. ``micro.eval``: zero-shot and fine-tuned accuracies (adapters read back through
    ``load_taskset``, exactly as users load them), joint Hits@k, dense metrics and task-vector norms.
 
-The export writes ``base/``, ``adapters/r{rank}/<task>/``, ``dense/<task>/``, ``manifest.json`` and a
-``README.md`` whose numbers are the micro benchmark's own.
+The export (:mod:`mergelab.micro.export`) writes ``base/``, ``adapters/r{rank}/<task>/``, ``dense/<task>/``,
+``manifest.json`` and a ``README.md``.
 """
 
 from __future__ import annotations
@@ -35,26 +35,21 @@ from mergelab.errors import InputError
 from mergelab.evaluation.dense import KINDS, dense_features, dense_metric, make_decoder, refit_score
 from mergelab.evaluation.heads import task_head
 from mergelab.evaluation.metrics import evaluate_task, joint_hits
-from mergelab.micro.readme import render_readme
-from mergelab.micro.artifacts import micro_backbone, vision_cfg, write_adapter, write_backbone, write_tensors
+from mergelab.micro.artifacts import micro_backbone, vision_cfg
+from mergelab.micro.export import build_manifest, check_out, export_micro, split_dense, write_adapters
 from mergelab.micro.training import (DenseConfig, LoraConfig, PretrainConfig, config_dict, contrastive_pretrain,
                                      finetune_dense, finetune_lora)
 from mergelab.model.openclip_backend import OpenClipBackbone
 from mergelab.model.tokenizer import ClosedVocabTokenizer
 from mergelab.store import Store
 
-__all__ = ["CONFIGS", "BuildConfig", "BuildResult", "build_micro", "finetuned_accuracies", "render_readme", "ticker", "wall_time", "write_adapters",
-           "write_readme"]
+__all__ = ["CONFIGS", "BuildConfig", "BuildResult", "build_micro", "finetuned_accuracies", "ticker"]
 
 #: Bumped whenever a producer's code changes what it makes (enters every content key).
 VERSION = "2"
 #: Weight of the LoRA fine-tuning's feature-consistency term: 0.25 since the micro benchmark v3, the variant
 #: the declared rule chose on val (``benchmarks/variants.py``, data/micro/README.md); v2 used 3.
 CONSISTENCY = 0.25
-#: The build-variant search's record beside the exported benchmark (``benchmarks/variants.py``).
-VARIANTS_FILE = "variants.json"
-#: The rank of the default adapter set: r/d = 4/96 = 1/24 and T·r/d = 32/96 = 1/3.
-DEFAULT_RANK = 4
 Progress = Any  # rich.progress.Progress or None
 
 
@@ -214,29 +209,7 @@ def _dense(store: Store, backbone: OpenClipBackbone, base_key: str, config: Buil
     return out
 
 
-def _split_dense(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    encoder = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
-    decoder = {k.removeprefix("decoder."): v for k, v in tensors.items() if k.startswith("decoder.")}
-    return encoder, decoder
-
-
 # Evaluation -----------------------------------------------------------------------------------------
-
-
-def write_adapters(store: Store, adapters: Mapping[int, Mapping[str, tuple[str, str]]], root: Path,
-                   dtypes: Mapping[int, torch.dtype] | None = None) -> dict[int, dict[str, Path]]:
-    """The stored adapters ``{rank: {task: (tensors key, config key)}}`` as PEFT directories ``root/r{rank}/<task>``,
-    each rank's tensors in ``dtypes[rank]`` where given (as trained otherwise)."""
-    paths: dict[int, dict[str, Path]] = {}
-    for rank, per_task in adapters.items():
-        paths[rank] = {}
-        dtype = (dtypes or {}).get(rank)
-        for name, (key, cfg_key) in per_task.items():
-            paths[rank][name] = root / f"r{rank}" / name
-            tensors = store.get_tensors(key)
-            write_adapter(paths[rank][name], tensors if dtype is None else {k: v.to(dtype) for k, v in tensors.items()},
-                          store.get_json(cfg_key))
-    return paths
 
 
 def finetuned_accuracies(backbone: OpenClipBackbone, tasks: Mapping[str, ClassificationTask], adapter_dirs: Mapping[str, Path],
@@ -258,7 +231,7 @@ def _dense_metrics(store: Store, backbone: OpenClipBackbone, dense_keys: Mapping
     for name, task in dense_suite(seed, config.profile).items():
         if name not in dense_keys:
             continue
-        encoder, decoder_state = _split_dense(store.get_tensors(dense_keys[name]))
+        encoder, decoder_state = split_dense(store.get_tensors(dense_keys[name]))
         decoder = make_decoder(backbone, task)
         decoder.load_state_dict(decoder_state)
         images, targets = task.tensors("test")
@@ -298,67 +271,11 @@ def _evaluate(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Ma
     return key
 
 
-# Export -------------------------------------------------------------------------------------------
-
-
-def wall_time(store: Store, key: str) -> float:
-    """The seconds the producer of ``key`` recorded (0 when it recorded none)."""
-    return float(store.info(key).attrs.get("wall_time_s", 0.0))
-
-
-def _manifest(store: Store, config: BuildConfig, seed: int, base_key: str, adapters: Mapping[int, Mapping[str, tuple[str, str]]],
-              dense_keys: Mapping[str, str], eval_key: str, tasks: Mapping[str, ClassificationTask]) -> dict[str, Any]:
-    timings = {"pretrain": wall_time(store, base_key),
-               "lora": sum(wall_time(store, k) for per in adapters.values() for k, _ in per.values()),
-               "dense": sum(wall_time(store, k) for k in dense_keys.values()),
-               "evaluation": wall_time(store, eval_key)}
-    return {
-        "format": 1, "profile": config.profile, "seed": seed, "config": config.as_dict(),
-        "base": {"dir": "base", "key": base_key},
-        "adapters": {**{str(r): {t: f"adapters/r{r}/{t}" for t in per} for r, per in adapters.items()},
-                     "mixed": {t: f"adapters/r{r}/{t}" for t, r in config.mixed(list(tasks)).items()}},
-        "default_rank": DEFAULT_RANK,
-        "adapter_keys": {str(r): {t: k for t, (k, _) in per.items()} for r, per in adapters.items()},
-        "dense": {t: {"dir": f"dense/{t}", "key": k} for t, k in dense_keys.items()},
-        "tasks": {name: {"analogue": task.analogue, "source": task.source, "num_classes": task.num_classes}
-                  for name, task in tasks.items()},
-        "metrics": store.get_json(eval_key), "eval_key": eval_key,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()}, "build_time_s": round(sum(timings.values()), 1),
-    }
-
-
-def _export(out: Path, store: Store, manifest: Mapping[str, Any], backbone_key: str, vocab: Mapping[str, Any],
-            adapters: Mapping[int, Mapping[str, tuple[str, str]]], dense_keys: Mapping[str, str]) -> None:
-    write_backbone(out / "base", store.get_tensors(backbone_key), ClosedVocabTokenizer.from_json(vocab), vision_cfg(manifest["config"].get("vision_layers")))
-    write_adapters(store, adapters, out / "adapters")
-    for name, key in dense_keys.items():
-        encoder, decoder = _split_dense(store.get_tensors(key))
-        write_tensors(out / "dense" / name / "model.safetensors", encoder)
-        write_tensors(out / "dense" / name / "decoder.safetensors", decoder)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    write_readme(out, manifest)
-
-
-def write_readme(out: Path, manifest: Mapping[str, Any]) -> None:
-    """``out/README.md`` from the manifest, the artifacts' size and the variant search's record beside them
-    (``variants.json``, written by ``benchmarks/variants.py``), when there is one."""
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name not in ("README.md", VARIANTS_FILE))
-    variants = json.loads((out / VARIANTS_FILE).read_text()) if (out / VARIANTS_FILE).is_file() else None
-    (out / "README.md").write_text(render_readme(manifest, size, variants))
-
-
 @dataclass
 class BuildResult:
     manifest: dict[str, Any]
     wrote: bool
     elapsed_s: float = field(default=0.0)
-
-
-def check_out(out: Path) -> None:
-    """Refuse, before any work, an ``out`` that exists and is not a micro benchmark folder (the export
-    writes ``README.md``, ``manifest.json``, ``base/``, ``adapters/`` and ``dense/`` into it)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
-        raise InputError(f"{out} exists and is not a micro benchmark folder (no manifest.json); pass --out a new or empty folder")
 
 
 def build_micro(out: str | Path = "data/micro", store: Store | str | None = None, *, profile: str | BuildConfig = "full", seed: int = 0,
@@ -393,9 +310,9 @@ def _build(out: Path, store: Store, config: BuildConfig, seed: int, progress: Pr
     adapters = _adapters(store, backbone, base_key, tasks, config, seed, progress)
     dense_keys = _dense(store, backbone, base_key, config, seed, progress)
     eval_key = _evaluate(store, backbone, base_key, tasks, adapters, dense_keys, config, seed, progress)
-    manifest = _manifest(store, config, seed, base_key, adapters, dense_keys, eval_key, tasks)
+    manifest = build_manifest(store, config, seed, base_key, adapters, dense_keys, eval_key, tasks)
     current = out / "manifest.json"
     if current.is_file() and json.loads(current.read_text()) == json.loads(json.dumps(manifest)) and (out / "README.md").is_file():
         return BuildResult(manifest, False, time.perf_counter() - start)
-    _export(out, store, manifest, base_key, store.get_json(vocab_key), adapters, dense_keys)
+    export_micro(out, store, manifest, base_key, store.get_json(vocab_key), adapters, dense_keys)
     return BuildResult(manifest, True, time.perf_counter() - start)

@@ -39,7 +39,8 @@ from mergelab.errors import InputError
 from mergelab.evaluation.heads import task_head
 from mergelab.evaluation.metrics import evaluate_task, image_features, joint_hits, predict, top1_accuracy
 from mergelab.finetuning import LoraConfig, config_dict, train_lora
-from mergelab.micro.build import BuildResult, Progress, finetuned_accuracies, ticker, wall_time, write_adapters
+from mergelab.micro.build import BuildResult, Progress, finetuned_accuracies, ticker
+from mergelab.micro.export import wall_time, write_adapters
 from mergelab.store import Store
 from mergelab.textbench.readme import render_licenses, render_readme
 from mergelab.textbench.rows import SPLITS, SplitSizes, class_counts, read_rows, split_rows, write_rows
