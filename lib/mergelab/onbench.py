@@ -27,9 +27,13 @@ from mergelab.study import NodeResult
 from mergelab.study.one_method import Adapted, Selection, adapt_on_bench, evaluation_bench, select_hyper_parameters, swept_grid
 
 if TYPE_CHECKING:
+    from mergelab.bench import BenchSpec
     from mergelab.merging.registry import Composition, MergeMethod
+    from mergelab.serving import RankCap
     from mergelab.spaces import Space
     from mergelab.store import Store
+    from mergelab.store_format import Key
+    from mergelab.taskset import MergedUpdate, TaskSet
 
 __all__ = ["Merged", "adapt_adapters", "check_output", "gives_dense", "merge_adapters"]
 
@@ -59,6 +63,45 @@ def gives_dense(spec: MergeMethod | Composition, space: Space) -> bool:
     return isinstance(space, FullSpace) and get_type_hints(last.fn).get("return") is Tensor
 
 
+@dataclass(frozen=True)
+class _Request:
+    """:func:`merge_adapters`' arguments as given (``on_selection`` aside), read by its steps."""
+
+    sources: Sequence[str]
+    base: str
+    method: str
+    space: str
+    out: Path
+    fixed: Mapping[str, str] | None
+    space_options: Mapping[str, str] | None
+    fmt: str
+    max_rank: int | str | None
+    grams: Path | None
+    modules: Sequence[str] | None
+    force: bool
+    select: str | None
+    grid: Mapping[str, Sequence[Any]] | None
+    bench: str
+    store: str | None
+    base_module: str | None
+    shard_size: int | str
+    command: str | None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`merge_adapters`' options read as once checked: the rank cap, the shard size, the store,
+    the method with its fixed and resolved hyper-parameters, the space."""
+
+    cap: RankCap | None
+    size: int
+    store: Store
+    spec: MergeMethod | Composition
+    fixed: dict[str, str]
+    hyper_parameters: dict[str, Any]
+    space: Space
+
+
 def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = "full", *, out: Path,
                    fixed: Mapping[str, str] | None = None, space_options: Mapping[str, str] | None = None, fmt: str = "peft",
                    max_rank: int | str | None = None, grams: Path | None = None, modules: Sequence[str] | None = None,
@@ -78,88 +121,143 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     (:func:`~mergelab.checkpoints.writing.parse_size`); ``command`` (the CLI's invocation) goes to the record
     and the card. Every argument is checked before anything loads.
     """
-    import os
-    import time
+    from mergelab.checkpoints import load_grams, load_taskset, save_merged, task_heads
 
-    from mergelab.checkpoints import cap_rank, load_grams, load_taskset, save_merged, task_heads
-    from mergelab.checkpoints.writing import merged_rank, parse_size
-    from mergelab.provenance import merge_reproducibility
+    request = _Request(sources=sources, base=base, method=method, space=space, out=out, fixed=fixed, space_options=space_options,
+                       fmt=fmt, max_rank=max_rank, grams=grams, modules=modules, force=force, select=select, grid=grid, bench=bench,
+                       store=store, base_module=base_module, shard_size=shard_size, command=command)
+    plan = _checked_options(request)
+    taskset = load_taskset(base, sources, modules=modules, base_module=base_module)
+    if select is None:  # a selection's study checks every candidate once the adapters are staged
+        check_feasible(plan.spec, taskset, plan.hyper_parameters)
+    if plan.cap is not None and plan.cap.engine is None:
+        _check_cap_binds(plan.cap.rank, taskset)  # type: ignore[arg-type]
+        plan.cap.warn_unservable()  # here, so that its stacklevel names merge_adapters' caller
+    side_inputs = {"grams": load_grams(grams, taskset)} if grams is not None else None
+    evaluation = evaluation_bench(bench, taskset, base) if select is not None else None
+    _check_low_rank_output(fmt, plan)
+    selection = _select(plan, select, grid, evaluation, on_selection) if select is not None else None
+    hyper_parameters = plan.spec.resolve({**plan.fixed, **selection.config}) if selection is not None else plan.hyper_parameters
+    merged, merge_time, capped = _merge_capped(taskset, plan, hyper_parameters, side_inputs)
+    key, record = _merge_record(request, plan, taskset, merged, merge_time, selection)
+    written = save_merged(merged, out, format=fmt, base=base, overwrite=force, heads=task_heads(taskset), record=record,  # type: ignore[arg-type]
+                          shard_size=plan.size)
+    if not plan.store.exists(key):
+        plan.store.put_json(key, record)
+    return Merged(written, str(key), plan.store.url, record, selection, capped)
+
+
+def _checked_options(request: _Request) -> _Plan:
+    """Step 1 of :func:`merge_adapters`: every option checked, and read, before anything loads."""
+    from mergelab.checkpoints.writing import parse_size
     from mergelab.serving import parse_max_rank
     from mergelab.spaces import get_space
     from mergelab.store import Store
 
-    if not sources:
+    r = request
+    if not r.sources:
         raise InputError("no adapters given; pass --adapters DIR [DIR ...]")
-    if max_rank is not None and fmt != "peft":
-        raise InputError(f"--max-rank {max_rank} caps a PEFT adapter's rank; use it with --format peft")
-    cap = parse_max_rank(max_rank, warn=False) if max_rank is not None else None  # warns once the cap is known to bind
-    size = parse_size(shard_size)
-    s = Store(store)
-    check_output(fmt, out, force, store=s, sources=sources, base=base, shard_size=size, grams=grams,
-                 bench=None if bench == "micro" else bench)
-    spec, fixed = METHODS[method], dict(fixed or {})
+    if r.max_rank is not None and r.fmt != "peft":
+        raise InputError(f"--max-rank {r.max_rank} caps a PEFT adapter's rank; use it with --format peft")
+    cap = parse_max_rank(r.max_rank, warn=False) if r.max_rank is not None else None  # warns once the cap is known to bind
+    size = parse_size(r.shard_size)
+    s = Store(r.store)
+    check_output(r.fmt, r.out, r.force, store=s, sources=r.sources, base=r.base, shard_size=size, grams=r.grams,
+                 bench=None if r.bench == "micro" else r.bench)
+    spec, fixed = METHODS[r.method], dict(r.fixed or {})
     hyper_parameters = spec.resolve(fixed)
-    sp = get_space(space, **dict(space_options or {}))
-    if grid and select is None:
+    sp = get_space(r.space, **dict(r.space_options or {}))
+    _check_selection_options(r, spec.name, fixed)
+    return _Plan(cap, size, s, spec, fixed, hyper_parameters, sp)
+
+
+def _check_selection_options(request: _Request, method: str, fixed: Mapping[str, str]) -> None:
+    """Step 1 of :func:`merge_adapters`, continued: ``--select``, ``--grid`` and ``--bench`` agree, and the grid is not too large."""
+    r = request
+    if r.grid and r.select is None:
         raise InputError("--grid lists values to select from; add --select val or --select tas")
-    if bench != "micro" and select is None:
-        raise InputError(f"--bench {bench} names the benchmark --select evaluates on; add --select val or --select tas, or drop --bench")
-    if select is not None:
-        SELECTION_RULES.require(select)
-    if select is not None and (grams or modules or space_options):
+    if r.bench != "micro" and r.select is None:
+        raise InputError(f"--bench {r.bench} names the benchmark --select evaluates on; add --select val or --select tas, or drop --bench")
+    if r.select is not None:
+        SELECTION_RULES.require(r.select)
+    if r.select is not None and (r.grams or r.modules or r.space_options):
         raise InputError("--select evaluates whole models merged with default space options; drop --grams, --modules and --space-option")
-    if select is not None:
-        swept_grid(spec.name, fixed, grid)  # a too-large grid fails before the benchmark loads
-    taskset = load_taskset(base, sources, modules=modules, base_module=base_module)
-    if select is None:  # a selection's study checks every candidate once the adapters are staged
-        check_feasible(spec, taskset, hyper_parameters)
-    if cap is not None and cap.engine is None:
-        bound = max((min(u.shape) for t in taskset.tasks for u in t.modules.values() if len(u.shape) == 2), default=0)
-        if cap.rank > bound:  # type: ignore[operator]
-            raise InputError(f"--max-rank {cap.rank} is above every module's min(out, in) (at most {bound}), so it caps nothing; "
-                             f"give a rank below {bound} or a serving engine (--max-rank vllm), or drop --max-rank")
-        cap.warn_unservable()
-    side_inputs = {"grams": load_grams(grams, taskset)} if grams is not None else None
-    if select is not None:
-        bench_spec, evaluating = evaluation_bench(bench, taskset, base)
-    if fmt == "peft" and cap is None and gives_dense(spec, sp):
+    if r.select is not None:
+        swept_grid(method, fixed, r.grid)  # a too-large grid fails before the benchmark loads
+
+
+def _check_cap_binds(rank: int, taskset: TaskSet) -> None:
+    """Step 2 of :func:`merge_adapters`, once the adapters are loaded: an integer ``--max-rank`` below some module's ``min(out, in)``."""
+    bound = max((min(u.shape) for t in taskset.tasks for u in t.modules.values() if len(u.shape) == 2), default=0)
+    if rank > bound:
+        raise InputError(f"--max-rank {rank} is above every module's min(out, in) (at most {bound}), so it caps nothing; "
+                         f"give a rank below {bound} or a serving engine (--max-rank vllm), or drop --max-rank")
+
+
+def _check_low_rank_output(fmt: str, plan: _Plan) -> None:
+    """Step 3 of :func:`merge_adapters`: a PEFT output (with no rank cap) from a method and space that give low-rank modules."""
+    spec, sp = plan.spec, plan.space
+    if fmt == "peft" and plan.cap is None and gives_dense(spec, sp):
         raise InputError(f"{spec.name} in the {sp.name} space gives a dense update of every module, not a LoRA adapter; save with "
                          "format='weights' (CLI: --format weights), cap its rank (--max-rank: a truncated SVD per module) or "
                          "merge in a low-rank space (knots, core)")
-    selection = None
-    if select is not None:
 
-        def run(progress: Callable[[NodeResult, int], None] | None = None) -> Selection:
-            return select_hyper_parameters(evaluating, bench_spec, spec.name, sp.name, select, fixed, s.url, grid=grid,
-                                           progress=progress)
 
-        selection = on_selection(spec.name, sp.name, evaluating, run) if on_selection is not None else run()
-        hyper_parameters = spec.resolve({**fixed, **selection.config})
+def _select(plan: _Plan, select: str, grid: Mapping[str, Sequence[Any]] | None, evaluation: tuple[BenchSpec, Bench] | None,
+            on_selection: Callable[[str, str, Bench, Callable[..., Selection]], Selection] | None) -> Selection:
+    """Step 4 of :func:`merge_adapters` with ``--select``: the hyper-parameters chosen on the benchmark (``on_selection`` wraps the run)."""
+    assert evaluation is not None
+    bench_spec, evaluating = evaluation
+    spec, sp = plan.spec, plan.space
+
+    def run(progress: Callable[[NodeResult, int], None] | None = None) -> Selection:
+        return select_hyper_parameters(evaluating, bench_spec, spec.name, sp.name, select, plan.fixed, plan.store.url, grid=grid,
+                                       progress=progress)
+
+    return on_selection(spec.name, sp.name, evaluating, run) if on_selection is not None else run()
+
+
+def _merge_capped(taskset: TaskSet, plan: _Plan, hyper_parameters: Mapping[str, Any],
+                  side_inputs: dict[str, Any] | None) -> tuple[MergedUpdate, float, dict[str, float]]:
+    """Step 5 of :func:`merge_adapters`: the merge, its time in seconds, and its rank capped (with the error per capped module)."""
+    import time
+
+    from mergelab.checkpoints import cap_rank
+    from mergelab.checkpoints.writing import merged_rank
+
     start = time.perf_counter()
-    merged = merge(taskset, spec.name, sp, side_inputs=side_inputs, **hyper_parameters)
+    merged = merge(taskset, plan.spec.name, plan.space, side_inputs=side_inputs, **hyper_parameters)
     merge_time = time.perf_counter() - start
     capped: dict[str, float] = {}
-    if cap is not None:
-        merged, capped = cap_rank(merged, cap.resolve(merged_rank(merged)))
-    config = {"method": spec.name, "space": sp.name, "space_options": sp.options(), "hyper_parameters": merged.meta["hyper_parameters"],
-              **({"max_rank": merged.meta["max_rank"]} if cap is not None else {})}
-    key = s.key("merge.config", "1", taskset=taskset, **config, **({"selection": select} if select else {}))
+    if plan.cap is not None:
+        merged, capped = cap_rank(merged, plan.cap.resolve(merged_rank(merged)))
+    return merged, merge_time, capped
+
+
+def _merge_record(request: _Request, plan: _Plan, taskset: TaskSet, merged: MergedUpdate, merge_time: float,
+                  selection: Selection | None) -> tuple[Key, dict[str, Any]]:
+    """Step 6 of :func:`merge_adapters`: the ``merge.config`` key and the record (``merge.json``, the store's artifact)."""
+    import os
+
+    from mergelab.provenance import merge_reproducibility
+
+    cap, sp, select = plan.cap, plan.space, request.select
+    config = {"method": plan.spec.name, "space": sp.name, "space_options": sp.options(),
+              "hyper_parameters": merged.meta["hyper_parameters"], **({"max_rank": merged.meta["max_rank"]} if cap is not None else {})}
+    key = plan.store.key("merge.config", "1", taskset=taskset, **config, **({"selection": select} if select else {}))
     record = {**config, "tasks": inputs_of(taskset), "base": taskset.base.__dict__, "result_content_hash": merged.content_hash,
-              "output": str(Path(out).resolve()), "format": fmt, "ranks": {m: getattr(u, "rank", None) for m, u in merged.modules.items()},
+              "output": str(Path(request.out).resolve()), "format": request.fmt,
+              "ranks": {m: getattr(u, "rank", None) for m, u in merged.modules.items()},
               "merge_time_s": round(merge_time, 4), "reproducibility": merge_reproducibility(merged),
               **({"max_rank_rule": cap.describe()} if cap is not None else {}),
               **({"serving": {"engine": cap.engine, "max_lora_rank": merged.meta["max_rank"]}} if cap is not None and cap.engine else {}),
-              **({"command": command, "cwd": os.getcwd()} if command is not None else {})}
+              **({"command": request.command, "cwd": os.getcwd()} if request.command is not None else {})}
     if selection is not None:
         record["selection"] = {"rule": selection.rule, "chosen": selection.label, "results": str(selection.results),
                                "ref": f"studies/{selection.name}/results",
                                "criterion": dict(zip(map(str, selection.criterion.config.values), map(float, selection.criterion.values)))}
         record["scores"], record["intervals"] = selection.scores, selection.intervals
-    written = save_merged(merged, out, format=fmt, base=base, overwrite=force, heads=task_heads(taskset), record=record,  # type: ignore[arg-type]
-                          shard_size=size)
-    if not s.exists(key):
-        s.put_json(key, record)
-    return Merged(written, str(key), s.url, record, selection, capped)
+    return key, record
 
 
 def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any], *, out: Path, fmt: str = "peft",
