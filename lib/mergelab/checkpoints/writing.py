@@ -235,59 +235,87 @@ def save_merged(
     ``out/merge.json`` the provenance: ``PeftModel.from_pretrained(base, out/<task>)`` is the
     merged model for that task.
     """
+    info = _merge_info(merged, format, record)
+    unsafe = [t for t in heads or {} if not SAFE_NAME.fullmatch(t)]
+    if unsafe:
+        raise InputError(f"task name {unsafe[0]!r} cannot name a folder of per-task adapters; name tasks with letters, digits, '_.+-'")
+    if format == "peft":
+        write_one = _peft_writer(merged, dtype)
+    elif format == "weights":
+        if base is None:
+            raise InputError("format='weights' needs the base model; pass base=... (CLI: --base)")
+        write_one = _weights_writer(merged.apply(load_state_dict(base)), base, heads, shard_size)
+    else:
+        raise InputError(f"unknown format {format!r}; choose 'peft' or 'weights'")
+    return _publish_dir(Path(out), _output_writer(write_one, heads, info), overwrite)
+
+
+#: Writes one adapter or weights folder of :func:`save_merged`: the merge plus a task's own parameters (its head).
+_WriteOne = Callable[[Path, Mapping[str, torch.Tensor]], None]
+
+
+def _merge_info(merged: MergedUpdate, format: str, record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Step 1 of :func:`save_merged`: the ``merge.json`` record (the merge's provenance, ``record`` on top)."""
     adapter_config = (merged.meta.get("peft") or {}).get("adapter_config") or {}
-    info = {"method": merged.meta.get("method"), "space": merged.meta.get("space"),
+    return {"method": merged.meta.get("method"), "space": merged.meta.get("space"),
             "space_options": merged.meta.get("space_options"),
             "hyper_parameters": merged.meta.get("hyper_parameters"), "tasks": merged.meta.get("tasks"),
             "base": merged.base.__dict__, "base_model": adapter_config.get("base_model_name_or_path") or merged.base.name,
             "format": format, "content_hash": merged.content_hash,
             **{k: merged.meta[k] for k in ("max_rank", "rank_cap_error", "completed_directions") if k in merged.meta},
             "reproducibility": merge_reproducibility(merged), **(record or {})}
-    unsafe = [t for t in heads or {} if not SAFE_NAME.fullmatch(t)]
-    if unsafe:
-        raise InputError(f"task name {unsafe[0]!r} cannot name a folder of per-task adapters; name tasks with letters, digits, '_.+-'")
-    if format == "peft":
-        dense = sorted(k for k, u in merged.modules.items() if not isinstance(u, LowRank))
-        if dense:
-            raise InputError(f"merged update has {len(dense)} dense modules (e.g. {dense[0]!r}), not a LoRA adapter; save with format='weights' (CLI: --format weights)")
-        template, layout = _peft_layout(merged)
-        tensors, ranks = _adapter_tensors(merged, layout)
-        r = max(ranks.values())
-        config = {**template, "r": r, "lora_alpha": r, "use_rslora": False, "lora_dropout": 0.0,
-                  "rank_pattern": {k: v for k, v in ranks.items() if v != r}, "alpha_pattern": {k: v for k, v in ranks.items() if v != r},
-                  "inference_mode": True}
-        if not config.get("target_modules"):
-            config["target_modules"] = sorted(ranks)
 
-        def write_one(d: Path, own: Mapping[str, torch.Tensor]) -> None:
-            own_tensors = {PEFT_PREFIX + k: v for k, v in own.items()}
-            save_file({k: v.to(dtype).contiguous() for k, v in {**tensors, **own_tensors}.items()}, str(d / "adapter_model.safetensors"))
-            (d / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
-    elif format == "weights":
-        if base is None:
-            raise InputError("format='weights' needs the base model; pass base=... (CLI: --base)")
-        weights = merged.apply(load_state_dict(base))
-        smallest = min((t.numel() * t.element_size() for t in weights.values()), default=0)
-        if shard_size < smallest:
-            warnings.warn(f"--shard-size {shard_size} bytes is below every tensor's size (the smallest has {smallest} bytes), so each of the "
-                          f"{len(weights)} tensors is written alone in its own shard; give a size such as 5GB", UserWarning, stacklevel=2)
+def _peft_writer(merged: MergedUpdate, dtype: torch.dtype) -> _WriteOne:
+    """Step 2 of :func:`save_merged` with ``format="peft"``: the adapter's tensors and config (every module low rank), and its writer."""
+    dense = sorted(k for k, u in merged.modules.items() if not isinstance(u, LowRank))
+    if dense:
+        raise InputError(f"merged update has {len(dense)} dense modules (e.g. {dense[0]!r}), not a LoRA adapter; save with format='weights' (CLI: --format weights)")
+    template, layout = _peft_layout(merged)
+    tensors, ranks = _adapter_tensors(merged, layout)
+    r = max(ranks.values())
+    config = {**template, "r": r, "lora_alpha": r, "use_rslora": False, "lora_dropout": 0.0,
+              "rank_pattern": {k: v for k, v in ranks.items() if v != r}, "alpha_pattern": {k: v for k, v in ranks.items() if v != r},
+              "inference_mode": True}
+    if not config.get("target_modules"):
+        config["target_modules"] = sorted(ranks)
 
-        foreign = sorted({k for own in (heads or {}).values() for k in own} - set(weights))
-        if foreign:
-            raise InputError(f"task head {foreign[0]!r} is not a parameter of the base; pass the model the adapters were trained on as --base")
+    def write_one(d: Path, own: Mapping[str, torch.Tensor]) -> None:
+        own_tensors = {PEFT_PREFIX + k: v for k, v in own.items()}
+        save_file({k: v.to(dtype).contiguous() for k, v in {**tensors, **own_tensors}.items()}, str(d / "adapter_model.safetensors"))
+        (d / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
-        model_files = [Path(base) / f for f in MODEL_FILES if isinstance(base, (str, os.PathLike)) and (Path(base) / f).is_file()]
+    return write_one
 
-        def write_one(d: Path, own: Mapping[str, torch.Tensor]) -> None:
-            from huggingface_hub import save_torch_state_dict
 
-            save_torch_state_dict({**weights, **own}, d, max_shard_size=shard_size)
-            for path in model_files:
-                shutil.copyfile(path, d / path.name)
+def _weights_writer(weights: StateDict, base: BaseLike, heads: Mapping[str, Mapping[str, torch.Tensor]] | None,
+                    shard_size: int) -> _WriteOne:
+    """Step 2 of :func:`save_merged` with ``format="weights"``: the merged weights checked against the shard size and the
+    task heads, and how to write one folder (with the base's model files)."""
+    smallest = min((t.numel() * t.element_size() for t in weights.values()), default=0)
+    if shard_size < smallest:
+        warnings.warn(f"--shard-size {shard_size} bytes is below every tensor's size (the smallest has {smallest} bytes), so each of the "
+                      f"{len(weights)} tensors is written alone in its own shard; give a size such as 5GB", UserWarning, stacklevel=3)
 
-    else:
-        raise InputError(f"unknown format {format!r}; choose 'peft' or 'weights'")
+    foreign = sorted({k for own in (heads or {}).values() for k in own} - set(weights))
+    if foreign:
+        raise InputError(f"task head {foreign[0]!r} is not a parameter of the base; pass the model the adapters were trained on as --base")
+
+    model_files = [Path(base) / f for f in MODEL_FILES if isinstance(base, (str, os.PathLike)) and (Path(base) / f).is_file()]
+
+    def write_one(d: Path, own: Mapping[str, torch.Tensor]) -> None:
+        from huggingface_hub import save_torch_state_dict
+
+        save_torch_state_dict({**weights, **own}, d, max_shard_size=shard_size)
+        for path in model_files:
+            shutil.copyfile(path, d / path.name)
+
+    return write_one
+
+
+def _output_writer(write_one: _WriteOne, heads: Mapping[str, Mapping[str, torch.Tensor]] | None,
+                   info: Mapping[str, Any]) -> Callable[[Path], None]:
+    """Step 3 of :func:`save_merged`: how to fill the output folder (one folder per task with ``heads``), ``merge.json`` and the card."""
 
     def write(d: Path) -> None:
         for task, own in (heads or {}).items():
@@ -299,4 +327,4 @@ def save_merged(
         (d / "merge.json").write_text(text)
         (d / CARD).write_text(model_card(json.loads(text)), encoding="utf-8")  # the card of the record as merge.json holds it
 
-    return _publish_dir(Path(out), write, overwrite)
+    return write
