@@ -199,11 +199,23 @@ def restricted_jacobian(taskset: TaskSet, losses: np.ndarray, grads: Sequence[Ma
     basis (``None``: numerical rank). Schema in ``docs/store.md``; the experiment that measures the
     gradients on a bench is :func:`mergelab.experiments.probes.jacobian_anisotropy`.
     """
-    T = len(taskset)
-    names = list(grads[0])
+    rows, owners = _jacobian_rows(taskset, grads, split_packed=split_packed, rtol=rtol)
+    statistics = _anisotropy_statistics(rows, owners, len(taskset))
+    attrs = dataset_attrs(taskset, title="anisotropy of LoRA directions (restricted task-loss Jacobian)",
+                          paper="001 Sec. 2.3 (Eqs. (3)-(6), Prop. 1), App. E (Figs. 2, 6-9)", lam=lam,
+                          objective="labels" if labels else "entropy", split="val", batch_size=batch_size,
+                          batches=-1 if batches is None else batches, svd_rtol=-1.0 if rtol is None else rtol,
+                          kappa_rho="max_k |h_k| / min_k |h_k| over h_k != 0 (our reading of 001 App. E)")
+    return _anisotropy_dataset(taskset, losses, n_images, list(rows), statistics, attrs)
+
+
+def _jacobian_rows(taskset: TaskSet, grads: Sequence[Mapping[str, Tensor]], *, split_packed: bool,
+                   rtol: float | None) -> tuple[dict[str, dict[str, np.ndarray]], dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]]:
+    """Step 1 of :func:`restricted_jacobian`: ``J[i, k] = <∇f_i(W), S_k>_F`` (001 Eq. (3)) per module view and basis, and per
+    (view, basis) the task and index owning each direction ``S_k``."""
     rows: dict[str, dict[str, np.ndarray]] = {}  # module view -> basis -> J (T, K)
     owners: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-    for name in names:
+    for name in list(grads[0]):
         views = [split_modules({name: u}, split_packed=split_packed) for u in taskset.updates(name)]
         grad_views = [split_modules({name: Dense(g[name])}, split_packed=split_packed) for g in grads]
         for view in views[0]:
@@ -213,6 +225,13 @@ def restricted_jacobian(taskset: TaskSet, losses: np.ndarray, grads: Sequence[Ma
                 basis = build(updates, rtol=rtol) if b == "svd" else build(updates)
                 rows[view][b] = torch.stack([sensitivities(g[view].delta, basis) for g in grad_views]).numpy()
                 owners[(view, b)] = basis.owner.numpy(), basis.index.numpy()
+    return rows, owners
+
+
+def _anisotropy_statistics(rows: Mapping[str, Mapping[str, np.ndarray]], owners: Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]],
+                           T: int) -> dict[str, np.ndarray]:
+    """Step 2 of :func:`restricted_jacobian`: per basis × module, ``J`` padded to the most directions and its statistics
+    (singular values, κ(J) of 001 Eq. (4), ``h(ρ)`` of Eq. (5), κ(ρ), ξ of Eq. (6)), named as the dataset's variables."""
     modules = list(rows)
     bases = list(BASES)
     K = max(J.shape[1] for per in rows.values() for J in per.values())
@@ -242,29 +261,38 @@ def restricted_jacobian(taskset: TaskSet, losses: np.ndarray, grads: Sequence[Ma
             for t in range(T):  # ρ one-hot on task t: h = J[t]
                 kappa_1[bi, t, mi] = kappa(J[t])
                 xi_1[bi, t, mi] = xi(hu, J[t])
+    return {"J": J_all, "n_directions": n_dir, "direction_task": owner, "direction_index": index, "singular_value": sv,
+            "energy_fraction": frac, "kappa_J": kappa_J, "h_uniform": h_uniform, "kappa_uniform": kappa_u, "kappa_onehot": kappa_1,
+            "xi": xi_1}
+
+
+def _anisotropy_dataset(taskset: TaskSet, losses: np.ndarray, n_images: Sequence[int], modules: Sequence[str],
+                        statistics: Mapping[str, np.ndarray], attrs: Mapping[str, object]) -> xr.Dataset:
+    """Step 3 of :func:`restricted_jacobian`: the dataset (schema in ``docs/store.md``) of the losses and the statistics."""
+    st = statistics
+    K, C = st["J"].shape[-1], st["singular_value"].shape[-1]
     directions = ("basis", "module", "direction")
     return xr.Dataset(
         {
             "loss": annotated(("task",), losses, "f_i at the TA merge (entropy, or cross-entropy with labels)", "nats"),
             "n_images": annotated(("task",), np.asarray(n_images, dtype=np.int64),
                                   "validation images behind f_i"),
-            "J": annotated(("basis", "task", "module", "direction"), J_all, "J[i,k] = <∇f_i(W), S_k>_F", "nats / weight units"),
-            "n_directions": annotated(("basis", "module"), n_dir, "number of directions K"),
-            "direction_task": annotated(directions, owner, "task index (0-based, task order) owning S_k; -1 = padding"),
-            "direction_index": annotated(directions, index, "rank index (raw) or singular component (svd) of S_k, 1-based; -1 = padding"),
-            "singular_value": annotated(("basis", "module", "component"), sv, "singular value σ_k(J)", "nats / weight units"),
-            "energy_fraction": annotated(("basis", "module", "component"), frac, "scree energy σ_k²/Σσ² of J"),
-            "kappa_J": annotated(("basis", "module"), kappa_J, "κ(J) = σ_max/σ_min over non-zero σ (001 Prop. 1)"),
-            "h_uniform": annotated(directions, h_uniform, "h(ρ_uniform) = mean_i J[i]", "nats / weight units"),
-            "kappa_uniform": annotated(("basis", "module"), kappa_u, "κ(ρ_uniform) = max|h_k| / min|h_k| (h_k ≠ 0)"),
-            "kappa_onehot": annotated(("basis", "task", "module"), kappa_1, "κ(ρ_onehot(task)) = max|h_k| / min|h_k| (h_k ≠ 0)"),
-            "xi": annotated(("basis", "task", "module"), xi_1, "ξ(ρ_uniform, ρ_onehot(task)) (001 Eq. (6))"),
+            "J": annotated(("basis", "task", "module", "direction"), st["J"], "J[i,k] = <∇f_i(W), S_k>_F", "nats / weight units"),
+            "n_directions": annotated(("basis", "module"), st["n_directions"], "number of directions K"),
+            "direction_task": annotated(directions, st["direction_task"], "task index (0-based, task order) owning S_k; -1 = padding"),
+            "direction_index": annotated(directions, st["direction_index"],
+                                         "rank index (raw) or singular component (svd) of S_k, 1-based; -1 = padding"),
+            "singular_value": annotated(("basis", "module", "component"), st["singular_value"], "singular value σ_k(J)",
+                                        "nats / weight units"),
+            "energy_fraction": annotated(("basis", "module", "component"), st["energy_fraction"], "scree energy σ_k²/Σσ² of J"),
+            "kappa_J": annotated(("basis", "module"), st["kappa_J"], "κ(J) = σ_max/σ_min over non-zero σ (001 Prop. 1)"),
+            "h_uniform": annotated(directions, st["h_uniform"], "h(ρ_uniform) = mean_i J[i]", "nats / weight units"),
+            "kappa_uniform": annotated(("basis", "module"), st["kappa_uniform"], "κ(ρ_uniform) = max|h_k| / min|h_k| (h_k ≠ 0)"),
+            "kappa_onehot": annotated(("basis", "task", "module"), st["kappa_onehot"],
+                                      "κ(ρ_onehot(task)) = max|h_k| / min|h_k| (h_k ≠ 0)"),
+            "xi": annotated(("basis", "task", "module"), st["xi"], "ξ(ρ_uniform, ρ_onehot(task)) (001 Eq. (6))"),
         },
-        coords={"basis": np.array(bases, dtype=object), "task": np.array(taskset.names, dtype=object),
+        coords={"basis": np.array(list(BASES), dtype=object), "task": np.array(taskset.names, dtype=object),
                 **module_coords(modules, taskset.layout), "direction": np.arange(1, K + 1), "component": np.arange(1, C + 1)},
-        attrs=dataset_attrs(taskset, title="anisotropy of LoRA directions (restricted task-loss Jacobian)",
-                            paper="001 Sec. 2.3 (Eqs. (3)-(6), Prop. 1), App. E (Figs. 2, 6-9)", lam=lam,
-                            objective="labels" if labels else "entropy", split="val", batch_size=batch_size,
-                            batches=-1 if batches is None else batches, svd_rtol=-1.0 if rtol is None else rtol,
-                            kappa_rho="max_k |h_k| / min_k |h_k| over h_k != 0 (our reading of 001 App. E)"),
+        attrs=attrs,
     )
