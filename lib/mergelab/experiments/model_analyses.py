@@ -19,7 +19,8 @@ accuracy axis of :func:`tas_sweep` is the one exception a caller asks for by ``e
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -165,6 +166,43 @@ def tas_sweep(session: BenchSession, *, method: str = "task_arithmetic", space: 
     top-1 accuracy on ``eval_split`` (and the fine-tuned models'), the performance axis of the
     proxy-vs-performance study only: the selections in this Dataset never read it.
     """
+    grid = _sweep_grid(method, lams, distances, batch_counts, batch_size)
+    measured = _measure_sweep(session, method, space, grid, accuracy, eval_split)
+    attrs = dataset_attrs(session.taskset, title="TAS and AdaMMS* across the merge coefficient",
+                          paper="004 Sec. 3.2 (Eq. (2), Figs. 3-4), App. D (Eq. (5), Fig. 9), App. E (Figs. 10-11)",
+                          method=method, space=space, hp="alpha", split="val", eval_split=eval_split,
+                          batch_size=batch_size, features="encode_image (final embedding, unnormalised)")
+    return _sweep_dataset(session.taskset.names, grid, measured, eval_split, attrs)
+
+
+@dataclass(frozen=True)
+class _SweepGrid:
+    """What :func:`tas_sweep` sweeps: the ascending λ values, the distances (names and functions), the ascending
+    batch counts, and the batch size."""
+
+    lams: list[float]
+    distances: Sequence[str]
+    fns: list[Callable[[Tensor, Tensor], Tensor]]
+    counts: list[int]
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class _SweptValues:
+    """What :func:`tas_sweep` measures: validation images per (task, batch count), TAS_t (λ, distance, batch count, task),
+    the distances between adjacent λ of AdaMMS* (one λ fewer), the merges' and the fine-tuned models' accuracies."""
+
+    sizes: list[int]
+    tas: np.ndarray
+    adjacent: np.ndarray
+    accuracy: np.ndarray
+    finetuned_accuracy: np.ndarray
+
+
+def _sweep_grid(method: str, lams: Sequence[float] | None, distances: Sequence[str], batch_counts: Sequence[int],
+                batch_size: int) -> _SweepGrid:
+    """Step 1 of :func:`tas_sweep`: a method with an ``alpha``, at least 3 λ (AdaMMS*, 004 Eq. (5)), positive batch counts,
+    known distances."""
     if method not in METHODS or "alpha" not in METHODS[method].params:
         raise InputError(f"tas_sweep sweeps a method's alpha; {method!r} is not a registered method with one")
     lams = sorted(float(x) for x in (METHODS[method].grid["alpha"] if lams is None else lams))
@@ -174,9 +212,16 @@ def tas_sweep(session: BenchSession, *, method: str = "task_arithmetic", space: 
     if not counts or counts[0] < 1:
         raise InputError(f"batch_counts must be positive integers, got {list(batch_counts)}")
     fns = [check_distance(d) for d in distances]
+    return _SweepGrid(lams, distances, fns, counts, batch_size)
+
+
+def _measure_sweep(session: BenchSession, method: str, space: str, grid: _SweepGrid, accuracy: bool, eval_split: str) -> _SweptValues:
+    """Step 2 of :func:`tas_sweep`: per λ, the merge's features and their distances to the fine-tuned models' (TAS_t, 004 Eq. (2))
+    and to the previous λ's (AdaMMS*), over the first ``b × batch_size`` validation images; the accuracies if asked."""
+    lams, fns, counts, batch_size = grid.lams, grid.fns, grid.counts, grid.batch_size
     taskset, backbone, base = session.taskset, session.backbone, session.base
     tasks = [session.bench.tasks[n] for n in taskset.names]
-    T, L, D, B = len(tasks), len(lams), len(distances), len(counts)
+    T, L, D, B = len(tasks), len(lams), len(grid.distances), len(counts)
     sizes = [min(b * batch_size, len(session.tensors(n, "val")[0])) for n in taskset.names for b in counts]
     teachers = [{**base, **session.finetuned(n)} for n in taskset.names]
     teacher_f = [features(backbone, task, teachers[t], batch_size=batch_size, batches=counts[-1]) for t, task in enumerate(tasks)]
@@ -199,32 +244,36 @@ def tas_sweep(session: BenchSession, *, method: str = "task_arithmetic", space: 
             if accuracy:
                 acc[li, t] = session.accuracy(taskset.names[t], eval_split, params)[0]
         previous = current
-    adamms = np.apply_along_axis(adamms_scores, 0, adjacent)  # (L, D, B, T)
-    tas_mean, adamms_mean = tas_v.mean(axis=3), adamms.mean(axis=3)
-    pick = lambda scores: np.array([[lams[int(np.nanargmin(scores[:, d, b]))] for b in range(B)] for d in range(D)])  # noqa: E731
     ft_acc = np.array([session.accuracy(n, eval_split, teachers[t])[0] for t, n in enumerate(taskset.names)]) \
         if accuracy else np.full(T, np.nan)
-    grid = ("lam", "distance", "n_batches")
+    return _SweptValues(sizes, tas_v, adjacent, acc, ft_acc)
+
+
+def _sweep_dataset(names: Sequence[str], grid: _SweepGrid, measured: _SweptValues, eval_split: str, attrs: Mapping[str, Any]) -> xr.Dataset:
+    """Step 3 of :func:`tas_sweep`: AdaMMS* (004 Eq. (5)), the λ each proxy selects, and the dataset."""
+    lams, counts, m = grid.lams, grid.counts, measured
+    T, D, B = len(names), len(grid.distances), len(counts)
+    adamms = np.apply_along_axis(adamms_scores, 0, m.adjacent)  # (L, D, B, T)
+    tas_mean, adamms_mean = m.tas.mean(axis=3), adamms.mean(axis=3)
+    pick = lambda scores: np.array([[lams[int(np.nanargmin(scores[:, d, b]))] for b in range(B)] for d in range(D)])  # noqa: E731
+    dims = ("lam", "distance", "n_batches")
     return xr.Dataset(
         {
-            "tas": annotated((*grid, "task"), tas_v, "TAS_t(θ(λ)) (004 Eq. (2))", "feature units"),
-            "tas_mean": annotated(grid, tas_mean, "TAS = mean over tasks", "feature units"),
-            "adamms": annotated((*grid, "task"), adamms, "AdaMMS*_λ per task (004 Eq. (5)); NaN at the grid ends", "feature units"),
-            "adamms_mean": annotated(grid, adamms_mean, "AdaMMS*_λ averaged over tasks", "feature units"),
+            "tas": annotated((*dims, "task"), m.tas, "TAS_t(θ(λ)) (004 Eq. (2))", "feature units"),
+            "tas_mean": annotated(dims, tas_mean, "TAS = mean over tasks", "feature units"),
+            "adamms": annotated((*dims, "task"), adamms, "AdaMMS*_λ per task (004 Eq. (5)); NaN at the grid ends", "feature units"),
+            "adamms_mean": annotated(dims, adamms_mean, "AdaMMS*_λ averaged over tasks", "feature units"),
             "selected_lam_tas": annotated(("distance", "n_batches"), pick(tas_mean), "argmin_λ TAS"),
             "selected_lam_adamms": annotated(("distance", "n_batches"), pick(adamms_mean), "argmin_λ AdaMMS* (interior λ)"),
-            "n_images": annotated(("n_batches", "task"), np.array(sizes, dtype=np.int64).reshape(T, B).T,
+            "n_images": annotated(("n_batches", "task"), np.array(m.sizes, dtype=np.int64).reshape(T, B).T,
                                   "validation images per task"),
-            "accuracy": annotated(("lam", "task"), acc, f"top-1 accuracy on {eval_split} (NaN: not evaluated)"),
-            "finetuned_accuracy": annotated(("task",), ft_acc, f"fine-tuned model's top-1 accuracy on {eval_split}"),
-            "normalized_accuracy": annotated(("lam", "task"), acc / ft_acc, "accuracy / fine-tuned accuracy"),
+            "accuracy": annotated(("lam", "task"), m.accuracy, f"top-1 accuracy on {eval_split} (NaN: not evaluated)"),
+            "finetuned_accuracy": annotated(("task",), m.finetuned_accuracy, f"fine-tuned model's top-1 accuracy on {eval_split}"),
+            "normalized_accuracy": annotated(("lam", "task"), m.accuracy / m.finetuned_accuracy, "accuracy / fine-tuned accuracy"),
         },
-        coords={"lam": np.array(lams), "distance": np.array(list(distances), dtype=object),
-                "n_batches": np.array(counts, dtype=np.int64), "task": np.array(taskset.names, dtype=object)},
-        attrs=dataset_attrs(taskset, title="TAS and AdaMMS* across the merge coefficient",
-                            paper="004 Sec. 3.2 (Eq. (2), Figs. 3-4), App. D (Eq. (5), Fig. 9), App. E (Figs. 10-11)",
-                            method=method, space=space, hp="alpha", split="val", eval_split=eval_split,
-                            batch_size=batch_size, features="encode_image (final embedding, unnormalised)"),
+        coords={"lam": np.array(lams), "distance": np.array(list(grid.distances), dtype=object),
+                "n_batches": np.array(counts, dtype=np.int64), "task": np.array(names, dtype=object)},
+        attrs=attrs,
     )
 
 
