@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.table import Table
 
 from mergelab_app.cli.app import announce_store, milestone, progress_bars, RegistryHelp, StoreOpt, _Command, app, console, err_console, warn
 from mergelab.errors import InputError, check_writable
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 # run / demo -------------------------------------------------------------------------------------
@@ -85,15 +89,46 @@ def _run_flow(flow, runner: str, **params):
     resumes from the published nodes.
     """
     import contextlib
-    import os
     import signal
     import threading
 
-    from mergelab_flows.runtime import quiet_input_errors, start_ephemeral_server, stop_ephemeral_server, task_runner
+    from mergelab_flows.runtime import quiet_input_errors, start_ephemeral_server, task_runner
 
     chosen = task_runner(runner)
     from mergelab_flows.study import set_progress
 
+    listen, counts, progress = _node_progress()
+    outcome: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = flow.with_options(task_runner=chosen)(**params)
+        except BaseException as err:  # handed to the main thread below
+            outcome["error"] = err
+
+    start_ephemeral_server()
+    quiet_input_errors()  # a node's InputError is this command's one-line error, not a logged traceback
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    worker = threading.Thread(target=work, name="mergelab-flow", daemon=True)
+    try:
+        with progress if progress is not None else contextlib.nullcontext():
+            set_progress(listen)
+            worker.start()
+            while worker.is_alive():
+                worker.join(0.2)
+    except (KeyboardInterrupt, _Stopped) as interrupt:
+        _exit_stopped(interrupt, counts)
+    finally:
+        set_progress(None)
+        signal.signal(signal.SIGTERM, previous)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"]
+
+
+def _node_progress() -> tuple[Callable[[str, int, Any], None], dict[str, list[int]], Progress | None]:
+    """Step 1 of :func:`_run_flow`: the listener of finished nodes, the (done, cached) counts per phase it keeps, and the progress
+    bars it advances (``None`` when stderr is not a terminal: plain lines instead)."""
     terminal = err_console.is_terminal
     bars: dict[str, int] = {}
     counts: dict[str, list[int]] = {}
@@ -112,40 +147,27 @@ def _run_flow(flow, runner: str, **params):
         if result is not None:
             progress.update(bars[phase], advance=1, hits=done[1])
 
-    def stop(signum, frame) -> None:
-        raise _Stopped(signum)
+    return listen, counts, progress
 
-    outcome: dict[str, object] = {}
 
-    def work() -> None:
-        try:
-            outcome["result"] = flow.with_options(task_runner=chosen)(**params)
-        except BaseException as err:  # handed to the main thread below
-            outcome["error"] = err
+def _raise_stopped(signum, frame) -> None:
+    """:func:`_run_flow`'s SIGTERM handler: :class:`_Stopped` in the main thread."""
+    raise _Stopped(signum)
 
-    start_ephemeral_server()
-    quiet_input_errors()  # a node's InputError is this command's one-line error, not a logged traceback
-    previous = signal.signal(signal.SIGTERM, stop)
-    worker = threading.Thread(target=work, name="mergelab-flow", daemon=True)
-    try:
-        with progress if progress is not None else contextlib.nullcontext():
-            set_progress(listen)
-            worker.start()
-            while worker.is_alive():
-                worker.join(0.2)
-    except (KeyboardInterrupt, _Stopped) as interrupt:
-        published = sum(done for done, _ in counts.values())
-        err_console.print(f"stopped; rerun the same command to resume from {published} published node{'' if published == 1 else 's'}", highlight=False)
-        stop_ephemeral_server()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(143 if isinstance(interrupt, _Stopped) else 130)  # running nodes are abandoned, not awaited
-    finally:
-        set_progress(None)
-        signal.signal(signal.SIGTERM, previous)
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["result"]
+
+def _exit_stopped(interrupt: BaseException, counts: Mapping[str, list[int]]) -> NoReturn:
+    """Step 2 of :func:`_run_flow` on SIGINT or SIGTERM: say how to resume, stop the server, exit at once (130 / 143)."""
+    import os
+
+    from mergelab_flows.runtime import stop_ephemeral_server
+
+    published = sum(done for done, _ in counts.values())
+    err_console.print(f"stopped; rerun the same command to resume from {published} published node{'' if published == 1 else 's'}",
+                      highlight=False)
+    stop_ephemeral_server()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(143 if isinstance(interrupt, _Stopped) else 130)  # running nodes are abandoned, not awaited
 
 
 WideOpt = Annotated[bool, typer.Option("--wide", help="Configurations inline in the results table (wider than 80 columns).")]
