@@ -200,12 +200,7 @@ def run(
     last; :meth:`~mergelab.adaptation.models.CoefficientModel.components`), and in its attrs
     ``mean_abs_delta_coef`` (:func:`mean_abs_change` from the first to the last record).
     """
-    objective, scalarization, optimizer = schedule.objective, schedule.scalarization, schedule.optimizer
-    if objective is None or scalarization is None or optimizer is None:
-        raise InputError("the loop runs a schedule with its objective, scalarization and optimizer set; "
-                         "take the method's with Schedule.for_method")
-    if objective == "tas" and (teachers is None or forward.tokens is None):
-        raise InputError("objective 'tas' needs patch tokens (a backbone with image_tokens) and the fine-tuned teachers")
+    objective, scalarization, optimizer = _checked_schedule(schedule, forward, teachers)
     iters, lr, alpha = schedule.iters, schedule.lr, schedule.alpha
     rho = validate_preference(schedule.preference, model.n_tasks)
     scalarize = SCALARIZATIONS[scalarization].fn
@@ -216,9 +211,8 @@ def run(
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
     losses = np.zeros((iters, model.n_tasks))
     totals = np.zeros(iters)
-    records: list[dict[str, np.ndarray]] = [model.state()]
-    summaries: list[dict[str, np.ndarray]] = [{**model.summary(), **model.components()}]
-    recorded_at = [0]
+    records = _Records()
+    records.take(model, 0)
     start = time.perf_counter()
     for it in range(iters):
         batch = [next(stream) for stream in batches]
@@ -230,18 +224,42 @@ def run(
         opt.step()
         losses[it], totals[it] = f.detach().float().cpu().numpy(), float(total.detach())
         if (it + 1) % record_every == 0 or it + 1 == iters:
-            records.append(model.state())
-            summaries.append({**model.summary(), **model.components()})
-            recorded_at.append(it + 1)
+            records.take(model, it + 1)
         if progress is not None:
             progress(it + 1, totals[it])
     seconds = (time.perf_counter() - start) / max(iters, 1)
-    history = _history(model, losses, totals, records, summaries, recorded_at)
+    history = _history(model, losses, totals, records.states, records.summaries, records.at)
     history.attrs.update({"objective": objective, "scalarization": scalarization, "alpha": alpha, "space": model.space,
                           "preference": rho.tolist(), "lr": lr, "optimizer": optimizer, "iters": iters,
-                          "seconds_per_iter": seconds, "mean_abs_delta_coef": mean_abs_change(records[0], records[-1]),
+                          "seconds_per_iter": seconds, "mean_abs_delta_coef": mean_abs_change(records.states[0], records.states[-1]),
                           "anchors": None if anchor_values is None else anchor_values.tolist()})
     return AdaptResult(model.merged_update(meta=meta), history, seconds)
+
+
+def _checked_schedule(schedule: Schedule, forward: Forward, teachers: list[dict[str, Tensor]] | None) -> tuple[str, str, str]:
+    """Step 1 of :func:`run`: the schedule's objective, scalarization and optimizer, all set, and what the objective needs."""
+    objective, scalarization, optimizer = schedule.objective, schedule.scalarization, schedule.optimizer
+    if objective is None or scalarization is None or optimizer is None:
+        raise InputError("the loop runs a schedule with its objective, scalarization and optimizer set; "
+                         "take the method's with Schedule.for_method")
+    if objective == "tas" and (teachers is None or forward.tokens is None):
+        raise InputError("objective 'tas' needs patch tokens (a backbone with image_tokens) and the fine-tuned teachers")
+    return objective, scalarization, optimizer
+
+
+@dataclass
+class _Records:
+    """What :func:`run` records at the recorded iterations (0: the initialisation): the learned tensors and the model's summaries."""
+
+    states: list[dict[str, np.ndarray]] = field(default_factory=list)
+    summaries: list[dict[str, np.ndarray]] = field(default_factory=list)
+    at: list[int] = field(default_factory=list)
+
+    def take(self, model: CoefficientModel, iteration: int) -> None:
+        """Record ``model``'s learned tensors and per-(module, task) summaries after ``iteration`` steps."""
+        self.states.append(model.state())
+        self.summaries.append({**model.summary(), **model.components()})
+        self.at.append(iteration)
 
 
 def _history(model: CoefficientModel, losses: np.ndarray, totals: np.ndarray, records, summaries, recorded_at) -> xr.Dataset:
