@@ -10,6 +10,7 @@ import datetime as _dt
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from mergelab.outputs import remove_leftovers
 from mergelab.store import Store
@@ -108,40 +109,50 @@ def gc(store: Store, keep: set[str] | None = None, dry_run: bool = False, lease_
     or removed (an unreadable folder, a read-only store) goes to ``on_error(label, error)`` and gc
     goes on; without ``on_error`` the error is raised. Returns what was (or would be) removed."""
     store.check_is_store()
-    removed: list[str] = []
+    collector = _Collector(store, dry_run, lease_s, on_error)
+    _collect_staging(collector)
+    if store.local_root is not None:
+        for path in remove_leftovers(store.local_root, dry_run=True):  # abandoned ones only; removed (or reported) here
+            collector.remove(str(path), path.name)
+    keep_all = None if keep is None else set(keep) | set(store.refs().values())
+    for key in store._object_keys():
+        try:
+            _collect_object(collector, key, keep_all)
+        except OSError as err:
+            collector.failed(key, err)
+    return collector.removed
 
-    def failed(label: str, err: OSError) -> None:
-        if on_error is None:
+
+@dataclass(frozen=True)
+class _Collector:
+    """One :func:`gc` run: the store, whether it only lists (``dry_run``), the lease, where errors go, and what it removed."""
+
+    store: Store
+    dry_run: bool
+    lease_s: float
+    on_error: Callable[[str, OSError], None] | None
+    removed: list[str] = field(default_factory=list)
+
+    def failed(self, label: str, err: OSError) -> None:
+        """An entry that cannot be inspected or removed: to ``on_error``, or raised without one."""
+        if self.on_error is None:
             raise err
-        on_error(label, err)
+        self.on_error(label, err)
 
-    def remove(path: str, label: str) -> None:
-        if not dry_run:
+    def remove(self, path: str, label: str) -> None:
+        """Remove ``path`` (not in a dry run) and list it as ``label``; a failure goes to :meth:`failed` and is not listed."""
+        if not self.dry_run:
             try:
-                store.fs.rm(path, recursive=True)
+                self.store.fs.rm(path, recursive=True)
             except OSError as err:
-                failed(label, err)
+                self.failed(label, err)
                 return
-        removed.append(label)
+        self.removed.append(label)
 
-    def sweep(key: str) -> None:
-        folder = store._path("objects", key)
-        if not store.fs.isdir(folder):
-            if _stale(store, folder, lease_s):
-                remove(folder, key)  # a file where an object's folder belongs
-            return
-        marker = store._read_marker(key)
-        if marker is not None and keep_all is not None and key not in keep_all:
-            remove(folder, key)
-        elif marker is None:
-            if _stale(store, folder, lease_s):
-                remove(folder, key)  # nothing published (or a marker nobody can trust) and nothing in flight
-        elif marker.get("token"):
-            for p in (p.rstrip("/") for p in store.fs.ls(folder, detail=False)):
-                name = p.rsplit("/", 1)[-1]
-                if name not in (MARKER, marker["token"]) and _stale(store, p, lease_s):
-                    remove(p, f"{key}/{name}")
 
+def _collect_staging(collector: _Collector) -> None:
+    """Step 1 of :func:`gc`: the store's staging writes (``staging/<key>.<token>``) older than the lease."""
+    store, lease_s = collector.store, collector.lease_s
     staging = store._path("staging")
     if store.fs.exists(staging):
         for path in store.fs.ls(staging, detail=False):
@@ -150,16 +161,28 @@ def gc(store: Store, keep: set[str] | None = None, dry_run: bool = False, lease_
                 continue  # not a write of the store's (staging/<key>.<token>)
             try:
                 if _stale(store, path, lease_s):
-                    remove(path, label)
+                    collector.remove(path, label)
             except OSError as err:  # an entry that cannot be inspected is reported like one that cannot be removed
-                failed(label, err)
-    if store.local_root is not None:
-        for path in remove_leftovers(store.local_root, dry_run=True):  # abandoned ones only; removed (or reported) here
-            remove(str(path), path.name)
-    keep_all = None if keep is None else set(keep) | set(store.refs().values())
-    for key in store._object_keys():
-        try:
-            sweep(key)
-        except OSError as err:
-            failed(key, err)
-    return removed
+                collector.failed(label, err)
+
+
+def _collect_object(collector: _Collector, key: str, keep_all: set[str] | None) -> None:
+    """Step 3 of :func:`gc`, per entry of ``objects/``: a stale file or unpublished folder, a published object not in ``keep_all``,
+    or a published object's stale payloads that its marker does not name."""
+    store, lease_s, remove = collector.store, collector.lease_s, collector.remove
+    folder = store._path("objects", key)
+    if not store.fs.isdir(folder):
+        if _stale(store, folder, lease_s):
+            remove(folder, key)  # a file where an object's folder belongs
+        return
+    marker = store._read_marker(key)
+    if marker is not None and keep_all is not None and key not in keep_all:
+        remove(folder, key)
+    elif marker is None:
+        if _stale(store, folder, lease_s):
+            remove(folder, key)  # nothing published (or a marker nobody can trust) and nothing in flight
+    elif marker.get("token"):
+        for p in (p.rstrip("/") for p in store.fs.ls(folder, detail=False)):
+            name = p.rsplit("/", 1)[-1]
+            if name not in (MARKER, marker["token"]) and _stale(store, p, lease_s):
+                remove(p, f"{key}/{name}")
