@@ -189,29 +189,9 @@ def truncation_curves(taskset: TaskSet, *, method: str = "task_arithmetic", spac
     modules = list(lora.module_names)
     spaces = list(spaces)
     fractions = np.asarray([float(p) for p in fractions])
-    dims = np.zeros((len(spaces), len(modules)), dtype=np.int64)
-    sigmas: dict[tuple[int, int], np.ndarray] = {}
-    resolved: dict[str, Any] = {}
-    for i, space in enumerate(spaces):
-        sp = get_space(space)
-        merged = merge(lora, method, sp, **dict(hyper_parameters or {}))
-        resolved = merged.meta["hyper_parameters"]
-        for j, name in enumerate(modules):
-            dims[i, j], ctx = _space_dim(sp, lora.updates(name))
-            sigmas[i, j] = singular_values(merged_in_space(merged.modules[name], sp, ctx)).numpy()
+    dims, sigmas, resolved = _merged_spectra(lora, modules, method, spaces, hyper_parameters)
     n = int(dims.max())
-    sv = np.full((len(spaces), len(modules), n), np.nan)
-    err_by_rank = np.full((len(spaces), len(modules), n + 1), np.nan)
-    kept = np.zeros((len(spaces), len(modules), len(fractions)), dtype=np.int64)
-    err = np.full((len(spaces), len(modules), len(fractions)), np.nan)
-    for (i, j), s in sigmas.items():
-        d = int(dims[i, j])
-        sv[i, j, :d] = 0.0
-        sv[i, j, : s.size] = s
-        curve = truncation_error_curve(s, d)
-        err_by_rank[i, j, : d + 1] = curve
-        kept[i, j] = [kept_rank(d, p) for p in fractions]
-        err[i, j] = curve[kept[i, j]]
+    sv, err_by_rank, kept, err = _truncation_errors(dims, sigmas, fractions, (len(spaces), len(modules)))
     by_p = ("space", "module", "fraction")
     return xr.Dataset(
         {
@@ -231,6 +211,44 @@ def truncation_curves(taskset: TaskSet, *, method: str = "task_arithmetic", spac
         attrs=dataset_attrs(taskset, title="core- vs full-space truncation of the merged update", method=method,
                             hyper_parameters=resolved, paper="003 Sec. 5.2 (Fig. 4)"),
     )
+
+
+def _merged_spectra(lora: TaskSet, modules: Sequence[str], method: str, spaces: Sequence[str],
+                    hyper_parameters: Mapping[str, Any] | None) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray], dict[str, Any]]:
+    """Step 1 of :func:`truncation_curves`: per (space, module), ``dim(Σ)`` and the singular values of the merged matrix in the
+    space (003 Sec. 5.2), and the merge's resolved hyper-parameters."""
+    dims = np.zeros((len(spaces), len(modules)), dtype=np.int64)
+    sigmas: dict[tuple[int, int], np.ndarray] = {}
+    resolved: dict[str, Any] = {}
+    for i, space in enumerate(spaces):
+        sp = get_space(space)
+        merged = merge(lora, method, sp, **dict(hyper_parameters or {}))
+        resolved = merged.meta["hyper_parameters"]
+        for j, name in enumerate(modules):
+            dims[i, j], ctx = _space_dim(sp, lora.updates(name))
+            sigmas[i, j] = singular_values(merged_in_space(merged.modules[name], sp, ctx)).numpy()
+    return dims, sigmas, resolved
+
+
+def _truncation_errors(dims: np.ndarray, sigmas: Mapping[tuple[int, int], np.ndarray], fractions: np.ndarray,
+                       shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Step 2 of :func:`truncation_curves`: per (space, module) of ``shape``, the singular values padded to the largest
+    ``dim(Σ)``, the relative error by kept rank ``sqrt(Σ_{i>k} σ_i² / Σ_i σ_i²)``, and by fraction ``p`` the kept rank
+    and its error."""
+    n = int(dims.max())
+    sv = np.full((*shape, n), np.nan)
+    err_by_rank = np.full((*shape, n + 1), np.nan)
+    kept = np.zeros((*shape, len(fractions)), dtype=np.int64)
+    err = np.full((*shape, len(fractions)), np.nan)
+    for (i, j), s in sigmas.items():
+        d = int(dims[i, j])
+        sv[i, j, :d] = 0.0
+        sv[i, j, : s.size] = s
+        curve = truncation_error_curve(s, d)
+        err_by_rank[i, j, : d + 1] = curve
+        kept[i, j] = [kept_rank(d, p) for p in fractions]
+        err[i, j] = curve[kept[i, j]]
+    return sv, err_by_rank, kept, err
 
 
 # --- SAR per space (003 Sec. 5.2, Fig. 5) -------------------------------------------------------
