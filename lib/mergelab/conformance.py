@@ -29,13 +29,16 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from mergelab.synthetic import random_lowrank
-from mergelab.taskset import Dense, LowRank, TaskSet, TaskUpdate, Update
+from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, TaskUpdate, Update
+
+if TYPE_CHECKING:
+    from mergelab.merging.registry import Composition, MergeMethod
 
 __all__ = ["SUITES", "Check", "ConformanceError", "checks_for_adaptive", "checks_for_bench", "checks_for_method", "checks_for_space",
            "example_bench", "parametrize_with_checks", "registered_checks"]
@@ -129,12 +132,19 @@ def _side_inputs(method: Any, taskset: TaskSet) -> dict[str, Any] | None:
 def checks_for_method(name: str) -> Iterator[Check]:
     """The checks of merge method ``name`` (module docstring's table)."""
     from mergelab.merging import METHODS, merge
-    from mergelab.spaces import SPACES
 
     method = METHODS[name]
 
     def run(taskset: TaskSet, space: str = "full", **hp: Any):
         return merge(taskset, name, space, side_inputs=_side_inputs(method, taskset), **hp)
+
+    yield from _method_contract_checks(name, method, run)
+    yield from _declared_method_checks(name, method, run)
+
+
+def _method_contract_checks(name: str, method: MergeMethod | Composition, run: Callable[..., MergedUpdate]) -> Iterator[Check]:
+    """The checks of every merge method (``run`` merges with it): full-space shapes, finite float64; inputs untouched; seeded."""
+    from mergelab.merging import merge
 
     def shapes() -> None:
         merged = run(taskset := _taskset(dense=method.inputs != "factors"))
@@ -163,6 +173,15 @@ def checks_for_method(name: str) -> Iterator[Check]:
             _require(any(not torch.equal(first.modules[m].dense(), other.modules[m].dense()) for m in SHAPES),
                      "declared stochastic, but seeds 3 and 4 give the same merge (is the seed ignored?)")
 
+    yield Check("method", name, "returns_finite_full_space_shapes", shapes)
+    yield Check("method", name, "never_mutates_its_inputs", pure)
+    yield Check("method", name, "same_seed_same_merge", seeded)
+
+
+def _declared_method_checks(name: str, method: MergeMethod | Composition, run: Callable[..., MergedUpdate]) -> Iterator[Check]:
+    """The checks of what a merge method declares (``run`` merges with it): its identity hyper-parameters, its linearity."""
+    from mergelab.spaces import SPACES
+
     def identity() -> None:
         taskset = _taskset(1)
         for space in [s for s, sp in SPACES.items() if sp.lossless]:
@@ -181,9 +200,6 @@ def checks_for_method(name: str) -> Iterator[Check]:
                 _close(other.modules[m].dense(T64), full.modules[m].dense(T64),
                        f"declared linear, but its merge in the lossless {space} space differs from the full space's (module {m!r})", 1e-9)
 
-    yield Check("method", name, "returns_finite_full_space_shapes", shapes)
-    yield Check("method", name, "never_mutates_its_inputs", pure)
-    yield Check("method", name, "same_seed_same_merge", seeded)
     if method.identity is not None:
         yield Check("method", name, "one_task_gives_that_task", identity)
     if method.linear:
