@@ -138,7 +138,7 @@ def select_hyper_parameters(bench: Bench, bench_spec: BenchSpec, method: str, sp
     seeds = [int(fixed.pop("seed", 0))]
     swept = swept_grid(method, fixed, grid)
     name = f"select-{method}-{space}-{bench.taskset.content_hash[:8]}"
-    spec = load_study({"name": name, "bench": bench_spec.model_dump(), "selection": rule, "seeds": seeds,
+    spec = load_study({"name": name, "bench": bench_spec, "selection": rule, "seeds": seeds,
                        "methods": [{"method": method, "spaces": [space], "grid": swept, "fixed": fixed}]})
     ctx = Run(spec, store_url, bench=bench)
     jobs = merge_jobs(spec)
@@ -200,7 +200,7 @@ def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adapti
     search) and ``on_node`` of every node done (references, the run, its evaluation).
     """
     name = f"adapt-{adaptive['method']}-{bench.taskset.content_hash[:8]}"
-    spec = load_study({"name": name, "bench": bench_spec.model_dump(), "adaptive": [dict(adaptive)],
+    spec = load_study({"name": name, "bench": bench_spec, "adaptive": [dict(adaptive)],
                        "seeds": [seed], "allow_labels": allow_labels})
     ctx = Run(spec, store_url, bench=bench)
     nodes, done = run_graph(ctx, local_submit(ctx, on_node=on_node, adapt_progress=progress, start_progress=start_progress))
