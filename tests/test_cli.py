@@ -433,6 +433,16 @@ def _case_merge_empty_max_rank(tmp, adapter, base):
     return _merge_args(tmp, adapter, base, "--method", "task_arithmetic", "--space", "core", "--max-rank", ""), "--max-rank is empty"
 
 
+def _case_merge_max_rank_engine_with_an_empty_cap(tmp, adapter, base):  # vllm:$CAP with CAP unset
+    return _merge_args(tmp, adapter, base, "--method", "task_arithmetic", "--space", "core", "--max-rank", "vllm:"), \
+        "has an empty cap after ':'"
+
+
+def _case_merge_max_rank_cap_with_an_empty_engine(tmp, adapter, base):
+    return _merge_args(tmp, adapter, base, "--method", "task_arithmetic", "--space", "core", "--max-rank", ":64"), \
+        "has an empty engine before ':'"
+
+
 def _case_merge_modules_repeat_count_too_large(tmp, adapter, base):
     return _merge_args(tmp, adapter, base, "--method", "ties", "--format", "weights", "--modules", "a{99999999999}"), \
         "is not a regular expression (the repetition number is too large)"

@@ -78,7 +78,10 @@ def parse_max_rank(value: str | int, *, warn: bool = True) -> RankCap:
     if not text:
         raise InputError("--max-rank is empty; give an integer >= 1, an engine "
                          f"({', '.join(SERVING_RANKS)}) or ENGINE:CAP such as vllm:64")
-    engine, _, cap = ("", "", text) if text.isdecimal() else text.partition(":")
+    engine, colon, cap = ("", "", text) if text.isdecimal() else text.partition(":")
+    if colon and not (engine and cap):  # "vllm:" (an unset $CAP) or ":64" is not read as the engine's or an integer cap
+        raise InputError(f"--max-rank {text!r} has an empty {'cap after' if engine else 'engine before'} ':'; give ENGINE:CAP "
+                         f"such as vllm:64, an engine alone ({', '.join(SERVING_RANKS)}) or an integer >= 1")
     if engine:
         SERVING_RANKS.require(engine)
     if cap and not (cap.isdecimal() and int(cap) >= 1):
