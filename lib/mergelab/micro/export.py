@@ -9,19 +9,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from mergelab.data.tasks import ClassificationTask
 from mergelab.errors import InputError
 from mergelab.micro.artifacts import vision_cfg, write_adapter, write_backbone, write_tensors
+from mergelab.micro.config import BuildConfig
 from mergelab.micro.readme import render_readme
 from mergelab.model.tokenizer import ClosedVocabTokenizer
 from mergelab.store import Store
-
-if TYPE_CHECKING:
-    from mergelab.data.tasks import ClassificationTask
-    from mergelab.micro.build import BuildConfig
 
 __all__ = ["DEFAULT_RANK", "VARIANTS_FILE", "build_manifest", "check_out", "export_micro", "split_dense", "wall_time", "write_adapters",
            "write_readme"]

@@ -6,7 +6,7 @@
 * LoRA: PEFT adapters on q, k, v, out of every vision block with the frozen zero-shot head as the
   classifier; AdamW, cosine schedule (001 App. C.2: r 16, alpha 16, dropout 0.1, lr 3e-4,
   weight decay 1e-4; the micro build scales the learning rate to its width, see
-  :meth:`mergelab.micro.build.BuildConfig.lora`). With ``consistency > 0`` the task's
+  :meth:`mergelab.micro.config.BuildConfig.lora`). With ``consistency > 0`` the task's
   cross-entropy is joined by a feature-consistency term on images *outside* the task
   (:func:`consistency_loss`), which keeps the update local to the task's inputs.
 * Dense: the whole encoder and a linear decoder fine-tuned end to end per task (004 Sec. 4.1), with
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mergelab.data.tasks import ClassificationTask, DenseTask, to_tensor
 from mergelab.evaluation.dense import KINDS, decode, dense_features, make_decoder
-from mergelab.finetuning import LoraConfig, config_dict, cosine_schedule, train_lora
+from mergelab.finetuning import LoraConfig, cosine_schedule, train_lora
 from mergelab.model.openclip_backend import OpenClipBackbone
 
 __all__ = ["DenseConfig", "LoraConfig", "PretrainConfig", "consistency_loss", "contrastive_pretrain", "finetune_dense", "finetune_lora"]

@@ -80,7 +80,7 @@ class TextBuildConfig:
         """001 App. C.2: alpha 16 at every rank, dropout 0.1, AdamW, cosine, weight decay 1e-4, plain
         cross-entropy. The learning rate is App. C.2's 3e-4 for ViT-B/32's width 768 transferred to
         MiniLM's width 384 by the rule the micro build uses (× 768 / width, the muP rule for hidden
-        Adam learning rates: :meth:`mergelab.micro.build.BuildConfig.lora`)."""
+        Adam learning rates: :meth:`mergelab.micro.config.BuildConfig.lora`)."""
         return LoraConfig(rank=rank, alpha=self.lora_alpha, lr=self.lora_lr, steps=self.lora_steps, batch_size=self.lora_batch, seed=seed)
 
     def as_dict(self) -> dict[str, Any]:
