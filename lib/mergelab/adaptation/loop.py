@@ -12,21 +12,18 @@ import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import xarray as xr
 from torch import Tensor
 
+from mergelab.adaptation.adapter import Adapter
 from mergelab.adaptation.models import CoefficientModel
 from mergelab.adaptation.objectives import SCALARIZATIONS, EmaStandardizer, alignment_loss, cross_entropy, entropy, validate_preference
 from mergelab.errors import InputError
 from mergelab.naming import module_coords
 from mergelab.taskset import MergedUpdate, TaskSet, add_updates
-
-if TYPE_CHECKING:
-    from mergelab.adaptation import Adapter
 
 __all__ = ["OBJECTIVES", "OPTIMIZERS", "AdaptResult", "Forward", "Schedule", "anchors", "mean_abs_change", "objective_losses", "peek", "run",
            "task_weights"]
