@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -17,6 +18,7 @@ from mergelab.errors import InputError, check_writable, read_text
 from mergelab.strict import MAX_SEED
 
 if TYPE_CHECKING:
+    from mergelab.micro.build import BuildResult
     from mergelab.store import Store
 
 
@@ -26,6 +28,17 @@ if TYPE_CHECKING:
 #: probe 678-680: 0 was refused after the model libraries loaded, 100000 ran out of memory with a traceback).
 ThreadsOpt = Annotated[int, typer.Option(min=1, max=os.cpu_count() or 1,
                                          help="torch threads (1 avoids oversubscribing a shared 2-core machine).")]
+
+
+def _mean(accuracies: Mapping[str, float]) -> str:
+    """The tasks' mean accuracy in per cent, as a build's last line prints it."""
+    return f"{100 * sum(accuracies.values()) / len(accuracies):.1f} %"
+
+
+def _print_built(result: BuildResult, out: Path, summary: str) -> None:
+    """A build's last line: whether it wrote ``out`` (or found it up to date), how long it took, ``summary``, the README."""
+    state = "wrote" if result.wrote else "up to date, nothing written:"
+    console.print(f"{state} {out} ({result.elapsed_s:.1f} s). {summary}. See {out / 'README.md'}.")
 
 
 @app.command("build-micro", cls=_Command)
@@ -46,11 +59,8 @@ def build_micro_command(
         result = build_micro(out, store, profile="quick" if quick else "full", seed=seed, threads=threads,
                              progress=progress)
     metrics = result.manifest["metrics"]
-    mean = lambda d: 100 * sum(d.values()) / len(d)  # noqa: E731
-    state = "wrote" if result.wrote else "up to date, nothing written:"
-    ft = ", ".join(f"r{r} {mean(d):.1f} %" for r, d in metrics["finetuned"].items())
-    console.print(f"{state} {out} ({result.elapsed_s:.1f} s). Micro-benchmark mean accuracy: zero-shot "
-                  f"{mean(metrics['zero_shot']):.1f} %, LoRA fine-tuned {ft}. See {out / 'README.md'}.")
+    ft = ", ".join(f"r{r} {_mean(d)}" for r, d in metrics["finetuned"].items())
+    _print_built(result, out, f"Micro-benchmark mean accuracy: zero-shot {_mean(metrics['zero_shot'])}, LoRA fine-tuned {ft}")
 
 
 @app.command("build-text", cls=_Command)
@@ -76,11 +86,9 @@ def build_text_command(
         result = build_text(out, store, model=model, profile="quick" if quick else "full", tasks=task, adapters=not no_adapters,
                             ranks=rank, debs=debs, seed=seed, threads=threads, progress=progress)
     metrics = result.manifest["metrics"]
-    mean = lambda d: 100 * sum(d.values()) / len(d)  # noqa: E731
-    state = "wrote" if result.wrote else "up to date, nothing written:"
-    ft = "".join(f", LoRA r{r} {mean(d):.1f} %" for r, d in metrics["finetuned"].items())
-    console.print(f"{state} {out} ({result.elapsed_s:.1f} s). Text-benchmark mean accuracy: zero-shot {mean(metrics['zero_shot']):.1f} %, "
-                  f"linear probe {mean(metrics['linear_probe']):.1f} %{ft}. See {out / 'README.md'}.")
+    ft = "".join(f", LoRA r{r} {_mean(d)}" for r, d in metrics["finetuned"].items())
+    _print_built(result, out, f"Text-benchmark mean accuracy: zero-shot {_mean(metrics['zero_shot'])}, "
+                              f"linear probe {_mean(metrics['linear_probe'])}{ft}")
 
 
 # store -------------------------------------------------------------------------------------------
