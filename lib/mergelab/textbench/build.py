@@ -25,7 +25,7 @@ import json
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from mergelab.data.tasks import ClassificationTask
 from mergelab.data.text import text_task
 from mergelab.errors import InputError
 from mergelab.evaluation.heads import task_head
-from mergelab.evaluation.metrics import evaluate_task, image_features, joint_hits, predict, top1_accuracy
+from mergelab.evaluation.metrics import evaluate_task, image_features, joint_hits, top1_accuracy
 from mergelab.finetuning import LoraConfig, config_dict, train_lora
 from mergelab.micro.build import BuildResult, Progress, finetuned_accuracies, ticker
 from mergelab.micro.export import wall_time, write_adapters
