@@ -37,7 +37,7 @@ from mergelab.evaluation.heads import task_head
 from mergelab.evaluation.metrics import evaluate_task, joint_hits
 from mergelab.finetuning import config_dict
 from mergelab.micro.artifacts import micro_backbone
-from mergelab.micro.config import CONFIGS, BuildConfig
+from mergelab.micro.config import CONFIGS, BuildConfig, BuildRun, Progress
 from mergelab.micro.export import build_manifest, check_out, export_micro, split_dense, write_adapters
 from mergelab.micro.training import DenseConfig, PretrainConfig, contrastive_pretrain, finetune_dense, finetune_lora
 from mergelab.model.openclip_backend import OpenClipBackbone
@@ -48,8 +48,6 @@ __all__ = ["CONFIGS", "BuildConfig", "BuildResult", "build_micro", "finetuned_ac
 
 #: Bumped whenever a producer's code changes what it makes (enters every content key).
 VERSION = "2"
-Progress = Any  # rich.progress.Progress or None
-
 
 def ticker(progress: Progress, description: str, total: int) -> Callable[[], None]:
     """A callable that advances a new ``total``-step bar of ``progress`` (a no-op without one)."""
@@ -82,70 +80,69 @@ def pretrain_mixture(tasks: Mapping[str, ClassificationTask], config: PretrainCo
     return np.concatenate(images), captions
 
 
-def _pretrained(store: Store, tasks: Mapping[str, ClassificationTask], config: BuildConfig, seed: int,
-                progress: Progress) -> tuple[str, str, OpenClipBackbone]:
+def _pretrained(run: BuildRun[BuildConfig], tasks: Mapping[str, ClassificationTask]) -> tuple[str, str, OpenClipBackbone]:
     """(weights key, vocabulary key, backbone), pre-training when the store lacks them."""
-    inputs = {"config": config_dict(config.pretrain), "seed": seed, "profile": config.profile, "tasks": list(tasks),
-              **({"vision": config.vision} if config.vision else {})}
-    key, vocab_key = store.key("micro.pretrain", VERSION, **inputs), store.key("micro.vocab", VERSION, **inputs)
-    if not store.exists(key):
+    inputs = {"config": config_dict(run.config.pretrain), "seed": run.seed, "profile": run.config.profile, "tasks": list(tasks),
+              **({"vision": run.config.vision} if run.config.vision else {})}
+    key, vocab_key = run.store.key("micro.pretrain", VERSION, **inputs), run.store.key("micro.vocab", VERSION, **inputs)
+    if not run.store.exists(key):
         start = time.perf_counter()
-        images, captions = pretrain_mixture(tasks, config.pretrain, seed)
+        images, captions = pretrain_mixture(tasks, run.config.pretrain, run.seed)
         tokenizer = build_tokenizer(tasks, captions)
-        backbone = micro_backbone(tokenizer, seed=seed, vision=config.vision)
-        state = contrastive_pretrain(backbone, images, captions, config.pretrain,
-                                     ticker(progress, f"pre-training on {len(captions)} image-caption pairs", config.pretrain.steps))
-        store.put_json(vocab_key, tokenizer.to_json())
-        store.put_tensors(key, state, attrs={"wall_time_s": time.perf_counter() - start, "pairs": len(captions)})
-    tokenizer = ClosedVocabTokenizer.from_json(store.get_json(vocab_key))
-    return key, vocab_key, micro_backbone(tokenizer, state=store.get_tensors(key), vision=config.vision)
+        backbone = micro_backbone(tokenizer, seed=run.seed, vision=run.config.vision)
+        tick = ticker(run.progress, f"pre-training on {len(captions)} image-caption pairs", run.config.pretrain.steps)
+        state = contrastive_pretrain(backbone, images, captions, run.config.pretrain, tick)
+        run.store.put_json(vocab_key, tokenizer.to_json())
+        run.store.put_tensors(key, state, attrs={"wall_time_s": time.perf_counter() - start, "pairs": len(captions)})
+    tokenizer = ClosedVocabTokenizer.from_json(run.store.get_json(vocab_key))
+    return key, vocab_key, micro_backbone(tokenizer, state=run.store.get_tensors(key), vision=run.config.vision)
 
 
 # Fine-tuning ----------------------------------------------------------------------------------------
 
 
-def _adapters(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Mapping[str, ClassificationTask],
-              config: BuildConfig, seed: int, progress: Progress) -> dict[int, dict[str, tuple[str, str]]]:
+def _adapters(run: BuildRun[BuildConfig], backbone: OpenClipBackbone, base_key: str,
+              tasks: Mapping[str, ClassificationTask]) -> dict[int, dict[str, tuple[str, str]]]:
     """``{rank: {task: (tensors key, config key)}}``, training what the store lacks."""
     out: dict[int, dict[str, tuple[str, str]]] = {}
-    pretrain = {n: t.split("pretrain").images for n, t in tasks.items()} if config.consistency > 0 else {}
+    pretrain = {n: t.split("pretrain").images for n, t in tasks.items()} if run.config.consistency > 0 else {}
 
     def outside(name: str) -> np.ndarray | None:
         """The other tasks' pre-training images (the consistency term's inputs), built per run."""
         return np.concatenate([images for n, images in pretrain.items() if n != name]) if pretrain else None
 
-    for rank in config.ranks:
+    for rank in run.config.ranks:
         out[rank] = {}
         for index, (name, task) in enumerate(tasks.items()):
-            lora = config.lora(rank, seed * 1000 + index)
+            lora = run.config.lora(rank, run.seed * 1000 + index)
             inputs = {"base": base_key, "task": name, "config": config_dict(lora)}
-            key, cfg_key = store.key("micro.lora", VERSION, **inputs), store.key("micro.lora.config", VERSION, **inputs)
-            if not store.exists(key):
+            key, cfg_key = run.store.key("micro.lora", VERSION, **inputs), run.store.key("micro.lora.config", VERSION, **inputs)
+            if not run.store.exists(key):
                 start = time.perf_counter()
                 tensors, adapter_config = finetune_lora(backbone, task, task_head(backbone, task), lora,
-                                                        ticker(progress, f"LoRA r{rank} on {name}", lora.steps),
+                                                        ticker(run.progress, f"LoRA r{rank} on {name}", lora.steps),
                                                         outside=outside(name))
-                store.put_json(cfg_key, adapter_config)
-                store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
+                run.store.put_json(cfg_key, adapter_config)
+                run.store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
             out[rank][name] = (key, cfg_key)
     return out
 
 
-def _dense(store: Store, backbone: OpenClipBackbone, base_key: str, config: BuildConfig, seed: int,
-           progress: Progress) -> dict[str, str]:
+def _dense(run: BuildRun[BuildConfig], backbone: OpenClipBackbone, base_key: str) -> dict[str, str]:
     """``{dense task: key}`` of fully fine-tuned encoders (``encoder.*``) and decoders (``decoder.*``); none
     when the config has no dense tasks (a build-variant probe, ``benchmarks/variants.py``)."""
     out = {}
-    for index, (name, task) in enumerate(dense_suite(seed, config.profile).items()):
-        if name not in config.dense:
+    for index, (name, task) in enumerate(dense_suite(run.seed, run.config.profile).items()):
+        if name not in run.config.dense:
             continue
-        dense = DenseConfig(**{**config_dict(config.dense[name]), "seed": seed * 1000 + index})
-        key = store.key("micro.dense", VERSION, base=base_key, task=name, config=config_dict(dense), profile=config.profile)
-        if not store.exists(key):
+        dense = DenseConfig(**{**config_dict(run.config.dense[name]), "seed": run.seed * 1000 + index})
+        key = run.store.key("micro.dense", VERSION, base=base_key, task=name, config=config_dict(dense), profile=run.config.profile)
+        if not run.store.exists(key):
             start = time.perf_counter()
-            encoder, decoder = finetune_dense(backbone, task, dense, ticker(progress, f"fine-tuning the encoder for {name}", dense.steps))
+            tick = ticker(run.progress, f"fine-tuning the encoder for {name}", dense.steps)
+            encoder, decoder = finetune_dense(backbone, task, dense, tick)
             tensors = {**{f"encoder.{k}": v for k, v in encoder.items()}, **{f"decoder.{k}": v for k, v in decoder.items()}}
-            store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
+            run.store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
         out[name] = key
     return out
 
@@ -165,14 +162,13 @@ def finetuned_accuracies(backbone: OpenClipBackbone, tasks: Mapping[str, Classif
     return out
 
 
-def _dense_metrics(store: Store, backbone: OpenClipBackbone, dense_keys: Mapping[str, str], config: BuildConfig,
-                   seed: int) -> dict[str, dict[str, Any]]:
+def _dense_metrics(run: BuildRun[BuildConfig], backbone: OpenClipBackbone, dense_keys: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     base = backbone.base_state()
     out = {}
-    for name, task in dense_suite(seed, config.profile).items():
+    for name, task in dense_suite(run.seed, run.config.profile).items():
         if name not in dense_keys:
             continue
-        encoder, decoder_state = split_dense(store.get_tensors(dense_keys[name]))
+        encoder, decoder_state = split_dense(run.store.get_tensors(dense_keys[name]))
         decoder = make_decoder(backbone, task)
         decoder.load_state_dict(decoder_state)
         images, targets = task.tensors("test")
@@ -181,34 +177,33 @@ def _dense_metrics(store: Store, backbone: OpenClipBackbone, dense_keys: Mapping
         norm = math.sqrt(sum(float((encoder[k].double() - base[k].double()).pow(2).sum()) for k in base if base[k].is_floating_point()))
         kind = KINDS[task.kind]
         out[name] = {"kind": task.kind, "metric": kind.metric_name, "higher_is_better": kind.higher_is_better,
-                     "base_refit": refit_score(backbone, task, None, steps=config.refit_steps, seed=seed),
-                     "finetuned_refit": refit_score(backbone, task, encoder, steps=config.refit_steps, seed=seed),
+                     "base_refit": refit_score(backbone, task, None, steps=run.config.refit_steps, seed=run.seed),
+                     "finetuned_refit": refit_score(backbone, task, encoder, steps=run.config.refit_steps, seed=run.seed),
                      "finetuned_own_decoder": own, "task_vector_norm": norm}
     return out
 
 
-def _evaluate(store: Store, backbone: OpenClipBackbone, base_key: str, tasks: Mapping[str, ClassificationTask],
-              adapters: Mapping[int, Mapping[str, tuple[str, str]]], dense_keys: Mapping[str, str], config: BuildConfig,
-              seed: int, progress: Progress) -> str:
+def _evaluate(run: BuildRun[BuildConfig], backbone: OpenClipBackbone, base_key: str, tasks: Mapping[str, ClassificationTask],
+              adapters: Mapping[int, Mapping[str, tuple[str, str]]], dense_keys: Mapping[str, str]) -> str:
     adapter_keys = {str(r): {t: k for t, (k, _) in per.items()} for r, per in adapters.items()}
-    key = store.key("micro.eval", VERSION, base=base_key, adapters=adapter_keys, dense=dict(dense_keys), refit=config.refit_steps)
-    if store.exists(key):
+    key = run.store.key("micro.eval", VERSION, base=base_key, adapters=adapter_keys, dense=dict(dense_keys), refit=run.config.refit_steps)
+    if run.store.exists(key):
         return key
     start = time.perf_counter()
-    tick = ticker(progress, "evaluating", 3 + len(adapters))
+    tick = ticker(run.progress, "evaluating", 3 + len(adapters))
     result: dict[str, Any] = {"zero_shot": {name: evaluate_task(backbone, task) for name, task in tasks.items()}}
     tick()
     result["joint_zero_shot"] = joint_hits(backbone, list(tasks.values()))
     tick()
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = write_adapters(store, adapters, Path(tmp))
+        dirs = write_adapters(run.store, adapters, Path(tmp))
         result["finetuned"] = {}
         for rank in adapters:
             result["finetuned"][str(rank)] = finetuned_accuracies(backbone, tasks, dirs[rank])
             tick()
-    result["dense"] = _dense_metrics(store, backbone, dense_keys, config, seed)
+    result["dense"] = _dense_metrics(run, backbone, dense_keys)
     tick()
-    store.put_json(key, result, attrs={"wall_time_s": time.perf_counter() - start})
+    run.store.put_json(key, result, attrs={"wall_time_s": time.perf_counter() - start})
     return key
 
 
@@ -238,22 +233,21 @@ def build_micro(out: str | Path = "data/micro", store: Store | str | None = None
     torch.set_num_threads(threads)
     try:
         config = profile if isinstance(profile, BuildConfig) else CONFIGS[profile]
-        return _build(Path(out), store if isinstance(store, Store) else Store(store), config, seed, progress)
+        return _build(Path(out), BuildRun(store if isinstance(store, Store) else Store(store), config, seed, progress))
     finally:
         torch.set_num_threads(previous)
 
 
-def _build(out: Path, store: Store, config: BuildConfig, seed: int, progress: Progress) -> BuildResult:
+def _build(out: Path, run: BuildRun[BuildConfig]) -> BuildResult:
     start = time.perf_counter()
-    profile = config.profile
-    tasks = micro_tasks(seed, profile)
-    base_key, vocab_key, backbone = _pretrained(store, tasks, config, seed, progress)
-    adapters = _adapters(store, backbone, base_key, tasks, config, seed, progress)
-    dense_keys = _dense(store, backbone, base_key, config, seed, progress)
-    eval_key = _evaluate(store, backbone, base_key, tasks, adapters, dense_keys, config, seed, progress)
-    manifest = build_manifest(store, config, seed, base_key, adapters, dense_keys, eval_key, tasks)
+    tasks = micro_tasks(run.seed, run.config.profile)
+    base_key, vocab_key, backbone = _pretrained(run, tasks)
+    adapters = _adapters(run, backbone, base_key, tasks)
+    dense_keys = _dense(run, backbone, base_key)
+    eval_key = _evaluate(run, backbone, base_key, tasks, adapters, dense_keys)
+    manifest = build_manifest(run, base_key, adapters, dense_keys, eval_key, tasks)
     current = out / "manifest.json"
     if current.is_file() and json.loads(current.read_text()) == json.loads(json.dumps(manifest)) and (out / "README.md").is_file():
         return BuildResult(manifest, False, time.perf_counter() - start)
-    export_micro(out, store, manifest, base_key, store.get_json(vocab_key), adapters, dense_keys)
+    export_micro(out, run.store, manifest, base_key, run.store.get_json(vocab_key), adapters, dense_keys)
     return BuildResult(manifest, True, time.perf_counter() - start)

@@ -1,24 +1,28 @@
-"""What determines a built micro benchmark: :class:`BuildConfig` and the build profiles :data:`CONFIGS`.
+"""What determines a built micro benchmark: :class:`BuildConfig` and the build profiles :data:`CONFIGS`;
+and :class:`BuildRun`, what every step of a build (this one's and the text benchmark's) is handed.
 
 A module of its own so that the build (:mod:`mergelab.micro.build`) and its export
-(:mod:`mergelab.micro.export`) both read the config without importing each other.
+(:mod:`mergelab.micro.export`) both read them without importing each other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from mergelab.finetuning import LoraConfig, config_dict
 from mergelab.micro.artifacts import vision_cfg
 from mergelab.micro.training import DenseConfig, PretrainConfig
+from mergelab.store import Store
 
-__all__ = ["CONFIGS", "CONSISTENCY", "BuildConfig"]
+__all__ = ["CONFIGS", "CONSISTENCY", "BuildConfig", "BuildRun", "Progress"]
 
 #: Weight of the LoRA fine-tuning's feature-consistency term: 0.25 since the micro benchmark v3, the variant
 #: the declared rule chose on val (``benchmarks/variants.py``, data/micro/README.md); v2 used 3.
 CONSISTENCY = 0.25
+Progress = Any  # rich.progress.Progress or None
+ConfigT = TypeVar("ConfigT")
 
 
 @dataclass(frozen=True)
@@ -76,3 +80,15 @@ CONFIGS: dict[str, BuildConfig] = {
                                 "keypoint": DenseConfig(30, 8e-4), "shape": DenseConfig(12, 3e-4)},
                          refit_steps=100),
 }
+
+
+@dataclass(frozen=True)
+class BuildRun(Generic[ConfigT]):
+    """What every step of one build reads and hands on unchanged: the store that keeps each artifact
+    under its content key, the build's config (:class:`BuildConfig`, or the text benchmark's), the
+    seed and the progress display (``None``: none)."""
+
+    store: Store
+    config: ConfigT
+    seed: int
+    progress: Progress = None

@@ -16,7 +16,7 @@ import torch
 from mergelab.data.tasks import ClassificationTask
 from mergelab.errors import InputError
 from mergelab.micro.artifacts import vision_cfg, write_adapter, write_backbone, write_tensors
-from mergelab.micro.config import BuildConfig
+from mergelab.micro.config import BuildConfig, BuildRun
 from mergelab.micro.readme import render_readme
 from mergelab.model.tokenizer import ClosedVocabTokenizer
 from mergelab.store import Store
@@ -58,25 +58,25 @@ def wall_time(store: Store, key: str) -> float:
     return float(store.info(key).attrs.get("wall_time_s", 0.0))
 
 
-def build_manifest(store: Store, config: BuildConfig, seed: int, base_key: str, adapters: Mapping[int, Mapping[str, tuple[str, str]]],
+def build_manifest(run: BuildRun[BuildConfig], base_key: str, adapters: Mapping[int, Mapping[str, tuple[str, str]]],
                    dense_keys: Mapping[str, str], eval_key: str, tasks: Mapping[str, ClassificationTask]) -> dict[str, Any]:
     """``manifest.json`` of a build: its config, where each artifact is exported and under which key, the tasks, the
     evaluation's metrics and each step's recorded wall time."""
-    timings = {"pretrain": wall_time(store, base_key),
-               "lora": sum(wall_time(store, k) for per in adapters.values() for k, _ in per.values()),
-               "dense": sum(wall_time(store, k) for k in dense_keys.values()),
-               "evaluation": wall_time(store, eval_key)}
+    timings = {"pretrain": wall_time(run.store, base_key),
+               "lora": sum(wall_time(run.store, k) for per in adapters.values() for k, _ in per.values()),
+               "dense": sum(wall_time(run.store, k) for k in dense_keys.values()),
+               "evaluation": wall_time(run.store, eval_key)}
     return {
-        "format": 1, "profile": config.profile, "seed": seed, "config": config.as_dict(),
+        "format": 1, "profile": run.config.profile, "seed": run.seed, "config": run.config.as_dict(),
         "base": {"dir": "base", "key": base_key},
         "adapters": {**{str(r): {t: f"adapters/r{r}/{t}" for t in per} for r, per in adapters.items()},
-                     "mixed": {t: f"adapters/r{r}/{t}" for t, r in config.mixed(list(tasks)).items()}},
+                     "mixed": {t: f"adapters/r{r}/{t}" for t, r in run.config.mixed(list(tasks)).items()}},
         "default_rank": DEFAULT_RANK,
         "adapter_keys": {str(r): {t: k for t, (k, _) in per.items()} for r, per in adapters.items()},
         "dense": {t: {"dir": f"dense/{t}", "key": k} for t, k in dense_keys.items()},
         "tasks": {name: {"analogue": task.analogue, "source": task.source, "num_classes": task.num_classes}
                   for name, task in tasks.items()},
-        "metrics": store.get_json(eval_key), "eval_key": eval_key,
+        "metrics": run.store.get_json(eval_key), "eval_key": eval_key,
         "timings_s": {k: round(v, 1) for k, v in timings.items()}, "build_time_s": round(sum(timings.values()), 1),
     }
 

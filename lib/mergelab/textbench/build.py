@@ -39,7 +39,8 @@ from mergelab.errors import InputError
 from mergelab.evaluation.heads import task_head
 from mergelab.evaluation.metrics import evaluate_task, image_features, joint_hits, top1_accuracy
 from mergelab.finetuning import LoraConfig, config_dict, train_lora
-from mergelab.micro.build import BuildResult, Progress, finetuned_accuracies, ticker
+from mergelab.micro.build import BuildResult, finetuned_accuracies, ticker
+from mergelab.micro.config import BuildRun, Progress
 from mergelab.micro.export import wall_time, write_adapters
 from mergelab.store import Store
 from mergelab.textbench.readme import render_licenses, render_readme
@@ -108,18 +109,17 @@ def default_model() -> Path:
 # Rows ---------------------------------------------------------------------------------------------------
 
 
-def _rows(store: Store, out: Path, name: str, source: TaskSource, config: TextBuildConfig, seed: int, debs: Path,
-          exported: Mapping[str, Any]) -> str:
+def _rows(run: BuildRun[TextBuildConfig], out: Path, name: str, source: TaskSource, debs: Path, exported: Mapping[str, Any]) -> str:
     """The rows' key; rows come from ``out`` when it holds them under this key, else from the package."""
-    key = store.key("text.rows", VERSION, package=source.package.sha256, files=list(source.files), classes=dict(source.classes),
-                    sizes=config_dict(config.sizes), seed=seed)
-    if not store.exists(key):
+    key = run.store.key("text.rows", VERSION, package=source.package.sha256, files=list(source.files), classes=dict(source.classes),
+                        sizes=config_dict(run.config.sizes), seed=run.seed)
+    if not run.store.exists(key):
         if exported.get(name, {}).get("rows_key") == key and all((out / name / f"{s}.jsonl").is_file() for s in SPLITS):
             splits = read_rows(out / name)
         else:
             splits = split_rows(source.parse(deb_files(fetch_deb(source.package, debs), source.files)), source.classes,
-                                config.sizes, seed)
-        store.put_json(key, {split: [list(row) for row in rows] for split, rows in splits.items()})
+                                run.config.sizes, run.seed)
+        run.store.put_json(key, {split: [list(row) for row in rows] for split, rows in splits.items()})
     return key
 
 
@@ -137,25 +137,25 @@ def _tasks(store: Store, row_keys: Mapping[str, str], sources: Mapping[str, Task
 # Fine-tuning and evaluation -----------------------------------------------------------------------------
 
 
-def _adapters(store: Store, backbone: SentenceEncoder, model_key: str, tasks: Mapping[str, ClassificationTask],
-              row_keys: Mapping[str, str], config: TextBuildConfig, seed: int, progress: Progress) -> dict[int, dict[str, tuple[str, str]]]:
+def _adapters(run: BuildRun[TextBuildConfig], backbone: SentenceEncoder, model_key: str, tasks: Mapping[str, ClassificationTask],
+              row_keys: Mapping[str, str]) -> dict[int, dict[str, tuple[str, str]]]:
     """``{rank: {task: (tensors key, config key)}}``, training what the store lacks."""
     out: dict[int, dict[str, tuple[str, str]]] = {}
-    for rank in config.ranks:
+    for rank in run.config.ranks:
         out[rank] = {}
         for index, (name, task) in enumerate(tasks.items()):
-            lora = config.lora(rank, seed * 1000 + index)
+            lora = run.config.lora(rank, run.seed * 1000 + index)
             inputs = {"base": model_key, "rows": row_keys[name], "templates": list(task.templates), "config": config_dict(lora),
-                      "max_length": config.max_length, "logit_scale": config.logit_scale}
-            key, cfg_key = store.key("text.lora", VERSION, **inputs), store.key("text.lora.config", VERSION, **inputs)
-            if not store.exists(key):
+                      "max_length": run.config.max_length, "logit_scale": run.config.logit_scale}
+            key, cfg_key = run.store.key("text.lora", VERSION, **inputs), run.store.key("text.lora.config", VERSION, **inputs)
+            if not run.store.exists(key):
                 start = time.perf_counter()
                 ids, labels = task.tensors("train")
                 tensors, adapter_config = train_lora(backbone.vision, backbone.lora_targets(), ids, labels, task_head(backbone, task), lora,
                                                      lambda model, x, generator: backbone.pooled(model, x),
-                                                     ticker(progress, f"LoRA r{rank} on {name}", lora.steps))
-                store.put_json(cfg_key, {**adapter_config, "base_model_name_or_path": None})  # no machine's path in the adapter
-                store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
+                                                     ticker(run.progress, f"LoRA r{rank} on {name}", lora.steps))
+                run.store.put_json(cfg_key, {**adapter_config, "base_model_name_or_path": None})  # no machine's path in the adapter
+                run.store.put_tensors(key, tensors, attrs={"wall_time_s": time.perf_counter() - start})
             out[rank][name] = (key, cfg_key)
     return out
 
@@ -169,16 +169,16 @@ def linear_probe(backbone: SentenceEncoder, task: ClassificationTask, split: str
     return top1_accuracy(image_features(backbone, test_ids) @ head.T, test_labels)
 
 
-def _evaluate(store: Store, backbone: SentenceEncoder, model_key: str, tasks: Mapping[str, ClassificationTask],
-              row_keys: Mapping[str, str], adapters: Mapping[int, Mapping[str, tuple[str, str]]], config: TextBuildConfig,
-              progress: Progress) -> str:
+def _evaluate(run: BuildRun[TextBuildConfig], backbone: SentenceEncoder, model_key: str, tasks: Mapping[str, ClassificationTask],
+              row_keys: Mapping[str, str], adapters: Mapping[int, Mapping[str, tuple[str, str]]]) -> str:
     adapter_keys = {str(r): {t: k for t, (k, _) in per.items()} for r, per in adapters.items()}
-    key = store.key("text.eval", VERSION, base=model_key, rows=dict(row_keys), templates={n: list(t.templates) for n, t in tasks.items()},
-                    adapters=adapter_keys, max_length=config.max_length, logit_scale=config.logit_scale)
-    if store.exists(key):
+    templates = {n: list(t.templates) for n, t in tasks.items()}
+    key = run.store.key("text.eval", VERSION, base=model_key, rows=dict(row_keys), templates=templates, adapters=adapter_keys,
+                        max_length=run.config.max_length, logit_scale=run.config.logit_scale)
+    if run.store.exists(key):
         return key
     start = time.perf_counter()
-    tick = ticker(progress, "evaluating", 2 * len(tasks) + 1 + len(adapters))
+    tick = ticker(run.progress, "evaluating", 2 * len(tasks) + 1 + len(adapters))
     result: dict[str, Any] = {"zero_shot": {}, "zero_shot_val": {}, "linear_probe": {}, "finetuned": {}, "finetuned_val": {}}
     for name, task in tasks.items():
         result["zero_shot"][name], result["zero_shot_val"][name] = (evaluate_task(backbone, task, split=s) for s in ("test", "val"))
@@ -188,37 +188,42 @@ def _evaluate(store: Store, backbone: SentenceEncoder, model_key: str, tasks: Ma
     result["joint_zero_shot"] = joint_hits(backbone, list(tasks.values()))
     tick()
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = write_adapters(store, adapters, Path(tmp))
+        dirs = write_adapters(run.store, adapters, Path(tmp))
         for rank in adapters:
             result["finetuned"][str(rank)] = finetuned_accuracies(backbone, tasks, dirs[rank])
             result["finetuned_val"][str(rank)] = finetuned_accuracies(backbone, tasks, dirs[rank], split="val")
             tick()
-    store.put_json(key, result, attrs={"wall_time_s": time.perf_counter() - start})
+    run.store.put_json(key, result, attrs={"wall_time_s": time.perf_counter() - start})
     return key
 
 
 # Export -------------------------------------------------------------------------------------------------
 
 
-def _manifest(store: Store, config: TextBuildConfig, seed: int, model: Mapping[str, Any], sources: Mapping[str, TaskSource],
+def _manifest(run: BuildRun[TextBuildConfig], model: Mapping[str, Any], sources: Mapping[str, TaskSource],
               tasks: Mapping[str, ClassificationTask], row_keys: Mapping[str, str], adapters: Mapping[int, Mapping[str, tuple[str, str]]],
               eval_key: str) -> dict[str, Any]:
-    timings = {"lora": sum(wall_time(store, k) for per in adapters.values() for k, _ in per.values()),
-               "evaluation": wall_time(store, eval_key)}
+    """``manifest.json`` of a build: its config and encoder, each task's rows, classes and source package, where each
+    adapter set is exported and under which key, the evaluation's metrics and each step's recorded wall time.
+
+    It takes 7 parameters because the manifest records every input and product of the build: the run, the encoder, the
+    sources, the tasks, and the keys of the rows, the adapters and the evaluation."""
+    timings = {"lora": sum(wall_time(run.store, k) for per in adapters.values() for k, _ in per.values()),
+               "evaluation": wall_time(run.store, eval_key)}
     return {
-        "format": 1, "profile": config.profile, "seed": seed, "config": config.as_dict(), "model": dict(model),
+        "format": 1, "profile": run.config.profile, "seed": run.seed, "config": run.config.as_dict(), "model": dict(model),
         "adapters": {str(r): {t: f"adapters/r{r}/{t}" for t in per} for r, per in adapters.items()},
         "default_rank": DEFAULT_RANK if DEFAULT_RANK in adapters else min(adapters, default=None),
         "adapter_dtypes": {str(r): str(dtype).removeprefix("torch.") for r, dtype in shipped_dtypes(adapters).items()},
         "adapter_keys": {str(r): {t: k for t, (k, _) in per.items()} for r, per in adapters.items()},
         "tasks": {name: {"dir": name, "rows_key": row_keys[name], "classnames": list(task.classnames), "templates": list(task.templates),
-                         "rows": class_counts(store.get_json(row_keys[name])),
+                         "rows": class_counts(run.store.get_json(row_keys[name])),
                          "description": sources[name].description,
                          "source": {"package": sources[name].package.name, "version": sources[name].package.version,
                                     "sha256": sources[name].package.sha256, "files": list(sources[name].files),
                                     "labels": dict(sources[name].classes), "licence": sources[name].package.licence}}
                   for name, task in tasks.items()},
-        "metrics": store.get_json(eval_key), "eval_key": eval_key,
+        "metrics": run.store.get_json(eval_key), "eval_key": eval_key,
         "timings_s": {k: round(v, 1) for k, v in timings.items()}, "build_time_s": round(sum(timings.values()), 1),
     }
 
@@ -275,27 +280,27 @@ def build_text(out: str | Path = "data/text", store: Store | str | None = None, 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _build(out, store if isinstance(store, Store) else Store(store), Path(model) if model else default_model(), config, chosen,
-                      Path(debs) if debs else Path(tempfile.gettempdir()) / "mergelab-debs", seed, progress)
+        run = BuildRun(store if isinstance(store, Store) else Store(store), config, seed, progress)
+        return _build(out, run, Path(model) if model else default_model(), chosen,
+                      Path(debs) if debs else Path(tempfile.gettempdir()) / "mergelab-debs")
     finally:
         torch.set_num_threads(previous)
 
 
-def _build(out: Path, store: Store, model_dir: Path, config: TextBuildConfig, sources: Mapping[str, TaskSource], debs: Path,
-           seed: int, progress: Progress) -> BuildResult:
+def _build(out: Path, run: BuildRun[TextBuildConfig], model_dir: Path, sources: Mapping[str, TaskSource], debs: Path) -> BuildResult:
     start = time.perf_counter()
-    backbone, encoder_dir = read_encoder(model_dir, logit_scale=config.logit_scale, max_length=config.max_length)
+    backbone, encoder_dir = read_encoder(model_dir, logit_scale=run.config.logit_scale, max_length=run.config.max_length)
     model = {"package": MODEL_PACKAGE, "digest": directory_digest(encoder_dir), "pooling": backbone.pooling, "normalize": backbone.normalize}
-    model_key = store.key("text.model", VERSION, **model)
+    model_key = run.store.key("text.model", VERSION, **model)
     current = out / "manifest.json"
     exported = json.loads(current.read_text())["tasks"] if current.is_file() else {}
-    row_keys = {name: _rows(store, out, name, source, config, seed, debs, exported) for name, source in sources.items()}
+    row_keys = {name: _rows(run, out, name, source, debs, exported) for name, source in sources.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        tasks = _tasks(store, row_keys, sources, backbone, Path(tmp))
-        adapters = _adapters(store, backbone, model_key, tasks, row_keys, config, seed, progress)
-        eval_key = _evaluate(store, backbone, model_key, tasks, row_keys, adapters, config, progress)
-        manifest = _manifest(store, config, seed, model, sources, tasks, row_keys, adapters, eval_key)
+        tasks = _tasks(run.store, row_keys, sources, backbone, Path(tmp))
+        adapters = _adapters(run, backbone, model_key, tasks, row_keys)
+        eval_key = _evaluate(run, backbone, model_key, tasks, row_keys, adapters)
+        manifest = _manifest(run, model, sources, tasks, row_keys, adapters, eval_key)
     if current.is_file() and json.loads(current.read_text()) == json.loads(json.dumps(manifest)) and (out / "README.md").is_file():
         return BuildResult(manifest, False, time.perf_counter() - start)
-    _export(out, store, manifest, row_keys, sources, adapters)
+    _export(out, run.store, manifest, row_keys, sources, adapters)
     return BuildResult(manifest, True, time.perf_counter() - start)
