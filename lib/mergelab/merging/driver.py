@@ -165,21 +165,36 @@ def project(taskset: TaskSet, space: str | Space = "full", *, bases: Mapping[str
     return Projection(taskset, sp, {m: p[0] for m, p in projected.items()}, {m: p[1] for m, p in projected.items()})
 
 
-def _apply_stage(spec: MergeMethod | Composition, index: int, values: Mapping[str, Any], sp: Space, module: str,
-                 inputs: list[Tensor | LowRank], updates: Sequence[Update], ctx: Context,
-                 side: Mapping[str, Mapping[str, list[Tensor]]]) -> tuple[Tensor | LowRank, Context]:
-    """Stage ``index`` of ``spec`` on one module: the projections (or, for stage 0, the factors /
+@dataclass(frozen=True)
+class _Plan:
+    """What every stage of one merge reads on every module: the method (or composition), its resolved
+    hyper-parameter values, the space, and the side inputs ``{name: {module: [per-task tensor]}}``."""
+
+    spec: MergeMethod | Composition
+    values: Mapping[str, Any]
+    space: Space
+    side: Mapping[str, Mapping[str, list[Tensor]]]
+
+    def stage_values(self, stage_name: str) -> dict[str, Any]:
+        """The hyper-parameters of the stage named ``stage_name``."""
+        return self.spec.stage_values(self.values, stage_name)
+
+
+def _apply_stage(plan: _Plan, index: int, module: str, inputs: list[Tensor | LowRank], updates: Sequence[Update],
+                 ctx: Context) -> tuple[Tensor | LowRank, Context]:
+    """Stage ``index`` of the plan's method on one module: the projections (or, for stage 0, the factors /
     side inputs it declares) in; the merged matrix or factors out, with the context they are in
     (a spectral stage in a ``spectral="update"`` context leaves the module in the full space)."""
-    stage_name, stage = spec.stages[index]
-    hp = spec.stage_values(values, stage_name)
+    stage_name, stage = plan.spec.stages[index]
+    hp = plan.stage_values(stage_name)
     first: list = inputs
-    side_args = tuple([SIDE_INPUTS[name].to_space(sp, x, ctx) for x in side[name][module]] for name in stage.side) if index == 0 else ()
+    side_args = tuple([SIDE_INPUTS[name].to_space(plan.space, x, ctx) for x in plan.side[name][module]]
+                      for name in stage.side) if index == 0 else ()
     if index == 0 and stage.inputs == "factors":
         try:
-            first = [ctx.isometric(f) for f in sp.factors(updates, ctx)]
+            first = [ctx.isometric(f) for f in plan.space.factors(updates, ctx)]
         except InputError as err:
-            raise InputError(f"method {spec.name!r} merges LoRA factors; module {module!r}: {err}") from None
+            raise InputError(f"method {plan.spec.name!r} merges LoRA factors; module {module!r}: {err}") from None
         return ctx.from_isometric(_call(stage, (first, *side_args), hp, module)), ctx
     if not stage.factored:
         first = [_as_matrix(x) for x in first]
@@ -194,18 +209,17 @@ def _apply_stage(spec: MergeMethod | Composition, index: int, values: Mapping[st
     return (ctx.from_isometric(result) if stage.isometric else result), ctx
 
 
-def _merge_matrices(spec: MergeMethod | Composition, values: Mapping[str, Any], sp: Space, taskset: TaskSet,
-                    modules: Sequence[str], side: Mapping[str, Mapping[str, list[Tensor]]],
-                    projection: Projection | None) -> dict[str, Update]:
+def _merge_matrices(plan: _Plan, taskset: TaskSet, modules: Sequence[str], projection: Projection | None) -> dict[str, Update]:
     """All stages on all matrix modules. Streams module by module (project, merge, reconstruct,
     drop) unless a stage is model-wide or a projection is given."""
-    wide = {i for i, (_, stage) in enumerate(spec.stages) if stage.inputs == "tensors" and sp.scope == "model" and not stage.side}
+    sp = plan.space
+    wide = {i for i, (_, stage) in enumerate(plan.spec.stages) if stage.inputs == "tensors" and sp.scope == "model" and not stage.side}
     if projection is None and not wide:
         out = {}
         for m in modules:
             current, ctx = _project_module(sp, taskset, m)
-            for i in range(len(spec.stages)):
-                result, ctx = _apply_stage(spec, i, values, sp, m, current, taskset.updates(m), ctx, side)
+            for i in range(len(plan.spec.stages)):
+                result, ctx = _apply_stage(plan, i, m, current, taskset.updates(m), ctx)
                 current = [_as_matrix(result)]
             out[m] = sp.reconstruct(result, ctx)
         return out
@@ -213,24 +227,22 @@ def _merge_matrices(spec: MergeMethod | Composition, values: Mapping[str, Any], 
     current_all = {m: list(projection.matrices[m]) for m in modules}
     contexts = dict(projection.contexts)
     results: dict[str, Tensor | LowRank] = {}
-    for i, (stage_name, stage) in enumerate(spec.stages):
+    for i, (stage_name, stage) in enumerate(plan.spec.stages):
         if i in wide:
-            results = _model_wide(stage, current_all, spec.stage_values(values, stage_name))
+            results = _model_wide(stage, current_all, plan.stage_values(stage_name))
         else:
             for m in modules:
-                results[m], contexts[m] = _apply_stage(spec, i, values, sp, m, current_all[m], taskset.updates(m),
-                                                       contexts[m], side)
+                results[m], contexts[m] = _apply_stage(plan, i, m, current_all[m], taskset.updates(m), contexts[m])
         current_all = {m: [_as_matrix(results[m])] for m in modules}
     return {m: sp.reconstruct(results[m], contexts[m]) for m in modules}
 
 
-def _merge_nonmatrix(spec: MergeMethod | Composition, values: Mapping[str, Any], updates: Sequence[Update],
-                     module: str, side: Mapping[str, Mapping[str, list[Tensor]]]) -> Dense:
+def _merge_nonmatrix(plan: _Plan, updates: Sequence[Update], module: str) -> Dense:
     current = [u.dense(torch.float64) for u in updates]
-    for i, (stage_name, stage) in enumerate(spec.stages):
-        hp = spec.stage_values(values, stage_name)
+    for i, (stage_name, stage) in enumerate(plan.spec.stages):
+        hp = plan.stage_values(stage_name)
         if stage.nonmatrix == "self":
-            side_args = tuple(side[name][module] for name in stage.side) if i == 0 else ()
+            side_args = tuple(plan.side[name][module] for name in stage.side) if i == 0 else ()
             merged = _call(stage, (current, *side_args), hp, module)
         else:
             stacked = torch.stack(current)
@@ -278,13 +290,13 @@ def merge(taskset: TaskSet | Projection, method: str, space: str | Space | None 
         sp = get_space("full" if space is None else space, **(space_options or {}))
     matrix_modules = _matrix_modules(taskset)
     other_modules = [m for m in taskset.module_names if m not in set(matrix_modules)]
-    side = _side_inputs(spec, values, taskset, matrix_modules, side_inputs)
+    plan = _Plan(spec, values, sp, _side_inputs(spec, values, taskset, matrix_modules, side_inputs))
     merged: dict[str, Update] = {}
     with completion.recording() as completed:
         if matrix_modules:
-            merged.update(_merge_matrices(spec, values, sp, taskset, matrix_modules, side, projection))
+            merged.update(_merge_matrices(plan, taskset, matrix_modules, projection))
     for m in other_modules:
-        merged[m] = _merge_nonmatrix(spec, values, taskset.updates(m), m, side)
+        merged[m] = _merge_nonmatrix(plan, taskset.updates(m), m)
     meta = {
         "method": spec.name,
         "space": sp.name,
