@@ -199,7 +199,7 @@ def report(notebooks: Sequence[str | Path], params: Mapping[str, Any], out_dir: 
     ``notebooks``. Returns every file written, what ``mergelab report`` counts: per notebook, in the
     order given, what :func:`export` wrote (its HTML page, then each cell's figures as PNG and PDF
     and its tagged tables as HTML); the index last.
-    """
+    It takes 7 parameters: what runs (notebooks, ``params``, ``out_dir``), how (``cwd``, ``timeout``, ``jobs``), a progress callback."""
     if not notebooks:
         raise InputError("no notebooks to run: pass notebook paths (the repository's are in notebooks/)")
     if jobs is not None and jobs < 1:

@@ -75,7 +75,11 @@ def train_lora(module: nn.Module, targets: Sequence[str], inputs: Tensor, labels
     ``(C, D)``: per step a seeded batch of ``inputs`` / ``labels``, loss
     ``CE(normalize(features) @ headᵀ, labels)`` (+ ``extra(model, generator)``), AdamW with weight
     decay and a cosine schedule (001 App. C.2). Returns (adapter tensors, adapter config), exactly
-    what ``PeftModel.save_pretrained`` writes."""
+    what ``PeftModel.save_pretrained`` writes.
+
+    It takes 9 parameters because both builds (micro images, text rows) share this loop: the module, its LoRA targets,
+    the data, the frozen head and the config, and the three places the builds differ (how features are read, a progress
+    tick, an extra loss term)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from safetensors.torch import load_file

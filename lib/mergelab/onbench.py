@@ -120,6 +120,9 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     serving engine's set: :func:`~mergelab.serving.parse_max_rank`); ``shard_size`` bounds a weights file
     (:func:`~mergelab.checkpoints.writing.parse_size`); ``command`` (the CLI's invocation) goes to the record
     and the card. Every argument is checked before anything loads.
+
+    It takes 20 parameters because it is the library face of ``mergelab merge``: each is one of the command's options
+    (gathered at once into a ``_Request`` and checked), but ``command`` and the CLI's ``on_selection`` hook.
     """
     from mergelab.checkpoints import load_grams, load_taskset, save_merged, task_heads
 
@@ -270,7 +273,10 @@ def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any
     """Adapt ``adaptive`` (an ``adaptive:`` entry of a study) for ``sources`` on ``bench``'s unlabeled
     val images (:func:`adapt_on_bench`, which the three callbacks go to) and write the merge to
     ``out`` with its scores and ``command`` in the record and card (``shard_size`` as :func:`merge_adapters`);
-    returns the run, the written path and the store URL. Options are validated before anything loads."""
+    returns the run, the written path and the store URL. Options are validated before anything loads.
+
+    It takes 16 parameters because it is the library face of ``mergelab adapt``: up to ``command`` each is one of the
+    command's options, the last three are the CLI's progress callbacks, passed on to :func:`adapt_on_bench`."""
     import os
 
     from mergelab.adaptation.objectives import validate_preference
@@ -305,7 +311,10 @@ def check_output(fmt: str, out: Path, force: bool, *, store: Store, sources: Seq
     refused, as it would change nothing) and ``--out`` checked before any work (``save_merged`` checks again when writing):
     an existing ``--out`` needs ``--force`` and must be replaceable (:func:`~mergelab.outputs.check_replaceable`:
     a previous output, not the working directory, apart from ``store``, the ``sources``, the ``base``
-    and the other named ``inputs`` such as ``grams=``)."""
+    and the other named ``inputs`` such as ``grams=``).
+
+    It takes 8 parameters because it checks the output options ``merge`` and ``adapt`` share (format, out, force, shard
+    size) against all that ``--out`` must not replace (the store, the sources, the base and the other named ``inputs``)."""
     from mergelab.checkpoints.files import named_sources
     from mergelab.errors import check_writable
     from mergelab.outputs import check_apart, check_replaceable

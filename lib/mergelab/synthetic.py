@@ -72,6 +72,10 @@ def write_peft_adapters(model: nn.Module, out_dir: str | Path, names: Sequence[s
     distinct, non-trivial update. Modules PEFT keeps whole per adapter (``modules_to_save``, such as
     a ``task_type="SEQ_CLS"`` adapter's ``score`` head) are drawn afresh too, so every task has its
     own head. Returns the adapter directories.
+
+    It takes 9 parameters because it writes test fixtures the way PEFT's ``LoraConfig`` describes them: the model,
+    folder and names, the targets, rank and alpha, the seed and scale of the random factors, and any further
+    ``LoraConfig`` field.
     """
     from peft import LoraConfig, get_peft_model
 

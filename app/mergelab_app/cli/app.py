@@ -56,12 +56,13 @@ class _Command(_TidyHelp, TyperCommand):
 
 class RegistryHelp(_Command):
     """Appends the choices of the registries a command reads (``listing()``) to its help, importing
-    them only when the help is shown."""
+    them only when the help is shown; the help ends, as click's does, where a ``\\f`` line starts the
+    docstring's notes for readers of the code."""
 
     listing: staticmethod
 
     def format_help(self, ctx, formatter):
-        own = self.__dict__.setdefault("_own_help", self.help or "")
+        own = self.__dict__.setdefault("_own_help", (self.help or "").partition("\f")[0].rstrip())
         self.help = f"{own}\n\n{self.listing()}"  # read now: entries registered after import are listed too
         return super().format_help(ctx, formatter)
 

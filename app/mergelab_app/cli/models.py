@@ -252,6 +252,8 @@ def merge_command(
     model card OUT/README.md (with the command that reproduces the merge). With ``--select`` every
     configuration of the method's grid (less the ``--set`` ones) is merged and evaluated on the
     benchmark's val split first (cached in the store; the test split never selects).
+    \f
+    It takes 20 parameters because it is the ``merge`` command: Typer makes each parameter one CLI argument or option.
     """
     import yaml
 
@@ -342,6 +344,8 @@ def adapt_command(
 
     The run and its history (loss curve, coefficients or masks) are cached in the store and
     published as the study ``adapt-<method>-<taskset>``; the test split only evaluates.
+    \f
+    It takes 22 parameters because it is the ``adapt`` command: Typer makes each parameter one CLI argument or option.
     """
     import yaml
 

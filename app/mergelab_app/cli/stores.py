@@ -77,7 +77,9 @@ def build_text_command(
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the row draws and every training run.")] = 0,
     threads: ThreadsOpt = 1,
 ) -> None:
-    """Build the real-weights text benchmark: task rows from pinned Debian packages, LoRA adapters on all-MiniLM-L6-v2, README."""
+    """Build the real-weights text benchmark: task rows from pinned Debian packages, LoRA adapters on all-MiniLM-L6-v2, README.
+    \f
+    It takes 10 parameters because it is the ``build-text`` command: Typer makes each parameter one CLI option."""
     from mergelab.store import default_store_url
     from mergelab.textbench.build import build_text
 

@@ -143,6 +143,10 @@ def build_adarank(taskset: TaskSet, *, origin: Literal["ta", "cart"] = "ta", lam
     ``lambda_granularity``: ``"module_task"`` (default) learns a λ per module and task, as the official
     code (``merge_weight`` of shape (T, #tensors)); ``"layer"`` one λ per layer shared by its modules and
     by every task, as 002 Eq. 5 prints ``λ^l`` (the modules outside the numbered blocks share one).
+
+    It takes 10 parameters because it is AdaRank's builder in :data:`ADAPTERS`: every keyword but ``bases`` is a setting
+    a study or ``--set`` may give (the registry reads them from this signature), ``bases`` the decomposition computed
+    before.
     """
     if origin not in ("ta", "cart"):
         raise InputError(f"adarank origin must be 'ta' or 'cart', got {origin!r}")
@@ -253,6 +257,10 @@ def adapt(
     every method of a study steps on the same batches whatever it measures first); the TAS
     teachers are the fine-tuned models ``W_0 + ΔW_t``. ``bases``: the bank's decompositions,
     computed earlier (see :func:`build`); the result is the same, bit for bit.
+
+    It takes 12 parameters because it is the one entry to every adaptive method: what is adapted (method, task set,
+    forward, batches, schedule), the run options :func:`~mergelab.adaptation.loop.run` receives (anchors, recording,
+    device, precision, progress), the precomputed ``bases`` and the method's own ``hp``.
     """
     model = build(method, taskset, bases=bases, **hp)
     schedule = schedule.for_method(ADAPTERS[method])

@@ -196,7 +196,7 @@ def run(
     ``mask(record, module, task, component)`` (1-based components by decreasing σ, NaN past a task's
     last; :meth:`~mergelab.adaptation.models.CoefficientModel.components`), and in its attrs
     ``mean_abs_delta_coef`` (:func:`mean_abs_change` from the first to the last record).
-    """
+    It takes 11 parameters: what it optimises, what only some methods add (anchors, teachers), how it records and runs."""
     objective, scalarization, optimizer = _checked_schedule(schedule, forward, teachers)
     iters, lr, alpha = schedule.iters, schedule.lr, schedule.alpha
     rho = validate_preference(schedule.preference, model.n_tasks)

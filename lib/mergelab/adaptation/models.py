@@ -146,6 +146,9 @@ class MaskedCoefficients(CoefficientModel):
     freezes module ``m``'s mask at ``keep[m]`` (modules AdaRank does not mask). ``lambda_groups``:
     module m's λ is ``lam[lambda_groups[m]]``, one value shared by every task (002 Eq. 5's ``λ^l``
     with a group per layer); ``None``: a λ per module and task, as the official code.
+
+    Its constructor takes 11 parameters: the shared three (modules, banks, tasks) and AdaRank's eight settings above,
+    each set by :func:`~mergelab.adaptation.build_adarank`.
     """
 
     def __init__(self, modules, banks, tasks, *, keep: Sequence[Tensor], fixed: Sequence[bool] | None = None, lam: float = 0.3,

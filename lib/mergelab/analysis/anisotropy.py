@@ -152,6 +152,9 @@ def naive_sensitivities(backbone: Backbone, head: Tensor, task_batches: Sequence
     Forms every ``S_k`` densely and differentiates the loss with respect to a scalar ``ε``; it
     gives the same ``J[i, k]`` as :func:`sensitivities` of :func:`loss_gradients` at
     ``K`` times the cost (the reference of the tests and of ``benchmarks/jacobian.py``).
+
+    It takes 7 parameters because it recomputes the loss at ``W + ε S_k`` from scratch: backbone, head, batches,
+    parameters, the module's name and its basis, and the directions to differentiate.
     """
     ks = range(basis.size) if directions is None else directions
     total = sum(len(images) for images, _ in task_batches)
@@ -198,6 +201,9 @@ def restricted_jacobian(taskset: TaskSet, losses: np.ndarray, grads: Sequence[Ma
     projections split into views (``split_packed``). ``rtol`` is the relative tolerance of the SVD
     basis (``None``: numerical rank). Schema in ``docs/store.md``; the experiment that measures the
     gradients on a bench is :func:`mergelab.experiments.probes.jacobian_anisotropy`.
+
+    It takes 10 parameters: the measurement (task set, losses, gradients, image counts), four that only record in the
+    attributes how it was measured (``lam``, ``labels``, ``batch_size``, ``batches``) and the basis' two options.
     """
     rows, owners = _jacobian_rows(taskset, grads, split_packed=split_packed, rtol=rtol)
     statistics = _anisotropy_statistics(rows, owners, len(taskset))

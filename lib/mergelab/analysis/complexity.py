@@ -73,7 +73,10 @@ COUNTS: dict[tuple[str, str], Count] = {
 
 def merge_operations(method: str, space: str, m: int, n: int, tasks: int, rank: int, k: int | None = None) -> float:
     """Operations to merge ``tasks`` rank-``rank`` updates of shape ``m × n`` (003 App. B); NaN where
-    App. B derives none. ``k``: TSV's components kept per task, by default ``min(m, n) // tasks``."""
+    App. B derives none. ``k``: TSV's components kept per task, by default ``min(m, n) // tasks``.
+
+    It takes 7 parameters because App. B's counts are functions of all of them: method, space, the shape ``m × n``, the
+    number of tasks, their rank and TSV's ``k``."""
     count = COUNTS.get((method, space))
     if count is None:
         return float("nan")

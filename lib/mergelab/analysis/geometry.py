@@ -97,6 +97,9 @@ def _similarity_dataset(taskset: TaskSet, module_names: list[str], dims: tuple[s
 
     ``cross`` and the result have shape ``(*dims, task, module)``; ``merged_sq`` ``(*dims, module)``;
     ``task_sq`` ``(task, module)``. Whole-model values sum the per-module terms.
+
+    It takes 8 parameters because the similarity datasets of every shape share it: the task set and module names that
+    label it, the extra leading dims and their coordinates, the three Gram quantities and the attributes passed on.
     """
 
     def similarity(c: np.ndarray, m_sq: np.ndarray, t_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

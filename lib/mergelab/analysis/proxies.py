@@ -93,6 +93,9 @@ def tas(backbone: Backbone, task: ClassificationTask, params: Params, finetuned_
     ``params`` / ``finetuned_params`` are replacement weights for ``encode_image`` (e.g.
     :func:`mergelab.adaptation.loop.task_weights`); only ``task.tensors("val")[0]`` is read.
     Lower is better.
+
+    It takes 7 parameters: the model and task, the two sets of weights compared, and 004's three measurement settings
+    (distance, batch size, batch count) that :func:`~mergelab.experiments.model_analyses.tas_sweep` varies.
     """
     d = check_distance(distance)
     merged = features(backbone, task, params, batch_size=batch_size, batches=batches)

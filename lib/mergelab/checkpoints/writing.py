@@ -234,6 +234,10 @@ def save_merged(
     weights file) per task, the merge plus that task's head (as ``modules_to_save``), and
     ``out/merge.json`` the provenance: ``PeftModel.from_pretrained(base, out/<task>)`` is the
     merged model for that task.
+
+    It takes 9 parameters because it is the one writer of both output formats: after the merge and ``out``, each keyword
+    is an output option of ``merge`` / ``adapt`` or what they record (format, base, dtype, overwrite, heads, record,
+    shard size).
     """
     info = _merge_info(merged, format, record)
     unsafe = [t for t in heads or {} if not SAFE_NAME.fullmatch(t)]

@@ -31,7 +31,10 @@ def _read(dataset, image_size: int) -> Split:
 
 def folder_task(root: str | Path, *, name: str | None = None, image_size: int = 224, classnames: Sequence[str] | None = None,
                 templates: Sequence[str] = DEFAULT_TEMPLATES, val_fraction: float = 0.2, seed: int = 0) -> ClassificationTask:
-    """A classification task from ``ROOT/{train,val,test}/<class>/*`` image folders."""
+    """A classification task from ``ROOT/{train,val,test}/<class>/*`` image folders.
+
+    It takes 7 parameters because each keyword is one field of a folder bench's task entry or a split setting (name,
+    image size, class names, templates, val fraction, seed)."""
     from torchvision.datasets import ImageFolder
 
     root = Path(root)

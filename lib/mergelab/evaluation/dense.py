@@ -102,7 +102,10 @@ def _features(backbone: Backbone, task: DenseTask, split: str, params: Mapping[s
 
 def fit_decoder(backbone: Backbone, task: DenseTask, features: Tensor, targets: Tensor, *, steps: int = 300,
                 lr: float = 1e-2, seed: int = 0) -> nn.Module:
-    """Fit a fresh decoder on frozen features with full-batch Adam (deterministic given ``seed``)."""
+    """Fit a fresh decoder on frozen features with full-batch Adam (deterministic given ``seed``).
+
+    It takes 7 parameters: the backbone, the task and its features and targets, and the fit's three settings (steps,
+    learning rate, seed), which :func:`refit_score` passes on."""
     decoder = make_decoder(backbone, task, seed)
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     loss_fn = KINDS[task.kind].loss
@@ -115,7 +118,10 @@ def fit_decoder(backbone: Backbone, task: DenseTask, features: Tensor, targets: 
 
 def refit_score(backbone: Backbone, task: DenseTask, params: Mapping[str, Tensor] | None = None, *, split: str = "test",
                 steps: int = 300, lr: float = 1e-2, seed: int = 0) -> float:
-    """Freeze the (merged) encoder, fit the task's decoder on its train features, score ``split``."""
+    """Freeze the (merged) encoder, fit the task's decoder on its train features, score ``split``.
+
+    It takes 7 parameters: the backbone, the task, the encoder's weights and the split scored, and the three settings of
+    the decoder fit passed on to :func:`fit_decoder`."""
     train_x, train_y = _features(backbone, task, "train", params)
     decoder = fit_decoder(backbone, task, train_x, train_y, steps=steps, lr=lr, seed=seed)
     test_x, test_y = _features(backbone, task, split, params)

@@ -107,6 +107,9 @@ def joint_hit_counts(backbone: Backbone, tasks: Sequence[ClassificationTask], pa
     ``images_of``: score only these tasks' images (still against the whole union): a task's own
     fine-tuned model on its own images, the experts' reference for the joint task. ``head``: the
     :func:`joint_head` of ``tasks``, when already built (it depends on the text tower only).
+
+    It takes 8 parameters: the model, the tasks, the weights, the split and the ``ks``, and three ways callers skip work
+    (precomputed ``features``, a subset ``images_of``, a given ``head``).
     """
     joint = joint_label_space(tasks)
     head = joint_head(backbone, tasks, joint) if head is None else head
@@ -122,7 +125,9 @@ def joint_hits(backbone: Backbone, tasks: Sequence[ClassificationTask], params: 
                split: str = "test", ks: Sequence[int] = (1, 3, 5), features: Mapping[str, Tensor] | None = None,
                images_of: Sequence[str] | None = None) -> dict[str, float]:
     """Joint-task Hits@k (001 Tab. 3): ``{"hits@1": …, "hits@3": …, "hits@5": …}``, micro averages
-    over every scored image of :func:`joint_hit_counts` (same arguments)."""
+    over every scored image of :func:`joint_hit_counts` (same arguments).
+
+    It takes 7 parameters: those of :func:`joint_hit_counts` but ``head``, passed on unchanged."""
     counts = joint_hit_counts(backbone, tasks, params, split, ks, features, images_of).values()
     total = sum(c[0] for c in counts)
     return {f"hits@{k}": sum(c[k] for c in counts) / total for k in ks}

@@ -14,6 +14,9 @@ mathematics and the Dataset schemas are those of the pure modules they build on:
 
 Every one reads validation images only (the first ``batches × batch_size`` of each task); the
 accuracy axis of :func:`tas_sweep` is the one exception a caller asks for by ``eval_split``.
+
+Each takes the session, then one keyword per setting a study's ``analyses:`` entry may give, read from its
+signature by :mod:`mergelab.experiments.registry`: why several take more than six parameters.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def jacobian_anisotropy(session: BenchSession, *, lam: float = 0.3, batch_size: 
     it (default; labels of the val split, used for analysis only, never by adaptation), or with
     ``labels=False`` the label-free mean prediction entropy. The Dataset's ``objective`` attribute
     says which, and the figures print it.
-    """
+    It takes 7 parameters: the session and one per setting a study may give (module docstring)."""
     taskset = session.taskset
     batch_sets = [session.val_batches(n, batch_size=batch_size, batches=batches, labels=labels) for n in taskset.names]
     heads = [session.head(n) for n in taskset.names]
@@ -74,7 +77,7 @@ def component_loss_changes(session: BenchSession, *, lam: float = 0.3, component
     ``lam``: λ of Eqs. (3)–(4); ``components``: fraction in (0, 1] of each update's singular
     components to add (at least one); ``layers``: block indices to analyse (``None``: all);
     ``batch_size`` / ``batches``: the validation images per task (``batches=None``: all).
-    """
+    It takes 8 parameters: the session and one per setting a study may give (module docstring)."""
     if not 0.0 < components <= 1.0:
         raise InputError(f"components is a fraction of singular components in (0, 1], got {components}")
     taskset, backbone = session.taskset, session.backbone
@@ -165,7 +168,7 @@ def tas_sweep(session: BenchSession, *, method: str = "task_arithmetic", space: 
     the first ``b × batch_size`` validation images of each task. ``accuracy`` adds each merge's
     top-1 accuracy on ``eval_split`` (and the fine-tuned models'), the performance axis of the
     proxy-vs-performance study only: the selections in this Dataset never read it.
-    """
+    It takes 9 parameters: the session and one per setting a study may give (module docstring)."""
     grid = _sweep_grid(method, lams, distances, batch_counts, batch_size)
     measured = _measure_sweep(session, method, space, grid, accuracy, eval_split)
     attrs = dataset_attrs(session.taskset, title="TAS and AdaMMS* across the merge coefficient",
@@ -309,7 +312,8 @@ def embedding_interference(session: BenchSession, merged: MergedUpdate, *, batch
 def merged_embedding_interference(session: BenchSession, *, method: str = "task_arithmetic", space: str = "full",
                                   hp: Mapping[str, Any] | None = None, batch_size: int = 64, batches: int | None = None,
                                   split: str = "val") -> xr.Dataset:
-    """:func:`embedding_interference` of ``merge(session.taskset, method, space, **hp)`` (003 Fig. 6: TSV + Iso per space)."""
+    """:func:`embedding_interference` of ``merge(session.taskset, method, space, **hp)`` (003 Fig. 6: TSV + Iso per space).
+    It takes 7 parameters: the session and one per setting a study may give (module docstring)."""
     merged = merge(session.taskset, method, space, **dict(hp or {}))
     ds = embedding_interference(session, merged, batch_size=batch_size, batches=batches, split=split)
     ds.attrs.update(method=method, space=space, hp=dict(hp or {}))
@@ -320,7 +324,8 @@ def embedding_interference_by_space(session: BenchSession, *, method: str = "tsv
                                     hp: Mapping[str, Any] | None = None, batch_size: int = 64, batches: int | None = None,
                                     split: str = "val") -> xr.Dataset:
     """003 Fig. 6: :func:`merged_embedding_interference` of one method merged in each of ``spaces``, stacked along
-    ``space`` (by default TSV + Iso-C in full and Core space, the comparison of 003 App. C.1)."""
+    ``space`` (by default TSV + Iso-C in full and Core space, the comparison of 003 App. C.1).
+    It takes 7 parameters: the session and one per setting a study may give (module docstring)."""
     parts = [merged_embedding_interference(session, method=method, space=space, hp=hp, batch_size=batch_size, batches=batches,
                                            split=split).expand_dims(space=np.array([space], dtype=object)) for space in spaces]
     ds = xr.concat(parts, dim="space", combine_attrs="drop_conflicts")

@@ -20,6 +20,9 @@ Datasets (dims):
 * :func:`stch_alpha_ablation` — ``accuracy(method, alpha, task, split)``, ``finetuned_accuracy(task, split)``,
   ``normalized_accuracy(method, alpha, task, split)``, ``average_normalized_accuracy(method, alpha, split)``.
 
+Each study takes the adaptation setting, then one parameter per option a study's entry may give, read from its
+signature by :mod:`mergelab.experiments.registry`: why each takes more than six parameters.
+
 The micro benchmark's numbers are its own, never the papers'.
 """
 
@@ -100,7 +103,7 @@ def pareto_sweep(setting: AdaptationSetting, *, pair: Annotated[Sequence[str] | 
     defaults (named ``method@space``; by default KnOTS-TIES and LoRA-LEGO, as 001 plots) and each
     task's fine-tuned model (``finetuned_<task>``), evaluated on both tasks. ``pair`` picks the two
     tasks from a larger setting.
-    """
+    It takes 9 parameters: the adaptation setting and one per option a study may give (module docstring)."""
     setting = setting if pair is None else setting.subset(pair)
     if len(setting.names) != 2:
         raise InputError(f"a Pareto sweep merges two tasks, the setting has {len(setting.names)}; pass pair=(A, B)")
@@ -180,7 +183,7 @@ def sensitivity_cloud(setting: AdaptationSetting, focal: Annotated[Sequence[str]
     (:func:`sample_preferences`, the two ``focal`` tasks fixed at ``focal_weight``), one adaptation per
     method and preference, the focal tasks' accuracies, and each method's covariance ellipse of the
     resulting accuracy cloud (:func:`covariance_ellipse`).
-    """
+    It takes 11 parameters: the adaptation setting and one per option a study may give (module docstring)."""
     if len(focal) != 2:
         raise InputError(f"the sensitivity cloud has two focal tasks, got {list(focal)}")
     names = setting.names
@@ -230,7 +233,7 @@ def stch_alpha_ablation(setting: AdaptationSetting, *, alphas: Alphas = (0.1, 0.
 
     Normalised accuracy is ``acc / acc_finetuned`` per task (001 Tab. 1's metric, × 100 there), the
     fine-tuned accuracy measured on the same split; ``preference`` defaults to uniform.
-    """
+    It takes 7 parameters: the adaptation setting and one per option a study may give (module docstring)."""
     if not alphas or any(a <= 0 for a in alphas):
         raise InputError(f"STCH alphas must be positive, got {list(alphas)}")
     splits = check_splits(splits)

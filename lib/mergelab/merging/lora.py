@@ -93,6 +93,10 @@ def lora_lego(factors: Sequence[LowRank], *, k: int | None = None, alpha: float 
     ``α/r`` for all tasks (the papers' setting) every ``b`` half shares one factor, so the clusters
     can still differ from those of unscaled ``B`` factors when ``α/r ≠ 1``; ``features="normalized"``
     removes the dependence (each half is normalised).
+
+    It takes 8 parameters because it is a registered merge method: after the factors, each keyword is a hyper-parameter
+    the registry reads from this signature (001 App. C.3's ``k`` and α, the two reweightings, the units' features,
+    KMeans' restarts and seed).
     """
     from sklearn.cluster import KMeans
 

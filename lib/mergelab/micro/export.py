@@ -83,7 +83,10 @@ def build_manifest(run: BuildRun[BuildConfig], base_key: str, adapters: Mapping[
 
 def export_micro(out: Path, store: Store, manifest: Mapping[str, Any], backbone_key: str, vocab: Mapping[str, Any],
                  adapters: Mapping[int, Mapping[str, tuple[str, str]]], dense_keys: Mapping[str, str]) -> None:
-    """Write the built benchmark from the store into ``out`` (layout: module docstring), the README last."""
+    """Write the built benchmark from the store into ``out`` (layout: module docstring), the README last.
+
+    It takes 7 parameters: the folder, the store and the manifest, and what it writes from the store: the backbone's
+    key, the vocabulary, the adapters' and the dense checkpoints' keys."""
     write_backbone(out / "base", store.get_tensors(backbone_key), ClosedVocabTokenizer.from_json(vocab), vision_cfg(manifest["config"].get("vision_layers")))
     write_adapters(store, adapters, out / "adapters")
     for name, key in dense_keys.items():

@@ -132,6 +132,9 @@ def select_hyper_parameters(bench: Bench, bench_spec: BenchSpec, method: str, sp
     values and the ``fixed`` hyper-parameters left out (``seed`` fixes a stochastic method's
     seed, default 0). ``bench_spec`` is the section ``bench`` was built from (it labels the
     results). ``progress(node, total)`` hears of every node as it finishes.
+
+    It takes 9 parameters because it runs ``merge --select``: the bench and the section it came from, the method, space
+    and rule, the fixed hyper-parameters, the store, the ``--grid`` overrides and a progress callback.
     """
     SELECTION_RULES.require(rule)
     fixed = dict(fixed)
@@ -198,6 +201,10 @@ def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adapti
     from :func:`bench_for` on it. ``progress(iteration, loss)`` hears of every step,
     ``start_progress(scored, total)`` of every starting point scored before step 1 (AdaRank-CART's λ
     search) and ``on_node`` of every node done (references, the run, its evaluation).
+
+    It takes 10 parameters because it runs ``mergelab adapt``: the bench and the section it came from, the user's task
+    set, the ``adaptive:`` entry and the store, then the command's seed and label permission and its three progress
+    callbacks.
     """
     name = f"adapt-{adaptive['method']}-{bench.taskset.content_hash[:8]}"
     spec = load_study({"name": name, "bench": bench_spec, "adaptive": [dict(adaptive)],

@@ -259,6 +259,9 @@ def build_text(out: str | Path = "data/text", store: Store | str | None = None, 
     a set trained before is reused from the store, so a build can ship r4 first and add r16 later); ``debs``: where packages are downloaded / looked for (default a
     folder under the system's temporary directory). ``threads``: torch's intra-op threads (1 by
     default: on a shared 2-core machine two threads per process run several times slower).
+
+    It takes 12 parameters because it is the keyword face of ``mergelab build-text``: each is one of the command's
+    options (``profile`` its ``--quick``), but ``progress`` and the ``sources`` tests replace.
     """
     if not isinstance(profile, TextBuildConfig) and profile not in CONFIGS:
         raise InputError(f"unknown build profile {profile!r}; choose one of {sorted(CONFIGS)} (CLI: --quick for 'quick')")
