@@ -239,8 +239,10 @@ def layout_problems(fig: Figure, *, tolerance: float = 1.0) -> list[str]:
             problems += _crowded(ax, renderer, tolerance)
 
     for what, box in every_text + legends:
-        if box.x0 < canvas.x0 - tolerance or box.y0 < canvas.y0 - tolerance or box.x1 > canvas.x1 + tolerance or box.y1 > canvas.y1 + tolerance:
+        if (box.x0 < canvas.x0 - tolerance or box.y0 < canvas.y0 - tolerance
+                or box.x1 > canvas.x1 + tolerance or box.y1 > canvas.y1 + tolerance):
             problems.append(f"{what} is clipped by the figure's edge")
 
-    problems += [f"axis label {label!r} gives an accuracy without %" for label in _labels(fig) if _ACCURACY.search(label) and "%" not in label]
+    problems += [f"axis label {label!r} gives an accuracy without %" for label in _labels(fig)
+                 if _ACCURACY.search(label) and "%" not in label]
     return list(dict.fromkeys(problems))

@@ -165,7 +165,8 @@ def execute_notebook(path: str | Path, params: Mapping[str, Any], *, cwd: str | 
     try:
         client.execute(env=_kernel_env())
     except NoSuchKernel:
-        raise InputError(f"cannot run {path.name}: no Jupyter kernel {KERNEL!r}; install one with `python -m ipykernel install --sys-prefix`") from None
+        raise InputError(f"cannot run {path.name}: no Jupyter kernel {KERNEL!r}; install one with `python -m ipykernel install "
+                         "--sys-prefix`") from None
     except (CellExecutionError, CellTimeoutError, DeadKernelError, CellControlSignal) as exc:
         index = current.get("index")
         where = f"cell {index + 1} ({_first_line(nb.cells[index].source)!r})" if index is not None else "kernel start"

@@ -28,8 +28,8 @@ from pathlib import Path
 from mergelab.errors import InputError
 from mergelab.study import NodeResult
 
-__all__ = ["GPU_DEVICE_TYPES", "GPU_RESOURCES", "RUNNERS", "configure", "gpu_resources", "parse_runner", "probe_scheduler", "quiet_input_errors", "start_ephemeral_server", "stop_ephemeral_server", "summarize",
-           "task_runner"]
+__all__ = ["GPU_DEVICE_TYPES", "GPU_RESOURCES", "RUNNERS", "configure", "gpu_resources", "parse_runner", "probe_scheduler",
+           "quiet_input_errors", "start_ephemeral_server", "stop_ephemeral_server", "summarize", "task_runner"]
 
 #: Prefect / Dask settings that these machines need (ENVIRONMENT.md); user values win.
 DEFAULT_ENV = {

@@ -37,7 +37,9 @@ from mergelab.strict import safe_name  # noqa: E402
 # Prefect's own "prefect" logger (temporary-server start/stop notices) ignores the level setting.
 logging.getLogger("prefect").setLevel(os.environ["PREFECT_LOGGING_LEVEL"])
 
-__all__ = ["GPU_NODES", "GPU_TAG", "TASKS", "FlowResult", "adapt_flow", "check_server", "deployment", "register_deployment", "scheduling_warning", "serve_deployments", "analyze_flow", "evaluate_flow", "merge_sweep", "set_progress", "stage_flow", "study_flow"]
+__all__ = ["GPU_NODES", "GPU_TAG", "TASKS", "FlowResult", "adapt_flow", "check_server", "deployment", "register_deployment",
+           "scheduling_warning", "serve_deployments", "analyze_flow", "evaluate_flow", "merge_sweep", "set_progress", "stage_flow",
+           "study_flow"]
 
 #: Tag of tasks that benefit from an accelerator (evaluation, adaptation, Jacobian analyses).
 GPU_TAG = "gpu"

@@ -322,7 +322,8 @@ def check_output(fmt: str, out: Path, force: bool, *, store: Store, sources: Seq
     if fmt not in ("peft", "weights"):
         raise InputError(f"--format {fmt!r} is not one of peft, weights")
     if fmt != "weights" and shard_size != DEFAULT_SHARD_SIZE:
-        raise InputError(f"--shard-size ({shard_size} bytes) bounds a weights file; use it with --format weights (a PEFT adapter is one file)")
+        raise InputError(f"--shard-size ({shard_size} bytes) bounds a weights file; use it with --format weights (a PEFT adapter is one "
+                         "file)")
     guarded = {f"adapter {name!r}": path for name, path in named_sources(sources, None)}
     guarded |= {"base model": base, **{f"--{k}": v for k, v in inputs.items() if v is not None}}
     if out.exists() or out.is_symlink():

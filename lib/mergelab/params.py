@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 from mergelab.errors import InputError
 
-__all__ = ["Among", "Interval", "Layers", "Param", "PerTask", "Tasks", "check_setting", "first_repeated", "params_of_dataclass", "params_of_function",
-           "resolve", "shown"]
+__all__ = ["Among", "Interval", "Layers", "Param", "PerTask", "Tasks", "check_setting", "first_repeated", "params_of_dataclass",
+           "params_of_function", "resolve", "shown"]
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,17 @@
 """``mergelab check``: a preflight of adapters, a base and task data from metadata only.
 
-Nothing heavy loads: adapter configs are JSON, safetensors files are read by their header (the
-first ``8 + n`` bytes: names, dtypes and shapes), a base's shapes likewise, and data folders by
-file hashes; the values of the adapters and the base are scanned for NaN / Inf from their raw bits
-(:func:`nonfinite_values`, in chunks: a merge refuses them), without a tensor library. In seconds it reports per task the rank (and ``rank_pattern``), ``lora_alpha``,
-rsLoRA, the scaling, target modules and dtypes, and then what would stop or skew a merge:
-modules not every task targets (a merge refuses them), factors that do not fit the base, adapters
-that a merge of ``B A`` would get wrong (DoRA, ``lora_bias``, PEFT's ``bias`` option, a quantized
-base: :data:`~mergelab.checkpoints.adapter_configs.UNMERGEABLE`), a config that disagrees with its tensors so
-that PEFT would load another adapter (:func:`~mergelab.checkpoints.adapter_configs.config_disagreements`), mixed
-dtypes, evaluation splits that hold no image, and images that sit in more than one evaluation split
-(a val image that is also a test image makes selection on val see the test split; 004 §3's
-selection protocol assumes disjoint splits).
+Nothing heavy loads: adapter configs are JSON, safetensors files are read by their header (the first ``8 + n``
+bytes: names, dtypes and shapes), a base's shapes likewise, and data folders by file hashes; the values of the
+adapters and the base are scanned for NaN / Inf from their raw bits (:func:`nonfinite_values`, in chunks: a
+merge refuses them), without a tensor library. In seconds it reports per task the rank (and ``rank_pattern``),
+``lora_alpha``, rsLoRA, the scaling, target modules and dtypes, and then what would stop or skew a merge:
+modules not every task targets (a merge refuses them), factors that do not fit the base, adapters that a merge
+of ``B A`` would get wrong (DoRA, ``lora_bias``, PEFT's ``bias`` option, a quantized base:
+:data:`~mergelab.checkpoints.adapter_configs.UNMERGEABLE`), a config that disagrees with its tensors so that
+PEFT would load another adapter (:func:`~mergelab.checkpoints.adapter_configs.config_disagreements`), mixed
+dtypes, evaluation splits that hold no image, and images that sit in more than one evaluation split (a val
+image that is also a test image makes selection on val see the test split; 004 §3's selection protocol assumes
+disjoint splits).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergelab.checkpoints.adapter_configs import adapter_config, check_scaling, config_disagreements, unmergeable
-from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir, named_sources,
-                                        read_tensors, weights_file)
+from mergelab.checkpoints.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS, LORA_KEY, PEFT_PREFIX, Source, is_adapter_dir,
+                                        named_sources, read_tensors, weights_file)
 from mergelab.checkpoints.modules import (check_declared_rank, guess_param, lora_targets, resolve_prefix, saved_names, target_param,
                                           target_views)
 from mergelab.errors import InputError
@@ -34,7 +34,8 @@ from mergelab.errors import InputError
 if TYPE_CHECKING:
     from mergelab.config import StudySpec
 
-__all__ = ["Preflight", "TaskReport", "check", "check_study", "empty_splits", "nonfinite_values", "split_images", "split_overlaps", "tensor_shapes"]
+__all__ = ["Preflight", "TaskReport", "check", "check_study", "empty_splits", "nonfinite_values", "split_images", "split_overlaps",
+           "tensor_shapes"]
 
 #: Splits whose images must be disjoint (the selection split and the reported one).
 SPLITS = ("val", "test")

@@ -89,7 +89,8 @@ def parse_max_rank(value: str | int, *, warn: bool = True) -> RankCap:
                          "or ENGINE:CAP such as vllm:64")
     rank = int(cap) if cap else None
     if engine and rank is not None and rank < SERVING_RANKS[engine][0]:
-        raise InputError(f"--max-rank {text}: {engine} accepts no rank <= {rank} (its smallest is {SERVING_RANKS[engine][0]}); raise the cap")
+        raise InputError(f"--max-rank {text}: {engine} accepts no rank <= {rank} (its smallest is {SERVING_RANKS[engine][0]}); raise the "
+                         "cap")
     cap = RankCap(rank, engine or None)
     if warn:
         cap.warn_unservable()

@@ -79,7 +79,8 @@ class Store:
         try:
             self.fs, root = fsspec.core.url_to_fs(self.url)
         except ImportError as err:
-            raise InputError(f"store URL {self.url!r} needs a package that is not installed ({err}); install it or use a local path") from err
+            raise InputError(f"store URL {self.url!r} needs a package that is not installed ({err}); install it or use a local "
+                             "path") from err
         self.root = root.rstrip("/")
         self._local = protocol in (None, "file", "local")
         if self._local and not os.path.isdir(self.root):  # an existing read-only store can still be read

@@ -344,7 +344,8 @@ class MergedUpdate:
         """A new state dict ``W_0 + scale · delta`` (the input is not modified)."""
         missing = sorted(set(self.modules) - set(state_dict))
         if missing:
-            raise InputError(f"base state dict lacks {len(missing)} merged parameters ({_head(missing)}); pass the base model the adapters were trained on")
+            raise InputError(f"base state dict lacks {len(missing)} merged parameters ({_head(missing)}); pass the base model the adapters "
+                             "were trained on")
         return {**state_dict, **add_updates(state_dict, self.modules, scale)}
 
 

@@ -20,7 +20,8 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from mergelab import __version__
 from mergelab.errors import InputError
 
-__all__ = ["BaseModuleOpt", "StoreOpt", "announce_store", "app", "console", "err_console", "invocation", "key_values", "main", "milestone", "progress_bars", "store_app", "warn"]
+__all__ = ["BaseModuleOpt", "StoreOpt", "announce_store", "app", "console", "err_console", "invocation", "key_values", "main", "milestone",
+           "progress_bars", "store_app", "warn"]
 
 console = Console()
 err_console = Console(stderr=True)

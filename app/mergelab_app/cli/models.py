@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from mergelab_app.cli.app import announce_store, invocation, key_values, milestone, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt, _Command, app, console, err_console
+from mergelab_app.cli.app import (announce_store, invocation, key_values, milestone, progress_bars, BaseModuleOpt, RegistryHelp, StoreOpt,
+                                  _Command, app, console, err_console)
 from mergelab.errors import InputError
 
 if TYPE_CHECKING:
@@ -128,8 +129,9 @@ def _show_selection(method: str, space: str, bench, run):
         bar = progress.add_task(f"{method}/{space}", total=None, hits=0) if progress is not None else None
         chosen = run(progress=listen)
     rule = SELECTION_RULES[chosen.rule]
-    console.print(selection_table(chosen, f"{method}/{space} on {bench.name}: chosen by the {'largest' if rule.higher_is_better else 'smallest'} "
-                                          f"mean {rule.metric} (val); test is recorded, never selects"))
+    console.print(selection_table(chosen, f"{method}/{space} on {bench.name}: chosen by the "
+                                          f"{'largest' if rule.higher_is_better else 'smallest'} mean {rule.metric} (val); "
+                                          "test is recorded, never selects"))
     if chosen.edges:
         console.print(f"warning: {method}/{space} selected {chosen.label}, on the edge of its grid in {', '.join(chosen.edges)}; "
                       "widen it with --grid", style="yellow", highlight=False)
@@ -374,7 +376,7 @@ def adapt_command(
         progress.stop()
     console.print(adaptation_table(result, method))
     kind = _written_kind(fmt, written)
-    console.print(f"adapted {result.scores.sizes['task']} tasks with {method} ({iters} iterations, {1000 * result.seconds_per_iter:.0f} ms each) "
-                  f"-> {written} ({kind}); history studies/{result.name}/adapt/{method} in {url}", soft_wrap=True, highlight=False)
+    console.print(f"adapted {result.scores.sizes['task']} tasks with {method} ({iters} iterations, {1000 * result.seconds_per_iter:.0f} ms "
+                  f"each) -> {written} ({kind}); history studies/{result.name}/adapt/{method} in {url}", soft_wrap=True, highlight=False)
 
 

@@ -150,7 +150,8 @@ def store_gc(
     if failed:
         label, err = failed[0]
         err_console.print(f"error: could not remove {len(failed)} entries of {s.url} (first: {label}: {err.strerror or err}); "
-                          "give yourself read and write access to the store and run gc again", markup=False, highlight=False, soft_wrap=True)
+                          "give yourself read and write access to the store and run gc again",
+                          markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
 
 

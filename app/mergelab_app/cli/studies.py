@@ -376,7 +376,8 @@ def report(
     paths = notebooks or list_notebooks()
     params = {"STORE": str(Path(url).resolve()) if "://" not in url else url, "STUDY": study}
     # a spinner under a terminal; in a log, only the plain progress lines
-    status = err_console.status(f"executing {len(paths)} notebooks against {url} (study {study})") if err_console.is_terminal else contextlib.nullcontext()
+    status = (err_console.status(f"executing {len(paths)} notebooks against {url} (study {study})") if err_console.is_terminal
+              else contextlib.nullcontext())
     with status:
         written = run_report(paths, params, out_dir=out, jobs=jobs,
                              progress=lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))

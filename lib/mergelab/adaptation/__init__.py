@@ -43,8 +43,8 @@ from mergelab.params import Interval
 from mergelab.registry import Registry
 from mergelab.taskset import TaskSet, Update
 
-__all__ = ["ADAPTERS", "COEFFICIENT", "LAMBDA_CART", "RANK_RATIO_CART", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward", "Schedule",
-           "adapt", "adarank_masks", "build"]
+__all__ = ["ADAPTERS", "COEFFICIENT", "LAMBDA_CART", "RANK_RATIO_CART", "SVD_SPACES", "AdaptResult", "Adapter", "BankBasis", "Forward",
+           "Schedule", "adapt", "adarank_masks", "build"]
 
 
 #: Spaces an SVD-based bank can be taken in (see :mod:`mergelab.adaptation.bank`).

@@ -25,8 +25,8 @@ from mergelab.errors import InputError
 from mergelab.naming import module_coords
 from mergelab.taskset import MergedUpdate, TaskSet, add_updates
 
-__all__ = ["OBJECTIVES", "OPTIMIZERS", "AdaptResult", "Forward", "Schedule", "anchors", "mean_abs_change", "objective_losses", "peek", "run",
-           "task_weights"]
+__all__ = ["OBJECTIVES", "OPTIMIZERS", "AdaptResult", "Forward", "Schedule", "anchors", "mean_abs_change", "objective_losses", "peek",
+           "run", "task_weights"]
 
 Params = Mapping[str, Tensor]
 

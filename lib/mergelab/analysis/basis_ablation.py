@@ -121,6 +121,7 @@ def reference_basis_ablation(taskset: TaskSet, *, seed: int = 0, split_packed: b
             "basis_dim_U": annotated(("basis", "module"), dim[0], "columns of the left basis U"),
             "basis_dim_V": annotated(("basis", "module"), dim[1], "columns of the right basis V"),
         },
-        coords={"basis": np.array(BASES, dtype=object), "task": np.array(lora.names, dtype=object), **module_coords(modules, taskset.layout)},
+        coords={"basis": np.array(BASES, dtype=object), "task": np.array(lora.names, dtype=object),
+                **module_coords(modules, taskset.layout)},
         attrs=dataset_attrs(taskset, title="reference-basis ablation", seed=seed, paper="003 Sec. 5.2 (Tab. 5), Eq. (13)"),
     )

@@ -28,7 +28,8 @@ from torch import Tensor
 from mergelab.errors import InputError
 from mergelab.taskset import Dense, LowRank, TaskSet, TaskUpdate, Update, packed_views
 
-__all__ = ["annotated", "block_sum", "dataset_attrs", "direction_gram", "gram", "inner", "matrix_modules", "matrix_taskset", "module_updates", "split_modules"]
+__all__ = ["annotated", "block_sum", "dataset_attrs", "direction_gram", "gram", "inner", "matrix_modules", "matrix_taskset",
+           "module_updates", "split_modules"]
 
 
 def _f64(t: Tensor) -> Tensor:

@@ -195,7 +195,8 @@ def task_spectra(taskset: TaskSet, *, split_packed: bool = True) -> xr.Dataset:
             "energy_fraction": annotated(spectrum, frac, "energy fraction σ_k²/Σσ²"),
             "cumulative_energy": annotated(spectrum, cum, "cumulative energy Σ_{j≤k}σ_j²/Σσ²"),
         },
-        coords={"task": np.array(taskset.names, dtype=object), **module_coords(list(modules), taskset.layout), "component": np.arange(1, n + 1)},
+        coords={"task": np.array(taskset.names, dtype=object), **module_coords(list(modules), taskset.layout),
+                "component": np.arange(1, n + 1)},
         attrs=dataset_attrs(taskset, title="per-task singular spectra", paper="002 Sec. 4; 003 Sec. 5.2"),
     )
 

@@ -231,14 +231,17 @@ def _load_full(
     modules: dict[str, Update] = {}
     unknown = sorted(k for k, v in state.items() if keep(k) and v.is_floating_point() and k not in base)
     if unknown:
-        raise InputError(f"checkpoint {path} has {len(unknown)} parameters the base lacks (e.g. {unknown[0]!r}); restrict with modules=[...]")
+        raise InputError(f"checkpoint {path} has {len(unknown)} parameters the base lacks (e.g. {unknown[0]!r}); restrict with "
+                         "modules=[...]")
     for key, tensor in state.items():
         if not keep(key) or not tensor.is_floating_point():
             continue
         if tensor.dtype not in SUPPORTED_DTYPES:
-            raise InputError(f"task {name!r}, parameter {key!r} has unsupported dtype {tensor.dtype}; save it in float16, bfloat16 or float32")
+            raise InputError(f"task {name!r}, parameter {key!r} has unsupported dtype {tensor.dtype}; save it in float16, bfloat16 or "
+                             "float32")
         if tensor.shape != base[key].shape:
-            raise InputError(f"task {name!r}, parameter {key!r} has shape {tuple(tensor.shape)}, base has {tuple(base[key].shape)}; pass the matching base model")
+            raise InputError(f"task {name!r}, parameter {key!r} has shape {tuple(tensor.shape)}, base has {tuple(base[key].shape)}; pass "
+                             "the matching base model")
         _check_float_base(base, key, f"task {name!r} fine-tunes")
         try:
             modules[key] = Dense(tensor.to(dtype) - base[key].to(dtype))

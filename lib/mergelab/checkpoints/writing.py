@@ -274,7 +274,8 @@ def _peft_writer(merged: MergedUpdate, dtype: torch.dtype) -> _WriteOne:
     """Step 2 of :func:`save_merged` with ``format="peft"``: the adapter's tensors and config (every module low rank), and its writer."""
     dense = sorted(k for k, u in merged.modules.items() if not isinstance(u, LowRank))
     if dense:
-        raise InputError(f"merged update has {len(dense)} dense modules (e.g. {dense[0]!r}), not a LoRA adapter; save with format='weights' (CLI: --format weights)")
+        raise InputError(f"merged update has {len(dense)} dense modules (e.g. {dense[0]!r}), not a LoRA adapter; save with "
+                         "format='weights' (CLI: --format weights)")
     template, layout = _peft_layout(merged)
     tensors, ranks = _adapter_tensors(merged, layout)
     r = max(ranks.values())

@@ -64,7 +64,8 @@ def checks_for_adaptive(name: str) -> Iterator[Check]:
                 require(tuple(u.shape) == shape, f"{space}: module {m!r} adapts to {tuple(u.shape)}, the tasks' {shape}")
                 require(bool(torch.isfinite(u.dense()).all()), f"{space}: module {m!r} adapts to non-finite weights")
             loss = result.history["loss"]
-            require(loss.shape == (3, len(taskset)) and bool(loss.notnull().all()), f"{space}: the loss history is {loss.shape} or not finite")
+            require(loss.shape == (3, len(taskset)) and bool(loss.notnull().all()),
+                    f"{space}: the loss history is {loss.shape} or not finite")
 
     def seeded() -> None:
         (first, _), (second, _) = run(taskset := tiny_taskset(2, dtype=torch.float32)), run(taskset)

@@ -24,7 +24,8 @@ def sample_side_inputs(method: Any, taskset: TaskSet) -> dict[str, Any] | None:
     if not given:
         return None
     unknown = [name for name in given if name != "grams"]
-    require(not unknown, f"the conformance suite has no sample of side input {unknown[:1]}; add one to conformance.methods.sample_side_inputs")
+    require(not unknown, f"the conformance suite has no sample of side input {unknown[:1]}; add one to "
+                         "conformance.methods.sample_side_inputs")
     g = torch.Generator().manual_seed(1)
     grams = {}
     for t in taskset.names:

@@ -30,7 +30,8 @@ def checks_for_space(name: str) -> Iterator[Check]:
             reps, ctx = space.project(updates)
             for t, (rep, factors, u) in enumerate(zip(reps, space.factors(updates, ctx), updates, strict=True)):
                 close(space.reconstruct(rep, ctx).dense(T64), u.dense(T64), f"task {t} of module {m!r} does not come back", 1e-9)
-                close(space.reconstruct(factors, ctx).dense(T64), u.dense(T64), f"task {t}'s factors in module {m!r} do not come back", 1e-9)
+                close(space.reconstruct(factors, ctx).dense(T64), u.dense(T64),
+                      f"task {t}'s factors in module {m!r} do not come back", 1e-9)
 
     def pure() -> None:
         taskset = tiny_taskset()
@@ -40,7 +41,8 @@ def checks_for_space(name: str) -> Iterator[Check]:
         changed = sum(not torch.equal(x, y) for x, y in zip(read_tensors(taskset), before, strict=True))
         require(changed == 0, f"projecting modified {changed} of the {len(before)} update tensors in place")
         for m, xs, ys in zip(SHAPES, first, second, strict=True):
-            require(all(torch.equal(_dense(x), _dense(y)) for x, y in zip(xs, ys, strict=True)), f"module {m!r}: projects differently twice")
+            require(all(torch.equal(_dense(x), _dense(y)) for x, y in zip(xs, ys, strict=True)),
+                    f"module {m!r}: projects differently twice")
 
     def every_method() -> None:
         for method in METHODS:

@@ -45,7 +45,8 @@ def folder_task(root: str | Path, *, name: str | None = None, image_size: int = 
     classes = datasets["train"].classes
     for split, ds in datasets.items():
         if ds.classes != classes:
-            raise InputError(f"{root / split} has classes {ds.classes[:3]}…, train has {classes[:3]}…; every split needs the same class folders")
+            raise InputError(f"{root / split} has classes {ds.classes[:3]}…, train has {classes[:3]}…; every split needs the same class "
+                             "folders")
     if classnames is not None and len(classnames) != len(classes):
         raise InputError(f"{len(classnames)} class names for {len(classes)} class folders in {root}; give one name per folder")
     names = tuple(classnames) if classnames is not None else tuple(c.replace("_", " ") for c in classes)

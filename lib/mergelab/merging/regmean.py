@@ -23,7 +23,8 @@ __all__ = ["collect_input_grams", "regmean"]
 
 
 def regmean(deltas: Sequence[Tensor], grams: Sequence[Tensor], *, alpha: float = 1.0, nondiag: float = 0.95) -> Tensor:
-    """RegMean (Jin et al., 2023, Sec. 3; 001 Sec. 4 (i)): ``alpha · (Σ_t τ_t G'_t)(Σ_t G'_t)⁻¹`` with ``G' = diag(G) + nondiag · offdiag(G)``.
+    """RegMean (Jin et al., 2023, Sec. 3; 001 Sec. 4 (i)): ``alpha · (Σ_t τ_t G'_t)(Σ_t G'_t)⁻¹`` with
+    ``G' = diag(G) + nondiag · offdiag(G)``.
 
     ``nondiag`` is RegMean's off-diagonal reduction α (default 0.95, FusionBench
     ``reduce_non_diagonal_ratio``); it is applied to the Gram matrices this function receives

@@ -78,7 +78,8 @@ def _json_object(path: Path) -> dict:
     try:
         value = json.loads(read_text(path, "micro model file"))
     except (json.JSONDecodeError, RecursionError) as err:
-        raise InputError(f"{path} is not valid JSON ({type(err).__name__}); rebuild the micro benchmark with `mergelab build-micro`") from None
+        raise InputError(f"{path} is not valid JSON ({type(err).__name__}); rebuild the micro benchmark with `mergelab "
+                         "build-micro`") from None
     if not isinstance(value, dict):
         raise InputError(f"{path} must hold a JSON object; rebuild the micro benchmark with `mergelab build-micro`")
     return value

@@ -87,7 +87,8 @@ def export_micro(out: Path, store: Store, manifest: Mapping[str, Any], backbone_
 
     It takes 7 parameters: the folder, the store and the manifest, and what it writes from the store: the backbone's
     key, the vocabulary, the adapters' and the dense checkpoints' keys."""
-    write_backbone(out / "base", store.get_tensors(backbone_key), ClosedVocabTokenizer.from_json(vocab), vision_cfg(manifest["config"].get("vision_layers")))
+    write_backbone(out / "base", store.get_tensors(backbone_key), ClosedVocabTokenizer.from_json(vocab),
+                   vision_cfg(manifest["config"].get("vision_layers")))
     write_adapters(store, adapters, out / "adapters")
     for name, key in dense_keys.items():
         encoder, decoder = split_dense(store.get_tensors(key))

@@ -20,8 +20,8 @@ from torch.func import functional_call
 
 from mergelab.naming import module_kind
 
-__all__ = ["ATTENTION_KINDS", "CALL_TOKENS", "TOKEN_BUDGET", "Backbone", "attention_linears", "by_length", "capture_output", "length_batches", "run_functional",
-           "vision_state", "without_trailing_padding"]
+__all__ = ["ATTENTION_KINDS", "CALL_TOKENS", "TOKEN_BUDGET", "Backbone", "attention_linears", "by_length", "capture_output",
+           "length_batches", "run_functional", "vision_state", "without_trailing_padding"]
 
 #: Module kinds (mergelab.naming) that LoRA targets: q, k, v and out of every attention block.
 ATTENTION_KINDS = ("q", "k", "v", "out")

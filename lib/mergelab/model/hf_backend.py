@@ -106,7 +106,8 @@ def hf_clip_backbone(model, *, tokenizer: Tokenizer | None = None) -> HFClipBack
     if isinstance(model, transformers.CLIPConfig):
         model = transformers.CLIPModel(model)
     if not isinstance(model, transformers.CLIPModel):
-        raise InputError(f"hf_clip needs a transformers.CLIPModel or CLIPConfig, got {type(model).__name__}; use hf_clip_vision for a CLIPVisionModel")
+        raise InputError(f"hf_clip needs a transformers.CLIPModel or CLIPConfig, got {type(model).__name__}; use hf_clip_vision for a "
+                         "CLIPVisionModel")
     return HFClipBackbone(HFClipVision(model.vision_model, model.visual_projection), model, tokenizer, name="hf_clip")
 
 
@@ -149,7 +150,8 @@ class HFSequenceBackbone:
         self.vision.eval()
         heads = [h for h in POOLERS if isinstance(getattr(self.vision, h, None), nn.Module)]
         if not heads:
-            raise InputError(f"{type(self.vision).__name__} has none of the heads {sorted(POOLERS)}; pass an AutoModelForSequenceClassification model")
+            raise InputError(f"{type(self.vision).__name__} has none of the heads {sorted(POOLERS)}; pass an "
+                             "AutoModelForSequenceClassification model")
         self.pool = POOLERS[heads[0]]
         self.pad = int(getattr(self.vision.config, "pad_token_id", None) or 0)
 

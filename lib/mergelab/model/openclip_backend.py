@@ -92,11 +92,13 @@ def open_clip_backbone(model: str | nn.Module = MICRO_ARCH, *, tokenizer: Callab
     name = model if isinstance(model, str) else type(model).__name__
     if isinstance(model, str):
         if model not in open_clip.list_models():
-            raise InputError(f"unknown open_clip architecture {model!r}; choose one of open_clip.list_models(), e.g. 'ViT-B-32' or {MICRO_ARCH!r}")
+            raise InputError(f"unknown open_clip architecture {model!r}; choose one of open_clip.list_models(), e.g. 'ViT-B-32' or "
+                             f"{MICRO_ARCH!r}")
         torch.manual_seed(seed)
         model = open_clip.create_model(model, pretrained=None, **model_kwargs)
     if tokenizer is None:
         if name == MICRO_ARCH:
-            raise InputError(f"{MICRO_ARCH!r} has a closed-vocabulary text tower; pass its tokenizer (mergelab.micro.benchmark.load_micro builds it)")
+            raise InputError(f"{MICRO_ARCH!r} has a closed-vocabulary text tower; pass its tokenizer (mergelab.micro.benchmark.load_micro "
+                             "builds it)")
         tokenizer = open_clip.get_tokenizer(name if name in open_clip.list_models() else "ViT-B-32")
     return OpenClipBackbone(model, tokenizer, name=name)

@@ -258,7 +258,8 @@ def evaluation_bench(bench: str, taskset: TaskSet, base: str) -> tuple[BenchSpec
         spec, tasks = MicroSpec(root=micro_root()), None
     else:
         if not Path(bench).is_file():
-            raise InputError(f"--bench {bench!r} is neither 'micro' nor a study YAML file; pass micro or a study whose bench: and tasks: evaluate")
+            raise InputError(f"--bench {bench!r} is neither 'micro' nor a study YAML file; pass micro or a study whose bench: and tasks: "
+                             "evaluate")
         study = load_study(Path(bench))
         spec, tasks = study.bench, study.tasks
     return spec, bench_for(load_bench(spec, tasks), taskset, load_state_dict(base))

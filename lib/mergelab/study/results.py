@@ -173,7 +173,8 @@ def _assemble(ctx: Run, rows: Sequence[Row], references: Sequence[NodeResult]) -
             "config": _unique([r.config for r in rows]), "seed": _unique([r.seed for r in rows])}
     first = store.get_dataset(rows[0].evaluated)["score"]
     tasks, metrics = list(first.task.values), list(first.metric.values)
-    score = np.full([len(dims["merge_method"]), len(dims["space"]), len(dims["config"]), len(tasks), len(metrics), len(dims["seed"])], np.nan)
+    score = np.full([len(dims["merge_method"]), len(dims["space"]), len(dims["config"]), len(tasks), len(metrics), len(dims["seed"])],
+                    np.nan)
     per_merge = {v: np.full([len(values) for values in dims.values()], np.nan)
                  for v in ("merge_seconds", "peak_memory_mb", "mean_abs_delta_coef")}
     ft = finetuned.sel(task=names)

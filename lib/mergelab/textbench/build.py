@@ -249,15 +249,16 @@ def check_out(out: Path) -> None:
 
 def build_text(out: str | Path = "data/text", store: Store | str | None = None, *, model: str | Path | None = None,
                profile: str | TextBuildConfig = "full", tasks: Sequence[str] | None = None, adapters: bool = True,
-               ranks: Sequence[int] | None = None, debs: str | Path | None = None, seed: int = 0, threads: int = 1, progress: Progress = None,
-               sources: Mapping[str, TaskSource] = SOURCES) -> BuildResult:
+               ranks: Sequence[int] | None = None, debs: str | Path | None = None, seed: int = 0, threads: int = 1,
+               progress: Progress = None, sources: Mapping[str, TaskSource] = SOURCES) -> BuildResult:
     """Build (or reuse from the store) the text benchmark and export it to ``out``.
 
     ``model``: a sentence-transformers directory (default: :func:`default_model`); ``tasks``: a
     subset of ``sources`` (default all); ``adapters=False`` exports the rows, the zero-shot and
     linear-probe numbers only; ``ranks``: the adapter sets to train and export (default the profile's;
-    a set trained before is reused from the store, so a build can ship r4 first and add r16 later); ``debs``: where packages are downloaded / looked for (default a
-    folder under the system's temporary directory). ``threads``: torch's intra-op threads (1 by
+    a set trained before is reused from the store, so a build can ship r4 first and add r16 later);
+    ``debs``: where packages are downloaded / looked for (default a folder under the system's
+    temporary directory). ``threads``: torch's intra-op threads (1 by
     default: on a shared 2-core machine two threads per process run several times slower).
 
     It takes 12 parameters because it is the keyword face of ``mergelab build-text``: each is one of the command's
@@ -293,7 +294,8 @@ def build_text(out: str | Path = "data/text", store: Store | str | None = None, 
 def _build(out: Path, run: BuildRun[TextBuildConfig], model_dir: Path, sources: Mapping[str, TaskSource], debs: Path) -> BuildResult:
     start = time.perf_counter()
     backbone, encoder_dir = read_encoder(model_dir, logit_scale=run.config.logit_scale, max_length=run.config.max_length)
-    model = {"package": MODEL_PACKAGE, "digest": directory_digest(encoder_dir), "pooling": backbone.pooling, "normalize": backbone.normalize}
+    model = {"package": MODEL_PACKAGE, "digest": directory_digest(encoder_dir), "pooling": backbone.pooling,
+             "normalize": backbone.normalize}
     model_key = run.store.key("text.model", VERSION, **model)
     current = out / "manifest.json"
     exported = json.loads(current.read_text())["tasks"] if current.is_file() else {}
