@@ -50,6 +50,7 @@ from torch import Tensor
 from mergelab.checkpoints import peft_template
 from mergelab.errors import InputError
 from mergelab.merging import completion
+from mergelab.merging.methods import METHODS
 from mergelab.merging.registry import SIDE_INPUTS, Composition, MergeMethod
 from mergelab.spaces import Context, Space, get_space
 from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, Update
@@ -311,8 +312,6 @@ def merge(taskset: TaskSet | Projection, method: str, space: str | Space | None 
 
 
 def _lookup(method: str) -> MergeMethod | Composition:
-    from mergelab.merging import METHODS
-
     if not isinstance(method, str):
         raise InputError(f"method must be a name, got {type(method).__name__}")
     return METHODS[method]

@@ -176,6 +176,8 @@ class Composition:
 
     name: str
     parts: tuple[tuple[str, MergeMethod], ...]
+    #: the registry's methods that may follow ``+`` (:attr:`MergeMethod.post`), named when a part may not
+    post_processors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         repeated = first_repeated([part for part, _ in self.parts])
@@ -190,12 +192,6 @@ class Composition:
             if not method.post:
                 raise InputError(f"method {self.name!r}: {part!r} leaves a single merged matrix unchanged, rescaled or zero, "
                                  f"so it cannot follow '+'; post-processors: {', '.join(self.post_processors)}")
-
-    @property
-    def post_processors(self) -> list[str]:
-        from mergelab.merging import METHODS
-
-        return [name for name, m in METHODS.items() if m.post]
 
     @property
     def stages(self) -> tuple[tuple[str, MergeMethod], ...]:
@@ -267,4 +263,5 @@ class MethodRegistry(Registry[MergeMethod]):
         unknown = [p for p in parts if p not in self]
         if unknown or len(parts) < 2:
             raise InputError(f"unknown merge method {unknown[0] if unknown else name!r}; allowed: {', '.join(self)}{self.hint}")
-        return Composition(name, tuple((p, dict.__getitem__(self, p)) for p in parts))
+        return Composition(name, tuple((p, dict.__getitem__(self, p)) for p in parts),
+                           tuple(n for n, m in self.items() if m.post))
