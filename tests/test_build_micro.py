@@ -117,8 +117,11 @@ def test_the_micro_readme_declares_the_choice_rule_and_draws_every_variant_and_t
     readme = render_readme(manifest, 1, variants)
     assert "**Shipped (v3): c0.25** (a lever): 1 of 3 targets on val." in readme  # the variant whose levers built data/micro
     assert "Choice rule (declared before the first variant ran)" in readme
-    rows = [line for line in readme.splitlines() if line.startswith("| c0")]
+    rows = [line for line in readme.splitlines() if line.startswith("| c0")]  # the levers table
     assert len(rows) == 2 and rows[0].split(" | ")[-2] == "2/3" and rows[0].endswith("15 min |")
+    every = readme.split("Every target on val (✔: holds):")[1].split("Frontier over")[0]
+    assert "| TA − zero-shot in [1, 8] | +3.3 (001 Tab. 1) | +2.8 ✔ | +9.5 |" in every  # each variant's whole val table
+    assert "| AdaMerging − TA ≥ 3 | +6.9 (001 Tab. 1) | -10.0 | +1.5 |" in every
     frontier = readme.split("Frontier over the measured variants")[1].split("## Build")[0]
     assert "TA − zero-shot in [1, 8] (papers +3.3 (001 Tab. 1)): best +2.8 (c0); met by c0" in frontier  # inside the range wins
     assert "zero-shot normalised accuracy ≤ 70 (papers ≈ 60.5): best 61.0 (c0.25); met by c0, c0.25" in frontier

@@ -93,7 +93,23 @@ def _variant_rows(variants: Mapping[str, Any]) -> list[str]:
             f"{m['concentration']['alignment']:.2f}" if "concentration" in m else "n/a",
             f"{sum(x['holds'] for x in m['targets'])}/{len(m['targets'])}",
             f"{(v['build_s'] + v['study_s']) / 60:.0f} min |"]))
-    return lines + _frontier(variants)
+    return lines + _target_table(variants) + _frontier(variants)
+
+
+def _target_table(variants: Mapping[str, Any]) -> list[str]:
+    """Every regime target (rows) of every measured variant (columns) on val, ✔ where it holds: each variant's
+    whole val table, where the table above shows the targets that separate them."""
+    names = list(variants)
+    lines = ["", "Every target on val (✔: holds):", "", "| target | papers | " + " | ".join(names) + " |",
+             "|---|---|" + "---:|" * len(names)]
+    for i, target in enumerate(variants[names[0]]["regime"]["targets"]):
+        cells = []
+        for name in names:
+            t = variants[name]["regime"]["targets"][i]
+            value = "n/a" if t["value"] != t["value"] else f"{t['value']:+.1f}" if "−" in t["what"] else f"{t['value']:.1f}"
+            cells.append(value + (" ✔" if t["holds"] else ""))
+        lines.append(f"| {target['what']} {_bound(target['low'], target['high'])} | {target['papers']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _shipped(manifest: Mapping[str, Any], variants: Mapping[str, Any]) -> list[str]:
@@ -107,7 +123,7 @@ def _shipped(manifest: Mapping[str, Any], variants: Mapping[str, Any]) -> list[s
             v2 = next((holds[n] for n, w in variants.items() if w["variant"].get("shipped")), None)
             return ["", f"**Shipped (v3): {name}** ({x['lever']}): {holds[name]} of {len(v['regime']['targets'])} targets on val"
                     + (f", against {v2} for the v2 build." if v2 is not None else ".")
-                    + " A declared variant still unmeasured may replace it (`benchmarks/variants.py`, then `--ship`)."]
+                    + " A variant measured later replaces it only where the choice rule picks it (`benchmarks/variants.py`, then `--ship`)."]
     return []
 
 
