@@ -9,7 +9,7 @@ import pytest
 from mergelab.config import load_study
 from mergelab.study.results import hyper_parameters
 from mergelab.errors import InputError
-from mergelab.study import PHASES, Run, local_submit, run_graph
+from mergelab.study import PHASES, Run, local_submit, run_graph, up_to_date
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,24 +128,26 @@ def test_a_labelled_adaptation_study_runs_a_registered_one_again_and_is_named_be
 
 
 def test_a_bound_that_depends_on_the_adapters_fails_before_any_node_merges(tmp_path):
-    """LoRA-LEGO's k above a module's Σ_t r_t (two rank-4 adapters: 8 units) is refused right after the
-    stage, before references, merges or evaluations run (issue 30 item 5: it failed in the merge node)."""
+    """LoRA-LEGO's k above a module's Σ_t r_t (two rank-4 adapters: 8 units) is refused on the task set
+    before any node runs, and so by the cached-rerun probe that ``mergelab run`` takes before Prefect starts
+    (issue 30 item 5: it failed in the merge node; then after the stage node, probe case 540's kind)."""
     from mergelab.store import Store
 
     spec = load_study({**TINY, "adaptive": [], "analyses": [],
                        "methods": [{"method": "task_arithmetic", "spaces": ["full"], "grid": {"alpha": [0.3]}},
                                    {"method": "lora_lego", "spaces": ["full"], "grid": {"k": [4, 64]}}]})
     ctx = Run(spec, str(tmp_path / "store"))
-    with pytest.raises(InputError, match=r"lora_lego: k=64 clusters but only 8 minimal semantic units .*choose k <= 8"):
-        run_graph(ctx, local_submit(ctx))
-    assert {a.key.split("-")[0] for a in Store(str(tmp_path / "store")).ls()} == {"stage"}
+    for walk in (lambda: run_graph(ctx, local_submit(ctx)), lambda: up_to_date(spec, str(tmp_path / "store"))):
+        with pytest.raises(InputError, match=r"lora_lego: k=64 clusters but only 8 minimal semantic units .*choose k <= 8"):
+            walk()
+    assert list(Store(str(tmp_path / "store")).ls()) == []
 
 
 @pytest.mark.parametrize("analyze", [False, True], ids=["run", "analyze"])
-def test_analysis_layers_beyond_the_adapters_fail_right_after_the_stage(tmp_path, analyze):
+def test_analysis_layers_beyond_the_adapters_fail_before_any_node_runs(tmp_path, analyze):
     """``components`` on a block the adapters do not change (the micro tower has blocks 0 to 3) is refused
-    once the adapters are staged, before any merge or analysis runs (issue 30 case 688: it ran the whole
-    study first, and a list with one good block silently dropped the other)."""
+    on the task set before any node runs, stage included (issue 30 case 688: it ran the whole study first,
+    and a list with one good block silently dropped the other; probe case 540: then after the stage node)."""
     from mergelab.store import Store
     from mergelab.study.graph import analysis_graph
 
@@ -154,4 +156,4 @@ def test_analysis_layers_beyond_the_adapters_fail_right_after_the_stage(tmp_path
     with pytest.raises(InputError, match=r"analysis_settings: components: layers=\[1, 9\] names block 9, which the adapters do not "
                                          r"change \(their blocks: 0, 1, 2, 3\); list some of those"):
         analysis_graph(ctx, local_submit(ctx), ["components"], []) if analyze else run_graph(ctx, local_submit(ctx))
-    assert {a.key.split("-")[0] for a in Store(str(tmp_path / "store")).ls()} == {"stage"}
+    assert list(Store(str(tmp_path / "store")).ls()) == []

@@ -71,8 +71,8 @@ class Among:
 @dataclass(frozen=True)
 class Layers:
     """``Annotated`` metadata of a setting that names blocks of the model (``layers``): each must be a
-    block the adapters change, which is known only once they are read (checked after a study's stage
-    node, before any other node runs: :func:`mergelab.experiments.registry.check_analysis_fits`)."""
+    block the adapters change, which is known only once they are read (checked on a study's task set
+    before any node runs: :func:`mergelab.experiments.registry.check_analysis_fits`)."""
 
 
 @dataclass(frozen=True)

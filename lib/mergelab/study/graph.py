@@ -55,13 +55,13 @@ def run_graph(ctx: Run, submit: Submit, phases: Iterable[str] | None = None) -> 
     def run(kind: str, batch: Sequence[tuple[Any, ...]]) -> list[NodeResult]:
         return submit(kind, batch) if kind in want else []
 
-    staged = run("stage", [()])
+    merges, adapts = merge_jobs(spec), adapt_jobs(spec)
     if "analysis" in want:
         _check_analyses_fit(ctx, spec.analyses)
-    merges, adapts = merge_jobs(spec), adapt_jobs(spec)
     if "merge" in want:
-        for job in merges:  # bounds that depend on the adapters, before any node merges or evaluates
+        for job in merges:  # bounds that depend on the adapters (module sizes, summed ranks)
             check_feasible(METHODS[job.method], ctx.taskset, hyper_parameters(job))
+    staged = run("stage", [()])
     references = run("reference", [(name,) for name in [None, *ctx.eval_session.names]]) if merges or adapts else []
     merged = run("merge", [(job,) for job in merges])
     adapted = run("adapt", [(job,) for job in adapts])
@@ -84,14 +84,14 @@ def analysis_graph(ctx: Run, submit: Submit, names: Sequence[str],
     from mergelab.experiments.registry import ANALYSES
 
     batch = [(name, list(selected) if ANALYSES[name].needs == "merged" else []) for name in names]
-    staged = submit("stage", [()])
     _check_analyses_fit(ctx, names)
-    return staged + submit("analysis", batch)
+    return submit("stage", [()]) + submit("analysis", batch)
 
 
 def _check_analyses_fit(ctx: Run, names: Sequence[str]) -> None:
-    """Settings that depend on the adapters (the blocks they change), checked once they are staged,
-    before any other node runs."""
+    """Settings that depend on the adapters (the blocks they change), checked on the task set before any
+    node runs: the stage node's key reads the task set anyway, so a cached rerun's probe
+    (:func:`up_to_date`) and ``mergelab run`` refuse them before Prefect starts."""
     from mergelab.experiments.registry import check_analysis_fits
 
     for name in names:
