@@ -74,6 +74,7 @@ CASES = [
     (_analysis("lambda_similarity", lambdas="0.3"), "analysis_settings: lambda_similarity: lambdas='0.3' is invalid", "list of float"),
     (_analysis("coverage", energy=True), "analysis_settings: coverage: energy=True is invalid", "expected float"),
     (_analysis("truncation", spaces="core"), "analysis_settings: truncation: spaces='core' is invalid", "list of str"),
+    (_analysis("truncation", fractions=[0.5, 1.5]), "analysis_settings: truncation: fractions=[0.5, 1.5] is invalid", "[0, 1]"),
     # issue 30 probe cases 442-448: found only after the study graph and the model libraries loaded
     (_study(bench={"kind": "micro", "root": "/nonexistent"}), "bench.root /nonexistent holds no micro benchmark",
      "run `mergelab build-micro --out /nonexistent`"),

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from mergelab.analysis.spectra import SAR_RETAINED, merged_rank, pairwise_sar, s
 from mergelab.linalg import lowrank_svd, svd64
 from mergelab.merging import merge
 from mergelab.naming import module_coords
+from mergelab.params import Interval
 from mergelab.spaces import Context, Space, get_space
 from mergelab.taskset import LowRank, MergedUpdate, TaskSet, Update
 
@@ -167,7 +168,7 @@ def truncated_merge(taskset: TaskSet, fraction: float, *, method: str = "task_ar
 
 
 def truncation_curves(taskset: TaskSet, *, method: str = "task_arithmetic", spaces: Sequence[str] = TRUNCATION_SPACES,
-                      fractions: Sequence[float] = TRUNCATION_FRACTIONS, hyper_parameters: Mapping[str, Any] | None = None,
+                      fractions: Annotated[Sequence[float], Interval(0, 1)] = TRUNCATION_FRACTIONS, hyper_parameters: Mapping[str, Any] | None = None,
                       split_packed: bool = True) -> xr.Dataset:
     """Core- vs full-space truncation of the merged update (003 Sec. 5.2 "Truncation", Fig. 4).
 
