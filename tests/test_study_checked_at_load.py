@@ -75,6 +75,15 @@ CASES = [
     (_analysis("coverage", energy=True), "analysis_settings: coverage: energy=True is invalid", "expected float"),
     (_analysis("truncation", spaces="core"), "analysis_settings: truncation: spaces='core' is invalid", "list of str"),
     (_analysis("truncation", fractions=[0.5, 1.5]), "analysis_settings: truncation: fractions=[0.5, 1.5] is invalid", "[0, 1]"),
+    # a fresh probe (issue 30): settings whose range or names only the analysis knew, accepted at load
+    (_analysis("coverage", energy=5.0), "analysis_settings: coverage: energy=5.0 is invalid", "a number in (0, 1]"),
+    (_analysis("sar", space="bogus"), "analysis_settings: sar: space='bogus' is invalid", "not among the spaces: full, knots, core"),
+    (_analysis("anisotropy", batch_size=0), "analysis_settings: anisotropy: batch_size=0 is invalid", "a number in [1, 65536]"),
+    (_analysis("tas_sweep", eval_split="train"), "analysis_settings: tas_sweep: eval_split='train' is invalid", "one of 'val', 'test'"),
+    (_analysis("truncation", method="bogus"), "analysis_settings: truncation: method='bogus' is invalid", "not among the merge methods"),
+    (_analysis("reference_basis_accuracy", bases=["first_task", "bogus"]), "reference_basis_accuracy: bases=['first_task', 'bogus']",
+     "'first_task', 'random_orthonormal', 'concatenation'"),
+    (_analysis("reference_bases", seed=-1), "analysis_settings: reference_bases: seed=-1 is invalid", "[0, 9223372036854775807]"),
     # issue 30 probe cases 442-448: found only after the study graph and the model libraries loaded
     (_study(bench={"kind": "micro", "root": "/nonexistent"}), "bench.root /nonexistent holds no micro benchmark",
      "run `mergelab build-micro --out /nonexistent`"),
@@ -105,5 +114,7 @@ def test_a_study_that_fits_its_tasks_loads():
                                                  "cloud": {"focal": ["digits", "signs"], "n_preferences": 3},
                                                  "stch_alpha": {"tasks": ["digits", "signs"], "preference": [0.5, 0.5]}},
                              adaptive=[{"method": "tara_a", "preference": [0.2, 0.3, 0.5]}],
-                             analyses=["components"], analysis_settings={"components": {"layers": [0]}}))
-    assert spec.task_names() == TASKS
+                             analyses=["components", "embedding_interference", "tas_sweep"],
+                             analysis_settings={"components": {"layers": [0]}, "embedding_interference": {"method": "tsv+iso_c"},
+                                                "tas_sweep": {"lams": [0.1, 0.5], "distances": ["l2"], "eval_split": "val"}}))
+    assert spec.task_names() == TASKS  # a composition is a merge method; a split, distances and λ within their rules

@@ -45,7 +45,8 @@ class Interval:
         return above and below
 
     def __str__(self) -> str:
-        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        shown = lambda x: str(int(x)) if math.isfinite(x) and x == int(x) else f"{x:g}"  # noqa: E731  (2^63 - 1 whole)
+        return f"{'(' if self.low_open else '['}{shown(self.low)}, {shown(self.high)}{')' if self.high_open else ']'}"
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class Tasks:
 @dataclass(frozen=True)
 class Among:
     """``Annotated`` metadata of a setting whose entries are names in ``choices`` (a registry, say
-    :data:`~mergelab.adaptation.ADAPTERS`); ``what`` names one in the message."""
+    :data:`~mergelab.adaptation.ADAPTERS`, whose lookup may also build a name, as ``METHODS["a+b"]``
+    does); ``what`` names one in the message."""
 
     choices: Any
     what: str
@@ -219,6 +221,19 @@ def first_repeated(items: Sequence[Any]) -> Any | None:
     return next((item for i, item in enumerate(items) if item in items[:i]), None)
 
 
+def _among(choices: Any, name: str) -> bool:
+    """``name`` is one of ``choices``; a registry also knows the names it builds on lookup (``tsv+iso_c``)."""
+    if name in choices:
+        return True
+    if not isinstance(choices, Mapping):
+        return False
+    try:
+        choices[name]
+    except (KeyError, InputError):
+        return False
+    return True
+
+
 def check_setting(name: str, value: Any, hint: Any, owner: str, tasks: Sequence[str] | None) -> None:
     """Raise :class:`InputError` unless ``value`` fits the annotation ``hint`` (strictly: ``true`` is
     no number, ``"abc"`` no list) and its metadata (:class:`Interval`, :class:`Tasks`,
@@ -249,7 +264,7 @@ def check_setting(name: str, value: Any, hint: Any, owner: str, tasks: Sequence[
             if len(tasks) - len(value) < rule.others:
                 raise bad(f"it leaves {len(tasks) - len(value)} of the {len(tasks)} tasks, at least {rule.others} must remain")
         if isinstance(rule, Among):
-            unknown = [v for v in ([value] if isinstance(value, str) else value) if v not in rule.choices]
+            unknown = [v for v in ([value] if isinstance(value, str) else value) if not _among(rule.choices, v)]
             if unknown:
                 raise bad(f"{unknown[0]!r} is not among the {rule.what}s: {', '.join(rule.choices)}")
         if isinstance(rule, PerTask) and tasks is not None and len(value) != len(tasks):

@@ -18,6 +18,7 @@ import xarray as xr
 from torch import Tensor
 
 from mergelab.analysis.factored import annotated, dataset_attrs, matrix_taskset
+from mergelab.analysis.settings import Seed
 from mergelab.linalg import random_orthonormal, truncated_svd
 from mergelab.merging import derive_seed
 from mergelab.naming import module_coords
@@ -76,7 +77,7 @@ def _task_arithmetic_sum(updates: Sequence[LowRank]) -> LowRank:
                    torch.cat([u.A.to(torch.float64) for u in updates], dim=0))
 
 
-def reference_basis_ablation(taskset: TaskSet, *, seed: int = 0, split_packed: bool = True) -> xr.Dataset:
+def reference_basis_ablation(taskset: TaskSet, *, seed: Seed = 0, split_packed: bool = True) -> xr.Dataset:
     """Alignment error of three choices of reference basis (003 Sec. 5.2 "Choice of the reference basis", Tab. 5).
 
     For every LoRA module and basis of :func:`candidate_bases`, and every task ``t``:

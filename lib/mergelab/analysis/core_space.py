@@ -38,6 +38,7 @@ import xarray as xr
 from torch import Tensor
 
 from mergelab.analysis.factored import annotated, dataset_attrs, matrix_taskset
+from mergelab.analysis.settings import MethodName, MethodNames, RelativeTolerance, Share, SpaceNames
 from mergelab.analysis.spectra import SAR_RETAINED, merged_rank, pairwise_sar, singular_values
 from mergelab.linalg import lowrank_svd, svd64
 from mergelab.merging import merge
@@ -167,7 +168,7 @@ def truncated_merge(taskset: TaskSet, fraction: float, *, method: str = "task_ar
     return MergedUpdate(out, merged.base, meta)
 
 
-def truncation_curves(taskset: TaskSet, *, method: str = "task_arithmetic", spaces: Sequence[str] = TRUNCATION_SPACES,
+def truncation_curves(taskset: TaskSet, *, method: MethodName = "task_arithmetic", spaces: SpaceNames = TRUNCATION_SPACES,
                       fractions: Annotated[Sequence[float], Interval(0, 1)] = TRUNCATION_FRACTIONS, hyper_parameters: Mapping[str, Any] | None = None,
                       split_packed: bool = True) -> xr.Dataset:
     """Core- vs full-space truncation of the merged update (003 Sec. 5.2 "Truncation", Fig. 4).
@@ -255,7 +256,7 @@ def _truncation_errors(dims: np.ndarray, sigmas: Mapping[tuple[int, int], np.nda
 # --- SAR per space (003 Sec. 5.2, Fig. 5) -------------------------------------------------------
 
 
-def sar_by_space(taskset: TaskSet, *, spaces: Sequence[str] = SAR_SPACES, retained: float = SAR_RETAINED,
+def sar_by_space(taskset: TaskSet, *, spaces: SpaceNames = SAR_SPACES, retained: Share = SAR_RETAINED,
                  split_packed: bool = True) -> xr.Dataset:
     """Subspace alignment ratio between every pair of task updates in full and Core space (003 Sec. 5.2, Fig. 5).
 
@@ -277,8 +278,8 @@ def sar_by_space(taskset: TaskSet, *, spaces: Sequence[str] = SAR_SPACES, retain
 # --- rank of the merged update per method and space (003 App. C.2, Tab. 6) ----------------------
 
 
-def merged_rank_grid(taskset: TaskSet, *, methods: Sequence[str] = TABLE6_METHODS, spaces: Sequence[str] = TABLE6_SPACES,
-                     hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None, rtol: float | None = None,
+def merged_rank_grid(taskset: TaskSet, *, methods: MethodNames = TABLE6_METHODS, spaces: SpaceNames = TABLE6_SPACES,
+                     hyper_parameters: Mapping[str, Mapping[str, Any]] | None = None, rtol: RelativeTolerance = None,
                      split_packed: bool = True) -> xr.Dataset:
     """Numerical rank ``r_ΔW`` of the merged update for every method × space (003 App. C.2, Tab. 6).
 

@@ -28,6 +28,7 @@ import xarray as xr
 from torch import Tensor
 
 from mergelab.analysis.factored import annotated, block_sum, dataset_attrs, direction_gram, gram, matrix_modules
+from mergelab.analysis.settings import RelativeTolerance, Share
 from mergelab.analysis.spectra import ENERGY, energy_rank, singular_values
 from mergelab.naming import module_coords
 from mergelab.taskset import LowRank, TaskSet
@@ -63,7 +64,7 @@ def erank_gram(G: np.ndarray | Tensor, *, rtol: float = ERANK_RTOL) -> float:
     return erank_from_energies(np.linalg.eigvalsh(np.asarray(G, dtype=np.float64)), rtol=rtol)
 
 
-def subspace_coverage(taskset: TaskSet, *, energy: float = ENERGY, rtol: float = ERANK_RTOL,
+def subspace_coverage(taskset: TaskSet, *, energy: Share = ENERGY, rtol: RelativeTolerance = ERANK_RTOL,
                       split_packed: bool = True) -> xr.Dataset:
     """Coverage statistics of every 2-D module (001 Sec. 2.2, App. D, Figs. 1 and 5; 002 Sec. 4, Fig. 3).
 

@@ -22,6 +22,7 @@ import xarray as xr
 from torch import Tensor
 
 from mergelab.analysis.factored import annotated, dataset_attrs, matrix_modules, split_modules
+from mergelab.analysis.settings import RelativeTolerance, Share, SpaceName
 from mergelab.linalg import lowrank_svd
 from mergelab.naming import module_coords
 from mergelab.spaces import get_space
@@ -201,7 +202,7 @@ def task_spectra(taskset: TaskSet, *, split_packed: bool = True) -> xr.Dataset:
     )
 
 
-def merged_rank(merged: MergedUpdate | Mapping[str, Update], *, rtol: float | None = None,
+def merged_rank(merged: MergedUpdate | Mapping[str, Update], *, rtol: RelativeTolerance = None,
                 split_packed: bool = True) -> xr.Dataset:
     """Numerical rank ``r_ΔW`` of a merged update per module (003 App. C.2, Tab. 6).
 
@@ -239,8 +240,8 @@ def _representations(updates: list[Update], space: str) -> list[Update]:
     return [X if isinstance(X, LowRank) else Dense(X) for X in matrices]
 
 
-def pairwise_sar(taskset: TaskSet, *, retained: float = SAR_RETAINED, split_packed: bool = True,
-                 space: str = "full") -> xr.Dataset:
+def pairwise_sar(taskset: TaskSet, *, retained: Share = SAR_RETAINED, split_packed: bool = True,
+                 space: SpaceName = "full") -> xr.Dataset:
     """SAR between every ordered pair of task updates, in full space or another space (003 Sec. 5.2, Fig. 5).
 
     ``sar(task, reference, module)`` is ``SAR(ΔW_task, ΔW_reference; k_reference)``: the

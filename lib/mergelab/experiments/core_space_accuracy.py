@@ -20,7 +20,7 @@ nothing), normalised by each task's fine-tuned model on the same split.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -28,6 +28,7 @@ import xarray as xr
 from mergelab.analysis.basis_ablation import BASES, candidate_bases
 from mergelab.analysis.core_space import TRUNCATION_SPACES, truncated_merge
 from mergelab.analysis.factored import annotated, dataset_attrs
+from mergelab.analysis.settings import MethodName, Seed, SpaceNames, Split
 from mergelab.bench import BenchSession
 from mergelab.bench.session import Params
 from mergelab.merging import derive_seed, merge, project
@@ -60,9 +61,9 @@ def _scored(values: np.ndarray, finetuned: np.ndarray, dims: tuple[str, ...], sp
     }
 
 
-def truncation_accuracy(session: BenchSession, *, method: str = "task_arithmetic", spaces: Sequence[str] = TRUNCATION_SPACES,
+def truncation_accuracy(session: BenchSession, *, method: MethodName = "task_arithmetic", spaces: SpaceNames = TRUNCATION_SPACES,
                         fractions: Annotated[Sequence[float], Interval(0, 1)] = TRUNCATION_ACCURACY_FRACTIONS,
-                        hyper_parameters: Mapping[str, Any] | None = None, split: str = "test") -> xr.Dataset:
+                        hyper_parameters: Mapping[str, Any] | None = None, split: Split = "test") -> xr.Dataset:
     """003 Fig. 4: accuracy of the merge truncated by the fraction ``p`` in each space.
 
     For every space and ``p``: :func:`~mergelab.analysis.core_space.truncated_merge` (``⌊(1 − p)·dim(Σ)⌋``
@@ -83,8 +84,9 @@ def truncation_accuracy(session: BenchSession, *, method: str = "task_arithmetic
     )
 
 
-def reference_basis_accuracy(session: BenchSession, *, method: str = "ties", hyper_parameters: Mapping[str, Any] | None = None,
-                             bases: Sequence[str] = BASES, seed: int = 0, split: str = "test") -> xr.Dataset:
+def reference_basis_accuracy(session: BenchSession, *, method: MethodName = "ties", hyper_parameters: Mapping[str, Any] | None = None,
+                             bases: Sequence[Literal["first_task", "random_orthonormal", "concatenation"]] = BASES, seed: Seed = 0,
+                             split: Split = "test") -> xr.Dataset:
     """003 Tab. 5's accuracy column: ``method`` merged in the Core space of each reference basis.
 
     Every matrix module's candidate bases come from

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from mergelab.analysis.anisotropy import lora_modules, loss_gradients, restricte
 from mergelab.analysis.components import mean_losses, singular_components
 from mergelab.analysis.factored import annotated, dataset_attrs
 from mergelab.analysis.proxies import DISTANCES, adamms_scores, check_distance, features
+from mergelab.analysis.settings import BatchCount, BatchSize, MethodName, RelativeTolerance, Scaling, Share, SpaceName, SpaceNames, Split
 from mergelab.analysis.spectra import ENERGY, energy_rank
 from mergelab.errors import InputError
 from mergelab.bench import BenchSession
@@ -48,8 +49,8 @@ __all__ = ["component_loss_changes", "embedding_interference", "embedding_interf
            "merged_embedding_interference", "tas_sweep", "task_alignment"]
 
 
-def jacobian_anisotropy(session: BenchSession, *, lam: float = 0.3, batch_size: int = 64, batches: int | None = 2,
-                        labels: bool = True, split_packed: bool = True, rtol: float | None = None) -> xr.Dataset:
+def jacobian_anisotropy(session: BenchSession, *, lam: Scaling = 0.3, batch_size: BatchSize = 64, batches: BatchCount = 2,
+                        labels: bool = True, split_packed: bool = True, rtol: RelativeTolerance = None) -> xr.Dataset:
     """:func:`~mergelab.analysis.anisotropy.restricted_jacobian` of the bench's tasks (001 Sec. 2.3, App. E).
 
     ``W`` is the Task Arithmetic merge of the bench's tasks with coefficient ``lam``; ``f_i`` task
@@ -68,10 +69,10 @@ def jacobian_anisotropy(session: BenchSession, *, lam: float = 0.3, batch_size: 
                                labels=labels, batch_size=batch_size, batches=batches, split_packed=split_packed, rtol=rtol)
 
 
-def component_loss_changes(session: BenchSession, *, lam: float = 0.3, components: Annotated[float, Interval(0, 1, low_open=True)] = 0.1,
+def component_loss_changes(session: BenchSession, *, lam: Scaling = 0.3, components: Annotated[float, Interval(0, 1, low_open=True)] = 0.1,
                            layers: Annotated[Sequence[int] | None, Interval(0), Layers()] = None,
-                           batch_size: int = 64, batches: int | None = 2, labels: bool = True,
-                           energy: float = ENERGY) -> xr.Dataset:
+                           batch_size: BatchSize = 64, batches: BatchCount = 2, labels: bool = True,
+                           energy: Share = ENERGY) -> xr.Dataset:
     """ΔL_j(r) of 002 Eq. (4) for every source task, analysed module and top component (schema in docs/store.md).
 
     ``lam``: λ of Eqs. (3)–(4); ``components``: fraction in (0, 1] of each update's singular
@@ -158,9 +159,11 @@ def task_alignment(session: BenchSession, merged: MergedUpdate | Params, *, dist
     )
 
 
-def tas_sweep(session: BenchSession, *, method: str = "task_arithmetic", space: str = "full", lams: Sequence[float] | None = None,
-              distances: Sequence[str] = ("l1", "l2", "cos"), batch_counts: Sequence[int] = (1, 2), batch_size: int = 64,
-              accuracy: bool = True, eval_split: str = "test") -> xr.Dataset:
+def tas_sweep(session: BenchSession, *, method: MethodName = "task_arithmetic", space: SpaceName = "full",
+              lams: Annotated[Sequence[float] | None, Interval(-1000.0, 1000.0)] = None,
+              distances: Sequence[Literal["l1", "l2", "cos"]] = ("l1", "l2", "cos"),
+              batch_counts: Annotated[Sequence[int], Interval(1, math.inf)] = (1, 2), batch_size: BatchSize = 64,
+              accuracy: bool = True, eval_split: Split = "test") -> xr.Dataset:
     """TAS and AdaMMS* over a merge method's λ grid vs accuracy (004 Sec. 3.2 Figs. 3–4, App. D–E Figs. 9–11).
 
     ``lams``: the values of the method's ``alpha`` (ascending; ``None``: its registry grid, for
@@ -320,9 +323,9 @@ def merged_embedding_interference(session: BenchSession, *, method: str = "task_
     return ds
 
 
-def embedding_interference_by_space(session: BenchSession, *, method: str = "tsv+iso_c", spaces: Sequence[str] = ("full", "core"),
-                                    hp: Mapping[str, Any] | None = None, batch_size: int = 64, batches: int | None = None,
-                                    split: str = "val") -> xr.Dataset:
+def embedding_interference_by_space(session: BenchSession, *, method: MethodName = "tsv+iso_c",
+                                    spaces: SpaceNames = ("full", "core"), hp: Mapping[str, Any] | None = None,
+                                    batch_size: BatchSize = 64, batches: BatchCount = None, split: Split = "val") -> xr.Dataset:
     """003 Fig. 6: :func:`merged_embedding_interference` of one method merged in each of ``spaces``, stacked along
     ``space`` (by default TSV + Iso-C in full and Core space, the comparison of 003 App. C.1).
     It takes 7 parameters: the session and one per setting a study may give (module docstring)."""
