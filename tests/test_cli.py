@@ -519,7 +519,11 @@ def _case_adapt_preference_length(tmp, adapter, base):
 
 
 def _case_run_zero_workers(tmp, adapter, base):
-    return ["run", REPO / "studies" / "micro.yaml", "--runner", "thread=0", "--store", tmp / "s"], "worker count of at least 1"
+    return ["run", REPO / "studies" / "micro.yaml", "--runner", "thread=0", "--store", tmp / "s"], "worker count from 1 to 256"
+
+
+def _case_run_a_billion_workers(tmp, adapter, base):  # issue 30 fresh probe 576: unbounded parallel nodes, each with its state
+    return ["run", REPO / "studies" / "micro.yaml", "--runner", "thread=1000000000", "--store", tmp / "s"], "worker count from 1 to 256"
 
 
 def _case_serve_register_only_without_a_server(tmp, adapter, base):

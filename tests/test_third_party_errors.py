@@ -129,6 +129,10 @@ def _case_option_out_of_range(tmp, api):
     return _report(tmp, None, "--jobs", "0"), "Invalid value for '--jobs'", "see mergelab report --help"
 
 
+def _case_option_above_its_range(tmp, api):  # issue 30 fresh probe 622: --jobs 10^30 ran the notebooks
+    return _report(tmp, None, "--jobs", str(10**30)), "Invalid value for '--jobs'", "see mergelab report --help"
+
+
 def _case_unknown_option(tmp, api):
     return ["merge", "--iters", "3"], "No such option: --iters", "see mergelab merge --help"
 

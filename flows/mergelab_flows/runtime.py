@@ -28,7 +28,7 @@ from pathlib import Path
 from mergelab.errors import InputError
 from mergelab.study import NodeResult
 
-__all__ = ["GPU_DEVICE_TYPES", "GPU_RESOURCES", "RUNNERS", "configure", "gpu_resources", "parse_runner", "probe_scheduler",
+__all__ = ["GPU_DEVICE_TYPES", "GPU_RESOURCES", "MAX_WORKERS", "RUNNERS", "configure", "gpu_resources", "parse_runner", "probe_scheduler",
            "quiet_input_errors", "start_ephemeral_server", "stop_ephemeral_server", "summarize", "task_runner"]
 
 #: Prefect / Dask settings that these machines need (ENVIRONMENT.md); user values win.
@@ -103,13 +103,16 @@ def parse_runner(spec: str | None = None) -> tuple[str, str | None]:
     if given and not arg:  # `dask=$ADDRESS` with the variable unset ran on a local cluster (issue 30 probe 575, 577)
         example = "a worker count, e.g. thread=4" if name == "thread" else "an address, e.g. dask=tcp://host:8786"
         raise InputError(f"--runner {spec}: nothing after '='; give {example}, or {name} alone for the default")
-    if name == "thread" and arg and (not arg.isdigit() or int(arg) < 1):
-        raise InputError(f"--runner thread={arg}: the argument is a worker count of at least 1, e.g. thread=4")
+    if name == "thread" and arg and (not arg.isdigit() or not 1 <= int(arg) <= MAX_WORKERS):
+        raise InputError(f"--runner thread={arg}: the argument is a worker count from 1 to {MAX_WORKERS}, e.g. thread=4 "
+                         "(each running node holds its own evaluation state)")
     if name == "dask" and arg:
         probe_scheduler(arg)
     return name, arg or None
 
 
+#: The most workers ``--runner thread=N`` takes: each running node holds its own evaluation state.
+MAX_WORKERS = 256
 #: Seconds :func:`probe_scheduler` waits for a Dask scheduler to accept a connection.
 PROBE_TIMEOUT_S = 5.0
 #: A Dask scheduler's port when its address names none.

@@ -31,6 +31,10 @@ def _default_study() -> Path:
     return found
 
 
+#: The most notebooks ``report --jobs`` runs at once (each is a kernel process).
+MAX_JOBS = 64
+
+
 def _run_study(study: Path, store: str | None, runner: str):
     """Run the ``study`` flow with rich progress bars; print what ran and what was cached.
 
@@ -343,7 +347,7 @@ def report(
     study: Annotated[str, typer.Option(help="The study whose Datasets the notebooks draw: a study file or a name (studies/NAME.yaml gives its store).")] = "micro",
     out: Annotated[Path, typer.Option(help="Where the HTML pages, figures (PNG, PDF) and tables are written.")] = Path("data/reports"),
     notebooks: Annotated[Optional[list[Path]], typer.Option("--notebook", help="Run only these notebooks (default: notebooks/*.ipynb).")] = None,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="Notebooks run at once (default: half the CPU cores, at most one per notebook).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, max=MAX_JOBS, help="Notebooks run at once (default: half the CPU cores, at most one per notebook).")] = None,
 ) -> None:
     """Execute the notebooks against the store; write each as HTML plus its figures (PNG and PDF) and tables under --out.
 
