@@ -68,6 +68,14 @@ def _case_report_out_under_a_file(tmp, api):
     return args, "--out", "which is a file; choose a path under a directory"
 
 
+def _case_report_out_a_folder_of_other_files(tmp, api):  # issue 30 fresh probe 629: pages written among the shipped adapters
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "notes.txt").write_text("keep")
+    args = _report(tmp, REPO / "notebooks" / "00_overview.ipynb")
+    args[args.index("--out") + 1] = tmp / "mine"
+    return args, "is a folder of other files (no index.html of a previous output)", "pass a new or empty folder"
+
+
 def _case_report_on_a_notebook_without_a_parameters_cell(tmp, api):  # issue 30 probe 618: found as the notebook ran
     (tmp / "plain.ipynb").write_text(json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
         {"cell_type": "code", "id": "a", "metadata": {}, "source": "1", "outputs": [], "execution_count": None}]}))

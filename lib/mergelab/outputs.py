@@ -30,7 +30,8 @@ from pathlib import Path
 
 from mergelab.errors import InputError
 
-__all__ = ["OUTPUT_MARKER", "check_replaceable", "claimed", "follow_umask", "remove_leftovers", "temporary_sibling"]
+__all__ = ["OUTPUT_MARKER", "check_apart", "check_own_folder", "check_replaceable", "claimed", "follow_umask", "remove_leftovers",
+           "temporary_sibling"]
 
 #: The file every output directory of ``save_merged`` holds (the merge's provenance): what marks a
 #: directory as a previous mergelab output that ``--force`` may replace.
@@ -95,6 +96,17 @@ def check_apart(out: str | os.PathLike[str], *, store: str | os.PathLike[str] | 
         if _real(path).is_dir() and _within(target, _real(path)):
             raise InputError(f"{flag} {os.fspath(out)} lies inside the {what} ({os.fspath(path)}); "
                              "choose an output folder apart from the inputs")
+
+
+def check_own_folder(out: str | os.PathLike[str], marker: str, *, flag: str = "--out") -> None:
+    """Raise :class:`InputError` unless ``out`` is new, an empty folder or a previous output of the same
+    command (it holds that command's ``marker`` file, as ``mergelab report``'s folders hold ``index.html``):
+    a command that writes its files among a folder's own must not scatter them through a folder of other
+    files (the shipped adapters, a user's documents)."""
+    path = Path(out)
+    if path.is_dir() and next(path.iterdir(), None) is not None and not (path / marker).is_file():
+        raise InputError(f"{flag} {os.fspath(out)} is a folder of other files (no {marker} of a previous output); "
+                         "pass a new or empty folder, or a previous output of this command")
 
 
 def _leftover_pattern(name: str | None) -> re.Pattern[str]:

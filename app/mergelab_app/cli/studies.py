@@ -358,7 +358,7 @@ def report(
     import contextlib
 
     from mergelab.config import load_study
-    from mergelab.outputs import check_apart
+    from mergelab.outputs import check_apart, check_own_folder
     from mergelab.store import Store, default_store_url
     from mergelab.study_files import find_study
 
@@ -373,6 +373,7 @@ def report(
         raise InputError(f"store {url} has no study {study!r}; run `mergelab run` (or `make demo`) first, or pass --store/--study")
     check_writable(out, "--out", directory=True)  # before the notebooks run, not after
     check_apart(out, store=Store(url).local_root)  # its pages would land among the store's objects (issue 30 probe 628)
+    check_own_folder(out, "index.html")  # not among a folder of other files (issue 30 fresh probe 629: the shipped adapters)
     from mergelab_app.report import list_notebooks  # nbformat and Jupyter: after the checks (issue 30 probe 626-627)
     from mergelab_app.report import report as run_report
     from mergelab_app.report_export import INDEX
