@@ -143,10 +143,10 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     hyper_parameters = plan.spec.resolve({**plan.fixed, **selection.config}) if selection is not None else plan.hyper_parameters
     merged, merge_time, capped = _merge_capped(taskset, plan, hyper_parameters, side_inputs)
     key, record = _merge_record(request, plan, taskset, merged, merge_time, selection)
+    if not plan.store.exists(key):  # the small record first: a store that cannot take it leaves no output behind
+        plan.store.put_json(key, record)
     written = save_merged(merged, out, format=fmt, base=base, overwrite=force, heads=task_heads(taskset), record=record,  # type: ignore[arg-type]
                           shard_size=plan.size)
-    if not plan.store.exists(key):
-        plan.store.put_json(key, record)
     return Merged(written, str(key), plan.store.url, record, selection, capped)
 
 
