@@ -158,3 +158,37 @@ def test_a_thread_session_shares_the_weights_and_scores_what_the_session_scores(
     assert scores == [expected, expected]
     for k, weight in before.items():  # nothing wrote the shared weights in place
         assert torch.equal(micro_pair.base[k], weight)
+
+
+def test_an_evaluation_forms_one_blocks_merged_weights_at_a_time_and_leaves_the_base_bit_identical(micro_pair, monkeypatch):
+    """``weights`` forms ``W_0 + ΔW`` a repeated block at a time while a forward runs (issue 31 item 4): the
+    features of the weights formed up front bit for bit, the base never written, and (counted) one block's
+    merged matrices alive at a time, not a copy of every adapted matrix."""
+    import weakref
+
+    import mergelab.bench.session
+    from mergelab.merging import merge
+    from mergelab.taskset import add_updates
+
+    merged = merge(micro_pair.taskset, "task_arithmetic", "full", alpha=0.3)
+    base = {k: (v, v.clone()) for k, v in micro_pair.base.items()}
+    up_front = add_updates(micro_pair.base, merged.modules)
+    expected = micro_pair.features("digits", "val", up_front)
+    alive, most = [0], [0]
+
+    def counted(base, updates, scale=1.0):
+        out = add_updates(base, updates, scale)
+        for t in out.values():
+            alive[0] += t.nbytes
+            most[0] = max(most[0], alive[0])
+            weakref.finalize(t, lambda n=t.nbytes: alive.__setitem__(0, alive[0] - n))
+        return out
+
+    monkeypatch.setattr(mergelab.bench.session, "add_updates", counted)
+    assert torch.equal(micro_pair.features("digits", "val", micro_pair.weights(merged)), expected)
+    blocks = {}
+    for name, t in up_front.items():
+        block = name.split(".resblocks.")[1].split(".")[0]
+        blocks[block] = blocks.get(block, 0) + t.nbytes
+    assert len(blocks) > 1 and most[0] == max(blocks.values()) and alive[0] == 0
+    assert all(micro_pair.base[k] is v and torch.equal(v, copy) for k, (v, copy) in base.items())

@@ -7,7 +7,8 @@ study's nodes, the adaptation studies, the model-dependent analyses, ``merge --s
 * ``head(name)`` — task ``name``'s zero-shot head (:func:`mergelab.evaluation.heads.task_head`), built once,
   and ``joint_head()`` the head over every task's labels (the joint task);
 * ``weights(update)`` — the replacement parameters ``W_0 + ΔW`` of a merged update
-  (:func:`mergelab.taskset.add_updates`); ``finetuned(t)`` the same for task ``t``'s own update;
+  (:func:`mergelab.taskset.add_updates`), formed a block at a time while a forward runs
+  (:meth:`BenchSession.streamed`); ``finetuned(t)`` the same for task ``t``'s own update;
 * ``tensors(name, split)`` — a split's images and labels, converted once;
 * ``val_batches`` — the first ``batches × batch_size`` validation images (the analyses' fixed
   batches) and ``val_streams`` — endless shuffled validation batches, one generator per task
@@ -44,7 +45,8 @@ from mergelab.errors import InputError
 from mergelab.evaluation.heads import head_logits, image_logits, joint_head, task_head
 from mergelab.evaluation.metrics import image_features
 from mergelab.model import Backbone
-from mergelab.taskset import MergedUpdate, TaskSet, add_updates
+from mergelab.model.streaming import StreamedParams
+from mergelab.taskset import MergedUpdate, TaskSet, Update, add_updates
 
 __all__ = ["BenchSession", "shuffled_batches"]
 
@@ -139,13 +141,26 @@ class BenchSession:
         """``(images, labels)`` of task ``name``'s ``split``."""
         return self._shared.get(("tensors", name, split), lambda: self.bench.tasks[name].tensors(split))
 
-    def weights(self, update: MergedUpdate | None) -> dict[str, Tensor] | None:
-        """``W_0 + ΔW`` for every parameter ``update`` changes (``None``: the base model's own weights)."""
-        return None if update is None else add_updates(self.base, update.modules)
+    def weights(self, update: MergedUpdate | Mapping[str, Update] | None) -> StreamedParams | None:
+        """``W_0 + ΔW`` for every parameter ``update`` (a merged update or its modules) changes (``None``: the
+        base model's own weights); :meth:`streamed` weights."""
+        if update is None:
+            return None
+        return self.streamed(update.modules if isinstance(update, MergedUpdate) else update)
 
-    def finetuned(self, name: str) -> dict[str, Tensor]:
-        """Task ``name``'s fine-tuned weights ``W_0 + ΔW_t``."""
-        return add_updates(self.base, self.taskset.tasks[self.taskset.names.index(name)].modules)
+    def finetuned(self, name: str) -> StreamedParams:
+        """Task ``name``'s fine-tuned weights ``W_0 + ΔW_t`` (:meth:`streamed`)."""
+        return self.streamed(self.taskset.tasks[self.taskset.names.index(name)].modules)
+
+    def streamed(self, modules: Mapping[str, Update]) -> StreamedParams:
+        """``W_0 + ΔW`` of each module, formed by :func:`~mergelab.taskset.add_updates` whenever a forward reads
+        it, a repeated block at a time (:mod:`mergelab.model.streaming`), and never kept: an evaluation holds
+        one block's weights beside the model, never a second copy of its adapted matrices, and its outputs
+        are those of the weights formed up front, bit for bit. The base is never written (nothing is applied
+        in place and reverted, which ``W_0 + ΔW - ΔW`` would not undo exactly in floating point); ``modules``
+        may read each update when asked (a stored merge, :class:`~mergelab.taskset.StoredUpdates`)."""
+        base = self.base
+        return StreamedParams(modules, lambda name: add_updates(base, {name: modules[name]})[name])
 
     def val_batches(self, name: str, *, batch_size: int = 64, batches: int | None = None,
                     labels: bool = False) -> list[Batch]:

@@ -72,15 +72,15 @@ class AdaptationSetting:
         batches = self.session.val_streams(self.names, schedule.batch_size, self.seed)
         return adapt(method, self.taskset, forward, batches, schedule, record_every=max(1, schedule.iters // 25), **hp)
 
-    def params(self, merged: MergedUpdate | None) -> dict[str, Tensor] | None:
+    def params(self, merged: MergedUpdate | None) -> Params | None:
         """Replacement encoder weights ``W_0 + ΔW`` of a merged update (``None``: the base model)."""
         return self.session.weights(merged)
 
-    def task_params(self, t: int) -> dict[str, Tensor]:
+    def task_params(self, t: int) -> Params:
         """Task ``t``'s fine-tuned weights ``W_0 + ΔW_t``."""
         return self.session.finetuned(self.names[t])
 
-    def task_arithmetic(self, lam: float = 0.3) -> dict[str, Tensor] | None:
+    def task_arithmetic(self, lam: float = 0.3) -> Params | None:
         """``W_0 + λ Σ_t ΔW_t`` (Ilharco et al., 2023; λ = 0.3 as AdaMerging's and 001's TA baseline)."""
         return self.session.weights(merge(self.taskset, "task_arithmetic", "full", alpha=lam))
 

@@ -3,8 +3,8 @@
 A backbone exposes the image encoder whose parameters get merged (``vision``, its state-dict
 names are the names ``load_taskset`` and PEFT see), image and text features, and a functional
 forward in which any subset of the encoder's parameters is replaced by name
-(``torch.func.functional_call``), so merged models, adaptation (001 Sec. 3, 002 Sec. 5) and
-Jacobians (001 Sec. 2.3) run without copying the model.
+(``torch.func.functional_call``, or a block at a time: :mod:`mergelab.model.streaming`), so merged
+models, adaptation (001 Sec. 3, 002 Sec. 5) and Jacobians (001 Sec. 2.3) run without copying the model.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mergelab.model.streaming import StreamedParams, streamed_call
 from mergelab.naming import module_kind
 
 __all__ = ["ATTENTION_KINDS", "CALL_TOKENS", "TOKEN_BUDGET", "Backbone", "attention_linears", "by_length", "capture_output",
@@ -112,9 +113,13 @@ def by_length(run: Callable[[Tensor], Tensor], ids: Tensor, pad: int) -> Tensor:
 
 
 def run_functional(module: nn.Module, params: Mapping[str, Tensor] | None, *args: Any, **kwargs: Any) -> Any:
-    """``module(*args, **kwargs)`` with the named parameters replaced (differentiably) when given."""
+    """``module(*args, **kwargs)`` with the named parameters replaced (differentiably) when given;
+    :class:`~mergelab.model.streaming.StreamedParams` are formed a repeated block at a time
+    (:func:`~mergelab.model.streaming.streamed_call`), with the same outputs."""
     if params is None:
         return module(*args, **kwargs)
+    if isinstance(params, StreamedParams):
+        return streamed_call(module, params, *args, **kwargs)
     return functional_call(module, dict(params), args, kwargs, strict=False)
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mergelab.errors import InputError
 from mergelab.model.base import Backbone
+from mergelab.model.streaming import StreamedParams
 
 __all__ = ["DTYPES", "PlacedBackbone", "parse_device", "placed", "resolve_device"]
 
@@ -89,7 +90,12 @@ class PlacedBackbone:
         return self.inner.lora_targets()
 
     def _run(self, encode, images: Tensor, params: Mapping[str, Tensor] | None) -> Tensor:
-        moved = None if params is None else {k: v.to(self.device) for k, v in params.items()}
+        if params is None:
+            moved = None
+        elif isinstance(params, StreamedParams):  # each moves as it is formed
+            moved = params.then(lambda t: t.to(self.device))
+        else:
+            moved = {k: v.to(self.device) for k, v in params.items()}
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             out = encode(images.to(self.device), moved)
         return out.float().cpu()
