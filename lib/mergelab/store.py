@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -24,14 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
-from mergelab.errors import InputError, check_writable, safetensors_os_errors
-from mergelab.outputs import follow_umask
+from mergelab.errors import InputError, check_writable
 from mergelab.store_format import (KEY_NAME, LAYOUT, MARKER, MAX_RECORD_BYTES, PAYLOAD, ArtifactInfo, Key, Kind, artifact_key, jsonable,
                                    marker_problem, provenance_of)
 
 if TYPE_CHECKING:  # xarray and torch load with the first Dataset or tensors: `mergelab store ls` needs neither
     import xarray as xr
     from torch import Tensor
+
+    from mergelab.tensor_files import Spool
 
 __all__ = ["STORE_ENV", "Store", "checkout_store", "default_store_url"]
 
@@ -237,19 +239,19 @@ class Store:
         return self._url(self._payload(key, "dataset"))
 
     def put_tensors(self, key: str, tensors: Mapping[str, Tensor], attrs: Mapping[str, Any] | None = None) -> str:
-        """Publish named tensors (model weights, bases) as one safetensors file under ``key``."""
-
-        from safetensors.torch import save, save_file
+        """Publish named tensors (model weights, bases) as one safetensors file under ``key``. A local store
+        writes the file tensor by tensor (:func:`~mergelab.tensor_files.write_safetensors`): a :meth:`spool`
+        or another mapping that reads its tensors when asked is never held whole."""
+        from mergelab.tensor_files import write_safetensors
 
         def write(path: str, provenance: dict[str, Any]) -> None:
             metadata = {"provenance": json.dumps(provenance)}
-            plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-            if self._local:  # straight to the file: no second, in-memory copy of a model-sized payload
-                with safetensors_os_errors(path):
-                    save_file(plain, path, metadata)
-                follow_umask(Path(path))  # safetensors writes -rw-------
+            if self._local:
+                write_safetensors(path, tensors, metadata)
             else:
-                self.fs.pipe_file(path, save(plain, metadata))
+                from safetensors.torch import save
+
+                self.fs.pipe_file(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata))
 
         return self._write(key, "tensors", attrs, write)
 
@@ -258,6 +260,22 @@ class Store:
 
         path = self._payload(key, "tensors")
         return load_file(path) if self._local else load(self.fs.cat_file(path))
+
+    def tensors(self, key: str) -> Mapping[str, Tensor]:
+        """The tensors under ``key`` read one at a time when asked for (:class:`~mergelab.tensor_files.FileTensors`;
+        a remote store's are read at once): a model-sized payload is never mapped whole."""
+        from mergelab.tensor_files import FileTensors
+
+        return FileTensors(self._payload(key, "tensors")) if self._local else self.get_tensors(key)
+
+    def spool(self, key: str) -> Spool:
+        """An empty :class:`~mergelab.tensor_files.Spool` for ``key``'s tensors, to fill one at a time and
+        publish with :meth:`put_tensors`: under ``staging/`` as a write of ``key`` in progress (``gc``
+        removes one a crash left behind); a remote store's in a local temporary folder."""
+        from mergelab.tensor_files import Spool
+
+        token = uuid.uuid4().hex[:12]
+        return Spool(self._path("staging", f"{key}.{token}") if self._local else Path(tempfile.gettempdir(), f"mergelab-spool-{token}"))
 
     def put_json(self, key: str, value: Any, attrs: Mapping[str, Any] | None = None) -> str:
         """Publish a small JSON document (a selection decision, a config) under ``key``."""
@@ -383,7 +401,9 @@ class Store:
         h = hashlib.sha256()
         for f in files:
             h.update(f[len(path):].encode() + b"\0")
-            h.update(self.fs.cat_file(f))
+            with self.fs.open(f, "rb") as payload:  # in blocks: a model-sized payload is never read whole
+                for block in iter(lambda: payload.read(1 << 24), b""):
+                    h.update(block)
         return h.hexdigest()
 
 

@@ -34,11 +34,13 @@ __all__ = [
     "Dense",
     "LowRank",
     "MergedUpdate",
+    "StoredUpdates",
     "TaskSet",
     "TaskUpdate",
     "Update",
     "add_updates",
     "packed_views",
+    "update_tensors",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -318,27 +320,14 @@ class MergedUpdate:
         return content_hash({"modules": {k: _update_hash(u) for k, u in self.modules.items()}, "meta": self.meta})
 
     def to_tensors(self) -> dict[str, Tensor]:
-        """Flat tensors for storage: ``<module>::B`` / ``::A`` for LowRank, ``<module>::delta`` for Dense."""
-        out: dict[str, Tensor] = {}
-        for name, update in self.modules.items():
-            if isinstance(update, LowRank):
-                out[f"{name}::B"], out[f"{name}::A"] = update.B, update.A
-            else:
-                out[f"{name}::delta"] = update.delta
-        return out
+        """Flat tensors for storage (:func:`update_tensors` of every module)."""
+        return {key: t for name, update in self.modules.items() for key, t in update_tensors(name, update).items()}
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], base: BaseRef | None = None,
                      meta: Mapping[str, Any] | None = None) -> MergedUpdate:
         """Inverse of :meth:`to_tensors`."""
-        modules: dict[str, Update] = {}
-        for key in tensors:
-            name, _, part = key.rpartition("::")
-            if part == "delta":
-                modules[name] = Dense(tensors[key])
-            elif part == "B":
-                modules[name] = LowRank(tensors[key], tensors[f"{name}::A"])
-        return cls(modules, base or BaseRef("unknown"), dict(meta or {}))
+        return cls(dict(StoredUpdates(tensors)), base or BaseRef("unknown"), dict(meta or {}))
 
     def apply(self, state_dict: Mapping[str, Tensor], scale: float = 1.0) -> dict[str, Tensor]:
         """A new state dict ``W_0 + scale · delta`` (the input is not modified)."""
@@ -347,6 +336,34 @@ class MergedUpdate:
             raise InputError(f"base state dict lacks {len(missing)} merged parameters ({_head(missing)}); pass the base model the adapters "
                              "were trained on")
         return {**state_dict, **add_updates(state_dict, self.modules, scale)}
+
+
+def update_tensors(name: str, update: Update) -> dict[str, Tensor]:
+    """Module ``name``'s update as flat tensors for storage: ``<name>::B`` and ``<name>::A`` for LowRank,
+    ``<name>::delta`` for Dense."""
+    return {f"{name}::B": update.B, f"{name}::A": update.A} if isinstance(update, LowRank) else {f"{name}::delta": update.delta}
+
+
+class StoredUpdates(Mapping[str, Update]):
+    """The updates of flat tensors (:func:`update_tensors`' names) by module, each built when asked for: over
+    tensors read one at a time (:meth:`mergelab.store.Store.tensors`), a model-sized merge is never held whole."""
+
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        self._tensors = tensors
+        self._names = dict.fromkeys(name for name, _, part in (key.rpartition("::") for key in tensors) if part in ("delta", "B"))
+
+    def __getitem__(self, name: str) -> Update:
+        if name not in self._names:
+            raise KeyError(name)
+        if f"{name}::delta" in self._tensors:
+            return Dense(self._tensors[f"{name}::delta"])
+        return LowRank(self._tensors[f"{name}::B"], self._tensors[f"{name}::A"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def add_updates(base: Mapping[str, Tensor], updates: Mapping[str, Update], scale: float = 1.0) -> dict[str, Tensor]:

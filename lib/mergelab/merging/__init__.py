@@ -10,9 +10,10 @@ projects once for many merges (``merge(projection, method, **hp)``).
 
 from __future__ import annotations
 
-from mergelab.merging.driver import Projection, derive_seed, merge, project
+from mergelab.merging.driver import Projection, derive_seed, merge, merge_modules, project
 from mergelab.merging.methods import METHODS
 from mergelab.merging.registry import Composition, MergeMethod
 from mergelab.merging.regmean import collect_input_grams
 
-__all__ = ["METHODS", "Composition", "MergeMethod", "Projection", "collect_input_grams", "derive_seed", "merge", "project"]
+__all__ = ["METHODS", "Composition", "MergeMethod", "Projection", "collect_input_grams", "derive_seed", "merge", "merge_modules",
+           "project"]

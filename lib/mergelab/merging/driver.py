@@ -28,7 +28,9 @@ updates, :mod:`mergelab.merging.completion`) are counted per module into the mer
 ``meta["completed_directions"]``.
 
 Without a model-wide stage the driver streams: per module it projects, merges, reconstructs and
-drops the projection, so a full-space merge holds one module's dense updates at a time.
+drops the projection, so a full-space merge holds one module's dense updates at a time;
+:func:`merge_modules` also hands each module's result on as it is made (a study spools it to its
+store), where :func:`merge` collects them into a :class:`MergedUpdate`.
 :func:`project` instead keeps every module's projection for reuse across merges (sweeps).
 
 Non-matrix parameters (Dense updates with ``ndim != 2``) are not projected; each stage applies
@@ -40,7 +42,7 @@ modules do not share one DARE mask; the inputs are never modified.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +57,11 @@ from mergelab.merging.registry import SIDE_INPUTS, Composition, MergeMethod
 from mergelab.spaces import Context, Space, get_space
 from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, Update
 
-__all__ = ["Projection", "derive_seed", "merge", "project"]
+__all__ = ["Emit", "Projection", "derive_seed", "merge", "merge_modules", "project"]
 
 MODEL = "<model>"
+#: Where :func:`merge_modules` hands each module's merged update: ``emit(module, update)``.
+Emit = Callable[[str, Update], None]
 
 
 def derive_seed(seed: int, key: str) -> int:
@@ -210,20 +214,19 @@ def _apply_stage(plan: _Plan, index: int, module: str, inputs: list[Tensor | Low
     return (ctx.from_isometric(result) if stage.isometric else result), ctx
 
 
-def _merge_matrices(plan: _Plan, taskset: TaskSet, modules: Sequence[str], projection: Projection | None) -> dict[str, Update]:
-    """All stages on all matrix modules. Streams module by module (project, merge, reconstruct,
-    drop) unless a stage is model-wide or a projection is given."""
+def _merge_matrices(emit: Emit, plan: _Plan, taskset: TaskSet, modules: Sequence[str], projection: Projection | None) -> None:
+    """All stages on all matrix modules, each module's result handed to ``emit``. Streams module by module
+    (project, merge, reconstruct, emit, drop) unless a stage is model-wide or a projection is given."""
     sp = plan.space
     wide = {i for i, (_, stage) in enumerate(plan.spec.stages) if stage.inputs == "tensors" and sp.scope == "model" and not stage.side}
     if projection is None and not wide:
-        out = {}
         for m in modules:
             current, ctx = _project_module(sp, taskset, m)
             for i in range(len(plan.spec.stages)):
                 result, ctx = _apply_stage(plan, i, m, current, taskset.updates(m), ctx)
                 current = [_as_matrix(result)]
-            out[m] = sp.reconstruct(result, ctx)
-        return out
+            emit(m, sp.reconstruct(result, ctx))
+        return
     projection = projection or project(taskset, sp)
     current_all = {m: list(projection.matrices[m]) for m in modules}
     contexts = dict(projection.contexts)
@@ -235,7 +238,8 @@ def _merge_matrices(plan: _Plan, taskset: TaskSet, modules: Sequence[str], proje
             for m in modules:
                 results[m], contexts[m] = _apply_stage(plan, i, m, current_all[m], taskset.updates(m), contexts[m])
         current_all = {m: [_as_matrix(results[m])] for m in modules}
-    return {m: sp.reconstruct(results[m], contexts[m]) for m in modules}
+    for m in modules:
+        emit(m, sp.reconstruct(results[m], contexts[m]))
 
 
 def _merge_nonmatrix(plan: _Plan, updates: Sequence[Update], module: str) -> Dense:
@@ -279,6 +283,21 @@ def merge(taskset: TaskSet | Projection, method: str, space: str | Space | None 
         when a spectral method completed zero singular directions of a rank-deficient module,
         ``completed_directions``: ``{module: count}`` (:mod:`mergelab.merging.completion`).
     """
+    merged: dict[str, Update] = {}
+    meta = merge_modules(merged.__setitem__, taskset, method, space, space_options=space_options, side_inputs=side_inputs, **hp)
+    taskset = taskset.taskset if isinstance(taskset, Projection) else taskset
+    return MergedUpdate({m: merged[m] for m in taskset.module_names}, taskset.base, meta)
+
+
+def merge_modules(emit: Emit, taskset: TaskSet | Projection, method: str, space: str | Space | None = None, *,
+                  space_options: Mapping[str, Any] | None = None, side_inputs: Mapping[str, Any] | None = None,
+                  **hp: Any) -> dict[str, Any]:
+    """:func:`merge` (same arguments after ``emit``), handing each module's merged update to ``emit(module,
+    update)`` as soon as it is computed rather than keeping it, and returning the merge's ``meta``: a study
+    streams a full-space merge of an LLM to its store this way, never holding it whole beside the model.
+    Matrix modules come first (one at a time where :func:`merge` streams), then the non-matrix ones.
+
+    It takes 7 parameters because it is :func:`merge`'s six with the ``emit`` callback in front."""
     spec = _lookup(method)
     values = spec.resolve(hp)
     projection = taskset if isinstance(taskset, Projection) else None
@@ -292,13 +311,12 @@ def merge(taskset: TaskSet | Projection, method: str, space: str | Space | None 
     matrix_modules = _matrix_modules(taskset)
     other_modules = [m for m in taskset.module_names if m not in set(matrix_modules)]
     plan = _Plan(spec, values, sp, _side_inputs(spec, values, taskset, matrix_modules, side_inputs))
-    merged: dict[str, Update] = {}
     with completion.recording() as completed:
         if matrix_modules:
-            merged.update(_merge_matrices(plan, taskset, matrix_modules, projection))
+            _merge_matrices(emit, plan, taskset, matrix_modules, projection)
     for m in other_modules:
-        merged[m] = _merge_nonmatrix(plan, taskset.updates(m), m)
-    meta = {
+        emit(m, _merge_nonmatrix(plan, taskset.updates(m), m))
+    return {
         "method": spec.name,
         "space": sp.name,
         "space_options": sp.options(),
@@ -308,7 +326,6 @@ def merge(taskset: TaskSet | Projection, method: str, space: str | Space | None 
         "peft": peft_template(taskset),
         **({"completed_directions": dict(completed)} if completed else {}),
     }
-    return MergedUpdate({m: merged[m] for m in taskset.module_names}, taskset.base, meta)
 
 
 def _lookup(method: str) -> MergeMethod | Composition:

@@ -64,6 +64,7 @@ def run_graph(ctx: Run, submit: Submit, phases: Iterable[str] | None = None) -> 
     staged = run("stage", [()])
     references = run("reference", [(name,) for name in [None, *ctx.eval_session.names]]) if merges or adapts else []
     merged = run("merge", [(job,) for job in merges])
+    ctx.release_bases()
     adapted = run("adapt", [(job,) for job in adapts])
     evaluated = run("evaluate", [(produced,) for produced in merged + adapted])
     rows = [merge_row(j, p, e, spec.seeds[0]) for j, p, e in zip(merges, merged, evaluated[:len(merged)], strict=True)] \

@@ -20,13 +20,14 @@ from mergelab.adaptive_spec import AdaptiveSpec
 from mergelab.bases import Bases, adaptation_bases
 from mergelab.config import config_label
 from mergelab.errors import InputError
-from mergelab.merging import METHODS, merge, project
+from mergelab.merging import METHODS, merge_modules, project
 from mergelab.profiling import Measured, measure
 from mergelab.provenance import reproducibility
 from mergelab.store_format import Key
 from mergelab.selection import SELECTION_RULES
 from mergelab.study.run import JOINT, JOINT_KS, TASK_METRICS, AdaptJob, Run, MergeJob, Node, NodeResult
-from mergelab.taskset import MergedUpdate
+from mergelab.taskset import MergedUpdate, StoredUpdates, Update, update_tensors
+from mergelab.tensor_files import Spool
 
 # Node versions (bump one when its output changes for the same inputs): adapt 2: tied TARA-B bank; 3: STCH anchors no
 # longer shift the loop's batches, |Δcoef| recorded; 4: TARA AdamW, AdaMerging clamp [0, 1], AdaRank masks attention/MLP
@@ -76,23 +77,31 @@ def _cost(run: Measured, bases: Sequence[Bases]) -> dict[str, Any]:
             "bases": [str(b.key) for b in bases], "bases_seconds": sum(b.seconds for b in bases)}
 
 
-def _merge(ctx: Run, key: Key, job: MergeJob) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Merge one configuration (timed, peak memory measured): the MergedUpdate's tensors.
+def _merge(ctx: Run, key: Key, job: MergeJob) -> tuple[Spool, dict[str, Any]]:
+    """Merge one configuration (timed, peak memory measured): the MergedUpdate's tensors, spooled module by
+    module as the merge makes them (:func:`~mergelab.merging.merge_modules`, :meth:`Store.spool
+    <mergelab.store.Store.spool>`), so a full-space merge of an LLM is never held whole beside its model
+    (the time includes writing the spool).
 
     In the knots and core spaces the projection is built from the task set's bases in the store
     (:func:`mergelab.bases.space_bases`: computed and published by the first merge that needs them).
     """
     hp = hyper_parameters(job)
     bases = ctx.space_bases(job.space)
+    spool = ctx.store.spool(key)
+
+    def emit(module: str, update: Update) -> None:
+        for name, tensor in update_tensors(module, update).items():
+            spool[name] = tensor
+
     if bases is None:
-        run = measure(lambda: merge(ctx.taskset, job.method, job.space, **hp))
+        run = measure(lambda: merge_modules(emit, ctx.taskset, job.method, job.space, **hp))
     else:
-        run = measure(lambda: merge(project(ctx.taskset, job.space, bases=bases.modules), job.method, **hp))
-    tensors = run.value.to_tensors()
+        run = measure(lambda: merge_modules(emit, project(ctx.taskset, job.space, bases=bases.modules), job.method, **hp))
     attrs = {"method": job.method, "space": job.space, "config": config_label(job.config), "seed": job.seed,
-             "completed_directions": run.value.meta.get("completed_directions", {}), **_cost(run, [] if bases is None else [bases]),
-             **_merge_record(ctx, job, hp, next(iter(tensors.values())))}
-    return tensors, attrs
+             "completed_directions": run.value.get("completed_directions", {}), **_cost(run, [] if bases is None else [bases]),
+             **_merge_record(ctx, job, hp, spool[next(iter(spool))])}
+    return spool, attrs
 
 
 def _merge_record(ctx: Run, job: MergeJob, hp: Mapping[str, Any], sample: Tensor) -> dict[str, Any]:
@@ -257,8 +266,8 @@ def _evaluate_key(ctx: Run, source: NodeResult) -> Key:
 
 def _evaluate(ctx: Run, key: Key, source: NodeResult) -> tuple[xr.Dataset, dict[str, Any]]:
     """Per-task val/test accuracy, TAS (val) and joint Hits@k (test) of one merge, on the study's
-    tasks and its unseen ones."""
-    params = ctx.eval_session.weights(_merged(ctx, source.key))
+    tasks and its unseen ones; each module's update is read from the store when a forward needs it."""
+    params = ctx.eval_session.weights(StoredUpdates(ctx.store.tensors(source.key)))
     return _scores(ctx, params, ctx.eval_session.names, joint=ctx.spec.joint), {}
 
 
