@@ -10,15 +10,17 @@ random rank-r PEFT adapters and small generated data (``mergelab.synthetic``):
   adapters on its ``CLIPVisionModel`` ``q_proj / k_proj / v_proj / out_proj`` (the KnOTS
   checkpoints' layout); the same image data;
 * ``hf_seq_cls``: a ``LlamaForSequenceClassification`` directory of a LLaMA configuration
-  (``--llm``: Llama-3.2-1B by default, which fits this machine; ``llama3-8b`` is 003 Tab. 2's model:
-  a study peaks near three times the model's float32 size, ≈ 100 GB for it) and ``SEQ_CLS`` adapters on q, k, v, o, gate, up, down that keep
-  their own ``score`` heads; text rows as CSV.
+  (``--llm``: Llama-3.2-1B by default, which fits this machine; ``llama3-8b`` is 003 Tab. 2's model) and
+  ``SEQ_CLS`` adapters on q, k, v, o, gate, up, down that keep their own ``score`` heads; text rows as CSV.
 
 For each bench, as separate processes of the CLI (what a user types): ``mergelab check`` (the
 preflight), ``mergelab merge --base <the whole checkpoint> --method ties --space core`` and
 ``mergelab run`` of a study YAML (TA in the full and Core spaces, TIES in the KnOTS and Core
 spaces, every merge evaluated on val and test, references, TAS), then the same study again (every
-node a cache hit). *peak* is each process's maximum resident set (``VmHWM``, sampled every 0.2 s).
+node a cache hit). *peak* is each process's maximum resident set (``VmHWM``, sampled every 0.2 s), and
+*× model* that peak over the model's size (its checkpoint on disk, float32 as the study holds it): a
+study holds the model once, and beside it the process's own memory, one layer's merged weights per
+running evaluation and a merge's working set, never a copy of the adapted matrices (issue 31 item 4).
 The scores are those of random models on random data: they show that every cell is computed, nothing more.
 
 Methodology (``benchmarks/timing.py``): each step is timed in CPU time (the child process's user +
@@ -215,9 +217,10 @@ def run_bench(name: str, work: Path, args, env: dict[str, str]) -> list[tuple[st
         ("run (study, cold)", _cli(["run", str(study), *store, *runner], work / "run.log", env)),
         ("run (study, rerun)", _cli(["run", str(study), *store, *runner], work / "rerun.log", env)),
     ]
+    model_mib = _size_gib(built.base) * 1024
     for label, step in steps:
-        print(f"  {label:<46} CPU {step.times.cpu:8.1f} s  wall {step.times.wall:8.1f} s   peak {step.peak_mib:8.0f} MiB   "
-              f"{step.last}", flush=True)
+        print(f"  {label:<46} CPU {step.times.cpu:8.1f} s  wall {step.times.wall:8.1f} s   peak {step.peak_mib:8.0f} MiB "
+              f"= {step.peak_mib / model_mib:4.2f}× model   {step.last}", flush=True)
     print(f"  {load()}", flush=True)
     table = (work / "run.log").read_text().splitlines()
     start = next(i for i, line in enumerate(table) if line.startswith("study "))
