@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from mergelab.analysis.factored import gram, inner
 from mergelab.analysis.geometry import cosine_similarity, lambda_similarity, merged_similarity, norms
+from mergelab.checkpoints.modules import packed_views
 from mergelab.errors import InputError
-from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, TaskUpdate, packed_views
+from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, TaskUpdate
 
 PACKED = "transformer.resblocks.0.attn.in_proj_weight"
 MLP = "transformer.resblocks.1.mlp.c_fc.weight"

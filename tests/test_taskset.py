@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mergelab.checkpoints.modules import packed_views
 from mergelab.errors import InputError
-from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, TaskUpdate, packed_views
+from mergelab.taskset import Dense, LowRank, MergedUpdate, TaskSet, TaskUpdate
 
 dims = st.integers(min_value=1, max_value=12)
 

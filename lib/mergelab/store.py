@@ -13,7 +13,6 @@ references; :mod:`mergelab.upkeep`, as is ``verify``).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import tempfile
@@ -27,7 +26,7 @@ import fsspec
 
 from mergelab.errors import InputError, check_writable
 from mergelab.store_format import (KEY_NAME, LAYOUT, MARKER, MAX_RECORD_BYTES, PAYLOAD, ArtifactInfo, Key, Kind, artifact_key, jsonable,
-                                   marker_problem, provenance_of)
+                                   marker_problem, payload_digest, provenance_of, zarr_ready)
 
 if TYPE_CHECKING:  # xarray and torch load with the first Dataset or tensors: `mergelab store ls` needs neither
     import xarray as xr
@@ -201,7 +200,7 @@ class Store:
             write_payload(f"{staging}/{PAYLOAD[kind]}", provenance)
             provenance.setdefault("write_time_s", round(time.perf_counter() - start, 6))
             if not self.exists(key):  # someone may have published the same content meanwhile: then keep theirs
-                digest = self._digest(f"{staging}/{PAYLOAD[kind]}")
+                digest = payload_digest(self.fs, f"{staging}/{PAYLOAD[kind]}")
                 self.fs.makedirs(self._path("objects", key), exist_ok=True)
                 self.fs.mv(staging, self._path("objects", key, token), recursive=True)
                 marker = {"kind": kind, "producer": provenance.get("producer", ""), "created": provenance["created"],
@@ -221,7 +220,7 @@ class Store:
         """Publish an xarray Dataset as Zarr v3 with provenance attrs under ``key``."""
 
         def write(path: str, provenance: dict[str, Any]) -> None:
-            out = _zarr_ready(ds)
+            out = zarr_ready(ds)
             out.attrs = jsonable({**ds.attrs, "provenance": provenance})
             out.to_zarr(self._url(path), mode="w", consolidated=False, zarr_format=3)
 
@@ -394,25 +393,3 @@ class Store:
 
     def __iter__(self) -> Iterator[ArtifactInfo]:
         return iter(self.ls())
-
-    def _digest(self, path: str) -> str:
-        """sha256 over a payload's files (relative names and bytes, in name order)."""
-        files = sorted(self.fs.find(path)) if self.fs.isdir(path) else [path]
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f[len(path):].encode() + b"\0")
-            with self.fs.open(f, "rb") as payload:  # in blocks: a model-sized payload is never read whole
-                for block in iter(lambda: payload.read(1 << 24), b""):
-                    h.update(block)
-        return h.hexdigest()
-
-
-def _zarr_ready(ds: xr.Dataset) -> xr.Dataset:
-    """Fixed-width unicode arrays become object strings (zarr 3 warns on ``<U``); attrs are reset."""
-    out = ds.copy(deep=False)
-    for name, var in {**out.coords, **out.data_vars}.items():
-        if var.dtype.kind == "U":
-            out[name] = var.astype(object)
-    for var in out.variables.values():
-        var.encoding.clear()
-    return out

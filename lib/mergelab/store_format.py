@@ -15,19 +15,23 @@ existed name ``objects/<key>/`` itself.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import platform
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from mergelab.hashing import content_hash
 
+if TYPE_CHECKING:
+    import xarray as xr
+
 __all__ = ["KEY_NAME", "LAYOUT", "LEASE_S", "MARKER", "MAX_RECORD_BYTES", "PAYLOAD", "STAGING_NAME", "ArtifactInfo", "Key", "Kind",
-           "artifact_key", "jsonable", "marker_problem", "provenance_of"]
+           "artifact_key", "jsonable", "marker_problem", "payload_digest", "provenance_of", "zarr_ready"]
 
 MARKER = "_published.json"
 #: The folders a store keeps at its root (``quarantine/``: what ``store verify --quarantine`` moves aside).
@@ -129,3 +133,27 @@ def marker_problem(marker: Any) -> str | None:
     if token is not None and not re.fullmatch(r"[A-Za-z0-9_]{1,64}", token):
         return f"marker's payload token {token[:40]!r} is not a payload folder name"
     return None
+
+
+def payload_digest(fs: Any, path: str) -> str:
+    """sha256 over a payload's files on ``fs`` (relative names and bytes, in name order), read in blocks: a
+    model-sized payload is never read whole."""
+    files = sorted(fs.find(path)) if fs.isdir(path) else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f[len(path):].encode() + b"\0")
+        with fs.open(f, "rb") as payload:
+            for block in iter(lambda: payload.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def zarr_ready(ds: xr.Dataset) -> xr.Dataset:
+    """Fixed-width unicode arrays become object strings (zarr 3 warns on ``<U``); attrs are reset."""
+    out = ds.copy(deep=False)
+    for name, var in {**out.coords, **out.data_vars}.items():
+        if var.dtype.kind == "U":
+            out[name] = var.astype(object)
+    for var in out.variables.values():
+        var.encoding.clear()
+    return out

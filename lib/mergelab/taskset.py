@@ -39,7 +39,6 @@ __all__ = [
     "TaskUpdate",
     "Update",
     "add_updates",
-    "packed_views",
     "update_tensors",
 ]
 
@@ -380,35 +379,3 @@ def add_updates(base: Mapping[str, Tensor], updates: Mapping[str, Update], scale
 def _head(items: Sequence[str], n: int = 3) -> str:
     shown = ", ".join(items[:n])
     return f"{shown}, … ({len(items)} in all)" if len(items) > n else shown
-
-
-# Packed projections and their q/k/v views ------------------------------------------------
-
-#: Parameter-name patterns of packed q/k/v projections (rows stacked q, k, v).
-PACKED_QKV = (re.compile(r"(.*)\.in_proj_weight$"), re.compile(r"(.*)\.qkv\.weight$"))
-
-
-def packed_views(name: str, update: Update) -> dict[str, Update]:
-    """Split a packed q/k/v projection into per-projection views for analysis.
-
-    ``attn.in_proj_weight`` (open_clip / ``nn.MultiheadAttention``) and fused ``qkv.weight``
-    stack the q, k and v rows; a LowRank view keeps the shared ``A`` and splits ``B``'s rows.
-    Views are named ``<parent>.{q,k,v}_proj.weight``. Other parameters pass through unchanged.
-    """
-    for pattern in PACKED_QKV:
-        match = pattern.match(name)
-        if match is None:
-            continue
-        out = update.shape[0]
-        if out % 3:
-            raise InputError(f"packed projection {name!r} has {out} rows, not a multiple of 3")
-        d = out // 3
-        parent = match.group(1)
-        views: dict[str, Update] = {}
-        for i, kind in enumerate("qkv"):
-            rows = slice(i * d, (i + 1) * d)
-            views[f"{parent}.{kind}_proj.weight"] = (
-                LowRank(update.B[rows], update.A) if isinstance(update, LowRank) else Dense(update.delta[rows])
-            )
-        return views
-    return {name: update}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from mergelab.outputs import remove_leftovers
 from mergelab.store import Store
-from mergelab.store_format import LEASE_S, MARKER, PAYLOAD, STAGING_NAME
+from mergelab.store_format import LEASE_S, MARKER, PAYLOAD, STAGING_NAME, payload_digest
 
 __all__ = ["damaged", "dangling_refs", "gc", "verify"]
 
@@ -67,7 +67,7 @@ def verify(store: Store, quarantine: bool = False) -> list[tuple[str, str]]:
         payload = store._payload(key, marker["kind"])
         if not store.fs.exists(payload):
             problems.append((key, f"payload {PAYLOAD[marker['kind']]} is missing"))
-        elif marker.get("digest") and store._digest(payload) != marker["digest"]:
+        elif marker.get("digest") and payload_digest(store.fs, payload) != marker["digest"]:
             problems.append((key, "payload differs from its published digest"))
         elif not marker.get("digest"):
             try:

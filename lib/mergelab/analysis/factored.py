@@ -26,7 +26,8 @@ import xarray as xr
 from torch import Tensor
 
 from mergelab.errors import InputError
-from mergelab.taskset import Dense, LowRank, TaskSet, TaskUpdate, Update, packed_views
+from mergelab.checkpoints.modules import packed_views
+from mergelab.taskset import Dense, LowRank, TaskSet, TaskUpdate, Update
 
 __all__ = ["annotated", "block_sum", "dataset_attrs", "direction_gram", "gram", "inner", "matrix_modules", "matrix_taskset",
            "module_updates", "split_modules"]

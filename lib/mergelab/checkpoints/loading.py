@@ -172,8 +172,8 @@ def _module_update(reading: _Reading, peft_module: str, param: str, A: Tensor, B
 def _base_views(reading: _Reading, param: str, update: LowRank, info: dict[str, Any], n_targets: int,
                 keep: Callable[[str], bool]) -> dict[str, tuple[Update, dict[str, Any]]]:
     """The kept base parameters an update of ``param`` lands on (a packed in-projection split over q/k/v:
-    :func:`~mergelab.taskset.packed_views`), each with its update and record, checked to fit the base."""
-    from mergelab.taskset import packed_views
+    :func:`~mergelab.checkpoints.modules.packed_views`), each with its update and record, checked to fit the base."""
+    from mergelab.checkpoints.modules import packed_views
 
     base, name = reading.base, reading.name
     views = packed_views(param, update) if n_targets > 1 else {param: update}

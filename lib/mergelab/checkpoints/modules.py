@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 from mergelab.checkpoints.adapter_configs import check_scaling
 from mergelab.checkpoints.files import LORA_KEY, PEFT_PREFIX
 from mergelab.errors import InputError
+from mergelab.taskset import Dense, LowRank, Update
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["TOWER_PREFIXES", "check_declared_rank", "conv1d_oriented", "declared_rank", "guess_param", "lora_targets",
-           "mha_out_proj_factor", "module_scaling", "resolve_prefix", "saved_names", "target_param", "target_views", "uses_conv1d"]
+__all__ = ["PACKED_QKV", "TOWER_PREFIXES", "check_declared_rank", "conv1d_oriented", "declared_rank", "guess_param", "lora_targets",
+           "mha_out_proj_factor", "module_scaling", "packed_views", "resolve_prefix", "saved_names", "target_param", "target_views", "uses_conv1d"]
 
 
 def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -129,7 +130,7 @@ def target_param(peft_module: str, base: Mapping[str, Any]) -> str | None:
 def target_views(param: str, base: Mapping[str, Any] | None) -> list[str]:
     """The base parameters an update of ``param`` lands on: itself, or, for a packed in-projection
     on a base with split q/k/v, ``….{q,k,v}_proj.weight`` (split by
-    :func:`~mergelab.taskset.packed_views`: ``ΔW_q = B[:d] A``, ``ΔW_k = B[d:2d] A``,
+    :func:`packed_views`: ``ΔW_q = B[:d] A``, ``ΔW_k = B[d:2d] A``,
     ``ΔW_v = B[2d:] A``, exactly PEFT's packed ``ΔW = B A`` row by row)."""
     if base is None or param in base:
         return [param]
@@ -202,3 +203,33 @@ def guess_param(peft_module: str, peft_modules: Sequence[str]) -> str:
     if f"{peft_module}.base_layer.out_proj" in peft_modules:  # LoRA on an nn.MultiheadAttention
         return f"{peft_module}.in_proj_weight"
     return f"{peft_module.replace('.base_layer', '')}.weight"
+
+
+#: Parameter-name patterns of packed q/k/v projections (rows stacked q, k, v).
+PACKED_QKV = (re.compile(r"(.*)\.in_proj_weight$"), re.compile(r"(.*)\.qkv\.weight$"))
+
+
+def packed_views(name: str, update: Update) -> dict[str, Update]:
+    """Split a packed q/k/v projection into per-projection views for analysis.
+
+    ``attn.in_proj_weight`` (open_clip / ``nn.MultiheadAttention``) and fused ``qkv.weight``
+    stack the q, k and v rows; a LowRank view keeps the shared ``A`` and splits ``B``'s rows.
+    Views are named ``<parent>.{q,k,v}_proj.weight``. Other parameters pass through unchanged.
+    """
+    for pattern in PACKED_QKV:
+        match = pattern.match(name)
+        if match is None:
+            continue
+        out = update.shape[0]
+        if out % 3:
+            raise InputError(f"packed projection {name!r} has {out} rows, not a multiple of 3")
+        d = out // 3
+        parent = match.group(1)
+        views: dict[str, Update] = {}
+        for i, kind in enumerate("qkv"):
+            rows = slice(i * d, (i + 1) * d)
+            views[f"{parent}.{kind}_proj.weight"] = (
+                LowRank(update.B[rows], update.A) if isinstance(update, LowRank) else Dense(update.delta[rows])
+            )
+        return views
+    return {name: update}
