@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 from mergelab.checkpoints.adapter_configs import check_scaling
 from mergelab.checkpoints.files import LORA_KEY, PEFT_PREFIX
 from mergelab.errors import InputError
-from mergelab.taskset import Dense, LowRank, Update
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from mergelab.taskset import Update
 
 __all__ = ["PACKED_QKV", "TOWER_PREFIXES", "check_declared_rank", "conv1d_oriented", "declared_rank", "guess_param", "lora_targets",
            "mha_out_proj_factor", "module_scaling", "packed_views", "resolve_prefix", "saved_names", "target_param", "target_views", "uses_conv1d"]
@@ -216,6 +217,8 @@ def packed_views(name: str, update: Update) -> dict[str, Update]:
     stack the q, k and v rows; a LowRank view keeps the shared ``A`` and splits ``B``'s rows.
     Views are named ``<parent>.{q,k,v}_proj.weight``. Other parameters pass through unchanged.
     """
+    from mergelab.taskset import Dense, LowRank  # torch: here, not for `mergelab check`, which reads headers only
+
     for pattern in PACKED_QKV:
         match = pattern.match(name)
         if match is None:
