@@ -45,6 +45,7 @@ from mergelab.config import load_study  # noqa: E402
 from mergelab.errors import InputError  # noqa: E402
 from mergelab.store import Store  # noqa: E402
 from mergelab.study import results_table  # noqa: E402
+from mergelab.docblocks import REGIME_BLOCK, replace_block  # noqa: E402
 from mergelab.study.results import hyper_parameters, interval_label, paired_gain_interval  # noqa: E402
 
 #: Static methods whose per-space rows the regime shows (003's Full vs KnOTS vs Core comparison).
@@ -345,10 +346,6 @@ def report(m: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-#: The block of docs/demo.md (README.md before issue 32) that ``--readme`` rewrites (issue 34: the claims table is generated, never typed).
-BEGIN, END = "<!-- regime:begin (benchmarks/regime.py --readme writes this block) -->", "<!-- regime:end -->"
-
-
 def claims_markdown(m: Mapping[str, Any]) -> str:
     """The papers' findings against this study: one row per target, the papers' value, the measured one,
     its 95 % paired bootstrap interval where it is a gap between two models, and whether it holds."""
@@ -369,15 +366,6 @@ def claims_markdown(m: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_block(path: Path, text: str) -> None:
-    """Replace the text between :data:`BEGIN` and :data:`END` in ``path`` (both markers must be there)."""
-    content = path.read_text()
-    if BEGIN not in content or END not in content:
-        raise SystemExit(f"error: {path} has no {BEGIN!r} … {END!r} block; add both markers where the table belongs")
-    head, rest = content.split(BEGIN, 1)
-    path.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", default=None, help="the store (default: the study's, as `mergelab run` resolves it)")
@@ -385,8 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=sorted(SPLIT_METRICS), help="the split the numbers are read on")
     parser.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     parser.add_argument("--no-diagnostics", action="store_true", help="skip (a) and (d), which load the benchmark and evaluate")
-    parser.add_argument("--readme", type=Path, default=None, help="also write the claims table into this file's regime block (docs/demo.md)")
+    parser.add_argument("--readme", type=Path, default=None, help="also write the claims table into this file's regime block (docs/demo.md, data/text/README.md)")
     args = parser.parse_args(argv)
+    try:
+        readme = args.readme.read_text() if args.readme else None
+        if readme is not None:
+            replace_block(readme, REGIME_BLOCK, "")  # a file without the block fails before the measurement
+    except (InputError, OSError) as err:
+        print(f"error: --readme {args.readme}: {err}", file=sys.stderr)
+        return 2
     try:
         m = measure(args.study, args.store, args.split, diagnostics=not args.no_diagnostics)
     except InputError as err:
@@ -395,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report(m))
     if args.json:
         Path(args.json).write_text(json.dumps(m, indent=1, default=float) + "\n")
-    if args.readme:
-        write_block(args.readme, claims_markdown(m))
+    if readme is not None:
+        args.readme.write_text(replace_block(readme, REGIME_BLOCK, claims_markdown(m)))
     return 0
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from conftest import REPO
 from helpers import TEXT_FILLER, TEXT_WORDS, deb_archive, text_sources
 from mergelab.errors import InputError
+from mergelab.docblocks import REGIME_BLOCK
 from mergelab.synthetic import sentence_encoder_directory
 from mergelab.textbench.rows import SplitSizes, read_rows, split_rows
 from mergelab.textbench.sources import (DebPackage, deb_files, emoji_names, fetch_deb, foldoc_entries, fortune_quotes,
@@ -51,6 +52,7 @@ def test_build_exports_rows_and_adapters_the_bench_loads_and_resumes_from_its_ro
         assert manifest["tasks"][task]["rows"]["train"] == {n: 8 for n in names}
     readme = (out / "README.md").read_text()
     assert "real-weights text benchmark numbers" in readme and "not built yet" not in readme and "CC0-1.0" in (out / "LICENSES.md").read_text()
+    assert "\n".join(REGIME_BLOCK) in readme  # new adapters: the study's claims block is empty until the study runs again
 
     study = {"name": "text", "bench": {"kind": "sentence_encoder", "weights": str(encoder), "max_length": 16}, "seeds": [0],
              "analyses": ["norms"], "tasks": [{"name": t, "adapter": str(out / "adapters" / "r4" / t), "data": str(out / t),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mergelab.docblocks import REGIME_BLOCK
 from mergelab.textbench.sources import TaskSource
 
 __all__ = ["render_licenses", "render_readme"]
@@ -97,9 +98,22 @@ def render_readme(manifest: Mapping[str, Any], size: int) -> str:
                   + " (the default set as trained; the others rounded, so that this folder stays within 20 MB; loading "
                   "promotes them, a merge's output is float32); the LoRA rK accuracies above are those of the adapters as trained.", "",
                   f"Build time: {manifest['build_time_s'] / 60:.1f} min (LoRA {manifest['timings_s']['lora'] / 60:.1f} min, "
-                  f"evaluation {manifest['timings_s']['evaluation'] / 60:.1f} min), one torch thread.", ""]
+                  f"evaluation {manifest['timings_s']['evaluation'] / 60:.1f} min), one torch thread.", "",
+                  *_study_section()]
     lines += ["## The encoder", "", MODEL_CHOICE.format(package=manifest["model"]["package"]), "", *_provenance(manifest), ""]
     return "\n".join(lines)
+
+
+def _study_section() -> list[str]:
+    """The text study's section: its claims table is written into the regime block after a run, from that
+    run's results, so a rebuild (new adapters) leaves the block empty until the study runs again."""
+    return ["## The text study (`studies/text.yaml`)", "",
+            "Every static method in full, KnOTS and Core space, the six adaptive methods and the analyses on this folder's "
+            "r4 adapters, selected on val; the papers' findings against it on the test split, with 95 % paired bootstrap "
+            "intervals (*: the interval excludes 0). These are real-weights text "
+            "benchmark numbers. `make papers` runs the study; `python benchmarks/regime.py --study studies/text.yaml "
+            "--readme data/text/README.md` then writes the table below from its results.", "",
+            REGIME_BLOCK[0], REGIME_BLOCK[1], ""]
 
 
 def render_licenses(sources: Mapping[str, TaskSource]) -> str:
