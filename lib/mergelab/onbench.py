@@ -8,6 +8,8 @@ one-method studies on a benchmark (:mod:`mergelab.study.one_method`).
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,6 @@ from mergelab.study import NodeResult
 from mergelab.study.one_method import Adapted, Selection, adapt_on_bench, evaluation_bench, select_hyper_parameters, swept_grid
 
 if TYPE_CHECKING:
-    from mergelab.bench import BenchSpec
     from mergelab.merging.registry import Composition, MergeMethod
     from mergelab.serving import RankCap
     from mergelab.spaces import Space
@@ -124,7 +125,8 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     It takes 20 parameters because it is the library face of ``mergelab merge``: each is one of the command's options
     (gathered at once into a ``_Request`` and checked), but ``command`` and the CLI's ``on_selection`` hook.
     """
-    from mergelab.checkpoints import load_grams, load_taskset, save_merged, task_heads
+    from mergelab.checkpoints import cap_rank, load_grams, load_taskset, save_merged, task_heads
+    from mergelab.checkpoints.writing import merged_rank
 
     request = _Request(sources=sources, base=base, method=method, space=space, out=out, fixed=fixed, space_options=space_options,
                        fmt=fmt, max_rank=max_rank, grams=grams, modules=modules, force=force, select=select, grid=grid, bench=bench,
@@ -133,15 +135,22 @@ def merge_adapters(sources: Sequence[str], base: str, method: str, space: str = 
     taskset = load_taskset(base, sources, modules=modules, base_module=base_module)
     if select is None:  # a selection's study checks every candidate once the adapters are staged
         check_feasible(plan.spec, taskset, plan.hyper_parameters)
-    if plan.cap is not None and plan.cap.engine is None:
-        _check_cap_binds(plan.cap.rank, taskset)  # type: ignore[arg-type]
-        plan.cap.warn_unservable()  # here, so that its stacklevel names merge_adapters' caller
+    if plan.cap is not None:
+        plan.cap.check_binds(taskset)
     side_inputs = {"grams": load_grams(grams, taskset)} if grams is not None else None
     evaluation = evaluation_bench(bench, taskset, base) if select is not None else None
-    _check_low_rank_output(fmt, plan)
-    selection = _select(plan, select, grid, evaluation, on_selection) if select is not None else None
-    hyper_parameters = plan.spec.resolve({**plan.fixed, **selection.config}) if selection is not None else plan.hyper_parameters
-    merged, merge_time, capped = _merge_capped(taskset, plan, hyper_parameters, side_inputs)
+    _check_low_rank_output(fmt, plan)  # after the inputs' own checks: an adapter no merge can read is the first thing to fix
+    selection, hyper_parameters = None, plan.hyper_parameters
+    if evaluation is not None:
+        bench_spec, evaluating = evaluation
+        run = functools.partial(select_hyper_parameters, evaluating, bench_spec, plan.spec.name, plan.space.name, select, plan.fixed,
+                                plan.store.url, grid=grid)
+        selection = on_selection(plan.spec.name, plan.space.name, evaluating, run) if on_selection is not None else run()
+        hyper_parameters = plan.spec.resolve({**plan.fixed, **selection.config})
+    start = time.perf_counter()
+    merged = merge(taskset, plan.spec.name, plan.space, side_inputs=side_inputs, **hyper_parameters)
+    merge_time = time.perf_counter() - start
+    merged, capped = cap_rank(merged, plan.cap.resolve(merged_rank(merged))) if plan.cap is not None else (merged, {})
     key, record = _merge_record(request, plan, taskset, merged, merge_time, selection)
     if not plan.store.exists(key):  # the small record first: a store that cannot take it leaves no output behind
         plan.store.put_json(key, record)
@@ -189,16 +198,9 @@ def _check_selection_options(request: _Request, method: str, fixed: Mapping[str,
         swept_grid(method, fixed, r.grid)  # a too-large grid fails before the benchmark loads
 
 
-def _check_cap_binds(rank: int, taskset: TaskSet) -> None:
-    """Step 2 of :func:`merge_adapters`, once the adapters are loaded: an integer ``--max-rank`` below some module's ``min(out, in)``."""
-    bound = max((min(u.shape) for t in taskset.tasks for u in t.modules.values() if len(u.shape) == 2), default=0)
-    if rank > bound:
-        raise InputError(f"--max-rank {rank} is above every module's min(out, in) (at most {bound}), so it caps nothing; "
-                         f"give a rank below {bound} or a serving engine (--max-rank vllm), or drop --max-rank")
-
-
 def _check_low_rank_output(fmt: str, plan: _Plan) -> None:
-    """Step 3 of :func:`merge_adapters`: a PEFT output (with no rank cap) from a method and space that give low-rank modules."""
+    """Step 2 of :func:`merge_adapters`, once the adapters are loaded and checked: a PEFT output (with no rank cap) from a method and
+    space that give low-rank modules."""
     spec, sp = plan.spec, plan.space
     if fmt == "peft" and plan.cap is None and gives_dense(spec, sp):
         raise InputError(f"{spec.name} in the {sp.name} space gives a dense update of every module, not a LoRA adapter; save with "
@@ -206,40 +208,9 @@ def _check_low_rank_output(fmt: str, plan: _Plan) -> None:
                          "merge in a low-rank space (knots, core)")
 
 
-def _select(plan: _Plan, select: str, grid: Mapping[str, Sequence[Any]] | None, evaluation: tuple[BenchSpec, Bench] | None,
-            on_selection: Callable[[str, str, Bench, Callable[..., Selection]], Selection] | None) -> Selection:
-    """Step 4 of :func:`merge_adapters` with ``--select``: the hyper-parameters chosen on the benchmark (``on_selection`` wraps the run)."""
-    assert evaluation is not None
-    bench_spec, evaluating = evaluation
-    spec, sp = plan.spec, plan.space
-
-    def run(progress: Callable[[NodeResult, int], None] | None = None) -> Selection:
-        return select_hyper_parameters(evaluating, bench_spec, spec.name, sp.name, select, plan.fixed, plan.store.url, grid=grid,
-                                       progress=progress)
-
-    return on_selection(spec.name, sp.name, evaluating, run) if on_selection is not None else run()
-
-
-def _merge_capped(taskset: TaskSet, plan: _Plan, hyper_parameters: Mapping[str, Any],
-                  side_inputs: dict[str, Any] | None) -> tuple[MergedUpdate, float, dict[str, float]]:
-    """Step 5 of :func:`merge_adapters`: the merge, its time in seconds, and its rank capped (with the error per capped module)."""
-    import time
-
-    from mergelab.checkpoints import cap_rank
-    from mergelab.checkpoints.writing import merged_rank
-
-    start = time.perf_counter()
-    merged = merge(taskset, plan.spec.name, plan.space, side_inputs=side_inputs, **hyper_parameters)
-    merge_time = time.perf_counter() - start
-    capped: dict[str, float] = {}
-    if plan.cap is not None:
-        merged, capped = cap_rank(merged, plan.cap.resolve(merged_rank(merged)))
-    return merged, merge_time, capped
-
-
 def _merge_record(request: _Request, plan: _Plan, taskset: TaskSet, merged: MergedUpdate, merge_time: float,
                   selection: Selection | None) -> tuple[Key, dict[str, Any]]:
-    """Step 6 of :func:`merge_adapters`: the ``merge.config`` key and the record (``merge.json``, the store's artifact)."""
+    """The last step of :func:`merge_adapters`: the ``merge.config`` key and the record (``merge.json``, the store's artifact)."""
     import os
 
     from mergelab.provenance import merge_reproducibility

@@ -21,9 +21,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mergelab.errors import InputError
 from mergelab.registry import Registry
+
+if TYPE_CHECKING:
+    from mergelab.taskset import TaskSet
 
 __all__ = ["SERVING_RANKS", "RankCap", "parse_max_rank", "serving_rank"]
 
@@ -56,14 +60,25 @@ class RankCap:
             return self.rank
         return serving_rank(merged_rank, SERVING_RANKS[self.engine], self.rank)
 
-    def warn_unservable(self) -> None:
+    def check_binds(self, taskset: TaskSet) -> None:
+        """An integer cap must bind on ``taskset``: below some matrix module's ``min(out, in)``; then one
+        warning per engine that would not accept it (:meth:`warn_unservable`, naming the caller's caller)."""
+        if self.engine is not None:
+            return
+        bound = max((min(u.shape) for t in taskset.tasks for u in t.modules.values() if len(u.shape) == 2), default=0)
+        if self.rank > bound:  # type: ignore[operator]
+            raise InputError(f"--max-rank {self.rank} is above every module's min(out, in) (at most {bound}), so it caps nothing; "
+                             f"give a rank below {bound} or a serving engine (--max-rank vllm), or drop --max-rank")
+        self.warn_unservable(stacklevel=4)
+
+    def warn_unservable(self, stacklevel: int = 3) -> None:
         """One warning per engine of :data:`SERVING_RANKS` that does not accept this integer cap."""
         for name, allowed in SERVING_RANKS.items() if self.engine is None else ():
             if self.rank not in allowed:
                 serves = (f"it serves the adapter with max_lora_rank {serving_rank(self.rank, allowed)}"  # type: ignore[arg-type]
                           if self.rank <= allowed[-1] else f"it serves no adapter above rank {allowed[-1]}")  # type: ignore[operator]
                 warnings.warn(f"--max-rank {self.rank} is not a max_lora_rank {name} accepts ({', '.join(map(str, allowed))}): {serves}; "
-                              f"--max-rank {name} picks from that set", UserWarning, stacklevel=3)
+                              f"--max-rank {name} picks from that set", UserWarning, stacklevel=stacklevel)
 
     def describe(self) -> str:
         """The ``--max-rank`` value this was read from (``16``, ``vllm``, ``vllm:64``)."""
