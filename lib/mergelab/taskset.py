@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mergelab.errors import InputError
 from mergelab.hashing import content_hash
+from mergelab.lazy_mapping import LazyMapping
 from mergelab.naming import GENERIC, ModuleLayout
 
 __all__ = [
@@ -343,26 +344,18 @@ def update_tensors(name: str, update: Update) -> dict[str, Tensor]:
     return {f"{name}::B": update.B, f"{name}::A": update.A} if isinstance(update, LowRank) else {f"{name}::delta": update.delta}
 
 
-class StoredUpdates(Mapping[str, Update]):
+class StoredUpdates(LazyMapping[Update]):
     """The updates of flat tensors (:func:`update_tensors`' names) by module, each built when asked for: over
     tensors read one at a time (:meth:`mergelab.store.Store.tensors`), a model-sized merge is never held whole."""
 
     def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        super().__init__(name for name, _, part in (key.rpartition("::") for key in tensors) if part in ("delta", "B"))
         self._tensors = tensors
-        self._names = dict.fromkeys(name for name, _, part in (key.rpartition("::") for key in tensors) if part in ("delta", "B"))
 
-    def __getitem__(self, name: str) -> Update:
-        if name not in self._names:
-            raise KeyError(name)
+    def _make(self, name: str) -> Update:
         if f"{name}::delta" in self._tensors:
             return Dense(self._tensors[f"{name}::delta"])
         return LowRank(self._tensors[f"{name}::B"], self._tensors[f"{name}::A"])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 def add_updates(base: Mapping[str, Tensor], updates: Mapping[str, Update], scale: float = 1.0) -> dict[str, Tensor]:

@@ -21,11 +21,13 @@ import os
 import shutil
 import struct
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from mergelab.lazy_mapping import LazyMapping
 
 __all__ = ["FileTensors", "Spool", "write_safetensors"]
 
@@ -74,7 +76,7 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor
         raise OSError(err.errno, err.strerror, os.fspath(path)) from None
 
 
-class FileTensors(Mapping[str, Tensor]):
+class FileTensors(LazyMapping[Tensor]):
     """The tensors of a safetensors file, each read when asked for (a view of its own map of the file)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -82,27 +84,16 @@ class FileTensors(Mapping[str, Tensor]):
 
         self.path = os.fspath(path)
         with safe_open(self.path, framework="pt") as f:
-            self._names = list(f.offset_keys())  # the order of load_file's dict
+            super().__init__(f.offset_keys())  # the order of load_file's dict
 
-    def __getitem__(self, name: str) -> Tensor:
+    def _make(self, name: str) -> Tensor:
         from safetensors import safe_open
 
-        if name not in self._names:
-            raise KeyError(name)
         with safe_open(self.path, framework="pt") as f:
             return f.get_tensor(name)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-class Spool(Mapping[str, Tensor]):
+class Spool(LazyMapping[Tensor]):
     """Tensors written one by one into ``folder`` (one safetensors file each) and read back one by one;
     the folder is removed with the spool."""
 
@@ -110,6 +101,7 @@ class Spool(Mapping[str, Tensor]):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True)
         self._files: dict[str, Path] = {}
+        super().__init__(())
         weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
 
     def __setitem__(self, name: str, tensor: Tensor) -> None:
@@ -117,15 +109,7 @@ class Spool(Mapping[str, Tensor]):
             raise KeyError(f"{name!r} is already spooled")
         self._files[name] = self.folder / f"{len(self._files)}.safetensors"
         write_safetensors(self._files[name], {name: tensor})
+        self._add(name)
 
-    def __getitem__(self, name: str) -> Tensor:
+    def _make(self, name: str) -> Tensor:
         return FileTensors(self._files[name])[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._files
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
-
-    def __len__(self) -> int:
-        return len(self._files)

@@ -20,39 +20,24 @@ a layer; ``nn.MultiheadAttention`` reads its ``out_proj``'s weight itself, insid
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from itertools import chain
 from typing import Any
 
 from torch import Tensor, nn
 
+from mergelab.lazy_mapping import LazyMapping
+
 __all__ = ["StreamedParams", "streamed_call"]
 
 
-class StreamedParams(Mapping[str, Tensor]):
+class StreamedParams(LazyMapping[Tensor]):
     """Replacement parameters by name, each formed by ``make(name)`` whenever it is read and never kept."""
-
-    def __init__(self, names: Iterable[str], make: Callable[[str], Tensor]) -> None:
-        self._names = dict.fromkeys(names)
-        self._make = make
-
-    def __getitem__(self, name: str) -> Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._make(name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
     def then(self, fn: Callable[[Tensor], Tensor]) -> StreamedParams:
         """The same parameters passed through ``fn`` as they are formed (e.g. moved to a device)."""
-        return StreamedParams(self._names, lambda name: fn(self._make(name)))
+        make = self._make
+        return StreamedParams(self._names, lambda name: fn(make(name)))
 
 
 def _block_of(name: str, containers: set[str]) -> str:
