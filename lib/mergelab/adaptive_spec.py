@@ -7,16 +7,18 @@ rate, batch, objective, scalarization, optimizer, starting grid); :mod:`mergelab
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from mergelab.errors import InputError
 from mergelab.strict import Float, Int, Strict, safe_name
 
 if TYPE_CHECKING:
     from mergelab.adaptation.loop import Schedule
 
-__all__ = ["MAX_BATCH", "MAX_ITERS", "AdaptiveSpec"]
+__all__ = ["MAX_BATCH", "MAX_ITERS", "AdaptiveSpec", "check_labels_allowed"]
 
 #: Most steps of one adaptive run (the papers take 250 to 500).
 MAX_ITERS = 100_000
@@ -101,3 +103,10 @@ class AdaptiveSpec(Strict):
         return Schedule(iters=self.iters, lr=self.lr, batch_size=self.batch_size, objective=self.objective,
                         scalarization=self.scalarization, optimizer=self.optimizer, alpha=self.alpha,
                         preference=None if self.preference is None else tuple(self.preference))
+
+
+def check_labels_allowed(adaptive: Iterable[AdaptiveSpec], allow_labels: bool) -> None:
+    """Objective ``labels`` reads validation labels: only where a study sets ``allow_labels`` (``mergelab adapt
+    --allow-labels``). An InputError (a ``ValueError``, so a study's validator reports it as its own) otherwise."""
+    if not allow_labels and any(a.objective == "labels" for a in adaptive):
+        raise InputError("objective 'labels' uses validation labels; set allow_labels: true (mergelab adapt: --allow-labels) to allow it")

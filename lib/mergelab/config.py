@@ -14,23 +14,24 @@ import itertools
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field, PrivateAttr, SerializeAsAny, StrictBool, ValidationError, ValidationInfo, field_validator, model_validator
 
-from mergelab.adaptive_spec import AdaptiveSpec
+from mergelab.adaptive_spec import AdaptiveSpec, check_labels_allowed
 from mergelab.bench import BenchSpec, MicroSpec, TaskSource, bench_spec
 from mergelab.errors import InputError
 from mergelab.params import first_repeated
 from mergelab.strict import Float, Seed, Strict, safe_name
 from mergelab.study_files import read_study_file, validation_message
 
-__all__ = ["MethodSpec", "StudySpec", "config_label", "load_study"]
+__all__ = ["MethodSpec", "StudySpec", "checked_spec", "config_label", "load_study"]
 
 #: Largest hyper-parameter product one method × space may sweep (the study lists smaller grids).
 MAX_CONFIGS = 64
 #: Validation context key: the study is a file, run on its own bench (:meth:`StudySpec.task_names`).
 OWN_BENCH = "own_bench"
+S = TypeVar("S", bound=Strict)
 
 
 class MethodSpec(Strict):
@@ -242,8 +243,7 @@ class StudySpec(Strict):
     def _something_to_do(self, info: ValidationInfo) -> StudySpec:
         if not self.methods and not self.adaptive and not self.analyses and not self.adaptation_studies:
             raise ValueError("the study has no methods, adaptive methods, analyses or adaptation studies; add at least one")
-        if not self.allow_labels and any(a.objective == "labels" for a in self.adaptive):
-            raise ValueError("objective 'labels' uses validation labels; set allow_labels: true to allow it")
+        check_labels_allowed(self.adaptive, self.allow_labels)
         for name, settings in self.analysis_settings.items():
             from mergelab.experiments.registry import check_analysis_settings  # here: it imports the benches' model code
 
@@ -341,6 +341,18 @@ def load_study(path: str | os.PathLike[str] | dict) -> StudySpec:
     if file is not None:
         spec._folder = file.resolve().parent
     return spec
+
+
+def checked_spec(model: type[S], where: str, /, **fields: Any) -> S:
+    """``model(**fields)``: a spec built in code (the one-method studies of ``merge --select`` and ``adapt``,
+    an ``adaptive:`` entry from ``mergelab adapt``'s options), its validation error one InputError line
+    naming ``where``, as :func:`load_study` reports a study file's."""
+    try:
+        return model(**fields)
+    except ValidationError as err:
+        raise InputError(f"{where}: {validation_message(err, fields, model)}") from None
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
 
 
 def config_label(config: dict[str, Any]) -> str:

@@ -20,7 +20,8 @@ from torch import Tensor
 from mergelab.bench import Bench
 from mergelab.cards import SCORE_METRICS, inputs_of
 from mergelab.checkpoints.writing import DEFAULT_SHARD_SIZE
-from mergelab.config import load_study
+from mergelab.adaptive_spec import AdaptiveSpec, check_labels_allowed
+from mergelab.config import checked_spec
 from mergelab.errors import InputError
 from mergelab.merging import METHODS, merge
 from mergelab.merging.registry import check_feasible
@@ -260,12 +261,13 @@ def adapt_adapters(sources: Sequence[str], base: str, adaptive: Mapping[str, Any
     size = parse_size(shard_size)
     check_output(fmt, out, force, store=Store(store), sources=sources, base=base, shard_size=size,
                  bench=None if bench == "micro" else bench)
-    load_study({"name": "adapt", "adaptive": [dict(adaptive)], "allow_labels": allow_labels})  # bad options fail here
-    validate_preference(adaptive.get("preference"), len(sources))
+    entry = checked_spec(AdaptiveSpec, "adaptive", **adaptive)  # bad options fail here, before anything loads
+    check_labels_allowed([entry], allow_labels)
+    validate_preference(entry.preference, len(sources))
     taskset = load_taskset(base, sources, base_module=base_module)
     bench_spec, evaluating = evaluation_bench(bench, taskset, base)
     url = Store(store).url
-    result = adapt_on_bench(evaluating, bench_spec, taskset, adaptive, url, seed=seed, allow_labels=allow_labels, progress=progress,
+    result = adapt_on_bench(evaluating, bench_spec, taskset, entry, url, seed=seed, allow_labels=allow_labels, progress=progress,
                             start_progress=start_progress, on_node=on_node)
     scores = {str(task): {m: float(result.scores.sel(task=task, metric=m)) for m in SCORE_METRICS if m in result.scores.metric.values}
               for task in result.scores.task.values}

@@ -38,7 +38,8 @@ from torch import Tensor
 from mergelab.bench import Bench, BenchSpec, MicroSpec
 from mergelab.cards import SCORE_METRICS
 from mergelab.checkpoints import peft_template
-from mergelab.config import MAX_CONFIGS, config_label, load_study
+from mergelab.adaptive_spec import AdaptiveSpec
+from mergelab.config import MAX_CONFIGS, MethodSpec, StudySpec, checked_spec, config_label, load_study
 from mergelab.errors import InputError
 from mergelab.merging import METHODS
 from mergelab.selection import SELECTION_RULES
@@ -141,8 +142,8 @@ def select_hyper_parameters(bench: Bench, bench_spec: BenchSpec, method: str, sp
     seeds = [int(fixed.pop("seed", 0))]
     swept = swept_grid(method, fixed, grid)
     name = f"select-{method}-{space}-{bench.taskset.content_hash[:8]}"
-    spec = load_study({"name": name, "bench": bench_spec, "selection": rule, "seeds": seeds,
-                       "methods": [{"method": method, "spaces": [space], "grid": swept, "fixed": fixed}]})
+    entry = checked_spec(MethodSpec, "methods[0]", method=method, spaces=[space], grid=swept, fixed=fixed)
+    spec = checked_spec(StudySpec, name, name=name, bench=bench_spec, selection=rule, seeds=seeds, methods=[entry])
     ctx = Run(spec, store_url, bench=bench)
     jobs = merge_jobs(spec)
     total = 1 + (1 + len(bench.tasks)) + 2 * len(jobs) + 1
@@ -190,11 +191,11 @@ class Adapted:
     start_config: dict[str, Any] = field(default_factory=dict)
 
 
-def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adaptive: Mapping[str, Any], store_url: str, *,
+def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adaptive: AdaptiveSpec, store_url: str, *,
                    seed: int = 0, allow_labels: bool = False, progress: Callable[[int, float], None] | None = None,
                    start_progress: Callable[[int, int], None] | None = None,
                    on_node: Callable[[NodeResult], None] | None = None) -> Adapted:
-    """Adapt ``adaptive`` (an ``adaptive:`` entry of a study: method, iters, lr, preference, …) on
+    """Adapt ``adaptive`` (a study's ``adaptive:`` entry: method, iters, lr, preference, …) on
     ``bench``'s unlabeled val batches, evaluate it and normalise by the fine-tuned references.
 
     ``taskset`` is the user's (its names and PEFT layout label the result); ``bench`` must come
@@ -206,9 +207,8 @@ def adapt_on_bench(bench: Bench, bench_spec: BenchSpec, taskset: TaskSet, adapti
     set, the ``adaptive:`` entry and the store, then the command's seed and label permission and its three progress
     callbacks.
     """
-    name = f"adapt-{adaptive['method']}-{bench.taskset.content_hash[:8]}"
-    spec = load_study({"name": name, "bench": bench_spec, "adaptive": [dict(adaptive)],
-                       "seeds": [seed], "allow_labels": allow_labels})
+    name = f"adapt-{adaptive.method}-{bench.taskset.content_hash[:8]}"
+    spec = checked_spec(StudySpec, name, name=name, bench=bench_spec, adaptive=[adaptive], seeds=[seed], allow_labels=allow_labels)
     ctx = Run(spec, store_url, bench=bench)
     nodes, done = run_graph(ctx, local_submit(ctx, on_node=on_node, adapt_progress=progress, start_progress=start_progress))
     (job,), (produced,) = adapt_jobs(spec), [n for n in nodes if n.node == "adapt"]
