@@ -128,3 +128,10 @@ def test_no_adaptation_path_reads_the_test_split(micro, method):
         result = adapt(method, taskset, forward, session.val_streams(PAIR, batch_size=4, seed=0),
                        Schedule(iters=2, scalarization="stch"), anchor_batches=1, space=space)
         assert result.history.sizes["iteration"] == 2
+
+
+def test_an_adaptive_run_trains_its_coefficients_only_and_leaves_no_gradient_on_the_encoder(pair):
+    taskset, session, forward = pair
+    result = adapt("adamerging", taskset, forward, session.val_streams(PAIR, batch_size=4, seed=0), Schedule(iters=2))
+    assert result.history.attrs["mean_abs_delta_coef"] > 0  # the coefficients moved
+    assert not any(p.requires_grad or p.grad is not None for p in session.backbone.vision.parameters())

@@ -86,6 +86,11 @@ class BenchSession:
     bench: Bench
     _shared: _Shared = field(default_factory=_Shared, repr=False)
 
+    def __post_init__(self) -> None:
+        # The encoder is frozen: merges supply its weights and only an adaptive method's coefficients learn.
+        # A parameter left requiring grad would gather a model-sized ``.grad`` at every adaptation step.
+        self.bench.backbone.vision.requires_grad_(False)
+
     @property
     def backbone(self) -> Backbone:
         return self.bench.backbone
