@@ -111,7 +111,9 @@ def _study_section() -> list[str]:
             "Every static method in full, KnOTS and Core space, the six adaptive methods and the analyses on this folder's "
             "r4 adapters, selected on val; the papers' findings against it on the test split, with 95 % paired bootstrap "
             "intervals (*: the interval excludes 0). These are real-weights text "
-            "benchmark numbers. `make papers` runs the study; `python benchmarks/regime.py --study studies/text.yaml "
+            "benchmark numbers. The first three rows are the regime the papers' models are in (how well each task is "
+            "fine-tuned, how far zero-shot falls short, what task arithmetic gains), the others the papers' findings. "
+            "`make papers` runs the study; `python benchmarks/regime.py --study studies/text.yaml "
             "--readme data/text/README.md` then writes the table below from its results.", "",
             REGIME_BLOCK[0], REGIME_BLOCK[1], ""]
 
