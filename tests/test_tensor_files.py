@@ -76,6 +76,9 @@ def test_a_spool_reads_back_what_was_written_and_is_removed_with_it(tmp_path):
     assert list(spool) == list(TENSORS) and all(torch.equal(spool[k], v) for k, v in TENSORS.items())
     with pytest.raises(KeyError):
         spool["ids"] = torch.zeros(1)
+    with pytest.raises(KeyError):  # no safetensors dtype: the write fails and the name is not spooled
+        spool["complex"] = torch.zeros(1, dtype=torch.complex128)
+    assert "complex" not in spool and list(spool) == list(TENSORS)
     write_safetensors(tmp_path / "spooled.safetensors", spool)
     save_file(TENSORS, tmp_path / "direct.safetensors")
     assert (tmp_path / "spooled.safetensors").read_bytes() == (tmp_path / "direct.safetensors").read_bytes()

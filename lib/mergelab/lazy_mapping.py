@@ -6,7 +6,7 @@ nothing model-sized is held whole."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 __all__ = ["LazyMapping"]
 
@@ -17,18 +17,18 @@ class LazyMapping(Mapping[str, V]):
     """``names`` (in their order) mapped to ``make(name)``, called on every read; a name not in
     ``names`` is a ``KeyError`` and never reaches ``make``. A subclass may instead override
     :meth:`_make` (no callable that refers back to the mapping, so that it is freed as soon as it is
-    dropped) and add names later (:meth:`_add`)."""
+    dropped) and add names later with what it keeps for each (:meth:`_add`; ``self._names[name]``)."""
 
     def __init__(self, names: Iterable[str], make: Callable[[str], V] | None = None) -> None:
-        self._names = dict.fromkeys(names)
+        self._names: dict[str, Any] = dict.fromkeys(names)
         self._maker = make
 
     def _make(self, name: str) -> V:
         assert self._maker is not None, "a LazyMapping without make overrides _make"
         return self._maker(name)
 
-    def _add(self, name: str) -> None:
-        self._names[name] = None
+    def _add(self, name: str, entry: Any = None) -> None:
+        self._names[name] = entry
 
     def __getitem__(self, name: str) -> V:
         if name not in self._names:

@@ -100,16 +100,15 @@ class Spool(LazyMapping[Tensor]):
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True)
-        self._files: dict[str, Path] = {}
         super().__init__(())
         weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
 
     def __setitem__(self, name: str, tensor: Tensor) -> None:
-        if name in self._files:
+        if name in self:
             raise KeyError(f"{name!r} is already spooled")
-        self._files[name] = self.folder / f"{len(self._files)}.safetensors"
-        write_safetensors(self._files[name], {name: tensor})
-        self._add(name)
+        path = self.folder / f"{len(self)}.safetensors"
+        write_safetensors(path, {name: tensor})
+        self._add(name, path)  # once written: a failed write leaves no name without its file
 
     def _make(self, name: str) -> Tensor:
-        return FileTensors(self._files[name])[name]
+        return FileTensors(self._names[name])[name]
