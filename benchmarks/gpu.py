@@ -54,7 +54,7 @@ from mergelab.model.placement import placed
 from mergelab.synthetic import random_taskset
 from mergelab.taskset import LowRank, TaskSet, TaskUpdate, add_updates
 
-from scale import Model, llama_block
+from scale import models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,10 +112,10 @@ def on_device(taskset: TaskSet, device: str) -> TaskSet:
 
 def core_merges(args: argparse.Namespace) -> None:
     """Section merge: the whole LLaMA-3-8B-shape Core merge (TA, TIES, TSV) with the factors on the device."""
-    layers, block = (2, llama_block(256, 64, 896)) if args.quick else (32, llama_block(4096, 1024, 14336))
-    model = Model("llama3-8b", "LLaMA-3-8B", "model.layers", layers, block, 6)
-    taskset = on_device(random_taskset(model.shapes(), model.tasks, rank=16, seed=0), args.device)
-    print(f"{model.title} shape, {layers} layers × {len(block)} modules, T = {model.tasks}, r = 16, factors on {args.device}")
+    model = next(m for m in models(args.quick) if m.key == "llama3-8b")  # scale.py's shapes (quick: 2 layers, hidden 256)
+    taskset = on_device(random_taskset(model.shapes(), model.tasks, rank=model.rank, seed=0), args.device)
+    print(f"{model.title}, {model.layers} layers × {len(model.block)} modules, T = {model.tasks}, r = {model.rank}, "
+          f"factors on {args.device}")
     merge(taskset, "task_arithmetic", "core")  # warm-up: kernels, allocator
     for method in ("task_arithmetic", "ties", "tsv"):
         synchronize(args.device)
